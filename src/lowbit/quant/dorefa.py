@@ -1,0 +1,91 @@
+"""DoReFa-Net weight and activation quantizers (Zhou et al., arXiv 1606.06160, 2016).
+
+With ``quant_k(r) = round((2^k - 1) r) / (2^k - 1)`` on [0, 1] and an identity STE through
+``round``:
+
+- weights, k >= 2:   w_q = 2 * quant_k( tanh(w) / (2 max|tanh w|) + 1/2 ) - 1
+  (the gradient flows through the tanh normalisation; levels are 2i/(2^k-1) - 1)
+- weights, k = 1:    w_q = E * sign(w),  E = stop_grad(mean|w|)   (a different path, as in the
+  reference tensorpack code; sign(0) = +1 here so there are exactly two levels)
+- activations:       a_q = quant_k( clip(x, 0, 1) )  with a chosen coarse gradient
+  (default clipped ReLU, i.e. the derivative of the clip, 1[0 < x <= 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import ActivationQuantizer, CoarseGrad, Encoded, WeightQuantizer, straight_through
+from .binary import BinaryWeight
+from .registry import register
+from .ste import apply_coarse
+
+
+def uniform_levels(k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The 2^k points i/(2^k-1) of ``quant_k``, computed exactly as ``quant_k`` computes them."""
+    n = 2**k - 1
+    return torch.arange(n + 1, dtype=dtype) / n
+
+
+def quant_k_codes(r: Tensor, k: int) -> Tensor:
+    """Integer codes round((2^k-1) r) of ``quant_k`` for r in [0, 1]."""
+    return torch.round(r * (2**k - 1))
+
+
+def dorefa_weight_normalize(w: Tensor) -> Tensor:
+    """tanh(w) / (2 max|tanh w|) + 1/2, in [0, 1]."""
+    t = torch.tanh(w)
+    return t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
+
+
+@register
+class DoReFaWeight(WeightQuantizer):
+    name = "dorefa"
+    bits_allowed = tuple(range(1, 9))
+
+    def __init__(self, bits: int, per_channel: bool = False) -> None:
+        super().__init__(bits, per_channel)
+        # The 1-bit case is a different estimator in DoReFa: mean-magnitude binary.
+        self._binary = BinaryWeight(1, per_channel) if bits == 1 else None
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self._binary is not None:
+            return self._binary(w)
+        r = dorefa_weight_normalize(w)
+        n = 2**self.bits - 1
+        q = 2 * (quant_k_codes(r.detach(), self.bits) / n) - 1
+        return straight_through(q, 2 * r - 1)
+
+    def encode(self, w: Tensor) -> Encoded:
+        if self._binary is not None:
+            return self._binary.encode(w)
+        w = w.detach()
+        codes = quant_k_codes(dorefa_weight_normalize(w), self.bits).to(torch.uint8)
+        levels = 2 * uniform_levels(self.bits, w.dtype) - 1
+        return Encoded(codes=codes, levels=levels, scale=torch.ones((), dtype=w.dtype), bits=self.bits)
+
+
+@register
+class DoReFaActivation(ActivationQuantizer):
+    name = "dorefa"
+    bits_allowed = tuple(range(1, 9))
+    default_ste = "clipped_relu"
+
+    def __init__(self, bits: int, ste: CoarseGrad | None = None) -> None:
+        super().__init__(bits, ste)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = 2**self.bits - 1
+        q = quant_k_codes(x.detach().clamp(0, 1), self.bits) / n
+        return apply_coarse(q, x, self.ste, 1.0)
+
+    def encode(self, x: Tensor) -> Encoded:
+        x = x.detach()
+        codes = quant_k_codes(x.clamp(0, 1), self.bits).to(torch.uint8)
+        return Encoded(
+            codes=codes,
+            levels=uniform_levels(self.bits, x.dtype),
+            scale=torch.ones((), dtype=x.dtype),
+            bits=self.bits,
+        )

@@ -1,0 +1,277 @@
+"""Recipes: which layer gets which quantizer at which bit-width.
+
+A recipe is a small YAML (or dict)::
+
+    name: lenet5-w1a4
+    description: binary weights, 4-bit PACT activations, first and last layer in float
+    default:
+      weight: {method: binary, bits: 1}
+      activation: {method: pact, bits: 4, alpha_init: 8}
+    rules:                      # matched in order by glob on module names; later rules win
+      - match: "@first"         # or "conv1"; "@first"/"@last" = first/last quantizable layer
+        weight: null            # null = keep full precision
+        activation: null
+      - match: ["fc*", "classifier.*"]
+        weight: {method: dorefa, bits: 8}
+    train: {epochs: 10, optimizer: adam, lr: 0.001}    # optional, read by the trainer
+
+Any key of a quantizer spec besides ``method`` and ``bits`` is an option of that quantizer's
+constructor (``per_channel``, ``ste``, ``alpha_init`` ...). Every mistake raises
+:class:`RecipeError` naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .quant import registry
+
+Kind = Literal["weight", "activation"]
+_UNSET: Any = object()
+SPECIAL_MATCHES = ("@first", "@last")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be applied: names the field, the bad value and what is allowed."""
+
+
+def _err(path: str, value: Any, allowed: str) -> RecipeError:
+    return RecipeError(f"recipe field {path!r}: got {value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantizer choice: registry method name, bit-width and constructor options."""
+
+    method: str
+    bits: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "bits": self.bits, **dict(self.options)}
+
+    def build(self, kind: Kind) -> registry.Quantizer:
+        return registry.create(kind, self.method, self.bits, **dict(self.options))
+
+
+def _parse_spec(raw: Any, kind: Kind, path: str) -> QuantSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise _err(path, raw, "a mapping like {method: ..., bits: ...} or null (full precision)")
+    methods = registry.names(kind)
+    if "method" not in raw:
+        raise _err(f"{path}.method", None, f"one of {methods}")
+    method = raw["method"]
+    if method not in methods:
+        raise _err(f"{path}.method", method, f"{kind} methods {methods}")
+    cls = registry.get(kind, method)
+    if "bits" not in raw:
+        raise _err(f"{path}.bits", None, f"an integer in {list(cls.bits_allowed)} for {method}")
+    bits = raw["bits"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in cls.bits_allowed:
+        raise _err(f"{path}.bits", bits, f"{list(cls.bits_allowed)} for {kind} method {method!r}")
+    allowed_opts = registry.options(cls)
+    options = {k: v for k, v in raw.items() if k not in ("method", "bits")}
+    for k in options:
+        if k not in allowed_opts:
+            raise _err(
+                f"{path}.{k}",
+                options[k],
+                f"keys method, bits, {', '.join(allowed_opts) or '(no options)'} for {method!r}",
+            )
+    spec = QuantSpec(method=method, bits=bits, options=options)
+    try:  # options with bad values surface now, not mid-training
+        spec.build(kind)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe field {path!r}: {e}") from None
+    return spec
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: tuple[str, ...]
+    weight: Any = _UNSET  # QuantSpec | None | _UNSET (inherit)
+    activation: Any = _UNSET
+
+    def matches(self, name: str, first: str | None, last: str | None) -> bool:
+        for pat in self.match:
+            if pat == "@first" and name == first:
+                return True
+            if pat == "@last" and name == last:
+                return True
+            if pat not in SPECIAL_MATCHES and fnmatch.fnmatchcase(name, pat):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    weight: QuantSpec | None
+    activation: QuantSpec | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. Build with :meth:`from_yaml` or :meth:`from_dict`."""
+
+    default_weight: QuantSpec | None = None
+    default_activation: QuantSpec | None = None
+    rules: tuple[Rule, ...] = ()
+    name: str = ""
+    description: str = ""
+    train: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "") -> Recipe:
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"a recipe must be a mapping at the top level, got {type(raw).__name__}")
+        top_keys = ("name", "description", "default", "rules", "train")
+        for k in raw:
+            if k not in top_keys:
+                raise _err(k, raw[k], f"top-level keys {', '.join(top_keys)}")
+        default = raw.get("default") or {}
+        if not isinstance(default, Mapping):
+            raise _err("default", default, "a mapping with keys weight, activation")
+        for k in default:
+            if k not in ("weight", "activation"):
+                raise _err(f"default.{k}", default[k], "keys weight, activation")
+        dw = _parse_spec(default.get("weight"), "weight", "default.weight")
+        da = _parse_spec(default.get("activation"), "activation", "default.activation")
+        rules_raw = raw.get("rules") or []
+        if not isinstance(rules_raw, list):
+            raise _err("rules", rules_raw, "a list of {match, weight, activation}")
+        rules = []
+        for i, r in enumerate(rules_raw):
+            p = f"rules[{i}]"
+            if not isinstance(r, Mapping):
+                raise _err(p, r, "a mapping with keys match, weight, activation")
+            for k in r:
+                if k not in ("match", "weight", "activation"):
+                    raise _err(f"{p}.{k}", r[k], "keys match, weight, activation")
+            m = r.get("match")
+            pats = (m,) if isinstance(m, str) else tuple(m) if isinstance(m, list) else None
+            if not pats or not all(isinstance(s, str) and s for s in pats):
+                raise _err(f"{p}.match", m, "a glob string like 'conv1' or 'layer*.conv2', "
+                           "'@first', '@last', or a list of them")
+            rules.append(
+                Rule(
+                    match=pats,
+                    weight=_parse_spec(r["weight"], "weight", f"{p}.weight")
+                    if "weight" in r else _UNSET,
+                    activation=_parse_spec(r["activation"], "activation", f"{p}.activation")
+                    if "activation" in r else _UNSET,
+                )
+            )
+        train = raw.get("train") or {}
+        if not isinstance(train, Mapping):
+            raise _err("train", train, "a mapping of training options (epochs, lr, ...)")
+        for k in ("name", "description"):
+            if k in raw and not isinstance(raw[k], str):
+                raise _err(k, raw[k], "a string")
+        return cls(
+            default_weight=dw,
+            default_activation=da,
+            rules=tuple(rules),
+            name=str(raw.get("name", "")),
+            description=str(raw.get("description", "")),
+            train=dict(train),
+            source=source,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Recipe:
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError(f"recipe file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {str(p)!r} is not valid YAML: {e}") from None
+        return cls.from_dict(raw or {}, source=str(p))
+
+    # ---- use ------------------------------------------------------------------------------
+    def plan(self, name: str, first: str | None = None, last: str | None = None) -> LayerPlan:
+        """The weight and activation spec for the module called ``name``."""
+        w, a = self.default_weight, self.default_activation
+        for r in self.rules:
+            if r.matches(name, first, last):
+                if r.weight is not _UNSET:
+                    w = r.weight
+                if r.activation is not _UNSET:
+                    a = r.activation
+        return LayerPlan(w, a)
+
+    def unmatched_rules(self, names: Iterable[str], first: str | None, last: str | None) -> list[str]:
+        """Patterns of rules that match none of ``names``."""
+        names = list(names)
+        out = []
+        for r in self.rules:
+            if not any(r.matches(n, first, last) for n in names):
+                out.append(", ".join(r.match))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def spec(s: QuantSpec | None) -> dict[str, Any] | None:
+            return None if s is None else s.to_dict()
+
+        rules = []
+        for r in self.rules:
+            d: dict[str, Any] = {"match": list(r.match) if len(r.match) > 1 else r.match[0]}
+            if r.weight is not _UNSET:
+                d["weight"] = spec(r.weight)
+            if r.activation is not _UNSET:
+                d["activation"] = spec(r.activation)
+            rules.append(d)
+        out: dict[str, Any] = {
+            "default": {"weight": spec(self.default_weight), "activation": spec(self.default_activation)},
+            "rules": rules,
+        }
+        if self.name:
+            out["name"] = self.name
+        if self.description:
+            out["description"] = self.description
+        if self.train:
+            out["train"] = dict(self.train)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: the installed package data, else the source tree."""
+    here = Path(__file__).resolve().parent
+    return [p for p in (here / "_recipes", here.parents[1] / "recipes") if p.is_dir()]
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every shipped recipe."""
+    out: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            out.setdefault(p.stem, p)
+    return out
+
+
+def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
+    """A recipe from a YAML path, or by the name of a shipped recipe."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return Recipe.from_yaml(p)
+    shipped = shipped_recipes()
+    if str(name_or_path) in shipped:
+        return Recipe.from_yaml(shipped[str(name_or_path)])
+    raise RecipeError(
+        f"no recipe file or shipped recipe called {str(name_or_path)!r}; "
+        f"shipped recipes: {', '.join(shipped) or '(none found)'}"
+    )
