@@ -99,7 +99,7 @@ def test_functional_activations_are_quantized_on_layer_inputs() -> None:
         layer.register_forward_pre_hook(grab)  # runs after the quantizing hook
     model(torch.randn(2, 1, 8, 8))
     for layer, inp in seen.items():
-        step = float(layer.input_quantizer.alpha) / 15
+        step = float(layer.input_quantizer.alpha.detach()) / 15
         codes = inp / step
         assert torch.allclose(codes, codes.round(), atol=1e-4)
         assert inp.unique().numel() <= 16

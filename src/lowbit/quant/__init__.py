@@ -3,7 +3,7 @@
 Importing this package registers every quantizer in ``lowbit.quant.registry``.
 """
 
-from . import binary, dorefa, pact, registry, ste, twn
+from . import bcgd_relu, binary, dorefa, lsq, pact, registry, ste, twn, uniform, wrpn
 from .base import ActivationQuantizer, Encoded, Quantizer, WeightQuantizer, straight_through
 
 __all__ = [
@@ -11,11 +11,15 @@ __all__ = [
     "Encoded",
     "Quantizer",
     "WeightQuantizer",
+    "bcgd_relu",
     "binary",
     "dorefa",
+    "lsq",
     "pact",
     "registry",
     "ste",
     "straight_through",
     "twn",
+    "uniform",
+    "wrpn",
 ]

@@ -55,7 +55,7 @@ class BinaryWeight(WeightQuantizer):
         w = w.detach()
         return Encoded(
             codes=binary_codes(w),
-            levels=torch.tensor(LEVELS, dtype=w.dtype),
+            levels=torch.tensor(LEVELS, dtype=w.dtype, device=w.device),
             scale=self.scale(w),
             bits=1,
         )

@@ -22,10 +22,10 @@ from .registry import register
 from .ste import apply_coarse
 
 
-def uniform_levels(k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform_levels(k: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
     """The 2^k points i/(2^k-1) of ``quant_k``, computed exactly as ``quant_k`` computes them."""
     n = 2**k - 1
-    return torch.arange(n + 1, dtype=dtype) / n
+    return torch.arange(n + 1, dtype=dtype, device=device) / n
 
 
 def quant_k_codes(r: Tensor, k: int) -> Tensor:
@@ -62,8 +62,9 @@ class DoReFaWeight(WeightQuantizer):
             return self._binary.encode(w)
         w = w.detach()
         codes = quant_k_codes(dorefa_weight_normalize(w), self.bits).to(torch.uint8)
-        levels = 2 * uniform_levels(self.bits, w.dtype) - 1
-        return Encoded(codes=codes, levels=levels, scale=torch.ones((), dtype=w.dtype), bits=self.bits)
+        levels = 2 * uniform_levels(self.bits, w.dtype, w.device) - 1
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        return Encoded(codes=codes, levels=levels, scale=one, bits=self.bits)
 
 
 @register
@@ -85,7 +86,7 @@ class DoReFaActivation(ActivationQuantizer):
         codes = quant_k_codes(x.clamp(0, 1), self.bits).to(torch.uint8)
         return Encoded(
             codes=codes,
-            levels=uniform_levels(self.bits, x.dtype),
-            scale=torch.ones((), dtype=x.dtype),
+            levels=uniform_levels(self.bits, x.dtype, x.device),
+            scale=torch.ones((), dtype=x.dtype, device=x.device),
             bits=self.bits,
         )

@@ -52,7 +52,7 @@ class PACTActivation(ActivationQuantizer):
     def encode(self, x: Tensor) -> Encoded:
         alpha = self.alpha.detach().abs().clamp_min(1e-4)
         codes = pact_codes(pact_clip(x.detach(), alpha), alpha, self.bits).to(torch.uint8)
-        levels = torch.arange(2**self.bits, dtype=x.dtype)
+        levels = torch.arange(2**self.bits, dtype=x.dtype, device=x.device)
         return Encoded(codes=codes, levels=levels, scale=alpha / (2**self.bits - 1), bits=self.bits)
 
     def l2_penalty(self) -> Tensor:

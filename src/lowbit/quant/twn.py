@@ -67,7 +67,7 @@ class TWNWeight(WeightQuantizer):
         delta, alpha = self.params(w)
         return Encoded(
             codes=ternary_codes(w, delta),
-            levels=torch.tensor(TERNARY_LEVELS, dtype=w.dtype),
+            levels=torch.tensor(TERNARY_LEVELS, dtype=w.dtype, device=w.device),
             scale=alpha,
             bits=2,
         )

@@ -1,0 +1,196 @@
+"""Uniform (linear) quantizers: symmetric for weights, unsigned for activations.
+
+Weights, ``b >= 2`` bits, ``Q = 2^(b-1) - 1``::
+
+    w_q = s * clip(round(w / s), -Q, Q)          2Q + 1 = 2^b - 1 levels, symmetric about 0
+    s   = max|w| / Q                             scale="max" (per tensor or per output channel)
+    s   = c* / Q,  c* = argmin_{c in C} ||w - w_q(c)||^2
+                   C = {max|w| * k / n : k = 1..n}   scale="mse", n = ``mse_grid``
+
+The mse search runs at every forward (the weights move; it costs ``mse_grid`` passes over the
+weights), per output channel when ``per_channel``; ties keep the larger clip, so "mse" is never
+worse than "max" in squared error. Backward: the identity straight-through estimator (1
+everywhere, also in the clipped tails).
+
+Activations, ``b >= 1`` bits, ``L = 2^b - 1``, clip level ``c``::
+
+    x_q = s * clip(round(x / s), 0, L),    s = c / L          levels 0, s, ..., L s
+
+``c`` is the fixed ``clip`` option, or a running maximum of the inputs updated in training
+mode only, BatchNorm style: ``c <- (1 - momentum) c + momentum * max(x)``; the first training
+batch sets ``c = max(x)`` and flips the ``initialized`` buffer (both live in ``state_dict``).
+Before any training batch has been seen the current batch's maximum is used without being
+stored, so evaluation of a never-trained quantizer is still sensible. Backward: the coarse
+gradient chosen by ``ste`` with top ``c`` (default clipped ReLU, ``1[0 < x <= c]``; Yin et al.,
+ICLR 2019).
+
+This is the plain "min-max" uniform fake quantizer of post-training and QAT toolkits
+(e.g. Jacob et al., CVPR 2018, symmetric variant), used here as a baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import (
+    ActivationQuantizer,
+    CoarseGrad,
+    Encoded,
+    WeightQuantizer,
+    channel_reduce_dims,
+    straight_through,
+)
+from .registry import register
+from .ste import apply_coarse
+
+_EPS = 1e-12
+
+
+# ---- pure functions ------------------------------------------------------------------------
+def symmetric_codes(w: Tensor, scale: Tensor, q: int) -> Tensor:
+    """Signed integer codes ``clip(round(w / scale), -q, q)`` (as floats)."""
+    return torch.clamp(torch.round(w / scale), -q, q)
+
+
+def symmetric_quantize(w: Tensor, scale: Tensor, q: int) -> Tensor:
+    """``scale * clip(round(w / scale), -q, q)``."""
+    return symmetric_codes(w, scale, q) * scale
+
+
+def mse_clip(w: Tensor, q: int, grid: int = 100, per_channel: bool = False) -> Tensor:
+    """The clip ``c`` in ``{max|w| k/grid : k = 1..grid}`` minimising ``||w - Q_c(w)||^2``.
+
+    ``Q_c`` is :func:`symmetric_quantize` with scale ``c / q``. Per tensor (0-d result) or per
+    output channel (shape ``(C, 1, ...)``). Ties keep the larger clip.
+    """
+    w = w.detach()
+    if per_channel and w.dim() > 1:
+        dims = channel_reduce_dims(w)
+        m = w.abs().amax(dim=dims, keepdim=True)
+    else:
+        dims = tuple(range(w.dim()))
+        m = w.abs().max()
+    m = m.clamp_min(_EPS)
+    best_c = m.clone()
+    best_err = torch.full_like(m, float("inf"))
+    keep = per_channel and w.dim() > 1
+    for k in range(grid, 0, -1):
+        c = m * (k / grid)
+        err = (w - symmetric_quantize(w, c / q, q)).square().sum(dim=dims, keepdim=keep)
+        better = err < best_err
+        best_c = torch.where(better, c, best_c)
+        best_err = torch.where(better, err, best_err)
+    return best_c
+
+
+def unsigned_codes(x: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """Unsigned integer codes ``clip(round(x / scale), 0, levels)`` (as floats)."""
+    return torch.clamp(torch.round(x / scale), 0, levels)
+
+
+# ---- modules -------------------------------------------------------------------------------
+@register
+class UniformWeight(WeightQuantizer):
+    name = "uniform"
+    bits_allowed = tuple(range(2, 9))
+
+    def __init__(self, bits: int, per_channel: bool = False, scale: str = "max", mse_grid: int = 100) -> None:
+        super().__init__(bits, per_channel)
+        if scale not in ("max", "mse"):
+            raise ValueError(f"uniform: unknown scale={scale!r}; allowed: max, mse")
+        if isinstance(mse_grid, bool) or not isinstance(mse_grid, int) or mse_grid < 1:
+            raise ValueError(f"uniform: mse_grid must be an integer >= 1, got {mse_grid!r}")
+        self.scale_mode = scale
+        self.mse_grid = mse_grid
+        self.q = 2 ** (bits - 1) - 1
+
+    def scale(self, w: Tensor) -> Tensor:
+        """The step ``s`` (0-d, or ``(C, 1, ...)`` per channel)."""
+        w = w.detach()
+        if self.scale_mode == "mse":
+            clip = mse_clip(w, self.q, self.mse_grid, self.per_channel)
+        else:
+            clip = self.reduce_abs_max(w).clamp_min(_EPS)
+        return clip / self.q
+
+    def forward(self, w: Tensor) -> Tensor:
+        return straight_through(symmetric_quantize(w.detach(), self.scale(w), self.q), w)
+
+    def encode(self, w: Tensor) -> Encoded:
+        w = w.detach()
+        s = self.scale(w)
+        codes = (symmetric_codes(w, s, self.q) + self.q).to(torch.uint8)
+        levels = torch.arange(-self.q, self.q + 1, dtype=w.dtype, device=w.device)
+        return Encoded(codes=codes, levels=levels, scale=s, bits=self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}, scale={self.scale_mode}"
+
+
+@register
+class UniformActivation(ActivationQuantizer):
+    name = "uniform"
+    bits_allowed = tuple(range(1, 9))
+    default_ste = "clipped_relu"
+
+    def __init__(
+        self,
+        bits: int,
+        ste: CoarseGrad | None = None,
+        momentum: float = 0.1,
+        clip: float | None = None,
+    ) -> None:
+        super().__init__(bits, ste)
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 < momentum <= 1:
+            raise ValueError(f"uniform: momentum must be in (0, 1], got {momentum!r}")
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
+            raise ValueError(f"uniform: clip must be a number > 0 or null, got {clip!r}")
+        self.momentum = float(momentum)
+        self.clip = None if clip is None else float(clip)
+        self.levels = 2**bits - 1
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update_(self, x: Tensor) -> None:
+        """Fold the batch maximum of ``x`` into the running maximum."""
+        m = x.detach().max().to(self.running_max.dtype)
+        if bool(self.initialized):
+            self.running_max.mul_(1 - self.momentum).add_(m * self.momentum)
+        else:
+            self.running_max.copy_(m)
+            self.initialized.fill_(True)
+
+    def top(self, x: Tensor) -> Tensor:
+        """The clip level ``c`` (a detached 0-d tensor)."""
+        if self.clip is not None:
+            return torch.tensor(self.clip, dtype=x.dtype, device=x.device)
+        if not bool(self.initialized):  # nothing learned yet: this batch, not stored
+            return x.detach().max().clamp_min(_EPS)
+        return self.running_max.detach().clamp_min(_EPS)
+
+    def scale(self, x: Tensor) -> Tensor:
+        return self.top(x) / self.levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.clip is None:
+            self.update_(x)
+        top = self.top(x)
+        s = top / self.levels
+        q = unsigned_codes(x.detach(), s, self.levels) * s
+        return apply_coarse(q, x, self.ste, top)
+
+    def encode(self, x: Tensor) -> Encoded:
+        x = x.detach()
+        s = self.scale(x)
+        return Encoded(
+            codes=unsigned_codes(x, s, self.levels).to(torch.uint8),
+            levels=torch.arange(self.levels + 1, dtype=x.dtype, device=x.device),
+            scale=s,
+            bits=self.bits,
+        )
+
+    def extra_repr(self) -> str:
+        src = f"clip={self.clip}" if self.clip is not None else f"momentum={self.momentum}"
+        return f"bits={self.bits}, ste={self.ste}, {src}"
