@@ -13,6 +13,7 @@ A recipe is a small YAML (or dict)::
         activation: null
       - match: ["fc*", "classifier.*"]
         weight: {method: dorefa, bits: 8}
+    methods: [{name: bcgd, rho: 1.0e-5}]               # optional training methods
     train: {epochs: 10, optimizer: adam, lr: 0.001}    # optional, read by the trainer
 
 Any key of a quantizer spec besides ``method`` and ``bits`` is an option of that quantizer's
@@ -127,6 +128,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     name: str = ""
     description: str = ""
+    methods: tuple[Mapping[str, Any], ...] = ()
     train: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -135,7 +137,7 @@ class Recipe:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "") -> Recipe:
         if not isinstance(raw, Mapping):
             raise RecipeError(f"a recipe must be a mapping at the top level, got {type(raw).__name__}")
-        top_keys = ("name", "description", "default", "rules", "train")
+        top_keys = ("name", "description", "default", "rules", "methods", "train")
         for k in raw:
             if k not in top_keys:
                 raise _err(k, raw[k], f"top-level keys {', '.join(top_keys)}")
@@ -175,6 +177,10 @@ class Recipe:
         train = raw.get("train") or {}
         if not isinstance(train, Mapping):
             raise _err("train", train, "a mapping of training options (epochs, lr, ...)")
+        methods = raw.get("methods") or []
+        if not isinstance(methods, list) or not all(isinstance(m, Mapping) and "name" in m for m in methods):
+            raise _err("methods", methods, "a list of {name: <method>, <option>: <value>}, e.g. "
+                       "[{name: bcgd, rho: 1.0e-5}]")
         for k in ("name", "description"):
             if k in raw and not isinstance(raw[k], str):
                 raise _err(k, raw[k], "a string")
@@ -184,6 +190,7 @@ class Recipe:
             rules=tuple(rules),
             name=str(raw.get("name", "")),
             description=str(raw.get("description", "")),
+            methods=tuple(dict(m) for m in methods),
             train=dict(train),
             source=source,
         )
@@ -240,6 +247,8 @@ class Recipe:
             out["name"] = self.name
         if self.description:
             out["description"] = self.description
+        if self.methods:
+            out["methods"] = [dict(m) for m in self.methods]
         if self.train:
             out["train"] = dict(self.train)
         return out

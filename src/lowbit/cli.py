@@ -1,0 +1,299 @@
+"""The ``lowbit`` command line: a thin layer over the Python API (no logic lives here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+console = Console()
+
+EPILOG = """\
+examples:
+  lowbit demo                     # MNIST: float LeNet-5, then binary weights / 4-bit activations
+  lowbit recipes                                # the shipped recipes, one line each
+  lowbit train --model lenet5 --data mnist --epochs 10 --optimizer adam --lr 1e-3 --out runs/fp
+  lowbit train --model lenet5 --data mnist --recipe lenet5-w1a4 --init runs/fp/best.safetensors \\
+               --epochs 10 --out runs/w1a4
+  lowbit eval runs/w1a4                         # test accuracy of a run's best checkpoint
+  lowbit train ... --resume                     # continue a killed run from its last checkpoint
+
+Data: MNIST, Fashion-MNIST and scikit-learn digits are installed by the setup; CIFAR-10,
+SVHN and ImageNet are read from --data-dir or $LOWBIT_DATA (standard file formats).
+"""
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training options (override the recipe's train section)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument("--milestones", type=int, nargs="+", help="epochs where the step schedule decays")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical CPU runs (also across --resume)")
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    keys = ["epochs", "lr", "optimizer", "schedule", "milestones", "weight_decay", "momentum", "seed",
+            "deterministic"]
+    return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Train, compress and ship low-bit (binary, ternary, 2-8 bit) neural networks.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the quick-start job: float then W1A4 LeNet-5 on MNIST, with a table")
+    d.add_argument("--out", default="runs/demo", help="directory for both runs (default runs/demo)")
+    d.add_argument("--fp-epochs", type=int, default=10)
+    d.add_argument("--q-epochs", type=int, default=10)
+    d.add_argument("--recipe", default="lenet5-w1a4", help="recipe of the quantized fine-tune")
+
+    t = sub.add_parser("train", help="train a model (float, or quantized with --recipe)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--model", default="lenet5", help="zoo model name (see `lowbit models`)")
+    t.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor argument, e.g. width_mult=2 (repeatable; JSON values)")
+    t.add_argument("--data", default="mnist", help="dataset name (see `lowbit datasets`)")
+    t.add_argument("--data-dir", help="where CIFAR-10/SVHN/ImageNet files are (else $LOWBIT_DATA)")
+    t.add_argument("--recipe", help="recipe YAML path or shipped recipe name; omit for float")
+    t.add_argument("--init", help="checkpoint with float weights to start from (the usual path for QAT)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--subset", type=int, help="train on this many samples only (quick runs)")
+    _train_flags(t)
+
+    e = sub.add_parser("eval", help="test accuracy of a run directory or checkpoint")
+    e.add_argument("run", help="run directory (uses best.safetensors) or a checkpoint inside one")
+    e.add_argument("--data-dir")
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+    sub.add_parser("models", help="list the model zoo")
+    sub.add_parser("datasets", help="list the datasets")
+
+    r = sub.add_parser("report", help="per-layer bits, bytes, MACs and BOPs of a run or .lowbit file")
+    r.add_argument("target", help="run directory or .lowbit file")
+    r.add_argument("--json", help="also write the report as JSON here")
+    r.add_argument("--png", help="also write a plot (bits and bytes per layer) here")
+
+    x = sub.add_parser("export", help="export a run's model: packed .lowbit or ONNX")
+    x.add_argument("run", help="run directory or checkpoint")
+    x.add_argument("--format", choices=["lowbit", "onnx"], default="lowbit")
+    x.add_argument("--out", required=True)
+    x.add_argument("--data-dir")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", metavar="BENCH")
+    s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
+    s.add_argument("--out", default="benchmarks/results", help="directory for speed.md/speed.json")
+    s.add_argument("--quick", action="store_true", help="fewer repeats and models")
+    return p
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _parse_model_args(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--model-arg {it!r}: expected KEY=VALUE, e.g. width_mult=2")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .experiment import RunSpec, train_run
+    from .progress import RichProgress
+
+    spec = RunSpec(
+        model=a.model,
+        model_kwargs=_parse_model_args(a.model_arg),
+        dataset=a.data,
+        data_dir=a.data_dir,
+        recipe=a.recipe,
+        train=_train_overrides(a),
+        init=a.init,
+        out=a.out,
+        batch_size=a.batch_size,
+        train_subset=a.subset,
+    )
+    res = train_run(spec, resume=a.resume, progress=RichProgress(console=console))
+    console.print(f"[bold]test accuracy {res.test_acc:.2%}[/] (best {res.best_acc:.2%}) "
+                  f"in {res.wall_time_s:.0f}s -> {res.run_dir}")
+    if res.size:
+        console.print(f"packed model: {res.size['file_bytes']:,} bytes, "
+                      f"{res.size['compression_vs_fp32']:.1f}x smaller than FP32")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .experiment import load_run
+    from .train import Trainer
+
+    model, data, _ = load_run(a.run)
+    ev = Trainer(model, data.train, data.test, {"epochs": 1}).evaluate()
+    console.print(f"{a.run}: test accuracy {ev['acc']:.2%} (loss {ev['loss']:.4f}, n={ev['n']})")
+    return 0
+
+
+def cmd_recipes(_: argparse.Namespace) -> int:
+    from .recipe import Recipe, shipped_recipes
+
+    t = Table("recipe", "description", title="shipped recipes (use with --recipe NAME)")
+    for name, path in shipped_recipes().items():
+        t.add_row(name, Recipe.from_yaml(path).description)
+    console.print(t)
+    return 0
+
+
+def cmd_models(_: argparse.Namespace) -> int:
+    from .models import MODELS
+
+    t = Table("model", "description")
+    for name, entry in MODELS.items():
+        t.add_row(name, entry.description)
+    console.print(t)
+    return 0
+
+
+def cmd_datasets(_: argparse.Namespace) -> int:
+    from .data import list_datasets
+
+    t = Table("dataset", "description")
+    for name, desc in list_datasets().items():
+        t.add_row(name, desc)
+    console.print(t)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .progress import RichProgress
+
+    rows = run_demo(a.out, fp_epochs=a.fp_epochs, q_epochs=a.q_epochs, recipe=a.recipe,
+                    progress_factory=lambda: RichProgress(console=console),
+                    say=console.print)
+    t = Table("model", "weights", "activations", "test acc", "size (bytes)", "compression",
+              title="LeNet-5 on MNIST (10k test images)")
+    for r in rows:
+        t.add_row(r["name"], r["weight_bits"], r["act_bits"], f"{r['test_acc']:.2%}",
+                  f"{r['bytes']:,}", f"{r['compression']:.1f}x")
+    console.print(t)
+    console.print(f"runs, metrics and packed model under {a.out}/")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .export import model_report, report_from_file
+
+    target = Path(a.target)
+    if target.is_file() and target.suffix == ".lowbit":
+        rep = report_from_file(target)
+    else:
+        from .experiment import load_run
+
+        model, data, _ = load_run(target)
+        rep = model_report(model, tuple(data.in_shape))
+    console.print(rep.to_rich_table())
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2))
+    if a.png:
+        rep.plot(a.png)
+        console.print(f"plot -> {a.png}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .experiment import load_run
+
+    model, data, _ = load_run(a.run)
+    model.eval()
+    if a.format == "lowbit":
+        from .export import save_packed
+
+        save_packed(model, a.out)
+        console.print(f"packed model -> {a.out} ({Path(a.out).stat().st_size:,} bytes)")
+    else:
+        from .export import export_onnx
+
+        table = export_onnx(model, a.out, (1, *data.in_shape))
+        console.print(f"ONNX model -> {a.out}")
+        if table is not None:
+            console.print(table if not isinstance(table, list | dict) else json.dumps(table, indent=1))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench != "speed":
+        raise SystemExit("usage: lowbit bench speed [--out DIR] [--quick]")
+    from .runtime.bench import run_speed_benchmark
+
+    run_speed_benchmark(out_dir=a.out, quick=a.quick)
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "recipes": cmd_recipes,
+    "models": cmd_models,
+    "datasets": cmd_datasets,
+    "report": cmd_report,
+    "export": cmd_export,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_time=False, show_path=False)])
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    if not a.command:
+        parser.print_help()
+        return 0
+    from .data import DatasetNotFoundError
+    from .recipe import RecipeError
+    from .train import CheckpointError, TrainingDiverged
+
+    try:
+        return COMMANDS[a.command](a)
+    except (RecipeError, DatasetNotFoundError, CheckpointError, TrainingDiverged, FileNotFoundError,
+            ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the last completed epoch's checkpoint is kept; "
+                      "rerun with --resume to continue")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Training methods named in a recipe's ``methods`` list, turned into Trainer hooks.
+
+    methods:
+      - {name: bcgd, rho: 1.0e-5}                  # blended coarse gradient descent
+      - {name: binary_relax, growth: 1.02, hard_epoch: 8}
+      - {name: pact_l2, weight: 2.0e-4}            # PACT's L2 penalty on the clip levels
+
+Each entry becomes a ``wrap_optimizer``, a callback, a regularizer or a loss for
+:class:`lowbit.train.Trainer`; options are the keyword arguments of the method's constructor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant.pact import PACTActivation
+from .bcgd import BCGD
+from .binary_relax import BinaryRelax
+
+
+@dataclass
+class MethodHooks:
+    wrap_optimizer: Callable[[Any, nn.Module], Any] | None = None
+    callbacks: list[Any] = field(default_factory=list)
+    regularizers: list[Callable[[nn.Module], torch.Tensor]] = field(default_factory=list)
+    loss_fn: Callable[..., Any] | None = None
+
+
+class PACTL2:
+    """``weight * sum_l alpha_l^2`` over the model's PACT quantizers (Choi et al. 2018)."""
+
+    name = "pact_l2"
+
+    def __init__(self, weight: float = 2e-4) -> None:
+        if weight < 0:
+            raise ValueError(f"pact_l2: weight must be >= 0, got {weight}")
+        self.weight = float(weight)
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PACTActivation)]
+        if not alphas:
+            return torch.zeros(())
+        return self.weight * torch.stack([a**2 for a in alphas]).sum()
+
+
+def _bcgd(model: nn.Module, hooks: MethodHooks, rho: float = 1e-5) -> None:
+    if not 0 <= rho <= 1:
+        raise ValueError(f"bcgd: rho must be in [0, 1], got {rho}")
+    hooks.wrap_optimizer = BCGD.wrapper(rho)
+
+
+def _binary_relax(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
+    hooks.callbacks.append(BinaryRelax(model, **kw))
+
+
+def _pact_l2(model: nn.Module, hooks: MethodHooks, weight: float = 2e-4) -> None:
+    hooks.regularizers.append(PACTL2(weight))
+
+
+METHODS: dict[str, Callable[..., None]] = {
+    "bcgd": _bcgd,
+    "binary_relax": _binary_relax,
+    "pact_l2": _pact_l2,
+}
+
+
+def _options(name: str) -> list[str]:
+    fn = METHODS[name]
+    if name == "binary_relax":
+        fn = BinaryRelax.__init__
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "model", "hooks")]
+
+
+def build_methods(specs: Sequence[Mapping[str, Any]], model: nn.Module) -> MethodHooks:
+    """Hooks for ``specs`` (a recipe's ``methods`` list) on a quantized ``model``."""
+    hooks = MethodHooks()
+    for i, spec in enumerate(specs):
+        where = f"methods[{i}]"
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ValueError(f"recipe field {where!r}: got {spec!r}; allowed: a mapping with a name "
+                             f"in {sorted(METHODS)}")
+        name = spec["name"]
+        if name not in METHODS:
+            raise ValueError(f"recipe field {where + '.name'!r}: got {name!r}; allowed: {sorted(METHODS)}")
+        opts = {k: v for k, v in spec.items() if k != "name"}
+        allowed = _options(name)
+        for k in opts:
+            if k not in allowed:
+                raise ValueError(f"recipe field {where + '.' + k!r}: got {opts[k]!r}; allowed keys for "
+                                 f"{name}: {allowed}")
+        METHODS[name](model, hooks, **opts)
+    return hooks

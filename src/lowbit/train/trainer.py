@@ -1,0 +1,524 @@
+"""The training loop: any `nn.Module`, any (x, y) loaders, resumable and deterministic.
+
+Run directory layout (when `run_dir` is given)::
+
+    config.json              the resolved run configuration (written at fit start)
+    metrics.jsonl            one JSON line per epoch
+    checkpoint.safetensors   the last checkpoint (every `checkpoint_every` epochs + last)
+    best.safetensors         the checkpoint of the best test accuracy so far
+    tb/                      TensorBoard events (when tensorboard is installed)
+
+A killed run restarted with ``fit(resume=True)`` continues from the checkpoint and, with
+``deterministic=True`` on CPU, ends bit-identical to the uninterrupted run: the model,
+optimizer, schedule, callback states and RNG states (torch CPU/CUDA, numpy, python) are
+restored, and loaders with ``set_epoch(epoch)`` make each epoch's data order depend only
+on (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .callbacks import CallbackList
+from .checkpoint import (
+    atomic_path,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    temp_pattern,
+)
+from .config import TrainConfig, _as_config, build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "TrainingDiverged", "get_rng_state", "seed_everything", "set_rng_state"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+BEST = "best.safetensors"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingDiverged(RuntimeError):  # noqa: N818 (name fixed by the API)
+    """The loss became NaN or infinite; the last good checkpoint was left untouched."""
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All global RNG states, as tensors and JSON values (for a checkpoint)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("checkpoint has %d CUDA RNG states, this machine %d devices: not restored",
+                        len(cuda), torch.cuda.device_count())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _name_of(fn: Any, taken: set[str]) -> str:
+    name = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    name = "reg" if name == "<lambda>" else str(name)
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}{i}"
+    taken.add(name)
+    return name
+
+
+def _hook(obj: Any, name: str) -> Callable[..., Any]:
+    fn = getattr(obj, name, None) if obj is not None else None
+    return fn if callable(fn) else (lambda *a, **k: None)
+
+
+def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    pred = logits.detach().argmax(1)
+    if y.dtype.is_floating_point and y.shape == logits.shape:  # soft / one-hot targets
+        y = y.argmax(1)
+    return (pred == y).sum()
+
+
+class _NoTensorBoard:
+    def add_scalar(self, *a: Any, **k: Any) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _tensorboard(log_dir: Path, purge_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard missing or broken: metrics.jsonl is enough
+        log.debug("tensorboard not available; writing metrics.jsonl only")
+        return _NoTensorBoard()
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Train `model` on `train_loader`, evaluate on `test_loader`, checkpoint to `run_dir`.
+
+    Args:
+        model: any `nn.Module` (quantized models are ordinary modules). Batches are moved
+            to the device of its first parameter.
+        train_loader, test_loader: iterables of (x, y) batches with `__len__`; an optional
+            `set_epoch(epoch)` is called before each training epoch. `test_loader` may be
+            None (no evaluation, no best checkpoint).
+        config: a `TrainConfig` or a dict for one.
+        run_dir: where config.json, metrics.jsonl, checkpoints and TensorBoard events go;
+            None writes nothing (and `fit(resume=True)` is impossible).
+        loss_fn: `loss_fn(model, x, y) -> (loss, logits)`; default cross-entropy with
+            `config.label_smoothing`. Distillation methods pass their own.
+        regularizers: callables `model -> scalar tensor`, added to the loss and logged as
+            ``reg/<name>`` (name: the callable's `name` attribute, else its function/class
+            name).
+        callbacks: see `lowbit.train.callbacks`.
+        optimizer: a ready optimizer; overrides `build_optimizer`.
+        wrap_optimizer: `wrap_optimizer(opt, model) -> opt` wraps the optimizer (BCGD). The
+            lr schedule drives the param_groups of the unwrapped optimizer; the wrapper's
+            `state_dict()` is what the checkpoint saves.
+        run_config: the resolved run configuration written to config.json and stored in
+            checkpoints (JSON values); default {"train": config}.
+        progress: optional event sink, see `lowbit.progress` (the library never prints).
+
+    Attributes readable by callbacks: `epoch` (0-based index of the running epoch, or of
+    the next one between epochs), `global_step` (optimizer steps done), `steps_per_epoch`,
+    `history`, `best_acc`, `optimizer`, `scheduler`, `config`, `stop_training`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        test_loader: Iterable[Any] | None,
+        config: TrainConfig | dict[str, Any],
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        loss_fn: LossFn | None = None,
+        regularizers: Sequence[Callable[[nn.Module], torch.Tensor]] = (),
+        callbacks: Sequence[Any] = (),
+        optimizer: Any = None,
+        wrap_optimizer: Callable[[Any, nn.Module], Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        progress: Any = None,
+    ) -> None:
+        self.config: TrainConfig = _as_config(config)
+        self.model = model
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.loss_fn: LossFn = loss_fn or self._cross_entropy
+        taken: set[str] = set()
+        self.regularizers = [(_name_of(r, taken), r) for r in regularizers]
+        self.callbacks = CallbackList(callbacks)
+        self.steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+        if self.steps_per_epoch < 1:
+            raise ValueError("train_loader is empty (len 0)")
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+
+        base = optimizer if optimizer is not None else build_optimizer(model, self.config)
+        self.scheduler = build_scheduler(base, self.config, self.steps_per_epoch)
+        self.optimizer = wrap_optimizer(base, model) if wrap_optimizer else base
+        self._clip_params = [p for p in model.parameters() if p.requires_grad]
+
+        self.run_config = dict(run_config) if run_config is not None else {}
+        self.run_config.setdefault("train", self.config.model_dump(mode="json"))
+        self.run_config = json.loads(json.dumps(self.run_config, default=str))
+        self.progress = progress
+        self._p_start = _hook(progress, "start")
+        self._p_start_epoch = _hook(progress, "start_epoch")
+        self._p_advance = _hook(progress, "advance")
+        self._p_summary = _hook(progress, "epoch_summary")
+        self._p_close = _hook(progress, "close")
+
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_acc = -math.inf
+        self.stop_training = False
+        self._tb: Any = _NoTensorBoard()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train until `config.epochs`; returns the per-epoch history (metrics dicts).
+
+        `resume=True` continues from run_dir/checkpoint.safetensors when it exists (and
+        starts from scratch, with a log message, when it does not). Raises
+        `TrainingDiverged` on a non-finite loss.
+        """
+        cfg = self.config
+        self.stop_training = False
+        if resume:
+            if self.run_dir is None:
+                raise ValueError("fit(resume=True) needs a run_dir")
+            self._resume()
+        if self.epoch == 0:  # a fresh start (also: resume=True but no checkpoint yet)
+            seed_everything(cfg.seed)
+        with self._determinism():
+            self._prepare_run_dir()
+            try:
+                self._p_start(cfg.epochs, self.steps_per_epoch, self.epoch)
+                self.callbacks("on_fit_start", self)
+                while self.epoch < cfg.epochs and not self.stop_training:
+                    self._run_epoch(self.epoch)
+                self.callbacks("on_fit_end", self)
+            finally:
+                self._p_close()
+                self._tb.close()
+                self._tb = _NoTensorBoard()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[Any] | None = None) -> dict[str, float]:
+        """Cross-entropy loss and top-1 accuracy of `model(x)` over `loader` (default: the
+        test loader), in eval mode under `torch.no_grad` (not `inference_mode`: tensors a
+        quantizer creates lazily in its first forward must stay usable for training).
+        The loss is plain cross-entropy whatever `loss_fn` is, so methods compare fairly.
+        """
+        loader = self.test_loader if loader is None else loader
+        if loader is None:
+            raise ValueError("no loader to evaluate on")
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        n = 0
+        try:
+            for x, y in loader:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                logits = self.model(x)
+                target = y.argmax(1) if y.dtype.is_floating_point and y.ndim > 1 else y
+                loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
+                correct += _count_correct(logits, y)
+                n += y.shape[0]
+        finally:
+            self.model.train(was_training)
+        if n == 0:
+            return {"loss": math.nan, "acc": math.nan, "n": 0}
+        return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+
+    # ------------------------------------------------------------------ epoch
+
+    def _cross_entropy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing), logits
+
+    def _run_epoch(self, epoch: int) -> None:
+        cfg = self.config
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        loss_fn, regs, device = self.loss_fn, self.regularizers, self.device
+        step_hooks = self.callbacks.hooks["on_step_end"]
+        clip = cfg.grad_clip
+        log_every = cfg.log_every
+
+        model.train()  # before on_epoch_start, which may freeze parts (e.g. BN statistics)
+        set_epoch = getattr(self.train_loader, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self.callbacks("on_epoch_start", self, epoch)
+        self._p_start_epoch(epoch, self.steps_per_epoch)
+        lr_start = self.lr
+
+        # Per-step values stay on the device; they are read every `log_every` steps.
+        losses: list[torch.Tensor] = []
+        totals: list[torch.Tensor] = []
+        corrects: list[torch.Tensor] = []
+        sizes: list[int] = []
+        reg_vals: list[torch.Tensor] = []
+        acc = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "reg": [0.0] * len(regs)}
+
+        t0 = time.perf_counter()
+        for x, y in self.train_loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            loss, logits = loss_fn(model, x, y)
+            total = loss
+            if regs:
+                rv = [r(model) for _, r in regs]
+                total = loss + sum(rv)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
+            optimizer.step()
+            scheduler.step()
+            self.global_step += 1
+
+            losses.append(loss.detach())
+            corrects.append(_count_correct(logits, y))
+            sizes.append(y.shape[0])
+            if regs:
+                totals.append(total.detach())
+                reg_vals.append(torch.stack([v.detach().float().reshape(()) for v in rv]))
+            if step_hooks:
+                step_metrics: dict[str, Any] = {"loss": losses[-1], "batch_size": sizes[-1],
+                                                "epoch": epoch}
+                if regs:
+                    for (name, _), v in zip(regs, rv, strict=True):
+                        step_metrics[f"reg/{name}"] = v.detach()
+                for fn in step_hooks:
+                    fn(self, self.global_step, step_metrics)
+            if len(losses) >= log_every:
+                self._flush(epoch, acc, losses, totals, corrects, sizes, reg_vals)
+        if losses:
+            self._flush(epoch, acc, losses, totals, corrects, sizes, reg_vals)
+        train_time = time.perf_counter() - t0
+
+        metrics = {
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            "lr": lr_start,
+            "train_loss": acc["loss"] / max(1, acc["n"]),
+            "train_acc": acc["correct"] / max(1, acc["n"]),
+        }
+        for i, (name, _) in enumerate(regs):
+            metrics[f"reg/{name}"] = acc["reg"][i] / max(1, acc["steps"])
+        if self.test_loader is not None:
+            ev = self.evaluate()
+            metrics["test_loss"], metrics["test_acc"] = ev["loss"], ev["acc"]
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["images_per_s"] = acc["n"] / train_time if train_time > 0 else 0.0
+
+        self.callbacks("on_epoch_end", self, epoch, metrics)
+        self.epoch = epoch + 1
+        self.history.append(metrics)
+        self._p_summary(metrics)
+        self._log_epoch(metrics)
+        last = self.epoch >= cfg.epochs or self.stop_training
+        improved = metrics.get("test_acc") is not None and metrics["test_acc"] > self.best_acc
+        if improved:
+            self.best_acc = metrics["test_acc"]
+        if self.run_dir is not None:
+            if self.epoch % cfg.checkpoint_every == 0 or last:
+                self._save(self.run_dir / CHECKPOINT)
+                if improved:
+                    _link_or_copy(self.run_dir / CHECKPOINT, self.run_dir / BEST)
+            elif improved:
+                self._save(self.run_dir / BEST)
+
+    def _flush(self, epoch: int, acc: dict[str, Any], losses: list[torch.Tensor],
+               totals: list[torch.Tensor], corrects: list[torch.Tensor], sizes: list[int],
+               reg_vals: list[torch.Tensor]) -> None:
+        """Read the buffered per-step values (one device sync), check them, update the
+        epoch sums and the progress display; empties the buffers."""
+        vals = torch.stack(losses).tolist()
+        checked = torch.stack(totals).tolist() if totals else vals
+        first = self.global_step - len(vals) + 1
+        for i, v in enumerate(checked):
+            if not math.isfinite(v):
+                self._diverged(epoch, first + i, v, vals[i])
+        acc["loss"] += sum(v * n for v, n in zip(vals, sizes, strict=True))
+        acc["correct"] += int(torch.stack(corrects).sum().item())
+        acc["n"] += sum(sizes)
+        acc["steps"] += len(vals)
+        if reg_vals:
+            sums = torch.stack(reg_vals).double().sum(0).tolist()
+            acc["reg"] = [a + s for a, s in zip(acc["reg"], sums, strict=True)]
+        n = len(vals)
+        losses.clear(), totals.clear(), corrects.clear(), sizes.clear(), reg_vals.clear()
+        running_loss, running_acc = acc["loss"] / acc["n"], acc["correct"] / acc["n"]
+        self._p_advance(n, running_loss, running_acc)
+        self._tb.add_scalar("train/running_loss", running_loss, self.global_step)
+
+    def _diverged(self, epoch: int, step: int, total: float, loss: float) -> None:
+        in_epoch = step - epoch * self.steps_per_epoch
+        what = f"loss {loss}" if total == loss or not math.isfinite(loss) else (
+            f"total loss {total} (data loss {loss}: a regularizer is not finite)")
+        ckpt = ""
+        if self.run_dir is not None and (self.run_dir / CHECKPOINT).exists():
+            ckpt = f" The last good checkpoint {self.run_dir / CHECKPOINT} was left untouched."
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch + 1}, step {in_epoch}/{self.steps_per_epoch} "
+            f"(global step {step}): {what}. Lower the learning rate (lr={self.config.lr}), "
+            f"add warm-up or grad_clip, or check the recipe and loss function.{ckpt}"
+        )
+
+    # ------------------------------------------------------------------ run dir
+
+    @contextlib.contextmanager
+    def _determinism(self):
+        if not self.config.deterministic:
+            yield
+            return
+        prev = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2:]
+
+    def _prepare_run_dir(self) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT, BEST, METRICS, CONFIG):  # temp files of killed writes
+            for stale in self.run_dir.glob(temp_pattern(name)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        atomic_write_text(self.run_dir / CONFIG, json.dumps(self.run_config, indent=2) + "\n")
+        # metrics.jsonl is rewritten from the (checkpointed) history, so lines of epochs
+        # that ran after the last checkpoint of a killed run do not appear twice.
+        atomic_write_text(self.run_dir / METRICS,
+                          "".join(json.dumps(m) + "\n" for m in self.history))
+        if self.config.tensorboard:
+            self._tb = _tensorboard(self.run_dir / "tb", purge_step=self.global_step)
+
+    def _log_epoch(self, metrics: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for key, value in metrics.items():
+            if key not in ("epoch", "step") and isinstance(value, int | float):
+                tag = key if "/" in key else key.replace("_", "/", 1)
+                self._tb.add_scalar(tag, value, self.global_step)
+        self._tb.flush()
+
+    def _save(self, path: Path) -> None:
+        extra = {
+            "global_step": self.global_step,
+            "history": self.history,
+            "best_acc": self.best_acc if math.isfinite(self.best_acc) else None,
+            "callbacks": self.callbacks.state_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "run_config": self.run_config,
+            "rng": get_rng_state(),  # = the RNG state the next epoch starts from
+        }
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.epoch, extra)
+
+    def _resume(self) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            return
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        extra = ckpt["extra"]
+        saved_cfg = extra.get("config") or {}
+        now = self.config.model_dump(mode="json")
+        changed = {k: (saved_cfg[k], now[k]) for k in now if k in saved_cfg and saved_cfg[k] != now[k]}
+        if changed:
+            log.warning("resuming with a changed train config (saved -> now): %s", changed)
+        self.epoch = ckpt["epoch"]
+        self.global_step = int(extra["global_step"])
+        self.history = list(extra["history"])
+        self.best_acc = extra["best_acc"] if extra.get("best_acc") is not None else -math.inf
+        self.callbacks.load_state_dict(extra.get("callbacks") or {})
+        set_rng_state(extra["rng"])
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` an atomic copy of the just-written `src` (a hard link when possible:
+    `src` is later replaced by rename, so `dst` keeps this version)."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)

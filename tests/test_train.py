@@ -1,0 +1,510 @@
+"""Trainer, config, schedule and resume tests (small MLPs on synthetic Gaussian data)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+from _resume_worker import StepCounter, loaders, make_model
+from pydantic import ValidationError
+from torch import nn
+
+from lowbit.train import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    read_checkpoint,
+)
+
+WORKER = Path(__file__).with_name("_resume_worker.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only cost time (a lot on a shared, loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, lr=0.05, optimizer="sgd", schedule="cosine", seed=0,
+                tensorboard=False, log_every=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_errors_name_field_value_and_choices():
+    with pytest.raises(ValidationError) as e:
+        TrainConfig(optimizer="rmsprop")
+    msg = str(e.value)
+    assert "optimizer" in msg and "rmsprop" in msg
+    assert all(c in msg for c in ("'sgd'", "'adam'", "'adamw'"))
+
+    with pytest.raises(ValidationError) as e:
+        TrainConfig(schedule="linear")
+    assert all(s in str(e.value) for s in ("schedule", "linear", "'cosine'", "'step'"))
+
+    with pytest.raises(ValidationError) as e:
+        TrainConfig(epoch=3)
+    msg = str(e.value)
+    assert "'epoch'" in msg and "did you mean 'epochs'" in msg and "allowed fields" in msg
+
+    with pytest.raises(ValidationError) as e:
+        TrainConfig(lr=-1)
+    assert "lr" in str(e.value) and "-1" in str(e.value) and "greater than 0" in str(e.value)
+
+    with pytest.raises(ValidationError, match="milestones"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValidationError, match="increasing"):
+        TrainConfig(schedule="step", milestones=[5, 3])
+    assert TrainConfig(optimizer="Adam").optimizer == "adam"
+    assert isinstance(ValidationError, type) and issubclass(ValidationError, ValueError)
+
+
+# ---------------------------------------------------------------- optimizer / schedule
+
+
+def test_no_decay_1d_groups():
+    model = make_model()  # Linear, BN, ClipAct(0-D alpha), parametrized Linear, Linear
+    opt = build_optimizer(model, small_cfg(weight_decay=5e-4))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    named = dict(model.named_parameters())
+    want_decay = {"0.weight", "4.parametrizations.weight.original", "7.weight"}
+    assert ids(decay) == {id(named[k]) for k in want_decay}
+    assert ids(no_decay) == {id(p) for k, p in named.items() if k not in want_decay}
+    assert id(model[2].alpha) in ids(no_decay) and id(model[1].weight) in ids(no_decay)
+
+    opt = build_optimizer(model, small_cfg(weight_decay=5e-4, no_decay_1d=False))
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 5e-4
+    assert isinstance(build_optimizer(model, small_cfg(optimizer="adamw")), torch.optim.AdamW)
+
+
+def _lrs(cfg: TrainConfig, spe: int, steps: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, spe)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_match_closed_forms():
+    spe, lr = 10, 0.1
+    cfg = small_cfg(epochs=10, lr=lr, schedule="cosine", warmup_epochs=1)
+    lrs = _lrs(cfg, spe, 100)
+    assert lrs[0] == pytest.approx(lr / 10) and lrs[9] == pytest.approx(lr)
+    for s in (10, 33, 55, 99):
+        assert lrs[s] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90)))
+    assert lrs[55] == pytest.approx(lr / 2)
+
+    cfg = small_cfg(epochs=10, lr=lr, schedule="step", milestones=[3, 6], gamma=0.1)
+    lrs = _lrs(cfg, spe, 100)
+    assert lrs[29] == pytest.approx(lr) and lrs[30] == pytest.approx(lr * 0.1)
+    assert lrs[59] == pytest.approx(lr * 0.1) and lrs[60] == pytest.approx(lr * 0.01)
+    assert set(_lrs(small_cfg(schedule="constant", lr=lr), spe, 30)) == {lr}
+
+
+def test_schedule_restores_exactly():
+    cfg = small_cfg(epochs=5, warmup_epochs=0.5)
+    ref = _lrs(cfg, 7, 35)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, 7)
+    for _ in range(13):
+        sched.step()
+    state = json.loads(json.dumps(sched.state_dict()))
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched2 = build_scheduler(opt2, cfg, 7)
+    sched2.load_state_dict(state)
+    rest = []
+    for _ in range(22):
+        rest.append(opt2.param_groups[0]["lr"])
+        sched2.step()
+    assert rest == ref[13:]  # bit-identical, not approximately
+    assert lr_factor(13, cfg, 7) * cfg.lr == ref[13]
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize(("optimizer", "schedule", "lr"), [
+    ("sgd", "cosine", 0.05), ("sgd", "step", 0.05), ("adam", "cosine", 3e-3),
+    ("adam", "step", 3e-3),
+])
+def test_training_learns(optimizer, schedule, lr):
+    train, test = loaders()
+    model = make_model(quantize=False)
+    cfg = small_cfg(optimizer=optimizer, schedule=schedule, lr=lr, milestones=[2],
+                    weight_decay=1e-4, label_smoothing=0.05, grad_clip=5.0)
+    history = Trainer(model, train, test, cfg).fit()
+    assert len(history) == 3
+    assert history[-1]["test_acc"] > 0.85  # chance: 0.25
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[0]["lr"] == pytest.approx(lr)
+
+
+def test_evaluate_is_eval_mode_no_grad_and_restores_mode():
+    train, test = loaders()
+    model = make_model()
+    trainer = Trainer(model, train, test, small_cfg())
+    seen = []
+    model[3].register_forward_hook(lambda m, i, o: seen.append((m.training,
+                                                                torch.is_grad_enabled())))
+    ev = trainer.evaluate()
+    assert set(seen) == {(False, False)} and model.training
+    assert ev["n"] == 256 and 0 <= ev["acc"] <= 1 and ev["loss"] > 0
+    model.eval()
+    logits = model(test.x)
+    assert ev["loss"] == pytest.approx(F.cross_entropy(logits, test.y).item(), rel=1e-5)
+    assert ev["acc"] == pytest.approx((logits.argmax(1) == test.y).float().mean().item())
+
+
+class _RangeObserver(nn.Module):
+    """An activation quantizer whose range buffer is created lazily by the first forward
+    and then tracked in place (an EMA), as observer-style quantizers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("hi", None)
+
+    def forward(self, x):
+        if self.hi is None:
+            self.hi = x.detach().abs().amax()
+        elif self.training:
+            self.hi.mul_(0.9).add_(0.1 * x.detach().abs().amax())
+        return torch.clamp(x, -self.hi, self.hi)
+
+
+def test_evaluate_first_then_train_with_lazy_quantizer_state():
+    train, test = loaders()
+
+    def model_():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), _RangeObserver(), nn.ReLU(), nn.Linear(32, 4))
+
+    model = model_()
+    trainer = Trainer(model, train, test, small_cfg(epochs=2))
+    trainer.evaluate()  # creates the buffer under no_grad
+    assert trainer.fit()[-1]["test_acc"] > 0.85
+    # the reason evaluate() uses no_grad and not inference_mode:
+    model = model_().eval()
+    with torch.inference_mode():
+        model(test.x)
+    with pytest.raises(RuntimeError, match=r"[Ii]nference"):
+        model.train()(test.x).sum().backward()
+
+
+def test_run_dir_files_metrics_and_regularizers(tmp_path):
+    train, test = loaders()
+    model = make_model()
+
+    def l2(m):
+        return 1e-4 * sum((p**2).sum() for p in m.parameters())
+
+    seen_regs = []
+
+    class Peek(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            seen_regs.append(metrics["reg/l2"])
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            metrics["bits/mean"] = 3.5 + epoch
+
+    history = Trainer(model, train, test, small_cfg(epochs=2), tmp_path,
+                      regularizers=[l2], callbacks=[Peek()],
+                      run_config={"model": "mlp", "recipe": {"default": None}}).fit()
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    keys = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
+            "images_per_s", "reg/l2", "step"}
+    assert keys <= set(lines[0]) and [m["epoch"] for m in lines] == [1, 2]
+    assert lines[0]["reg/l2"] > 0 and len(seen_regs) == 2 * len(train)
+    assert [m["bits/mean"] for m in lines] == [3.5, 4.5]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model"] == "mlp" and cfg["train"]["epochs"] == 2
+    assert (tmp_path / "checkpoint.safetensors").is_file()
+    assert (tmp_path / "best.safetensors").is_file()
+    meta, _ = read_checkpoint(tmp_path / "best.safetensors")
+    best_epoch = max(history, key=lambda m: m["test_acc"])["epoch"]
+    assert meta["epoch"] == best_epoch
+
+
+def test_regularizer_changes_training():
+    train, test = loaders()
+    norms = []
+    for lam in (0.0, 0.05):
+        model = make_model(quantize=False)
+        Trainer(model, train, test, small_cfg(epochs=2),
+                regularizers=[lambda m, lam=lam: lam * (m[0].weight ** 2).sum()]).fit()
+        norms.append(model[0].weight.norm().item())
+    assert norms[1] < 0.7 * norms[0]
+
+
+def test_tensorboard_optional(tmp_path, monkeypatch):
+    train, test = loaders()
+    Trainer(make_model(), train, test, small_cfg(epochs=1, tensorboard=True),
+            tmp_path / "a").fit()
+    assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    Trainer(make_model(), train, test, small_cfg(epochs=1, tensorboard=True),
+            tmp_path / "b").fit()
+    assert not (tmp_path / "b" / "tb").exists()
+    assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_library_never_prints_and_rich_progress_draws(capfd):
+    from rich.console import Console
+
+    from lowbit.progress import RichProgress
+
+    train, test = loaders()
+    Trainer(make_model(), train, test, small_cfg(epochs=2)).fit()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+    buf = io.StringIO()
+    progress = RichProgress(Console(file=buf, width=200, force_terminal=False))
+    events = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a: (events.append(name), getattr(progress, name)(*a))
+
+    Trainer(make_model(), train, test, small_cfg(epochs=2), progress=Spy()).fit()
+    text = buf.getvalue()
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "test loss" in text
+    assert events[0] == "start" and events[-1] == "close"
+    assert events.count("epoch_summary") == 2 and events.count("start_epoch") == 2
+    assert events.count("advance") == 2 * math.ceil(len(train) / 4)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path):
+    train, test = loaders()
+    steps = len(train)
+    bad_step = steps + 6  # global step (1-based) in epoch 2
+    calls = {"n": 0}
+
+    def loss_fn(model, x, y):
+        calls["n"] += 1
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return (loss * math.nan if calls["n"] == bad_step else loss), logits
+
+    saved = {}
+
+    class Snap(Callback):
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 1:
+                saved["ckpt"] = (tmp_path / "checkpoint.safetensors").read_bytes()
+                saved["best"] = (tmp_path / "best.safetensors").read_bytes()
+
+    trainer = Trainer(make_model(), train, test, small_cfg(log_every=4), tmp_path,
+                      loss_fn=loss_fn, callbacks=[Snap()])
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.fit()
+    msg = str(e.value)
+    assert isinstance(e.value, RuntimeError)
+    assert "epoch 2" in msg and f"step 6/{steps}" in msg and f"global step {bad_step}" in msg
+    assert "nan" in msg and "learning rate" in msg and "untouched" in msg
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == saved["ckpt"]
+    assert (tmp_path / "best.safetensors").read_bytes() == saved["best"]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_infinite_regularizer_is_divergence():
+    train, test = loaders()
+    trainer = Trainer(make_model(), train, test, small_cfg(),
+                      regularizers=[lambda m: torch.tensor(math.inf)])
+    with pytest.raises(TrainingDiverged, match="regularizer"):
+        trainer.fit()
+    names = [n for n, _ in Trainer(make_model(), train, test, small_cfg(),
+                                    regularizers=[lambda m: 0, lambda m: 0]).regularizers]
+    assert names == ["reg", "reg2"]
+
+
+# ---------------------------------------------------------------- wrapped optimizer
+
+
+class _BlendWrapper:
+    """BCGD-shaped wrapper: blends weights toward their sign before the inner step, keeps
+    its own state (a tensor and a number) in state_dict."""
+
+    def __init__(self, inner, model, rho=1e-3):
+        self.inner, self.rho = inner, rho
+        self.params = [p for p in model.parameters() if p.ndim > 1]
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.mul_(1 - self.rho).add_(self.rho * p.sign() * p.abs().mean())
+        self.count += 1
+        self.inner.step()
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "rho": self.rho, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state["inner"])
+        self.rho, self.count = state["rho"], state["count"].clone()
+
+
+class _Crash(Exception):  # noqa: N818
+    pass
+
+
+class _CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            raise _Crash
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def _equal_files(p1: Path, p2: Path, skip=("epoch_time_s", "images_per_s")):
+    (m1, t1), (m2, t2) = read_checkpoint(p1), read_checkpoint(p2)
+    _assert_same_state(t1, t2)  # model/, optim/, sched/, extra/ (RNG) tensors
+    h1 = [{k: v for k, v in m.items() if k not in skip} for m in m1["extra"]["history"]]
+    h2 = [{k: v for k, v in m.items() if k not in skip} for m in m2["extra"]["history"]]
+    assert h1 == h2
+    for key in ("epoch", "optimizer", "scheduler"):
+        assert m1[key] == m2[key], key
+    assert m1["extra"]["callbacks"] == m2["extra"]["callbacks"]
+
+
+def test_parametrized_model_wrapped_optimizer_resume_in_process(tmp_path):
+    """A sign-STE parametrized model + BCGD-like wrapped optimizer: crash mid-epoch 2,
+    resume in a fresh Trainer with a differently initialised model -> identical end."""
+    train, test = loaders()
+    cfg = small_cfg(epochs=3, optimizer="sgd", nesterov=True, weight_decay=1e-3,
+                    warmup_epochs=1, deterministic=True)
+
+    def run(run_dir, crash_at=None, resume=False, seed=0):
+        model = make_model(seed=seed)
+        counter = StepCounter()
+        cbs = [counter] + ([_CrashAt(crash_at)] if crash_at else [])
+        trainer = Trainer(model, train, test, cfg, run_dir, callbacks=cbs,
+                          wrap_optimizer=lambda opt, m: _BlendWrapper(opt, m))
+        trainer.fit(resume=resume)
+        return model, trainer, counter
+
+    model_a, trainer_a, counter_a = run(tmp_path / "a")
+    assert trainer_a.history[-1]["test_acc"] > 0.85
+    assert int(trainer_a.optimizer.count) == 3 * len(train)
+
+    with pytest.raises(_Crash):
+        run(tmp_path / "b", crash_at=len(train) + 5)
+    assert read_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[0]["epoch"] == 1
+    model_b, trainer_b, counter_b = run(tmp_path / "b", resume=True, seed=123)
+
+    assert "4.parametrizations.weight.original" in model_b.state_dict()
+    assert parametrize.is_parametrized(model_b[4], "weight")
+    _assert_same_state(model_a.state_dict(), model_b.state_dict())
+    assert int(trainer_b.optimizer.count) == int(trainer_a.optimizer.count)
+    assert counter_b.steps == counter_a.steps == 3 * len(train)
+    assert counter_b.loss_sum == counter_a.loss_sum
+    _equal_files(tmp_path / "a" / "checkpoint.safetensors",
+                 tmp_path / "b" / "checkpoint.safetensors")
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+def test_resume_of_finished_run_is_a_no_op(tmp_path):
+    train, test = loaders()
+    Trainer(make_model(), train, test, small_cfg(epochs=1), tmp_path).fit()
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    stale = tmp_path / ".checkpoint.safetensors.x1y2.tmp"  # left by a killed save
+    stale.write_bytes(b"partial")
+    history = Trainer(make_model(), train, test, small_cfg(epochs=1), tmp_path).fit(resume=True)
+    assert len(history) == 1
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    assert not stale.exists()
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+
+
+def _worker(run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(WORKER), str(run_dir), "--deterministic", "--epochs", "3",
+            "--out", str(run_dir / "final.safetensors"), *args]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    full = subprocess.Popen(_worker(a), env=env, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_worker(b, "--marker", str(marker), "--slow-from-epoch", "1",
+                                      "--delay", "0.05"), env=env, stderr=subprocess.PIPE)
+    steps = len(loaders()[0])
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            assert victim.poll() is None, victim.stderr.read().decode()
+            text = marker.read_text() if marker.exists() else ""
+            if text.endswith("\n"):
+                epoch, step = map(int, text.split())
+                if epoch == 1 and step >= steps + 3:  # epoch 2, 3 steps in
+                    break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the worker never reached epoch 2")
+        assert (b / "checkpoint.safetensors").exists()
+        os.kill(victim.pid, signal.SIGKILL)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert read_checkpoint(b / "checkpoint.safetensors")[0]["epoch"] == 1
+    assert not (b / "final.safetensors").exists()
+
+    resumed = subprocess.run(_worker(b, "--resume"), env=env, capture_output=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert full.wait(timeout=120) == 0, full.stderr.read().decode()
+
+    from safetensors.torch import load_file
+
+    _assert_same_state(load_file(a / "final.safetensors"), load_file(b / "final.safetensors"))
+    _equal_files(a / "checkpoint.safetensors", b / "checkpoint.safetensors")
+    lines = [json.loads(s) for s in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
