@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
+                   "1 is faster for small models on a busy machine)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the quick-start job: float then W1A4 LeNet-5 on MNIST, with a table")
@@ -276,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[RichHandler(console=console, show_time=False, show_path=False)])
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     if not a.command:
         parser.print_help()
         return 0

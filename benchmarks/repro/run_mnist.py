@@ -1,0 +1,176 @@
+"""Reproduction table: every method at its paper's bit setting, fine-tuned from one shared
+full-precision LeNet-5 checkpoint, on MNIST and Fashion-MNIST.
+
+    python benchmarks/repro/run_mnist.py                       # both datasets, all methods
+    python benchmarks/repro/run_mnist.py --datasets mnist --q-epochs 5 --methods twn-w2 ttq-w2
+
+Writes ``benchmarks/results/mnist.md`` and ``mnist.json`` (rewritten after every finished run,
+so a killed benchmark keeps what it measured) and keeps the runs under ``--runs-dir``; a rerun
+resumes unfinished runs and reuses finished ones. Every number in the table comes from the run
+directory named beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.experiment import RunSpec, train_run
+from lowbit.recipe import load_recipe
+from lowbit.train import atomic_write_text
+
+# (recipe, model kwargs, paper the setting comes from)
+METHODS: list[tuple[str, dict[str, Any], str]] = [
+    ("lenet5-w1a4", {}, "BWN weights + PACT activations (the main job)"),
+    ("bcgd-w1a4", {}, "BCGD, Yin et al. 2019"),
+    ("binaryrelax-w1a4", {}, "BinaryRelax, Yin et al. 2018"),
+    ("twn-w2", {}, "TWN, Li et al. 2016"),
+    ("ttq-w2", {}, "TTQ, Zhu et al. 2017"),
+    ("tga-w2", {}, "TGA, He & Fan 2019"),
+    ("ternary-stat-w2", {}, "He, Gong & Fan 2019"),
+    ("ternary-stat-tex2-w2", {}, "He, Gong & Fan 2019 (residual expansion)"),
+    ("lbw-w2", {}, "LBW-Net, Yin et al. 2019 (exact ternary)"),
+    ("lbw-w4", {}, "LBW-Net, Yin et al. 2019 (powers of two)"),
+    ("dorefa-w1a2", {}, "DoReFa-Net, Zhou et al. 2016"),
+    ("dorefa-w2a4", {}, "DoReFa-Net, Zhou et al. 2016"),
+    ("wrpn-w2a4", {"width_mult": 2.0}, "WRPN, Mishra et al. 2018 (2x wide)"),
+    ("pact-w4a4", {}, "PACT, Choi et al. 2018"),
+    ("lsq-w2a2", {}, "LSQ, Esser et al. 2020"),
+    ("lsq-w4a4", {}, "LSQ, Esser et al. 2020"),
+]
+
+FP_TRAIN = {"optimizer": "adam", "lr": 2e-3, "schedule": "cosine", "weight_decay": 0.0, "seed": 0}
+
+
+def bits_of(recipe_name: str) -> tuple[str, str, str]:
+    """(weight bits, activation bits, which layers stay float) from the recipe."""
+    r = load_recipe(recipe_name)
+    w, a = r.default_weight, r.default_activation
+    wb = "32" if w is None else str(w.bits * len(w.options.get("expansion") or [0]))
+    ab = "32" if a is None else str(a.bits)
+    first = r.plan("conv1", "conv1", "fc3")
+    last = r.plan("fc3", "conv1", "fc3")
+    kept = [n for n, p in (("first", first), ("last", last)) if p.weight is None]
+    return wb, ab, "+".join(kept) if kept else "none"
+
+
+def fp_run(dataset: str, runs: Path, epochs: int, width: float) -> tuple[Any, str]:
+    name = "fp" if width == 1.0 else f"fp-w{width:g}"
+    out = runs / dataset / name
+    kw = {} if width == 1.0 else {"width_mult": width}
+    cmd = (f"lowbit train --model lenet5 --data {dataset} --epochs {epochs} --optimizer adam "
+           f"--lr 2e-3 --out {out}" + (f" --model-arg width_mult={width:g}" if kw else ""))
+    res = train_run(RunSpec(model="lenet5", model_kwargs=kw, dataset=dataset,
+                            train={**FP_TRAIN, "epochs": epochs}, out=str(out)), resume=True)
+    return res, cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
+    p.add_argument("--methods", nargs="+", help="recipe names (default: all)")
+    p.add_argument("--fp-epochs", type=int, default=10)
+    p.add_argument("--q-epochs", type=int, default=10)
+    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    runs = Path(a.runs_dir)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in METHODS if not a.methods or m[0] in a.methods]
+    rows: list[dict[str, Any]] = []
+    fps: dict[str, dict[str, Any]] = {}
+    t_start = time.time()
+
+    def write() -> None:
+        meta = {
+            "command": "python benchmarks/repro/run_mnist.py " + " ".join(argv or sys.argv[1:]),
+            "fp_epochs": a.fp_epochs, "q_epochs": a.q_epochs, "torch": torch.__version__,
+            "threads": a.threads, "machine": platform.processor() or platform.machine(),
+            "wall_time_s": round(time.time() - t_start, 1),
+        }
+        atomic_write_text(out / "mnist.json", json.dumps({"meta": meta, "fp": fps, "rows": rows}, indent=1))
+        atomic_write_text(out / "mnist.md", render(meta, fps, rows))
+
+    for ds in a.datasets:
+        for width in sorted({1.0, *(float(kw.get("width_mult", 1.0)) for _, kw, _ in methods)}):
+            res, cmd = fp_run(ds, runs, a.fp_epochs, width)
+            fps[f"{ds}/w{width:g}"] = {"dataset": ds, "width_mult": width, "test_acc": res.test_acc,
+                                       "epochs": a.fp_epochs, "wall_time_s": round(res.wall_time_s, 1),
+                                       "fp32_bytes": 4 * sum(p.numel() for p in res.model.parameters()),
+                                       "command": cmd}
+            write()
+        for recipe, kw, paper in methods:
+            width = float(kw.get("width_mult", 1.0))
+            fp = fps[f"{ds}/w{width:g}"]
+            init = runs / ds / ("fp" if width == 1.0 else f"fp-w{width:g}") / "best.safetensors"
+            run_out = runs / ds / recipe
+            cmd = (f"lowbit train --model lenet5 --data {ds} --recipe {recipe} --init {init} "
+                   f"--epochs {a.q_epochs} --out {run_out}"
+                   + (f" --model-arg width_mult={width:g}" if width != 1.0 else ""))
+            res = train_run(RunSpec(model="lenet5", model_kwargs=dict(kw), dataset=ds, recipe=recipe,
+                                    train={"epochs": a.q_epochs}, init=str(init), out=str(run_out)),
+                            resume=True)
+            wb, ab, kept = bits_of(recipe)
+            fp_ref = fps[f"{ds}/w1"]  # the drop is against the standard-width float model
+            rows.append({
+                "dataset": ds, "recipe": recipe, "paper": paper, "w_bits": wb, "a_bits": ab,
+                "float_layers": kept, "width_mult": width, "test_acc": res.test_acc,
+                "fp_acc": fp_ref["test_acc"], "drop_pp": 100 * (fp_ref["test_acc"] - res.test_acc),
+                "packed_bytes": res.size["file_bytes"] if res.size else None,
+                "compression": fp_ref["fp32_bytes"] / res.size["file_bytes"] if res.size else None,
+                "epochs": a.q_epochs, "wall_time_s": round(res.wall_time_s, 1), "command": cmd,
+                "fp_same_width_acc": fp["test_acc"],
+            })
+            write()
+    return 0
+
+
+def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Reproduction on MNIST and Fashion-MNIST (LeNet-5)",
+        "",
+        f"Command: `{meta['command']}` — torch {meta['torch']}, {meta['threads']} thread(s), "
+        f"total wall time {meta['wall_time_s']:.0f} s. Each quantized run starts from the same float "
+        f"checkpoint of its dataset ({meta['fp_epochs']} epochs, Adam) and fine-tunes "
+        f"{meta['q_epochs']} epochs with the recipe's settings. One run per row (seed 0). "
+        "Size is the whole packed `.lowbit` file; compression is against the float LeNet-5's "
+        "FP32 parameters.",
+        "",
+        "Float references:",
+        "",
+        "| dataset | width | test acc | epochs | wall time (s) | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in fps.values():
+        lines.append(f"| {f['dataset']} | {f['width_mult']:g}x | {100 * f['test_acc']:.2f}% | {f['epochs']} | "
+                     f"{f['wall_time_s']:.0f} | `{f['command']}` |")
+    lines += [
+        "",
+        "| dataset | method (recipe) | W/A bits | float layers | test acc | drop vs FP (pp) | packed bytes "
+        "| compression | epochs | wall time (s) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        size = f"{r['packed_bytes']:,}" if r["packed_bytes"] else "-"
+        comp = f"{r['compression']:.1f}x" if r["compression"] else "-"
+        wide = f" ({r['width_mult']:g}x wide)" if r["width_mult"] != 1.0 else ""
+        lines.append(
+            f"| {r['dataset']} | {r['paper']} (`{r['recipe']}`){wide} | W{r['w_bits']}/A{r['a_bits']} | "
+            f"{r['float_layers']} | {100 * r['test_acc']:.2f}% | {r['drop_pp']:+.2f} | {size} | {comp} | "
+            f"{r['epochs']} | {r['wall_time_s']:.0f} | `{r['command']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
