@@ -1,0 +1,26 @@
+"""Packed low-bit inference on CPU (numba kernels): ``lowbit.runtime.compile(model, x)``.
+
+>>> packed = lowbit.runtime.compile(quantized_model, example_batch)
+>>> y = packed(x)                 # same function as the fake-quantized model, packed kernels
+>>> print(packed.summary())       # which layers run packed, which stay in PyTorch
+
+Binary, ternary and k-bit (uniform) weights times k-bit activations run as bit-serial popcount
+GEMMs on bit planes (exact integer accumulation, float only for the per-channel epilogue with
+folded batch norm); layers without an activation quantizer use additions of selected inputs.
+See ``kernels.py`` for the arithmetic and ``bench.py`` for the speed benchmark.
+"""
+
+from .bench import run_speed_benchmark
+from .compiler import LayerReport, PackedModel, compile
+from .layers import NotPackableError, PackedConv2d, PackedLinear, decompose_weight
+
+__all__ = [
+    "LayerReport",
+    "NotPackableError",
+    "PackedConv2d",
+    "PackedLinear",
+    "PackedModel",
+    "compile",
+    "decompose_weight",
+    "run_speed_benchmark",
+]
