@@ -3,7 +3,22 @@
 Importing this package registers every quantizer in ``lowbit.quant.registry``.
 """
 
-from . import bcgd_relu, binary, dorefa, lsq, pact, registry, ste, twn, uniform, wrpn
+from . import (
+    bcgd_relu,
+    binary,
+    dorefa,
+    lbw,
+    lsq,
+    pact,
+    registry,
+    ste,
+    ternary_stat,
+    tga,
+    ttq,
+    twn,
+    uniform,
+    wrpn,
+)
 from .base import ActivationQuantizer, Encoded, Quantizer, WeightQuantizer, straight_through
 
 __all__ = [
@@ -14,11 +29,15 @@ __all__ = [
     "bcgd_relu",
     "binary",
     "dorefa",
+    "lbw",
     "lsq",
     "pact",
     "registry",
     "ste",
     "straight_through",
+    "ternary_stat",
+    "tga",
+    "ttq",
     "twn",
     "uniform",
     "wrpn",
