@@ -28,7 +28,11 @@ from lowbit.train import atomic_write_text
 
 # (recipe, model kwargs, paper the setting comes from)
 METHODS: list[tuple[str, dict[str, Any], str]] = [
-    ("lenet5-w1a4", {}, "BWN weights + PACT activations (the main job)"),
+    ("lenet5-w1a4", {}, "binary + PACT, first/last float (main job; peer budget)"),
+    ("lenet5-w2a4", {}, "LSQ weights + PACT, first/last float (peer budget)"),
+    ("lenet5-w4a4", {}, "LSQ weights + PACT, first/last float (peer budget)"),
+    ("lenet5-w1a4-all", {}, "binary + PACT, every layer quantized"),
+    ("lenet5-w2a2-all", {}, "LSQ, every layer quantized"),
     ("bcgd-w1a4", {}, "BCGD, Yin et al. 2019"),
     ("binaryrelax-w1a4", {}, "BinaryRelax, Yin et al. 2018"),
     ("twn-w2", {}, "TWN, Li et al. 2016"),
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "fp32_bytes": 4 * sum(p.numel() for p in res.model.parameters()),
                                        "command": cmd}
             write()
+            print(f"{ds:14s} float width {width:g}: acc {100 * res.test_acc:.2f}% "
+                  f"{res.wall_time_s:.0f}s", flush=True)
         for recipe, kw, paper in methods:
             width = float(kw.get("width_mult", 1.0))
             fp = fps[f"{ds}/w{width:g}"]
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fp_same_width_acc": fp["test_acc"],
             })
             write()
+            print(f"{ds:14s} {recipe:22s} W{wb}/A{ab} acc {100 * res.test_acc:.2f}% "
+                  f"(FP {100 * fp_ref['test_acc']:.2f}%) {res.wall_time_s:.0f}s", flush=True)
     return 0
 
 

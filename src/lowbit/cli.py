@@ -222,7 +222,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         rep = model_report(model, tuple(data.in_shape))
     console.print(rep.to_rich_table())
     if a.json:
-        Path(a.json).write_text(json.dumps(rep.to_json(), indent=2))
+        Path(a.json).write_text(rep.to_json())
     if a.png:
         rep.plot(a.png)
         console.print(f"plot -> {a.png}")
@@ -243,9 +243,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         from .export import export_onnx
 
         table = export_onnx(model, a.out, (1, *data.in_shape))
+        console.print(table.to_rich_table())
         console.print(f"ONNX model -> {a.out}")
-        if table is not None:
-            console.print(table if not isinstance(table, list | dict) else json.dumps(table, indent=1))
     return 0
 
 
