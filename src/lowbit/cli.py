@@ -242,7 +242,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     else:
         from .export import export_onnx
 
-        table = export_onnx(model, a.out, (1, *data.in_shape))
+        table = export_onnx(model, a.out, tuple(data.in_shape))
         console.print(table.to_rich_table())
         console.print(f"ONNX model -> {a.out}")
     return 0
