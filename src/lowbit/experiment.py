@@ -27,7 +27,14 @@ from .data import load_dataset
 from .models import build_model
 from .nn import quantize
 from .recipe import Recipe, RecipeError, load_recipe
-from .train import TrainConfig, Trainer, atomic_write_text, load_checkpoint, load_weights
+from .train import (
+    TrainConfig,
+    Trainer,
+    atomic_write_text,
+    load_checkpoint,
+    load_weights,
+    seed_everything,
+)
 from .train.methods import MethodHooks, build_methods
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,7 @@ def prepare(spec: RunSpec) -> tuple[nn.Module, Any, Recipe | None, TrainConfig]:
         seed=cfg.seed,
         train_subset=spec.train_subset,
     )
+    seed_everything(cfg.seed)  # the model's initial weights depend on the seed, not on the process
     model = build_run_model(spec, tuple(data.in_shape), data.num_classes)
     if spec.init:
         load_weights(model, spec.init)  # float weights go in before quantizers are attached
