@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.experiment import RunSpec, train_run
+from lowbit.models import build_model
 from lowbit.recipe import load_recipe
 from lowbit.train import atomic_write_text
 
@@ -67,42 +68,70 @@ def bits_of(recipe_name: str) -> tuple[str, str, str]:
     return wb, ab, "+".join(kept) if kept else "none"
 
 
-def fp_run(dataset: str, runs: Path, epochs: int, width: float) -> tuple[Any, str]:
+class Finished:
+    """A finished run read back from its ``result.json`` (``--report-only``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        d = json.loads((run_dir / "result.json").read_text())
+        self.test_acc, self.wall_time_s, self.size = d["test_acc"], d["wall_time_s"], d.get("size")
+
+
+def run_or_read(spec: RunSpec, report_only: bool) -> Any:
+    if report_only:
+        if not (Path(spec.out) / "result.json").exists():
+            return None
+        return Finished(Path(spec.out))
+    return train_run(spec, resume=True)
+
+
+def fp_run(dataset: str, runs: Path, epochs: int, width: float,
+           report_only: bool = False) -> tuple[Any, str]:
     name = "fp" if width == 1.0 else f"fp-w{width:g}"
     out = runs / dataset / name
     kw = {} if width == 1.0 else {"width_mult": width}
     cmd = (f"lowbit train --model lenet5 --data {dataset} --epochs {epochs} --optimizer adam "
            f"--lr 2e-3 --out {out}" + (f" --model-arg width_mult={width:g}" if kw else ""))
-    res = train_run(RunSpec(model="lenet5", model_kwargs=kw, dataset=dataset,
-                            train={**FP_TRAIN, "epochs": epochs}, out=str(out)), resume=True)
+    res = run_or_read(RunSpec(model="lenet5", model_kwargs=kw, dataset=dataset,
+                              train={**FP_TRAIN, "epochs": epochs}, out=str(out)), report_only)
     return res, cmd
 
 
 def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: Path, fp_epochs: int,
-                q_epochs: int, threads: int) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+                q_epochs: int, threads: int, report_only: bool = False,
+                ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """The float reference(s) and every method of one dataset (one process, ``threads`` threads)."""
     torch.set_num_threads(threads)
     fps: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for width in sorted({1.0, *(float(kw.get("width_mult", 1.0)) for _, kw, _ in methods)}):
-        res, cmd = fp_run(ds, runs, fp_epochs, width)
+        res, cmd = fp_run(ds, runs, fp_epochs, width, report_only)
+        if res is None:
+            if width == 1.0:
+                raise SystemExit(f"--report-only: the float run of {ds} has not finished")
+            continue  # methods on this width are left out below
+        model = res.model if not isinstance(res, Finished) else build_model("lenet5", width_mult=width)
+        fp32 = 4 * sum(p.numel() for p in model.parameters())
         fps[f"{ds}/w{width:g}"] = {"dataset": ds, "width_mult": width, "test_acc": res.test_acc,
                                    "epochs": fp_epochs, "wall_time_s": round(res.wall_time_s, 1),
-                                   "fp32_bytes": 4 * sum(p.numel() for p in res.model.parameters()),
-                                   "command": cmd}
+                                   "fp32_bytes": fp32, "command": cmd}
         print(f"{ds:14s} float width {width:g}: acc {100 * res.test_acc:.2f}% {res.wall_time_s:.0f}s",
               flush=True)
     fp_ref = fps[f"{ds}/w1"]  # drops are against the standard-width float model
     for recipe, kw, paper in methods:
         width = float(kw.get("width_mult", 1.0))
+        if f"{ds}/w{width:g}" not in fps:
+            continue
         init = runs / ds / ("fp" if width == 1.0 else f"fp-w{width:g}") / "best.safetensors"
         run_out = runs / ds / recipe
         cmd = (f"lowbit train --model lenet5 --data {ds} --recipe {recipe} --init {init} "
                f"--epochs {q_epochs} --out {run_out}"
                + (f" --model-arg width_mult={width:g}" if width != 1.0 else ""))
-        res = train_run(RunSpec(model="lenet5", model_kwargs=dict(kw), dataset=ds, recipe=recipe,
-                                train={"epochs": q_epochs}, init=str(init), out=str(run_out)),
-                        resume=True)
+        res = run_or_read(RunSpec(model="lenet5", model_kwargs=dict(kw), dataset=ds, recipe=recipe,
+                                  train={"epochs": q_epochs}, init=str(init), out=str(run_out)),
+                          report_only)
+        if res is None:
+            print(f"{ds:14s} {recipe:22s} not finished: left out of the table", flush=True)
+            continue
         wb, ab, kept = bits_of(recipe)
         rows.append({
             "dataset": ds, "recipe": recipe, "paper": paper, "w_bits": wb, "a_bits": ab,
@@ -128,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--threads", type=int, default=1, help="torch threads per dataset process")
     p.add_argument("--jobs", type=int, default=2, help="datasets trained in parallel processes")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: build the table from the runs that have finished")
     a = p.parse_args(argv)
     runs = Path(a.runs_dir)
     out = Path(a.out)
@@ -137,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=ctx) as pool:
-        futures = {pool.submit(run_dataset, ds, methods, runs, a.fp_epochs, a.q_epochs, a.threads): ds
+        futures = {pool.submit(run_dataset, ds, methods, runs, a.fp_epochs, a.q_epochs, a.threads,
+                               a.report_only): ds
                    for ds in a.datasets}
         for fut, ds in futures.items():
             results[ds] = fut.result()
