@@ -199,7 +199,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     rows = run_demo(a.out, fp_epochs=a.fp_epochs, q_epochs=a.q_epochs, recipe=a.recipe,
                     progress_factory=lambda: RichProgress(console=console),
                     say=console.print)
-    t = Table("model", "weights", "activations", "test acc", "size (bytes)", "compression",
+    t = Table("LeNet-5", "W bits", "A bits", "test acc", "bytes", "smaller",
               title="LeNet-5 on MNIST (10k test images)")
     for r in rows:
         t.add_row(r["name"], r["weight_bits"], r["act_bits"], f"{r['test_acc']:.2%}",

@@ -14,7 +14,7 @@ FP_TRAIN = {"optimizer": "adam", "lr": 2e-3, "schedule": "cosine", "weight_decay
 
 
 def _bits(spec: dict[str, Any] | None) -> str:
-    return "32 (float)" if spec is None else f"{spec['bits']} ({spec['method']})"
+    return "32" if spec is None else f"{spec['bits']} {spec['method']}"
 
 
 def run_demo(
@@ -44,9 +44,9 @@ def run_demo(
     fp_bytes = 4 * sum(p.numel() for p in fp.model.parameters())  # type: ignore[union-attr]
     rd = r.to_dict()["default"]
     return [
-        {"name": "LeNet-5 float", "weight_bits": "32", "act_bits": "32", "test_acc": fp.test_acc,
+        {"name": "float", "weight_bits": "32", "act_bits": "32", "test_acc": fp.test_acc,
          "bytes": fp_bytes, "compression": 1.0},
-        {"name": f"LeNet-5 {r.name or recipe}", "weight_bits": _bits(rd["weight"]),
+        {"name": r.name or str(recipe), "weight_bits": _bits(rd["weight"]),
          "act_bits": _bits(rd["activation"]), "test_acc": q.test_acc,
          "bytes": q.size["file_bytes"], "compression": fp_bytes / q.size["file_bytes"]},
     ]
