@@ -130,7 +130,9 @@ def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: P
                                   train={"epochs": q_epochs}, init=str(init), out=str(run_out)),
                           report_only)
         if res is None:
-            print(f"{ds:14s} {recipe:22s} not finished: left out of the table", flush=True)
+            print(f"{ds:14s} {recipe:22s} not finished", flush=True)
+            rows.append({"dataset": ds, "recipe": recipe, "paper": paper, "missing": True,
+                         "width_mult": width, "command": cmd})
             continue
         wb, ab, kept = bits_of(recipe)
         rows.append({
@@ -226,6 +228,10 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("missing"):
+            lines.append(f"| {r['dataset']} | {r['paper']} (`{r['recipe']}`) | not run to the end yet | "
+                         f"| | | | | | | | `{r['command']}` |")
+            continue
         size = f"{r['packed_bytes']:,}" if r["packed_bytes"] else "-"
         comp = f"{r['compression']:.1f}x" if r["compression"] else "-"
         wide = f" ({r['width_mult']:g}x wide)" if r["width_mult"] != 1.0 else ""
