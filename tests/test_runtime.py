@@ -3,6 +3,7 @@ equal the fake-quantized PyTorch model (float rounding only). No timing here."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,18 @@ from lowbit.runtime import kernels as K
 from lowbit.runtime.layers import build_packed, decompose_weight
 
 RNG = np.random.default_rng(1234)
+
+needs_vnni = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
+
+
+@pytest.fixture(params=["int8", "bit-serial"])
+def kernel_path(request, monkeypatch):
+    """Build packed layers with the int8 (VNNI) kernels where available, or force bit-serial."""
+    if request.param == "int8" and not K.HAS_VNNI:
+        pytest.skip("int8 kernels need AVX-512 VNNI")
+    if request.param == "bit-serial":
+        monkeypatch.setattr(K, "HAS_VNNI", False)
+    return request.param
 
 LEVELS = {
     "binary": [-1.0, 1.0],
@@ -165,7 +178,7 @@ def _wid(d: dict) -> str:
     ],
 )
 @pytest.mark.parametrize("act", ["pact", "signed", "float"])
-def test_conv_equals_torch_conv_on_dequantized(wm, conv, act):
+def test_conv_equals_torch_conv_on_dequantized(wm, conv, act, kernel_path):
     torch.manual_seed(0)
     aq = {"pact": PACTActivation(4, alpha_init=2.0), "signed": SignedUniform(4), "float": None}[act]
     layer = nn.Conv2d(**{"bias": False, **conv})
@@ -184,7 +197,7 @@ def test_conv_equals_torch_conv_on_dequantized(wm, conv, act):
 @pytest.mark.parametrize("wm", WMETHODS, ids=lambda d: d["method"])
 @pytest.mark.parametrize("batch", [1, 3, 40])
 @pytest.mark.parametrize("act", ["dorefa", "signed", "float"])
-def test_linear_equals_torch_linear(wm, batch, act):
+def test_linear_equals_torch_linear(wm, batch, act, kernel_path):
     torch.manual_seed(1)
     aq = {"dorefa": DoReFaActivation(3), "signed": SignedUniform(4), "float": None}[act]
     layer = nn.Linear(131, 29)
@@ -228,7 +241,7 @@ class SmallNet(nn.Module):
 
 
 @pytest.mark.parametrize("wm", WMETHODS[::-1], ids=lambda d: d["method"])
-def test_compiled_model_equals_fake_quant(wm):
+def test_compiled_model_equals_fake_quant(wm, kernel_path):
     torch.manual_seed(0)
     model = SmallNet()
     _randomize_bn(model)
@@ -285,3 +298,292 @@ def test_compile_does_not_modify_model_and_accepts_numpy():
     with torch.no_grad():
         ref = model(torch.from_numpy(x))
     torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 (VNNI) kernels: exact integer results on odd shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def _int8_conv_reference(codes, w_int, stride, padding, dilation, ma=0):
+    """Exact sum_r w*code by float64 convolution of small integers, padding with code ``ma``."""
+    x = torch.from_numpy(codes.astype(np.float64))
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=float(ma))
+    y = F.conv2d(x, torch.from_numpy(w_int.astype(np.float64)), stride=stride, dilation=dilation)
+    return y.permute(0, 2, 3, 1).numpy()  # NHWC
+
+
+INT8_CASES = [
+    # N, C, H, W, O, kernel, stride, padding, dilation, code max, |weight| max
+    (2, 1, 9, 11, 6, (5, 5), (1, 1), (2, 2), (1, 1), 15, 1),  # LeNet conv1: 1 channel, run order
+    (3, 3, 7, 8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 255, 127),  # extreme codes and weights
+    (1, 6, 10, 9, 20, (5, 3), (1, 2), (0, 1), (1, 1), 15, 15),
+    (2, 16, 6, 7, 37, (3, 3), (1, 1), (1, 1), (1, 1), 15, 15),  # 3 blocks of 16, 84 rows
+    (2, 70, 5, 6, 130, (3, 3), (1, 1), (2, 2), (2, 2), 15, 7),  # dilation: tap order; passes 3+3+3
+    (1, 5, 4, 4, 65, (2, 2), (2, 2), (0, 0), (1, 1), 255, 127),  # passes 3+2
+    (5, 131, 1, 1, 84, (1, 1), (1, 1), (0, 0), (1, 1), 15, 15),  # a Linear layer: 1x1, 5 rows
+    (1, 64, 8, 8, 64, (3, 3), (1, 1), (1, 1), (1, 1), 15, 1),
+]
+
+
+def _int8_setup(case):
+    N, C, H, W, O, (KH, KW), stride, padding, dilation, amax, wmax = case
+    codes = RNG.integers(0, amax + 1, (N, C, H, W))
+    w_int = RNG.integers(-wmax, wmax + 1, (O, C, KH, KW))
+    w, passes = K.pack_int8_weights(w_int.transpose(0, 2, 3, 1), dilation[1])
+    geom = K.int8_geometry(KH, KW, C, *dilation)
+    ref = _int8_conv_reference(codes, w_int, stride, padding, dilation)
+    OH, OW = ref.shape[1:3]
+    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
+    xq = K.int8_quantize(codes.astype(np.float32).transpose(0, 2, 3, 1), padding)
+    geo = np.array([Hp, Wp, C, OH, OW, *stride, N, O], np.int64)
+    return codes, w, passes, K.int8_quad_offsets(geom, Wp, C), xq, geo, ref
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_int8_conv_equals_integer_reference(case):
+    _, w, passes, qoff, xq, geo, ref = _int8_setup(case)
+    O = case[4]
+    width = 16 * int(passes[:, 0].sum())
+    assert passes[:, 0].max() <= 4 and width >= O
+    out = np.empty(ref.shape, np.float32)
+    K.int8_conv(xq, geo, qoff, w, passes, np.zeros(width + 64), np.ones(width + 64), False, out)
+    assert np.array_equal(out, ref)
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", INT8_CASES[2:5], ids=lambda c: "x".join(map(str, c[:5])))
+def test_int8_epilogue_residual_relu_codes(case, monkeypatch):
+    """Float64 epilogue (s1*D + s0, + residual, ReLU, float32), the next layer's codes in float32,
+    written into a padded image; and the same split over threads."""
+    _, w, passes, qoff, xq, geo, D = _int8_setup(case)
+    O = case[4]
+    width = 16 * int(passes[:, 0].sum())
+    s0 = np.zeros(width + 64)
+    s1 = np.zeros(width + 64)
+    s0[:O] = RNG.uniform(-3, 3, O)
+    s1[:O] = RNG.uniform(-0.2, 0.2, O)
+    res = RNG.standard_normal(D.shape).astype(np.float32)
+    v = s1[:O] * D + s0[:O] + res.astype(np.float64)
+    y = np.maximum(v, 0.0).astype(np.float32)
+    hi, mult = np.float32(2.5), np.float32(15 / 2.5)
+    want = np.rint(np.minimum(np.maximum(y, np.float32(0)), hi) * mult).astype(np.uint8)
+    N, OH, OW, _ = D.shape
+    ph, pw = 1, 2
+    cgeo = np.array([OH + 2 * ph, OW + 2 * pw, ph, pw], np.int64)
+    for threads in (1, 2):
+        if threads == 2:
+            if numba.config.NUMBA_NUM_THREADS < 2:
+                continue
+            monkeypatch.setattr(K, "INT8_MIN_PARALLEL_MACS", 0)
+        prev = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            out = np.empty(D.shape, np.float32)
+            img = np.zeros(N * (OH + 2 * ph) * (OW + 2 * pw) * O + K.INT8_SLACK, np.uint8)
+            K.int8_conv(xq, geo, qoff, w, passes, s0, s1, True, out, res, img, cgeo, float(hi), float(mult))
+        finally:
+            numba.set_num_threads(prev)
+        assert np.array_equal(out, y)
+        # codes only, no float output
+        img2 = np.zeros_like(img)
+        K.int8_conv(xq, geo, qoff, w, passes, s0, s1, True, None, res, img2, cgeo, float(hi), float(mult))
+        assert np.array_equal(img2, img)
+        img4 = img[: -K.INT8_SLACK].reshape(N, OH + 2 * ph, OW + 2 * pw, O)
+        assert np.array_equal(img4[:, ph : ph + OH, pw : pw + OW], want)
+        img4[:, ph : ph + OH, pw : pw + OW] = 0
+        assert not img4.any() and not img[-K.INT8_SLACK :].any()  # border and slack untouched
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(2, 1, 5, 7), (3, 3, 4, 6), (2, 17, 3, 5)])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_int8_quantize_layouts(shape, layout):
+    x = RNG.standard_normal(shape).astype(np.float32) * 2
+    t = torch.from_numpy(x)
+    if layout == "nhwc":
+        t = t.contiguous(memory_format=torch.channels_last)
+    xn = t.permute(0, 2, 3, 1).numpy()
+    hi, mult = 2.0, 15 / 2.0
+    for pad, ma in (((0, 0), 0), ((1, 2), 3)):
+        got = K.int8_quantize(xn, pad, hi, mult, 0, ma)
+        want = K.quantize_codes(x, hi, mult).transpose(0, 2, 3, 1)
+        N, H, W, C = want.shape
+        img = got[: -K.INT8_SLACK].reshape(N, H + 2 * pad[0], W + 2 * pad[1], C)
+        assert np.array_equal(img[:, pad[0] : pad[0] + H, pad[1] : pad[1] + W], want)
+        border = np.ones(img.shape, bool)
+        border[:, pad[0] : pad[0] + H, pad[1] : pad[1] + W] = False
+        assert (img[border] == ma).all() and not got[-K.INT8_SLACK :].any()
+
+
+@needs_vnni
+@pytest.mark.parametrize("pool", [(2, 2), (3, 2), (2, 1)])
+@pytest.mark.parametrize("flat", [False, True])
+def test_code_maxpool_equals_torch(pool, flat):
+    k, st = pool
+    N, H, W, C = 3, 9, 8, 6
+    codes = RNG.integers(0, 16, (N, H, W, C)).astype(np.uint8)
+    ph, pw = 1, 2  # padding of the input image (ignored by the pool window)
+    img = np.zeros((N, H + 2 * ph, W + 2 * pw, C), np.uint8)
+    img[:, ph : ph + H, pw : pw + W] = codes
+    xq = np.concatenate([img.reshape(-1), np.zeros(K.INT8_SLACK, np.uint8)])
+    ref = F.max_pool2d(torch.from_numpy(codes).permute(0, 3, 1, 2).float(), k, st)  # (N, C, OH, OW)
+    OH, OW = ref.shape[2:]
+    tp = (0, 0) if flat else (1, 1)
+    cgeo = [1, 1, 0, 0] if flat else [OH + 2, OW + 2, 1, 1]
+    out = np.zeros(N * C * OH * OW if flat else N * (OH + 2) * (OW + 2) * C, np.uint8)
+    g = np.array([C, H + 2 * ph, W + 2 * pw, ph, pw, k, k, st, st, OH, OW, *cgeo, int(flat)], np.int64)
+    K.code_maxpool(xq, N, g, out)
+    if flat:
+        assert np.array_equal(out.reshape(N, -1), ref.reshape(N, -1).numpy().astype(np.uint8))
+    else:
+        o = out.reshape(N, OH + 2, OW + 2, C)
+        assert np.array_equal(o[:, tp[0] : tp[0] + OH, tp[1] : tp[1] + OW], ref.permute(0, 2, 3, 1).numpy())
+        o[:, 1 : 1 + OH, 1 : 1 + OW] = 0
+        assert not o.any()
+
+
+@pytest.mark.parametrize("kind", list(LEVELS))
+def test_int8_weight_folding(kind):
+    from lowbit.runtime.layers import int8_weights, plane_integers
+
+    enc = _weights(kind, 21, 37, per_channel=True)
+    wp = decompose_weight(enc)
+    i8 = int8_weights(wp, (1, 1, 37))
+    assert i8 is not None
+    w_int = i8.w.reshape(-1, 32, 4)  # (quads, 2 blocks of 16, 4)
+    w_int = w_int[:, :21].transpose(1, 0, 2).reshape(21, -1)[:, :37].astype(np.float64)
+    levels = enc.levels.numpy()[enc.codes.long().numpy()]
+    np.testing.assert_allclose(i8.unit * w_int, levels, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(i8.wsum, w_int.sum(1))
+    np.testing.assert_allclose(plane_integers(wp), (levels - wp.l0) / wp.u, atol=1e-9)
+    # levels whose offset is not a half-integer multiple of the step do not fold
+    if kind in ("binary", "uniform2", "uniform4"):
+        lv = enc.levels
+        bad = Encoded(enc.codes, lv + 0.3 * (lv[1] - lv[0]), enc.scale, enc.bits)
+        assert int8_weights(decompose_weight(bad), (1, 1, 37)) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled models: fusion, exactness against the float64 fake-quantized model, batch chunking
+# ----------------------------------------------------------------------------------------------
+
+
+def _zoo(name: str, wm: dict, **kw) -> nn.Module:
+    from lowbit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, **kw)
+    _randomize_bn(model)
+    recipe = {"default": {"weight": wm, "activation": {"method": "pact", "bits": 4, "alpha_init": 3.0}}}
+    return lowbit.quantize(model, recipe).eval()
+
+
+def _rel64(model: nn.Module, packed, x: torch.Tensor) -> float:
+    """Relative max difference to the fake-quantized model run in float64 with exactly decoded
+    quantized values (whose activation codes the float32 PyTorch model can miss by a rounding at a
+    quantizer's boundary)."""
+    from lowbit.runtime.compiler import reference_fp64
+
+    ref = reference_fp64(model, x)
+    got = packed(x).double()
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("wm", WMETHODS[::-1], ids=_wid)
+@pytest.mark.parametrize("net", ["lenet5", "resnet-A", "resnet-B"])
+def test_compiled_zoo_exact_and_fused(wm, net, kernel_path):
+    name, kw, shape = {
+        "lenet5": ("lenet5", {}, (1, 28, 28)),
+        "resnet-A": ("resnet20", {"width_mult": 0.5}, (3, 12, 12)),
+        "resnet-B": ("resnet20", {"width_mult": 0.5, "shortcut": "B"}, (3, 10, 10)),
+    }[net]
+    if kernel_path == "bit-serial" and wm["method"] != "dorefa":
+        pytest.skip("bit-serial kernels: 4-bit weights only here (test_compiled_model_equals_fake_quant)")
+    model = _zoo(name, wm, **kw)
+    packed = rt.compile(model, torch.rand(3, *shape))
+    assert all(r.kind == "packed" for r in packed.layers)
+    for batch in (1, 5):
+        assert _rel64(model, packed, torch.rand(batch, *shape)) < 1e-6
+    from lowbit.runtime.layers import CodeMaxPool2d
+
+    fused = {n: m.fused for n, m in packed.packed_layers().items()}
+    pools = [m for m in packed.modules() if isinstance(m, CodeMaxPool2d)]
+    if kernel_path == "bit-serial":
+        assert not pools and not any("codes" in f or "add" in f for f in fused.values())
+        return
+    if net == "lenet5":
+        assert [p.flat for p in pools] == [False, True]  # pool1 -> conv2, pool2 -> flatten -> fc1
+        assert "codes" in fused["conv1"] and "codes" in fused["conv2"]
+    else:
+        from lowbit.runtime.layers import GlobalAvgPool2d
+
+        assert fused["layer1.0.conv2"] == ["bn", "add", "relu", "codes"]
+        assert fused["layer1.0.conv1"] == ["bn", "relu", "codes"]
+        assert not packed.packed_layers()["layer1.0.conv1"].emit_float
+        assert any(isinstance(m, GlobalAvgPool2d) for m in packed.modules())
+
+
+@needs_vnni
+def test_batch_chunking_and_threads():
+    model = _zoo("resnet20", {"method": "twn", "bits": 2}, width_mult=0.5)
+    x = torch.rand(37, 3, 8, 8)
+    packed = rt.compile(model, x[:4])
+    assert packed.batch_chunk >= 8
+    whole = rt.compile(model, x[:4], batch_chunk=0)
+    assert whole.batch_chunk == 0
+    ref = whole(x)
+    packed.batch_chunk = 8
+    prev = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            assert torch.equal(packed(x), ref)
+    finally:
+        numba.set_num_threads(prev)
+
+
+class _BatchMixing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y - y.mean(0, keepdim=True)  # samples are not independent
+
+
+class _Broadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        m = x.mean((2, 3), keepdim=True)
+        y = F.relu(self.conv(x) + m)  # a residual operand that broadcasts
+        return self.conv2(y)
+
+
+@needs_vnni
+def test_no_chunking_when_samples_mix_and_broadcast_residual():
+    recipe = {"default": {"weight": {"method": "binary", "bits": 1},
+                          "activation": {"method": "pact", "bits": 4, "alpha_init": 2.0}}}
+    m1 = lowbit.quantize(_BatchMixing(), recipe).eval()
+    p1 = rt.compile(m1, torch.rand(4, 3, 6, 6))
+    assert p1.batch_chunk == 0
+    m2 = lowbit.quantize(_Broadcast(), recipe).eval()
+    x = torch.randn(3, 4, 7, 5)
+    p2 = rt.compile(m2, x)
+    assert "add" in p2.packed_layers()["conv"].fused
+    assert _rel64(m2, p2, x) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 1, 1, 64), (1, 8, 8, 3)])
+def test_global_avgpool_float64_sums(shape):
+    x = RNG.standard_normal(shape).astype(np.float32) * 100
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)  # any strides: NCHW view of NHWC data
+    got = K.global_avgpool(t.contiguous().permute(0, 2, 3, 1).numpy())
+    want = x.astype(np.float64).mean(axis=(1, 2)).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)

@@ -1,7 +1,8 @@
 """Speed benchmark of lowbit's packed CPU runtime against FP32 PyTorch, PyTorch dynamic int8 and
 onnxruntime int8 (see README.md beside this file).
 
-    python benchmarks/speed/bench_speed.py                     # full run, ~10 minutes on 2 cores
+    python benchmarks/speed/bench_speed.py                     # full run, 2 threads, ~3 minutes
+    python benchmarks/speed/bench_speed.py --threads 1 2       # 1 then 2 threads, ~5 minutes
     python benchmarks/speed/bench_speed.py --quick             # batches 1 and 32, binary only
     python benchmarks/speed/bench_speed.py --models mlp --batches 1 32 --repeats 30
 

@@ -4,10 +4,13 @@
 >>> y = packed(x)                 # same function as the fake-quantized model, packed kernels
 >>> print(packed.summary())       # which layers run packed, which stay in PyTorch
 
-Binary, ternary and k-bit (uniform) weights times k-bit activations run as bit-serial popcount
-GEMMs on bit planes (exact integer accumulation, float only for the per-channel epilogue with
-folded batch norm); layers without an activation quantizer use additions of selected inputs.
-See ``kernels.py`` for the arithmetic and ``bench.py`` for the speed benchmark.
+Binary, ternary and k-bit (uniform) weights times k-bit activations run with exact integer
+accumulation, float only for the per-channel epilogue (folded batch norm, ReLU, residual
+addition): on CPUs with AVX-512 VNNI as int8 dot products on uint8 activation codes in NHWC
+order, with each layer writing the next layer's codes; otherwise (and for single-row Linear
+layers) as bit-serial popcount GEMMs on bit planes. Layers without an activation quantizer use
+additions of selected inputs. See ``kernels.py`` for the arithmetic, ``compiler.py`` for the
+graph fusion and ``bench.py`` for the speed benchmark.
 """
 
 from .bench import run_speed_benchmark

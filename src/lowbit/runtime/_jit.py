@@ -9,6 +9,13 @@ writable (a read-only install with a read-only home) caching is switched off ins
 Popcount: ``llvm.ctpop.i64`` emitted directly (``builder.ctpop``). On a CPU with AVX-512
 VPOPCNTDQ, LLVM vectorises popcount reductions to ``vpopcntq`` (8 words per instruction);
 elsewhere it uses the scalar ``popcnt`` instruction or a bit trick.
+
+int8 dot-product tiles: ``vnni_tile(R, OB)`` is a register-blocked micro-kernel written in LLVM
+IR around ``vpdpbusd`` (AVX-512 VNNI: 64 unsigned-byte x signed-byte products summed into 16
+int32 lanes per instruction). numba cannot express vector registers, and LLVM does not turn a
+plain numba loop into ``vpdpbusd`` (it widens to int64 and multiplies 8 lanes at a time), so the
+tile is emitted by hand. It is only compiled where ``HAS_VNNI`` is true (the host CPU reports
+``avx512vnni`` and ``avx512bw``); elsewhere the runtime uses the bit-serial kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 log = logging.getLogger(__name__)
@@ -56,13 +65,10 @@ if not CACHE:
     log.info("lowbit.runtime: numba on-disk cache disabled (no writable cache directory)")
 
 
-def kernel(fn=None, *, parallel: bool = False):
-    """``njit`` with the runtime's flags: no fastmath (exact float order), no bounds checks."""
-
-    def wrap(f):
-        return njit(parallel=parallel, fastmath=False, boundscheck=False, cache=CACHE, nogil=True)(f)
-
-    return wrap if fn is None else wrap(fn)
+def kernel(fn):
+    """``njit`` with the runtime's flags: no fastmath (exact float order), no bounds checks, and
+    the GIL released (the runtime's worker threads call kernels concurrently)."""
+    return njit(fastmath=False, boundscheck=False, cache=CACHE, nogil=True)(fn)
 
 
 @intrinsic
@@ -76,3 +82,207 @@ def popcount64(typingctx, x):
         return builder.ctpop(args[0])
 
     return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# AVX-512 VNNI int8 tiles
+# ----------------------------------------------------------------------------------------------
+
+
+def _host_has_vnni() -> bool:
+    if os.environ.get("LOWBIT_RUNTIME_INT8", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw")) and bool(feats.get("avx512f"))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+#: the int8 (VNNI) kernels may be used on this machine; ``LOWBIT_RUNTIME_INT8=0`` switches them off
+HAS_VNNI = _host_has_vnni()
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_I1, _F32, _F64 = ir.IntType(1), ir.FloatType(), ir.DoubleType()
+_V16I32 = ir.VectorType(_I32, 16)
+_V64I8 = ir.VectorType(_I8, 64)
+_V16F32 = ir.VectorType(_F32, 16)
+_V16F64 = ir.VectorType(_F64, 16)
+_V16I1 = ir.VectorType(_I1, 16)
+_V16I8 = ir.VectorType(_I8, 16)
+
+
+def _vpdpbusd(builder: ir.IRBuilder, acc, a, b):
+    fnty = ir.FunctionType(_V16I32, [_V16I32, _V64I8, _V64I8])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, a, b])
+
+
+# epilogue flags of vnni_tile
+EPI_RELU, EPI_FLOAT, EPI_RESIDUAL, EPI_CODES = 1, 2, 4, 8
+
+
+def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
+    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(_V16I32, [0] * 16))
+
+
+def _declare(builder: ir.IRBuilder, name: str, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def vnni_tile(R: int, OB: int):
+    """An intrinsic computing R rows x OB*16 output channels of an int8 product and its epilogue::
+
+        tile(x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags,
+             out, orows, res, codes, crows, qhi, qmult)
+
+    Product (exact int32, in R*OB zmm registers: at most 24 of 32, and R <= 8 keeps the row
+    pointers in general registers):
+
+    - ``x`` uint8 (1-d, contiguous): activation codes; ``rows`` int64 (R,): byte offset of each
+      row in ``x``; ``qoff`` int64 (>= nq,): byte offset of reduction quad ``i`` relative to a
+      row. Quad ``i`` of row ``r`` is the 4 bytes at ``x[rows[r] + qoff[i] :][:4]``; they need
+      not be aligned and may run past the valid data (the matching weights are zero) but must
+      stay inside ``x``.
+    - ``w`` int8 (1-d, contiguous), from byte ``wbase`` on: for each quad ``i`` and block ``b <
+      OB`` 64 bytes ``w[o, 4 lanes]`` for the 16 output channels of the block (``o`` major).
+    - ``D[r, o] = sum_i sum_l x[rows[r] + qoff[i] + l] * w[i, o, l]`` (``vpdpbusd``).
+
+    Epilogue for rows ``r < nv`` and channels ``o < on`` (float64 like the scalar kernels: a
+    multiply then an add, no fused multiply-add; ``s0``/``s1`` float64 need ``c0 + OB*16``
+    entries):
+
+    - ``v = s1[c0+o] * D[r, o] + s0[c0+o]``;
+    - ``EPI_RESIDUAL``: ``v += res[orows[r] + o]`` (float32 ``res``, the other operand of a
+      residual addition);
+    - ``EPI_RELU``: ``v = 0`` where ``v < 0``; then ``y = float32(v)``;
+    - ``EPI_FLOAT``: ``out[orows[r] + o] = y`` (float32 ``out``);
+    - ``EPI_CODES``: ``codes[crows[r] + o] = rint(min(max(y, 0), qhi) * qmult)`` in float32 (the
+      fused PACT / DoReFa formula of the next layer's input quantizer; uint8 ``codes``).
+    """
+
+    @intrinsic
+    def tile(typingctx, x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags, out, orows, res, codes,
+             crows, qhi, qmult):
+        sig = types.void(x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags, out, orows, res, codes,
+                         crows, qhi, qmult)
+
+        def codegen(context, builder, signature, args):
+            (xa, ra, qa, nqa, wa, wb, s0a, s1a, c0a, nva, ona, fla, oa, ora, rsa, cda, cra, qha,
+             qma) = args
+
+            def data(i, v, ty):
+                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
+                return builder.bitcast(arr.data, ty.as_pointer())
+
+            def i64(v):
+                return ir.Constant(_I64, v)
+
+            def flag(bit):
+                return builder.icmp_unsigned("!=", builder.and_(fla, i64(bit)), i64(0))
+
+            xp = data(0, xa, _I8)
+            rp = data(1, ra, _I64)
+            qp = data(2, qa, _I64)
+            wp = builder.gep(data(4, wa, _I8), [wb])
+            bases = [builder.gep(xp, [builder.load(builder.gep(rp, [i64(r)]))]) for r in range(R)]
+            zero = ir.Constant(_V16I32, [0] * 16)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
+            with cgutils.for_range(builder, nqa) as loop:
+                i = loop.index
+                off = builder.load(builder.gep(qp, [i]))
+                wrow = builder.gep(wp, [builder.mul(i, i64(OB * 64))])
+                wv = []
+                for b in range(OB):
+                    ld = builder.load(builder.bitcast(builder.gep(wrow, [i64(b * 64)]), _V64I8.as_pointer()))
+                    ld.align = 1
+                    wv.append(ld)
+                for r in range(R):
+                    s = builder.load(builder.bitcast(builder.gep(bases[r], [off]), _I32.as_pointer()))
+                    s.align = 1
+                    v = builder.bitcast(_splat(builder, s, _V16I32), _V64I8)
+                    for b in range(OB):
+                        acc = accs[r * OB + b]
+                        builder.store(_vpdpbusd(builder, builder.load(acc), v, wv[b]), acc)
+
+            # ---- epilogue
+            s0p = builder.gep(data(6, s0a, _F64), [c0a])
+            s1p = builder.gep(data(7, s1a, _F64), [c0a])
+            op = data(12, oa, _F32)
+            orp = data(13, ora, _I64)
+            rsp = data(14, rsa, _F32)
+            cdp = data(15, cda, _I8)
+            crp = data(16, cra, _I64)
+            f_relu, f_float = flag(EPI_RELU), flag(EPI_FLOAT)
+            f_res, f_codes = flag(EPI_RESIDUAL), flag(EPI_CODES)
+            relu_v = _splat(builder, f_relu, _V16I1)
+            lanes = ir.Constant(_V16I32, list(range(16)))
+            zd = ir.Constant(_V16F64, [0.0] * 16)
+            zf = ir.Constant(_V16F32, [0.0] * 16)
+            hi_v = _splat(builder, qha, _V16F32)
+            mult_v = _splat(builder, qma, _V16F32)
+            mload = _declare(builder, "llvm.masked.load.v16f32.p0", _V16F32,
+                             [_F32.as_pointer(), _I32, _V16I1, _V16F32])
+            mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                              [_V16F32, _F32.as_pointer(), _I32, _V16I1])
+            mstore8 = _declare(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(),
+                               [_V16I8, _I8.as_pointer(), _I32, _V16I1])
+            rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
+            sc, masks = [], []
+            for b in range(OB):
+                v0 = builder.load(builder.bitcast(builder.gep(s0p, [i64(16 * b)]), _V16F64.as_pointer()))
+                v1 = builder.load(builder.bitcast(builder.gep(s1p, [i64(16 * b)]), _V16F64.as_pointer()))
+                v0.align = v1.align = 8
+                sc.append((v0, v1))
+                lim = builder.trunc(builder.sub(ona, i64(16 * b)), _I32)
+                masks.append(builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32)))
+            for r in range(R):
+                with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
+                    orow = builder.load(builder.gep(orp, [i64(r)]))
+                    ys = []
+                    for b in range(OB):
+                        v0, v1 = sc[b]
+                        d = builder.sitofp(builder.load(accs[r * OB + b]), _V16F64)
+                        ys.append(builder.fadd(builder.fmul(v1, d), v0))
+                    # residual
+                    vals = [cgutils.alloca_once_value(builder, y) for y in ys]
+                    with builder.if_then(f_res):
+                        for b in range(OB):
+                            ptr = builder.gep(rsp, [builder.add(orow, i64(16 * b))])
+                            rv = builder.call(mload, [ptr, ir.Constant(_I32, 4), masks[b], zf])
+                            y = builder.fadd(builder.load(vals[b]), builder.fpext(rv, _V16F64))
+                            builder.store(y, vals[b])
+                    ysf = []
+                    for b in range(OB):
+                        y = builder.load(vals[b])
+                        neg = builder.and_(builder.fcmp_ordered("<", y, zd), relu_v)
+                        ysf.append(builder.fptrunc(builder.select(neg, zd, y), _V16F32))
+                    with builder.if_then(f_float):
+                        for b in range(OB):
+                            ptr = builder.gep(op, [builder.add(orow, i64(16 * b))])
+                            builder.call(mstore, [ysf[b], ptr, ir.Constant(_I32, 4), masks[b]])
+                    with builder.if_then(f_codes):
+                        crow = builder.load(builder.gep(crp, [i64(r)]))
+                        for b in range(OB):
+                            y = ysf[b]
+                            t = builder.select(builder.fcmp_ordered(">", y, zf), y, zf)
+                            t = builder.select(builder.fcmp_ordered(">", t, hi_v), hi_v, t)
+                            c = builder.fptoui(builder.call(rint, [builder.fmul(t, mult_v)]), _V16I8)
+                            ptr = builder.gep(cdp, [builder.add(crow, i64(16 * b))])
+                            builder.call(mstore8, [c, ptr, ir.Constant(_I32, 1), masks[b]])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+# rows of the tile used for OB blocks of 16 output channels (index OB = 1..4)
+VNNI_TILES = (0, 8, 8, 8, 6)
+vnni_tile_1 = vnni_tile(VNNI_TILES[1], 1)
+vnni_tile_2 = vnni_tile(VNNI_TILES[2], 2)
+vnni_tile_3 = vnni_tile(VNNI_TILES[3], 3)
+vnni_tile_4 = vnni_tile(VNNI_TILES[4], 4)

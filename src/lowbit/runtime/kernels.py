@@ -1,5 +1,5 @@
-"""Packed low-bit GEMM kernels (numba): bit-serial popcount products of k-bit activation codes
-with weights given as a few bit planes.
+"""Packed low-bit kernels (numba): bit-serial popcount products of k-bit activation codes with
+weights given as a few bit planes, and int8 dot-product convolutions (AVX-512 VNNI).
 
 Notation (one layer, one group):
 
@@ -30,27 +30,112 @@ Two layouts:
   rows ``m`` with one weight word broadcast, so short reductions (3x3x16 = 144 bits) still
   vectorise.
 
-Every driver exists twice: serial and ``parallel=True`` (``prange`` over tiles); the Python
-wrappers choose by the amount of work, because a parallel region costs a few microseconds.
+A third family computes the same product with int8 dot products (AVX-512 VNNI, section "int8
+convolution" below): activation codes as uint8 in NHWC order, weights as the integers
+``w_int = (l0 + u*sum_j g_j bit_j) / unit`` in int8 (``unit = u`` or ``u/2``: +-1 for binary
+weights, -1/0/+1 for ternary, odd levels for DoReFa k-bit), 64 multiply-adds per instruction
+whatever the weight bit-width, so ``D = sum_r w_int*a`` and no ``A`` term. For the small-channel
+convolutions of LeNet-5 and ResNet-20 it is 5-15x faster than the bit-serial kernels (no bit-plane
+packing of the activations, which dominated there, and 4 instead of 4-16 popcount steps per 64
+products), and 2-4x faster than oneDNN's FP32 convolution. Its epilogue can add a residual
+operand and write the next layer's input codes directly (``vnni_tile`` in ``_jit.py``). The
+layers use it wherever the CPU has VNNI and the weights fold; the bit-serial kernels remain for
+other CPUs, grouped convolutions, float activations and single-row Linear layers (GEMV on
+compact bit planes: the weights, not the arithmetic, are the cost there).
+
+Threads: every kernel is a serial numba function over a range (rows, outputs, images or
+tiles) that releases the GIL; :func:`parallel_for` splits the range over the runtime's own
+Python worker threads when the work is large. There are no numba ``parallel=True`` (OpenMP)
+regions: their idle threads spin, and next to PyTorch's own OpenMP pool two spinning pools
+steal each other's cores (on a 2-core machine a 0.1 ms batch-1 model took ~10 ms). The thread
+count is numba's (``numba.set_num_threads``, thread-local); worker threads run with one.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
-from numba import prange
 
-from ._jit import kernel, popcount64
+from ._jit import (
+    EPI_CODES,
+    EPI_FLOAT,
+    EPI_RELU,
+    EPI_RESIDUAL,
+    VNNI_TILES,
+    kernel,
+    popcount64,
+    vnni_tile_1,
+    vnni_tile_2,
+    vnni_tile_3,
+    vnni_tile_4,
+)
+from ._jit import (
+    HAS_VNNI as HAS_VNNI,  # re-exported: the layers check it here
+)
 
 # Below this many word-operations (about 100-200 us of one core) a kernel runs on one thread:
-# a numba parallel region costs microseconds on an idle machine and can cost milliseconds on an
-# oversubscribed one (OpenMP barriers spin), so only clearly large work is split.
+# handing work to a thread costs ~10 us on an idle machine and can cost milliseconds on an
+# oversubscribed one, so only clearly large work is split.
 PARALLEL_MIN_WORK = 1 << 21
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _serial_worker() -> None:
+    numba.set_num_threads(1)  # thread-local: a worker never splits its own work again
+
+
+def thread_pool(n: int) -> ThreadPoolExecutor:
+    """The runtime's pool of ``n`` worker threads (kernels called from them run serially)."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = ThreadPoolExecutor(n, thread_name_prefix="lowbit-rt", initializer=_serial_worker)
+            _POOLS[n] = pool
+        return pool
+
+
+_GET_NUM_THREADS = None
+
+
+def num_threads() -> int:
+    """numba's (thread-local) thread count, read without ``numba.get_num_threads``'s lock."""
+    global _GET_NUM_THREADS
+    if _GET_NUM_THREADS is None:
+        n = numba.get_num_threads()  # launches numba's threading layer once
+        from numba.np.ufunc import parallel as _p
+
+        _GET_NUM_THREADS = getattr(_p, "_get_num_threads", None) or numba.get_num_threads
+        return n
+    n = _GET_NUM_THREADS()
+    return n if n > 0 else numba.get_num_threads()
 
 
 def use_parallel(work: int, min_work: int | None = None) -> bool:
-    """Run the parallel variant: enough work and more than one numba thread."""
-    return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and numba.get_num_threads() > 1
+    """Split the work over threads: enough work and more than one thread."""
+    return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and num_threads() > 1
+
+
+def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> None:
+    """``fn(*args, lo, hi)`` over ``[0, n)``: one call, or (``parallel`` and more than one thread)
+    one contiguous part per thread, part boundaries multiples of ``grain``; the calling thread
+    takes the first part. ``fn`` must be a GIL-releasing kernel."""
+    nt = num_threads()
+    if not parallel or nt <= 1 or n < 2 * grain:
+        fn(*args, 0, n)
+        return
+    per = -(-n // nt)
+    per = -(-per // grain) * grain
+    bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
+    pool = thread_pool(nt)
+    futs = [pool.submit(fn, *args, lo, hi) for lo, hi in bounds[1:]]
+    fn(*args, *bounds[0])
+    for f in futs:
+        f.result()
 
 
 def num_words(k: int) -> int:
@@ -72,26 +157,17 @@ def _qcode(v, mode, hi, mult):
 
 
 @kernel
-def _quantize_serial(x, mode, hi, mult, out):
-    for i in range(x.size):
+def _quantize_range(x, mode, hi, mult, out, lo, hi_):
+    for i in range(lo, hi_):
         out[i] = np.uint8(_qcode(x[i], mode, hi, mult))
-
-
-@kernel(parallel=True)
-def _quantize_parallel(x, mode, hi, mult, out):
-    n = x.size
-    chunk = 16384
-    for c in prange((n + chunk - 1) // chunk):
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            out[i] = np.uint8(_qcode(x[i], mode, hi, mult))
 
 
 def quantize_codes(x: np.ndarray, hi: float, mult: float, mode: int = 0) -> np.ndarray:
     """uint8 codes of float32 ``x`` (any shape): ``rint(clip(x, 0, hi) * mult)``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, np.uint8)
-    f = _quantize_parallel if use_parallel(x.size * 16) else _quantize_serial
-    f(x.reshape(-1), np.int64(mode), np.float32(hi), np.float32(mult), out.reshape(-1))
+    parallel_for(_quantize_range, x.size, x.reshape(-1), np.int64(mode), np.float32(hi), np.float32(mult),
+                 out.reshape(-1), parallel=use_parallel(x.size * 16), grain=16384)
     return out
 
 
@@ -139,19 +215,6 @@ def _pack_rows_range(x, mode, hi, mult, ka, X, A, m_lo, m_hi):
                 X[m, b, i] = word
 
 
-@kernel
-def _pack_rows_serial(x, mode, hi, mult, ka, X, A):
-    _pack_rows_range(x, mode, hi, mult, ka, X, A, 0, x.shape[0])
-
-
-@kernel(parallel=True)
-def _pack_rows_parallel(x, mode, hi, mult, ka, X, A):
-    M = x.shape[0]
-    chunk = 8
-    for c in prange((M + chunk - 1) // chunk):
-        _pack_rows_range(x, mode, hi, mult, ka, X, A, c * chunk, min(M, (c + 1) * chunk))
-
-
 def pack_rows(x: np.ndarray, ka: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1):
     """Quantize (mode 0) or take as codes (mode 1) the rows of ``x`` (M, K) and bit-pack them.
 
@@ -161,8 +224,8 @@ def pack_rows(x: np.ndarray, ka: int, hi: float = 0.0, mult: float = 0.0, mode: 
     X = np.empty((M, ka, num_words(K)), np.uint64)
     A = np.empty(M, np.int64)
     par = M >= 16 and use_parallel(M * K * ka // 4)
-    f = _pack_rows_parallel if par else _pack_rows_serial
-    f(x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ka), X, A)
+    parallel_for(_pack_rows_range, M, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ka), X, A,
+                 parallel=par, grain=8)
     return X, A
 
 
@@ -265,18 +328,11 @@ def _im2col_range(P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, n_lo, n_hi):
 
 
 @kernel
-def _conv_pack_serial(x, mode, hi, mult, ma, ph, pw, P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A):
-    N = x.shape[0]
-    _pixel_pack_range(x, mode, hi, mult, ma, ph, pw, P, S, 0, N)
-    _im2col_range(P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, 0, N)
-
-
-@kernel(parallel=True)
-def _conv_pack_parallel(x, mode, hi, mult, ma, ph, pw, P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A):
-    N = x.shape[0]
-    for n in prange(N):
-        _pixel_pack_range(x, mode, hi, mult, ma, ph, pw, P, S, n, n + 1)
-        _im2col_range(P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, n, n + 1)
+def _conv_pack_range(
+    x, mode, hi, mult, ma, ph, pw, P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, n_lo, n_hi
+):
+    _pixel_pack_range(x, mode, hi, mult, ma, ph, pw, P, S, n_lo, n_hi)
+    _im2col_range(P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, n_lo, n_hi)
 
 
 def conv_pack(
@@ -310,11 +366,12 @@ def conv_pack(
     X = np.zeros((groups, ka, num_words(Kred), M), np.uint64)
     A = np.zeros((groups, M), np.int64)
     work = M * KH * KW * groups * ka * num_words(Cg) + x.size * ka
-    f = _conv_pack_parallel if N >= 2 and use_parallel(work * 4) else _conv_pack_serial
-    f(
+    parallel_for(
+        _conv_pack_range, N,
         x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ma), np.int64(ph), np.int64(pw),
         P, S, np.int64(Cg), np.int64(KH), np.int64(KW), np.int64(stride[0]), np.int64(stride[1]),
         np.int64(dilation[0]), np.int64(dilation[1]), np.int64(OH), np.int64(OW), X, A,
+        parallel=use_parallel(work * 4),
     )
     return X, A, (OH, OW)
 
@@ -354,19 +411,6 @@ def _gemm_rows_range(X, A, W, wshift, wneg, s0, s1, s2, relu, out, o_lo, o_hi):
             out[m, o] = v
 
 
-@kernel
-def _gemm_rows_serial(X, A, W, wshift, wneg, s0, s1, s2, relu, out):
-    _gemm_rows_range(X, A, W, wshift, wneg, s0, s1, s2, relu, out, 0, W.shape[0])
-
-
-@kernel(parallel=True)
-def _gemm_rows_parallel(X, A, W, wshift, wneg, s0, s1, s2, relu, out):
-    O = W.shape[0]
-    chunk = 32
-    for c in prange((O + chunk - 1) // chunk):
-        _gemm_rows_range(X, A, W, wshift, wneg, s0, s1, s2, relu, out, c * chunk, min(O, (c + 1) * chunk))
-
-
 def gemm_rows(X, A, W, wshift, wneg, s0, s1, s2, relu=False, out=None):
     """``out[m, o] = s1[o]*D[m, o] + s2[o]*A[m] + s0[o]`` (optionally ReLU), rows layout."""
     M, ka, Kw = X.shape
@@ -374,8 +418,8 @@ def gemm_rows(X, A, W, wshift, wneg, s0, s1, s2, relu=False, out=None):
     if out is None:
         out = np.empty((M, O), np.float32)
     work = M * O * J * ka * Kw
-    f = _gemm_rows_parallel if O >= 64 and use_parallel(work) else _gemm_rows_serial
-    f(X, A, W, wshift, wneg, s0, s1, s2, bool(relu), out)
+    parallel_for(_gemm_rows_range, O, X, A, W, wshift, wneg, s0, s1, s2, bool(relu), out,
+                 parallel=O >= 64 and use_parallel(work), grain=32)
     return out
 
 
@@ -434,27 +478,15 @@ def _gemm_cols_tile(X, A, W, wshift, wneg, s0, s1, s2, relu, out, g, m_lo, m_hi,
 
 
 @kernel
-def _gemm_cols_serial(X, A, W, wshift, wneg, s0, s1, s2, relu, out, TM):
-    G = X.shape[0]
-    M = X.shape[3]
-    Og = W.shape[1]
-    D = np.empty(TM, np.int64)
-    V = np.empty(TM, np.float64)
-    for g in range(G):
-        for m0 in range(0, M, TM):
-            _gemm_cols_tile(X, A, W, wshift, wneg, s0, s1, s2, relu, out, g, m0, min(M, m0 + TM), 0, Og, D, V)
-
-
-@kernel(parallel=True)
-def _gemm_cols_parallel(X, A, W, wshift, wneg, s0, s1, s2, relu, out, TM, n_oc):
-    G = X.shape[0]
+def _gemm_cols_tiles(X, A, W, wshift, wneg, s0, s1, s2, relu, out, TM, n_oc, t_lo, t_hi):
+    """Tiles t_lo..t_hi of (group, TM rows, output chunk n_oc of Og)."""
     M = X.shape[3]
     Og = W.shape[1]
     n_mt = (M + TM - 1) // TM
     och = (Og + n_oc - 1) // n_oc
-    for tile in prange(G * n_mt * n_oc):
-        D = np.empty(TM, np.int64)
-        V = np.empty(TM, np.float64)
+    D = np.empty(TM, np.int64)
+    V = np.empty(TM, np.float64)
+    for tile in range(t_lo, t_hi):
         g = tile // (n_mt * n_oc)
         rest = tile - g * (n_mt * n_oc)
         mt = rest // n_oc
@@ -472,15 +504,13 @@ def gemm_cols(X, A, W, wshift, wneg, s0, s1, s2, out, relu=False):
     _, Og, J, _ = W.shape
     TM = min(1024, M)
     work = G * Og * J * ka * Kw * M
-    nthreads = numba.get_num_threads()
-    if not use_parallel(work):
-        _gemm_cols_serial(X, A, W, wshift, wneg, s0, s1, s2, bool(relu), out, TM)
-        return out
+    par = use_parallel(work)
     n_tiles = G * ((M + TM - 1) // TM)
     n_oc = 1
-    while n_tiles * n_oc < 2 * nthreads and n_oc * 2 <= Og:
+    while par and n_tiles * n_oc < 2 * num_threads() and n_oc * 2 <= Og:
         n_oc *= 2
-    _gemm_cols_parallel(X, A, W, wshift, wneg, s0, s1, s2, bool(relu), out, TM, n_oc)
+    parallel_for(_gemm_cols_tiles, n_tiles * n_oc, X, A, W, wshift, wneg, s0, s1, s2, bool(relu), out,
+                 np.int64(TM), np.int64(n_oc), parallel=par)
     return out
 
 
@@ -522,19 +552,6 @@ def _select_sum_range(x, W, wshift, wneg, s0, s1, s2, relu, out, o_lo, o_hi):
             out[m, o] = v
 
 
-@kernel
-def _select_sum_serial(x, W, wshift, wneg, s0, s1, s2, relu, out):
-    _select_sum_range(x, W, wshift, wneg, s0, s1, s2, relu, out, 0, W.shape[0])
-
-
-@kernel(parallel=True)
-def _select_sum_parallel(x, W, wshift, wneg, s0, s1, s2, relu, out):
-    O = W.shape[0]
-    chunk = 16
-    for c in prange((O + chunk - 1) // chunk):
-        _select_sum_range(x, W, wshift, wneg, s0, s1, s2, relu, out, c * chunk, min(O, (c + 1) * chunk))
-
-
 def select_sum(x, W, wshift, wneg, s0, s1, s2, relu=False, out=None):
     """Float rows ``x`` (M, K) times plane weights ``W`` (O, J, Kw) using only additions:
     ``out = s1*D + s2*sum(x) + s0`` with ``D = sum_j g_j sum_{r: bit_j[o,r]} x[m, r]``."""
@@ -545,6 +562,368 @@ def select_sum(x, W, wshift, wneg, s0, s1, s2, relu=False, out=None):
     if out is None:
         out = np.empty((M, O), np.float32)
     work = M * O * J * Kw * 64
-    f = _select_sum_parallel if O >= 32 and use_parallel(work // 16) else _select_sum_serial
-    f(xp, W, wshift, wneg, s0, s1, s2, bool(relu), out)
+    parallel_for(_select_sum_range, O, xp, W, wshift, wneg, s0, s1, s2, bool(relu), out,
+                 parallel=O >= 32 and use_parallel(work // 16), grain=16)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 convolution (AVX-512 VNNI): uint8 codes (NHWC) x int8 weights, int32 accumulation
+# ----------------------------------------------------------------------------------------------
+#
+# Layout. The input codes live in one flat uint8 buffer: the zero-padded NHWC image
+# (N, Hp, Wp, C) (border pixels hold the padding code ``ma``) followed by INT8_SLACK bytes. For
+# an output pixel the reduction is a list of *quads*, 4 consecutive bytes each, at byte offsets
+# ``pixel_base + qoff[i]`` with ``pixel_base = ((n*Hp + oh*sh)*Wp + ow*sw)*C``:
+#
+# - ``run`` order (dilation 1 along the width): for each kernel row ``kh`` the KW*C bytes of the
+#   KW neighbouring pixels are one contiguous run of NHWC memory, cut into ceil(KW*C/4) quads
+#   (a 5x5 conv on 1 channel: 2 quads per kernel row, not 25 taps; 3x3 on 16 channels: 12);
+# - ``tap`` order (dilation > 1): each (kh, kw) tap is its own run of C bytes.
+#
+# Quad bytes past the end of a run belong to the next pixel (or to the slack) and meet zero
+# weights. Weights are int8 (nq, O, 4), split into passes of OB <= 4 blocks of 16 channels; a
+# pass is stored as (nq, OB*16, 4), which is what ``vnni_tile`` reads. Linear layers are the
+# same with H = W = 1 and C = K.
+#
+# Why not im2col: the quads are read in place (a quad offset table per layer), so the only pass
+# over the activations before the product is quantizing them into the code image, and that pass
+# disappears too when the previous layer writes the codes in its epilogue (``EPI_CODES``).
+# Output pixels are computed 6-8 at a time against 16-64 output channels, accumulators in
+# registers; the float epilogue (per-channel scale and shift with folded batch norm, residual
+# addition, ReLU) runs on the registers before anything is stored.
+
+INT8_SLACK = 64
+INT8_MIN_PARALLEL_MACS = 1 << 24  # about 100 us of one core
+
+
+def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int) -> np.ndarray:
+    """Quads of the reduction: (nq, 3) int64 rows ``(kernel row offset in input rows, kernel col
+    offset in pixels, byte offset in the run)``; the byte offset of quad ``i`` for a padded image
+    of width Wp is ``(a*Wp + b)*C + c``."""
+    q = []
+    if dw == 1:
+        run = KW * C
+        for kh in range(KH):
+            for j in range(0, run, 4):
+                q.append((kh * dh, 0, j))
+    else:
+        for kh in range(KH):
+            for kw in range(KW):
+                for j in range(0, C, 4):
+                    q.append((kh * dh, kw * dw, j))
+    return np.array(q, np.int64).reshape(-1, 3)
+
+
+def int8_quad_offsets(geom: np.ndarray, Wp: int, C: int) -> np.ndarray:
+    return np.ascontiguousarray((geom[:, 0] * Wp + geom[:, 1]) * C + geom[:, 2])
+
+
+def pack_int8_weights(w_int: np.ndarray, dw: int):
+    """Integer weights ``w_int`` (O, KH, KW, C) in [-128, 127] -> (w, passes) for the int8
+    kernels: ``w`` int8 flat, ``passes`` int64 (P, 3) rows ``(OB, first channel, byte offset)``.
+
+    Quads follow :func:`int8_geometry` (``dw`` selects run or tap order)."""
+    w_int = np.asarray(w_int)
+    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+        raise ValueError("weights do not fit int8")
+    O, KH, KW, C = w_int.shape
+    geom = int8_geometry(KH, KW, C, 1, dw)
+    nq = geom.shape[0]
+    Wq = np.zeros((nq, O, 4), np.int8)
+    for i in range(nq):
+        kh = int(geom[i, 0])
+        for t in range(4):
+            j = int(geom[i, 2]) + t
+            if dw == 1:
+                if j < KW * C:
+                    Wq[i, :, t] = w_int[:, kh, j // C, j % C]
+            else:
+                if j < C:
+                    Wq[i, :, t] = w_int[:, kh, int(geom[i, 1]) // dw, j]
+    nb = (O + 15) // 16
+    npass = (nb + 3) // 4
+    sizes = [nb // npass + (1 if p < nb % npass else 0) for p in range(npass)]
+    parts, passes, b0, off = [], [], 0, 0
+    for ob in sizes:
+        blk = np.zeros((nq, ob * 16, 4), np.int8)
+        o0, o1 = b0 * 16, min(O, (b0 + ob) * 16)
+        blk[:, : o1 - o0] = Wq[:, o0:o1]
+        parts.append(blk.reshape(-1))
+        passes.append((ob, o0, off))
+        off += blk.size
+        b0 += ob
+    return np.ascontiguousarray(np.concatenate(parts)), np.array(passes, np.int64).reshape(-1, 3)
+
+
+@kernel
+def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo, n_hi):
+    """Quantize x (N, H, W, C) float32 (any strides) into the padded code image in ``xq``; the
+    border gets the padding code ``ma``. Slices keep the indices provably non-negative, so the
+    inner loops vectorise; ``cmajor`` (channel stride above the width stride, an NCHW tensor)
+    reads along the width instead of along the channels."""
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    mab = np.uint8(ma)
+    rowlen = Wp * C
+    for n in range(n_lo, n_hi):
+        img = xq[n * Hp * rowlen : (n + 1) * Hp * rowlen]
+        img[: ph * rowlen] = mab
+        img[(ph + H) * rowlen :] = mab
+        for h in range(H):
+            row = img[(h + ph) * rowlen : (h + ph + 1) * rowlen]
+            row[: pw * C] = mab
+            row[(pw + W) * C :] = mab
+            if cmajor:  # NCHW source: read rows of one channel contiguously
+                for c in range(C):
+                    xr = x[n, h, :, c]
+                    dst = row[pw * C + c : (pw + W) * C : C]
+                    if mode == 1:
+                        for w in range(W):
+                            dst[w] = np.uint8(xr[w])
+                    else:
+                        for w in range(W):
+                            t = min(max(xr[w], np.float32(0.0)), hi)
+                            dst[w] = np.uint8(np.rint(t * mult))
+                continue
+            for w in range(W):
+                dst = row[(w + pw) * C : (w + pw + 1) * C]
+                xr = x[n, h, w, :]
+                if mode == 1:
+                    for c in range(C):
+                        dst[c] = np.uint8(xr[c])
+                else:
+                    for c in range(C):
+                        t = min(max(xr[c], np.float32(0.0)), hi)
+                        dst[c] = np.uint8(np.rint(t * mult))
+
+
+def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 0.0, mult: float = 0.0,
+                  mode: int = 1, ma: int = 0) -> np.ndarray:
+    """Codes of ``x`` (N, H, W, C) float32 (any strides: an NCHW tensor's ``permute(0, 2, 3, 1)``
+    works, a channels-last one is read contiguously) as the flat padded uint8 image the int8
+    kernels read: (N, H+2ph, W+2pw, C) then INT8_SLACK zero bytes. Mode 0 quantizes with the
+    fused clip formula ``rint(clip(x, 0, hi) * mult)``, mode 1 takes the values as codes."""
+    N, H, W, C = x.shape
+    ph, pw = padding
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    xq = np.empty(N * Hp * Wp * C + INT8_SLACK, np.uint8)
+    xq[-INT8_SLACK:] = 0
+    cmajor = C <= 4 or x.strides[3] > x.strides[2]
+    parallel_for(_int8_quantize_range, N, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ma),
+                 np.int64(ph), np.int64(pw), np.int64(Hp), np.int64(Wp), cmajor, xq,
+                 parallel=use_parallel(x.size * 4, INT8_MIN_PARALLEL_MACS // 4))
+    return xq
+
+
+@kernel
+def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, flags, out, res, codes, cgeo, qhi, qmult, m_lo, m_hi):
+    """Output pixels m_lo..m_hi (m = (n, oh, ow)) of the int8 convolution, every pass of output
+    channels, with the epilogue of ``vnni_tile`` (``flags``).
+
+    ``geo`` = (Hp, Wp, C, OH, OW, sh, sw, N, O): input image (padded) and output geometry; ``out``
+    and ``res`` are (M, O) float32 flat, ``codes`` the next layer's padded image of geometry
+    ``cgeo`` = (Hp', Wp', ph', pw') with O channels."""
+    Hp = geo[0]
+    Wp = geo[1]
+    C = geo[2]
+    OH = geo[3]
+    OW = geo[4]
+    sh = geo[5]
+    sw = geo[6]
+    O = geo[8]
+    Hc = cgeo[0]
+    Wc = cgeo[1]
+    phc = cgeo[2]
+    pwc = cgeo[3]
+    nq = qoff.shape[0]
+    L = OH * OW
+    qh = np.float32(qhi)
+    qm = np.float32(qmult)
+    rows = np.empty(8, np.int64)
+    orows = np.empty(8, np.int64)
+    crows = np.empty(8, np.int64)
+    for p in range(passes.shape[0]):
+        OB = passes[p, 0]
+        o0 = passes[p, 1]
+        wb = passes[p, 2]
+        R = VNNI_TILES[OB]
+        on = O - o0
+        # running output position of the next row, (n, oh, ow) -> byte / element offsets
+        n = m_lo // L
+        oh = (m_lo - n * L) // OW
+        ow = m_lo - n * L - oh * OW
+        for m0 in range(m_lo, m_hi, R):
+            nv = min(R, m_hi - m0)
+            for r in range(nv):
+                rows[r] = ((n * Hp + oh * sh) * Wp + ow * sw) * C
+                orows[r] = (m0 + r) * O + o0
+                crows[r] = ((n * Hc + oh + phc) * Wc + ow + pwc) * O + o0
+                ow += 1
+                if ow == OW:
+                    ow = 0
+                    oh += 1
+                    if oh == OH:
+                        oh = 0
+                        n += 1
+            for r in range(nv, R):
+                rows[r] = rows[nv - 1]
+            if OB == 1:
+                vnni_tile_1(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            elif OB == 2:
+                vnni_tile_2(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            elif OB == 3:
+                vnni_tile_3(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            else:
+                vnni_tile_4(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+
+
+_EMPTY_F32 = np.zeros(0, np.float32)
+_EMPTY_U8 = np.zeros(0, np.uint8)
+_NO_CGEO = np.zeros(4, np.int64)
+
+
+def int8_conv(
+    xq: np.ndarray,
+    geo: np.ndarray,
+    qoff: np.ndarray,
+    w: np.ndarray,
+    passes: np.ndarray,
+    s0: np.ndarray,
+    s1: np.ndarray,
+    relu: bool = False,
+    out: np.ndarray | None = None,
+    res: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
+    cgeo: np.ndarray | None = None,
+    qhi: float = 0.0,
+    qmult: float = 0.0,
+) -> None:
+    """The int8 convolution of the code image ``xq`` (:func:`int8_quantize`) with the weights of
+    :func:`pack_int8_weights`, quads ``qoff`` (:func:`int8_quad_offsets`), ``geo`` = (Hp, Wp, C,
+    OH, OW, sh, sw, N, O) int64.
+
+    ``y = s1*D + s0`` (+ ``res``) (ReLU) goes to ``out`` (N*OH*OW*O float32, NHWC order) and / or,
+    quantized with the next layer's clip formula (``qhi``, ``qmult``), to ``codes``, that layer's
+    padded image of geometry ``cgeo`` = (Hp', Wp', ph', pw') (its border must already hold the
+    padding code). ``s0``, ``s1`` float64 are zero padded to whole blocks of 16 channels."""
+    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
+    flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
+    args = (xq, geo, qoff, w, passes, s0, s1, flags,
+            _EMPTY_F32 if out is None else out.reshape(-1), _EMPTY_F32 if res is None else res.reshape(-1),
+            _EMPTY_U8 if codes is None else codes, _NO_CGEO if cgeo is None else cgeo, float(qhi),
+            float(qmult))
+    g = geo.tolist()
+    M = g[7] * g[3] * g[4]
+    macs = M * qoff.shape[0] * 4 * g[8]
+    # parts of whole tiles (6 and 8 rows)
+    parallel_for(_int8_conv_range, M, *args, parallel=use_parallel(macs, INT8_MIN_PARALLEL_MACS), grain=24)
+
+
+# ----------------------------------------------------------------------------------------------
+# max pooling on codes
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
+    """Max pooling of a padded code image (N, Hp, Wp, C) into another (N, Hc, Wc, C), output
+    pixel (oh, ow) at (oh + phc, ow + pwc). ``g`` = (C, Hp, Wp, ph, pw, KH, KW, SH, SW, OH, OW, Hc,
+    Wc, phc, pwc, chw). The pool window reads the valid image only (no pool padding). With
+    ``chw`` the output is instead (N, C*OH*OW) in (c, oh, ow) order: what ``flatten`` of an NCHW
+    tensor gives, the input rows of a following Linear layer."""
+    C = g[0]
+    Hp = g[1]
+    Wp = g[2]
+    ph = g[3]
+    pw = g[4]
+    KH = g[5]
+    KW = g[6]
+    SH = g[7]
+    SW = g[8]
+    OH = g[9]
+    OW = g[10]
+    Hc = g[11]
+    Wc = g[12]
+    phc = g[13]
+    pwc = g[14]
+    chw = g[15] != 0
+    L = OH * OW
+    Wv = (OW - 1) * SW + KW  # input pixels of a row that the windows read
+    h = np.empty(Wv * C, np.uint8)
+    for n in range(n_lo, n_hi):
+        for oh in range(OH):
+            # vertical max over the KH input rows: contiguous runs, vectorised
+            r0 = ((n * Hp + oh * SH + ph) * Wp + pw) * C
+            src = xq[r0 : r0 + Wv * C]
+            for j in range(Wv * C):
+                h[j] = src[j]
+            for kh in range(1, KH):
+                rk = r0 + kh * Wp * C
+                src = xq[rk : rk + Wv * C]
+                for j in range(Wv * C):
+                    h[j] = max(h[j], src[j])
+            # horizontal max over KW neighbouring pixels
+            if chw:
+                dst = yq[n * C * L + oh * OW : (n + 1) * C * L]
+            else:
+                o = ((n * Hc + oh + phc) * Wc + pwc) * C
+                dst = yq[o : o + OW * C]
+            for ow in range(OW):
+                hb = h[ow * SW * C : (ow * SW + KW) * C]
+                for c in range(C):
+                    m = hb[c]
+                    for kw in range(1, KW):
+                        m = max(m, hb[kw * C + c])
+                    if chw:
+                        dst[c * L + ow] = m
+                    else:
+                        dst[ow * C + c] = m
+
+
+def code_maxpool(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> None:
+    """Max pooling on code images (see ``_code_maxpool_range``). Exact for quantized activations:
+    the quantizers are non-decreasing, so the code of the maximum is the maximum of the codes."""
+    work = N * int(g[9] * g[10] * g[5] * g[6] * g[0])
+    parallel_for(_code_maxpool_range, N, xq, g, yq, parallel=use_parallel(work, INT8_MIN_PARALLEL_MACS // 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# global average pooling of NHWC floats (float64 accumulation)
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _global_avgpool_range(x, out, n_lo, n_hi):
+    """out[n, c] = float32(mean over (h, w) of x[n, h, w, c]) with float64 sums; x (N, H, W, C)
+    float32 (any strides)."""
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    acc = np.empty(C, np.float64)
+    hw = np.float64(H * W)
+    for n in range(n_lo, n_hi):
+        acc[:] = 0.0
+        for h in range(H):
+            for w in range(W):
+                xr = x[n, h, w, :]
+                for c in range(C):
+                    acc[c] += np.float64(xr[c])
+        orow = out[n]
+        for c in range(C):
+            orow[c] = acc[c] / hw
+
+
+def global_avgpool(x: np.ndarray) -> np.ndarray:
+    """(N, C) float32 means of ``x`` (N, H, W, C) over H and W, summed in float64 (the float32
+    result is the exact mean rounded once, whatever the summation order)."""
+    N, C = x.shape[0], x.shape[3]
+    out = np.empty((N, C), np.float32)
+    par = use_parallel(x.size * 4, INT8_MIN_PARALLEL_MACS // 4)
+    parallel_for(_global_avgpool_range, N, x, out, parallel=par)
     return out

@@ -16,6 +16,13 @@ Activation side (``ActSpec``): the layer's input quantizer gives codes with valu
 quantizer's own float32 formula (``rint(clip(x, 0, hi) * mult)``, checked against ``encode`` at
 compile time); other quantizers with uniform levels go through ``encode`` at every call; a layer
 without input quantizer takes float activations (sums of selected inputs, no multiplications).
+
+Kernels: convolutions use the int8 kernels (``Int8Weights``: the weight folded into int8) where
+the CPU has AVX-512 VNNI, the input is quantized and the convolution is not grouped; they read
+and write NHWC (float outputs are channels-last tensors) and, linked by ``compile()``, hand
+:class:`Codes` to the next layer instead of float tensors. Linear layers use the bit-serial GEMV
+for very few rows and the int8 kernel above (``ROWS_INT8_BUDGET``). Everything else runs on the
+bit-serial kernels.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ log = logging.getLogger(__name__)
 
 # Linear layers with at most this many rows use the rows layout; more rows use the cols layout
 ROWS_MAX = 8
+# ... unless the int8 kernel is available: bit-serial rows for a single row (a GEMV reads every
+# weight once: 1-4 bit planes are 2-8x less memory than int8) and while rows x weight planes x
+# activation bits stay within this budget (measured on the MLP 4096x4096 and LeNet-5: binary
+# weights up to 3 rows; from 2 rows on int8 wins for ternary and 4-bit weights)
+ROWS_INT8_BUDGET = 12
 
 
 class NotPackableError(ValueError):
@@ -155,6 +167,73 @@ def decompose_weight(enc: Encoded, groups: int = 1) -> WeightPlanes:
     )
 
 
+def plane_integers(wp: WeightPlanes) -> np.ndarray:
+    """The integer weight ``q[o, r] = sum_j g_j bit_j[o, r]`` of every group, (G*Og, K) int32."""
+    G, Og, J, _ = wp.W.shape
+    bits = np.unpackbits(wp.W.view(np.uint8), axis=-1, bitorder="little")[..., : wp.K]
+    q = np.zeros((G * Og, wp.K), np.int32)
+    for j in range(J):
+        g = (-1 if wp.neg[j] else 1) * (1 << int(wp.shift[j]))
+        q += g * bits[:, :, j, :].reshape(G * Og, wp.K).astype(np.int32)
+    return q
+
+
+@dataclass
+class Int8Weights:
+    """Weights for the int8 (VNNI) kernels: ``w = sw[o] * unit * w_int[o, r]`` with ``w_int`` in
+    int8, packed by :func:`~lowbit.runtime.kernels.pack_int8_weights`."""
+
+    w: np.ndarray  # int8, flat
+    passes: np.ndarray  # (P, 3) int64: blocks, first channel, byte offset
+    geom: np.ndarray  # (nq, 3) int64 reduction quads
+    unit: float
+    wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
+    width: int  # output channels padded to whole blocks of 16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.nbytes)
+
+    def qoff(self, Wp: int, C: int) -> np.ndarray:
+        """Byte offsets of the quads for a padded input of width ``Wp`` (cached)."""
+        cache = self.__dict__.setdefault("_qoff", {})
+        q = cache.get((Wp, C))
+        if q is None:
+            if len(cache) > 32:
+                cache.clear()
+            q = cache[(Wp, C)] = K.int8_quad_offsets(self.geom, Wp, C)
+        return q
+
+
+def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple[int, int] = (1, 1)
+                 ) -> Int8Weights | None:
+    """Fold ``l0 + u*q`` into an int8 weight ``unit * w_int`` (``unit = u`` or ``u/2``, so that
+    ``l0/unit`` is an integer: binary +-1, ternary, DoReFa's odd levels ``2i - (2**k - 1)``).
+
+    ``kshape`` is (KH, KW, C) of the reduction (``(1, 1, K)`` for a Linear layer). Returns None
+    when the weights are grouped, the levels do not fold or ``w_int`` does not fit int8."""
+    if wp.W.shape[0] != 1 or wp.u == 0:
+        return None
+    ratio = wp.l0 / wp.u
+    for f in (1, 2):
+        v = ratio * f
+        if abs(v - round(v)) <= 1e-6 * max(1.0, abs(v)):
+            break
+    else:
+        return None
+    q = plane_integers(wp).astype(np.int64)
+    w_int = round(ratio * f) + f * q
+    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+        return None
+    KH, KW, C = kshape
+    O = w_int.shape[0]
+    w, passes = K.pack_int8_weights(w_int.reshape(O, KH, KW, C), dilation[1])
+    return Int8Weights(
+        w=w, passes=passes, geom=K.int8_geometry(KH, KW, C, dilation[0], dilation[1]), unit=wp.u / f,
+        wsum=w_int.sum(axis=1).astype(np.float64), width=16 * int(passes[:, 0].sum()),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # activations
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +299,73 @@ def encode_codes(spec: ActSpec, x: Tensor) -> tuple[np.ndarray, float, float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# activation codes passed between packed layers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Codes:
+    """Activation codes handed from a packed layer to the next one instead of a float tensor:
+    the flat uint8 image the int8 kernels read, (N, H + 2*ph, W + 2*pw, C) in NHWC order with the
+    padding code on the border, then ``kernels.INT8_SLACK`` zero bytes. Only ``compile()``
+    creates such links (the producer quantizes with its consumer's fused formula, exactly as the
+    consumer would quantize the float tensor)."""
+
+    buf: np.ndarray
+    shape: tuple[int, int, int, int]  # N, H, W, C
+    pad: tuple[int, int]
+
+
+@dataclass
+class CodeTarget:
+    """The input quantizer (fused clip formula, zero padding code) and padding of the layer that
+    consumes a producer's codes."""
+
+    hi: float
+    mult: float
+    pad: tuple[int, int]
+
+    def geometry(self, H: int, W: int) -> np.ndarray:
+        """``cgeo`` of the int8 kernels: (Hp, Wp, ph, pw) of the padded image."""
+        ph, pw = self.pad
+        return np.array([H + 2 * ph, W + 2 * pw, ph, pw], np.int64)
+
+    def alloc(self, N: int, H: int, W: int, C: int) -> Codes:
+        """A zeroed image (border = padding code 0) for N x H x W x C codes."""
+        ph, pw = self.pad
+        buf = np.zeros(N * (H + 2 * ph) * (W + 2 * pw) * C + K.INT8_SLACK, np.uint8)
+        return Codes(buf, (N, H, W, C), self.pad)
+
+
+@dataclass
+class _Plan:
+    """Per input size: the int8 kernels' geometry and quad offsets (and the codes' geometry)."""
+
+    geo: np.ndarray
+    OH: int
+    OW: int
+    qoff: np.ndarray
+    cgeo: np.ndarray | None = None
+
+
+def as_nchw(out: np.ndarray) -> Tensor:
+    """An NHWC float32 array as a channels-last NCHW tensor that remembers the array (so that the
+    next packed layer reads it without going through torch)."""
+    t = torch.from_numpy(out).permute(0, 3, 1, 2)
+    t._lowbit_nhwc = out
+    return t
+
+
+def nhwc(x: Tensor) -> np.ndarray:
+    """A (N, H, W, C) float32 view of an NCHW tensor (the array behind it when a packed layer made
+    it; strided for an NCHW-contiguous tensor)."""
+    a = x.__dict__.get("_lowbit_nhwc") if type(x) is Tensor else None
+    if a is not None:
+        return a
+    return x.detach().float().permute(0, 2, 3, 1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
 # packed layers
 # ----------------------------------------------------------------------------------------------
 
@@ -238,6 +384,13 @@ class _PackedBase(nn.Module):
         self.input_ndim = 0  # set by compile() from the example input (0: unknown)
         self.fused: list[str] = []
         self._static: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.i8: Int8Weights | None = None  # int8 (VNNI) weights, when that kernel is used
+        self._static8: tuple[np.ndarray, np.ndarray] | None = None
+        # set by compile() (int8 convolutions only): emit codes for the next layer, a float
+        # output or not, and a residual operand added before the ReLU (forward(x, res))
+        self.code_target: CodeTarget | None = None
+        self.emit_float = True
+        self.residual = False
         # a plain module attribute, so that the quantizer's parameters do not count twice
         self.__dict__["act_quantizer"] = act.quantizer
 
@@ -256,6 +409,7 @@ class _PackedBase(nn.Module):
         self.bn_scale = self.bn_scale * a
         self.beta = self.beta * a + b
         self._static = None
+        self._static8 = None
         self.fused.append("bn")
 
     def fuse_relu(self) -> None:
@@ -275,6 +429,24 @@ class _PackedBase(nn.Module):
             self._static = self.coeffs(self.act.sx, self.act.ma)
         return self._static
 
+    def coeffs8(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
+        """(s0, s1) of the int8 kernels, ``y = s1*D + s0`` with ``D = sum_r w_int*a``, zero padded to
+        whole blocks of 16 channels."""
+        i8 = self.i8
+        assert i8 is not None
+        alpha = self.wp.sw * sx * self.bn_scale * i8.unit
+        s0 = np.zeros(i8.width + 64, np.float64)
+        s1 = np.zeros(i8.width + 64, np.float64)
+        O = self.out_features
+        s1[:O] = alpha
+        s0[:O] = self.beta - alpha * ma * i8.wsum
+        return s0, s1
+
+    def _coeffs8_static(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._static8 is None:
+            self._static8 = self.coeffs8(self.act.sx, self.act.ma)
+        return self._static8
+
     def _codes_input(self, x: Tensor) -> tuple[np.ndarray, int, float, float, float, float]:
         """(array, mode, hi, mult, sx, ma) for the packing kernels."""
         a = self.act
@@ -288,11 +460,14 @@ class _PackedBase(nn.Module):
         """Packed planes + float32 per-channel scale and bias."""
         return self.wp.packed_bytes + 8 * self.out_features
 
+    def kernel_name(self) -> str:
+        return "int8" if self.i8 is not None else "bit-serial"
+
     def describe(self) -> str:
         wp = self.wp
         return (
             f"{wp.kind} w{wp.bits} ({wp.num_planes} plane{'s' if wp.num_planes > 1 else ''}) x "
-            f"{self.act.name} act" + (f" +{'+'.join(self.fused)}" if self.fused else "")
+            f"{self.act.name} act, {self.kernel_name()}" + (f" +{'+'.join(self.fused)}" if self.fused else "")
         )
 
     def extra_repr(self) -> str:
@@ -300,11 +475,30 @@ class _PackedBase(nn.Module):
 
 
 class PackedLinear(_PackedBase):
+    """Few rows (samples): bit-serial GEMV on the bit planes (the weights stay compact, which is
+    what matters when every weight is used once); more rows (``ROWS_INT8_BUDGET``): the int8
+    kernel (a 1x1 convolution over the rows) where available, else (beyond ``ROWS_MAX``) the
+    bit-serial cols GEMM."""
+
     def __init__(self, name: str, layer: nn.Linear, wp: WeightPlanes, act: ActSpec) -> None:
         super().__init__(name, wp, act, layer.bias)
         self.in_features = layer.in_features
+        if K.HAS_VNNI and act.mode != -1 and act.bits <= 8:
+            self.i8 = int8_weights(wp, (1, 1, wp.K))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _rows(self, M: int) -> bool:
+        """Bit-serial rows GEMV rather than the int8 kernel for M rows."""
+        return M == 1 or M * self.wp.num_planes * self.act.bits <= ROWS_INT8_BUDGET
+
+    def kernel_name(self) -> str:
+        if self.i8 is None:
+            return "bit-serial"
+        n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
+        return f"bit-serial (<= {n} rows) / int8"
+
+    def forward(self, x: Tensor | Codes) -> Tensor:
+        if isinstance(x, Codes):
+            return self._forward_codes(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         M = x2.shape[0]
@@ -317,6 +511,14 @@ class PackedLinear(_PackedBase):
             K.select_sum(xf, W, wp.shift, wp.neg, s0, s1, s2, self.relu, out)
         else:
             arr, mode, hi, mult, sx, ma = self._codes_input(x2)
+            i8 = self.i8
+            if i8 is not None and not self._rows(M):
+                # a 1x1 convolution over M "pixels" of K channels
+                t0, t1 = self._coeffs8_static() if mode == 0 else self.coeffs8(sx, ma)
+                xq = K.int8_quantize(arr.reshape(M, 1, 1, -1), (0, 0), hi, mult, mode)
+                geo = np.array([1, 1, self.in_features, 1, 1, 1, 1, M, self.out_features], np.int64)
+                K.int8_conv(xq, geo, i8.qoff(1, self.in_features), i8.w, i8.passes, t0, t1, self.relu, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
             s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
             X, A = K.pack_rows(arr, self.act.bits, hi, mult, mode)
             if M <= ROWS_MAX:
@@ -325,6 +527,32 @@ class PackedLinear(_PackedBase):
                 Xc = np.ascontiguousarray(X.transpose(1, 2, 0))[None]
                 K.gemm_cols(Xc, A[None], wp.W, wp.shift, wp.neg, s0, s1, s2, out.reshape(M, -1, 1), self.relu)
         return torch.from_numpy(out).reshape(*lead, self.out_features)
+
+
+    def _forward_codes(self, x: Codes) -> Tensor:
+        """Rows of codes (``(M, 1, 1, K)``, from a fused producer: static coefficients)."""
+        M, kin = x.shape[0], x.shape[3]
+        if kin != self.in_features or x.shape[1:3] != (1, 1):
+            raise RuntimeError(
+                f"{self.layer_name}: codes of shape {x.shape}, expected rows of {self.in_features}"
+            )
+        O = self.out_features
+        out = np.empty((M, O), np.float32)
+        i8 = self.i8
+        if i8 is not None and not self._rows(M):
+            t0, t1 = self._coeffs8_static()
+            geo = np.array([1, 1, kin, 1, 1, 1, 1, M, O], np.int64)
+            K.int8_conv(x.buf, geo, i8.qoff(1, kin), i8.w, i8.passes, t0, t1, self.relu, out)
+        else:
+            s0, s1, s2 = self._coeffs_static()
+            wp = self.wp
+            X, A = K.pack_rows(x.buf[: M * kin].reshape(M, kin).astype(np.float32), self.act.bits)
+            if M <= ROWS_MAX:
+                K.gemm_rows(X, A, wp.W[0], wp.shift, wp.neg, s0, s1, s2, self.relu, out)
+            else:
+                Xc = np.ascontiguousarray(X.transpose(1, 2, 0))[None]
+                K.gemm_cols(Xc, A[None], wp.W, wp.shift, wp.neg, s0, s1, s2, out.reshape(M, -1, 1), self.relu)
+        return torch.from_numpy(out)
 
 
 class PackedConv2d(_PackedBase):
@@ -343,6 +571,14 @@ class PackedConv2d(_PackedBase):
         self.ma_code = 0
         if act.mode == 0 and act.ma != 0:
             raise NotPackableError("fused activation quantizer with a zero point")
+        if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 and self.groups == 1:
+            self.i8 = int8_weights(wp, (*self.kernel_size, self.in_channels), self.dilation)
+
+    def out_hw(self, H: int, W: int) -> tuple[int, int]:
+        KH, KW = self.kernel_size
+        OH = (H + 2 * self.padding[0] - self.dilation[0] * (KH - 1) - 1) // self.stride[0] + 1
+        OW = (W + 2 * self.padding[1] - self.dilation[1] * (KW - 1) - 1) // self.stride[1] + 1
+        return OH, OW
 
     def _ma_code(self, ma: float) -> int:
         mc = round(ma)
@@ -352,7 +588,9 @@ class PackedConv2d(_PackedBase):
             return 0
         return int(mc)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Codes, res: Tensor | None = None):
+        if self.i8 is not None:
+            return self._forward_int8(x, res)
         N = x.shape[0]
         wp = self.wp
         O = self.out_features
@@ -367,6 +605,87 @@ class PackedConv2d(_PackedBase):
         out = np.empty((N, O, OH * OW), np.float32)
         K.gemm_cols(X, A, wp.W, wp.shift, wp.neg, s0, s1, s2, out, self.relu)
         return torch.from_numpy(out).view(N, O, OH, OW)
+
+    def _plan(self, N: int, H: int, W: int) -> _Plan:
+        """Geometry of the int8 kernels for an input of N x H x W (cached)."""
+        cache = self.__dict__.setdefault("_plans", {})
+        plan = cache.get((N, H, W))
+        if plan is None:
+            if len(cache) > 32:
+                cache.clear()
+            OH, OW = self.out_hw(H, W)
+            ph, pw = self.padding
+            dims = [H + 2 * ph, W + 2 * pw, self.in_channels, OH, OW, *self.stride, N, self.out_features]
+            geo = np.array(dims, np.int64)
+            assert self.i8 is not None
+            plan = cache[(N, H, W)] = _Plan(geo, OH, OW, self.i8.qoff(W + 2 * pw, self.in_channels))
+        return plan
+
+    def _forward_int8(self, x: Tensor | Codes, res: Tensor | None = None):
+        """NHWC all the way. The input is a float tensor read through a (N, H, W, C) view
+        (contiguous when it is channels-last) and quantized, or :class:`Codes` from the previous
+        layer. The float output is an NHWC array returned as a channels-last NCHW tensor; with a
+        ``code_target`` the codes of the next layer come too (``(tensor, codes)``, or only the
+        codes when ``emit_float`` is off). ``res``: the residual operand added before the ReLU."""
+        i8 = self.i8
+        assert i8 is not None
+        a = self.act
+        if type(x) is Codes:
+            N, H, W, _ = x.shape
+            if x.pad != self.padding:
+                raise RuntimeError(f"{self.layer_name}: codes padded by {x.pad}, expected {self.padding}")
+            xq = x.buf
+            s0, s1 = self._static8 or self._coeffs8_static()
+        else:
+            N, _, H, W = x.shape
+            if a.mode == 0:
+                xq = K.int8_quantize(nhwc(x), self.padding, a.hi, a.mult, 0)
+                s0, s1 = self._static8 or self._coeffs8_static()
+            else:
+                codes, sx, maf = encode_codes(a, x.detach())
+                xq = K.int8_quantize(codes.transpose(0, 2, 3, 1), self.padding, mode=1, ma=self._ma_code(maf))
+                s0, s1 = self.coeffs8(sx, maf)
+        plan = self._plan(N, H, W)
+        OH, OW = plan.OH, plan.OW
+        O = self.out_features
+        resn = None
+        if res is not None:
+            resn = nhwc(res)
+            if resn.shape != (N, OH, OW, O):
+                return self._residual_fallback(xq, plan, s0, s1, res, N)
+            if not resn.flags.c_contiguous:
+                resn = np.ascontiguousarray(resn)
+        ct = self.code_target
+        out = np.empty((N, OH, OW, O), np.float32) if (self.emit_float or ct is None) else None
+        if ct is not None:
+            if plan.cgeo is None:
+                plan.cgeo = ct.geometry(OH, OW)
+            codes_out = ct.alloc(N, OH, OW, O)
+            K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn, codes_out.buf,
+                        plan.cgeo, ct.hi, ct.mult)
+        else:
+            codes_out = None
+            K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn)
+        y = None if out is None else as_nchw(out)
+        if codes_out is None:
+            return y
+        return codes_out if y is None else (y, codes_out)
+
+    def _residual_fallback(self, xq, plan: _Plan, s0, s1, res, N):
+        """A residual operand of another shape (broadcasting): add it in PyTorch."""
+        i8 = self.i8
+        O = self.out_features
+        OH, OW = plan.OH, plan.OW
+        out = np.empty((N, OH, OW, O), np.float32)
+        K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, False, out)
+        y = as_nchw(out) + res
+        if self.relu:
+            y = torch.relu(y)
+        ct = self.code_target
+        if ct is None:
+            return y
+        codes = Codes(K.int8_quantize(nhwc(y), ct.pad, ct.hi, ct.mult, 0), (N, OH, OW, O), ct.pad)
+        return (y, codes) if self.emit_float else codes
 
     def _forward_float(self, x: Tensor) -> Tensor:
         wp = self.wp
@@ -390,6 +709,67 @@ class PackedConv2d(_PackedBase):
             y = K.select_sum(rows, wp.W[g], wp.shift, wp.neg, s0[sl], s1[sl], s2[sl], self.relu)
             out[:, sl, :] = y.reshape(N, L, Og).transpose(0, 2, 1)
         return torch.from_numpy(out).view(N, self.out_features, OH, OW)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def code_poolable(pool: nn.Module) -> bool:
+    """A MaxPool2d that :class:`CodeMaxPool2d` can run (no padding, dilation, ceil mode)."""
+    return (
+        type(pool) is nn.MaxPool2d
+        and _pair(pool.padding) == (0, 0)
+        and _pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
+
+
+class CodeMaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` between two int8 layers, on the codes: the quantizer is non-decreasing, so
+    pooling codes equals quantizing the pooled floats. Writes straight into the next layer's
+    padded image (``target``), or with ``flat`` into the rows of a Linear layer that follows a
+    ``flatten`` (channel-major, as flattening an NCHW tensor orders them)."""
+
+    def __init__(self, pool: nn.MaxPool2d, target: CodeTarget, flat: bool = False) -> None:
+        super().__init__()
+        self.kernel_size = _pair(pool.kernel_size)
+        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.target = target
+        self.flat = flat
+
+    def forward(self, x: Codes) -> Codes:
+        N, H, W, C = x.shape
+        (KH, KW), (SH, SW) = self.kernel_size, self.stride
+        OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+        ph, pw = x.pad
+        if self.flat:
+            out, cgeo = self.target.alloc(N, 1, 1, C * OH * OW), self.target.geometry(1, 1)
+        else:
+            out, cgeo = self.target.alloc(N, OH, OW, C), self.target.geometry(OH, OW)
+        g = np.array([C, H + 2 * ph, W + 2 * pw, ph, pw, KH, KW, SH, SW, OH, OW, *cgeo, int(self.flat)],
+                     np.int64)
+        K.code_maxpool(x.buf, N, g, out.buf)
+        return out
+
+    def extra_repr(self) -> str:
+        flat = ", flattened" if self.flat else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride} (on codes{flat})"
+
+
+def is_global_avgpool(m: nn.Module) -> bool:
+    return type(m) is nn.AdaptiveAvgPool2d and _pair(m.output_size) == (1, 1)
+
+
+class GlobalAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` after an int8 layer: reads its NHWC float output directly and sums
+    in float64, so the float32 mean is rounded once (PyTorch's float32 sums round at every step,
+    which can move a value across the next quantizer's rounding boundary)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = K.global_avgpool(nhwc(x))
+        return torch.from_numpy(out)[:, :, None, None]
 
 
 def build_packed(name: str, layer: nn.Module) -> _PackedBase:
