@@ -47,6 +47,11 @@ the input of each quantized layer. For ReLU networks the input is post-ReLU, so 
 the same; the one difference is that ``ste='identity'`` cannot pass gradient to negative
 pre-activations here, because the model's own ReLU sits in front. (Quirk not reproduced: the
 reference's CIFAR ResNet block shares one ``a`` between its two activations.)
+
+Speed: on contiguous float32 CPU tensors the quantized ReLU runs as one fused loop forward and
+one backward (``fused.py``): the same values and input gradients, the resolution's gradient
+equal to float rounding. The torch formulas here define the quantizer and serve every other
+case.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .base import ActivationQuantizer, CoarseGrad, Encoded
 from .registry import register
 from .ste import coarse_derivative
@@ -141,7 +147,11 @@ def bcgd_a_derivative(x: Tensor, a: Tensor, bits: int, mode: str) -> Tensor:
 
 
 class BCGDReLUFunction(torch.autograd.Function):
-    """y = a_c clip(ceil(x/a_c), 0, L), a_c = clamp(a, 1e-3, 5); BCGD's custom backward."""
+    """y = a_c clip(ceil(x/a_c), 0, L), a_c = clamp(a, 1e-3, 5); BCGD's custom backward.
+
+    CPU float32 contiguous inputs run on the fused kernels (``fused.py``: one pass each way, the
+    same values and gradients); the torch formulas below are the definition.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -150,18 +160,27 @@ class BCGDReLUFunction(torch.autograd.Function):
         a_c = a.detach().clamp(A_MIN, A_MAX)
         ctx.save_for_backward(x, a_c)
         ctx.conf = (bits, ste, a_grad, rate_factor, learn_a, a.shape, a.dtype)
+        ctx.fused = fused.supported(x)
+        if ctx.fused:
+            return fused.bcgd_forward(x, a_c, 2**bits - 1)
         return bcgd_codes(x, a_c, bits) * a_c
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, a_c = ctx.saved_tensors
         bits, ste, a_grad, rate_factor, learn_a, a_shape, a_dtype = ctx.conf
-        top = a_c * (2**bits - 1)
-        grad_x = g * coarse_derivative(x, ste, top) if ctx.needs_input_grad[0] else None  # type: ignore[arg-type]
+        want_a = learn_a and ctx.needs_input_grad[1]
+        if ctx.fused:
+            grad_x, total = fused.bcgd_backward(x, g, a_c, 2**bits - 1, ste, a_grad)
+            grad_x = grad_x if ctx.needs_input_grad[0] else None
+            sum_gd = torch.tensor(total, dtype=g.dtype) if want_a else None
+        else:
+            top = a_c * (2**bits - 1)
+            grad_x = g * coarse_derivative(x, ste, top) if ctx.needs_input_grad[0] else None  # type: ignore[arg-type]
+            sum_gd = (g * bcgd_a_derivative(x, a_c, bits, a_grad)).sum() if want_a else None
         grad_a = None
-        if learn_a and ctx.needs_input_grad[1]:
-            d = bcgd_a_derivative(x, a_c, bits, a_grad)
-            grad_a = torch.clamp(rate_factor * (g * d).sum(), -1, 1).to(a_dtype).reshape(a_shape)
+        if sum_gd is not None:
+            grad_a = torch.clamp(rate_factor * sum_gd, -1, 1).to(a_dtype).reshape(a_shape)
         return grad_x, grad_a, None, None, None, None, None
 
 
