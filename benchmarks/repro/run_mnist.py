@@ -76,6 +76,16 @@ class Finished:
         self.test_acc, self.wall_time_s, self.size = d["test_acc"], d["wall_time_s"], d.get("size")
 
 
+def train_seconds(run_dir: Path) -> float:
+    """Training time of a run: the sum of its epochs' times in metrics.jsonl (a run that was
+    resumed, or reused by a later invocation, still reports the time its epochs took)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return float("nan")
+    lines = [line for line in path.read_text().splitlines() if line]
+    return sum(json.loads(line).get("epoch_time_s", 0.0) for line in lines)
+
+
 def run_or_read(spec: RunSpec, report_only: bool) -> Any:
     if report_only:
         if not (Path(spec.out) / "result.json").exists():
@@ -85,7 +95,7 @@ def run_or_read(spec: RunSpec, report_only: bool) -> Any:
 
 
 def fp_run(dataset: str, runs: Path, epochs: int, width: float,
-           report_only: bool = False) -> tuple[Any, str]:
+           report_only: bool = False) -> tuple[Any, str, Path]:
     name = "fp" if width == 1.0 else f"fp-w{width:g}"
     out = runs / dataset / name
     kw = {} if width == 1.0 else {"width_mult": width}
@@ -93,7 +103,7 @@ def fp_run(dataset: str, runs: Path, epochs: int, width: float,
            f"--lr 2e-3 --out {out}" + (f" --model-arg width_mult={width:g}" if kw else ""))
     res = run_or_read(RunSpec(model="lenet5", model_kwargs=kw, dataset=dataset,
                               train={**FP_TRAIN, "epochs": epochs}, out=str(out)), report_only)
-    return res, cmd
+    return res, cmd, out
 
 
 def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: Path, fp_epochs: int,
@@ -104,7 +114,7 @@ def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: P
     fps: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for width in sorted({1.0, *(float(kw.get("width_mult", 1.0)) for _, kw, _ in methods)}):
-        res, cmd = fp_run(ds, runs, fp_epochs, width, report_only)
+        res, cmd, fp_dir = fp_run(ds, runs, fp_epochs, width, report_only)
         if res is None:
             if width == 1.0:
                 raise SystemExit(f"--report-only: the float run of {ds} has not finished")
@@ -112,7 +122,8 @@ def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: P
         model = res.model if not isinstance(res, Finished) else build_model("lenet5", width_mult=width)
         fp32 = 4 * sum(p.numel() for p in model.parameters())
         fps[f"{ds}/w{width:g}"] = {"dataset": ds, "width_mult": width, "test_acc": res.test_acc,
-                                   "epochs": fp_epochs, "wall_time_s": round(res.wall_time_s, 1),
+                                   "epochs": fp_epochs,
+                                   "wall_time_s": round(train_seconds(fp_dir), 1),
                                    "fp32_bytes": fp32, "command": cmd}
         print(f"{ds:14s} float width {width:g}: acc {100 * res.test_acc:.2f}% {res.wall_time_s:.0f}s",
               flush=True)
@@ -141,7 +152,7 @@ def run_dataset(ds: str, methods: list[tuple[str, dict[str, Any], str]], runs: P
             "fp_acc": fp_ref["test_acc"], "drop_pp": 100 * (fp_ref["test_acc"] - res.test_acc),
             "packed_bytes": res.size["file_bytes"] if res.size else None,
             "compression": fp_ref["fp32_bytes"] / res.size["file_bytes"] if res.size else None,
-            "epochs": q_epochs, "wall_time_s": round(res.wall_time_s, 1), "command": cmd,
+            "epochs": q_epochs, "wall_time_s": round(train_seconds(run_out), 1), "command": cmd,
             "fp_same_width_acc": fps[f"{ds}/w{width:g}"]["test_acc"],
         })
         print(f"{ds:14s} {recipe:22s} W{wb}/A{ab} acc {100 * res.test_acc:.2f}% "
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "fp_epochs": a.fp_epochs, "q_epochs": a.q_epochs, "torch": torch.__version__,
         "threads": a.threads, "jobs": a.jobs, "machine": platform.processor() or platform.machine(),
-        "wall_time_s": round(time.time() - t_start, 1),
+        "wall_time_s": round(time.time() - t_start, 1), "report_only": a.report_only,
     }
     atomic_write_text(out / "mnist.json", json.dumps({"meta": meta, "fp": fps, "rows": rows}, indent=1))
     atomic_write_text(out / "mnist.md", render(meta, fps, rows))
@@ -211,11 +222,15 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
         f"checkpoint of its dataset ({meta['fp_epochs']} epochs, Adam) and fine-tunes "
         f"{meta['q_epochs']} epochs with the recipe's settings. One run per row (seed 0). "
         "Size is the whole packed `.lowbit` file; compression is against the float LeNet-5's "
-        "FP32 parameters.",
+        "FP32 parameters. Train time is the sum of a run's epoch times from its metrics.jsonl.",
         "",
+        *(["Rebuilt with `--report-only` from the finished run directories: the runs were trained by "
+           "`python benchmarks/repro/run_mnist.py` and, for some rows, by the `lowbit train` command shown "
+           "in the row, started beside it to finish sooner (same settings).", ""]
+          if meta.get("report_only") else []),
         "Float references:",
         "",
-        "| dataset | width | test acc | epochs | wall time (s) | command |",
+        "| dataset | width | test acc | epochs | train time (s) | command |",
         "|---|---|---|---|---|---|",
     ]
     for f in fps.values():
@@ -224,7 +239,7 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
     lines += [
         "",
         "| dataset | method (recipe) | W/A bits | float layers | test acc | drop vs FP (pp) | MNIST bar met "
-        "| packed bytes | compression | epochs | wall time (s) | command |",
+        "| packed bytes | compression | epochs | train time (s) | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -234,7 +249,7 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
             continue
         size = f"{r['packed_bytes']:,}" if r["packed_bytes"] else "-"
         comp = f"{r['compression']:.1f}x" if r["compression"] else "-"
-        wide = f" ({r['width_mult']:g}x wide)" if r["width_mult"] != 1.0 else ""
+        wide = ""
         lines.append(
             f"| {r['dataset']} | {r['paper']} (`{r['recipe']}`){wide} | W{r['w_bits']}/A{r['a_bits']} | "
             f"{r['float_layers']} | {100 * r['test_acc']:.2f}% | {r['drop_pp']:+.2f} | {target(r)} | "
