@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..export.container import atomic_write
+
 log = logging.getLogger(__name__)
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -424,19 +426,6 @@ def write_results(
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "command": command, "rows": rows}
-    _atomic_write(out_dir / "speed.json", json.dumps(payload, indent=1, default=float) + "\n")
-    _atomic_write(out_dir / "speed.md", to_markdown(rows, info, command))
+    atomic_write(out_dir / "speed.json", (json.dumps(payload, indent=1, default=float) + "\n").encode())
+    atomic_write(out_dir / "speed.md", to_markdown(rows, info, command).encode())
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
