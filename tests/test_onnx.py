@@ -278,3 +278,22 @@ def test_every_registered_weight_quantizer_exports(tmp_path: Path, method: str, 
 def test_bad_opset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="opset"):
         export_onnx(_lenet(W1A4), tmp_path / "m.onnx", (1, 28, 28), opset=11)
+
+
+@pytest.mark.parametrize("scale", ["max", "mse"])
+def test_scaled_wrpn_exports_as_int4(tmp_path: Path, scale: str) -> None:
+    recipe = {
+        "default": {
+            "weight": {"method": "wrpn", "bits": 2, "scale": scale, "per_channel": True},
+            "activation": {"method": "dorefa", "bits": 4},
+        },
+        "rules": [{"match": "@first", "activation": None}],
+    }
+    model = _lenet(recipe)
+    rep = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    quantized = [r for r in rep.rows if r.w_method == "wrpn"]
+    assert len(quantized) == 5
+    assert all(r.lossless and r.onnx_weight == "int4" and r.per_axis for r in quantized)
+    x = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    agree, _ = _agreement(model, tmp_path / "m.onnx", x)
+    assert agree >= 0.99

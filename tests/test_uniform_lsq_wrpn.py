@@ -45,12 +45,19 @@ def test_registered_names() -> None:
     assert "wrpn" not in registry.names("activation")
 
 
-_OPTS = [{}, {"per_channel": True}, {"scale": "mse"}, {"per_channel": True, "scale": "mse"}]
+_OPTS = [{}, {"per_channel": True}, {"scale": "mse"}, {"per_channel": True, "scale": "mse"},
+         {"per_channel": True, "scale": "max"}]
+
+
+def _valid(cls: type, opts: dict) -> bool:
+    if set(opts) - set(registry.options(cls)):
+        return False
+    # WRPN's default unit range has no scale to share per channel (refused, tested below)
+    return not (cls is WRPNWeight and opts == {"per_channel": True})
 
 
 @pytest.mark.parametrize(
-    ("cls", "bits", "opts"),
-    [(c, b, o) for c, b in WEIGHTS for o in _OPTS if not set(o) - set(registry.options(c))],
+    ("cls", "bits", "opts"), [(c, b, o) for c, b in WEIGHTS for o in _OPTS if _valid(c, o)]
 )
 @pytest.mark.parametrize("shape", [(7, 5), (6, 3, 3, 3), (4, 1, 3, 3)])
 def test_weight_forward_is_encoding(cls: type, bits: int, shape: tuple[int, ...], opts: dict) -> None:
@@ -275,6 +282,46 @@ def test_wrpn_formula_levels_and_gradient(bits: int) -> None:
     assert torch.equal(w.grad, (w.detach().abs() <= 1).float())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_wrpn_scaled_range(bits: int, per_channel: bool) -> None:
+    """scale="max"/"mse": the unit-range formula applied to w / c, c the uniform quantizer's clip;
+    the same values as ``uniform`` and the WRPN clip gradient 1[|w| <= c]."""
+    n = 2 ** (bits - 1) - 1
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(6, 40, generator=g) * 0.05).requires_grad_(True)
+    for scale in ("max", "mse"):
+        q = WRPNWeight(bits, scale=scale, per_channel=per_channel)
+        c = q.clip(w)
+        if scale == "max":
+            ref_c = w.detach().abs().amax(1, keepdim=True) if per_channel else w.detach().abs().max()
+            assert torch.equal(c, ref_c)
+        else:
+            assert torch.equal(c, mse_clip(w, n, 100, per_channel))
+        y = q(w)
+        expected = c * (torch.round(n * torch.clamp(w.detach() / c, -1, 1)) / n)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-7)
+        uni = UniformWeight(bits, per_channel=per_channel, scale=scale)
+        assert torch.equal(y, uni(w))
+        _grid_check(y, q.encode(w))
+        w.grad = None
+        y.sum().backward()
+        assert torch.equal(w.grad, (w.detach().abs() <= c).float())
+        if scale == "mse" and bits <= 3:  # the mse clip cuts the tails: some weights get no gradient
+            assert (w.grad == 0).any()
+    # the unit range zeroes these small weights: the failure the option exists for
+    assert torch.count_nonzero(WRPNWeight(2)(w)) == 0
+
+
+def test_wrpn_options_refused() -> None:
+    with pytest.raises(ValueError, match="per_channel=true needs scale"):
+        WRPNWeight(2, per_channel=True)
+    with pytest.raises(ValueError, match="allowed: unit, max, mse"):
+        WRPNWeight(2, scale="minmax")
+    with pytest.raises(lowbit.RecipeError, match="scale"):
+        lowbit.Recipe.from_dict({"default": {"weight": {"method": "wrpn", "bits": 2, "scale": "nope"}}})
+
+
 def test_wrpn_activation_is_dorefa() -> None:
     x = torch.linspace(-0.5, 1.5, 201)
     for k in (1, 2, 4):
@@ -312,6 +359,7 @@ def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         ({"method": "lsq", "bits": 2}, {"method": "lsq", "bits": 2}),
         ({"method": "lsq", "bits": 4, "per_channel": True}, {"method": "lsq", "bits": 3}),
         ({"method": "wrpn", "bits": 2}, {"method": "dorefa", "bits": 2}),
+        ({"method": "wrpn", "bits": 2, "scale": "mse", "per_channel": True}, {"method": "dorefa", "bits": 4}),
     ],
 )
 def test_quantize_and_train_small_model(weight: dict, act: dict) -> None:
