@@ -9,7 +9,6 @@ never see a half-written one. Set ``LOWBIT_CACHE=off`` to disable caching.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._io import fsync_dir
 
 __all__ = ["cache_root", "file_fingerprint", "load_entry", "make_key", "save_entry"]
 
@@ -78,15 +79,6 @@ def load_entry(
     return arrays, meta
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_entry(
     kind: str,
     key: str,
@@ -116,7 +108,7 @@ def save_entry(
             json.dump(dict(meta), f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -125,7 +117,7 @@ def save_entry(
                 return final
             raise
         tmp = None
-        _fsync_dir(root)
+        fsync_dir(root)
         log.info("cached %s at %s", kind, final)
         return final
     except OSError as e:

@@ -1,4 +1,4 @@
-"""A strict reader and an atomic writer of safetensors containers (no code ever runs on load).
+"""A strict reader and a deterministic writer of safetensors containers (no code ever runs on load).
 
 The safetensors layout: 8 bytes little-endian ``N`` | ``N`` bytes of UTF-8 JSON header |
 data. The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}``
@@ -15,10 +15,8 @@ them), byte-for-byte deterministic.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -210,25 +208,3 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     text += b" " * ((-len(text)) % 8)
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    p = Path(path)
-    d = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)

@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_write
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
-from .container import atomic_write
 from .packed import _method_name, encode_weight
 
 MIN_OPSET = 13  # per-axis DequantizeLinear

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._io import atomic_write
 from ..nn.quantize import (
     UnmatchedRuleWarning,
     input_quantizer,
@@ -77,7 +78,7 @@ from ..nn.quantize import (
 from ..quant.base import Encoded, Quantizer, WeightQuantizer, straight_through
 from ..recipe import Recipe, RecipeError
 from .bitpack import Packing, PackingError, choose_packing
-from .container import DTYPE_NAMES, atomic_write, parse_json, read_bytes, read_container, serialize
+from .container import DTYPE_NAMES, parse_json, read_bytes, read_container, serialize
 from .errors import FormatError
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_path
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
 from .packed import (
     FLOAT_DTYPES,
@@ -234,9 +235,8 @@ class Report:
             ax2.legend()
             fig.tight_layout()
             p = Path(path)
-            tmp = p.with_name(f".{p.name}.tmp.png")
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, p)
+            with atomic_path(p) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
         finally:
             plt.close(fig)
         return p

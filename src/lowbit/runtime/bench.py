@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export.container import atomic_write
+from .._io import atomic_write
 
 log = logging.getLogger(__name__)
 

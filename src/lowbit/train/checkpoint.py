@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
+
+from .._io import atomic_path, atomic_write_text, temp_pattern
 
 __all__ = [
     "FORMAT",
@@ -43,6 +43,7 @@ __all__ = [
     "load_weights",
     "read_checkpoint",
     "save_checkpoint",
+    "temp_pattern",
 ]
 
 FORMAT = "lowbit.checkpoint"
@@ -56,52 +57,6 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(directory: Path) -> None:
-    with suppress(OSError):  # some filesystems (and Windows) cannot open a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def temp_pattern(path: str | os.PathLike[str]) -> str:
-    """Glob pattern of the temp files `atomic_path(path)` creates (for clean-up)."""
-    return f".{Path(path).name}.*.tmp"
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success it is fsynced and renamed onto `path`.
-
-    On any exception (or if the process dies) `path` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- encoding

@@ -1,0 +1,73 @@
+"""Atomic files: a reader sees the previous complete file or the new complete file, never a
+torn one, even when the writer is killed.
+
+The content goes to a temp file in the target's folder (``.NAME.XXXX.tmp``), which is fsynced
+and ``os.replace``d onto the target; then the folder is fsynced so the rename survives a crash.
+This module imports nothing of lowbit, so every package may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "fsync_dir", "temp_pattern"]
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make renames inside ``directory`` durable (a no-op where folders cannot be opened)."""
+    with suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_pattern(path: str | os.PathLike[str]) -> str:
+    """Glob pattern of the temp files ``atomic_path(path)`` creates (to clean up after kills)."""
+    return f".{Path(path).name}.*.tmp"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it is fsynced and renamed onto ``path``.
+
+    On any exception (or if the process dies) ``path`` keeps its previous content and the temp
+    file is removed (or, after a kill, left to be matched by :func:`temp_pattern`).
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
