@@ -211,7 +211,9 @@ def target(r: dict[str, Any]) -> str:
         bar = 0.5
     else:
         return ""
-    return f"{'yes' if r['drop_pp'] <= bar else 'NO'} (<= {bar})"
+    # a widened model must meet the bar against both the standard and its own-width float model
+    drop = max(r["drop_pp"], 100 * (r.get("fp_same_width_acc", r["fp_acc"]) - r["test_acc"]))
+    return f"{'yes' if drop <= bar else 'NO'} (<= {bar})"
 
 
 def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
@@ -223,7 +225,9 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
         f"checkpoint of its dataset ({meta['fp_epochs']} epochs, Adam) and fine-tunes "
         f"{meta['q_epochs']} epochs with the recipe's settings. One run per row (seed 0). "
         "Size is the whole packed `.lowbit` file; compression is against the float LeNet-5's "
-        "FP32 parameters. Train time is the sum of a run's epoch times from its metrics.jsonl.",
+        "FP32 parameters. Train time is the sum of a run's epoch times from its metrics.jsonl. "
+        "Drops are against the standard-width float model; a widened (WRPN) row also gives its drop "
+        "against the float model of its own width, and the MNIST bar must hold against both.",
         "",
         *(["Rebuilt with `--report-only` from the finished run directories: the runs were trained by "
            "`python benchmarks/repro/run_mnist.py` and, for some rows, by the `lowbit train` command shown "
@@ -251,9 +255,13 @@ def render(meta: dict[str, Any], fps: dict[str, dict[str, Any]], rows: list[dict
         size = f"{r['packed_bytes']:,}" if r["packed_bytes"] else "-"
         comp = f"{r['compression']:.1f}x" if r["compression"] else "-"
         wide = ""
+        if r["width_mult"] != 1.0:
+            same = 100 * r["fp_same_width_acc"]
+            wide = (f"; vs the {r['width_mult']:g}x float model ({same:.2f}%): "
+                    f"{same - 100 * r['test_acc']:+.2f} pp")
         lines.append(
-            f"| {r['dataset']} | {r['paper']} (`{r['recipe']}`){wide} | W{r['w_bits']}/A{r['a_bits']} | "
-            f"{r['float_layers']} | {100 * r['test_acc']:.2f}% | {r['drop_pp']:+.2f} | {target(r)} | "
+            f"| {r['dataset']} | {r['paper']} (`{r['recipe']}`) | W{r['w_bits']}/A{r['a_bits']} | "
+            f"{r['float_layers']} | {100 * r['test_acc']:.2f}% | {r['drop_pp']:+.2f}{wide} | {target(r)} | "
             f"{size} | {comp} | "
             f"{r['epochs']} | {r['wall_time_s']:.0f} | `{r['command']}` |"
         )
