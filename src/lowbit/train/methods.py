@@ -4,6 +4,8 @@
       - {name: bcgd, rho: 1.0e-5}                  # blended coarse gradient descent
       - {name: binary_relax, growth: 1.02, hard_epoch: 8}
       - {name: pact_l2, weight: 2.0e-4}            # PACT's L2 penalty on the clip levels
+      - {name: sinreq, weight: 1.0, grid: quantizer}   # sinusoidal pull onto the weight grid
+      - {name: waveq, weight: 1.0, beta_weight: 1.0e-3, grid: max}   # ... with learned bits
 
 Each entry becomes a ``wrap_optimizer``, a callback, a regularizer or a loss for
 :class:`lowbit.train.Trainer`; options are the keyword arguments of the method's constructor.
@@ -22,6 +24,7 @@ from torch import nn
 from ..quant.pact import PACTActivation
 from .bcgd import BCGD
 from .binary_relax import BinaryRelax
+from .sinreq import SinReQ, WaveQ
 
 
 @dataclass
@@ -63,17 +66,28 @@ def _pact_l2(model: nn.Module, hooks: MethodHooks, weight: float = 2e-4) -> None
     hooks.regularizers.append(PACTL2(weight))
 
 
+def _sinreq(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
+    hooks.regularizers.append(SinReQ(model, **kw))
+
+
+def _waveq(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
+    wq = WaveQ(model, **kw)
+    hooks.regularizers.append(wq)  # its beta parameters join the optimizer
+    hooks.callbacks.append(wq)  # clamps beta, logs the bits, checkpoints beta
+
+
 METHODS: dict[str, Callable[..., None]] = {
     "bcgd": _bcgd,
     "binary_relax": _binary_relax,
     "pact_l2": _pact_l2,
+    "sinreq": _sinreq,
+    "waveq": _waveq,
 }
+_CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__}
 
 
 def _options(name: str) -> list[str]:
-    fn = METHODS[name]
-    if name == "binary_relax":
-        fn = BinaryRelax.__init__
+    fn = _CONSTRUCTORS.get(name, METHODS[name])
     return [p for p in inspect.signature(fn).parameters if p not in ("self", "model", "hooks")]
 
 

@@ -159,7 +159,9 @@ class Trainer:
             `config.label_smoothing`. Distillation methods pass their own.
         regularizers: callables `model -> scalar tensor`, added to the loss and logged as
             ``reg/<name>`` (name: the callable's `name` attribute, else its function/class
-            name).
+            name). A regularizer that is an `nn.Module` with trainable parameters (WaveQ's
+            bit-widths) gets them optimized as an extra param group without weight decay
+            (unless `optimizer` is given); pass it as a callback too to checkpoint them.
         callbacks: see `lowbit.train.callbacks`.
         optimizer: a ready optimizer; overrides `build_optimizer`.
         wrap_optimizer: `wrap_optimizer(opt, model) -> opt` wraps the optimizer (BCGD). The
@@ -206,6 +208,12 @@ class Trainer:
         self.device = param.device if param is not None else torch.device("cpu")
 
         base = optimizer if optimizer is not None else build_optimizer(model, self.config)
+        if optimizer is None:  # learned regularizer state (WaveQ's bits) trains beside the model
+            for name, reg in self.regularizers:
+                extra = [p for p in reg.parameters() if p.requires_grad] if isinstance(reg, nn.Module) else []
+                if extra:
+                    group = {"params": extra, "weight_decay": 0.0, "name": f"regularizer/{name}"}
+                    base.add_param_group(group)
         self.scheduler = build_scheduler(base, self.config, self.steps_per_epoch)
         self.optimizer = wrap_optimizer(base, model) if wrap_optimizer else base
         self._clip_params = [p for p in model.parameters() if p.requires_grad]
