@@ -9,8 +9,8 @@ model with the fused quantizer kernels switched off (``lowbit.quant.fused``: the
 formulas, i.e. the implementation before the kernels) are interleaved (A, B, C, A, B, C, ...) so
 that machine noise hits all alike; the table reports the median step time of each and the
 ratios of medians. ``--profile`` prints, per model and recipe, the operators whose self CPU time
-grows most from the float step to the quantized one (torch.profiler). Writes ``train_step.md``
-and ``train_step.json``.
+grows most from the float step to the quantized one (torch.profiler). Writes
+``train_step_<threads>t.md`` and ``.json`` (one file pair per thread count).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.models import build_model
 from lowbit.quant import fused
+from lowbit.train import atomic_write_text
 
 RECIPES: dict[str, dict[str, Any]] = {
     "W1A4 binary+PACT": {"default": {"weight": {"method": "binary", "bits": 1},
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             "note": "all layers quantized (first and last included); SGD momentum step"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem = f"train_step_{a.threads}t"
+    atomic_write_text(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = ["# Quantization-aware training step cost vs FP32", "",
           f"Command: `{meta['command']}` — torch {meta['torch']}, {a.threads} thread(s), batch {a.batch}, "
           f"median of {repeats} interleaved steps each. {meta['note']}.", ""]
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
            "FP32 step skips: "
            "a few percent on ResNet-20, but most of the LeNet-5 overhead (the backward-data of its "
            "one-channel 5x5 conv1). Weight quantizers cost about 1% (small tensors, per-op overhead)."]
-    (out / "train_step.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / f"{stem}.md", "\n".join(md) + "\n")
     return 0
 
 
