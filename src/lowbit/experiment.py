@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     hooks = MethodHooks()
     if recipe is not None and recipe.methods:
         try:
-            hooks = build_methods(recipe.methods, model)
+            hooks = build_methods(resolve_teachers(recipe.methods), model)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
     trainer = Trainer(model, data.train, data.test, cfg, run_dir, run_config=run_config,
@@ -180,6 +182,22 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     if run_dir is not None:
         atomic_write_text(run_dir / "result.json", json.dumps(result.to_json(), indent=2))
     return result
+
+
+def resolve_teachers(methods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The recipe's methods with each ``teacher: PATH`` (a run directory or checkpoint) loaded."""
+    out = []
+    for m in methods:
+        m = dict(m)
+        if isinstance(m.get("teacher"), str | os.PathLike):
+            path = Path(m["teacher"])
+            if not path.exists():
+                raise RecipeError(f"recipe field 'methods.{m.get('name')}.teacher': {str(path)!r} does "
+                                  "not exist; give a run directory written by `lowbit train` or a "
+                                  "checkpoint in one")
+            m["teacher"], _, _ = load_run(path)
+        out.append(m)
+    return out
 
 
 def pack_run_model(model: nn.Module, path: Path, in_shape: tuple[int, ...]) -> dict[str, Any]:

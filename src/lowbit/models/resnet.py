@@ -130,6 +130,12 @@ class ResNetCifar(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def dcq_sections(self) -> list[nn.Module]:
+        """Stem, the three stages and the head: their composition is ``forward`` (for DCQ)."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu)
+        head = nn.Sequential(self.avgpool, nn.Flatten(1), self.fc)
+        return [stem, self.layer1, self.layer2, self.layer3, head]
+
 
 def resnet20(
     num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, shortcut: str = "A"

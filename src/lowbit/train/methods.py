@@ -6,6 +6,11 @@
       - {name: pact_l2, weight: 2.0e-4}            # PACT's L2 penalty on the clip levels
       - {name: sinreq, weight: 1.0, grid: quantizer}   # sinusoidal pull onto the weight grid
       - {name: waveq, weight: 1.0, beta_weight: 1.0e-3, grid: max}   # ... with learned bits
+      - {name: kd, teacher: runs/fp, alpha: 0.9, temperature: 4}    # distillation from a float run
+      - {name: dcq, teacher: runs/fp, dcq_epochs: 8}                 # divide-and-conquer quantization
+
+``teacher`` is a module here; ``lowbit train`` (lowbit.experiment) loads a run directory or
+checkpoint path into one first.
 
 Each entry becomes a ``wrap_optimizer``, a callback, a regularizer or a loss for
 :class:`lowbit.train.Trainer`; options are the keyword arguments of the method's constructor.
@@ -24,6 +29,8 @@ from torch import nn
 from ..quant.pact import PACTActivation
 from .bcgd import BCGD
 from .binary_relax import BinaryRelax
+from .dcq import DCQ
+from .distill import KnowledgeDistillation
 from .sinreq import SinReQ, WaveQ
 
 
@@ -76,14 +83,34 @@ def _waveq(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
     hooks.callbacks.append(wq)  # clamps beta, logs the bits, checkpoints beta
 
 
+def _set_loss(hooks: MethodHooks, loss_fn: Any, name: str) -> None:
+    if hooks.loss_fn is not None:
+        raise ValueError(f"recipe methods: {name} and {hooks.loss_fn.name} both set the training loss; "
+                         "keep one")
+    hooks.loss_fn = loss_fn
+
+
+def _kd(model: nn.Module, hooks: MethodHooks, teacher: nn.Module, **kw: Any) -> None:
+    _set_loss(hooks, KnowledgeDistillation(teacher, **kw), "kd")
+
+
+def _dcq(model: nn.Module, hooks: MethodHooks, teacher: nn.Module, **kw: Any) -> None:
+    dcq = DCQ(model, teacher, **kw)
+    _set_loss(hooks, dcq, "dcq")
+    hooks.callbacks.append(dcq)  # it follows the epoch (sectioned, then whole-model)
+
+
 METHODS: dict[str, Callable[..., None]] = {
     "bcgd": _bcgd,
     "binary_relax": _binary_relax,
     "pact_l2": _pact_l2,
     "sinreq": _sinreq,
     "waveq": _waveq,
+    "kd": _kd,
+    "dcq": _dcq,
 }
-_CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__}
+_CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__,
+                 "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__}
 
 
 def _options(name: str) -> list[str]:
@@ -108,5 +135,10 @@ def build_methods(specs: Sequence[Mapping[str, Any]], model: nn.Module) -> Metho
             if k not in allowed:
                 raise ValueError(f"recipe field {where + '.' + k!r}: got {opts[k]!r}; allowed keys for "
                                  f"{name}: {allowed}")
+        fn = _CONSTRUCTORS.get(name, METHODS[name])
+        for pname, param in inspect.signature(fn).parameters.items():
+            if pname not in ("self", "model", "hooks") and param.default is param.empty and pname not in opts:
+                hint = " (a float run directory or checkpoint)" if pname == "teacher" else ""
+                raise ValueError(f"recipe field {where + '.' + pname!r}: missing; {name} needs it{hint}")
         METHODS[name](model, hooks, **opts)
     return hooks
