@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         acc, secs = finetune(model, [wq], [wq])
         record("waveq", f"lambda {a.waveq_weight:g}, beta_weight {bw:g}", model, acc, secs, wq.learned_bits())
 
-    meta = {"command": ("python benchmarks/repro/sinreq_mnist.py " + " ".join(argv if argv is not None
-                                                                           else sys.argv[1:]),
+    args = argv if argv is not None else sys.argv[1:]
+    meta = {"command": " ".join(["python benchmarks/repro/sinreq_mnist.py", *args]),
             "epochs": a.epochs, "lr": a.lr, "torch": torch.__version__, "threads": a.threads,
             "machine": platform.processor() or platform.machine(),
             "wall_time_s": round(time.time() - t_start, 1)}
