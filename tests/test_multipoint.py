@@ -136,3 +136,23 @@ def test_ptq_lenet_more_points_less_error_and_packed_round_trip(tmp_path: Path) 
     loaded = lowbit.load_packed(tmp_path / "m.lowbit")
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_cli_ptq_on_a_float_run(tmp_path: Path) -> None:
+    from lowbit.cli import main
+    from lowbit.experiment import RunSpec, train_run
+
+    common = {"model": "mlp", "model_kwargs": {"hidden": [32, 32]}, "dataset": "digits", "batch_size": 64}
+    fp_train = {"epochs": 2, "optimizer": "adam", "lr": 3e-3}
+    train_run(RunSpec(**common, train=fp_train, out=str(tmp_path / "fp")))
+    out = tmp_path / "m.lowbit"
+    assert main(["ptq", str(tmp_path / "fp"), "--bits", "3", "--budget", "1.5", "--calib", "128",
+                 "--out", str(out)]) == 0
+    loaded = lowbit.load_packed(out)
+    counts = [weight_quantizer(m).counts for m in lowbit.quantized_layers(loaded).values()]
+    assert len(counts) == 1 and abs(float(counts[0].double().mean()) - 1.5) < 0.05  # fc2: first/last float
+    # a quantized run is refused with a clear message (exit status 2)
+    train_run(RunSpec(**common, recipe={"default": {"weight": {"method": "binary", "bits": 1}}},
+                      train={"epochs": 1}, out=str(tmp_path / "q")))
+    assert main(["ptq", str(tmp_path / "q"), "--out", str(tmp_path / "x.lowbit")]) == 2
+    assert not (tmp_path / "x.lowbit").exists()

@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--data-dir")
 
+    q = sub.add_parser("ptq", help="post-training multipoint quantization of a float run (no training)")
+    q.add_argument("run", help="float run directory or checkpoint")
+    q.add_argument("--bits", type=int, default=4, help="weight bits per point (2-8)")
+    q.add_argument("--budget", type=float, default=1.0, help="mean points per output channel")
+    q.add_argument("--max-points", type=int, default=2, help="most points one channel may get")
+    q.add_argument("--calib", type=int, default=512, help="calibration images from the training set")
+    q.add_argument("--out", required=True, help="packed .lowbit file to write")
+    q.add_argument("--data-dir")
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
@@ -248,6 +257,36 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ptq(a: argparse.Namespace) -> int:
+    from .experiment import load_run
+    from .export import save_packed
+    from .nn.quantize import quantized_layers
+    from .ptq import multipoint_ptq
+    from .train import Trainer
+
+    model, data, _ = load_run(a.run)
+    if quantized_layers(model):
+        raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
+    calib, n = [], 0
+    for x, _ in data.train:
+        calib.append(x)
+        n += len(x)
+        if n >= a.calib:
+            break
+    rows = multipoint_ptq(model, calib, bits=a.bits, budget=a.budget, max_points=a.max_points)
+    table = Table("layer", "channels", "points", "mean points", "rel. output error (1 point)",
+                  "rel. output error")
+    for r in rows:
+        table.add_row(r.name, str(r.channels), str(r.points), f"{r.mean_points:.2f}",
+                      f"{r.rel_output_error_1:.4f}", f"{r.rel_output_error:.4f}")
+    console.print(table)
+    ev = Trainer(model, data.train, data.test, {"epochs": 1}).evaluate()
+    size = save_packed(model.eval(), a.out)
+    console.print(f"W{a.bits} multipoint (budget {a.budget:g}): test accuracy {ev['acc']:.2%}; "
+                  f"packed model -> {a.out} ({size:,} bytes)")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.bench != "speed":
         raise SystemExit("usage: lowbit bench speed [--out DIR] [--quick]")
@@ -266,6 +305,7 @@ COMMANDS = {
     "datasets": cmd_datasets,
     "report": cmd_report,
     "export": cmd_export,
+    "ptq": cmd_ptq,
     "bench": cmd_bench,
 }
 
