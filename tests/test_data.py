@@ -856,3 +856,17 @@ def test_real_fashion_mnist():
     assert b.test.class_counts(10).tolist() == [1000] * 10
     (mean,), (std,) = D.channel_stats(b.train.x)
     assert mean == pytest.approx(0.2860, abs=5e-4) and std == pytest.approx(0.3530, abs=5e-4)
+
+
+def test_split_is_disjoint_and_complete():
+    b = D.load_dataset("digits", batch_size=64, seed=0)
+    n = b.train.num_samples
+    a, rest = b.train.split(300, seed=3)
+    assert a.num_samples == 300 and rest.num_samples == n - 300
+    xa = torch.cat([x for x, _ in a.replace(shuffle=False)])
+    xr = torch.cat([x for x, _ in rest.replace(shuffle=False)])
+    full = torch.cat([x for x, _ in b.train.replace(shuffle=False)])
+    key = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    assert key(xa) | key(xr) == key(full) and not key(xa) & key(xr)
+    with pytest.raises(ValueError, match="split size"):
+        b.train.split(n)

@@ -441,6 +441,17 @@ class BatchLoader(Loader):
         opts.update(overrides)
         return BatchLoader(self._x[idx], self._y[idx], **opts)
 
+    def split(self, n: int, seed: int = 0, **overrides: Any) -> tuple[BatchLoader, BatchLoader]:
+        """Two loaders over disjoint random parts of the samples: ``n`` of them and the rest
+        (e.g. a validation set held out of the training set); ``overrides`` apply to both."""
+        if not 1 <= n < self._n:
+            raise ValueError(f"split size must be in [1, {self._n - 1}] for {self._n} samples, got {n}")
+        idx = torch.randperm(self._n, generator=torch.Generator().manual_seed(int(seed)))
+        opts = self._options()
+        opts.update(overrides)
+        return (BatchLoader(self._x[idx[:n]], self._y[idx[:n]], **opts),
+                BatchLoader(self._x[idx[n:]], self._y[idx[n:]], **opts))
+
     def class_counts(self, num_classes: int | None = None) -> torch.Tensor:
         """Number of samples per label."""
         return torch.bincount(self._y, minlength=num_classes or 0)
