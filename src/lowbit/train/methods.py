@@ -8,6 +8,7 @@
       - {name: waveq, weight: 1.0, beta_weight: 1.0e-3, grid: max}   # ... with learned bits
       - {name: kd, teacher: runs/fp, alpha: 0.9, temperature: 4}    # distillation from a float run
       - {name: dcq, teacher: runs/fp, dcq_epochs: 8}                 # divide-and-conquer quantization
+      - {name: rvsm, lam: 1.0e-4, beta: 1.0, penalty: tl1}           # sparse weights by splitting
 
 ``teacher`` is a module here; ``lowbit train`` (lowbit.experiment) loads a run directory or
 checkpoint path into one first.
@@ -31,6 +32,7 @@ from .bcgd import BCGD
 from .binary_relax import BinaryRelax
 from .dcq import DCQ
 from .distill import KnowledgeDistillation
+from .rvsm import RVSM
 from .sinreq import SinReQ, WaveQ
 
 
@@ -100,6 +102,12 @@ def _dcq(model: nn.Module, hooks: MethodHooks, teacher: nn.Module, **kw: Any) ->
     hooks.callbacks.append(dcq)  # it follows the epoch (sectioned, then whole-model)
 
 
+def _rvsm(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
+    r = RVSM(model, **kw)
+    hooks.regularizers.append(r)
+    hooks.callbacks.append(r)  # sparsity per epoch, w <- prox(w) at the end
+
+
 METHODS: dict[str, Callable[..., None]] = {
     "bcgd": _bcgd,
     "binary_relax": _binary_relax,
@@ -108,9 +116,10 @@ METHODS: dict[str, Callable[..., None]] = {
     "waveq": _waveq,
     "kd": _kd,
     "dcq": _dcq,
+    "rvsm": _rvsm,
 }
 _CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__,
-                 "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__}
+                 "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__, "rvsm": RVSM.__init__}
 
 
 def _options(name: str) -> list[str]:
