@@ -129,3 +129,29 @@ def test_fine_tune_evaluator_on_digits() -> None:
     assert 0.5 < acc8 <= 1.0 and 0.0 <= acc2 <= 1.0
     with pytest.raises(ValueError, match="2 layers"):
         ev((4,))
+
+
+def test_cli_search_releq_writes_a_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.cli import main
+    from lowbit.experiment import RunSpec, train_run
+    from lowbit.recipe import Recipe
+
+    common = {"model": "mlp", "model_kwargs": {"hidden": [32, 32]}, "dataset": "digits", "batch_size": 64}
+    fp_train = {"epochs": 2, "optimizer": "adam", "lr": 3e-3}
+    train_run(RunSpec(**common, train=fp_train, out=str(tmp_path / "fp")))
+    out = tmp_path / "search"
+    args = ["search", "releq", str(tmp_path / "fp"), "--out", str(out), "--episodes", "8",
+            "--actions", "2", "4", "--proxy", "300", "--val", "300"]
+    assert main(args) == 0
+    res = json.loads((out / "releq.json").read_text())
+    assert res["layers"] == ["fc1", "fc2", "fc3"] and len(res["history"]) == 8
+    assert 0 < res["evaluations"] <= 2**3 and len(json.loads((out / "releq_cache.json").read_text())) <= 8
+    recipe = Recipe.from_yaml(out / "recipe.yaml")
+    bits = [recipe.plan(n, "fc1", "fc3").weight.bits for n in res["layers"]]
+    assert bits == res["best_bits"] and set(bits) <= {2, 4}
+    def no_fine_tune(self, bits):
+        raise AssertionError(f"measured {bits} again")
+
+    monkeypatch.setattr(FineTuneEvaluator, "__call__", no_fine_tune)
+    assert main(args) == 0  # a rerun measures nothing new: every assignment is cached
+    assert json.loads((out / "releq.json").read_text())["best_bits"] == res["best_bits"]

@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="packed .lowbit file to write")
     q.add_argument("--data-dir")
 
+    se = sub.add_parser("search", help="mixed-precision search")
+    ssub = se.add_subparsers(dest="search", metavar="METHOD")
+    rl = ssub.add_parser("releq", help="ReLeQ: a PPO agent picks each layer's weight bits (from a float run)")
+    rl.add_argument("run", help="float run directory or checkpoint")
+    rl.add_argument("--out", required=True, help="directory for releq.json, the cache and recipe.yaml")
+    rl.add_argument("--episodes", type=int, default=300)
+    rl.add_argument("--actions", type=int, nargs="+", default=[2, 3, 4, 5, 6],
+                    help="bit-widths to choose from")
+    rl.add_argument("--proxy", type=int, default=2048, help="training images of each 1-epoch fine-tune")
+    rl.add_argument("--val", type=int, default=2000, help="held-out training images the search reads")
+    rl.add_argument("--seed", type=int, default=0)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
@@ -287,6 +299,27 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(a: argparse.Namespace) -> int:
+    if a.search != "releq":
+        raise SystemExit("usage: lowbit search releq RUN --out DIR [--episodes N] [--actions B ...]")
+    from .experiment import releq_run
+
+    def show(i: int, h: dict[str, Any]) -> None:
+        if (i + 1) % 10 == 0 or i + 1 == a.episodes:
+            console.print(f"episode {i + 1}/{a.episodes}: bits {tuple(h['bits'])} reward {h['reward']:+.3f} "
+                          f"val acc {h['acc']:.2%}")
+
+    res = releq_run(a.run, a.out, episodes=a.episodes, actions=a.actions, proxy=a.proxy, val=a.val,
+                    seed=a.seed, progress=show)
+    console.print(f"best bits {tuple(res['best_bits'])} for {res['layers']}: "
+                  f"reward {res['best_reward']:+.3f}, val acc {res['best_acc']:.2%} "
+                  f"(float {res['float_val_acc']:.2%}); "
+                  f"{res['evaluations']} assignments measured")
+    console.print(f"recipe -> {Path(a.out) / 'recipe.yaml'}; fine-tune it with "
+                  f"lowbit train --recipe {Path(a.out) / 'recipe.yaml'} --init <run>/best.safetensors ...")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.bench != "speed":
         raise SystemExit("usage: lowbit bench speed [--out DIR] [--quick]")
@@ -306,6 +339,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "ptq": cmd_ptq,
+    "search": cmd_search,
     "bench": cmd_bench,
 }
 

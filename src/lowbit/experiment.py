@@ -239,3 +239,51 @@ def load_run(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     model, data, _, _ = prepare(spec)
     load_checkpoint(ckpt, model)
     return model, data, config
+
+
+def releq_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    episodes: int = 300,
+    actions: Sequence[int] = (2, 3, 4, 5, 6),
+    proxy: int = 2048,
+    val: int = 2000,
+    weight: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """ReLeQ search over the weight bits of a float run's layers (see :mod:`lowbit.search.releq`).
+
+    The measurement fine-tunes one epoch on ``proxy`` training images and reads ``val`` other
+    training images (never the test set). Writes ``out/releq.json`` (best assignment, history),
+    ``out/releq_cache.json`` (measured accuracies: a rerun resumes) and ``out/recipe.yaml``: the
+    best assignment as a recipe for ``lowbit train --recipe out/recipe.yaml --init RUN/...``.
+    """
+    import copy
+
+    from .nn.quantize import quantizable_layers, quantized_layers
+    from .search import FineTuneEvaluator, ReLeQ
+
+    float_model, data, _ = load_run(run)
+    if quantized_layers(float_model):
+        raise ValueError(f"{run} is a quantized run; ReLeQ searches from a float run")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held, rest = data.train.split(val, seed=seed)
+    proxy_loader = rest.subset(proxy, seed=seed)
+    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
+    w = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
+    evaluator = FineTuneEvaluator(lambda: copy.deepcopy(float_model), proxy_loader, held, cfg, w)
+    float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
+    search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, seed=seed,
+                   cache_path=out / "releq_cache.json")
+    result = search.run(episodes, progress=progress)
+    names = list(quantizable_layers(float_model))
+    rules = [{"match": n, "weight": {**w, "bits": b}} for n, b in zip(names, result.best_bits, strict=True)]
+    recipe = Recipe.from_dict({"name": "releq", "description": f"ReLeQ search of {run}",
+                               "default": {"weight": None}, "rules": rules})
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    payload = {"run": str(run), "layers": names, "float_val_acc": float_val, **result.to_json()}
+    atomic_write_text(out / "releq.json", json.dumps(payload, indent=1) + "\n")
+    return payload
