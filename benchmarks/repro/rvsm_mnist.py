@@ -50,7 +50,7 @@ def sparsity(model: torch.nn.Module) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--penalties", nargs="+", default=["l1", "l0", "tl1"])
-    p.add_argument("--lams", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--lams", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--runs-dir", default="runs/repro")
     p.add_argument("--out", default="benchmarks/results")
