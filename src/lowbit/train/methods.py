@@ -9,6 +9,7 @@
       - {name: kd, teacher: runs/fp, alpha: 0.9, temperature: 4}    # distillation from a float run
       - {name: dcq, teacher: runs/fp, dcq_epochs: 8}                 # divide-and-conquer quantization
       - {name: rvsm, lam: 1.0e-4, beta: 1.0, penalty: tl1}           # sparse weights by splitting
+      - {name: wpc, lam: 1.0e-4, group: pe, pe_in: 4}                # structured group lasso + WPC
 
 ``teacher`` is a module here; ``lowbit train`` (lowbit.experiment) loads a run directory or
 checkpoint path into one first.
@@ -34,6 +35,7 @@ from .dcq import DCQ
 from .distill import KnowledgeDistillation
 from .rvsm import RVSM
 from .sinreq import SinReQ, WaveQ
+from .wpc import GroupLassoWPC
 
 
 @dataclass
@@ -108,6 +110,12 @@ def _rvsm(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
     hooks.callbacks.append(r)  # sparsity per epoch, w <- prox(w) at the end
 
 
+def _wpc(model: nn.Module, hooks: MethodHooks, **kw: Any) -> None:
+    r = GroupLassoWPC(model, **kw)
+    hooks.regularizers.append(r)
+    hooks.callbacks.append(r)  # logs the fraction of small groups
+
+
 METHODS: dict[str, Callable[..., None]] = {
     "bcgd": _bcgd,
     "binary_relax": _binary_relax,
@@ -117,9 +125,11 @@ METHODS: dict[str, Callable[..., None]] = {
     "kd": _kd,
     "dcq": _dcq,
     "rvsm": _rvsm,
+    "wpc": _wpc,
 }
 _CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__,
-                 "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__, "rvsm": RVSM.__init__}
+                 "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__, "rvsm": RVSM.__init__,
+                 "wpc": GroupLassoWPC.__init__}
 
 
 def _options(name: str) -> list[str]:
