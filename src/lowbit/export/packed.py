@@ -751,10 +751,10 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
             logging.getLogger("lowbit.nn.quantize").setLevel(level)
     _check_structure(model, pf)
     _load_state(model, pf)
+    model.eval()  # weights are restored as the deployed (eval-mode) quantizers compute them
     for name, rec in pf.layers.items():
         if rec.encoded is not None:
             _set_weight(model.get_submodule(name), name, rec)
-    model.eval()
     return model
 
 

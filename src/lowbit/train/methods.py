@@ -10,6 +10,7 @@
       - {name: dcq, teacher: runs/fp, dcq_epochs: 8}                 # divide-and-conquer quantization
       - {name: rvsm, lam: 1.0e-4, beta: 1.0, penalty: tl1}           # sparse weights by splitting
       - {name: wpc, lam: 1.0e-4, group: pe, pe_in: 4}                # structured group lasso + WPC
+      - {name: bits_penalty, weight: 1.0e-2}         # charge the expected bits of 'mixed' layers
 
 ``teacher`` is a module here; ``lowbit train`` (lowbit.experiment) loads a run directory or
 checkpoint path into one first.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.mixed import expected_bits
 from ..quant.pact import PACTActivation
 from .bcgd import BCGD
 from .binary_relax import BinaryRelax
@@ -61,6 +63,25 @@ class PACTL2:
         if not alphas:
             return torch.zeros(())
         return self.weight * torch.stack([a**2 for a in alphas]).sum()
+
+
+class BitsPenalty:
+    """``weight * E[bits]``: the weight-count-weighted expected bit-width of the ``mixed`` layers."""
+
+    name = "bits"
+
+    def __init__(self, weight: float = 1e-2) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ValueError(f"bits_penalty: weight must be a number >= 0, got {weight!r}")
+        self.weight = float(weight)
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return self.weight * expected_bits(model)
+
+
+def _bits_penalty(model: nn.Module, hooks: MethodHooks, weight: float = 1e-2) -> None:
+    expected_bits(model)  # fails now if no layer is quantized with method 'mixed'
+    hooks.regularizers.append(BitsPenalty(weight))
 
 
 def _bcgd(model: nn.Module, hooks: MethodHooks, rho: float = 1e-5) -> None:
@@ -126,6 +147,7 @@ METHODS: dict[str, Callable[..., None]] = {
     "dcq": _dcq,
     "rvsm": _rvsm,
     "wpc": _wpc,
+    "bits_penalty": _bits_penalty,
 }
 _CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__, "waveq": WaveQ.__init__,
                  "kd": KnowledgeDistillation.__init__, "dcq": DCQ.__init__, "rvsm": RVSM.__init__,
