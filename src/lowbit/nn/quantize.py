@@ -46,6 +46,14 @@ def _weight_param(m: nn.Module) -> Tensor | None:
     return w
 
 
+def latent_weight(layer: nn.Module) -> Tensor:
+    """The trainable float weight: the latent one behind a weight quantizer, else ``layer.weight``."""
+    w = _weight_param(layer)
+    if w is None:
+        raise QuantizeError(f"{type(layer).__name__} has no weight parameter")
+    return w
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules with a direct ``weight`` parameter of >= 2 dims, in registration order."""
     out: dict[str, nn.Module] = {}

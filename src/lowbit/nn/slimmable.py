@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantize import input_quantizer
+from .quantize import input_quantizer, latent_weight
 
 __all__ = ["SlimmableChain"]
 
@@ -39,10 +39,6 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PLAIN = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d,
           nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 
-
-def _latent(layer: nn.Module) -> Tensor:
-    p = getattr(layer, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else layer.weight
 
 
 class SlimmableChain(nn.Module):
@@ -168,7 +164,7 @@ class SlimmableChain(nn.Module):
                                                bias=m.bias is not None)
                 else:
                     new = nn.Linear(c_in, c_out, bias=m.bias is not None)
-                new.weight.copy_(_latent(m)[:c_out, :c_in])
+                new.weight.copy_(latent_weight(m)[:c_out, :c_in])
                 if m.bias is not None:
                     new.bias.copy_(m.bias[:c_out])
             elif isinstance(m, _BN):

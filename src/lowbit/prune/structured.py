@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nn.quantize import quantized_layers
+from ..nn.quantize import latent_weight, quantized_layers
 from ..train.wpc import group_view
 
 __all__ = ["GroupSparsity", "prune_small_groups", "structured_sparsity"]
@@ -50,10 +50,6 @@ def structured_sparsity(model: nn.Module, group: str = "pe", pe_in: int = 4) -> 
     return out
 
 
-def _latent(layer: nn.Module) -> torch.Tensor:
-    p = getattr(layer, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else layer.weight
-
 
 @torch.no_grad()
 def prune_small_groups(model: nn.Module, rel_threshold: float, group: str = "pe", pe_in: int = 4) -> int:
@@ -63,7 +59,7 @@ def prune_small_groups(model: nn.Module, rel_threshold: float, group: str = "pe"
         raise ValueError(f"prune: rel_threshold must be in [0, 1), got {rel_threshold!r}")
     pruned = 0
     for layer in _layers(model).values():
-        w = _latent(layer)
+        w = latent_weight(layer)
         g = group_view(w, group, pe_in)
         norms = g.norm(dim=1)
         small = norms <= rel_threshold * norms.max()

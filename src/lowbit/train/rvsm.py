@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.quantize import quantizable_layers
+from ..nn.quantize import latent_weight, quantizable_layers
 from .callbacks import Callback
 
 __all__ = ["PENALTIES", "RVSM", "prox", "prox_l0", "prox_l1", "prox_tl1"]
@@ -79,10 +79,6 @@ def prox(y: Tensor, tau: float, penalty: str, a: float = 1.0) -> Tensor:
         return prox_tl1(y, tau, a)
     raise ValueError(f"rvsm: unknown penalty={penalty!r}; allowed: {', '.join(PENALTIES)}")
 
-
-def _latent(layer: nn.Module) -> Tensor:
-    p = getattr(layer, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else layer.weight
 
 
 class RVSM(Callback):
@@ -124,7 +120,7 @@ class RVSM(Callback):
     def __call__(self, model: nn.Module) -> Tensor:
         total = None
         for layer in self.layers.values():
-            w = _latent(layer)
+            w = latent_weight(layer)
             r = (w - self.sparse(w)).square().sum()
             total = r if total is None else total + r
         return 0.5 * self.beta * total
@@ -133,7 +129,7 @@ class RVSM(Callback):
         """Fraction of zeros in ``u`` over the regularized weights."""
         zeros = total = 0
         for layer in self.layers.values():
-            u = self.sparse(_latent(layer))
+            u = self.sparse(latent_weight(layer))
             zeros += int((u == 0).sum())
             total += u.numel()
         return zeros / total
@@ -142,7 +138,7 @@ class RVSM(Callback):
     def apply(self) -> None:
         """``w <- u`` for every regularized weight (the sparse model)."""
         for layer in self.layers.values():
-            w = _latent(layer)
+            w = latent_weight(layer)
             w.copy_(self.sparse(w))
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:

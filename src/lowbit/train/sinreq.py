@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write_text
-from ..nn.quantize import quantizable_layers, quantized_layers, weight_quantizer
+from ..nn.quantize import latent_weight, quantizable_layers, quantized_layers, weight_quantizer
 from ..recipe import Recipe
 from .callbacks import Callback
 
@@ -161,7 +161,7 @@ class SinReQ:
         self.layers = _select(model, layers)
         if grid == "quantizer":  # fail now, not at the first step
             for layer in self.layers.values():
-                layer_grid(layer, _latent(layer), grid)
+                layer_grid(layer, latent_weight(layer), grid)
         self.bits: dict[str, int] = {}
         for name, layer in self.layers.items():
             q = weight_quantizer(layer)
@@ -173,20 +173,13 @@ class SinReQ:
     def __call__(self, model: nn.Module) -> Tensor:
         total = None
         for name, layer in self.layers.items():
-            w = _latent(layer)
+            w = latent_weight(layer)
             b = self.bits[name]
             step = layer_grid(layer, w, self.grid) / grid_factor(b, self.grid)
             r = sin_penalty(w, step, b, self.reduction)
             total = r if total is None else total + r
         return self.weight * total
 
-
-def _latent(layer: nn.Module) -> Tensor:
-    """The trainable float weight (the latent one behind a quantizer)."""
-    p = getattr(layer, "parametrizations", None)
-    if p is not None and "weight" in p:
-        return p.weight.original
-    return layer.weight
 
 
 # ---- WaveQ ---------------------------------------------------------------------------------
@@ -236,13 +229,13 @@ class WaveQ(nn.Module, Callback):
         self.beta = nn.Parameter(torch.tensor(init))
         if grid == "quantizer":
             for layer in self.layers.values():
-                layer_grid(layer, _latent(layer), grid)
+                layer_grid(layer, latent_weight(layer), grid)
 
     # the regularizer ------------------------------------------------------------------------
     def forward(self, model: nn.Module | None = None) -> Tensor:
         total = None
         for i, layer in enumerate(self.layers.values()):
-            w = _latent(layer)
+            w = latent_weight(layer)
             beta = self.beta[i].to(w.dtype)
             c = layer_grid(layer, w, self.grid)
             step = c / grid_factor(beta, self.grid)

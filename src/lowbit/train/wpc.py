@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.quantize import quantizable_layers, quantized_layers
+from ..nn.quantize import latent_weight, quantizable_layers, quantized_layers
 from .callbacks import Callback
 
 __all__ = ["GROUPS", "GroupLassoWPC", "group_view", "wpc_threshold"]
@@ -64,10 +64,6 @@ def wpc_threshold(w: Tensor, scale: float = 0.7) -> Tensor:
     """``scale * mean|w|`` (detached): the clipping level of the penalty."""
     return scale * w.detach().abs().mean()
 
-
-def _latent(layer: nn.Module) -> Tensor:
-    p = getattr(layer, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else layer.weight
 
 
 class GroupLassoWPC(Callback):
@@ -111,7 +107,7 @@ class GroupLassoWPC(Callback):
     def __call__(self, model: nn.Module) -> Tensor:
         total = None
         for layer in self.layers.values():
-            r = self.penalty(_latent(layer))
+            r = self.penalty(latent_weight(layer))
             total = r if total is None else total + r
         return self.lam * total
 
@@ -120,7 +116,7 @@ class GroupLassoWPC(Callback):
         """Fraction of groups whose latent weights are all within the clipping level."""
         small = count = 0
         for layer in self.layers.values():
-            w = _latent(layer)
+            w = latent_weight(layer)
             g = group_view(w.abs(), self.group, self.pe_in)
             small += int((g.amax(1) <= wpc_threshold(w, self.wpc_scale)).sum())
             count += g.shape[0]
