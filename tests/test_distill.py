@@ -20,13 +20,7 @@ from lowbit.train.dcq import DCQ, split_sections
 from lowbit.train.distill import KnowledgeDistillation, kd_loss
 from lowbit.train.methods import build_methods
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kd_loss_closed_forms() -> None:

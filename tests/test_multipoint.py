@@ -16,13 +16,7 @@ from lowbit.ptq import allocate_points, multipoint_ptq
 from lowbit.ptq.multipoint import input_grams, output_errors
 from lowbit.quant.multipoint import MultipointWeight, fit_point, multipoint_decompose
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

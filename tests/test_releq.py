@@ -15,13 +15,7 @@ from lowbit.models import build_model
 from lowbit.search import FineTuneEvaluator, ReLeQ, exhaustive, releq_reward
 from lowbit.search.releq import PPOConfig, gae, layer_features
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reward_closed_form() -> None:

@@ -18,13 +18,7 @@ from lowbit.train.checkpoint import read_checkpoint
 from lowbit.train.methods import build_methods
 from lowbit.train.sinreq import SinReQ, WaveQ, grid_factor, layer_grid, sin_penalty
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int = 0) -> nn.Module:

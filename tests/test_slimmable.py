@@ -17,13 +17,7 @@ from lowbit.nn.slimmable import SlimmableChain
 from lowbit.train import TrainConfig, Trainer
 from lowbit.train.sandwich import SandwichLoss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lenet() -> nn.Sequential:

@@ -34,13 +34,7 @@ from lowbit.train import (
 WORKER = Path(__file__).with_name("_resume_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only cost time (a lot on a shared, loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**kw) -> TrainConfig:

@@ -30,22 +30,12 @@ from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.quantize import weight_quantizer
 from lowbit.ptq import multipoint_ptq
-from lowbit.train import atomic_write_text, load_weights
+from lowbit.train import atomic_write_text, evaluate, load_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_mnist import fp_run
 
 LAYERS = ("conv2", "fc1", "fc2")
-
-
-def evaluate(model: torch.nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def weight_bits(model: torch.nn.Module) -> tuple[int, int]:
@@ -84,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             load_weights(m, fp_dir / "best.safetensors")
             return m.eval()
 
-        float_acc = evaluate(fresh(), data.test)
+        float_acc = evaluate(fresh(), data.test)["acc"]
         fps[ds] = float_acc
         calib, n = [], 0
         for x, _ in data.train:
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def add(ds: str, bits: int, method: str, budget: float, model: torch.nn.Module, float_acc: float,
                 test: Any = data.test) -> None:
-            acc = evaluate(model, test)
+            acc = evaluate(model, test)["acc"]
             stored, count = weight_bits(model)
             rows.append({"dataset": ds, "bits": bits, "method": method, "budget": budget, "test_acc": acc,
                          "float_acc": float_acc, "bits_per_weight": stored / count})

@@ -29,7 +29,7 @@ import torch
 import lowbit
 from lowbit.data import load_dataset
 from lowbit.models import build_model
-from lowbit.train import TrainConfig, Trainer, atomic_write_text, load_weights
+from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate, load_weights
 from lowbit.train.sinreq import SinReQ, WaveQ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,16 +43,6 @@ def ptq(model: torch.nn.Module, bits: dict[str, int]) -> torch.nn.Module:
     q = copy.deepcopy(model)
     rules = [{"match": n, "weight": {"method": "uniform", "bits": b}} for n, b in bits.items()]
     return lowbit.quantize(q, {"default": {"weight": None}, "rules": rules}).eval()
-
-
-def evaluate(model: torch.nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     def finetune(model: torch.nn.Module, regs: list[Any], cbs: list[Any]) -> tuple[float, float]:
         t0 = time.perf_counter()
         Trainer(model, data.train, None, cfg, regularizers=regs, callbacks=cbs).fit()
-        return evaluate(model, data.test), time.perf_counter() - t0
+        return evaluate(model, data.test)["acc"], time.perf_counter() - t0
 
     rows: list[dict[str, Any]] = []
 
     def record(method: str, option: str, model: torch.nn.Module, acc: float, secs: float,
                bits: dict[str, int]) -> None:
-        qacc = evaluate(ptq(model, bits), data.test)
+        qacc = evaluate(ptq(model, bits), data.test)["acc"]
         rows.append({"method": method, "option": option, "bits": bits, "float_acc": acc, "ptq_acc": qacc,
                      "train_s": round(secs, 1)})
         print(f"{method:8s} {option:28s} bits {bits} float {100 * acc:.2f}% -> PTQ {100 * qacc:.2f}% "

@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,23 +26,13 @@ import lowbit
 from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.slimmable import SlimmableChain
-from lowbit.train import TrainConfig, Trainer, atomic_write_text
+from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate
 from lowbit.train.sandwich import SandwichLoss
 
 RECIPE = {"default": {"weight": {"method": "binary", "bits": 1, "per_channel": True},
                       "activation": {"method": "pact", "bits": 4}},
           "rules": [{"match": "@first", "weight": None, "activation": None},
                     {"match": "@last", "weight": None}]}
-
-
-def evaluate(model: torch.nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in supernet.widths:
         supernet.set_width(r)
-        rows.append({"width": r, "supernet_acc": evaluate(supernet, data.test)})
+        rows.append({"width": r, "supernet_acc": evaluate(supernet, data.test)["acc"]})
     for row in rows:
         torch.manual_seed(0)
         alone = lowbit.quantize(build_model("lenet5", width_mult=row["width"]), RECIPE)
         t = time.perf_counter()
         Trainer(alone, data.train, None, cfg).fit()
         row["alone_s"] = round(time.perf_counter() - t, 1)
-        row["alone_acc"] = evaluate(alone, data.test)
+        row["alone_acc"] = evaluate(alone, data.test)["acc"]
         print(f"width {row['width']:.2f}: supernet {100 * row['supernet_acc']:.2f}%  "
               f"alone {100 * row['alone_acc']:.2f}%", flush=True)
     args = argv if argv is not None else sys.argv[1:]

@@ -16,7 +16,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import LRSchedule, TrainConfig, build_optimizer, build_scheduler, lr_factor, param_groups
-from .trainer import Trainer, TrainingDiverged, get_rng_state, seed_everything, set_rng_state
+from .trainer import Trainer, TrainingDiverged, evaluate, get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
     "Callback",
@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "build_optimizer",
     "build_scheduler",
+    "evaluate",
     "get_rng_state",
     "load_checkpoint",
     "load_weights",

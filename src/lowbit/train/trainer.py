@@ -125,6 +125,36 @@ def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred == y).sum()
 
 
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | None = None) -> dict[str, float]:
+    """Cross-entropy loss and top-1 accuracy of `model(x)` over `loader` (``{"loss", "acc", "n"}``),
+    in eval mode under `torch.no_grad` (not `inference_mode`: tensors a quantizer creates lazily
+    in its first forward must stay usable for training); the model's mode is restored. The loss
+    is plain cross-entropy whatever a run trained with, so methods compare fairly."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                logits = model(x)
+                target = y.argmax(1) if y.dtype.is_floating_point and y.ndim > 1 else y
+                loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
+                correct += _count_correct(logits, y)
+                n += y.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": math.nan, "acc": math.nan, "n": 0}
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+
+
 class _NoTensorBoard:
     def add_scalar(self, *a: Any, **k: Any) -> None: ...
     def flush(self) -> None: ...
@@ -270,35 +300,12 @@ class Trainer:
                 self._tb = _NoTensorBoard()
         return self.history
 
-    @torch.no_grad()
     def evaluate(self, loader: Iterable[Any] | None = None) -> dict[str, float]:
-        """Cross-entropy loss and top-1 accuracy of `model(x)` over `loader` (default: the
-        test loader), in eval mode under `torch.no_grad` (not `inference_mode`: tensors a
-        quantizer creates lazily in its first forward must stay usable for training).
-        The loss is plain cross-entropy whatever `loss_fn` is, so methods compare fairly.
-        """
+        """:func:`evaluate` of the model over `loader` (default: the test loader)."""
         loader = self.test_loader if loader is None else loader
         if loader is None:
             raise ValueError("no loader to evaluate on")
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        n = 0
-        try:
-            for x, y in loader:
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                logits = self.model(x)
-                target = y.argmax(1) if y.dtype.is_floating_point and y.ndim > 1 else y
-                loss_sum += F.cross_entropy(logits.float(), target, reduction="sum")
-                correct += _count_correct(logits, y)
-                n += y.shape[0]
-        finally:
-            self.model.train(was_training)
-        if n == 0:
-            return {"loss": math.nan, "acc": math.nan, "n": 0}
-        return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+        return evaluate(self.model, loader, self.device)
 
     # ------------------------------------------------------------------ epoch
 
