@@ -82,6 +82,34 @@ def test_fixed_grids(grid: str, bits: int, step: float) -> None:
     assert float(reg(model).detach()) == pytest.approx(1 / 2**bits, rel=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dorefa_grid_is_zero_on_dorefa_levels(bits: int) -> None:
+    """grid 'dorefa': R = 0 exactly where DoReFa's normalised weight sits on its levels, i.e. on the
+    weights DoReFa keeps unchanged; positive elsewhere, maximal half-way."""
+    from lowbit.quant.dorefa import DoReFaWeight, dorefa_weight_normalize
+
+    model = lowbit.quantize(_net(), {"default": {"weight": {"method": "dorefa", "bits": bits}}})
+    reg = SinReQ(model, weight=1.0, grid="dorefa")
+    assert reg.bits == {"0": bits, "2": bits, "4": bits}
+    assert float(reg(model).detach()) > 1e-3
+    n = 2**bits - 1
+    with torch.no_grad():
+        for layer in lowbit.quantized_layers(model).values():
+            w = _latent(layer)
+            t = torch.tanh(w)
+            m = t.abs().max()
+            x = torch.round((t / (2 * m) + 0.5) * n) / n  # DoReFa's levels of the normalised weight
+            # the weight whose normalised value is exactly x (the max keeps its place: x = 0 or 1 there)
+            w.copy_(torch.atanh(((x - 0.5) * 2 * m).clamp(-0.999999, 0.999999)))
+            xn = dorefa_weight_normalize(w) * n
+            assert torch.allclose(xn, torch.round(xn), atol=1e-3)
+    assert float(reg(model).detach()) < 1e-5
+    # on those weights DoReFa's quantizer is the identity on the normalised value
+    q = DoReFaWeight(bits)
+    w = _latent(lowbit.quantized_layers(model)["2"])
+    torch.testing.assert_close(q(w.detach()), 2 * dorefa_weight_normalize(w.detach()) - 1, atol=2e-3, rtol=0)
+
+
 def test_closed_form_gradient_and_descent_to_nearest_level() -> None:
     """dR/dw = lambda * pi / (Delta N 2^b) * sin(2 pi w / Delta); descending R alone moves every
     weight to its nearest level, never across a cut."""

@@ -18,6 +18,10 @@ the one the quantizer rounds to, so ``grid`` chooses it:
   layers (regularize during float training, quantize afterwards).
 - ``"wrpn"``: ``Delta = 1 / (2^{b-1} - 1)``, WRPN's fixed unit-range grid.
 - ``"paper"``: ``Delta = 1 / (2^b - 1)``, the formula as printed.
+- ``"dorefa"``: DoReFa's k-bit grid (k >= 2). DoReFa rounds the normalised weight
+  ``x = tanh(w) / (2 max|tanh w|) + 1/2`` to multiples of ``1/(2^k - 1)`` (its levels ``2x - 1``
+  are the odd multiples of ``1/(2^k - 1)``: the paper's grid shifted by half a period), so the
+  penalty is ``sin^2(pi x (2^k - 1))`` on ``x``, zero exactly on DoReFa's levels.
 
 ``Delta`` is detached: the regularizer moves weights, never the quantizer's scale. ``mean``
 over a layer's weights (rather than the paper's sum) makes ``lambda`` independent of layer
@@ -54,12 +58,13 @@ from torch import Tensor, nn
 
 from .._io import atomic_write_text
 from ..nn.quantize import latent_weight, quantizable_layers, quantized_layers, weight_quantizer
+from ..quant.dorefa import dorefa_weight_normalize
 from ..recipe import Recipe
 from .callbacks import Callback
 
-__all__ = ["GRIDS", "ROUNDING_QUANTIZERS", "SinReQ", "WaveQ", "layer_grid", "sin_penalty"]
+__all__ = ["GRIDS", "ROUNDING_QUANTIZERS", "SinReQ", "WaveQ", "grid_input", "layer_grid", "sin_penalty"]
 
-GRIDS = ("quantizer", "max", "wrpn", "paper")
+GRIDS = ("quantizer", "max", "wrpn", "paper", "dorefa")
 # weight quantizers whose output is the weight rounded to a uniform grid of the weight itself
 ROUNDING_QUANTIZERS = ("uniform", "wrpn", "lsq")
 _EPS = 1e-12
@@ -75,8 +80,9 @@ def sin_penalty(w: Tensor, step: Tensor | float, bits: Tensor | float, reduction
 
 
 def grid_factor(bits: Tensor | float, grid: str) -> Tensor | float:
-    """Levels per unit range: ``2^b - 1`` for the paper's grid, ``2^(b-1) - 1`` for symmetric ones."""
-    if grid == "paper":
+    """Levels per unit range: ``2^b - 1`` for the paper's and DoReFa's grids, ``2^(b-1) - 1`` for
+    symmetric ones."""
+    if grid in ("paper", "dorefa"):
         return 2.0**bits - 1
     return 2.0 ** (bits - 1) - 1
 
@@ -87,7 +93,7 @@ def layer_grid(layer: nn.Module, weight: Tensor, grid: str) -> Tensor:
     The step for ``b`` bits is ``c / grid_factor(b, grid)``.
     """
     w = weight.detach()
-    if grid in ("paper", "wrpn"):
+    if grid in ("paper", "wrpn", "dorefa"):
         return torch.ones((), dtype=w.dtype, device=w.device)
     if grid == "max":
         return w.abs().max().clamp_min(_EPS)
@@ -101,12 +107,18 @@ def layer_grid(layer: nn.Module, weight: Tensor, grid: str) -> Tensor:
         raise ValueError(
             f"sinreq: grid 'quantizer' needs a weight quantizer that rounds the weights to a uniform "
             f"grid ({', '.join(ROUNDING_QUANTIZERS)}); {q.name!r} does not (its levels are not "
-            "the nearest grid points of the weights). Use grid 'max', 'wrpn' or 'paper'"
+            "the nearest grid points of the weights). Use grid 'max', 'wrpn', 'paper' or, for DoReFa, "
+            "'dorefa'"
         )
     enc = q.encode(w)
     levels = enc.levels.to(w.dtype)
     top = levels[-1]  # symmetric grids: levels -n..n (times scale), the range is n * scale
     return (top * enc.scale.to(w.dtype)).detach()
+
+
+def grid_input(w: Tensor, grid: str) -> Tensor:
+    """What the grid is laid on: DoReFa's normalised weight for ``"dorefa"``, else ``w``."""
+    return dorefa_weight_normalize(w) if grid == "dorefa" else w
 
 
 def _select(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Module]:
@@ -176,7 +188,7 @@ class SinReQ:
             w = latent_weight(layer)
             b = self.bits[name]
             step = layer_grid(layer, w, self.grid) / grid_factor(b, self.grid)
-            r = sin_penalty(w, step, b, self.reduction)
+            r = sin_penalty(grid_input(w, self.grid), step, b, self.reduction)
             total = r if total is None else total + r
         return self.weight * total
 
@@ -239,7 +251,7 @@ class WaveQ(nn.Module, Callback):
             beta = self.beta[i].to(w.dtype)
             c = layer_grid(layer, w, self.grid)
             step = c / grid_factor(beta, self.grid)
-            r = sin_penalty(w, step, beta, self.reduction)
+            r = sin_penalty(grid_input(w, self.grid), step, beta, self.reduction)
             total = r if total is None else total + r
         return self.weight * total + self.beta_weight * self.beta.sum()
 
