@@ -29,7 +29,7 @@ import lowbit
 from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.quantize import weight_quantizer
-from lowbit.ptq import multipoint_ptq
+from lowbit.ptq import calibration_batches, multipoint_ptq
 from lowbit.train import atomic_write_text, evaluate, load_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         float_acc = evaluate(fresh(), data.test)["acc"]
         fps[ds] = float_acc
-        calib, n = [], 0
-        for x, _ in data.train:
-            calib.append(x)
-            n += len(x)
-            if n >= a.calib:
-                break
+        calib = calibration_batches(data.train, a.calib)
 
         def add(ds: str, bits: int, method: str, budget: float, model: torch.nn.Module, float_acc: float,
                 test: Any = data.test) -> None:

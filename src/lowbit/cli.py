@@ -273,18 +273,13 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     from .experiment import load_run
     from .export import save_packed
     from .nn.quantize import quantized_layers
-    from .ptq import multipoint_ptq
+    from .ptq import calibration_batches, multipoint_ptq
     from .train import Trainer
 
     model, data, _ = load_run(a.run)
     if quantized_layers(model):
         raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
-    calib, n = [], 0
-    for x, _ in data.train:
-        calib.append(x)
-        n += len(x)
-        if n >= a.calib:
-            break
+    calib = calibration_batches(data.train, a.calib)
     rows = multipoint_ptq(model, calib, bits=a.bits, budget=a.budget, max_points=a.max_points)
     table = Table("layer", "channels", "points", "mean points", "rel. output error (1 point)",
                   "rel. output error")

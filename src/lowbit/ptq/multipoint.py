@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..nn.quantize import quantizable_layers, quantize, quantized_layers, weight_quantizer
 from ..quant.multipoint import MultipointWeight, multipoint_decompose
 
-__all__ = ["LayerAllocation", "allocate_points", "input_grams", "multipoint_ptq", "output_errors"]
+__all__ = ["LayerAllocation", "allocate_points", "calibration_batches", "input_grams", "multipoint_ptq",
+           "output_errors"]
 
 
 @dataclass
@@ -48,6 +49,18 @@ class LayerAllocation:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def calibration_batches(loader: Iterable[Any], n: int) -> list[Tensor]:
+    """The inputs of the first batches of ``loader`` until they hold at least ``n`` samples."""
+    out, count = [], 0
+    for b in loader:
+        x = b[0] if isinstance(b, tuple | list) else b
+        out.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return out
 
 
 def _rows(layer: nn.Module, x: Tensor) -> Tensor | None:
