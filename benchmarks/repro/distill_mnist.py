@@ -16,9 +16,7 @@ and a rerun reuses finished ones.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,9 +26,10 @@ from typing import Any
 import torch
 
 from lowbit.experiment import RunSpec, train_run
-from lowbit.train import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import fp_run, train_seconds
 
 
@@ -85,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(pool.map(one, jobs))
     for r in rows:
         print(f"W{r['bits']}/A2 {r['method']:24s} {100 * r['test_acc']:.2f}%", flush=True)
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/distill_mnist.py", *args]),
-            "epochs": a.epochs, "fp_acc": fp.test_acc, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "distill_mnist.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    atomic_write_text(out / "distill_mnist.md", render(meta, rows))
+    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
+    write_results(a.out, "distill_mnist", {"meta": meta, "rows": rows}, render(meta, rows))
     return 0
 
 

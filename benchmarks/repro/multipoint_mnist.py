@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,9 +28,11 @@ from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.quantize import weight_quantizer
 from lowbit.ptq import calibration_batches, multipoint_ptq
-from lowbit.train import atomic_write_text, evaluate, load_weights
+from lowbit.train import evaluate, load_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import fp_run
 
 LAYERS = ("conv2", "fc1", "fc2")
@@ -114,14 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                             extra -= 1
                     q.counts = counts
                 add(ds, bits, "multipoint, random channels", budget, rnd, float_acc)
-    meta = {"command": " ".join(["python benchmarks/repro/multipoint_mnist.py",
-                                 *(argv if argv is not None else sys.argv[1:])]),
-            "calib": a.calib, "fp_acc": fps, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    payload = json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-    atomic_write_text(out / "multipoint_mnist.json", payload)
-    atomic_write_text(out / "multipoint_mnist.md", render(meta, rows))
+    meta = run_meta(__file__, argv, t0, calib=a.calib, fp_acc=fps)
+    write_results(a.out, "multipoint_mnist", {"meta": meta, "rows": rows}, render(meta, rows))
     return 0
 
 

@@ -16,9 +16,7 @@ rerun reuses finished ones.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,9 +26,10 @@ from typing import Any
 import torch
 
 from lowbit.experiment import RunSpec, train_run
-from lowbit.train import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import bits_of, train_seconds
 
 
@@ -69,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(w_bits=wb, a_bits=ab, float_layers=kept)
         print(f"{r['recipe']:16s} W{wb}/A{ab} acc {100 * r['test_acc']:.2f}% "
               f"(float {100 * fp['test_acc']:.2f}%)")
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/run_cifar10.py", *args]), "fp": fp,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "cifar10.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(__file__, argv, t0, fp=fp)
     lines = [
         "# ResNet-20 on CIFAR-10 (JPEG copy), short CPU budget",
         "",
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| `{r['recipe']}` | W{r['w_bits']}/A{r['a_bits']} | {r['float_layers']} | "
                      f"{100 * r['test_acc']:.2f}% | {100 * (fp['test_acc'] - r['test_acc']):+.2f} | {size} | "
                      f"{r['epochs']} | {r['train_s']:.0f} |")
-    atomic_write_text(out / "cifar10.md", "\n".join(lines) + "\n")
+    write_results(a.out, "cifar10", {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -14,8 +14,6 @@ the three layers in the final model (RVSM's ``u``). Writes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,9 +23,10 @@ import torch
 
 import lowbit
 from lowbit.experiment import RunSpec, train_run
-from lowbit.train import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import fp_run, train_seconds
 
 LAYERS = ["conv2", "fc1", "fc2"]
@@ -74,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"rvsm": label, "test_acc": res.test_acc, "sparsity": sp,
                      "train_s": round(train_seconds(out), 1)})
         print(f"{label:22s} sparsity {100 * sp:5.1f}%  acc {100 * res.test_acc:.2f}%", flush=True)
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/rvsm_mnist.py", *args]), "epochs": a.epochs,
-            "fp_acc": fp.test_acc, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_time_s": round(time.time() - t0, 1)}
-    out_dir = Path(a.out)
-    atomic_write_text(out_dir / "rvsm_mnist.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
     lines = [
         "# RVSM sparse training, LeNet-5 on MNIST, 4-bit weights on conv2/fc1/fc2",
         "",
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['rvsm']} | {100 * r['sparsity']:.1f}% | {100 * r['test_acc']:.2f}% | "
                      f"{r['train_s']:.0f} |")
-    atomic_write_text(out_dir / "rvsm_mnist.md", "\n".join(lines) + "\n")
+    write_results(a.out, "rvsm_mnist", {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,12 @@ import torch
 import lowbit
 from lowbit.data import load_dataset
 from lowbit.models import build_model
-from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate, load_weights
+from lowbit.train import TrainConfig, Trainer, evaluate, load_weights
 from lowbit.train.sinreq import SinReQ, WaveQ
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import fp_run
 
 LAYERS = ["conv2", "fc1", "fc2"]
@@ -104,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         acc, secs = finetune(model, [wq], [wq])
         record("waveq", f"lambda {a.waveq_weight:g}, beta_weight {bw:g}", model, acc, secs, wq.learned_bits())
 
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/sinreq_mnist.py", *args]),
-            "epochs": a.epochs, "lr": a.lr, "torch": torch.__version__, "threads": a.threads,
-            "machine": platform.processor() or platform.machine(),
-            "wall_time_s": round(time.time() - t_start, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "sinreq_mnist.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    atomic_write_text(out / "sinreq_mnist.md", render(meta, rows))
+    meta = run_meta(__file__, argv, t_start, epochs=a.epochs, lr=a.lr, threads=a.threads)
+    write_results(a.out, "sinreq_mnist", {"meta": meta, "rows": rows}, render(meta, rows))
     return 0
 
 

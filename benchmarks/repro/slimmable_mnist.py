@@ -14,8 +14,6 @@ per width. Writes ``benchmarks/results/slimmable_mnist.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,11 @@ import lowbit
 from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.slimmable import SlimmableChain
-from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate
+from lowbit.train import TrainConfig, Trainer, evaluate
 from lowbit.train.sandwich import SandwichLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 
 RECIPE = {"default": {"weight": {"method": "binary", "bits": 1, "per_channel": True},
                       "activation": {"method": "pact", "bits": 4}},
@@ -66,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         row["alone_acc"] = evaluate(alone, data.test)["acc"]
         print(f"width {row['width']:.2f}: supernet {100 * row['supernet_acc']:.2f}%  "
               f"alone {100 * row['alone_acc']:.2f}%", flush=True)
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/slimmable_mnist.py", *args]), "epochs": a.epochs,
-            "supernet_train_s": round(super_s, 1), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "slimmable_mnist.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(__file__, argv, t0, epochs=a.epochs, supernet_train_s=round(super_s, 1))
     lines = [
         "# One slimmable binary LeNet-5 against separately trained widths, MNIST",
         "",
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['width']:.2f} | {100 * r['supernet_acc']:.2f}% | {100 * r['alone_acc']:.2f}% | "
                      f"{r['alone_s']:.0f} |")
-    atomic_write_text(out / "slimmable_mnist.md", "\n".join(lines) + "\n")
+    write_results(a.out, "slimmable_mnist", {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

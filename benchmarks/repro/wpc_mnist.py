@@ -15,8 +15,6 @@ Writes ``benchmarks/results/wpc_mnist.{md,json}``; runs live under ``runs/repro/
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,9 +25,10 @@ import torch
 import lowbit
 from lowbit.experiment import RunSpec, train_run
 from lowbit.prune import structured_sparsity
-from lowbit.train import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 from run_mnist import fp_run, train_seconds
 
 LAYERS = ["conv2", "fc1", "fc2"]
@@ -82,12 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                      "alpha_ratio": alpha / alpha0, "train_s": round(train_seconds(out), 1)})
         print(f"{label:26s} skippable groups {100 * zero_groups / groups:5.1f}%  alpha {alpha / alpha0:.2f}  "
               f"acc {100 * res.test_acc:.2f}%", flush=True)
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/repro/wpc_mnist.py", *args]), "epochs": a.epochs,
-            "fp_acc": fp.test_acc, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "wall_time_s": round(time.time() - t0, 1)}
-    out_dir = Path(a.out)
-    atomic_write_text(out_dir / "wpc_mnist.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
     lines = [
         "# Group lasso with Weight Penalty Clipping, ternary LeNet-5 on MNIST",
         "",
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['run']} | {100 * r['skippable_groups']:.1f}% | {100 * r['zero_weights']:.1f}% | "
                      f"{r['alpha_ratio']:.2f} | {100 * r['test_acc']:.2f}% | {r['train_s']:.0f} |")
-    atomic_write_text(out_dir / "wpc_mnist.md", "\n".join(lines) + "\n")
+    write_results(a.out, "wpc_mnist", {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -19,8 +19,6 @@ Finally the agent's best, the oracle's best and uniform 2/3/4-bit assignments ar
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,10 @@ from lowbit.experiment import RunSpec, train_run
 from lowbit.models import build_model
 from lowbit.nn.quantize import quantizable_layers, quantize
 from lowbit.search import FineTuneEvaluator, ReLeQ, exhaustive
-from lowbit.train import TrainConfig, Trainer, atomic_write_text, load_weights
+from lowbit.train import TrainConfig, Trainer, load_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 
 WEIGHT = {"method": "uniform", "scale": "mse", "per_channel": True}
 
@@ -114,20 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                        "search_reward": agent.terminal_reward(bits), "search_val_acc": agent.accuracy(bits),
                        "test_acc": acc})
         print(f"{label:28s} bits {bits} test {100 * acc:.2f}%", flush=True)
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/search/releq_mnist.py", *args]),
-            "episodes": a.episodes,
-            "proxy": a.proxy, "val": a.val, "fp_epochs": a.fp_epochs, "final_epochs": a.final_epochs,
-            "float_test_acc": fp.test_acc, "float_val_acc": float_val,
-            "agent_distinct_assignments": agent_cost,
-            "agent_episode_assignments": len(asked), "agent_best_rank": rank,
-            "oracle_top5": [[list(b), r, acc] for b, r, acc in oracle[:5]] if oracle else None,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "releq_mnist.json", json.dumps({"meta": meta, "finals": finals,
-                                                           "history": result.history}, indent=1) + "\n")
-    atomic_write_text(out / "releq_mnist.md", render(meta, finals))
+    meta = run_meta(
+        __file__, argv, t0, episodes=a.episodes, proxy=a.proxy, val=a.val, fp_epochs=a.fp_epochs,
+        final_epochs=a.final_epochs, float_test_acc=fp.test_acc, float_val_acc=float_val,
+        agent_distinct_assignments=agent_cost, agent_episode_assignments=len(asked), agent_best_rank=rank,
+        oracle_top5=[[list(b), r, acc] for b, r, acc in oracle[:5]] if oracle else None)
+    write_results(a.out, "releq_mnist", {"meta": meta, "finals": finals, "history": result.history},
+                  render(meta, finals))
     return 0
 
 

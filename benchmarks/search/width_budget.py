@@ -15,9 +15,7 @@ the test set. Writes ``benchmarks/results/width_budget.{md,json}``; runs live un
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +27,9 @@ import torch
 from lowbit.experiment import RunSpec, train_run
 from lowbit.models import build_model
 from lowbit.search import model_weight_bits, width_for_budget
-from lowbit.train import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 
 
 def recipe(bits: int) -> dict[str, Any]:
@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"budget {r['budget_bits']:,} bits: W{r['bits']} width {r['width']:.3f} "
               f"acc {100 * r['test_acc']:.2f}%")
-    args = argv if argv is not None else sys.argv[1:]
-    meta = {"command": " ".join(["python benchmarks/search/width_budget.py", *args]), "dataset": a.dataset,
-            "epochs": a.epochs, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(),
-            "wall_time_s": round(time.time() - t0, 1)}
-    out = Path(a.out)
-    atomic_write_text(out / "width_budget.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(__file__, argv, t0, dataset=a.dataset, epochs=a.epochs)
     lines = [
         f"# Bit-width or width at equal weight storage: LeNet-5 on {a.dataset}",
         "",
@@ -100,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['budget_bits']:,} | {r['ref_bits']} bits | {r['bits']} | {r['width']:.3f} | "
                      f"{r['storage_bits']:,} | {r['params']:,} | {100 * r['test_acc']:.2f}% |")
-    atomic_write_text(out / "width_budget.md", "\n".join(lines) + "\n")
+    write_results(a.out, "width_budget", {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -175,10 +175,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .experiment import load_run
-    from .train import Trainer
+    from .train import evaluate
 
     model, data, _ = load_run(a.run)
-    ev = Trainer(model, data.train, data.test, {"epochs": 1}).evaluate()
+    ev = evaluate(model, data.test)
     console.print(f"{a.run}: test accuracy {ev['acc']:.2%} (loss {ev['loss']:.4f}, n={ev['n']})")
     return 0
 
@@ -274,7 +274,7 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     from .export import save_packed
     from .nn.quantize import quantized_layers
     from .ptq import calibration_batches, multipoint_ptq
-    from .train import Trainer
+    from .train import evaluate
 
     model, data, _ = load_run(a.run)
     if quantized_layers(model):
@@ -287,7 +287,7 @@ def cmd_ptq(a: argparse.Namespace) -> int:
         table.add_row(r.name, str(r.channels), str(r.points), f"{r.mean_points:.2f}",
                       f"{r.rel_output_error_1:.4f}", f"{r.rel_output_error:.4f}")
     console.print(table)
-    ev = Trainer(model, data.train, data.test, {"epochs": 1}).evaluate()
+    ev = evaluate(model, data.test)
     size = save_packed(model.eval(), a.out)
     console.print(f"W{a.bits} multipoint (budget {a.budget:g}): test accuracy {ev['acc']:.2%}; "
                   f"packed model -> {a.out} ({size:,} bytes)")
