@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/lowbit demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -rs
 
 lint: setup
 	.venv/bin/ruff check .

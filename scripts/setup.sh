@@ -12,15 +12,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 
-pipq() { pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip's own exit status decides (pipefail): a failed install stops the setup here, loudly,
+# instead of turning into skipped tests later.
+pipq() { pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 
 if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   echo "[setup] installing torch 2.13.0 (CPU build)"
   pipq torch==2.13.0
 fi
-if ! python -c "import lowbit, pytest, onnxruntime, numba, matplotlib, hypothesis" 2>/dev/null; then
+if ! python -c "import lowbit, pytest, onnxruntime, numba, matplotlib, hypothesis, transformers, uvicorn, starlette, httpx" 2>/dev/null; then
   echo "[setup] installing lowbit and its tools"
-  pipq -e ".[test,export,plot,tensorboard]"
+  pipq -e ".[test,export,plot,tensorboard,serve]"
 fi
 python -c "import lowbit" || { echo "[setup] lowbit did not install"; exit 1; }
 
