@@ -374,7 +374,7 @@ def test_file_layout_matches_header(tmp_path: Path) -> None:
         meta = f.metadata()
         keys = set(f.keys())
         header = json.loads(meta["lowbit"])
-        assert meta["format"] == "lowbit" and header["format"] == "lowbit" and header["version"] == 1
+        assert meta["format"] == "lowbit" and header["format"] == "lowbit" and header["version"] == 2
         assert header["spec"] == model.lowbit_spec and header["recipe"] == model.lowbit_recipe
         conv2 = header["layers"]["conv2"]
         enc = conv2["weight"]["encodings"][0]
@@ -512,7 +512,9 @@ def test_header_validation(packed_file: Path, tmp_path: Path) -> None:
     def case(match: str, **edits) -> None:
         _expect_error(_rewrite(packed_file, out, **edits), match)
 
-    case("unsupported format version 2", edit_header=lambda h: h.__setitem__("version", 2))
+    case("unsupported format version 3", edit_header=lambda h: h.__setitem__("version", 3))
+    case("tied", edit_header=lambda h: h.__setitem__("tied", {"x": "not-a-key"}))
+    case("channel_axis", edit_header=lambda h: h["layers"]["conv1"]["weight"].__setitem__("channel_axis", 9))
     case("header format", edit_header=lambda h: h.__setitem__("format", "other"))
     case("lacks key", edit_header=lambda h: h.pop("layers"))
     case("unknown key", edit_header=lambda h: h.__setitem__("extra", 1))
@@ -665,3 +667,78 @@ def test_size_targets_mlp(tmp_path: Path, kind: str) -> None:
     print(f"{kind}: {os.path.getsize(path)} bytes, {ratio:.2f}x smaller than FP32 ({4 * params} bytes)")
     assert ratio >= target
     assert model_report(model).compression == pytest.approx(ratio)
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares the embedding's Parameter (GPT-2's wte/lm_head)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+TIED_RECIPES = {
+    "head_binary": {"default": {"weight": {"method": "binary", "bits": 1}}},
+    "head_twn_per_channel": {"default": {"weight": {"method": "twn", "bits": 2, "per_channel": True}}},
+    "head_float": {
+        "default": {"weight": {"method": "binary", "bits": 1}},
+        "rules": [{"match": "head", "weight": None}],
+    },
+}
+
+
+@pytest.mark.parametrize("recipe", list(TIED_RECIPES))
+def test_tied_weights_survive_save_load(tmp_path: Path, recipe: str) -> None:
+    torch.manual_seed(0)
+    model = lowbit.quantize(TiedLM(), TIED_RECIPES[recipe]).eval()
+    emb_before = model.emb.weight.detach().clone()
+    ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)
+    save_packed(model, tmp_path / "t.lowbit")
+    fresh = TiedLM()
+    loaded = load_packed(tmp_path / "t.lowbit", model=fresh)
+    # the float embedding is untouched (not overwritten by the decoded head weight) ...
+    assert torch.equal(loaded.emb.weight, emb_before)
+    # ... still one Parameter with the head's latent weight, and outputs equal bit for bit
+    head_latent = (
+        loaded.head.parametrizations.weight.original if recipe != "head_float" else loaded.head.weight
+    )
+    assert head_latent is loaded.emb.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref)
+    # the tied tensor is stored once
+    with safe_open(tmp_path / "t.lowbit", "pt") as f:
+        keys = set(f.keys())
+        header = json.loads(f.metadata()["lowbit"])
+    assert "state/emb.weight" in keys
+    if recipe == "head_float":
+        assert "state/head.weight" not in keys and header["tied"] == {"head.weight": "emb.weight"}
+    else:
+        assert header["tied"] == {} and "quant/head/0/codes" in keys
+        want_axis = 0 if "per_channel" in recipe else None
+        assert header["layers"]["head"]["weight"]["channel_axis"] == want_axis
+    # saving the loaded model again writes the same file
+    save_packed(loaded, tmp_path / "t2.lowbit")
+    assert (tmp_path / "t2.lowbit").read_bytes() == (tmp_path / "t.lowbit").read_bytes()
+
+
+def test_version_1_files_still_load(packed_file: Path, tmp_path: Path) -> None:
+    def v1(h: dict) -> None:
+        h["version"] = 1
+        h.pop("tied")
+        for e in h["layers"].values():
+            if e["weight"] is not None:
+                e["weight"].pop("channel_axis")
+
+    out = _rewrite(packed_file, tmp_path / "v1.lowbit", edit_header=v1)
+    a, b = load_packed(packed_file), load_packed(out)
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))

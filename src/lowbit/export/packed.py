@@ -14,17 +14,24 @@ code). Its tensors:
 
 Its ``__metadata__`` holds ``format = "lowbit"`` and ``lowbit`` = a JSON header::
 
-    {"format": "lowbit", "version": 1, "lowbit_version": "0.1.0",
+    {"format": "lowbit", "version": 2, "lowbit_version": "0.1.0",
      "recipe": {...model.lowbit_recipe...}, "spec": {...model.lowbit_spec...} | null,
      "fp32_params": <parameters of the float model, the FP32 size baseline / 4>,
      "layers": {"<name>": {"type": "Conv2d", "shape": [...], "dtype": "float32",
-                          "weight": null | {"method", "bits", "per_channel", "encodings": [
+                          "weight": null | {"method", "bits", "per_channel",
+                              "channel_axis": null | <axis of the per-channel scale>, "encodings": [
                               {"parent": null|int, "bits", "num_levels", "numel",
                                "packing": {"kind": "bits", "bits": b} | {"kind": "radix",
                                            "base": 3, "per_byte": 5},
                                "nbytes", "levels_dtype", "scale_dtype", "scale_shape"}]},
                           "activation": null | {"method", "bits"}}},
-     "state": ["<key>", ...]}
+     "state": ["<key>", ...],
+     "tied": {"<key>": "<stored key>", ...}}
+
+``tied`` lists state entries that are the same tensor as a stored one (tied parameters, e.g.
+an embedding and an unquantized LM head): each is stored once. A scale's ``scale_shape`` keeps
+the weight's rank (size ``C`` on ``channel_axis``: 0 for Linear/Conv, 1 for ConvTranspose and
+transformers' ``Conv1D``). Version 1 files (no ``tied``, no ``channel_axis``) read unchanged.
 
 ``layers`` lists every quantizable layer (conv/linear/any module with a >= 2-D weight), so a
 report can be made from the file alone. The packing layouts are in :mod:`.bitpack`.
@@ -47,6 +54,10 @@ weight so that the layer's weight equals the decoded weight **bit for bit**:
    again writes the same codes. :func:`thaw` removes it to fine-tune with the live quantizer
    (whose output then starts from ``Q(w_hat)``, not ``w_hat``).
 
+A quantized layer whose latent weight is tied to a stored float tensor (GPT-2's ``lm_head``
+shares ``wte``'s Parameter) is never written to: the float twin keeps its stored values and,
+unless the quantizer reproduces the codes from it, a :class:`FrozenWeight` serves them.
+
 Either way the loaded model computes exactly what the saved fake-quantized model computed.
 """
 
@@ -58,7 +69,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +95,8 @@ from .errors import FormatError
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no "tied" map, no "channel_axis"; it reads unchanged
 META_FORMAT = "format"
 META_HEADER = "lowbit"
 MAX_LEVELS = 256
@@ -295,6 +307,23 @@ def float_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+def _channel_axis(enc: Encoded) -> int | None:
+    """The axis a per-channel scale runs along (its one dimension > 1), None for per-tensor."""
+    for e, _ in flatten_encoded(enc):
+        big = [d for d, n in enumerate(e.scale.shape) if n > 1]
+        if e.scale.numel() > 1 and len(big) == 1:
+            return big[0] + e.codes.dim() - e.scale.dim()
+    return None
+
+
+def _tensor_identity(t: Tensor) -> tuple:
+    """Two state entries with the same identity are one tensor (tied parameters)."""
+    if t.numel() == 0:
+        return ("empty", id(t))
+    ptr = t.untyped_storage().data_ptr()
+    return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def build_payload(model: nn.Module) -> Payload:
     """Encode and pack ``model`` (a model quantized with :func:`lowbit.quantize`)."""
     from .. import __version__
@@ -381,11 +410,14 @@ def build_payload(model: nn.Module) -> Payload:
                 "method": _method_name(wq),
                 "bits": int(wq.bits),
                 "per_channel": bool(getattr(wq, "per_channel", False)),
+                "channel_axis": _channel_axis(enc),
                 "encodings": encs,
             }
         layers_hdr[name] = entry
         layer_bytes[name] = counts
     state_keys = []
+    tied: dict[str, str] = {}
+    first_key: dict[tuple, str] = {}
     for key, value in model.state_dict().items():
         if key in skip_keys:
             continue
@@ -393,6 +425,11 @@ def build_payload(model: nn.Module) -> Payload:
             raise ValueError(f"state entry {key!r} is not a tensor ({type(value).__name__}); cannot store it")
         if value.dtype not in DTYPE_NAMES:
             raise ValueError(f"state entry {key!r} has dtype {value.dtype}, not storable in safetensors")
+        ident = _tensor_identity(value)
+        if ident in first_key:  # a tied tensor (GPT-2's wte / lm_head): stored once
+            tied[key] = first_key[ident]
+            continue
+        first_key[ident] = key
         tensors[state_tensor_name(key)] = value.detach().cpu()
         state_keys.append(key)
     header = {
@@ -404,6 +441,7 @@ def build_payload(model: nn.Module) -> Payload:
         "fp32_params": float_param_count(model),
         "layers": layers_hdr,
         "state": state_keys,
+        "tied": tied,
     }
     json.dumps(header)  # recipe and spec must be JSON (they are by construction)
     return Payload(tensors=tensors, header=header, layer_bytes=layer_bytes)
@@ -476,12 +514,13 @@ def _validate_header(h: Any) -> None:
         h,
         {"format", "version", "lowbit_version", "recipe", "spec", "fp32_params", "layers", "state"},
         "header",
+        frozenset({"tied"}),
     )
     _expect(h["format"] == FORMAT_NAME, f"header format is {h['format']!r}, expected {FORMAT_NAME!r}")
     _expect(_is_int(h["version"]), f"header version must be an integer, got {h['version']!r}")
     _expect(
-        h["version"] == FORMAT_VERSION,
-        f"unsupported format version {h['version']}; this lowbit reads version {FORMAT_VERSION}",
+        h["version"] in READ_VERSIONS,
+        f"unsupported format version {h['version']}; this lowbit reads versions {list(READ_VERSIONS)}",
     )
     _expect(isinstance(h["lowbit_version"], str), "header lowbit_version must be a string")
     _expect(isinstance(h["recipe"], dict), "header recipe must be a JSON object")
@@ -497,6 +536,14 @@ def _validate_header(h: Any) -> None:
         "header state must be a list of strings",
     )
     _expect(len(set(state)) == len(state), "header state lists a key twice")
+    tied = h.get("tied", {})
+    _expect(
+        isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
+        "header tied must be an object mapping state keys to state keys",
+    )
+    for k, v in tied.items():
+        _expect(v in state, f"header tied[{k!r}] = {v!r} is not a stored state key")
+        _expect(k not in state, f"header tied[{k!r}]: the key is stored as well as tied")
     layers = h["layers"]
     _expect(isinstance(layers, dict), "header layers must be a JSON object")
     for name, e in layers.items():
@@ -521,7 +568,13 @@ def _validate_header(h: Any) -> None:
         q = e["weight"]
         if q is None:
             continue
-        _check_keys(q, {"method", "bits", "per_channel", "encodings"}, f"{w}.weight")
+        wkeys = {"method", "bits", "per_channel", "encodings"}
+        _check_keys(q, wkeys, f"{w}.weight", frozenset({"channel_axis"}))
+        ax = q.get("channel_axis")
+        _expect(
+            ax is None or (_is_int(ax) and 0 <= ax < len(e["shape"])),
+            f"{w}.weight.channel_axis must be null or a dimension of the weight (0..{len(e['shape']) - 1})",
+        )
         _expect(isinstance(q["method"], str), f"{w}.weight.method must be a string")
         _expect(_is_int(q["bits"]) and 1 <= q["bits"] <= 32, f"{w}.weight.bits must be in 1..32")
         _expect(isinstance(q["per_channel"], bool), f"{w}.weight.per_channel must be true/false")
@@ -662,6 +715,8 @@ def parse_packed(data: bytes, what: str = "file") -> PackedFile:
             )
         layers[name] = rec
     state = {k: tensors[state_tensor_name(k)] for k in header["state"]}
+    for k, v in header.get("tied", {}).items():
+        state[k] = state[v]
     return PackedFile(header=header, layers=layers, state=state, tensors=tensors, file_bytes=len(data))
 
 
@@ -752,9 +807,19 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
     _check_structure(model, pf)
     _load_state(model, pf)
     model.eval()  # weights are restored as the deployed (eval-mode) quantizers compute them
-    for name, rec in pf.layers.items():
-        if rec.encoded is not None:
-            _set_weight(model.get_submodule(name), name, rec)
+    # A latent weight tied to a stored float tensor (GPT-2's lm_head and wte) is never
+    # overwritten: the float twin keeps its stored values, a FrozenWeight serves the codes.
+    sd = model.state_dict()
+    protected = {_tensor_identity(sd[k]) for k in pf.state if k in sd and isinstance(sd[k], Tensor)}
+    done = [(name, rec) for name, rec in pf.layers.items() if rec.encoded is not None]
+    for name, rec in done:
+        _set_weight(model.get_submodule(name), name, rec, protected)
+    for name, rec in done:  # a latent shared by two quantized layers: both must still hold
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            ok = torch.equal(layer.weight, rec.encoded.decode().to(layer.weight.dtype))  # type: ignore[union-attr]
+        if not ok:
+            parametrize.register_parametrization(layer, "weight", FrozenWeight(rec.encoded))  # type: ignore[arg-type]
     return model
 
 
@@ -816,7 +881,7 @@ def _load_state(model: nn.Module, pf: PackedFile) -> None:
     )
 
 
-def _set_weight(layer: nn.Module, name: str, rec: LayerRecord) -> None:
+def _set_weight(layer: nn.Module, name: str, rec: LayerRecord, protected: Collection[tuple] = ()) -> None:
     assert rec.encoded is not None
     wq = weight_quantizer(layer)
     assert wq is not None
@@ -825,8 +890,11 @@ def _set_weight(layer: nn.Module, name: str, rec: LayerRecord) -> None:
     decoded = rec.encoded.decode().to(original.dtype)
     _expect(decoded.shape == original.shape, f"layer {name!r}: decoded shape differs from the model's")
     exact = False
+    tied = _tensor_identity(original) in protected
     with torch.no_grad():
-        for cand in _latent_candidates(wq, rec.encoded, decoded):
+        if tied:
+            exact = torch.equal(layer.weight, decoded)
+        for cand in [] if tied else _latent_candidates(wq, rec.encoded, decoded):
             if not bool(torch.isfinite(cand).all()):
                 continue
             original.copy_(cand)
@@ -837,7 +905,7 @@ def _set_weight(layer: nn.Module, name: str, rec: LayerRecord) -> None:
             if got.shape == decoded.shape and torch.equal(got, decoded):
                 exact = True
                 break
-        if not exact:
+        if not exact and not tied:
             original.copy_(decoded)
     if not exact:
         parametrize.register_parametrization(layer, "weight", FrozenWeight(rec.encoded))
