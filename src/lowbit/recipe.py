@@ -17,8 +17,13 @@ A recipe is a small YAML (or dict)::
     train: {epochs: 10, optimizer: adam, lr: 0.001}    # optional, read by the trainer
 
 Any key of a quantizer spec besides ``method`` and ``bits`` is an option of that quantizer's
-constructor (``per_channel``, ``ste``, ``alpha_init`` ...). Every mistake raises
-:class:`RecipeError` naming the field, the bad value and what is allowed.
+constructor (``per_channel``, ``ste``, ``alpha_init``, ``signed`` ...), except the weight option
+``channel_axis`` (an integer: the weight's output-channel dimension for per-channel statistics;
+by default ``lowbit.quantize`` picks it from the layer type). Weights not called ``weight`` (RNN,
+attention) are matched by ``module.param`` names, e.g. ``"rnn.weight_hh_l0"`` (see
+``lowbit.nn.quantize``). ``methods`` entries are checked against :data:`TRAINING_METHODS` (names
+and option keys). Every mistake raises :class:`RecipeError` naming the field, the bad value and
+what is allowed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,23 @@ from .quant import registry
 Kind = Literal["weight", "activation"]
 _UNSET: Any = object()
 SPECIAL_MATCHES = ("@first", "@last")
+
+#: Training methods a recipe's ``methods`` list may name -> the option keys each accepts. The
+#: implementations live in ``lowbit.train.methods`` (which checks that it matches this table);
+#: the table sits here so a recipe is validated when it is loaded, without importing training.
+TRAINING_METHODS: dict[str, tuple[str, ...]] = {
+    "bcgd": ("rho",),
+    "binary_relax": ("eta0", "growth", "per_epoch", "every_steps", "steps_per_epoch", "hard_epoch",
+                     "eval_hard"),
+    "pact_l2": ("weight",),
+    "sinreq": ("weight", "bits", "grid", "layers", "reduction"),
+    "waveq": ("weight", "beta_weight", "init_bits", "min_bits", "max_bits", "grid", "layers", "reduction"),
+    "kd": ("teacher", "alpha", "temperature"),
+    "dcq": ("teacher", "cut_after", "dcq_epochs", "alpha", "temperature"),
+    "rvsm": ("lam", "beta", "penalty", "a", "layers", "finalize"),
+    "wpc": ("lam", "group", "pe_in", "wpc", "wpc_scale", "layers"),
+    "bits_penalty": ("weight",),
+}
 
 
 class RecipeError(ValueError):
@@ -58,8 +80,14 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, **dict(self.options)}
 
+    @property
+    def channel_axis(self) -> int | None:
+        """The weight option ``channel_axis`` (None: chosen from the layer type)."""
+        return self.options.get("channel_axis")
+
     def build(self, kind: Kind) -> registry.Quantizer:
-        return registry.create(kind, self.method, self.bits, **dict(self.options))
+        opts = {k: v for k, v in self.options.items() if k != "channel_axis"}
+        return registry.create(kind, self.method, self.bits, **opts)
 
 
 def _parse_spec(raw: Any, kind: Kind, path: str) -> QuantSpec | None:
@@ -80,7 +108,12 @@ def _parse_spec(raw: Any, kind: Kind, path: str) -> QuantSpec | None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in cls.bits_allowed:
         raise _err(f"{path}.bits", bits, f"{list(cls.bits_allowed)} for {kind} method {method!r}")
     allowed_opts = registry.options(cls)
+    if kind == "weight":
+        allowed_opts["channel_axis"] = None
     options = {k: v for k, v in raw.items() if k not in ("method", "bits")}
+    axis = options.get("channel_axis")
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+        raise _err(f"{path}.channel_axis", axis, "an integer (the weight's output-channel dimension) or null")
     for k in options:
         if k not in allowed_opts:
             raise _err(
@@ -103,6 +136,7 @@ class Rule:
     activation: Any = _UNSET
 
     def matches(self, name: str, first: str | None, last: str | None) -> bool:
+        """Whether a pattern matches ``name`` (a glob, or ``@first``/``@last``)."""
         for pat in self.match:
             if pat == "@first" and name == first:
                 return True
@@ -181,6 +215,8 @@ class Recipe:
         if not isinstance(methods, list) or not all(isinstance(m, Mapping) and "name" in m for m in methods):
             raise _err("methods", methods, "a list of {name: <method>, <option>: <value>}, e.g. "
                        "[{name: bcgd, rho: 1.0e-5}]")
+        for i, m in enumerate(methods):
+            _check_method(m, f"methods[{i}]")
         for k in ("name", "description"):
             if k in raw and not isinstance(raw[k], str):
                 raise _err(k, raw[k], "a string")
@@ -207,11 +243,17 @@ class Recipe:
         return cls.from_dict(raw or {}, source=str(p))
 
     # ---- use ------------------------------------------------------------------------------
-    def plan(self, name: str, first: str | None = None, last: str | None = None) -> LayerPlan:
-        """The weight and activation spec for the module called ``name``."""
+    def plan(
+        self, name: str, first: str | None = None, last: str | None = None, also: Iterable[str] = ()
+    ) -> LayerPlan:
+        """The weight and activation spec for the module (or weight) called ``name``.
+
+        A rule applies when it matches ``name`` or one of the names in ``also`` (a weight's module).
+        """
         w, a = self.default_weight, self.default_activation
+        names = (name, *also)
         for r in self.rules:
-            if r.matches(name, first, last):
+            if any(r.matches(n, first, last) for n in names):
                 if r.weight is not _UNSET:
                     w = r.weight
                 if r.activation is not _UNSET:
@@ -255,6 +297,16 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_method(m: Mapping[str, Any], path: str) -> None:
+    name = m["name"]
+    if name not in TRAINING_METHODS:
+        raise _err(f"{path}.name", name, f"training methods {sorted(TRAINING_METHODS)}")
+    allowed = TRAINING_METHODS[name]
+    for k in m:
+        if k != "name" and k not in allowed:
+            raise _err(f"{path}.{k}", m[k], f"keys name, {', '.join(allowed)} for method {name!r}")
 
 
 def recipe_dirs() -> list[Path]:

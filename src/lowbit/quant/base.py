@@ -22,12 +22,23 @@ estimator in training activation quantized neural nets", ICLR 2019).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 Kind = Literal["weight", "activation"]
+log = logging.getLogger(__name__)
+
+#: Share of negative inputs above which an unsigned activation quantizer warns at initialisation.
+NEGATIVE_SHARE_WARN = 0.25
+
+
+class NegativeInputWarning(UserWarning):
+    """An unsigned activation quantizer sees many negative inputs (they all become 0)."""
 
 
 @dataclass
@@ -60,14 +71,27 @@ def straight_through(q: Tensor, surrogate: Tensor) -> Tensor:
     return q.detach() + (surrogate - surrogate.detach())
 
 
-def channel_reduce_dims(x: Tensor) -> tuple[int, ...]:
-    """Dimensions to reduce for per-output-channel statistics (all but dim 0)."""
-    return tuple(range(1, x.dim()))
+def channel_reduce_dims(x: Tensor, axis: int = 0) -> tuple[int, ...]:
+    """Dimensions to reduce for per-output-channel statistics (all but ``axis``)."""
+    return tuple(d for d in range(x.dim()) if d != axis)
 
 
-def per_channel_view(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a length-C vector so it broadcasts against ``like`` along dim 0."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+def per_channel_view(v: Tensor, like: Tensor, axis: int = 0) -> Tensor:
+    """Reshape a length-C vector so it broadcasts against ``like`` along ``axis``."""
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def channel_rows(w: Tensor, axis: int = 0) -> Tensor:
+    """``(C, M)``: one row per output channel (``C = w.shape[axis]``)."""
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+
+
+def from_channel_rows(rows: Tensor, like: Tensor, axis: int = 0) -> Tensor:
+    """Inverse of :func:`channel_rows`: ``(C, M)`` back to the shape of ``like``."""
+    moved = like.movedim(axis, 0).shape
+    return rows.reshape(moved).movedim(0, axis)
 
 
 class Quantizer(nn.Module):
@@ -98,13 +122,53 @@ class Quantizer(nn.Module):
 
 
 class WeightQuantizer(Quantizer):
-    """A quantizer used as a ``torch.nn.utils.parametrize`` parametrization of ``weight``."""
+    """A quantizer used as a ``torch.nn.utils.parametrize`` parametrization of a weight.
+
+    ``channel_axis`` is the output-channel dimension of the weight that per-channel statistics
+    keep (0 for Linear/ConvNd, 1 for ConvTransposeNd and transformers' ``Conv1D``; set by
+    ``lowbit.quantize`` from the layer type or the recipe's ``channel_axis``). Per-channel
+    scales have the broadcastable shape of size C along ``channel_axis`` and 1 elsewhere.
+
+    Eval-mode cache: in eval mode and with gradients off (``torch.no_grad``/``inference_mode``)
+    the quantized weight is computed once and reused while the latent weight and the quantizer's
+    own parameters and buffers are unchanged (same tensors, same ``_version``); ``train()``
+    drops it. With gradients on, every call re-quantizes, so gradients stay exact.
+    """
 
     kind: ClassVar[Kind] = "weight"
 
     def __init__(self, bits: int, per_channel: bool = False) -> None:
         super().__init__(bits)
         self.per_channel = bool(per_channel)
+        self.channel_axis = 0
+        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+
+    def per_channel_stats(self, w: Tensor) -> bool:
+        """Whether statistics of ``w`` are taken per output channel."""
+        return self.per_channel and w.dim() > 1
+
+    def reduce_dims(self, w: Tensor) -> tuple[int, ...]:
+        return channel_reduce_dims(w, self.channel_axis)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return super().__call__(w)
+        key = self._cache_key(w)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        out = super().__call__(w)
+        self._cache = (self._cache_key(w), out)  # after the call: a lazy initialisation changes state
+        return out
+
+    def _cache_key(self, w: Tensor) -> tuple[Any, ...]:
+        state = [w, *self.parameters(), *self.buffers()]
+        return (self.channel_axis, w.shape, w.dtype, w.device,
+                *((id(t), t.data_ptr(), t._version) for t in state))
+
+    def train(self, mode: bool = True) -> WeightQuantizer:
+        self._cache = None
+        return super().train(mode)
 
     def initialize(self, w: Tensor) -> None:
         """Set data-dependent state (learned scales, thresholds) from the float weight.
@@ -114,37 +178,68 @@ class WeightQuantizer(Quantizer):
 
     def reduce_abs_mean(self, w: Tensor) -> Tensor:
         """mean|w| per tensor (0-d) or per output channel (broadcastable)."""
-        if self.per_channel and w.dim() > 1:
-            return w.abs().mean(dim=channel_reduce_dims(w), keepdim=True)
+        if self.per_channel_stats(w):
+            return w.abs().mean(dim=self.reduce_dims(w), keepdim=True)
         return w.abs().mean()
 
     def reduce_abs_max(self, w: Tensor) -> Tensor:
-        if self.per_channel and w.dim() > 1:
-            return w.abs().amax(dim=channel_reduce_dims(w), keepdim=True)
+        if self.per_channel_stats(w):
+            return w.abs().amax(dim=self.reduce_dims(w), keepdim=True)
         return w.abs().max()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}"
+        axis = f", channel_axis={self.channel_axis}" if self.per_channel and self.channel_axis else ""
+        return f"bits={self.bits}, per_channel={self.per_channel}{axis}"
 
 
 CoarseGrad = Literal["identity", "relu", "clipped_relu"]
 
 
 class ActivationQuantizer(Quantizer):
-    """A quantizer applied to a layer's input. ``ste`` picks the coarse gradient."""
+    """A quantizer applied to a layer's input. ``ste`` picks the coarse gradient.
+
+    ``signed``: whether the grid is the symmetric signed one, ``-(2^(b-1)-1) .. 2^(b-1)-1`` times
+    the step (``lsq``, ``uniform`` and ``pact`` offer it), or the unsigned ``0 .. 2^b-1`` (every
+    quantizer's default). An unsigned quantizer maps every negative input to 0; at its first
+    training batch it warns (once, naming ``layer_name``, set by ``lowbit.quantize``) when more
+    than ``NEGATIVE_SHARE_WARN`` of the inputs are negative.
+    """
 
     kind: ClassVar[Kind] = "activation"
     default_ste: ClassVar[CoarseGrad] = "clipped_relu"
 
-    def __init__(self, bits: int, ste: CoarseGrad | None = None) -> None:
+    def __init__(self, bits: int, ste: CoarseGrad | None = None, signed: bool = False) -> None:
         super().__init__(bits)
         ste = ste or self.default_ste
         if ste not in ("identity", "relu", "clipped_relu"):
             raise ValueError(
                 f"unknown coarse gradient ste={ste!r}; allowed: identity, relu, clipped_relu"
             )
+        if not isinstance(signed, bool):
+            raise ValueError(f"{self.name}: signed must be true or false, got {signed!r}")
+        if signed and bits < 2:
+            raise ValueError(f"{self.name}: signed=true needs bits >= 2 (1 signed bit is the grid {{0}}), "
+                             f"got bits={bits}")
+        if signed and ste == "relu":
+            raise ValueError(f"{self.name}: ste='relu' would stop the gradient of every negative input of a "
+                             "signed grid; allowed with signed=true: identity, clipped_relu")
         self.ste: CoarseGrad = ste
+        self.signed = signed
+        self.layer_name = ""
+        self._sign_checked = False
+
+    def check_sign(self, x: Tensor) -> None:
+        """Warn once if this unsigned quantizer sees a large share of negative inputs."""
+        if self.signed or self._sign_checked:
+            return
+        self._sign_checked = True
+        share = float((x.detach() < 0).float().mean()) if x.numel() else 0.0
+        if share > NEGATIVE_SHARE_WARN:
+            where = f"layer {self.layer_name!r}" if self.layer_name else "a layer"
+            msg = (f"unsigned {self.name} activation quantizer of {where}: {share:.0%} of its inputs are "
+                   "negative and quantize to 0; use signed: true (lsq, uniform, pact) for signed inputs")
+            log.warning(msg)
+            warnings.warn(msg, NegativeInputWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, ste={self.ste}"
-
+        return f"bits={self.bits}, ste={self.ste}" + (", signed=True" if self.signed else "")

@@ -228,6 +228,7 @@ class BCGDActivation(ActivationQuantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
+            self.check_sign(x)
             if not self.learn_a:
                 with torch.no_grad():
                     self.a.fill_(x.detach().abs().max() / self.levels)

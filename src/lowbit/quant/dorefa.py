@@ -58,6 +58,7 @@ class DoReFaWeight(WeightQuantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if self._binary is not None:
+            self._binary.channel_axis = self.channel_axis
             return self._binary(w)
         if fused.supported(w):  # the same values and gradients in a few calls
             return fused.dorefa_weight(w, self.bits)
@@ -68,6 +69,7 @@ class DoReFaWeight(WeightQuantizer):
 
     def encode(self, w: Tensor) -> Encoded:
         if self._binary is not None:
+            self._binary.channel_axis = self.channel_axis
             return self._binary.encode(w)
         w = w.detach()
         codes = quant_k_codes(dorefa_weight_normalize(w), self.bits).to(torch.uint8)
@@ -86,6 +88,8 @@ class DoReFaActivation(ActivationQuantizer):
         super().__init__(bits, ste)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.check_sign(x)
         if fused.supported(x):  # the same values and gradients in one pass each way
             return fused.dorefa_activation(x, self.bits, self.ste)
         n = 2**self.bits - 1

@@ -15,7 +15,7 @@ the smallest (sparsest) is taken (``argmax`` returns the first maximum); among w
 ``|w|`` at the boundary of the support, the stable sort keeps the lower flat index (every such
 choice has the same, optimal, objective). The objective is evaluated in float64.
 ``per_channel=True`` solves the problem independently per output channel (vectorised: one sort
-along dim 1 of the ``(C, M)`` view).
+along dim 1 of the ``(C, M)`` rows, one per index of the weight's ``channel_axis``).
 
 **bits = b >= 3: power-of-two levels with one free parameter.** ``n = 2^{b-2}`` magnitudes
 ``2^{-j}, j = 0..n-1`` plus zero, so ``2n + 1 = 2^{b-1} + 1 <= 2^b`` levels are used (b = 3: 5
@@ -60,7 +60,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Encoded, WeightQuantizer, straight_through
+from .base import (
+    Encoded,
+    WeightQuantizer,
+    channel_rows,
+    from_channel_rows,
+    per_channel_view,
+    straight_through,
+)
 from .registry import register
 
 #: Default free parameter c (alpha = c * max|w|) per bit-width, from the experiment above.
@@ -69,17 +76,25 @@ DEFAULT_C: dict[int, float] = {3: 0.39, 4: 0.57, 5: 0.93, 6: 0.93, 7: 0.93, 8: 0
 TERNARY_LEVELS = (-1.0, 0.0, 1.0)
 
 
-def as_rows(w: Tensor, per_channel: bool) -> Tensor:
-    """``(C, M)`` view per output channel, or ``(1, N)`` for one problem over the whole tensor."""
+def as_rows(w: Tensor, per_channel: bool, axis: int = 0) -> Tensor:
+    """``(C, M)`` rows per output channel (along ``axis``), or ``(1, N)`` for one problem over the
+    whole tensor."""
     if per_channel and w.dim() > 1:
-        return w.reshape(w.shape[0], -1)
+        return channel_rows(w, axis)
     return w.reshape(1, -1)
 
 
-def row_scale(alpha: Tensor, w: Tensor, per_channel: bool) -> Tensor:
+def from_rows(rows: Tensor, w: Tensor, per_channel: bool, axis: int = 0) -> Tensor:
+    """Inverse of :func:`as_rows`."""
+    if per_channel and w.dim() > 1:
+        return from_channel_rows(rows, w, axis)
+    return rows.reshape(w.shape)
+
+
+def row_scale(alpha: Tensor, w: Tensor, per_channel: bool, axis: int = 0) -> Tensor:
     """Per-row scales ``(C,)`` -> broadcastable against ``w`` (0-d for one problem)."""
     if per_channel and w.dim() > 1:
-        return alpha.reshape((-1,) + (1,) * (w.dim() - 1))
+        return per_channel_view(alpha, w, axis)
     return alpha.reshape(())
 
 
@@ -151,11 +166,12 @@ class LBWWeight(WeightQuantizer):
     def encode(self, w: Tensor) -> Encoded:
         w = w.detach()
         if self.bits == 2:
-            codes, alpha = optimal_ternary_rows(as_rows(w, self.per_channel))
+            ax = self.channel_axis
+            codes, alpha = optimal_ternary_rows(as_rows(w, self.per_channel, ax))
             return Encoded(
-                codes=codes.reshape(w.shape),
+                codes=from_rows(codes, w, self.per_channel, ax),
                 levels=torch.tensor(TERNARY_LEVELS, dtype=w.dtype, device=w.device),
-                scale=row_scale(alpha, w, self.per_channel),
+                scale=row_scale(alpha, w, self.per_channel, ax),
                 bits=2,
             )
         assert self.c is not None

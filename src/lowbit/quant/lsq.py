@@ -7,6 +7,8 @@ With a learned step ``s > 0`` and integer bounds ``Q_N, Q_P``::
 
 - weights (signed):       Q_N = 2^(b-1),  Q_P = 2^(b-1) - 1     (b >= 2; levels -Q_N..Q_P)
 - activations (unsigned): Q_N = 0,        Q_P = 2^b - 1         (levels 0..Q_P)
+- activations, ``signed=True`` (symmetric): Q_N = Q_P = 2^(b-1) - 1   (b >= 2; for inputs of
+  either sign, e.g. the inputs of a transformer's linear layers)
 
 Gradients (straight-through through ``round``; LSQ eq. 3)::
 
@@ -60,11 +62,11 @@ def lsq_bounds(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def lsq_init_step(v: Tensor, q_p: int, per_channel: bool = False) -> Tensor:
-    """``2 mean|v| / sqrt(Q_P)`` (0-d, or ``(C, 1, ...)`` per output channel)."""
+def lsq_init_step(v: Tensor, q_p: int, per_channel: bool = False, axis: int = 0) -> Tensor:
+    """``2 mean|v| / sqrt(Q_P)`` (0-d, or per output channel along ``axis``, broadcastable)."""
     v = v.detach()
     if per_channel and v.dim() > 1:
-        m = v.abs().mean(dim=channel_reduce_dims(v), keepdim=True)
+        m = v.abs().mean(dim=channel_reduce_dims(v, axis), keepdim=True)
     else:
         m = v.abs().mean()
     return (2 * m / math.sqrt(q_p)).clamp_min(_EPS)
@@ -157,7 +159,7 @@ class LSQWeight(_StepLoadMixin, WeightQuantizer):
 
     @torch.no_grad()
     def initialize(self, w: Tensor) -> None:
-        s0 = lsq_init_step(w, self.q_p, self.per_channel).to(self.s.dtype)
+        s0 = lsq_init_step(w, self.q_p, self.per_channel, self.channel_axis).to(self.s.dtype)
         if s0.shape == self.s.shape:
             self.s.copy_(s0)
         else:  # per-channel: the step's shape is known only now
@@ -167,7 +169,7 @@ class LSQWeight(_StepLoadMixin, WeightQuantizer):
     def g(self, w: Tensor) -> float:
         if self.grad_scale is not None:
             return self.grad_scale
-        n = w[0].numel() if self.per_channel and w.dim() > 1 else w.numel()
+        n = w.numel() // w.shape[self.channel_axis] if self.per_channel_stats(w) else w.numel()
         return lsq_grad_scale(n, self.q_p)
 
     def forward(self, w: Tensor) -> Tensor:
@@ -187,10 +189,13 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
     name = "lsq"
     bits_allowed = tuple(range(1, 9))
 
-    def __init__(self, bits: int, grad_scale: float | None = None) -> None:
-        # The coarse gradient for x is LSQ's own: 1 inside (0, Q_P s), 0 outside.
-        super().__init__(bits, "clipped_relu")
-        self.q_n, self.q_p = lsq_bounds(bits, signed=False)
+    def __init__(self, bits: int, grad_scale: float | None = None, signed: bool = False) -> None:
+        # The coarse gradient for x is LSQ's own: 1 inside (-Q_N s, Q_P s), 0 outside.
+        super().__init__(bits, "clipped_relu", signed)
+        if signed:
+            self.q_n = self.q_p = 2 ** (bits - 1) - 1
+        else:
+            self.q_n, self.q_p = lsq_bounds(bits, signed=False)
         self.grad_scale = _check_grad_scale(grad_scale)
         self.s = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -209,6 +214,7 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and not bool(self.initialized):
+            self.check_sign(x)
             with torch.no_grad():
                 self.s.copy_(lsq_init_step(x, self.q_p))
                 self.initialized.fill_(True)
@@ -221,4 +227,4 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
         return _lsq_encode(x, self.step_for(x), self.q_n, self.q_p, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, s={float(self.s.detach()):.4g}"
+        return f"bits={self.bits}, s={float(self.s.detach()):.4g}" + (", signed=True" if self.signed else "")

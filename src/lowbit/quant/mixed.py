@@ -102,7 +102,7 @@ def expected_bits(model: nn.Module) -> Tensor:
     count = 0
     for layer, q in mixed_layers(model).items():
         n = model.get_submodule(layer).parametrizations.weight.original.numel()
-        e = (q.probs() * torch.tensor(q.candidates, dtype=q.theta.dtype)).sum() * n
+        e = (q.probs() * torch.tensor(q.candidates, dtype=q.theta.dtype, device=q.theta.device)).sum() * n
         total = e if total is None else total + e
         count += n
     if total is None:

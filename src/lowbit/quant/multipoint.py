@@ -30,7 +30,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Encoded, WeightQuantizer, straight_through
+from .base import (
+    Encoded,
+    WeightQuantizer,
+    channel_rows,
+    from_channel_rows,
+    per_channel_view,
+    straight_through,
+)
 from .registry import register
 
 _EPS = 1e-12
@@ -54,11 +61,14 @@ def fit_point(r: Tensor, q: int, grid: int = 64) -> tuple[Tensor, Tensor]:
     return best_a, best_v
 
 
-def multipoint_decompose(w: Tensor, bits: int, counts: Tensor, grid: int = 64) -> tuple[Tensor, Tensor]:
-    """Greedy points of every output channel of ``w``: scales ``(P, C)`` and codes ``(P, C, d)``,
-    ``P = max(counts)``; channel ``c`` keeps its first ``counts[c]`` points (the rest are zero)."""
+def multipoint_decompose(
+    w: Tensor, bits: int, counts: Tensor, grid: int = 64, axis: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Greedy points of every output channel (index along ``axis``) of ``w``: scales ``(P, C)`` and
+    codes ``(P, C, d)``, ``P = max(counts)``; channel ``c`` keeps its first ``counts[c]`` points
+    (the rest are zero)."""
     q = 2 ** (bits - 1) - 1
-    r = w.detach().reshape(w.shape[0], -1)
+    r = channel_rows(w.detach(), axis)
     scales, codes = [], []
     for i in range(int(counts.max())):
         a, v = fit_point(r, q, grid)
@@ -86,11 +96,11 @@ class MultipointWeight(WeightQuantizer):
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # sized at the first weight
 
     def _counts(self, w: Tensor) -> Tensor:
-        if self.counts.numel() != w.shape[0]:
+        c = w.shape[self.channel_axis]
+        if self.counts.numel() != c:
             if self.counts.numel():
-                raise ValueError(f"multipoint: counts has {self.counts.numel()} channels, the weight "
-                                 f"{w.shape[0]}")
-            self.counts = torch.full((w.shape[0],), self.points, dtype=torch.int64, device=w.device)
+                raise ValueError(f"multipoint: counts has {self.counts.numel()} channels, the weight {c}")
+            self.counts = torch.full((c,), self.points, dtype=torch.int64, device=w.device)
         return self.counts
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -100,22 +110,23 @@ class MultipointWeight(WeightQuantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def decompose(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        return multipoint_decompose(w, self.bits, self._counts(w), self.grid)
+        return multipoint_decompose(w, self.bits, self._counts(w), self.grid, self.channel_axis)
 
     def forward(self, w: Tensor) -> Tensor:
         scales, codes = self.decompose(w)
         q = codes[0] * scales[0].unsqueeze(1)
         for i in range(1, codes.shape[0]):  # summed in the order Encoded.decode sums the branches
             q = q + codes[i] * scales[i].unsqueeze(1)
-        return straight_through(q.reshape(w.shape).to(w.dtype), w)
+        return straight_through(from_channel_rows(q, w, self.channel_axis).to(w.dtype), w)
 
     def encode(self, w: Tensor) -> Encoded:
         w = w.detach()
         scales, codes = self.decompose(w)
-        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+        ax = self.channel_axis
         levels = torch.arange(-self.q, self.q + 1, dtype=w.dtype, device=w.device)
-        encs = [Encoded(codes=(codes[i] + self.q).reshape(w.shape).to(torch.uint8), levels=levels,
-                        scale=scales[i].reshape(shape), bits=self.bits) for i in range(codes.shape[0])]
+        encs = [Encoded(codes=from_channel_rows(codes[i] + self.q, w, ax).to(torch.uint8), levels=levels,
+                        scale=per_channel_view(scales[i], w, ax), bits=self.bits)
+                for i in range(codes.shape[0])]
         first = encs[0]
         return Encoded(first.codes, first.levels, first.scale, first.bits, branches=tuple(encs[1:]))
 

@@ -6,6 +6,14 @@
     dy_q/dx     = 1[0 <= x < alpha]                  (STE through round)
     dy_q/dalpha = 1[x >= alpha]
 
+``signed=True`` (an extension for inputs of either sign, not in the paper): the symmetric clip
+and grid, ``Q = 2^(k-1) - 1`` (k >= 2)::
+
+    y   = clip(x, -alpha, alpha),      y_q = round(y * Q / alpha) * alpha / Q
+    dy_q/dx = 1[-alpha < x < alpha],   dy_q/dalpha = 1[x >= alpha] - 1[x <= -alpha]
+
+levels ``i * alpha / Q``, ``i = -Q..Q``; it always takes the torch formulas (no fused loop).
+
 The paper adds an L2 penalty ``lambda_alpha * alpha^2`` (see ``l2_penalty``) and initialises
 alpha at 10; ``alpha_init`` sets it. Levels are i * alpha/(2^k-1), i = 0..2^k-1.
 
@@ -29,8 +37,14 @@ def pact_clip(x: Tensor, alpha: Tensor) -> Tensor:
     return torch.where(x >= alpha, alpha, torch.relu(x))
 
 
-def pact_codes(y: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    return torch.round(y * ((2**bits - 1) / alpha))
+def pact_clip_signed(x: Tensor, alpha: Tensor) -> Tensor:
+    """clip(x, -alpha, alpha) with d/dalpha = 1[x >= alpha] - 1[x <= -alpha]."""
+    return torch.where(x >= alpha, alpha, torch.where(x <= -alpha, -alpha, x))
+
+
+def pact_codes(y: Tensor, alpha: Tensor, bits: int, top: int | None = None) -> Tensor:
+    """``round(y * top / alpha)``; ``top`` is the top code, ``2^bits - 1`` unless given."""
+    return torch.round(y * ((2**bits - 1 if top is None else top) / alpha))
 
 
 @register
@@ -38,32 +52,38 @@ class PACTActivation(ActivationQuantizer):
     name = "pact"
     bits_allowed = tuple(range(1, 9))
 
-    def __init__(self, bits: int, alpha_init: float = 10.0) -> None:
-        super().__init__(bits, "clipped_relu")
+    def __init__(self, bits: int, alpha_init: float = 10.0, signed: bool = False) -> None:
+        super().__init__(bits, "clipped_relu", signed)
         if not alpha_init > 0:
             raise ValueError(f"pact: alpha_init must be > 0, got {alpha_init}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1  # the top code
 
     def step(self) -> Tensor:
-        return self.alpha / (2**self.bits - 1)
+        return self.alpha / self.top
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.check_sign(x)
         alpha = self.alpha.abs().clamp_min(1e-4)
-        if fused.supported(x):  # the same values and gradients in one pass each way
+        if fused.supported(x) and not self.signed:  # the same values and gradients in one pass each way
             return fused.pact(x, alpha, self.bits)
-        y = pact_clip(x, alpha)
-        step = (alpha / (2**self.bits - 1)).detach()
-        q = pact_codes(y.detach(), alpha.detach(), self.bits) * step
+        y = pact_clip_signed(x, alpha) if self.signed else pact_clip(x, alpha)
+        step = (alpha / self.top).detach()
+        q = pact_codes(y.detach(), alpha.detach(), self.bits, self.top) * step
         return straight_through(q, y)
 
     def encode(self, x: Tensor) -> Encoded:
         alpha = self.alpha.detach().abs().clamp_min(1e-4)
-        codes = pact_codes(pact_clip(x.detach(), alpha), alpha, self.bits).to(torch.uint8)
-        levels = torch.arange(2**self.bits, dtype=x.dtype, device=x.device)
-        return Encoded(codes=codes, levels=levels, scale=alpha / (2**self.bits - 1), bits=self.bits)
+        clip = pact_clip_signed if self.signed else pact_clip
+        lo = -self.top if self.signed else 0
+        codes = (pact_codes(clip(x.detach(), alpha), alpha, self.bits, self.top) - lo).to(torch.uint8)
+        levels = torch.arange(lo, self.top + 1, dtype=x.dtype, device=x.device)
+        return Encoded(codes=codes, levels=levels, scale=alpha / self.top, bits=self.bits)
 
     def l2_penalty(self) -> Tensor:
         return self.alpha**2
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, alpha={float(self.alpha.detach()):.4g}"
+        signed = ", signed=True" if self.signed else ""
+        return f"bits={self.bits}, alpha={float(self.alpha.detach()):.4g}{signed}"

@@ -64,10 +64,10 @@ from .twn import TERNARY_LEVELS, support_mean
 DEFAULT_THRESHOLD = 0.05
 
 
-def abs_max(w: Tensor, per_channel: bool) -> Tensor:
-    """max|w| per tensor (0-d) or per output channel (broadcastable against ``w``)."""
+def abs_max(w: Tensor, per_channel: bool, axis: int = 0) -> Tensor:
+    """max|w| per tensor (0-d) or per output channel along ``axis`` (broadcastable against ``w``)."""
     if per_channel and w.dim() > 1:
-        return w.abs().amax(dim=channel_reduce_dims(w), keepdim=True)
+        return w.abs().amax(dim=channel_reduce_dims(w, axis), keepdim=True)
     return w.abs().max()
 
 
@@ -82,11 +82,11 @@ def stat_ternary_codes(w: Tensor, delta: Tensor) -> Tensor:
     return torch.where(w >= delta, one * 2, torch.where(w <= -delta, one * 0, one))
 
 
-def stat_ternary_branch(r: Tensor, factor: float, per_channel: bool) -> tuple[Tensor, Tensor]:
+def stat_ternary_branch(r: Tensor, factor: float, per_channel: bool, axis: int = 0) -> tuple[Tensor, Tensor]:
     """One branch ``T_f(r)``: (codes, alpha) with ``Delta = f max|r|``, ``alpha`` = support mean."""
-    delta = factor * abs_max(r, per_channel)
+    delta = factor * abs_max(r, per_channel, axis)
     mask = (r.abs() >= delta).to(r.dtype)
-    return stat_ternary_codes(r, delta), support_mean(r, mask, per_channel)
+    return stat_ternary_codes(r, delta), support_mean(r, mask, per_channel, axis)
 
 
 def decode_ternary(codes: Tensor, alpha: Tensor) -> Tensor:
@@ -96,13 +96,13 @@ def decode_ternary(codes: Tensor, alpha: Tensor) -> Tensor:
 
 
 def stat_ternary_expansion(
-    w: Tensor, factors: Sequence[float], per_channel: bool
+    w: Tensor, factors: Sequence[float], per_channel: bool, axis: int = 0
 ) -> list[tuple[Tensor, Tensor]]:
     """Residual expansion: ``[(codes_i, alpha_i)]``, branch ``i`` ternarizing ``w - B_1 - ... - B_{i-1}``."""
     out: list[tuple[Tensor, Tensor]] = []
     r = w
     for i, f in enumerate(factors):
-        codes, alpha = stat_ternary_branch(r, f, per_channel)
+        codes, alpha = stat_ternary_branch(r, f, per_channel, axis)
         out.append((codes, alpha))
         if i + 1 < len(factors):
             r = r - decode_ternary(codes, alpha)
@@ -158,7 +158,7 @@ class TernaryStatWeight(WeightQuantizer):
         levels = torch.tensor(TERNARY_LEVELS, dtype=w.dtype, device=w.device)
         encs = [
             Encoded(codes=c, levels=levels, scale=a, bits=2)
-            for c, a in stat_ternary_expansion(w, self.factors, self.per_channel)
+            for c, a in stat_ternary_expansion(w, self.factors, self.per_channel, self.channel_axis)
         ]
         head = encs[0]
         head.branches = tuple(encs[1:])

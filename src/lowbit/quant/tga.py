@@ -74,10 +74,10 @@ def truncated_normal_mean(mu: Tensor, sigma: Tensor, delta: Tensor) -> Tensor:
     return mu + sigma * normal_pdf(d) / normal_sf(d)
 
 
-def weight_stats(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
-    """(mu, sigma) per tensor (0-d) or per output channel (broadcastable); sigma > 0."""
+def weight_stats(w: Tensor, per_channel: bool, axis: int = 0) -> tuple[Tensor, Tensor]:
+    """(mu, sigma) per tensor (0-d) or per output channel along ``axis`` (broadcastable); sigma > 0."""
     if per_channel and w.dim() > 1:
-        dims = channel_reduce_dims(w)
+        dims = channel_reduce_dims(w, axis)
         mu, sigma = w.mean(dims, keepdim=True), w.std(dims, keepdim=True)
     else:
         mu, sigma = w.mean(), w.std()
@@ -118,7 +118,7 @@ class TGAWeight(WeightQuantizer):
     def initialize(self, w: Tensor) -> None:
         w = w.detach()
         if self.per_channel and w.dim() > 1:
-            init = w.abs().amax(dim=channel_reduce_dims(w)) * self.threshold
+            init = w.abs().amax(dim=self.reduce_dims(w)) * self.threshold
         else:
             init = w.abs().max() * self.threshold
         if init.shape != self.delta.shape:
@@ -138,10 +138,10 @@ class TGAWeight(WeightQuantizer):
 
     def params(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(mu, delta_c, alpha); ``alpha`` (and ``delta_c``) differentiable in ``delta``."""
-        mu, sigma = weight_stats(w.detach(), self.per_channel)
+        mu, sigma = weight_stats(w.detach(), self.per_channel, self.channel_axis)
         delta = self.delta.to(w.dtype)
         if delta.dim() > 0:
-            delta = per_channel_view(delta, w)
+            delta = per_channel_view(delta, w, self.channel_axis)
         delta_c = torch.minimum(delta.abs(), self.clip_sigma * sigma)
         return mu, delta_c, truncated_normal_mean(mu, sigma, delta_c)
 

@@ -27,11 +27,12 @@ def ternary_codes(w: Tensor, delta: Tensor) -> Tensor:
     return t.to(torch.uint8)
 
 
-def support_mean(w: Tensor, mask: Tensor, per_channel: bool) -> Tensor:
-    """mean|w| over ``mask`` (per tensor or per output channel); 0 where the support is empty."""
+def support_mean(w: Tensor, mask: Tensor, per_channel: bool, axis: int = 0) -> Tensor:
+    """mean|w| over ``mask`` (per tensor or per output channel along ``axis``); 0 where the support
+    is empty."""
     a = w.abs() * mask
     if per_channel and w.dim() > 1:
-        dims = channel_reduce_dims(w)
+        dims = channel_reduce_dims(w, axis)
         return a.sum(dims, keepdim=True) / mask.sum(dims, keepdim=True).clamp_min(1)
     return a.sum() / mask.sum().clamp_min(1)
 
@@ -55,7 +56,7 @@ class TWNWeight(WeightQuantizer):
     def params(self, w: Tensor) -> tuple[Tensor, Tensor]:
         w = w.detach()
         delta = self.threshold * self.reduce_abs_mean(w)
-        alpha = support_mean(w, (w.abs() > delta).to(w.dtype), self.per_channel)
+        alpha = support_mean(w, (w.abs() > delta).to(w.dtype), self.per_channel, self.channel_axis)
         return delta, alpha
 
     def forward(self, w: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Uniform (linear) quantizers: symmetric for weights, unsigned for activations.
+"""Uniform (linear) quantizers: symmetric for weights, unsigned or symmetric for activations.
 
 Weights, ``b >= 2`` bits, ``Q = 2^(b-1) - 1``::
 
@@ -24,12 +24,21 @@ stored, so evaluation of a never-trained quantizer is still sensible. Backward: 
 gradient chosen by ``ste`` with top ``c`` (default clipped ReLU, ``1[0 < x <= c]``; Yin et al.,
 ICLR 2019).
 
+Activations with ``signed=True``, ``b >= 2`` bits, ``Q = 2^(b-1) - 1``: the symmetric grid of the
+weights, with ``c`` the (running) maximum of ``|x|``::
+
+    x_q = s * clip(round(x / s), -Q, Q),   s = c / Q          levels -Q s, ..., Q s
+
+and the coarse gradient ``identity`` or ``clipped_relu``, here ``1[-c <= x <= c]`` (``relu`` is
+refused: it would stop the gradient of every negative input).
+
 This is the plain "min-max" uniform fake quantizer of post-training and QAT toolkits
 (e.g. Jacob et al., CVPR 2018, symmetric variant), used here as a baseline.
 
 Speed: on contiguous float32 CPU tensors the activation quantizer runs as one fused loop forward
 and one backward (``fused.py``): the same values and gradients. The torch formulas here define
-the quantizer and serve every other case.
+the quantizer and serve every other case. The signed activation quantizer always takes the torch
+formulas (no fused loop).
 """
 
 from __future__ import annotations
@@ -63,15 +72,15 @@ def symmetric_quantize(w: Tensor, scale: Tensor, q: int) -> Tensor:
     return symmetric_codes(w, scale, q) * scale
 
 
-def mse_clip(w: Tensor, q: int, grid: int = 100, per_channel: bool = False) -> Tensor:
+def mse_clip(w: Tensor, q: int, grid: int = 100, per_channel: bool = False, axis: int = 0) -> Tensor:
     """The clip ``c`` in ``{max|w| k/grid : k = 1..grid}`` minimising ``||w - Q_c(w)||^2``.
 
     ``Q_c`` is :func:`symmetric_quantize` with scale ``c / q``. Per tensor (0-d result) or per
-    output channel (shape ``(C, 1, ...)``). Ties keep the larger clip.
+    output channel along ``axis`` (broadcastable). Ties keep the larger clip.
     """
     w = w.detach()
     if per_channel and w.dim() > 1:
-        dims = channel_reduce_dims(w)
+        dims = channel_reduce_dims(w, axis)
         m = w.abs().amax(dim=dims, keepdim=True)
     else:
         dims = tuple(range(w.dim()))
@@ -114,7 +123,7 @@ class UniformWeight(WeightQuantizer):
         """The step ``s`` (0-d, or ``(C, 1, ...)`` per channel)."""
         w = w.detach()
         if self.scale_mode == "mse":
-            clip = mse_clip(w, self.q, self.mse_grid, self.per_channel)
+            clip = mse_clip(w, self.q, self.mse_grid, self.per_channel, self.channel_axis)
         else:
             clip = self.reduce_abs_max(w).clamp_min(_EPS)
         return clip / self.q
@@ -145,44 +154,55 @@ class UniformActivation(ActivationQuantizer):
         ste: CoarseGrad | None = None,
         momentum: float = 0.1,
         clip: float | None = None,
+        signed: bool = False,
     ) -> None:
-        super().__init__(bits, ste)
+        super().__init__(bits, ste, signed)
         if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 < momentum <= 1:
             raise ValueError(f"uniform: momentum must be in (0, 1], got {momentum!r}")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
             raise ValueError(f"uniform: clip must be a number > 0 or null, got {clip!r}")
         self.momentum = float(momentum)
         self.clip = None if clip is None else float(clip)
-        self.levels = 2**bits - 1
+        self.levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1  # the top code
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def update_(self, x: Tensor) -> None:
-        """Fold the batch maximum of ``x`` into the running maximum."""
-        m = x.detach().max().to(self.running_max.dtype)
+        """Fold the batch maximum of ``x`` (of ``|x|`` when signed) into the running maximum."""
+        m = self._batch_max(x).to(self.running_max.dtype)
         if bool(self.initialized):
             self.running_max.mul_(1 - self.momentum).add_(m * self.momentum)
         else:
             self.running_max.copy_(m)
             self.initialized.fill_(True)
 
+    def _batch_max(self, x: Tensor) -> Tensor:
+        x = x.detach()
+        return x.abs().max() if self.signed else x.max()
+
     def top(self, x: Tensor) -> Tensor:
         """The clip level ``c`` (a detached 0-d tensor)."""
         if self.clip is not None:
             return torch.tensor(self.clip, dtype=x.dtype, device=x.device)
         if not bool(self.initialized):  # nothing learned yet: this batch, not stored
-            return x.detach().max().clamp_min(_EPS)
+            return self._batch_max(x).clamp_min(_EPS)
         return self.running_max.detach().clamp_min(_EPS)
 
     def scale(self, x: Tensor) -> Tensor:
         return self.top(x) / self.levels
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.check_sign(x)
         if self.training and self.clip is None:
             self.update_(x)
         top = self.top(x)
         s = top / self.levels
+        if self.signed:
+            q = symmetric_codes(x.detach(), s, self.levels) * s
+            sur = x if self.ste == "identity" else torch.clamp(x, -top, top)
+            return straight_through(q, sur)
         if fused.supported(x):  # the same values and gradients in one pass each way
             return fused.uniform_activation(x, s, top, self.levels, self.ste)
         q = unsigned_codes(x.detach(), s, self.levels) * s
@@ -191,6 +211,14 @@ class UniformActivation(ActivationQuantizer):
     def encode(self, x: Tensor) -> Encoded:
         x = x.detach()
         s = self.scale(x)
+        if self.signed:
+            q = self.levels
+            return Encoded(
+                codes=(symmetric_codes(x, s, q) + q).to(torch.uint8),
+                levels=torch.arange(-q, q + 1, dtype=x.dtype, device=x.device),
+                scale=s,
+                bits=self.bits,
+            )
         return Encoded(
             codes=unsigned_codes(x, s, self.levels).to(torch.uint8),
             levels=torch.arange(self.levels + 1, dtype=x.dtype, device=x.device),
@@ -200,4 +228,4 @@ class UniformActivation(ActivationQuantizer):
 
     def extra_repr(self) -> str:
         src = f"clip={self.clip}" if self.clip is not None else f"momentum={self.momentum}"
-        return f"bits={self.bits}, ste={self.ste}, {src}"
+        return f"bits={self.bits}, ste={self.ste}, {src}" + (", signed=True" if self.signed else "")

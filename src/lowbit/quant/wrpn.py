@@ -98,7 +98,7 @@ class WRPNWeight(WeightQuantizer):
         if self.scale_mode == "unit":
             return torch.ones((), dtype=w.dtype, device=w.device)
         if self.scale_mode == "mse":
-            return mse_clip(w, self.n, self.mse_grid, self.per_channel)
+            return mse_clip(w, self.n, self.mse_grid, self.per_channel, self.channel_axis)
         return self.reduce_abs_max(w).clamp_min(_EPS)
 
     def forward(self, w: Tensor) -> Tensor:
