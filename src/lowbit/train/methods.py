@@ -17,6 +17,9 @@ checkpoint path into one first.
 
 Each entry becomes a ``wrap_optimizer``, a callback, a regularizer or a loss for
 :class:`lowbit.train.Trainer`; options are the keyword arguments of the method's constructor.
+The names and option keys are also listed in :data:`lowbit.recipe.TRAINING_METHODS`, which checks
+a recipe when it is loaded (recipe.py does not import training); this module refuses to import if
+the two disagree.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from ..quant.mixed import expected_bits
 from ..quant.pact import PACTActivation
+from ..recipe import TRAINING_METHODS
 from .bcgd import BCGD
 from .binary_relax import BinaryRelax
 from .dcq import DCQ
@@ -157,6 +161,16 @@ _CONSTRUCTORS = {"binary_relax": BinaryRelax.__init__, "sinreq": SinReQ.__init__
 def _options(name: str) -> list[str]:
     fn = _CONSTRUCTORS.get(name, METHODS[name])
     return [p for p in inspect.signature(fn).parameters if p not in ("self", "model", "hooks")]
+
+
+def _check_registry() -> None:
+    """The recipe validator's table must list exactly these methods and options."""
+    found = {n: tuple(_options(n)) for n in METHODS}
+    if found != TRAINING_METHODS:
+        raise RuntimeError(f"lowbit.recipe.TRAINING_METHODS is out of date: the training methods are {found}")
+
+
+_check_registry()
 
 
 def build_methods(specs: Sequence[Mapping[str, Any]], model: nn.Module) -> MethodHooks:
