@@ -10,6 +10,15 @@ A run directory holds ``config.json`` (the resolved configuration: model, data, 
 training settings after every flag was applied), ``metrics.jsonl``, ``checkpoint.safetensors``
 (last epoch), ``best.safetensors``, ``result.json`` and, for quantized runs, the packed model
 ``model.lowbit``.
+
+Evidence protocol: a validation split carved from the training set (``val_size``, default
+the last 5,000 training images of MNIST/Fashion-MNIST/CIFAR-10) is evaluated after every
+epoch (``val_loss``/``val_acc`` in metrics.jsonl) and chooses ``best.safetensors``; the test
+set is evaluated once, after training, on that checkpoint (the last line of metrics.jsonl,
+``{"final": true, "split": "test", ...}``, and ``result.json``). The packed model is that
+checkpoint too. ``val_size=0`` trains on every training image and tests the last epoch.
+
+Under ``torchrun`` every process calls :func:`train_run`; see :mod:`lowbit.train.distributed`.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .data import load_dataset
@@ -33,10 +43,12 @@ from .train import (
     TrainConfig,
     Trainer,
     atomic_write_text,
+    evaluate,
     load_checkpoint,
     load_weights,
     seed_everything,
 )
+from .train import distributed as dist
 from .train.methods import MethodHooks, build_methods
 
 log = logging.getLogger(__name__)
@@ -54,8 +66,10 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # checkpoint whose model weights initialise the float model
     out: str | None = None
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split over the processes under torchrun
     train_subset: int | None = None
+    val_size: int | str | None = "auto"  # validation images carved from the training set
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
 
     def resolved_recipe(self) -> Recipe | None:
         if self.recipe is None:
@@ -69,15 +83,24 @@ class RunSpec:
 
 @dataclass
 class RunResult:
+    """``test_acc``/``test_loss``: the test set, read once, on the checkpoint chosen by
+    ``selected_on`` (``val_acc``: the best validation epoch ``best_epoch``, whose validation
+    accuracy is ``best_acc``; ``last_epoch`` when there is no validation split)."""
+
     run_dir: str | None
     test_acc: float
     test_loss: float
-    best_acc: float
+    best_acc: float | None
     epochs: int
     wall_time_s: float
     history: list[dict[str, Any]]
     size: dict[str, Any] | None = None
     model: nn.Module | None = field(default=None, repr=False)
+    selected_on: str = "val_acc"
+    best_epoch: int | None = None
+    val_size: int = 0
+    device: str = "cpu"
+    world_size: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -121,7 +144,8 @@ def _model_params(name: str) -> set[str]:
 
 
 def prepare(spec: RunSpec) -> tuple[nn.Module, Any, Recipe | None, TrainConfig]:
-    """Data bundle, model (initialised and quantized), recipe and training config."""
+    """Data bundle, model (initialised and quantized), recipe and training config (all on
+    the CPU; :func:`train_run` moves them to the device)."""
     recipe = spec.resolved_recipe()
     cfg = train_config(spec, recipe)
     data = load_dataset(
@@ -130,6 +154,7 @@ def prepare(spec: RunSpec) -> tuple[nn.Module, Any, Recipe | None, TrainConfig]:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         train_subset=spec.train_subset,
+        val_size=spec.val_size,
     )
     seed_everything(cfg.seed)  # the model's initial weights depend on the seed, not on the process
     model = build_run_model(spec, tuple(data.in_shape), data.num_classes)
@@ -143,16 +168,29 @@ def prepare(spec: RunSpec) -> tuple[nn.Module, Any, Recipe | None, TrainConfig]:
 def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> RunResult:
     """Train (or resume) one run and write its directory. Returns the final numbers."""
     t0 = time.perf_counter()
-    model, data, recipe, cfg = prepare(spec)
     run_dir = Path(spec.out) if spec.out else None
+    if resume and run_dir is not None:
+        spec = _resume_spec(spec, run_dir)
+    device = dist.resolve_device(spec.device)
+    dist.init_distributed(device)
+    model, data, recipe, cfg = prepare(spec)
+    if device.type != "cpu":
+        data.to(device)  # small data sets live on the GPU; batches are cut and augmented there
+    if not dist.is_main():
+        progress = None
     run_config = {
         "spec": {k: v for k, v in asdict(spec).items() if k != "recipe"},
         "recipe": recipe.to_dict() if recipe is not None else None,
         "recipe_source": spec.recipe if isinstance(spec.recipe, str) else None,
         "model_spec": getattr(model, "lowbit_spec", None),
         "dataset": {"name": data.name, "in_shape": list(data.in_shape),
-                    "num_classes": data.num_classes},
+                    "num_classes": data.num_classes,
+                    "train_samples": data.train.num_samples,
+                    "val_samples": data.val.num_samples if data.val is not None else 0,
+                    "test_samples": data.test.num_samples},
         "train": cfg.model_dump(mode="json"),
+        "device": str(device),
+        "world_size": dist.world_size(),
     }
     hooks = MethodHooks()
     if recipe is not None and recipe.methods:
@@ -160,28 +198,62 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
             hooks = build_methods(resolve_teachers(recipe.methods), model)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
-    trainer = Trainer(model, data.train, data.test, cfg, run_dir, run_config=run_config,
+    trainer = Trainer(model, data.train, data.val, cfg, run_dir, run_config=run_config,
                       progress=progress, wrap_optimizer=hooks.wrap_optimizer, callbacks=hooks.callbacks,
-                      regularizers=hooks.regularizers, loss_fn=hooks.loss_fn)
+                      regularizers=hooks.regularizers, loss_fn=hooks.loss_fn, device=device,
+                      eval_split="val")
     history = trainer.fit(resume=resume)
-    final = trainer.evaluate()
+    model = trainer.model  # (SyncBatchNorm conversion may have replaced it)
+    selected = "last_epoch"
+    if data.val is not None and run_dir is not None and (run_dir / "best.safetensors").exists():
+        load_checkpoint(run_dir / "best.safetensors", model)
+        selected = "val_acc"
+    elif data.val is not None:
+        selected = "last_epoch (no run directory to keep the best checkpoint in)"
+    final = evaluate(model, data.test, device)  # the test set: once, at the end
     size = None
-    if recipe is not None and run_dir is not None:
+    if recipe is not None and run_dir is not None and dist.is_main():
         size = pack_run_model(model, run_dir / "model.lowbit", tuple(data.in_shape))
     result = RunResult(
         run_dir=str(run_dir) if run_dir else None,
         test_acc=final["acc"],
         test_loss=final["loss"],
-        best_acc=max((h.get("test_acc", 0.0) for h in history), default=final["acc"]),
+        best_acc=trainer.best_acc if data.val is not None and history else None,
         epochs=cfg.epochs,
         wall_time_s=time.perf_counter() - t0,
         history=history,
         size=size,
         model=model,
+        selected_on=selected,
+        best_epoch=trainer.best_epoch if selected == "val_acc" else cfg.epochs,
+        val_size=data.val.num_samples if data.val is not None else 0,
+        device=str(device),
+        world_size=dist.world_size(),
     )
-    if run_dir is not None:
+    if run_dir is not None and dist.is_main():
+        line = {"final": True, "split": "test", "checkpoint": "best.safetensors" if selected == "val_acc"
+                else "checkpoint.safetensors", "selected_on": selected, "best_epoch": result.best_epoch,
+                "test_loss": final["loss"], "test_acc": final["acc"], "n": final["n"]}
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
         atomic_write_text(run_dir / "result.json", json.dumps(result.to_json(), indent=2))
+    dist.barrier()
     return result
+
+
+def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
+    """A run started before validation splits existed resumes as it began (no split)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        return spec
+    saved = json.loads(cfg_path.read_text()).get("spec") or {}
+    if saved and "val_size" not in saved and spec.val_size:
+        log.warning("%s was started without a validation split: resuming it without one "
+                    "(its best checkpoint was chosen on the test set)", run_dir)
+        from dataclasses import replace
+
+        return replace(spec, val_size=None)
+    return spec
 
 
 def resolve_teachers(methods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -222,8 +294,11 @@ def _float_params(model: nn.Module) -> list[Any]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
-def load_run(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Rebuild a run's model from its directory (or a checkpoint inside it) and its data."""
+def load_run(
+    path: str | Path, device: str | torch.device | None = None
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild a run's model from its directory (or a checkpoint inside it) and its data;
+    ``device`` (``auto``, ``cpu``, ``cuda``...) moves the model there (the data stay on the CPU)."""
     p = Path(path)
     run_dir = p if p.is_dir() else p.parent
     ckpt = p if p.is_file() else run_dir / "best.safetensors"
@@ -238,6 +313,8 @@ def load_run(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     spec = RunSpec(**{**config["spec"], "recipe": config.get("recipe"), "init": None})
     model, data, _, _ = prepare(spec)
     load_checkpoint(ckpt, model)
+    if device is not None:
+        model.to(dist.resolve_device(device))
     return model, data, config
 
 
@@ -252,6 +329,7 @@ def releq_run(
     weight: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: Any = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """ReLeQ search over the weight bits of a float run's layers (see :mod:`lowbit.search.releq`).
 
@@ -265,7 +343,7 @@ def releq_run(
     from .nn.quantize import quantizable_layers, quantized_layers
     from .search import FineTuneEvaluator, ReLeQ
 
-    float_model, data, _ = load_run(run)
+    float_model, data, _ = load_run(run, device)
     if quantized_layers(float_model):
         raise ValueError(f"{run} is a quantized run; ReLeQ searches from a float run")
     out = Path(out)
@@ -274,7 +352,8 @@ def releq_run(
     proxy_loader = rest.subset(proxy, seed=seed)
     cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
     w = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
-    evaluator = FineTuneEvaluator(lambda: copy.deepcopy(float_model), proxy_loader, held, cfg, w)
+    evaluator = FineTuneEvaluator(lambda: copy.deepcopy(float_model), proxy_loader, held, cfg, w,
+                                  device=device)
     float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
     search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, seed=seed,
                    cache_path=out / "releq_cache.json")

@@ -28,7 +28,7 @@ from .bundle import DataBundle, channel_stats, make_bundle
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .idx import read_idx
 from .imagefolder import load_image_folder, load_lazy_image_folder, read_image_folder
-from .loader import Augment, parse_augment
+from .loader import Augment, BatchLoader, default_val_size, parse_augment
 from .paths import find_package_data, search_dirs, shipped_data_files
 from .safe_pickle import safe_load
 
@@ -590,6 +590,7 @@ def load_dataset(
     seed: int = 0,
     train_subset: int | None = None,
     flatten: bool = False,
+    val_size: int | str | None = None,
     **options: Any,
 ) -> DataBundle:
     """Load a dataset by name (see :func:`list_datasets`) as a :class:`DataBundle`.
@@ -605,6 +606,9 @@ def load_dataset(
         seed: fixes the shuffling/augmentation of every epoch (and the subset).
         train_subset: keep only this many random training samples.
         flatten: serve inputs as vectors (``in_shape`` becomes ``(C*H*W,)``).
+        val_size: carve a validation split (``bundle.val``) from the training set: a
+            number of images, ``"auto"`` (the last 5,000 of MNIST, Fashion-MNIST,
+            CIFAR-10; a tenth of smaller sets), or None/0 for none.
         **options: per dataset: ``mean``/``std`` overrides (all); ``cache``, ``cache_dir``
             (mnist pickle, cifar10 and imagefolder decoded-array cache); ``workers``,
             ``progress`` (image folders); ``size``, ``class_order``, ``mode``
@@ -617,13 +621,15 @@ def load_dataset(
         path = options.pop("path", None) or data_dir
         if path is None:
             raise ValueError("imagefolder needs data_dir=<directory or .zip>")
-        return load_image_folder(path, batch_size=batch_size, test_batch_size=test_batch_size,
-                                 augment=augment, seed=seed, train_subset=train_subset,
-                                 flatten=flatten, **options)
+        bundle = load_image_folder(path, batch_size=batch_size, test_batch_size=test_batch_size,
+                                   augment=augment, seed=seed, train_subset=train_subset,
+                                   flatten=flatten, **options)
+        return _with_val(bundle, val_size, test_batch_size)
     if key == "imagenet":
-        return _load_imagenet(data_dir, batch_size=batch_size, test_batch_size=test_batch_size,
-                              augment=augment, seed=seed, train_subset=train_subset,
-                              flatten=flatten, **options)
+        bundle = _load_imagenet(data_dir, batch_size=batch_size, test_batch_size=test_batch_size,
+                                augment=augment, seed=seed, train_subset=train_subset,
+                                flatten=flatten, **options)
+        return _with_val(bundle, val_size, test_batch_size)
     mean = options.pop("mean", None)
     std = options.pop("std", None)
     try:
@@ -643,8 +649,20 @@ def load_dataset(
         std=raw.std if std is None else std,
         classes=raw.classes, source=raw.source, batch_size=batch_size,
         test_batch_size=test_batch_size, augment=aug, seed=seed,
-        train_subset=train_subset, flatten=flatten,
+        train_subset=train_subset, flatten=flatten, val_size=val_size,
     )
+
+
+def _with_val(bundle: DataBundle, val_size: int | str | None, batch_size: int) -> DataBundle:
+    """Carve the validation split of an image-folder bundle (after its ``train_subset``)."""
+    if not val_size:
+        return bundle
+    if not isinstance(bundle.train, BatchLoader):
+        raise ValueError(f"{bundle.name}: a validation split needs the training set in memory; "
+                         "pass val_size=None for streamed image folders")
+    n = default_val_size(bundle.train.num_samples) if val_size == "auto" else int(val_size)
+    bundle.train, bundle.val = bundle.train.holdout(n, batch_size=batch_size)
+    return bundle
 
 
 def _load_imagenet(data_dir: Any, **kw: Any) -> DataBundle:

@@ -14,6 +14,15 @@ resumed run (``set_epoch(e)``, optionally ``iter_from(b)``) sees exactly the bat
 uninterrupted run saw. The epoch does not advance by itself: call ``set_epoch`` once per
 epoch (as with ``torch.utils.data.DistributedSampler``).
 
+Devices: :meth:`BatchLoader.to` moves the stored split to a device (a GPU); the epoch's plan
+is still drawn on the CPU generator (so it is the same on every device), moved once per
+epoch, and crop/flip/normalisation run on the device, per batch, as tensor ops.
+
+Several processes (DistributedDataParallel): :meth:`Loader.shard` gives rank ``r`` of
+``world`` its contiguous part of every *global* batch (``batch_size`` is the global batch):
+the union over ranks of batch ``b`` is batch ``b`` of the unsharded loader, so W processes
+with batch B/W see exactly what one process with batch B sees.
+
 Augmentation follows torchvision's ``RandomCrop(size, padding=p)`` +
 ``RandomHorizontalFlip()`` + ``ToTensor()`` + ``Normalize(mean, std)``: the zero padding is
 applied to the raw pixels (black), before normalization.
@@ -35,8 +44,10 @@ __all__ = [
     "BatchLoader",
     "Loader",
     "default_pad",
+    "default_val_size",
     "epoch_seed",
     "hflip",
+    "holdout_indices",
     "normalize",
     "parse_augment",
     "random_crop",
@@ -129,8 +140,8 @@ def random_crop(x: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tenso
         return x
     B, C, H, W = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    rows = offsets[:, 0:1] + torch.arange(H)  # (B, H)
-    cols = offsets[:, 1:2] + torch.arange(W)  # (B, W)
+    rows = offsets[:, 0:1] + torch.arange(H, device=x.device)  # (B, H)
+    cols = offsets[:, 1:2] + torch.arange(W, device=x.device)  # (B, W)
     xp = xp.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * pad))
     return xp.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
@@ -202,6 +213,7 @@ class Loader:
         self.seed = int(seed)
         self.augment = augment if augment is not None and augment.active else None
         self.epoch = 0
+        self.rank, self.world = 0, 1
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -212,6 +224,17 @@ class Loader:
         if self.drop_last:
             return self._n // self.batch_size
         return math.ceil(self._n / self.batch_size)
+
+    def shard(self, rank: int, world: int) -> Loader:
+        """This loader, serving only rank ``rank``'s part of each global batch (in place;
+        returns self). Parts differ by at most one sample; ``world=1`` undoes sharding."""
+        if not 0 <= rank < world:
+            raise ValueError(f"shard: need 0 <= rank < world, got rank={rank}, world={world}")
+        if self.batch_size < world:
+            raise ValueError(f"shard: the global batch ({self.batch_size}) is smaller than the "
+                             f"number of processes ({world}); raise the batch size")
+        self.rank, self.world = int(rank), int(world)
+        return self
 
     # -- epochs --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -248,10 +271,24 @@ class Loader:
     def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate the current epoch starting at batch ``start_batch`` (for resuming)."""
         order, draws = self._plan()
-        bs = self.batch_size
+        order, draws = self._to_device(order, draws)
+        bs, r, w = self.batch_size, self.rank, self.world
         for b in range(int(start_batch), len(self)):
             lo, hi = b * bs, min((b + 1) * bs, self._n)
+            if w > 1:  # this rank's contiguous part of the global batch
+                lo, hi = lo + (hi - lo) * r // w, lo + (hi - lo) * (r + 1) // w
             yield self._batch(order[lo:hi], {k: v[lo:hi] for k, v in draws.items()})
+
+    def global_batch(self, b: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``b`` of the current epoch as the unsharded loader serves it (every rank
+        gets the same tensors: used to initialise data-dependent quantizers identically)."""
+        order, draws = self._to_device(*self._plan())
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self._n)
+        return self._batch(order[lo:hi], {k: v[lo:hi] for k, v in draws.items()})
+
+    def _to_device(self, order: torch.Tensor, draws: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return order, draws
 
     # -- derived loaders -------------------------------------------------------------------
     def _subset_indices(self, n: int, seed: int) -> torch.Tensor:
@@ -278,9 +315,33 @@ class Loader:
         )
 
 
+def default_val_size(num_train: int) -> int:
+    """Validation images carved from a training set of ``num_train``: 5,000 for the 50k-60k
+    sets (MNIST, Fashion-MNIST, CIFAR-10), a tenth of smaller sets (at least 1)."""
+    return 5000 if num_train >= 50000 else max(1, num_train // 10)
+
+
+def holdout_indices(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the validation split of labels ``y`` (see :meth:`BatchLoader.holdout`):
+    the last ``n`` positions, or per-class tails when ``y`` is sorted by class."""
+    total = int(y.numel())
+    if not 1 <= n < total:
+        raise ValueError(f"validation size must be in [1, {total - 1}] for {total} training samples, got {n}")
+    if total < 2 or not bool((y[1:] >= y[:-1]).all()) or int(y[0]) == int(y[-1]):
+        return torch.arange(total - n, total)
+    # labels grouped by class: the last images of every class, largest remainders first
+    _, counts = torch.unique_consecutive(y, return_counts=True)
+    share = counts.double() * n / total
+    take = share.floor().long()
+    extra = n - int(take.sum())
+    take[torch.argsort(share - take, descending=True, stable=True)[:extra]] += 1
+    ends = counts.cumsum(0)
+    return torch.cat([torch.arange(int(e) - int(k), int(e)) for e, k in zip(ends, take, strict=True)])
+
+
 def _as_tensor(a: Any, what: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
-        return a.detach().cpu()
+        return a.detach()
     arr = np.asarray(a)
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr).copy()
@@ -362,6 +423,29 @@ class BatchLoader(Loader):
         self.flatten = bool(flatten)
         self._ab = _affine(mean_t, std_t, 255.0 if xt.dtype == torch.uint8 else 1.0,
                            max(xt.dim(), 2))
+        if self._ab is not None and xt.device.type != "cpu":
+            self._ab = (self._ab[0].to(xt.device), self._ab[1].to(xt.device))
+
+    # -- device ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._x.device
+
+    def to(self, device: str | torch.device) -> BatchLoader:
+        """Hold the split on ``device`` (in place; returns self): batches are then cut,
+        augmented and normalized there. The random plan stays a function of (seed, epoch)."""
+        device = torch.device(device)
+        self._x, self._y = self._x.to(device), self._y.to(device)
+        if self._ab is not None:
+            self._ab = (self._ab[0].to(device), self._ab[1].to(device))
+        return self
+
+    def _to_device(self, order: torch.Tensor, draws: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dev = self._x.device
+        if dev.type == "cpu":
+            return order, draws
+        return order.to(dev), {k: v.to(dev) for k, v in draws.items()}
 
     # -- data ------------------------------------------------------------------------------
     @property
@@ -407,13 +491,14 @@ class BatchLoader(Loader):
             # crop and flip as two gathers (rows, then columns, reversed where flipped):
             # same result as random_crop + hflip with fewer passes over the batch
             B, C, H, W = xb.shape
-            cols = torch.arange(W).expand(B, W)
+            dev = xb.device
+            cols = torch.arange(W, device=dev).expand(B, W)
             if "offsets" in draws:
                 p, offs = self.augment.pad, draws["offsets"]
                 xb = F.pad(xb, (p, p, p, p))
-                rows = offs[:, 0:1] + torch.arange(H)
+                rows = offs[:, 0:1] + torch.arange(H, device=dev)
                 xb = xb.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * p))
-                cols = offs[:, 1:2] + torch.arange(W)
+                cols = offs[:, 1:2] + torch.arange(W, device=dev)
             if "flips" in draws:
                 cols = torch.where(draws["flips"][:, None], cols.flip(1), cols)
             xb = xb.gather(3, cols[:, None, None, :].expand(B, C, H, W))
@@ -434,6 +519,22 @@ class BatchLoader(Loader):
         new = BatchLoader(self._x, self._y, **opts)
         new.epoch = self.epoch
         return new
+
+    def holdout(self, n: int, **overrides: Any) -> tuple[BatchLoader, BatchLoader]:
+        """``(rest, held)``: a validation split carved deterministically (no randomness, no
+        seed) from these samples: the last ``n`` in stored order or, when the labels are
+        stored grouped by class (image folders), the last samples of every class, in
+        proportion to the class sizes. ``held`` is unshuffled and unaugmented; ``overrides``
+        apply to it."""
+        idx = holdout_indices(self._y.cpu(), n)
+        keep = torch.ones(self._n, dtype=torch.bool)
+        keep[idx] = False
+        rest_idx = keep.nonzero().squeeze(1).to(self._x.device)
+        idx = idx.to(self._x.device)
+        opts = self._options()
+        rest = BatchLoader(self._x[rest_idx], self._y[rest_idx], **opts)
+        opts.update({"shuffle": False, "augment": None, "drop_last": False, **overrides})
+        return rest, BatchLoader(self._x[idx], self._y[idx], **opts)
 
     def subset(self, n: int, seed: int = 0, **overrides: Any) -> BatchLoader:
         idx = self._subset_indices(n, seed)

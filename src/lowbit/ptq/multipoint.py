@@ -91,9 +91,11 @@ def input_grams(
         handles.append(layer.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
     try:
         for b in batches:
-            model(b[0] if isinstance(b, tuple | list) else b)
+            x = b[0] if isinstance(b, tuple | list) else b
+            model(x.to(param.device) if param is not None else x)  # batches may live on the CPU
     finally:
         for h in handles:
             h.remove()
@@ -131,11 +133,11 @@ def allocate_points(
             raise ValueError(f"allocate_points: budget must be in [1, points] = [1, {q.points}] for layer "
                              f"{name!r}, got {budget!r}")
         w = layer.parametrizations.weight.original.detach()
-        full = torch.full((w.shape[0],), q.points, dtype=torch.int64)
+        full = torch.full((w.shape[0],), q.points, dtype=torch.int64, device=w.device)
         scales, codes = multipoint_decompose(w, q.bits, full, q.grid)
         gram = grams.get(name)
         errs = output_errors(w, scales, codes, gram)  # (C, P)
-        counts = torch.ones(w.shape[0], dtype=torch.int64)
+        counts = torch.ones(w.shape[0], dtype=torch.int64, device=w.device)
         extra = round((budget - 1.0) * w.shape[0])
         for _ in range(extra):
             current = errs.gather(1, (counts - 1).unsqueeze(1)).squeeze(1)

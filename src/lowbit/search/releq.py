@@ -83,13 +83,16 @@ class FineTuneEvaluator:
     ``make_model()`` returns the float model (weights loaded); layer ``i`` of
     ``quantizable_layers`` gets ``{**weight, "bits": bits[i]}`` (activations stay float, as in
     ReLeQ, which searches weight bits). ``train``/``val`` are loaders; ``config`` the fine-tune's
-    TrainConfig (e.g. one epoch, Adam).
+    TrainConfig (e.g. one epoch, Adam). ``device``: where each fine-tune runs (default: where
+    ``make_model()`` puts the model).
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Any, val: Any,
-                 config: TrainConfig | dict[str, Any], weight: dict[str, Any] | None = None) -> None:
+                 config: TrainConfig | dict[str, Any], weight: dict[str, Any] | None = None,
+                 device: str | torch.device | None = None) -> None:
         self.make_model, self.train, self.val = make_model, train, val
         self.config = config
+        self.device = device
         self.weight = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
         self.names = list(quantizable_layers(make_model()))
 
@@ -103,7 +106,7 @@ class FineTuneEvaluator:
         rules = [{"match": n, "weight": {**self.weight, "bits": b}}
                  for n, b in zip(self.names, bits, strict=True)]
         quantize(model, {"default": {"weight": None}, "rules": rules})
-        trainer = Trainer(model, self.train, self.val, self.config)
+        trainer = Trainer(model, self.train, self.val, self.config, device=self.device)
         trainer.fit()
         return float(trainer.evaluate()["acc"])
 

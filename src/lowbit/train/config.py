@@ -33,6 +33,7 @@ __all__ = [
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("cosine", "step", "constant"),
+    "precision": ("fp32", "bf16"),
 }
 
 
@@ -68,6 +69,12 @@ class TrainConfig(BaseModel):
         50, ge=1, description="steps between reads of the running loss (one device sync each)"
     )
     tensorboard: bool = Field(True, description="write TensorBoard events when installed")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast the forward (quantizer math and scales stay fp32)"
+    )
+    channels_last: bool = Field(False, description="channels_last memory format for conv nets")
+    compile: bool = Field(False, description="torch.compile the model's forward")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes (DDP)")
 
     @model_validator(mode="before")
     @classmethod
@@ -84,7 +91,7 @@ class TrainConfig(BaseModel):
                     )
         return data
 
-    @field_validator("optimizer", "schedule", mode="before")
+    @field_validator("optimizer", "schedule", "precision", mode="before")
     @classmethod
     def _choice(cls, value: Any, info: Any) -> Any:
         allowed = _CHOICES[info.field_name]

@@ -5,8 +5,17 @@ Run directory layout (when `run_dir` is given)::
     config.json              the resolved run configuration (written at fit start)
     metrics.jsonl            one JSON line per epoch
     checkpoint.safetensors   the last checkpoint (every `checkpoint_every` epochs + last)
-    best.safetensors         the checkpoint of the best test accuracy so far
+    best.safetensors         the checkpoint of the best accuracy on the per-epoch evaluation
+                             split so far (``eval_split``: "val", a split of the training set,
+                             under the evidence protocol; the test set is then read once, after
+                             training, by the caller)
     tb/                      TensorBoard events (when tensorboard is installed)
+
+Devices and scale: the model and batches go to `device` (default: where the model is);
+``precision="bf16"`` autocasts the forward while every quantizer computes in fp32;
+``channels_last`` and ``compile`` speed up conv nets on GPUs. Under ``torchrun`` (WORLD_SIZE
+> 1) the model is wrapped in DistributedDataParallel, each rank trains on its part of every
+global batch, and rank 0 writes the run directory (see :mod:`lowbit.train.distributed`).
 
 A killed run restarted with ``fit(resume=True)`` continues from the checkpoint and, with
 ``deterministic=True`` on CPU, ends bit-identical to the uninterrupted run: the model,
@@ -33,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as D
 from .callbacks import CallbackList
 from .checkpoint import (
     atomic_path,
@@ -180,8 +190,10 @@ class Trainer:
         model: any `nn.Module` (quantized models are ordinary modules). Batches are moved
             to the device of its first parameter.
         train_loader, test_loader: iterables of (x, y) batches with `__len__`; an optional
-            `set_epoch(epoch)` is called before each training epoch. `test_loader` may be
-            None (no evaluation, no best checkpoint).
+            `set_epoch(epoch)` is called before each training epoch. `test_loader` is the
+            loader evaluated after every epoch (see `eval_split`); it may be None (no
+            evaluation, no best checkpoint). Under DDP the train loader must have
+            ``shard(rank, world)`` (lowbit.data loaders do) and its batch size is the global one.
         config: a `TrainConfig` or a dict for one.
         run_dir: where config.json, metrics.jsonl, checkpoints and TensorBoard events go;
             None writes nothing (and `fit(resume=True)` is impossible).
@@ -200,6 +212,11 @@ class Trainer:
         run_config: the resolved run configuration written to config.json and stored in
             checkpoints (JSON values); default {"train": config}.
         progress: optional event sink, see `lowbit.progress` (the library never prints).
+        device: move the model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``); default:
+            the device of the model's first parameter.
+        eval_split: what `test_loader` holds, named in metrics.jsonl (``<split>_loss``,
+            ``<split>_acc``): "val" for a validation split of the training data (the
+            protocol: it chooses best.safetensors), "test" (the default) otherwise.
 
     Attributes readable by callbacks: `epoch` (0-based index of the running epoch, or of
     the next one between epochs), `global_step` (optimizer steps done), `steps_per_epoch`,
@@ -221,6 +238,8 @@ class Trainer:
         wrap_optimizer: Callable[[Any, nn.Module], Any] | None = None,
         run_config: dict[str, Any] | None = None,
         progress: Any = None,
+        device: str | torch.device | None = None,
+        eval_split: str = "test",
     ) -> None:
         self.config: TrainConfig = _as_config(config)
         self.model = model
@@ -235,7 +254,25 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError("train_loader is empty (len 0)")
         param = next(model.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        if device is not None:
+            self.device = D.resolve_device(device)
+            model.to(self.device)
+        else:
+            self.device = param.device if param is not None else torch.device("cpu")
+        cfg = self.config
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.world = D.world_size()
+        if self.world > 1:
+            if cfg.sync_bn:
+                self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            D.shard_loader(train_loader)
+        elif cfg.sync_bn:
+            log.info("sync_bn has no effect in a single process")
+        if cfg.precision == "bf16":
+            _quantizers_in_fp32(model)
+        self.eval_split = eval_split
+        self._fwd: nn.Module | None = None  # the module the training forward calls (DDP, compiled)
 
         base = optimizer if optimizer is not None else build_optimizer(model, self.config)
         if optimizer is None:  # learned regularizer state (WaveQ's bits) trains beside the model
@@ -262,6 +299,7 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best_acc = -math.inf
+        self.best_epoch = 0
         self.stop_training = False
         self._tb: Any = _NoTensorBoard()
 
@@ -287,6 +325,7 @@ class Trainer:
         if self.epoch == 0:  # a fresh start (also: resume=True but no checkpoint yet)
             seed_everything(cfg.seed)
         with self._determinism():
+            self._setup_forward()
             self._prepare_run_dir()
             try:
                 self._p_start(cfg.epochs, self.steps_per_epoch, self.epoch)
@@ -309,6 +348,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch
 
+    def _setup_forward(self) -> None:
+        """The training forward: DDP (after data-dependent quantizer initialisation on the
+        global first batch), then torch.compile when asked. Done once per Trainer."""
+        if self._fwd is not None:
+            return
+        fwd = self.model
+        if self.world > 1:
+            if self.global_step == 0:  # fresh: LSQ steps etc. from the global first batch
+                loader = self.train_loader
+                set_epoch = getattr(loader, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(self.epoch)
+                x, _ = loader.global_batch(0)  # type: ignore[attr-defined]
+                D.init_from_batch(self.model, self._input(x))
+            fwd = D.ddp_wrap(self.model, self.device)
+        if self.config.compile:
+            fwd = torch.compile(fwd)
+        self._fwd = fwd
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self) -> Any:
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _cross_entropy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         logits = model(x)
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing), logits
@@ -317,6 +386,12 @@ class Trainer:
         cfg = self.config
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         loss_fn, regs, device = self.loss_fn, self.regularizers, self.device
+        fwd = self._fwd if self._fwd is not None else model
+        world = self.world
+        # under DDP a last, smaller global batch splits unevenly: weight each rank's mean
+        # loss by its share so the averaged gradient is the global batch's mean gradient
+        n_total = getattr(self.train_loader, "num_samples", None)
+        global_bs = getattr(self.train_loader, "batch_size", None)
         step_hooks = self.callbacks.hooks["on_step_end"]
         clip = cfg.grad_clip
         log_every = cfg.log_every
@@ -338,16 +413,24 @@ class Trainer:
         acc = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0, "reg": [0.0] * len(regs)}
 
         t0 = time.perf_counter()
-        for x, y in self.train_loader:
-            x = x.to(device, non_blocking=True)
+        for b, (x, y) in enumerate(self.train_loader):
+            x = self._input(x)
             y = y.to(device, non_blocking=True)
-            loss, logits = loss_fn(model, x, y)
+            with self._autocast():
+                loss, logits = loss_fn(fwd, x, y)
             total = loss
             if regs:
                 rv = [r(model) for _, r in regs]
                 total = loss + sum(rv)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if world > 1 and n_total is not None and global_bs is not None:
+                g = min(global_bs, n_total - b * global_bs)
+                if g != y.shape[0] * world:
+                    (total * (y.shape[0] * world / g)).backward()
+                else:
+                    total.backward()
+            else:
+                total.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
             optimizer.step()
@@ -383,9 +466,11 @@ class Trainer:
         }
         for i, (name, _) in enumerate(regs):
             metrics[f"reg/{name}"] = acc["reg"][i] / max(1, acc["steps"])
+        split = self.eval_split
         if self.test_loader is not None:
+            D.broadcast_buffers(self.model)  # every rank evaluates rank 0's exact model
             ev = self.evaluate()
-            metrics["test_loss"], metrics["test_acc"] = ev["loss"], ev["acc"]
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = ev["loss"], ev["acc"]
         metrics["epoch_time_s"] = time.perf_counter() - t0
         metrics["images_per_s"] = acc["n"] / train_time if train_time > 0 else 0.0
 
@@ -395,34 +480,49 @@ class Trainer:
         self._p_summary(metrics)
         self._log_epoch(metrics)
         last = self.epoch >= cfg.epochs or self.stop_training
-        improved = metrics.get("test_acc") is not None and metrics["test_acc"] > self.best_acc
+        improved = metrics.get(f"{split}_acc") is not None and metrics[f"{split}_acc"] > self.best_acc
         if improved:
-            self.best_acc = metrics["test_acc"]
-        if self.run_dir is not None:
+            self.best_acc = metrics[f"{split}_acc"]
+            self.best_epoch = self.epoch
+        if self.run_dir is not None and D.is_main():
             if self.epoch % cfg.checkpoint_every == 0 or last:
                 self._save(self.run_dir / CHECKPOINT)
                 if improved:
                     _link_or_copy(self.run_dir / CHECKPOINT, self.run_dir / BEST)
             elif improved:
                 self._save(self.run_dir / BEST)
+        D.barrier()  # no rank runs ahead of the files rank 0 writes
 
     def _flush(self, epoch: int, acc: dict[str, Any], losses: list[torch.Tensor],
                totals: list[torch.Tensor], corrects: list[torch.Tensor], sizes: list[int],
                reg_vals: list[torch.Tensor]) -> None:
         """Read the buffered per-step values (one device sync), check them, update the
         epoch sums and the progress display; empties the buffers."""
-        vals = torch.stack(losses).tolist()
-        checked = torch.stack(totals).tolist() if totals else vals
+        loss_t = torch.stack(losses).double()
+        total_t = torch.stack(totals).double() if totals else loss_t
+        size_t = torch.tensor(sizes, dtype=torch.float64, device=loss_t.device)
+        correct_t = torch.stack(corrects).double().sum().reshape(1)
+        reg_t = torch.stack(reg_vals).double().sum(0) if reg_vals else loss_t.new_zeros(0)
+        if self.world > 1:  # every rank sees (and checks) the global batch means: one all_reduce
+            buf = torch.cat([loss_t * size_t, total_t * size_t, size_t, correct_t, reg_t])
+            torch.distributed.all_reduce(buf)
+            k = len(sizes)
+            size_t = buf[2 * k:3 * k]
+            loss_t, total_t = buf[:k] / size_t, buf[k:2 * k] / size_t
+            correct_t, reg_t = buf[3 * k:3 * k + 1], buf[3 * k + 1:] / self.world
+        vals = loss_t.tolist()
+        checked = total_t.tolist()
+        sizes_g = size_t.tolist()
         first = self.global_step - len(vals) + 1
         for i, v in enumerate(checked):
             if not math.isfinite(v):
                 self._diverged(epoch, first + i, v, vals[i])
-        acc["loss"] += sum(v * n for v, n in zip(vals, sizes, strict=True))
-        acc["correct"] += int(torch.stack(corrects).sum().item())
-        acc["n"] += sum(sizes)
+        acc["loss"] += sum(v * n for v, n in zip(vals, sizes_g, strict=True))
+        acc["correct"] += int(correct_t.sum().item())
+        acc["n"] += int(sum(sizes_g))
         acc["steps"] += len(vals)
         if reg_vals:
-            sums = torch.stack(reg_vals).double().sum(0).tolist()
+            sums = reg_t.tolist()
             acc["reg"] = [a + s for a, s in zip(acc["reg"], sums, strict=True)]
         n = len(vals)
         losses.clear(), totals.clear(), corrects.clear(), sizes.clear(), reg_vals.clear()
@@ -464,7 +564,7 @@ class Trainer:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2:]
 
     def _prepare_run_dir(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not D.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in (CHECKPOINT, BEST, METRICS, CONFIG):  # temp files of killed writes
@@ -480,7 +580,7 @@ class Trainer:
             self._tb = _tensorboard(self.run_dir / "tb", purge_step=self.global_step)
 
     def _log_epoch(self, metrics: dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not D.is_main():
             return
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -497,6 +597,8 @@ class Trainer:
             "global_step": self.global_step,
             "history": self.history,
             "best_acc": self.best_acc if math.isfinite(self.best_acc) else None,
+            "best_epoch": self.best_epoch,
+            "eval_split": self.eval_split,
             "callbacks": self.callbacks.state_dict(),
             "config": self.config.model_dump(mode="json"),
             "run_config": self.run_config,
@@ -521,9 +623,25 @@ class Trainer:
         self.global_step = int(extra["global_step"])
         self.history = list(extra["history"])
         self.best_acc = extra["best_acc"] if extra.get("best_acc") is not None else -math.inf
+        self.best_epoch = int(extra.get("best_epoch") or 0)
         self.callbacks.load_state_dict(extra.get("callbacks") or {})
         set_rng_state(extra["rng"])
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+
+def _to_fp32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _quantizers_in_fp32(model: nn.Module) -> None:
+    """Under bf16 autocast, feed every quantizer fp32 inputs: levels, steps and clip values
+    are computed in fp32 (the convolutions and matmuls around them run in bf16)."""
+    from ..quant.base import Quantizer
+
+    for m in model.modules():
+        if isinstance(m, Quantizer) and not getattr(m, "_lowbit_fp32_hook", False):
+            m.register_forward_pre_hook(_to_fp32)
+            m._lowbit_fp32_hook = True
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
