@@ -41,12 +41,12 @@ def _lenet(recipe: dict, seed: int = 0) -> nn.Module:
 
 
 def _agreement(
-    model: nn.Module, path: Path, x: Tensor, optimize: bool = True, exact: bool = True
+    model: nn.Module, path: Path, x: Tensor, optimize: bool = True
 ) -> tuple[float, np.ndarray]:
     """Argmax agreement and per-row max |logit difference| relative to max(1, |logits|)."""
     with torch.no_grad():
         ref = model(x).numpy()
-    got = run_onnx(path, x, optimize=optimize, exact=exact)
+    got = run_onnx(path, x, optimize=optimize)
     assert got.shape == ref.shape
     scale = max(1.0, float(np.abs(ref).max()))
     return float((ref.argmax(1) == got.argmax(1)).mean()), np.abs(ref - got).max(axis=1) / scale
@@ -76,10 +76,9 @@ def test_lenet_binary_w_4bit_a_matches_onnxruntime(tmp_path: Path, opset: int) -
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(lowbit.quantized_layers(model)) == 5
     x = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    for optimize, exact in ((True, True), (False, True), (True, False)):  # (True, False): plain ORT
-        agree, diff = _agreement(model, path, x, optimize, exact)
-        assert agree >= 0.999
-        assert (diff <= 1e-4).mean() >= 0.999, diff.max()
+    for optimize in (True, False):  # True: a plain onnxruntime session
+        agree, diff = _agreement(model, path, x, optimize)
+        assert agree == 1.0 and diff.max() <= 1e-4, diff.max()
     # table: every binary weight is exact integer codes; activations are Q/DQ
     want = "int4" if opset >= 21 else "int8"
     assert [r.onnx_weight for r in rep.rows] == [want] * 5
@@ -121,7 +120,7 @@ def test_per_axis_ternary_and_dorefa_types(tmp_path: Path) -> None:
         assert rows["fc3"].onnx_activation == "Clip/Round"
         assert rows["fc2"].onnx_activation == ("Clip/Round" if opset < 21 else "uint8 Q/DQ")
         agree, diff = _agreement(model, path, x)
-        assert agree >= 0.999 and (diff <= 1e-4).mean() >= 0.99
+        assert agree == 1.0 and diff.max() <= 1e-4, diff.max()
 
 
 class AsymTernary(WeightQuantizer):
@@ -181,7 +180,7 @@ def test_widened_weights_and_float_op_activations(tmp_path: Path) -> None:
     assert rows["conv2"].onnx_weight == "int4"
     x = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     agree, diff = _agreement(model, path, x)
-    assert agree >= 0.99 and (diff <= 1e-4).mean() >= 0.98
+    assert agree == 1.0 and diff.max() <= 1e-4, diff.max()
     table = {r["name"]: r for r in __import__("json").loads(rep.to_json())["rows"]}
     assert table["fc1"]["widened"] and not table["conv2"]["widened"]
 
@@ -297,3 +296,154 @@ def test_scaled_wrpn_exports_as_int4(tmp_path: Path, scale: str) -> None:
     x = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(6))
     agree, _ = _agreement(model, tmp_path / "m.onnx", x)
     assert agree >= 0.99
+
+
+# ----------------------------------------------------------------------------------------------
+# any model, a plain onnxruntime session
+# ----------------------------------------------------------------------------------------------
+def _plain_session(path: Path, feed: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in feed.items()})
+
+
+def _rel(got: np.ndarray, ref: Tensor) -> float:
+    r = ref.detach().numpy()
+    return float(np.abs(got - r).max() / max(float(np.abs(r).max()), 1e-12))
+
+
+class _Biased(nn.Module):
+    """Float biases far from the grid of input step x weight step (what WeightBiasQuantization
+    rounds them to), on a Gemm, a Conv and a Linear over a 3-D input (MatMul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 16, 64)
+        self.seq = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x))  # (N, 8, 4, 4)
+        h = self.seq(h.flatten(2)).flatten(1)  # a Linear on (N, 8, 16)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("first_act", [False, True])
+def test_plain_onnxruntime_session_reproduces_float_biases(tmp_path: Path, first_act: bool) -> None:
+    """Defect 5c: a default InferenceSession (WeightBiasQuantization, MatMulNBits) used to move
+    the logits of such a model by 2% (0.7% top-1 flips)."""
+    torch.manual_seed(0)
+    model = _Biased()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.bias.uniform_(-1, 1)
+    rules = [] if first_act else [{"match": "@first", "activation": None}]
+    lowbit.quantize(model, {
+        "default": {"weight": {"method": "binary", "bits": 1},
+                    "activation": {"method": "pact", "bits": 4, "alpha_init": 2.0}},
+        "rules": rules,
+    })
+    model.eval()
+    x = torch.randn(1000, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "b.onnx"
+    export_onnx(model, path, x[:1])
+    with torch.no_grad():
+        ref = model(x)
+    got = _plain_session(path, {"input": x})[0]
+    assert _rel(got, ref) <= 1e-4
+    assert (got.argmax(1) == ref.numpy().argmax(1)).all()
+
+
+def test_weight_only_linear_on_3d_input_plain_session(tmp_path: Path) -> None:
+    """Integer weights with float inputs on a MatMul became MatMulNBits (int8 inputs on the fly)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Tanh(), nn.Linear(64, 10))
+    lowbit.quantize(model, {"default": {"weight": {"method": "twn", "bits": 2, "per_channel": True}}})
+    model.eval()
+    x = torch.randn(8, 5, 64, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "w.onnx"
+    rep = export_onnx(model, path, x)
+    assert [r.onnx_weight for r in rep.rows] == ["int4", "int4"] and all(r.per_axis for r in rep.rows)
+    with torch.no_grad():
+        ref = model(x)
+    got = _plain_session(path, {"input": x})[0]
+    assert _rel(got, ref) <= 1e-5
+
+
+class _IdsModel(nn.Module):
+    """Integer token ids in, a module called twice (shared weights), keyword arguments, a dict out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 30)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+        h = self.emb(input_ids)
+        h = torch.tanh(self.block(h))
+        h = torch.tanh(self.block(h))  # called twice
+        if attention_mask is not None:
+            h = h * attention_mask[..., None].to(h.dtype)
+        return {"logits": self.head(h), "hidden": h}
+
+
+def test_integer_ids_keyword_inputs_and_module_called_twice(tmp_path: Path) -> None:
+    """Defect 5a/5b: example inputs of any dtype (tensor, tuple, kwargs); a module called twice at
+    opset 21 (its DequantizeLinear written twice) used to fail "3 INT4 weights written, 2 planned"."""
+    torch.manual_seed(0)
+    model = lowbit.quantize(_IdsModel(), {
+        "default": {"weight": {"method": "twn", "bits": 2},
+                    "activation": {"method": "lsq", "bits": 4, "signed": True}},
+    })
+    ids = torch.randint(0, 30, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    model.train()
+    with torch.no_grad():
+        model(ids)  # data initialisation of the activation steps
+    model.eval()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+    for how, call in [
+        ("tensor", dict(input_shape=ids)),
+        ("tuple", dict(input_shape=(ids, mask))),
+        ("kwargs", dict(kwargs={"input_ids": ids, "attention_mask": mask})),
+    ]:
+        path = tmp_path / f"{how}.onnx"
+        rep = export_onnx(model, path, opset=21, **call)
+        assert [r.onnx_weight for r in rep.rows] == ["int4", "int4"]
+        assert all(r.onnx_activation == "int8 Q/DQ" for r in rep.rows)
+        names = [i.name for i in onnx.load(str(path)).graph.input]
+        feed = {"tensor": {"input": ids}, "tuple": {"input_0": ids, "input_1": mask},
+                "kwargs": {"input_ids": ids, "attention_mask": mask}}[how]
+        assert names == list(feed)
+        logits, hidden = _plain_session(path, feed)
+        assert _rel(logits, ref["logits"]) <= 1e-4 and _rel(hidden, ref["hidden"]) <= 1e-4
+        assert (logits.argmax(-1) == ref["logits"].numpy().argmax(-1)).all()
+    # the block's weight: two DequantizeLinear nodes of INT4 codes (one per call), the head's one
+    assert _onnx_weight_types(tmp_path / "kwargs.onnx").count(onnx.TensorProto.INT4) == 3
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():  # stands for an op the TorchScript exporter has no symbolic for
+            raise RuntimeError("unsupported operator aten::something")
+        return self.fc(x)
+
+
+def test_untraceable_model_clear_error(tmp_path: Path) -> None:
+    from lowbit.export.onnx_export import OnnxExportError
+
+    model = lowbit.quantize(_Untraceable(), {"default": {"weight": {"method": "binary", "bits": 1}}})
+    with pytest.raises(OnnxExportError, match="TorchScript ONNX exporter cannot trace _Untraceable") as info:
+        export_onnx(model, tmp_path / "u.onnx", torch.randn(2, 4))
+    assert "aten::something" in str(info.value) and "dynamo" in str(info.value)
+    assert not (tmp_path / "u.onnx").exists()
+    with pytest.raises(ValueError, match="example inputs"):
+        export_onnx(model, tmp_path / "u.onnx", "1x4")  # type: ignore[arg-type]

@@ -4,7 +4,8 @@
 >>> save_packed(qmodel, "m.lowbit")              # codes bit-packed + scales + JSON header
 >>> model = load_packed("m.lowbit")              # zoo models rebuild themselves
 >>> model_report(qmodel, (1, 28, 28)).to_rich_table()
->>> export_onnx(qmodel, "m.onnx", (1, 28, 28))   # Q/DQ graph for onnxruntime
+>>> export_onnx(qmodel, "m.onnx", (1, 28, 28))   # Q/DQ graph for onnxruntime (shape of one sample)
+>>> export_onnx(lm, "lm.onnx", kwargs={"input_ids": ids, "attention_mask": mask})  # example inputs
 
 ONNX support (``onnx``, ``onnxruntime``) and plots (``matplotlib``) are imported lazily.
 """
