@@ -21,6 +21,9 @@ Energy per operation, 45 nm CMOS at 0.9 V (Horowitz, "Computing's energy problem
 can do about it)", ISSCC 2014): 32-bit float add 0.9 pJ, multiply 3.7 pJ (MAC 4.6 pJ, AC
 0.9 pJ); 32-bit integer add 0.1 pJ, multiply 3.1 pJ (MAC 3.2 pJ, AC 0.1 pJ).
 
+``energy_ratio_spiking_layers`` leaves the first layer out of both sides: what spiking saves
+where it applies.
+
 The spike rate of a layer is spikes per neuron per time step; ``spikes_per_neuron`` (the
 papers' ``zeta``) is its sum over the ``T`` steps.
 """
@@ -161,4 +164,5 @@ def spike_energy(snn: nn.Module, batches: Iterable[Any], model: EnergyModel = FP
         "cnn_macs": macs_total, "snn_first_layer_macs": analog_macs, "snn_sops": sops_total,
         "cnn_energy_pj": e_cnn, "snn_energy_pj": e_snn, "snn_energy_first_layer_xT_pj": e_snn_t,
         "energy_ratio": e_cnn / e_snn, "energy_ratio_first_layer_xT": e_cnn / e_snn_t,
+        "energy_ratio_spiking_layers": (macs_total - analog_macs) * model.mac_pj / (sops_total * model.ac_pj),
     }
