@@ -550,11 +550,15 @@ _DESCRIPTIONS = {
     "svhn": "SVHN cropped digits, 73k/26k 3x32x32 (train_32x32.mat, test_32x32.mat)",
     "imagefolder": "any <root>/{train,test}/<class>/<image> directory or zip (data_dir=path)",
     "imagenet": "ImageNet-style image folder train/ + val/, decoded per batch (224x224)",
+    "indian_pines": "Indian Pines hyperspectral scene, 16 classes, patches around labelled pixels (.mat)",
+    "pavia_university": "Pavia University hyperspectral scene, 9 classes, patches (PaviaU.mat)",
+    "salinas": "Salinas hyperspectral scene, 16 classes, patches (Salinas_corrected.mat)",
 }
 _ALIASES = {
     "fashion": "fashion_mnist", "fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist",
     "cifar": "cifar10", "cifar_10": "cifar10", "image_folder": "imagefolder",
     "folder": "imagefolder", "blobs": "synthetic",
+    "indianpines": "indian_pines", "paviau": "pavia_university", "pavia_u": "pavia_university",
 }
 
 
@@ -579,6 +583,20 @@ _LOADERS: dict[str, Callable[..., _Raw]] = {
     "cifar10": _load_cifar10,
     "svhn": _load_svhn,
 }
+
+
+def _hsi_loader(name: str) -> Callable[..., _Raw]:
+    def load(search: _Search, **options: Any) -> _Raw:
+        from .hyperspectral import load_hsi  # options: patch, pca, train_fraction, split_seed
+
+        d = load_hsi(name, search, **options)
+        return _Raw(d.train_x, d.train_y, d.test_x, d.test_y, len(d.classes), (0.0,), (1.0,), d.classes,
+                    d.source)
+
+    return load
+
+
+_LOADERS.update({n: _hsi_loader(n) for n in ("indian_pines", "pavia_university", "salinas")})
 
 
 def load_dataset(
