@@ -62,7 +62,7 @@ def _toy_data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def test_quantize_foreign_model_trains_and_stays_on_grid() -> None:
+def test_quantize_foreign_model_trains_and_stays_on_grid(one_thread: None) -> None:
     torch.manual_seed(0)
     model = lowbit.quantize(SeparableNet(), W1A4)
     layers = lowbit.quantized_layers(model)
@@ -189,3 +189,212 @@ def test_no_warning_for_matching_rules() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lowbit.quantize(SeparableNet(), W1A4)
+
+
+# ---- issue 8: models users bring ---------------------------------------------------------------
+from lowbit.nn import SkippedQuantizationWarning, weight_quantizers  # noqa: E402
+from lowbit.quant import registry  # noqa: E402
+from lowbit.quant.base import WeightQuantizer  # noqa: E402
+from lowbit.recipe import TRAINING_METHODS, RecipeError  # noqa: E402
+
+BINARY_W = {"default": {"weight": {"method": "binary", "bits": 1}}}
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_rnn_weights_are_quantized_and_used(cls: type[nn.RNNBase]) -> None:
+    torch.manual_seed(0)
+    rnn = cls(5, 4, num_layers=2, bidirectional=True, batch_first=True)
+    ref = copy.deepcopy(rnn)
+    lowbit.quantize(rnn, BINARY_W, strict=True)
+    names = [f"weight_{k}_l{i}{r}" for i in range(2) for r in ("", "_reverse") for k in ("ih", "hh")]
+    assert sorted(weight_quantizers(rnn)) == sorted(names)
+    x = torch.randn(3, 6, 5)
+    # The same RNN with its weights replaced by the quantized values, by hand.
+    with torch.no_grad():
+        for n in names:
+            w = getattr(rnn, n)
+            assert w.abs().unique().numel() == 1  # binary: one magnitude per tensor
+            getattr(ref, n).copy_(w)
+    torch.testing.assert_close(rnn(x)[0], ref(x)[0], rtol=0, atol=0)
+    # A change of the latent weight reaches forward (the cached _flat_weights are not stale).
+    with torch.no_grad():
+        rnn.parametrizations.weight_hh_l1.original.mul_(3)
+        assert not torch.equal(rnn(x)[0], ref(x)[0])
+        ref.weight_hh_l1.copy_(rnn.weight_hh_l1)
+    torch.testing.assert_close(rnn(x)[0], ref(x)[0], rtol=0, atol=0)
+    rnn(x)[0].sum().backward()
+    assert rnn.parametrizations.weight_hh_l0.original.grad.abs().sum() > 0
+
+
+def test_recipe_addresses_rnn_weights_by_name() -> None:
+    model = nn.Sequential()
+    model.add_module("rnn", nn.LSTM(4, 3))
+    recipe = {"default": {"weight": {"method": "binary", "bits": 1}},
+              "rules": [{"match": "rnn.weight_hh_l0", "weight": {"method": "twn", "bits": 2}},
+                        {"match": "rnn.weight_ih*", "weight": None}]}
+    lowbit.quantize(model, recipe, strict=True)
+    wq = weight_quantizers(model)
+    assert list(wq) == ["rnn.weight_hh_l0"]
+    assert wq["rnn.weight_hh_l0"][1] == "weight_hh_l0" and wq["rnn.weight_hh_l0"][2].name == "twn"
+
+
+class _Attn(nn.Module):
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.attn(q, kv, kv, need_weights=False)[0]
+
+
+def test_multihead_attention_weights_and_inputs() -> None:
+    torch.manual_seed(0)
+    m = _Attn()
+    ref = copy.deepcopy(m)
+    recipe = {"default": {"weight": {"method": "binary", "bits": 1},
+                          "activation": {"method": "uniform", "bits": 4, "signed": True, "clip": 2.0}}}
+    with pytest.warns(SkippedQuantizationWarning, match="out_proj"):
+        lowbit.quantize(m, recipe)
+    assert sorted(weight_quantizers(m)) == ["attn.in_proj_weight", "attn.out_proj.weight"]
+    assert input_quantizer(m.attn.out_proj) is None  # never run, so never attached nor reported
+    x = torch.randn(2, 5, 8)
+    out = m(x, x)
+    # By hand: quantized q = k = v (one tensor), quantized in_proj and out_proj weights.
+    aq = input_quantizer(m.attn)
+    with torch.no_grad():
+        ref.attn.in_proj_weight.copy_(m.attn.in_proj_weight)
+        ref.attn.out_proj.weight.copy_(m.attn.out_proj.weight)
+        xq = aq(x)
+        assert (xq < 0).any()  # signed grid: negative inputs survive
+        torch.testing.assert_close(out, ref(xq, xq), rtol=0, atol=0)
+    # strict refuses what cannot be done
+    with pytest.raises(QuantizeError, match="out_proj"):
+        lowbit.quantize(_Attn(), recipe, strict=True)
+
+
+def test_multihead_attention_separate_projections() -> None:
+    m = _Attn(kdim=6)
+    lowbit.quantize(m, {"default": {"weight": {"method": "twn", "bits": 2}}}, strict=True)
+    assert sorted(weight_quantizers(m)) == ["attn.k_proj_weight", "attn.out_proj.weight",
+                                            "attn.q_proj_weight", "attn.v_proj_weight"]
+    out = m(torch.randn(2, 3, 8), torch.randn(2, 4, 6))
+    assert out.shape == (2, 3, 8)
+
+
+def test_quantizing_nothing_warns_and_strict_raises() -> None:
+    recipe = {"default": {"weight": None, "activation": None}}
+    with pytest.warns(SkippedQuantizationWarning, match="none of the model"):
+        lowbit.quantize(nn.Sequential(nn.Linear(3, 3)), recipe)
+    with pytest.raises(QuantizeError, match="none of the model"):
+        lowbit.quantize(nn.Sequential(nn.Linear(3, 3)), recipe, strict=True)
+
+
+def test_weight_quantizers_names_every_quantized_parameter() -> None:
+    m = SeparableNet()
+    lowbit.quantize(m, {"default": {"weight": {"method": "binary", "bits": 1}},
+                        "rules": [{"match": "dw", "weight": None}]})
+    wq = weight_quantizers(m)
+    assert list(wq) == ["stem.weight", "pw.weight", "grouped.weight", "mix.weight", "head.weight"]
+    for key, (mod, pname, q) in wq.items():
+        assert q is weight_quantizer(mod, pname) and key.endswith("." + pname)
+
+
+# per-channel axis -------------------------------------------------------------------------------
+PER_CHANNEL_METHODS = [("binary", 1), ("twn", 2), ("ternary_stat", 2), ("tga", 2), ("lbw", 2), ("lbw", 4),
+                       ("lsq", 4), ("uniform", 4), ("dorefa", 1)]
+
+
+@pytest.mark.parametrize("method,bits", PER_CHANNEL_METHODS)
+def test_per_channel_along_axis_1_is_the_transpose_of_axis_0(method: str, bits: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 5) * torch.linspace(0.1, 2, 5)  # columns (axis 1) of very different scales
+    q1 = registry.create("weight", method, bits, per_channel=True)
+    q0 = registry.create("weight", method, bits, per_channel=True)
+    assert isinstance(q1, WeightQuantizer) and q1.channel_axis == 0
+    q1.channel_axis = 1
+    q1.initialize(w)
+    q0.initialize(w.t().contiguous())
+    out1, out0 = q1(w), q0(w.t().contiguous())
+    torch.testing.assert_close(out1, out0.t(), rtol=1e-6, atol=1e-7)
+    enc = q1.encode(w)
+    assert torch.equal(enc.decode(), out1)  # bit for bit
+    assert enc.scale.shape in ((1, 5), ())  # keepdim shape along channel_axis (dorefa-1: binary's)
+
+
+def test_channel_axis_follows_the_layer_type_and_the_recipe() -> None:
+    from lowbit.nn import default_channel_axis
+
+    tr = pytest.importorskip("transformers.pytorch_utils")
+    m = nn.Sequential(nn.Linear(4, 6), nn.ConvTranspose1d(6, 3, 3), nn.Conv1d(3, 2, 1))
+    m.add_module("c1d", tr.Conv1D(7, 4))  # GPT-2's layer: weight stored in x out = (4, 7)
+    assert [default_channel_axis(x) for x in m] == [0, 1, 0, 1]
+    recipe = {"default": {"weight": {"method": "binary", "bits": 1, "per_channel": True}}}
+    lowbit.quantize(m, recipe, strict=True)
+    assert [weight_quantizer(x).channel_axis for x in m] == [0, 1, 0, 1]
+    w = m.c1d.weight
+    assert w.shape == (4, 7)
+    for c in range(7):  # binary per output column: exactly one magnitude per column
+        assert w[:, c].abs().unique().numel() == 1
+    assert weight_quantizer(m.c1d).encode(m.c1d.parametrizations.weight.original).scale.shape == (1, 7)
+    # explicit override
+    m2 = nn.Sequential(tr.Conv1D(7, 4))
+    lowbit.quantize(m2, {"default": {"weight": {**recipe["default"]["weight"], "channel_axis": 0}}})
+    assert weight_quantizer(m2[0]).channel_axis == 0
+    assert m2[0].weight.abs().unique().numel() == 4  # one magnitude per row now
+    with pytest.raises(RecipeError, match="channel_axis"):
+        lowbit.quantize(nn.Sequential(nn.Linear(3, 3)),
+                        {"default": {"weight": {"method": "binary", "bits": 1, "channel_axis": 2}}})
+    with pytest.raises(RecipeError, match="channel_axis"):
+        lowbit.Recipe.from_dict({"default": {"weight": {"method": "binary", "bits": 1, "channel_axis": "x"}}})
+
+
+# eval-mode cache --------------------------------------------------------------------------------
+def test_eval_mode_caches_the_quantized_weight_until_something_changes() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    lowbit.quantize(m, {"default": {"weight": {"method": "lsq", "bits": 4}}})
+    q = weight_quantizer(m[0])
+    calls = []
+    q.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(4, 6)
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+        assert torch.equal(m(x), y) and len(calls) == 1  # second call: cached
+        m[0].parametrizations.weight.original.mul_(2)  # latent weight changed in place
+        y2 = m(x)
+        assert len(calls) == 2 and not torch.equal(y2, y)
+        m(x)
+        assert len(calls) == 2
+        q.s.mul_(0.5)  # the quantizer's own parameter changed
+        y3 = m(x)
+        assert len(calls) == 3 and not torch.equal(y3, y2)
+        m.load_state_dict(copy.deepcopy(m.state_dict()))  # copies in place: version bumps
+        assert torch.equal(m(x), y3) and len(calls) == 4
+    m(x)  # gradients on: never cached, so gradients stay exact
+    assert len(calls) == 5
+    m.train()
+    assert q._cache is None
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert len(calls) == 7  # training mode: not cached
+
+
+# methods validated at load ----------------------------------------------------------------------
+def test_recipe_methods_are_validated_at_load() -> None:
+    with pytest.raises(RecipeError, match=r"methods\[0\]\.name.*'bcgdd'.*bcgd") as e:
+        lowbit.Recipe.from_dict({"methods": [{"name": "bcgdd"}]})
+    assert "binary_relax" in str(e.value)
+    with pytest.raises(RecipeError, match=r"methods\[1\]\.rhoo.*keys name, rho"):
+        lowbit.Recipe.from_dict({"methods": [{"name": "pact_l2"}, {"name": "bcgd", "rhoo": 1e-5}]})
+    r = lowbit.Recipe.from_dict({"methods": [{"name": "kd", "teacher": "runs/fp", "alpha": 0.5}]})
+    assert r.methods[0]["alpha"] == 0.5
+
+
+def test_training_method_table_matches_the_implementations() -> None:
+    from lowbit.train import methods
+
+    assert set(TRAINING_METHODS) == set(methods.METHODS)
+    for name in methods.METHODS:
+        assert TRAINING_METHODS[name] == tuple(methods._options(name))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -388,3 +391,139 @@ def test_quantize_and_train_small_model(weight: dict, act: dict) -> None:
         if aq is not None:
             inp = torch.relu(torch.randn(2, *([8, 8, 8] if name == "conv2" else [128])))
             _grid_check(aq(inp), aq.encode(inp))
+
+
+# ---- signed activation grids (issue 8, defect 2) ------------------------------------------
+from lowbit.quant import fused  # noqa: E402
+from lowbit.quant.base import NegativeInputWarning  # noqa: E402
+from lowbit.quant.lsq import lsq_quantize  # noqa: E402
+from lowbit.quant.pact import PACTActivation  # noqa: E402
+
+SIGNED = [(cls, b) for cls in (LSQActivation, UniformActivation, PACTActivation) for b in (2, 3, 4, 8)]
+
+
+@pytest.mark.parametrize("cls,bits", SIGNED)
+@pytest.mark.parametrize("training", [True, False])
+def test_signed_activation_grid_and_encoding(cls: type, bits: int, training: bool) -> None:
+    torch.manual_seed(bits)
+    q = cls(bits, signed=True) if cls is not PACTActivation else cls(bits, alpha_init=2.0, signed=True)
+    assert q.signed is True and cls(bits).signed is False
+    q.train(training)
+    x = torch.randn(4, 33) * 1.5
+    x[0, :2] = torch.tensor([100.0, -100.0])  # beyond the clip on both sides
+    y = q(x).detach()
+    enc = q.encode(x)
+    assert torch.equal(y, enc.decode())  # encode().decode() == forward, bit for bit
+    top = 2 ** (bits - 1) - 1
+    assert torch.equal(enc.levels, torch.arange(-top, top + 1, dtype=x.dtype))
+    k = enc.levels[enc.codes.long()]  # y = k * step (checked above), k integer in -top..top
+    assert int(k.min()) == -top and int(k.max()) == top  # both ends of the grid are used
+    assert bool((y < 0).any())  # negative inputs keep their sign
+    # Nearest grid point inside the clip range: error at most half a step.
+    s = enc.scale
+    inside = x.abs() <= top * s
+    assert float((y - x)[inside].abs().max()) <= float(s) / 2 * (1 + 1e-6)
+
+
+def test_signed_grid_beats_unsigned_on_signed_inputs() -> None:
+    """Inputs half negative (as in transformers): a signed 4-bit grid keeps them, unsigned zeroes half."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 128)
+    w = torch.randn(32, 128) / 128**0.5
+    ref = x @ w.t()
+    errs = {}
+    for signed in (False, True):
+        q = LSQActivation(4, signed=signed)
+        q.train()
+        with pytest.warns(NegativeInputWarning) if not signed else _no_warning():
+            xq = q(x)
+        errs[signed] = float((xq.detach() @ w.t() - ref).norm() / ref.norm())
+    assert errs[True] < 0.2 < errs[False]
+
+
+@contextlib.contextmanager
+def _no_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NegativeInputWarning)
+        yield
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_signed_lsq_gradients_and_fused_loop(bits: int) -> None:
+    torch.manual_seed(0)
+    q = LSQActivation(bits, signed=True)
+    assert (q.q_n, q.q_p) == (2 ** (bits - 1) - 1, 2 ** (bits - 1) - 1)
+    x = (torch.randn(3, 50) * 2).requires_grad_()
+    s = torch.tensor(0.4, requires_grad=True)
+    g = q.g(x)
+    y = lsq_quantize(x, s, q.q_n, q.q_p, g)
+    gy = torch.randn_like(y)
+    gx, gs = torch.autograd.grad(y, (x, s), gy)
+    v = x.detach() / 0.4
+    inside = (v > -q.q_n) & (v < q.q_p)
+    assert torch.equal(gx, gy * inside)
+    d = torch.where(inside, torch.round(v) - v, torch.where(v <= -q.q_n, -float(q.q_n), float(q.q_p)))
+    torch.testing.assert_close(gs, (gy * d).sum() * g)
+    if not fused.available():
+        pytest.skip("numba not installed: the fused loop is not used")
+    yf = fused.lsq(x, s, q.q_n, q.q_p, g)  # the fused loop takes the signed bounds as they are
+    gxf, gsf = torch.autograd.grad(yf, (x, s), gy)
+    assert torch.equal(yf, y) and torch.equal(gxf, gx)
+    torch.testing.assert_close(gsf, gs)
+
+
+@pytest.mark.parametrize("ste", ["identity", "clipped_relu"])
+def test_signed_uniform_running_abs_max_and_gradient(ste: str) -> None:
+    q = UniformActivation(4, ste=ste, signed=True)
+    q.train()
+    x = torch.tensor([[-3.0, -1.0, 0.2, 2.0]], requires_grad=True)
+    q(x)
+    assert float(q.running_max) == 3.0  # max |x|
+    q.eval()
+    x2 = torch.tensor([[-5.0, -1.0, 0.2, 4.0]], requires_grad=True)
+    y = q(x2)
+    assert float(y.detach().min()) == -3.0 and float(y.detach().max()) == 3.0  # clipped to +-c, c = 3
+    (g,) = torch.autograd.grad(y.sum(), x2)
+    want = [1.0, 1.0, 1.0, 1.0] if ste == "identity" else [0.0, 1.0, 1.0, 0.0]
+    assert g.tolist() == [want]
+
+
+def test_signed_pact_gradients() -> None:
+    q = PACTActivation(4, alpha_init=1.0, signed=True)  # Q = 7, step 1/7
+    x = torch.tensor([-2.0, -3.0, -0.5, 0.3, 1.5], requires_grad=True)
+    y = q(x)
+    assert y.detach().tolist() == pytest.approx([-1.0, -1.0, -4 / 7, 2 / 7, 1.0])  # round(-3.5) = -4
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert float(q.alpha.grad) == -1.0  # sum of 1[x >= alpha] - 1[x <= -alpha]
+
+
+@pytest.mark.parametrize("raw,hint", [
+    ({"method": "lsq", "bits": 1, "signed": True}, "bits >= 2"),
+    ({"method": "uniform", "bits": 4, "signed": True, "ste": "relu"}, "ste='relu'"),
+    ({"method": "dorefa", "bits": 4, "signed": True}, "signed"),
+    ({"method": "lsq", "bits": 4, "signed": "yes"}, "true or false"),
+])
+def test_signed_option_refused_where_meaningless(raw: dict, hint: str) -> None:
+    with pytest.raises(lowbit.RecipeError, match=hint):
+        lowbit.Recipe.from_dict({"default": {"activation": raw}})
+
+
+@pytest.mark.parametrize("method", ["lsq", "uniform", "pact", "dorefa", "bcgd"])
+def test_unsigned_quantizer_warns_once_naming_the_layer(method: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lowbit.quantize(model, {"default": {"activation": {"method": method, "bits": 4}},
+                            "rules": [{"match": "0", "activation": None}]})
+    model.train()
+    x = torch.randn(64, 8)
+    with pytest.warns(NegativeInputWarning, match=r"layer '1'.*of its inputs are negative") as rec:
+        model(x)
+        model(x)
+    assert len([w for w in rec if issubclass(w.category, NegativeInputWarning)]) == 1
+    if method in ("lsq", "uniform", "pact"):
+        signed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        lowbit.quantize(signed, {"default": {"activation": {"method": method, "bits": 4, "signed": True}},
+                                 "rules": [{"match": "0", "activation": None}]})
+        signed.train()
+        with _no_warning():
+            signed(x)
