@@ -129,6 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
     s.add_argument("--out", default="benchmarks/results", help="directory for speed.md/speed.json")
     s.add_argument("--quick", action="store_true", help="fewer repeats and models")
+
+    sn = sub.add_parser("snn", help="spiking twins of CNNs (LIF neurons, learned leak and threshold)")
+    snsub = sn.add_subparsers(dest="snn", metavar="ACTION")
+    sc = snsub.add_parser("convert", help="a float run's spiking twin: convert, quantize, train through "
+                          "time, measure accuracy, spike rates and energy")
+    sc.add_argument("run", help="float run directory (a sequential CNN: lenet5, mlp, ...)")
+    sc.add_argument("--out", required=True, help="directory for snn.json, snn.safetensors and checkpoints")
+    sc.add_argument("--timesteps", type=int, default=5, help="time steps T (default 5)")
+    sc.add_argument("--recipe", default="snn-w6", help="weight quantization of the twin ('none': float)")
+    sc.add_argument("--epochs", type=int, default=1, help="training epochs through time (0: convert only)")
+    sc.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    sc.add_argument("--percentile", type=float, default=99.9,
+                    help="threshold = this percentile of the ReLU outputs")
+    sc.add_argument("--threshold-scale", type=float, default=1.0,
+                    help="times the percentile (lower: more spikes)")
+    sc.add_argument("--val", type=int, default=5000, help="training images held out for validation")
+    sc.add_argument("--subset", type=int, help="train on this many images only")
+    sc.add_argument("--energy", default="fp32_45nm", help="energy constants: fp32_45nm or int32_45nm")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     return p
 
 
@@ -324,6 +344,28 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snn(a: argparse.Namespace) -> int:
+    if a.snn != "convert":
+        raise SystemExit("usage: lowbit snn convert RUN --out DIR [--timesteps T] [--recipe R] [--epochs E]")
+    from .progress import RichProgress
+    from .snn.run import snn_run
+
+    res = snn_run(a.run, a.out, timesteps=a.timesteps, recipe=None if a.recipe == "none" else a.recipe,
+                  epochs=a.epochs, lr=a.lr, percentile=a.percentile, threshold_scale=a.threshold_scale,
+                  val=a.val, train_subset=a.subset, energy_model=a.energy, seed=a.seed, resume=a.resume,
+                  progress=RichProgress(console=console) if a.epochs else None)
+    e = res["energy"]
+    t = Table("layer", "spike rate", "spikes / neuron", title=f"spiking twin, T = {a.timesteps}")
+    for row in e["lif"]:
+        t.add_row(row["layer"], f"{row['spike_rate']:.3f}", f"{row['spikes_per_neuron']:.2f}")
+    console.print(t)
+    val = f", val {res['val_acc']:.2%}" if "val_acc" in res else ""
+    console.print(f"[bold]test accuracy {res['test_acc']:.2%}[/]{val}; energy {e['energy_ratio']:.2f}x "
+                  f"below the CNN's ({e['energy_model']}; first layer every step: "
+                  f"{e['energy_ratio_first_layer_xT']:.2f}x) -> {a.out}/snn.json")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
@@ -336,6 +378,7 @@ COMMANDS = {
     "ptq": cmd_ptq,
     "search": cmd_search,
     "bench": cmd_bench,
+    "snn": cmd_snn,
 }
 
 
