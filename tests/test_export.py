@@ -742,3 +742,47 @@ def test_version_1_files_still_load(packed_file: Path, tmp_path: Path) -> None:
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+class _RnnAttn(nn.Module):
+    def __init__(self, rnn: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = rnn(32, 64, batch_first=True, bidirectional=True)
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=True)
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)
+        a, _ = self.attn(h, h, h)
+        return self.fc(a.mean(1))
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_rnn_and_attention_weights_are_packed(tmp_path: Path, rnn: type[nn.RNNBase]) -> None:
+    """LSTM/GRU weight_ih/hh (both directions) and MHA in_proj_weight are stored as codes: the
+    file is many times smaller than the float model (it used to be 1.0x), loads bit for bit."""
+    torch.manual_seed(0)
+    model = lowbit.quantize(_RnnAttn(rnn), {
+        "default": {"weight": {"method": "binary", "bits": 1},
+                    "activation": {"method": "lsq", "bits": 4, "signed": True}},
+        "rules": [{"match": "attn.out_proj", "activation": None}],
+    })
+    x = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    size = save_packed(model, tmp_path / "r.lowbit")
+    fp32 = 4 * sum(p.numel() for p in _RnnAttn(rnn).parameters())
+    assert fp32 / size > 8
+    pf = read_packed(tmp_path / "r.lowbit")
+    want = {f"rnn.weight_{k}_l0{d}" for k in ("ih", "hh") for d in ("", "_reverse")}
+    assert want | {"attn.in_proj_weight", "attn.out_proj", "fc"} == set(pf.layers)
+    assert all(pf.layers[n].weight is not None for n in want | {"attn.in_proj_weight"})
+    assert "state/rnn.parametrizations.weight_hh_l0.original" not in pf.tensors
+    loaded = load_packed(tmp_path / "r.lowbit", model=_RnnAttn(rnn))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    report = report_from_file(tmp_path / "r.lowbit")
+    assert {r.name for r in report.rows} == set(pf.layers)

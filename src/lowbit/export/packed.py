@@ -80,9 +80,10 @@ from torch.nn.utils import parametrize
 
 from .._io import atomic_write
 from ..nn.quantize import (
+    SkippedQuantizationWarning,
     UnmatchedRuleWarning,
     input_quantizer,
-    quantizable_layers,
+    quantizable_weights,
     quantize,
     weight_quantizer,
 )
@@ -174,24 +175,24 @@ class FrozenWeight(nn.Module):
         return f"shape={tuple(self.decoded.shape)}, encodings={len(self._meta)}"
 
 
-def _plist(layer: nn.Module) -> Any:
-    return layer.parametrizations.weight  # type: ignore[union-attr]
+def _plist(layer: nn.Module, param: str = "weight") -> Any:
+    return layer.parametrizations[param]  # type: ignore[index]
 
 
-def frozen_weight(layer: nn.Module) -> FrozenWeight | None:
-    if not parametrize.is_parametrized(layer, "weight"):
+def frozen_weight(layer: nn.Module, param: str = "weight") -> FrozenWeight | None:
+    if not parametrize.is_parametrized(layer, param):
         return None
-    for p in _plist(layer):
+    for p in _plist(layer, param):
         if isinstance(p, FrozenWeight):
             return p
     return None
 
 
-def quantizer_input(layer: nn.Module) -> Tensor:
+def quantizer_input(layer: nn.Module, param: str = "weight") -> Tensor:
     """The tensor the layer's weight quantizer sees: the latent weight, passed through any
     parametrization registered before the quantizer."""
-    plist = _plist(layer)
-    wq = weight_quantizer(layer)
+    plist = _plist(layer, param)
+    wq = weight_quantizer(layer, param)
     x = plist.original
     for p in plist:
         if p is wq:
@@ -200,17 +201,17 @@ def quantizer_input(layer: nn.Module) -> Tensor:
     return x
 
 
-def encode_weight(layer: nn.Module) -> Encoded:
-    """The encoding of a quantized layer's weight, as save_packed stores it (the stored one for
-    a :class:`FrozenWeight` layer, else ``weight_quantizer(layer).encode(...)``)."""
-    fz = frozen_weight(layer)
+def encode_weight(layer: nn.Module, param: str = "weight") -> Encoded:
+    """The encoding of a quantized weight (``layer.<param>``), as save_packed stores it (the
+    stored one for a :class:`FrozenWeight` weight, else ``weight_quantizer(layer).encode(...)``)."""
+    fz = frozen_weight(layer, param)
     if fz is not None:
         return fz.encoded()
-    wq = weight_quantizer(layer)
+    wq = weight_quantizer(layer, param)
     if wq is None:
-        raise ValueError("layer has no weight quantizer")
+        raise ValueError(f"layer has no quantizer on {param!r}")
     with torch.no_grad():
-        return wq.encode(quantizer_input(layer).detach())
+        return wq.encode(quantizer_input(layer, param).detach())
 
 
 def thaw(model: nn.Module) -> nn.Module:
@@ -218,8 +219,8 @@ def thaw(model: nn.Module) -> nn.Module:
     decoded weight is not a fixed point), so the live quantizers drive the weights again, e.g.
     to fine-tune. Returns ``model``."""
     for m in model.modules():
-        if parametrize.is_parametrized(m, "weight"):
-            plist = _plist(m)
+        for param in list(getattr(m, "parametrizations", {}) or {}):
+            plist = _plist(m, param)
             for i in reversed(range(len(plist))):
                 if isinstance(plist[i], FrozenWeight):
                     del plist[i]
@@ -261,8 +262,16 @@ def torch_type_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _latent_key(name: str) -> str:
-    return f"{name}.parametrizations.weight.original" if name else "parametrizations.weight.original"
+def _latent_key(module: str, param: str = "weight") -> str:
+    key = f"parametrizations.{param}.original"
+    return f"{module}.{key}" if module else key
+
+
+def split_target(target: str, param: str) -> str:
+    """The module name of a weight's recipe name (``"rnn.weight_hh_l0"`` -> ``"rnn"``)."""
+    if param == "weight":
+        return target
+    return target[: -len(param) - 1] if target.endswith("." + param) else ""
 
 
 def _state_key(prefix: str, key: str) -> str:
@@ -332,15 +341,19 @@ def build_payload(model: nn.Module) -> Payload:
     if recipe is None:
         raise ValueError("model has no lowbit_recipe: quantize it with lowbit.quantize(model, recipe) first")
     spec = getattr(model, "lowbit_spec", None)
-    layers = quantizable_layers(model)
     tensors: dict[str, Tensor] = {}
     layers_hdr: dict[str, Any] = {}
     layer_bytes: dict[str, dict[str, int]] = {}
     skip_keys: set[str] = set()
-    for name, layer in layers.items():
-        wq = weight_quantizer(layer)
-        aq = input_quantizer(layer)
-        stored_w = _plist(layer).original if wq is not None else layer.weight
+    seen_modules: set[int] = set()
+    for name, (layer, param) in quantizable_weights(model).items():
+        module_name = split_target(name, param)
+        wq = weight_quantizer(layer, param)
+        # the activation quantizer is the module's: recorded on its first weight
+        aq = input_quantizer(layer) if id(layer) not in seen_modules else None
+        first_of_module = id(layer) not in seen_modules
+        seen_modules.add(id(layer))
+        stored_w = _plist(layer, param).original if wq is not None else getattr(layer, param)
         dt = stored_w.dtype
         if dt not in _FLOAT_NAMES:
             raise ValueError(f"layer {name!r}: weight dtype {dt} is not a float dtype lowbit can store")
@@ -351,17 +364,19 @@ def build_payload(model: nn.Module) -> Payload:
             "weight": None,
             "activation": None if aq is None else {"method": _method_name(aq), "bits": int(aq.bits)},
         }
+        if param != "weight":
+            entry["param"] = param
         bias = getattr(layer, "bias", None)
         counts = {"code_bytes": 0, "scale_bytes": 0, "float_bytes": 0}
-        if isinstance(bias, Tensor):
+        if isinstance(bias, Tensor) and first_of_module:
             counts["float_bytes"] += _nbytes(bias)
         if wq is None:
             counts["float_bytes"] += _nbytes(stored_w)
         else:
-            skip_keys.add(_latent_key(name))
-            enc = encode_weight(layer)
+            skip_keys.add(_latent_key(module_name, param))
+            enc = encode_weight(layer, param)
             with torch.no_grad():
-                actual = layer.weight.detach()
+                actual = getattr(layer, param).detach()
                 decoded = enc.decode()
             if decoded.shape != actual.shape or not torch.equal(decoded.to(actual.dtype), actual):
                 raise ValueError(
@@ -467,6 +482,11 @@ class LayerRecord:
     weight: dict[str, Any] | None
     activation: dict[str, Any] | None
     encoded: Encoded | None = None
+    param: str = "weight"  # the module's parameter ("weight_hh_l0" of an LSTM)
+
+    @property
+    def module(self) -> str:
+        return split_target(self.name, self.param)
 
 
 @dataclass
@@ -548,8 +568,14 @@ def _validate_header(h: Any) -> None:
     _expect(isinstance(layers, dict), "header layers must be a JSON object")
     for name, e in layers.items():
         w = f"header layers[{name!r}]"
-        _check_keys(e, {"type", "shape", "dtype", "weight", "activation"}, w)
+        _check_keys(e, {"type", "shape", "dtype", "weight", "activation"}, w, frozenset({"param"}))
         _expect(isinstance(e["type"], str), f"{w}.type must be a string")
+        param = e.get("param", "weight")
+        ends = isinstance(param, str) and (param == "weight" or name == param or name.endswith("." + param))
+        _expect(
+            ends and param.isidentifier(),
+            f"{w}.param must be the parameter name that ends the entry's name, got {param!r}",
+        )
         _expect(
             isinstance(e["shape"], list)
             and 2 <= len(e["shape"]) <= 8
@@ -676,7 +702,8 @@ def parse_packed(data: bytes, what: str = "file") -> PackedFile:
     layers: dict[str, LayerRecord] = {}
     for name, e in header["layers"].items():
         rec = LayerRecord(
-            name, e["type"], tuple(e["shape"]), FLOAT_DTYPES[e["dtype"]], e["weight"], e["activation"]
+            name, e["type"], tuple(e["shape"]), FLOAT_DTYPES[e["dtype"]], e["weight"], e["activation"],
+            param=e.get("param", "weight"),
         )
         if e["weight"] is not None:
             items = []
@@ -758,7 +785,7 @@ def _check_float_shapes(model: nn.Module, pf: PackedFile) -> None:
     """The float model's parameters/buffers must have the shapes the file declares."""
     sd = model.state_dict()
     for name, rec in pf.layers.items():
-        key = _state_key(name, "weight")
+        key = _state_key(rec.module, rec.param)
         _expect(key in sd, f"the model has no layer {name!r} with a weight, the file has one")
         _expect(
             tuple(sd[key].shape) == rec.shape,
@@ -796,6 +823,7 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
         raise FormatError(f"stored recipe is invalid: {e}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnmatchedRuleWarning)
+        warnings.simplefilter("ignore", SkippedQuantizationWarning)
         level = logging.getLogger("lowbit.nn.quantize").level
         logging.getLogger("lowbit.nn.quantize").setLevel(logging.ERROR)
         try:
@@ -813,25 +841,39 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
     protected = {_tensor_identity(sd[k]) for k in pf.state if k in sd and isinstance(sd[k], Tensor)}
     done = [(name, rec) for name, rec in pf.layers.items() if rec.encoded is not None]
     for name, rec in done:
-        _set_weight(model.get_submodule(name), name, rec, protected)
-    for name, rec in done:  # a latent shared by two quantized layers: both must still hold
-        layer = model.get_submodule(name)
+        _set_weight(model.get_submodule(rec.module), name, rec, protected)
+    for _, rec in done:  # a latent shared by two quantized layers: both must still hold
+        layer = model.get_submodule(rec.module)
+        assert rec.encoded is not None
         with torch.no_grad():
-            ok = torch.equal(layer.weight, rec.encoded.decode().to(layer.weight.dtype))  # type: ignore[union-attr]
+            w = getattr(layer, rec.param)
+            ok = torch.equal(w, rec.encoded.decode().to(w.dtype))
         if not ok:
-            parametrize.register_parametrization(layer, "weight", FrozenWeight(rec.encoded))  # type: ignore[arg-type]
+            parametrize.register_parametrization(layer, rec.param, FrozenWeight(rec.encoded))
+    _refresh_rnn(model)
     return model
 
 
+def _refresh_rnn(model: nn.Module) -> None:
+    # nn.RNNBase runs on its cached _flat_weights: rebuild them from the restored weights
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            m._flat_weights = [getattr(m, n) if hasattr(m, n) else None for n in m._flat_weights_names]
+
+
 def _check_structure(model: nn.Module, pf: PackedFile) -> None:
-    layers = quantizable_layers(model)
+    weights = quantizable_weights(model)
     _expect(
-        set(layers) == set(pf.layers),
-        f"the model's layers {sorted(layers)[:8]} differ from the file's {sorted(pf.layers)[:8]}",
+        set(weights) == set(pf.layers),
+        f"the model's layers {sorted(weights)[:8]} differ from the file's {sorted(pf.layers)[:8]}",
     )
-    for name, layer in layers.items():
+    seen: set[int] = set()
+    for name, (layer, param) in weights.items():
         rec = pf.layers[name]
-        wq, aq = weight_quantizer(layer), input_quantizer(layer)
+        _expect(rec.param == param, f"layer {name!r}: parameter {rec.param!r} in the file, {param!r} here")
+        wq = weight_quantizer(layer, param)
+        aq = input_quantizer(layer) if id(layer) not in seen else None
+        seen.add(id(layer))
         _expect(
             (wq is None) == (rec.weight is None),
             f"layer {name!r}: the stored recipe {'does not quantize' if wq is None else 'quantizes'} its "
@@ -857,7 +899,7 @@ def _check_structure(model: nn.Module, pf: PackedFile) -> None:
 
 def _load_state(model: nn.Module, pf: PackedFile) -> None:
     sd = model.state_dict()
-    skip = {_latent_key(n) for n, r in pf.layers.items() if r.weight is not None}
+    skip = {_latent_key(r.module, r.param) for r in pf.layers.values() if r.weight is not None}
     want = {k: v for k, v in sd.items() if k not in skip}
     missing = sorted(set(want) - set(pf.state))
     extra = sorted(set(pf.state) - set(want))
@@ -883,9 +925,9 @@ def _load_state(model: nn.Module, pf: PackedFile) -> None:
 
 def _set_weight(layer: nn.Module, name: str, rec: LayerRecord, protected: Collection[tuple] = ()) -> None:
     assert rec.encoded is not None
-    wq = weight_quantizer(layer)
+    wq = weight_quantizer(layer, rec.param)
     assert wq is not None
-    plist = _plist(layer)
+    plist = _plist(layer, rec.param)
     original = plist.original
     decoded = rec.encoded.decode().to(original.dtype)
     _expect(decoded.shape == original.shape, f"layer {name!r}: decoded shape differs from the model's")
@@ -893,13 +935,13 @@ def _set_weight(layer: nn.Module, name: str, rec: LayerRecord, protected: Collec
     tied = _tensor_identity(original) in protected
     with torch.no_grad():
         if tied:
-            exact = torch.equal(layer.weight, decoded)
+            exact = torch.equal(getattr(layer, rec.param), decoded)
         for cand in [] if tied else _latent_candidates(wq, rec.encoded, decoded):
             if not bool(torch.isfinite(cand).all()):
                 continue
             original.copy_(cand)
             try:
-                got = layer.weight
+                got = getattr(layer, rec.param)
             except Exception:  # a quantizer that cannot take this latent
                 continue
             if got.shape == decoded.shape and torch.equal(got, decoded):
@@ -908,17 +950,18 @@ def _set_weight(layer: nn.Module, name: str, rec: LayerRecord, protected: Collec
         if not exact and not tied:
             original.copy_(decoded)
     if not exact:
-        parametrize.register_parametrization(layer, "weight", FrozenWeight(rec.encoded))
+        parametrize.register_parametrization(layer, rec.param, FrozenWeight(rec.encoded))
         log.debug("layer %s: %s is not a fixed point on its decoded weight; weight frozen", name, rec.weight)
         with torch.no_grad():
             _expect(
-                torch.equal(layer.weight, decoded), f"layer {name!r}: could not restore the decoded weight"
+                torch.equal(getattr(layer, rec.param), decoded),
+                f"layer {name!r}: could not restore the decoded weight",
             )
 
 
 def frozen_layers(model: nn.Module) -> list[str]:
-    """Names of layers whose weight a :class:`FrozenWeight` serves (see :func:`thaw`)."""
-    return [n for n, m in model.named_modules() if frozen_weight(m) is not None]
+    """Names (as in a recipe) of weights a :class:`FrozenWeight` serves (see :func:`thaw`)."""
+    return [n for n, (m, p) in quantizable_weights(model).items() if frozen_weight(m, p) is not None]
 
 
 def copy_model(model: nn.Module) -> nn.Module:

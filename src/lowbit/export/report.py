@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_path
-from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
+from ..nn.quantize import input_quantizer, quantizable_layers, quantizable_weights, weight_quantizer
 from .packed import (
     FLOAT_DTYPES,
     _method_name,
@@ -256,8 +256,8 @@ def _macs_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, in
             m = layers[n]
 
             def hook(mod: nn.Module, args: Any, out: Any, n: str = n) -> None:
-                if isinstance(out, torch.Tensor) and out.dim() > 0:
-                    w = mod.weight
+                w = getattr(mod, "weight", None)  # (RNN and attention weights: not estimated)
+                if isinstance(out, torch.Tensor) and out.dim() > 0 and isinstance(w, torch.Tensor):
                     counts[n] += (out.numel() // out.shape[0]) * (w.numel() // w.shape[0])
 
             handles.append(m.register_forward_hook(hook))
@@ -287,14 +287,16 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
     """
     payload = build_payload(model)
     file_bytes = len(payload.to_bytes())
-    layers = quantizable_layers(model)
     macs = _macs_by_layer(model, input_shape) if input_shape is not None else {}
     rows = []
-    for name, layer in layers.items():
+    seen: set[int] = set()
+    for name, (layer, param) in quantizable_weights(model).items():
         hdr = payload.header["layers"][name]
-        wq, aq = weight_quantizer(layer), input_quantizer(layer)
+        wq = weight_quantizer(layer, param)
+        aq = input_quantizer(layer) if id(layer) not in seen else None
+        seen.add(id(layer))
         counts = payload.layer_bytes[name]
-        bias = getattr(layer, "bias", None)
+        bias = getattr(layer, "bias", None) if param == "weight" else None
         numel = int(torch.Size(hdr["shape"]).numel())
         rows.append(
             LayerRow(
@@ -346,7 +348,7 @@ def report_from_file(
     for name, rec in pf.layers.items():
         code_b = scale_b = float_b = 0
         if rec.weight is None:
-            key = f"state/{name}.weight"
+            key = f"state/{rec.module}.{rec.param}" if rec.module else f"state/{rec.param}"
             float_b += _nb(pf.tensors[key]) if key in pf.tensors else 0
         else:
             for i in range(len(rec.weight["encodings"])):
@@ -354,7 +356,7 @@ def report_from_file(
                 scale_b += _nb(pf.tensors[f"quant/{name}/{i}/levels"]) + _nb(
                     pf.tensors[f"quant/{name}/{i}/scale"]
                 )
-        bias = pf.tensors.get(f"state/{name}.bias")
+        bias = pf.tensors.get(f"state/{name}.bias") if rec.param == "weight" else None
         if bias is not None:
             float_b += _nb(bias)
         counted += code_b + scale_b + float_b
