@@ -116,6 +116,14 @@ class SlimmableChain(nn.Module):
             raise ValueError(f"slimmable: width {r!r} is not one of {self.widths}")
         self.width_index = self.widths.index(float(r))
 
+    @property
+    def choices(self) -> list[float]:
+        """The widths, narrowest first (the interface :class:`~lowbit.train.sandwich.SandwichLoss` uses)."""
+        return list(self.widths)
+
+    def set_choice(self, r: float) -> None:
+        self.set_width(r)
+
     def active_channels(self, r: float | None = None) -> dict[str, int]:
         """Output channels of every conv/linear child at width ``r`` (default: the active one)."""
         plan = self.plans[self.widths.index(float(r)) if r is not None else self.width_index]
