@@ -1,6 +1,6 @@
 """∇QDARTS on CIFAR-10 on one CPU core: search operations + bits, derive, retrain, compare.
 
-    OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py            # ~30-40 min, one core
+    OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py            # ~20 min of one core
     OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py --smoke    # a 1-minute dry run
 
 Data: the CIFAR-10 JPEG image-folder zip (``--data-dir``, default ``../shared/data``; close to, not
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, replace
@@ -71,14 +72,14 @@ def train_net(name: str, model: torch.nn.Module, train: Any, val: Any, test: Any
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--subset", type=int, default=14000, help="training images used in all")
+    p.add_argument("--subset", type=int, default=10000, help="training images used in all")
     p.add_argument("--val", type=int, default=2000, help="selection-validation images (from --subset)")
-    p.add_argument("--search-n", type=int, default=8000, help="images the search reads (half each split)")
+    p.add_argument("--search-n", type=int, default=6000, help="images the search reads (half each split)")
     p.add_argument("--channels", type=int, default=8)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--search-epochs", type=int, default=8)
+    p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--warmup-epochs", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=15, help="training epochs of each derived net")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs of each derived net")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bops-ratio", type=float, default=160.0, help="target: float BOPs / this")
     p.add_argument("--bops-weight", type=float, default=1.0)
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         a.subset, a.val, a.search_n, a.search_epochs, a.warmup_epochs, a.epochs = 1200, 200, 512, 2, 1, 1
         a.runs_dir, a.out = a.runs_dir + "_smoke", a.runs_dir + "_smoke"
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.time()
     runs = Path(a.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)

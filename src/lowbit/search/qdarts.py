@@ -294,7 +294,7 @@ class SuperNet(nn.Module):
         ab = torch.tensor(self.space.a_bits, dtype=torch.float64)
         out = []
         for cell, macs in zip(self.cells, self.macs(), strict=True):
-            p, q, r = (t.double() for t in cell.probs())
+            p, q, r = (torch.softmax(t.double(), -1) for t in (cell.alpha, cell.gamma_w, cell.gamma_a))
             per_op = torch.tensor([float(sum(m)) for m in macs], dtype=torch.float64) * (q @ wb) * (r @ ab)
             out.append((p * per_op).sum())
         return out
@@ -348,8 +348,12 @@ class CellNet(nn.Module):
     def __init__(self, ops: Sequence[str], channels: int = 16, reductions: Sequence[int] = (2, 4),
                  num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        space = SearchSpace(ops=tuple(dict.fromkeys(ops)), layers=len(ops), channels=channels,
-                            reductions=tuple(reductions), num_classes=num_classes, in_channels=in_channels)
+        unknown = [o for o in ops if o not in OPS]
+        if isinstance(ops, str) or not len(ops) or unknown:
+            raise ValueError(f"qdarts: ops must be a non-empty list of operation names, got {ops!r}; "
+                             f"allowed: {list(OPS)}")
+        space = SearchSpace(ops=tuple(OPS), layers=len(ops), channels=channels, reductions=tuple(reductions),
+                            num_classes=num_classes, in_channels=in_channels)
         self.stem = _stem(space)
         cells = []
         for l, (ci, co, s) in enumerate(space.shapes()):
@@ -560,10 +564,10 @@ def qdarts_search(
         log.info("qdarts epoch %d: train loss %.3f, val acc %s, E[BOPs] %.4g, %s", epoch + 1,
                  row["train_loss"], row["val_acc"], e_bops,
                  [f"{c['op']}:W{c['w_bits']}A{c['a_bits']}" for c in row["genotype"]])
-        if progress:
-            progress(row)
         if checkpoint is not None:
             save_checkpoint(checkpoint, net, opts, epoch=epoch + 1, extra={"history": history})
+        if progress:
+            progress(row)
     with torch.no_grad():
         e_bops = float(net.expected_bops())
     return QDARTSResult(derive(net), e_bops, history)
