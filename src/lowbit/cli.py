@@ -124,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--val", type=int, default=2000, help="held-out training images the search reads")
     rl.add_argument("--seed", type=int, default=0)
 
+    qd = ssub.add_parser("qdarts", help="∇QDARTS: search each layer's operation and W/A bits, then retrain")
+    qd.add_argument("--data", default="cifar10", help="dataset name (square images)")
+    qd.add_argument("--data-dir", help="where CIFAR-10 ... files are (else $LOWBIT_DATA)")
+    qd.add_argument("--out", required=True, help="directory for qdarts.json, recipe.yaml and the retraining")
+    qd.add_argument("--ops", nargs="+", default=["conv3x3", "conv5x5", "sep3x3", "dil3x3", "skip"])
+    qd.add_argument("--w-bits", type=int, nargs="+", default=[2, 4], help="weight bit-widths to choose from")
+    qd.add_argument("--a-bits", type=int, nargs="+", default=[2, 4], help="activation bit-widths")
+    qd.add_argument("--channels", type=int, default=8)
+    qd.add_argument("--layers", type=int, default=6)
+    qd.add_argument("--epochs", type=int, default=6, help="search epochs")
+    qd.add_argument("--warmup-epochs", type=int, default=2, help="weight-only epochs first")
+    qd.add_argument("--bops-weight", type=float, default=1.0, help="lambda of the BOPs term")
+    qd.add_argument("--bops-ratio", type=float, help="BOPs target = float all-conv3x3 net / this")
+    qd.add_argument("--subset", type=int, help="training images used in all")
+    qd.add_argument("--val", type=int, default=2000, help="held-out training images for selection")
+    qd.add_argument("--search-n", type=int, help="training images the search reads (half for alpha/gamma)")
+    qd.add_argument("--retrain-epochs", type=int, default=0, help="train the derived net from scratch")
+    qd.add_argument("--seed", type=int, default=0)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
@@ -314,9 +333,33 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     return 0
 
 
+def _search_qdarts(a: argparse.Namespace) -> int:
+    from .search.qdarts import QDARTSConfig, SearchSpace, qdarts_run
+
+    space = SearchSpace(ops=tuple(a.ops), w_bits=tuple(a.w_bits), a_bits=tuple(a.a_bits), channels=a.channels,
+                        layers=a.layers, reductions=(a.layers // 3, 2 * a.layers // 3))
+    cfg = QDARTSConfig(epochs=a.epochs, warmup_epochs=a.warmup_epochs, bops_weight=a.bops_weight, seed=a.seed)
+    res = qdarts_run(a.data, a.out, space, cfg, data_dir=a.data_dir, subset=a.subset, val=a.val,
+                     search_n=a.search_n, bops_ratio=a.bops_ratio, retrain_epochs=a.retrain_epochs)
+    t = Table("layer", "operation", "W bits", "A bits")
+    for i, c in enumerate(res["genotype"]):
+        t.add_row(str(i), c["op"], str(c["w_bits"]), str(c["a_bits"]))
+    console.print(t)
+    console.print(f"BOPs of the searched layers {res['bops']['searched']:,} "
+                  f"({res['float_reference_bops'] / max(1, res['bops']['searched']):.0f}x fewer than the "
+                  f"float all-conv3x3 net); whole net {res['bops']['total']:,}")
+    if "retrain" in res:
+        console.print(f"retrained {res['retrain']['epochs']} epochs: val {res['retrain']['val_acc']:.2%}, "
+                      f"test {res['retrain']['test_acc']:.2%}")
+    console.print(f"recipe -> {Path(a.out) / 'recipe.yaml'}; results -> {Path(a.out) / 'qdarts.json'}")
+    return 0
+
+
 def cmd_search(a: argparse.Namespace) -> int:
+    if a.search == "qdarts":
+        return _search_qdarts(a)
     if a.search != "releq":
-        raise SystemExit("usage: lowbit search releq RUN --out DIR [--episodes N] [--actions B ...]")
+        raise SystemExit("usage: lowbit search releq RUN --out DIR ... | lowbit search qdarts --out DIR ...")
     from .experiment import releq_run
 
     def show(i: int, h: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ from ..quant import registry
 
 __all__ = ["OPS", "CellNet", "Choice", "MixedConv2d", "MixedLayer", "QDARTSConfig", "QDARTSResult",
            "SearchSpace", "SuperNet", "bops_penalty", "build_derived", "derive", "derived_recipe",
-           "qdarts_search", "searched_bops"]
+           "float_reference_bops", "qdarts_run", "qdarts_search", "searched_bops"]
 
 log = logging.getLogger(__name__)
 
@@ -571,3 +571,76 @@ def qdarts_search(
     with torch.no_grad():
         e_bops = float(net.expected_bops())
     return QDARTSResult(derive(net), e_bops, history)
+
+
+# ---- the whole job (what `lowbit search qdarts` runs) ---------------------------------------
+def float_reference_bops(space: SearchSpace) -> int:
+    """Searched-layer BOPs of the float all-conv3x3 network of ``space`` (32 x 32 bits)."""
+    ref = [Choice("conv3x3", 32, 32)] * space.layers
+    shape = (space.in_channels, space.input_size, space.input_size)
+    return searched_bops(build_derived(space, ref, quantized=False), ref, shape)["searched"]
+
+
+def qdarts_run(
+    dataset: str,
+    out: str | Path,
+    space: SearchSpace,
+    config: QDARTSConfig,
+    *,
+    data_dir: str | None = None,
+    subset: int | None = None,
+    val: int = 2000,
+    search_n: int | None = None,
+    bops_ratio: float | None = None,
+    retrain_epochs: int = 0,
+    lr: float = 0.05,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Search on ``dataset``, derive, write ``out/qdarts.json`` and ``out/recipe.yaml``, and with
+    ``retrain_epochs`` train the derived net from scratch (``out/retrain``), test set read once.
+
+    ``val`` training images are held out for selection; the search reads ``search_n`` of the
+    others (half for the weights, half as the architecture's validation split). ``bops_ratio``
+    sets the target to the float all-conv3x3 network's BOPs / ratio. Reruns resume."""
+    import dataclasses
+    import json
+
+    from .._io import atomic_write_text
+    from ..data import load_dataset
+    from ..recipe import Recipe
+    from ..train import TrainConfig, Trainer, evaluate, load_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(dataset, data_dir=data_dir, batch_size=batch_size, seed=config.seed)
+    if len(data.in_shape) != 3 or data.in_shape[1] != data.in_shape[2]:
+        raise ValueError(f"qdarts: needs square images (C, H, H), {dataset} serves {data.in_shape}")
+    space = dataclasses.replace(space, in_channels=data.in_shape[0], input_size=data.in_shape[1],
+                                num_classes=data.num_classes)
+    pool = data.train.subset(subset, seed=config.seed) if subset else data.train
+    sel_val, rest = pool.split(val, seed=config.seed)
+    sel_val = sel_val.replace(augment=None, shuffle=False)
+    s_pool = rest.subset(search_n, seed=config.seed + 1) if search_n else rest
+    s_train, s_val = s_pool.split(s_pool.num_samples // 2, seed=config.seed + 1)
+    if bops_ratio is not None:
+        config = dataclasses.replace(config, bops_target=float_reference_bops(space) / bops_ratio)
+    torch.manual_seed(config.seed)
+    net = SuperNet(space)
+    res = qdarts_search(net, s_train, s_val.replace(augment=None), config,
+                        checkpoint=out / "search.safetensors")
+    recipe = derived_recipe(space, res.genotype)
+    atomic_write_text(out / "recipe.yaml", Recipe.from_dict(recipe).to_yaml())
+    shape = (space.in_channels, space.input_size, space.input_size)
+    payload: dict[str, Any] = {"dataset": dataset, "space": space.to_dict(), "config": asdict(config),
+                               **res.to_json(), "float_reference_bops": float_reference_bops(space)}
+    model = build_derived(space, res.genotype)
+    payload["bops"] = searched_bops(model, res.genotype, shape)
+    if retrain_epochs > 0:
+        cfg = TrainConfig(epochs=retrain_epochs, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
+                          schedule="cosine", seed=config.seed, tensorboard=False)
+        Trainer(model, rest, sel_val, cfg, out / "retrain").fit(resume=True)
+        load_checkpoint(out / "retrain" / "best.safetensors", model)
+        payload["retrain"] = {"epochs": retrain_epochs, "val_acc": float(evaluate(model, sel_val)["acc"]),
+                              "test_acc": float(evaluate(model, data.test)["acc"])}
+    atomic_write_text(out / "qdarts.json", json.dumps(payload, indent=1) + "\n")
+    return payload
