@@ -587,3 +587,95 @@ def test_global_avgpool_float64_sums(shape):
     got = K.global_avgpool(t.contiguous().permute(0, 2, 3, 1).numpy())
     want = x.astype(np.float64).mean(axis=(1, 2)).astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# any model: nested outputs, attention, signed activations, nothing quantized
+# ----------------------------------------------------------------------------------------------
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = torch.tanh(self.fc1(x))
+        return {"logits": self.fc2(h), "extra": (h, [h.sum(-1)])}
+
+
+SIGNED_A4 = {"method": "lsq", "bits": 4, "signed": True}
+
+
+def _calibrated(model: nn.Module, recipe: dict, x) -> nn.Module:
+    lowbit.quantize(model, recipe)
+    model.train()
+    with torch.no_grad():
+        model(x)  # data initialisation of the activation steps
+    return model.eval()
+
+
+def test_compile_checks_nested_outputs():
+    """Defect 6: the accuracy check used to be skipped (max_abs_diff NaN) for non-tensor outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 12)
+    model = _calibrated(_Nested(), {"default": {"weight": {"method": "twn", "bits": 2},
+                                                "activation": SIGNED_A4}}, x)
+    packed = rt.compile(model, x)
+    assert np.isfinite(packed.max_abs_diff) and packed.max_rel_diff < 1e-5
+    with torch.no_grad():
+        ref = model(x)
+    got = packed(x)
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["extra"][1][0], ref["extra"][1][0], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_without_quantized_layer_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.lowbit_recipe = {"default": {}}  # e.g. loaded with a recipe that quantized nothing
+    with pytest.raises(ValueError, match="no quantized layer"):
+        rt.compile(model, torch.randn(2, 4))
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(x, x, x)
+        return self.fc(a)
+
+
+def test_attention_out_proj_is_not_reported_packed():
+    """MultiheadAttention multiplies by out_proj.weight itself: out_proj never runs as a module, so
+    it must not be listed (or swapped) as a packed layer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = _calibrated(_Attn(), {"default": {"weight": {"method": "binary", "bits": 1},
+                                              "activation": SIGNED_A4},
+                                  "rules": [{"match": "attn.out_proj", "activation": None}]}, x)
+    packed = rt.compile(model, x)
+    kinds = {r.name: r for r in packed.layers}
+    assert kinds["attn.out_proj"].kind == "torch" and "not called" in kinds["attn.out_proj"].detail
+    assert kinds["attn"].kind == "torch" and kinds["fc"].kind == "packed"
+    assert set(packed.packed_layers()) == {"fc"}
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_signed_activation_codes(bits, kernel_path):
+    """Signed symmetric activation grids (levels -(2^(b-1)-1)..2^(b-1)-1) on packed Linear and
+    Conv2d layers (zero padding is code 2^(b-1)-1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x = torch.randn(5, 3, 6, 6)
+    model = _calibrated(model, {"default": {"weight": {"method": "twn", "bits": 2},
+                                            "activation": {"method": "lsq", "bits": bits, "signed": True}}}, x)
+    packed = rt.compile(model, x)
+    assert all(r.kind == "packed" for r in packed.layers), packed.summary()
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
+from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
 from .layers import (
@@ -125,15 +125,15 @@ class PackedModel(nn.Module):
         self.batch_chunk = 0
         self.eval()
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
         with torch.inference_mode():
-            if self.batch_chunk and not args and not kwargs and isinstance(x, Tensor) and x.dim() > 0:
+            x = args[0] if len(args) == 1 else None
+            if self.batch_chunk and not kwargs and isinstance(x, Tensor) and x.dim() > 0:
                 n = K.num_threads()
                 if x.shape[0] > self.batch_chunk or (n > 1 and x.shape[0] >= 2 * MIN_THREAD_CHUNK):
                     return self._forward_chunked(x, n)
-            return self.module(x, *args, **kwargs)
+            return self.module(*args, **kwargs)
 
     def _run(self, x: Tensor) -> Tensor:
         with torch.inference_mode():
@@ -172,6 +172,26 @@ class PackedModel(nn.Module):
         return f"packed_layers={n}/{len(self.layers)}, traced={self.traced}"
 
 
+def _call(model: nn.Module, example: Any) -> Any:
+    """``model(example)``; a tuple is positional arguments, a dict keyword arguments."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+def flat_tensors(out: Any) -> list[Tensor]:
+    """The tensors of a (nested) output in order: tuples, lists, dicts and ``ModelOutput``s."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_tensors(v)]
+    return []
+
+
 def _record_inputs(model: nn.Module, layers: dict[str, nn.Module], example: Any) -> tuple[dict, Any]:
     seen: dict[str, Tensor] = {}
     hooks = []
@@ -185,7 +205,7 @@ def _record_inputs(model: nn.Module, layers: dict[str, nn.Module], example: Any)
         hooks.append(layer.register_forward_pre_hook(pre, prepend=True))
     try:
         with torch.no_grad():
-            ref = model(example)
+            ref = _call(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -229,12 +249,33 @@ def compile(
     src = copy.deepcopy(model).eval()
     if isinstance(example_input, np.ndarray):
         example_input = torch.from_numpy(example_input)
+    if not quantized_layers(src):
+        raise ValueError(
+            f"{type(model).__name__} has no quantized layer: runtime.compile packs the layers that "
+            "lowbit.quantize(model, recipe) quantized; quantize it first (or run the float model as it is)"
+        )
     qlayers = quantizable_layers(src)
-    inputs, ref = _record_inputs(src, qlayers, example_input) if check else ({}, None)
+    # every quantized layer's input is recorded: a layer not called on the example (attention
+    # reads MultiheadAttention.out_proj.weight directly) must stay a module
+    inputs, ref = _record_inputs(src, qlayers, example_input)
+    traced = True
+    try:
+        graph = _LeafTracer({id(m) for m in qlayers.values()}).trace(src)
+    except Exception as e:
+        log.warning("runtime: torch.fx could not trace the model (%s); packing without fusion", e)
+        traced = False
+    called = set(inputs)
+    if traced:
+        called &= {str(n.target) for n in graph.nodes if n.op == "call_module"}
     reports: list[LayerReport] = []
     packed: dict[str, _PackedBase] = {}
     for name, layer in qlayers.items():
         try:
+            if name not in called:
+                raise NotPackableError(
+                    "its forward is not called on the example input (its parent reads the weight "
+                    "directly, e.g. MultiheadAttention.out_proj); it runs in PyTorch"
+                )
             pm = build_packed(name, layer)
         except NotPackableError as e:
             reports.append(LayerReport(name, "torch", str(e)))
@@ -246,13 +287,7 @@ def compile(
             log.warning("runtime: fused quantizer of %s differs from encode(); using encode()", name)
             pm.act.mode = 1
         packed[name] = pm
-    traced = True
-    try:
-        gm = fx.GraphModule(src, _LeafTracer({id(m) for m in qlayers.values()}).trace(src))
-    except Exception as e:
-        log.warning("runtime: torch.fx could not trace the model (%s); packing without fusion", e)
-        traced = False
-        gm = src
+    gm = fx.GraphModule(src, graph) if traced else src
     if traced:
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in packed:
@@ -272,18 +307,37 @@ def compile(
     order = {n: i for i, n in enumerate(qlayers)}
     reports.sort(key=lambda r: order.get(r.name, 0))
     out = PackedModel(gm, reports, traced)
-    if check and ref is not None:
-        got = out(example_input)
-        if isinstance(ref, Tensor) and isinstance(got, Tensor):
-            diff = (got.float() - ref.float()).abs()
-            out.max_abs_diff = float(diff.max()) if diff.numel() else 0.0
-            out.max_rel_diff = out.max_abs_diff / max(float(ref.abs().max()), 1e-12)
-            if out.max_rel_diff > 1e-3:
-                _explain_difference(out, src, example_input, got)
+    if check:
+        got = _call(out, example_input)
+        _measure(out, ref, got)
+        if out.max_rel_diff > 1e-3 and isinstance(ref, Tensor) and isinstance(got, Tensor):
+            _explain_difference(out, src, example_input, got)
     if batch_chunk is None:
         batch_chunk = _auto_chunk(out, packed, inputs, example_input) if traced else 0
     out.batch_chunk = int(batch_chunk)
     return out
+
+
+def _measure(pm: PackedModel, ref: Any, got: Any) -> None:
+    """max_abs_diff / max_rel_diff over every floating tensor of a (nested) output."""
+    r, g = flat_tensors(ref), flat_tensors(got)
+    if len(r) != len(g) or not r or any(a.shape != b.shape for a, b in zip(r, g, strict=True)):
+        log.warning("runtime: the packed model's output does not have the structure of the model's "
+                    "(%d vs %d tensors); no accuracy check", len(g), len(r))
+        return
+    abs_d, scale = 0.0, 0.0
+    for a, b in zip(r, g, strict=True):
+        if not a.is_floating_point() or a.numel() == 0:
+            if not torch.equal(a, b):
+                abs_d = float("inf")
+            continue
+        abs_d = max(abs_d, float((a.double() - b.double()).abs().max()))
+        scale = max(scale, float(a.abs().max()))
+    pm.max_abs_diff = abs_d
+    pm.max_rel_diff = abs_d / max(scale, 1e-12)
+    if pm.max_rel_diff > 1e-3:
+        log.warning("runtime: packed output differs from the fake-quantized model by %.3g (relative %.3g)",
+                    pm.max_abs_diff, pm.max_rel_diff)
 
 
 def _decode_weight_fp64(enc: Encoded) -> Tensor:

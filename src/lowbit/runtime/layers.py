@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..export.packed import encode_weight, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from ..quant.dorefa import DoReFaActivation
@@ -774,13 +775,12 @@ class GlobalAvgPool2d(nn.Module):
 
 def build_packed(name: str, layer: nn.Module) -> _PackedBase:
     """The packed replacement of a quantized Linear / Conv2d; raises NotPackableError otherwise."""
-    wq = weight_quantizer(layer)
-    if wq is None:
-        raise NotPackableError("weight is not quantized")
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-        raise NotPackableError(f"{type(layer).__name__} is not a Linear or Conv2d")
-    with torch.no_grad():
-        enc = wq.encode(layer.parametrizations.weight.original)  # type: ignore[union-attr]
+        raise NotPackableError(f"{torch_type_name(layer)} is not a Linear or Conv2d (its quantized weights "
+                               "run in PyTorch)")
+    if weight_quantizer(layer) is None:
+        raise NotPackableError("weight is not quantized")
+    enc = encode_weight(layer)  # the stored encoding of a loaded (FrozenWeight) layer
     groups = 1
     if isinstance(layer, nn.Conv2d):
         groups = layer.groups
