@@ -672,8 +672,8 @@ def test_signed_activation_codes(bits, kernel_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 36, 4))
     x = torch.randn(5, 3, 6, 6)
-    model = _calibrated(model, {"default": {"weight": {"method": "twn", "bits": 2},
-                                            "activation": {"method": "lsq", "bits": bits, "signed": True}}}, x)
+    act = {"method": "lsq", "bits": bits, "signed": True}
+    model = _calibrated(model, {"default": {"weight": {"method": "twn", "bits": 2}, "activation": act}}, x)
     packed = rt.compile(model, x)
     assert all(r.kind == "packed" for r in packed.layers), packed.summary()
     with torch.no_grad():

@@ -237,8 +237,13 @@ def compile(
 ) -> PackedModel:
     """Compile a quantized model (output of :func:`lowbit.quantize`) into packed inference.
 
-    ``example_input`` is one batch of inputs (any batch size); it traces shapes, checks the
-    fused activation quantizers and measures ``max_abs_diff`` against the fake-quantized model.
+    ``example_input`` is one batch of inputs (any batch size; a tuple is positional arguments, a
+    dict keyword arguments); it traces shapes, finds the layers that run as modules, checks the
+    fused activation quantizers and measures ``max_abs_diff``/``max_rel_diff`` against the
+    fake-quantized model over every tensor of its output (tuples, dicts, ``ModelOutput``).
+    ``check=False`` skips that measurement. A model without quantized layers is a ``ValueError``;
+    a quantized layer whose forward the model never calls (``MultiheadAttention.out_proj``, whose
+    weight attention reads directly) stays in PyTorch, listed with that reason.
     The model itself is not modified (a copy is compiled).
 
     ``batch_chunk``: run large batches in chunks of this many samples (see :class:`PackedModel`);
