@@ -94,10 +94,11 @@ class HSIData:
 def read_mat_array(path: Path, key: str, ndim: int) -> np.ndarray:
     """Variable ``key`` of the MATLAB file ``path``, checked to have ``ndim`` dimensions."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         m = scipy.io.loadmat(path)
-    except (ValueError, OSError, NotImplementedError, TypeError) as e:
+    except (MatReadError, ValueError, OSError, NotImplementedError, TypeError) as e:
         raise DatasetFormatError(f"{path}: cannot read as a MATLAB v4/v5 file ({e})") from e
     if key not in m:
         found = sorted(k for k in m if not k.startswith("__"))
