@@ -1,0 +1,257 @@
+"""``lowbit bench serve``: every policy against every trace, on the loopback interface.
+
+For each policy a fresh ``lowbit serve`` process is started on a free port (it profiles its
+sub-nets, then answers ``/health``); every trace is replayed against it by the load generator
+(:mod:`lowbit.serve.loadgen`), with a pause between traces so the queue drains; then the server is
+stopped with SIGTERM and its exit status recorded. Per policy and trace: SLO attainment, served
+accuracy (mix-weighted test accuracy recorded in the supernet file) and throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .file import load_supernet
+from .loadgen import make_trace, replay, summarize
+
+__all__ = ["free_port", "run_serve_bench", "start_server", "stop_server"]
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    path: str | os.PathLike[str],
+    port: int,
+    args: Sequence[str] = (),
+    timeout_s: float = 120.0,
+    log_file: Any = None,
+) -> subprocess.Popen[bytes]:
+    """``python -m lowbit.cli serve PATH --port PORT ARGS``; returns once ``/health`` answers."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lowbit.cli", "serve", str(path), "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"server exited with status {proc.returncode} before answering: {err[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /health within {timeout_s:g} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM, then wait; returns the exit status (killed after ``timeout_s``: -9)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return -9
+
+
+def run_serve_bench(
+    path: str | os.PathLike[str],
+    policies: Sequence[str],
+    traces: Sequence[str],
+    rate: float,
+    duration: float,
+    slo_ms: float,
+    max_batch: int = 32,
+    seed: int = 0,
+    max_requests: int = 5000,
+    pause_s: float = 1.0,
+) -> dict[str, Any]:
+    """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``."""
+    sn = load_supernet(path)
+    accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
+    x = torch.randn((1, *sn.input_shape)).numpy().astype("<f4").tobytes()
+    shape = ",".join(str(d) for d in (1, *sn.input_shape))
+    runs, exits = [], {}
+    for pol in policies:
+        port = free_port()
+        proc = start_server(
+            path, port, ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch)]
+        )
+        try:
+            for tr in traces:
+                arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
+                recs = asyncio.run(
+                    replay(
+                        f"http://127.0.0.1:{port}/predict",
+                        arrivals,
+                        x,
+                        shape,
+                        timeout_s=max(2.0, 20 * slo_ms / 1e3),
+                    )
+                )
+                s = summarize(recs, slo_ms, accuracy, duration)
+                runs.append({"policy": pol, "trace": tr, **s})
+                log.info(
+                    "%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s",
+                    pol,
+                    tr,
+                    s["slo_attainment"],
+                    s["served_accuracy"],
+                    s["throughput_rps"],
+                )
+                time.sleep(pause_s)
+        finally:
+            exits[pol] = stop_server(proc)
+    return {
+        "runs": runs,
+        "accuracy": accuracy,
+        "server_exit_status": exits,
+        "settings": {
+            "rate": rate,
+            "duration_s": duration,
+            "slo_ms": slo_ms,
+            "max_batch": max_batch,
+            "seed": seed,
+            "traces": list(traces),
+            "policies": list(policies),
+            "supernet": str(path),
+        },
+    }
+
+
+def write_report(
+    res: dict[str, Any], out: str | os.PathLike[str], stem: str = "serve", meta: dict[str, Any] | None = None
+) -> None:
+    """``stem.json``, ``stem.md`` and ``stem.png`` (SLO attainment and served accuracy per trace)."""
+    from .._io import atomic_path, atomic_write_text
+
+    out = Path(out)
+    payload = {**(meta or {}), **res}
+    atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=1, default=float) + "\n")
+    st = res["settings"]
+    lines = [f"# Serving a supernet under load ({', '.join(st['traces'])} traces)", ""]
+    if meta and "command" in meta:
+        lines += [f"`{meta['command']}`", ""]
+    lines += [
+        f"Mean rate {st['rate']:g} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
+        f"max batch {st['max_batch']}, one request = one sample (binary float32), seed {st['seed']}; a fresh "
+        "server per policy (1 inference thread), the load generator in the same machine on loopback. "
+        "The machine is a shared 2-core box with other jobs running: latencies are noisy, single run.",
+        "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
+        "misses). Served accuracy: the test accuracy of the answering sub-net, averaged over answered "
+        "requests.",
+        "",
+        "| trace | policy | requests | SLO attainment | served accuracy | throughput (req/s) | p50 ms | "
+        "p99 ms | shed (503) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["runs"]:
+        acc = r["served_accuracy"]
+        lines.append(
+            f"| {r['trace']} | {r['policy']} | {r['requests']} | {100 * r['slo_attainment']:.1f}% | "
+            f"{'-' if math.isnan(acc) else f'{100 * acc:.2f}%'} | {r['throughput_rps']:.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses'].get('503', 0)} |"
+        )
+    lines += [
+        "",
+        "Server exit status after SIGTERM: "
+        + ", ".join(f"{k} {v}" for k, v in res["server_exit_status"].items()),
+    ]
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    traces = st["traces"]
+    fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 4.2), squeeze=False)
+    try:
+        for ax, tr in zip(axes[0], traces, strict=True):
+            for r in (r for r in res["runs"] if r["trace"] == tr):
+                slack = r["policy"] == "slackfit"
+                ax.scatter(
+                    100 * r["served_accuracy"],
+                    100 * r["slo_attainment"],
+                    s=70 if slack else 30,
+                    marker="*" if slack else "o",
+                    color="C3" if slack else "C0",
+                    zorder=3,
+                )
+                ax.annotate(
+                    r["policy"].removeprefix("fixed:"),
+                    (100 * r["served_accuracy"], 100 * r["slo_attainment"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            ax.set_title(f"{tr} trace")
+            ax.set_xlabel("served accuracy (%)")
+            ax.set_ylabel("SLO attainment (%)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"slackfit (star) vs fixed sub-nets, SLO {st['slo_ms']:g} ms, {st['rate']:g} req/s mean")
+        fig.tight_layout()
+        with atomic_path(out / f"{stem}.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def bench_serve_cli(a: Any) -> Any:
+    """``lowbit bench serve`` (argparse namespace ``a``): run, write the report, return a rich table."""
+    import platform
+
+    from rich.table import Table
+
+    t0 = time.time()
+    torch.set_num_threads(1)
+    policies = []
+    for p in a.policies:
+        policies += [f"fixed:{n}" for n in load_supernet(a.supernet).choices] if p == "fixed:all" else [p]
+    res = run_serve_bench(
+        a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests
+    )
+    meta = {
+        "command": " ".join(["lowbit", *a.argv]),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    write_report(res, a.out, a.stem, meta)
+    t = Table("trace", "policy", "SLO attainment", "served accuracy", "req/s", "503")
+    for r in res["runs"]:
+        t.add_row(
+            r["trace"],
+            r["policy"],
+            f"{r['slo_attainment']:.1%}",
+            f"{r['served_accuracy']:.2%}",
+            f"{r['throughput_rps']:.0f}",
+            str(r["statuses"].get("503", 0)),
+        )
+    return t

@@ -1,0 +1,186 @@
+"""lowbit serve against a real server process on 127.0.0.1: endpoints, outputs equal to the
+supernet's, the bad-request table, shedding (deadline and queue), metrics, SIGTERM exit status; and
+the policy, trace and parsing logic on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from lowbit.models import build_model  # noqa: E402
+from lowbit.nn.supernet import Supernet  # noqa: E402
+from lowbit.serve import Decision, load_supernet, make_policy, save_supernet  # noqa: E402
+from lowbit.serve.app import BadRequestError, parse_binary, serve  # noqa: E402
+from lowbit.serve.bench import free_port, start_server, stop_server  # noqa: E402
+from lowbit.serve.loadgen import Record, make_trace, summarize  # noqa: E402
+
+SHAPE = (1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    sn = Supernet(
+        build_model("lenet5"),
+        [{"name": "small", "width": 0.25, "bits": 2}, {"name": "big", "width": 1.0, "bits": 8}],
+        SHAPE,
+    )
+    sn.info = {"small": {"val_acc": 0.9, "test_acc": 0.9}, "big": {"val_acc": 0.99, "test_acc": 0.99}}
+    path = tmp_path_factory.mktemp("serve") / "tiny.supernet"
+    save_supernet(sn, path)
+    port = free_port()
+    proc = start_server(
+        path,
+        port,
+        ["--slo-ms", "5000", "--max-batch", "4", "--max-queue", "3", "--profile-repeats", "2"],
+        timeout_s=90,
+    )
+    yield f"http://127.0.0.1:{port}", proc, load_supernet(path)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_health_and_predictions_equal_the_supernets(server) -> None:
+    url, _, sn = server
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "ok" and h["subnets"] == ["small", "big"] and h["input_shape"] == list(SHAPE)
+    x = torch.randn(3, *SHAPE)
+    r = httpx.post(f"{url}/predict", json={"inputs": x.tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["subnet"] == "big" and body["batch"] == 3  # slackfit: the most accurate fits a 5 s SLO
+    with torch.inference_mode():
+        ref = sn.run(x, body["subnet"])
+    assert torch.equal(torch.tensor(body["outputs"]), ref)
+    assert body["predictions"] == ref.argmax(1).tolist()
+    raw = x.numpy().astype("<f4").tobytes()
+    octet = {"content-type": "application/octet-stream"}
+    for kw in (
+        {"headers": {**octet, "x-shape": "3,1,28,28"}},
+        {"headers": octet, "params": {"shape": "3,1,28,28"}},
+        {"headers": octet},
+    ):
+        rb = httpx.post(f"{url}/predict", content=raw, **kw)
+        assert rb.status_code == 200 and torch.equal(torch.tensor(rb.json()["outputs"]), ref), rb.text
+
+
+ONE = [[[0.0] * 28] * 28]
+BAD = [  # content type, body, query, status, part of the message
+    ("application/json", b"{", {}, 400, "not valid JSON"),
+    ("application/json", b'{"x": 1}', {}, 400, '{"inputs"'),
+    ("application/json", b'{"inputs": [1, 2]}', {}, 400, "does not match the model's input [1, 28, 28]"),
+    ("application/json", b'{"inputs": [[1], [1, 2]]}', {}, 400, "rectangular"),
+    ("application/json", b'{"inputs": ["a"]}', {}, 400, "nested list of numbers"),
+    ("application/json", json.dumps({"inputs": [ONE] * 5}).encode(), {}, 413, "at most 4"),
+    ("application/json", json.dumps({"inputs": [[[math.nan] * 28] * 28]}).encode(), {}, 400, "NaN"),
+    ("application/octet-stream", b"\0" * 10, {}, 400, "whole number of float32 samples"),
+    ("application/octet-stream", b"\0" * 3136, {"shape": "2,1,28,28"}, 400, "needs 6272"),
+    ("application/octet-stream", b"\0" * 3136, {"shape": "a,b"}, 400, "comma-separated"),
+    ("application/octet-stream", b"\0" * 3136, {"shape": "1,1,28,27"}, 400, "does not match"),
+    ("application/octet-stream", b"\0" * 1568, {"dtype": "float16"}, 415, "float32"),
+    ("application/octet-stream", b"\0" * 3136, {"slo_ms": "-1"}, 400, "SLO override"),
+    ("text/plain", b"hello", {}, 415, "application/json or application/octet-stream"),
+]
+
+
+@pytest.mark.parametrize(("ctype", "body", "query", "status", "msg"), BAD)
+def test_bad_requests_get_4xx_with_a_clear_message(
+    server, ctype: str, body: bytes, query: dict, status: int, msg: str
+) -> None:
+    url, _, _ = server
+    r = httpx.post(f"{url}/predict", content=body, params=query, headers={"content-type": ctype})
+    assert r.status_code == status, r.text
+    assert msg in r.json()["error"]
+
+
+def test_wrong_method_and_path(server) -> None:
+    url, _, _ = server
+    assert httpx.get(f"{url}/predict").status_code == 405
+    assert httpx.get(f"{url}/nope").status_code == 404
+
+
+def test_overload_is_shed_with_503_and_metrics_count_it(server) -> None:
+    url, _, _ = server
+    one = {"inputs": ONE}
+    # a deadline no sub-net can meet is shed, not served late
+    r = httpx.post(f"{url}/predict", json=one, headers={"x-slo-ms": "0.001"})
+    assert r.status_code == 503 and "deadline cannot be met" in r.json()["error"]
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            rs = await asyncio.gather(*(c.post(f"{url}/predict", json=one) for _ in range(40)))
+        return [x.status_code for x in rs]
+
+    codes = asyncio.run(flood())  # 40 at once into a queue of 3
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+    m = httpx.get(f"{url}/metrics").json()
+    assert m["shed"] >= 1 + codes.count(503)
+    assert m["served"] >= codes.count(200) and m["rejected"] >= len(BAD)
+    assert m["queue_depth"] == 0 and abs(sum(m["subnet_mix"].values()) - 1) < 1e-3
+    assert 0 <= m["slo_attainment"] <= 1 and m["latency_ms"]["p50"] <= m["latency_ms"]["p99"]
+    assert set(m["profile_ms"]) == {"small", "big"} and len(m["profile_ms"]["big"]) == 4
+
+
+def test_sigterm_exits_cleanly(server) -> None:
+    url, proc, _ = server
+    assert stop_server(proc) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=1)
+
+
+def test_policies_pick_by_slack_accuracy_and_batch() -> None:
+    table = {("a", 1): 1.0, ("a", 2): 2.0, ("a", 3): 3.0, ("b", 1): 3.0, ("b", 2): 5.0, ("b", 3): 8.0}
+    lat = lambda s, b: table[(s, b)]  # noqa: E731
+    acc = {"a": 0.9, "b": 0.99}
+    slack = make_policy("slackfit", acc, max_batch=3)
+    assert slack.choose(5, 10.0, lat) == Decision("b", 3)  # everything fits: most accurate, full batch
+    assert slack.choose(5, 4.0, lat) == Decision(
+        "a", 3
+    )  # b misses at batch 3: the larger batch wins over accuracy
+    assert slack.choose(1, 4.0, lat) == Decision("b", 1)
+    assert slack.choose(3, 0.5, lat).subnet is None  # nothing fits: shed the oldest
+    fixed = make_policy("fixed:b", acc, max_batch=3)
+    assert fixed.choose(3, 4.0, lat) == Decision("b", 1)  # a fixed sub-net shrinks its batch instead
+    assert make_policy("max-accuracy", acc, 3).candidates == ["b"]
+    with pytest.raises(ValueError, match="allowed: slackfit, max-accuracy, fixed:<name>"):
+        make_policy("fastest", acc, 3)
+    with pytest.raises(ValueError, match="no sub-net 'c'"):
+        make_policy("fixed:c", acc, 3)
+
+
+def test_traces_are_seeded_and_have_their_mean_rate() -> None:
+    for kind in ("constant", "bursty", "ramp"):
+        a = make_trace(kind, rate=200, duration=20, seed=1)
+        assert a == make_trace(kind, rate=200, duration=20, seed=1)
+        assert abs(len(a) - 4000) < 5 * math.sqrt(4000), (kind, len(a))  # Poisson: mean 4000
+    ramp = make_trace("ramp", rate=200, duration=20, seed=1)
+    first, last = sum(t < 5 for t in ramp), sum(t >= 15 for t in ramp)
+    assert last > 3 * first  # mean rates 0.4 and 1.6 x 200 in the first and last quarters
+    assert len(make_trace("constant", 200, 20, max_requests=7)) == 7
+    recs = [Record(0, 200, 10, "a"), Record(0, 200, 50, "b"), Record(0, 503, 1, None), Record(0, 0, 1, None)]
+    s = summarize(recs, 30, {"a": 0.9, "b": 0.99}, duration=2)
+    assert s["slo_attainment"] == 0.25 and s["served_accuracy"] == pytest.approx(0.945)
+    assert s["throughput_rps"] == 1.0 and s["statuses"] == {"200": 2, "503": 1, "0": 1}
+
+
+def test_binary_parser_rejects_what_it_cannot_read() -> None:
+    x = parse_binary(b"\0" * 3136 * 2, None, None, SHAPE, 4)
+    assert x.shape == (2, *SHAPE)
+    with pytest.raises(BadRequestError, match="at most 4"):
+        parse_binary(b"\0" * 3136 * 5, None, None, SHAPE, 4)
+
+
+def test_server_refuses_a_bad_policy_before_serving(tmp_path) -> None:
+    sn = Supernet(build_model("lenet5"), [{"name": "only", "width": 0.5, "bits": 4}], SHAPE)
+    save_supernet(sn, tmp_path / "s.supernet")
+    with pytest.raises(ValueError, match="unknown policy 'fastest'"):
+        serve(tmp_path / "s.supernet", policy="fastest")
