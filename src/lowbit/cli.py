@@ -148,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
     s.add_argument("--out", default="benchmarks/results", help="directory for speed.md/speed.json")
     s.add_argument("--quick", action="store_true", help="fewer repeats and models")
+    bs = bsub.add_parser("serve", help="load-test lowbit serve on loopback: policies x traces")
+    bs.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
+    bs.add_argument("--policies", nargs="+", default=["slackfit", "max-accuracy", "fixed:all"],
+                    help="slackfit, max-accuracy, fixed:<name>; fixed:all = every sub-net")
+    bs.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
+    bs.add_argument("--rate", type=float, default=200.0, help="mean requests per second")
+    bs.add_argument("--duration", type=float, default=8.0, help="seconds per trace")
+    bs.add_argument("--slo-ms", type=float, default=30.0)
+    bs.add_argument("--max-batch", type=int, default=32)
+    bs.add_argument("--max-requests", type=int, default=5000, help="cap on requests per trace")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--out", default="benchmarks/results", help="directory for serve.{json,md,png}")
+    bs.add_argument("--stem", default="serve")
+
+    sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
+    sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
+    sv.add_argument("--slo-ms", type=float, default=30.0, help="latency target per request (ms)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--policy", default="slackfit", help="slackfit | max-accuracy | fixed:<name>")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests beyond this get 503")
+    sv.add_argument("--threads", type=int, default=1, help="inference threads")
+    sv.add_argument("--profile-repeats", type=int, default=10, help="timed runs per sub-net and batch size")
 
     sn = sub.add_parser("snn", help="spiking twins of CNNs (LIF neurons, learned leak and threshold)")
     snsub = sn.add_subparsers(dest="snn", metavar="ACTION")
@@ -379,12 +403,27 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.bench == "serve":
+        from .serve.bench import bench_serve_cli
+
+        console.print(bench_serve_cli(a))
+        return 0
     if a.bench != "speed":
-        raise SystemExit("usage: lowbit bench speed [--out DIR] [--quick]")
+        raise SystemExit("usage: lowbit bench speed|serve ...")
     from .runtime.bench import run_speed_benchmark
 
     run_speed_benchmark(out_dir=a.out, quick=a.quick)
     return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.app import serve
+
+    console.print(f"lowbit serve {a.supernet}: profiling sub-nets, then http://{a.host}:{a.port} "
+                  f"(policy {a.policy}, SLO {a.slo_ms:g} ms)")
+    return serve(a.supernet, slo_ms=a.slo_ms, port=a.port, policy=a.policy, host=a.host,
+                 max_batch=a.max_batch, threads=a.threads, profile_repeats=a.profile_repeats,
+                 max_queue=a.max_queue)
 
 
 def cmd_snn(a: argparse.Namespace) -> int:
@@ -422,6 +461,7 @@ COMMANDS = {
     "search": cmd_search,
     "bench": cmd_bench,
     "snn": cmd_snn,
+    "serve": cmd_serve,
 }
 
 
