@@ -238,7 +238,7 @@ def bench_serve_cli(a: Any) -> Any:
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests
     )
     meta = {
-        "command": " ".join(["lowbit", *a.argv]),
+        "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "wall_time_s": round(time.time() - t0, 1),
