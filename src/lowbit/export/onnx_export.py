@@ -440,20 +440,32 @@ def _to_int4(model: Any) -> int:
     return count
 
 
-def _linear_as_gemm(self: nn.Linear, x: Tensor) -> Tensor:
-    """``nn.Linear`` as one 2-D ``Gemm`` with a bias, whatever the input's rank.
+def _is_hf_conv1d(layer: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored in x out."""
+    mro = type(layer).__mro__
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in mro)
+
+
+def _gemm_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or _is_hf_conv1d(layer)
+
+
+def _linear_as_gemm(self: nn.Module, x: Tensor) -> Tensor:
+    """``nn.Linear`` (or transformers' ``Conv1D``) as one 2-D ``Gemm`` with a bias, whatever
+    the input's rank.
 
     onnxruntime turns ``DequantizeLinear(integer weight) -> MatMul`` with a float input (a layer
     whose input is not quantized; the ``MatMul`` that ``Linear`` on a 3-D input exports to) into
     ``MatMulNBits``, which by default quantizes the float input to int8 on the fly (~1% logit
     error). It leaves a ``Gemm`` alone."""
-    bias = self.bias if self.bias is not None else torch.zeros(self.out_features, dtype=x.dtype)
-    rows = x.reshape(-1, self.in_features)
+    w = self.weight if _is_hf_conv1d(self) else self.weight.t()  # in x out
+    bias = self.bias if self.bias is not None else torch.zeros(w.shape[1], dtype=x.dtype)
+    rows = x.reshape(-1, w.shape[0])
     act = self.__dict__.get("_lowbit_rows_act")
     if act is not None:
         rows = act(rows)
-    y = torch.addmm(bias, rows, self.weight.t())
-    return y.reshape(*x.shape[:-1], self.out_features)
+    y = torch.addmm(bias, rows, w)
+    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 class OnnxExportError(RuntimeError):
@@ -536,8 +548,8 @@ def _prepare(m: nn.Module, opset: int) -> list[OnnxLayerRow]:
             # Replace the parametrization chain in place (remove_parametrizations would edit the
             # parametrized class that this deep copy shares with the caller's model).
             plist = layer.parametrizations.weight  # type: ignore[union-attr]
-            with torch.no_grad():
-                plist.original.data = w.to(plist.original.dtype)
+            # a new Parameter: the latent one may be tied to a float twin (an embedding)
+            plist.original = nn.Parameter(w.to(plist.original.dtype), requires_grad=False)
             for i in reversed(range(len(plist))):
                 del plist[i]
             if grid is None:
@@ -565,7 +577,7 @@ def _prepare(m: nn.Module, opset: int) -> list[OnnxLayerRow]:
                 # The same grid as Clip/Round float ops keeps the weight float.
                 layer.input_quantizer = _ActModule(agrid, qdq=False)
                 row.onnx_activation = "Clip/Round"
-        if isinstance(layer, nn.Linear) and row.onnx_weight.startswith(("int", "uint")):
+        if _gemm_layer(layer) and row.onnx_weight.startswith(("int", "uint")):
             layer.forward = types.MethodType(_linear_as_gemm, layer)
             if isinstance(getattr(layer, "input_quantizer", None), _ActModule):
                 # quantize the 2-D rows (after the Reshape): onnxruntime's propagation of an INT8

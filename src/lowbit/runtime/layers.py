@@ -457,6 +457,19 @@ class _PackedBase(nn.Module):
         return codes, 1, 0.0, 0.0, sx, ma
 
     @property
+    def weight(self) -> Tensor:
+        """The dequantized weight in the layer's original layout (float32), for model code that
+        reads ``layer.weight`` (its dtype, device or shape: transformers does); packed inference
+        does not use it."""
+        wp = self.wp
+        q = torch.from_numpy(plane_integers(wp)).double()
+        w = torch.from_numpy(wp.sw).double()[:, None] * (wp.l0 + wp.u * q)
+        if isinstance(self, PackedConv2d):
+            kh, kw = self.kernel_size
+            return w.reshape(w.shape[0], kh, kw, -1).permute(0, 3, 1, 2).float().contiguous()
+        return w.float()
+
+    @property
     def weight_bytes(self) -> int:
         """Packed planes + float32 per-channel scale and bias."""
         return self.wp.packed_bytes + 8 * self.out_features
