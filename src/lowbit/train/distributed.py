@@ -45,6 +45,7 @@ __all__ = [
     "rank",
     "resolve_device",
     "shard_loader",
+    "without_nproc",
     "world_size",
 ]
 
@@ -183,19 +184,36 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {f.global_rank} (exit code {f.exitcode})"
-                             for f in e.failures.values())
+        failures = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
         raise DistributedError(f"the distributed run failed: {failures}; the first failure's "
                                f"traceback is above. Fix it and rerun with --resume.") from None
     return 0
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N`` (what each launched process runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` (rank 0's parameters and buffers are broadcast)."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+    # buffers (BatchNorm statistics) follow rank 0 at every forward; the keyword was renamed
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = {"forward_sync_buffers": True} if "forward_sync_buffers" in params else {"broadcast_buffers": True}
+    return DistributedDataParallel(model, device_ids=ids, **sync)
 
 
 def shard_loader(loader: Any) -> Any:

@@ -265,6 +265,9 @@ class Trainer:
         self.world = D.world_size()
         if self.world > 1:
             if cfg.sync_bn:
+                if self.device.type == "cpu":
+                    raise ValueError("sync_bn: torch's SyncBatchNorm runs on GPUs only; drop --sync-bn "
+                                     "for CPU processes (each rank then normalises with its own batch)")
                 self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             D.shard_loader(train_loader)
         elif cfg.sync_bn:
