@@ -43,11 +43,19 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--deterministic", action="store_true", default=None,
                    help="bit-identical CPU runs (also across --resume)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast (quantizers stay fp32)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="channels_last conv nets")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes")
+
+
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
 def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
     keys = ["epochs", "lr", "optimizer", "schedule", "milestones", "weight_decay", "momentum", "seed",
-            "deterministic"]
+            "deterministic", "precision", "channels_last", "compile", "sync_bn"]
     return {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
 
 
@@ -82,11 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--subset", type=int, help="train on this many samples only (quick runs)")
+    t.add_argument("--val-size", default="auto", help="validation images carved from the training set "
+                   "(picks the best epoch; default auto: the last 5,000 of MNIST/CIFAR-10); 0: none")
+    _device_flag(t)
+    t.add_argument("--nproc", type=int, help="train with N processes on this machine (runs torchrun; "
+                   "--batch-size is the global batch)")
     _train_flags(t)
 
     e = sub.add_parser("eval", help="test accuracy of a run directory or checkpoint")
     e.add_argument("run", help="run directory (uses best.safetensors) or a checkpoint inside one")
     e.add_argument("--data-dir")
+    _device_flag(e)
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("models", help="list the model zoo")
@@ -111,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", type=int, default=512, help="calibration images from the training set")
     q.add_argument("--out", required=True, help="packed .lowbit file to write")
     q.add_argument("--data-dir")
+    _device_flag(q)
 
     se = sub.add_parser("search", help="mixed-precision search")
     ssub = se.add_subparsers(dest="search", metavar="METHOD")
@@ -123,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--proxy", type=int, default=2048, help="training images of each 1-epoch fine-tune")
     rl.add_argument("--val", type=int, default=2000, help="held-out training images the search reads")
     rl.add_argument("--seed", type=int, default=0)
+    _device_flag(rl)
 
     qd = ssub.add_parser("qdarts", help="∇QDARTS: search each layer's operation and W/A bits, then retrain")
     qd.add_argument("--data", default="cifar10", help="dataset name (square images)")
@@ -214,6 +230,10 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
 def cmd_train(a: argparse.Namespace) -> int:
     from .experiment import RunSpec, train_run
     from .progress import RichProgress
+    from .train import distributed
+
+    if a.nproc and a.nproc > 1 and distributed.env_world_size() == 1:
+        return distributed.launch(a.nproc, distributed.without_nproc(a.argv))
 
     spec = RunSpec(
         model=a.model,
@@ -226,10 +246,16 @@ def cmd_train(a: argparse.Namespace) -> int:
         out=a.out,
         batch_size=a.batch_size,
         train_subset=a.subset,
+        val_size=int(a.val_size) if str(a.val_size).isdigit() else a.val_size,
+        device=a.device,
     )
     res = train_run(spec, resume=a.resume, progress=RichProgress(console=console))
-    console.print(f"[bold]test accuracy {res.test_acc:.2%}[/] (best {res.best_acc:.2%}) "
-                  f"in {res.wall_time_s:.0f}s -> {res.run_dir}")
+    if not distributed.is_main():
+        return 0
+    chosen = (f"epoch {res.best_epoch}, chosen on validation accuracy {res.best_acc:.2%}"
+              if res.best_acc is not None else f"{res.selected_on}, epoch {res.best_epoch}")
+    console.print(f"[bold]test accuracy {res.test_acc:.2%}[/] ({chosen}) "
+                  f"in {res.wall_time_s:.0f}s on {res.device} x{res.world_size} -> {res.run_dir}")
     if res.size:
         console.print(f"packed model: {res.size['file_bytes']:,} bytes, "
                       f"{res.size['compression_vs_fp32']:.1f}x smaller than FP32")
@@ -240,7 +266,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .experiment import load_run
     from .train import evaluate
 
-    model, data, _ = load_run(a.run)
+    model, data, _ = load_run(a.run, a.device)
     ev = evaluate(model, data.test)
     console.print(f"{a.run}: test accuracy {ev['acc']:.2%} (loss {ev['loss']:.4f}, n={ev['n']})")
     return 0
@@ -339,7 +365,7 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     from .ptq import calibration_batches, multipoint_ptq
     from .train import evaluate
 
-    model, data, _ = load_run(a.run)
+    model, data, _ = load_run(a.run, a.device)
     if quantized_layers(model):
         raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
     calib = calibration_batches(data.train, a.calib)
@@ -392,7 +418,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                           f"val acc {h['acc']:.2%}")
 
     res = releq_run(a.run, a.out, episodes=a.episodes, actions=a.actions, proxy=a.proxy, val=a.val,
-                    seed=a.seed, progress=show)
+                    seed=a.seed, progress=show, device=a.device)
     console.print(f"best bits {tuple(res['best_bits'])} for {res['layers']}: "
                   f"reward {res['best_reward']:+.3f}, val acc {res['best_acc']:.2%} "
                   f"(float {res['float_val_acc']:.2%}); "
@@ -468,6 +494,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    a.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_time=False, show_path=False)])
     logging.captureWarnings(True)
@@ -482,11 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DatasetNotFoundError
     from .recipe import RecipeError
     from .train import CheckpointError, TrainingDiverged
+    from .train.distributed import DistributedError
 
     try:
         return COMMANDS[a.command](a)
     except (RecipeError, DatasetNotFoundError, CheckpointError, TrainingDiverged, FileNotFoundError,
-            ValueError) as e:
+            ValueError, DistributedError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
     except KeyboardInterrupt:
