@@ -43,6 +43,8 @@ The validation batches are a split carved from the training data. The architectu
 ``warmup_epochs`` of weight-only training. Derivation: ``o* = argmax alpha_l``, bits
 ``argmax gamma^w_lo*`` and ``argmax gamma^a_lo*`` (ties go to the first, cheapest candidate);
 the discrete net (:class:`CellNet`) is quantized by the derived recipe and retrained from scratch.
+``skip`` has no convolution, hence no bits (its gammas get no gradient; its derived bits are
+the first candidates and mean nothing).
 
 Differences from the paper, on purpose: one operation per layer instead of PC-DARTS cells of 14
 edges with partial channels (a CPU-sized space); ``alpha`` and ``gamma`` both learn on the
