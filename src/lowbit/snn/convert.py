@@ -6,8 +6,9 @@ flattened) of Conv1d/2d/3d and Linear layers (*synapses*), BatchNorm right after
 ReLU, pooling (average or max), Flatten, Identity and Dropout; a module that only reshapes may
 declare ``snn_passthrough = True``. Every hidden synapse is followed by a ReLU, which becomes
 a :class:`~lowbit.snn.lif.LIF` layer; the last synapse is the output layer, which integrates
-without spiking. Module names are kept (BN dropped, ``relu3`` -> ``lif3``), so one recipe
-quantizes the CNN and its twin alike.
+without spiking. Module names are kept (BN dropped, ``relu3`` -> ``lif3``; inside nested
+Sequentials joined by ``_``: ``features.0`` -> ``features_0``), so one recipe quantizes the CNN
+and its twin alike.
 
 **BatchNorm folding** (exact in eval mode), per output channel ``c``::
 
