@@ -230,8 +230,8 @@ class ActivationQuantizer(Quantizer):
 
     def check_sign(self, x: Tensor) -> None:
         """Warn once if this unsigned quantizer sees a large share of negative inputs."""
-        if self.signed or self._sign_checked:
-            return
+        if self.signed or self._sign_checked or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # (a traced or compiled graph would bake the check in)
         self._sign_checked = True
         share = float((x.detach() < 0).float().mean()) if x.numel() else 0.0
         if share > NEGATIVE_SHARE_WARN:
