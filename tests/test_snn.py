@@ -165,6 +165,10 @@ def test_convert_keeps_names_and_rejects_what_it_cannot_convert():
     assert list(quantizable_layers(snn)) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     from lowbit.models import build_model
 
+    assert convert(build_model("lenet5").eval(), 2)(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # max pools
+    features = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    nested = nn.Sequential(OrderedDict(features=features, head=nn.Linear(4, 2)))
+    assert [n for n, _ in convert(nested, 2).plan] == ["features_0", "features_1_lif", "head"]
     with pytest.raises(ConversionError, match=r"nn\.Sequential.*ResNet"):
         convert(build_model("resnet20", width_mult=0.25), 4)
     with pytest.raises(ConversionError, match=r"'1' \(Sigmoid\).*allowed"):
