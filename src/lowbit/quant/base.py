@@ -121,6 +121,14 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}"
 
 
+def _cacheable(w: Tensor) -> bool:
+    """A plain tensor outside tracing/compiling/export (those see fake or symbolic tensors and
+    must record the quantizer's ops, not a cached constant)."""
+    if type(w) not in (Tensor, nn.Parameter):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
 class WeightQuantizer(Quantizer):
     """A quantizer used as a ``torch.nn.utils.parametrize`` parametrization of a weight.
 
@@ -151,7 +159,7 @@ class WeightQuantizer(Quantizer):
         return channel_reduce_dims(w, self.channel_axis)
 
     def __call__(self, w: Tensor) -> Tensor:
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or not _cacheable(w):
             self._cache = None
             return super().__call__(w)
         key = self._cache_key(w)
