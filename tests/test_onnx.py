@@ -447,3 +447,35 @@ def test_untraceable_model_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "u.onnx").exists()
     with pytest.raises(ValueError, match="example inputs"):
         export_onnx(model, tmp_path / "u.onnx", "1x4")  # type: ignore[arg-type]
+
+
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.rnn(x)[0])
+
+
+def test_lstm_right_after_a_training_step(tmp_path: Path) -> None:
+    """An LSTM's cached flat weights hold non-leaf tensors after a training step (deepcopy refused
+    them); its quantized weights are listed, as float constants of the ONNX LSTM."""
+    torch.manual_seed(0)
+    recipe = {"default": {"weight": {"method": "twn", "bits": 2},
+                          "activation": {"method": "lsq", "bits": 4, "signed": True}}}
+    model = lowbit.quantize(_Tagger(), recipe)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(x).square().mean().backward()  # a training step's forward/backward, then straight to export
+    model.eval()
+    rep = export_onnx(model, tmp_path / "l.onnx", x)
+    rows = {r.name: r for r in rep.rows}
+    assert list(rows) == ["rnn", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "fc"]
+    assert rows["rnn.weight_hh_l0"].w_method == "twn" and rows["rnn.weight_hh_l0"].widened
+    assert rows["fc"].onnx_weight == "int4"
+    with torch.no_grad():
+        ref = model(x)
+    got = _plain_session(tmp_path / "l.onnx", {"input": x})[0]
+    assert _rel(got, ref) <= 1e-5

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_write
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
-from .packed import _channel_axis, _method_name, encode_weight
+from .packed import _channel_axis, _method_name, encode_weight, refresh_rnn_weights
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 LEGACY_MAX_OPSET = 21
@@ -577,6 +577,9 @@ def _prepare(m: nn.Module, opset: int) -> list[OnnxLayerRow]:
                 # The same grid as Clip/Round float ops keeps the weight float.
                 layer.input_quantizer = _ActModule(agrid, qdq=False)
                 row.onnx_activation = "Clip/Round"
+        if not isinstance(getattr(layer, "weight", None), Tensor):  # an LSTM, an attention module
+            row.w_method, row.onnx_weight = "-", "-"
+            row.note = (row.note + "; " if row.note else "") + "its input; its weights are the rows below"
         if _gemm_layer(layer) and row.onnx_weight.startswith(("int", "uint")):
             layer.forward = types.MethodType(_linear_as_gemm, layer)
             if isinstance(getattr(layer, "input_quantizer", None), _ActModule):
@@ -585,7 +588,28 @@ def _prepare(m: nn.Module, opset: int) -> list[OnnxLayerRow]:
                 layer.__dict__["_lowbit_rows_act"] = layer.input_quantizer
                 layer.input_quantizer = nn.Identity()
         rows.append(row)
+        rows.extend(_other_weight_rows(name, layer))
     return rows
+
+
+def _other_weight_rows(name: str, layer: nn.Module) -> list[OnnxLayerRow]:
+    """Rows for quantized weights not called ``weight`` (LSTM/GRU ``weight_ih_l0``, attention
+    ``in_proj_weight``): the exporter folds their fake-quantized values into float constants of
+    the ONNX LSTM / attention ops (exact, not stored as integers)."""
+    out = []
+    for param in getattr(layer, "parametrizations", {}) or {}:
+        wq = weight_quantizer(layer, param)
+        if param == "weight" or wq is None:
+            continue
+        enc = encode_weight(layer, param)
+        out.append(OnnxLayerRow(
+            name=f"{name}.{param}" if name else param, w_method=_method_name(wq),
+            w_bits=sum(int(e.bits) for e in _walk(enc)), onnx_weight="float32", per_axis=False,
+            lossless=False, widened=True, max_abs_error=0.0, a_method="float", a_bits=32,
+            onnx_activation="none",
+            note="RNN/attention weight: its quantized values as float constants of the fused op",
+        ))
+    return out
 
 
 def export_onnx(
@@ -622,6 +646,7 @@ def export_onnx(
     if bad:
         raise ValueError(f"kwargs {bad} are not tensors; ONNX inputs are tensors (pass other options to "
                          "the model's constructor or config)")
+    refresh_rnn_weights(model)
     m = copy.deepcopy(model).cpu().eval()
     args = tuple(a.cpu() for a in _example_args(m, input_shape, kwargs))
     rows = _prepare(m, opset)

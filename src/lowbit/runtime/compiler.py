@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..export.packed import refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
@@ -251,6 +252,7 @@ def compile(
     convolutions and small weights, after checking that chunking does not change the output
     (samples are independent); 0 switches chunking off.
     """
+    refresh_rnn_weights(model)
     src = copy.deepcopy(model).eval()
     if isinstance(example_input, np.ndarray):
         example_input = torch.from_numpy(example_input)
