@@ -156,3 +156,16 @@ def test_onnx_plain_session_matches(name: str, tmp_path: Path) -> None:
         assert float(np.abs(o - r).max()) <= 1e-4 * max(float(np.abs(r).max()), 1e-6)
     main = _main(t.ref).numpy()
     assert (outs[0].argmax(-1) == main.argmax(-1)).all()
+
+
+@pytest.mark.skipif("llama" not in FAMILIES, reason="transformers is not installed")
+def test_llama_without_attention_mask_is_a_clear_error(tmp_path: Path) -> None:
+    """Without a mask, transformers looks for packed sequences with torch.diff, which the
+    TorchScript exporter cannot export (and the dynamo exporter needs onnxscript and cannot carry
+    lowbit's integer Q/DQ weights): a clear error that says what to pass."""
+    from lowbit.export.onnx_export import OnnxExportError
+
+    t = trained("llama")
+    with pytest.raises(OnnxExportError, match=r"aten::diff.*attention mask"):
+        export_onnx(t.model, tmp_path / "l.onnx", kwargs={"input_ids": t.kw["input_ids"]})
+    assert not (tmp_path / "l.onnx").exists()

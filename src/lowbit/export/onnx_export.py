@@ -705,11 +705,14 @@ def _exporter_message(model: nn.Module, e: Exception) -> str:
         dynamo = "the dynamo exporter (torch.onnx.export(..., dynamo=True)) can export the float model"
     except ImportError:
         dynamo = "the dynamo exporter would need the onnxscript package, which is not installed"
+    hint = ""
+    if "aten::diff" in str(e):  # transformers' packed-sequence check, run when no mask is given
+        hint = " Pass the attention mask too (kwargs={'input_ids': ..., 'attention_mask': ...})."
     return (
         f"the TorchScript ONNX exporter cannot trace {type(model).__name__}: {type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}. lowbit writes its integer Q/DQ weights through "
         f"that exporter; {dynamo}, but without lowbit's integer weights. For transformers models, "
-        "try attn_implementation='eager' in the config; otherwise export the parts that trace."
+        "try attn_implementation='eager' in the config; otherwise export the parts that trace." + hint
     )
 
 
