@@ -22,6 +22,10 @@ reductions may be reassociated, so that they vectorise), equal to float rounding
 share of the DoReFa weight gradient that flows through ``max|tanh w|``. ``tests/test_fused.py``
 checks all of it against the torch formulas.
 
+Signed activation grids (``signed=True``): LSQ's loops take the bounds ``-Q_N, Q_P`` as given, so
+signed LSQ runs here too (checked in ``tests/test_uniform_lsq_wrpn.py``); the uniform and PACT
+loops are unsigned only, and those quantizers take their torch formulas when signed.
+
 When: CPU float32 contiguous tensors, with numba installed. Anything else (float64 as in
 gradcheck, CUDA, non-contiguous or channels-last inputs, tensor subclasses, tracing/ONNX export,
 ``torch.compile``) takes the torch formula of the quantizer module, as does everything when
