@@ -137,3 +137,51 @@ def test_sync_bn_refuses_cpu_processes():
     assert cfg.sync_bn  # accepted in one process (no effect there)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(epochs=1, precision="fp16")
+
+
+# ------------------------------------------------------------------ on a real GPU (skipped here)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize(("kind", "name"), _quantizers())
+def test_cuda_quantizer_matches_cpu(kind, name):
+    """The torch formulas on CUDA give the numbers of the CPU path (numba kernels there)."""
+    torch.manual_seed(0)
+    q_cpu = _make(kind, name)
+    shape = (8, 4, 3, 3) if kind == "weight" else (4, 4, 5, 5)
+    x = torch.randn(shape)
+    q_cpu.train()
+    q_gpu = _make(kind, name).cuda()
+    q_gpu.load_state_dict(q_cpu.state_dict())
+    outs = []
+    for q, dev in ((q_cpu, "cpu"), (q_gpu, "cuda")):
+        xi = x.to(dev).requires_grad_(True)
+        y = q(xi)
+        (y * torch.linspace(-1, 1, y.numel(), device=dev).reshape(y.shape)).sum().backward()
+        outs.append((y.detach().cpu(), xi.grad.cpu()))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+
+
+@cuda
+def test_cuda_train_run_end_to_end(tmp_path):
+    from lowbit.experiment import RunSpec, train_run
+
+    res = train_run(RunSpec(model="lenet5", dataset="mnist", recipe="lenet5-w1a4", train_subset=2048,
+                            train={"epochs": 1, "precision": "bf16", "channels_last": True},
+                            device="cuda", out=str(tmp_path / "run")))
+    assert res.device.startswith("cuda") and res.test_acc > 0.3
+    assert (tmp_path / "run" / "model.lowbit").exists()
+
+
+@cuda
+def test_cuda_ptq_and_mixed_bits_on_the_gpu():
+    from lowbit.ptq.multipoint import allocate_points
+
+    model = quantize(_net(), {"default": {"weight": {"method": "mixed", "bits": 4}}}).cuda()
+    assert expected_bits(model).device.type == "cuda"
+    mp = quantize(_net(), {"default": {"weight": {"method": "multipoint", "bits": 4, "points": 2}}}).cuda()
+    rows = allocate_points(mp, [torch.randn(4, 1, 8, 8)], budget=1.5)
+    assert rows
