@@ -246,6 +246,7 @@ def create_app(
                 "slo_ms": slo_ms,
                 "accuracy": accuracy,
                 "profile_ms": profile.to_dict(),
+                "latency_scale": round(b.scale, 3),
             }
         )
 

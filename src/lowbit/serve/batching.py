@@ -2,7 +2,10 @@
 policy which sub-net serves it, runs it on one inference thread, and answers every request.
 
 Every request gets the deadline ``arrival + slo_ms``. Before each batch the policy sees the
-number of queued samples and the remaining slack of the oldest request; when no sub-net meets
+number of queued samples, the remaining slack of the oldest request (less a reserve of 10% of
+the SLO for answering after the batch) and the profiled latencies scaled by ``scale``, an
+exponential average (weight 0.2) of measured / profiled batch time, so that the plan follows
+the machine when other work slows it down; when no sub-net meets
 that deadline even at batch 1, the oldest request is shed (:class:`Shed`, HTTP 503) instead of
 being served late, and the worker decides again. A full queue (``max_queue`` requests) refuses new
 ones at once (also 503). The sub-net is switched and run inside ``Supernet.run`` under its lock, so
@@ -125,6 +128,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-infer")
         self._task: asyncio.Task[None] | None = None
+        self.scale = 1.0  # measured / profiled batch time, tracked online
+        self.reserve_s = 0.1 * self.slo_s  # kept for answering after the batch (JSON, transport)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work())
@@ -166,6 +171,9 @@ class Batcher:
         if not r.future.done():
             r.future.set_exception(Shed(why))
 
+    def _latency(self, name: str, batch: int) -> float:
+        return self.scale * self.profile.latency(name, batch)
+
     def _infer(self, x: Tensor, name: str) -> Tensor:
         with torch.inference_mode():
             return self.supernet.run(x, name)
@@ -179,9 +187,9 @@ class Batcher:
                 continue
             oldest = self.queue[0]
             now = time.monotonic()
-            slack_ms = 1e3 * (oldest.deadline - now)
+            slack_ms = 1e3 * (oldest.deadline - now - self.reserve_s)
             queued = sum(r.x.shape[0] for r in self.queue)
-            d = self.policy.choose(queued, slack_ms, self.profile.latency)
+            d = self.policy.choose(queued, slack_ms, self._latency)
             take: list[_Request] = []
             n = 0
             if d.subnet is not None:
@@ -201,7 +209,10 @@ class Batcher:
                 self.queue.popleft()
             x = take[0].x if len(take) == 1 else torch.cat([r.x for r in take])
             try:
+                t = time.monotonic()
                 y = await loop.run_in_executor(self._executor, self._infer, x, d.subnet)
+                ratio = 1e3 * (time.monotonic() - t) / max(self.profile.latency(d.subnet, n), 1e-3)
+                self.scale = min(20.0, max(0.5, 0.8 * self.scale + 0.2 * ratio))
             except Exception as e:  # a failed batch fails its requests, not the server
                 log.exception("batch of %d on %s failed", n, d.subnet)
                 for r in take:

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,32 +42,35 @@ def free_port() -> int:
 
 
 def start_server(
-    path: str | os.PathLike[str],
-    port: int,
-    args: Sequence[str] = (),
-    timeout_s: float = 120.0,
-    log_file: Any = None,
+    path: str | os.PathLike[str], port: int, args: Sequence[str] = (), timeout_s: float = 120.0
 ) -> subprocess.Popen[bytes]:
-    """``python -m lowbit.cli serve PATH --port PORT ARGS``; returns once ``/health`` answers."""
+    """``python -m lowbit.cli serve PATH --port PORT ARGS``; returns once ``/health`` answers. The
+    server's output goes to a temporary file (a pipe nobody reads would block it when full); its
+    tail is in the error if the server dies first."""
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lowbit.cli", "serve", str(path), "--port", str(port), *args]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log_file or subprocess.DEVNULL, stderr=log_file or subprocess.PIPE
-    )
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"server exited with status {proc.returncode} before answering: {err[-2000:]}")
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+            out.close()
+            raise RuntimeError(f"server exited with status {proc.returncode} before answering: "
+                               f"{text[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                proc.lowbit_output = out  # type: ignore[attr-defined]  # closed by stop_server
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
+    proc.wait()
+    out.close()
     raise RuntimeError(f"server did not answer /health within {timeout_s:g} s")
 
 
@@ -79,6 +83,10 @@ def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
         proc.kill()
         proc.wait()
         return -9
+    finally:
+        out = getattr(proc, "lowbit_output", None)
+        if out is not None:
+            out.close()
 
 
 def run_serve_bench(
@@ -92,17 +100,24 @@ def run_serve_bench(
     seed: int = 0,
     max_requests: int = 5000,
     pause_s: float = 1.0,
+    samples: int = 1,
+    max_in_flight: int = 64,
+    profile_repeats: int = 10,
 ) -> dict[str, Any]:
-    """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``."""
+    """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
+    carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections."""
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
-    x = torch.randn((1, *sn.input_shape)).numpy().astype("<f4").tobytes()
-    shape = ",".join(str(d) for d in (1, *sn.input_shape))
+    x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
+    shape = ",".join(str(d) for d in (samples, *sn.input_shape))
     runs, exits = [], {}
     for pol in policies:
         port = free_port()
         proc = start_server(
-            path, port, ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch)]
+            path,
+            port,
+            ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
+             "--profile-repeats", str(profile_repeats)],
         )
         try:
             for tr in traces:
@@ -114,6 +129,7 @@ def run_serve_bench(
                         x,
                         shape,
                         timeout_s=max(2.0, 20 * slo_ms / 1e3),
+                        max_in_flight=max_in_flight,
                     )
                 )
                 s = summarize(recs, slo_ms, accuracy, duration)
@@ -142,6 +158,9 @@ def run_serve_bench(
             "traces": list(traces),
             "policies": list(policies),
             "supernet": str(path),
+            "samples_per_request": samples,
+            "max_in_flight": max_in_flight,
+            "load_average": os.getloadavg(),
         },
     }
 
@@ -161,7 +180,9 @@ def write_report(
         lines += [f"`{meta['command']}`", ""]
     lines += [
         f"Mean rate {st['rate']:g} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
-        f"max batch {st['max_batch']}, one request = one sample (binary float32), seed {st['seed']}; a fresh "
+        f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
+        f"seed {st['seed']}; load average at the end {', '.join(f'{v:.1f}' for v in st['load_average'])}; "
+        "a fresh "
         "server per policy (1 inference thread), the load generator in the same machine on loopback. "
         "The machine is a shared 2-core box with other jobs running: latencies are noisy, single run.",
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
@@ -231,11 +252,13 @@ def bench_serve_cli(a: Any) -> Any:
 
     t0 = time.time()
     torch.set_num_threads(1)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     policies = []
     for p in a.policies:
         policies += [f"fixed:{n}" for n in load_supernet(a.supernet).choices] if p == "fixed:all" else [p]
     res = run_serve_bench(
-        a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests
+        a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
+        samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
     )
     meta = {
         "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
