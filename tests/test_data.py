@@ -870,3 +870,34 @@ def test_split_is_disjoint_and_complete():
     assert key(xa) | key(xr) == key(full) and not key(xa) & key(xr)
     with pytest.raises(ValueError, match="split size"):
         b.train.split(n)
+
+
+# ------------------------------------------------------------------------------ validation split
+def test_holdout_is_the_tail_or_per_class_tails():
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    assert D.holdout_indices(y, 3).tolist() == [7, 8, 9]
+    grouped = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)  # image folders store classes in runs
+    idx = D.holdout_indices(grouped, 4)
+    assert idx.tolist() == [4, 5, 8, 11]  # 6:3:3 -> 2:1:1, the last of each class
+    with pytest.raises(ValueError, match="validation size"):
+        D.holdout_indices(y, 10)
+    assert D.default_val_size(60000) == D.default_val_size(50000) == 5000
+    assert D.default_val_size(1437) == 143
+
+
+def test_bundle_val_split_is_fixed_disjoint_and_before_the_subset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (200, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (200,), generator=g)
+    tx, ty = x[:20], y[:20]
+    bundles = [D.make_bundle("t", x, y, tx, ty, num_classes=10, mean=(0.5,), std=(0.2,), val_size=20,
+                             seed=s, train_subset=sub) for s, sub in ((0, None), (7, None), (0, 50))]
+    for b in bundles:
+        assert b.val is not None and torch.equal(b.val.x, x[180:]) and torch.equal(b.val.y, y[180:])
+        assert b.val.augment is None and not b.val.shuffle
+    assert bundles[0].train.num_samples == 180 and bundles[2].train.num_samples == 50
+    assert torch.equal(bundles[0].train.x, x[:180])
+    auto = D.make_bundle("t", x, y, tx, ty, num_classes=10, mean=(0.5,), std=(0.2,), val_size="auto")
+    assert auto.val.num_samples == 20
+    none = D.make_bundle("t", x, y, tx, ty, num_classes=10, mean=(0.5,), std=(0.2,))
+    assert none.val is None and none.train.num_samples == 200

@@ -502,3 +502,51 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     _equal_files(a / "checkpoint.safetensors", b / "checkpoint.safetensors")
     lines = [json.loads(s) for s in (b / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- evidence protocol
+
+
+def test_train_run_selects_on_validation_and_tests_once(tmp_path, one_thread):
+    from lowbit.experiment import RunSpec, load_run, train_run
+    from lowbit.train import evaluate, load_checkpoint
+
+    spec = RunSpec(model="mlp", dataset="synthetic", train={"epochs": 3, "optimizer": "adam", "lr": 1e-3,
+                                                            "tensorboard": False}, out=str(tmp_path / "r"))
+    res = train_run(spec)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epochs, final = lines[:-1], lines[-1]
+    assert len(epochs) == 3 and all("val_acc" in m and "test_acc" not in m for m in epochs)
+    assert final["final"] is True and final["split"] == "test" and final["selected_on"] == "val_acc"
+    best = max(epochs, key=lambda m: m["val_acc"])["epoch"]  # first maximum, as the Trainer keeps it
+    assert res.best_epoch == final["best_epoch"] == best
+    assert res.best_acc == max(m["val_acc"] for m in epochs)
+    # the reported test accuracy is the best-validation checkpoint's, measured once
+    _, data, _ = load_run(tmp_path / "r")
+    model = res.model
+    load_checkpoint(tmp_path / "r" / "best.safetensors", model)
+    assert evaluate(model, data.test)["acc"] == res.test_acc == final["test_acc"]
+    assert res.val_size == 4096 // 10
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["dataset"]["val_samples"] == 409 and cfg["dataset"]["train_samples"] == 4096 - 409
+    # a finished run resumed writes the same final line once
+    train_run(spec, resume=True)
+    again = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert len(again) == 4 and json.loads(again[-1])["test_acc"] == final["test_acc"]
+
+
+def test_train_run_without_validation_tests_the_last_epoch(tmp_path, one_thread):
+    from lowbit.experiment import RunSpec, train_run
+
+    res = train_run(RunSpec(model="mlp", dataset="synthetic", val_size=0, train_subset=512,
+                            train={"epochs": 2, "tensorboard": False}, out=str(tmp_path / "r")))
+    final = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert res.selected_on == "last_epoch" and res.best_acc is None and res.best_epoch == 2
+    assert final["checkpoint"] == "checkpoint.safetensors"
+    assert not (tmp_path / "r" / "best.safetensors").exists()
+
+
+def test_eval_split_names_the_metrics():
+    train, test = loaders()
+    hist = Trainer(make_model(), train, test, small_cfg(epochs=1), eval_split="val").fit()
+    assert "val_acc" in hist[0] and "test_acc" not in hist[0]

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fp-epochs", type=int, default=10)
     d.add_argument("--q-epochs", type=int, default=10)
     d.add_argument("--recipe", default="lenet5-w1a4", help="recipe of the quantized fine-tune")
+    d.add_argument("--results", help="also write the results table here (PATH.json and PATH.md)")
+    _device_flag(d)
 
     t = sub.add_parser("train", help="train a model (float, or quantized with --recipe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--out", default="benchmarks/results", help="directory for serve.{json,md,png}")
     bs.add_argument("--stem", default="serve")
+    bs.add_argument("--samples", type=int, default=1, help="samples per request")
+    bs.add_argument("--max-in-flight", type=int, default=64, help="client connections at most")
+    bs.add_argument("--profile-repeats", type=int, default=10, help="the servers' profiling repeats")
 
     sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
     sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
@@ -308,14 +313,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     rows = run_demo(a.out, fp_epochs=a.fp_epochs, q_epochs=a.q_epochs, recipe=a.recipe,
                     progress_factory=lambda: RichProgress(console=console),
-                    say=console.print)
+                    say=console.print, device=a.device, results=a.results, command=["lowbit", *a.argv])
     t = Table("LeNet-5", "W bits", "A bits", "test acc", "bytes", "smaller",
               title="LeNet-5 on MNIST (10k test images)")
     for r in rows:
         t.add_row(r["name"], r["weight_bits"], r["act_bits"], f"{r['test_acc']:.2%}",
                   f"{r['bytes']:,}", f"{r['compression']:.1f}x")
     console.print(t)
-    console.print(f"runs, metrics and packed model under {a.out}/")
+    console.print(f"runs, metrics and packed model under {a.out}/; table and provenance in "
+                  f"{a.out}/results.json")
     return 0
 
 
