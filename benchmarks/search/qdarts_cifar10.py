@@ -69,6 +69,18 @@ def train_net(name: str, model: torch.nn.Module, train: Any, val: Any, test: Any
     return res
 
 
+def final_probs(space: SearchSpace, ckpt: Path) -> list[dict[str, Any]]:
+    """Per layer: softmax(alpha) and, for each op, softmax over its weight / activation bits."""
+    net = SuperNet(space)
+    load_checkpoint(ckpt, net)
+    out = []
+    with torch.no_grad():
+        for cell in net.cells:
+            p, q, r = cell.probs()
+            out.append({"ops": list(cell.names), "p_op": p.tolist(), "p_w": q.tolist(), "p_a": r.tolist()})
+    return out
+
+
 def _std(t: torch.Tensor) -> float:
     return float(t.std()) if len(t) > 1 else 0.0
 
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bops-ratio", type=float, default=160.0, help="target: float BOPs / this")
     p.add_argument("--bops-weight", type=float, default=1.0)
+    p.add_argument("--arch-lr", type=float, default=3e-3, help="Adam learning rate of alpha and gamma")
+    p.add_argument("--stem", default="qdarts_cifar10", help="name of the results files")
     p.add_argument("--seed", type=int, default=0, help="data split and search seed")
     p.add_argument("--seeds", type=int, nargs="+", help="retraining seeds (default: --seed only)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script end to end")
@@ -121,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(a.seed)
         net = SuperNet(space)
         cfg = QDARTSConfig(epochs=a.search_epochs, warmup_epochs=a.warmup_epochs, bops_weight=a.bops_weight,
-                           bops_target=target, seed=a.seed)
+                           bops_target=target, seed=a.seed, arch_lr=a.arch_lr)
         ts = time.time()
         res = qdarts_search(net, s_train, s_val, cfg, checkpoint=runs / "search.safetensors")
         search = {**res.to_json(), "config": asdict(cfg), "space": space.to_dict(),
                   "bops_range": list(net.bops_range()), "search_s": round(time.time() - ts, 1)}
         atomic_write_text(search_json, json.dumps(search, indent=1) + "\n")
     geno = [Choice(**c) for c in search["genotype"]]
+    search["final_probs"] = final_probs(space, runs / "search.safetensors")
     atomic_write_text(runs / "recipe.json", json.dumps(derived_recipe(space, geno), indent=1) + "\n")
 
     variants = [("float conv3x3", ref, False), ("searched (QDARTS)", geno, True),
@@ -169,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                     float_bops=float_bops)
     payload = {"meta": meta, "paper": PAPER, "search": search, "rows": rows, "verdict": verdict,
                "acc_delta_pt": delta}
-    plot(rows, Path(a.out) / "qdarts_cifar10.png")
-    write_results(a.out, "qdarts_cifar10", payload, markdown(meta, search, rows, verdict, target, a))
+    plot(rows, Path(a.out) / f"{a.stem}.png")
+    write_results(a.out, a.stem, payload, markdown(meta, search, rows, verdict, target, a))
     print(verdict)
     return 0
+
+
+def cfg_bits(search: dict[str, Any], key: str) -> list[int]:
+    return list(search["space"][key])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -262,13 +281,21 @@ def markdown(meta: dict[str, Any], search: dict[str, Any], rows: list[dict[str, 
         "full set, GPU): this is a CPU-budget check of the mechanism, not of the paper's absolute numbers. "
         "ReLeQ's assignment at equal BOPs was not run (outside the 40-minute one-core budget).",
         "",
-        "Architecture probabilities after the search (softmax alpha per layer):",
+        "Probabilities after the search, per layer: softmax(alpha) over the candidates, and for the "
+        f"chosen operation P(weight bits {'/'.join(map(str, cfg_bits(search, 'w_bits')))}) and "
+        f"P(activation bits {'/'.join(map(str, cfg_bits(search, 'a_bits')))}):",
         "",
     ]
-    for l, (probs, c) in enumerate(zip(search["history"][-1]["alpha"], search["genotype"], strict=True)):
-        lines.append(f"- layer {l}: {c['op']} W{c['w_bits']}A{c['a_bits']}  (alpha softmax "
-                     + ", ".join(f"{x:.2f}" for x in probs) + ")")
-    lines += ["", "Plot: `qdarts_cifar10.png` (test accuracy vs searched-layer BOPs)."]
+    for l, (fp, c) in enumerate(zip(search["final_probs"], search["genotype"], strict=True)):
+        o = fp["ops"].index(c["op"])
+        ops = ", ".join(f"{n} {x:.2f}" for n, x in zip(fp["ops"], fp["p_op"], strict=True))
+        if c["op"] == "skip":  # no convolution, no bits
+            lines.append(f"- layer {l}: **skip** ({ops})")
+            continue
+        pw = ", ".join(f"{x:.2f}" for x in fp["p_w"][o])
+        pa = ", ".join(f"{x:.2f}" for x in fp["p_a"][o])
+        lines.append(f"- layer {l}: **{c['op']} W{c['w_bits']}A{c['a_bits']}** ({ops}; P(W) {pw}, P(A) {pa})")
+    lines += ["", f"Plot: `{a.stem}.png` (test accuracy vs searched-layer BOPs)."]
     return "\n".join(lines)
 
 
