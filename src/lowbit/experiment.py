@@ -174,6 +174,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     device = dist.resolve_device(spec.device)
     dist.init_distributed(device)
     model, data, recipe, cfg = prepare(spec)
+    model.to(device)  # before the methods: they may hold tensors shaped on the model's
     if device.type != "cpu":
         data.to(device)  # small data sets live on the GPU; batches are cut and augmented there
     if not dist.is_main():
@@ -195,7 +196,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     hooks = MethodHooks()
     if recipe is not None and recipe.methods:
         try:
-            hooks = build_methods(resolve_teachers(recipe.methods), model)
+            hooks = build_methods(resolve_teachers(recipe.methods, device), model)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
     trainer = Trainer(model, data.train, data.val, cfg, run_dir, run_config=run_config,
@@ -256,8 +257,10 @@ def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
     return spec
 
 
-def resolve_teachers(methods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The recipe's methods with each ``teacher: PATH`` (a run directory or checkpoint) loaded."""
+def resolve_teachers(methods: Sequence[Mapping[str, Any]],
+                     device: str | torch.device | None = None) -> list[dict[str, Any]]:
+    """The recipe's methods with each ``teacher: PATH`` (a run directory or checkpoint) loaded
+    (onto ``device``)."""
     out = []
     for m in methods:
         m = dict(m)
@@ -267,7 +270,7 @@ def resolve_teachers(methods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
                 raise RecipeError(f"recipe field 'methods.{m.get('name')}.teacher': {str(path)!r} does "
                                   "not exist; give a run directory written by `lowbit train` or a "
                                   "checkpoint in one")
-            m["teacher"], _, _ = load_run(path)
+            m["teacher"], _, _ = load_run(path, device)
         out.append(m)
     return out
 

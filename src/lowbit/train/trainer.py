@@ -259,6 +259,9 @@ class Trainer:
             model.to(self.device)
         else:
             self.device = param.device if param is not None else torch.device("cpu")
+        for obj in (*regularizers, *callbacks, loss_fn):  # learned method state (WaveQ bits, ...)
+            if isinstance(obj, nn.Module):
+                obj.to(self.device)
         cfg = self.config
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
