@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _families import Family, plain_families, transformers_families
-from torch import Tensor
+from torch import Tensor, nn
 
 import lowbit
 import lowbit.runtime as rt
@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - transformers is in the test extra
 FAMILIES = {f.name: f for f in HF + plain_families()}
 NAMES = list(FAMILIES)
 STEPS = 8
+LR = 3e-3
 
 
 def _flat(out: Any) -> list[Tensor]:
@@ -46,6 +47,15 @@ def _main(out: Any) -> Tensor:
     return next(t for t in _flat(out) if t.is_floating_point())
 
 
+def top1_agreement(got: np.ndarray, ref: np.ndarray) -> float:
+    """Share of rows whose top-1 under ``got`` is a top-1 of ``ref``. Ternary weights times 4-bit
+    codes give exactly tied logits; float rounding (1e-7) may pick either, so a pick within
+    1e-5 relative of the reference maximum counts as the same prediction."""
+    pick = np.take_along_axis(ref, got.argmax(-1)[..., None], -1)[..., 0]
+    tol = 1e-5 * max(float(np.abs(ref).max()), 1e-12)
+    return float((pick >= ref.max(-1) - tol).mean())
+
+
 class Trained:
     def __init__(self, fam: Family) -> None:
         torch.manual_seed(0)
@@ -55,13 +65,13 @@ class Trained:
         lowbit.quantize(self.model, fam.recipe)
         self.n_quantized = len(lowbit.nn.weight_quantizers(self.model))
         model = self.model
-        model.train()
+        self._train_mode()
         with torch.no_grad():
             out = _main(model(**self.kw))  # data initialisation of the activation steps
         target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
         self.loss0 = self._eval_loss(target)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        self._train_mode()
         for _ in range(STEPS):
             opt.zero_grad()
             loss = ((_main(model(**self.kw)) - target) ** 2).mean()
@@ -71,6 +81,14 @@ class Trained:
         model.eval()
         with torch.no_grad():
             self.ref = model(**self.kw)
+
+    def _train_mode(self) -> None:
+        # quantizers train; dropout and batch-norm statistics are frozen, so the steps optimise
+        # exactly the eval-mode function whose loss the test compares
+        self.model.train()
+        for m in self.model.modules():
+            if isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)):
+                m.eval()
 
     def _eval_loss(self, target: Tensor) -> float:
         self.model.eval()
@@ -154,8 +172,7 @@ def test_onnx_plain_session_matches(name: str, tmp_path: Path) -> None:
         r = r.detach().numpy()
         assert o.shape == r.shape
         assert float(np.abs(o - r).max()) <= 1e-4 * max(float(np.abs(r).max()), 1e-6)
-    main = _main(t.ref).numpy()
-    assert (outs[0].argmax(-1) == main.argmax(-1)).all()
+    assert top1_agreement(outs[0], _main(t.ref).numpy()) == 1.0
 
 
 @pytest.mark.skipif("llama" not in FAMILIES, reason="transformers is not installed")
