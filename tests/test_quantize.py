@@ -270,6 +270,10 @@ def test_multihead_attention_weights_and_inputs() -> None:
     # strict refuses what cannot be done
     with pytest.raises(QuantizeError, match="out_proj"):
         lowbit.quantize(_Attn(), recipe, strict=True)
+    # inputs only: out_proj is not reported as quantized
+    acts = lowbit.quantize(_Attn(), {"default": {"activation": recipe["default"]["activation"]},
+                                     "rules": [{"match": "attn.out_proj", "activation": None}]}, strict=True)
+    assert list(lowbit.quantized_layers(acts)) == ["attn"]
 
 
 def test_multihead_attention_separate_projections() -> None:
