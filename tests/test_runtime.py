@@ -679,3 +679,20 @@ def test_signed_activation_codes(bits, kernel_path):
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(packed(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_transformers_conv1d_packs_with_per_channel_axis_1():
+    """GPT-2's Conv1D (weight in x out; per-channel scales along dim 1) runs as a PackedLinear."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(24, 12), nn.Tanh(), conv1d(5, 24))
+    x = torch.randn(2, 7, 12)
+    weight = {"method": "twn", "bits": 2, "per_channel": True}
+    recipe = {"default": {"weight": weight, "activation": SIGNED_A4}}
+    model = _calibrated(model, recipe, x)
+    assert tuple(lowbit.nn.weight_quantizer(model[0]).encode(model[0].weight).scale.shape) == (1, 24)
+    packed = rt.compile(model, x)
+    assert [r.kind for r in packed.layers] == ["packed", "packed"]
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_write
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
-from .packed import _channel_axis, _method_name, encode_weight, refresh_rnn_weights
+from .packed import _channel_axis, _method_name, encode_weight, is_hf_conv1d, refresh_rnn_weights
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 LEGACY_MAX_OPSET = 21
@@ -440,14 +440,8 @@ def _to_int4(model: Any) -> int:
     return count
 
 
-def _is_hf_conv1d(layer: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored in x out."""
-    mro = type(layer).__mro__
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in mro)
-
-
 def _gemm_layer(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or _is_hf_conv1d(layer)
+    return isinstance(layer, nn.Linear) or is_hf_conv1d(layer)
 
 
 def _linear_as_gemm(self: nn.Module, x: Tensor) -> Tensor:
@@ -458,7 +452,7 @@ def _linear_as_gemm(self: nn.Module, x: Tensor) -> Tensor:
     whose input is not quantized; the ``MatMul`` that ``Linear`` on a 3-D input exports to) into
     ``MatMulNBits``, which by default quantizes the float input to int8 on the fly (~1% logit
     error). It leaves a ``Gemm`` alone."""
-    w = self.weight if _is_hf_conv1d(self) else self.weight.t()  # in x out
+    w = self.weight if is_hf_conv1d(self) else self.weight.t()  # in x out
     bias = self.bias if self.bias is not None else torch.zeros(w.shape[1], dtype=x.dtype)
     rows = x.reshape(-1, w.shape[0])
     act = self.__dict__.get("_lowbit_rows_act")

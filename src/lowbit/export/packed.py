@@ -255,6 +255,12 @@ def _latent_candidates(q: WeightQuantizer, enc: Encoded, decoded: Tensor) -> lis
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
+def is_hf_conv1d(layer: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored in x out."""
+    mro = type(layer).__mro__
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in mro)
+
+
 def torch_type_name(module: nn.Module) -> str:
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch.nn.modules"):

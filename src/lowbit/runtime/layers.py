@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..export.packed import encode_weight, torch_type_name
+from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from ..quant.dorefa import DoReFaActivation
@@ -494,9 +494,9 @@ class PackedLinear(_PackedBase):
     kernel (a 1x1 convolution over the rows) where available, else (beyond ``ROWS_MAX``) the
     bit-serial cols GEMM."""
 
-    def __init__(self, name: str, layer: nn.Linear, wp: WeightPlanes, act: ActSpec) -> None:
+    def __init__(self, name: str, layer: nn.Module, wp: WeightPlanes, act: ActSpec) -> None:
         super().__init__(name, wp, act, layer.bias)
-        self.in_features = layer.in_features
+        self.in_features = wp.K
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8:
             self.i8 = int8_weights(wp, (1, 1, wp.K))
 
@@ -788,12 +788,18 @@ class GlobalAvgPool2d(nn.Module):
 
 def build_packed(name: str, layer: nn.Module) -> _PackedBase:
     """The packed replacement of a quantized Linear / Conv2d; raises NotPackableError otherwise."""
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+    conv1d = is_hf_conv1d(layer)
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)) and not conv1d:
         raise NotPackableError(f"{torch_type_name(layer)} is not a Linear or Conv2d (its quantized weights "
                                "run in PyTorch)")
     if weight_quantizer(layer) is None:
         raise NotPackableError("weight is not quantized")
     enc = encode_weight(layer)  # the stored encoding of a loaded (FrozenWeight) layer
+    if conv1d:  # transformers' Conv1D: a Linear with the weight stored in x out
+        if enc.branches:
+            raise NotPackableError("residual (multi-branch) weight encodings are not packed")
+        scale = enc.scale.t() if enc.scale.dim() == 2 else enc.scale
+        enc = Encoded(enc.codes.t(), enc.levels, scale, enc.bits)
     groups = 1
     if isinstance(layer, nn.Conv2d):
         groups = layer.groups
@@ -801,6 +807,6 @@ def build_packed(name: str, layer: nn.Module) -> _PackedBase:
         enc = Encoded(enc.codes.permute(0, 2, 3, 1), enc.levels, enc.scale, enc.bits, enc.branches)
     wp = decompose_weight(enc, groups)
     act = act_spec(input_quantizer(layer))
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or conv1d:
         return PackedLinear(name, layer, wp, act)
     return PackedConv2d(name, layer, wp, act)
