@@ -166,7 +166,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], a: argparse.Namespac
             f"## {name}",
             "",
             f"Float CNN: test {100 * r['cnn_test_acc']:.2f}% (val {100 * r['cnn_val_acc']:.2f}%); 6-bit CNN: "
-            f"test {100 * r['cnn6_test_acc']:.2f}%; {r['cnn_macs']:,} MACs per image.",
+            f"test {100 * r['cnn6_test_acc']:.2f}%; {r['cnn_macs']:,} MACs per image. CNN training "
+            f"{r['cnn_train_s']:.0f} s, the rows below {sum(x['seconds'] for x in r['rows']):.0f} s (wall, "
+            "on a shared machine).",
             "",
             "| T | s | converted test acc | trained val acc | trained test acc | mean spike rate "
             "| spikes/neuron | E ratio FP32 | E ratio (conv1 x T) | E ratio INT32 | E ratio, layers 2.. "
