@@ -159,9 +159,14 @@ def test_tiny_benchmark_pipeline(tmp_path):
     assert res["summary"]["6"]["relu"]["runs"] == 2
     assert (tmp_path / ".ste_multiclass_cache.json").exists()
     res["verdict"] = sm.verdict(res)
+    res["notes"] = sm.notes(res)
+    assert any("no STE" in n for n in res["notes"])
     res.update(command="x", torch=torch.__version__, wall_time_s=0.0)
     md = sm.markdown(res)
     assert "| relu | yes |" in md and "| osc:2 | **no** |" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        sm.plot(res, tmp_path / "plot.png")
+        assert (tmp_path / "plot.png").stat().st_size > 10_000
     again = sm.run_benchmark(cfg, tmp_path)  # resumes from the cache: same numbers
     assert again["summary"] == res["summary"]
 
