@@ -3,7 +3,8 @@ for non-linear classification" (Res. Math. Sci. 8:48, 2021; arXiv 2011.11256).
 
 Usage::
 
-    python benchmarks/ste_multiclass.py [--quick] [--seed S] [--out benchmarks/results]
+    python benchmarks/ste_multiclass.py [--quick] [--seed S] [--out benchmarks/results] [--widths 16 32]
+                                        [--stes relu clipped_relu osc:2 ...]
 
 The paper's claim (abstract): for a two-linear-layer network with a quantized (staircase) ReLU
 activation trained on non-linear multi-category data, coarse gradient descent with a class of
@@ -976,10 +977,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--widths", type=int, nargs="+", help="student widths (default: the config's)")
+    p.add_argument("--stes", nargs="+", help=f"STEs (default: {' '.join(STES)}; also osc:c for any c >= 0)")
     args = p.parse_args(argv)
     t0 = time.time()
     cfg = Config.quick_config(args.seed) if args.quick else Config(seed=args.seed)
     cfg.threads = args.threads
+    if args.widths:
+        if min(args.widths) < 1:
+            p.error(f"--widths must be positive integers, got {args.widths}")
+        cfg.widths = tuple(args.widths)
+    if args.stes:
+        for name in args.stes:
+            try:
+                STE.parse(name)
+            except ValueError as e:
+                p.error(str(e))
+        cfg.stes = tuple(args.stes)
     result = run_benchmark(cfg, args.out)
     result["verdict"] = verdict(result)
     result["notes"] = notes(result)
