@@ -696,3 +696,23 @@ def test_transformers_conv1d_packs_with_per_channel_axis_1():
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("act", [None, SIGNED_A4], ids=["float-act", "signed-a4"])
+def test_conv1d_packs_as_k_by_1_conv2d(act, kernel_path):
+    """nn.Conv1d (strided, padded, depthwise) runs as a (k, 1) PackedConv2d; its stride[0] etc.
+    are the Conv1d's (Whisper's encoder reads conv1.stride[0])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 5, stride=2, padding=2), nn.GELU(),
+                          nn.Conv1d(8, 8, 3, padding=1, groups=8), nn.GELU(), nn.Conv1d(8, 6, 1, dilation=1))
+    x = torch.randn(3, 4, 40)
+    model = _calibrated(model, {"default": {"weight": {"method": "twn", "bits": 2, "per_channel": True},
+                                            "activation": act}}, x)
+    packed = rt.compile(model, x)
+    assert [r.kind for r in packed.layers] == ["packed"] * 3, packed.summary()
+    first = packed.packed_layers()["0"]
+    assert first.stride[0] == 2 and first.kernel_size[0] == 5 and first.padding[0] == 2
+    assert first.weight.shape == model[0].weight.shape
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

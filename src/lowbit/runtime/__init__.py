@@ -4,7 +4,10 @@
 >>> y = packed(x)                 # same function as the fake-quantized model, packed kernels
 >>> print(packed.summary())       # which layers run packed, which stay in PyTorch
 
-Binary, ternary and k-bit (uniform) weights times k-bit activations run with exact integer
+Linear (and transformers' ``Conv1D``), Conv1d and Conv2d layers with binary, ternary and k-bit
+(uniform) weights are packed; other layers (LSTM, attention's own projections) run in PyTorch,
+listed with the reason. Binary, ternary and k-bit weights times k-bit activations (unsigned or
+signed grids) run with exact integer
 accumulation, float only for the per-channel epilogue (folded batch norm, ReLU, residual
 addition): on CPUs with AVX-512 VNNI as int8 dot products on uint8 activation codes in NHWC
 order, with each layer writing the next layer's codes; otherwise (and for single-row Linear
@@ -15,11 +18,12 @@ graph fusion and ``bench.py`` for the speed benchmark.
 
 from .bench import run_speed_benchmark
 from .compiler import LayerReport, PackedModel, compile
-from .layers import NotPackableError, PackedConv2d, PackedLinear, decompose_weight
+from .layers import NotPackableError, PackedConv1d, PackedConv2d, PackedLinear, decompose_weight
 
 __all__ = [
     "LayerReport",
     "NotPackableError",
+    "PackedConv1d",
     "PackedConv2d",
     "PackedLinear",
     "PackedModel",

@@ -460,7 +460,7 @@ def _auto_chunk(
 ) -> int:
     """A batch chunk for conv nets with int8 layers and small weights (0: none): the largest
     power of two whose largest layer input stays within CHUNK_BYTES, checked on the example."""
-    convs = [m for m in packed.values() if isinstance(m, PackedConv2d) and m.i8 is not None]
+    convs = [m for m in packed.values() if type(m) is PackedConv2d and m.i8 is not None]
     if not convs or not isinstance(example, Tensor) or example.dim() == 0 or not inputs:
         return 0
     if sum(m.i8.nbytes for m in packed.values() if m.i8 is not None) > (2 << 20):
@@ -497,7 +497,7 @@ def _fuse(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
         users = list(cur.users)
         if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (cur,):
             bn = gm.get_submodule(str(users[0].target))
-            ok = (isinstance(pm, PackedConv2d) and type(bn) is nn.BatchNorm2d) or (
+            ok = (type(pm) is PackedConv2d and type(bn) is nn.BatchNorm2d) or (
                 isinstance(pm, PackedLinear) and type(bn) is nn.BatchNorm1d and pm.input_ndim == 2
             )
             if ok and not bn.training and bn.num_features == pm.out_features:
@@ -533,7 +533,7 @@ def _int8_conv(gm: fx.GraphModule, node: fx.Node, packed: dict[str, _PackedBase]
     if node.op != "call_module" or str(node.target) not in packed or calls.get(str(node.target)) != 1:
         return None
     pm = packed[str(node.target)]
-    return pm if isinstance(pm, PackedConv2d) and pm.i8 is not None else None
+    return pm if type(pm) is PackedConv2d and pm.i8 is not None else None
 
 
 def _is_flatten(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:

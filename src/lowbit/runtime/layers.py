@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -725,6 +726,28 @@ class PackedConv2d(_PackedBase):
         return torch.from_numpy(out).view(N, self.out_features, OH, OW)
 
 
+class PackedConv1d(PackedConv2d):
+    """A Conv1d as a ``(k, 1)`` Conv2d over the ``(N, C, L, 1)`` view of its input (audio front
+    ends, Whisper's encoder stem). ``stride[0]``, ``kernel_size[0]``, ``padding[0]`` and
+    ``dilation[0]`` are the Conv1d's (model code reads them). Not linked to its neighbours (no
+    batch-norm folding, residual or code links)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x.unsqueeze(3)).squeeze(3)
+
+    @property
+    def weight(self) -> Tensor:
+        return super().weight.squeeze(3)
+
+
+def _as_conv2d_geometry(layer: nn.Conv1d) -> SimpleNamespace:
+    """What PackedConv2d reads of a convolution, for a Conv1d seen as a (k, 1) Conv2d."""
+    pad = layer.padding if isinstance(layer.padding, str) else (layer.padding[0], 0)
+    return SimpleNamespace(bias=layer.bias, padding_mode=layer.padding_mode, padding=pad,
+                           in_channels=layer.in_channels, kernel_size=(layer.kernel_size[0], 1),
+                           stride=(layer.stride[0], 1), dilation=(layer.dilation[0], 1), groups=layer.groups)
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -789,9 +812,9 @@ class GlobalAvgPool2d(nn.Module):
 def build_packed(name: str, layer: nn.Module) -> _PackedBase:
     """The packed replacement of a quantized Linear / Conv2d; raises NotPackableError otherwise."""
     conv1d = is_hf_conv1d(layer)
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)) and not conv1d:
-        raise NotPackableError(f"{torch_type_name(layer)} is not a Linear or Conv2d (its quantized weights "
-                               "run in PyTorch)")
+    if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not conv1d:
+        raise NotPackableError(f"{torch_type_name(layer)} is not a Linear, Conv1d or Conv2d (its quantized "
+                               "weights run in PyTorch)")
     if weight_quantizer(layer) is None:
         raise NotPackableError("weight is not quantized")
     enc = encode_weight(layer)  # the stored encoding of a loaded (FrozenWeight) layer
@@ -801,7 +824,10 @@ def build_packed(name: str, layer: nn.Module) -> _PackedBase:
         scale = enc.scale.t() if enc.scale.dim() == 2 else enc.scale
         enc = Encoded(enc.codes.t(), enc.levels, scale, enc.bits)
     groups = 1
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv1d):  # as a (k, 1) Conv2d
+        scale = enc.scale.unsqueeze(3) if enc.scale.dim() == 3 else enc.scale
+        enc = Encoded(enc.codes.unsqueeze(3), enc.levels, scale, enc.bits, enc.branches)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         groups = layer.groups
         # reduction order (ki, kj, c): the channels of one input pixel are contiguous bits
         enc = Encoded(enc.codes.permute(0, 2, 3, 1), enc.levels, enc.scale, enc.bits, enc.branches)
@@ -809,4 +835,6 @@ def build_packed(name: str, layer: nn.Module) -> _PackedBase:
     act = act_spec(input_quantizer(layer))
     if isinstance(layer, nn.Linear) or conv1d:
         return PackedLinear(name, layer, wp, act)
+    if isinstance(layer, nn.Conv1d):
+        return PackedConv1d(name, _as_conv2d_geometry(layer), wp, act)  # type: ignore[arg-type]
     return PackedConv2d(name, layer, wp, act)
