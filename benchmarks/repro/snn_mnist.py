@@ -21,7 +21,10 @@ Per dataset (seed 0, one thread, a single run per row):
    times, and the INT32 figures) on 2,000 test images.
 
 Resumable: finished rows and the trained CNN are kept in ``--work`` (default runs/snn_mnist);
-a rerun skips them. Writes ``benchmarks/results/snn_mnist.{json,md,png}``.
+a rerun skips them. Writes ``benchmarks/results/snn_mnist.{json,md,png}`` (``--stem``). CIFAR-10
+(the JPEG copy; a smaller T set on a CPU budget)::
+
+    python benchmarks/repro/snn_mnist.py --datasets cifar10 --timesteps 1 3 5 --stem snn_cifar10
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def markdown(results: dict[str, Any], meta: dict[str, Any], a: argparse.Namespace) -> str:
     lines = [
-        "# CNN vs its 6-bit spiking twin, T = 1..8 time steps",
+        f"# CNN vs its 6-bit spiking twin, T = {', '.join(map(str, a.timesteps))} time steps",
         "",
         f"Command: `{meta['command']}`; torch {meta['torch']}, one thread; total wall time "
         f"{meta['wall_time_s']:.0f} s (rows resumed from `--work` keep their own `seconds`). Single run "
@@ -223,9 +226,9 @@ def verdict(results: dict[str, Any], T: int = 5, tol_pt: float = 1.0) -> list[st
         "layers save 5.1x divided by their synaptic operations per dense MAC, so 560x would need fewer than "
         "0.01 synaptic operations per MAC over all T steps and a first layer that costs next to nothing "
         "(the paper moves it to processing-in-memory, which it reports saves a further 30% of energy). Our "
-        "data are MNIST and "
-        "Fashion-MNIST, not the paper's hyperspectral scenes (not available offline; the loader is tested "
-        "on format-exact files).",
+        f"data are {', '.join(results)}{' (CIFAR-10: the JPEG copy)' if 'cifar10' in results else ''}, "
+        "not the paper's hyperspectral scenes (not available offline; the loader is tested on "
+        "format-exact files).",
     ]
     return out
 
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3, 0.2])
     p.add_argument("--work", default="runs/snn_mnist", help="finished rows and CNNs (resume)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--stem", default="snn_mnist", help="results file name (stem.json/.md/.png)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
@@ -277,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     ft_lr=a.ft_lr, scales=a.scales, validation="5000 training images held out (seed 0)")
     out = Path(a.out)
     payload = {"meta": meta, "paper": PAPER, "results": results}
-    write_results(out, "snn_mnist", payload, markdown(results, meta, a))
-    plot(results, out / "snn_mnist.png")
+    write_results(out, a.stem, payload, markdown(results, meta, a))
+    plot(results, out / f"{a.stem}.png")
     return 0
 
 
