@@ -191,7 +191,8 @@ def markdown(p: dict[str, Any], variants: list[str]) -> str:
         cells.append(f"{100 * r['alone_test']:.2f}%" if "alone_test" in r else "not run")
         lines.append("| " + " | ".join(cells) + " |")
     alone = sum(p["baseline_train_s"].values())
-    lines += ["", "Training seconds (one thread): " + ", ".join(f"{k} {v}" for k, v in p["train"].items())
+    lines += ["", "Training wall-clock seconds (one thread, on the shared machine at load average 12-16): "
+              + ", ".join(f"{k} {v}" for k, v in p["train"].items())
               + (f"; alone: {alone:.0f} in total" if alone else "")]
     return "\n".join(lines)
 
