@@ -61,8 +61,7 @@ def _hf(config_cls: str, model_cls: str, module: str = "transformers", **cfg: An
         import importlib
 
         tr = importlib.import_module("transformers")
-        config = getattr(tr, config_cls)(**cfg)
-        config._attn_implementation = "eager"  # the TorchScript ONNX exporter traces eager attention
+        config = getattr(tr, config_cls)(**cfg)  # default attention implementation (sdpa)
         cls = getattr(importlib.import_module(module), model_cls)
         return cls(config).eval()
 
