@@ -24,6 +24,7 @@ from lowbit.data import BatchLoader
 from lowbit.nn import quantize
 from lowbit.train import TrainConfig, Trainer
 from lowbit.train.bcgd import BCGD
+from lowbit.train.methods import build_methods
 
 RECIPE = {
     "default": {"weight": {"method": "binary", "bits": 1}, "activation": {"method": "lsq", "bits": 4}},
@@ -68,8 +69,9 @@ class _DieOnRank:
 
 def train(world: int, rank: int, batch: int, epochs: int, run_dir: str | None, out: str,
           resume: bool = False, stop_after: int | None = None, die_rank: int | None = None,
-          optimizer: str = "sgd", bcgd: bool = True) -> None:
-    """Train one epoch-count on this rank; rank 0 (or the single process) saves the weights."""
+          optimizer: str = "sgd", bcgd: bool = True, methods: tuple[str, ...] = ()) -> None:
+    """``methods``: some of BinaryRelax (a callback), SinReQ (a regularizer) and KD (a loss with a
+    float teacher), used instead of BCGD."""
     torch.set_num_threads(1)
     x, y = data()
     loader = BatchLoader(x, y, batch_size=batch * world, shuffle=True, seed=3)
@@ -80,9 +82,19 @@ def train(world: int, rank: int, batch: int, epochs: int, run_dir: str | None, o
         callbacks.append(_StopAfter(stop_after))
     if die_rank is not None:
         callbacks.append(_DieOnRank(die_rank))
-    wrap = BCGD.wrapper(rho=1e-3) if bcgd else None
-    trainer = Trainer(model(), loader, None, cfg, run_dir, wrap_optimizer=wrap,
-                      callbacks=callbacks)
+    net = model()
+    wrap = BCGD.wrapper(rho=1e-3) if bcgd and not methods else None
+    extra: dict[str, Any] = {}
+    if methods:
+        torch.manual_seed(1)
+        teacher = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+        specs = {"binary_relax": {"eta0": 1.0, "growth": 1.1, "per_epoch": 2},
+                 "sinreq": {"weight": 1e-3, "bits": 2, "grid": "max"},
+                 "kd": {"teacher": teacher, "alpha": 0.5, "temperature": 2.0}}
+        hooks = build_methods([{"name": n, **specs[n]} for n in methods], net)
+        callbacks += hooks.callbacks
+        extra = {"regularizers": hooks.regularizers, "loss_fn": hooks.loss_fn}
+    trainer = Trainer(net, loader, None, cfg, run_dir, wrap_optimizer=wrap, callbacks=callbacks, **extra)
     trainer.fit(resume=resume)
     state = {k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()
              if isinstance(v, torch.Tensor)}

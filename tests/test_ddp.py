@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with gloo is not available")
 
 
+METHODS = ("binary_relax", "sinreq", "kd")
+
+
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a if a[k].is_floating_point())
@@ -33,14 +36,17 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_ddp_equals_one_process_and_resumes_exactly(tmp_path):
     """One pair of gloo processes runs: (1) one epoch at batch 16 per rank; (2) two epochs;
-    (3) the same two-epoch run stopped after its first epoch's checkpoint, then (4) resumed."""
+    (3) the same two-epoch run stopped after its first epoch's checkpoint, then (4) resumed;
+    (5) one epoch with BinaryRelax, SinReQ and KD instead of BCGD."""
     W.train(1, 0, batch=32, epochs=1, run_dir=None, out=str(tmp_path / "single"))
+    W.train(1, 0, batch=32, epochs=1, run_dir=None, out=str(tmp_path / "single-m"), methods=METHODS)
     jobs = [{"batch": 16, "epochs": 1, "run_dir": None, "out": str(tmp_path / "ddp")},
             {"batch": 16, "epochs": 2, "run_dir": str(tmp_path / "a"), "out": str(tmp_path / "full")},
             {"batch": 16, "epochs": 2, "run_dir": str(tmp_path / "b"), "out": str(tmp_path / "half"),
              "stop_after": 1},
             {"batch": 16, "epochs": 2, "run_dir": str(tmp_path / "b"), "out": str(tmp_path / "resumed"),
-             "resume": True}]
+             "resume": True},
+            {"batch": 16, "epochs": 1, "run_dir": None, "out": str(tmp_path / "ddp-m"), "methods": METHODS}]
     mp.spawn(W.worker, args=(2, str(tmp_path / "rdzv"), jobs), nprocs=2, join=True)
 
     # 2 processes x batch 16 == 1 process x batch 32
@@ -68,6 +74,11 @@ def test_ddp_equals_one_process_and_resumes_exactly(tmp_path):
         return [line.split('"epoch_time_s"')[0] for line in lines]
 
     assert len(losses("a")) == 2 and losses("a") == losses("b")
+
+    # BinaryRelax (callback), SinReQ (regularizer), KD (loss): the same steps as one process
+    single_m = load_file(tmp_path / "single-m.rank0.safetensors")
+    assert _rel(load_file(tmp_path / "ddp-m.rank0.safetensors"), single_m) <= 1e-5
+    assert _rel({k: single_m[k] for k in single}, single) > 1e-3  # the methods changed the training
 
 
 def test_a_dead_rank_ends_the_job(tmp_path):

@@ -331,7 +331,6 @@ class Trainer:
         if self.epoch == 0:  # a fresh start (also: resume=True but no checkpoint yet)
             seed_everything(cfg.seed)
         with self._determinism():
-            self._setup_forward()
             self._prepare_run_dir()
             try:
                 self._p_start(cfg.epochs, self.steps_per_epoch, self.epoch)
@@ -356,17 +355,14 @@ class Trainer:
 
     def _setup_forward(self) -> None:
         """The training forward: DDP (after data-dependent quantizer initialisation on the
-        global first batch), then torch.compile when asked. Done once per Trainer."""
+        global first batch, as one process would see it in its first step: after on_fit_start and
+        on_epoch_start), then torch.compile when asked. Done once per Trainer."""
         if self._fwd is not None:
             return
         fwd = self.model
         if self.world > 1:
             if self.global_step == 0:  # fresh: LSQ steps etc. from the global first batch
-                loader = self.train_loader
-                set_epoch = getattr(loader, "set_epoch", None)
-                if callable(set_epoch):
-                    set_epoch(self.epoch)
-                x, _ = loader.global_batch(0)  # type: ignore[attr-defined]
+                x, _ = self.train_loader.global_batch(0)  # type: ignore[attr-defined]
                 D.init_from_batch(self.model, self._input(x))
             fwd = D.ddp_wrap(self.model, self.device)
         if self.config.compile:
@@ -392,7 +388,6 @@ class Trainer:
         cfg = self.config
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         loss_fn, regs, device = self.loss_fn, self.regularizers, self.device
-        fwd = self._fwd if self._fwd is not None else model
         world = self.world
         # under DDP a last, smaller global batch splits unevenly: weight each rank's mean
         # loss by its share so the averaged gradient is the global batch's mean gradient
@@ -407,6 +402,8 @@ class Trainer:
         if callable(set_epoch):
             set_epoch(epoch)
         self.callbacks("on_epoch_start", self, epoch)
+        self._setup_forward()  # after the callbacks set the model up, right before its first batch
+        fwd = self._fwd
         self._p_start_epoch(epoch, self.steps_per_epoch)
         lr_start = self.lr
 
