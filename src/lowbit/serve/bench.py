@@ -1,10 +1,12 @@
 """``lowbit bench serve``: every policy against every trace, on the loopback interface.
 
-For each policy a fresh ``lowbit serve`` process is started on a free port (it profiles its
-sub-nets, then answers ``/health``); every trace is replayed against it by the load generator
-(:mod:`lowbit.serve.loadgen`), with a pause between traces so the queue drains; then the server is
-stopped with SIGTERM and its exit status recorded. Per policy and trace: SLO attainment, served
-accuracy (mix-weighted test accuracy recorded in the supernet file) and throughput.
+For each policy a ``lowbit serve`` process is started on a free port (it profiles its sub-nets,
+then answers ``/health``), all before any load; then every trace is replayed by the load generator
+(:mod:`lowbit.serve.loadgen`) against each server in turn (trace-major order, so a change in the
+machine's background load affects all policies alike), with a pause between replays so queues
+drain; at the end every server is stopped with SIGTERM and its exit status recorded. Per policy
+and trace: SLO attainment, served accuracy (mix-weighted test accuracy recorded in the supernet
+file) and throughput.
 """
 
 from __future__ import annotations
@@ -110,40 +112,29 @@ def run_serve_bench(
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
     shape = ",".join(str(d) for d in (samples, *sn.input_shape))
-    runs, exits = [], {}
-    for pol in policies:
-        port = free_port()
-        proc = start_server(
-            path,
-            port,
-            ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
-             "--profile-repeats", str(profile_repeats)],
-        )
-        try:
-            for tr in traces:
-                arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
-                recs = asyncio.run(
-                    replay(
-                        f"http://127.0.0.1:{port}/predict",
-                        arrivals,
-                        x,
-                        shape,
-                        timeout_s=max(2.0, 20 * slo_ms / 1e3),
-                        max_in_flight=max_in_flight,
-                    )
-                )
+    runs, exits, servers = [], {}, {}
+    try:
+        # every server is started (and profiles its sub-nets) before any load, while the others idle;
+        # then each trace is replayed against every policy in turn, so that the machine's changing
+        # background load falls on all policies alike
+        for pol in policies:
+            port = free_port()
+            args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
+                    "--profile-repeats", str(profile_repeats)]
+            servers[pol] = (port, start_server(path, port, args))
+        for tr in traces:
+            arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
+            for pol in policies:
+                url = f"http://127.0.0.1:{servers[pol][0]}/predict"
+                recs = asyncio.run(replay(url, arrivals, x, shape, timeout_s=max(2.0, 20 * slo_ms / 1e3),
+                                          max_in_flight=max_in_flight))
                 s = summarize(recs, slo_ms, accuracy, duration)
                 runs.append({"policy": pol, "trace": tr, **s})
-                log.info(
-                    "%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s",
-                    pol,
-                    tr,
-                    s["slo_attainment"],
-                    s["served_accuracy"],
-                    s["throughput_rps"],
-                )
+                log.info("%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s", pol, tr, s["slo_attainment"],
+                         s["served_accuracy"], s["throughput_rps"])
                 time.sleep(pause_s)
-        finally:
+    finally:
+        for pol, (_, proc) in servers.items():
             exits[pol] = stop_server(proc)
     return {
         "runs": runs,
@@ -182,8 +173,9 @@ def write_report(
         f"Mean rate {st['rate']:g} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
         f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
         f"seed {st['seed']}; load average at the end {', '.join(f'{v:.1f}' for v in st['load_average'])}; "
-        "a fresh "
-        "server per policy (1 inference thread), the load generator in the same machine on loopback. "
+        "one "
+        "server per policy (1 inference thread; all started first, then each trace replayed against every "
+        "policy in turn), the load generator in the same machine on loopback. "
         "The machine is a shared 2-core box with other jobs running: latencies are noisy, single run.",
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
         "misses). Served accuracy: the test accuracy of the answering sub-net, averaged over answered "
