@@ -224,6 +224,11 @@ def test_rnn_weights_are_quantized_and_used(cls: type[nn.RNNBase]) -> None:
     torch.testing.assert_close(rnn(x)[0], ref(x)[0], rtol=0, atol=0)
     rnn(x)[0].sum().backward()
     assert rnn.parametrizations.weight_hh_l0.original.grad.abs().sum() > 0
+    # After a training forward the model still deep-copies (an EMA or best-model copy) and the
+    # copy computes the same outputs.
+    rnn(x)[0].sum()
+    twin = copy.deepcopy(rnn)
+    torch.testing.assert_close(twin(x)[0], rnn(x)[0], rtol=0, atol=0)
 
 
 def test_recipe_addresses_rnn_weights_by_name() -> None:

@@ -212,6 +212,13 @@ def _refresh_flat_weights(module: nn.Module, args: tuple[Any, ...]) -> None:
                             for n in module._flat_weights_names]
 
 
+def _detach_flat_weights(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    # After forward the cache would keep the quantized weights with their autograd history:
+    # non-leaf tensors, which copy.deepcopy refuses (an EMA copy, a best-model copy). The graph
+    # already holds what backward needs, so the cache keeps detached values only.
+    module._flat_weights = [w.detach() if isinstance(w, Tensor) else w for w in module._flat_weights]
+
+
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> layer for every layer that ``quantize`` changed (a weight or its input quantized)."""
     out = {}
@@ -298,6 +305,7 @@ def quantize(model: nn.Module, recipe: Recipe | dict[str, Any], *, strict: bool 
             log.debug("quantized weight %s: %s", _qualified(name, param), spec)
         if isinstance(layer, nn.RNNBase) and any(weight_quantizer(layer, p) for p in _weight_names(layer)):
             layer.register_forward_pre_hook(_refresh_flat_weights)
+            layer.register_forward_hook(_detach_flat_weights)
             _refresh_flat_weights(layer, ())
         if plan.activation is not None:
             if name in never_called:
