@@ -392,6 +392,15 @@ def dead_units(X: Tensor, W: Tensor) -> Tensor:
     return (torch.einsum("nd,rmd->rnm", X, W) <= 0).all(1).sum(1)
 
 
+def dead_points(X: Tensor, W: Tensor) -> Tensor:
+    """Per run, the number of training points on which every hidden unit is off (pre-activation <= 0).
+
+    There all logits are 0, so the hinge loss is exactly 1, and an STE with mu' = 0 for t <= 0 sends
+    no gradient from the point to W (nor to V: sigma = 0): the point stays misclassified for good.
+    """
+    return (torch.einsum("nd,rmd->rnm", X, W) <= 0).all(2).sum(1)
+
+
 def train(
     X: Tensor,
     y: Tensor,
@@ -571,7 +580,7 @@ def pick_lr(cfg: Config, ste: STE, width: int) -> tuple[float, dict]:
 
 RUN_FIELDS = (
     "task", "loss", "loss_at_3q", "error", "steps_to_zero_error", "steps_to_zero_loss", "test_error",
-    "dead_units", "W_norm", "V_norm",
+    "dead_units", "dead_points", "W_norm", "V_norm",
 )  # fmt: skip
 
 
@@ -592,6 +601,7 @@ def run_ste(cfg: Config, name: str, width: int, tasks: list[dict]) -> dict:
         cols["loss_at_3q"] += r["loss_runs"][q3].tolist()
         cols["test_error"] += error_rate(task["X_test"], task["y_test"], W, V, cfg.a, cfg.bits).tolist()
         cols["dead_units"] += dead_units(X, W).tolist()
+        cols["dead_points"] += dead_points(X, W).tolist()
         cols["W_norm"] += W.flatten(1).norm(dim=1).tolist()
         cols["V_norm"] += V.flatten(1).norm(dim=1).tolist()
         curves.append(r["curves"])
@@ -643,6 +653,9 @@ def summarize(res: dict) -> dict:
         "frac_zero_error": sum(e == 0 for e in c["error"]) / n,
         "frac_zero_loss": sum(solved) / n,
         "unsolved_still_falling": sum(falling),
+        "unsolved_with_dead_point": sum(
+            d > 0 for d, s in zip(c["dead_points"], solved, strict=True) if not s
+        ),
         "unsolved": n - sum(solved),
         "median_steps_to_zero_error": _quantiles(to_err)["median"] if to_err else None,
         "median_steps_to_zero_loss": _quantiles(to_loss)["median"] if to_loss else None,
@@ -745,16 +758,17 @@ def verdict(result: dict) -> list[dict]:
                 }
             )
         if non and mono:
-            best = max(summ[k]["frac_zero_error"] for k in mono)
-            worse = [k for k in non if summ[k]["frac_zero_error"] < best]
+            floor = min(summ[k]["frac_zero_error"] for k in mono) - 0.1  # 5 of 50 runs below the worst
+            worse = [k for k in non if summ[k]["frac_zero_error"] < floor]
             rows.append(
                 {
                     "width": w,
                     "claim": "(implied) without monotonicity the guarantee can fail",
                     "ours": _pct(summ, non),
-                    "verdict": f"failures seen ({', '.join(worse)} below the best monotone STE)"
+                    "verdict": f"failures seen: {', '.join(worse)} more than 10 points below the worst "
+                    "monotone STE"
                     if worse
-                    else "no failure seen: every non-monotone STE tried did as well",
+                    else "no failure seen: each non-monotone STE within 10 points of the monotone ones",
                 }
             )
         if "identity" in summ:
@@ -868,12 +882,14 @@ def _f(x, spec: str = ".3g") -> str:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
+    cpu = sum(v.get("cpu_seconds", 0.0) for d in result["per_ste"].values() for v in d.values())
     lines = [
         "# Monotone STEs, multi-class (Long, Yin, Xin, Res. Math. Sci. 2021, arXiv 2011.11256)",
         "",
         f"Command: `{result['command']}` ({'quick' if cfg['quick'] else 'full'} settings; "
-        f"{result['wall_time_s']:.0f} s wall on a shared 2-core box, {cfg['threads']} thread, torch "
-        f"{result['torch']}). Data: `ste_multiclass.json`; plot: `ste_multiclass.png`.",
+        f"{cpu:.0f} s of one core in all, pilots included, {cfg['threads']} thread, torch {result['torch']}; "
+        "finished (width, STE) pairs are kept in a resume cache, so the wall time of the last call says "
+        "little). Data: `ste_multiclass.json`; plot: `ste_multiclass.png`.",
         "",
         "## Setting (reconstructed from the abstract; details in `benchmarks/ste_multiclass.py`)",
         "",
@@ -897,17 +913,17 @@ def markdown(result: dict) -> str:
             "",
             f"### Student width {w}",
             "",
-            "| STE | monotone | lr | zero train error | zero loss | unsolved: still falling | median steps "
-            "to zero error | final loss median / q75 / max | test error (mean) | mean W norm: solved / "
-            "unsolved |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| STE | monotone | lr | zero train error | zero loss | unsolved | unsolved: still falling / "
+            "with a dead point | median steps to zero error | final loss median / q75 / max | test error "
+            "(mean) | mean W norm: solved / unsolved |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k, s in summ.items():
             mono = {None: "no STE", True: "yes", False: "**no**"}[s["monotone"]]
             fl = s["final_loss"]
             lines.append(
                 f"| {k} | {mono} | {s['lr']} | {s['frac_zero_error']:.0%} | {s['frac_zero_loss']:.0%} | "
-                f"{s['unsolved_still_falling']} of {s['unsolved']} | "
+                f"{s['unsolved']} | {s['unsolved_still_falling']} / {s['unsolved_with_dead_point']} | "
                 f"{_f(s['median_steps_to_zero_error'], '.0f')} | "
                 f"{fl['median']:.3g} / {fl['q75']:.3g} / {fl['max']:.3g} | {s['test_error_mean']:.3f} | "
                 f"{_f(s['W_norm_mean_solved'], '.1f')} / {_f(s['W_norm_mean_unsolved'], '.1f')} |"
@@ -915,7 +931,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "- 'Still falling': an unsolved run whose loss dropped by more than 10% over the last quarter of the "
-        "steps. Dead hidden units (pre-activation <= 0 on every training point) are in the JSON.",
+        "steps. 'Dead point': a training point on which every hidden unit is off, so all logits are 0 (loss "
+        "exactly 1) and no STE with mu' = 0 for t <= 0 can move it. Dead hidden units are in the JSON.",
         "",
         "## The paper's claim beside ours",
         "",
@@ -950,6 +967,14 @@ def notes(result: dict) -> list[str]:
                 else "Every monotone and non-monotone run solved."
             )
         )
+        dead = {k: s[k]["unsolved_with_dead_point"] for k in mono + non if s[k]["unsolved_with_dead_point"]}
+        if dead:
+            out.append(
+                f"Width {w}: unsolved runs left with at least one dead point (every hidden unit off there: "
+                "logits 0, loss 1, and no gradient from it under an STE with mu' = 0 for t <= 0): "
+                + ", ".join(f"{k} {v} of {s[k]['unsolved']}" for k, v in dead.items())
+                + ". Those runs cannot reach zero error however long they train."
+            )
         if "identity" in s and s["identity"]["unsolved"]:
             idn = s["identity"]
             ref = [k for k in mono if s[k]["W_norm_mean_solved"] is not None]

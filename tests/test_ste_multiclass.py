@@ -208,3 +208,17 @@ def test_bad_training_inputs_rejected():
         sm.train(X, y + 1, W0, V0, "relu", 1.0, 2, lr=0.1, max_steps=5)
     with pytest.raises(ValueError, match="unknown STE"):
         sm.train(X, y, W0, V0, "straight", 1.0, 2, lr=0.1, max_steps=5)
+
+
+def test_dead_points_and_units_by_hand():
+    X = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.0, 1.0]], dtype=D)  # (x, 1)
+    W = torch.tensor([[[1.0, -0.5], [2.0, -1.0]]], dtype=D)  # both units: t = c (x - 0.5)
+    # every unit is off on the points x = -1 and x = 0, on none for x = 1; no unit is off everywhere
+    assert sm.dead_points(X, W).tolist() == [2]
+    assert sm.dead_units(X, W).tolist() == [0]
+    assert sm.dead_units(X, -W).tolist() == [0] and sm.dead_points(X, -W).tolist() == [1]
+    V = torch.randn(1, 3, 2, dtype=D)
+    y = torch.tensor([0, 1, 2])
+    loss, _, gW, gV = sm.coarse_step_terms(X[1:2], y[1:2], W, V, sm.STE.parse("relu"), 1.0, 2)
+    assert float(loss[0]) == 1.0  # all logits 0 on a dead point
+    assert torch.equal(gW, torch.zeros_like(gW)) and torch.equal(gV, torch.zeros_like(gV))
