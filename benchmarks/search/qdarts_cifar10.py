@@ -1,6 +1,8 @@
 """∇QDARTS on CIFAR-10 on one CPU core: search operations + bits, derive, retrain, compare.
 
     OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py --seeds 0 1 2   # ~25 min of one core
+    OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py --arch-lr 0.03 --seeds 0 1 \
+        --stem qdarts_cifar10_archlr --runs-dir runs/qdarts_cifar10_archlr   # a faster-moving architecture
     OMP_NUM_THREADS=1 python benchmarks/search/qdarts_cifar10.py --smoke    # a 1-minute dry run
 
 Data: the CIFAR-10 JPEG image-folder zip (``--data-dir``, default ``../shared/data``; close to, not
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -190,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interp(rows: list[dict[str, Any]]) -> float:
+    """Test accuracy of uniform W2A2 -> W4A4 (rows 4, 3) interpolated, linear in log BOPs, at the
+    searched net's BOPs (row 1); clamped to the segment."""
+    lo, hi, q = rows[4], rows[3], rows[1]
+    t = (math.log(q["bops_searched"]) - math.log(lo["bops_searched"])) / (
+        math.log(hi["bops_searched"]) - math.log(lo["bops_searched"]))
+    t = min(1.0, max(0.0, t))
+    return lo["test_acc"] + t * (hi["test_acc"] - lo["test_acc"])
+
+
 def cfg_bits(search: dict[str, Any], key: str) -> list[int]:
     return list(search["space"][key])
 
@@ -272,10 +285,21 @@ def markdown(meta: dict[str, Any], search: dict[str, Any], rows: list[dict[str, 
         f"| BOPs vs FP32 | 160x fewer | {rows[1]['ratio_vs_float']:.0f}x fewer (vs the float conv3x3 net) |",
         f"| accuracy vs FP32 | -1.57 pt | {100 * (rows[1]['test_acc'] - rows[0]['test_acc']):+.2f} pt |",
         "",
-        "The BOPs ratio is the search's target (float network / "
-        f"{a.bops_ratio:g}), so it is set, not found: what the run tests is the accuracy the search keeps "
-        "at that budget, and whether its mix of operations and bits beats uniform W4A4 / W2A2 of the same "
-        "operations.",
+        "The BOPs target (float network / "
+        f"{a.bops_ratio:g}) is met by the relaxed net (E[BOPs] {search['expected_bops']:.4g} vs target "
+        f"{target:.4g}); the argmax derivation lands at {rows[1]['bops_searched']:.4g} BOPs "
+        f"({rows[1]['bops_searched'] / target:.2f} x the target). The question the run answers: what "
+        "accuracy the search keeps, and whether its mix of operations and bits beats uniform W2A2 / W4A4 "
+        f"of the same operations at equal BOPs. Uniform W2A2 -> W4A4 interpolated (linear in log BOPs) at "
+        f"the searched net's BOPs: {100 * interp(rows):.2f}% vs the searched net's "
+        f"{100 * rows[1]['test_acc']:.2f}%. Uniform quantization of the searched operations alone costs "
+        f"{100 * (rows[4]['test_acc'] - rows[0]['test_acc']):+.2f} pt (W2A2) and "
+        f"{100 * (rows[3]['test_acc'] - rows[0]['test_acc']):+.2f} pt (W4A4) against the float network; "
+        f"the searched operations in float {100 * (rows[2]['test_acc'] - rows[0]['test_acc']):+.2f} pt.",
+        "",
+        "Quantizers: weights `uniform` per channel, symmetric with 2^(b-1) - 1 positive levels, so its "
+        "2-bit weights are ternary (3 levels, counted as 2 bits); the paper's 2-bit weights have 4 levels. "
+        "Activations `pact` (learned clip, 2^b levels).",
         "",
         f"**Verdict: {verdict}.** Scale differs from the paper (PC-DARTS cells, 600-epoch retraining on the "
         "full set, GPU): this is a CPU-budget check of the mechanism, not of the paper's absolute numbers. "
