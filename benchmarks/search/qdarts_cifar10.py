@@ -242,7 +242,9 @@ def markdown(meta: dict[str, Any], search: dict[str, Any], rows: list[dict[str, 
         "# ∇QDARTS on CIFAR-10: searched operations + bits vs float and uniform W4A4 / W2A2",
         "",
         f"Command: `OMP_NUM_THREADS=1 {meta['command']}` — torch {meta['torch']}, one thread, "
-        f"total wall time {meta['wall_time_s']:.0f} s (search {search.get('search_s', 0):.0f} s). "
+        f"wall time of the work (a busy shared machine): search {search.get('search_s', 0):.0f} s + "
+        f"training {sum(x['train_s'] for r in rows for x in r['runs']):.0f} s (this invocation "
+        f"{meta['wall_time_s']:.0f} s; finished runs are reused). "
         f"One search (seed {a.seed}); each net retrained with seeds {a.seeds or [a.seed]} "
         f"({'mean ± std' if a.seeds and len(a.seeds) > 1 else 'single run'}).",
         "",
