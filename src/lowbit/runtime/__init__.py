@@ -1,6 +1,7 @@
 """Packed low-bit inference on CPU (numba kernels): ``lowbit.runtime.compile(model, x)``.
 
 >>> packed = lowbit.runtime.compile(quantized_model, example_batch)
+>>> packed = lowbit.runtime.load("m.lowbit")   # from a file's stored codes, no re-quantizing
 >>> y = packed(x)                 # same function as the fake-quantized model, packed kernels
 >>> print(packed.summary())       # which layers run packed, which stay in PyTorch
 
@@ -19,6 +20,7 @@ graph fusion and ``bench.py`` for the speed benchmark.
 from .bench import run_speed_benchmark
 from .compiler import LayerReport, PackedModel, compile
 from .layers import NotPackableError, PackedConv1d, PackedConv2d, PackedLinear, decompose_weight
+from .load import load
 
 __all__ = [
     "LayerReport",
@@ -29,5 +31,6 @@ __all__ = [
     "PackedModel",
     "compile",
     "decompose_weight",
+    "load",
     "run_speed_benchmark",
 ]

@@ -230,7 +230,7 @@ def input_quantizer_of(pm: _PackedBase):
 
 def compile(
     model: nn.Module,
-    example_input: Any,
+    example_input: Any = None,
     *,
     fuse: bool = True,
     check: bool = True,
@@ -251,6 +251,12 @@ def compile(
     None chooses from the activation sizes on ``example_input`` for models with int8
     convolutions and small weights, after checking that chunking does not change the output
     (samples are independent); 0 switches chunking off.
+
+    ``example_input=None``: the model must be traceable by ``torch.fx``; the layers the graph
+    calls are packed, the fused activation quantizers are not checked against ``encode`` on
+    data, nothing is measured and batches
+    are not chunked (unless ``batch_chunk`` says so). A Linear followed by a BatchNorm1d keeps
+    the batch norm in PyTorch (the input rank is unknown).
     """
     refresh_rnn_weights(model)
     src = copy.deepcopy(model).eval()
@@ -264,14 +270,20 @@ def compile(
     qlayers = quantizable_layers(src)
     # every quantized layer's input is recorded: a layer not called on the example (attention
     # reads MultiheadAttention.out_proj.weight directly) must stay a module
-    inputs, ref = _record_inputs(src, qlayers, example_input)
+    has_example = example_input is not None
+    inputs, ref = _record_inputs(src, qlayers, example_input) if has_example else ({}, None)
     traced = True
     try:
         graph = _LeafTracer({id(m) for m in qlayers.values()}).trace(src)
     except Exception as e:
+        if not has_example:
+            raise ValueError(
+                f"torch.fx cannot trace {type(model).__name__} ({e}); pass example_input (one batch of "
+                "inputs) so that the layers the model calls can be found by running it"
+            ) from e
         log.warning("runtime: torch.fx could not trace the model (%s); packing without fusion", e)
         traced = False
-    called = set(inputs)
+    called = set(inputs) if has_example else set(qlayers)
     if traced:
         called &= {str(n.target) for n in graph.nodes if n.op == "call_module"}
     reports: list[LayerReport] = []
@@ -280,8 +292,8 @@ def compile(
         try:
             if name not in called:
                 raise NotPackableError(
-                    "its forward is not called on the example input (its parent reads the weight "
-                    "directly, e.g. MultiheadAttention.out_proj); it runs in PyTorch"
+                    "its forward is not called on the example input or in the traced graph (its parent "
+                    "reads the weight directly, e.g. MultiheadAttention.out_proj); it runs in PyTorch"
                 )
             pm = build_packed(name, layer)
         except NotPackableError as e:
@@ -314,6 +326,9 @@ def compile(
     order = {n: i for i, n in enumerate(qlayers)}
     reports.sort(key=lambda r: order.get(r.name, 0))
     out = PackedModel(gm, reports, traced)
+    if not has_example:
+        out.batch_chunk = int(batch_chunk or 0)
+        return out
     if check:
         got = _call(out, example_input)
         _measure(out, ref, got)
