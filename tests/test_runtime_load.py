@@ -87,3 +87,32 @@ def test_load_with_example_measures(tmp_path):
     assert loaded.max_rel_diff < 1e-4
     fresh = lowbit.models.build_model("lenet5")
     assert torch.equal(rt.load(path, model=fresh)(x), rt.load(path)(x))
+
+
+def test_one_definition_of_codes(tmp_path):
+    """save_packed, the packed layers and the float64 reference all take a layer's codes from
+    encode_weight: with the stored codes frozen and the latent weight overwritten by noise, the
+    model, the compiled runtime and reference_fp64 still compute the stored codes."""
+    from lowbit.export.packed import encode_weight, load_packed
+    from lowbit.runtime.load import freeze_stored_weights
+
+    model = _zoo({"method": "twn", "bits": 2}, {"method": "pact", "bits": 4, "alpha_init": 3.0})
+    path = tmp_path / "m.lowbit"
+    lowbit.save_packed(model, path)
+    loaded = freeze_stored_weights(load_packed(path), path)
+    with torch.no_grad():
+        for m in loaded.modules():
+            if hasattr(m, "parametrizations"):
+                m.parametrizations.weight.original.normal_()
+    pf = read_packed(path)
+    for name, rec in pf.layers.items():
+        if rec.encoded is not None:
+            assert torch.equal(encode_weight(loaded.get_submodule(name)).codes, rec.encoded.codes)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    ref64 = reference_fp64(loaded, x)
+    got = rt.compile(loaded, x)(x)
+    assert float((got.double() - ref64).abs().max() / ref64.abs().max()) < 1e-6
+    assert torch.equal(got, rt.load(path)(x))

@@ -203,7 +203,10 @@ def quantizer_input(layer: nn.Module, param: str = "weight") -> Tensor:
 
 def encode_weight(layer: nn.Module, param: str = "weight") -> Encoded:
     """The encoding of a quantized weight (``layer.<param>``), as save_packed stores it (the
-    stored one for a :class:`FrozenWeight` weight, else ``weight_quantizer(layer).encode(...)``)."""
+    stored one for a :class:`FrozenWeight` weight, else ``weight_quantizer(layer).encode(...)``).
+
+    The one definition of a layer's codes: :func:`save_packed`, ONNX export and the packed
+    runtime (``lowbit.runtime.layers.build_packed``, ``compiler.reference_fp64``) all call it."""
     fz = frozen_weight(layer, param)
     if fz is not None:
         return fz.encoded()

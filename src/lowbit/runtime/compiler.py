@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..export.packed import refresh_rnn_weights
+from ..export.packed import encode_weight, refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
@@ -406,7 +406,8 @@ def reference_fp64(model: nn.Module, x: Tensor) -> Any:
     """The fake-quantized ``model`` (a copy) in float64 with the quantized values decoded exactly:
     the integer arithmetic of the packed runtime, up to float64 rounding (~1e-16).
 
-    Weights are ``levels[codes] * scale`` of the float32 weight encoding, in float64; activation
+    Weights are ``levels[codes] * scale`` of the layer's weight encoding (``encode_weight``: the
+    stored one of a loaded layer), in float64; activation
     codes come from the float32 quantizer on the float32-rounded input, their values again in
     float64; the output of every ``nn.ReLU`` (what the runtime keeps in float32, e.g. a residual
     block's output) is rounded to float32. The float32 fake-quantized model is not this reference:
@@ -419,10 +420,8 @@ def reference_fp64(model: nn.Module, x: Tensor) -> Any:
     acts: dict[str, nn.Module] = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            wq = weight_quantizer(layer)
-            if wq is not None:
-                enc = wq.encode(layer.parametrizations.weight.original)  # type: ignore[union-attr]
-                weights[name] = _decode_weight_fp64(enc)
+            if weight_quantizer(layer) is not None:  # the codes the packed layer holds
+                weights[name] = _decode_weight_fp64(encode_weight(layer))
             q = input_quantizer(layer)
             if q is not None:
                 acts[name] = _DecodeFp64(copy.deepcopy(q).float())
