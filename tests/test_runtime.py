@@ -128,6 +128,38 @@ def test_fused_activation_codes_equal_encode(q):
     assert int(A[0]) == int(q.encode(x).codes.long().sum())
 
 
+def _act_quantizers():
+    from lowbit.quant import registry
+
+    out = []
+    for name in registry.names("activation"):
+        for bits in (1, 2, 4, 8):
+            out.append(registry.create("activation", name, bits))
+    out += [PACTActivation(3, alpha_init=0.7), PACTActivation(4, alpha_init=2.5, signed=True)]
+    return out
+
+
+@pytest.mark.parametrize("q", _act_quantizers(), ids=lambda q: f"{q.name}{q.bits}{'s' if q.signed else ''}")
+def test_runtime_codes_spec_reproduces_forward(q):
+    """The hook's formula gives encode's codes and forward's values bit for bit (eval mode)."""
+    q.eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.linspace(-3, 12, 30001), torch.randn(5000, generator=g) * 4,
+                   torch.tensor([0.0, -0.0, 1e9, -1e9])])
+    spec = q.runtime_codes_spec()
+    if spec is None:  # the runtime calls encode: nothing to reproduce
+        assert (q.name, q.signed) not in {("dorefa", False), ("pact", False)}
+        return
+    edges = q.encode(torch.linspace(0, spec.hi, 2**q.bits)).decode()
+    half = edges + spec.step / 2  # rounding boundaries, and the float just below each
+    x = torch.cat([x, edges, half, torch.nextafter(half, torch.tensor(0.0))])
+    codes = K.quantize_codes(x.numpy(), spec.hi, spec.mult).astype(np.int64)
+    assert np.array_equal(codes, q.encode(x).codes.long().numpy())
+    values = torch.from_numpy(spec.step * (codes - spec.zero)).float()
+    with torch.no_grad():
+        assert torch.equal(values, q(x))
+
+
 class SignedUniform(ActivationQuantizer):
     """Test-only activation quantizer with a zero point: codes 0..15 for values (c - 8) * 0.25."""
 

@@ -203,6 +203,24 @@ class WeightQuantizer(Quantizer):
 CoarseGrad = Literal["identity", "relu", "clipped_relu"]
 
 
+@dataclass(frozen=True)
+class ActCodesSpec:
+    """An activation quantizer as a clip-and-scale formula that packed kernels evaluate inline:
+
+        code  = rint(clip(x, 0, hi) * mult)        in float32 (hi, mult are float32 values)
+        value = step * (code - zero)               in float64, then rounded to float32
+
+    ``code`` must equal ``encode(x).codes`` and ``value`` ``forward(x)`` in eval mode, bit for bit,
+    for every float32 ``x``. The packed kernels sum integer codes exactly and apply ``step`` and
+    ``zero`` in the float64 epilogue."""
+
+    bits: int
+    hi: float
+    mult: float
+    step: float
+    zero: float = 0.0
+
+
 class ActivationQuantizer(Quantizer):
     """A quantizer applied to a layer's input. ``ste`` picks the coarse gradient.
 
@@ -248,6 +266,11 @@ class ActivationQuantizer(Quantizer):
                    "negative and quantize to 0; use signed: true (lsq, uniform, pact) for signed inputs")
             log.warning(msg)
             warnings.warn(msg, NegativeInputWarning, stacklevel=3)
+
+    def runtime_codes_spec(self) -> ActCodesSpec | None:
+        """The eval-mode codes as an :class:`ActCodesSpec` formula, for the packed runtime; None
+        (the default) when ``encode`` is not that formula: the runtime then calls ``encode``."""
+        return None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ste={self.ste}" + (", signed=True" if self.signed else "")

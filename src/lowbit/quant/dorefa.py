@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import fused
-from .base import ActivationQuantizer, CoarseGrad, Encoded, WeightQuantizer, straight_through
+from .base import ActCodesSpec, ActivationQuantizer, CoarseGrad, Encoded, WeightQuantizer, straight_through
 from .binary import BinaryWeight
 from .registry import register
 from .ste import apply_coarse
@@ -105,3 +105,8 @@ class DoReFaActivation(ActivationQuantizer):
             scale=torch.ones((), dtype=x.dtype, device=x.device),
             bits=self.bits,
         )
+
+    def runtime_codes_spec(self) -> ActCodesSpec:
+        """``rint(clip(x, 0, 1) * (2^k - 1))``, values ``code / (2^k - 1)``."""
+        n = 2**self.bits - 1
+        return ActCodesSpec(self.bits, hi=1.0, mult=float(n), step=1.0 / n)

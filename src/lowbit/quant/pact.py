@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fused
-from .base import ActivationQuantizer, Encoded, straight_through
+from .base import ActCodesSpec, ActivationQuantizer, Encoded, straight_through
 from .registry import register
 
 
@@ -80,6 +80,15 @@ class PACTActivation(ActivationQuantizer):
         codes = (pact_codes(clip(x.detach(), alpha), alpha, self.bits, self.top) - lo).to(torch.uint8)
         levels = torch.arange(lo, self.top + 1, dtype=x.dtype, device=x.device)
         return Encoded(codes=codes, levels=levels, scale=alpha / self.top, bits=self.bits)
+
+    def runtime_codes_spec(self) -> ActCodesSpec | None:
+        """Unsigned: ``rint(clip(x, 0, alpha) * ((2^k - 1) / alpha))`` in float32, values
+        ``code * alpha / (2^k - 1)``. Signed grids clip below at ``-alpha``: None (``encode``)."""
+        if self.signed:
+            return None
+        alpha = self.alpha.detach().abs().clamp_min(1e-4).float().cpu()
+        return ActCodesSpec(self.bits, hi=float(alpha), mult=float(self.top / alpha),
+                            step=float(alpha / self.top))
 
     def l2_penalty(self) -> Tensor:
         return self.alpha**2

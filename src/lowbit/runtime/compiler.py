@@ -16,8 +16,8 @@
    flatten, a Linear layer, writes that layer's input codes itself (``Codes``), so the float
    tensor is written only for the other users, if any; a global average pool of the output
    reads the NHWC floats directly (``GlobalAvgPool2d``).
-5. The fused activation quantization (PACT / DoReFa formula inside the kernel) is checked code
-   for code against the quantizer's ``encode`` on the recorded inputs; a mismatch switches the
+5. The fused activation quantization (the formula of the quantizer's ``runtime_codes_spec()``,
+   inside the kernel) is checked code for code against its ``encode`` on the recorded inputs; a mismatch switches the
    layer to calling ``encode`` (and unlinks it from step 4b). The packed output is compared with
    the reference output (``PackedModel.max_abs_diff``).
 6. The graph calls the runtime's modules through their bound ``forward`` (no ``nn.Module``

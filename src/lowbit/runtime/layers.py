@@ -12,10 +12,11 @@ Weight side (``decompose_weight``): the encoded weight ``levels[codes] * scale``
 - anything else: not packable, the layer runs in PyTorch.
 
 Activation side (``ActSpec``): the layer's input quantizer gives codes with values
-``sx * (code - ma)``. PACT and DoReFa activations are computed inside the packing kernel with the
-quantizer's own float32 formula (``rint(clip(x, 0, hi) * mult)``, checked against ``encode`` at
-compile time); other quantizers with uniform levels go through ``encode`` at every call; a layer
-without input quantizer takes float activations (sums of selected inputs, no multiplications).
+``sx * (code - ma)``. A quantizer whose ``runtime_codes_spec()`` gives its formula (PACT, DoReFa:
+``rint(clip(x, 0, hi) * mult)`` in float32; checked against ``encode`` at compile time when there
+is an example input) is computed inside the packing kernel; other quantizers with uniform levels
+go through ``encode`` at every call; a layer without input quantizer takes float activations
+(sums of selected inputs, no multiplications).
 
 Kernels: convolutions use the int8 kernels (``Int8Weights``: the weight folded into int8) where
 the CPU has AVX-512 VNNI, the input is quantized and the convolution is not grouped; they read
@@ -40,8 +41,6 @@ from torch import Tensor, nn
 from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
-from ..quant.dorefa import DoReFaActivation
-from ..quant.pact import PACTActivation
 from . import kernels as K
 
 log = logging.getLogger(__name__)
@@ -276,17 +275,14 @@ def _affine_levels(levels: Tensor, scale: Tensor) -> tuple[float, float]:
 
 
 def act_spec(q: ActivationQuantizer | None) -> ActSpec:
+    """The quantizer's own :meth:`~lowbit.quant.base.ActivationQuantizer.runtime_codes_spec`
+    (fused into the kernels), else ``encode`` at every call; no quantizer: float activations."""
     if q is None:
         return ActSpec(None, -1)
-    n = 2**q.bits - 1
-    if type(q) is DoReFaActivation:
-        return ActSpec(q, 0, q.bits, hi=1.0, mult=float(np.float32(n)), sx=1.0 / n, ma=0.0)
-    if type(q) is PACTActivation:
-        alpha = q.alpha.detach().abs().clamp_min(1e-4).float()
-        mult = float(((2**q.bits - 1) / alpha).float())
-        step = float((alpha / (2**q.bits - 1)).float())
-        return ActSpec(q, 0, q.bits, hi=float(alpha), mult=mult, sx=step, ma=0.0)
-    return ActSpec(q, 1, q.bits)
+    spec = q.runtime_codes_spec()
+    if spec is None:
+        return ActSpec(q, 1, q.bits)
+    return ActSpec(q, 0, spec.bits, hi=spec.hi, mult=spec.mult, sx=spec.step, ma=spec.zero)
 
 
 def encode_codes(spec: ActSpec, x: Tensor) -> tuple[np.ndarray, float, float]:
