@@ -17,9 +17,9 @@
    tensor is written only for the other users, if any; a global average pool of the output
    reads the NHWC floats directly (``GlobalAvgPool2d``).
 5. The fused activation quantization (the formula of the quantizer's ``runtime_codes_spec()``,
-   inside the kernel) is checked code for code against its ``encode`` on the recorded inputs; a mismatch switches the
-   layer to calling ``encode`` (and unlinks it from step 4b). The packed output is compared with
-   the reference output (``PackedModel.max_abs_diff``).
+   inside the kernel) is checked code for code against its ``encode`` on the recorded inputs; a
+   mismatch switches the layer to calling ``encode`` (and unlinks it from step 4b). The packed
+   output is compared with the reference output (``PackedModel.max_abs_diff``).
 6. The graph calls the runtime's modules through their bound ``forward`` (no ``nn.Module``
    call overhead), and, for conv nets with int8 layers whose samples are independent, large
    batches run in cache-sized chunks spread over threads (``PackedModel.batch_chunk``).
