@@ -550,3 +550,12 @@ def test_eval_split_names_the_metrics():
     train, test = loaders()
     hist = Trainer(make_model(), train, test, small_cfg(epochs=1), eval_split="val").fit()
     assert "val_acc" in hist[0] and "test_acc" not in hist[0]
+
+
+def test_epoch_summary_line_shows_the_validation_split() -> None:
+    from lowbit.progress import format_epoch_summary
+
+    m = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.25, "val_acc": 0.955,
+         "lr": 1e-3, "epoch_time_s": 2.0, "images_per_s": 100.0}
+    line = format_epoch_summary(m, 3)
+    assert "val loss 0.2500 acc 95.50%" in line and "test" not in line

@@ -55,8 +55,9 @@ def format_epoch_summary(m: dict[str, Any], total_epochs: int | None = None) -> 
     of = f"/{total_epochs}" if total_epochs else ""
     parts = [f"epoch {m['epoch']}{of}",
              f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%}"]
-    if m.get("test_acc") is not None:
-        parts.append(f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.2%}")
+    for split in ("val", "test"):  # runs with a validation split report val_* per epoch
+        if m.get(f"{split}_acc") is not None:
+            parts.append(f"{split} loss {m[f'{split}_loss']:.4f} acc {m[f'{split}_acc']:.2%}")
     regs = [f"{k[4:]} {v:.4g}" for k, v in m.items() if k.startswith("reg/")]
     if regs:
         parts.append("reg " + " ".join(regs))
