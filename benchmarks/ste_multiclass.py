@@ -743,6 +743,7 @@ def verdict(result: dict) -> list[dict]:
         if mono:
             worst = min(summ[k]["frac_zero_error"] for k in mono)
             falling = sum(summ[k]["unsolved_still_falling"] for k in mono)
+            dead = sum(summ[k]["unsolved_with_dead_point"] for k in mono)
             unsolved = sum(summ[k]["unsolved"] for k in mono)
             v = "reproduced" if worst == 1.0 else ("partly reproduced" if worst >= 0.5 else "not reproduced")
             rows.append(
@@ -752,7 +753,10 @@ def verdict(result: dict) -> list[dict]:
                     "minimum, i.e. perfect classification",
                     "ours": f"{_pct(summ, mono)} of runs at zero training error"
                     + (
-                        f"; of the {unsolved} unsolved runs, {falling} were still falling" if unsolved else ""
+                        f"; of the {unsolved} unsolved runs, {falling} were still falling and {dead} had a "
+                        "dead point"
+                        if unsolved
+                        else ""
                     ),
                     "verdict": v,
                 }
@@ -973,7 +977,8 @@ def notes(result: dict) -> list[str]:
                 f"Width {w}: unsolved runs left with at least one dead point (every hidden unit off there: "
                 "logits 0, loss 1, and no gradient from it under an STE with mu' = 0 for t <= 0): "
                 + ", ".join(f"{k} {v} of {s[k]['unsolved']}" for k, v in dead.items())
-                + ". Those runs cannot reach zero error however long they train."
+                + ". No gradient comes from such a point; it is fixed only if updates driven by other points "
+                "happen to switch a unit on there."
             )
         if "identity" in s and s["identity"]["unsolved"]:
             idn = s["identity"]
