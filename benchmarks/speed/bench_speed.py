@@ -6,8 +6,8 @@ onnxruntime int8 (see README.md beside this file).
     python benchmarks/speed/bench_speed.py --quick             # batches 1 and 32, binary only
     python benchmarks/speed/bench_speed.py --models mlp --batches 1 32 --repeats 30
 
-Writes benchmarks/results/speed.md and speed.json. The logic lives in
-``lowbit.runtime.bench.run_speed_benchmark`` (also behind ``lowbit bench speed``).
+Writes benchmarks/results/speed.md and speed.json. The logic lives in ``harness.py`` beside this
+file (``run_speed_benchmark``; ``lowbit bench speed`` runs it from a source checkout).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowbit.runtime.bench import MODELS, WEIGHTS
-from lowbit.runtime.bench import run_speed_benchmark as _run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import MODELS, WEIGHTS
+from harness import run_speed_benchmark as _run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -32,7 +33,7 @@ def run_speed_benchmark(
     out_dir=RESULTS,
     **kwargs: Any,
 ) -> list[dict]:
-    """Same as :func:`lowbit.runtime.bench.run_speed_benchmark`, results in benchmarks/results."""
+    """Same as :func:`harness.run_speed_benchmark`, results in benchmarks/results."""
     return _run(models=models, batches=batches, repeats=repeats, out_dir=out_dir, **kwargs)
 
 

@@ -14,10 +14,9 @@ addition): on CPUs with AVX-512 VNNI as int8 dot products on uint8 activation co
 order, with each layer writing the next layer's codes; otherwise (and for single-row Linear
 layers) as bit-serial popcount GEMMs on bit planes. Layers without an activation quantizer use
 additions of selected inputs. See ``kernels.py`` for the arithmetic, ``compiler.py`` for the
-graph fusion and ``bench.py`` for the speed benchmark.
+graph fusion; the speed benchmark is ``benchmarks/speed/`` of the source checkout.
 """
 
-from .bench import run_speed_benchmark
 from .compiler import LayerReport, PackedModel, compile
 from .layers import NotPackableError, PackedConv1d, PackedConv2d, PackedLinear, decompose_weight
 from .load import load
@@ -32,5 +31,4 @@ __all__ = [
     "compile",
     "decompose_weight",
     "load",
-    "run_speed_benchmark",
 ]

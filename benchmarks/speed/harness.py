@@ -1,5 +1,6 @@
-"""Speed benchmark: lowbit's packed runtime against FP32 PyTorch, PyTorch dynamic int8 and
-onnxruntime dynamic int8, measured side by side in one process.
+"""Speed benchmark harness: lowbit's packed runtime against FP32 PyTorch, PyTorch dynamic int8
+and onnxruntime dynamic int8, measured side by side in one process (not part of the library: it
+ships with the source checkout).
 
 ``run_speed_benchmark`` is what ``benchmarks/speed/bench_speed.py`` and ``lowbit bench speed``
 call. For every model and batch size the baselines and the lowbit variants are timed in
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from lowbit._io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def run_speed_benchmark(
     if command is None:
         command = "lowbit bench speed" + (" --quick" if quick else "")
 
-    from .compiler import compile as rt_compile
+    from lowbit.runtime import compile as rt_compile
 
     torch.set_num_threads(threads)
     try:
@@ -350,7 +351,7 @@ def run_speed_benchmark(
 def _rel_diff_fp64(qmodel: nn.Module, packed: nn.Module, x: torch.Tensor) -> float:
     """Largest relative difference of the packed output to the fake-quantized model run in float64
     (``compiler.reference_fp64``: the integer arithmetic the packed kernels do exactly)."""
-    from .compiler import reference_fp64
+    from lowbit.runtime.compiler import reference_fp64
 
     ref = reference_fp64(qmodel, x)
     got = packed(x).double()
