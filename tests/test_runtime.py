@@ -16,6 +16,7 @@ from lowbit.quant.base import ActivationQuantizer, Encoded
 from lowbit.quant.dorefa import DoReFaActivation
 from lowbit.quant.pact import PACTActivation
 from lowbit.runtime import kernels as K
+from lowbit.runtime import kernels_int8, kernels_threads
 from lowbit.runtime.layers import build_packed, decompose_weight
 
 RNG = np.random.default_rng(1234)
@@ -104,7 +105,7 @@ def test_parallel_kernels_match_serial(monkeypatch):
     wp = decompose_weight(enc)
     a = RNG.integers(0, 16, (40, 300))
     ref = _reference(enc, a)
-    monkeypatch.setattr(K, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 0)
     one, zero = np.ones(70), np.zeros(70)
     X, A = K.pack_rows(a.astype(np.float32), 4)
     got = K.gemm_rows(X, A, wp.W[0], wp.shift, wp.neg, zero, one, zero)
@@ -408,7 +409,7 @@ def test_int8_epilogue_residual_relu_codes(case, monkeypatch):
         if threads == 2:
             if numba.config.NUMBA_NUM_THREADS < 2:
                 continue
-            monkeypatch.setattr(K, "INT8_MIN_PARALLEL_MACS", 0)
+            monkeypatch.setattr(kernels_int8, "INT8_MIN_PARALLEL_MACS", 0)
         prev = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:

@@ -1,0 +1,277 @@
+"""int8 dot-product convolutions and Linear layers (AVX-512 VNNI) on uint8 activation codes in
+NHWC order; see ``kernels.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import (
+    EPI_CODES,
+    EPI_FLOAT,
+    EPI_RELU,
+    EPI_RESIDUAL,
+    VNNI_TILES,
+    kernel,
+    vnni_tile_1,
+    vnni_tile_2,
+    vnni_tile_3,
+    vnni_tile_4,
+)
+from .kernels_threads import parallel_for, use_parallel
+
+# ----------------------------------------------------------------------------------------------
+# int8 convolution (AVX-512 VNNI): uint8 codes (NHWC) x int8 weights, int32 accumulation
+# ----------------------------------------------------------------------------------------------
+#
+# Layout. The input codes live in one flat uint8 buffer: the zero-padded NHWC image
+# (N, Hp, Wp, C) (border pixels hold the padding code ``ma``) followed by INT8_SLACK bytes. For
+# an output pixel the reduction is a list of *quads*, 4 consecutive bytes each, at byte offsets
+# ``pixel_base + qoff[i]`` with ``pixel_base = ((n*Hp + oh*sh)*Wp + ow*sw)*C``:
+#
+# - ``run`` order (dilation 1 along the width): for each kernel row ``kh`` the KW*C bytes of the
+#   KW neighbouring pixels are one contiguous run of NHWC memory, cut into ceil(KW*C/4) quads
+#   (a 5x5 conv on 1 channel: 2 quads per kernel row, not 25 taps; 3x3 on 16 channels: 12);
+# - ``tap`` order (dilation > 1): each (kh, kw) tap is its own run of C bytes.
+#
+# Quad bytes past the end of a run belong to the next pixel (or to the slack) and meet zero
+# weights. Weights are int8 (nq, O, 4), split into passes of OB <= 4 blocks of 16 channels; a
+# pass is stored as (nq, OB*16, 4), which is what ``vnni_tile`` reads. Linear layers are the
+# same with H = W = 1 and C = K.
+#
+# Why not im2col: the quads are read in place (a quad offset table per layer), so the only pass
+# over the activations before the product is quantizing them into the code image, and that pass
+# disappears too when the previous layer writes the codes in its epilogue (``EPI_CODES``).
+# Output pixels are computed 6-8 at a time against 16-64 output channels, accumulators in
+# registers; the float epilogue (per-channel scale and shift with folded batch norm, residual
+# addition, ReLU) runs on the registers before anything is stored.
+
+INT8_SLACK = 64
+INT8_MIN_PARALLEL_MACS = 1 << 24  # about 100 us of one core
+
+
+def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int) -> np.ndarray:
+    """Quads of the reduction: (nq, 3) int64 rows ``(kernel row offset in input rows, kernel col
+    offset in pixels, byte offset in the run)``; the byte offset of quad ``i`` for a padded image
+    of width Wp is ``(a*Wp + b)*C + c``."""
+    q = []
+    if dw == 1:
+        run = KW * C
+        for kh in range(KH):
+            for j in range(0, run, 4):
+                q.append((kh * dh, 0, j))
+    else:
+        for kh in range(KH):
+            for kw in range(KW):
+                for j in range(0, C, 4):
+                    q.append((kh * dh, kw * dw, j))
+    return np.array(q, np.int64).reshape(-1, 3)
+
+
+def int8_quad_offsets(geom: np.ndarray, Wp: int, C: int) -> np.ndarray:
+    return np.ascontiguousarray((geom[:, 0] * Wp + geom[:, 1]) * C + geom[:, 2])
+
+
+def pack_int8_weights(w_int: np.ndarray, dw: int):
+    """Integer weights ``w_int`` (O, KH, KW, C) in [-128, 127] -> (w, passes) for the int8
+    kernels: ``w`` int8 flat, ``passes`` int64 (P, 3) rows ``(OB, first channel, byte offset)``.
+
+    Quads follow :func:`int8_geometry` (``dw`` selects run or tap order)."""
+    w_int = np.asarray(w_int)
+    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+        raise ValueError("weights do not fit int8")
+    O, KH, KW, C = w_int.shape
+    geom = int8_geometry(KH, KW, C, 1, dw)
+    nq = geom.shape[0]
+    Wq = np.zeros((nq, O, 4), np.int8)
+    for i in range(nq):
+        kh = int(geom[i, 0])
+        for t in range(4):
+            j = int(geom[i, 2]) + t
+            if dw == 1:
+                if j < KW * C:
+                    Wq[i, :, t] = w_int[:, kh, j // C, j % C]
+            else:
+                if j < C:
+                    Wq[i, :, t] = w_int[:, kh, int(geom[i, 1]) // dw, j]
+    nb = (O + 15) // 16
+    npass = (nb + 3) // 4
+    sizes = [nb // npass + (1 if p < nb % npass else 0) for p in range(npass)]
+    parts, passes, b0, off = [], [], 0, 0
+    for ob in sizes:
+        blk = np.zeros((nq, ob * 16, 4), np.int8)
+        o0, o1 = b0 * 16, min(O, (b0 + ob) * 16)
+        blk[:, : o1 - o0] = Wq[:, o0:o1]
+        parts.append(blk.reshape(-1))
+        passes.append((ob, o0, off))
+        off += blk.size
+        b0 += ob
+    return np.ascontiguousarray(np.concatenate(parts)), np.array(passes, np.int64).reshape(-1, 3)
+
+
+@kernel
+def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo, n_hi):
+    """Quantize x (N, H, W, C) float32 (any strides) into the padded code image in ``xq``; the
+    border gets the padding code ``ma``. Slices keep the indices provably non-negative, so the
+    inner loops vectorise; ``cmajor`` (channel stride above the width stride, an NCHW tensor)
+    reads along the width instead of along the channels."""
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    mab = np.uint8(ma)
+    rowlen = Wp * C
+    for n in range(n_lo, n_hi):
+        img = xq[n * Hp * rowlen : (n + 1) * Hp * rowlen]
+        img[: ph * rowlen] = mab
+        img[(ph + H) * rowlen :] = mab
+        for h in range(H):
+            row = img[(h + ph) * rowlen : (h + ph + 1) * rowlen]
+            row[: pw * C] = mab
+            row[(pw + W) * C :] = mab
+            if cmajor:  # NCHW source: read rows of one channel contiguously
+                for c in range(C):
+                    xr = x[n, h, :, c]
+                    dst = row[pw * C + c : (pw + W) * C : C]
+                    if mode == 1:
+                        for w in range(W):
+                            dst[w] = np.uint8(xr[w])
+                    else:
+                        for w in range(W):
+                            t = min(max(xr[w], np.float32(0.0)), hi)
+                            dst[w] = np.uint8(np.rint(t * mult))
+                continue
+            for w in range(W):
+                dst = row[(w + pw) * C : (w + pw + 1) * C]
+                xr = x[n, h, w, :]
+                if mode == 1:
+                    for c in range(C):
+                        dst[c] = np.uint8(xr[c])
+                else:
+                    for c in range(C):
+                        t = min(max(xr[c], np.float32(0.0)), hi)
+                        dst[c] = np.uint8(np.rint(t * mult))
+
+
+def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 0.0, mult: float = 0.0,
+                  mode: int = 1, ma: int = 0) -> np.ndarray:
+    """Codes of ``x`` (N, H, W, C) float32 (any strides: an NCHW tensor's ``permute(0, 2, 3, 1)``
+    works, a channels-last one is read contiguously) as the flat padded uint8 image the int8
+    kernels read: (N, H+2ph, W+2pw, C) then INT8_SLACK zero bytes. Mode 0 quantizes with the
+    fused clip formula ``rint(clip(x, 0, hi) * mult)``, mode 1 takes the values as codes."""
+    N, H, W, C = x.shape
+    ph, pw = padding
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    xq = np.empty(N * Hp * Wp * C + INT8_SLACK, np.uint8)
+    xq[-INT8_SLACK:] = 0
+    cmajor = C <= 4 or x.strides[3] > x.strides[2]
+    parallel_for(_int8_quantize_range, N, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ma),
+                 np.int64(ph), np.int64(pw), np.int64(Hp), np.int64(Wp), cmajor, xq,
+                 parallel=use_parallel(x.size * 4, INT8_MIN_PARALLEL_MACS // 4))
+    return xq
+
+
+@kernel
+def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, flags, out, res, codes, cgeo, qhi, qmult, m_lo, m_hi):
+    """Output pixels m_lo..m_hi (m = (n, oh, ow)) of the int8 convolution, every pass of output
+    channels, with the epilogue of ``vnni_tile`` (``flags``).
+
+    ``geo`` = (Hp, Wp, C, OH, OW, sh, sw, N, O): input image (padded) and output geometry; ``out``
+    and ``res`` are (M, O) float32 flat, ``codes`` the next layer's padded image of geometry
+    ``cgeo`` = (Hp', Wp', ph', pw') with O channels."""
+    Hp = geo[0]
+    Wp = geo[1]
+    C = geo[2]
+    OH = geo[3]
+    OW = geo[4]
+    sh = geo[5]
+    sw = geo[6]
+    O = geo[8]
+    Hc = cgeo[0]
+    Wc = cgeo[1]
+    phc = cgeo[2]
+    pwc = cgeo[3]
+    nq = qoff.shape[0]
+    L = OH * OW
+    qh = np.float32(qhi)
+    qm = np.float32(qmult)
+    rows = np.empty(8, np.int64)
+    orows = np.empty(8, np.int64)
+    crows = np.empty(8, np.int64)
+    for p in range(passes.shape[0]):
+        OB = passes[p, 0]
+        o0 = passes[p, 1]
+        wb = passes[p, 2]
+        R = VNNI_TILES[OB]
+        on = O - o0
+        # running output position of the next row, (n, oh, ow) -> byte / element offsets
+        n = m_lo // L
+        oh = (m_lo - n * L) // OW
+        ow = m_lo - n * L - oh * OW
+        for m0 in range(m_lo, m_hi, R):
+            nv = min(R, m_hi - m0)
+            for r in range(nv):
+                rows[r] = ((n * Hp + oh * sh) * Wp + ow * sw) * C
+                orows[r] = (m0 + r) * O + o0
+                crows[r] = ((n * Hc + oh + phc) * Wc + ow + pwc) * O + o0
+                ow += 1
+                if ow == OW:
+                    ow = 0
+                    oh += 1
+                    if oh == OH:
+                        oh = 0
+                        n += 1
+            for r in range(nv, R):
+                rows[r] = rows[nv - 1]
+            if OB == 1:
+                vnni_tile_1(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            elif OB == 2:
+                vnni_tile_2(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            elif OB == 3:
+                vnni_tile_3(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+            else:
+                vnni_tile_4(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                            crows, qh, qm)
+
+
+_EMPTY_F32 = np.zeros(0, np.float32)
+_EMPTY_U8 = np.zeros(0, np.uint8)
+_NO_CGEO = np.zeros(4, np.int64)
+
+
+def int8_conv(
+    xq: np.ndarray,
+    geo: np.ndarray,
+    qoff: np.ndarray,
+    w: np.ndarray,
+    passes: np.ndarray,
+    s0: np.ndarray,
+    s1: np.ndarray,
+    relu: bool = False,
+    out: np.ndarray | None = None,
+    res: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
+    cgeo: np.ndarray | None = None,
+    qhi: float = 0.0,
+    qmult: float = 0.0,
+) -> None:
+    """The int8 convolution of the code image ``xq`` (:func:`int8_quantize`) with the weights of
+    :func:`pack_int8_weights`, quads ``qoff`` (:func:`int8_quad_offsets`), ``geo`` = (Hp, Wp, C,
+    OH, OW, sh, sw, N, O) int64.
+
+    ``y = s1*D + s0`` (+ ``res``) (ReLU) goes to ``out`` (N*OH*OW*O float32, NHWC order) and / or,
+    quantized with the next layer's clip formula (``qhi``, ``qmult``), to ``codes``, that layer's
+    padded image of geometry ``cgeo`` = (Hp', Wp', ph', pw') (its border must already hold the
+    padding code). ``s0``, ``s1`` float64 are zero padded to whole blocks of 16 channels."""
+    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
+    flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
+    args = (xq, geo, qoff, w, passes, s0, s1, flags,
+            _EMPTY_F32 if out is None else out.reshape(-1), _EMPTY_F32 if res is None else res.reshape(-1),
+            _EMPTY_U8 if codes is None else codes, _NO_CGEO if cgeo is None else cgeo, float(qhi),
+            float(qmult))
+    g = geo.tolist()
+    M = g[7] * g[3] * g[4]
+    macs = M * qoff.shape[0] * 4 * g[8]
+    # parts of whole tiles (6 and 8 rows)
+    parallel_for(_int8_conv_range, M, *args, parallel=use_parallel(macs, INT8_MIN_PARALLEL_MACS), grain=24)

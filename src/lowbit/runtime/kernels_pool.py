@@ -1,0 +1,114 @@
+"""Pooling in the runtime: max pooling on activation codes, global average pooling of NHWC
+floats with float64 sums."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels_int8 as _i8  # its parallel threshold, read at call time
+from ._jit import kernel
+from .kernels_threads import parallel_for, use_parallel
+
+# ----------------------------------------------------------------------------------------------
+# max pooling on codes
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
+    """Max pooling of a padded code image (N, Hp, Wp, C) into another (N, Hc, Wc, C), output
+    pixel (oh, ow) at (oh + phc, ow + pwc). ``g`` = (C, Hp, Wp, ph, pw, KH, KW, SH, SW, OH, OW, Hc,
+    Wc, phc, pwc, chw). The pool window reads the valid image only (no pool padding). With
+    ``chw`` the output is instead (N, C*OH*OW) in (c, oh, ow) order: what ``flatten`` of an NCHW
+    tensor gives, the input rows of a following Linear layer."""
+    C = g[0]
+    Hp = g[1]
+    Wp = g[2]
+    ph = g[3]
+    pw = g[4]
+    KH = g[5]
+    KW = g[6]
+    SH = g[7]
+    SW = g[8]
+    OH = g[9]
+    OW = g[10]
+    Hc = g[11]
+    Wc = g[12]
+    phc = g[13]
+    pwc = g[14]
+    chw = g[15] != 0
+    L = OH * OW
+    Wv = (OW - 1) * SW + KW  # input pixels of a row that the windows read
+    h = np.empty(Wv * C, np.uint8)
+    for n in range(n_lo, n_hi):
+        for oh in range(OH):
+            # vertical max over the KH input rows: contiguous runs, vectorised
+            r0 = ((n * Hp + oh * SH + ph) * Wp + pw) * C
+            src = xq[r0 : r0 + Wv * C]
+            for j in range(Wv * C):
+                h[j] = src[j]
+            for kh in range(1, KH):
+                rk = r0 + kh * Wp * C
+                src = xq[rk : rk + Wv * C]
+                for j in range(Wv * C):
+                    h[j] = max(h[j], src[j])
+            # horizontal max over KW neighbouring pixels
+            if chw:
+                dst = yq[n * C * L + oh * OW : (n + 1) * C * L]
+            else:
+                o = ((n * Hc + oh + phc) * Wc + pwc) * C
+                dst = yq[o : o + OW * C]
+            for ow in range(OW):
+                hb = h[ow * SW * C : (ow * SW + KW) * C]
+                for c in range(C):
+                    m = hb[c]
+                    for kw in range(1, KW):
+                        m = max(m, hb[kw * C + c])
+                    if chw:
+                        dst[c * L + ow] = m
+                    else:
+                        dst[ow * C + c] = m
+
+
+def code_maxpool(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> None:
+    """Max pooling on code images (see ``_code_maxpool_range``). Exact for quantized activations:
+    the quantizers are non-decreasing, so the code of the maximum is the maximum of the codes."""
+    work = N * int(g[9] * g[10] * g[5] * g[6] * g[0])
+    par = use_parallel(work, _i8.INT8_MIN_PARALLEL_MACS // 8)
+    parallel_for(_code_maxpool_range, N, xq, g, yq, parallel=par)
+
+
+# ----------------------------------------------------------------------------------------------
+# global average pooling of NHWC floats (float64 accumulation)
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _global_avgpool_range(x, out, n_lo, n_hi):
+    """out[n, c] = float32(mean over (h, w) of x[n, h, w, c]) with float64 sums; x (N, H, W, C)
+    float32 (any strides)."""
+    H = x.shape[1]
+    W = x.shape[2]
+    C = x.shape[3]
+    acc = np.empty(C, np.float64)
+    hw = np.float64(H * W)
+    for n in range(n_lo, n_hi):
+        acc[:] = 0.0
+        for h in range(H):
+            for w in range(W):
+                xr = x[n, h, w, :]
+                for c in range(C):
+                    acc[c] += np.float64(xr[c])
+        orow = out[n]
+        for c in range(C):
+            orow[c] = acc[c] / hw
+
+
+def global_avgpool(x: np.ndarray) -> np.ndarray:
+    """(N, C) float32 means of ``x`` (N, H, W, C) over H and W, summed in float64 (the float32
+    result is the exact mean rounded once, whatever the summation order)."""
+    N, C = x.shape[0], x.shape[3]
+    out = np.empty((N, C), np.float32)
+    par = use_parallel(x.size * 4, _i8.INT8_MIN_PARALLEL_MACS // 4)
+    parallel_for(_global_avgpool_range, N, x, out, parallel=par)
+    return out

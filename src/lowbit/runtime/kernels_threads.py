@@ -1,0 +1,74 @@
+"""Threads of the runtime kernels: the worker pool, the thread count and ``parallel_for``
+(see ``kernels.py`` for the policy)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+# Below this many word-operations (about 100-200 us of one core) a kernel runs on one thread:
+# handing work to a thread costs ~10 us on an idle machine and can cost milliseconds on an
+# oversubscribed one, so only clearly large work is split.
+PARALLEL_MIN_WORK = 1 << 21
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _serial_worker() -> None:
+    numba.set_num_threads(1)  # thread-local: a worker never splits its own work again
+
+
+def thread_pool(n: int) -> ThreadPoolExecutor:
+    """The runtime's pool of ``n`` worker threads (kernels called from them run serially)."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = ThreadPoolExecutor(n, thread_name_prefix="lowbit-rt", initializer=_serial_worker)
+            _POOLS[n] = pool
+        return pool
+
+
+_GET_NUM_THREADS = None
+
+
+def num_threads() -> int:
+    """numba's (thread-local) thread count, read without ``numba.get_num_threads``'s lock."""
+    global _GET_NUM_THREADS
+    if _GET_NUM_THREADS is None:
+        n = numba.get_num_threads()  # launches numba's threading layer once
+        from numba.np.ufunc import parallel as _p
+
+        _GET_NUM_THREADS = getattr(_p, "_get_num_threads", None) or numba.get_num_threads
+        return n
+    n = _GET_NUM_THREADS()
+    return n if n > 0 else numba.get_num_threads()
+
+
+def use_parallel(work: int, min_work: int | None = None) -> bool:
+    """Split the work over threads: enough work and more than one thread."""
+    return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and num_threads() > 1
+
+
+def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> None:
+    """``fn(*args, lo, hi)`` over ``[0, n)``: one call, or (``parallel`` and more than one thread)
+    one contiguous part per thread, part boundaries multiples of ``grain``; the calling thread
+    takes the first part. ``fn`` must be a GIL-releasing kernel."""
+    nt = num_threads()
+    if not parallel or nt <= 1 or n < 2 * grain:
+        fn(*args, 0, n)
+        return
+    per = -(-n // nt)
+    per = -(-per // grain) * grain
+    bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
+    pool = thread_pool(nt)
+    futs = [pool.submit(fn, *args, lo, hi) for lo, hi in bounds[1:]]
+    fn(*args, *bounds[0])
+    for f in futs:
+        f.result()
+
+
+def num_words(k: int) -> int:
+    return (int(k) + 63) // 64
