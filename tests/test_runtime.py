@@ -16,7 +16,7 @@ from lowbit.quant.base import ActivationQuantizer, Encoded
 from lowbit.quant.dorefa import DoReFaActivation
 from lowbit.quant.pact import PACTActivation
 from lowbit.runtime import kernels as K
-from lowbit.runtime import kernels_int8, kernels_threads
+from lowbit.runtime import kernels_int8, kernels_pack, kernels_popcount, kernels_select, kernels_threads
 from lowbit.runtime.layers import build_packed, decompose_weight
 
 RNG = np.random.default_rng(1234)
@@ -87,6 +87,13 @@ def test_gemm_equals_integer_reference(kind, ka):
     # the A (code sum) term of the epilogue
     arow = K.gemm_rows(X, A, wp.W[0], wp.shift, wp.neg, zero, zero, one)
     assert np.array_equal(arow, np.repeat(a.sum(1, keepdims=True), O, 1).astype(np.float32))
+    # the NumPy reference beside the kernels: exact D, then the whole epilogue
+    assert np.array_equal(kernels_popcount.gemm_reference(a, wp.W[0], wp.shift, wp.neg, zero, one, zero),
+                          ref.astype(np.float32))
+    s0, s1, s2 = RNG.standard_normal((3, O))
+    got = K.gemm_rows(X, A, wp.W[0], wp.shift, wp.neg, s0, s1, s2, True)
+    want = kernels_popcount.gemm_reference(a, wp.W[0], wp.shift, wp.neg, s0, s1, s2, True)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary", "uniform4"])
@@ -98,6 +105,10 @@ def test_select_sum_float_activations(kind):
     wp_int = (enc.levels.numpy()[enc.codes.long().numpy()] - wp.l0) / wp.u
     got = K.select_sum(x, wp.W[0], wp.shift, wp.neg, np.zeros(O), np.ones(O), np.zeros(O))
     np.testing.assert_allclose(got, x.astype(np.float64) @ wp_int.T, rtol=1e-5, atol=1e-5)
+    s0, s1, s2 = RNG.standard_normal((3, O))
+    got = K.select_sum(x, wp.W[0], wp.shift, wp.neg, s0, s1, s2, True)
+    want = kernels_select.select_sum_reference(x, wp.W[0], wp.shift, wp.neg, s0, s1, s2, True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_parallel_kernels_match_serial(monkeypatch):
@@ -125,6 +136,7 @@ def test_fused_activation_codes_equal_encode(q):
     spec = rt.layers.act_spec(q)
     got = K.quantize_codes(x.numpy(), spec.hi, spec.mult)
     assert np.array_equal(got.astype(np.int64), q.encode(x).codes.long().numpy())
+    assert np.array_equal(got, kernels_pack.quantize_codes_reference(x.numpy(), spec.hi, spec.mult))
     _, A = K.pack_rows(x.numpy()[None], q.bits, spec.hi, spec.mult, mode=0)
     assert int(A[0]) == int(q.encode(x).codes.long().sum())
 

@@ -28,6 +28,12 @@ def _quantize_range(x, mode, hi, mult, out, lo, hi_):
         out[i] = np.uint8(_qcode(x[i], mode, hi, mult))
 
 
+def quantize_codes_reference(x: np.ndarray, hi: float, mult: float) -> np.ndarray:
+    """NumPy reference of :func:`quantize_codes` (mode 0): ``rint(clip(x, 0, hi) * mult)`` in float32."""
+    t = np.minimum(np.maximum(np.asarray(x, np.float32), np.float32(0.0)), np.float32(hi))
+    return np.rint(t * np.float32(mult)).astype(np.uint8)
+
+
 def quantize_codes(x: np.ndarray, hi: float, mult: float, mode: int = 0) -> np.ndarray:
     """uint8 codes of float32 ``x`` (any shape): ``rint(clip(x, 0, hi) * mult)``."""
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -16,6 +16,23 @@ from .kernels_threads import num_threads, parallel_for, use_parallel
 # ----------------------------------------------------------------------------------------------
 
 
+def plane_weights_reference(W: np.ndarray, wshift: np.ndarray, wneg: np.ndarray, K: int) -> np.ndarray:
+    """The integer weights ``q[o, r] = sum_j g_j bit_j[o, r]`` of bit planes ``W`` (O, J, Kw), int64."""
+    bits = np.unpackbits(np.ascontiguousarray(W).view(np.uint8), axis=-1, bitorder="little")[..., :K]
+    g = np.where(wneg, -1, 1) * (np.int64(1) << wshift.astype(np.int64))
+    return np.einsum("ojr,j->or", bits.astype(np.int64), g)
+
+
+def gemm_reference(codes: np.ndarray, W: np.ndarray, wshift: np.ndarray, wneg: np.ndarray, s0: np.ndarray,
+                   s1: np.ndarray, s2: np.ndarray, relu: bool = False) -> np.ndarray:
+    """NumPy reference of :func:`gemm_rows` / :func:`gemm_cols` on activation codes (M, K):
+    ``s1*D + s2*A + s0`` with the exact integer ``D = codes @ q.T`` and ``A = sum_r codes``."""
+    codes = np.asarray(codes).astype(np.int64)
+    D = codes @ plane_weights_reference(W, wshift, wneg, codes.shape[1]).T
+    y = s1 * D + s2 * codes.sum(1, keepdims=True) + s0
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
+
+
 @kernel
 def _gemm_rows_range(X, A, W, wshift, wneg, s0, s1, s2, relu, out, o_lo, o_hi):
     M = X.shape[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import kernel
+from .kernels_popcount import plane_weights_reference
 from .kernels_threads import parallel_for, use_parallel
 
 # ----------------------------------------------------------------------------------------------
@@ -43,6 +44,14 @@ def _select_sum_range(x, W, wshift, wneg, s0, s1, s2, relu, out, o_lo, o_hi):
             if relu and v < 0.0:
                 v = 0.0
             out[m, o] = v
+
+
+def select_sum_reference(x: np.ndarray, W: np.ndarray, wshift: np.ndarray, wneg: np.ndarray, s0: np.ndarray,
+                         s1: np.ndarray, s2: np.ndarray, relu: bool = False) -> np.ndarray:
+    """NumPy reference of :func:`select_sum` (float64 sums)."""
+    x = np.asarray(x, np.float64)
+    y = s1 * (x @ plane_weights_reference(W, wshift, wneg, x.shape[1]).T) + s2 * x.sum(1, keepdims=True) + s0
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
 
 
 def select_sum(x, W, wshift, wneg, s0, s1, s2, relu=False, out=None):
