@@ -350,14 +350,6 @@ def test_compile_does_not_modify_model_and_accepts_numpy():
 # ----------------------------------------------------------------------------------------------
 
 
-def _int8_conv_reference(codes, w_int, stride, padding, dilation, ma=0):
-    """Exact sum_r w*code by float64 convolution of small integers, padding with code ``ma``."""
-    x = torch.from_numpy(codes.astype(np.float64))
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=float(ma))
-    y = F.conv2d(x, torch.from_numpy(w_int.astype(np.float64)), stride=stride, dilation=dilation)
-    return y.permute(0, 2, 3, 1).numpy()  # NHWC
-
-
 INT8_CASES = [
     # N, C, H, W, O, kernel, stride, padding, dilation, code max, |weight| max
     (2, 1, 9, 11, 6, (5, 5), (1, 1), (2, 2), (1, 1), 15, 1),  # LeNet conv1: 1 channel, run order
@@ -377,7 +369,7 @@ def _int8_setup(case):
     w_int = RNG.integers(-wmax, wmax + 1, (O, C, KH, KW))
     w, passes = K.pack_int8_weights(w_int.transpose(0, 2, 3, 1), dilation[1])
     geom = K.int8_geometry(KH, KW, C, *dilation)
-    ref = _int8_conv_reference(codes, w_int, stride, padding, dilation)
+    ref = kernels_int8.int8_conv_reference(codes, w_int, stride, padding, dilation)
     OH, OW = ref.shape[1:3]
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
     xq = K.int8_quantize(codes.astype(np.float32).transpose(0, 2, 3, 1), padding)

@@ -49,6 +49,20 @@ INT8_SLACK = 64
 INT8_MIN_PARALLEL_MACS = 1 << 24  # about 100 us of one core
 
 
+def int8_conv_reference(codes: np.ndarray, w_int: np.ndarray, stride: tuple[int, int],
+                        padding: tuple[int, int], dilation: tuple[int, int], ma: int = 0) -> np.ndarray:
+    """Torch reference of :func:`int8_conv`'s integer sums ``D`` (before the epilogue): codes
+    (N, C, H, W) padded with code ``ma``, weights (O, C, KH, KW); a float64 convolution of small
+    integers, exact. Returns (N, OH, OW, O) float64, NHWC like the kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.asarray(codes).astype(np.float64))
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=float(ma))
+    y = F.conv2d(x, torch.from_numpy(np.asarray(w_int).astype(np.float64)), stride=stride, dilation=dilation)
+    return y.permute(0, 2, 3, 1).numpy()
+
+
 def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int) -> np.ndarray:
     """Quads of the reduction: (nq, 3) int64 rows ``(kernel row offset in input rows, kernel col
     offset in pixels, byte offset in the run)``; the byte offset of quad ``i`` for a padded image
