@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=1024, help="queued requests beyond this get 503")
     sv.add_argument("--threads", type=int, default=1, help="inference threads")
     sv.add_argument("--profile-repeats", type=int, default=10, help="timed runs per sub-net and batch size")
+    sv.add_argument("--runtime", choices=("packed", "torch"), default="packed",
+                    help="packed: each sub-net compiled by lowbit.runtime (PyTorch where it does not "
+                    "compile, the reason logged); torch: Supernet.run")
 
     sn = sub.add_parser("snn", help="spiking twins of CNNs (LIF neurons, learned leak and threshold)")
     snsub = sn.add_subparsers(dest="snn", metavar="ACTION")
@@ -465,7 +468,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                   f"(policy {a.policy}, SLO {a.slo_ms:g} ms)")
     return serve(a.supernet, slo_ms=a.slo_ms, port=a.port, policy=a.policy, host=a.host,
                  max_batch=a.max_batch, threads=a.threads, profile_repeats=a.profile_repeats,
-                 max_queue=a.max_queue)
+                 max_queue=a.max_queue, runtime=a.runtime)
 
 
 def cmd_snn(a: argparse.Namespace) -> int:
