@@ -18,9 +18,12 @@ Bad requests get 4xx with ``{"error": "..."}`` saying what was wrong and what is
 malformed body or shape, 413 too many samples or too many bytes, 415 unsupported content type or
 dtype); a request whose deadline cannot be met, or that finds the queue full, gets 503 (shed).
 
-``GET /health``: ``{"status": "ok", "subnets", "policy", "slo_ms", "max_batch", "input_shape"}``.
+``GET /health``: ``{"status": "ok", "subnets", "policy", "slo_ms", "max_batch", "input_shape",
+"runtime", "runtime_reasons"}``: ``runtime`` maps each sub-net to ``"packed"`` or ``"torch"`` (see
+:mod:`lowbit.serve.engines`), ``runtime_reasons`` says why a sub-net runs in PyTorch under
+``--runtime packed``.
 ``GET /metrics``: queue depth, served/shed/rejected counts, sub-net mix, latency percentiles,
-SLO attainment, and the latency profile measured at start.
+SLO attainment, the latency profile measured at start, and ``runtime``/``runtime_reasons``.
 
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections, lets in-flight requests finish, the
 worker stops and requests still queued get 503; the process exits with status 0.
@@ -44,6 +47,7 @@ from starlette.routing import Route
 
 from ..nn.supernet import Supernet
 from .batching import Batcher, Shed
+from .engines import SubnetEngines
 from .file import load_supernet
 from .policy import make_policy
 from .profile import LatencyProfile, profile_supernet
@@ -154,8 +158,11 @@ def create_app(
     slo_ms: float = 30.0,
     max_queue: int = 1024,
     max_body: int | None = None,
+    engines: SubnetEngines | None = None,
 ) -> Starlette:
-    """The ASGI app serving ``supernet`` (eval mode, weights cached) with a batch ``policy``."""
+    """The ASGI app serving ``supernet`` (eval mode, weights cached) with a batch ``policy``;
+    ``engines`` (default: every sub-net in PyTorch) runs the batches."""
+    engines = engines or SubnetEngines(supernet, "torch")
     accuracy = {
         n: float(supernet.info.get(n, {}).get("val_acc", supernet.info.get(n, {}).get("test_acc", -1)))
         for n in supernet.names
@@ -169,11 +176,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        b = Batcher(supernet, profile, pol, slo_ms, max_queue)
+        b = Batcher(engines, profile, pol, slo_ms, max_queue)
         await b.warmup()
         b.start()
         state["batcher"] = b
-        log.info("serving %d sub-nets, policy %s, SLO %g ms", len(supernet.names), policy, slo_ms)
+        log.info("serving %d sub-nets, policy %s, SLO %g ms, runtimes %s", len(supernet.names), policy,
+                 slo_ms, engines.runtime)
         try:
             yield
         finally:
@@ -234,6 +242,7 @@ def create_app(
                 "slo_ms": slo_ms,
                 "max_batch": profile.max_batch,
                 "input_shape": list(sample),
+                **engines.describe(),
             }
         )
 
@@ -247,6 +256,7 @@ def create_app(
                 "accuracy": accuracy,
                 "profile_ms": profile.to_dict(),
                 "latency_scale": round(b.scale, 3),
+                **engines.describe(),
             }
         )
 
@@ -268,15 +278,19 @@ def serve(
     threads: int = 1,
     profile_repeats: int = 10,
     max_queue: int = 1024,
+    runtime: str = "packed",
 ) -> int:
-    """Load the supernet file, profile every sub-net, and serve until SIGTERM/SIGINT; returns 0."""
+    """Load the supernet file, compile every sub-net (``runtime="packed"``; a sub-net that does not
+    compile runs in PyTorch, the reason logged), profile each, and serve until SIGTERM/SIGINT;
+    returns 0."""
     import uvicorn
 
     torch.set_num_threads(threads)
     sn = load_supernet(path)
     make_policy(policy, dict.fromkeys(sn.names, 0.0), max_batch)  # a bad policy fails before profiling
-    prof = profile_supernet(sn, max_batch=max_batch, repeats=profile_repeats)
-    app = create_app(sn, prof, policy=policy, slo_ms=slo_ms, max_queue=max_queue)
+    engines = SubnetEngines(sn, runtime)
+    prof = profile_supernet(engines, max_batch=max_batch, repeats=profile_repeats)
+    app = create_app(sn, prof, policy=policy, slo_ms=slo_ms, max_queue=max_queue, engines=engines)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that
     # a no-op so a graceful stop exits with status 0
     for sig in (signal.SIGTERM, signal.SIGINT):

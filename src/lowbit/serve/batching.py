@@ -8,8 +8,9 @@ exponential average (weight 0.2) of measured / profiled batch time, so that the 
 the machine when other work slows it down; when no sub-net meets
 that deadline even at batch 1, the oldest request is shed (:class:`Shed`, HTTP 503) instead of
 being served late, and the worker decides again. A full queue (``max_queue`` requests) refuses new
-ones at once (also 503). The sub-net is switched and run inside ``Supernet.run`` under its lock, so
-a batch is never computed by a half-switched model.
+ones at once (also 503). A batch runs on its sub-net's engine (:mod:`lowbit.serve.engines`): a
+packed sub-net is a model of its own, a PyTorch one is switched and run inside ``Supernet.run``
+under its lock, so a batch is never computed by a half-switched model.
 
 :class:`Metrics` keeps counters (served, shed, rejected, per-sub-net samples and batches) and the
 last ``window`` end-to-end latencies for percentiles; SLO attainment is the share of finished
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..nn.supernet import Supernet
+from .engines import SubnetEngines
 from .policy import Policy
 from .profile import LatencyProfile
 
@@ -112,7 +114,7 @@ class Batcher:
 
     def __init__(
         self,
-        supernet: Supernet,
+        supernet: Supernet | SubnetEngines,
         profile: LatencyProfile,
         policy: Policy,
         slo_ms: float,

@@ -4,7 +4,8 @@ Each sub-net runs ``repeats`` times (after ``warmup`` runs) at batch sizes 1, 2,
 ``max_batch``; the profile keeps a high quantile of the times (``quantile``, default 0.9: a
 scheduler that plans with the median misses half its tight deadlines) and interpolates linearly
 between measured sizes. Times are of ``Supernet.run`` in eval mode with cached quantized weights,
-i.e. exactly what the server executes per batch.
+i.e. exactly what the server executes per batch; or, given the server's
+:class:`~lowbit.serve.engines.SubnetEngines`, of each sub-net's engine (packed runtime or PyTorch).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from ..nn.supernet import Supernet
+from .engines import SubnetEngines
 
 __all__ = ["LatencyProfile", "profile_supernet", "time_batch"]
 
 log = logging.getLogger(__name__)
 
 
-def _times(supernet: Supernet, name: str, batch: int, shape: Sequence[int], repeats: int,
+def _times(supernet: Supernet | SubnetEngines, name: str, batch: int, shape: Sequence[int], repeats: int,
            warmup: int) -> list[float]:
     x = torch.randn((batch, *shape))
     out = []
@@ -40,8 +42,8 @@ def _quantile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
-def time_batch(supernet: Supernet, name: str, batch: int, shape: Sequence[int], repeats: int = 10,
-               warmup: int = 2, quantile: float = 0.5) -> float:
+def time_batch(supernet: Supernet | SubnetEngines, name: str, batch: int, shape: Sequence[int],
+               repeats: int = 10, warmup: int = 2, quantile: float = 0.5) -> float:
     """Milliseconds of one ``supernet.run`` of sub-net ``name`` on ``batch`` samples: the ``quantile``
     of ``repeats`` runs (0.5: the median; 0: the fastest, the least disturbed by other work)."""
     return _quantile(_times(supernet, name, batch, shape, repeats, warmup), quantile)
@@ -61,9 +63,9 @@ class LatencyProfile:
         return {n: [round(v, 4) for v in row] for n, row in self.ms.items()}
 
 
-def profile_supernet(supernet: Supernet, max_batch: int = 32, repeats: int = 10, warmup: int = 2,
-                     quantile: float = 0.9) -> LatencyProfile:
-    """Profile every sub-net of ``supernet`` (already in eval mode, weights cached)."""
+def profile_supernet(supernet: Supernet | SubnetEngines, max_batch: int = 32, repeats: int = 10,
+                     warmup: int = 2, quantile: float = 0.9) -> LatencyProfile:
+    """Profile every sub-net of ``supernet`` (already in eval mode, weights cached) or of its engines."""
     if max_batch < 1:
         raise ValueError(f"profile: max_batch must be >= 1, got {max_batch}")
     sizes = sorted({min(1 << k, max_batch) for k in range(max_batch.bit_length() + 1)} | {max_batch})

@@ -1,0 +1,74 @@
+"""Which engine runs each sub-net of a served supernet: the packed runtime or PyTorch.
+
+``runtime="packed"`` (the default of ``lowbit serve``): at start every sub-net is extracted
+(:meth:`lowbit.nn.supernet.Supernet.extract`) and compiled once by :func:`lowbit.runtime.compile`
+on a seeded example batch of the supernet's input shape; a batch then runs on that sub-net's own
+packed model, so the bit width of the sub-net sets its latency. A sub-net that does not compile (a
+float sub-net has no quantized layer to pack, for example) runs in PyTorch instead, with the
+reason logged and reported. ``runtime="torch"``: every sub-net runs as ``Supernet.run`` (eval mode,
+quantized weights cached).
+
+Packed sub-nets share no state, and PyTorch sub-nets switch and run under the supernet's lock, so
+a batch is never computed by a half-switched model either way. Outputs of a packed sub-net equal
+``lowbit.runtime.compile(supernet.extract(name), x)(x)`` (same model, same kernels), which the
+compiler keeps within its measured ``max_abs_diff`` of the fake-quantized sub-net.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.supernet import Supernet
+
+__all__ = ["RUNTIMES", "SubnetEngines"]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("packed", "torch")
+
+
+class SubnetEngines:
+    """``run(x, name)`` on each sub-net's engine; ``runtime[name]`` is ``"packed"`` or ``"torch"``,
+    ``reasons[name]`` why a sub-net runs in PyTorch under ``runtime="packed"``."""
+
+    def __init__(self, supernet: Supernet, runtime: str = "packed", example_batch: int = 2) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime {runtime!r} is not known; allowed: {', '.join(RUNTIMES)}")
+        self.supernet = supernet
+        self.names = supernet.names
+        self.input_shape = supernet.input_shape
+        self.packed: dict[str, nn.Module] = {}
+        self.reasons: dict[str, str] = {}
+        self.max_abs_diff: dict[str, float] = {}
+        if runtime == "packed":
+            from ..runtime import compile as compile_packed  # numba is loaded only when packing
+
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn((example_batch, *self.input_shape), generator=g)
+            for name in self.names:
+                try:
+                    pm = compile_packed(supernet.extract(name), x)
+                except Exception as e:  # any failure: this sub-net runs in PyTorch, and says why
+                    self.reasons[name] = f"{type(e).__name__}: {e}"
+                    log.warning("sub-net %s runs in PyTorch: it does not compile (%s)", name,
+                                self.reasons[name])
+                    continue
+                self.packed[name] = pm
+                self.max_abs_diff[name] = float(pm.max_abs_diff)
+                log.info("sub-net %s compiled (%s; max abs diff %.3g to the fake-quantized sub-net)",
+                         name, pm.extra_repr(), pm.max_abs_diff)
+        self.runtime = {n: "packed" if n in self.packed else "torch" for n in self.names}
+
+    def run(self, x: Tensor, name: str) -> Tensor:
+        pm = self.packed.get(name)
+        if pm is None:
+            return self.supernet.run(x, name)
+        return pm(x)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON for /health and /metrics: the engine of each sub-net and why PyTorch where it is."""
+        return {"runtime": dict(self.runtime), "runtime_reasons": dict(self.reasons)}
