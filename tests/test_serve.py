@@ -1,6 +1,7 @@
 """lowbit serve against a real server process on 127.0.0.1: endpoints, outputs equal to the
-supernet's, the bad-request table, shedding (deadline and queue), metrics, SIGTERM exit status; and
-the policy, trace and parsing logic on their own."""
+compiled sub-net's (--runtime packed, the default; a float sub-net falls back to PyTorch) and to
+the supernet's (--runtime torch), the bad-request table, shedding (deadline and queue), metrics,
+SIGTERM exit status; and the policy, trace and parsing logic on their own."""
 
 from __future__ import annotations
 
@@ -15,51 +16,63 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+import lowbit.runtime  # noqa: E402
 from lowbit.models import build_model  # noqa: E402
 from lowbit.nn.supernet import Supernet  # noqa: E402
 from lowbit.serve import Decision, load_supernet, make_policy, save_supernet  # noqa: E402
 from lowbit.serve.app import BadRequestError, parse_binary, serve  # noqa: E402
 from lowbit.serve.bench import free_port, start_server, stop_server  # noqa: E402
+from lowbit.serve.engines import SubnetEngines  # noqa: E402
 from lowbit.serve.loadgen import Record, make_trace, summarize  # noqa: E402
 
 SHAPE = (1, 28, 28)
+NAMES = ["small", "big", "float"]
+ARGS = ["--slo-ms", "5000", "--max-batch", "4", "--max-queue", "3", "--profile-repeats", "2"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def supernet_file(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
-    sn = Supernet(
-        build_model("lenet5"),
-        [{"name": "small", "width": 0.25, "bits": 2}, {"name": "big", "width": 1.0, "bits": 8}],
-        SHAPE,
-    )
-    sn.info = {"small": {"val_acc": 0.9, "test_acc": 0.9}, "big": {"val_acc": 0.99, "test_acc": 0.99}}
+    subnets = [
+        {"name": "small", "width": 0.25, "bits": 2},
+        {"name": "big", "width": 1.0, "bits": 8},
+        {"name": "float", "width": 0.5, "bits": 32},  # nothing to pack: served by PyTorch
+    ]
+    sn = Supernet(build_model("lenet5"), subnets, SHAPE)
+    sn.info = {n: {"val_acc": a, "test_acc": a} for n, a in zip(NAMES, (0.9, 0.99, 0.5), strict=True)}
     path = tmp_path_factory.mktemp("serve") / "tiny.supernet"
     save_supernet(sn, path)
+    return path
+
+
+def _start(path, args):
     port = free_port()
-    proc = start_server(
-        path,
-        port,
-        ["--slo-ms", "5000", "--max-batch", "4", "--max-queue", "3", "--profile-repeats", "2"],
-        timeout_s=90,
-    )
-    yield f"http://127.0.0.1:{port}", proc, load_supernet(path)
+    proc = start_server(path, port, args, timeout_s=90)
+    return f"http://127.0.0.1:{port}", proc
+
+
+@pytest.fixture(scope="module")
+def server(supernet_file):
+    url, proc = _start(supernet_file, ARGS)  # the default runtime: packed
+    yield url, proc, load_supernet(supernet_file)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
 
 
-def test_health_and_predictions_equal_the_supernets(server) -> None:
+def test_health_and_predictions_equal_the_compiled_subnets(server) -> None:
     url, _, sn = server
     h = httpx.get(f"{url}/health").json()
-    assert h["status"] == "ok" and h["subnets"] == ["small", "big"] and h["input_shape"] == list(SHAPE)
+    assert h["status"] == "ok" and h["subnets"] == NAMES and h["input_shape"] == list(SHAPE)
+    assert h["runtime"] == {"small": "packed", "big": "packed", "float": "torch"}
+    assert list(h["runtime_reasons"]) == ["float"] and "no quantized layer" in h["runtime_reasons"]["float"]
     x = torch.randn(3, *SHAPE)
     r = httpx.post(f"{url}/predict", json={"inputs": x.tolist()})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["subnet"] == "big" and body["batch"] == 3  # slackfit: the most accurate fits a 5 s SLO
-    with torch.inference_mode():
-        ref = sn.run(x, body["subnet"])
+    # the packed kernels are deterministic: the served batch equals the sub-net compiled alone, bit for bit
+    ref = lowbit.runtime.compile(sn.extract("big"), x)(x)
     assert torch.equal(torch.tensor(body["outputs"]), ref)
     assert body["predictions"] == ref.argmax(1).tolist()
     raw = x.numpy().astype("<f4").tobytes()
@@ -127,7 +140,40 @@ def test_overload_is_shed_with_503_and_metrics_count_it(server) -> None:
     assert m["served"] >= codes.count(200) and m["rejected"] >= len(BAD)
     assert m["queue_depth"] == 0 and abs(sum(m["subnet_mix"].values()) - 1) < 1e-3
     assert 0 <= m["slo_attainment"] <= 1 and m["latency_ms"]["p50"] <= m["latency_ms"]["p99"]
-    assert set(m["profile_ms"]) == {"small", "big"} and len(m["profile_ms"]["big"]) == 4
+    assert set(m["profile_ms"]) == set(NAMES) and len(m["profile_ms"]["big"]) == 4
+    assert m["runtime"] == {"small": "packed", "big": "packed", "float": "torch"}
+
+
+def test_torch_runtime_serves_the_supernets_own_run(supernet_file) -> None:
+    url, proc = _start(supernet_file, [*ARGS, "--runtime", "torch", "--policy", "fixed:small"])
+    try:
+        h = httpx.get(f"{url}/health").json()
+        assert h["runtime"] == dict.fromkeys(NAMES, "torch") and h["runtime_reasons"] == {}
+        x = torch.randn(2, *SHAPE)
+        body = httpx.post(f"{url}/predict", json={"inputs": x.tolist()}).json()
+        assert body["subnet"] == "small"
+        sn = load_supernet(supernet_file)
+        with torch.inference_mode():
+            ref = sn.run(x, "small")
+        assert torch.equal(torch.tensor(body["outputs"]), ref)
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_engines_fall_back_to_pytorch_for_a_subnet_that_does_not_compile(supernet_file) -> None:
+    sn = load_supernet(supernet_file)
+    eng = SubnetEngines(sn, "packed")
+    assert eng.runtime == {"small": "packed", "big": "packed", "float": "torch"}
+    x = torch.randn(5, *SHAPE)
+    with torch.inference_mode():
+        assert torch.equal(eng.run(x, "float"), sn.run(x, "float"))
+        # packed: the compiled sub-net stays within the compiler's tolerance of the fake-quantized one
+        for n in ("small", "big"):
+            ref = sn.run(x, n)
+            assert (eng.run(x, n) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        assert not torch.equal(eng.run(x, "small"), eng.run(x, "big"))
+    with pytest.raises(ValueError, match="allowed: packed, torch"):
+        SubnetEngines(sn, "onnx")
 
 
 def test_sigterm_exits_cleanly(server) -> None:
