@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -174,6 +175,22 @@ def test_engines_fall_back_to_pytorch_for_a_subnet_that_does_not_compile(superne
         assert not torch.equal(eng.run(x, "small"), eng.run(x, "big"))
     with pytest.raises(ValueError, match="allowed: packed, torch"):
         SubnetEngines(sn, "onnx")
+
+
+def test_engines_cap_the_packed_kernels_threads_in_the_thread_that_runs_them(supernet_file) -> None:
+    from lowbit.runtime.kernels_threads import num_threads
+
+    eng = SubnetEngines(load_supernet(supernet_file), "packed", threads=1)
+    seen: list[int] = []
+
+    def infer() -> None:  # numba's thread count is per thread: check it in a fresh one
+        eng.run(torch.randn(2, *SHAPE), "small")
+        seen.append(num_threads())
+
+    t = threading.Thread(target=infer)
+    t.start()
+    t.join()
+    assert seen == [1]
 
 
 def test_sigterm_exits_cleanly(server) -> None:

@@ -288,7 +288,7 @@ def serve(
     torch.set_num_threads(threads)
     sn = load_supernet(path)
     make_policy(policy, dict.fromkeys(sn.names, 0.0), max_batch)  # a bad policy fails before profiling
-    engines = SubnetEngines(sn, runtime)
+    engines = SubnetEngines(sn, runtime, threads=threads)
     prof = profile_supernet(engines, max_batch=max_batch, repeats=profile_repeats)
     app = create_app(sn, prof, policy=policy, slo_ms=slo_ms, max_queue=max_queue, engines=engines)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that

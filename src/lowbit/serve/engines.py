@@ -5,8 +5,9 @@
 on a seeded example batch of the supernet's input shape; a batch then runs on that sub-net's own
 packed model, so the bit width of the sub-net sets its latency. A sub-net that does not compile (a
 float sub-net has no quantized layer to pack, for example) runs in PyTorch instead, with the
-reason logged and reported. ``runtime="torch"``: every sub-net runs as ``Supernet.run`` (eval mode,
-quantized weights cached).
+reason logged and reported. ``threads`` caps the packed kernels' threads (numba's count is per
+thread, so it is set in each thread that runs a packed sub-net). ``runtime="torch"``: every
+sub-net runs as ``Supernet.run`` (eval mode, quantized weights cached).
 
 Packed sub-nets share no state, and PyTorch sub-nets switch and run under the supernet's lock, so
 a batch is never computed by a half-switched model either way. Outputs of a packed sub-net equal
@@ -17,6 +18,7 @@ compiler keeps within its measured ``max_abs_diff`` of the fake-quantized sub-ne
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ class SubnetEngines:
     """``run(x, name)`` on each sub-net's engine; ``runtime[name]`` is ``"packed"`` or ``"torch"``,
     ``reasons[name]`` why a sub-net runs in PyTorch under ``runtime="packed"``."""
 
-    def __init__(self, supernet: Supernet, runtime: str = "packed", example_batch: int = 2) -> None:
+    def __init__(self, supernet: Supernet, runtime: str = "packed", example_batch: int = 2,
+                 threads: int | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} is not known; allowed: {', '.join(RUNTIMES)}")
         self.supernet = supernet
@@ -44,6 +47,8 @@ class SubnetEngines:
         self.packed: dict[str, nn.Module] = {}
         self.reasons: dict[str, str] = {}
         self.max_abs_diff: dict[str, float] = {}
+        self.threads = threads
+        self._local = threading.local()
         if runtime == "packed":
             from ..runtime import compile as compile_packed  # numba is loaded only when packing
 
@@ -67,6 +72,11 @@ class SubnetEngines:
         pm = self.packed.get(name)
         if pm is None:
             return self.supernet.run(x, name)
+        if self.threads and not getattr(self._local, "threads_set", False):
+            import numba
+
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+            self._local.threads_set = True
         return pm(x)
 
     def describe(self) -> dict[str, Any]:
