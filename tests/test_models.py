@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import lowbit.search  # noqa: F401  (registers the searched zoo model qdarts_cellnet, whatever ran before)
 from lowbit.models import (
     MODELS,
     build_from_spec,
@@ -33,6 +34,8 @@ CASES = {
     "vgg_small": ({}, (3, 32, 32), 10),
     "vgg11": ({}, (3, 32, 32), 10),
     "mobilenet_tiny": ({}, (3, 32, 32), 10),
+    "qdarts_cellnet": ({"ops": ["conv3x3", "sep3x3", "conv5x5", "skip", "dil3x3"], "channels": 8},
+                       (3, 32, 32), 10),
 }
 
 # other input sizes the models promise to handle

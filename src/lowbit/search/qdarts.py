@@ -347,9 +347,13 @@ def derive(net: SuperNet) -> list[Choice]:
 class CellNet(nn.Module):
     """The derived (discrete, float) network: ``ops[l]`` at layer ``l``, same skeleton as the search."""
 
-    def __init__(self, ops: Sequence[str], channels: int = 16, reductions: Sequence[int] = (2, 4),
-                 num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, ops: Sequence[str] = ("conv3x3",) * 6, channels: int = 16,
+                 reductions: Sequence[int] = (2, 4), num_classes: int = 10, in_channels: int = 3,
+                 width_mult: float = 1.0) -> None:
         super().__init__()
+        # the zoo's common attributes (the default ops are the all-conv3x3 float reference)
+        self.num_classes, self.in_channels, self.width_mult = num_classes, in_channels, width_mult
+        channels = max(1, round(channels * width_mult))
         unknown = [o for o in ops if o not in OPS]
         if isinstance(ops, str) or not len(ops) or unknown:
             raise ValueError(f"qdarts: ops must be a non-empty list of operation names, got {ops!r}; "
