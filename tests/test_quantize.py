@@ -407,3 +407,16 @@ def test_training_method_table_matches_the_implementations() -> None:
     assert set(TRAINING_METHODS) == set(methods.METHODS)
     for name in methods.METHODS:
         assert TRAINING_METHODS[name] == tuple(methods._options(name))
+
+
+def test_model_quantized_inside_inference_mode_runs_there() -> None:
+    # Tensors made under inference_mode carry no version counter: the eval cache must step aside.
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        model = lowbit.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)),
+                                {"default": {"weight": {"method": "twn", "bits": 2}}}).eval()
+        y1, y2 = model(x), model(x)
+    assert torch.equal(y1, y2)
+    w = model[0].weight
+    assert w.unique().numel() <= 3  # still ternary

@@ -163,14 +163,20 @@ class WeightQuantizer(Quantizer):
             self._cache = None
             return super().__call__(w)
         key = self._cache_key(w)
+        if key is None:
+            self._cache = None
+            return super().__call__(w)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         out = super().__call__(w)
-        self._cache = (self._cache_key(w), out)  # after the call: a lazy initialisation changes state
+        key = self._cache_key(w)  # after the call: a lazy initialisation changes state
+        self._cache = None if key is None else (key, out)
         return out
 
-    def _cache_key(self, w: Tensor) -> tuple[Any, ...]:
+    def _cache_key(self, w: Tensor) -> tuple[Any, ...] | None:
         state = [w, *self.parameters(), *self.buffers()]
+        if any(t.is_inference() for t in state):
+            return None  # tensors made under inference_mode have no version counter to key on
         return (self.channel_axis, w.shape, w.dtype, w.device,
                 *((id(t), t.data_ptr(), t._version) for t in state))
 
