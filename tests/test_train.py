@@ -543,7 +543,9 @@ def test_train_run_without_validation_tests_the_last_epoch(tmp_path, one_thread)
     final = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert res.selected_on == "last_epoch" and res.best_acc is None and res.best_epoch == 2
     assert final["checkpoint"] == "checkpoint.safetensors"
-    assert not (tmp_path / "r" / "best.safetensors").exists()
+    # best.safetensors is the final model, so `--init RUN/best.safetensors` works without a split too
+    best, last = (tmp_path / "r" / n for n in ("best.safetensors", "checkpoint.safetensors"))
+    assert best.read_bytes() == last.read_bytes()
 
 
 def test_eval_split_names_the_metrics():

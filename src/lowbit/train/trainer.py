@@ -8,7 +8,7 @@ Run directory layout (when `run_dir` is given)::
     best.safetensors         the checkpoint of the best accuracy on the per-epoch evaluation
                              split so far (``eval_split``: "val", a split of the training set,
                              under the evidence protocol; the test set is then read once, after
-                             training, by the caller)
+                             training, by the caller); the last epoch's without an evaluation
     tb/                      TensorBoard events (when tensorboard is installed)
 
 Devices and scale: the model and batches go to `device` (default: where the model is);
@@ -483,10 +483,13 @@ class Trainer:
         self._p_summary(metrics)
         self._log_epoch(metrics)
         last = self.epoch >= cfg.epochs or self.stop_training
-        improved = metrics.get(f"{split}_acc") is not None and metrics[f"{split}_acc"] > self.best_acc
-        if improved:
-            self.best_acc = metrics[f"{split}_acc"]
-            self.best_epoch = self.epoch
+        if metrics.get(f"{split}_acc") is None:
+            improved = last  # nothing evaluated per epoch: best.safetensors is the final model
+        else:
+            improved = metrics[f"{split}_acc"] > self.best_acc
+            if improved:
+                self.best_acc = metrics[f"{split}_acc"]
+                self.best_epoch = self.epoch
         if self.run_dir is not None and D.is_main():
             if self.epoch % cfg.checkpoint_every == 0 or last:
                 self._save(self.run_dir / CHECKPOINT)
