@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--runtime", choices=("packed", "torch"), default="packed",
+                   help="what the servers run their sub-nets on (lowbit serve --runtime)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for pol in a.policies:
         policies += [f"fixed:{n}" for n in load_supernet(a.supernet).choices] if pol == "fixed:all" else [pol]
     res = run_serve_bench(a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed,
-                          samples=a.samples)
+                          samples=a.samples, runtime=a.runtime)
     write_report(res, a.out, "serve", run_meta(__file__, argv, t0))
     return 0
 

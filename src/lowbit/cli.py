@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--samples", type=int, default=1, help="samples per request")
     bs.add_argument("--max-in-flight", type=int, default=64, help="client connections at most")
     bs.add_argument("--profile-repeats", type=int, default=10, help="the servers' profiling repeats")
+    bs.add_argument("--runtime", choices=("packed", "torch"), default="packed",
+                    help="what the servers run their sub-nets on (lowbit serve --runtime)")
 
     sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
     sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")

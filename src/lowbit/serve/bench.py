@@ -105,9 +105,11 @@ def run_serve_bench(
     samples: int = 1,
     max_in_flight: int = 64,
     profile_repeats: int = 10,
+    runtime: str = "packed",
 ) -> dict[str, Any]:
     """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
-    carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections."""
+    carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections; every
+    server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``)."""
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
@@ -120,7 +122,7 @@ def run_serve_bench(
         for pol in policies:
             port = free_port()
             args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
-                    "--profile-repeats", str(profile_repeats)]
+                    "--profile-repeats", str(profile_repeats), "--runtime", runtime]
             servers[pol] = (port, start_server(path, port, args))
         for tr in traces:
             arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
@@ -151,6 +153,7 @@ def run_serve_bench(
             "supernet": str(path),
             "samples_per_request": samples,
             "max_in_flight": max_in_flight,
+            "runtime": runtime,
             "load_average": os.getloadavg(),
         },
     }
@@ -173,8 +176,8 @@ def write_report(
         f"Mean rate {st['rate']:g} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
         f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
         f"seed {st['seed']}; load average at the end {', '.join(f'{v:.1f}' for v in st['load_average'])}; "
-        "one "
-        "server per policy (1 inference thread; all started first, then each trace replayed against every "
+        f"one server per policy ({st.get('runtime', 'torch')} runtime, 1 inference thread; "
+        "all started first, then each trace replayed against every "
         "policy in turn), the load generator in the same machine on loopback. "
         "The machine is a shared 2-core box with other jobs running: latencies are noisy, single run.",
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
@@ -251,6 +254,7 @@ def bench_serve_cli(a: Any) -> Any:
     res = run_serve_bench(
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
+        runtime=a.runtime,
     )
     meta = {
         "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
