@@ -85,6 +85,7 @@ from ..nn.quantize import (
     input_quantizer,
     quantizable_weights,
     quantize,
+    refresh_rnn_weights,
     weight_quantizer,
 )
 from ..quant.base import Encoded, Quantizer, WeightQuantizer, straight_through
@@ -861,17 +862,6 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
             parametrize.register_parametrization(layer, rec.param, FrozenWeight(rec.encoded))
     refresh_rnn_weights(model)
     return model
-
-
-def refresh_rnn_weights(model: nn.Module) -> None:
-    """Rebuild every ``nn.RNNBase``'s cached ``_flat_weights`` from its (quantized) weights, without
-    autograd history: after a training step the cache holds non-leaf tensors, which
-    ``copy.deepcopy`` refuses (export and compile copy the model); after loading it must hold
-    the restored weights."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.RNNBase):
-                m._flat_weights = [getattr(m, n) if hasattr(m, n) else None for n in m._flat_weights_names]
 
 
 def _check_structure(model: nn.Module, pf: PackedFile) -> None:

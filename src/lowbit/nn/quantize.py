@@ -53,6 +53,7 @@ import re
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -210,6 +211,15 @@ def _refresh_flat_weights(module: nn.Module, args: tuple[Any, ...]) -> None:
     # (parametrized) attributes so forward uses the current quantized weights.
     module._flat_weights = [getattr(module, n) if hasattr(module, n) else None
                             for n in module._flat_weights_names]
+
+
+def refresh_rnn_weights(model: nn.Module) -> None:
+    """Rebuild every ``nn.RNNBase``'s cached ``_flat_weights`` from its (quantized) weights, without
+    autograd history (after loading, the cache must hold the restored weights)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.RNNBase):
+                _refresh_flat_weights(m, ())
 
 
 def _detach_flat_weights(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
