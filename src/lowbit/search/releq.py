@@ -21,6 +21,19 @@ float weights, cached per bit vector, and pays
 The agent is PPO (clip 0.3, value weight 1, entropy weight 0.01, gamma 0.9, GAE lambda 1) with an
 MLP-128 trunk, a 128-128 policy head read at softmax temperature 0.5 and a 128-64 value head.
 
+Activation bits (``act_actions``): each action is then a pair ``(b_w, b_a)`` from
+``actions x act_actions``; a layer's "bits" in ``quant_state`` become ``b_w b_a`` (its share of the
+bit-operations per MAC, normalised by ``max b_w * max b_a``) and ``b_prev`` the pair's geometric
+mean ``sqrt(b_w b_a)``.
+
+A resource budget (``cost``, ``budget``; e.g. BOPs = sum_l MAC_l b_w b_a): ReLeQ's own reward only
+prices bits through ``x``; here the constraint is hard, as in HAQ (Wang et al., CVPR 2019). At layer
+``l`` an action is offered only if the assignment it leads to, with the layers not chosen yet at
+the cheapest action, costs at most the budget (infeasible logits masked, in the rollout and in the
+PPO update); the layers not chosen yet sit at that cheapest action in every measurement too (so
+each measured assignment is within the budget); and the reward drops the bits term (``x = 0``,
+``R = 2 (y^(1/y) - 0.5)``): within the budget only accuracy pays, so the agent spends the budget.
+
 The evaluator is any ``bits tuple -> accuracy`` callable; :class:`FineTuneEvaluator` is the
 paper's (a short fine-tune of the quantized model from float weights, then validation
 accuracy). Its cache is a JSON file, so a killed search resumes without repeating fine-tunes,
@@ -80,21 +93,29 @@ def layer_features(layers: Sequence[nn.Module]) -> list[list[float]]:
 class FineTuneEvaluator:
     """``bits -> validation accuracy`` after a short quantization-aware fine-tune from float weights.
 
-    ``make_model()`` returns the float model (weights loaded); layer ``i`` of
-    ``quantizable_layers`` gets ``{**weight, "bits": bits[i]}`` (activations stay float, as in
-    ReLeQ, which searches weight bits). ``train``/``val`` are loaders; ``config`` the fine-tune's
-    TrainConfig (e.g. one epoch, Adam). ``device``: where each fine-tune runs (default: where
-    ``make_model()`` puts the model).
+    ``make_model()`` returns the float model (weights loaded); layer ``i`` of ``names`` (default:
+    every one of ``quantizable_layers``; the others stay float) gets ``{**weight, "bits": bits[i]}``
+    and, when ``bits[i]`` is a pair ``(b_w, b_a)``, also ``{**activation, "bits": b_a}`` on its
+    input (otherwise activations stay float, as in ReLeQ, which searches weight bits).
+    ``train``/``val`` are loaders; ``config`` the fine-tune's TrainConfig (e.g. one epoch, Adam).
+    ``device``: where each fine-tune runs (default: where ``make_model()`` puts the model).
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Any, val: Any,
                  config: TrainConfig | dict[str, Any], weight: dict[str, Any] | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, names: Sequence[str] | None = None,
+                 activation: dict[str, Any] | None = None) -> None:
         self.make_model, self.train, self.val = make_model, train, val
         self.config = config
         self.device = device
         self.weight = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
-        self.names = list(quantizable_layers(make_model()))
+        self.activation = dict(activation or {"method": "pact"})
+        every = list(quantizable_layers(make_model()))
+        self.names = every if names is None else list(names)
+        unknown = [n for n in self.names if n not in every]
+        if unknown or not self.names:
+            raise ValueError(f"releq: names must be quantizable layers of the model, got {unknown or []!r}; "
+                             f"allowed: {every}")
 
     def layers(self) -> list[nn.Module]:
         return list(quantizable_layers(self.make_model()).values())
@@ -103,8 +124,13 @@ class FineTuneEvaluator:
         if len(bits) != len(self.names):
             raise ValueError(f"releq: {len(bits)} bit-widths for {len(self.names)} layers {self.names}")
         model = self.make_model()
-        rules = [{"match": n, "weight": {**self.weight, "bits": b}}
-                 for n, b in zip(self.names, bits, strict=True)]
+        rules = []
+        for n, b in zip(self.names, bits, strict=True):
+            if isinstance(b, int):
+                rules.append({"match": n, "weight": {**self.weight, "bits": b}})
+            else:
+                rules.append({"match": n, "weight": {**self.weight, "bits": b[0]},
+                              "activation": {**self.activation, "bits": b[1]}})
         quantize(model, {"default": {"weight": None}, "rules": rules})
         trainer = Trainer(model, self.train, self.val, self.config, device=self.device)
         trainer.fit()
@@ -122,9 +148,15 @@ class PPOAgent(nn.Module):
         self.value = nn.Sequential(nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 1))
         self.temperature = temperature
 
-    def forward(self, s: Tensor) -> tuple[torch.distributions.Categorical, Tensor]:
+    def forward(
+        self, s: Tensor, mask: Tensor | None = None
+    ) -> tuple[torch.distributions.Categorical, Tensor]:
+        """``mask``: allowed actions (bool, same leading shape); the others get probability 0."""
         h = self.trunk(s)
-        dist = torch.distributions.Categorical(logits=self.policy(h) / self.temperature)
+        logits = self.policy(h) / self.temperature
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -1e9)  # finite: log-probs and entropy stay finite
+        dist = torch.distributions.Categorical(logits=logits)
         return dist, self.value(h).squeeze(-1)
 
 
@@ -169,9 +201,11 @@ class ReLeQResult:
 class ReLeQ:
     """The search: ``run(episodes)`` trains the agent and returns the best assignment seen.
 
-    ``evaluate(bits) -> accuracy`` for a full bit tuple (one entry per layer); ``layers``: the
-    quantizable modules in order (for the state features); ``cache_path``: JSON file of measured
-    accuracies (read at start, written after every new measurement).
+    ``evaluate(bits) -> accuracy`` for a full bit tuple (one entry per layer: an int, or a
+    ``(b_w, b_a)`` pair with ``act_actions``); ``layers``: the quantizable modules in order (for the
+    state features); ``cache_path``: JSON file of measured accuracies (read at start, written after
+    every new measurement). ``cost(bits) -> float`` and ``budget``: the hard resource constraint
+    (module docstring); ``cost`` must not decrease when any layer's bits grow.
     """
 
     def __init__(
@@ -184,17 +218,34 @@ class ReLeQ:
         ppo: PPOConfig | None = None,
         seed: int = 0,
         cache_path: str | Path | None = None,
+        act_actions: Sequence[int] | None = None,
+        cost: Callable[[tuple[Any, ...]], float] | None = None,
+        budget: float | None = None,
     ) -> None:
-        if not actions or any(not isinstance(b, int) or not 1 <= b <= 8 for b in actions):
-            raise ValueError(f"releq: actions must be bit-widths in [1, 8], got {list(actions)!r}")
+        checks = [("actions", actions)] + ([("act_actions", act_actions)] if act_actions is not None else [])
+        for what, bits in checks:
+            if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
+                               for b in bits):
+                raise ValueError(f"releq: {what} must be bit-widths in [1, 8], got {list(bits)!r}")
         if not 0 < float_acc <= 1:
             raise ValueError(f"releq: float_acc must be an accuracy in (0, 1], got {float_acc!r}")
+        if (cost is None) != (budget is None):
+            raise ValueError("releq: a budget needs its cost function and a cost function its budget")
         self.evaluate_fn, self.float_acc = evaluate, float(float_acc)
-        self.actions = tuple(sorted(set(actions)))
-        self.b_min, self.b_max = self.actions[0], self.actions[-1]
+        self.actions: tuple[Any, ...] = tuple(sorted(set(actions)))
+        if act_actions is not None:  # (weight bits, activation bits) pairs
+            self.actions = tuple((w, a) for w in self.actions for a in sorted(set(act_actions)))
+        sizes = [self.size(c) for c in self.actions]
+        self.b_min, self.b_max = min(sizes), max(sizes)
         self.threshold = threshold
         self.features = layer_features(layers)
         self.n_layers = len(self.features)
+        self.cost, self.budget = cost, budget
+        # layers not chosen yet: at the largest action (ReLeQ), or the cheapest under a budget
+        self.pad = self.actions[sizes.index(self.b_min if budget is not None else self.b_max)]
+        if cost is not None and cost((self.pad,) * self.n_layers) > budget:
+            raise ValueError(f"releq: budget {budget:.6g} is below the cheapest assignment "
+                             f"{(self.pad,) * self.n_layers} (cost {cost((self.pad,) * self.n_layers):.6g})")
         self.cfg = ppo or PPOConfig()
         torch.manual_seed(seed)
         self.rng = torch.Generator().manual_seed(seed)
@@ -206,38 +257,57 @@ class ReLeQ:
             self.cache = {k: float(v) for k, v in json.loads(self.cache_path.read_text()).items()}
 
     # environment ------------------------------------------------------------------------
-    def accuracy(self, bits: tuple[int, ...]) -> float:
-        key = ",".join(map(str, bits))
+    @staticmethod
+    def size(choice: Any) -> int:
+        """A choice's bits: ``b`` for weight bits, ``b_w * b_a`` for a pair (bit-operations per MAC)."""
+        return choice if isinstance(choice, int) else choice[0] * choice[1]
+
+    def padded(self, chosen: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(chosen) + (self.pad,) * (self.n_layers - len(chosen))
+
+    def feasible(self, chosen: Sequence[Any]) -> Tensor:
+        """Which actions are allowed after ``chosen`` (all of them without a budget)."""
+        if self.cost is None:
+            return torch.ones(len(self.actions), dtype=torch.bool)
+        return torch.tensor([self.cost(self.padded([*chosen, c])) <= self.budget for c in self.actions])
+
+    def accuracy(self, bits: tuple[Any, ...]) -> float:
+        key = ",".join(str(b) if isinstance(b, int) else "/".join(map(str, b)) for b in bits)
         if key not in self.cache:
             self.cache[key] = float(self.evaluate_fn(bits))
             if self.cache_path:
                 atomic_write_text(self.cache_path, json.dumps(self.cache, indent=0, sort_keys=True))
         return self.cache[key]
 
-    def quant_state(self, chosen: Sequence[int]) -> float:
-        full = list(chosen) + [self.b_max] * (self.n_layers - len(chosen))
-        return sum(full) / (self.b_max * self.n_layers)
+    def quant_state(self, chosen: Sequence[Any]) -> float:
+        return sum(map(self.size, self.padded(chosen))) / (self.b_max * self.n_layers)
 
-    def state(self, l: int, chosen: Sequence[int], acc_state: float) -> Tensor:
-        prev = chosen[-1] if chosen else self.b_max
+    def state(self, l: int, chosen: Sequence[Any], acc_state: float) -> Tensor:
+        prev = self.size(chosen[-1]) if chosen else self.b_max
+        if not isinstance(self.actions[0], int):
+            prev = prev**0.5  # the pair's geometric-mean bits
         pos = l / max(1, self.n_layers - 1)
         return torch.tensor([pos, prev / 32, self.quant_state(chosen), acc_state, *self.features[l]])
 
-    def reward(self, chosen: Sequence[int]) -> tuple[float, float]:
-        full = tuple(chosen) + (self.b_max,) * (self.n_layers - len(chosen))
-        acc = self.accuracy(full)
-        return releq_reward(self.quant_state(chosen), acc / self.float_acc, self.b_min, self.b_max,
-                            self.threshold), acc
+    def _reward(self, chosen: Sequence[Any], acc: float) -> float:
+        # under a budget the bits term is dropped (x = 0): only accuracy pays within the budget
+        q = self.b_min / self.b_max if self.budget is not None else self.quant_state(chosen)
+        return releq_reward(q, acc / self.float_acc, self.b_min, self.b_max, self.threshold)
+
+    def reward(self, chosen: Sequence[Any]) -> tuple[float, float]:
+        acc = self.accuracy(self.padded(chosen))
+        return self._reward(chosen, acc), acc
 
     # agent ------------------------------------------------------------------------------
     def episode(self, greedy: bool = False) -> dict[str, Any]:
-        chosen: list[int] = []
-        states, actions, logps, values, rewards = [], [], [], [], []
+        chosen: list[Any] = []
+        states, masks, actions, logps, values, rewards = [], [], [], [], [], []
         acc_state, acc = 1.0, self.float_acc
         for l in range(self.n_layers):
             s = self.state(l, chosen, acc_state)
+            mask = self.feasible(chosen)
             with torch.no_grad():
-                dist, v = self.agent(s)
+                dist, v = self.agent(s, mask)
             if greedy:
                 a = torch.argmax(dist.probs)
             else:
@@ -246,16 +316,18 @@ class ReLeQ:
             r, acc = self.reward(chosen)
             acc_state = acc / self.float_acc
             states.append(s)
+            masks.append(mask)
             actions.append(int(a))
             logps.append(float(dist.log_prob(a)))
             values.append(float(v))
             rewards.append(r)
-        return {"states": states, "actions": actions, "logps": logps, "values": values, "rewards": rewards,
-                "bits": tuple(chosen), "acc": acc, "reward": rewards[-1]}
+        return {"states": states, "masks": masks, "actions": actions, "logps": logps, "values": values,
+                "rewards": rewards, "bits": tuple(chosen), "acc": acc, "reward": rewards[-1]}
 
     def update(self, episodes: Sequence[dict[str, Any]]) -> None:
         c = self.cfg
         s = torch.stack([st for e in episodes for st in e["states"]])
+        mask = torch.stack([m for e in episodes for m in e["masks"]])
         a = torch.tensor([x for e in episodes for x in e["actions"]])
         old_logp = torch.tensor([x for e in episodes for x in e["logps"]])
         adv_l, ret_l = [], []
@@ -267,7 +339,7 @@ class ReLeQ:
         if adv_t.numel() > 1:
             adv_t = (adv_t - adv_t.mean()) / (adv_t.std() + 1e-8)
         for _ in range(c.update_epochs):
-            dist, v = self.agent(s)
+            dist, v = self.agent(s, mask)
             ratio = torch.exp(dist.log_prob(a) - old_logp)
             surrogate = torch.min(ratio * adv_t, ratio.clamp(1 - c.clip, 1 + c.clip) * adv_t)
             loss = -surrogate.mean() + c.value_weight * (v - ret_t).square().mean() \
@@ -296,17 +368,35 @@ class ReLeQ:
         return ReLeQResult(tuple(best["bits"]), best["reward"], best["acc"], self.float_acc, episodes,
                            len(self.cache), history)
 
-    def terminal_reward(self, bits: tuple[int, ...]) -> float:
-        return releq_reward(self.quant_state(bits), self.accuracy(bits) / self.float_acc, self.b_min,
-                            self.b_max, self.threshold)
+    def terminal_reward(self, bits: tuple[Any, ...]) -> float:
+        return self._reward(bits, self.accuracy(bits))
+
+    def assignments(self) -> list[tuple[Any, ...]]:
+        """Every full assignment the agent can reach: all ``len(actions) ** layers`` of them, or
+        under a budget the feasible ones (found depth first through :meth:`feasible`)."""
+        if self.cost is None:
+            return list(itertools.product(self.actions, repeat=self.n_layers))
+        out: list[tuple[Any, ...]] = []
+
+        def walk(prefix: tuple[Any, ...]) -> None:
+            if len(prefix) == self.n_layers:
+                out.append(prefix)
+                return
+            for c, ok in zip(self.actions, self.feasible(prefix).tolist(), strict=True):
+                if ok:
+                    walk((*prefix, c))
+
+        walk(())
+        return out
 
 
-def exhaustive(search: ReLeQ) -> list[tuple[tuple[int, ...], float, float]]:
-    """Every full assignment's ``(bits, terminal reward, accuracy)``, best reward first: the oracle
-    for the agent (``len(actions) ** layers`` evaluations, cached like the agent's)."""
+def exhaustive(search: ReLeQ) -> list[tuple[tuple[Any, ...], float, float]]:
+    """Every reachable full assignment's ``(bits, terminal reward, accuracy)``, best reward first
+    (ties: fewer bits first): the oracle for the agent (one evaluation each, cached like the
+    agent's)."""
     out = []
-    for bits in itertools.product(search.actions, repeat=search.n_layers):
+    for bits in search.assignments():
         out.append((bits, search.terminal_reward(bits), search.accuracy(bits)))
-    out.sort(key=lambda t: (-t[1], sum(t[0])))
+    out.sort(key=lambda t: (-t[1], sum(map(search.size, t[0]))))
     return out
 
