@@ -29,13 +29,15 @@ loops are unsigned only, and those quantizers take their torch formulas when sig
 When: CPU float32 contiguous tensors, with numba installed. Anything else (float64 as in
 gradcheck, CUDA, non-contiguous or channels-last inputs, tensor subclasses, tracing/ONNX export,
 ``torch.compile``) takes the torch formula of the quantizer module, as does everything when
-``LOWBIT_FUSED=0`` or after ``set_enabled(False)``. numba is imported and the kernels compiled
-(or loaded from numba's on-disk cache) on first use, not when lowbit is imported. The backward
+``LOWBIT_NUMBA=0`` (alias ``LOWBIT_FUSED=0``) or after ``set_enabled(False)``: the package's one
+numba switch, cache and thread policy are in ``lowbit._numba``. numba is imported and the kernels
+compiled (or loaded from the on-disk cache) on first use, not when lowbit is imported. The backward
 is not itself differentiable (no double backward on the fast path), and the fast path saves the
 quantizer's input for the backward (the torch formulas mostly saved masks), so modifying that
 input in place before the backward is an autograd error here.
 
-Threads: a tensor of at least ``PARALLEL_MIN_NUMEL`` elements is split over
+Threads (``lowbit._numba``'s policy: these loops may open numba parallel regions, the runtime's
+may not): a tensor of at least ``PARALLEL_MIN_NUMEL`` elements is split over
 ``torch.get_num_threads()`` numba threads; smaller ones run on one thread (a parallel region costs
 microseconds, more on a busy machine).
 
@@ -49,12 +51,13 @@ code ran slower than the eager formulas, so it is not used.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .. import _numba
 
 log = logging.getLogger(__name__)
 
@@ -244,19 +247,11 @@ class _Kernels:
             # Only the backward reductions may be reassociated (vectorised sums); the elementwise
             # math keeps IEEE float32 semantics.
             fm = {"reassoc"} if name in _BACKWARD else False
-            self.serial[name] = _njit(numba, g[name], False, fm)
+            # error_model="numpy": IEEE division (no zero-division branch, which would stop
+            # vectorisation).
+            self.serial[name] = _numba.jit(g[name], fastmath=fm, error_model="numpy")
             if name not in _SERIAL_ONLY:
-                self.parallel[name] = _njit(numba, g[name], True, fm)
-
-
-def _njit(numba: Any, fn: Any, parallel: bool, fastmath: Any) -> Any:
-    # error_model="numpy": IEEE division (no zero-division branch, which would stop vectorisation).
-    opts = {"parallel": parallel, "fastmath": fastmath, "nogil": True, "boundscheck": False,
-            "error_model": "numpy"}
-    try:
-        return numba.njit(cache=True, **opts)(fn)
-    except Exception:  # no writable cache directory: compile in memory
-        return numba.njit(cache=False, **opts)(fn)
+                self.parallel[name] = _numba.jit(g[name], parallel=True, fastmath=fm, error_model="numpy")
 
 
 _KERNELS: _Kernels | None = None
@@ -267,36 +262,34 @@ def _load() -> _Kernels | None:
     global _KERNELS, _LOAD_FAILED, prange
     if _KERNELS is not None or _LOAD_FAILED:
         return _KERNELS
-    if os.environ.get("LOWBIT_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
+    numba = _numba.import_numba()
+    if numba is None:  # switched off by the environment, or numba missing
         _LOAD_FAILED = True
         return None
     try:
-        import numba
-
         prange = numba.prange
         _KERNELS = _Kernels(numba)
-    except Exception as e:  # numba missing or broken: the torch formulas stay in use
+    except Exception as e:  # numba broken: the torch formulas stay in use
         log.info("lowbit.quant.fused: fused kernels unavailable (%s); using torch ops", e)
         _LOAD_FAILED = True
     return _KERNELS
 
 
-_ENABLED = True
-
-
 def available() -> bool:
-    """Whether the fused kernels can run here (numba importable, ``LOWBIT_FUSED`` not 0)."""
+    """Whether the fused kernels can run here (numba importable, ``LOWBIT_NUMBA`` / ``LOWBIT_FUSED``
+    not 0)."""
     return _load() is not None
 
 
 def is_enabled() -> bool:
-    return _ENABLED
+    """``lowbit._numba.enabled()``: the package's switch for its optional numba loops."""
+    return _numba.enabled()
 
 
 def set_enabled(flag: bool) -> None:
-    """Switch the fused kernels on or off for this process (tests and benchmarks compare both)."""
-    global _ENABLED
-    _ENABLED = bool(flag)
+    """Switch the fused kernels on or off for this process (tests and benchmarks compare both);
+    the same switch as ``lowbit._numba.set_enabled``."""
+    _numba.set_enabled(flag)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses with their own dispatch (fake, functional, ...)
@@ -305,7 +298,9 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses with their own dispatch 
 def supported(x: Tensor) -> bool:
     """Whether the fused path handles ``x``: a plain contiguous float32 CPU tensor (or parameter),
     outside tracing and compilation, with numba available."""
-    if not _ENABLED or type(x) not in _PLAIN or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not _numba.enabled() or type(x) not in _PLAIN:
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
         return False

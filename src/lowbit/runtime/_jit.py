@@ -1,10 +1,8 @@
-"""numba set-up for the runtime kernels: on-disk caching that survives a read-only install, and
-an x86 ``popcnt`` intrinsic.
+"""numba for the runtime kernels: the ``kernel`` decorator, an x86 ``popcnt`` intrinsic and the
+AVX-512 VNNI int8 tiles.
 
-Caching: numba writes its cache next to the source (``__pycache__``) when that is writable and
-otherwise in a user-wide directory; ``NUMBA_CACHE_DIR`` overrides both. When none of them is
-writable (a read-only install with a read-only home) caching is switched off instead of failing.
-``LOWBIT_NUMBA_CACHE=0`` switches it off explicitly.
+Set-up (on-disk cache, ``LOWBIT_NUMBA_CACHE``, thread policy: serial GIL-releasing kernels, no
+numba parallel regions) is the package's one numba set-up, ``lowbit._numba``.
 
 Popcount: ``llvm.ctpop.i64`` emitted directly (``builder.ctpop``). On a CPU with AVX-512
 VPOPCNTDQ, LLVM vectorises popcount reductions to ``vpopcntq`` (8 words per instruction);
@@ -22,53 +20,25 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .. import _numba
+
 log = logging.getLogger(__name__)
 
-
-def _writable(d: Path) -> bool:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d):
-            pass
-        return True
-    except OSError:
-        return False
-
-
-def _cache_enabled() -> bool:
-    if os.environ.get("LOWBIT_NUMBA_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return _writable(Path(os.environ["NUMBA_CACHE_DIR"]))
-    if _writable(Path(__file__).resolve().parent / "__pycache__"):
-        return True
-    # numba's user-wide fallback locator (numba.misc.appdirs user_cache_dir)
-    try:
-        from numba.misc.appdirs import AppDirs
-
-        user = Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
-    except Exception:  # pragma: no cover - numba internals moved
-        return False
-    return _writable(user)
-
-
-CACHE = _cache_enabled()
-if not CACHE:
-    log.info("lowbit.runtime: numba on-disk cache disabled (no writable cache directory)")
+#: whether the runtime kernels are cached on disk (``lowbit._numba.cache_enabled``)
+CACHE = _numba.cache_enabled(__file__)
 
 
 def kernel(fn):
-    """``njit`` with the runtime's flags: no fastmath (exact float order), no bounds checks, and
-    the GIL released (the runtime's worker threads call kernels concurrently)."""
-    return njit(fastmath=False, boundscheck=False, cache=CACHE, nogil=True)(fn)
+    """``lowbit._numba.jit`` with the runtime's flags: no fastmath (exact float order), no bounds
+    checks, the GIL released (the runtime's worker threads call kernels concurrently), serial
+    (no numba parallel region: the thread policy of ``lowbit._numba``)."""
+    return _numba.jit(fn)
 
 
 @intrinsic
@@ -90,8 +60,6 @@ def popcount64(typingctx, x):
 
 
 def _host_has_vnni() -> bool:
-    if os.environ.get("LOWBIT_RUNTIME_INT8", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
     try:
         import llvmlite.binding as llvm
 
@@ -101,8 +69,35 @@ def _host_has_vnni() -> bool:
         return False
 
 
-#: the int8 (VNNI) kernels may be used on this machine; ``LOWBIT_RUNTIME_INT8=0`` switches them off
-HAS_VNNI = _host_has_vnni()
+def _env_plain() -> bool:
+    plain = os.environ.get("LOWBIT_RUNTIME_PLAIN", "0").strip().lower() not in ("", "0", "false", "no", "off")
+    no_int8 = os.environ.get("LOWBIT_RUNTIME_INT8", "1").strip().lower() in ("0", "false", "no", "off")
+    return plain or no_int8
+
+
+#: the host CPU has AVX-512 VNNI (and BW, F)
+HOST_VNNI = _host_has_vnni()
+#: the int8 (VNNI) kernels may be used: the host has them and the plain path is not forced
+#: (``LOWBIT_RUNTIME_PLAIN=1``, old name ``LOWBIT_RUNTIME_INT8=0``, or :func:`set_plain`)
+HAS_VNNI = HOST_VNNI and not _env_plain()
+
+
+def set_plain(flag: bool = True) -> None:
+    """Force (True) or release (False) the plain path: layers packed afterwards ignore the
+    AVX-512 VNNI int8 kernels and run the bit-serial numba kernels, as on a CPU without them.
+    The environment's ``LOWBIT_RUNTIME_PLAIN=1`` sets it at start."""
+    global HAS_VNNI
+    HAS_VNNI = HOST_VNNI and not flag
+    from . import kernels  # the layers read ``kernels.HAS_VNNI`` when they are built
+
+    kernels.HAS_VNNI = HAS_VNNI
+
+
+def plain() -> bool:
+    """Whether the runtime packs layers without the VNNI kernels (forced, or a CPU without them)."""
+    from . import kernels
+
+    return not kernels.HAS_VNNI
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _I1, _F32, _F64 = ir.IntType(1), ir.FloatType(), ir.DoubleType()

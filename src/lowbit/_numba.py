@@ -1,0 +1,159 @@
+"""The one numba set-up of lowbit: on/off switch, on-disk cache and thread policy.
+
+Two families of numba loops use it (imports go one way: ``quant`` and ``runtime`` both import
+this module, neither imports the other):
+
+- ``lowbit.quant.fused``: the training fast path of the activation (and DoReFa weight)
+  quantizers. Every loop there has a torch formula in its quantizer module that computes the
+  same thing, so numba is optional for it.
+- ``lowbit.runtime.kernels_*``: the packed inference kernels. They are the runtime; there is
+  no torch path, so the switch below does not apply to them.
+
+Switch: ``LOWBIT_NUMBA=0`` (or :func:`set_enabled` with False, for this process) turns the
+optional numba loops off: the quantizers take their torch formulas and numba is not even
+imported for training. The old name ``LOWBIT_FUSED`` is an alias (either set to 0 switches off).
+
+Cache: compiled loops are cached on disk. numba writes its cache next to the source
+(``__pycache__``) when that is writable and otherwise in a user-wide directory;
+``NUMBA_CACHE_DIR`` overrides both. When none is writable (a read-only install with a read-only
+home) caching is off instead of failing. ``LOWBIT_NUMBA_CACHE=0`` switches it off explicitly,
+for every loop of the package.
+
+Thread policy (which loops may open numba ``parallel=True`` regions, and why):
+
+- **Training loops (``quant/fused.py``) may.** They run between PyTorch ops of a training step
+  on large tensors (2M floats per ResNet-20 layer input at batch 128); PyTorch's own OpenMP pool
+  is idle while they run. A tensor of at least ``fused.PARALLEL_MIN_NUMEL`` elements runs the
+  ``prange`` variant on ``torch.get_num_threads()`` numba threads; smaller tensors, and any
+  process whose numba threading layer is ``workqueue`` (it aborts when two Python threads enter
+  parallel regions at once), run the serial variant.
+- **Runtime kernels (``runtime/kernels_*.py``) may not.** They are serial loops over a range
+  that release the GIL (``nogil``); ``runtime.kernels_threads.parallel_for`` splits large work
+  over the runtime's own Python worker threads. An OpenMP region's idle threads spin: next to
+  PyTorch's pool (inference interleaves torch ops and kernels at sub-millisecond steps) two
+  spinning pools steal each other's cores (on a 2-core machine a 0.1 ms batch-1 model took
+  ~10 ms), and the server calls kernels from several threads at once.
+
+:func:`jit` enforces the policy: ``parallel=True`` is refused outside :data:`PARALLEL_MODULES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: modules whose loops may use numba parallel regions (see the thread policy above)
+PARALLEL_MODULES = frozenset({"lowbit.quant.fused"})
+
+_OFF = ("0", "false", "no", "off")
+
+
+def _env_off(*names: str) -> bool:
+    return any(os.environ.get(n, "1").strip().lower() in _OFF for n in names)
+
+
+# ---- the switch ---------------------------------------------------------------------------------
+#: ``LOWBIT_NUMBA`` (alias ``LOWBIT_FUSED``) as the process started: False when either is 0
+ENV_ENABLED = not _env_off("LOWBIT_NUMBA", "LOWBIT_FUSED")
+_ENABLED = True
+
+
+def enabled() -> bool:
+    """Whether the optional numba loops (the training fast path) may run: ``LOWBIT_NUMBA`` (alias
+    ``LOWBIT_FUSED``) was not 0 at start and :func:`set_enabled` did not switch them off."""
+    return _ENABLED and ENV_ENABLED
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the optional numba loops on or off for this process (tests, benchmarks)."""
+    global _ENABLED
+    _ENABLED = bool(flag)
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+def _writable(d: Path) -> bool:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+@functools.cache
+def _cache_ok(source_dir: str) -> bool:
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return _writable(Path(os.environ["NUMBA_CACHE_DIR"]))
+    if _writable(Path(source_dir) / "__pycache__"):
+        return True
+    try:  # numba's user-wide fallback locator
+        from numba.misc.appdirs import AppDirs
+
+        user = Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+    except Exception:  # pragma: no cover - numba internals moved
+        return False
+    ok = _writable(user)
+    if not ok:
+        log.info("lowbit: numba on-disk cache disabled (no writable cache directory for %s)", source_dir)
+    return ok
+
+
+def cache_enabled(source_file: str | os.PathLike[str] | None = None) -> bool:
+    """Whether loops defined in ``source_file`` (default: this package) are cached on disk."""
+    if _env_off("LOWBIT_NUMBA_CACHE"):
+        return False
+    src = Path(source_file) if source_file is not None else Path(__file__)
+    return _cache_ok(str(src.resolve().parent))
+
+
+# ---- compiling ----------------------------------------------------------------------------------
+def jit(
+    fn: Callable[..., Any] | None = None,
+    *,
+    parallel: bool = False,
+    fastmath: Any = False,
+    error_model: str = "python",
+) -> Any:
+    """``numba.njit`` with lowbit's flags: GIL released, no bounds checks, cached on disk where
+    possible, ``fastmath`` off unless asked (exact float order). ``parallel=True`` is allowed only
+    in :data:`PARALLEL_MODULES`. Usable as ``@jit`` or ``jit(fn, parallel=True)``."""
+    if fn is None:
+        return functools.partial(jit, parallel=parallel, fastmath=fastmath, error_model=error_model)
+    if parallel and fn.__module__ not in PARALLEL_MODULES:
+        raise ValueError(
+            f"{fn.__module__}.{fn.__name__}: numba parallel regions are allowed only in "
+            f"{sorted(PARALLEL_MODULES)} (lowbit._numba's thread policy); split the work with "
+            "runtime.kernels_threads.parallel_for instead"
+        )
+    import numba
+
+    opts = {"parallel": parallel, "fastmath": fastmath, "nogil": True, "boundscheck": False,
+            "error_model": error_model}
+    cache = cache_enabled(fn.__code__.co_filename)
+    try:
+        return numba.njit(cache=cache, **opts)(fn)
+    except Exception:  # a cache directory that went away meanwhile: compile in memory
+        if not cache:
+            raise
+        return numba.njit(cache=False, **opts)(fn)
+
+
+def import_numba() -> Any | None:
+    """numba for the optional loops: None when the environment switched them off
+    (:data:`ENV_ENABLED`) or numba is not importable."""
+    if not ENV_ENABLED:
+        return None
+    try:
+        import numba
+    except Exception as e:  # numba missing or broken: the torch formulas stay in use
+        log.info("lowbit: numba unavailable (%s); using torch ops", e)
+        return None
+    return numba
