@@ -15,8 +15,11 @@ order, with each layer writing the next layer's codes; otherwise (and for single
 layers) as bit-serial popcount GEMMs on bit planes. Layers without an activation quantizer use
 additions of selected inputs. See ``kernels.py`` for the arithmetic, ``compiler.py`` for the
 graph fusion; the speed benchmark is ``benchmarks/speed/`` of the source checkout.
+``set_plain(True)`` (or ``LOWBIT_RUNTIME_PLAIN=1``) makes layers packed afterwards ignore the
+AVX-512 VNNI kernels, as on a CPU without them.
 """
 
+from ._jit import plain, set_plain
 from .compiler import LayerReport, PackedModel, compile
 from .layers import NotPackableError, PackedConv1d, PackedConv2d, PackedLinear, decompose_weight
 from .load import load
@@ -31,4 +34,6 @@ __all__ = [
     "compile",
     "decompose_weight",
     "load",
+    "plain",
+    "set_plain",
 ]
