@@ -1,0 +1,457 @@
+"""Many-row GEMM on compact low-bit weights by table lookup (LUT): binary, ternary and 2-bit
+weights times activation codes of up to 5 bits, exact in integer arithmetic.
+
+Math (one layer; see ``kernels.py`` for the notation). The weights are small integers ``w_int[o, r]``
+taking at most ``2**cb`` values ``lv[0..]`` (``cb`` = 1: binary +-1; ``cb`` = 2: ternary -1/0/+1,
+DoReFa 2-bit -3/-1/1/3), stored as codes ``c[o, r]`` with ``w_int = lv[c]``. The reduction is cut
+into groups of ``c = 4 // cb`` consecutive indices (4 binary or 2 ternary weights); the codes of
+one group form a 4-bit index ``nib[o, g] = sum_i c[o, g*c + i] << (cb*i)``. For activation row
+``m`` the *table* of group ``g`` lists, for each of the 16 indices, the group's dot product::
+
+    T[m, g, n] = sum_{i < c} lv[(n >> cb*i) & (2**cb - 1)] * a[m, g*c + i]      (exact in int8)
+
+so that ``D[m, o] = sum_r w_int[o, r] a[m, r] = sum_g T[m, g, nib[o, g]]``: one lookup replaces
+``c`` multiply-adds. It fits int8 while ``c * max|lv| * (2**ka - 1) <= 127``: binary weights with
+activations of up to 5 bits, ternary and 2-bit weights with up to 4 (2-bit: 3 bits).
+
+AVX-512 (VBMI + VNNI): ``vpermb`` looks up 64 bytes in one 64-byte register holding the tables of
+4 consecutive groups (byte ``16*s + n``: group slot ``s``, index ``n``); the index byte of output
+``o`` (of a block of 16) and slot ``s`` is ``16*s + nib[o, g]`` at byte ``4*o + s``, so that
+``vpdpbusd`` with a vector of ones adds the 4 looked-up bytes of each output into its int32 lane:
+two instructions for ``16 * 4 * c`` multiply-adds (256 for binary weights, 128 for ternary) where
+the int8 kernel needs four ``vpdpbusd`` (64 each), and the weights stay at ``cb`` bits (one
+64-byte load holds the indices of 16 outputs x 8 groups, two steps: low and high nibbles).
+A tile keeps R rows x OB blocks of 16 outputs in registers (R*OB accumulators); the tables of the
+R rows are read once per output chunk, the weights once per row tile. This is the table-lookup
+idea of T-MAC (Wei et al., 2024, arXiv:2407.00088) and bitnet.cpp's TL kernels, here with the
+full-register byte permute instead of ``pshufb`` and exact int8 tables of integer codes.
+
+Layouts: tables ``tab`` (M, Gp*16) int8, ``Gp`` groups padded to a multiple of 8 (padding
+activations are 0, so padding entries are 0). Weights ``wq`` (Op/16, Gp/8, 64) uint8: block ``b``,
+step pair ``p``, byte ``4*o + s`` = ``nib[16b + o, 8p + s] | nib[16b + o, 8p + 4 + s] << 4``.
+
+The plain path (``_lut_plain_range``, any CPU) computes the same sums with scalar lookups.
+Threads: the output blocks are split over the runtime's worker threads for few rows (each thread
+reads half the weights), the rows for many (``parallel_for``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import HAS_VNNI, _splat, _vpdpbusd, kernel
+from .kernels_threads import num_threads, parallel_for
+
+# rows x 16-output blocks of a register tile (R*OB accumulators of 32 zmm registers)
+LUT_R, LUT_OB = 4, 4
+# rows whose tables are kept hot (L2) while the weights of all outputs stream past
+LUT_ROW_BLOCK = 64
+
+
+def _host_has_lut() -> bool:
+    if os.environ.get("LOWBIT_RUNTIME_LUT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+        return HAS_VNNI and bool(feats.get("avx512vbmi"))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+#: the AVX-512 table-lookup tiles may be used here (VBMI + VNNI); else the plain path
+HAS_LUT = _host_has_lut()
+
+
+# ----------------------------------------------------------------------------------------------
+# weights and tables
+# ----------------------------------------------------------------------------------------------
+
+
+def lut_levels(w_int: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``(lv, cb)``: the sorted integer levels of ``w_int`` (padded with 0 to ``2**cb`` entries) and
+    the code bits, or None when the weights take more than 4 values."""
+    vals = np.unique(np.asarray(w_int))
+    if vals.size > 4:
+        return None
+    cb = 1 if vals.size <= 2 else 2
+    lv = np.zeros(1 << cb, np.int64)
+    lv[: vals.size] = vals
+    return lv, cb
+
+
+def lut_fits(lv: np.ndarray, cb: int, ka: int) -> bool:
+    """Whether every table entry fits int8: ``(4 // cb) * max|lv| * (2**ka - 1) <= 127``."""
+    return (4 // cb) * int(np.abs(lv).max()) * ((1 << ka) - 1) <= 127
+
+
+def lut_groups(K: int, cb: int) -> int:
+    """Groups of the reduction, padded to whole step pairs (8 groups)."""
+    c = 4 // cb
+    return -(-(-(-K // c)) // 8) * 8
+
+
+def lut_pack_weights(w_int: np.ndarray, lv: np.ndarray, cb: int) -> np.ndarray:
+    """``w_int`` (O, K) with values in ``lv`` -> ``wq`` (Op/16, Gp/8, 64) uint8 (module docstring)."""
+    w_int = np.asarray(w_int, np.int64)
+    O, K = w_int.shape
+    c = 4 // cb
+    Gp = lut_groups(K, cb)
+    Op = -(-O // 16) * 16
+    codes = np.zeros((Op, Gp * c), np.int64)
+    codes[:O, :K] = _codes_of(w_int, lv)
+    nib = np.zeros((Op, Gp), np.int64)
+    for i in range(c):
+        nib |= codes[:, i::c] << (cb * i)
+    nib = nib.reshape(Op // 16, 16, Gp // 8, 2, 4)  # block, o, pair, half, slot
+    byte = nib[:, :, :, 0, :] | (nib[:, :, :, 1, :] << 4)  # block, o, pair, slot
+    return np.ascontiguousarray(byte.transpose(0, 2, 1, 3).reshape(Op // 16, Gp // 8, 64).astype(np.uint8))
+
+
+def _codes_of(w_int: np.ndarray, lv: np.ndarray) -> np.ndarray:
+    codes = np.full(w_int.shape, -1, np.int64)
+    for i in range(lv.size - 1, -1, -1):  # the first index of a repeated (padding) level wins
+        codes[w_int == lv[i]] = i
+    if (codes < 0).any():
+        raise ValueError("weights outside the levels")
+    return codes
+
+
+def lut_tables_reference(a: np.ndarray, lv: np.ndarray, cb: int) -> np.ndarray:
+    """NumPy reference of the tables: codes ``a`` (M, K) -> ``T`` (M, Gp*16) int8."""
+    a = np.asarray(a, np.int64)
+    M, K = a.shape
+    c = 4 // cb
+    Gp = lut_groups(K, cb)
+    ap = np.zeros((M, Gp * c), np.int64)
+    ap[:, :K] = a
+    n = np.arange(16)
+    sel = lv[(n[:, None] >> (cb * np.arange(c))[None, :]) & ((1 << cb) - 1)]  # (16, c)
+    T = np.einsum("mgi,ni->mgn", ap.reshape(M, Gp, c), sel)
+    if np.abs(T).max(initial=0) > 127:
+        raise ValueError("table entries do not fit int8")
+    return T.reshape(M, Gp * 16).astype(np.int8)
+
+
+def lut_gemm_reference(a: np.ndarray, w_int: np.ndarray, s0: np.ndarray, s1: np.ndarray,
+                       relu: bool = False) -> np.ndarray:
+    """NumPy reference of :func:`lut_gemm`: ``y = s1*D + s0`` (float64, then ReLU, float32) with the
+    exact ``D = a @ w_int.T``."""
+    D = np.asarray(a, np.int64) @ np.asarray(w_int, np.int64).T
+    O = D.shape[1]
+    y = s1[:O] * D.astype(np.float64) + s0[:O]
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
+
+
+@kernel
+def _row_codes(xr, mode, hi, mult, a):
+    """Codes of one row into ``a`` (uint8, zero beyond the row)."""
+    K = xr.shape[0]
+    if mode == 1:
+        for r in range(K):
+            a[r] = np.uint8(xr[r])
+    else:
+        for r in range(K):
+            t = min(max(xr[r], np.float32(0.0)), hi)
+            a[r] = np.uint8(np.rint(t * mult))
+
+
+@kernel
+def _lut_tables_plain(x, mode, hi, mult, sel, c, T, m_lo, m_hi):
+    """Tables of rows m_lo..m_hi (scalar path); ``sel`` (c, 64) int8: level of index ``j % 16`` at
+    position i."""
+    Gp = T.shape[1] // 16
+    a = np.zeros(Gp * c + 16, np.uint8)
+    for m in range(m_lo, m_hi):
+        _row_codes(x[m], mode, hi, mult, a)
+        tr = T[m]
+        for g in range(Gp):
+            for n in range(16):
+                e = np.int32(0)
+                for i in range(c):
+                    e += np.int32(sel[i, n]) * np.int32(a[g * c + i])
+                tr[g * 16 + n] = np.int8(e)
+
+
+@kernel
+def _lut_tables_avx(x, mode, hi, mult, sel, c, T, m_lo, m_hi):
+    """Tables of rows m_lo..m_hi, one 64-byte step (4 groups) per vector expression."""
+    Gp = T.shape[1] // 16
+    a = np.zeros(Gp * c + 16, np.uint8)
+    tflat = T.reshape(-1)
+    sflat = sel.reshape(-1)
+    for m in range(m_lo, m_hi):
+        _row_codes(x[m], mode, hi, mult, a)
+        if c == 4:
+            _table_row4(a, Gp // 4, sflat, tflat, m * Gp * 16)
+        else:
+            _table_row2(a, Gp // 4, sflat, tflat, m * Gp * 16)
+
+
+def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1,
+               out: np.ndarray | None = None, plain: bool | None = None) -> np.ndarray:
+    """Tables (M, Gp*16) int8 of the rows of ``x`` (M, K): quantized with the fused clip formula
+    (mode 0) or taken as codes (mode 1). The caller checks :func:`lut_fits`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    M, K = x.shape
+    c = 4 // cb
+    j = np.arange(64) % 16
+    sel = np.ascontiguousarray(lv[(j[None, :] >> (cb * np.arange(c))[:, None]) & ((1 << cb) - 1)].astype(np.int8))
+    T = np.empty((M, lut_groups(K, cb) * 16), np.int8) if out is None else out
+    fn = _lut_tables_plain if (not HAS_LUT if plain is None else plain) else _lut_tables_avx
+    parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), sel, np.int64(c), T,
+                 parallel=M >= 16 and num_threads() > 1, grain=8)
+    return T
+
+
+# ----------------------------------------------------------------------------------------------
+# the AVX-512 tile
+# ----------------------------------------------------------------------------------------------
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V64I8 = ir.VectorType(_I8, 64)
+_V16I32 = ir.VectorType(_I32, 16)
+
+
+def _vpermb(builder: ir.IRBuilder, table, idx):
+    fnty = ir.FunctionType(_V64I8, [_V64I8, _V64I8])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.qi.512")
+    return builder.call(fn, [table, idx])
+
+
+def table_row(c: int):
+    """An intrinsic ``row(a, nsteps, sel, T, toff)``: the tables of one row, ``T[toff + 64*t + j] =
+    sum_{i<c} sel[i, j] * a[4*c*t + c*(j // 16) + i]`` (int8, wrapping: exact when the entries fit)
+    for steps ``t < nsteps``; ``a`` uint8 codes with 16 readable bytes past the last step."""
+
+    @intrinsic
+    def row(typingctx, a, nsteps, sel, T, toff):
+        sig = types.void(a, nsteps, sel, T, toff)
+
+        def codegen(context, builder, signature, args):
+            aa, nsa, sa, ta, to = args
+
+            def data(i, v, ty):
+                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
+                return builder.bitcast(arr.data, ty.as_pointer())
+
+            def i64(v):
+                return ir.Constant(_I64, v)
+
+            ap = data(0, aa, _I8)
+            sp = data(2, sa, _I8)
+            tp = builder.gep(data(3, ta, _I8), [to])
+            sels = []
+            for i in range(c):
+                ld = builder.load(builder.bitcast(builder.gep(sp, [i64(64 * i)]), _V64I8.as_pointer()))
+                ld.align = 1
+                sels.append(ld)
+            v16 = ir.VectorType(_I8, 16)
+            with cgutils.for_range(builder, nsa) as loop:
+                t = loop.index
+                ld = builder.load(builder.bitcast(builder.gep(ap, [builder.mul(t, i64(4 * c))]), v16.as_pointer()))
+                ld.align = 1
+                acc = None
+                for i in range(c):
+                    mask = ir.Constant(ir.VectorType(_I32, 64), [c * (j // 16) + i for j in range(64)])
+                    ai = builder.shuffle_vector(ld, ir.Constant(v16, None), mask)
+                    term = builder.mul(ai, sels[i])
+                    acc = term if acc is None else builder.add(acc, term)
+                st = builder.store(acc, builder.bitcast(builder.gep(tp, [builder.mul(t, i64(64))]),
+                                                        _V64I8.as_pointer()))
+                st.align = 1
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row
+
+
+def lut_tile(R: int, OB: int):
+    """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc)``: the int32 sums ``D`` of R
+    rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
+
+    ``tab`` int8 tables (1-d), ``trow`` int64 (R,) element offset of each row's table; ``wq`` uint8
+    packed weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``; ``npairs`` step
+    pairs (8 groups each) of the reduction."""
+
+    @intrinsic
+    def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc):
+        sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc)
+
+        def codegen(context, builder, signature, args):
+            ta, ra, npa, wa, wb, ws, aa = args
+
+            def data(i, v, ty):
+                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
+                return builder.bitcast(arr.data, ty.as_pointer())
+
+            def i64(v):
+                return ir.Constant(_I64, v)
+
+            tp = data(0, ta, _I8)
+            rp = data(1, ra, _I64)
+            wp = builder.gep(data(3, wa, _I8), [wb])
+            bases = [builder.gep(tp, [builder.load(builder.gep(rp, [i64(r)]))]) for r in range(R)]
+            wbases = [builder.gep(wp, [builder.mul(ws, i64(b))]) for b in range(OB)]
+            zero = ir.Constant(_V16I32, [0] * 16)
+            ones = ir.Constant(_V64I8, [1] * 64)
+            lo4 = ir.Constant(_V64I8, [15] * 64)
+            four = ir.Constant(_V64I8, [4] * 64)
+            slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
+            with cgutils.for_range(builder, npa) as loop:
+                p = loop.index
+                off = builder.mul(p, i64(64))
+                idx = []
+                for b in range(OB):
+                    v = builder.load(builder.bitcast(builder.gep(wbases[b], [off]), _V64I8.as_pointer()))
+                    v.align = 1
+                    ilo = builder.or_(builder.and_(v, lo4), slot)
+                    ihi = builder.or_(builder.lshr(v, four), slot)
+                    idx.append((ilo, ihi))
+                toff = builder.mul(p, i64(128))
+                for h in range(2):
+                    tabs = []
+                    for r in range(R):
+                        ptr = builder.gep(bases[r], [builder.add(toff, i64(64 * h))])
+                        t = builder.load(builder.bitcast(ptr, _V64I8.as_pointer()))
+                        t.align = 1
+                        tabs.append(t)
+                    for r in range(R):
+                        for b in range(OB):
+                            look = _vpermb(builder, tabs[r], idx[b][h])
+                            a = accs[r * OB + b]
+                            builder.store(_vpdpbusd(builder, builder.load(a), ones, look), a)
+            ap = data(6, aa, _I32)
+            for k in range(R * OB):
+                st = builder.store(builder.load(accs[k]), builder.bitcast(builder.gep(ap, [i64(16 * k)]),
+                                                                          _V16I32.as_pointer()))
+                st.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILES = tuple(lut_tile(LUT_R, ob) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
+_table_row4 = table_row(4) if HAS_LUT else None
+_table_row2 = table_row(2) if HAS_LUT else None
+if HAS_LUT:
+    _tile1, _tile2, _tile3, _tile4 = _TILES
+else:  # never called: the plain path runs instead
+    _tile1 = _tile2 = _tile3 = _tile4 = None
+
+
+@kernel
+def _epilogue(acc, R, OB, nv, o0, O, s0, s1, relu, out, m0):
+    """``out[m0 + r, o0 + o] = f32(relu(s1*D + s0))`` for the valid rows and outputs of a tile."""
+    W = OB * 16
+    on = min(W, O - o0)
+    for r in range(nv):
+        orow = out[m0 + r]
+        for o in range(on):
+            v = s1[o0 + o] * np.float64(acc[r * W + o]) + s0[o0 + o]
+            if relu and v < 0.0:
+                v = 0.0
+            orow[o0 + o] = np.float32(v)
+
+
+@kernel
+def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
+    """Rows lo..hi (``by_rows``) or output blocks lo..hi of every row."""
+    M = out.shape[0]
+    nblk = wq.shape[0]
+    npairs = wq.shape[1]
+    wstride = npairs * 64
+    ldt = tab.shape[1]
+    tflat = tab.reshape(-1)
+    wflat = wq.reshape(-1)
+    acc = np.empty(LUT_R * LUT_OB * 16, np.int32)
+    trow = np.empty(LUT_R, np.int64)
+    if by_rows:
+        m_lo, m_hi, b_lo, b_hi = lo, hi, 0, nblk
+    else:
+        m_lo, m_hi, b_lo, b_hi = 0, M, lo, hi
+    for mb in range(m_lo, m_hi, LUT_ROW_BLOCK):
+        mb_hi = min(m_hi, mb + LUT_ROW_BLOCK)
+        for b0 in range(b_lo, b_hi, LUT_OB):
+            ob = min(LUT_OB, b_hi - b0)
+            wbase = b0 * wstride
+            for m0 in range(mb, mb_hi, LUT_R):
+                nv = min(LUT_R, mb_hi - m0)
+                for r in range(LUT_R):
+                    trow[r] = (m0 + min(r, nv - 1)) * ldt
+                if ob == 4:
+                    _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                elif ob == 3:
+                    _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                elif ob == 2:
+                    _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                else:
+                    _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                _epilogue(acc, LUT_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
+
+
+@kernel
+def _lut_plain_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
+    """The same sums with scalar lookups (any CPU)."""
+    M = out.shape[0]
+    nblk = wq.shape[0]
+    npairs = wq.shape[1]
+    acc = np.empty(16, np.int64)
+    if by_rows:
+        m_lo, m_hi, b_lo, b_hi = lo, hi, 0, nblk
+    else:
+        m_lo, m_hi, b_lo, b_hi = 0, M, lo, hi
+    for m in range(m_lo, m_hi):
+        tr = tab[m]
+        for b in range(b_lo, b_hi):
+            for o in range(16):
+                acc[o] = 0
+            for p in range(npairs):
+                wb = wq[b, p]
+                for h in range(2):
+                    t = tr[(2 * p + h) * 64 : (2 * p + h + 1) * 64]
+                    for j in range(64):
+                        n = (wb[j] >> np.uint8(4 * h)) & np.uint8(15)
+                        acc[j >> 2] += np.int64(t[(j & 3) * 16 + n])
+            for o in range(min(16, O - 16 * b)):
+                oc = 16 * b + o
+                v = s1[oc] * np.float64(acc[o]) + s0[oc]
+                if relu and v < 0.0:
+                    v = 0.0
+                out[m, oc] = np.float32(v)
+
+
+def lut_gemm(tab: np.ndarray, wq: np.ndarray, O: int, s0: np.ndarray, s1: np.ndarray, relu: bool = False,
+             out: np.ndarray | None = None, plain: bool | None = None) -> np.ndarray:
+    """``out[m, o] = float32(relu(s1[o]*D[m, o] + s0[o]))`` (float64 multiply then add) with the exact
+    ``D = sum_g tab[m, g, nib[o, g]]`` (:func:`lut_tables`, :func:`lut_pack_weights`). ``s0``,
+    ``s1`` float64 of at least O entries. ``plain`` forces the scalar path (default: where the CPU
+    lacks VBMI / VNNI)."""
+    M = tab.shape[0]
+    if out is None:
+        out = np.empty((M, O), np.float32)
+    if M == 0:
+        return out
+    if plain is None:
+        plain = not HAS_LUT
+    fn = _lut_plain_range if plain else _lut_avx_range
+    nblk = wq.shape[0]
+    nt = num_threads()
+    by_rows = M >= 64 * nt
+    # outputs for few rows (each thread streams its part of the weights), rows for many
+    n = M if by_rows else nblk
+    par = nt > 1 and M * nblk * wq.shape[1] >= 1 << 12
+    grain = LUT_R * 4 if by_rows else LUT_OB
+    parallel_for(fn, n, tab, wq, np.int64(O), s0, s1, bool(relu), out, by_rows, parallel=par, grain=grain)
+    return out
