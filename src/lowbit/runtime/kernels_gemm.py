@@ -45,7 +45,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import HAS_VNNI, _splat, _vpdpbusd, kernel
+from ._jit import HAS_VNNI, _vpdpbusd, kernel
 from .kernels_threads import num_threads, parallel_for
 
 # rows x 16-output blocks of a register tile (R*OB accumulators of 32 zmm registers)
@@ -95,7 +95,8 @@ def lut_fits(lv: np.ndarray, cb: int, ka: int) -> bool:
 def lut_groups(K: int, cb: int) -> int:
     """Groups of the reduction, padded to whole step pairs (8 groups)."""
     c = 4 // cb
-    return -(-(-(-K // c)) // 8) * 8
+    groups = (K + c - 1) // c
+    return (groups + 7) // 8 * 8
 
 
 def lut_pack_weights(w_int: np.ndarray, lv: np.ndarray, cb: int) -> np.ndarray:
@@ -203,7 +204,8 @@ def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: fl
     M, K = x.shape
     c = 4 // cb
     j = np.arange(64) % 16
-    sel = np.ascontiguousarray(lv[(j[None, :] >> (cb * np.arange(c))[:, None]) & ((1 << cb) - 1)].astype(np.int8))
+    sel = lv[(j[None, :] >> (cb * np.arange(c))[:, None]) & ((1 << cb) - 1)]
+    sel = np.ascontiguousarray(sel.astype(np.int8))
     T = np.empty((M, lut_groups(K, cb) * 16), np.int8) if out is None else out
     fn = _lut_tables_plain if (not HAS_LUT if plain is None else plain) else _lut_tables_avx
     parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), sel, np.int64(c), T,
@@ -256,7 +258,8 @@ def table_row(c: int):
             v16 = ir.VectorType(_I8, 16)
             with cgutils.for_range(builder, nsa) as loop:
                 t = loop.index
-                ld = builder.load(builder.bitcast(builder.gep(ap, [builder.mul(t, i64(4 * c))]), v16.as_pointer()))
+                src = builder.gep(ap, [builder.mul(t, i64(4 * c))])
+                ld = builder.load(builder.bitcast(src, v16.as_pointer()))
                 ld.align = 1
                 acc = None
                 for i in range(c):
@@ -448,7 +451,7 @@ def lut_gemm(tab: np.ndarray, wq: np.ndarray, O: int, s0: np.ndarray, s1: np.nda
     fn = _lut_plain_range if plain else _lut_avx_range
     nblk = wq.shape[0]
     nt = num_threads()
-    by_rows = M >= 64 * nt
+    by_rows = 64 * nt <= M
     # outputs for few rows (each thread streams its part of the weights), rows for many
     n = M if by_rows else nblk
     par = nt > 1 and M * nblk * wq.shape[1] >= 1 << 12
