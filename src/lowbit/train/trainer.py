@@ -360,10 +360,13 @@ class Trainer:
         if self._fwd is not None:
             return
         fwd = self.model
+        fresh = self.global_step == 0 and hasattr(self.train_loader, "global_batch")
+        if fresh and (self.world > 1 or self.config.compile):
+            # LSQ steps etc. from the global first batch, eagerly: identical on every rank, and
+            # the compiled graph never sees the data-dependent initialisation branch
+            x, _ = self.train_loader.global_batch(0)  # type: ignore[attr-defined]
+            D.init_from_batch(self.model, self._input(x))
         if self.world > 1:
-            if self.global_step == 0:  # fresh: LSQ steps etc. from the global first batch
-                x, _ = self.train_loader.global_batch(0)  # type: ignore[attr-defined]
-                D.init_from_batch(self.model, self._input(x))
             fwd = D.ddp_wrap(self.model, self.device)
         if self.config.compile:
             fwd = torch.compile(fwd)
