@@ -23,6 +23,7 @@ estimator in training activation quantized neural nets", ICLR 2019).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -275,8 +276,66 @@ class ActivationQuantizer(Quantizer):
 
     def runtime_codes_spec(self) -> ActCodesSpec | None:
         """The eval-mode codes as an :class:`ActCodesSpec` formula, for the packed runtime; None
-        (the default) when ``encode`` is not that formula: the runtime then calls ``encode``."""
+        (the default) when ``encode`` is not that formula: the runtime then calls ``encode``.
+
+        The hook of every activation quantizer the runtime packs (the runtime never tests a
+        quantizer's type). A quantizer returns a spec only when it reproduces ``encode`` and
+        ``forward`` bit for bit for every float32 input: directly from its formula (PACT,
+        DoReFa), or, for a division ``x / s`` (LSQ, uniform), by :func:`clip_multiply_spec`, which
+        searches a multiplier and checks it at every code boundary. Quantizers whose codes depend
+        on the batch (not yet initialised), signed grids and ceil rounding (BCGD) return None."""
         return None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ste={self.ste}" + (", signed=True" if self.signed else "")
+
+
+def _f32_of(bits_pattern: Any) -> Any:
+    """float32 values of non-negative int64 bit patterns (numpy)."""
+    import numpy as np
+
+    return np.asarray(bits_pattern, np.int64).astype(np.int32).view(np.float32)
+
+
+def clip_multiply_spec(codes: Any, bits: int, top: int, step: float, mult_hint: float) -> ActCodesSpec | None:
+    """The clip-multiply form ``rint(clip(x, 0, hi) * mult)`` (float32) of an unsigned code
+    function, if one reproduces it for every float32 ``x``; else None.
+
+    ``codes(x)`` (a float32 tensor in, integer codes out) must be non-decreasing in ``x``, 0 for
+    ``x <= 0`` and ``top`` at ``+inf``: LSQ's ``clip(round(x / s), 0, Q_P)``, uniform's
+    ``clip(round(x / s), 0, L)``. A division by ``s`` is a multiplication by ``1/s`` only for a
+    power-of-two ``s``, so the multiplier is searched: the boundaries ``b_k`` (the smallest float32
+    with code ``>= k``, by bisection over the float32 bit patterns) are found from ``codes``
+    itself, ``hi = b_top``, and the candidates ``mult_hint`` and its float32 neighbours (up to 8
+    ulps away) are tried at every ``b_k`` and the float just below it. Two non-decreasing step
+    functions equal at both sides of every step of one of them are equal everywhere, so a
+    candidate that passes reproduces ``codes`` exactly (NaN aside). ``step`` is the value of code
+    1 (``value = step * code``)."""
+    import numpy as np
+
+    probe = torch.tensor([-math.inf, -1e30, -1.0, -1e-30, -0.0, 0.0, math.inf], dtype=torch.float32)
+    at = codes(probe).long().tolist()
+    if at[:-1] != [0] * 6 or at[-1] != top:
+        return None
+    k = torch.arange(1, top + 1, dtype=torch.int64)
+    lo = torch.zeros(top, dtype=torch.int64)  # code(lo) < k
+    hi = torch.full((top,), 0x7F800000, dtype=torch.int64)  # code(hi) >= k (hi = +inf)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        c = codes(torch.from_numpy(_f32_of(mid.numpy()))).long()
+        up = c >= k
+        hi = torch.where(up, mid, hi)
+        lo = torch.where(up, lo, mid)
+    b = hi.numpy()
+    pts = np.concatenate([_f32_of(b), _f32_of(b - 1)])
+    want = codes(torch.from_numpy(pts)).long().numpy()
+    clip = np.float32(_f32_of(b[-1:])[0])
+    ups, downs = [np.float32(mult_hint)], [np.float32(mult_hint)]
+    for _ in range(8):
+        ups.append(np.nextafter(ups[-1], np.float32(np.inf)))
+        downs.append(np.nextafter(downs[-1], np.float32(0)))
+    for m in [ups[0], *(v for pair in zip(ups[1:], downs[1:], strict=True) for v in pair)]:
+        got = np.rint(np.minimum(np.maximum(pts, np.float32(0)), clip) * m)
+        if np.array_equal(got.astype(np.int64), want):
+            return ActCodesSpec(bits, hi=float(clip), mult=float(m), step=float(step))
+    return None

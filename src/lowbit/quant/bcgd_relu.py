@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fused
-from .base import ActivationQuantizer, CoarseGrad, Encoded
+from .base import ActCodesSpec, ActivationQuantizer, CoarseGrad, Encoded
 from .registry import register
 from .ste import coarse_derivative
 
@@ -246,6 +246,12 @@ class BCGDActivation(ActivationQuantizer):
             scale=a,
             bits=self.bits,
         )
+
+    def runtime_codes_spec(self) -> ActCodesSpec | None:
+        """None: the codes round up (``ceil(x / a)``, code 1 from the smallest positive ``x``), which
+        no round-to-nearest ``rint(clip(x, 0, hi) * mult)`` reproduces; the runtime calls
+        :meth:`encode` (exact, uniform levels ``code * a``)."""
+        return None
 
     def extra_repr(self) -> str:
         return (

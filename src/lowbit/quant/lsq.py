@@ -48,7 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from . import fused
-from .base import ActivationQuantizer, Encoded, WeightQuantizer, channel_reduce_dims, straight_through
+from .base import (
+    ActCodesSpec,
+    ActivationQuantizer,
+    Encoded,
+    WeightQuantizer,
+    channel_reduce_dims,
+    clip_multiply_spec,
+    straight_through,
+)
 from .registry import register
 
 _EPS = 1e-8
@@ -225,6 +233,16 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
 
     def encode(self, x: Tensor) -> Encoded:
         return _lsq_encode(x, self.step_for(x), self.q_n, self.q_p, self.bits)
+
+    def runtime_codes_spec(self) -> ActCodesSpec | None:
+        """Unsigned and initialised: ``round(clip(x / s, 0, Q_P))`` as ``rint(clip(x, 0, hi) *
+        mult)`` with the multiplier found and checked by ``clip_multiply_spec`` (values ``code *
+        s``). Signed grids and a step not yet learned (it would come from the batch): None."""
+        if self.signed or not bool(self.initialized) or self.s.dim() != 0 or self.s.dtype != torch.float32:
+            return None
+        s = float(positive_step(self.s.detach()))
+        return clip_multiply_spec(lambda x: self.encode(x.to(self.s.device)).codes.cpu(),
+                                  self.bits, self.q_p, s, 1.0 / s)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, s={float(self.s.detach()):.4g}" + (", signed=True" if self.signed else "")

@@ -48,11 +48,13 @@ from torch import Tensor
 
 from . import fused
 from .base import (
+    ActCodesSpec,
     ActivationQuantizer,
     CoarseGrad,
     Encoded,
     WeightQuantizer,
     channel_reduce_dims,
+    clip_multiply_spec,
     straight_through,
 )
 from .registry import register
@@ -225,6 +227,19 @@ class UniformActivation(ActivationQuantizer):
             scale=s,
             bits=self.bits,
         )
+
+    def runtime_codes_spec(self) -> ActCodesSpec | None:
+        """Unsigned with a fixed clip level (``clip``, or the running maximum once initialised):
+        ``clip(round(x / s), 0, L)`` as ``rint(clip(x, 0, hi) * mult)`` with the multiplier found
+        and checked by ``clip_multiply_spec`` (values ``code * s``). Signed grids, and a clip
+        level still taken from each batch: None (``encode``)."""
+        if self.signed or (self.clip is None and not bool(self.initialized)):
+            return None
+        s = self.scale(torch.zeros((), dtype=torch.float32))
+        if s.dtype != torch.float32:  # a float64 running maximum: x / s is not a float32 formula
+            return None
+        return clip_multiply_spec(lambda x: self.encode(x.to(self.running_max.device)).codes.cpu(),
+                                  self.bits, self.levels, float(s), 1.0 / float(s))
 
     def extra_repr(self) -> str:
         src = f"clip={self.clip}" if self.clip is not None else f"momentum={self.momentum}"

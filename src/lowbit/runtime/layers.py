@@ -42,6 +42,7 @@ from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from . import kernels as K
+from . import kernels_gemm as KG
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,24 @@ def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple
 
     ``kshape`` is (KH, KW, C) of the reduction (``(1, 1, K)`` for a Linear layer). Returns None
     when the weights are grouped, the levels do not fold or ``w_int`` does not fit int8."""
+    folded = fold_integers(wp)
+    if folded is None:
+        return None
+    w_int, unit = folded
+    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+        return None
+    KH, KW, C = kshape
+    O = w_int.shape[0]
+    w, passes = K.pack_int8_weights(w_int.reshape(O, KH, KW, C), dilation[1])
+    return Int8Weights(
+        w=w, passes=passes, geom=K.int8_geometry(KH, KW, C, dilation[0], dilation[1]), unit=unit,
+        wsum=w_int.sum(axis=1).astype(np.float64), width=16 * int(passes[:, 0].sum()),
+    )
+
+
+def fold_integers(wp: WeightPlanes) -> tuple[np.ndarray, float] | None:
+    """``(w_int, unit)`` with ``l0 + u*q = unit * w_int`` and ``w_int`` (O, K) int64 (``unit = u`` or
+    ``u/2``); None for grouped weights or levels that do not fold."""
     if wp.W.shape[0] != 1 or wp.u == 0:
         return None
     ratio = wp.l0 / wp.u
@@ -222,17 +241,37 @@ def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple
             break
     else:
         return None
-    q = plane_integers(wp).astype(np.int64)
-    w_int = round(ratio * f) + f * q
-    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+    return round(ratio * f) + f * plane_integers(wp).astype(np.int64), wp.u / f
+
+
+@dataclass
+class LutWeights:
+    """Weights for the table-lookup GEMM (``kernels_gemm``): ``w = sw[o] * unit * lv[code]``, the
+    codes packed 4 bits per group of ``4 // cb`` weights."""
+
+    wq: np.ndarray  # (Op/16, Gp/8, 64) uint8
+    lv: np.ndarray  # (2**cb,) int64 integer levels
+    cb: int
+    unit: float
+    wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.wq.nbytes)
+
+
+def lut_weights(wp: WeightPlanes, ka: int) -> LutWeights | None:
+    """The table-lookup form of binary / ternary / 2-bit weights for ``ka``-bit activation codes;
+    None where the weights take more than 4 values or the tables would not fit int8."""
+    folded = fold_integers(wp)
+    if folded is None:
         return None
-    KH, KW, C = kshape
-    O = w_int.shape[0]
-    w, passes = K.pack_int8_weights(w_int.reshape(O, KH, KW, C), dilation[1])
-    return Int8Weights(
-        w=w, passes=passes, geom=K.int8_geometry(KH, KW, C, dilation[0], dilation[1]), unit=wp.u / f,
-        wsum=w_int.sum(axis=1).astype(np.float64), width=16 * int(passes[:, 0].sum()),
-    )
+    w_int, unit = folded
+    levels = KG.lut_levels(w_int)
+    if levels is None or not KG.lut_fits(*levels, ka):
+        return None
+    lv, cb = levels
+    return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +315,9 @@ def _affine_levels(levels: Tensor, scale: Tensor) -> tuple[float, float]:
 
 def act_spec(q: ActivationQuantizer | None) -> ActSpec:
     """The quantizer's own :meth:`~lowbit.quant.base.ActivationQuantizer.runtime_codes_spec`
-    (fused into the kernels), else ``encode`` at every call; no quantizer: float activations."""
+    (fused into the kernels: PACT, DoReFa, and LSQ / uniform where a checked multiplier exists),
+    else ``encode`` at every call (signed grids, BCGD's ceil, batch-dependent steps); no
+    quantizer: float activations. Dispatch is through the hook only, never the quantizer's type."""
     if q is None:
         return ActSpec(None, -1)
     spec = q.runtime_codes_spec()
