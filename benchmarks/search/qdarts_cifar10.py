@@ -15,8 +15,17 @@ net at the end.
 
 Nets (same skeleton: float stem, ``--layers`` searchable layers of ``--channels`` channels, float
 classifier): the float all-conv3x3 network; the searched net (derived ops and bits); the searched
-ops in float; and the searched ops at uniform W4A4 and W2A2. The search's BOPs target is
+ops in float; the searched ops at uniform W4A4 and W2A2; and the searched ops with ReLeQ's
+per-convolution weight and activation bits at the searched net's BOPs. The search's BOPs target is
 ``1/--bops-ratio`` of the float network's searched-layer BOPs (the paper's 160x by default).
+
+ReLeQ arm (``--releq-episodes``, 0 skips it): the PPO agent of :mod:`lowbit.search.releq` picks
+``(b_w, b_a)`` from ``--releq-bits`` squared for each searched convolution of the derived
+operations, under a hard budget of the searched net's measured BOPs (infeasible actions masked).
+Its measurement: a ``--releq-proxy-epochs`` fine-tune (Adam 1e-3) on the search's weight split from
+the float weights of the "searched ops, float" run (seed ``--seed``), accuracy on the selection-
+validation images (never the test set); the exhaustive oracle over the same feasible set is
+measured too (cached alike, ``releq_cache.json``).
 Writes ``benchmarks/results/qdarts_cifar10.{json,md,png}``; runs live under ``--runs-dir`` and a
 rerun resumes (the search from its per-epoch checkpoint, each training from its run directory).
 """
@@ -36,7 +45,10 @@ from typing import Any
 import torch
 
 from lowbit.data import load_dataset
+from lowbit.models import build_model, layer_table
+from lowbit.nn.quantize import quantize
 from lowbit.search.qdarts import (
+    OPS,
     Choice,
     QDARTSConfig,
     SearchSpace,
@@ -45,8 +57,10 @@ from lowbit.search.qdarts import (
     derived_recipe,
     qdarts_search,
     searched_bops,
+    searched_layer_names,
 )
-from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate, load_checkpoint
+from lowbit.search.releq import FineTuneEvaluator, ReLeQ, exhaustive
+from lowbit.train import TrainConfig, Trainer, atomic_write_text, evaluate, load_checkpoint, load_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_meta, write_results
@@ -84,6 +98,88 @@ def final_probs(space: SearchSpace, ckpt: Path) -> list[dict[str, Any]]:
     return out
 
 
+def releq_net(space: SearchSpace, geno: list[Choice], bits: list[list[int]] | None) -> torch.nn.Module:
+    """The derived operations as a fresh zoo net; ``bits[i] = [b_w, b_a]`` of searched conv ``i``
+    (order of :func:`searched_layer_names`), stem and classifier float; ``None``: left float."""
+    net = build_model("qdarts_cellnet", ops=[c.op for c in geno], channels=space.channels,
+                      reductions=list(space.reductions), num_classes=space.num_classes,
+                      in_channels=space.in_channels)
+    if bits is not None:
+        rules = [{"match": n, "weight": {**space.weight, "bits": w},
+                  "activation": {**space.activation, "bits": b}}
+                 for n, (w, b) in zip(searched_layer_names(geno), bits, strict=True)]
+        quantize(net, {"name": "releq", "default": {"weight": None, "activation": None}, "rules": rules},
+                 strict=True)
+    return net
+
+
+def releq_search(space: SearchSpace, geno: list[Choice], s_train: Any, sel_val: Any, budget: float,
+                 a: argparse.Namespace, runs: Path) -> dict[str, Any]:
+    """ReLeQ's per-conv (b_w, b_a) for the derived ops at <= ``budget`` BOPs (resumable: JSON cache)."""
+    done = runs / "releq.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    names = searched_layer_names(geno)
+    fp_weights = runs / "searched_ops_float" / "best.safetensors"  # seed a.seed's plain run name
+
+    def make_model() -> torch.nn.Module:
+        torch.manual_seed(a.seed)
+        m = releq_net(space, geno, None)
+        load_weights(m, fp_weights)
+        return m
+
+    ref = make_model()
+    macs = {r.name: r.macs for r in layer_table(ref, (space.in_channels, space.input_size, space.input_size))}
+
+    def cost(bits: tuple[tuple[int, int], ...]) -> float:
+        return float(sum(macs[n] * w * b for n, (w, b) in zip(names, bits, strict=True)))
+
+    proxy = TrainConfig(epochs=a.releq_proxy_epochs, optimizer="adam", lr=1e-3, schedule="constant",
+                        seed=a.seed, tensorboard=False)
+    ev = FineTuneEvaluator(make_model, s_train, sel_val, proxy, weight=space.weight,
+                           activation=space.activation, names=names)
+    float_acc = float(evaluate(ref, sel_val)["acc"])
+    modules = dict(ref.named_modules())
+    ts = time.time()
+
+    def search() -> ReLeQ:
+        return ReLeQ(ev, [modules[n] for n in names], float_acc, actions=a.releq_bits,
+                     act_actions=a.releq_bits, cost=cost, budget=budget, seed=a.seed,
+                     cache_path=runs / "releq_cache.json")
+
+    agent = search()
+    res = agent.run(a.releq_episodes, progress=lambda i, h: print(
+        f"releq episode {i + 1}/{a.releq_episodes}: {h['bits']} acc {h['acc']:.4f} reward {h['reward']:+.3f}",
+        flush=True) if (i + 1) % 20 == 0 else None)
+    agent_evals = len(agent.cache)
+    oracle = exhaustive(search())
+    rank = [tuple(b) for b, _, _ in oracle].index(tuple(res.best_bits))
+    out = {"names": names, "macs": [macs[n] for n in names], "budget": budget, "float_val_acc": float_acc,
+           "bits": [list(b) for b in res.best_bits], "cost": cost(res.best_bits), "val_acc": res.best_acc,
+           "reward": res.best_reward, "episodes": a.releq_episodes, "agent_evaluations": agent_evals,
+           "feasible": len(oracle), "oracle_rank": rank, "actions": sorted(a.releq_bits),
+           "max_feasible_cost": max(cost(b) for b, _, _ in oracle),
+           "oracle_top5": [{"bits": [list(x) for x in b], "reward": r, "val_acc": acc, "cost": cost(b)}
+                           for b, r, acc in oracle[:5]],
+           "qdarts_val_acc": None, "proxy": proxy.model_dump(mode="json"),
+           "search_s": round(time.time() - ts, 1), "history": res.history}
+    qd = tuple((c.w_bits, c.a_bits) for c in geno for _ in range(len(OPS[c.op](1, 1, 1))))
+    measured = {tuple(b): acc for b, _, acc in oracle}
+    out["qdarts_val_acc"] = measured.get(qd)  # the QDARTS bits under the same measurement
+    atomic_write_text(done, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def layer_bits(geno: list[Choice], bits: list[list[int]]) -> list[str]:
+    """Per searched layer: its convolutions' ``W..A..`` joined by '+' ('-' for skip)."""
+    out, i = [], 0
+    for c in geno:
+        k = len(OPS[c.op](1, 1, 1))
+        out.append("+".join(f"W{w}A{b}" for w, b in bits[i:i + k]) or "-")
+        i += k
+    return out
+
+
 def _std(t: torch.Tensor) -> float:
     return float(t.std()) if len(t) > 1 else 0.0
 
@@ -106,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default="qdarts_cifar10", help="name of the results files")
     p.add_argument("--seed", type=int, default=0, help="data split and search seed")
     p.add_argument("--seeds", type=int, nargs="+", help="retraining seeds (default: --seed only)")
+    p.add_argument("--releq-episodes", type=int, default=200, help="ReLeQ arm's episodes (0: skip it)")
+    p.add_argument("--releq-bits", type=int, nargs="+", default=[2, 3, 4], help="ReLeQ's W and A bits")
+    p.add_argument("--releq-proxy-epochs", type=int, default=1, help="fine-tune epochs per ReLeQ measurement")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script end to end")
     p.add_argument("--runs-dir", default="runs/qdarts_cifar10")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     if a.smoke:
         a.subset, a.val, a.search_n, a.search_epochs, a.warmup_epochs, a.epochs = 1200, 200, 512, 2, 1, 1
+        a.releq_episodes = min(a.releq_episodes, 8)
         a.runs_dir, a.out = a.runs_dir + "_smoke", a.runs_dir + "_smoke"
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -175,6 +275,27 @@ def main(argv: list[str] | None = None) -> int:
               f"val {100 * rows[-1]['val_acc']:.2f}% test {100 * rows[-1]['test_acc']:.2f}% "
               f"± {100 * rows[-1]['test_std']:.2f} ({len(seeds)} seeds)", flush=True)
 
+    if a.releq_episodes > 0:  # after the other rows: the float weights of "searched ops, float" exist
+        releq = releq_search(space, geno, s_train, sel_val, float(rows[1]["bops_searched"]), a, runs)
+        search["releq"] = {k: v for k, v in releq.items() if k != "history"}
+        runs_of = []
+        for sd in seeds:
+            torch.manual_seed(sd)
+            model = releq_net(space, geno, releq["bits"])
+            runs_of.append(train_net("ReLeQ_equal_BOPs" if sd == a.seed else f"ReLeQ_equal_BOPs_s{sd}",
+                                     model, rest, sel_val, data.test, a, runs, sd))
+        bops = searched_bops(model, geno, (3, 32, 32))
+        tests = torch.tensor([r["test_acc"] for r in runs_of], dtype=torch.float64)
+        vals = torch.tensor([r["val_acc"] for r in runs_of], dtype=torch.float64)
+        rows.append({"name": "ReLeQ bits, equal BOPs", "ops": [c.op for c in geno], "seeds": seeds,
+                     "runs": runs_of, "test_acc": float(tests.mean()), "test_std": _std(tests),
+                     "val_acc": float(vals.mean()), "val_std": _std(vals),
+                     "bits": layer_bits(geno, releq["bits"]),
+                     "bops_searched": bops["searched"], "bops_total": bops["total"],
+                     "ratio_vs_float": float_bops["searched"] / max(1, bops["searched"])})
+        print(f"ReLeQ bits, equal BOPs   BOPs {bops['searched']:.4g} (QDARTS {rows[1]['bops_searched']:.4g}) "
+              f"test {100 * rows[-1]['test_acc']:.2f}% ± {100 * rows[-1]['test_std']:.2f}", flush=True)
+
     fp = rows[0]
     q = rows[1]
     delta = 100 * (q["test_acc"] - fp["test_acc"])
@@ -186,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     val=a.val, search_n=a.search_n, space=space.to_dict(), target_bops=target,
                     float_bops=float_bops)
     payload = {"meta": meta, "paper": PAPER, "search": search, "rows": rows, "verdict": verdict,
-               "acc_delta_pt": delta}
+               "acc_delta_pt": delta, "vs_releq": vs_releq(rows)}
     plot(rows, Path(a.out) / f"{a.stem}.png")
     write_results(a.out, a.stem, payload, markdown(meta, search, rows, verdict, target, a))
     print(verdict)
@@ -201,6 +322,62 @@ def interp(rows: list[dict[str, Any]]) -> float:
         math.log(hi["bops_searched"]) - math.log(lo["bops_searched"]))
     t = min(1.0, max(0.0, t))
     return lo["test_acc"] + t * (hi["test_acc"] - lo["test_acc"])
+
+
+def vs_releq(rows: list[dict[str, Any]]) -> str | None:
+    """QDARTS (row 1) vs ReLeQ's bits (row 5): the difference of mean test accuracy against twice
+    its standard error over the retraining seeds."""
+    if len(rows) < 6:
+        return None
+    q, r = rows[1], rows[5]
+    diff = 100 * (q["test_acc"] - r["test_acc"])
+    n = len(q["runs"])
+    se = 100 * math.sqrt((q["test_std"] ** 2 + r["test_std"] ** 2) / max(1, n))
+    if n < 2:
+        word = "single run (no noise estimate)"
+    elif abs(diff) <= 2 * se:
+        word = "no significant difference"
+    else:
+        word = "QDARTS better" if diff > 0 else "ReLeQ better"
+    return (f"{word}: QDARTS {100 * q['test_acc']:.2f} ± {100 * q['test_std']:.2f}% vs ReLeQ "
+            f"{100 * r['test_acc']:.2f} ± {100 * r['test_std']:.2f}% ({diff:+.2f} pt, "
+            f"2 SE = {2 * se:.2f} pt) "
+            f"at {q['bops_searched']:,} vs {r['bops_searched']:,} BOPs")
+
+
+def releq_md(rl: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+    if rl is None or len(rows) < 6:
+        return ["ReLeQ's assignment at equal BOPs was not run (--releq-episodes 0).", ""]
+    r, q = rows[5], rows[1]
+    top = "; ".join(f"{' '.join(f'W{w}A{b}' for w, b in t['bits'])} ({100 * t['val_acc']:.2f}%)"
+                    for t in rl["oracle_top5"])
+    qd = "" if rl["qdarts_val_acc"] is None else (
+        f" The QDARTS bits under the same measurement: {100 * rl['qdarts_val_acc']:.2f}%.")
+    pct = 100 * r["bops_searched"] / q["bops_searched"]
+    same = "yes" if r["bops_searched"] == q["bops_searched"] else (
+        f"no, {pct:.1f}% of it (the most any feasible assignment reaches)"
+        if r["bops_searched"] == rl["max_feasible_cost"] else
+        f"no, {pct:.1f}% of it (feasible assignments reach up to "
+        f"{100 * rl['max_feasible_cost'] / q['bops_searched']:.1f}%: the agent chose a cheaper one)")
+    return [
+        "ReLeQ at equal BOPs: the PPO agent (`lowbit.search.releq`, the paper's PPO settings) picks each "
+        f"searched convolution's (weight, activation) bits from {{{', '.join(map(str, rl['actions']))}}}"
+        "² for the derived operations, under a hard budget of the QDARTS net's measured BOPs "
+        f"({rl['budget']:,.0f}; infeasible actions masked, layers not chosen yet at W2A2, reward = "
+        "accuracy term only). Measurement: a "
+        f"{rl['proxy']['epochs']}-epoch fine-tune (Adam {rl['proxy']['lr']:g}) on the search's weight split "
+        "from the float weights of 'searched ops, float' (seed 0), accuracy on the 2000 selection images "
+        f"(float {100 * rl['float_val_acc']:.2f}%). {rl['episodes']} episodes asked for "
+        f"{rl['agent_evaluations']} distinct assignments of the {rl['feasible']} feasible ones; the oracle "
+        f"over all {rl['feasible']} ranks the agent's pick {rl['oracle_rank'] + 1}; oracle top five "
+        f"(val acc): {top}.{qd} The search took {rl['search_s']:.0f} s.",
+        "",
+        f"Equal BOPs achieved: {same} — ReLeQ net {r['bops_searched']:,} BOPs, QDARTS net "
+        f"{q['bops_searched']:,} BOPs (both measured by `model_report` on the built nets).",
+        "",
+        f"**QDARTS vs ReLeQ at equal BOPs: {vs_releq(rows)}.**",
+        "",
+    ]
 
 
 def cfg_bits(search: dict[str, Any], key: str) -> list[int]:
@@ -304,9 +481,9 @@ def markdown(meta: dict[str, Any], search: dict[str, Any], rows: list[dict[str, 
         "Activations `pact` (learned clip, 2^b levels).",
         "",
         f"**Verdict: {verdict}.** Scale differs from the paper (PC-DARTS cells, 600-epoch retraining on the "
-        "full set, GPU): this is a CPU-budget check of the mechanism, not of the paper's absolute numbers. "
-        "ReLeQ's assignment at equal BOPs was not run (outside the 40-minute one-core budget).",
+        "full set, GPU): this is a CPU-budget check of the mechanism, not of the paper's absolute numbers.",
         "",
+        *releq_md(search.get("releq"), rows),
         "Probabilities after the search, per layer: softmax(alpha) over the candidates, and for the "
         f"chosen operation P(weight bits {'/'.join(map(str, cfg_bits(search, 'w_bits')))}) and "
         f"P(activation bits {'/'.join(map(str, cfg_bits(search, 'a_bits')))}):",
