@@ -48,6 +48,8 @@ from numba.extending import intrinsic
 from ._jit import HAS_VNNI, _vpdpbusd, kernel
 from .kernels_threads import num_threads, parallel_for
 
+# a Linear layer uses the table-lookup GEMM from this many rows on (fewer: the GEMV kernels)
+LUT_MIN_ROWS = 8
 # rows x 16-output blocks of a register tile (R*OB accumulators of 32 zmm registers)
 LUT_R, LUT_OB = 4, 4
 # rows whose tables are kept hot (L2) while the weights of all outputs stream past

@@ -449,6 +449,7 @@ class _PackedBase(nn.Module):
         self.beta = self.beta * a + b
         self._static = None
         self._static8 = None
+        self._static_lut = None
         self.fused.append("bn")
 
     def fuse_relu(self) -> None:
@@ -537,16 +538,49 @@ class PackedLinear(_PackedBase):
         self.in_features = wp.K
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8:
             self.i8 = int8_weights(wp, (1, 1, wp.K))
+        # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes
+        self.lut = lut_weights(wp, act.bits) if act.mode != -1 and act.bits <= 8 else None
+        self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
+
+    def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
+        """(s0, s1) of the table-lookup GEMM, ``y = s1*D + s0`` with ``D = sum_r w_int*a``."""
+        lut = self.lut
+        assert lut is not None
+        alpha = self.wp.sw * sx * self.bn_scale * lut.unit
+        return self.beta - alpha * ma * lut.wsum, alpha
+
+    def _lut_forward(self, arr: np.ndarray, mode: int, hi: float, mult: float, sx: float, ma: float,
+                     out: np.ndarray) -> None:
+        """Many rows on the table-lookup GEMM (codes of ``arr``: fused formula or given)."""
+        lut = self.lut
+        assert lut is not None
+        if mode == 0 and self._static_lut is None:
+            self._static_lut = self.coeffs_lut(sx, ma)
+        s0, s1 = self._static_lut if mode == 0 else self.coeffs_lut(sx, ma)
+        tab = KG.lut_tables(arr, lut.lv, lut.cb, hi, mult, mode)
+        KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out)
+
+    @property
+    def runtime_bytes(self) -> int:
+        """Every weight copy the layer holds for its kernels (bit planes, int8, table-lookup codes)
+        plus float32 scale and bias."""
+        n = self.weight_bytes
+        if self.i8 is not None:
+            n += self.i8.nbytes
+        if self.lut is not None:
+            n += self.lut.nbytes
+        return n
 
     def _rows(self, M: int) -> bool:
         """Bit-serial rows GEMV rather than the int8 kernel for M rows."""
         return M == 1 or M * self.wp.num_planes * self.act.bits <= ROWS_INT8_BUDGET
 
     def kernel_name(self) -> str:
+        lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.i8 is None:
-            return "bit-serial"
+            return "bit-serial" + lut
         n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
-        return f"bit-serial (<= {n} rows) / int8"
+        return f"bit-serial (<= {n} rows) / int8" + lut
 
     def forward(self, x: Tensor | Codes) -> Tensor:
         if isinstance(x, Codes):
@@ -563,6 +597,9 @@ class PackedLinear(_PackedBase):
             K.select_sum(xf, W, wp.shift, wp.neg, s0, s1, s2, self.relu, out)
         else:
             arr, mode, hi, mult, sx, ma = self._codes_input(x2)
+            if self.lut is not None and M >= KG.LUT_MIN_ROWS:
+                self._lut_forward(arr, mode, hi, mult, sx, ma, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
             i8 = self.i8
             if i8 is not None and not self._rows(M):
                 # a 1x1 convolution over M "pixels" of K channels
@@ -591,7 +628,10 @@ class PackedLinear(_PackedBase):
         O = self.out_features
         out = np.empty((M, O), np.float32)
         i8 = self.i8
-        if i8 is not None and not self._rows(M):
+        if self.lut is not None and M >= KG.LUT_MIN_ROWS:
+            codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
+            self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
+        elif i8 is not None and not self._rows(M):
             t0, t1 = self._coeffs8_static()
             geo = np.array([1, 1, kin, 1, 1, 1, 1, M, O], np.int64)
             K.int8_conv(x.buf, geo, i8.qoff(1, kin), i8.w, i8.passes, t0, t1, self.relu, out)
