@@ -22,6 +22,8 @@ from lowbit.models import (
 CASES = {
     "mlp": ({}, (1, 28, 28), 10),
     "lenet5": ({}, (1, 28, 28), 10),
+    "lenet5_avg": ({}, (1, 28, 28), 10),
+    "hsi_cnn3d": ({}, (30, 11, 11), 16),
     "releq_lenet": ({}, (1, 28, 28), 10),
     "releq_simplenet": ({}, (3, 32, 32), 10),
     "svhn_cnn": ({}, (3, 32, 32), 10),

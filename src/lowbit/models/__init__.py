@@ -8,7 +8,8 @@ same = build_model(**model.lowbit_spec)  # what load_packed does for zoo models
 table = layer_table(model, (3, 32, 32))  # per conv/linear: shapes, params, MACs
 """
 
-from .lenet import LeNet5, ReLeQLeNet, ReLeQSimpleNet
+from .hsi import HSICNN3d
+from .lenet import LeNet5, LeNet5Avg, ReLeQLeNet, ReLeQSimpleNet
 from .mlp import MLP
 from .mobilenet import DepthwiseSeparable, MobileNetTiny
 from .registry import MODELS, ModelEntry, build_from_spec, build_model, list_models, register_model
@@ -35,8 +36,10 @@ __all__ = [
     "BasicBlock",
     "DepthwiseSeparable",
     "DoReFaSVHN",
+    "HSICNN3d",
     "LayerInfo",
     "LeNet5",
+    "LeNet5Avg",
     "MobileNetTiny",
     "ModelEntry",
     "PadShortcut",

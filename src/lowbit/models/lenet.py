@@ -1,9 +1,12 @@
-"""LeNet-style networks: LeNet-5 (with optional BN) and the two small nets of ReLeQ.
+"""LeNet-style networks: LeNet-5 (with optional BN), its average-pooling twin, and the two small
+nets of ReLeQ.
 
 - LeNet-5: LeCun et al., "Gradient-based learning applied to document recognition",
   Proc. IEEE 1998, with the common modern changes (ReLU, max pooling, padding 2 on conv1
   so 28x28 MNIST works) and BatchNorm after every hidden layer, which lets binary and
   ternary weights (whose scale is fixed by the quantizer) train well.
+- ``lenet5_avg``: the same LeNet-5 with *average* pooling, the spiking-friendly variant
+  (:mod:`lowbit.snn` converts average pools exactly in rate; max pools of spikes are not).
 - ``releq_lenet`` / ``releq_simplenet``: the MNIST "Caffe LeNet" and the CIFAR-10
   "SimpleNet" used by ReLeQ (Elthakeb et al., arXiv 1811.01704; he-actlab/releq
   ``models/mnist/lenet_mnist.py``, ``models/cifar10/simplenet_cifar.py``).
@@ -27,9 +30,10 @@ def _conv_pool_stack(
     padding: Sequence[int],
     bn: bool,
     input_size: tuple[int, int],
+    pool: type[nn.Module] = nn.MaxPool2d,
 ) -> tuple[OrderedDict[str, nn.Module], int, tuple[int, int]]:
-    """``[conv_i -> (bn_i) -> relu_i -> pool_i]`` for each channel count; returns the
-    layers, the last channel count and the output spatial size."""
+    """``[conv_i -> (bn_i) -> relu_i -> pool_i]`` for each channel count (``pool``: a 2x2
+    max or average pool); returns the layers, the last channel count and the output size."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     h, w = input_size
     sizes = []
@@ -39,7 +43,7 @@ def _conv_pool_stack(
         if bn:
             layers[f"bn{i}"] = nn.BatchNorm2d(c)
         layers[f"relu{i}"] = nn.ReLU()
-        layers[f"pool{i}"] = nn.MaxPool2d(2)
+        layers[f"pool{i}"] = pool(2)
         h = pool_out(h + 2 * p - kernel + 1)
         w = pool_out(w + 2 * p - kernel + 1)
         sizes.append((h, w))
@@ -95,6 +99,32 @@ class LeNet5(Chain):
         c1, c2 = scaled(6, width_mult), scaled(16, width_mult)
         f1, f2 = scaled(120, width_mult), scaled(84, width_mult)
         layers, c, (h, w) = _conv_pool_stack("lenet5", in_channels, (c1, c2), 5, (2, 0), bn, size)
+        _fc_stack(layers, c * h * w, (f1, f2), num_classes, bn, relu_start=3)
+        super().__init__(layers)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.width_mult = width_mult
+        init_weights(self)
+
+
+class LeNet5Avg(Chain):
+    """:class:`LeNet5` with 2x2 *average* pooling (same layers, names and arguments): the CNN whose
+    spiking twin (:func:`lowbit.snn.convert`) is exact in rate at the pools."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width_mult: float = 1.0,
+        bn: bool = True,
+        input_size: int | Sequence[int] = 28,
+    ) -> None:
+        check_common(num_classes, in_channels, width_mult)
+        size = pair(input_size)
+        c1, c2 = scaled(6, width_mult), scaled(16, width_mult)
+        f1, f2 = scaled(120, width_mult), scaled(84, width_mult)
+        layers, c, (h, w) = _conv_pool_stack("lenet5_avg", in_channels, (c1, c2), 5, (2, 0), bn, size,
+                                             pool=nn.AvgPool2d)
         _fc_stack(layers, c * h * w, (f1, f2), num_classes, bn, relu_start=3)
         super().__init__(layers)
         self.num_classes = num_classes

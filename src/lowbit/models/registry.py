@@ -16,7 +16,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from .lenet import LeNet5, ReLeQLeNet, ReLeQSimpleNet
+from .hsi import HSICNN3d
+from .lenet import LeNet5, LeNet5Avg, ReLeQLeNet, ReLeQSimpleNet
 from .mlp import MLP
 from .mobilenet import MobileNetTiny
 from .resnet import resnet18, resnet20, resnet32, resnet44, resnet56
@@ -37,6 +38,10 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(MLP, "MLP 784-512-512-10 (hidden sizes, optional BN), flattens its input"),
     "lenet5": ModelEntry(LeNet5, "LeNet-5 with BN, MNIST 28x28 (input_size=32 for 32x32)"),
+    "lenet5_avg": ModelEntry(LeNet5Avg, "LeNet-5 with BN and average pooling (converts exactly to an SNN)"),
+    "hsi_cnn3d": ModelEntry(
+        HSICNN3d, "HybridSN-style 3-D/2-D CNN for hyperspectral (bands, patch, patch) cubes (lowbit.snn)"
+    ),
     "releq_lenet": ModelEntry(ReLeQLeNet, "ReLeQ's Caffe LeNet: conv20-5, conv50-5, fc500, fc10"),
     "releq_simplenet": ModelEntry(
         ReLeQSimpleNet, "ReLeQ's CIFAR SimpleNet: conv6-5, conv16-5, fc120, fc84, fc10"
