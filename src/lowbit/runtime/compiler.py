@@ -44,6 +44,7 @@ from ..export.packed import encode_weight, refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
+from .executor import FlatExecutor
 from .layers import (
     CodeMaxPool2d,
     CodeTarget,
@@ -124,10 +125,17 @@ class PackedModel(nn.Module):
         self.max_rel_diff: float = float("nan")
         self.max_rel_diff_fp64: float = float("nan")  # to the float64 model, when it was run
         self.batch_chunk = 0
+        # the whole graph as one numba call (executor.py), set by compile() when it flattens
+        self.executor: FlatExecutor | None = None
         self.eval()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
+        ex = self.executor
+        if ex is not None and len(args) == 1 and not kwargs and type(args[0]) is Tensor:
+            y = ex(args[0])
+            if y is not None:
+                return y
         with torch.inference_mode():
             x = args[0] if len(args) == 1 else None
             if self.batch_chunk and not kwargs and isinstance(x, Tensor) and x.dim() > 0:
@@ -307,6 +315,7 @@ def compile(
             pm.act.mode = 1
         packed[name] = pm
     gm = fx.GraphModule(src, graph) if traced else src
+    executor = None
     if traced:
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in packed:
@@ -318,6 +327,7 @@ def compile(
         gm.recompile()
         gm.delete_all_unused_submodules()
         _bind_forwards(gm)
+        executor = FlatExecutor(gm) if fuse else None
     else:
         for name, pm in packed.items():
             _set_submodule(gm, name, pm)
@@ -326,6 +336,7 @@ def compile(
     order = {n: i for i, n in enumerate(qlayers)}
     reports.sort(key=lambda r: order.get(r.name, 0))
     out = PackedModel(gm, reports, traced)
+    out.executor = executor
     if not has_example:
         out.batch_chunk = int(batch_chunk or 0)
         return out

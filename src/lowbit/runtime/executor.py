@@ -1,0 +1,527 @@
+"""Flat execution of a compiled conv net: the whole packed graph in one numba call.
+
+``compile()`` leaves a graph of packed modules (int8 convolutions linked by activation codes,
+pools on codes, global average pooling, Linear layers). At batch 1 a ResNet-20 does ~0.3 ms of
+arithmetic but the module graph spent about twice that again in Python: one module call, a
+few NumPy allocations, torch <-> NumPy conversions and a numba dispatch (type checks of ~16
+arguments) per layer. :class:`FlatExecutor` turns the graph into a *program*, an int64 table
+with one row per operation, plus four flat arrays (quad offsets, int8 weights, float64
+epilogue coefficients, and the two arenas that hold every intermediate tensor), and runs it
+with one call of a numba interpreter (``_run``), which calls the same kernels the modules call.
+
+Memory plan: every intermediate tensor has its own region of the float32 or uint8 arena (no
+reuse, so the zero borders of the padded code images, written once, stay zero), sized for a
+chunk of ``chunk`` images; the interpreter runs the whole program on one chunk of images, then
+the next, so a chunk's activations stay in cache (``CHUNK_BYTES``). Programs and arenas are made
+once per input shape (and per calling thread, so that concurrent callers do not share arenas).
+
+Threads: with more than one numba thread and at least ``MIN_SPLIT`` images per thread, the
+batch is split into one contiguous part per thread, each running the program on its own arena
+(the interpreter releases the GIL); a smaller batch runs on the calling thread.
+
+Operations (``prog[i, 0]``): quantize a float tensor into a padded code image (the model input
+or an intermediate), int8 convolution (Linear layers as 1x1 convolutions over rows) with its
+epilogue, strided subsampling and channel zero-padding of float tensors (the option-A shortcut
+of CIFAR ResNets), max pooling on codes, global average pooling. A graph with anything else
+(a layer left in PyTorch, a bit-serial layer, a quantizer without a fused formula) is not
+flattened and runs module by module (:func:`plan` raises :class:`UnsupportedGraphError`).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels_threads as _threads
+from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, kernel
+from .kernels_int8 import INT8_SLACK, _int8_conv_range, _int8_quantize_range
+from .kernels_pool import _code_maxpool_range, _global_avgpool_range
+from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear
+
+OP_QUANT, OP_CONV, OP_SUBSAMPLE, OP_CPAD, OP_MAXPOOL, OP_GAP = range(6)
+NF = 40  # fields of a program row
+CHUNK_BYTES = 1 << 20  # arena bytes of one chunk (L2-sized)
+MAX_CHUNK = 64
+MIN_SPLIT = 2  # images per thread before a batch is split over threads
+_ALIGN = 64
+
+
+class UnsupportedGraphError(ValueError):
+    """The graph has an operation the flat executor does not run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _subsample(src, H, W, C, sh, sw, dst, nv):
+    """dst (nv, OH, OW, C) = src (nv, H, W, C)[:, ::sh, ::sw] (NHWC floats, flat)."""
+    OH = (H - 1) // sh + 1
+    OW = (W - 1) // sw + 1
+    for n in range(nv):
+        for oh in range(OH):
+            for ow in range(OW):
+                s = ((n * H + oh * sh) * W + ow * sw) * C
+                d = ((n * OH + oh) * OW + ow) * C
+                dst[d : d + C] = src[s : s + C]
+
+
+@kernel
+def _channel_pad(src, HW, C, cl, cr, dst, nv):
+    """dst (nv, HW, cl + C + cr) = src (nv, HW, C) with cl zero channels in front, cr behind."""
+    Co = cl + C + cr
+    for p in range(nv * HW):
+        d = dst[p * Co : (p + 1) * Co]
+        d[:cl] = 0.0
+        d[cl : cl + C] = src[p * C : (p + 1) * C]
+        d[cl + C :] = 0.0
+
+
+@kernel
+def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
+    """Run ``prog`` on images ``0..n_img`` of ``x`` (N, C, H, W) float32, ``chunk`` at a time;
+    the result (region ``oinfo``) goes to ``out`` (flat, NCHW order per image)."""
+    for c0 in range(0, n_img, chunk):
+        nv = min(chunk, n_img - c0)
+        for i in range(prog.shape[0]):
+            p = prog[i]
+            op = p[0]
+            if op == OP_QUANT:
+                H = p[3]
+                W = p[4]
+                C = p[5]
+                ph = p[6]
+                pw = p[7]
+                hi = np.float32(sc[p[9]])
+                mult = np.float32(sc[p[9] + 1])
+                dst = ca[p[8] :]
+                if p[1] == 0:  # the model input, NCHW
+                    xs = x[c0 : c0 + nv].transpose(0, 2, 3, 1)
+                    _int8_quantize_range(xs, 0, hi, mult, 0, ph, pw, H + 2 * ph, W + 2 * pw, True, dst, 0, nv)
+                else:
+                    xs = fa[p[2] : p[2] + chunk * H * W * C].reshape((chunk, H, W, C))
+                    cm = C <= 4
+                    _int8_quantize_range(xs, 0, hi, mult, 0, ph, pw, H + 2 * ph, W + 2 * pw, cm, dst, 0, nv)
+            elif op == OP_CONV:
+                geo = p[2:11]
+                qoff = aux[p[11] : p[11] + p[12]]
+                passes = aux[p[13] : p[13] + 3 * p[14]].reshape((p[14], 3))
+                w = w8[p[15] : p[15] + p[16]]
+                s0 = sc[p[17] : p[17] + p[19]]
+                s1 = sc[p[18] : p[18] + p[19]]
+                flags = p[20]
+                o = fa[p[21] :] if flags & EPI_FLOAT else fa[:0]
+                r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
+                cd = ca[p[23] :] if flags & EPI_CODES else ca[:0]
+                cgeo = p[24:28]
+                M = nv * geo[3] * geo[4]
+                _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, flags, o, r, cd, cgeo,
+                                 sc[p[28]], sc[p[28] + 1], 0, M)
+            elif op == OP_SUBSAMPLE:
+                _subsample(fa[p[1] :], p[2], p[3], p[4], p[5], p[6], fa[p[7] :], nv)
+            elif op == OP_CPAD:
+                _channel_pad(fa[p[1] :], p[2], p[3], p[4], p[5], fa[p[6] :], nv)
+            elif op == OP_MAXPOOL:
+                _code_maxpool_range(ca[p[1] :], p[2:18], ca[p[18] :], 0, nv)
+            elif op == OP_GAP:
+                H = p[2]
+                W = p[3]
+                C = p[4]
+                xs = fa[p[1] : p[1] + chunk * H * W * C].reshape((chunk, H, W, C))
+                _global_avgpool_range(xs, fa[p[5] : p[5] + chunk * C].reshape((chunk, C)), 0, nv)
+        # the result: NHWC (or rows) -> NCHW per image
+        off = oinfo[0]
+        HW = oinfo[1] * oinfo[2]
+        C = oinfo[3]
+        for n in range(nv):
+            src = fa[off + n * HW * C : off + (n + 1) * HW * C]
+            dst = out[(c0 + n) * HW * C : (c0 + n + 1) * HW * C]
+            for q in range(HW):
+                for c in range(C):
+                    dst[c * HW + q] = src[q * C + c]
+
+
+# ----------------------------------------------------------------------------------------------
+# the planner: fx graph -> program
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Val:
+    """A tensor of the program: ``kind`` 'x' (the model input, NCHW), 'f' (float32 NHWC in the
+    float arena), 'c' (padded uint8 code image in the code arena), 't' (a (float, codes) pair).
+    Per image ``H x W x C``; ``ndim`` is the rank the module graph would see (2: rows)."""
+
+    kind: str
+    H: int = 1
+    W: int = 1
+    C: int = 1
+    off: int = 0
+    pad: tuple[int, int] = (0, 0)
+    ndim: int = 4
+    parts: tuple = ()
+
+
+@dataclass
+class Program:
+    prog: np.ndarray
+    aux: np.ndarray
+    w8: np.ndarray
+    sc: np.ndarray
+    oinfo: np.ndarray
+    out_shape: tuple[int, ...]  # per image
+    fa_size: int
+    ca_size: int
+    chunk: int
+
+    def arenas(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(self.fa_size, np.float32), np.zeros(self.ca_size, np.uint8)
+
+
+@dataclass
+class _Builder:
+    N: int
+    rows: list = field(default_factory=list)
+    aux: list = field(default_factory=list)
+    w8: list = field(default_factory=list)
+    sc: list = field(default_factory=list)
+    n_aux: int = 0
+    n_w8: int = 0
+    n_sc: int = 0
+    fa: int = 0
+    ca: int = 0
+    _weights: dict = field(default_factory=dict)
+
+    def falloc(self, H: int, W: int, C: int) -> int:
+        off = self.fa
+        self.fa += -(-self.N * H * W * C // 16) * 16
+        return off
+
+    def calloc(self, Hp: int, Wp: int, C: int) -> int:
+        off = self.ca
+        self.ca += -(-self.N * Hp * Wp * C // _ALIGN) * _ALIGN
+        return off
+
+    def put(self, lst: str, arr: np.ndarray) -> int:
+        n = f"n_{lst}"
+        off = getattr(self, n)
+        getattr(self, lst).append(arr)
+        setattr(self, n, off + arr.size)
+        return off
+
+    def floats(self, *v: float) -> int:
+        return self.put("sc", np.array(v, np.float64))
+
+    def op(self, *fields: int) -> None:
+        row = np.zeros(NF, np.int64)
+        row[: len(fields)] = fields
+        self.rows.append(row)
+
+
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The runtime module a ``__call__`` of a bound forward calls (see ``_bind_forwards``)."""
+    if node.op == "call_method" and node.target == "__call__" and node.args:
+        fn = node.args[0]
+        if isinstance(fn, fx.Node) and fn.op == "get_attr":
+            return getattr(getattr(gm, str(fn.target)), "__self__", None)
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    return None
+
+
+def _quantize(b: _Builder, v: _Val, pm: PackedConv2d | PackedLinear, pad: tuple[int, int]) -> _Val:
+    """Codes of the float value ``v`` with the fused quantizer of ``pm`` (mode 0 only)."""
+    a = pm.act
+    if a.mode != 0 or a.ma != 0:
+        raise UnsupportedGraphError(f"{pm.layer_name}: input quantizer without a fused formula")
+    if v.kind not in ("x", "f"):
+        raise UnsupportedGraphError(f"{pm.layer_name}: input of kind {v.kind}")
+    ph, pw = pad
+    off = b.calloc(v.H + 2 * ph, v.W + 2 * pw, v.C)
+    b.op(OP_QUANT, 0 if v.kind == "x" else 1, v.off, v.H, v.W, v.C, ph, pw, off, b.floats(a.hi, a.mult))
+    return _Val("c", v.H, v.W, v.C, off, pad)
+
+
+def _weights(b: _Builder, pm) -> tuple[int, int, int, int, int, int]:
+    """(w offset, w length, passes offset, passes count, s0 offset, s1 offset) of an int8 layer."""
+    got = b._weights.get(id(pm))
+    if got is None:
+        i8 = pm.i8
+        s0, s1 = pm._static8 or pm._coeffs8_static()
+        got = (b.put("w8", i8.w), i8.w.size, b.put("aux", i8.passes.reshape(-1)), i8.passes.shape[0],
+               b.put("sc", s0), b.put("sc", s1), s0.size)
+        b._weights[id(pm)] = got
+    return got
+
+
+def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
+    if linear:
+        if x.H * x.W != 1 or pm.in_features != x.C:
+            raise UnsupportedGraphError(f"{pm.layer_name}: a Linear layer on a {x.H}x{x.W}x{x.C} tensor")
+        stride, pad, OH, OW = (1, 1), (0, 0), 1, 1
+    else:
+        if pm.in_channels != x.C:
+            raise UnsupportedGraphError(f"{pm.layer_name}: {x.C} input channels")
+        stride, pad = pm.stride, pm.padding
+        OH, OW = pm.out_hw(x.H, x.W)
+    if x.kind != "c":
+        x = _quantize(b, x, pm, pad)
+    elif x.pad != pad:
+        raise UnsupportedGraphError(f"{pm.layer_name}: codes padded by {x.pad}, expected {pad}")
+    O = pm.out_features
+    i8 = pm.i8
+    Hp, Wp = x.H + 2 * pad[0], x.W + 2 * pad[1]
+    qoff = i8.qoff(Wp, x.C)
+    wo, wl, po, pn, s0o, s1o, sn = _weights(b, pm)
+    ct = None if linear else pm.code_target
+    emit_float = linear or pm.emit_float or ct is None
+    flags = (EPI_RELU if pm.relu else 0) | (EPI_FLOAT if emit_float else 0)
+    fo = b.falloc(OH, OW, O) if emit_float else 0
+    ro = 0
+    if res is not None:
+        if res.kind != "f" or (res.H, res.W, res.C) != (OH, OW, O):
+            raise UnsupportedGraphError(f"{pm.layer_name}: residual operand of another shape")
+        flags |= EPI_RESIDUAL
+        ro = res.off
+    co, cgeo, qs = 0, [0, 0, 0, 0], b.floats(0.0, 0.0)
+    cval = None
+    if ct is not None:
+        flags |= EPI_CODES
+        cgeo = [int(v) for v in ct.geometry(OH, OW)]
+        co = b.calloc(cgeo[0], cgeo[1], O)
+        qs = b.floats(ct.hi, ct.mult)
+        cval = _Val("c", OH, OW, O, co, tuple(ct.pad))
+    geo = [Hp, Wp, x.C, OH, OW, stride[0], stride[1], b.N, O]
+    b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
+         *cgeo, qs)
+    fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
+    if cval is None:
+        return fval
+    return cval if fval is None else _Val("t", parts=(fval, cval))
+
+
+def _slice_steps(idx) -> tuple[int, int] | None:
+    """(sh, sw) of ``x[:, :, ::sh, ::sw]``; None for any other index."""
+    if not isinstance(idx, tuple) or len(idx) != 4 or not all(isinstance(s, slice) for s in idx):
+        return None
+    for d, s in enumerate(idx):
+        if s.start not in (None, 0) or s.stop is not None or (d < 2 and s.step not in (None, 1)):
+            return None
+    return (idx[2].step or 1, idx[3].step or 1)
+
+
+def _channel_pads(args, kwargs) -> tuple[int, int] | None:
+    """(front, back) of ``F.pad(x, (0, 0, 0, 0, front, back))`` with zeros; None otherwise."""
+    pads = args[1] if len(args) > 1 else kwargs.get("pad")
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pads, (tuple, list)):
+        return None
+    pads = list(pads)
+    if len(pads) != 6 or any(pads[:4]) or min(pads) < 0:
+        return None
+    return int(pads[4]), int(pads[5])
+
+
+def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
+    """The program of ``gm`` for inputs of per-image ``shape`` (C, H, W) or (K,), ``N`` images a
+    chunk. Raises :class:`UnsupportedGraphError` for a graph the interpreter cannot run."""
+    b = _Builder(N)
+    vals: dict[fx.Node, _Val | None] = {}
+    result: _Val | None = None
+    if len(shape) == 3:
+        xin = _Val("x", shape[1], shape[2], shape[0])
+    elif len(shape) == 1:
+        xin = _Val("x", 1, 1, shape[0], ndim=2)
+    else:
+        raise UnsupportedGraphError(f"input of rank {len(shape) + 1}")
+    n_in = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            n_in += 1
+            if n_in > 1:
+                raise UnsupportedGraphError("more than one input")
+            vals[node] = xin
+            continue
+        if node.op == "get_attr":
+            vals[node] = None
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node) or vals.get(out) is None or vals[out].kind != "f":
+                raise UnsupportedGraphError("the output is not one float tensor")
+            result = vals[out]
+            continue
+        args = [vals.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+        mod = _module_of(gm, node)
+        if mod is not None:
+            cargs = args[1:] if node.op == "call_method" else args
+            if node.kwargs:
+                raise UnsupportedGraphError(f"{node.name}: keyword arguments")
+            if type(mod) is PackedConv2d and mod.i8 is not None:
+                vals[node] = _conv(b, mod, cargs[0], cargs[1] if len(cargs) > 1 else None, linear=False)
+            elif type(mod) is PackedLinear and mod.i8 is not None and len(cargs) == 1:
+                vals[node] = _conv(b, mod, cargs[0], None, linear=True)
+            elif type(mod) is CodeMaxPool2d:
+                vals[node] = _maxpool(b, mod, cargs[0])
+            elif type(mod) is GlobalAvgPool2d:
+                x = cargs[0]
+                if x is None or x.kind != "f":
+                    raise UnsupportedGraphError("global average pooling of a non-float tensor")
+                off = b.falloc(1, 1, x.C)
+                b.op(OP_GAP, x.off, x.H, x.W, x.C, off)
+                vals[node] = _Val("f", 1, 1, x.C, off)
+            elif type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1:
+                vals[node] = _flatten(cargs[0])
+            else:
+                raise UnsupportedGraphError(f"{node.name}: {type(mod).__name__} runs in PyTorch")
+            continue
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = args[0]
+            if src is not None and src.kind == "t" and isinstance(node.args[1], int):
+                vals[node] = src.parts[node.args[1]]
+                continue
+            steps = _slice_steps(node.args[1])
+            if src is not None and src.kind == "f" and src.ndim == 4 and steps is not None:
+                sh, sw = steps
+                OH, OW = (src.H - 1) // sh + 1, (src.W - 1) // sw + 1
+                off = b.falloc(OH, OW, src.C)
+                b.op(OP_SUBSAMPLE, src.off, src.H, src.W, src.C, sh, sw, off)
+                vals[node] = _Val("f", OH, OW, src.C, off)
+                continue
+        if node.op == "call_function" and node.target is F.pad:
+            src = args[0]
+            cp = _channel_pads(node.args, node.kwargs)
+            if src is not None and src.kind == "f" and src.ndim == 4 and cp is not None:
+                off = b.falloc(src.H, src.W, src.C + sum(cp))
+                b.op(OP_CPAD, src.off, src.H * src.W, src.C, cp[0], cp[1], off)
+                vals[node] = _Val("f", src.H, src.W, src.C + sum(cp), off)
+                continue
+        if (node.op == "call_function" and node.target is torch.flatten and tuple(node.args[1:]) == (1,)
+                and not node.kwargs):
+            vals[node] = _flatten(args[0])
+            continue
+        raise UnsupportedGraphError(f"{node.name}: {node.op} {getattr(node.target, '__name__', node.target)}")
+    if result is None:
+        raise UnsupportedGraphError("no output")
+    out_shape = (result.C,) if result.ndim == 2 else (result.C, result.H, result.W)
+    return Program(
+        prog=np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64),
+        aux=_cat(b.aux, np.int64), w8=_cat(b.w8, np.int8), sc=_cat(b.sc, np.float64),
+        oinfo=np.array([result.off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
+        fa_size=b.fa + 16, ca_size=b.ca + 4 * INT8_SLACK + 1024, chunk=N,
+    )
+
+
+def _cat(parts: list[np.ndarray], dt) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(parts).astype(dt)) if parts else np.zeros(1, dt)
+
+
+def _flatten(x: _Val | None) -> _Val:
+    if x is None or x.kind != "f" or x.H * x.W != 1:
+        raise UnsupportedGraphError("flatten of a feature map (NHWC order differs from PyTorch's NCHW)")
+    return _Val("f", 1, 1, x.C, x.off, ndim=2)
+
+
+def _maxpool(b: _Builder, mod: CodeMaxPool2d, x: _Val | None) -> _Val:
+    if x is None or x.kind != "c":
+        raise UnsupportedGraphError("max pooling of a tensor that is not codes")
+    (KH, KW), (SH, SW) = mod.kernel_size, mod.stride
+    OH, OW = (x.H - KH) // SH + 1, (x.W - KW) // SW + 1
+    ph, pw = x.pad
+    if mod.flat:
+        cgeo = [int(v) for v in mod.target.geometry(1, 1)]
+        off = b.calloc(1, 1, x.C * OH * OW)
+        val = _Val("c", 1, 1, x.C * OH * OW, off, (0, 0), ndim=2)
+    else:
+        cgeo = [int(v) for v in mod.target.geometry(OH, OW)]
+        off = b.calloc(cgeo[0], cgeo[1], x.C)
+        val = _Val("c", OH, OW, x.C, off, tuple(mod.target.pad))
+    b.op(OP_MAXPOOL, x.off, x.C, x.H + 2 * ph, x.W + 2 * pw, ph, pw, KH, KW, SH, SW, OH, OW, *cgeo,
+         int(mod.flat), off)
+    return val
+
+
+# ----------------------------------------------------------------------------------------------
+# the executor
+# ----------------------------------------------------------------------------------------------
+
+
+class FlatExecutor:
+    """Runs a compiled graph as programs (one per input shape), see the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._programs: dict[tuple, Program | None] = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def program(self, shape: tuple[int, ...]) -> Program | None:
+        """The program for per-image ``shape`` (None: this graph does not flatten)."""
+        with self._lock:
+            if shape in self._programs:
+                return self._programs[shape]
+            try:
+                one = plan(self.gm, shape, 1)
+                per_image = 4 * one.fa_size + one.ca_size
+                chunk = int(max(1, min(MAX_CHUNK, CHUNK_BYTES // max(per_image, 1))))
+                prog = one if chunk == 1 else plan(self.gm, shape, chunk)
+            except UnsupportedGraphError:
+                prog = None
+            self._programs[shape] = prog
+            return prog
+
+    def _arenas(self, shape: tuple[int, ...], slot: int, prog: Program) -> tuple[np.ndarray, np.ndarray]:
+        d = self._local.__dict__.setdefault("arenas", {})
+        a = d.get((shape, slot))
+        if a is None:
+            a = d[(shape, slot)] = prog.arenas()
+        return a
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        """The model's output on ``x``, or None when this input does not run flat."""
+        if x.dim() < 2 or x.shape[0] == 0:
+            return None
+        shape = tuple(int(s) for s in x.shape[1:])
+        prog = self.program(shape)
+        if prog is None:
+            return None
+        xn = x.detach()
+        if xn.dtype != torch.float32:
+            xn = xn.float()
+        xn = xn.contiguous().numpy()
+        B = xn.shape[0]
+        x4 = xn.reshape(B, -1, 1, 1) if xn.ndim == 2 else xn
+        out = np.empty((B, *prog.out_shape), np.float32)
+        of = out.reshape(-1)
+        nt = _threads.num_threads()
+        if nt > 1 and MIN_SPLIT * nt <= B:
+            per = -(-B // nt)
+            parts = [(lo, min(B, lo + per)) for lo in range(0, B, per)]
+            pool = _threads.thread_pool(nt)
+            per_out = int(np.prod(prog.out_shape))
+            futs = []
+            for k, (lo, hi) in enumerate(parts[1:], 1):
+                fa, ca = self._arenas(shape, k, prog)
+                futs.append(pool.submit(_run, prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi],
+                                        of[lo * per_out : hi * per_out], prog.oinfo, fa, ca, hi - lo,
+                                        prog.chunk))
+            lo, hi = parts[0]
+            fa, ca = self._arenas(shape, 0, prog)
+            _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], of[lo * per_out : hi * per_out],
+                 prog.oinfo, fa, ca, hi - lo, prog.chunk)
+            for f in futs:
+                f.result()
+        else:
+            fa, ca = self._arenas(shape, 0, prog)
+            _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, of, prog.oinfo, fa, ca, B, prog.chunk)
+        return torch.from_numpy(out)
