@@ -88,6 +88,11 @@ def _pact_fwd(x, out, alpha, factor, step):
         out[i] = np.rint(y * factor) * step
 
 
+def _pact_fwd_ref(x, alpha, factor, step):
+    """torch reference of ``_pact_fwd`` (returns ``out``)."""
+    return torch.round(torch.where(x >= alpha, alpha, torch.relu(x)) * factor) * step
+
+
 def _dorefa_fwd(x, out, n):
     """round(clamp(x, 0, 1) * n) / n                                    (dorefa.py)"""
     one = np.float32(1.0)
@@ -95,6 +100,11 @@ def _dorefa_fwd(x, out, n):
         v = x[i]
         c = _ZERO if v < _ZERO else (one if v > one else v)
         out[i] = np.rint(c * n) / n + _ZERO
+
+
+def _dorefa_fwd_ref(x, n):
+    """torch reference of ``_dorefa_fwd``."""
+    return torch.round(torch.clamp(x, 0, 1) * n) / n + 0.0
 
 
 def _uniform_fwd(x, out, s, levels):
@@ -105,6 +115,11 @@ def _uniform_fwd(x, out, s, levels):
         out[i] = c * s + _ZERO
 
 
+def _uniform_fwd_ref(x, s, levels):
+    """torch reference of ``_uniform_fwd``."""
+    return torch.clamp(torch.round(x / s), 0, float(levels)) * s + 0.0
+
+
 def _lsq_fwd(x, out, s, lo, hi):
     """round(clamp(x / s, lo, hi)) * s,  lo = -Q_N, hi = Q_P            (lsq.py)"""
     for i in prange(x.size):
@@ -113,12 +128,22 @@ def _lsq_fwd(x, out, s, lo, hi):
         out[i] = np.rint(c) * s + _ZERO
 
 
+def _lsq_fwd_ref(x, s, lo, hi):
+    """torch reference of ``_lsq_fwd``."""
+    return torch.round(torch.clamp(x / s, float(lo), float(hi))) * s + 0.0
+
+
 def _bcgd_fwd(x, out, a, levels):
     """clamp(ceil(x / a), 0, levels) * a                                (bcgd_relu.py)"""
     for i in prange(x.size):
         r = np.ceil(x[i] / a)
         c = _ZERO if r < _ZERO else (levels if r > levels else r)
         out[i] = c * a
+
+
+def _bcgd_fwd_ref(x, a, levels):
+    """torch reference of ``_bcgd_fwd``."""
+    return torch.clamp(torch.ceil(x / a), 0, float(levels)) * a
 
 
 # Backward loops: ``g`` is the incoming gradient, ``gx`` receives the input gradient; those with a
@@ -134,6 +159,13 @@ def _coarse_bwd(x, g, gx, kind, top):
             gx[i] = g[i] if (v > _ZERO and v <= top) else _ZERO
 
 
+def _coarse_bwd_ref(x, g, kind, top):
+    """torch reference of ``_coarse_bwd`` (returns ``gx``)."""
+    if kind == 1:
+        return torch.where(x <= 0, 0.0, g)
+    return torch.where((x > 0) & (x <= top), g, 0.0)
+
+
 def _pact_bwd(x, g, gx, alpha):
     """dx = g 1[0 < x < alpha];  dalpha = sum g 1[x >= alpha]"""
     acc = 0.0
@@ -143,6 +175,12 @@ def _pact_bwd(x, g, gx, alpha):
         gx[i] = _ZERO if (v <= _ZERO or v >= alpha) else gi  # NaN passes, as through relu
         acc += np.float64(gi) if v >= alpha else 0.0
     return acc
+
+
+def _pact_bwd_ref(x, g, alpha):
+    """torch reference of ``_pact_bwd`` (returns ``gx`` and the float64 sum)."""
+    gx = torch.where((x <= 0) | (x >= alpha), 0.0, g)
+    return gx, float(torch.where(x >= alpha, g, 0.0).double().sum())
 
 
 def _lsq_bwd(x, g, gx, s, lo, hi):
@@ -156,6 +194,14 @@ def _lsq_bwd(x, g, gx, s, lo, hi):
         d = (np.rint(v) - v) if inside else (lo if v <= lo else hi)
         acc += np.float64(gi * d)
     return acc
+
+
+def _lsq_bwd_ref(x, g, s, lo, hi):
+    """torch reference of ``_lsq_bwd``."""
+    v = x / s
+    inside = (v > lo) & (v < hi)
+    d = torch.where(inside, torch.round(v) - v, torch.where(v <= lo, lo, hi))
+    return torch.where(inside, g, 0.0), float((g * d).double().sum())
 
 
 def _bcgd_bwd(x, g, gx, kind, top, a, levels, mode, inner_val):
@@ -186,6 +232,20 @@ def _bcgd_bwd(x, g, gx, kind, top, a, levels, mode, inner_val):
     return acc
 
 
+def _bcgd_bwd_ref(x, g, kind, top, a, levels, mode, inner_val):
+    """torch reference of ``_bcgd_bwd``."""
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    mu = one if kind == 0 else torch.where(x > 0 if kind == 1 else (x > 0) & (x <= top), one, zero)
+    above_at, top_at = a * levels, a * (levels - 1)
+    if mode == 1:
+        d = torch.where(x > top_at, levels, torch.where(x > 0, torch.ceil(x / a), 0.0))
+    elif mode == 3:
+        d = torch.where(x > above_at, levels, 0.0)
+    else:
+        d = torch.where(x > above_at, levels, torch.where(x > 0, inner_val, 0.0))
+    return g * mu, float((g * d).double().sum())
+
+
 # DoReFa weights (k >= 2): two passes each way over a small tensor, on one thread. ``t = tanh(w)``
 # comes from torch (numba's tanh is not torch's to the last bit).
 def _dorefa_weight_fwd(t, out, n):
@@ -205,6 +265,13 @@ def _dorefa_weight_fwd(t, out, n):
         r = t[i] / d + half
         out[i] = (np.rint(r * n) / n) * two - one + _ZERO
     return m, d
+
+
+def _dorefa_weight_fwd_ref(t, n):
+    """torch reference of ``_dorefa_weight_fwd`` (returns ``out``, ``m``, ``d``)."""
+    m = t.abs().max()
+    d = 2 * torch.clamp_min(m, 1e-12)
+    return (torch.round((t / d + 0.5) * n) / n) * 2 - 1 + 0.0, m, d
 
 
 def _dorefa_weight_bwd(t, g, gt, m, d):
@@ -227,9 +294,34 @@ def _dorefa_weight_bwd(t, g, gt, m, d):
         gt[i] = gi
 
 
+def _dorefa_weight_bwd_ref(t, g, m, d):
+    """torch reference of ``_dorefa_weight_bwd`` (returns ``gt``)."""
+    at_max = t.abs() == m
+    acc = ((-(g * 2) * t) / (d * d)).double().sum().float()
+    gm = acc * 2 if m >= 1e-12 else torch.zeros(())
+    share = gm / max(int(at_max.sum()), 1)
+    gi = (g * 2) / d
+    return torch.where(at_max, gi + share * torch.sign(t), gi)
+
+
 _FORWARD = ("_pact_fwd", "_dorefa_fwd", "_uniform_fwd", "_lsq_fwd", "_bcgd_fwd")
 _BACKWARD = ("_coarse_bwd", "_pact_bwd", "_lsq_bwd", "_bcgd_bwd")
 _SERIAL_ONLY = ("_dorefa_weight_fwd", "_dorefa_weight_bwd")
+#: each loop's torch reference, defined beside it: the same formula in torch ops on float32 tensors
+#: (0-d float32 tensors for the scalars); ``tests/test_kernel_references.py`` compares them
+REFERENCES = {
+    "_pact_fwd": _pact_fwd_ref,
+    "_dorefa_fwd": _dorefa_fwd_ref,
+    "_uniform_fwd": _uniform_fwd_ref,
+    "_lsq_fwd": _lsq_fwd_ref,
+    "_bcgd_fwd": _bcgd_fwd_ref,
+    "_coarse_bwd": _coarse_bwd_ref,
+    "_pact_bwd": _pact_bwd_ref,
+    "_lsq_bwd": _lsq_bwd_ref,
+    "_bcgd_bwd": _bcgd_bwd_ref,
+    "_dorefa_weight_fwd": _dorefa_weight_fwd_ref,
+    "_dorefa_weight_bwd": _dorefa_weight_bwd_ref,
+}
 
 
 # ---- loading ------------------------------------------------------------------------------------

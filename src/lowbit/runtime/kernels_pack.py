@@ -87,6 +87,19 @@ def _pack_rows_range(x, mode, hi, mult, ka, X, A, m_lo, m_hi):
                 X[m, b, i] = word
 
 
+def _codes_reference(x: np.ndarray, hi: float, mult: float, mode: int) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return (x.astype(np.uint8) if mode == 1 else quantize_codes_reference(x, hi, mult)).astype(np.int64)
+
+
+def pack_rows_reference(x: np.ndarray, ka: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1):
+    """NumPy reference of :func:`pack_rows` (``_pack_rows_range``): the ``ka`` bit planes of each
+    row's codes packed by :func:`pack_bits`, and the code sums."""
+    codes = _codes_reference(x, hi, mult, mode)
+    X = np.stack([pack_bits((codes >> b) & 1) for b in range(ka)], axis=1)
+    return X, codes.sum(axis=1)
+
+
 def pack_rows(x: np.ndarray, ka: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1):
     """Quantize (mode 0) or take as codes (mode 1) the rows of ``x`` (M, K) and bit-pack them.
 
@@ -205,6 +218,30 @@ def _conv_pack_range(
 ):
     _pixel_pack_range(x, mode, hi, mult, ma, ph, pw, P, S, n_lo, n_hi)
     _im2col_range(P, S, Cg, KH, KW, sh, sw, dh, dw, OH, OW, X, A, n_lo, n_hi)
+
+
+def conv_pack_reference(x, ka, kernel_size, stride, padding, dilation, groups, hi=0.0, mult=0.0, mode=1,
+                        ma=0):
+    """NumPy reference of :func:`conv_pack` (``_pixel_pack_range`` then ``_im2col_range``): im2col
+    of the codes (padding pixels hold code ``ma``) in reduction order (ki, kj, c) per group, then
+    :func:`pack_bits` of each bit plane; ``A`` the code sum of each column."""
+    codes = _codes_reference(x, hi, mult, mode)
+    N, C, H, W = codes.shape
+    KH, KW = kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    padded = np.pad(codes, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=ma)
+    OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    rh, rw = sh * (OH - 1) + 1, sw * (OW - 1) + 1
+    taps = [padded[:, :, ki * dh : ki * dh + rh : sh, kj * dw : kj * dw + rw : sw]
+            for ki in range(KH) for kj in range(KW)]  # each (N, C, OH, OW)
+    cols = np.stack(taps).transpose(1, 3, 4, 0, 2).reshape(N * OH * OW, KH * KW, groups, C // groups)
+    Xs, As = [], []
+    for g in range(groups):
+        cg = cols[:, :, g, :].reshape(N * OH * OW, -1)  # (M, Kred), r = (ki*KW + kj)*Cg + c
+        Xs.append(np.stack([pack_bits((cg >> b) & 1).T for b in range(ka)]))
+        As.append(cg.sum(axis=1))
+    return np.stack(Xs), np.stack(As), (OH, OW)
 
 
 def conv_pack(

@@ -78,6 +78,25 @@ def code_maxpool(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> None:
     parallel_for(_code_maxpool_range, N, xq, g, yq, parallel=par)
 
 
+def code_maxpool_reference(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> np.ndarray:
+    """NumPy reference of :func:`code_maxpool`: a copy of ``yq`` with the pooled codes written
+    where the kernel writes them (window maxima over the valid image of ``xq``)."""
+    C, Hp, Wp, ph, pw, KH, KW, SH, SW, OH, OW, Hc, Wc, phc, pwc, chw = (int(v) for v in g[:16])
+    img = xq[: N * Hp * Wp * C].reshape(N, Hp, Wp, C)
+    out = np.zeros((N, OH, OW, C), xq.dtype)
+    rh, rw = SH * (OH - 1) + 1, SW * (OW - 1) + 1
+    for kh in range(KH):
+        for kw in range(KW):
+            win = img[:, ph + kh : ph + kh + rh : SH, pw + kw : pw + kw + rw : SW]
+            out = np.maximum(out, win)
+    y = yq.copy()
+    if chw:
+        y[: N * C * OH * OW] = out.transpose(0, 3, 1, 2).reshape(-1)
+    else:
+        y[: N * Hc * Wc * C].reshape(N, Hc, Wc, C)[:, phc : phc + OH, pwc : pwc + OW] = out
+    return y
+
+
 # ----------------------------------------------------------------------------------------------
 # global average pooling of NHWC floats (float64 accumulation)
 # ----------------------------------------------------------------------------------------------
@@ -112,3 +131,8 @@ def global_avgpool(x: np.ndarray) -> np.ndarray:
     par = use_parallel(x.size * 4, _i8.INT8_MIN_PARALLEL_MACS // 4)
     parallel_for(_global_avgpool_range, N, x, out, parallel=par)
     return out
+
+
+def global_avgpool_reference(x: np.ndarray) -> np.ndarray:
+    """NumPy reference of :func:`global_avgpool`: float64 means over H and W, rounded to float32."""
+    return np.asarray(x, np.float64).mean(axis=(1, 2)).astype(np.float32)
