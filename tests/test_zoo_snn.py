@@ -111,3 +111,9 @@ def test_lowbit_train_hsi_cnn3d(tmp_path, capsys) -> None:
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_spec"]["name"] == "hsi_cnn3d" and cfg["model_spec"]["kwargs"]["in_channels"] == 16
     assert cfg["model_spec"]["kwargs"]["input_size"] == 11 and cfg["dataset"]["in_shape"] == [16, 11, 11]
+    # the zoo model's run converts into its 6-bit spiking twin from the command line
+    snn = tmp_path / "snn"
+    assert main(["snn", "convert", str(out), "--out", str(snn), "--timesteps", "2", "--val", "4"]) == 0
+    res = json.loads((snn / "snn.json").read_text())
+    assert res["recipe"]["name"] == "snn-w6" and 0 <= res["test_acc"] <= 1
+    assert res["energy"]["lif"][0]["layer"] == "lif3d_1" and res["energy"]["snn_sops"] > 0
