@@ -24,6 +24,9 @@ admitted one). ``eps`` defaults to ``(1 - warmup) / (2 (n - 1))``: every sub-net
 middle of the remaining training. The survey gives no formula; this reading (delay, then shrink
 the admitted minimum size in equal epsilon steps) is ours.
 
+Pass the loss also as a Trainer callback (``callbacks=[loss]``) to make a killed run resume
+with the same schedule and draws (:meth:`SandwichLoss.on_epoch_start`).
+
 A Trainer ``loss_fn`` for any model with ``choices`` (cheapest first) and ``set_choice(c)``:
 :class:`lowbit.nn.slimmable.SlimmableChain` (widths) and :class:`lowbit.nn.supernet.Supernet`
 (named sub-nets ordered by BOPs). It leaves the model at its largest sub-net (what the Trainer
@@ -69,7 +72,7 @@ class SandwichLoss:
                  schedule: DelayedShrinking | None = None) -> None:
         if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
             raise ValueError(f"sandwich: n_random must be an integer >= 0, got {n_random!r}")
-        self.n_random, self.inplace_distill = n_random, inplace_distill
+        self.n_random, self.inplace_distill, self.seed = n_random, inplace_distill, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.schedule = schedule
         self.step = 0  # training calls so far (drives the schedule)
@@ -85,6 +88,12 @@ class SandwichLoss:
         return [cs[-1], cs[0]] + [middle[i] for i in sorted(pick)] if len(cs) > 1 else [cs[-1]]
 
     choices = widths
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        """Trainer callback: take the step count from the trainer and reseed the random picks from
+        it, so that a resumed run (``fit(resume=True)``) schedules and draws as an uninterrupted one."""
+        self.step = int(trainer.global_step)
+        self.generator.manual_seed(self.seed * 1_000_003 + self.step)
 
     def __call__(self, model: Any, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if not hasattr(model, "choices") or not hasattr(model, "set_choice"):
