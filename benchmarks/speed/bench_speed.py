@@ -1,13 +1,15 @@
-"""Speed benchmark of lowbit's packed CPU runtime against FP32 PyTorch, PyTorch dynamic int8 and
-onnxruntime int8 (see README.md beside this file).
+"""Speed benchmark of lowbit's packed CPU runtime against the best FP32 (PyTorch, onnxruntime) and
+the best int8 (PyTorch dynamic, onnxruntime dynamic and static QDQ) baselines, with the targets of
+issue 13 evaluated on the measured rows (see README.md beside this file).
 
-    python benchmarks/speed/bench_speed.py                     # full run, 2 threads, ~3 minutes
-    python benchmarks/speed/bench_speed.py --threads 1 2       # 1 then 2 threads, ~5 minutes
-    python benchmarks/speed/bench_speed.py --quick             # batches 1 and 32, binary only
-    python benchmarks/speed/bench_speed.py --models mlp --batches 1 32 --repeats 30
+    python benchmarks/speed/bench_speed.py --threads 1 2        # the full run (<= 8 min on an idle machine)
+    python benchmarks/speed/bench_speed.py --quick              # small models, seconds (tests)
+    python benchmarks/speed/bench_speed.py --cases mlp --batches 1 8 --threads 1
+    python benchmarks/speed/bench_speed.py --threads 1 2 --resume   # after a killed run
 
-Writes benchmarks/results/speed.md and speed.json. The logic lives in ``harness.py`` beside this
-file (``run_speed_benchmark``; ``lowbit bench speed`` runs it from a source checkout).
+Writes benchmarks/results/speed.{json,md,png}. The logic lives in ``harness.py`` (running and
+timing) and ``speed_report.py`` (best baselines, targets, Markdown, plot) beside this file;
+``lowbit bench speed`` runs :func:`run_speed_benchmark` from a source checkout.
 """
 
 from __future__ import annotations
@@ -20,44 +22,63 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import MODELS, WEIGHTS
+from harness import CASES, QUICK_CASES, RESULTS, VARIANTS
 from harness import run_speed_benchmark as _run
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
-
-def run_speed_benchmark(
-    models=("mlp", "lenet5", "resnet20"),
-    batches=(1, 32, 256),
-    repeats: int = 15,
-    out_dir=RESULTS,
-    **kwargs: Any,
-) -> list[dict]:
-    """Same as :func:`harness.run_speed_benchmark`, results in benchmarks/results."""
-    return _run(models=models, batches=batches, repeats=repeats, out_dir=out_dir, **kwargs)
+def run_speed_benchmark(out_dir=RESULTS, quick: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Same as :func:`harness.run_speed_benchmark`, results in benchmarks/results by default."""
+    return _run(out_dir=out_dir, quick=quick, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=list(WEIGHTS))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 32, 256])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, nargs="+", default=[2],
-                   help="threads for every engine; several values run the benchmark once per value")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES) + [c for c in QUICK_CASES if c not in CASES],
+        help="default: every case (--quick: every quick case)",
+    )
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="restrict the lowbit variants")
+    p.add_argument("--batches", nargs="+", type=int, help="restrict each case's batch sizes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="thread counts (torch, numba, onnxruntime alike), each timed per case and batch",
+    )
+    p.add_argument("--repeats", type=int, default=15, help="at most this many rounds per block")
+    p.add_argument("--block-s", type=float, default=5.0, help="time budget of one block (sets the rounds)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--gemv-json", help="the GEMV benchmark's results (default: gemv.json beside --out)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--resume", action="store_true", help="reuse the cases a killed run with the same settings did"
+    )
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cmd = "python benchmarks/speed/bench_speed.py " + " ".join(shlex.quote(s) for s in (argv or sys.argv[1:]))
-    rows = _run(
-        models=a.models, batches=a.batches, repeats=a.repeats, out_dir=a.out, weights=a.weights,
-        threads=a.threads[0] if len(a.threads) == 1 else a.threads, command=cmd.strip(), quick=a.quick,
+    args = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python benchmarks/speed/bench_speed.py", *(shlex.quote(s) for s in args)])
+    payload = _run(
+        cases=a.cases,
+        threads=a.threads,
+        batches=a.batches,
+        variants=a.variants,
+        repeats=a.repeats,
+        block_s=a.block_s,
+        out_dir=a.out,
+        quick=a.quick,
+        resume=a.resume,
+        seed=a.seed,
+        command=cmd,
+        gemv_json=a.gemv_json,
     )
-    for r in rows:
-        sp = r["speedup_vs_fp32"]
-        print(f"t={r['threads']} {r['model']:<9} b={r['batch']:<4} {r['method']:<15} "
-              f"{r['median_ms']:10.3f} ms  {'' if sp is None else f'{sp:6.2f}x'}")
+    for t in payload["targets"]:
+        met = "not measured" if t["met"] is None else "met" if t["met"] else "NOT met"
+        print(f"{met:>12}  t={t['threads']}  {t['target']}: {t['details']}")
+    print(f"wrote {a.out}/speed.md ({payload['total_s']:.0f} s)")
     return 0
 
 

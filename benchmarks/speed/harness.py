@@ -1,32 +1,30 @@
-"""Speed benchmark harness: lowbit's packed runtime against FP32 PyTorch, PyTorch dynamic int8
-and onnxruntime dynamic int8, measured side by side in one process (not part of the library: it
-ships with the source checkout).
+"""Speed benchmark harness: lowbit's packed runtime against the strongest FP32 and int8 baselines
+this CPU has, measured side by side in one process (not part of the library: it ships with the
+source checkout; ``benchmarks/speed/bench_speed.py`` and ``lowbit bench speed`` call
+:func:`run_speed_benchmark`).
 
-``run_speed_benchmark`` is what ``benchmarks/speed/bench_speed.py`` and ``lowbit bench speed``
-call. For every model and batch size the baselines and the lowbit variants are timed in
-interleaved rounds (one call of each per round, in a new random order each round), so that a
-change of machine load hits all of them alike; the median over rounds is reported, with the
-minimum.
+Baselines, per case:
 
-Baselines:
+- ``torch-fp32``: the float model in PyTorch eager (``torch.inference_mode``);
+- ``ort-fp32``: the float model exported with ``torch.onnx.export`` (TorchScript exporter,
+  opset 17) in onnxruntime (MLAS kernels);
+- ``torch-dyn-int8``: ``torch.ao.quantization.quantize_dynamic`` (Linear layers only);
+- ``ort-dyn-int8``: onnxruntime ``quantize_dynamic`` (QInt8 weights);
+- ``ort-qdq-int8``: onnxruntime ``quantize_static`` in QDQ format, per-channel QInt8 weights,
+  QUInt8 activations, MinMax calibration on random inputs of the same distribution.
 
-- ``fp32``: the float model in PyTorch (``torch.inference_mode``).
-- ``torch-dyn-int8``: ``torch.ao.quantization.quantize_dynamic`` on the float model. It
-  quantizes ``nn.Linear`` only (int8 weights, activations quantized per batch at run time);
-  convolutions stay FP32.
-- ``ort-int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights) of the float
-  model exported with ``torch.onnx.export``; Conv and MatMul/Gemm become integer ops.
-- ``lowbit-<w>``: ``lowbit.runtime.compile`` of the model quantized with binary / TWN ternary /
-  DoReFa 4-bit weights and 4-bit PACT activations on every layer (first and last included).
-
-Weights are random (speed does not depend on training); BatchNorm statistics are randomised so
-that folding is exercised.
+``best FP32`` / ``best int8`` are chosen per row in ``speed_report.py``. The lowbit rows are
+``lowbit.runtime.compile`` of the model quantized with a variant of :data:`VARIANTS` (weights x
+activation quantizer on every quantizable layer), so the benchmark measures whatever the runtime
+does today. Weights are random (speed does not depend on training); BatchNorm statistics are
+randomised so that folding is exercised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import logging
@@ -34,39 +32,173 @@ import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lowbit._io import atomic_write
+BENCH = Path(__file__).resolve().parents[1]
+for _p in (str(BENCH), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from common import git_state, machine, versions  # noqa: E402
+from common import write_results as write_result_pair  # noqa: E402
+from speed_report import add_ratios, evaluate_targets, plot, read_gemv, to_markdown  # noqa: E402
+
+from lowbit._io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-MODELS: dict[str, dict[str, Any]] = {
-    "mlp": {"build": ("mlp", {"hidden": (4096, 4096)}), "input": (1, 28, 28),
-            "label": "MLP 784-4096-4096-10"},
-    "lenet5": {"build": ("lenet5", {}), "input": (1, 28, 28), "label": "LeNet-5 (28x28)"},
-    "resnet20": {"build": ("resnet20", {}), "input": (3, 32, 32), "label": "ResNet-20 (CIFAR 32x32)"},
+RESULTS = BENCH / "results"
+
+# ----------------------------------------------------------------------------------------------
+# variants and cases
+# ----------------------------------------------------------------------------------------------
+
+BINARY = {"method": "binary", "bits": 1}
+TERNARY = {"method": "twn", "bits": 2}
+FOUR_BIT = {"method": "dorefa", "bits": 4}
+
+
+def _pact(bits: int, signed: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"method": "pact", "bits": bits, "alpha_init": 4.0 if signed else 3.0}
+    if signed:
+        spec["signed"] = True
+    return spec
+
+
+#: name -> (weight spec, activation spec, description)
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "w1a8": (BINARY, _pact(8), "binary weights (+-mean magnitude) x 8-bit PACT activations"),
+    "w1a4": (BINARY, _pact(4), "binary weights x 4-bit PACT activations"),
+    "w2a8": (TERNARY, _pact(8), "TWN ternary weights x 8-bit PACT activations"),
+    "w2a4": (TERNARY, _pact(4), "TWN ternary weights x 4-bit PACT activations"),
+    "w4a8": (FOUR_BIT, _pact(8), "DoReFa 4-bit weights x 8-bit PACT activations"),
+    "w4a4": (FOUR_BIT, _pact(4), "DoReFa 4-bit weights x 4-bit PACT activations"),
+    "w1a1": (BINARY, _pact(1), "binary weights x 1-bit PACT activations (codes {0, 1}: AND-popcount)"),
+    "w1a8s": (BINARY, _pact(8, True), "binary weights x signed 8-bit PACT activations (transformer)"),
+    "w2a8s": (TERNARY, _pact(8, True), "TWN ternary weights x signed 8-bit PACT activations (transformer)"),
 }
 
-WEIGHTS: dict[str, dict[str, Any]] = {
-    "binary": {"method": "binary", "bits": 1},
-    "ternary": {"method": "twn", "bits": 2},
-    "4bit": {"method": "dorefa", "bits": 4},
+
+def deep_mlp(width: int, depth: int) -> nn.Sequential:
+    """``depth`` Linear ``width x width`` layers with ReLU between them."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(width, width))
+        if i < depth - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class BertEncoder(nn.Module):
+    """A ``transformers.BertModel`` (random weights) on float embeddings ``(B, S, hidden)``: its
+    Linear layers are quantized, attention and LayerNorm stay in PyTorch; the float input lets the
+    same module run in float64 for the exactness check and export to ONNX as is."""
+
+    def __init__(self, hidden: int, layers: int = 4, seq: int = 64) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(
+            vocab_size=2,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden // 64),
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max(seq, 8),
+            attn_implementation="eager",
+        )
+        self.bert = BertModel(cfg, add_pooling_layer=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bert(inputs_embeds=x).last_hidden_state
+
+
+def _zoo(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from lowbit.models import build_model
+
+        return build_model(name)
+
+    return build
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # one sample
+    variants: tuple[str, ...]
+    batches: tuple[int, ...]
+    input_kind: str = "uniform"  # uniform [0, 1) or normal
+
+
+MLP_VARIANTS = ("w1a8", "w1a4", "w2a8", "w2a4", "w4a8", "w4a4", "w1a1")
+CONV_VARIANTS = ("w1a4", "w2a4", "w4a4")
+BERT_VARIANTS = ("w1a8s", "w2a8s")
+
+CASES: dict[str, Case] = {
+    "mlp": Case(
+        "MLP 8 x Linear 4096x4096", lambda: deep_mlp(4096, 8), (4096,), MLP_VARIANTS, (1, 8, 64, 256)
+    ),
+    "lenet5": Case("LeNet-5 (28x28)", _zoo("lenet5"), (1, 28, 28), CONV_VARIANTS, (1, 8, 64, 256)),
+    "resnet20": Case(
+        "ResNet-20 (CIFAR 32x32)", _zoo("resnet20"), (3, 32, 32), CONV_VARIANTS, (1, 8, 32, 64, 256)
+    ),
+    "bert256": Case(
+        "BERT encoder: hidden 256, 4 layers, 4 heads, seq 64",
+        lambda: BertEncoder(256),
+        (64, 256),
+        BERT_VARIANTS,
+        (1, 8),
+        "normal",
+    ),
+    "bert512": Case(
+        "BERT encoder: hidden 512, 4 layers, 8 heads, seq 64",
+        lambda: BertEncoder(512),
+        (64, 512),
+        BERT_VARIANTS,
+        (1, 8),
+        "normal",
+    ),
 }
-ACTIVATION = {"method": "pact", "bits": 4, "alpha_init": 3.0}
-_LAST_INFO: dict[str, Any] = {}
+
+#: ``--quick``: small models of the same kinds (seconds; for tests), few rounds
+QUICK_CASES: dict[str, Case] = {
+    "mlp-quick": Case(
+        "MLP 3 x Linear 256x256 (quick)", lambda: deep_mlp(256, 3), (256,), ("w1a4", "w1a1"), (1, 8)
+    ),
+    "lenet5": Case("LeNet-5 (28x28)", _zoo("lenet5"), (1, 28, 28), ("w1a4",), (1, 8)),
+    "bert-quick": Case(
+        "BERT encoder: hidden 64, 1 layer, seq 16 (quick)",
+        lambda: BertEncoder(64, 1, 16),
+        (16, 64),
+        ("w2a8s",),
+        (1, 8),
+        "normal",
+    ),
+}
+
+
+def make_inputs(case: Case, batch: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *case.input_shape)
+    return torch.randn(shape, generator=g) if case.input_kind == "normal" else torch.rand(shape, generator=g)
 
 
 # ----------------------------------------------------------------------------------------------
-# machine / timing helpers
+# machine, threads, timing
 # ----------------------------------------------------------------------------------------------
 
 
@@ -76,7 +208,6 @@ def machine_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,52 +215,82 @@ def machine_info() -> dict[str, Any]:
                 info["cpu"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                info["simd"] = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni")
-                                if f in flags]
+                info["simd"] = [
+                    f
+                    for f in (
+                        "avx2",
+                        "avx512f",
+                        "avx512_vpopcntdq",
+                        "avx512_vnni",
+                        "avx512_bitalg",
+                        "avx512_vbmi",
+                        "avx_vnni",
+                        "amx_int8",
+                    )
+                    if f in flags
+                ]
                 break
-    for mod in ("numpy", "numba", "onnx", "onnxruntime"):
+    for mod in ("numpy", "numba", "onnx", "onnxruntime", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = None
-    try:
-        import numba
-
-        info["numba_threads"] = numba.get_num_threads()
-        info["numba_threading_layer"] = os.environ.get("NUMBA_THREADING_LAYER", "default")
-    except Exception:
-        pass
     with contextlib.suppress(OSError):
         info["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     return info
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
-) -> dict[str, dict[str, float]]:
-    """Median / min / p90 seconds of each callable, timed in interleaved rounds.
+def set_threads(n: int) -> None:
+    """The same thread count for PyTorch and the runtime's numba kernels (onnxruntime sessions
+    are made per thread count)."""
+    torch.set_num_threads(n)
+    with contextlib.suppress(Exception):
+        import numba
 
-    Each round runs the methods in a new (seeded) random order: a method pays for what the one
-    before it left behind (cold caches; with several threads, another runtime's threads still
-    spinning), measurably at batch 1 (ResNet-20 after the FP32 model: ~0.2 ms on one thread), so
-    a fixed order would charge it to whichever method follows the baselines."""
-    for _ in range(warmup):
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    max_rounds: int,
+    budget_s: float = 6.0,
+    min_rounds: int = 3,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Median / min / p90 seconds of each callable over interleaved rounds.
+
+    Two warm-up rounds (one when a round takes over a second) are not timed; the second sets the
+    number of rounds, ``budget_s / round time`` within ``[min_rounds, max_rounds]``. Each round
+    runs the methods in a new (seeded) random order: a method pays for what the one before left
+    behind (cold caches; other runtimes' threads still spinning), so a fixed order would charge it
+    to whichever method follows the baselines."""
+    t = time.perf_counter()
+    for f in fns.values():
+        f()
+    t_round = time.perf_counter() - t
+    if t_round < 1.0:
+        t = time.perf_counter()
         for f in fns.values():
             f()
+        t_round = time.perf_counter() - t
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(t_round, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
-    rng = random.Random(0)
-    for _ in range(repeats):
-        order = keys[:]
-        rng.shuffle(order)
-        for k in order:
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(keys)
+        for k in keys:
             f = fns[k]
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(time.perf_counter() - t0)
     return {
-        k: {"median_s": statistics.median(v), "min_s": min(v), "p90_s": float(np.percentile(v, 90)),
-            "repeats": len(v)}
+        k: {
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "p90_s": float(np.percentile(v, 90)),
+            "rounds": len(v),
+        }
         for k, v in times.items()
     }
 
@@ -159,50 +320,230 @@ def torch_dynamic_int8(model: nn.Module) -> tuple[nn.Module, int]:
     nbytes = 0
     for m in model.modules():
         for name, p in m.named_parameters(recurse=False):
-            if isinstance(m, nn.Linear) and name == "weight":
-                nbytes += p.numel() + 8  # int8 + per-tensor scale / zero point
-            else:
-                nbytes += 4 * p.numel()
+            is_w = isinstance(m, nn.Linear) and name == "weight"
+            nbytes += p.numel() + 8 if is_w else 4 * p.numel()  # int8 + per-tensor scale / zero point
     return q, nbytes
 
 
-def ort_int8(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path):
-    """(run(x) -> y, quantized ONNX bytes) or raises when onnx / onnxruntime are missing."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@contextlib.contextmanager
+def _quiet():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
 
-    fp32_path = workdir / "model_fp32.onnx"
-    q_path = workdir / "model_int8.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+
+class _Calibration:
+    """onnxruntime ``CalibrationDataReader`` over a list of input batches."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {"x": x}
+
+    def rewind(self) -> None:  # (not needed by MinMax; present for newer readers)
+        pass
+
+
+def export_onnx(
+    model: nn.Module, example: Tensor, calib: Sequence[np.ndarray], workdir: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """FP32, dynamic int8 and static QDQ int8 ONNX files of ``model`` -> (paths, why-missing)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    paths: dict[str, Path] = {}
+    missing: dict[str, str] = {}
+    fp32 = workdir / "fp32.onnx"
+    with _quiet():
         torch.onnx.export(
-            model, (example,), str(fp32_path), dynamo=False, input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
+            model,
+            (example,),
+            str(fp32),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            opset_version=17,
         )
-        ort_log = logging.getLogger()
-        level = ort_log.level
-        ort_log.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(str(fp32_path), str(q_path), weight_type=QuantType.QInt8)
-        finally:
-            ort_log.setLevel(level)
+    paths["ort-fp32"] = fp32
+    try:
+        with _quiet():
+            quantize_dynamic(str(fp32), str(workdir / "dyn.onnx"), weight_type=QuantType.QInt8)
+        paths["ort-dyn-int8"] = workdir / "dyn.onnx"
+    except Exception as e:
+        missing["ort-dyn-int8"] = f"quantize_dynamic failed: {e}"
+    src = fp32
+    try:
+        from onnxruntime.quantization import quant_pre_process
+
+        with _quiet():
+            quant_pre_process(str(fp32), str(workdir / "pre.onnx"))
+        src = workdir / "pre.onnx"
+    except Exception as e:  # pre-processing is an optimisation; quantize the export itself
+        log.info("quant_pre_process failed (%s); static quantization of the plain export", e)
+    try:
+        with _quiet():
+            quantize_static(
+                str(src),
+                str(workdir / "qdq.onnx"),
+                _Calibration(calib),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        paths["ort-qdq-int8"] = workdir / "qdq.onnx"
+    except Exception as e:
+        missing["ort-qdq-int8"] = f"quantize_static failed: {e}"
+    return paths, missing
+
+
+def ort_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(q_path), so, providers=["CPUExecutionProvider"])
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {"x": x})[0]
-
-    return run, q_path.stat().st_size
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"x": x})[0]
 
 
-def quantized_model(model: nn.Module, weight: dict[str, Any]) -> nn.Module:
+# ----------------------------------------------------------------------------------------------
+# lowbit
+# ----------------------------------------------------------------------------------------------
+
+
+def quantized_model(model: nn.Module, variant: str) -> nn.Module:
     import lowbit
 
+    w, a, _ = VARIANTS[variant]
     q = copy.deepcopy(model)
-    lowbit.quantize(q, {"default": {"weight": weight, "activation": ACTIVATION}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (unsigned quantizers on signed inputs warn; speed is what counts)
+        lowbit.quantize(q, {"default": {"weight": w, "activation": a}})
     return q.eval()
+
+
+def held_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every numpy array and tensor reachable from ``obj`` through containers, dataclasses
+    and runtime objects (each buffer once): what a packed layer keeps in memory, its bit planes,
+    int8-expanded weights and caches alike. Other ``nn.Module``s (quantizers) are not followed."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, np.ndarray):
+        base = obj
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        key = base.__array_interface__["data"][0]
+        if key in seen:
+            return 0
+        seen.add(key)
+        return int(base.nbytes)
+    if isinstance(obj, Tensor):
+        st = obj.untyped_storage()
+        if st.data_ptr() in seen:
+            return 0
+        seen.add(st.data_ptr())
+        return int(st.nbytes())
+    if id(obj) in seen:
+        return 0
+    if isinstance(obj, dict):
+        seen.add(id(obj))
+        return sum(held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        seen.add(id(obj))
+        return sum(held_bytes(v, seen) for v in obj)
+    is_runtime = type(obj).__module__.startswith("lowbit.runtime")
+    if isinstance(obj, nn.Module) and not is_runtime:
+        return 0
+    if is_runtime and hasattr(obj, "__dict__"):
+        seen.add(id(obj))
+        return sum(held_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def memory_bytes(packed: Any) -> dict[str, int]:
+    """``{"in_memory", "int8_copy"}`` bytes of a compiled model: every array its packed layers hold
+    (:func:`held_bytes`) plus the float parameters and buffers left in PyTorch; ``int8_copy`` is the
+    int8-expanded weights (``layer.i8``) alone."""
+    seen: set[int] = set()
+    total = 0
+    int8 = 0
+    for layer in packed.packed_layers().values():
+        total += held_bytes(vars(layer), seen)
+        i8 = getattr(layer, "i8", None)
+        if i8 is not None:
+            int8 += held_bytes(i8, set())
+    for p in list(packed.module.parameters()) + list(packed.module.buffers()):
+        if p.is_floating_point():
+            total += held_bytes(p, seen)
+    return {"in_memory": total, "int8_copy": int8}
+
+
+def kernel_summary(packed: Any) -> str:
+    """How many layers run which packed kernel, and how many stay in PyTorch."""
+    c = Counter(r.detail if r.kind == "packed" else "PyTorch" for r in packed.layers)
+    return ", ".join(f"{n} x {d}" for d, n in c.items())
+
+
+def rel_diff(got: Any, ref: Tensor | None) -> float | None:
+    if ref is None or not isinstance(got, Tensor):
+        return None
+    return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@dataclass
+class LowbitEngine:
+    packed: Any
+    ref64: Tensor | None  # float64 reference output on the largest batch
+    meta: dict[str, Any]
+
+
+def build_lowbit(fmodel: nn.Module, variant: str, example: Tensor, x_all: Tensor) -> LowbitEngine:
+    from lowbit.runtime import compile as rt_compile
+    from lowbit.runtime.compiler import reference_fp64
+
+    qm = quantized_model(fmodel, variant)
+    t = time.perf_counter()
+    packed = rt_compile(qm, example)
+    compile_s = time.perf_counter() - t
+    try:
+        ref = reference_fp64(qm, x_all)
+        ref = ref if isinstance(ref, Tensor) else None
+    except Exception as e:  # a model that cannot run in float64: no exactness check
+        log.warning("speed: no float64 reference for %s (%s)", variant, e)
+        ref = None
+    mem = memory_bytes(packed)
+    n_packed = sum(r.kind == "packed" for r in packed.layers)
+    meta = {
+        "weight_bytes": int(packed.weight_bytes()),
+        "weight_bytes_in_memory": mem["in_memory"],
+        "int8_copy_bytes": mem["int8_copy"],
+        "compile_s": compile_s,
+        "batch_chunk": int(packed.batch_chunk),
+        "packed_layers": f"{n_packed}/{len(packed.layers)}",
+        "note": VARIANTS[variant][2],
+    }
+    del qm
+    return LowbitEngine(packed, ref, meta)
+
+
+def _infer(model: nn.Module, x: Tensor) -> Any:
+    with torch.inference_mode():
+        return model(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,223 +551,218 @@ def quantized_model(model: nn.Module, weight: dict[str, Any]) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
+def run_case(
+    name: str,
+    case: Case,
+    threads: Sequence[int],
+    batches: Sequence[int],
+    variants: Sequence[str],
+    repeats: int,
+    block_s: float,
+    seed: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one case (every batch x thread count x method) and its info (setup time, kernels)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    set_threads(max(threads))
+    fmodel = case.build().eval()
+    _randomize_bn(fmodel, seed)
+    x_all = make_inputs(case, max(batches), seed)
+    example = x_all[: min(8, len(x_all))]
+    calib = [make_inputs(case, 8, seed + 1000 + i).numpy() for i in range(4)]
+    info: dict[str, Any] = {"label": case.label, "kernels": {}, "missing": {}}
+    meta: dict[str, dict[str, Any]] = {
+        "torch-fp32": {
+            "weight_bytes": float_weight_bytes(fmodel),
+            "weight_bytes_in_memory": float_weight_bytes(fmodel),
+            "note": "PyTorch FP32",
+        }
+    }
+    dyn, dyn_bytes = torch_dynamic_int8(fmodel)
+    meta["torch-dyn-int8"] = {
+        "weight_bytes": dyn_bytes,
+        "weight_bytes_in_memory": dyn_bytes,
+        "note": "quantize_dynamic: Linear int8, conv FP32",
+    }
+    sessions: dict[int, dict[str, Callable[[np.ndarray], np.ndarray]]] = {t: {} for t in threads}
+    with tempfile.TemporaryDirectory() as td:
+        try:
+            paths, info["missing"] = export_onnx(fmodel, example, calib, Path(td))
+        except Exception as e:
+            log.warning("speed: onnx export of %s failed (%s); no onnxruntime baselines", name, e)
+            paths, info["missing"] = {}, {"ort-*": f"torch.onnx.export failed: {e}"}
+        for m, p in paths.items():
+            meta[m] = {
+                "weight_bytes": p.stat().st_size,
+                "weight_bytes_in_memory": None,
+                "note": "onnx file size",
+            }
+            for t in threads:
+                sessions[t][m] = ort_session(p, t)
+    engines: dict[str, LowbitEngine] = {}
+    for v in variants:
+        engines[v] = build_lowbit(fmodel, v, example, x_all)
+        info["kernels"][v] = kernel_summary(engines[v].packed)
+        gc.collect()
+    info["setup_s"] = time.perf_counter() - t0
+    log.info("speed: %s set up in %.0f s", name, info["setup_s"])
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        x = x_all[:batch].contiguous()
+        xn = x.numpy()
+        for t in threads:
+            set_threads(t)
+            fns: dict[str, Callable[[], Any]] = {
+                "torch-fp32": lambda x=x: _infer(fmodel, x),
+                "torch-dyn-int8": lambda x=x: _infer(dyn, x),
+            }
+            for m, run in sessions[t].items():
+                fns[m] = lambda run=run, xn=xn: run(xn)
+            for v, e in engines.items():
+                fns[f"lowbit-{v}"] = lambda p=e.packed, x=x: p(x)
+            timing = time_interleaved(
+                fns, repeats if batch < 64 else max(3, repeats // 3), block_s, seed=seed + batch
+            )
+            for k, tm in timing.items():
+                row = {
+                    "threads": t,
+                    "model": name,
+                    "model_label": case.label,
+                    "batch": batch,
+                    "method": k,
+                    "median_ms": tm["median_s"] * 1e3,
+                    "min_ms": tm["min_s"] * 1e3,
+                    "p90_ms": tm["p90_s"] * 1e3,
+                    "rounds": tm["rounds"],
+                    "throughput_per_s": batch / tm["median_s"],
+                }
+                if k.startswith("lowbit-"):
+                    e = engines[k.removeprefix("lowbit-")]
+                    ref = None if e.ref64 is None else e.ref64[:batch]
+                    row.update(e.meta, max_rel_diff_vs_fakequant_fp64=rel_diff(e.packed(x), ref))
+                else:
+                    row.update(meta[k])
+                rows.append(row)
+            log.info(
+                "speed: %s batch %d, %d thread(s): %d rounds (%.0f s elapsed)",
+                name,
+                batch,
+                t,
+                next(iter(timing.values()))["rounds"],
+                time.perf_counter() - t0,
+            )
+    info["total_s"] = time.perf_counter() - t0
+    return rows, info
+
+
 def run_speed_benchmark(
-    models: Sequence[str] = ("mlp", "lenet5", "resnet20"),
-    batches: Sequence[int] = (1, 32, 256),
+    cases: Sequence[str] | None = None,
+    threads: int | Sequence[int] = (1, 2),
+    batches: Sequence[int] | None = None,
+    variants: Sequence[str] | None = None,
     repeats: int = 15,
+    block_s: float = 5.0,
     out_dir: str | os.PathLike | None = None,
-    weights: Sequence[str] = ("binary", "ternary", "4bit"),
-    threads: int | Sequence[int] = 2,
-    baselines: Sequence[str] = ("fp32", "torch-dyn-int8", "ort-int8"),
+    quick: bool = False,
+    resume: bool = False,
     seed: int = 0,
     command: str | None = None,
-    quick: bool = False,
-) -> list[dict[str, Any]]:
-    """Time every model x batch x method; write ``speed.json`` / ``speed.md`` into ``out_dir``
-    (when given) and return the rows.
+    gemv_json: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Time every case x batch x thread count x method; write ``speed.{json,md,png}`` into
+    ``out_dir`` (when given) and return the payload (``rows``, ``targets``, ``cases``, ...).
 
-    ``repeats`` interleaved rounds per (model, batch), fewer (at least 3) at batch >= 256.
-    ``quick``: batches 1 and 32, 5 rounds, binary weights only (about a minute).
-    ``threads``: torch / numba / onnxruntime threads; a sequence runs the whole benchmark once
-    per value (rows carry ``threads``).
+    ``cases``: keys of :data:`CASES` (``quick``: of :data:`QUICK_CASES`, small models, 3 rounds);
+    ``batches`` / ``variants``: restrict each case's own lists; ``repeats``: at most this many
+    rounds per block (a third at batch >= 64), ``block_s`` the time budget that sets the rounds.
+    ``resume``: reuse the cases a killed run with the same settings finished
+    (``speed.partial.json`` in ``out_dir``). ``gemv_json``: the GEMV benchmark's results (default
+    ``gemv.json`` beside the output) for the 2048^2 GEMV target.
     """
-    if not isinstance(threads, int):
-        rows_all: list[dict[str, Any]] = []
-        info_all: dict[str, Any] = {}
-        load_start = machine_info().get("loadavg")
-        t0 = time.perf_counter()
-        for th in threads:
-            rows_all += run_speed_benchmark(
-                models, batches, repeats, None, weights, int(th), baselines, seed, command, quick
-            )
-            info_all = _LAST_INFO.copy()
-        if out_dir is not None:
-            info_all["threads"] = list(threads)
-            info_all["loadavg"] = load_start
-            info_all["loadavg_end"] = machine_info().get("loadavg")
-            info_all["total_s"] = time.perf_counter() - t0
-            write_results(rows_all, info_all, Path(out_dir), command)
-        return rows_all
-    from lowbit.models import build_model
-
+    table = QUICK_CASES if quick else CASES
+    cases = list(cases or table)
+    bad = [c for c in cases if c not in table]
+    if bad:
+        raise ValueError(f"unknown case(s) {bad}; allowed: {', '.join(table)}")
     if quick:
-        batches = tuple(b for b in batches if b <= 32) or (1,)
-        repeats = min(repeats, 5)
-        weights = tuple(weights[:1])
-    if command is None:
-        command = "lowbit bench speed" + (" --quick" if quick else "")
-
-    from lowbit.runtime import compile as rt_compile
-
-    torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except Exception:
-        pass
+        repeats = min(repeats, 3)
+        block_s = min(block_s, 0.5)
+    threads = [threads] if isinstance(threads, int) else [int(t) for t in threads]
+    config = {
+        "cases": cases,
+        "threads": threads,
+        "batches": list(batches or []),
+        "variants": list(variants or []),
+        "repeats": repeats,
+        "block_s": block_s,
+        "quick": quick,
+        "seed": seed,
+    }
+    out = Path(out_dir) if out_dir is not None else None
+    partial = out / "speed.partial.json" if out is not None else None
+    done: dict[str, Any] = {}
+    if resume and partial is not None and partial.is_file():
+        state = json.loads(partial.read_text())
+        if state.get("config") == config:
+            done = state["cases"]
+            log.info("speed: resuming, %s already done", ", ".join(done) or "nothing")
+    t0 = time.perf_counter()
     info = machine_info()
-    info["threads"] = threads
     rows: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    for mname in models:
-        spec = MODELS[mname]
-        torch.manual_seed(seed)
-        name, kw = spec["build"]
-        fmodel = build_model(name, **kw).eval()
-        _randomize_bn(fmodel, seed)
-        shape = spec["input"]
-        qmodels = {w: quantized_model(fmodel, WEIGHTS[w]) for w in weights}
-        dyn, dyn_bytes = torch_dynamic_int8(fmodel) if "torch-dyn-int8" in baselines else (None, 0)
-        ort_run, ort_bytes = None, 0
-        with tempfile.TemporaryDirectory() as td:
-            if "ort-int8" in baselines:
-                try:
-                    ort_run, ort_bytes = ort_int8(fmodel, torch.rand(1, *shape), threads, Path(td))
-                except Exception as e:
-                    log.warning("onnxruntime baseline unavailable: %s", e)
-            for batch in batches:
-                g = torch.Generator().manual_seed(seed + batch)
-                x = torch.rand(batch, *shape, generator=g)
-                xn = x.numpy()
-                fns: dict[str, Callable[[], Any]] = {}
-                meta: dict[str, dict[str, Any]] = {}
-                if "fp32" in baselines:
-                    fns["fp32"] = lambda m=fmodel, x=x: _infer(m, x)
-                    meta["fp32"] = {"weight_bytes": float_weight_bytes(fmodel), "note": "PyTorch FP32"}
-                if dyn is not None:
-                    fns["torch-dyn-int8"] = lambda d=dyn, x=x: _infer(d, x)
-                    meta["torch-dyn-int8"] = {"weight_bytes": dyn_bytes,
-                                              "note": "quantize_dynamic: Linear int8, conv FP32"}
-                if ort_run is not None:
-                    fns["ort-int8"] = lambda r=ort_run, xn=xn: r(xn)
-                    meta["ort-int8"] = {"weight_bytes": ort_bytes,
-                                        "note": "onnxruntime quantize_dynamic QInt8 (file size)"}
-                for w, qm in qmodels.items():
-                    tc = time.perf_counter()
-                    packed = rt_compile(qm, x)
-                    compile_s = time.perf_counter() - tc
-                    key = f"lowbit-{w}"
-                    fns[key] = lambda p=packed, x=x: p(x)
-                    meta[key] = {
-                        "weight_bytes": packed.weight_bytes(),
-                        "note": f"{WEIGHTS[w]['method']} w{WEIGHTS[w]['bits']} x pact a4, all layers packed"
-                        if all(r.kind == "packed" for r in packed.layers)
-                        else f"{sum(r.kind == 'packed' for r in packed.layers)}/{len(packed.layers)} packed",
-                        "max_rel_diff_vs_fakequant": packed.max_rel_diff,
-                        "max_rel_diff_vs_fakequant_fp64": _rel_diff_fp64(qm, packed, x),
-                        "compile_s": compile_s,
-                        "batch_chunk": packed.batch_chunk,
-                    }
-                reps = repeats if batch < 256 else max(3, repeats // 3)
-                timing = time_interleaved(fns, reps)
-                base = timing.get("fp32", {}).get("median_s")
-                for k, tm in timing.items():
-                    row = {
-                        "threads": threads,
-                        "model": mname,
-                        "model_label": spec["label"],
-                        "batch": batch,
-                        "method": k,
-                        "median_ms": tm["median_s"] * 1e3,
-                        "min_ms": tm["min_s"] * 1e3,
-                        "p90_ms": tm["p90_s"] * 1e3,
-                        "repeats": tm["repeats"],
-                        "throughput_per_s": batch / tm["median_s"],
-                        "speedup_vs_fp32": (base / tm["median_s"]) if base else None,
-                        **meta[k],
-                    }
-                    rows.append(row)
-                log.info("speed: %s batch %d threads %d done (%.0fs elapsed)", mname, batch, threads,
-                         time.perf_counter() - t_start)
+    case_info: dict[str, Any] = {}
+    for name in cases:
+        if name in done:
+            rows += done[name]["rows"]
+            case_info[name] = done[name]["info"]
+            continue
+        c = table[name]
+        bs = [b for b in c.batches if not batches or b in batches]
+        vs = [v for v in c.variants if not variants or v in variants]
+        if not bs:
+            continue
+        r, ci = run_case(name, c, threads, bs, vs, repeats, block_s, seed)
+        rows += r
+        case_info[name] = ci
+        done[name] = {"rows": r, "info": ci}
+        gc.collect()
+        if partial is not None:
+            atomic_write_text(partial, json.dumps({"config": config, "cases": done}, default=float))
+    set_threads(1)
     info["loadavg_end"] = machine_info().get("loadavg")
-    info["total_s"] = time.perf_counter() - t_start
-    _LAST_INFO.clear()
-    _LAST_INFO.update(info)
-    if out_dir is not None:
-        write_results(rows, info, Path(out_dir), command)
-    return rows
+    add_ratios(rows)
+    gpath = Path(gemv_json) if gemv_json is not None else (out or RESULTS) / "gemv.json"
+    gemv = read_gemv(gpath)
+    used = {v for c in cases for v in table[c].variants if not variants or v in variants}
+    payload = {
+        "meta": {
+            "command": command or "lowbit bench speed" + (" --quick" if quick else ""),
+            "git": git_state(BENCH.parent),
+            "machine": machine(),
+            "versions": versions(),
+            "seeds": [seed],
+        },
+        "machine_info": info,
+        "config": config,
+        "quick": quick,
+        "seed": seed,
+        "variants": {v: VARIANTS[v][2] for v in VARIANTS if v in used},
+        "cases": case_info,
+        "gemv": gemv,
+        "targets": evaluate_targets(rows, gemv),
+        "rows": rows,
+    }
+    # (resumed cases count with the time they took in the run that measured them)
+    payload["total_s"] = sum(ci.get("total_s", 0.0) for ci in case_info.values())
+    payload["wall_s"] = time.perf_counter() - t0
+    if out is not None:
+        write_results(payload, out)
+        if partial is not None and partial.is_file():
+            partial.unlink()
+    return payload
 
 
-def _rel_diff_fp64(qmodel: nn.Module, packed: nn.Module, x: torch.Tensor) -> float:
-    """Largest relative difference of the packed output to the fake-quantized model run in float64
-    (``compiler.reference_fp64``: the integer arithmetic the packed kernels do exactly)."""
-    from lowbit.runtime.compiler import reference_fp64
-
-    ref = reference_fp64(qmodel, x)
-    got = packed(x).double()
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
-def _infer(model: nn.Module, x: torch.Tensor) -> Any:
-    with torch.inference_mode():
-        return model(x)
-
-
-def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str | None = None) -> str:
-    lines = [
-        "# Speed: lowbit packed runtime vs FP32 / int8 baselines",
-        "",
-        f"Machine: {info.get('cpu')} ({info.get('logical_cpus')} logical CPUs, "
-        f"SIMD: {', '.join(info.get('simd', [])) or 'n/a'}); threads per run: "
-        f"{info.get('threads', info.get('torch_threads'))} (torch, numba and onnxruntime intra-op alike).",
-        f"Versions: python {info.get('python')}, torch {info.get('torch')}, numpy {info.get('numpy')}, "
-        f"numba {info.get('numba')}, onnx {info.get('onnx')}, onnxruntime {info.get('onnxruntime')}.",
-        f"Load average at start / end: {' '.join(info.get('loadavg', []))} / "
-        f"{' '.join(info.get('loadavg_end') or [])}; total time {info.get('total_s', 0):.0f} s.",
-    ]
-    if command:
-        lines.append(f"Command: `{command}`")
-    lines += [
-        "",
-        "Latency is the median over interleaved rounds (all methods of one model and batch take turns, in",
-        "a new random order each round), min is the best round; speed-up is FP32 median / method",
-        "median. Weight bytes: packed bit planes + float32 per-channel scale and bias (lowbit;",
-        "the int8 kernels also keep one int8 byte per weight in memory), int8 Linear weights (torch",
-        "dynamic), the quantized .onnx file (onnxruntime), float32 parameters (FP32).",
-        "",
-        "| threads | model | batch | method | median ms | min ms | throughput /s | speed-up vs FP32 |"
-        " weight bytes |",
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        sp = r["speedup_vs_fp32"]
-        lines.append(
-            f"| {r['threads']} | {r['model_label']} | {r['batch']} | {r['method']} | {r['median_ms']:.3f} | "
-            f"{r['min_ms']:.3f} | "
-            f"{r['throughput_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} | {r['weight_bytes']:,} |"
-        )
-    notes = sorted({f"{r['method']}: {r['note']}" for r in rows})
-    lines += ["", "Methods:", ""] + [f"- {n}" for n in notes]
-    diffs = [r for r in rows if r.get("max_rel_diff_vs_fakequant") is not None]
-    if diffs:
-        worst = max(diffs, key=lambda r: r["max_rel_diff_vs_fakequant"])
-        lines += [
-            "",
-            f"Exactness check (on the benchmark batch): largest relative output difference to the "
-            f"fake-quantized PyTorch model in float32 {worst['max_rel_diff_vs_fakequant']:.2e} "
-            f"({worst['model']}, batch {worst['batch']}, {worst['method']})",
-        ]
-        d64 = [r for r in diffs if r.get("max_rel_diff_vs_fakequant_fp64") is not None]
-        if d64:
-            w64 = max(d64, key=lambda r: r["max_rel_diff_vs_fakequant_fp64"])
-            lines[-1] += (
-                f"; to the same model run in float64 {w64['max_rel_diff_vs_fakequant_fp64']:.2e} "
-                f"({w64['model']}, batch {w64['batch']}, {w64['method']}). The float32 model can put a "
-                "value that lies within float32 rounding of an activation quantizer's rounding boundary on "
-                "the neighbouring code (its convolutions round, the packed integer sums do not); the "
-                "float64 run shows that the packed model computes the quantized network exactly."
-            )
-        else:
-            lines[-1] += "."
-    return "\n".join(lines) + "\n"
-
-
-def write_results(
-    rows: list[dict[str, Any]], info: dict[str, Any], out_dir: Path, command: str | None
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "command": command, "rows": rows}
-    atomic_write(out_dir / "speed.json", (json.dumps(payload, indent=1, default=float) + "\n").encode())
-    atomic_write(out_dir / "speed.md", to_markdown(rows, info, command).encode())
-
+def write_results(payload: dict[str, Any], out: Path) -> None:
+    """speed.json, speed.md and speed.png in ``out`` (each written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_result_pair(out, "speed", payload, to_markdown(payload))
+    plot(payload["rows"], out / "speed.png")
