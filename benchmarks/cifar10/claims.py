@@ -1,0 +1,922 @@
+"""The CIFAR-10 ResNet-20 claims campaign: each seed paper's claim re-measured where it was made.
+
+    python benchmarks/cifar10/claims.py --budget cpu            # run or resume everything (CPU budget)
+    python benchmarks/cifar10/claims.py --budget gpu            # the papers' schedules, --device cuda
+    python benchmarks/cifar10/claims.py --budget cpu --only bcgd dcq --seeds 0
+    python benchmarks/cifar10/claims.py --budget cpu --report-only   # tables from the run directories
+    python benchmarks/cifar10/claims.py --budget gpu --unpack in.tar.gz --stop-after 500 \\
+        --archive out.tar.gz                                      # one timed slice of a GPU session
+    python benchmarks/cifar10/claims.py --plan                  # the jobs and their order, nothing run
+
+:data:`CLAIMS` is the table of issue 12: one :class:`Claim` per row (the paper, its number, the
+runs it needs, the checks that give verdicts). Every quantized run starts from the float
+ResNet-20 of the same seed (``init="float"``) unless it says ``"scratch"``; paired claims
+compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds the schedules:
+
+- ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.7%
+  in benchmarks/results/cifar10.md), quantized fine-tunes 5 epochs (each recipe's optimizer), one
+  thread per run, two runs side by side; 3 seeds for the paired claims (BCGD with first/last float,
+  DCQ at W2, SinReQ at W4, WPC, multipoint PTQ), 1 for the rest. On an idle core (about 100 s per
+  float epoch, 130 s per quantized epoch at one thread) the float models and the paired claims are
+  about 6 CPU-hours, 3 hours on two cores; the rest adds about 2. The searches (ReLeQ, WaveQ,
+  width vs mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU
+  budget only.
+- ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
+  epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
+  per GPU at once, ``--device cuda``.
+- ``smoke``: 1 epoch on 512 training images, to check that every kind of run goes end to end.
+
+Runs live under ``runs/cifar10-claims/<budget>/<run>/seed<k>`` (``lowbit train`` directories).
+A finished run (``result.json``) is reused; an unfinished one resumes from its last epoch's
+checkpoint, so a killed campaign resumes where it stopped. ``--stop-after SECONDS`` stops the
+running jobs (they resume next time) and still writes the tables and the archive. Data: the
+CIFAR-10 JPEG copy (``--data-dir``; close to, not identical with, the original images).
+
+Writes ``benchmarks/results/cifar10_claims.{md,json,png}``: per check the paper's number, ours
+(mean ± std over seeds, n), the difference and a verdict (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import run_meta, write_results  # noqa: E402
+
+log = logging.getLogger("cifar10_claims")
+
+RC = "recipes/cifar10"  # the campaign's own recipes (paths relative to the repository root)
+
+
+# ----------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Arm:
+    """One kind of run, trained (or quantized) once per seed under ``runs/.../<key>/seed<k>``.
+
+    ``recipe``: a shipped recipe name, a path, or None (float); ``override`` is merged into it
+    (dicts key by key, lists replaced). Strings ``{float}`` (the float run directory of the same
+    seed and width) and ``{q_half}`` (half the budget's fine-tune epochs) are filled in at run time.
+    ``kind``: ``train`` (lowbit.experiment.train_run) or ``ptq`` (post-training, no training;
+    ``ptq`` options: ``method`` rtn | multipoint, ``bits``, ``budget``)."""
+
+    key: str
+    recipe: str | None = None
+    override: Mapping[str, Any] = field(default_factory=dict)
+    init: str = "float"  # "float" (same seed, same width) or "scratch"
+    width: float = 1.0
+    kind: str = "train"
+    ptq: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict. ``rule``: ``level`` (our accuracy against the paper's, %), ``drop`` (float minus
+    arm, pp, against the paper's drop), ``gain`` (arm ``a`` minus arm ``b``, pp, seed by seed; the
+    paper claims it is positive), ``measure`` (no number to set beside ours)."""
+
+    label: str
+    rule: str
+    arms: tuple[str, ...]
+    paper: float | None
+    paper_text: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    row: str  # the issue's row
+    citation: str
+    arms: tuple[Arm, ...]
+    checks: tuple[Check, ...]
+    paired: bool = False  # with vs without: 3 seeds even on the CPU budget
+    search: str | None = None  # needs a search the campaign does not run yet (releq, waveq)
+    departs: str = ""
+
+
+def _ar(key: str, recipe: str | None, **kw: Any) -> Arm:
+    return Arm(key, recipe, **kw)
+
+
+FLOAT = _ar("float", None, init="scratch")
+FLOAT_W2 = _ar("float-w2", None, init="scratch", width=2.0)
+_SINREQ = {"methods": [{"name": "sinreq", "weight": 1.0, "grid": "dorefa"}]}
+_SINREQ_Q = {"methods": [{"name": "sinreq", "weight": 1.0, "grid": "quantizer"}]}
+_DCQ = {"methods": [{"name": "dcq", "teacher": "{float}", "dcq_epochs": "{q_half}"}]}
+_RVSM = {p: {"methods": [{"name": "rvsm", "penalty": p, "lam": 1.0e-3, "beta": 1.0}]} for p in ("l1", "l0", "tl1")}
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("float", "float baseline", "He et al. 2016 (91.25); TTQ's baseline 91.77 (Zhu et al. 2017)",
+          (FLOAT,), (Check("ResNet-20 float test accuracy", "level", ("float",), 91.7, "≈ 91.7%"),)),
+    Claim("bcgd", "BCGD", "Yin et al. 2019, blended coarse gradient descent",
+          (_ar("bcgd-fl", f"{RC}/bcgd-w1a4-fl.yaml"),
+           _ar("bcgd-fl-rho0", f"{RC}/bcgd-w1a4-fl.yaml", override={"methods": [{"name": "bcgd", "rho": 0.0}]}),
+           _ar("bcgd-all", f"{RC}/bcgd-w1a4-all.yaml"),
+           _ar("bcgd-all-rho0", f"{RC}/bcgd-w1a4-all.yaml",
+               override={"methods": [{"name": "bcgd", "rho": 0.0}]})),
+          (Check("W1A4, first/last float: rho 1e-5 minus rho 0", "gain", ("bcgd-fl", "bcgd-fl-rho0"), None,
+                 "blending helps at 1 bit"),
+           Check("W1A4, every layer: rho 1e-5 minus rho 0", "gain", ("bcgd-all", "bcgd-all-rho0"), None,
+                 "blending helps at 1 bit")),
+          paired=True, departs="Adam fine-tune from the float model (the paper trains with its own SGD schedule)"),
+    Claim("dcq", "DCQ", "Elthakeb et al. 2020 (ICML), divide-and-conquer quantization",
+          (_ar("dorefa-w2", f"{RC}/dorefa-w2.yaml"), _ar("dorefa-w2-dcq", f"{RC}/dorefa-w2.yaml", override=_DCQ),
+           _ar("dorefa-w1", f"{RC}/dorefa-w1.yaml"), _ar("dorefa-w1-dcq", f"{RC}/dorefa-w1.yaml", override=_DCQ)),
+          (Check("DoReFa W2: with minus without DCQ", "gain", ("dorefa-w2-dcq", "dorefa-w2"), 9.7, "up to +9.7"),
+           Check("DoReFa W1: with minus without DCQ", "gain", ("dorefa-w1-dcq", "dorefa-w1"), 9.7, "up to +9.7")),
+          paired=True, departs="sections = stem, the three stages, head; sectioned loss for half the epochs, "
+          "then whole-model KD"),
+    Claim("sinreq", "SinReQ", "Elthakeb et al. 2019 (arXiv 1905.01416)",
+          tuple(a for b in (4, 3, 5) for a in (
+              _ar(f"dorefa-w{b}", f"{RC}/dorefa-w{b}.yaml"),
+              _ar(f"dorefa-w{b}-sinreq", f"{RC}/dorefa-w{b}.yaml", override=_SINREQ))) + tuple(
+              a for b in (4, 3, 5) for a in (
+                  _ar(f"wrpn-w{b}", f"{RC}/wrpn-w{b}.yaml", width=2.0),
+                  _ar(f"wrpn-w{b}-sinreq", f"{RC}/wrpn-w{b}.yaml", width=2.0, override=_SINREQ_Q))),
+          tuple(Check(f"DoReFa W{b}: with minus without SinReQ", "gain", (f"dorefa-w{b}-sinreq", f"dorefa-w{b}"),
+                      2.82, "+2.82 over DoReFa") for b in (4, 3, 5))
+          + tuple(Check(f"WRPN W{b} (2x wide): with minus without SinReQ", "gain",
+                        (f"wrpn-w{b}-sinreq", f"wrpn-w{b}"), 2.11, "+2.11 over WRPN") for b in (4, 3, 5)),
+          paired=True, departs="lambda 1 (mean over a layer's weights, not tuned); float activations"),
+    Claim("ternary", "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
+          "Zhu et al. 2017 (TTQ); Li et al. 2016 (TWN); He, Gong & Fan 2019; He & Fan 2019 (TGA); "
+          "Yin et al. 2019 (LBW)",
+          (_ar("ttq", "ttq-w2"), _ar("twn", "twn-w2"), _ar("ternary-stat", "ternary-stat-w2"),
+           _ar("ternary-stat-tex2", "ternary-stat-tex2-w2"), _ar("tga", "tga-w2"), _ar("lbw-w2", "lbw-w2"),
+           _ar("lbw-w4", "lbw-w4")),
+          (Check("TTQ drop vs float", "drop", ("ttq",), 0.64, "91.77 -> 91.13 (drop 0.64)"),
+           Check("TGA minus TWN", "gain", ("tga", "twn"), None, "TGA's drop below TWN's"),
+           Check("TGA minus TTQ", "gain", ("tga", "ttq"), None, "TGA's drop below TTQ's"),
+           Check("statistical ternary: residual expansion minus plain", "gain", ("ternary-stat-tex2", "ternary-stat"),
+                 None, "expansion helps"),
+           Check("TWN drop vs float", "measure", ("twn",), None, "-"),
+           Check("LBW ternary drop vs float", "measure", ("lbw-w2",), None, "-"),
+           Check("LBW 4-bit drop vs float", "measure", ("lbw-w4",), None, "-")),
+          departs="weights only (float activations), first and last layer float; Adam fine-tune from float"),
+    Claim("waveq", "WaveQ / SINAREQ", "Elthakeb et al. 2020 (arXiv 2003.00146)", (),
+          (Check("learned bits minus fixed bits at equal average bits", "gain", ("waveq-learned", "waveq-fixed"),
+                 None, "its reported gain"),), search="waveq"),
+    Claim("releq", "ReLeQ", "Elthakeb et al. 2018/2020 (arXiv 1811.01704)", (),
+          (Check("average weight bits at <= 0.3 pt loss", "measure", ("releq",), 5.0,
+                 "≈ 5 bits (CIFAR-10) at <= 0.3 pt loss"),), search="releq",
+          departs="searches weight and activation bits (pairs) so the search is not a corner case"),
+    Claim("width", "width multiplier vs mixed precision", "Mishra et al. 2018 (WRPN) vs ReLeQ's assignment", (),
+          (Check("single bit-width + wider minus mixed, equal weight bytes", "gain", ("width-wide", "width-mixed"),
+                 None, "single bit-width + width wins"),), search="releq"),
+    Claim("baselines", "PACT, LSQ, DoReFa baselines", "Choi et al. 2018; Esser et al. 2020; Zhou et al. 2016",
+          (_ar("pact-w2a2", f"{RC}/pact-w2a2.yaml"), _ar("pact-w4a4", "pact-w4a4"), _ar("lsq-w2a2", "lsq-w2a2"),
+           _ar("lsq-w4a4", "lsq-w4a4"), _ar("dorefa-w2a2", f"{RC}/dorefa-w2a2.yaml"),
+           _ar("dorefa-w4a4", f"{RC}/dorefa-w4a4.yaml")),
+          (Check("PACT W2A2", "level", ("pact-w2a2",), 88.9, "88.9"),
+           Check("PACT W4A4", "level", ("pact-w4a4",), 90.8, "90.8"),
+           Check("LSQ W2A2", "measure", ("lsq-w2a2",), None, "-"),
+           Check("LSQ W4A4", "measure", ("lsq-w4a4",), None, "-"),
+           Check("DoReFa W2A2", "measure", ("dorefa-w2a2",), None, "-"),
+           Check("DoReFa W4A4", "measure", ("dorefa-w4a4",), None, "-")),
+          departs="Adam fine-tune from the float model, first and last layer float"),
+    Claim("multipoint", "multipoint PTQ", "Liu et al. 2020 (arXiv 2002.09049)",
+          tuple(a for b in (3, 4) for a in (
+              _ar(f"ptq-rtn-w{b}", None, kind="ptq", ptq={"method": "rtn", "bits": b}),
+              _ar(f"ptq-mp-w{b}", None, kind="ptq", ptq={"method": "multipoint", "bits": b, "budget": 1.0}),
+              _ar(f"ptq-mp-w{b}-b1.25", None, kind="ptq",
+                  ptq={"method": "multipoint", "bits": b, "budget": 1.25}))),
+          tuple(Check(f"W{b}: multipoint minus round-to-nearest, equal bits", "gain", (f"ptq-mp-w{b}", f"ptq-rtn-w{b}"),
+                      None, "beats RTN") for b in (3, 4))
+          + tuple(Check(f"W{b}: multipoint 1.25 points/channel minus RTN", "gain",
+                        (f"ptq-mp-w{b}-b1.25", f"ptq-rtn-w{b}"), None, "beats RTN") for b in (3, 4)),
+          paired=True, departs="512 calibration images from the training split; first/last layer and "
+          "activations float"),
+    Claim("rvsm", "RVSM", "Dinh & Xin 2020 (arXiv 1901.09731)",
+          (_ar("rvsm-none", f"{RC}/rvsm-a1.yaml"),) + tuple(
+              _ar(f"rvsm-{p}", f"{RC}/rvsm-a1.yaml", override=_RVSM[p]) for p in ("l1", "l0", "tl1")),
+          tuple(Check(f"{p.upper()}: sparse minus dense (binarized activations)", "gain",
+                      (f"rvsm-{p}", "rvsm-none"), None, "sparsity at little loss") for p in ("l1", "l0", "tl1")),
+          departs="lambda 1e-3, beta 1 (not tuned); float weights, 1-bit activations on every layer but the first"),
+    Claim("wpc", "WPC", "He, Fan et al. 2020 (AAAI), PE-wise structured pruning + ternarization",
+          (_ar("twn-gl", f"{RC}/twn-gl.yaml",
+               override={"methods": [{"name": "wpc", "lam": 1.0e-4, "group": "pe", "pe_in": 4, "wpc": False}]}),
+           _ar("twn-gl-wpc", f"{RC}/twn-gl.yaml")),
+          (Check("ternary + group lasso: with minus without WPC", "gain", ("twn-gl-wpc", "twn-gl"), None,
+                 "structured sparsity at small loss"),),
+          paired=True, departs="group lasso lambda 1e-4 on PE groups of 4 input channels (not tuned)"),
+)
+
+#: the order the CPU budget runs the paired claims in (the rest follow in table order)
+PRIORITY = ("float", "bcgd", "dcq", "sinreq", "wpc", "multipoint")
+#: the arms the CPU budget runs of a claim (others: GPU budget only); a missing claim: every arm
+CPU_ARMS: dict[str, tuple[str, ...]] = {
+    "bcgd": ("bcgd-fl", "bcgd-fl-rho0"),
+    "dcq": ("dorefa-w2", "dorefa-w2-dcq"),
+    "sinreq": ("dorefa-w4", "dorefa-w4-sinreq"),
+}
+#: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
+SMOKE_ARMS: dict[str, tuple[str, ...]] = {
+    "bcgd": ("bcgd-fl-rho0",), "dcq": ("dorefa-w2-dcq",), "sinreq": ("dorefa-w4-sinreq", "wrpn-w4-sinreq"),
+    "ternary": ("tga",), "baselines": ("pact-w2a2",), "multipoint": ("ptq-rtn-w3", "ptq-mp-w3-b1.25"),
+    "rvsm": ("rvsm-tl1",), "wpc": ("twn-gl-wpc",),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    device: str
+    float_train: Mapping[str, Any]
+    q_epochs: int
+    paired_seeds: tuple[int, ...]
+    other_seeds: tuple[int, ...]
+    jobs: int
+    threads: int
+    searches: bool  # run ReLeQ / WaveQ (not implemented yet: see Claim.search)
+    arms: Mapping[str, tuple[str, ...]] | None = None  # per claim, the arms run (None: all)
+    train_subset: int | None = None
+    val_size: int | str = "auto"
+    note: str = ""
+
+
+_SGD = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "tensorboard": False}
+BUDGETS: dict[str, Budget] = {
+    "cpu": Budget("cpu", "cpu", {**_SGD, "epochs": 20, "weight_decay": 5e-4, "schedule": "cosine"}, 5,
+                  (0, 1, 2), (0,), jobs=2, threads=1, searches=False, arms=CPU_ARMS,
+                  note="float 20 epochs, quantized fine-tunes 5 epochs, one thread per run, two runs side by "
+                       "side; 3 seeds for the paired claims (their CPU arms), 1 for the rest"),
+    "gpu": Budget("gpu", "cuda", {**_SGD, "epochs": 160, "weight_decay": 1e-4, "schedule": "step",
+                                  "milestones": [80, 120]}, 160, (0, 1, 2), (0, 1, 2), jobs=6, threads=2,
+                  searches=True,
+                  note="the papers' schedules: float 160 epochs (step at 80/120), quantized 160 epochs; "
+                       "3 seeds per row; six runs per GPU at once"),
+    "smoke": Budget("smoke", "cpu", {**_SGD, "epochs": 1, "weight_decay": 5e-4, "schedule": "cosine"}, 1,
+                    (0,), (0,), jobs=1, threads=1, searches=False, arms=SMOKE_ARMS, train_subset=512, val_size=128,
+                    note="pipeline check: 1 epoch on 512 training images (numbers mean nothing)"),
+}
+
+
+# ----------------------------------------------------------------------------------- the jobs
+@dataclass(frozen=True)
+class Job:
+    claim: str
+    arm: Arm
+    seed: int
+    order: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm.key}/seed{self.seed}"
+
+
+def claim_by_name(name: str) -> Claim:
+    for c in CLAIMS:
+        if c.name == name:
+            return c
+    raise KeyError(f"unknown claim {name!r}; allowed: {[c.name for c in CLAIMS]}")
+
+
+def float_arm(width: float) -> Arm:
+    return FLOAT if width == 1.0 else FLOAT_W2
+
+
+def budget_arms(claim: Claim, budget: Budget) -> tuple[Arm, ...]:
+    """The arms of ``claim`` that ``budget`` runs."""
+    if claim.search and not budget.searches:
+        return ()
+    wanted = (budget.arms or {}).get(claim.name)
+    return tuple(a for a in claim.arms if wanted is None or a.key in wanted)
+
+
+def seeds_for(claim: Claim, budget: Budget) -> tuple[int, ...]:
+    return budget.paired_seeds if claim.paired or claim.name == "float" else budget.other_seeds
+
+
+def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Job]:
+    """Every job of the campaign, in the order they start: the float models first (seed 0 first),
+    then the paired claims in :data:`PRIORITY` order seed by seed, then the rest."""
+    jobs: dict[str, Job] = {}
+    rank = {n: i for i, n in enumerate(PRIORITY)}
+    for ci, claim in enumerate(CLAIMS):
+        if only and claim.name not in only and claim.name != "float":
+            continue
+        arms = budget_arms(claim, budget)
+        for seed in seeds_for(claim, budget):
+            if seeds is not None and seed not in seeds:
+                continue
+            for ai, arm in enumerate(arms):
+                tier = 0 if arm.init == "scratch" else (1 if claim.name in rank else 2)
+                order = (tier, seed if tier < 2 else 0, rank.get(claim.name, len(rank) + ci), seed, ai)
+                if arm.init == "float":  # its float model runs whenever it does (a shared dependency)
+                    dep = Job("float", float_arm(arm.width), seed, (0, seed, 0, seed, 0 if arm.width == 1 else 1))
+                    jobs.setdefault(dep.name, dep)
+                jobs.setdefault(f"{arm.key}/seed{seed}", Job(claim.name, arm, seed, order))
+    return sorted(jobs.values(), key=lambda j: j.order)
+
+
+def run_dir(runs: Path, job: Job) -> Path:
+    return runs / job.arm.key / f"seed{job.seed}"
+
+
+def is_finished(path: Path) -> bool:
+    return (path / "result.json").exists()
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _fill(obj: Any, ctx: Mapping[str, Any]) -> Any:
+    if isinstance(obj, str) and obj in ctx:
+        return ctx[obj]
+    if isinstance(obj, Mapping):
+        return {k: _fill(v, ctx) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_fill(v, ctx) for v in obj]
+    return obj
+
+
+def resolve_recipe(arm: Arm, ctx: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The arm's recipe as a dict, override merged and placeholders filled."""
+    if arm.recipe is None:
+        return None
+    from lowbit.recipe import load_recipe
+
+    src = arm.recipe if not arm.recipe.startswith(RC) else str(ROOT / arm.recipe)
+    base = load_recipe(src).to_dict()
+    return _fill(deep_merge(base, arm.override), ctx)
+
+
+def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str) -> dict[str, Any]:
+    """Everything the worker needs (plain data: it crosses a process boundary)."""
+    out = run_dir(runs, job)
+    fdir = runs / float_arm(job.arm.width).key / f"seed{job.seed}"
+    ctx = {"{float}": str(fdir), "{q_half}": max(1, budget.q_epochs // 2)}
+    epochs = budget.float_train["epochs"] if job.arm.recipe is None and job.arm.kind == "train" else budget.q_epochs
+    train = dict(budget.float_train) if job.arm.recipe is None else {"epochs": epochs, "tensorboard": False}
+    train["seed"] = job.seed
+    spec = {"model": "resnet20", "model_kwargs": {"width_mult": job.arm.width} if job.arm.width != 1.0 else {},
+            "dataset": "cifar10", "data_dir": data_dir, "recipe": resolve_recipe(job.arm, ctx),
+            "init": str(fdir / "best.safetensors") if job.arm.init == "float" else None, "out": str(out),
+            "train": train, "train_subset": budget.train_subset, "val_size": budget.val_size, "device": device}
+    return {"kind": job.arm.kind, "spec": spec, "ptq": dict(job.arm.ptq), "threads": budget.threads,
+            "float_dir": str(fdir)}
+
+
+# ----------------------------------------------------------------------------------- workers
+def work(payload: dict[str, Any]) -> None:
+    """Run one job in this (child) process; its log goes to ``<run>/campaign.log``."""
+    import torch
+
+    out = Path(payload["spec"]["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=out / "campaign.log", level=logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(payload["threads"])
+    if payload["kind"] == "ptq":
+        ptq_run(payload)
+        return
+    from lowbit.experiment import RunSpec, train_run
+
+    train_run(RunSpec(**payload["spec"]), resume=True)
+
+
+def ptq_run(payload: dict[str, Any]) -> dict[str, Any]:
+    """Round-to-nearest (``uniform``, max scale per channel) or multipoint PTQ of the float run:
+    no training; the test set read once. Writes ``result.json`` like a training run."""
+    import torch
+
+    from lowbit.experiment import load_run
+    from lowbit.nn.quantize import quantize
+    from lowbit.ptq import calibration_batches, multipoint_ptq
+    from lowbit.train import atomic_write_text, evaluate
+
+    t0 = time.perf_counter()
+    spec, opt = payload["spec"], payload["ptq"]
+    out = Path(spec["out"])
+    device = "cuda" if spec["device"] == "cuda" and torch.cuda.is_available() else "cpu"
+    model, data, _ = load_run(Path(payload["float_dir"]) / "best.safetensors", device)
+    model.eval()
+    if opt["method"] == "rtn":
+        quantize(model, {"default": {"weight": {"method": "uniform", "bits": opt["bits"], "per_channel": True}},
+                         "rules": [{"match": ["@first", "@last"], "weight": None}]})
+    else:
+        calib = [b.to(device) for b in calibration_batches(data.train, 512)]
+        multipoint_ptq(model, calib, bits=opt["bits"], budget=opt["budget"])
+    val = evaluate(model, data.val, device) if data.val is not None else None
+    test = evaluate(model, data.test, device)
+    size = weight_size(model, tuple(data.in_shape))
+    result = {"run_dir": str(out), "test_acc": test["acc"], "test_loss": test["loss"],
+              "best_acc": val["acc"] if val else None, "epochs": 0, "wall_time_s": time.perf_counter() - t0,
+              "size": size, "device": device, "selected_on": "no training", "ptq": opt}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps({"spec": spec, "ptq": opt}, indent=1))
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    return result
+
+
+def weight_size(model: Any, in_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Weight bytes and BOPs of a (quantized or float) model from the export report; a float
+    model (nothing quantized) counts 4 bytes per parameter and 32 x 32 bit-operations per MAC."""
+    from lowbit.export import model_report
+    from lowbit.nn.quantize import quantized_layers
+
+    if quantized_layers(model):
+        try:
+            t = model_report(model, in_shape).totals()
+            return {"weight_bytes": t["packed_bytes"], "bops": t["bops"], "file_bytes": t.get("file_bytes")}
+        except Exception as e:  # a quantizer the packed format does not store (multipoint)
+            log.warning("no export report (%s); weight bytes from bits per weight", e)
+            return {"weight_bytes": _bits_bytes(model), "bops": None}
+    macs = _macs(model, in_shape)
+    return {"weight_bytes": 4 * sum(p.numel() for p in model.parameters()), "bops": macs * 32 * 32}
+
+
+def _bits_bytes(model: Any) -> int:
+    from lowbit.nn.quantize import quantizable_layers, quantized_layers, weight_quantizer
+
+    q = quantized_layers(model)
+    bits = 0
+    for name, layer in quantizable_layers(model).items():
+        if name in q:
+            wq = weight_quantizer(layer)
+            pts = float(wq.counts.sum()) / layer.weight.shape[0] if hasattr(wq, "counts") else 1.0
+            bits += int(layer.weight.numel() * wq.bits * pts)
+        else:
+            bits += 32 * layer.weight.numel()
+    return bits // 8
+
+
+def _macs(model: Any, in_shape: tuple[int, ...]) -> int:
+    import torch
+
+    total = 0
+
+    def hook(m: Any, _: Any, y: Any) -> None:
+        nonlocal total
+        w = m.weight
+        total += int(y.numel() // y.shape[0] * (w[0].numel() if w.dim() > 1 else 1))
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
+    for h in hs:
+        h.remove()
+    return total
+
+
+# ----------------------------------------------------------------------------------- scheduler
+def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, device: str, n_jobs: int,
+                 stop_at: float | None) -> dict[str, str]:
+    """Start jobs in order, ``n_jobs`` at a time, each once its float model has finished; stop
+    (terminate the running ones: they resume next time) at ``stop_at`` (a time.time()). Returns
+    each job's state: finished, stopped, failed, blocked (its float model is not finished)."""
+    ctx = multiprocessing.get_context("spawn")
+    state = {j.name: "finished" for j in jobs if is_finished(run_dir(runs, j))}
+    pending = [j for j in jobs if j.name not in state]
+    running: dict[str, tuple[Any, Job]] = {}
+    while pending or running:
+        for name, (proc, job) in list(running.items()):
+            if not proc.is_alive():
+                proc.join()
+                done = is_finished(run_dir(runs, job))
+                state[name] = "finished" if done else "failed"
+                print(f"{time.strftime('%H:%M:%S')} {name}: {state[name]} (exit {proc.exitcode})", flush=True)
+                del running[name]
+        if stop_at is not None and time.time() >= stop_at:
+            for name, (proc, _) in running.items():
+                proc.terminate()
+                proc.join(60)
+                state[name] = "stopped"
+                print(f"{time.strftime('%H:%M:%S')} {name}: stopped (resumes next time)", flush=True)
+            running.clear()
+            break
+        for job in list(pending):
+            if len(running) >= n_jobs:
+                break
+            dep = None if job.arm.init == "scratch" else f"{float_arm(job.arm.width).key}/seed{job.seed}"
+            if dep is not None and state.get(dep) != "finished":
+                if dep not in running and dep not in {q.name for q in pending}:
+                    state[job.name] = "blocked"  # its float model failed or is not in this campaign
+                    pending.remove(job)
+                continue
+            pending.remove(job)
+            payload = job_spec(job, budget, runs, data_dir, device)
+            proc = ctx.Process(target=work, args=(payload,), name=job.name)
+            proc.start()
+            running[job.name] = (proc, job)
+            print(f"{time.strftime('%H:%M:%S')} {job.name}: started (pid {proc.pid})", flush=True)
+        time.sleep(0.5)
+    for j in pending:
+        state.setdefault(j.name, "not started")
+    return state
+
+
+# ----------------------------------------------------------------------------------- archives
+def archive(runs: Path, dest: Path) -> int:
+    """Pack every run directory under ``runs`` (finished ones and the checkpoints of unfinished
+    ones, so a GPU slice resumes on a fresh machine) into one .tar.gz. Returns the run count."""
+    dirs = sorted({p.parent for p in runs.glob("*/seed*/config.json")})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for d in dirs:
+            for f in sorted(d.iterdir()):
+                if f.is_file() and not f.name.endswith(".tmp"):
+                    tar.add(f, arcname=f.relative_to(runs).as_posix())
+    os.replace(tmp, dest)
+    return len(dirs)
+
+
+def unpack(src: Path, runs: Path) -> list[str]:
+    """Restore an :func:`archive` into ``runs``; a run finished here is never replaced by an
+    unfinished copy. Members must be ``<run>/seed<k>/<file>`` (no absolute paths, no ``..``)."""
+    restored = []
+    with tarfile.open(src, "r:gz") as tar, tempfile.TemporaryDirectory() as tmpdir:
+        members = tar.getmembers()
+        for m in members:
+            parts = Path(m.name).parts
+            if (not m.isfile() or Path(m.name).is_absolute() or ".." in parts or len(parts) != 3
+                    or not parts[1].startswith("seed")):
+                raise ValueError(f"{src}: unexpected member {m.name!r}; an archive holds <run>/seed<k>/<file>")
+        tar.extractall(tmpdir, members=members, filter="data")
+        for d in sorted({Path(tmpdir, *Path(m.name).parts[:2]) for m in members}):
+            target = runs / d.relative_to(tmpdir)
+            if is_finished(target) and not is_finished(d):
+                continue
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(d, target)
+            restored.append(target.relative_to(runs).as_posix())
+    return restored
+
+
+# ----------------------------------------------------------------------------------- results
+def read_run(path: Path) -> dict[str, Any] | None:
+    """A finished run's numbers: test accuracy (%), weight bytes, BOPs, epochs, device, train time
+    (the sum of its epochs' times) and the last logged sparsity (RVSM, WPC) if any."""
+    if not is_finished(path):
+        return None
+    res = json.loads((path / "result.json").read_text())
+    size = res.get("size") or float_size(path)
+    out = {"test_acc": 100 * res["test_acc"], "val_acc": None if res.get("best_acc") is None else 100 * res["best_acc"],
+           "weight_bytes": size.get("weight_bytes", size.get("packed_bytes")), "bops": size.get("bops"),
+           "epochs": res.get("epochs"), "device": res.get("device", "cpu"), "train_s": 0.0}
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            out["train_s"] += rec.get("epoch_time_s", 0.0)
+            for k in ("rvsm/sparsity", "wpc/small_groups"):
+                if k in rec:
+                    out[k.split("/")[1]] = rec[k]
+    return out
+
+
+def float_size(path: Path) -> dict[str, Any]:
+    """Weight bytes and BOPs of a float run's model (its result.json has no packed size)."""
+    cfg = path / "config.json"
+    spec = json.loads(cfg.read_text()).get("spec", {}) if cfg.exists() else {}
+    if spec.get("model") != "resnet20":
+        return {}
+    from lowbit.models import build_model
+
+    return weight_size(build_model("resnet20", **(spec.get("model_kwargs") or {})), (3, 32, 32))
+
+
+def epoch_times(path: Path) -> list[float]:
+    """Epoch times (s) logged by a run so far, finished or not."""
+    m = path / "metrics.jsonl"
+    if not m.exists():
+        return []
+    recs = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
+    return [r["epoch_time_s"] for r in recs if "epoch_time_s" in r]
+
+
+def stats(values: Sequence[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": list(values)}
+
+
+#: |ours - paper| allowed for a ``level`` or ``drop`` check to count as reproduced (pp): the JPEG
+#: copy and the seed noise of one ResNet-20 (a few tenths of a point) both fit inside it
+TOL_PP = 1.0
+
+
+def verdict(rule: str, ours: Mapping[str, Any] | None, paper: float | None) -> tuple[str, str]:
+    """(verdict, why) of one check from our numbers (pp; mean, std, n over seeds).
+
+    - ``gain`` (the paper claims a > b): reproduced when the mean seed-by-seed difference is above
+      its noise (2 standard errors; with one seed, above 0: "single run"), reversed when below
+      minus the noise, else not reproduced (inside the noise).
+    - ``level``: reproduced when ours >= paper - max(TOL_PP, 2 se); ``drop``: ours <= paper +
+      max(TOL_PP, 2 se).
+    - ``measure``: no claim to test ("measured").
+    """
+    if ours is None or not ours.get("n"):
+        return "not run", ""
+    m, n = ours["mean"], ours["n"]
+    se = ours["std"] / math.sqrt(n) if n > 1 else 0.0
+    if rule == "measure":
+        return "measured", ""
+    if rule == "gain":
+        if n == 1:
+            v = "reproduced" if m > 0 else ("reversed" if m < 0 else "not reproduced")
+            return v + " (single run)", "" if m > 0 else f"difference {m:+.2f} pp in one run"
+        noise = 2 * se
+        if m > noise:
+            return "reproduced", ""
+        if m < -noise:
+            return "reversed", f"difference {m:+.2f} pp, below minus its noise (2 se = {noise:.2f}, n={n})"
+        return "not reproduced", f"difference {m:+.2f} pp is inside its noise (2 se = {noise:.2f}, n={n})"
+    if paper is None:
+        raise ValueError(f"verdict: rule {rule!r} needs the paper's number")
+    tol = max(TOL_PP, 2 * se)
+    if rule == "level":
+        ok = m >= paper - tol
+        return ("reproduced", "") if ok else ("not reproduced", f"{m - paper:+.2f} pp below the paper (tolerance {tol:.2f})")
+    if rule == "drop":
+        ok = m <= paper + tol
+        return ("reproduced", "") if ok else ("not reproduced", f"drop {m:.2f} pp vs the paper's {paper:.2f} "
+                                                                 f"(tolerance {tol:.2f})")
+    raise ValueError(f"verdict: unknown rule {rule!r}; allowed: level, drop, gain, measure")
+
+
+def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> list[float]:
+    """Per-seed values of a check (pp): level -> acc; drop -> float acc - acc; gain -> a - b; for
+    measure, the arm's drop vs float (or its accuracy when there is no float of that seed)."""
+    a = check.arms[0]
+    seeds = sorted(s for (k, s) in runs if k == a)
+    vals = []
+    for s in seeds:
+        ra = runs[(a, s)]
+        if check.rule == "level":
+            vals.append(ra["test_acc"])
+        elif check.rule in ("drop", "measure"):
+            if ("float", s) in runs:
+                vals.append(runs[("float", s)]["test_acc"] - ra["test_acc"])
+            elif check.rule == "measure":
+                vals.append(ra["test_acc"])
+        elif check.rule == "gain" and (check.arms[1], s) in runs:
+            vals.append(ra["test_acc"] - runs[(check.arms[1], s)]["test_acc"])
+    return vals
+
+
+def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
+    """One row per check of every claim, from the finished run directories under ``runs_root``."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for d in sorted(runs_root.glob("*/seed*")):
+        r = read_run(d)
+        if r is not None:
+            runs[(d.parent.name, int(d.name[4:]))] = r
+    rows = []
+    for claim in CLAIMS:
+        in_budget = {a.key for a in budget_arms(claim, budget)}
+        for check in claim.checks:
+            vals = check_values(check, runs)
+            st = stats(vals)
+            v, why = verdict(check.rule, st, check.paper)
+            if v == "not run":
+                if claim.search and not budget.searches:
+                    why = f"not run ({budget.name} budget: needs the {claim.search} search)"
+                elif not set(check.arms) <= in_budget and claim.search is None:
+                    why = f"not run ({budget.name} budget: GPU budget only)"
+                else:
+                    why = f"not run ({budget.name} budget: not finished yet; resumable)"
+                if claim.search:
+                    why += "; the campaign does not run this search yet"
+            elif v not in ("reproduced", "measured") and check.rule in ("level", "drop") and ("float", 0) in runs:
+                fl = stats([r["test_acc"] for (k, _), r in runs.items() if k == "float"])
+                why += (f"; our float ResNet-20 reaches {fl['mean']:.2f}% at this budget "
+                        f"({budget.float_train['epochs']} epochs; paper schedule 160+)")
+            extra = {}
+            for key in ("sparsity", "small_groups"):
+                got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
+                       and key in runs[(check.arms[0], s)]]
+                if got:
+                    extra[key] = stats(got)
+            devices = sorted({runs[(k, s)]["device"] for (k, s) in runs if k in check.arms}) if st else []
+            rows.append({"claim": claim.name, "row": claim.row, "check": check.label, "rule": check.rule,
+                         "arms": list(check.arms), "paper": check.paper, "paper_text": check.paper_text,
+                         "citation": claim.citation, "ours": st,
+                         "diff": None if st is None or check.paper is None else st["mean"] - check.paper,
+                         "verdict": v, "why": why, "budget": budget.name,
+                         "device": ", ".join(devices) or "-", "departs": claim.departs, **extra})
+    return rows, runs
+
+
+def report_rows(runs_dir: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[tuple[str, int, str], Any]]:
+    """Rows of every budget with runs under ``runs_dir`` (GPU rows first), each row naming its
+    budget; checks nobody ran appear once, as not run under ``budget``. The smoke budget reports
+    only itself."""
+    names = [budget.name] if budget.name == "smoke" else ["gpu", "cpu"]
+    rows: list[dict[str, Any]] = []
+    found: dict[tuple[str, int, str], Any] = {}
+    for b in names:
+        if b != budget.name and not (runs_dir / b).is_dir():
+            continue
+        r, f = build_rows(runs_dir / b, BUDGETS[b])
+        rows += [x for x in r if b == budget.name or x["verdict"] != "not run"]
+        found.update({(k, s, b): v for (k, s), v in f.items()})
+    done = {(x["claim"], x["check"]) for x in rows if x["verdict"] != "not run"}
+    rows = [x for x in rows if x["verdict"] != "not run" or (x["claim"], x["check"]) not in done]
+    order = {c.name: i for i, c in enumerate(CLAIMS)}
+    rows.sort(key=lambda x: (order[x["claim"]], [ch.label for ch in claim_by_name(x["claim"]).checks].index(
+        x["check"]), names.index(x["budget"])))
+    return rows, found
+
+
+def _pm(st: Mapping[str, Any] | None, unit: str = "") -> str:
+    if not st:
+        return "-"
+    if st["n"] == 1:
+        return f"{st['mean']:.2f}{unit} (n=1)"
+    return f"{st['mean']:.2f} ± {st['std']:.2f}{unit} (n={st['n']})"
+
+
+def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
+           runs: Mapping[tuple[str, int, str], dict[str, Any]], plan_text: str, state: Mapping[str, str]) -> str:
+    units = {"level": "%", "drop": " pp", "gain": " pp", "measure": " pp"}
+    lines = [
+        "# CIFAR-10 ResNet-20: the seed papers' claims, re-measured",
+        "",
+        f"Command: `{meta['command']}` — commit {str(meta['git']['commit'])[:12]}"
+        f"{' (dirty tree)' if meta['git']['dirty'] else ''}, torch {meta['torch']}, "
+        f"{meta['machine'].get('cpu', '?')}. Budget **{budget.name}** on **{budget.device}**: {budget.note}.",
+        "",
+        "Data: **the CIFAR-10 JPEG copy** (`cifar10-jpeg.zip`, quality about 75: close to, not identical "
+        "with, the original images; papers used the originals). Protocol: the last 5,000 training images "
+        "are a validation split that picks each run's best epoch; the test set is read once, on that "
+        "checkpoint. Every quantized run fine-tunes from the float ResNet-20 of the same seed. Cells: mean "
+        "± std over seeds (n). `gain` checks are seed-by-seed differences (with minus without); `drop` is "
+        "float minus quantized of the same seed; rows marked `measured` have no paper number beside them.",
+        "",
+        "Verdicts: a `gain` is reproduced when its mean is above 2 standard errors of the seed-by-seed "
+        "difference, reversed when below minus that, else not reproduced (with one seed: the sign, "
+        "\"single run\"); a `level`/`drop` is reproduced within max(1 pp, 2 se) of the paper. CPU budget "
+        "rows are far below the papers' 160+ epoch schedules: they test the direction of a with/without "
+        "claim, not the papers' absolute numbers.",
+        "",
+        "| claim | check | paper | ours | ours − paper | verdict | why (measured) | budget / device | "
+        "our departures |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    last = None
+    for r in rows:
+        claim = f"{r['row']} ({r['citation']})" if r["claim"] != last else "〃"
+        last = r["claim"]
+        ours = _pm(r["ours"], units[r["rule"]])
+        for key, label in (("sparsity", "weight sparsity"), ("small_groups", "small groups")):
+            if r.get(key):
+                ours += f"; {label} {100 * r[key]['mean']:.1f}%"
+        diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
+        lines.append(f"| {claim} | {r['check']} | {r['paper_text']} | {ours} | {diff} | {r['verdict']} | "
+                     f"{r['why'] or '-'} | {r['budget']} / {r['device']} | {r['departs'] or '-'} |")
+    lines += ["", "## Runs", "", "| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs | "
+              "device | train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (k, s, b), r in sorted(runs.items()):
+        wb = f"{r['weight_bytes']:,}" if r.get("weight_bytes") else "-"
+        bops = f"{r['bops']:.3g}" if r.get("bops") else "-"
+        va = f"{r['val_acc']:.2f}%" if r.get("val_acc") is not None else "-"
+        lines.append(f"| {k} | {s} | {b} | {r['test_acc']:.2f}% | {va} | {wb} | {bops} | {r['epochs']} | "
+                     f"{r['device']} | {r['train_s']:.0f} |")
+    if state:
+        lines += ["", "Jobs not finished at the end of this invocation (they resume on the next one): "
+                  + (", ".join(f"`{k}` ({v})" for k, v in sorted(state.items()) if v != "finished") or "none")
+                  + "."]
+    lines += ["", "## Plan", "", plan_text, "", "Figure: `cifar10_claims.png` (test accuracy vs weight bytes "
+              "and vs BOPs, one point per run, seed mean)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> bool:
+    """Two panels: test accuracy vs weight bytes and vs BOPs, one point per run and budget (seed
+    mean); GPU points are circles, CPU points triangles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(k, b) for k, _, b in runs})
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, field_, label in ((axes[0], "weight_bytes", "weight bytes"), (axes[1], "bops", "BOPs")):
+        for k in keys:
+            rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == k and r.get(field_)]
+            if not rs:
+                continue
+            x = statistics.fmean(r[field_] for r in rs)
+            y = statistics.fmean(r["test_acc"] for r in rs)
+            ax.scatter([x], [y], s=18, marker="o" if k[1] == "gpu" else "^")
+            ax.annotate(f"{k[0]} ({k[1]})", (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("ResNet-20, CIFAR-10 (JPEG copy): every finished run (seed mean)")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
+    """The budget in numbers: measured epoch times (float, quantized) and the projected CPU time."""
+    ft = [t for j in jobs if j.arm.init == "scratch" for t in epoch_times(run_dir(runs, j))]
+    qt = [t for j in jobs if j.arm.init != "scratch" and j.arm.kind == "train" for t in epoch_times(run_dir(runs, j))]
+    n_float = sum(1 for j in jobs if j.arm.init == "scratch")
+    n_q = sum(1 for j in jobs if j.arm.init != "scratch" and j.arm.kind == "train")
+    fe, qe = budget.float_train["epochs"], budget.q_epochs
+    out = [f"Jobs in this budget: {n_float} float runs x {fe} epochs, {n_q} quantized runs x {qe} epochs, "
+           f"{len(jobs) - n_float - n_q} post-training runs; {budget.jobs} at a time, {budget.threads} "
+           f"thread(s) each, on {budget.device}."]
+    if ft or qt:
+        f_mean = statistics.fmean(ft) if ft else None
+        q_mean = statistics.fmean(qt) if qt else (1.3 * f_mean if f_mean else None)
+        txt = (f"Measured epoch time so far: float {f_mean:.0f} s ({len(ft)} epochs)" if f_mean else
+               "No float epoch finished yet")
+        txt += f", quantized {statistics.fmean(qt):.0f} s ({len(qt)} epochs)" if qt else ""
+        if f_mean and q_mean:
+            total = n_float * fe * f_mean + n_q * qe * q_mean
+            txt += (f". At these rates the budget needs {total / 3600:.1f} CPU-hours, {total / 3600 / budget.jobs:.1f} h "
+                    f"of wall time with {budget.jobs} runs side by side.")
+        out.append(txt)
+    return " ".join(out)
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    p.add_argument("--only", nargs="+", metavar="CLAIM", help=f"claims to run ({', '.join(c.name for c in CLAIMS)})")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    p.add_argument("--runs-dir", default="runs/cifar10-claims", help="runs live in RUNS_DIR/<budget>/")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--device", help="override the budget's device (cpu, cuda, cuda:N)")
+    p.add_argument("--jobs", type=int, help="runs at once (default: the budget's)")
+    p.add_argument("--stop-after", type=float, metavar="SECONDS",
+                   help="stop the running jobs after this long (they resume next time), then report")
+    p.add_argument("--report-only", action="store_true", help="train nothing: tables from the run directories")
+    p.add_argument("--plan", action="store_true", help="print the jobs in order and exit")
+    p.add_argument("--archive", metavar="TAR_GZ", help="afterwards, pack the run directories into this file")
+    p.add_argument("--unpack", metavar="TAR_GZ", help="first, restore run directories from this archive")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    if a.only:
+        for name in a.only:
+            claim_by_name(name)
+    budget = BUDGETS[a.budget]
+    if a.jobs:
+        budget = replace(budget, jobs=a.jobs)
+    device = a.device or budget.device
+    runs = Path(a.runs_dir) / budget.name
+    jobs = plan(budget, a.only, a.seeds)
+    if a.plan:
+        for j in jobs:
+            print(f"{j.name:32s} {'finished' if is_finished(run_dir(runs, j)) else '-'}")
+        return 0
+    if a.unpack:
+        got = unpack(Path(a.unpack), runs)
+        print(f"restored {len(got)} run directories from {a.unpack}")
+    state: dict[str, str] = {}
+    if not a.report_only:
+        stop_at = t0 + a.stop_after if a.stop_after else None
+        state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at)
+    rows, found = report_rows(Path(a.runs_dir), budget)
+    meta = run_meta(__file__, argv, t0, seeds=sorted({j.seed for j in jobs}), budget=budget.name,
+                    device=device, report_only=a.report_only)
+    text = plan_text(plan(budget), budget, runs)
+    payload = {"meta": meta, "budget": dict(budget.__dict__), "rows": rows,
+               "runs": [{"run": k, "seed": s, "budget": b, **r} for (k, s, b), r in sorted(found.items())],
+               "state": state, "plan": text, "data": "CIFAR-10 JPEG copy (cifar10-jpeg.zip)"}
+    stem = "cifar10_claims" if budget.name != "smoke" else "cifar10_claims_smoke"
+    write_results(a.out, stem, payload, render(meta, budget, rows, found, text, state))
+    plot(found, Path(a.out) / f"{stem}.png")
+    if a.archive:
+        n = archive(runs, Path(a.archive))
+        print(f"archived {n} run directories to {a.archive}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""The CIFAR-10 claims campaign (benchmarks/cifar10/claims.py) on tiny fake run directories:
+the claim table, the job order, resume, the report, verdicts, archives. No training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("cifar10_claims", ROOT / "benchmarks" / "cifar10" / "claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cifar10_claims"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+C = _load()
+
+# the rows of issue 12's table, in order
+ISSUE_ROWS = [
+    "float baseline",
+    "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
+    "BCGD",
+    "SinReQ",
+    "WaveQ / SINAREQ",
+    "DCQ",
+    "ReLeQ",
+    "width multiplier vs mixed precision",
+    "PACT, LSQ, DoReFa baselines",
+    "multipoint PTQ",
+    "RVSM",
+    "WPC",
+]
+
+
+def fake_run(root: Path, key: str, seed: int, acc: float, finished: bool = True, epochs: int = 2,
+             extra: dict | None = None) -> Path:
+    d = root / key / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"spec": {"out": str(d)}}))
+    (d / "checkpoint.safetensors").write_bytes(bytes([seed, 1, 2, 3]))
+    lines = [{"epoch": e, "epoch_time_s": 10.0, "val_acc": acc, **(extra or {})} for e in range(epochs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if finished:
+        (d / "result.json").write_text(json.dumps({"test_acc": acc, "best_acc": acc, "epochs": epochs,
+                                                   "device": "cpu", "size": {"packed_bytes": 1000 + seed,
+                                                                             "bops": 2e9}}))
+    return d
+
+
+def test_claim_table_is_the_issues_table():
+    assert sorted(c.row for c in C.CLAIMS) == sorted(ISSUE_ROWS)
+    assert len({c.name for c in C.CLAIMS}) == len(C.CLAIMS)
+    for claim in C.CLAIMS:
+        assert claim.checks, claim.name
+        keys = {a.key for a in claim.arms}
+        assert len(keys) == len(claim.arms), f"{claim.name}: duplicate arm keys"
+        for check in claim.checks:
+            assert check.rule in ("level", "drop", "gain", "measure")
+            assert len(check.arms) == (2 if check.rule == "gain" else 1)
+            if claim.search is None:  # every arm a check reads is run by the claim
+                assert set(check.arms) <= keys, (claim.name, check.label)
+            if check.rule in ("level", "drop"):
+                assert check.paper is not None
+    # the paper numbers the issue sets beside ours
+    by = {c.name: c for c in C.CLAIMS}
+    assert by["float"].checks[0].paper == 91.7
+    assert [ch.paper for ch in by["dcq"].checks] == [9.7, 9.7]
+    assert {ch.paper for ch in by["sinreq"].checks} == {2.82, 2.11}
+    assert [ch.paper for ch in by["baselines"].checks[:2]] == [88.9, 90.8]
+
+
+def test_every_recipe_resolves_and_validates():
+    from lowbit.recipe import Recipe
+
+    ctx = {"{float}": "runs/x/float/seed0", "{q_half}": 3}
+    for claim in C.CLAIMS:
+        for arm in claim.arms:
+            r = C.resolve_recipe(arm, ctx)
+            if arm.recipe is None:
+                assert r is None
+                continue
+            Recipe.from_dict(r)  # raises on a bad field
+            if arm.key == "dorefa-w2-dcq":
+                assert r["methods"] == [{"name": "dcq", "teacher": "runs/x/float/seed0", "dcq_epochs": 3}]
+            if arm.key == "bcgd-fl-rho0":
+                assert r["methods"] == [{"name": "bcgd", "rho": 0.0}]
+                assert r["default"]["weight"]["bits"] == 1
+
+
+def test_plan_order_and_seeds():
+    cpu = C.plan(C.BUDGETS["cpu"])
+    names = [j.name for j in cpu]
+    assert names[0] == "float/seed0"
+    pos = {n: i for i, n in enumerate(names)}
+    for j in cpu:  # every quantized job after its float model
+        if j.arm.init == "float":
+            assert pos[f"{C.float_arm(j.arm.width).key}/seed{j.seed}"] < pos[j.name]
+    # the paired claims in the brief's priority, seed 0 first: BCGD, DCQ, SinReQ
+    firsts = [n for n in names if n.endswith("seed0") and not n.startswith("float")][:6]
+    assert firsts == ["bcgd-fl/seed0", "bcgd-fl-rho0/seed0", "dorefa-w2/seed0", "dorefa-w2-dcq/seed0",
+                      "dorefa-w4/seed0", "dorefa-w4-sinreq/seed0"]
+    assert {j.seed for j in cpu if j.arm.key == "dorefa-w2-dcq"} == {0, 1, 2}
+    assert {j.seed for j in cpu if j.arm.key == "ttq"} == {0}
+    assert not any(j.claim in ("releq", "waveq", "width") for j in cpu)
+    gpu = C.plan(C.BUDGETS["gpu"])
+    assert {j.seed for j in gpu if j.arm.key == "ttq"} == {0, 1, 2}
+    assert "float-w2/seed0" in {j.name for j in gpu}  # the WRPN arms' float model
+    only = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[1])
+    assert [j.name for j in only] == ["float/seed1", "dorefa-w2/seed1", "dorefa-w2-dcq/seed1"]
+
+
+class FakeProcess:
+    started: list[str] = []
+
+    def __init__(self, target, args, name):
+        self.name, self.payload, self.exitcode = name, args[0], 0
+
+    def start(self):
+        FakeProcess.started.append(self.name)
+        out = Path(self.payload["spec"]["out"])
+        fake_run(out.parents[1], out.parent.name, int(out.name[4:]), 0.5)  # "trains" at once
+        self.pid = 0
+
+    def is_alive(self):
+        return False
+
+    def join(self, timeout=None):
+        pass
+
+    def terminate(self):
+        raise AssertionError("nothing to stop")
+
+
+class FakeContext:
+    Process = FakeProcess
+
+
+def test_resume_reuses_finished_runs_and_starts_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(C.multiprocessing, "get_context", lambda _: FakeContext)
+    FakeProcess.started = []
+    runs = tmp_path / "cpu"
+    fake_run(runs, "float", 0, 0.85)
+    fake_run(runs, "dorefa-w2", 0, 0.80)
+    fake_run(runs, "dorefa-w2-dcq", 0, 0.0, finished=False)  # killed mid-run: resumes
+    jobs = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[0])
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
+    assert FakeProcess.started == ["dorefa-w2-dcq/seed0"]
+    assert state == {"float/seed0": "finished", "dorefa-w2/seed0": "finished", "dorefa-w2-dcq/seed0": "finished"}
+    # all finished now: a rerun starts nothing
+    FakeProcess.started = []
+    C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
+    assert FakeProcess.started == []
+
+
+def test_job_spec_of_a_fine_tune(tmp_path):
+    job = next(j for j in C.plan(C.BUDGETS["cpu"]) if j.name == "dorefa-w2-dcq/seed1")
+    p = C.job_spec(job, C.BUDGETS["cpu"], tmp_path, "data", "cpu")
+    s = p["spec"]
+    assert s["init"] == str(tmp_path / "float" / "seed1" / "best.safetensors")
+    assert s["out"] == str(tmp_path / "dorefa-w2-dcq" / "seed1")
+    assert s["train"] == {"epochs": 5, "tensorboard": False, "seed": 1}
+    assert s["recipe"]["methods"][0]["teacher"] == str(tmp_path / "float" / "seed1")
+    fl = C.job_spec(C.plan(C.BUDGETS["cpu"])[0], C.BUDGETS["cpu"], tmp_path, "data", "cpu")["spec"]
+    assert fl["init"] is None and fl["recipe"] is None and fl["train"]["epochs"] == 20
+
+
+@pytest.mark.parametrize("rule,ours,paper,expect", [
+    ("gain", {"mean": 1.0, "std": 0.3, "n": 3}, 2.82, "reproduced"),  # 2 se = 0.35
+    ("gain", {"mean": 0.2, "std": 0.3, "n": 3}, 2.82, "not reproduced"),
+    ("gain", {"mean": -1.0, "std": 0.3, "n": 3}, None, "reversed"),
+    ("gain", {"mean": 0.1, "std": 0.0, "n": 1}, None, "reproduced (single run)"),
+    ("gain", {"mean": -0.1, "std": 0.0, "n": 1}, None, "reversed (single run)"),
+    ("level", {"mean": 90.8, "std": 0.1, "n": 3}, 91.7, "reproduced"),  # within 1 pp
+    ("level", {"mean": 88.0, "std": 0.1, "n": 3}, 91.7, "not reproduced"),
+    ("level", {"mean": 88.0, "std": 3.0, "n": 3}, 91.7, "not reproduced"),  # 2 se = 3.46 < 3.7
+    ("level", {"mean": 88.5, "std": 3.0, "n": 3}, 91.7, "reproduced"),  # 3.2 <= 3.46
+    ("drop", {"mean": 1.5, "std": 0.0, "n": 1}, 0.64, "reproduced"),
+    ("drop", {"mean": 2.0, "std": 0.0, "n": 1}, 0.64, "not reproduced"),
+    ("measure", {"mean": 2.0, "std": 0.0, "n": 1}, None, "measured"),
+    ("gain", None, 9.7, "not run"),
+])
+def test_verdict(rule, ours, paper, expect):
+    v, why = C.verdict(rule, ours, paper)
+    assert v == expect
+    if v.startswith(("not reproduced", "reversed")):
+        assert why  # one measured line on why
+
+
+def test_verdict_rejects_bad_rules():
+    with pytest.raises(ValueError, match="unknown rule"):
+        C.verdict("bigger", {"mean": 1.0, "std": 0.0, "n": 1}, 1.0)
+    with pytest.raises(ValueError, match="paper's number"):
+        C.verdict("level", {"mean": 1.0, "std": 0.0, "n": 1}, None)
+
+
+def _fixture_runs(root: Path) -> None:
+    cpu = root / "cpu"
+    for s, (f, w, wo) in enumerate([(0.86, 0.80, 0.78), (0.85, 0.81, 0.78), (0.87, 0.80, 0.79)]):
+        fake_run(cpu, "float", s, f)
+        fake_run(cpu, "bcgd-fl", s, w)
+        fake_run(cpu, "bcgd-fl-rho0", s, wo)
+    fake_run(cpu, "ttq", 0, 0.84)
+    fake_run(cpu, "twn-gl-wpc", 0, 0.83, extra={"wpc/small_groups": 0.25})
+    fake_run(cpu, "twn-gl", 0, 0.82, extra={"wpc/small_groups": 0.5})
+
+
+def test_report_only_rebuilds_the_same_table(tmp_path):
+    _fixture_runs(tmp_path / "runs")
+    args = ["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]
+    C.main(args)
+    first = json.loads((tmp_path / "o" / "cifar10_claims.json").read_text())
+    md = (tmp_path / "o" / "cifar10_claims.md").read_text()
+    C.main(args)
+    again = json.loads((tmp_path / "o" / "cifar10_claims.json").read_text())
+    assert first["rows"] == again["rows"] and first["runs"] == again["runs"]
+    rows = {(r["claim"], r["check"]): r for r in first["rows"]}
+    assert len(first["rows"]) == sum(len(c.checks) for c in C.CLAIMS)  # every check, run or not
+    fl = rows[("float", "ResNet-20 float test accuracy")]
+    assert fl["ours"]["n"] == 3 and fl["ours"]["mean"] == pytest.approx(86.0)
+    assert fl["verdict"] == "not reproduced" and "91.7" not in fl["why"] and "-5.70" in fl["why"]
+    b = rows[("bcgd", "W1A4, first/last float: rho 1e-5 minus rho 0")]
+    assert b["ours"]["values"] == pytest.approx([2.0, 3.0, 1.0])
+    assert b["verdict"] == "reproduced" and b["budget"] == "cpu" and b["device"] == "cpu"
+    t = rows[("ternary", "TTQ drop vs float")]
+    assert t["ours"]["mean"] == pytest.approx(2.0) and t["diff"] == pytest.approx(2.0 - 0.64)
+    assert t["verdict"] == "not reproduced" and "86.00%" in t["why"]
+    w = rows[("wpc", "ternary + group lasso: with minus without WPC")]
+    assert w["verdict"] == "reproduced (single run)" and w["small_groups"]["mean"] == 0.25
+    assert rows[("dcq", "DoReFa W2: with minus without DCQ")]["verdict"] == "not run"
+    assert "not run (cpu budget: not finished yet" in rows[("dcq", "DoReFa W2: with minus without DCQ")]["why"]
+    assert "GPU budget only" in rows[("bcgd", "W1A4, every layer: rho 1e-5 minus rho 0")]["why"]
+    assert "needs the releq search" in rows[("releq", "average weight bits at <= 0.3 pt loss")]["why"]
+    assert "JPEG copy" in md and md.count("not run (cpu budget") >= 10
+    assert (tmp_path / "o" / "cifar10_claims.png").stat().st_size > 0
+
+
+def test_archive_unpack_round_trip(tmp_path):
+    runs = tmp_path / "runs" / "gpu"
+    _fixture_runs(tmp_path / "runs")
+    src_cpu = tmp_path / "runs" / "cpu"
+    fake_run(src_cpu, "dorefa-w2", 0, 0.5, finished=False)  # an unfinished run travels too
+    n = C.archive(src_cpu, tmp_path / "a.tar.gz")
+    assert n == 13  # 9 + ttq + 2 wpc runs + the unfinished one
+    got = C.unpack(tmp_path / "a.tar.gz", runs)
+    assert len(got) == 13
+    for f in src_cpu.rglob("*"):
+        if f.is_file():
+            assert (runs / f.relative_to(src_cpu)).read_bytes() == f.read_bytes()
+    # a run finished here is not replaced by an unfinished copy
+    fake_run(runs, "dorefa-w2", 0, 0.7)
+    C.archive(src_cpu, tmp_path / "b.tar.gz")
+    C.unpack(tmp_path / "b.tar.gz", runs)
+    assert json.loads((runs / "dorefa-w2" / "seed0" / "result.json").read_text())["test_acc"] == 0.7
+    # a member outside <run>/seed<k>/<file> is refused
+    bad = tmp_path / "bad.tar.gz"
+    (tmp_path / "x").write_text("x")
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(tmp_path / "x", arcname="../x")
+    with pytest.raises(ValueError, match="unexpected member"):
+        C.unpack(bad, runs)
