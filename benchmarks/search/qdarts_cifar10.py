@@ -115,10 +115,13 @@ def releq_net(space: SearchSpace, geno: list[Choice], bits: list[list[int]] | No
 
 def releq_search(space: SearchSpace, geno: list[Choice], s_train: Any, sel_val: Any, budget: float,
                  a: argparse.Namespace, runs: Path) -> dict[str, Any]:
-    """ReLeQ's per-conv (b_w, b_a) for the derived ops at <= ``budget`` BOPs (resumable: JSON cache)."""
+    """ReLeQ's per-conv (b_w, b_a) for the derived ops at <= ``budget`` BOPs (resumable: JSON cache),
+    the oracle over the feasible set, and the proxy's noise (the agent's pick and the QDARTS bits
+    re-measured with fine-tune seeds ``seed + 1``, ``seed + 2``)."""
     done = runs / "releq.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    out = json.loads(done.read_text()) if done.exists() else None
+    if out is not None and "oracle_all" in out and "proxy_noise" in out:
+        return out
     names = searched_layer_names(geno)
     fp_weights = runs / "searched_ops_float" / "best.safetensors"  # seed a.seed's plain run name
 
@@ -147,6 +150,29 @@ def releq_search(space: SearchSpace, geno: list[Choice], s_train: Any, sel_val: 
                      act_actions=a.releq_bits, cost=cost, budget=budget, seed=a.seed,
                      cache_path=runs / "releq_cache.json")
 
+    qd = tuple((c.w_bits, c.a_bits) for c in geno for _ in range(len(OPS[c.op](1, 1, 1))))
+    if out is None:
+        out = _releq_agent(search, cost, a, names, macs, budget, float_acc, proxy, ts, qd)
+        atomic_write_text(done, json.dumps(out, indent=1) + "\n")
+    if "oracle_all" not in out:  # every feasible assignment, all measured already (cache)
+        out["oracle_all"] = [{"bits": [list(x) for x in b], "val_acc": acc, "cost": cost(b)}
+                             for b, _, acc in exhaustive(search())]
+    if "proxy_noise" not in out:
+        noise = {}
+        for label, bits in (("releq", tuple(map(tuple, out["bits"]))), ("qdarts", qd)):
+            accs = [search().accuracy(bits)]
+            for sd in (a.seed + 1, a.seed + 2):
+                ev_s = FineTuneEvaluator(make_model, s_train, sel_val, proxy.model_copy(update={"seed": sd}),
+                                         weight=space.weight, activation=space.activation, names=names)
+                accs.append(float(ev_s(bits)))
+            noise[label] = accs
+        out["proxy_noise"] = noise
+    atomic_write_text(done, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _releq_agent(search: Any, cost: Any, a: argparse.Namespace, names: list[str], macs: dict[str, int],
+                 budget: float, float_acc: float, proxy: TrainConfig, ts: float, qd: tuple) -> dict[str, Any]:
     agent = search()
     res = agent.run(a.releq_episodes, progress=lambda i, h: print(
         f"releq episode {i + 1}/{a.releq_episodes}: {h['bits']} acc {h['acc']:.4f} reward {h['reward']:+.3f}",
@@ -163,10 +189,8 @@ def releq_search(space: SearchSpace, geno: list[Choice], s_train: Any, sel_val: 
                            for b, r, acc in oracle[:5]],
            "qdarts_val_acc": None, "proxy": proxy.model_dump(mode="json"),
            "search_s": round(time.time() - ts, 1), "history": res.history}
-    qd = tuple((c.w_bits, c.a_bits) for c in geno for _ in range(len(OPS[c.op](1, 1, 1))))
     measured = {tuple(b): acc for b, _, acc in oracle}
     out["qdarts_val_acc"] = measured.get(qd)  # the QDARTS bits under the same measurement
-    atomic_write_text(done, json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -345,6 +369,24 @@ def vs_releq(rows: list[dict[str, Any]]) -> str | None:
             f"at {q['bops_searched']:,} vs {r['bops_searched']:,} BOPs")
 
 
+def proxy_noise(rl: dict[str, Any]) -> str:
+    """How far apart the proxy's measurements of the feasible set are, against its own noise."""
+    out = ""
+    if "oracle_all" in rl:
+        accs = sorted(100 * t["val_acc"] for t in rl["oracle_all"])
+        out += (f" Proxy accuracy over the {len(accs)} feasible assignments: min {accs[0]:.2f}%, median "
+                f"{accs[len(accs) // 2]:.2f}%, max {accs[-1]:.2f}%.")
+    if "proxy_noise" in rl:
+        parts = []
+        for label, xs in rl["proxy_noise"].items():
+            t = torch.tensor(xs, dtype=torch.float64) * 100
+            parts.append(f"{'the agent' if label == 'releq' else 'QDARTS'}'s bits "
+                         f"{', '.join(f'{x:.2f}' for x in t.tolist())}% (std {_std(t):.2f} pt)")
+        out += (" The proxy's own noise, the same assignment re-measured with fine-tune seeds 0, 1, 2: "
+                + "; ".join(parts) + ".")
+    return out
+
+
 def releq_md(rl: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
     if rl is None or len(rows) < 6:
         return ["ReLeQ's assignment at equal BOPs was not run (--releq-episodes 0).", ""]
@@ -366,11 +408,12 @@ def releq_md(rl: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]
         f"({rl['budget']:,.0f}; infeasible actions masked, layers not chosen yet at W2A2, reward = "
         "accuracy term only). Measurement: a "
         f"{rl['proxy']['epochs']}-epoch fine-tune (Adam {rl['proxy']['lr']:g}) on the search's weight split "
-        "from the float weights of 'searched ops, float' (seed 0), accuracy on the 2000 selection images "
+        "from the float weights of 'searched ops, float' (seed 0), accuracy on the selection-validation "
+        "images "
         f"(float {100 * rl['float_val_acc']:.2f}%). {rl['episodes']} episodes asked for "
         f"{rl['agent_evaluations']} distinct assignments of the {rl['feasible']} feasible ones; the oracle "
         f"over all {rl['feasible']} ranks the agent's pick {rl['oracle_rank'] + 1}; oracle top five "
-        f"(val acc): {top}.{qd} The search took {rl['search_s']:.0f} s.",
+        f"(val acc): {top}.{qd} The search took {rl['search_s']:.0f} s.{proxy_noise(rl)}",
         "",
         f"Equal BOPs achieved: {same} — ReLeQ net {r['bops_searched']:,} BOPs, QDARTS net "
         f"{q['bops_searched']:,} BOPs (both measured by `model_report` on the built nets).",
