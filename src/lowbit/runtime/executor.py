@@ -39,11 +39,20 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _amx
 from . import kernels_threads as _threads
+from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, kernel
-from .kernels_int8 import INT8_SLACK, _int8_conv_range, _int8_quantize_range
+from .kernels_int8 import (
+    INT8_SLACK,
+    _amx_conv_range,
+    _int8_conv_range,
+    _int8_quantize_range,
+    amx_k_offsets,
+    pack_amx_weights,
+)
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
-from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear
+from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, plane_integers
 
 OP_QUANT, OP_CONV, OP_SUBSAMPLE, OP_CPAD, OP_MAXPOOL, OP_GAP = range(6)
 NF = 40  # fields of a program row
@@ -90,6 +99,7 @@ def _channel_pad(src, HW, C, cl, cr, dst, nv):
 def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
     """Run ``prog`` on images ``0..n_img`` of ``x`` (N, C, H, W) float32, ``chunk`` at a time;
     the result (region ``oinfo``) goes to ``out`` (flat, NCHW order per image)."""
+    used_amx = False
     for c0 in range(0, n_img, chunk):
         nv = min(chunk, n_img - c0)
         for i in range(prog.shape[0]):
@@ -123,9 +133,15 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
                 cd = ca[p[23] :] if flags & EPI_CODES else ca[:0]
                 cgeo = p[24:28]
-                M = nv * geo[3] * geo[4]
-                _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, flags, o, r, cd, cgeo,
-                                 sc[p[28]], sc[p[28] + 1], 0, M)
+                if p[29]:  # AMX tiles
+                    used_amx = True
+                    cfg = w8[p[30] : p[30] + 64]
+                    _amx_conv_range(ca[p[1] :], geo, qoff, w, cfg, p[31], p[32], s0, s1, flags, o, r, cd,
+                                    cgeo, sc[p[28]], sc[p[28] + 1], 0, nv)
+                else:
+                    M = nv * geo[3] * geo[4]
+                    _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, flags, o, r, cd, cgeo,
+                                     sc[p[28]], sc[p[28] + 1], 0, M)
             elif op == OP_SUBSAMPLE:
                 _subsample(fa[p[1] :], p[2], p[3], p[4], p[5], p[6], fa[p[7] :], nv)
             elif op == OP_CPAD:
@@ -148,6 +164,8 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
             for q in range(HW):
                 for c in range(C):
                     dst[c * HW + q] = src[q * C + c]
+    if used_amx:
+        amx_release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +281,29 @@ def _weights(b: _Builder, pm) -> tuple[int, int, int, int, int, int]:
     return got
 
 
+def _amx_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int, int, int]:
+    """(w offset, w length, config offset, kc, nbt) of the AMX copy of ``pm``'s weights."""
+    got = b._weights.get(("amx", id(pm)))
+    if got is None:
+        wp, i8 = pm.wp, pm.i8
+        # w = sw * (l0 + u*q) = sw * unit * w_int (``layers.int8_weights``)
+        w_int = round(wp.l0 / i8.unit) + round(wp.u / i8.unit) * plane_integers(wp).astype(np.int64)
+        w, kc, nck, nbt = pack_amx_weights(w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels))
+        cfg = _amx.amx_tile_config(kc).view(np.int8)
+        got = (b.put("w8", w), w.size, b.put("w8", cfg), kc, nbt, nck)
+        b._weights[("amx", id(pm))] = got
+    return got
+
+
+def _use_amx(pm, linear: bool, H: int, W: int) -> bool:
+    """AMX tiles for this convolution: equal strides, no dilation along the width, at least 16
+    virtual rows per image (``kernels_int8``, AMX section)."""
+    if linear or not _amx.amx_enabled() or pm.dilation[1] != 1 or pm.stride[0] != pm.stride[1]:
+        return False
+    OH, OW = pm.out_hw(H, W)
+    return (OH - 1) * (W + 2 * pm.padding[1]) + OW >= 16
+
+
 def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     if linear:
         if x.H * x.W != 1 or pm.in_features != x.C:
@@ -301,8 +342,13 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
         qs = b.floats(ct.hi, ct.mult)
         cval = _Val("c", OH, OW, O, co, tuple(ct.pad))
     geo = [Hp, Wp, x.C, OH, OW, stride[0], stride[1], b.N, O]
+    amx = [0, 0, 0, 0]
+    if _use_amx(pm, linear, x.H, x.W):
+        wo, wl, cfo, kc, nbt, nck = _amx_weights(b, pm)
+        qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C)
+        amx = [1, cfo, kc, nbt]
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
-         *cgeo, qs)
+         *cgeo, qs, *amx)
     fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
     if cval is None:
         return fval

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._amx import (
+    amx_block_1x3,
+    amx_block_1x4,
+    amx_block_2x2,
+    amx_block_4x1,
+    amx_config,
+    epilogue_row,
+)
 from ._jit import (
     EPI_CODES,
     EPI_FLOAT,
@@ -289,3 +297,129 @@ def int8_conv(
     macs = M * qoff.shape[0] * 4 * g[8]
     # parts of whole tiles (6 and 8 rows)
     parallel_for(_int8_conv_range, M, *args, parallel=use_parallel(macs, INT8_MIN_PARALLEL_MACS), grain=24)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 convolution on AMX tiles (see _amx.py)
+# ----------------------------------------------------------------------------------------------
+#
+# Rows are *virtual* output pixels: for strides sh == sw == s, output pixel (oh, ow) of image n
+# reads its kernel window from byte ``s*v*C`` of the image with ``v = oh*Wp + ow``, so 16
+# consecutive v are one A tile with row stride s*C bytes, whatever the output row they fall in.
+# The v with ``ow >= OW`` (the padded columns) are computed and dropped by the epilogue: 2 of 34
+# columns for a 32x32 layer, about half for a stride-2 layer. Per kernel row the KW*C bytes of
+# the window are cut into chunks of kc <= 64 bytes (one tdpbusd each); chunk bytes past the
+# window meet zero weights.
+
+
+def amx_chunks(KW: int, C: int) -> tuple[int, int]:
+    """(kc, nck): K chunk bytes (a multiple of 4, <= 64) and chunks per kernel row."""
+    run = KW * C
+    nck = -(-run // 64)
+    kc = (-(-run // nck) + 3) // 4 * 4
+    return kc, nck
+
+
+def pack_amx_weights(w_int: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """Integer weights (O, KH, KW, C) in int8 -> (w, kc, nck, nbt): for each K chunk ``k = kh*nck
+    + j`` and block ``b`` of 16 output channels, kc/4 rows of 16 channels x 4 bytes (the VNNI
+    layout of tdpbusd's second operand), ``w[((k*nbt + b)*kc/4 + q)*64 + 4*o + t] = w_int[16b+o,
+    kh, r // C, r % C]`` with ``r = j*kc + 4q + t`` (zero for ``r >= KW*C`` or ``16b+o >= O``)."""
+    w_int = np.asarray(w_int)
+    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+        raise ValueError("weights do not fit int8")
+    O, KH, KW, C = w_int.shape
+    kc, nck = amx_chunks(KW, C)
+    nbt = -(-O // 16)
+    run = KW * C
+    flat = np.zeros((nbt * 16, KH, nck * kc), np.int8)
+    flat[:O, :, :run] = w_int.reshape(O, KH, run)
+    # (o, kh, j, q, t) -> (kh, j, b, q, o, t)
+    t = flat.reshape(nbt, 16, KH, nck, kc // 4, 4).transpose(2, 3, 0, 4, 1, 5)
+    return np.ascontiguousarray(t).reshape(-1), kc, nck, nbt
+
+
+def amx_k_offsets(KH: int, nck: int, kc: int, dh: int, Wp: int, C: int) -> np.ndarray:
+    """Byte offset of K chunk ``kh*nck + j`` from a pixel's window start: ``kh*dh*Wp*C + j*kc``."""
+    kh = np.repeat(np.arange(KH, dtype=np.int64), nck)
+    j = np.tile(np.arange(nck, dtype=np.int64), KH)
+    return np.ascontiguousarray(kh * dh * Wp * C + j * kc)
+
+
+@kernel
+def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, flags, out, res, codes, cgeo, qhi, qmult,
+                    n_lo, n_hi):
+    """Images n_lo..n_hi of the int8 convolution on AMX tiles (geometry and epilogue as
+    ``_int8_conv_range``; ``sh == sw`` and at least 16 virtual rows per image, see above)."""
+    Hp = geo[0]
+    Wp = geo[1]
+    C = geo[2]
+    OH = geo[3]
+    OW = geo[4]
+    s = geo[5]
+    O = geo[8]
+    Hc = cgeo[0]
+    Wc = cgeo[1]
+    phc = cgeo[2]
+    pwc = cgeo[3]
+    nk = koff.shape[0]
+    VM = (OH - 1) * Wp + OW
+    istr = s * C
+    nstride = kc * 16
+    kstride = nbt * nstride
+    acc = np.empty(1024, np.int32)
+    abase = np.empty(4, np.int64)
+    qh = np.float32(qhi)
+    qm = np.float32(qmult)
+    amx_config(cfg)
+    for n in range(n_lo, n_hi):
+        img = n * Hp * Wp * C
+        ob = 0
+        while ob < nbt:
+            NB = min(nbt - ob, 4)
+            MB = 4 // NB
+            wb = ob * nstride
+            c0 = ob * 16
+            for v0 in range(0, VM, 16 * MB):
+                for m in range(MB):
+                    abase[m] = img + istr * min(v0 + 16 * m, VM - 16)
+                if NB == 1:
+                    amx_block_4x1(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                elif NB == 2:
+                    amx_block_2x2(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                elif NB == 3:
+                    amx_block_1x3(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                else:
+                    amx_block_1x4(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                for m in range(MB):
+                    if v0 + 16 * m >= VM:
+                        break
+                    v = min(v0 + 16 * m, VM - 16)
+                    oh = v // Wp
+                    ow = v - oh * Wp
+                    for r in range(16):
+                        if ow < OW:
+                            orow = ((n * OH + oh) * OW + ow) * O + c0
+                            crow = ((n * Hc + oh + phc) * Wc + ow + pwc) * O + c0
+                            epilogue_row(acc, (m * 16 + r) * NB * 16, NB, s0, s1, c0, O - c0, flags, out,
+                                         orow, res, codes, crow, qh, qm)
+                        ow += 1
+                        if ow == Wp:
+                            ow = 0
+                            oh += 1
+            ob += NB
+
+
+def amx_conv(xq: np.ndarray, geo: np.ndarray, koff: np.ndarray, w: np.ndarray, cfg: np.ndarray, kc: int,
+             nbt: int, s0: np.ndarray, s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None,
+             res: np.ndarray | None = None, codes: np.ndarray | None = None, cgeo: np.ndarray | None = None,
+             qhi: float = 0.0, qmult: float = 0.0) -> None:
+    """:func:`int8_conv` on AMX tiles (``_amx.HAS_AMX``): weights of :func:`pack_amx_weights`,
+    K offsets :func:`amx_k_offsets`, tile configuration ``_amx.amx_tile_config(kc)``. One thread."""
+    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
+    flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
+    out = _EMPTY_F32 if out is None else out.reshape(-1)
+    res = _EMPTY_F32 if res is None else res.reshape(-1)
+    _amx_conv_range(xq, geo, koff, w, cfg, int(kc), int(nbt), s0, s1, flags, out, res,
+                    _EMPTY_U8 if codes is None else codes, _NO_CGEO if cgeo is None else cgeo, float(qhi),
+                    float(qmult), 0, int(geo[7]))
