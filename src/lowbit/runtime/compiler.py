@@ -23,6 +23,27 @@
 6. The graph calls the runtime's modules through their bound ``forward`` (no ``nn.Module``
    call overhead), and, for conv nets with int8 layers whose samples are independent, large
    batches run in cache-sized chunks spread over threads (``PackedModel.batch_chunk``).
+
+What stays in PyTorch, and why (``PackedModel.summary()`` lists every quantized layer as
+``packed`` or ``torch`` with its reason, ``PackedModel.layers`` holds the same rows, and each
+layer that stays in PyTorch is logged at INFO level):
+
+| layer | why it stays in PyTorch |
+|---|---|
+| quantized ConvTranspose, Conv3d, LSTM/GRU, Embedding | no packed kernel for them |
+| a quantized layer whose forward is not called | its parent reads the weight (``out_proj`` of |
+|                                                 | ``MultiheadAttention``) |
+| weight levels not binary, ternary (+-2**e units) or uniform | not a signed sum of bit planes |
+| (TTQ's asymmetric levels, learned codebooks, multi-branch) | |
+| input quantizer: per-channel scale, non-uniform levels, > 8 bits | the codes are not one affine grid |
+| conv padding_mode other than zeros, padding off the code grid | the padded codes would differ |
+| layers without a quantized weight (LayerNorm, embeddings, softmax, | float layers, run as they are |
+| attention's matmuls, activations other than ReLU, other pooling) | between packed ones |
+| a BatchNorm that reads more than a packed layer's output | not folded; runs after it |
+
+Models ``torch.fx`` cannot trace (data-dependent control flow) are packed layer by layer: each
+packable layer is replaced in place (a warning is logged), without the fusions of steps 4, 4b, 6.
+Without ``example_input`` such a model is an error (the layers the model calls are unknown).
 """
 
 from __future__ import annotations
