@@ -205,24 +205,34 @@ def _quantizer_class_names() -> set[str]:
     return names
 
 
+def _class_checks(source: str, names: set[str]) -> list[int]:
+    """Lines of ``isinstance``/``issubclass`` calls and ``is``/``==`` comparisons naming a class of
+    ``names``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        checked = []
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            checked = node.args[1:2]
+        elif isinstance(node, ast.Compare) and any(isinstance(o, (ast.Is, ast.Eq)) for o in node.ops):
+            checked = node.comparators
+        for c in checked:
+            ids = {n.id for n in ast.walk(c) if isinstance(n, ast.Name)}
+            ids |= {n.attr for n in ast.walk(c) if isinstance(n, ast.Attribute)}
+            if ids & names:
+                lines.append(node.lineno)
+    return lines
+
+
 def test_no_dispatch_on_quantizer_classes_in_runtime_and_export():
     """runtime/ and export/ reach quantizers through their interface: no ``isinstance(q, X)`` or
     ``type(q) is X`` with a concrete quantizer class X."""
     names = _quantizer_class_names()
-    assert {"PACTActivation", "LSQActivation", "BCGDActivation"} <= names
-    bad = []
-    for f in sorted((SRC / "runtime").glob("*.py")) + sorted((SRC / "export").glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            checked = []
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
-                checked = node.args[1:2]
-            elif isinstance(node, ast.Compare) and any(isinstance(o, (ast.Is, ast.Eq)) for o in node.ops):
-                checked = node.comparators
-            for c in checked:
-                ids = {n.id for n in ast.walk(c) if isinstance(n, ast.Name)}
-                ids |= {n.attr for n in ast.walk(c) if isinstance(n, ast.Attribute)}
-                if ids & names:
-                    bad.append(f"{f.name}:{node.lineno}")
+    assert {"PACTActivation", "LSQActivation", "BCGDActivation", "DoReFaWeight"} <= names
+    # the checker finds what it looks for
+    probe = "if type(q) is PACTActivation:\n    pass\nok = isinstance(q, (nn.Module, pact.LSQActivation))\n"
+    assert _class_checks(probe, names) == [1, 3]
+    files = sorted((SRC / "runtime").glob("*.py")) + sorted((SRC / "export").glob("*.py"))
+    bad = [f"{f.name}:{line}" for f in files for line in _class_checks(f.read_text(), names)]
     assert not bad, bad
 
 
