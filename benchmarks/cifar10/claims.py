@@ -72,8 +72,13 @@ class Arm:
     ``recipe``: a shipped recipe name, a path, or None (float); ``override`` is merged into it
     (dicts key by key, lists replaced). Strings ``{float}`` (the float run directory of the same
     seed and width) and ``{q_half}`` (half the budget's fine-tune epochs) are filled in at run time.
-    ``kind``: ``train`` (lowbit.experiment.train_run) or ``ptq`` (post-training, no training;
-    ``ptq`` options: ``method`` rtn | multipoint, ``bits``, ``budget``)."""
+    ``kind``: ``train`` (lowbit.experiment.train_run), ``ptq`` (post-training, no training;
+    ``ptq`` options: ``method`` rtn | multipoint, ``bits``, ``budget``) or ``releq`` (the search,
+    see :func:`releq_search`). ``after``: arms of the same seed whose runs must finish first;
+    ``derive`` builds the recipe (and width) from the first of them (:func:`derived_recipe`):
+    ``releq`` (its assignment), ``waveq-learned`` / ``waveq-fixed`` (the learned bits / their
+    weighted mean), ``width-wide`` (2-bit weights on the widest ResNet-20 within the assignment's
+    weight bits). ``epochs``: ``float`` trains with the float model's epoch count."""
 
     key: str
     recipe: str | None = None
@@ -82,19 +87,31 @@ class Arm:
     width: float = 1.0
     kind: str = "train"
     ptq: Mapping[str, Any] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    derive: str | None = None
+    epochs: str = "q"  # "q" (the budget's fine-tune epochs) or "float"
+
+    @property
+    def is_float(self) -> bool:
+        return self.recipe is None and not self.override and self.kind == "train" and self.derive is None
 
 
 @dataclass(frozen=True)
 class Check:
     """One verdict. ``rule``: ``level`` (our accuracy against the paper's, %), ``drop`` (float minus
     arm, pp, against the paper's drop), ``gain`` (arm ``a`` minus arm ``b``, pp, seed by seed; the
-    paper claims it is positive), ``measure`` (no number to set beside ours)."""
+    paper claims it is positive), ``measure`` (no verdict: ours beside the paper's number, if any).
+    ``metric``: what a ``measure`` reads of the run (``test_acc`` -> its drop vs float, or a number
+    the run logged, e.g. ``avg_w_bits``). ``choose``: candidates for ``arms[0]`` (a hyper-parameter
+    sweep); the one with the best mean validation accuracy is used (the test set never chooses)."""
 
     label: str
     rule: str
     arms: tuple[str, ...]
     paper: float | None
     paper_text: str
+    metric: str = "test_acc"
+    choose: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,7 @@ class Claim:
     arms: tuple[Arm, ...]
     checks: tuple[Check, ...]
     paired: bool = False  # with vs without: 3 seeds even on the CPU budget
-    search: str | None = None  # needs a search the campaign does not run yet (releq, waveq)
+    search: str | None = None  # needs a search (releq, waveq): GPU budget (and smoke) only
     departs: str = ""
 
 
@@ -115,8 +132,32 @@ def _ar(key: str, recipe: str | None, **kw: Any) -> Arm:
 
 FLOAT = _ar("float", None, init="scratch")
 FLOAT_W2 = _ar("float-w2", None, init="scratch", width=2.0)
-_SINREQ = {"methods": [{"name": "sinreq", "weight": 1.0, "grid": "dorefa"}]}
-_SINREQ_Q = {"methods": [{"name": "sinreq", "weight": 1.0, "grid": "quantizer"}]}
+SINREQ_LAMBDAS = (10.0, 100.0, 1000.0)  # chosen per row on validation accuracy
+
+
+def _sinreq(lam: float, grid: str) -> dict[str, Any]:
+    return {"methods": [{"name": "sinreq", "weight": lam, "grid": grid}]}
+
+
+def _sinreq_arms(method: str, bits: int, grid: str, width: float) -> tuple[Arm, ...]:
+    rec = f"{RC}/{method}-w{bits}.yaml"
+    return (_ar(f"{method}-w{bits}", rec, width=width),) + tuple(
+        _ar(f"{method}-w{bits}-sinreq-l{lam:g}", rec, width=width, override=_sinreq(lam, grid))
+        for lam in SINREQ_LAMBDAS)
+
+
+def _sinreq_check(method: str, bits: int, paper: float, name: str) -> Check:
+    wide = " (2x wide)" if method == "wrpn" else ""
+    return Check(f"{name} W{bits}{wide}: with minus without SinReQ", "gain",
+                 (f"{method}-w{bits}-sinreq-l{SINREQ_LAMBDAS[1]:g}", f"{method}-w{bits}"), paper,
+                 f"+{paper} over {name}",
+                 choose=tuple(f"{method}-w{bits}-sinreq-l{lam:g}" for lam in SINREQ_LAMBDAS))
+
+
+_WAVEQ = {"default": {"weight": None}, "rules": [],
+          "methods": [{"name": "waveq", "weight": 1000.0, "beta_weight": 100.0, "init_bits": 4.0, "min_bits": 2,
+                       "max_bits": 8, "grid": "max", "layers": "{middle}"}],
+          "train": {"optimizer": "adam", "lr": 1.0e-3, "schedule": "cosine", "weight_decay": 0.0}}
 _DCQ = {"methods": [{"name": "dcq", "teacher": "{float}", "dcq_epochs": "{q_half}"}]}
 _RVSM = {p: {"methods": [{"name": "rvsm", "penalty": p, "lam": 1.0e-3, "beta": 1.0}]} for p in ("l1", "l0", "tl1")}
 
@@ -142,17 +183,12 @@ CLAIMS: tuple[Claim, ...] = (
           paired=True, departs="sections = stem, the three stages, head; sectioned loss for half the epochs, "
           "then whole-model KD"),
     Claim("sinreq", "SinReQ", "Elthakeb et al. 2019 (arXiv 1905.01416)",
-          tuple(a for b in (4, 3, 5) for a in (
-              _ar(f"dorefa-w{b}", f"{RC}/dorefa-w{b}.yaml"),
-              _ar(f"dorefa-w{b}-sinreq", f"{RC}/dorefa-w{b}.yaml", override=_SINREQ))) + tuple(
-              a for b in (4, 3, 5) for a in (
-                  _ar(f"wrpn-w{b}", f"{RC}/wrpn-w{b}.yaml", width=2.0),
-                  _ar(f"wrpn-w{b}-sinreq", f"{RC}/wrpn-w{b}.yaml", width=2.0, override=_SINREQ_Q))),
-          tuple(Check(f"DoReFa W{b}: with minus without SinReQ", "gain", (f"dorefa-w{b}-sinreq", f"dorefa-w{b}"),
-                      2.82, "+2.82 over DoReFa") for b in (4, 3, 5))
-          + tuple(Check(f"WRPN W{b} (2x wide): with minus without SinReQ", "gain",
-                        (f"wrpn-w{b}-sinreq", f"wrpn-w{b}"), 2.11, "+2.11 over WRPN") for b in (4, 3, 5)),
-          paired=True, departs="lambda 1 (mean over a layer's weights, not tuned); float activations"),
+          tuple(a for b in (4, 3, 5) for a in _sinreq_arms("dorefa", b, "dorefa", 1.0))
+          + tuple(a for b in (4, 3, 5) for a in _sinreq_arms("wrpn", b, "quantizer", 2.0)),
+          tuple(_sinreq_check("dorefa", b, 2.82, "DoReFa") for b in (4, 3, 5))
+          + tuple(_sinreq_check("wrpn", b, 2.11, "WRPN") for b in (4, 3, 5)),
+          paired=True, departs="lambda (mean over a layer's weights) chosen from 10/100/1000 on validation "
+          "accuracy; float activations; WRPN on the 2x ResNet-20 from its own float model"),
     Claim("ternary", "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
           "Zhu et al. 2017 (TTQ); Li et al. 2016 (TWN); He, Gong & Fan 2019; He & Fan 2019 (TGA); "
           "Yin et al. 2019 (LBW)",
@@ -168,16 +204,32 @@ CLAIMS: tuple[Claim, ...] = (
            Check("LBW ternary drop vs float", "measure", ("lbw-w2",), None, "-"),
            Check("LBW 4-bit drop vs float", "measure", ("lbw-w4",), None, "-")),
           departs="weights only (float activations), first and last layer float; Adam fine-tune from float"),
-    Claim("waveq", "WaveQ / SINAREQ", "Elthakeb et al. 2020 (arXiv 2003.00146)", (),
+    Claim("waveq", "WaveQ / SINAREQ", "Elthakeb et al. 2020 (arXiv 2003.00146)",
+          (_ar("waveq", None, override=_WAVEQ, kind="waveq"),
+           _ar("waveq-learned", None, after=("waveq",), derive="waveq-learned"),
+           _ar("waveq-fixed", None, after=("waveq",), derive="waveq-fixed")),
           (Check("learned bits minus fixed bits at equal average bits", "gain", ("waveq-learned", "waveq-fixed"),
-                 None, "its reported gain"),), search="waveq"),
-    Claim("releq", "ReLeQ", "Elthakeb et al. 2018/2020 (arXiv 1811.01704)", (),
-          (Check("average weight bits at <= 0.3 pt loss", "measure", ("releq",), 5.0,
-                 "≈ 5 bits (CIFAR-10) at <= 0.3 pt loss"),), search="releq",
-          departs="searches weight and activation bits (pairs) so the search is not a corner case"),
-    Claim("width", "width multiplier vs mixed precision", "Mishra et al. 2018 (WRPN) vs ReLeQ's assignment", (),
-          (Check("single bit-width + wider minus mixed, equal weight bytes", "gain", ("width-wide", "width-mixed"),
-                 None, "single bit-width + width wins"),), search="releq"),
+                 None, "its reported gain"),
+           Check("learned average weight bits", "measure", ("waveq",), None, "-", metric="avg_w_bits")),
+          search="waveq", departs="bits learned during a float fine-tune (grid max|w|, lambda 1000, "
+          "beta weight 100, not tuned), then a uniform per-channel fine-tune at those bits; range not learned"),
+    Claim("releq", "ReLeQ", "Elthakeb et al. 2018/2020 (arXiv 1811.01704)",
+          (_ar("releq", None, kind="releq"), _ar("releq-ft", None, after=("releq",), derive="releq")),
+          (Check("the searched assignment, fine-tuned: drop vs float", "drop", ("releq-ft",), 0.3, "<= 0.3 pt loss"),
+           Check("average weight bits of the assignment", "measure", ("releq",), 5.0, "≈ 5 bits (CIFAR-10)",
+                 metric="avg_w_bits"),
+           Check("average activation bits of the assignment", "measure", ("releq",), None, "-",
+                 metric="avg_a_bits")),
+          search="releq", departs="searches (weight, activation) bit pairs of every layer but the first and "
+          "last (so the search is not a corner case); proxy: 1-epoch fine-tunes on a training subset"),
+    Claim("width", "width multiplier vs mixed precision", "Mishra et al. 2018 (WRPN) vs ReLeQ's assignment",
+          (_ar("releq", None, kind="releq"),
+           _ar("width-mixed", None, init="scratch", after=("releq",), derive="releq", epochs="float"),
+           _ar("width-wide", None, init="scratch", after=("releq",), derive="width-wide", epochs="float")),
+          (Check("2-bit + wider minus ReLeQ's mixed assignment, equal weight bytes", "gain",
+                 ("width-wide", "width-mixed"), None, "single bit-width + width wins"),),
+          search="releq", departs="both trained from scratch for the float schedule (no float model of "
+          "the wide width exists); activations at the assignment's mean activation bits"),
     Claim("baselines", "PACT, LSQ, DoReFa baselines", "Choi et al. 2018; Esser et al. 2020; Zhou et al. 2016",
           (_ar("pact-w2a2", f"{RC}/pact-w2a2.yaml"), _ar("pact-w4a4", "pact-w4a4"), _ar("lsq-w2a2", "lsq-w2a2"),
            _ar("lsq-w4a4", "lsq-w4a4"), _ar("dorefa-w2a2", f"{RC}/dorefa-w2a2.yaml"),
@@ -222,11 +274,11 @@ PRIORITY = ("float", "bcgd", "dcq", "sinreq", "wpc", "multipoint")
 CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0"),
     "dcq": ("dorefa-w2", "dorefa-w2-dcq"),
-    "sinreq": ("dorefa-w4", "dorefa-w4-sinreq"),
+    "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
-    "bcgd": ("bcgd-fl-rho0",), "dcq": ("dorefa-w2-dcq",), "sinreq": ("dorefa-w4-sinreq", "wrpn-w4-sinreq"),
+    "bcgd": ("bcgd-fl-rho0",), "dcq": ("dorefa-w2-dcq",), "sinreq": ("dorefa-w4-sinreq-l100", "wrpn-w4-sinreq-l100"),
     "ternary": ("tga",), "baselines": ("pact-w2a2",), "multipoint": ("ptq-rtn-w3", "ptq-mp-w3-b1.25"),
     "rvsm": ("rvsm-tl1",), "wpc": ("twn-gl-wpc",),
 }
@@ -242,10 +294,11 @@ class Budget:
     other_seeds: tuple[int, ...]
     jobs: int
     threads: int
-    searches: bool  # run ReLeQ / WaveQ (not implemented yet: see Claim.search)
+    searches: bool  # run the claims that need a search (ReLeQ, WaveQ, width vs mixed)
     arms: Mapping[str, tuple[str, ...]] | None = None  # per claim, the arms run (None: all)
     train_subset: int | None = None
     val_size: int | str = "auto"
+    releq: Mapping[str, int] = field(default_factory=lambda: {"episodes": 100, "proxy": 4096, "val": 2000})
     note: str = ""
 
 
@@ -261,7 +314,8 @@ BUDGETS: dict[str, Budget] = {
                   note="the papers' schedules: float 160 epochs (step at 80/120), quantized 160 epochs; "
                        "3 seeds per row; six runs per GPU at once"),
     "smoke": Budget("smoke", "cpu", {**_SGD, "epochs": 1, "weight_decay": 5e-4, "schedule": "cosine"}, 1,
-                    (0,), (0,), jobs=1, threads=1, searches=False, arms=SMOKE_ARMS, train_subset=512, val_size=128,
+                    (0,), (0,), jobs=1, threads=1, searches=True, arms=SMOKE_ARMS, train_subset=512, val_size=128,
+                    releq={"episodes": 1, "proxy": 128, "val": 128},
                     note="pipeline check: 1 epoch on 512 training images (numbers mean nothing)"),
 }
 
@@ -315,13 +369,21 @@ def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int]
             if seeds is not None and seed not in seeds:
                 continue
             for ai, arm in enumerate(arms):
-                tier = 0 if arm.init == "scratch" else (1 if claim.name in rank else 2)
+                tier = 0 if arm.is_float else (1 if claim.name in rank else 2)
                 order = (tier, seed if tier < 2 else 0, rank.get(claim.name, len(rank) + ci), seed, ai)
-                if arm.init == "float":  # its float model runs whenever it does (a shared dependency)
+                if arm.init == "float" or arm.after:  # its float model runs whenever it does (shared)
                     dep = Job("float", float_arm(arm.width), seed, (0, seed, 0, seed, 0 if arm.width == 1 else 1))
                     jobs.setdefault(dep.name, dep)
                 jobs.setdefault(f"{arm.key}/seed{seed}", Job(claim.name, arm, seed, order))
     return sorted(jobs.values(), key=lambda j: j.order)
+
+
+def deps(job: Job) -> list[str]:
+    """The jobs (same seed) that must finish before ``job`` starts."""
+    out = [] if job.arm.is_float else [f"{float_arm(job.arm.width).key}/seed{job.seed}"]
+    if job.arm.init == "scratch" and not job.arm.after:
+        out = []
+    return out + [f"{k}/seed{job.seed}" for k in job.arm.after]
 
 
 def run_dir(runs: Path, job: Job) -> Path:
@@ -351,29 +413,80 @@ def _fill(obj: Any, ctx: Mapping[str, Any]) -> Any:
 
 def resolve_recipe(arm: Arm, ctx: Mapping[str, Any]) -> dict[str, Any] | None:
     """The arm's recipe as a dict, override merged and placeholders filled."""
-    if arm.recipe is None:
+    if arm.recipe is None and not arm.override:
         return None
     from lowbit.recipe import load_recipe
 
-    src = arm.recipe if not arm.recipe.startswith(RC) else str(ROOT / arm.recipe)
-    base = load_recipe(src).to_dict()
+    base: dict[str, Any] = {}
+    if arm.recipe is not None:
+        base = load_recipe(str(ROOT / arm.recipe) if arm.recipe.startswith(RC) else arm.recipe).to_dict()
     return _fill(deep_merge(base, arm.override), ctx)
+
+
+WQ = {"method": "uniform", "scale": "mse", "per_channel": True}  # the searches' weight quantizer
+AQ = {"method": "pact", "alpha_init": 10.0}  # ... and activation quantizer
+BITS = (2, 3, 4, 5, 6)  # ReLeQ's actions, for weights and activations
+ADAM = {"optimizer": "adam", "lr": 1.0e-3, "schedule": "cosine", "weight_decay": 0.0}
+
+
+def layer_sizes(width: float = 1.0) -> dict[str, int]:
+    """Weight count of every quantizable layer of ResNet-20, in order."""
+    from lowbit.models import build_model
+    from lowbit.nn.quantize import quantizable_layers
+
+    return {n: m.weight.numel() for n, m in quantizable_layers(build_model("resnet20", width_mult=width)).items()}
+
+
+def derived_recipe(derive: str, src: Path) -> tuple[dict[str, Any], float]:
+    """(recipe, width) of an arm built from the finished run ``src`` (see :class:`Arm`)."""
+    import yaml
+
+    if derive == "releq":
+        return yaml.safe_load((src / "recipe.yaml").read_text()), 1.0
+    if derive in ("waveq-learned", "waveq-fixed"):
+        bits = json.loads((src / "waveq_bits.json").read_text())["bits"]
+        if derive == "waveq-fixed":
+            sizes = layer_sizes()
+            mean = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
+            bits = dict.fromkeys(bits, round(mean))
+        rules = [{"match": n, "weight": {**WQ, "bits": b}} for n, b in bits.items()]
+        return {"name": derive, "default": {"weight": None}, "rules": rules, "train": ADAM}, 1.0
+    if derive == "width-wide":
+        from lowbit.models import build_model
+        from lowbit.search import width_for_budget
+
+        rel = json.loads((src / "releq.json").read_text())
+        width, _ = width_for_budget(lambda m: build_model("resnet20", width_mult=m), 2, rel["weight_bits_total"],
+                                    steps=20)
+        recipe = {"name": "width-wide", "default": {"weight": {**WQ, "bits": 2},
+                                                    "activation": {**AQ, "bits": round(rel["avg_a_bits"])}},
+                  "rules": [{"match": "@first", "weight": None, "activation": None},
+                            {"match": "@last", "weight": None}], "train": ADAM}
+        return recipe, width
+    raise ValueError(f"unknown derive {derive!r}; allowed: releq, waveq-learned, waveq-fixed, width-wide")
 
 
 def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str) -> dict[str, Any]:
     """Everything the worker needs (plain data: it crosses a process boundary)."""
     out = run_dir(runs, job)
     fdir = runs / float_arm(job.arm.width).key / f"seed{job.seed}"
-    ctx = {"{float}": str(fdir), "{q_half}": max(1, budget.q_epochs // 2)}
-    epochs = budget.float_train["epochs"] if job.arm.recipe is None and job.arm.kind == "train" else budget.q_epochs
-    train = dict(budget.float_train) if job.arm.recipe is None else {"epochs": epochs, "tensorboard": False}
+    ctx = {"{float}": str(fdir), "{q_half}": max(1, budget.q_epochs // 2),
+           "{middle}": list(layer_sizes())[1:-1]}
+    width = job.arm.width
+    if job.arm.derive:
+        recipe, width = derived_recipe(job.arm.derive, runs / job.arm.after[0] / f"seed{job.seed}")
+    else:
+        recipe = resolve_recipe(job.arm, ctx)
+    float_epochs = job.arm.is_float or job.arm.epochs == "float"
+    train = dict(budget.float_train) if job.arm.is_float else {
+        "epochs": budget.float_train["epochs"] if float_epochs else budget.q_epochs, "tensorboard": False}
     train["seed"] = job.seed
-    spec = {"model": "resnet20", "model_kwargs": {"width_mult": job.arm.width} if job.arm.width != 1.0 else {},
-            "dataset": "cifar10", "data_dir": data_dir, "recipe": resolve_recipe(job.arm, ctx),
+    spec = {"model": "resnet20", "model_kwargs": {"width_mult": width} if width != 1.0 else {},
+            "dataset": "cifar10", "data_dir": data_dir, "recipe": recipe,
             "init": str(fdir / "best.safetensors") if job.arm.init == "float" else None, "out": str(out),
             "train": train, "train_subset": budget.train_subset, "val_size": budget.val_size, "device": device}
     return {"kind": job.arm.kind, "spec": spec, "ptq": dict(job.arm.ptq), "threads": budget.threads,
-            "float_dir": str(fdir)}
+            "float_dir": str(fdir), "search": dict(budget.releq)}
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -388,6 +501,9 @@ def work(payload: dict[str, Any]) -> None:
     torch.set_num_threads(payload["threads"])
     if payload["kind"] == "ptq":
         ptq_run(payload)
+        return
+    if payload["kind"] == "releq":
+        releq_search(payload)
         return
     from lowbit.experiment import RunSpec, train_run
 
@@ -426,6 +542,59 @@ def ptq_run(payload: dict[str, Any]) -> dict[str, Any]:
     atomic_write_text(out / "config.json", json.dumps({"spec": spec, "ptq": opt}, indent=1))
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def releq_search(payload: dict[str, Any]) -> dict[str, Any]:
+    """ReLeQ (lowbit.search.releq) over (weight bits, activation bits) pairs of every layer of the
+    float run but the first and last. Measurement: a 1-epoch fine-tune on ``proxy`` training images,
+    read on ``val`` other training images (never the test set); its cache makes a killed search
+    resume. Writes ``recipe.yaml`` (the best assignment), ``releq.json`` and ``result.json``."""
+    import copy
+
+    import torch
+    import yaml
+
+    from lowbit.experiment import load_run
+    from lowbit.nn.quantize import quantizable_layers
+    from lowbit.search import FineTuneEvaluator, ReLeQ
+    from lowbit.train import TrainConfig, Trainer, atomic_write_text
+
+    t0 = time.perf_counter()
+    spec, opt = payload["spec"], payload["search"]
+    out, seed = Path(spec["out"]), spec["train"]["seed"]
+    device = "cuda" if str(spec["device"]).startswith("cuda") and torch.cuda.is_available() else "cpu"
+    model, data, _ = load_run(Path(payload["float_dir"]) / "best.safetensors", device)
+    held, rest = data.train.split(opt["val"], seed=seed)
+    proxy = rest.subset(opt["proxy"], seed=seed)
+    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
+    layers = quantizable_layers(model)
+    names = list(layers)[1:-1]
+    ev = FineTuneEvaluator(lambda: copy.deepcopy(model), proxy, held, cfg, dict(WQ), device=device, names=names,
+                           activation=dict(AQ))
+    float_val = Trainer(copy.deepcopy(model), proxy, held, cfg, device=device).evaluate()["acc"]
+    search = ReLeQ(ev, [layers[n] for n in names], float_val, actions=BITS, act_actions=BITS, seed=seed,
+                   cache_path=out / "releq_cache.json")
+    res = search.run(opt["episodes"])
+    pairs = [tuple(b) if isinstance(b, list | tuple) else (int(b), 32) for b in res.best_bits]
+    sizes = {n: layers[n].weight.numel() for n in names}
+    rules = [{"match": n, "weight": {**WQ, "bits": int(w)}, "activation": {**AQ, "bits": int(a)}}
+             for n, (w, a) in zip(names, pairs, strict=True)]
+    recipe = {"name": "releq", "description": f"ReLeQ search of {payload['float_dir']}",
+              "default": {"weight": None}, "rules": rules, "train": ADAM}
+    wq_bits = sum(sizes[n] * w for n, (w, _) in zip(names, pairs, strict=True))
+    other = sum(p.numel() for p in model.parameters()) - sum(sizes.values())
+    summary = {"layers": names, "bits": [list(p) for p in pairs], "float_val_acc": float_val,
+               "avg_w_bits": wq_bits / sum(sizes.values()), "avg_a_bits": statistics.fmean(a for _, a in pairs),
+               "weight_bits_total": wq_bits + 32 * other, "search": res.to_json()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    atomic_write_text(out / "releq.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out / "config.json", json.dumps({"spec": spec, "search": opt}, indent=1))
+    result = {"kind": "search", "test_acc": None, "best_acc": None, "epochs": 0, "device": device,
+              "wall_time_s": time.perf_counter() - t0, "avg_w_bits": summary["avg_w_bits"],
+              "avg_a_bits": summary["avg_a_bits"]}
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    return summary
 
 
 def weight_size(model: Any, in_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -507,10 +676,10 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
         for job in list(pending):
             if len(running) >= n_jobs:
                 break
-            dep = None if job.arm.init == "scratch" else f"{float_arm(job.arm.width).key}/seed{job.seed}"
-            if dep is not None and state.get(dep) != "finished":
-                if dep not in running and dep not in {q.name for q in pending}:
-                    state[job.name] = "blocked"  # its float model failed or is not in this campaign
+            waiting = [d for d in deps(job) if state.get(d) != "finished"]
+            if waiting:
+                if any(d not in running and d not in {q.name for q in pending} for d in waiting):
+                    state[job.name] = "blocked"  # a run it needs failed or is not in this campaign
                     pending.remove(job)
                 continue
             pending.remove(job)
@@ -572,10 +741,19 @@ def read_run(path: Path) -> dict[str, Any] | None:
     if not is_finished(path):
         return None
     res = json.loads((path / "result.json").read_text())
-    size = res.get("size") or float_size(path)
-    out = {"test_acc": 100 * res["test_acc"], "val_acc": None if res.get("best_acc") is None else 100 * res["best_acc"],
+    acc = res.get("test_acc")
+    size = res.get("size") or (float_size(path) if acc is not None else {})
+    out = {"test_acc": None if acc is None else 100 * acc,
+           "val_acc": None if res.get("best_acc") is None else 100 * res["best_acc"],
            "weight_bytes": size.get("weight_bytes", size.get("packed_bytes")), "bops": size.get("bops"),
            "epochs": res.get("epochs"), "device": res.get("device", "cpu"), "train_s": 0.0}
+    for k in ("avg_w_bits", "avg_a_bits"):
+        if res.get(k) is not None:
+            out[k] = res[k]
+    wb = path / "waveq_bits.json"
+    if wb.exists():
+        bits, sizes = json.loads(wb.read_text())["bits"], layer_sizes()
+        out["avg_w_bits"] = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
@@ -658,15 +836,27 @@ def verdict(rule: str, ours: Mapping[str, Any] | None, paper: float | None) -> t
     raise ValueError(f"verdict: unknown rule {rule!r}; allowed: level, drop, gain, measure")
 
 
+def chosen_arm(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> str:
+    """``arms[0]``, or among ``choose`` the finished arm with the best mean validation accuracy."""
+    val = {c: [r["val_acc"] for (k, _), r in runs.items() if k == c and r.get("val_acc") is not None]
+           for c in check.choose}
+    val = {c: statistics.fmean(v) for c, v in val.items() if v}
+    return max(val, key=val.__getitem__) if val else check.arms[0]
+
+
 def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> list[float]:
     """Per-seed values of a check (pp): level -> acc; drop -> float acc - acc; gain -> a - b; for
-    measure, the arm's drop vs float (or its accuracy when there is no float of that seed)."""
-    a = check.arms[0]
+    measure, the arm's drop vs float (or its accuracy when there is no float of that seed), or the
+    run's ``metric`` when that is not test accuracy."""
+    a = chosen_arm(check, runs)
     seeds = sorted(s for (k, s) in runs if k == a)
     vals = []
     for s in seeds:
         ra = runs[(a, s)]
-        if check.rule == "level":
+        if check.metric != "test_acc":
+            if ra.get(check.metric) is not None:
+                vals.append(ra[check.metric])
+        elif check.rule == "level":
             vals.append(ra["test_acc"])
         elif check.rule in ("drop", "measure"):
             if ("float", s) in runs:
@@ -691,6 +881,7 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], d
         for check in claim.checks:
             vals = check_values(check, runs)
             st = stats(vals)
+            chosen = chosen_arm(check, runs)
             v, why = verdict(check.rule, st, check.paper)
             if v == "not run":
                 if claim.search and not budget.searches:
@@ -699,8 +890,6 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], d
                     why = f"not run ({budget.name} budget: GPU budget only)"
                 else:
                     why = f"not run ({budget.name} budget: not finished yet; resumable)"
-                if claim.search:
-                    why += "; the campaign does not run this search yet"
             elif v not in ("reproduced", "measured") and check.rule in ("level", "drop") and ("float", 0) in runs:
                 fl = stats([r["test_acc"] for (k, _), r in runs.items() if k == "float"])
                 why += (f"; our float ResNet-20 reaches {fl['mean']:.2f}% at this budget "
@@ -713,7 +902,8 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], d
                     extra[key] = stats(got)
             devices = sorted({runs[(k, s)]["device"] for (k, s) in runs if k in check.arms}) if st else []
             rows.append({"claim": claim.name, "row": claim.row, "check": check.label, "rule": check.rule,
-                         "arms": list(check.arms), "paper": check.paper, "paper_text": check.paper_text,
+                         "arms": [chosen, *check.arms[1:]], "chosen_on_val": list(check.choose) or None,
+                         "metric": check.metric, "paper": check.paper, "paper_text": check.paper_text,
                          "citation": claim.citation, "ours": st,
                          "diff": None if st is None or check.paper is None else st["mean"] - check.paper,
                          "verdict": v, "why": why, "budget": budget.name,
@@ -781,7 +971,7 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
     for r in rows:
         claim = f"{r['row']} ({r['citation']})" if r["claim"] != last else "〃"
         last = r["claim"]
-        ours = _pm(r["ours"], units[r["rule"]])
+        ours = _pm(r["ours"], " bits" if "bits" in r["metric"] else units[r["rule"]])
         for key, label in (("sparsity", "weight sparsity"), ("small_groups", "small groups")):
             if r.get(key):
                 ours += f"; {label} {100 * r[key]['mean']:.1f}%"
@@ -794,7 +984,10 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         wb = f"{r['weight_bytes']:,}" if r.get("weight_bytes") else "-"
         bops = f"{r['bops']:.3g}" if r.get("bops") else "-"
         va = f"{r['val_acc']:.2f}%" if r.get("val_acc") is not None else "-"
-        lines.append(f"| {k} | {s} | {b} | {r['test_acc']:.2f}% | {va} | {wb} | {bops} | {r['epochs']} | "
+        ta = "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}%"
+        if r.get("avg_w_bits") is not None:
+            ta += f" (mean weight bits {r['avg_w_bits']:.2f})"
+        lines.append(f"| {k} | {s} | {b} | {ta} | {va} | {wb} | {bops} | {r['epochs']} | "
                      f"{r['device']} | {r['train_s']:.0f} |")
     if state:
         lines += ["", "Jobs not finished at the end of this invocation (they resume on the next one): "
@@ -819,7 +1012,8 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, field_, label in ((axes[0], "weight_bytes", "weight bytes"), (axes[1], "bops", "BOPs")):
         for k in keys:
-            rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == k and r.get(field_)]
+            rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == k and r.get(field_)
+                  and r.get("test_acc") is not None]
             if not rs:
                 continue
             x = statistics.fmean(r[field_] for r in rs)
