@@ -1,4 +1,4 @@
-"""ReLeQ: per-layer weight bit-widths chosen by a reinforcement-learning agent (PPO).
+"""ReLeQ: per-layer weight (and optionally activation) bit-widths chosen by a PPO agent.
 
 Elthakeb, Pilligundla, Mireshghallah, Yazdanbakhsh, Esmaeilzadeh, "ReLeQ: a reinforcement learning
 approach for automatic deep quantization of neural networks" (arXiv 1811.01704; IEEE Micro 2020).
@@ -32,7 +32,7 @@ prices bits through ``x``; here the constraint is hard, as in HAQ (Wang et al., 
 the cheapest action, costs at most the budget (infeasible logits masked, in the rollout and in the
 PPO update); the layers not chosen yet sit at that cheapest action in every measurement too (so
 each measured assignment is within the budget); and the reward drops the bits term (``x = 0``,
-``R = 2 (y^(1/y) - 0.5)``): within the budget only accuracy pays, so the agent spends the budget.
+``R = 2 (y^(1/y) - 0.5)``): within the budget only accuracy pays (fewer bits earn nothing).
 
 The evaluator is any ``bits tuple -> accuracy`` callable; :class:`FineTuneEvaluator` is the
 paper's (a short fine-tune of the quantized model from float weights, then validation
