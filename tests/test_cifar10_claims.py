@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import tarfile
+import typing
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("cifar10_claims", ROOT / "benchmarks" / "cifar10" / "claims.py")
+    path = ROOT / "benchmarks" / "cifar10" / "claims.py"
+    spec = importlib.util.spec_from_file_location("cifar10_claims", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["cifar10_claims"] = mod
     spec.loader.exec_module(mod)
@@ -127,7 +129,7 @@ def test_plan_order_and_seeds():
 
 
 class FakeProcess:
-    started: list[str] = []
+    started: typing.ClassVar[list[str]] = []
 
     def __init__(self, target, args, name):
         self.name, self.payload, self.exitcode = name, args[0], 0
@@ -162,7 +164,7 @@ def test_resume_reuses_finished_runs_and_starts_the_rest(tmp_path, monkeypatch):
     jobs = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[0])
     state = C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
     assert FakeProcess.started == ["dorefa-w2-dcq/seed0"]
-    assert state == {"float/seed0": "finished", "dorefa-w2/seed0": "finished", "dorefa-w2-dcq/seed0": "finished"}
+    assert state == dict.fromkeys(["float/seed0", "dorefa-w2/seed0", "dorefa-w2-dcq/seed0"], "finished")
     # all finished now: a rerun starts nothing
     FakeProcess.started = []
     C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
@@ -256,7 +258,8 @@ def _fixture_runs(root: Path) -> None:
 
 def test_report_only_rebuilds_the_same_table(tmp_path):
     _fixture_runs(tmp_path / "runs")
-    args = ["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]
+    args = ["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "o")]
     C.main(args)
     first = json.loads((tmp_path / "o" / "cifar10_claims.json").read_text())
     md = (tmp_path / "o" / "cifar10_claims.md").read_text()
@@ -277,7 +280,8 @@ def test_report_only_rebuilds_the_same_table(tmp_path):
     w = rows[("wpc", "ternary + group lasso: with minus without WPC")]
     assert w["verdict"] == "reproduced (single run)" and w["small_groups"]["mean"] == 0.25
     assert rows[("dcq", "DoReFa W2: with minus without DCQ")]["verdict"] == "not run"
-    assert "not run (cpu budget: not finished yet" in rows[("dcq", "DoReFa W2: with minus without DCQ")]["why"]
+    dcq = rows[("dcq", "DoReFa W2: with minus without DCQ")]
+    assert "not run (cpu budget: not finished yet" in dcq["why"]
     assert "GPU budget only" in rows[("bcgd", "W1A4, every layer: rho 1e-5 minus rho 0")]["why"]
     assert "needs the releq search" in rows[("releq", "average weight bits of the assignment")]["why"]
     assert "JPEG copy" in md and md.count("not run (cpu budget") >= 10

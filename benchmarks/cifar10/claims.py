@@ -141,9 +141,9 @@ def _sinreq(lam: float, grid: str) -> dict[str, Any]:
 
 def _sinreq_arms(method: str, bits: int, grid: str, width: float) -> tuple[Arm, ...]:
     rec = f"{RC}/{method}-w{bits}.yaml"
-    return (_ar(f"{method}-w{bits}", rec, width=width),) + tuple(
-        _ar(f"{method}-w{bits}-sinreq-l{lam:g}", rec, width=width, override=_sinreq(lam, grid))
-        for lam in SINREQ_LAMBDAS)
+    return (_ar(f"{method}-w{bits}", rec, width=width),
+            *(_ar(f"{method}-w{bits}-sinreq-l{lam:g}", rec, width=width, override=_sinreq(lam, grid))
+              for lam in SINREQ_LAMBDAS))
 
 
 def _sinreq_check(method: str, bits: int, paper: float, name: str) -> Check:
@@ -155,31 +155,34 @@ def _sinreq_check(method: str, bits: int, paper: float, name: str) -> Check:
 
 
 _WAVEQ = {"default": {"weight": None}, "rules": [],
-          "methods": [{"name": "waveq", "weight": 1000.0, "beta_weight": 100.0, "init_bits": 4.0, "min_bits": 2,
-                       "max_bits": 8, "grid": "max", "layers": "{middle}"}],
+          "methods": [{"name": "waveq", "weight": 1000.0, "beta_weight": 100.0, "init_bits": 4.0,
+                       "min_bits": 2, "max_bits": 8, "grid": "max", "layers": "{middle}"}],
           "train": {"optimizer": "adam", "lr": 1.0e-3, "schedule": "cosine", "weight_decay": 0.0}}
 _DCQ = {"methods": [{"name": "dcq", "teacher": "{float}", "dcq_epochs": "{q_half}"}]}
-_RVSM = {p: {"methods": [{"name": "rvsm", "penalty": p, "lam": 1.0e-3, "beta": 1.0}]} for p in ("l1", "l0", "tl1")}
+_RVSM = {p: {"methods": [{"name": "rvsm", "penalty": p, "lam": 1.0e-3, "beta": 1.0}]}
+         for p in ("l1", "l0", "tl1")}
+_RHO0 = {"methods": [{"name": "bcgd", "rho": 0.0}]}
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("float", "float baseline", "He et al. 2016 (91.25); TTQ's baseline 91.77 (Zhu et al. 2017)",
           (FLOAT,), (Check("ResNet-20 float test accuracy", "level", ("float",), 91.7, "≈ 91.7%"),)),
     Claim("bcgd", "BCGD", "Yin et al. 2019, blended coarse gradient descent",
           (_ar("bcgd-fl", f"{RC}/bcgd-w1a4-fl.yaml"),
-           _ar("bcgd-fl-rho0", f"{RC}/bcgd-w1a4-fl.yaml", override={"methods": [{"name": "bcgd", "rho": 0.0}]}),
+           _ar("bcgd-fl-rho0", f"{RC}/bcgd-w1a4-fl.yaml", override=_RHO0),
            _ar("bcgd-all", f"{RC}/bcgd-w1a4-all.yaml"),
-           _ar("bcgd-all-rho0", f"{RC}/bcgd-w1a4-all.yaml",
-               override={"methods": [{"name": "bcgd", "rho": 0.0}]})),
+           _ar("bcgd-all-rho0", f"{RC}/bcgd-w1a4-all.yaml", override=_RHO0)),
           (Check("W1A4, first/last float: rho 1e-5 minus rho 0", "gain", ("bcgd-fl", "bcgd-fl-rho0"), None,
                  "blending helps at 1 bit"),
            Check("W1A4, every layer: rho 1e-5 minus rho 0", "gain", ("bcgd-all", "bcgd-all-rho0"), None,
                  "blending helps at 1 bit")),
-          paired=True, departs="Adam fine-tune from the float model (the paper trains with its own SGD schedule)"),
+          paired=True,
+          departs="Adam fine-tune from the float model (the paper trains with its own SGD schedule)"),
     Claim("dcq", "DCQ", "Elthakeb et al. 2020 (ICML), divide-and-conquer quantization",
-          (_ar("dorefa-w2", f"{RC}/dorefa-w2.yaml"), _ar("dorefa-w2-dcq", f"{RC}/dorefa-w2.yaml", override=_DCQ),
-           _ar("dorefa-w1", f"{RC}/dorefa-w1.yaml"), _ar("dorefa-w1-dcq", f"{RC}/dorefa-w1.yaml", override=_DCQ)),
-          (Check("DoReFa W2: with minus without DCQ", "gain", ("dorefa-w2-dcq", "dorefa-w2"), 9.7, "up to +9.7"),
-           Check("DoReFa W1: with minus without DCQ", "gain", ("dorefa-w1-dcq", "dorefa-w1"), 9.7, "up to +9.7")),
+          tuple(a for b in (2, 1) for a in (
+              _ar(f"dorefa-w{b}", f"{RC}/dorefa-w{b}.yaml"),
+              _ar(f"dorefa-w{b}-dcq", f"{RC}/dorefa-w{b}.yaml", override=_DCQ))),
+          tuple(Check(f"DoReFa W{b}: with minus without DCQ", "gain", (f"dorefa-w{b}-dcq", f"dorefa-w{b}"),
+                      9.7, "up to +9.7") for b in (2, 1)),
           paired=True, departs="sections = stem, the three stages, head; sectioned loss for half the epochs, "
           "then whole-model KD"),
     Claim("sinreq", "SinReQ", "Elthakeb et al. 2019 (arXiv 1905.01416)",
@@ -198,8 +201,8 @@ CLAIMS: tuple[Claim, ...] = (
           (Check("TTQ drop vs float", "drop", ("ttq",), 0.64, "91.77 -> 91.13 (drop 0.64)"),
            Check("TGA minus TWN", "gain", ("tga", "twn"), None, "TGA's drop below TWN's"),
            Check("TGA minus TTQ", "gain", ("tga", "ttq"), None, "TGA's drop below TTQ's"),
-           Check("statistical ternary: residual expansion minus plain", "gain", ("ternary-stat-tex2", "ternary-stat"),
-                 None, "expansion helps"),
+           Check("statistical ternary: residual expansion minus plain", "gain",
+                 ("ternary-stat-tex2", "ternary-stat"), None, "expansion helps"),
            Check("TWN drop vs float", "measure", ("twn",), None, "-"),
            Check("LBW ternary drop vs float", "measure", ("lbw-w2",), None, "-"),
            Check("LBW 4-bit drop vs float", "measure", ("lbw-w4",), None, "-")),
@@ -208,14 +211,16 @@ CLAIMS: tuple[Claim, ...] = (
           (_ar("waveq", None, override=_WAVEQ, kind="waveq"),
            _ar("waveq-learned", None, after=("waveq",), derive="waveq-learned"),
            _ar("waveq-fixed", None, after=("waveq",), derive="waveq-fixed")),
-          (Check("learned bits minus fixed bits at equal average bits", "gain", ("waveq-learned", "waveq-fixed"),
-                 None, "its reported gain"),
+          (Check("learned bits minus fixed bits at equal average bits", "gain",
+                 ("waveq-learned", "waveq-fixed"), None, "its reported gain"),
            Check("learned average weight bits", "measure", ("waveq",), None, "-", metric="avg_w_bits")),
           search="waveq", departs="bits learned during a float fine-tune (grid max|w|, lambda 1000, "
-          "beta weight 100, not tuned), then a uniform per-channel fine-tune at those bits; range not learned"),
+          "beta weight 100, not tuned), then a uniform per-channel fine-tune at those bits; range not "
+          "learned"),
     Claim("releq", "ReLeQ", "Elthakeb et al. 2018/2020 (arXiv 1811.01704)",
           (_ar("releq", None, kind="releq"), _ar("releq-ft", None, after=("releq",), derive="releq")),
-          (Check("the searched assignment, fine-tuned: drop vs float", "drop", ("releq-ft",), 0.3, "<= 0.3 pt loss"),
+          (Check("the searched assignment, fine-tuned: drop vs float", "drop", ("releq-ft",), 0.3,
+                 "<= 0.3 pt loss"),
            Check("average weight bits of the assignment", "measure", ("releq",), 5.0, "≈ 5 bits (CIFAR-10)",
                  metric="avg_w_bits"),
            Check("average activation bits of the assignment", "measure", ("releq",), None, "-",
@@ -231,8 +236,9 @@ CLAIMS: tuple[Claim, ...] = (
           search="releq", departs="both trained from scratch for the float schedule (no float model of "
           "the wide width exists); activations at the assignment's mean activation bits"),
     Claim("baselines", "PACT, LSQ, DoReFa baselines", "Choi et al. 2018; Esser et al. 2020; Zhou et al. 2016",
-          (_ar("pact-w2a2", f"{RC}/pact-w2a2.yaml"), _ar("pact-w4a4", "pact-w4a4"), _ar("lsq-w2a2", "lsq-w2a2"),
-           _ar("lsq-w4a4", "lsq-w4a4"), _ar("dorefa-w2a2", f"{RC}/dorefa-w2a2.yaml"),
+          (_ar("pact-w2a2", f"{RC}/pact-w2a2.yaml"), _ar("pact-w4a4", "pact-w4a4"),
+           _ar("lsq-w2a2", "lsq-w2a2"), _ar("lsq-w4a4", "lsq-w4a4"),
+           _ar("dorefa-w2a2", f"{RC}/dorefa-w2a2.yaml"),
            _ar("dorefa-w4a4", f"{RC}/dorefa-w4a4.yaml")),
           (Check("PACT W2A2", "level", ("pact-w2a2",), 88.9, "88.9"),
            Check("PACT W4A4", "level", ("pact-w4a4",), 90.8, "90.8"),
@@ -247,21 +253,24 @@ CLAIMS: tuple[Claim, ...] = (
               _ar(f"ptq-mp-w{b}", None, kind="ptq", ptq={"method": "multipoint", "bits": b, "budget": 1.0}),
               _ar(f"ptq-mp-w{b}-b1.25", None, kind="ptq",
                   ptq={"method": "multipoint", "bits": b, "budget": 1.25}))),
-          tuple(Check(f"W{b}: multipoint minus round-to-nearest, equal bits", "gain", (f"ptq-mp-w{b}", f"ptq-rtn-w{b}"),
-                      None, "beats RTN") for b in (3, 4))
+          tuple(Check(f"W{b}: multipoint minus round-to-nearest, equal bits", "gain",
+                      (f"ptq-mp-w{b}", f"ptq-rtn-w{b}"), None, "beats RTN") for b in (3, 4))
           + tuple(Check(f"W{b}: multipoint 1.25 points/channel minus RTN", "gain",
                         (f"ptq-mp-w{b}-b1.25", f"ptq-rtn-w{b}"), None, "beats RTN") for b in (3, 4)),
           paired=True, departs="512 calibration images from the training split; first/last layer and "
           "activations float"),
     Claim("rvsm", "RVSM", "Dinh & Xin 2020 (arXiv 1901.09731)",
-          (_ar("rvsm-none", f"{RC}/rvsm-a1.yaml"),) + tuple(
-              _ar(f"rvsm-{p}", f"{RC}/rvsm-a1.yaml", override=_RVSM[p]) for p in ("l1", "l0", "tl1")),
+          (_ar("rvsm-none", f"{RC}/rvsm-a1.yaml"),
+           *(_ar(f"rvsm-{p}", f"{RC}/rvsm-a1.yaml", override=_RVSM[p]) for p in ("l1", "l0", "tl1"))),
           tuple(Check(f"{p.upper()}: sparse minus dense (binarized activations)", "gain",
-                      (f"rvsm-{p}", "rvsm-none"), None, "sparsity at little loss") for p in ("l1", "l0", "tl1")),
-          departs="lambda 1e-3, beta 1 (not tuned); float weights, 1-bit activations on every layer but the first"),
+                      (f"rvsm-{p}", "rvsm-none"), None, "sparsity at little loss")
+                for p in ("l1", "l0", "tl1")),
+          departs="lambda 1e-3, beta 1 (not tuned); float weights, 1-bit activations on every layer but the "
+          "first"),
     Claim("wpc", "WPC", "He, Fan et al. 2020 (AAAI), PE-wise structured pruning + ternarization",
           (_ar("twn-gl", f"{RC}/twn-gl.yaml",
-               override={"methods": [{"name": "wpc", "lam": 1.0e-4, "group": "pe", "pe_in": 4, "wpc": False}]}),
+               override={"methods": [{"name": "wpc", "lam": 1.0e-4, "group": "pe", "pe_in": 4,
+                                      "wpc": False}]}),
            _ar("twn-gl-wpc", f"{RC}/twn-gl.yaml")),
           (Check("ternary + group lasso: with minus without WPC", "gain", ("twn-gl-wpc", "twn-gl"), None,
                  "structured sparsity at small loss"),),
@@ -278,7 +287,8 @@ CPU_ARMS: dict[str, tuple[str, ...]] = {
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
-    "bcgd": ("bcgd-fl-rho0",), "dcq": ("dorefa-w2-dcq",), "sinreq": ("dorefa-w4-sinreq-l100", "wrpn-w4-sinreq-l100"),
+    "bcgd": ("bcgd-fl-rho0",), "dcq": ("dorefa-w2-dcq",),
+    "sinreq": ("dorefa-w4-sinreq-l100", "wrpn-w4-sinreq-l100"),
     "ternary": ("tga",), "baselines": ("pact-w2a2",), "multipoint": ("ptq-rtn-w3", "ptq-mp-w3-b1.25"),
     "rvsm": ("rvsm-tl1",), "wpc": ("twn-gl-wpc",),
 }
@@ -314,7 +324,8 @@ BUDGETS: dict[str, Budget] = {
                   note="the papers' schedules: float 160 epochs (step at 80/120), quantized 160 epochs; "
                        "3 seeds per row; six runs per GPU at once"),
     "smoke": Budget("smoke", "cpu", {**_SGD, "epochs": 1, "weight_decay": 5e-4, "schedule": "cosine"}, 1,
-                    (0,), (0,), jobs=1, threads=1, searches=True, arms=SMOKE_ARMS, train_subset=512, val_size=128,
+                    (0,), (0,), jobs=1, threads=1, searches=True, arms=SMOKE_ARMS, train_subset=512,
+                    val_size=128,
                     releq={"episodes": 1, "proxy": 128, "val": 128},
                     note="pipeline check: 1 epoch on 512 training images (numbers mean nothing)"),
 }
@@ -372,7 +383,7 @@ def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int]
                 tier = 0 if arm.is_float else (1 if claim.name in rank else 2)
                 order = (tier, seed if tier < 2 else 0, rank.get(claim.name, len(rank) + ci), seed, ai)
                 if arm.init == "float" or arm.after:  # its float model runs whenever it does (shared)
-                    dep = Job("float", float_arm(arm.width), seed, (0, seed, 0, seed, 0 if arm.width == 1 else 1))
+                    dep = Job("float", float_arm(arm.width), seed, (0, seed, 0, seed, int(arm.width != 1)))
                     jobs.setdefault(dep.name, dep)
                 jobs.setdefault(f"{arm.key}/seed{seed}", Job(claim.name, arm, seed, order))
     return sorted(jobs.values(), key=lambda j: j.order)
@@ -434,7 +445,8 @@ def layer_sizes(width: float = 1.0) -> dict[str, int]:
     from lowbit.models import build_model
     from lowbit.nn.quantize import quantizable_layers
 
-    return {n: m.weight.numel() for n, m in quantizable_layers(build_model("resnet20", width_mult=width)).items()}
+    layers = quantizable_layers(build_model("resnet20", width_mult=width))
+    return {n: m.weight.numel() for n, m in layers.items()}
 
 
 def derived_recipe(derive: str, src: Path) -> tuple[dict[str, Any], float]:
@@ -456,8 +468,8 @@ def derived_recipe(derive: str, src: Path) -> tuple[dict[str, Any], float]:
         from lowbit.search import width_for_budget
 
         rel = json.loads((src / "releq.json").read_text())
-        width, _ = width_for_budget(lambda m: build_model("resnet20", width_mult=m), 2, rel["weight_bits_total"],
-                                    steps=20)
+        width, _ = width_for_budget(lambda m: build_model("resnet20", width_mult=m), 2,
+                                    rel["weight_bits_total"], steps=20)
         recipe = {"name": "width-wide", "default": {"weight": {**WQ, "bits": 2},
                                                     "activation": {**AQ, "bits": round(rel["avg_a_bits"])}},
                   "rules": [{"match": "@first", "weight": None, "activation": None},
@@ -484,7 +496,8 @@ def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str) -
     spec = {"model": "resnet20", "model_kwargs": {"width_mult": width} if width != 1.0 else {},
             "dataset": "cifar10", "data_dir": data_dir, "recipe": recipe,
             "init": str(fdir / "best.safetensors") if job.arm.init == "float" else None, "out": str(out),
-            "train": train, "train_subset": budget.train_subset, "val_size": budget.val_size, "device": device}
+            "train": train, "train_subset": budget.train_subset, "val_size": budget.val_size,
+            "device": device}
     return {"kind": job.arm.kind, "spec": spec, "ptq": dict(job.arm.ptq), "threads": budget.threads,
             "float_dir": str(fdir), "search": dict(budget.releq)}
 
@@ -527,7 +540,8 @@ def ptq_run(payload: dict[str, Any]) -> dict[str, Any]:
     model, data, _ = load_run(Path(payload["float_dir"]) / "best.safetensors", device)
     model.eval()
     if opt["method"] == "rtn":
-        quantize(model, {"default": {"weight": {"method": "uniform", "bits": opt["bits"], "per_channel": True}},
+        rtn = {"method": "uniform", "bits": opt["bits"], "per_channel": True}
+        quantize(model, {"default": {"weight": rtn},
                          "rules": [{"match": ["@first", "@last"], "weight": None}]})
     else:
         calib = [b.to(device) for b in calibration_batches(data.train, 512)]
@@ -569,8 +583,8 @@ def releq_search(payload: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
     layers = quantizable_layers(model)
     names = list(layers)[1:-1]
-    ev = FineTuneEvaluator(lambda: copy.deepcopy(model), proxy, held, cfg, dict(WQ), device=device, names=names,
-                           activation=dict(AQ))
+    ev = FineTuneEvaluator(lambda: copy.deepcopy(model), proxy, held, cfg, dict(WQ), device=device,
+                           names=names, activation=dict(AQ))
     float_val = Trainer(copy.deepcopy(model), proxy, held, cfg, device=device).evaluate()["acc"]
     search = ReLeQ(ev, [layers[n] for n in names], float_val, actions=BITS, act_actions=BITS, seed=seed,
                    cache_path=out / "releq_cache.json")
@@ -584,7 +598,8 @@ def releq_search(payload: dict[str, Any]) -> dict[str, Any]:
     wq_bits = sum(sizes[n] * w for n, (w, _) in zip(names, pairs, strict=True))
     other = sum(p.numel() for p in model.parameters()) - sum(sizes.values())
     summary = {"layers": names, "bits": [list(p) for p in pairs], "float_val_acc": float_val,
-               "avg_w_bits": wq_bits / sum(sizes.values()), "avg_a_bits": statistics.fmean(a for _, a in pairs),
+               "avg_w_bits": wq_bits / sum(sizes.values()),
+               "avg_a_bits": statistics.fmean(a for _, a in pairs),
                "weight_bits_total": wq_bits + 32 * other, "search": res.to_json()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
@@ -639,7 +654,8 @@ def _macs(model: Any, in_shape: tuple[int, ...]) -> int:
         w = m.weight
         total += int(y.numel() // y.shape[0] * (w[0].numel() if w.dim() > 1 else 1))
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    hs = [m.register_forward_hook(hook) for m in model.modules()
+          if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     with torch.no_grad():
         model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
     for h in hs:
@@ -720,7 +736,8 @@ def unpack(src: Path, runs: Path) -> list[str]:
             parts = Path(m.name).parts
             if (not m.isfile() or Path(m.name).is_absolute() or ".." in parts or len(parts) != 3
                     or not parts[1].startswith("seed")):
-                raise ValueError(f"{src}: unexpected member {m.name!r}; an archive holds <run>/seed<k>/<file>")
+                raise ValueError(f"{src}: unexpected member {m.name!r}; an archive holds "
+                                 "<run>/seed<k>/<file>")
         tar.extractall(tmpdir, members=members, filter="data")
         for d in sorted({Path(tmpdir, *Path(m.name).parts[:2]) for m in members}):
             target = runs / d.relative_to(tmpdir)
@@ -828,7 +845,8 @@ def verdict(rule: str, ours: Mapping[str, Any] | None, paper: float | None) -> t
     tol = max(TOL_PP, 2 * se)
     if rule == "level":
         ok = m >= paper - tol
-        return ("reproduced", "") if ok else ("not reproduced", f"{m - paper:+.2f} pp below the paper (tolerance {tol:.2f})")
+        why = f"{m - paper:+.2f} pp below the paper (tolerance {tol:.2f})"
+        return ("reproduced", "") if ok else ("not reproduced", why)
     if rule == "drop":
         ok = m <= paper + tol
         return ("reproduced", "") if ok else ("not reproduced", f"drop {m:.2f} pp vs the paper's {paper:.2f} "
@@ -868,7 +886,10 @@ def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -
     return vals
 
 
-def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
+Runs = dict[tuple[str, int], dict[str, Any]]  # (run key, seed) -> its numbers (read_run)
+
+
+def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], Runs]:
     """One row per check of every claim, from the finished run directories under ``runs_root``."""
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     for d in sorted(runs_root.glob("*/seed*")):
@@ -890,7 +911,8 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], d
                     why = f"not run ({budget.name} budget: GPU budget only)"
                 else:
                     why = f"not run ({budget.name} budget: not finished yet; resumable)"
-            elif v not in ("reproduced", "measured") and check.rule in ("level", "drop") and ("float", 0) in runs:
+            elif v not in ("reproduced", "measured") and check.rule in ("level", "drop") and any(
+                    k == "float" for k, _ in runs):
                 fl = stats([r["test_acc"] for (k, _), r in runs.items() if k == "float"])
                 why += (f"; our float ResNet-20 reaches {fl['mean']:.2f}% at this budget "
                         f"({budget.float_train['epochs']} epochs; paper schedule 160+)")
@@ -911,7 +933,7 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], d
     return rows, runs
 
 
-def report_rows(runs_dir: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[tuple[str, int, str], Any]]:
+def report_rows(runs_dir: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
     """Rows of every budget with runs under ``runs_dir`` (GPU rows first), each row naming its
     budget; checks nobody ran appear once, as not run under ``budget``. The smoke budget reports
     only itself."""
@@ -941,7 +963,8 @@ def _pm(st: Mapping[str, Any] | None, unit: str = "") -> str:
 
 
 def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
-           runs: Mapping[tuple[str, int, str], dict[str, Any]], plan_text: str, state: Mapping[str, str]) -> str:
+           runs: Mapping[tuple[str, int, str], dict[str, Any]], plan_text: str,
+           state: Mapping[str, str]) -> str:
     units = {"level": "%", "drop": " pp", "gain": " pp", "measure": " pp"}
     lines = [
         "# CIFAR-10 ResNet-20: the seed papers' claims, re-measured",
@@ -978,8 +1001,8 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
         lines.append(f"| {claim} | {r['check']} | {r['paper_text']} | {ours} | {diff} | {r['verdict']} | "
                      f"{r['why'] or '-'} | {r['budget']} / {r['device']} | {r['departs'] or '-'} |")
-    lines += ["", "## Runs", "", "| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs | "
-              "device | train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs "
+              "| device | train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, s, b), r in sorted(runs.items()):
         wb = f"{r['weight_bytes']:,}" if r.get("weight_bytes") else "-"
         bops = f"{r['bops']:.3g}" if r.get("bops") else "-"
@@ -1035,14 +1058,15 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
 
 def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
     """The budget in numbers: measured epoch times (float, quantized) and the projected CPU time."""
-    ft = [t for j in jobs if j.arm.init == "scratch" for t in epoch_times(run_dir(runs, j))]
-    qt = [t for j in jobs if j.arm.init != "scratch" and j.arm.kind == "train" for t in epoch_times(run_dir(runs, j))]
-    n_float = sum(1 for j in jobs if j.arm.init == "scratch")
-    n_q = sum(1 for j in jobs if j.arm.init != "scratch" and j.arm.kind == "train")
+    floats = [j for j in jobs if j.arm.is_float]
+    quant = [j for j in jobs if not j.arm.is_float and j.arm.kind in ("train", "waveq")]
+    ft = [t for j in floats for t in epoch_times(run_dir(runs, j))]
+    qt = [t for j in quant for t in epoch_times(run_dir(runs, j))]
+    n_float, n_q = len(floats), len(quant)
     fe, qe = budget.float_train["epochs"], budget.q_epochs
     out = [f"Jobs in this budget: {n_float} float runs x {fe} epochs, {n_q} quantized runs x {qe} epochs, "
-           f"{len(jobs) - n_float - n_q} post-training runs; {budget.jobs} at a time, {budget.threads} "
-           f"thread(s) each, on {budget.device}."]
+           f"{len(jobs) - n_float - n_q} post-training or search runs; {budget.jobs} at a time, "
+           f"{budget.threads} thread(s) each, on {budget.device}."]
     if ft or qt:
         f_mean = statistics.fmean(ft) if ft else None
         q_mean = statistics.fmean(qt) if qt else (1.3 * f_mean if f_mean else None)
@@ -1051,8 +1075,8 @@ def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
         txt += f", quantized {statistics.fmean(qt):.0f} s ({len(qt)} epochs)" if qt else ""
         if f_mean and q_mean:
             total = n_float * fe * f_mean + n_q * qe * q_mean
-            txt += (f". At these rates the budget needs {total / 3600:.1f} CPU-hours, {total / 3600 / budget.jobs:.1f} h "
-                    f"of wall time with {budget.jobs} runs side by side.")
+            txt += (f". At these rates the budget needs {total / 3600:.1f} CPU-hours, "
+                    f"{total / 3600 / budget.jobs:.1f} h of wall time with {budget.jobs} runs side by side.")
         out.append(txt)
     return " ".join(out)
 
@@ -1061,7 +1085,8 @@ def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-    p.add_argument("--only", nargs="+", metavar="CLAIM", help=f"claims to run ({', '.join(c.name for c in CLAIMS)})")
+    p.add_argument("--only", nargs="+", metavar="CLAIM",
+                   help=f"claims to run ({', '.join(c.name for c in CLAIMS)})")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--runs-dir", default="runs/cifar10-claims", help="runs live in RUNS_DIR/<budget>/")
     p.add_argument("--data-dir", default="../shared/data")
@@ -1069,7 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, help="runs at once (default: the budget's)")
     p.add_argument("--stop-after", type=float, metavar="SECONDS",
                    help="stop the running jobs after this long (they resume next time), then report")
-    p.add_argument("--report-only", action="store_true", help="train nothing: tables from the run directories")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tables from the run directories")
     p.add_argument("--plan", action="store_true", help="print the jobs in order and exit")
     p.add_argument("--archive", metavar="TAR_GZ", help="afterwards, pack the run directories into this file")
     p.add_argument("--unpack", metavar="TAR_GZ", help="first, restore run directories from this archive")
