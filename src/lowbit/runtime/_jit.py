@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from llvmlite import ir
 from numba import types
@@ -82,15 +83,33 @@ HOST_VNNI = _host_has_vnni()
 HAS_VNNI = HOST_VNNI and not _env_plain()
 
 
+# CPU-specific flags that other runtime modules derive from ``HAS_VNNI`` when they are imported
+# (``kernels_gemm.HAS_LUT``): switched off with the plain path, restored after it
+_DERIVED_FLAGS = ("HAS_LUT",)
+_SAVED_FLAGS: dict[tuple[str, str], bool] = {}
+
+
 def set_plain(flag: bool = True) -> None:
     """Force (True) or release (False) the plain path: layers packed afterwards ignore the
-    AVX-512 VNNI int8 kernels and run the bit-serial numba kernels, as on a CPU without them.
-    The environment's ``LOWBIT_RUNTIME_PLAIN=1`` sets it at start."""
+    AVX-512 specific kernels (VNNI int8 tiles, and what builds on them: AMX, the ``vpermb``
+    tables), as on a CPU without them. The environment's ``LOWBIT_RUNTIME_PLAIN=1`` sets it at
+    start. Code choosing an AVX-512 kernel reads ``kernels.HAS_VNNI`` (or a flag derived from it)."""
     global HAS_VNNI
     HAS_VNNI = HOST_VNNI and not flag
     from . import kernels  # the layers read ``kernels.HAS_VNNI`` when they are built
 
     kernels.HAS_VNNI = HAS_VNNI
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith(__package__ + "."):
+            continue
+        for attr in _DERIVED_FLAGS:
+            if not hasattr(mod, attr):
+                continue
+            if flag:
+                _SAVED_FLAGS.setdefault((name, attr), getattr(mod, attr))
+                setattr(mod, attr, False)
+            elif (name, attr) in _SAVED_FLAGS:
+                setattr(mod, attr, _SAVED_FLAGS.pop((name, attr)))
 
 
 def plain() -> bool:
