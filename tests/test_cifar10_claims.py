@@ -298,8 +298,20 @@ def test_archive_unpack_round_trip(tmp_path):
     got = C.unpack(tmp_path / "a.tar.gz", runs)
     assert len(got) == 13
     for f in src_cpu.rglob("*"):
-        if f.is_file():
-            assert (runs / f.relative_to(src_cpu)).read_bytes() == f.read_bytes()
+        rel = f.relative_to(src_cpu)
+        if f.name == "checkpoint.safetensors" and (f.parent / "result.json").exists():
+            assert not (runs / rel).exists()  # a finished run's optimizer state stays behind
+        elif f.is_file():
+            assert (runs / rel).read_bytes() == f.read_bytes()
+    assert (runs / "dorefa-w2" / "seed0" / "checkpoint.safetensors").exists()  # unfinished: resumes
+    # slim: the finished quantized runs' checkpoints stay behind, the float models' travel
+    for d in (src_cpu / "ttq" / "seed0", src_cpu / "float" / "seed0"):
+        (d / "best.safetensors").write_bytes(b"w")
+    C.archive(src_cpu, tmp_path / "slim.tar.gz", slim=True)
+    with tarfile.open(tmp_path / "slim.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert "float/seed0/best.safetensors" in names and "ttq/seed0/best.safetensors" not in names
+    assert "ttq/seed0/result.json" in names and "dorefa-w2/seed0/checkpoint.safetensors" in names
     # a run finished here is not replaced by an unfinished copy
     fake_run(runs, "dorefa-w2", 0, 0.7)
     C.archive(src_cpu, tmp_path / "b.tar.gz")

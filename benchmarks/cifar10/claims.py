@@ -711,17 +711,26 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
 
 
 # ----------------------------------------------------------------------------------- archives
-def archive(runs: Path, dest: Path) -> int:
-    """Pack every run directory under ``runs`` (finished ones and the checkpoints of unfinished
-    ones, so a GPU slice resumes on a fresh machine) into one .tar.gz. Returns the run count."""
+def archive(runs: Path, dest: Path, slim: bool = False) -> int:
+    """Pack every run directory under ``runs`` into one .tar.gz: a finished run's metrics, result
+    and best checkpoint (not ``checkpoint.safetensors``: the last epoch's optimizer state), an
+    unfinished run's everything (its checkpoint resumes it on a fresh machine). ``slim`` also
+    leaves out the best checkpoints and packed models of finished quantized runs (what a report and
+    the next slice need fit in a few MB). Returns the run count."""
     dirs = sorted({p.parent for p in runs.glob("*/seed*/config.json")})
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for d in dirs:
+            done, is_float = is_finished(d), d.parent.name in (FLOAT.key, FLOAT_W2.key)
             for f in sorted(d.iterdir()):
-                if f.is_file() and not f.name.endswith(".tmp"):
-                    tar.add(f, arcname=f.relative_to(runs).as_posix())
+                if not f.is_file() or f.name.endswith(".tmp"):
+                    continue
+                if done and f.name == "checkpoint.safetensors":
+                    continue
+                if done and slim and not is_float and f.name in ("best.safetensors", "model.lowbit"):
+                    continue
+                tar.add(f, arcname=f.relative_to(runs).as_posix())
     os.replace(tmp, dest)
     return len(dirs)
 
@@ -1098,6 +1107,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: tables from the run directories")
     p.add_argument("--plan", action="store_true", help="print the jobs in order and exit")
     p.add_argument("--archive", metavar="TAR_GZ", help="afterwards, pack the run directories into this file")
+    p.add_argument("--archive-slim", action="store_true",
+                   help="leave the finished quantized runs' checkpoints out of the archive")
     p.add_argument("--unpack", metavar="TAR_GZ", help="first, restore run directories from this archive")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -1133,7 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(a.out, stem, payload, render(meta, budget, rows, found, text, state))
     plot(found, Path(a.out) / f"{stem}.png")
     if a.archive:
-        n = archive(runs, Path(a.archive))
+        n = archive(runs, Path(a.archive), slim=a.archive_slim)
         print(f"archived {n} run directories to {a.archive}")
     return 0
 
