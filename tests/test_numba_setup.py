@@ -144,11 +144,13 @@ def test_plain_switch_and_its_old_name(monkeypatch, env, plain):
 
 
 def test_set_plain_switches_the_layers_choice():
-    was = kernels.HAS_VNNI
+    from lowbit.runtime import kernels_gemm
+
+    was_plain, lut = _jit.plain(), kernels_gemm.HAS_LUT
     try:
         _jit.set_plain(True)
-        assert kernels.HAS_VNNI is False and _jit.plain()
+        assert kernels.HAS_VNNI is False and _jit.plain() and kernels_gemm.HAS_LUT is False
         _jit.set_plain(False)
-        assert kernels.HAS_VNNI == _jit.HOST_VNNI
+        assert kernels.HAS_VNNI == _jit.HOST_VNNI and lut == kernels_gemm.HAS_LUT
     finally:
-        kernels.HAS_VNNI = _jit.HAS_VNNI = was
+        _jit.set_plain(was_plain)

@@ -54,10 +54,10 @@ def threads(request, monkeypatch):
 
 @pytest.fixture
 def path(request):
-    was = kernels.HAS_VNNI
+    was_plain = _jit.plain()
     _jit.set_plain(request.param == "plain")
     yield request.param
-    kernels.HAS_VNNI = _jit.HAS_VNNI = was
+    _jit.set_plain(was_plain)
 
 
 _NETS: dict[str, tuple[nn.Module, torch.Tensor]] = {}
@@ -99,7 +99,9 @@ def test_every_quantizer_every_path_equals_float64_reference(act, path, threads)
     assert all(r.kind == "packed" for r in packed.layers), packed.summary()
     layers = packed.packed_layers()
     if path == "plain":
-        assert all(getattr(m, "i8", None) is None for m in layers.values())
+        from lowbit.runtime import kernels_gemm
+
+        assert all(getattr(m, "i8", None) is None for m in layers.values()) and not kernels_gemm.HAS_LUT
     elif kernels.HAS_VNNI:
         assert getattr(layers["0"], "i8", None) is not None
     for name, pm in layers.items():  # the runtime dispatches on the hook only
