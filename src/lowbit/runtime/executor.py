@@ -415,7 +415,7 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
                 raise UnsupportedGraphError(f"{node.name}: keyword arguments")
             if type(mod) is PackedConv2d and mod.i8 is not None:
                 vals[node] = _conv(b, mod, cargs[0], cargs[1] if len(cargs) > 1 else None, linear=False)
-            elif type(mod) is PackedLinear and mod.i8 is not None and len(cargs) == 1:
+            elif type(mod) is PackedLinear and mod.runs_flat and len(cargs) == 1:
                 vals[node] = _conv(b, mod, cargs[0], None, linear=True)
             elif type(mod) is CodeMaxPool2d:
                 vals[node] = _maxpool(b, mod, cargs[0])

@@ -53,6 +53,8 @@ ROWS_MAX = 8
 # activation bits stay within this budget (measured on the MLP 4096x4096 and LeNet-5: binary
 # weights up to 3 rows; from 2 rows on int8 wins for ternary and 4-bit weights)
 ROWS_INT8_BUDGET = 12
+# Linear layers with a table-lookup form and at least this many weights leave the flat executor
+LUT_FLAT_MAX = 1 << 18
 
 
 class NotPackableError(ValueError):
@@ -559,6 +561,14 @@ class PackedLinear(_PackedBase):
         s0, s1 = self._static_lut if mode == 0 else self.coeffs_lut(sx, ma)
         tab = KG.lut_tables(arr, lut.lv, lut.cb, hi, mult, mode)
         KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out)
+
+    @property
+    def runs_flat(self) -> bool:
+        """Whether the flat executor may run this layer as its int8 1x1 convolution: it has int8
+        weights and no table-lookup form, or is small (a conv net's classifier, where one flat call
+        beats per-layer dispatch); large layers with tables run their own many-row dispatch."""
+        small = self.in_features * self.out_features < LUT_FLAT_MAX
+        return self.i8 is not None and (self.lut is None or small)
 
     @property
     def runtime_bytes(self) -> int:
