@@ -16,9 +16,9 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
 - ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.7%
   in benchmarks/results/cifar10.md), quantized fine-tunes 5 epochs (each recipe's optimizer), one
   thread per run, two runs side by side; 3 seeds for the paired claims (BCGD with first/last float,
-  DCQ at W2, SinReQ at W4, WPC, multipoint PTQ), 1 for the rest. On an idle core (about 100 s per
-  float epoch, 130 s per quantized epoch at one thread) the float models and the paired claims are
-  about 6 CPU-hours, 3 hours on two cores; the rest adds about 2. The searches (ReLeQ, WaveQ,
+  DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ), 1 for the rest. At about 133 s
+  per epoch on one idle core (:data:`REF_EPOCH_S`) the float models and the paired claims need
+  about 6.7 CPU-hours (3.3 h on two cores), the other rows 3.1 more. The searches (ReLeQ, WaveQ,
   width vs mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU
   budget only.
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
@@ -1065,27 +1065,35 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
     return True
 
 
+#: reference speed on this machine, less loaded (benchmarks/results/cifar10.md): float ResNet-20 67 s
+#: per epoch on 2 threads, quantized fine-tunes 129-136 s per epoch on one thread, two side by side;
+#: one thread is taken as 133 s per epoch for both (2 x 67: an upper bound for the float model)
+REF_EPOCH_S = 133.0
+
+
 def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
-    """The budget in numbers: measured epoch times (float, quantized) and the projected CPU time."""
+    """The budget in numbers: the jobs, their projected CPU time at the reference speed, and the
+    epoch times measured so far (wall time, whatever the machine's load was)."""
     floats = [j for j in jobs if j.arm.is_float]
     quant = [j for j in jobs if not j.arm.is_float and j.arm.kind in ("train", "waveq")]
+    fe, qe = budget.float_train["epochs"], budget.q_epochs
+    paired = {c.name for c in CLAIMS if c.paired}
+    core = len(floats) * fe + sum(qe for j in quant if j.claim in paired)
+    rest = sum(qe for j in quant if j.claim not in paired)
+    out = [f"Jobs in this budget: {len(floats)} float runs x {fe} epochs, {len(quant)} quantized runs x {qe} "
+           f"epochs, {len(jobs) - len(floats) - len(quant)} post-training or search runs; {budget.jobs} at a "
+           f"time, {budget.threads} thread(s) each, on {budget.device}."]
+    if budget.device == "cpu":
+        out.append(f"At the reference speed ({REF_EPOCH_S:.0f} s per epoch on one idle core) the float "
+                   f"models and the paired claims need {core * REF_EPOCH_S / 3600:.1f} CPU-hours "
+                   f"({core * REF_EPOCH_S / 3600 / budget.jobs:.1f} h with {budget.jobs} side by side), "
+                   f"the other rows {rest * REF_EPOCH_S / 3600:.1f} more.")
     ft = [t for j in floats for t in epoch_times(run_dir(runs, j))]
     qt = [t for j in quant for t in epoch_times(run_dir(runs, j))]
-    n_float, n_q = len(floats), len(quant)
-    fe, qe = budget.float_train["epochs"], budget.q_epochs
-    out = [f"Jobs in this budget: {n_float} float runs x {fe} epochs, {n_q} quantized runs x {qe} epochs, "
-           f"{len(jobs) - n_float - n_q} post-training or search runs; {budget.jobs} at a time, "
-           f"{budget.threads} thread(s) each, on {budget.device}."]
     if ft or qt:
-        f_mean = statistics.fmean(ft) if ft else None
-        q_mean = statistics.fmean(qt) if qt else (1.3 * f_mean if f_mean else None)
-        txt = (f"Measured epoch time so far: float {f_mean:.0f} s ({len(ft)} epochs)" if f_mean else
-               "No float epoch finished yet")
-        txt += f", quantized {statistics.fmean(qt):.0f} s ({len(qt)} epochs)" if qt else ""
-        if f_mean and q_mean:
-            total = n_float * fe * f_mean + n_q * qe * q_mean
-            txt += (f". At these rates the budget needs {total / 3600:.1f} CPU-hours, "
-                    f"{total / 3600 / budget.jobs:.1f} h of wall time with {budget.jobs} runs side by side.")
+        txt = "Measured so far (wall time per epoch, under the machine's load at the time):"
+        txt += f" float {statistics.fmean(ft):.0f} s ({len(ft)} epochs)" if ft else " no float epoch yet"
+        txt += f", quantized {statistics.fmean(qt):.0f} s ({len(qt)} epochs)." if qt else "."
         out.append(txt)
     return " ".join(out)
 
