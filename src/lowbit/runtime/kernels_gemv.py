@@ -1,0 +1,380 @@
+"""Few-row products (a Linear layer at batch 1..7): int8 activation codes times weights kept as
+1-, 2- or 4-bit fields, unpacked in registers and multiplied with ``vpdpbusd`` (AVX-512 VNNI).
+
+Math. With activation codes ``a[m, r]`` in ``[0, 2**ka)`` (``ka <= 8``) and the integer
+weights ``q[o, r] = sum_j g_j bit_j[o, r]`` of the bit planes (notation of ``kernels.py``), each
+weight is stored as the unsigned *field* ``f[o, r] = q[o, r] + off`` of ``b`` bits, ``off =
+-min(q)`` and ``b`` the smallest of 1, 2, 4 with ``max(q) - min(q) < 2**b`` (binary: ``f = bit``,
+``off = 0``, ``b = 1``; ternary -1/0/+1: ``f = q + 1``, ``b = 2``; DoReFa k-bit: the code,
+``b = k`` rounded up to 1, 2 or 4). Then, exactly in integers::
+
+    D'[m, o] = sum_r a[m, r] * f[o, r]          (vpdpbusd: u8 codes x s8 fields, int32 sums)
+    D[m, o]  = D'[m, o] - off * A[m],    A[m] = sum_r a[m, r]
+    y[m, o]  = s1[o]*D + s2[o]*A[m] + s0[o]      (float64, as ``gemm_reference``; optional ReLU)
+
+int32 cannot overflow: ``|D'| <= 255 * 15 * K`` stays below ``2**31`` for ``K < 561,000``.
+
+Layout. Outputs are taken 16 at a time (one zmm register of int32 lanes). For an output block
+and a *group* of ``T = 8/b`` reduction quads (``32/b`` reduction indices), one 64-byte vector
+holds the fields: byte ``4*o + l`` (output ``o < 16``, lane ``l < 4``) carries in bits
+``[b*t, b*t + b)`` the field of reduction index ``r = group*4*T + 4*t + l``. Unpacking quad ``t``
+is one shift and one mask (``(v >> b*t) & (2**b - 1)``); it gives exactly the operand
+``vpdpbusd`` wants (16 outputs x 4 consecutive weights), multiplied by the 4 activation codes of
+quad ``t`` broadcast to all lanes. So the weights stream from memory once, at their bit width
+(a 4096x4096 ternary layer is 4 MiB instead of 16 MiB of int8), the activations are read from
+L1, and nothing is ever expanded to int8 in memory. Reduction length and output count are
+padded (to 32 and 16) with zero codes and zero fields.
+
+The idea of keeping 2-bit weights packed and unpacking them into ``maddubs``/``vpdpbusd``
+operands with shift-and-mask in registers is the one bitnet.cpp's I2_S kernel uses (Microsoft
+BitNet, ``src/ggml-bitnet-mad.cpp``: four 2-bit weights per byte, four shifted masks); T-MAC
+(Wei et al., 2024, arXiv:2407.00088) and bitnet.cpp's TL2 instead look weights up in tables of
+activation sums with ``pshufb``, which needs int8 tables (lossy for 8-bit codes) or two
+lookups per group; llama.cpp's TQ2_0 and ik_llama.cpp's IQ2_BN store 2-bit ternary fields the
+same way as I2_S, with the offset subtracted through the activation sum as here. This module
+follows the I2_S idea (exact, since ``off*A`` is an integer correction) with a lane layout of
+its own (16 outputs x 4 reduction indices per byte vector, one vector per group).
+
+Kernels: ``_tile(b, R, OB)`` (LLVM IR around ``vpdpbusd``): R rows x OB blocks of 16 outputs,
+compiled only on a CPU with AVX-512 VNNI. Elsewhere, and when the plain path is forced
+(``LOWBIT_RUNTIME_PLAIN=1`` / ``_jit.set_plain``), ``PackedLinear`` runs the bit-serial
+``gemm_rows`` on its bit planes (a scalar loop over this layout measured 20-100x slower than
+that). :func:`gemv_reference` is the NumPy reference (exact int64 products, the same float64
+epilogue).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HOST_VNNI, _splat, _vpdpbusd, kernel
+from .kernels_threads import parallel_for, use_parallel
+
+#: the few-row path runs up to this many rows (PackedLinear; the many-row GEMM starts above)
+GEMV_MAX_ROWS = 7
+#: field widths of the weights
+FIELD_BITS = (1, 2, 4)
+#: below this many multiply-adds (M*O*K) a product runs on one thread
+GEMV_MIN_PARALLEL_MACS = 1 << 23
+
+
+def gemv_reference(codes: np.ndarray, q: np.ndarray, s0: np.ndarray, s1: np.ndarray, s2: np.ndarray,
+                   relu: bool = False) -> np.ndarray:
+    """NumPy reference of :func:`gemv`: codes (M, K) integers, integer weights q (O, K);
+    ``y = s1*D + s2*A + s0`` with the exact int64 ``D = codes @ q.T``, ``A = codes.sum(1)``."""
+    c = np.asarray(codes).astype(np.int64)
+    D = c @ np.asarray(q).astype(np.int64).T
+    y = s1 * D + s2 * c.sum(1, keepdims=True) + s0
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
+
+
+def field_bits(q: np.ndarray) -> tuple[int, int] | None:
+    """``(b, off)`` of integer weights q: fields ``q + off`` in ``[0, 2**b)``; None when the range
+    needs more than 4 bits."""
+    lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
+    for b in FIELD_BITS:
+        if hi - lo < (1 << b):
+            return b, -lo
+    return None
+
+
+def pack_fields(q: np.ndarray, b: int, off: int) -> np.ndarray:
+    """The layout of the module docstring, flat uint8: ``ceil(O/16)`` output blocks of
+    ``nG = ceil(K/32)*b`` groups of 64 bytes; ``q`` (O, K) integers, fields ``q + off`` of ``b`` bits."""
+    q = np.asarray(q).astype(np.int64)
+    O, Kr = q.shape
+    T = 8 // b
+    Op, Kp = -(-O // 16) * 16, -(-Kr // 32) * 32
+    f = np.zeros((Op, Kp), np.uint8)
+    f[:O, :Kr] = q + off
+    nG = Kp // (4 * T)
+    f = f.reshape(Op // 16, 16, nG, T, 4).transpose(0, 2, 1, 4, 3)  # (blk, g, o, l, t)
+    v = np.zeros(f.shape[:4], np.uint8)
+    for t in range(T):
+        v |= f[..., t] << np.uint8(b * t)
+    return np.ascontiguousarray(v).reshape(-1)
+
+
+def unpack_fields(w: np.ndarray, b: int, O: int, K: int) -> np.ndarray:
+    """Inverse of :func:`pack_fields` (the fields, (O, K) int64)."""
+    T = 8 // b
+    Op, Kp = -(-O // 16) * 16, -(-K // 32) * 32
+    nG = Kp // (4 * T)
+    v = np.asarray(w).reshape(Op // 16, nG, 16, 4)
+    f = np.stack([(v >> np.uint8(b * t)) & np.uint8((1 << b) - 1) for t in range(T)], axis=-1)
+    return f.transpose(0, 2, 1, 4, 3).reshape(Op, Kp)[:O, :K].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# the VNNI tile
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile(b: int, R: int, OB: int):
+    """Intrinsic ``tile(x, x0, xs, w, wb, ws, nG, D, d0, ds)``: R rows x OB*16 outputs.
+
+    ``x`` int8 shifted codes ``a - 128``, row ``r`` at byte ``x0 + r*xs`` (4*T*nG bytes each);
+    ``w`` uint8 fields, block ``k < OB`` at byte ``wb + k*ws``, group ``g`` 64 bytes at
+    ``+ 64*g``; ``D`` int32, ``D[d0 + r*ds + 16*k + lane] = sum_r (a - 128) * f``.
+
+    Quad ``t`` of a group is the field vector masked in place, ``v & ((2**b - 1) << b*t)`` =
+    ``2**(b*t) * f`` (one ``vpandd``, no shift: on Intel cores vector shifts share port 0 with
+    ``vpdpbusd``), as the unsigned operand of ``vpdpbusd``; the shifted codes are the signed one
+    (a broadcast 32-bit load). Quad ``t`` sums into its own register, divided by ``2**(b*t)``
+    (exactly: an arithmetic shift of a multiple) when the tile ends."""
+    T = 8 // b
+
+    @intrinsic
+    def tile(typingctx, x, x0, xs, w, wb, ws, nG, D, d0, ds):
+        sig = types.void(x, x0, xs, w, wb, ws, nG, D, d0, ds)
+
+        def codegen(context, builder, signature, args):
+            xa, x0a, xsa, wa, wba, wsa, nGa, Da, d0a, dsa = args
+
+            def data(i, v, ty):
+                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
+                return builder.bitcast(arr.data, ty.as_pointer())
+
+            def i64(v):
+                return ir.Constant(_I64, v)
+
+            def byte(v):
+                return v - 256 if v >= 128 else v
+
+            xp = data(0, xa, _I8)
+            wp = data(3, wa, _I8)
+            Dp = data(7, Da, _I32)
+            rows = [builder.gep(xp, [builder.add(x0a, builder.mul(xsa, i64(r)))]) for r in range(R)]
+            blks = [builder.gep(wp, [builder.add(wba, builder.mul(wsa, i64(k)))]) for k in range(OB)]
+            zero = ir.Constant(_V16I32, [0] * 16)
+            accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(OB)]
+                    for _ in range(R)]
+            masks = [ir.Constant(_V64I8, [byte(((1 << b) - 1) << (b * t))] * 64) for t in range(T)]
+            with cgutils.for_range(builder, nGa) as loop:
+                g = loop.index
+                wv = []
+                for k in range(OB):
+                    ld = builder.load(builder.bitcast(builder.gep(blks[k], [builder.mul(g, i64(64))]),
+                                                      _V64I8.as_pointer()))
+                    ld.align = 1
+                    wv.append(ld)
+                xq = builder.mul(g, i64(4 * T))
+                for t in range(T):
+                    fs = [builder.and_(wv[k], masks[t]) for k in range(OB)]
+                    for r in range(R):
+                        ptr = builder.gep(rows[r], [builder.add(xq, i64(4 * t))])
+                        s = builder.load(builder.bitcast(ptr, _I32.as_pointer()))
+                        s.align = 1
+                        av = builder.bitcast(_splat(builder, s, _V16I32), _V64I8)
+                        for k in range(OB):
+                            acc = accs[r][k][t]
+                            builder.store(_vpdpbusd(builder, builder.load(acc), fs[k], av), acc)
+            for r in range(R):
+                for k in range(OB):
+                    s = builder.load(accs[r][k][0])
+                    for t in range(1, T):
+                        v = builder.ashr(builder.load(accs[r][k][t]), ir.Constant(_V16I32, [b * t] * 16))
+                        s = builder.add(s, v)
+                    off = builder.add(d0a, builder.add(builder.mul(dsa, i64(r)), i64(16 * k)))
+                    st = builder.store(s, builder.bitcast(builder.gep(Dp, [off]), _V16I32.as_pointer()))
+                    st.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+# tiles per field width b: (rows, blocks of 16 outputs) with R*OB*T <= 16 accumulators; an
+# odd block count ends with a 1-block tile
+_t1_1, _t1_2, _s1_1, _s1_2 = _tile(1, 1, 2), _tile(1, 2, 1), _tile(1, 1, 1), _tile(1, 2, 1)
+_t2_1, _t2_2, _t2_4 = _tile(2, 1, 2), _tile(2, 2, 2), _tile(2, 4, 1)
+_s2_1, _s2_2, _s2_4 = _tile(2, 1, 1), _tile(2, 2, 1), _tile(2, 4, 1)
+_t4_1, _t4_2, _t4_4 = _tile(4, 1, 2), _tile(4, 2, 2), _tile(4, 4, 2)
+_s4_1, _s4_2, _s4_4 = _tile(4, 1, 1), _tile(4, 2, 1), _tile(4, 4, 1)
+
+
+def tile_shape(b: int, M: int) -> tuple[int, int]:
+    """(rows R, blocks OB) of the tile used for M rows with b-bit fields."""
+    R = 1 if M == 1 else 2 if (M == 2 or b == 1) else 4
+    OB = {1: (2, 1, 1, 1, 1), 2: (2, 2, 2, 1, 1), 4: (2, 2, 2, 2, 2)}[b][R]
+    return R, OB
+
+
+# ----------------------------------------------------------------------------------------------
+# drivers
+# ----------------------------------------------------------------------------------------------
+
+
+@kernel
+def _quant_rows(x, mode, hi, mult, codes, A):
+    """x (M, K) float32 -> codes (Mp, Kp) int8 holding ``a - 128`` (zero beyond M, K on entry),
+    A (M,) code sums. mode 0: ``a = rint(min(max(x, 0), hi) * mult)`` in float32 (the fused
+    quantizer); 1: x holds the codes."""
+    M, Kr = x.shape
+    for m in range(M):
+        s = np.int64(0)
+        row = codes[m]
+        if mode == 1:
+            for r in range(Kr):
+                c = np.int64(x[m, r])
+                row[r] = np.int8(c - 128)
+                s += c
+        else:
+            for r in range(Kr):
+                t = min(max(x[m, r], np.float32(0.0)), hi)
+                c = np.int64(np.rint(t * mult))
+                row[r] = np.int8(c - 128)
+                s += c
+        A[m] = s
+
+
+@kernel
+def _blocks_vnni(codes, b, w, nG, D, k_lo, k_hi):
+    """D[:, 16*k_lo : 16*k_hi] for every row of ``codes`` (a multiple of the tile's rows)."""
+    Mp, xs = codes.shape
+    ds = D.shape[1]
+    Df = D.reshape(-1)
+    xf = codes.reshape(-1)
+    ws = nG * 64
+    R = 1 if Mp == 1 else 2 if (Mp == 2 or b == 1) else 4
+    OB = 1 if (b == 1 and R == 2) or (b == 2 and R == 4) else 2
+    for m0 in range(0, Mp, R):
+        x0 = m0 * xs
+        k = k_lo
+        while k < k_hi:
+            wb = k * ws
+            d0 = m0 * ds + 16 * k
+            if OB == 2 and k + 2 <= k_hi:
+                if b == 1:
+                    _t1_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                elif b == 2:
+                    if R == 1:
+                        _t2_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    else:
+                        _t2_2(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                else:
+                    if R == 1:
+                        _t4_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    elif R == 2:
+                        _t4_2(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    else:
+                        _t4_4(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                k += 2
+            else:
+                if b == 1:
+                    if R == 1:
+                        _s1_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    else:
+                        _s1_2(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                elif b == 2:
+                    if R == 1:
+                        _s2_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    elif R == 2:
+                        _s2_2(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    else:
+                        _s2_4(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                else:
+                    if R == 1:
+                        _s4_1(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    elif R == 2:
+                        _s4_2(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                    else:
+                        _s4_4(xf, x0, xs, w, wb, ws, nG, Df, d0, ds)
+                k += 1
+
+
+@kernel
+def _epilogue(D, A, off, F, s0, s1, s2, relu, out, o_lo, o_hi):
+    """out[m, o] = s1*D + s2*A + s0 (float64, then float32) for o in [o_lo, o_hi), with the exact
+    ``D = D_raw + F[o] - off*A`` (``F = 128 * sum_r f``: the codes were shifted by -128)."""
+    M = out.shape[0]
+    for m in range(M):
+        a = np.int64(A[m])
+        corr = np.int64(off) * a
+        af = np.float64(a)
+        for o in range(o_lo, o_hi):
+            v = s1[o] * np.float64(np.int64(D[m, o]) + F[o] - corr) + s2[o] * af + s0[o]
+            if relu and v < 0.0:
+                v = 0.0
+            out[m, o] = v
+
+
+@kernel
+def _part(codes, A, b, off, F, w, nG, D, s0, s1, s2, relu, out, k_lo, k_hi):
+    """Output blocks k_lo..k_hi: sums and epilogue (one thread's share)."""
+    _blocks_vnni(codes, b, w, nG, D, k_lo, k_hi)
+    _epilogue(D, A, off, F, s0, s1, s2, relu, out, 16 * k_lo, min(16 * k_hi, out.shape[1]))
+
+
+@kernel
+def _padded_rows(M, b):
+    """Rows of the code buffer: M rounded up to the tile's rows."""
+    if M <= 2:
+        return M
+    R = 2 if b == 1 else 4
+    return -(-M // R) * R
+
+
+@kernel
+def _gemv_serial(x, mode, hi, mult, b, off, F, w, nG, s0, s1, s2, relu, out):
+    M = x.shape[0]
+    Mp = _padded_rows(M, b)
+    nblk = -(-out.shape[1] // 16)
+    codes = np.zeros((Mp, nG * 32 // b), np.int8)
+    A = np.empty(M, np.int64)
+    D = np.empty((Mp, nblk * 16), np.int32)
+    _quant_rows(x, mode, hi, mult, codes, A)
+    _part(codes, A, b, off, F, w, nG, D, s0, s1, s2, relu, out, 0, nblk)
+
+
+class GemvWeights:
+    """Weights of the few-row kernels: fields (:func:`pack_fields`) and what the epilogue needs."""
+
+    def __init__(self, q: np.ndarray) -> None:
+        q = np.asarray(q)
+        fb = field_bits(q)
+        if fb is None:
+            lo, hi = int(q.min()), int(q.max())
+            raise ValueError(f"integer weights in [{lo}, {hi}] need fields wider than 4 bits")
+        self.b, self.off = fb
+        self.O, self.K = (int(v) for v in q.shape)
+        if self.K * 255 * 128 * 15 >= 2**31:
+            raise ValueError(f"reduction of {self.K} too long for int32 sums")
+        self.w = pack_fields(q, self.b, self.off)
+        self.nG = -(-self.K // 32) * self.b  # groups of 32/b reduction indices
+        F = np.zeros(-(-self.O // 16) * 16, np.int64)
+        F[: self.O] = 128 * (np.asarray(q, np.int64) + self.off).sum(axis=1)
+        self.F = F
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.nbytes + self.F.nbytes)
+
+
+def gemv(x: np.ndarray, mode: int, hi: float, mult: float, gw: GemvWeights, s0: np.ndarray,
+         s1: np.ndarray, s2: np.ndarray, relu: bool, out: np.ndarray) -> np.ndarray:
+    """``out`` (M, O) float32 = the epilogue of the module docstring for rows ``x`` (M, K) (float32,
+    or integer codes with mode 1): quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes
+    already (mode 1). Needs AVX-512 VNNI (``_jit.HOST_VNNI``; the tiles are compiled on first use)."""
+    if not HOST_VNNI:
+        raise RuntimeError("kernels_gemv.gemv needs AVX-512 VNNI; use the bit-serial gemm_rows on this CPU")
+    M = x.shape[0]
+    O = out.shape[1]
+    b, nG = gw.b, gw.nG
+    nblk = -(-O // 16)
+    if not (nblk >= 4 and use_parallel(M * O * gw.K, GEMV_MIN_PARALLEL_MACS)):
+        _gemv_serial(x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(b), np.int64(gw.off), gw.F,
+                     gw.w, np.int64(nG), s0, s1, s2, bool(relu), out)
+        return out
+    codes = np.zeros((_padded_rows(M, b), nG * 32 // b), np.int8)
+    A = np.empty(M, np.int64)
+    D = np.empty((codes.shape[0], nblk * 16), np.int32)
+    _quant_rows(x, np.int64(mode), np.float32(hi), np.float32(mult), codes, A)
+    parallel_for(_part, nblk, codes, A, np.int64(b), np.int64(gw.off), gw.F, gw.w, np.int64(nG), D,
+                 s0, s1, s2, bool(relu), out, parallel=True, grain=2)
+    return out
