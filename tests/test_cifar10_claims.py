@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import tarfile
+import time
 import typing
 from pathlib import Path
 
@@ -169,6 +170,35 @@ def test_resume_reuses_finished_runs_and_starts_the_rest(tmp_path, monkeypatch):
     FakeProcess.started = []
     C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
     assert FakeProcess.started == []
+
+
+class SlowProcess(FakeProcess):
+    terminated: typing.ClassVar[list[str]] = []
+
+    def start(self):
+        self.pid = 0
+
+    def is_alive(self):
+        return True
+
+    def terminate(self):
+        SlowProcess.terminated.append(self.name)
+
+
+def test_stop_terminates_running_jobs_which_resume_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(C.multiprocessing, "get_context", lambda _: type("Ctx", (), {"Process": SlowProcess}))
+    SlowProcess.terminated = []
+    jobs = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[0])
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], tmp_path, "data", "cpu", 2, time.time() + 1.0)
+    assert SlowProcess.terminated == ["float/seed0"]  # its fine-tunes wait for it
+    assert state == {"float/seed0": "stopped", "dorefa-w2/seed0": "not started",
+                     "dorefa-w2-dcq/seed0": "not started"}
+    stops: list[int] = []
+    monkeypatch.setattr(C, "_STOP", stops)
+    monkeypatch.setattr(SlowProcess, "start", lambda self: stops.append(15))  # SIGTERM while it runs
+    SlowProcess.terminated = []
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], tmp_path, "data", "cpu", 2, None)
+    assert SlowProcess.terminated == ["float/seed0"] and state["float/seed0"] == "stopped"
 
 
 def test_job_spec_of_a_fine_tune(tmp_path):

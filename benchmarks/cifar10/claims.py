@@ -45,6 +45,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tarfile
@@ -664,6 +665,13 @@ def _macs(model: Any, in_shape: tuple[int, ...]) -> int:
 
 
 # ----------------------------------------------------------------------------------- scheduler
+_STOP: list[int] = []  # the signals received: SIGTERM/SIGINT stop the campaign like --stop-after
+
+
+def _request_stop(signum: int, _frame: Any) -> None:
+    _STOP.append(signum)
+
+
 def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, device: str, n_jobs: int,
                  stop_at: float | None) -> dict[str, str]:
     """Start jobs in order, ``n_jobs`` at a time, each once its float model has finished; stop
@@ -681,7 +689,7 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
                 state[name] = "finished" if done else "failed"
                 print(f"{time.strftime('%H:%M:%S')} {name}: {state[name]} (exit {proc.exitcode})", flush=True)
                 del running[name]
-        if stop_at is not None and time.time() >= stop_at:
+        if _STOP or (stop_at is not None and time.time() >= stop_at):
             for name, (proc, _) in running.items():
                 proc.terminate()
                 proc.join(60)
@@ -1140,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
     state: dict[str, str] = {}
     if not a.report_only:
         stop_at = t0 + a.stop_after if a.stop_after else None
+        for sig in (signal.SIGTERM, signal.SIGINT):  # kill PID stops the running jobs cleanly
+            signal.signal(sig, _request_stop)
         state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at)
     rows, found = report_rows(Path(a.runs_dir), budget)
     meta = run_meta(__file__, argv, t0, seeds=sorted({j.seed for j in jobs}), budget=budget.name,
