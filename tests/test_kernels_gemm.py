@@ -1,0 +1,139 @@
+"""Table-lookup GEMM (runtime/kernels_gemm.py): bit-exact against the integer reference on random
+shapes, AVX-512 and plain paths, 1 and 2 threads; PackedLinear's many-row path against the
+fake-quantized layer in float64. No timing here."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.runtime import kernels_gemm as KG
+from lowbit.runtime import kernels_threads
+from lowbit.runtime.layers import build_packed, fold_integers
+
+RNG = np.random.default_rng(7)
+
+LEVELS = {"binary": [-1, 1], "ternary": [-1, 0, 1], "asym_ternary": [-2, 0, 1], "uniform2": [-3, -1, 1, 3]}
+PATHS = ["plain"] + (["avx512"] if KG.HAS_LUT else [])
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """numba threads, with the parallel split forced on for small work."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
+    yield request.param
+    numba.set_num_threads(old)
+
+
+def _case(kind: str, M: int, K: int, O: int, ka: int):
+    lv0 = np.array(LEVELS[kind])
+    w = lv0[RNG.integers(0, lv0.size, (O, K))]
+    a = RNG.integers(0, 1 << ka, (M, K))
+    return w, a
+
+
+@pytest.mark.parametrize("kind,ka", [("binary", 1), ("binary", 2), ("binary", 4), ("binary", 5),
+                                     ("ternary", 4), ("asym_ternary", 3), ("uniform2", 3)])
+@pytest.mark.parametrize("path", PATHS)
+def test_lut_gemm_equals_integer_reference(kind, ka, path, threads):
+    for M, K, O in [(1, 7, 5), (9, 100, 37), (70, 333, 50), (300, 129, 20)]:
+        w, a = _case(kind, M, K, O, ka)
+        lv, cb = KG.lut_levels(w)
+        assert KG.lut_fits(lv, cb, ka)
+        tab = KG.lut_tables(a.astype(np.float32), lv, cb, plain=path == "plain")
+        np.testing.assert_array_equal(tab, KG.lut_tables_reference(a, lv, cb))
+        wq = KG.lut_pack_weights(w, lv, cb)
+        s1 = RNG.uniform(0.5, 2.0, O)
+        s0 = RNG.normal(size=O)
+        for relu in (False, True):
+            got = KG.lut_gemm(tab, wq, O, s0, s1, relu, plain=path == "plain")
+            np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, relu))
+
+
+def test_tables_reference_closed_form():
+    """T[g, n] of binary weights: the dot product of the 4 codes with the signs of n's bits."""
+    a = np.array([[3, 5, 7, 11, 1]])
+    lv = np.array([-1, 1])
+    T = KG.lut_tables_reference(a, lv, 1).reshape(1, -1, 16)
+    assert T[0, 0, 0] == -(3 + 5 + 7 + 11) and T[0, 0, 15] == 3 + 5 + 7 + 11
+    assert T[0, 0, 0b0101] == 3 - 5 + 7 - 11
+    assert T[0, 1, 1] == 1 and T[0, 1, 0] == -1 and T[0, 1, 2] == -1  # padding codes are 0
+    # ternary (2 bits per weight, 2 per group): n = c0 | c1 << 2 over levels (-1, 0, 1, 0)
+    T = KG.lut_tables_reference(np.array([[4, 9]]), np.array([-1, 0, 1, 0]), 2).reshape(1, -1, 16)
+    assert T[0, 0, 0b1000] == -4 + 9 and T[0, 0, 0b0010] == 4 - 9 and T[0, 0, 0b0101] == 0
+
+
+def test_fused_quantization_in_tables():
+    """mode 0: the table builder quantizes floats with the clip formula, as quantize_codes does."""
+    from lowbit.runtime.kernels_pack import quantize_codes_reference
+
+    x = RNG.normal(size=(13, 77)).astype(np.float32)
+    lv = np.array([-1, 1])
+    for path in PATHS:
+        tab = KG.lut_tables(x, lv, 1, hi=1.5, mult=10.0, mode=0, plain=path == "plain")
+        codes = quantize_codes_reference(x, 1.5, 10.0)
+        np.testing.assert_array_equal(tab, KG.lut_tables_reference(codes, lv, 1))
+
+
+def test_lut_fits_bounds():
+    assert KG.lut_fits(np.array([-1, 1]), 1, 5)  # 4 * 31 = 124
+    assert not KG.lut_fits(np.array([-1, 1]), 1, 6)
+    assert KG.lut_fits(np.array([-1, 0, 1, 0]), 2, 6)  # 2 * 63 = 126
+    assert not KG.lut_fits(np.array([-3, -1, 1, 3]), 2, 5)  # 2 * 3 * 31 = 186
+    assert KG.lut_levels(np.arange(5)) is None
+
+
+WMETHODS = [{"method": "binary", "bits": 1}, {"method": "twn", "bits": 2}, {"method": "dorefa", "bits": 2},
+            {"method": "dorefa", "bits": 4}]
+
+
+@pytest.mark.parametrize("wm", WMETHODS, ids=lambda d: f"{d['method']}{d['bits']}")
+@pytest.mark.parametrize("abits", [1, 2, 4, 8])
+@pytest.mark.parametrize("plain", [False, True], ids=["fast", "plain"])
+def test_packed_linear_many_rows_equals_fake_quant_float64(wm, abits, plain, threads, monkeypatch):
+    """PackedLinear at 8..300 rows equals the fake-quantized layer computed in float64 (the packed
+    epilogue rounds once, to float32); the table path is taken wherever the tables fit int8."""
+    if plain:
+        monkeypatch.setattr(KG, "HAS_LUT", False)
+    torch.manual_seed(0)
+    layer = nn.Linear(131, 45)
+    lowbit.quantize(layer, {"default": {"weight": wm, "activation": {"method": "dorefa", "bits": abits}}})
+    layer.eval()
+    packed = build_packed("fc", layer)
+    folded = fold_integers(packed.wp)
+    lv = KG.lut_levels(folded[0])
+    fits = lv is not None and KG.lut_fits(*lv, abits)
+    assert (packed.lut is not None) == fits
+    if wm["method"] in ("binary", "twn") and abits <= 4:
+        assert packed.lut is not None
+    for M in (8, 9, 64, 300):
+        x = torch.randn(M, 131) * 0.7 + 0.3
+        with torch.no_grad():
+            w64 = layer.weight.double()
+            a64 = _fake_quant_input(layer, x).double()
+            ref = (a64 @ w64.T + layer.bias.double()).float()
+        got = packed(x)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6 * float(ref.abs().max()))
+        if fits:
+            codes = _codes(layer, x)
+            w_int = folded[0]
+            s0, s1 = packed.coeffs_lut(packed.act.sx, packed.act.ma)
+            np.testing.assert_array_equal(got.numpy(), KG.lut_gemm_reference(codes, w_int, s0, s1))
+
+
+def _fake_quant_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from lowbit.nn.quantize import input_quantizer
+
+    return input_quantizer(layer)(x)
+
+
+def _codes(layer: nn.Module, x: torch.Tensor) -> np.ndarray:
+    from lowbit.nn.quantize import input_quantizer
+
+    return input_quantizer(layer).encode(x).codes.long().numpy()
