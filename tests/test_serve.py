@@ -1,6 +1,7 @@
 """lowbit serve against a real server process on 127.0.0.1: endpoints, outputs equal to the
 compiled sub-net's (--runtime packed, the default; a float sub-net falls back to PyTorch) and to
-the supernet's (--runtime torch), the bad-request table, shedding (deadline and queue), metrics,
+the supernet's (--runtime torch), both served from the file's stored codes,
+the bad-request table, shedding (deadline and queue), metrics,
 SIGTERM exit status; and the policy, trace and parsing logic on their own."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ARGS = ["--slo-ms", "5000", "--max-batch", "4", "--max-queue", "3", "--profile-r
 
 
 @pytest.fixture(scope="module")
-def supernet_file(tmp_path_factory: pytest.TempPathFactory):
+def trainable() -> Supernet:
     torch.manual_seed(0)
     subnets = [
         {"name": "small", "width": 0.25, "bits": 2},
@@ -41,8 +42,13 @@ def supernet_file(tmp_path_factory: pytest.TempPathFactory):
     ]
     sn = Supernet(build_model("lenet5"), subnets, SHAPE)
     sn.info = {n: {"val_acc": a, "test_acc": a} for n, a in zip(NAMES, (0.9, 0.99, 0.5), strict=True)}
+    return sn.eval()
+
+
+@pytest.fixture(scope="module")
+def supernet_file(trainable: Supernet, tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("serve") / "tiny.supernet"
-    save_supernet(sn, path)
+    save_supernet(trainable, path)  # every sub-net's packed codes, no latent weights
     return path
 
 
@@ -61,8 +67,8 @@ def server(supernet_file):
         proc.wait()
 
 
-def test_health_and_predictions_equal_the_compiled_subnets(server) -> None:
-    url, _, sn = server
+def test_health_and_predictions_equal_the_compiled_subnets(server, trainable) -> None:
+    url, _, _ = server
     h = httpx.get(f"{url}/health").json()
     assert h["status"] == "ok" and h["subnets"] == NAMES and h["input_shape"] == list(SHAPE)
     assert h["runtime"] == {"small": "packed", "big": "packed", "float": "torch"}
@@ -72,8 +78,9 @@ def test_health_and_predictions_equal_the_compiled_subnets(server) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["subnet"] == "big" and body["batch"] == 3  # slackfit: the most accurate fits a 5 s SLO
-    # the packed kernels are deterministic: the served batch equals the sub-net compiled alone, bit for bit
-    ref = lowbit.runtime.compile(sn.extract("big"), x)(x)
+    # the server loaded the sub-net's stored codes; the packed kernels are deterministic: the served
+    # batch equals the sub-net extracted from the trainable supernet and compiled alone, bit for bit
+    ref = lowbit.runtime.compile(trainable.extract("big"), x)(x)
     assert torch.equal(torch.tensor(body["outputs"]), ref)
     assert body["predictions"] == ref.argmax(1).tolist()
     raw = x.numpy().astype("<f4").tobytes()
@@ -145,7 +152,7 @@ def test_overload_is_shed_with_503_and_metrics_count_it(server) -> None:
     assert m["runtime"] == {"small": "packed", "big": "packed", "float": "torch"}
 
 
-def test_torch_runtime_serves_the_supernets_own_run(supernet_file) -> None:
+def test_torch_runtime_serves_the_stored_subnet_as_the_supernet_runs_it(supernet_file, trainable) -> None:
     url, proc = _start(supernet_file, [*ARGS, "--runtime", "torch", "--policy", "fixed:small"])
     try:
         h = httpx.get(f"{url}/health").json()
@@ -156,6 +163,7 @@ def test_torch_runtime_serves_the_supernets_own_run(supernet_file) -> None:
         sn = load_supernet(supernet_file)
         with torch.inference_mode():
             ref = sn.run(x, "small")
+            assert torch.equal(ref, trainable.run(x, "small"))  # stored codes = the switched supernet
         assert torch.equal(torch.tensor(body["outputs"]), ref)
     finally:
         assert stop_server(proc) == 0

@@ -125,9 +125,9 @@ def fastest_ms(fn: Any, x: torch.Tensor, repeats: int) -> float:
 
 
 def report(a: argparse.Namespace, argv: list[str] | None, t0: float) -> None:
-    from lowbit.export.supernet_file import load_subnets, save_supernet_file
-
     from lowbit.export.report import model_report
+    from lowbit.export.supernet_file import load_supernet_file, save_supernet_file
+    from lowbit.serve import SubnetEngines
 
     work = Path(a.work)
     res = {v: json.loads((work / v / "result.json").read_text()) for v in ("sandwich", "des")
@@ -140,19 +140,19 @@ def report(a: argparse.Namespace, argv: list[str] | None, t0: float) -> None:
         sn.info[n] = {"val_acc": res[best]["val"][n], "test_acc": res[best]["test"][n]}
     path = work / "resnet20.supernet"
     sizes = save_supernet_file(sn, path, model_spec=MODEL)
-    loaded = load_subnets(path, example_batch=2)
+    engines = SubnetEngines(load_supernet_file(path), "packed")  # from the stored codes
     g = torch.Generator().manual_seed(0)
     xs = {b: torch.randn((b, *SHAPE), generator=g) for b in (1, 8, 32)}
     lat: dict[str, dict[str, float]] = {n: {} for n in sn.names}
     for _ in range(5):
         for n in sn.names:
             for b, x in xs.items():
-                t = fastest_ms(loaded.models[n], x, 3)
+                t = fastest_ms(lambda x, n=n: engines.run(x, n), x, 3)
                 lat[n][f"packed_b{b}_ms"] = min(t, lat[n].get(f"packed_b{b}_ms", math.inf))
     rows = []
     for n in sn.names:
         rep = model_report(sn.extract(n), SHAPE)
-        row = {"name": n, **sn.cost(n), **lat[n], "runtime": loaded.runtime[n],
+        row = {"name": n, **sn.cost(n), **lat[n], "runtime": engines.runtime[n],
                "weight_bytes": rep.file_bytes, "report_bops": rep.total_bops,
                **{f"{v}_val": res[v]["val"][n] for v in res}, **{f"{v}_test": res[v]["test"][n] for v in res}}
         if n in alone:
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["train", "report"])
     p.add_argument("which", nargs="*", default=[], help="train: sandwich, des, alone")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--subset", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--subset", type=int, default=3000)
     p.add_argument("--val", type=int, default=500)
-    p.add_argument("--test-n", type=int, default=2000, help="random test images (10000: all)")
+    p.add_argument("--test-n", type=int, default=1000, help="random test images (10000: all)")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--work", default="runs/serve_r20")
     p.add_argument("--out", default="benchmarks/results")

@@ -16,7 +16,8 @@ end. Sizes and BOPs by :func:`lowbit.export.report.model_report` on each extract
 latency (ms, fastest of 30 runs in 6 rounds
 over all sub-nets, one thread) by switching the eval-mode supernet at batch 1/8/32.
 
-Writes ``runs/serve/lenet5x2.supernet`` (the file ``lowbit serve`` loads) and
+Writes ``runs/serve/lenet5x2.supernet`` (the file ``lowbit serve`` loads: every sub-net's packed
+codes) and
 ``benchmarks/results/serve_supernet.{json,md}``. Each phase is saved under ``runs/serve/`` as it
 ends, so a killed run resumes at the phase it was in.
 """
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         secs = train(sn, data, a.epochs, SandwichLoss(n_random=1, seed=0, schedule=sched))
         sn.eval()
         state[v] = {"train_s": round(secs, 1), "val": accuracies(sn, data.val)}
-        save_supernet(sn, f)
+        save_supernet(sn, f, codes=False)  # the trainable form: extracted from below
         save_state()
     # model selection on the validation split: mean validation accuracy over the sub-nets
     best = max(variants, key=lambda v: sum(state[v]["val"].values()))

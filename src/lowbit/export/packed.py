@@ -692,6 +692,14 @@ def _tensor(tensors: dict[str, Tensor], name: str, dtype: torch.dtype, shape: tu
 def parse_packed(data: bytes, what: str = "file") -> PackedFile:
     """Validate a ``.lowbit`` byte string completely and decode its weights (no model built)."""
     tensors, meta = read_container(data, what)
+    return parse_packed_tensors(tensors, meta, what, len(data))
+
+
+def parse_packed_tensors(
+    tensors: dict[str, Tensor], meta: dict[str, str], what: str = "file", file_bytes: int = 0
+) -> PackedFile:
+    """:func:`parse_packed` of a container already read: its tensors and metadata (a supernet file
+    holds one such set per sub-net)."""
     fmt = meta.get(META_FORMAT)
     if fmt != FORMAT_NAME or META_HEADER not in meta:
         raise FormatError(
@@ -754,7 +762,7 @@ def parse_packed(data: bytes, what: str = "file") -> PackedFile:
     state = {k: tensors[state_tensor_name(k)] for k in header["state"]}
     for k, v in header.get("tied", {}).items():
         state[k] = state[v]
-    return PackedFile(header=header, layers=layers, state=state, tensors=tensors, file_bytes=len(data))
+    return PackedFile(header=header, layers=layers, state=state, tensors=tensors, file_bytes=file_bytes)
 
 
 def read_packed(path: str | os.PathLike[str]) -> PackedFile:
@@ -814,6 +822,13 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module | None = None) ->
     pf = read_packed(path)
     if model is not None and getattr(model, "lowbit_recipe", None) is not None:
         raise ValueError("load_packed(model=...) needs a fresh float model; this one is already quantized")
+    return _guard(lambda: _load_into(pf, model))
+
+
+def load_packed_file(pf: PackedFile, model: nn.Module | None = None) -> nn.Module:
+    """:func:`load_packed` of a file already read and validated (:func:`read_packed`)."""
+    if model is not None and getattr(model, "lowbit_recipe", None) is not None:
+        raise ValueError("load_packed_file(model=...) needs a fresh float model; this one is quantized")
     return _guard(lambda: _load_into(pf, model))
 
 

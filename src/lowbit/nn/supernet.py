@@ -555,11 +555,10 @@ class Supernet(nn.Module):
 
     # ---- extraction ------------------------------------------------------------------------------
     @torch.no_grad()
-    def extract(self, name: str) -> nn.Module:
-        """Sub-net ``name`` alone: a float model of its sizes, quantized by :func:`lowbit.quantize`
-        with the supernet's quantizers (their state copied), its own BatchNorm; eval mode."""
-        p = self.plan(name)
-        i = p.index
+    def sliced(self, name: str) -> nn.Module:
+        """Sub-net ``name`` as a float model of its sizes (its weight slices, its own BatchNorm),
+        not quantized; eval mode. :meth:`extract` quantizes it; a supernet file loads into it."""
+        i = self.plan(name).index
         out = copy.deepcopy(self.model)
         for n, m in list(out.named_modules()):
             if isinstance(m, _SwitchLayer):
@@ -570,13 +569,30 @@ class Supernet(nn.Module):
                 _set_module(out, n, copy.deepcopy(m._pads[i]))
         if hasattr(out, "lowbit_spec"):
             del out.lowbit_spec  # its sizes are no longer the zoo's
+        return out.eval()
+
+    def recipe(self, name: str) -> dict[str, Any] | None:
+        """The :func:`lowbit.quantize` recipe of sub-net ``name`` (None for a float sub-net)."""
+        p = self.plan(name)
         wb, ab = p.spec.w_bits, p.spec.a_bits
         quantized = [n for n in self.layer_names if n not in self.float_layers]
-        if quantized and (wb != _FLOAT or ab != _FLOAT):  # a float sub-net is a plain float model
-            w = None if wb == _FLOAT else {**self.weight_cfg, "bits": wb}
-            a = None if ab == _FLOAT else {**self.activation_cfg, "bits": ab}
-            recipe = {"name": f"supernet-{name}", "default": {"weight": None, "activation": None},
-                      "rules": [{"match": n, "weight": w, "activation": a} for n in quantized]}
+        if not quantized or (wb == _FLOAT and ab == _FLOAT):
+            return None
+        w = None if wb == _FLOAT else {**self.weight_cfg, "bits": wb}
+        a = None if ab == _FLOAT else {**self.activation_cfg, "bits": ab}
+        return {"name": f"supernet-{name}", "default": {"weight": None, "activation": None},
+                "rules": [{"match": n, "weight": w, "activation": a} for n in quantized]}
+
+    @torch.no_grad()
+    def extract(self, name: str) -> nn.Module:
+        """Sub-net ``name`` alone: a float model of its sizes, quantized by :func:`lowbit.quantize`
+        with the supernet's quantizers (their state copied), its own BatchNorm; eval mode."""
+        p = self.plan(name)
+        out = self.sliced(name)
+        ab = p.spec.a_bits
+        quantized = [n for n in self.layer_names if n not in self.float_layers]
+        recipe = self.recipe(name)
+        if recipe is not None:  # a float sub-net is a plain float model
             try:
                 quantize(out, recipe, strict=True)
             except QuantizeError as e:  # pragma: no cover - the copy is fresh

@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..export.supernet_file import LoadedSupernet
 from ..nn.supernet import Supernet
 from .batching import Batcher, Shed
 from .engines import SubnetEngines
@@ -152,7 +153,7 @@ def parse_json_inputs(body: bytes, sample: Sequence[int], max_batch: int) -> tor
 
 
 def create_app(
-    supernet: Supernet,
+    supernet: Supernet | LoadedSupernet,
     profile: LatencyProfile,
     policy: str = "slackfit",
     slo_ms: float = 30.0,

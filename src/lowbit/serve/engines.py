@@ -1,7 +1,14 @@
 """Which engine runs each sub-net of a served supernet: the packed runtime or PyTorch.
 
-``runtime="packed"`` (the default of ``lowbit serve``): at start every sub-net is extracted
-(:meth:`lowbit.nn.supernet.Supernet.extract`) and compiled once by :func:`lowbit.runtime.compile`
+A supernet loaded from a packed supernet file (:class:`lowbit.export.supernet_file.LoadedSupernet`,
+what ``lowbit serve`` loads) holds every sub-net as its own model serving the file's stored codes:
+``runtime="packed"`` compiles each once by :func:`lowbit.runtime.compile`, which packs the stored
+codes (never re-quantizing a weight), and ``runtime="torch"`` runs each model as it is. A trainable
+:class:`~lowbit.nn.supernet.Supernet` (a version-1 file) is served as before: each sub-net is
+extracted (:meth:`~lowbit.nn.supernet.Supernet.extract`) and compiled, or switched inside
+``Supernet.run``.
+
+``runtime="packed"`` (the default of ``lowbit serve``): at start every sub-net is compiled once
 on a seeded example batch of the supernet's input shape; a batch then runs on that sub-net's own
 packed model, so the bit width of the sub-net sets its latency. A sub-net that does not compile (a
 float sub-net has no quantized layer to pack, for example) runs in PyTorch instead, with the
@@ -24,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..export.supernet_file import LoadedSupernet
 from ..nn.supernet import Supernet
 
 __all__ = ["RUNTIMES", "SubnetEngines"]
@@ -37,7 +45,7 @@ class SubnetEngines:
     """``run(x, name)`` on each sub-net's engine; ``runtime[name]`` is ``"packed"`` or ``"torch"``,
     ``reasons[name]`` why a sub-net runs in PyTorch under ``runtime="packed"``."""
 
-    def __init__(self, supernet: Supernet, runtime: str = "packed", example_batch: int = 2,
+    def __init__(self, supernet: Supernet | LoadedSupernet, runtime: str = "packed", example_batch: int = 2,
                  threads: int | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} is not known; allowed: {', '.join(RUNTIMES)}")
@@ -56,7 +64,9 @@ class SubnetEngines:
             x = torch.randn((example_batch, *self.input_shape), generator=g)
             for name in self.names:
                 try:
-                    pm = compile_packed(supernet.extract(name), x)
+                    sub = supernet.models[name] if isinstance(supernet, LoadedSupernet) else \
+                        supernet.extract(name)
+                    pm = compile_packed(sub, x)
                 except Exception as e:  # any failure: this sub-net runs in PyTorch, and says why
                     self.reasons[name] = f"{type(e).__name__}: {e}"
                     log.warning("sub-net %s runs in PyTorch: it does not compile (%s)", name,
