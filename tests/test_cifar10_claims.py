@@ -196,6 +196,7 @@ def test_stop_terminates_running_jobs_which_resume_later(tmp_path, monkeypatch):
     stops: list[int] = []
     monkeypatch.setattr(C, "_STOP", stops)
     monkeypatch.setattr(SlowProcess, "start", lambda self: stops.append(15))  # SIGTERM while it runs
+    monkeypatch.setattr(SlowProcess, "pid", 0, raising=False)
     SlowProcess.terminated = []
     state = C.run_campaign(jobs, C.BUDGETS["cpu"], tmp_path, "data", "cpu", 2, None)
     assert SlowProcess.terminated == ["float/seed0"] and state["float/seed0"] == "stopped"
