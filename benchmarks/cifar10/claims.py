@@ -981,7 +981,7 @@ def _pm(st: Mapping[str, Any] | None, unit: str = "") -> str:
 
 def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
            runs: Mapping[tuple[str, int, str], dict[str, Any]], plan_text: str,
-           state: Mapping[str, str]) -> str:
+           state: Mapping[str, str], progress: Sequence[Mapping[str, Any]] = ()) -> str:
     units = {"level": "%", "drop": " pp", "gain": " pp", "measure": " pp"}
     lines = [
         "# CIFAR-10 ResNet-20: the seed papers' claims, re-measured",
@@ -1029,10 +1029,16 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
             ta += f" (mean weight bits {r['avg_w_bits']:.2f})"
         lines.append(f"| {k} | {s} | {b} | {ta} | {va} | {wb} | {bops} | {r['epochs']} | "
                      f"{r['device']} | {r['train_s']:.0f} |")
+    if progress:
+        done = sum(1 for p in progress if p["finished"])
+        lines += ["", f"Jobs of the {budget.name} budget finished: {done} of {len(progress)}. Started, not "
+                  "finished (each resumes from its last completed epoch): "
+                  + (", ".join(f"`{p['job']}` ({p['epochs_done']}/{p['epochs']} epochs)" for p in progress
+                               if not p["finished"] and p["started"]) or "none") + "."]
     if state:
-        lines += ["", "Jobs not finished at the end of this invocation (they resume on the next one): "
-                  + (", ".join(f"`{k}` ({v})" for k, v in sorted(state.items()) if v != "finished") or "none")
-                  + "."]
+        lines += ["", "State at the end of this invocation: "
+                  + (", ".join(f"`{k}` ({v})" for k, v in sorted(state.items()) if v != "finished")
+                     or "all finished") + "."]
     lines += ["", "## Plan", "", plan_text, "", "Figure: `cifar10_claims.png` (test accuracy vs weight bytes "
               "and vs BOPs, one point per run, seed mean)."]
     return "\n".join(lines) + "\n"
@@ -1071,6 +1077,18 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
     plt.close(fig)
     os.replace(tmp, path)
     return True
+
+
+def job_progress(jobs: list[Job], budget: Budget, runs: Path) -> list[dict[str, Any]]:
+    """Per planned job: started, finished, epochs logged so far of how many."""
+    out = []
+    for j in jobs:
+        d = run_dir(runs, j)
+        total = 0 if j.arm.kind in ("ptq", "releq") else (
+            budget.float_train["epochs"] if j.arm.is_float or j.arm.epochs == "float" else budget.q_epochs)
+        out.append({"job": j.name, "started": d.exists(), "finished": is_finished(d),
+                    "epochs_done": len(epoch_times(d)), "epochs": total})
+    return out
 
 
 #: reference speed on this machine, less loaded (benchmarks/results/cifar10.md): float ResNet-20 67 s
@@ -1153,13 +1171,15 @@ def main(argv: list[str] | None = None) -> int:
         state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at)
     rows, found = report_rows(Path(a.runs_dir), budget)
     meta = run_meta(__file__, argv, t0, seeds=sorted({j.seed for j in jobs}), budget=budget.name,
-                    device=device, report_only=a.report_only)
+                    device=device, report_only=a.report_only, load_avg=os.getloadavg())
+    progress = job_progress(plan(budget), budget, runs)
     text = plan_text(plan(budget), budget, runs)
     payload = {"meta": meta, "budget": dict(budget.__dict__), "rows": rows,
                "runs": [{"run": k, "seed": s, "budget": b, **r} for (k, s, b), r in sorted(found.items())],
-               "state": state, "plan": text, "data": "CIFAR-10 JPEG copy (cifar10-jpeg.zip)"}
+               "state": state, "progress": progress, "plan": text,
+               "data": "CIFAR-10 JPEG copy (cifar10-jpeg.zip)"}
     stem = "cifar10_claims" if budget.name != "smoke" else "cifar10_claims_smoke"
-    write_results(a.out, stem, payload, render(meta, budget, rows, found, text, state))
+    write_results(a.out, stem, payload, render(meta, budget, rows, found, text, state, progress))
     plot(found, Path(a.out) / f"{stem}.png")
     if a.archive:
         n = archive(runs, Path(a.archive), slim=a.archive_slim)
