@@ -76,12 +76,14 @@ def _subsample(src, H, W, C, sh, sw, dst, nv):
     """dst (nv, OH, OW, C) = src (nv, H, W, C)[:, ::sh, ::sw] (NHWC floats, flat)."""
     OH = (H - 1) // sh + 1
     OW = (W - 1) // sw + 1
+    d = 0
     for n in range(nv):
         for oh in range(OH):
             for ow in range(OW):
                 s = ((n * H + oh * sh) * W + ow * sw) * C
-                d = ((n * OH + oh) * OW + ow) * C
-                dst[d : d + C] = src[s : s + C]
+                for c in range(C):
+                    dst[d + c] = src[s + c]
+                d += C
 
 
 @kernel
@@ -89,10 +91,14 @@ def _channel_pad(src, HW, C, cl, cr, dst, nv):
     """dst (nv, HW, cl + C + cr) = src (nv, HW, C) with cl zero channels in front, cr behind."""
     Co = cl + C + cr
     for p in range(nv * HW):
-        d = dst[p * Co : (p + 1) * Co]
-        d[:cl] = 0.0
-        d[cl : cl + C] = src[p * C : (p + 1) * C]
-        d[cl + C :] = 0.0
+        d = p * Co
+        s = p * C
+        for c in range(cl):
+            dst[d + c] = 0.0
+        for c in range(C):
+            dst[d + cl + c] = src[s + c]
+        for c in range(cl + C, Co):
+            dst[d + c] = 0.0
 
 
 @kernel
