@@ -33,7 +33,19 @@ running jobs (they resume next time) and still writes the tables and the archive
 CIFAR-10 JPEG copy (``--data-dir``; close to, not identical with, the original images).
 
 Writes ``benchmarks/results/cifar10_claims.{md,json,png}``: per check the paper's number, ours
-(mean ± std over seeds, n), the difference and a verdict (:func:`verdict`).
+(mean ± std over seeds, n), the difference and a verdict (:func:`verdict`). The report reads every
+budget's runs (GPU rows first, each row naming its budget and device), so CPU and GPU numbers are
+never mixed in one cell.
+
+A GPU session runs one timed slice on the device machine and brings the runs back::
+
+    python benchmarks/cifar10/claims.py --budget gpu --data-dir DATA --unpack runs-in.tar.gz \
+        --stop-after 480 --archive $OUT/runs.tar.gz --archive-slim --out $OUT
+
+then, here, ``--budget gpu --unpack runs.tar.gz --report-only``. ``--archive-slim`` keeps what the
+report and the next slice need (metrics, results, the float models, unfinished runs' checkpoints).
+The data must reach the device too: the JPEG zip is 63.2 MB, close to the 64 MiB a device call
+carries in all.
 """
 
 from __future__ import annotations
