@@ -14,10 +14,11 @@ packed model, so the bit width of the sub-net sets its latency. A sub-net that d
 float sub-net has no quantized layer to pack, for example) runs in PyTorch instead, with the
 reason logged and reported. ``threads`` caps the packed kernels' threads (numba's count is per
 thread, so it is set in each thread that runs a packed sub-net). ``runtime="torch"``: every
-sub-net runs as ``Supernet.run`` (eval mode, quantized weights cached).
+sub-net runs as its stored model (``LoadedSupernet.run``) or as ``Supernet.run`` (eval mode,
+quantized weights cached).
 
-Packed sub-nets share no state, and PyTorch sub-nets switch and run under the supernet's lock, so
-a batch is never computed by a half-switched model either way. Outputs of a packed sub-net equal
+Packed and stored sub-nets share no state, and a trainable supernet's sub-nets switch and run under
+its lock, so a batch is never computed by a half-switched model. Outputs of a packed sub-net equal
 ``lowbit.runtime.compile(supernet.extract(name), x)(x)`` (same model, same kernels), which the
 compiler keeps within its measured ``max_abs_diff`` of the fake-quantized sub-net.
 """
