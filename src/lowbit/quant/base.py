@@ -118,6 +118,28 @@ class Quantizer(nn.Module):
     def encode(self, x: Tensor) -> Encoded:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent state (the ``initialized`` buffer of quantizers that set
+        their scale from the first data they see) is set. Once true it is read from a Python
+        flag: torch.compile then guards on the flag instead of breaking the graph on every call
+        at ``bool(buffer)``, a data-dependent branch."""
+        if self.__dict__.get("_initialized_flag", False):
+            return True
+        seen = bool(self.initialized)
+        if seen and not torch.compiler.is_compiling():
+            self.__dict__["_initialized_flag"] = True
+        return seen
+
+    def mark_initialized(self) -> None:
+        """Set the ``initialized`` buffer (saved with the model) and its Python flag."""
+        self.initialized.fill_(True)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_initialized_flag"] = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_initialized_flag", None)  # the loaded buffer decides again
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 

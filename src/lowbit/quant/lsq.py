@@ -172,7 +172,7 @@ class LSQWeight(_StepLoadMixin, WeightQuantizer):
             self.s.copy_(s0)
         else:  # per-channel: the step's shape is known only now
             self.s = nn.Parameter(s0.clone())
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def g(self, w: Tensor) -> float:
         if self.grad_scale is not None:
@@ -181,7 +181,7 @@ class LSQWeight(_StepLoadMixin, WeightQuantizer):
         return lsq_grad_scale(n, self.q_p)
 
     def forward(self, w: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.initialize(w)
         s = positive_step(self.s)
         if fused.supported(w) and s.dim() == 0:  # the same values and gradients, in two passes
@@ -216,16 +216,16 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
 
     def step_for(self, x: Tensor) -> Tensor:
         """The step in use: learned, or (never trained yet) the initial step of ``x``."""
-        if bool(self.initialized):
+        if self.is_initialized():
             return positive_step(self.s)
         return lsq_init_step(x, self.q_p).to(self.s.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized():
             self.check_sign(x)
             with torch.no_grad():
                 self.s.copy_(lsq_init_step(x, self.q_p))
-                self.initialized.fill_(True)
+                self.mark_initialized()
         s = self.step_for(x)
         if fused.supported(x) and s.dim() == 0:  # the same values and gradients, one pass each way
             return fused.lsq(x, s, self.q_n, self.q_p, self.g(x))
@@ -238,7 +238,7 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
         """Unsigned and initialised: ``round(clip(x / s, 0, Q_P))`` as ``rint(clip(x, 0, hi) *
         mult)`` with the multiplier found and checked by ``clip_multiply_spec`` (values ``code *
         s``). Signed grids and a step not yet learned (it would come from the batch): None."""
-        if self.signed or not bool(self.initialized) or self.s.dim() != 0 or self.s.dtype != torch.float32:
+        if self.signed or not self.is_initialized() or self.s.dim() != 0 or self.s.dtype != torch.float32:
             return None
         s = float(positive_step(self.s.detach()))
         return clip_multiply_spec(lambda x: self.encode(x.to(self.s.device)).codes.cpu(),

@@ -124,7 +124,7 @@ class TGAWeight(WeightQuantizer):
         if init.shape != self.delta.shape:
             self.delta = nn.Parameter(torch.empty_like(init, dtype=self.delta.dtype))
         self.delta.copy_(init)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -146,7 +146,7 @@ class TGAWeight(WeightQuantizer):
         return mu, delta_c, truncated_normal_mean(mu, sigma, delta_c)
 
     def forward(self, w: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.initialize(w)
         mu, delta_c, alpha = self.params(w)
         codes = tga_codes(w.detach(), mu, delta_c.detach())

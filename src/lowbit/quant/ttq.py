@@ -110,10 +110,10 @@ class TTQWeight(WeightQuantizer):
             both = a[pos | neg].mean()
             self.w_p.copy_(a[pos].mean() if bool(pos.any()) else both)
             self.w_n.copy_(a[neg].mean() if bool(neg.any()) else both)
-        self.initialized.fill_(True)
+        self.mark_initialized()
 
     def forward(self, w: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.initialize(w)
         return ttq_quantize(w, self.w_p, self.w_n, self.delta(w))
 

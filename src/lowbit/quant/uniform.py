@@ -173,11 +173,11 @@ class UniformActivation(ActivationQuantizer):
     def update_(self, x: Tensor) -> None:
         """Fold the batch maximum of ``x`` (of ``|x|`` when signed) into the running maximum."""
         m = self._batch_max(x).to(self.running_max.dtype)
-        if bool(self.initialized):
+        if self.is_initialized():
             self.running_max.mul_(1 - self.momentum).add_(m * self.momentum)
         else:
             self.running_max.copy_(m)
-            self.initialized.fill_(True)
+            self.mark_initialized()
 
     def _batch_max(self, x: Tensor) -> Tensor:
         x = x.detach()
@@ -187,7 +187,7 @@ class UniformActivation(ActivationQuantizer):
         """The clip level ``c`` (a detached 0-d tensor)."""
         if self.clip is not None:
             return torch.tensor(self.clip, dtype=x.dtype, device=x.device)
-        if not bool(self.initialized):  # nothing learned yet: this batch, not stored
+        if not self.is_initialized():  # nothing learned yet: this batch, not stored
             return self._batch_max(x).clamp_min(_EPS)
         return self.running_max.detach().clamp_min(_EPS)
 
@@ -233,7 +233,7 @@ class UniformActivation(ActivationQuantizer):
         ``clip(round(x / s), 0, L)`` as ``rint(clip(x, 0, hi) * mult)`` with the multiplier found
         and checked by ``clip_multiply_spec`` (values ``code * s``). Signed grids, and a clip
         level still taken from each batch: None (``encode``)."""
-        if self.signed or (self.clip is None and not bool(self.initialized)):
+        if self.signed or (self.clip is None and not self.is_initialized()):
             return None
         s = self.scale(torch.zeros((), dtype=torch.float32))
         if s.dtype != torch.float32:  # a float64 running maximum: x / s is not a float32 formula
