@@ -361,13 +361,17 @@ def _epilogue(acc, R, OB, nv, o0, O, s0, s1, relu, out, m0):
     """``out[m0 + r, o0 + o] = f32(relu(s1*D + s0))`` for the valid rows and outputs of a tile."""
     W = OB * 16
     on = min(W, O - o0)
-    for r in range(nv):
-        orow = out[m0 + r]
-        for o in range(on):
-            v = s1[o0 + o] * np.float64(acc[r * W + o]) + s0[o0 + o]
-            if relu and v < 0.0:
-                v = 0.0
-            orow[o0 + o] = np.float32(v)
+    c1 = s1[o0 : o0 + on]
+    c0 = s0[o0 : o0 + on]
+    for r in range(nv):  # branch-free inner loops (they vectorise)
+        orow = out[m0 + r, o0 : o0 + on]
+        ar = acc[r * W : r * W + on]
+        if relu:
+            for o in range(on):
+                orow[o] = np.float32(max(c1[o] * np.float64(ar[o]) + c0[o], 0.0))
+        else:
+            for o in range(on):
+                orow[o] = np.float32(c1[o] * np.float64(ar[o]) + c0[o])
 
 
 @kernel
