@@ -151,12 +151,13 @@ class PackedModel(nn.Module):
         self.eval()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
         ex = self.executor
-        if ex is not None and len(args) == 1 and not kwargs and type(args[0]) is Tensor:
-            y = ex(args[0])
+        if ex is not None and len(args) == 1 and not kwargs:
+            x = torch.from_numpy(args[0]) if type(args[0]) is np.ndarray else args[0]
+            y = ex(x) if type(x) is Tensor else None
             if y is not None:
                 return y
+        args = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
         with torch.inference_mode():
             x = args[0] if len(args) == 1 else None
             if self.batch_chunk and not kwargs and isinstance(x, Tensor) and x.dim() > 0:

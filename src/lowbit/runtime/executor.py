@@ -16,8 +16,10 @@ the next, so a chunk's activations stay in cache (``CHUNK_BYTES``). Programs and
 once per input shape (and per calling thread, so that concurrent callers do not share arenas).
 
 Threads: with more than one numba thread and at least ``MIN_SPLIT`` images per thread, the
-batch is split into one contiguous part per thread, each running the program on its own arena
-(the interpreter releases the GIL); a smaller batch runs on the calling thread.
+batch is cut into pieces (``PIECES_PER_THREAD`` per thread, at most a chunk each) that the
+calling thread and the runtime's workers take from a shared counter, each running the program
+on its own arena (the interpreter releases the GIL); a smaller batch (batch 1) runs on the
+calling thread alone, so a second thread never slows it down.
 
 Operations (``prog[i, 0]``): quantize a float tensor into a padded code image (the model input
 or an intermediate), int8 convolution (Linear layers as 1x1 convolutions over rows) with its
@@ -29,6 +31,7 @@ flattened and runs module by module (:func:`plan` raises :class:`UnsupportedGrap
 
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
 from dataclasses import dataclass, field
@@ -59,6 +62,7 @@ NF = 40  # fields of a program row
 CHUNK_BYTES = 1 << 20  # arena bytes of one chunk (L2-sized)
 MAX_CHUNK = 64
 MIN_SPLIT = 2  # images per thread before a batch is split over threads
+PIECES_PER_THREAD = 4
 _ALIGN = 64
 
 
@@ -203,6 +207,7 @@ class Program:
     sc: np.ndarray
     oinfo: np.ndarray
     out_shape: tuple[int, ...]  # per image
+    out_numel: int
     fa_size: int
     ca_size: int
     chunk: int
@@ -470,6 +475,7 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
         prog=np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64),
         aux=_cat(b.aux, np.int64), w8=_cat(b.w8, np.int8), sc=_cat(b.sc, np.float64),
         oinfo=np.array([result.off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
+        out_numel=int(np.prod(out_shape)),
         fa_size=b.fa + 16, ca_size=b.ca + 4 * INT8_SLACK + 1024, chunk=N,
     )
 
@@ -532,48 +538,57 @@ class FlatExecutor:
             self._programs[shape] = prog
             return prog
 
-    def _arenas(self, shape: tuple[int, ...], slot: int, prog: Program) -> tuple[np.ndarray, np.ndarray]:
-        d = self._local.__dict__.setdefault("arenas", {})
-        a = d.get((shape, slot))
+    @staticmethod
+    def _arenas(arenas: dict, shape, slot: int, prog: Program) -> tuple[np.ndarray, np.ndarray]:
+        """The calling thread's arenas for ``shape`` and worker ``slot``."""
+        a = arenas.get((shape, slot))
         if a is None:
-            a = d[(shape, slot)] = prog.arenas()
+            a = arenas[(shape, slot)] = prog.arenas()
         return a
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The model's output on ``x``, or None when this input does not run flat."""
-        if x.dim() < 2 or x.shape[0] == 0:
+        shape = x.shape[1:]  # torch.Size: a hashable tuple
+        prog = self._programs.get(shape, False)
+        if prog is False:
+            if x.dim() < 2:
+                return None
+            prog = self.program(tuple(int(s) for s in shape))
+            self._programs[shape] = prog
+        if prog is None or x.shape[0] == 0:
             return None
-        shape = tuple(int(s) for s in x.shape[1:])
-        prog = self.program(shape)
-        if prog is None:
-            return None
-        xn = x.detach()
-        if xn.dtype != torch.float32:
-            xn = xn.float()
-        xn = xn.contiguous().numpy()
+        if x.dtype is not torch.float32 or x.requires_grad or not x.is_contiguous():
+            x = x.detach().float().contiguous()
+        xn = x.numpy()
         B = xn.shape[0]
         x4 = xn.reshape(B, -1, 1, 1) if xn.ndim == 2 else xn
-        out = np.empty((B, *prog.out_shape), np.float32)
-        of = out.reshape(-1)
+        out = np.empty(B * prog.out_numel, np.float32)
+        arenas = self._local.__dict__.get("arenas")
+        if arenas is None:
+            arenas = self._local.__dict__.setdefault("arenas", {})
         nt = _threads.num_threads()
         if nt > 1 and MIN_SPLIT * nt <= B:
-            per = -(-B // nt)
-            parts = [(lo, min(B, lo + per)) for lo in range(0, B, per)]
+            # dynamic schedule: PIECES_PER_THREAD pieces per thread taken from a shared counter, so
+            # that a thread the OS does not run (a busy machine) delays nobody: the others take
+            # its pieces (a static split waits for the slowest part)
+            step = max(1, min(prog.chunk, -(-B // (PIECES_PER_THREAD * nt))))
+            pieces = [(lo, min(B, lo + step)) for lo in range(0, B, step)]
+            counter = itertools.count()
+            n = prog.out_numel
+
+            def work(fa: np.ndarray, ca: np.ndarray) -> None:
+                while (i := next(counter)) < len(pieces):
+                    lo, hi = pieces[i]
+                    _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], out[lo * n : hi * n], prog.oinfo,
+                         fa, ca, hi - lo, prog.chunk)
+
             pool = _threads.thread_pool(nt)
-            per_out = int(np.prod(prog.out_shape))
-            futs = []
-            for k, (lo, hi) in enumerate(parts[1:], 1):
-                fa, ca = self._arenas(shape, k, prog)
-                futs.append(pool.submit(_run, prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi],
-                                        of[lo * per_out : hi * per_out], prog.oinfo, fa, ca, hi - lo,
-                                        prog.chunk))
-            lo, hi = parts[0]
-            fa, ca = self._arenas(shape, 0, prog)
-            _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], of[lo * per_out : hi * per_out],
-                 prog.oinfo, fa, ca, hi - lo, prog.chunk)
+            futs = [pool.submit(work, *self._arenas(arenas, shape, k, prog)) for k in range(1, nt)]
+            work(*self._arenas(arenas, shape, 0, prog))
             for f in futs:
                 f.result()
         else:
-            fa, ca = self._arenas(shape, 0, prog)
-            _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, of, prog.oinfo, fa, ca, B, prog.chunk)
-        return torch.from_numpy(out)
+            a = arenas.get((shape, 0))
+            fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)
+            _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, out, prog.oinfo, fa, ca, B, prog.chunk)
+        return torch.from_numpy(out).view(B, *prog.out_shape)
