@@ -167,7 +167,7 @@ def _row_codes(xr, mode, hi, mult, a):
 
 
 @kernel
-def _lut_tables_plain(x, mode, hi, mult, sel, c, T, m_lo, m_hi):
+def _lut_tables_plain(x, mode, hi, mult, sel, lv, c, T, m_lo, m_hi):
     """Tables of rows m_lo..m_hi (scalar path); ``sel`` (c, 64) int8: level of index ``j % 16`` at
     position i."""
     Gp = T.shape[1] // 16
@@ -184,18 +184,20 @@ def _lut_tables_plain(x, mode, hi, mult, sel, c, T, m_lo, m_hi):
 
 
 @kernel
-def _lut_tables_avx(x, mode, hi, mult, sel, c, T, m_lo, m_hi):
-    """Tables of rows m_lo..m_hi, one 64-byte step (4 groups) per vector expression."""
+def _lut_tables_avx(x, mode, hi, mult, sel, lv, c, T, m_lo, m_hi):
+    """Tables of rows m_lo..m_hi (``table_row``); ``lv`` (2**cb,) integer levels."""
     Gp = T.shape[1] // 16
     a = np.zeros(Gp * c + 16, np.uint8)
+    lv8 = np.empty(4, np.int8)
+    for k in range(lv.shape[0]):
+        lv8[k] = np.int8(lv[k])
     tflat = T.reshape(-1)
-    sflat = sel.reshape(-1)
     for m in range(m_lo, m_hi):
         _row_codes(x[m], mode, hi, mult, a)
         if c == 4:
-            _table_row4(a, Gp // 4, sflat, tflat, m * Gp * 16)
+            _table_row4(a, lv8, Gp // 4, tflat, m * Gp * 16)
         else:
-            _table_row2(a, Gp // 4, sflat, tflat, m * Gp * 16)
+            _table_row2(a, lv8, Gp // 4, tflat, m * Gp * 16)
 
 
 def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1,
@@ -210,7 +212,8 @@ def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: fl
     sel = np.ascontiguousarray(sel.astype(np.int8))
     T = np.empty((M, lut_groups(K, cb) * 16), np.int8) if out is None else out
     fn = _lut_tables_plain if (not HAS_LUT if plain is None else plain) else _lut_tables_avx
-    parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), sel, np.int64(c), T,
+    parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), sel, lv.astype(np.int32),
+                 np.int64(c), T,
                  parallel=M >= 16 and num_threads() > 1, grain=8)
     return T
 
@@ -231,16 +234,32 @@ def _vpermb(builder: ir.IRBuilder, table, idx):
 
 
 def table_row(c: int):
-    """An intrinsic ``row(a, nsteps, sel, T, toff)``: the tables of one row, ``T[toff + 64*t + j] =
-    sum_{i<c} sel[i, j] * a[4*c*t + c*(j // 16) + i]`` (int8, wrapping: exact when the entries fit)
-    for steps ``t < nsteps``; ``a`` uint8 codes with 16 readable bytes past the last step."""
+    """An intrinsic ``row(a, lv, nsteps, T, toff)``: the tables of one row of codes ``a`` (uint8,
+    16 readable bytes past the last step) for integer levels ``lv`` (int8, ``2**cb`` of them). Per
+    step ``t`` the ``q = 4*c`` codes are scaled by every level into 32 bytes
+    ``s[q*k + j] = lv[k] * a[q*t + j]``, then::
+
+        T[toff + 64*t + j] = sum_{i<c} s[q*code_i(j % 16) + c*(j // 16) + i]
+
+    with ``code_i(n) = (n >> cb*i) & (2**cb - 1)``: one byte permute (``vpermb``) and one add per
+    position ``i`` of a group (int8, exact when the entries fit)."""
+    cb = 4 // c
+    q = 4 * c
+    L = 1 << cb
+    masks = []
+    for i in range(c):
+        idx = []
+        for j in range(64):
+            code = ((j % 16) >> (cb * i)) & (L - 1)
+            idx.append(q * code + c * (j // 16) + i)
+        masks.append(ir.Constant(ir.VectorType(_I32, 64), idx))
 
     @intrinsic
-    def row(typingctx, a, nsteps, sel, T, toff):
-        sig = types.void(a, nsteps, sel, T, toff)
+    def row(typingctx, a, lv, nsteps, T, toff):
+        sig = types.void(a, lv, nsteps, T, toff)
 
         def codegen(context, builder, signature, args):
-            aa, nsa, sa, ta, to = args
+            aa, la, nsa, ta, to = args
 
             def data(i, v, ty):
                 arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
@@ -250,24 +269,29 @@ def table_row(c: int):
                 return ir.Constant(_I64, v)
 
             ap = data(0, aa, _I8)
-            sp = data(2, sa, _I8)
+            lp = data(1, la, _I8)
             tp = builder.gep(data(3, ta, _I8), [to])
-            sels = []
-            for i in range(c):
-                ld = builder.load(builder.bitcast(builder.gep(sp, [i64(64 * i)]), _V64I8.as_pointer()))
-                ld.align = 1
-                sels.append(ld)
-            v16 = ir.VectorType(_I8, 16)
+            vq = ir.VectorType(_I8, q)
+            lvs = []
+            for k in range(L):
+                lk = builder.load(builder.gep(lp, [i64(k)]))
+                v = builder.insert_element(ir.Constant(vq, None), lk, ir.Constant(_I32, 0))
+                zeros = ir.Constant(ir.VectorType(_I32, q), [0] * q)
+                lvs.append(builder.shuffle_vector(v, ir.Constant(vq, None), zeros))
             with cgutils.for_range(builder, nsa) as loop:
                 t = loop.index
-                src = builder.gep(ap, [builder.mul(t, i64(4 * c))])
-                ld = builder.load(builder.bitcast(src, v16.as_pointer()))
+                src = builder.gep(ap, [builder.mul(t, i64(q))])
+                ld = builder.load(builder.bitcast(src, vq.as_pointer()))
                 ld.align = 1
+                sc = [builder.mul(ld, lvs[k]) for k in range(L)]
+                while len(sc) > 1:  # concatenate into 32 bytes
+                    n = sc[0].type.count
+                    cat = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+                    sc = [builder.shuffle_vector(sc[k], sc[k + 1], cat) for k in range(0, len(sc), 2)]
+                blk = sc[0]
                 acc = None
                 for i in range(c):
-                    mask = ir.Constant(ir.VectorType(_I32, 64), [c * (j // 16) + i for j in range(64)])
-                    ai = builder.shuffle_vector(ld, ir.Constant(v16, None), mask)
-                    term = builder.mul(ai, sels[i])
+                    term = builder.shuffle_vector(blk, ir.Constant(blk.type, None), masks[i])
                     acc = term if acc is None else builder.add(acc, term)
                 st = builder.store(acc, builder.bitcast(builder.gep(tp, [builder.mul(t, i64(64))]),
                                                         _V64I8.as_pointer()))
