@@ -23,6 +23,11 @@
 6. The graph calls the runtime's modules through their bound ``forward`` (no ``nn.Module``
    call overhead), and, for conv nets with int8 layers whose samples are independent, large
    batches run in cache-sized chunks spread over threads (``PackedModel.batch_chunk``).
+7. A graph made only of what the flat executor runs (int8 convolutions and Linear layers with
+   fused input quantizers, code pools, global average pooling, option-A shortcuts, flatten) runs
+   as one numba call per batch (``executor.py``, ``PackedModel.executor``; convolutions on AMX
+   tiles where the CPU has them): no Python between layers. Other graphs, and inputs it cannot
+   take, run module by module as above.
 
 What stays in PyTorch, and why (``PackedModel.summary()`` lists every quantized layer as
 ``packed`` or ``torch`` with its reason, ``PackedModel.layers`` holds the same rows, and each
