@@ -123,7 +123,7 @@ def run_serve_bench(
             port = free_port()
             args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
                     "--profile-repeats", str(profile_repeats), "--runtime", runtime]
-            servers[pol] = (port, start_server(path, port, args))
+            servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
         for tr in traces:
             arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
             for pol in policies:
