@@ -43,6 +43,7 @@ from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from . import kernels as K
 from . import kernels_gemm as KG
+from . import kernels_gemv as KV
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,20 @@ def lut_weights(wp: WeightPlanes, ka: int) -> LutWeights | None:
         return None
     lv, cb = levels
     return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64))
+
+
+def gemv_weights(wp: WeightPlanes) -> KV.GemvWeights | None:
+    """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields);
+    None for grouped weights, integers spanning more than 16 values or too long a reduction."""
+    if wp.W.shape[0] != 1:
+        return None
+    q = plane_integers(wp)
+    if KV.field_bits(q) is None:
+        return None
+    try:
+        return KV.GemvWeights(q)
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,6 +557,8 @@ class PackedLinear(_PackedBase):
             self.i8 = int8_weights(wp, (1, 1, wp.K))
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes
         self.lut = lut_weights(wp, act.bits) if act.mode != -1 and act.bits <= 8 else None
+        # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI)
+        self.gemv = gemv_weights(wp) if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
 
     def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -568,6 +585,8 @@ class PackedLinear(_PackedBase):
         weights and no table-lookup form, or is small (a conv net's classifier, where one flat call
         beats per-layer dispatch); large layers with tables run their own many-row dispatch."""
         small = self.in_features * self.out_features < LUT_FLAT_MAX
+        if self.gemv is not None and not small:
+            return False  # few rows: the GEMV on the weight fields (the flat program would run int8)
         return self.i8 is not None and (self.lut is None or small)
 
     @property
@@ -579,6 +598,8 @@ class PackedLinear(_PackedBase):
             n += self.i8.nbytes
         if self.lut is not None:
             n += self.lut.nbytes
+        if self.gemv is not None:
+            n += self.gemv.nbytes
         return n
 
     def _rows(self, M: int) -> bool:
@@ -587,6 +608,9 @@ class PackedLinear(_PackedBase):
 
     def kernel_name(self) -> str:
         lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
+        if self.gemv is not None:
+            gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
+            return gemv + (" / int8" if self.i8 is not None else "") + lut
         if self.i8 is None:
             return "bit-serial" + lut
         n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
@@ -607,6 +631,10 @@ class PackedLinear(_PackedBase):
             K.select_sum(xf, W, wp.shift, wp.neg, s0, s1, s2, self.relu, out)
         else:
             arr, mode, hi, mult, sx, ma = self._codes_input(x2)
+            if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
+                s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
+                KV.gemv(arr, mode, hi, mult, self.gemv, s0, s1, s2, self.relu, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.lut is not None and M >= KG.LUT_MIN_ROWS:
                 self._lut_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
@@ -638,7 +666,10 @@ class PackedLinear(_PackedBase):
         O = self.out_features
         out = np.empty((M, O), np.float32)
         i8 = self.i8
-        if self.lut is not None and M >= KG.LUT_MIN_ROWS:
+        if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
+            s0, s1, s2 = self._coeffs_static()
+            KV.gemv(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.gemv, s0, s1, s2, self.relu, out)
+        elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
         elif i8 is not None and not self._rows(M):
