@@ -451,7 +451,8 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "- `torch-dyn-int8`: `torch.ao.quantization.quantize_dynamic` (Linear only: convolutions FP32)",
         "- `ort-dyn-int8`: onnxruntime `quantize_dynamic` (QInt8 weights)",
         "- `ort-qdq-int8`: onnxruntime `quantize_static`, QDQ format, per-channel QInt8 weights, QUInt8 "
-        "activations, MinMax calibration on random inputs (after `quant_pre_process` where it succeeds)",
+        "activations, MinMax calibration on random inputs (after `quant_pre_process` for .onnx files up to "
+        "64 MB)",
         "",
     ]
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -465,7 +466,8 @@ def to_markdown(payload: dict[str, Any]) -> str:
         if c.get("setup_s") is not None:
             lines += [
                 f"Setup (build, quantize, compile, export, calibrate, float64 references): "
-                f"{c['setup_s']:.0f} s.",
+                f"{c['setup_s']:.0f} s ({c.get('setup_cpu_s', 0):.0f} s CPU); whole case "
+                f"{c.get('total_s', 0):.0f} s ({c.get('total_cpu_s', 0):.0f} s CPU).",
                 "",
             ]
         rs = sorted(rs, key=lambda r: (r["threads"], r["batch"], _order(r["method"])))
