@@ -560,6 +560,9 @@ class PackedLinear(_PackedBase):
         # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI)
         self.gemv = gemv_weights(wp) if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
+        if (self.lut is not None and self.gemv is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
+                and wp.K * self.out_features >= LUT_FLAT_MAX):
+            self.i8 = None  # every row count has a kernel on compact weights: no int8 copy
 
     def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the table-lookup GEMM, ``y = s1*D + s0`` with ``D = sum_r w_int*a``."""
