@@ -387,6 +387,13 @@ def proxy_noise(rl: dict[str, Any]) -> str:
         out += (" The proxy's own noise, the same assignment re-measured with the fine-tune's data order "
                 f"(loader seeds {', '.join(map(str, rl.get('proxy_noise_seeds', [])))}): "
                 + "; ".join(parts) + ".")
+        if "oracle_all" in rl:
+            noise = max(_std(torch.tensor(x, dtype=torch.float64) * 100) for x in rl["proxy_noise"].values())
+            gap = accs[-1] - accs[len(accs) // 2]
+            if noise >= 0.5 * gap:
+                out += (f" That noise (std up to {noise:.1f} pt) is comparable to the gap between the best "
+                        f"and the median feasible assignment ({gap:.1f} pt): which assignment the search "
+                        "picks is decided by the data order of a 1-epoch fine-tune as much as by its bits.")
     return out
 
 
@@ -455,11 +462,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     try:
+        groups: list[list[dict[str, Any]]] = []  # rows within 0.15 decades of BOPs share a label stack
         for r in rows:
             ax.errorbar(r["bops_searched"], 100 * r["test_acc"], yerr=100 * r.get("test_std", 0.0), fmt="o",
                         capsize=3, zorder=3)
-            ax.annotate(r["name"], (r["bops_searched"], 100 * r["test_acc"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            near = [g for g in groups if abs(math.log10(g[0]["bops_searched"] / r["bops_searched"])) < 0.15]
+            (near[0].append(r) if near else groups.append([r]))
+        for g in groups:
+            g.sort(key=lambda r: -r["test_acc"])
+            for i, r in enumerate(g):  # stacked labels, each with a line to its point
+                dy = 13 * ((len(g) - 1) / 2 - i) + (4 if len(g) == 1 else 0)
+                ax.annotate(r["name"], (r["bops_searched"], 100 * r["test_acc"]), textcoords="offset points",
+                            xytext=(14 if len(g) > 1 else 5, dy), fontsize=8, va="center",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if len(g) > 1 else None)
         ax.set_xscale("log")
         ax.set_xlabel("bit-operations of the searched layers (log)")
         ax.set_ylabel("CIFAR-10 test accuracy (%)")
