@@ -208,8 +208,8 @@ def _plan_modules(cnn: nn.Module, leak: float, gamma: float, learn_threshold: bo
     """The twin's modules ``(name, kind, module)`` and the map ReLU name -> LIF name."""
     if not isinstance(cnn, nn.Sequential):
         raise ConversionError(
-            f"convert needs a feed-forward nn.Sequential (e.g. the zoo's lenet5 or mlp, or "
-            f"lowbit.snn.models), got {type(cnn).__name__}; models with skip connections are not supported")
+            f"convert needs a feed-forward nn.Sequential (e.g. the zoo's lenet5_avg, hsi_cnn3d, lenet5 or "
+            f"mlp), got {type(cnn).__name__}; models with skip connections are not supported")
     from ..nn.quantize import quantized_layers
 
     if quantized_layers(cnn):
