@@ -181,3 +181,4 @@ def test_packed_linear_codes_input():
     buf = np.concatenate([codes.reshape(-1), np.zeros(K.INT8_SLACK, np.uint8)])
     got = lin(Codes(buf, (2, 1, 1, 70), (0, 0)))
     assert torch.equal(got, lin(x))
+    assert torch.equal(lin(x[None]), lin(x)[None])  # leading dimensions (the general path)

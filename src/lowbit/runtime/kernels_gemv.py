@@ -295,10 +295,14 @@ def _blocks_vnni(codes, b, w, nG, D, k_lo, k_hi):
 
 
 @kernel
-def _epilogue(D, A, off, F, s0, s1, s2, relu, out, o_lo, o_hi):
+def _epilogue(D, A, off, F, coef, relu, out, o_lo, o_hi):
     """out[m, o] = s1*D + s2*A + s0 (float64, then float32) for o in [o_lo, o_hi), with the exact
-    ``D = D_raw + F[o] - off*A`` (``F = 128 * sum_r f``: the codes were shifted by -128)."""
+    ``D = D_raw + F[o] - off*A`` (``F = 128 * sum_r f``: the codes were shifted by -128);
+    ``coef`` rows s0, s1, s2."""
     M = out.shape[0]
+    s0 = coef[0]
+    s1 = coef[1]
+    s2 = coef[2]
     for m in range(M):
         a = np.int64(A[m])
         corr = np.int64(off) * a
@@ -311,10 +315,10 @@ def _epilogue(D, A, off, F, s0, s1, s2, relu, out, o_lo, o_hi):
 
 
 @kernel
-def _part(codes, A, b, off, F, w, nG, D, s0, s1, s2, relu, out, k_lo, k_hi):
-    """Output blocks k_lo..k_hi: sums and epilogue (one thread's share)."""
-    _blocks_vnni(codes, b, w, nG, D, k_lo, k_hi)
-    _epilogue(D, A, off, F, s0, s1, s2, relu, out, 16 * k_lo, min(16 * k_hi, out.shape[1]))
+def _part(codes, A, geo, F, w, D, coef, relu, out, k_lo, k_hi):
+    """Output blocks k_lo..k_hi: sums and epilogue (one thread's share); geo = (b, off, nG)."""
+    _blocks_vnni(codes, geo[0], w, geo[2], D, k_lo, k_hi)
+    _epilogue(D, A, geo[1], F, coef, relu, out, 16 * k_lo, min(16 * k_hi, out.shape[1]))
 
 
 @kernel
@@ -327,15 +331,22 @@ def _padded_rows(M, b):
 
 
 @kernel
-def _gemv_serial(x, mode, hi, mult, b, off, F, w, nG, s0, s1, s2, relu, out):
+def _buffers(x, mode, qp, geo, O):
+    """Quantized codes (Mp, Kp) int8, code sums A and the int32 sums D of rows x."""
     M = x.shape[0]
+    b = geo[0]
     Mp = _padded_rows(M, b)
-    nblk = -(-out.shape[1] // 16)
-    codes = np.zeros((Mp, nG * 32 // b), np.int8)
+    codes = np.zeros((Mp, geo[2] * 32 // b), np.int8)
     A = np.empty(M, np.int64)
-    D = np.empty((Mp, nblk * 16), np.int32)
-    _quant_rows(x, mode, hi, mult, codes, A)
-    _part(codes, A, b, off, F, w, nG, D, s0, s1, s2, relu, out, 0, nblk)
+    D = np.empty((Mp, -(-O // 16) * 16), np.int32)
+    _quant_rows(x, mode, qp[0], qp[1], codes, A)
+    return codes, A, D
+
+
+@kernel
+def _gemv_serial(x, mode, qp, geo, F, w, coef, relu, out):
+    codes, A, D = _buffers(x, mode, qp, geo, out.shape[1])
+    _part(codes, A, geo, F, w, D, coef, relu, out, 0, D.shape[1] // 16)
 
 
 class GemvWeights:
@@ -356,10 +367,25 @@ class GemvWeights:
         F = np.zeros(-(-self.O // 16) * 16, np.int64)
         F[: self.O] = 128 * (np.asarray(q, np.int64) + self.off).sum(axis=1)
         self.F = F
+        self.geo = np.array([self.b, self.off, self.nG], np.int64)
 
     @property
     def nbytes(self) -> int:
         return int(self.w.nbytes + self.F.nbytes)
+
+
+def gemv_run(x: np.ndarray, mode: int, qp: np.ndarray, gw: GemvWeights, coef: np.ndarray, relu: bool,
+             out: np.ndarray) -> np.ndarray:
+    """:func:`gemv` with its arguments prepared (what a layer caches): ``qp`` float32 (hi, mult),
+    ``coef`` float64 (3, O) rows s0, s1, s2."""
+    M, O = out.shape
+    if not (O >= 64 and use_parallel(M * O * gw.K, GEMV_MIN_PARALLEL_MACS)):
+        _gemv_serial(x, mode, qp, gw.geo, gw.F, gw.w, coef, relu, out)
+        return out
+    codes, A, D = _buffers(x, mode, qp, gw.geo, O)
+    parallel_for(_part, D.shape[1] // 16, codes, A, gw.geo, gw.F, gw.w, D, coef, relu, out, parallel=True,
+                 grain=2)
+    return out
 
 
 def gemv(x: np.ndarray, mode: int, hi: float, mult: float, gw: GemvWeights, s0: np.ndarray,
@@ -369,18 +395,5 @@ def gemv(x: np.ndarray, mode: int, hi: float, mult: float, gw: GemvWeights, s0: 
     already (mode 1). Needs AVX-512 VNNI (``_jit.HOST_VNNI``; the tiles are compiled on first use)."""
     if not HOST_VNNI:
         raise RuntimeError("kernels_gemv.gemv needs AVX-512 VNNI; use the bit-serial gemm_rows on this CPU")
-    M = x.shape[0]
-    O = out.shape[1]
-    b, nG = gw.b, gw.nG
-    nblk = -(-O // 16)
-    if not (nblk >= 4 and use_parallel(M * O * gw.K, GEMV_MIN_PARALLEL_MACS)):
-        _gemv_serial(x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(b), np.int64(gw.off), gw.F,
-                     gw.w, np.int64(nG), s0, s1, s2, bool(relu), out)
-        return out
-    codes = np.zeros((_padded_rows(M, b), nG * 32 // b), np.int8)
-    A = np.empty(M, np.int64)
-    D = np.empty((codes.shape[0], nblk * 16), np.int32)
-    _quant_rows(x, np.int64(mode), np.float32(hi), np.float32(mult), codes, A)
-    parallel_for(_part, nblk, codes, A, np.int64(b), np.int64(gw.off), gw.F, gw.w, np.int64(nG), D,
-                 s0, s1, s2, bool(relu), out, parallel=True, grain=2)
-    return out
+    qp = np.array([hi, mult], np.float32)
+    return gemv_run(x, int(mode), qp, gw, np.stack([s0, s1, s2]).astype(np.float64), bool(relu), out)

@@ -619,9 +619,33 @@ class PackedLinear(_PackedBase):
         n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
         return f"bit-serial (<= {n} rows) / int8" + lut
 
+    def _gemv_static(self) -> tuple[tuple, np.ndarray, np.ndarray]:
+        """(static coefficients, float32 (hi, mult), float64 (3, O) s0/s1/s2) of the GEMV, cached
+        while the static coefficients stay (a folded batch norm renews them)."""
+        st = self._coeffs_static()
+        c = self.__dict__.get("_gemv_cache")
+        if c is None or c[0] is not st:
+            c = (st, np.array([self.act.hi, self.act.mult], np.float32), np.stack(st))
+            self.__dict__["_gemv_cache"] = c
+        return c
+
+    def _forward_gemv(self, x: Tensor) -> Tensor:
+        """Few float rows (M, K) and the fused input quantizer: the GEMV with cached arguments (at
+        batch 1 the Python around a 4096x4096 product is a sizeable part of its time)."""
+        xa = x.detach()
+        if xa.dtype != torch.float32 or not xa.is_contiguous():
+            xa = xa.contiguous().float()
+        _, qp, coef = self._gemv_static()
+        out = np.empty((xa.shape[0], self.out_features), np.float32)
+        KV.gemv_run(xa.numpy(), 0, qp, self.gemv, coef, self.relu, out)
+        return torch.from_numpy(out)
+
     def forward(self, x: Tensor | Codes) -> Tensor:
         if isinstance(x, Codes):
             return self._forward_codes(x)
+        if (self.gemv is not None and self.act.mode == 0 and x.dim() == 2 and x.shape[0] <= KV.GEMV_MAX_ROWS
+                and x.shape[1] == self.in_features):
+            return self._forward_gemv(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         M = x2.shape[0]
@@ -670,8 +694,8 @@ class PackedLinear(_PackedBase):
         out = np.empty((M, O), np.float32)
         i8 = self.i8
         if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
-            s0, s1, s2 = self._coeffs_static()
-            KV.gemv(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.gemv, s0, s1, s2, self.relu, out)
+            _, qp, coef = self._gemv_static()
+            KV.gemv_run(x.buf[: M * kin].reshape(M, kin), 1, qp, self.gemv, coef, self.relu, out)
         elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
