@@ -149,3 +149,33 @@ def test_cli_search_releq_writes_a_recipe(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(FineTuneEvaluator, "__call__", no_fine_tune)
     assert main(args) == 0  # a rerun measures nothing new: every assignment is cached
     assert json.loads((out / "releq.json").read_text())["best_bits"] == res["best_bits"]
+
+
+def test_cli_search_releq_with_activation_bits_under_a_bops_budget(tmp_path: Path) -> None:
+    from lowbit.cli import main
+    from lowbit.experiment import RunSpec, train_run
+    from lowbit.recipe import Recipe
+
+    common = {"model": "mlp", "model_kwargs": {"hidden": [32, 32]}, "dataset": "digits", "batch_size": 64}
+    fp_train = {"epochs": 1, "optimizer": "adam", "lr": 3e-3}
+    train_run(RunSpec(**common, train=fp_train, out=str(tmp_path / "fp")))
+    macs = [64 * 32, 32 * 32, 32 * 10]  # fc1, fc2, fc3 on 8x8 digits, flattened
+    budget = sum(m * 4 * 4 for m in macs) - 1  # uniform W4A4 just misses it
+    out = tmp_path / "search"
+    args = ["search", "releq", str(tmp_path / "fp"), "--out", str(out), "--episodes", "6",
+            "--actions", "2", "4", "--act-actions", "2", "4", "--bops-budget", str(budget),
+            "--proxy", "300", "--val", "300"]
+    assert main(args) == 0
+    res = json.loads((out / "releq.json").read_text())
+    assert res["macs"] == macs and res["bops_budget"] == budget
+
+    def bops(bits):
+        return sum(m * w * a for m, (w, a) in zip(macs, bits, strict=True))
+
+    assert all(bops(h["bits"]) <= budget for h in res["history"])
+    assert res["best_bops"] == bops(res["best_bits"]) <= budget
+    recipe = Recipe.from_yaml(out / "recipe.yaml")
+    plans = [recipe.plan(n, "fc1", "fc3") for n in res["layers"]]
+    assert [[p.weight.bits, p.activation.bits] for p in plans] == res["best_bits"]
+    # fc1 reads the (normalised, signed) data
+    assert [p.activation.options.get("signed", False) for p in plans] == [True, False, False]

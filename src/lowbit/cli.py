@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--actions", type=int, nargs="+", default=[2, 3, 4, 5, 6],
                     help="bit-widths to choose from")
     rl.add_argument("--proxy", type=int, default=2048, help="training images of each 1-epoch fine-tune")
+    rl.add_argument("--act-actions", type=int, nargs="+",
+                    help="also pick each layer's input bits from these (PACT); default: inputs stay float")
+    rl.add_argument("--bops-budget", type=float,
+                    help="hard limit on the searched layers' MACs x weight bits x input bits (32 if float)")
     rl.add_argument("--val", type=int, default=2000, help="held-out training images the search reads")
     rl.add_argument("--seed", type=int, default=0)
     _device_flag(rl)
@@ -429,8 +433,11 @@ def cmd_search(a: argparse.Namespace) -> int:
                           f"val acc {h['acc']:.2%}")
 
     res = releq_run(a.run, a.out, episodes=a.episodes, actions=a.actions, proxy=a.proxy, val=a.val,
-                    seed=a.seed, progress=show, device=a.device)
-    console.print(f"best bits {tuple(res['best_bits'])} for {res['layers']}: "
+                    act_actions=a.act_actions, bops_budget=a.bops_budget, seed=a.seed, progress=show,
+                    device=a.device)
+    best = tuple(tuple(b) if isinstance(b, list) else b for b in res["best_bits"])
+    console.print(f"best bits {best} "
+                  f"for {res['layers']} ({res['best_bops']:,.0f} BOPs): "
                   f"reward {res['best_reward']:+.3f}, val acc {res['best_acc']:.2%} "
                   f"(float {res['float_val_acc']:.2%}); "
                   f"{res['evaluations']} assignments measured")

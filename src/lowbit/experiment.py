@@ -330,19 +330,27 @@ def releq_run(
     proxy: int = 2048,
     val: int = 2000,
     weight: Mapping[str, Any] | None = None,
+    act_actions: Sequence[int] | None = None,
+    activation: Mapping[str, Any] | None = None,
+    bops_budget: float | None = None,
     seed: int = 0,
     progress: Any = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """ReLeQ search over the weight bits of a float run's layers (see :mod:`lowbit.search.releq`).
+    """ReLeQ search over the weight bits (and, with ``act_actions``, each layer's input bits) of a
+    float run's layers (see :mod:`lowbit.search.releq`).
 
     The measurement fine-tunes one epoch on ``proxy`` training images and reads ``val`` other
-    training images (never the test set). Writes ``out/releq.json`` (best assignment, history),
+    training images (never the test set). ``bops_budget``: a hard limit on the searched layers'
+    bit operations, ``sum MACs x weight bits x input bits`` (32 for float inputs), MACs counted by
+    :func:`lowbit.models.layer_table` as ``lowbit report`` does; assignments above it are never
+    chosen nor measured. Writes ``out/releq.json`` (best assignment, history, BOPs),
     ``out/releq_cache.json`` (measured accuracies: a rerun resumes) and ``out/recipe.yaml``: the
     best assignment as a recipe for ``lowbit train --recipe out/recipe.yaml --init RUN/...``.
     """
     import copy
 
+    from .models import layer_table
     from .nn.quantize import quantizable_layers, quantized_layers
     from .search import FineTuneEvaluator, ReLeQ
 
@@ -355,17 +363,35 @@ def releq_run(
     proxy_loader = rest.subset(proxy, seed=seed)
     cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
     w = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
-    evaluator = FineTuneEvaluator(lambda: copy.deepcopy(float_model), proxy_loader, held, cfg, w,
-                                  device=device)
-    float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
-    search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, seed=seed,
-                   cache_path=out / "releq_cache.json")
-    result = search.run(episodes, progress=progress)
+    act = dict(activation or {"method": "pact"})
     names = list(quantizable_layers(float_model))
-    rules = [{"match": n, "weight": {**w, "bits": b}} for n, b in zip(names, result.best_bits, strict=True)]
+    # the first layer reads the normalised data, which goes negative: a signed grid there
+    signed = names[:1] if act.get("method", "pact") in ("pact", "lsq", "uniform") else []
+    evaluator = FineTuneEvaluator(lambda: copy.deepcopy(float_model), proxy_loader, held, cfg, w,
+                                  device=device, activation=act, signed_inputs=signed)
+    macs = {r.name: r.macs for r in layer_table(copy.deepcopy(float_model).cpu(), data.in_shape)}
+
+    def bops(bits: Sequence[Any]) -> float:
+        pairs = [(b, 32) if isinstance(b, int) else tuple(b) for b in bits]
+        return float(sum(macs[n] * wb * ab for n, (wb, ab) in zip(names, pairs, strict=True)))
+
+    float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
+    budget = {} if bops_budget is None else {"cost": bops, "budget": float(bops_budget)}
+    search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, act_actions=act_actions,
+                   seed=seed, cache_path=out / "releq_cache.json", **budget)
+    result = search.run(episodes, progress=progress)
+    rules = []
+    for n, b in zip(names, result.best_bits, strict=True):
+        if isinstance(b, int):
+            rules.append({"match": n, "weight": {**w, "bits": b}})
+        else:
+            a_spec = {**act, "bits": int(b[1])} | ({"signed": True} if n in signed else {})
+            rules.append({"match": n, "weight": {**w, "bits": int(b[0])}, "activation": a_spec})
     recipe = Recipe.from_dict({"name": "releq", "description": f"ReLeQ search of {run}",
                                "default": {"weight": None}, "rules": rules})
     atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
-    payload = {"run": str(run), "layers": names, "float_val_acc": float_val, **result.to_json()}
+    payload = {"run": str(run), "layers": names, "float_val_acc": float_val, **result.to_json(),
+               "best_bops": bops(result.best_bits), "bops_budget": bops_budget,
+               "macs": [macs[n] for n in names]}
     atomic_write_text(out / "releq.json", json.dumps(payload, indent=1) + "\n")
     return payload

@@ -96,7 +96,8 @@ class FineTuneEvaluator:
     ``make_model()`` returns the float model (weights loaded); layer ``i`` of ``names`` (default:
     every one of ``quantizable_layers``; the others stay float) gets ``{**weight, "bits": bits[i]}``
     and, when ``bits[i]`` is a pair ``(b_w, b_a)``, also ``{**activation, "bits": b_a}`` on its
-    input (otherwise activations stay float, as in ReLeQ, which searches weight bits).
+    input (otherwise activations stay float, as in ReLeQ, which searches weight bits), with a
+    signed grid for the layers in ``signed_inputs`` (e.g. the first layer, reading normalised data).
     ``train``/``val`` are loaders; ``config`` the fine-tune's TrainConfig (e.g. one epoch, Adam).
     ``device``: where each fine-tune runs (default: where ``make_model()`` puts the model).
     """
@@ -104,8 +105,9 @@ class FineTuneEvaluator:
     def __init__(self, make_model: Callable[[], nn.Module], train: Any, val: Any,
                  config: TrainConfig | dict[str, Any], weight: dict[str, Any] | None = None,
                  device: str | torch.device | None = None, names: Sequence[str] | None = None,
-                 activation: dict[str, Any] | None = None) -> None:
+                 activation: dict[str, Any] | None = None, signed_inputs: Sequence[str] = ()) -> None:
         self.make_model, self.train, self.val = make_model, train, val
+        self.signed_inputs = set(signed_inputs)  # layers whose inputs go negative (e.g. the data)
         self.config = config
         self.device = device
         self.weight = dict(weight or {"method": "uniform", "scale": "mse", "per_channel": True})
@@ -129,8 +131,10 @@ class FineTuneEvaluator:
             if isinstance(b, int):
                 rules.append({"match": n, "weight": {**self.weight, "bits": b}})
             else:
-                rules.append({"match": n, "weight": {**self.weight, "bits": b[0]},
-                              "activation": {**self.activation, "bits": b[1]}})
+                act = {**self.activation, "bits": b[1]}
+                if n in self.signed_inputs:
+                    act["signed"] = True
+                rules.append({"match": n, "weight": {**self.weight, "bits": b[0]}, "activation": act})
         quantize(model, {"default": {"weight": None}, "rules": rules})
         trainer = Trainer(model, self.train, self.val, self.config, device=self.device)
         trainer.fit()
