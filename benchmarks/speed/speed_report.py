@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,8 +240,23 @@ def _result(
         "measured": worst[1],
         "worst": worst[0],
         "met": ok,
-        "details": "; ".join(f"{k} {fmt(v)}" for k, v in values),
+        "details": _details(values, fmt),
+        "values": dict(values),
     }
+
+
+def _details(values: list[tuple[str, float]], fmt: Callable[[float], str]) -> str:
+    """Every value, or, for many values named ``case/...``, each case's range and its worst."""
+    if len(values) <= 8 or not all("/" in k for k, _ in values):
+        return "; ".join(f"{k} {fmt(v)}" for k, v in values)
+    groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for k, v in values:
+        groups[k.split("/", 1)[0]].append((k.split("/", 1)[1], v))
+    parts = []
+    for g, kv in groups.items():
+        lo, hi = min(kv, key=lambda t: t[1]), max(kv, key=lambda t: t[1])
+        parts.append(f"{g}: {fmt(lo[1])} ({lo[0]}) .. {fmt(hi[1])} ({hi[0]})")
+    return "; ".join(parts)
 
 
 def thread_scaling(rows: Sequence[dict[str, Any]], batches: Sequence[int]) -> list[tuple[str, float]]:
