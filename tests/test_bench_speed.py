@@ -92,11 +92,13 @@ def test_thread_and_transformer_targets():
 
 def test_gemv_row_is_read_from_the_gemv_results(tmp_path):
     assert sr.read_gemv(tmp_path / "gemv.json")["why"].startswith("not measured")
+    layer = {"part": "layer", "N": 2048, "K": 2048, "batch": 1}
     rows = [
-        {"method": "bitnet.cpp I2_S (published)", "K": 2048, "N": 2048, "bits": 2, "median_ms": 0.058},
-        {"method": "lowbit ternary", "K": 2048, "N": 2048, "batch": 1, "threads": 2, "median_ms": 0.03},
-        {"method": "lowbit ternary", "K": 2048, "N": 2048, "batch": 1, "threads": 1, "median_ms": 0.07},
-        {"method": "lowbit ternary", "K": 4096, "N": 4096, "batch": 1, "threads": 1, "median_ms": 0.2},
+        {**layer, "threads": 1, "method": "ort-fp32", "median_ms": 0.5},
+        {**layer, "threads": 2, "method": "lowbit-ternary", "median_ms": 0.03},
+        {**layer, "threads": 1, "method": "lowbit-kernel-ternary", "median_ms": 0.05},
+        {**layer, "threads": 1, "method": "lowbit-ternary", "median_ms": 0.07},
+        {**layer, "N": 4096, "K": 4096, "threads": 1, "method": "lowbit-ternary", "median_ms": 0.2},
     ]
     (tmp_path / "gemv.json").write_text(json.dumps({"rows": rows}))
     g = sr.read_gemv(tmp_path / "gemv.json")

@@ -317,35 +317,34 @@ def evaluate_targets(
 
 
 def read_gemv(path: Path) -> dict[str, Any]:
-    """The 2048x2048 ternary batch-1 one-thread lowbit GEMV time from the GEMV benchmark's JSON:
-    ``{"ms", "source", "path"}``, or ``{"why"}`` when the file or such a row is absent."""
+    """The 2048x2048 ternary GEMV time (batch 1, one thread, the whole packed layer call) from
+    ``benchmarks/speed/bench_gemv.py``'s JSON: its row ``part == "layer"``, ``method ==
+    "lowbit-ternary"``, ``N == K == 2048``. ``{"ms", "source", "path"}``, or ``{"why"}`` when the
+    file or the row is absent."""
     if not path.is_file():
         return {"why": f"not measured ({path.name} absent)"}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return {"why": f"not measured ({path.name} unreadable: {e})"}
-    rows = data.get("rows", []) if isinstance(data, dict) else data
+    rows = data.get("rows", []) if isinstance(data, dict) else []
     for r in rows if isinstance(rows, list) else []:
-        if not isinstance(r, dict):
-            continue
-        text = " ".join(str(v) for v in r.values() if isinstance(v, str)).lower()
-        sizes = {r.get(k) for k in ("K", "N", "k", "n", "in_features", "out_features", "size")}
-        ms = next(
-            (r[k] for k in ("median_ms", "ms", "lowbit_ms", "time_ms") if isinstance(r.get(k), int | float)),
-            None,
-        )
         if (
-            ms is None
-            or not (2048 in sizes or "2048" in text)
-            or not ("ternary" in text or r.get("bits") == 2)
-            or r.get("threads", 1) != 1
-            or r.get("batch", r.get("rows", r.get("M", 1))) != 1
-            or any(b in text for b in ("bitnet", "torch", "ort-", "onnx"))
+            isinstance(r, dict)
+            and r.get("part") == "layer"
+            and r.get("method") == "lowbit-ternary"
+            and r.get("N") == 2048
+            and r.get("K", 2048) == 2048
+            and r.get("batch", 1) == 1
+            and r.get("threads") == 1
+            and isinstance(r.get("median_ms"), int | float)
         ):
-            continue
-        return {"ms": float(ms), "source": str(r.get("method", r.get("kernel", "lowbit"))), "path": str(path)}
-    return {"why": f"not measured (no 2048x2048 ternary batch-1 1-thread row in {path.name})"}
+            return {
+                "ms": float(r["median_ms"]),
+                "source": "layer 2048x2048 lowbit-ternary, 1 thread",
+                "path": str(path),
+            }
+    return {"why": f"not measured (no 2048x2048 lowbit-ternary layer row at 1 thread in {path.name})"}
 
 
 # ----------------------------------------------------------------------------------------------
