@@ -61,7 +61,9 @@ def _conv_case(N, C, H, W, O, KH, KW, s, pad):
     (1, 16, 32, 32, 16, 3, 3, 1, 1),   # ResNet-20 stage 1 (4 x 1 tiles)
     (2, 16, 17, 17, 32, 3, 3, 2, 1),   # stride 2, odd size (2 x 2 tiles)
     (2, 32, 8, 8, 48, 3, 3, 1, 1),     # 3 blocks (1 x 3), two K chunks of 48 per row
-    (3, 64, 6, 6, 80, 3, 3, 1, 1),     # 5 blocks: a pass of 4 then 1; 3 chunks of 64
+    (3, 64, 6, 6, 80, 3, 3, 1, 1),     # 5 blocks: a pass of 4 then 1 (weights in tmm5-7); 3 chunks of 64
+    (1, 32, 16, 16, 64, 3, 3, 2, 1),   # 4 blocks with 48-byte chunks (tmm5 as a weight tile)
+    (1, 16, 12, 12, 96, 3, 3, 1, 1),   # 6 blocks: 4 then 2 one-row-tile passes
     (1, 3, 32, 32, 16, 3, 3, 1, 1),    # the stem: 9-byte rows in a 12-byte chunk
     (2, 1, 28, 28, 6, 5, 5, 1, 2),     # LeNet-5 conv1
     (1, 64, 8, 8, 10, 1, 1, 1, 0),     # 1x1
@@ -75,7 +77,7 @@ def test_amx_conv_equals_integer_reference_and_vnni(case):
     Hp, Wp = H + 2 * pad, W + 2 * pad
     geo = np.array([Hp, Wp, C, OH, OW, s, s, N, O], np.int64)
     koff = k8.amx_k_offsets(KH, nck, kc, 1, Wp, C)
-    cfg = _amx.amx_tile_config(kc)
+    cfg = _amx.amx_tile_config(kc, nbt)
     s0, s1 = np.zeros(nbt * 16 + 64), np.zeros(nbt * 16 + 64)
     s1[:O], s0[:O] = RNG.uniform(0.01, 0.05, O), RNG.uniform(-1, 1, O)
     res = RNG.standard_normal((N, OH, OW, O)).astype(np.float32)

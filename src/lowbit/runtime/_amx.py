@@ -79,9 +79,11 @@ def amx_enabled() -> bool:
     return HAS_AMX and kernels.HAS_VNNI
 
 
-def amx_tile_config(kc: int) -> np.ndarray:
-    """The 64-byte ``ldtilecfg`` block for K chunks of ``kc`` bytes (a multiple of 4, <= 64):
-    tmm0-3 16 x 16 int32, tmm4-5 16 x kc bytes, tmm6-7 kc/4 x 64 bytes."""
+def amx_tile_config(kc: int, nbt: int = 1) -> np.ndarray:
+    """The 64-byte ``ldtilecfg`` block for K chunks of ``kc`` bytes (a multiple of 4, <= 64) and
+    ``nbt`` blocks of 16 output channels: tmm0-3 16 x 16 int32, tmm4 16 x kc bytes (activations),
+    tmm6-7 kc/4 x 64 bytes (weights); tmm5 holds activations too (16 x kc) for ``nbt <= 2`` and
+    weights (kc/4 x 64) for ``nbt >= 3`` (:func:`amx_b5`)."""
     if kc % 4 or not 4 <= kc <= 64:
         raise ValueError(f"AMX K chunk of {kc} bytes (a multiple of 4 up to 64)")
     cfg = np.zeros(64, np.uint8)
@@ -91,9 +93,17 @@ def amx_tile_config(kc: int) -> np.ndarray:
     colsb[:4], rows[:4] = 64, 16
     colsb[4:6], rows[4:6] = kc, 16
     colsb[6:8], rows[6:8] = 64, kc // 4
+    if amx_b5(nbt):
+        colsb[5], rows[5] = 64, kc // 4
     cfg[16:48] = colsb.view(np.uint8)
     cfg[48:64] = rows
     return cfg
+
+
+def amx_b5(nbt: int) -> bool:
+    """Layers with >= 3 blocks of 16 channels use tmm5 for weights: one activation tile against 3-4
+    weight tiles rotating over tmm5-7 (a weight load then waits for one TDP instead of two)."""
+    return nbt >= 3
 
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -151,7 +161,9 @@ def amx_block(MB: int, NB: int):
     ``C[m, n] = sum_k A[m, k] @ B[k, n]`` over K chunks ``k < nk``: ``A[m, k]`` is the 16-row
     tile of ``x`` (uint8) at byte ``abase[m] + koff[k]``, rows ``astride`` bytes apart;
     ``B[k, n]`` the weight tile of ``w`` (int8, VNNI layout: kc/4 rows of 16 x 4 bytes) at byte
-    ``wbase + k*kstride + n*nstride``. ``C`` goes to ``acc`` (int32) as (MB*16, NB*16) rows."""
+    ``wbase + k*kstride + n*nstride``. ``C`` goes to ``acc`` (int32) as (MB*16, NB*16) rows.
+    Activation tiles go to tmm4 (and tmm5 for MB >= 2), weight tiles to tmm6-7, or for NB >= 3 to
+    tmm5-7 (the configuration of :func:`amx_tile_config` with ``amx_b5``)."""
     if MB * NB > 4 or MB < 1 or NB < 1:
         raise ValueError("MB*NB <= 4 accumulator tiles")
 
@@ -198,9 +210,9 @@ def amx_block(MB: int, NB: int):
                             builder.call(dp, [_i8c(m * NB + n), _i8c(4 + m % 2), _i8c(6 + n)])
                 else:  # MB == 1: one activation tile against 3-4 weight tiles
                     builder.call(load, [_i8c(4), at(0), sa])
-                    for n in range(NB):
-                        builder.call(load, [_i8c(6 + n % 2), bt(n), stride_b])
-                        builder.call(dp, [_i8c(n), _i8c(4), _i8c(6 + n % 2)])
+                    for n in range(NB):  # weight tiles rotate over tmm5-7 (a load waits for fewer TDPs)
+                        builder.call(load, [_i8c(5 + n % 3), bt(n), stride_b])
+                        builder.call(dp, [_i8c(n), _i8c(4), _i8c(5 + n % 3)])
             row = ir.Constant(_I64, NB * 64)
             for m in range(MB):
                 for n in range(NB):
@@ -215,6 +227,8 @@ def amx_block(MB: int, NB: int):
 
 amx_block_4x1 = amx_block(4, 1)
 amx_block_2x2 = amx_block(2, 2)
+amx_block_1x1 = amx_block(1, 1)
+amx_block_1x2 = amx_block(1, 2)
 amx_block_1x3 = amx_block(1, 3)
 amx_block_1x4 = amx_block(1, 4)
 

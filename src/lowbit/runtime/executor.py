@@ -300,7 +300,7 @@ def _amx_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int, int, int
         # w = sw * (l0 + u*q) = sw * unit * w_int (``layers.int8_weights``)
         w_int = round(wp.l0 / i8.unit) + round(wp.u / i8.unit) * plane_integers(wp).astype(np.int64)
         w, kc, nck, nbt = pack_amx_weights(w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels))
-        cfg = _amx.amx_tile_config(kc).view(np.int8)
+        cfg = _amx.amx_tile_config(kc, nbt).view(np.int8)
         got = (b.put("w8", w), w.size, b.put("w8", cfg), kc, nbt, nck)
         b._weights[("amx", id(pm))] = got
     return got

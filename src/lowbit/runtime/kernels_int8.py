@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._amx import (
+    amx_block_1x1,
+    amx_block_1x2,
     amx_block_1x3,
     amx_block_1x4,
     amx_block_2x2,
@@ -367,6 +369,7 @@ def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, flags, out, res, cod
     istr = s * C
     nstride = kc * 16
     kstride = nbt * nstride
+    b5 = nbt >= 3  # tmm5 holds weights (``_amx.amx_b5``): one activation tile per block
     acc = np.empty(1024, np.int32)
     abase = np.empty(4, np.int64)
     qh = np.float32(qhi)
@@ -377,16 +380,20 @@ def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, flags, out, res, cod
         ob = 0
         while ob < nbt:
             NB = min(nbt - ob, 4)
-            MB = 4 // NB
+            MB = 1 if b5 else 4 // NB
             wb = ob * nstride
             c0 = ob * 16
             for v0 in range(0, VM, 16 * MB):
                 for m in range(MB):
                     abase[m] = img + istr * min(v0 + 16 * m, VM - 16)
-                if NB == 1:
+                if NB == 1 and MB == 4:
                     amx_block_4x1(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
-                elif NB == 2:
+                elif NB == 2 and MB == 2:
                     amx_block_2x2(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                elif NB == 1:
+                    amx_block_1x1(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                elif NB == 2:
+                    amx_block_1x2(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
                 elif NB == 3:
                     amx_block_1x3(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
                 else:
@@ -415,7 +422,8 @@ def amx_conv(xq: np.ndarray, geo: np.ndarray, koff: np.ndarray, w: np.ndarray, c
              res: np.ndarray | None = None, codes: np.ndarray | None = None, cgeo: np.ndarray | None = None,
              qhi: float = 0.0, qmult: float = 0.0) -> None:
     """:func:`int8_conv` on AMX tiles (``_amx.HAS_AMX``): weights of :func:`pack_amx_weights`,
-    K offsets :func:`amx_k_offsets`, tile configuration ``_amx.amx_tile_config(kc)``. One thread."""
+    K offsets :func:`amx_k_offsets`, tile configuration ``_amx.amx_tile_config(kc, nbt)``. One
+    thread."""
     flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
     flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
     out = _EMPTY_F32 if out is None else out.reshape(-1)
