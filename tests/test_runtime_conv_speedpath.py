@@ -114,8 +114,12 @@ def test_amx_conv_equals_integer_reference_and_vnni(case):
 def test_shortcut_ops_equal_numpy():
     x = RNG.standard_normal((3, 9, 7, 5)).astype(np.float32)
     sub = np.full(3 * 5 * 4 * 5, np.nan, np.float32)
-    executor._subsample(x.reshape(-1), 9, 7, 5, 2, 2, sub, 3)
+    executor._subsample(x.reshape(-1), 9, 7, 5, 2, 2, sub, 5, 0, 3)
     assert np.array_equal(sub.reshape(3, 5, 4, 5), x[:, ::2, ::2])
+    wide = np.full(3 * 5 * 4 * 8, 7.0, np.float32)  # into channels 2..6 of 8; the rest untouched
+    executor._subsample(x.reshape(-1), 9, 7, 5, 2, 2, wide, 8, 2, 3)
+    wide = wide.reshape(3, 5, 4, 8)
+    assert np.array_equal(wide[..., 2:7], x[:, ::2, ::2]) and (wide[..., [0, 1, 7]] == 7).all()
     pad = np.full(3 * 63 * 9, np.nan, np.float32)
     executor._channel_pad(x.reshape(-1), 63, 5, 1, 3, pad, 3)
     want = np.concatenate([np.zeros((3, 9, 7, 1)), x, np.zeros((3, 9, 7, 3))], axis=3)

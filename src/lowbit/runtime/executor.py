@@ -76,18 +76,20 @@ class UnsupportedGraphError(ValueError):
 
 
 @kernel
-def _subsample(src, H, W, C, sh, sw, dst, nv):
-    """dst (nv, OH, OW, C) = src (nv, H, W, C)[:, ::sh, ::sw] (NHWC floats, flat)."""
+def _subsample(src, H, W, C, sh, sw, dst, Co, cl, nv):
+    """dst (nv, OH, OW, Co)[..., cl : cl + C] = src (nv, H, W, C)[:, ::sh, ::sw] (NHWC floats,
+    flat); the other channels of dst are not written (the option-A shortcut's zero channels: an
+    arena region that only this operation writes keeps the zeros it was allocated with)."""
     OH = (H - 1) // sh + 1
     OW = (W - 1) // sw + 1
-    d = 0
+    d = cl
     for n in range(nv):
         for oh in range(OH):
             for ow in range(OW):
                 s = ((n * H + oh * sh) * W + ow * sw) * C
                 for c in range(C):
                     dst[d + c] = src[s + c]
-                d += C
+                d += Co
 
 
 @kernel
@@ -153,7 +155,7 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                     _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, flags, o, r, cd, cgeo,
                                      sc[p[28]], sc[p[28] + 1], 0, M)
             elif op == OP_SUBSAMPLE:
-                _subsample(fa[p[1] :], p[2], p[3], p[4], p[5], p[6], fa[p[7] :], nv)
+                _subsample(fa[p[1] :], p[2], p[3], p[4], p[5], p[6], fa[p[7] :], p[8], p[9], nv)
             elif op == OP_CPAD:
                 _channel_pad(fa[p[1] :], p[2], p[3], p[4], p[5], fa[p[6] :], nv)
             elif op == OP_MAXPOOL:
@@ -186,7 +188,8 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
 @dataclass
 class _Val:
     """A tensor of the program: ``kind`` 'x' (the model input, NCHW), 'f' (float32 NHWC in the
-    float arena), 'c' (padded uint8 code image in the code arena), 't' (a (float, codes) pair).
+    float arena), 'c' (padded uint8 code image in the code arena), 't' (a (float, codes) pair),
+    's' (a subsampling not yet done: ``parts`` = (source, sh, sw); its channel pad does it).
     Per image ``H x W x C``; ``ndim`` is the rank the module graph would see (2: rows)."""
 
     kind: str
@@ -451,13 +454,26 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
             if src is not None and src.kind == "f" and src.ndim == 4 and steps is not None:
                 sh, sw = steps
                 OH, OW = (src.H - 1) // sh + 1, (src.W - 1) // sw + 1
+                users = list(node.users)
+                if len(users) == 1 and users[0].op == "call_function" and users[0].target is F.pad \
+                        and users[0].args[0] is node and _channel_pads(users[0].args, users[0].kwargs):
+                    # subsampled then zero-padded (option-A shortcut): one operation, at the pad
+                    vals[node] = _Val("s", OH, OW, src.C, src.off, parts=(src, sh, sw))
+                    continue
                 off = b.falloc(OH, OW, src.C)
-                b.op(OP_SUBSAMPLE, src.off, src.H, src.W, src.C, sh, sw, off)
+                b.op(OP_SUBSAMPLE, src.off, src.H, src.W, src.C, sh, sw, off, src.C, 0)
                 vals[node] = _Val("f", OH, OW, src.C, off)
                 continue
         if node.op == "call_function" and node.target is F.pad:
             src = args[0]
             cp = _channel_pads(node.args, node.kwargs)
+            if src is not None and src.kind == "s" and cp is not None:
+                full, sh, sw = src.parts
+                Co = src.C + sum(cp)
+                off = b.falloc(src.H, src.W, Co)
+                b.op(OP_SUBSAMPLE, full.off, full.H, full.W, full.C, sh, sw, off, Co, cp[0])
+                vals[node] = _Val("f", src.H, src.W, Co, off)
+                continue
             if src is not None and src.kind == "f" and src.ndim == 4 and cp is not None:
                 off = b.falloc(src.H, src.W, src.C + sum(cp))
                 b.op(OP_CPAD, src.off, src.H * src.W, src.C, cp[0], cp[1], off)
