@@ -43,7 +43,7 @@ float instance of the same architecture), quantizes it with the stored recipe
 weight so that the layer's weight equals the decoded weight **bit for bit**:
 
 1. the latent weight is set to the decoded weight ``w_hat`` (or, for quantizers that define
-   ``preimage(encoded)`` or have one below, e.g. DoReFa's ``atanh``, to that preimage);
+   ``preimage(encoded)``, e.g. DoReFa's ``atanh``, to that preimage);
 2. if the quantizer maps it back exactly (``torch.equal(Q(latent), w_hat)``), the layer is an
    ordinary quantized layer, ready to fine-tune;
 3. otherwise (in floating point, re-quantizing is often *not* a fixed point: binary's
@@ -231,28 +231,9 @@ def thaw(model: nn.Module) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# preimages: latent weights that a quantizer maps back onto a given encoding
-# ----------------------------------------------------------------------------------------------
-def _dorefa_preimage(q: WeightQuantizer, enc: Encoded) -> Tensor | None:
-    # k >= 2: Q(w) normalises tanh(w) by its max; with tanh(w) = w_hat / 2 the normalised
-    # value is (w_hat + 1) / 2 = code / (2^k - 1) up to rounding, far from a rounding boundary.
-    if q.bits < 2:
-        return None
-    w = enc.decode()
-    return torch.atanh(0.5 * w)
-
-
-PREIMAGES: dict[str, Callable[[WeightQuantizer, Encoded], Tensor | None]] = {"dorefa": _dorefa_preimage}
-
-
 def _latent_candidates(q: WeightQuantizer, enc: Encoded, decoded: Tensor) -> list[Tensor]:
-    out = [decoded]
-    fn = getattr(q, "preimage", None)
-    if callable(fn):
-        out.append(fn(enc))
-    elif type(q).name in PREIMAGES:
-        out.append(PREIMAGES[type(q).name](q, enc))
+    """The decoded weight, then the quantizer's own preimage of the encoding (if it has one)."""
+    out = [decoded, q.preimage(enc)]
     return [c.to(decoded.dtype) for c in out if isinstance(c, Tensor) and c.shape == decoded.shape]
 
 

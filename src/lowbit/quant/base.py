@@ -213,6 +213,12 @@ class WeightQuantizer(Quantizer):
         Called once by ``quantize`` before the quantizer is attached; the default does nothing.
         """
 
+    def preimage(self, enc: Encoded) -> Tensor | None:
+        """A latent weight that this quantizer maps back onto ``enc`` (used when a packed file is
+        loaded for fine-tuning), or None: the loader then tries the decoded weight itself and,
+        where re-quantizing is not a fixed point, freezes the decoded weight."""
+        return None
+
     def reduce_abs_mean(self, w: Tensor) -> Tensor:
         """mean|w| per tensor (0-d) or per output channel (broadcastable)."""
         if self.per_channel_stats(w):

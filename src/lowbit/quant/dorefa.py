@@ -77,6 +77,13 @@ class DoReFaWeight(WeightQuantizer):
         one = torch.ones((), dtype=w.dtype, device=w.device)
         return Encoded(codes=codes, levels=levels, scale=one, bits=self.bits)
 
+    def preimage(self, enc: Encoded) -> Tensor | None:
+        # k >= 2: Q(w) normalises tanh(w) by its max; with tanh(w) = w_hat / 2 the normalised
+        # value is (w_hat + 1) / 2 = code / (2^k - 1) up to rounding, far from a rounding boundary.
+        if self.bits < 2:
+            return None
+        return torch.atanh(0.5 * enc.decode())
+
 
 @register
 class DoReFaActivation(ActivationQuantizer):
