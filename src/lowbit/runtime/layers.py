@@ -545,10 +545,15 @@ class _PackedBase(nn.Module):
 
 
 class PackedLinear(_PackedBase):
-    """Few rows (samples): bit-serial GEMV on the bit planes (the weights stay compact, which is
-    what matters when every weight is used once); more rows (``ROWS_INT8_BUDGET``): the int8
-    kernel (a 1x1 convolution over the rows) where available, else (beyond ``ROWS_MAX``) the
-    bit-serial cols GEMM."""
+    """Dispatch by rows (samples x tokens) M:
+
+    - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI);
+    - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
+      (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit
+      int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path;
+    - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
+      bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
+    """
 
     def __init__(self, name: str, layer: nn.Module, wp: WeightPlanes, act: ActSpec) -> None:
         super().__init__(name, wp, act, layer.bias)
