@@ -340,6 +340,7 @@ def _quiet():
 
 
 PRE_PROCESS_MAX_BYTES = 64 << 20
+PARALLEL_SETUP_MAX_BYTES = 256 << 20
 
 
 class _Calibration:
@@ -561,8 +562,23 @@ def build_lowbit(fmodel: nn.Module, variant: str, example: Tensor, x_all: Tensor
         "packed_layers": f"{n_packed}/{len(packed.layers)}",
         "note": VARIANTS[variant][2],
     }
-    del qm
+    _release(qm, packed)
     return LowbitEngine(packed, ref, meta)
+
+
+def _release(qm: nn.Module, packed: Any) -> None:
+    """Free the quantized model: ``del`` and ``gc.collect()`` leave it alive (its latent weights,
+    537 MB for the MLP, stay reachable through the parametrized class's injected property), so
+    its parametrizations are removed. Only when every layer is packed: the compiled copy's layers
+    left in PyTorch would share that class."""
+    if any(r.kind != "packed" for r in packed.layers):
+        return
+    from torch.nn.utils import parametrize
+
+    for mod in list(qm.modules()):
+        if parametrize.is_parametrized(mod):
+            for name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
 
 
 def build_all(
@@ -591,6 +607,60 @@ def _infer(model: nn.Module, x: Tensor) -> Any:
 # ----------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------
+
+
+def _time_block(
+    name: str,
+    case: Case,
+    batch: int,
+    t: int,
+    x_all: Tensor,
+    fmodel: nn.Module,
+    dyn: nn.Module,
+    sessions: dict[str, Callable[[np.ndarray], np.ndarray]],
+    engines: dict[str, LowbitEngine],
+    meta: dict[str, dict[str, Any]],
+    repeats: int,
+    block_s: float,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The rows of one (case, batch, thread count) block: every method timed interleaved."""
+    x = x_all[:batch].contiguous()
+    xn = x.numpy()
+    fns: dict[str, Callable[[], Any]] = {
+        "torch-fp32": lambda: _infer(fmodel, x),
+        "torch-dyn-int8": lambda: _infer(dyn, x),
+    }
+    for m, run in sessions.items():
+        fns[m] = lambda run=run: run(xn)
+    for v, e in engines.items():
+        fns[f"lowbit-{v}"] = lambda p=e.packed: p(x)
+    timing = time_interleaved(
+        fns, repeats if batch < 64 else max(3, repeats // 3), block_s, seed=seed + batch
+    )
+    rows = []
+    for k, tm in timing.items():
+        row = {
+            "threads": t,
+            "model": name,
+            "model_label": case.label,
+            "batch": batch,
+            "method": k,
+            "median_ms": tm["median_s"] * 1e3,
+            "min_ms": tm["min_s"] * 1e3,
+            "p90_ms": tm["p90_s"] * 1e3,
+            "rounds": tm["rounds"],
+            "throughput_per_s": batch / tm["median_s"],
+        }
+        if k.startswith("lowbit-"):
+            e = engines[k.removeprefix("lowbit-")]
+            n = min(batch, CHECK_SAMPLES)
+            got, ref = e.packed(x)[:n], None if e.ref64 is None else e.ref64[:n]
+            row.update(e.meta, max_rel_diff_vs_fakequant_fp64=rel_diff(got, ref))
+        else:
+            row.update(meta[k])
+        rows.append(row)
+    return rows
 
 
 def run_case(
@@ -628,7 +698,6 @@ def run_case(
         "weight_bytes_in_memory": dyn_bytes,
         "note": "quantize_dynamic: Linear int8, conv FP32",
     }
-    sessions: dict[int, dict[str, Callable[[np.ndarray], np.ndarray]]] = {t: {} for t in threads}
     with tempfile.TemporaryDirectory() as td:
         try:
             paths, info["missing"] = export_onnx(fmodel, example, calib, Path(td))
@@ -641,66 +710,40 @@ def run_case(
                 "weight_bytes_in_memory": None,
                 "note": "onnx file size",
             }
-            for t in threads:
-                sessions[t][m] = ort_session(p, t)
-    info["setup_detail_s"] = {"build": t_build, "baselines": time.perf_counter() - t0 - t_build}
-    log.info(
-        "speed: %s: model %.1f s, PyTorch int8 + onnx exports and sessions %.1f s",
-        name,
-        *info["setup_detail_s"].values(),
-    )
-    engines = build_all(fmodel, variants, example, x_all, setup_workers)
-    info["kernels"] = {v: kernel_summary(e.packed) for v, e in engines.items()}
-    gc.collect()
-    info["setup_s"] = time.perf_counter() - t0
-    info["setup_cpu_s"] = time.process_time() - c0
-    log.info("speed: %s set up in %.0f s (%.0f s CPU)", name, info["setup_s"], info["setup_cpu_s"])
-    rows: list[dict[str, Any]] = []
-    for batch in batches:
-        x = x_all[:batch].contiguous()
-        xn = x.numpy()
+        info["setup_detail_s"] = {"build": t_build, "baselines": time.perf_counter() - t0 - t_build}
+        log.info(
+            "speed: %s: model %.1f s, PyTorch int8 + onnx exports %.1f s",
+            name,
+            *info["setup_detail_s"].values(),
+        )
+        # parallel setup holds two models' transient copies at once: only for small models (the
+        # 537 MB MLP needs ~3 GB per variant while it is compiled and run in float64)
+        workers = setup_workers if float_weight_bytes(fmodel) <= PARALLEL_SETUP_MAX_BYTES else 1
+        engines = build_all(fmodel, variants, example, x_all, workers)
+        info["kernels"] = {v: kernel_summary(e.packed) for v, e in engines.items()}
+        gc.collect()
+        info["setup_s"] = time.perf_counter() - t0
+        info["setup_cpu_s"] = time.process_time() - c0
+        log.info("speed: %s set up in %.0f s (%.0f s CPU)", name, info["setup_s"], info["setup_cpu_s"])
+        rows: list[dict[str, Any]] = []
+        # one thread count at a time: onnxruntime fixes its threads per session, and the MLP's
+        # sessions for both counts would hold ~2 GB
         for t in threads:
             set_threads(t)
-            fns: dict[str, Callable[[], Any]] = {
-                "torch-fp32": lambda x=x: _infer(fmodel, x),
-                "torch-dyn-int8": lambda x=x: _infer(dyn, x),
-            }
-            for m, run in sessions[t].items():
-                fns[m] = lambda run=run, xn=xn: run(xn)
-            for v, e in engines.items():
-                fns[f"lowbit-{v}"] = lambda p=e.packed, x=x: p(x)
-            timing = time_interleaved(
-                fns, repeats if batch < 64 else max(3, repeats // 3), block_s, seed=seed + batch
-            )
-            for k, tm in timing.items():
-                row = {
-                    "threads": t,
-                    "model": name,
-                    "model_label": case.label,
-                    "batch": batch,
-                    "method": k,
-                    "median_ms": tm["median_s"] * 1e3,
-                    "min_ms": tm["min_s"] * 1e3,
-                    "p90_ms": tm["p90_s"] * 1e3,
-                    "rounds": tm["rounds"],
-                    "throughput_per_s": batch / tm["median_s"],
-                }
-                if k.startswith("lowbit-"):
-                    e = engines[k.removeprefix("lowbit-")]
-                    n = min(batch, CHECK_SAMPLES)
-                    got, ref = e.packed(x)[:n], None if e.ref64 is None else e.ref64[:n]
-                    row.update(e.meta, max_rel_diff_vs_fakequant_fp64=rel_diff(got, ref))
-                else:
-                    row.update(meta[k])
-                rows.append(row)
-            log.info(
-                "speed: %s batch %d, %d thread(s): %d rounds (%.0f s elapsed)",
-                name,
-                batch,
-                t,
-                next(iter(timing.values()))["rounds"],
-                time.perf_counter() - t0,
-            )
+            sessions = {m: ort_session(p, t) for m, p in paths.items()}
+            for batch in batches:
+                rows += _time_block(
+                    name, case, batch, t, x_all, fmodel, dyn, sessions, engines, meta, repeats, block_s, seed
+                )
+                log.info(
+                    "speed: %s batch %d, %d thread(s) (%.0f s elapsed)",
+                    name,
+                    batch,
+                    t,
+                    time.perf_counter() - t0,
+                )
+            del sessions
+            gc.collect()
     info["total_s"] = time.perf_counter() - t0
     info["total_cpu_s"] = time.process_time() - c0
     return rows, info
