@@ -64,8 +64,11 @@ from .kernels_threads import parallel_for, use_parallel
 GEMV_MAX_ROWS = 7
 #: field widths of the weights
 FIELD_BITS = (1, 2, 4)
-#: below this many multiply-adds (M*O*K) a product runs on one thread
-GEMV_MIN_PARALLEL_MACS = 1 << 23
+#: below this many multiply-adds (M*O*K) a product runs on one thread. Few-row products are
+#: 0.03-0.5 ms; handing half of one to a worker thread lost more than it saved on the 2-core test
+#: machine under load (bench_gemv, deep 8x4096 MLP, w1a8: 2.1 ms on 1 thread, 9.3 ms on 2 with a
+#: split from 2**23 MACs), so only products far larger than a 4096x4096 layer are split
+GEMV_MIN_PARALLEL_MACS = 1 << 28
 
 
 def gemv_reference(codes: np.ndarray, q: np.ndarray, s0: np.ndarray, s1: np.ndarray, s2: np.ndarray,
