@@ -136,10 +136,13 @@ def report(a: argparse.Namespace, argv: list[str] | None, t0: float) -> None:
            if (work / v / "result.json").exists()}
     alone = {n: json.loads((work / f"alone-{n}" / "result.json").read_text()) for n in ALONE
              if (work / f"alone-{n}" / "result.json").exists()}
-    best = max(res, key=lambda v: sum(res[v]["val"].values()))
-    sn = load_trained(best, a)
-    for n in sn.names:
-        sn.info[n] = {"val_acc": res[best]["val"][n], "test_acc": res[best]["test"][n]}
+    if res:
+        best: str | None = max(res, key=lambda v: sum(res[v]["val"].values()))
+        sn = load_trained(best, a)
+        for n in sn.names:
+            sn.info[n] = {"val_acc": res[best]["val"][n], "test_acc": res[best]["test"][n]}
+    else:  # no supernet finished training: sizes, BOPs and latency of the initial weights only
+        best, sn = None, build(SUBNETS).eval()
     path = work / "resnet20.supernet"
     sizes = save_supernet_file(sn, path, model_spec=MODEL)
     engines = SubnetEngines(load_supernet_file(path), "packed")  # from the stored codes
@@ -182,8 +185,11 @@ def markdown(p: dict[str, Any], variants: list[str]) -> str:
         "single run on 1,000 test images (binomial std about 1.5 points).", "",
         "Accuracy of each sub-net switched inside one supernet (sandwich rule with in-place distillation, "
         "and with Delayed epsilon-Shrinking at equal epochs) against the same configuration trained "
-        f"alone. The served file holds the `{p['chosen_variant']}` supernet (higher mean "
-        "selection-validation accuracy). Weight bytes and BOPs: `model_report` of the sub-net (stem and "
+        "alone. " + (f"The served file holds the `{p['chosen_variant']}` supernet (higher mean "
+                     "selection-validation accuracy). " if p["chosen_variant"] else
+                     "NO supernet finished training within the budget: the file holds the initial "
+                     "weights; sizes, BOPs and latency are still those of every sub-net. ") +
+        "Weight bytes and BOPs: `model_report` of the sub-net (stem and "
         "classifier float). "
         "Latency: the sub-net loaded from the supernet file (stored codes) in the packed runtime, the "
         "fastest of 15 runs in 5 rounds over all sub-nets, one thread, on a shared 2-core machine.", "",
