@@ -283,14 +283,22 @@ def _quantize(b: _Builder, v: _Val, pm: PackedConv2d | PackedLinear, pad: tuple[
     return _Val("c", v.H, v.W, v.C, off, pad)
 
 
-def _weights(b: _Builder, pm) -> tuple[int, int, int, int, int, int]:
-    """(w offset, w length, passes offset, passes count, s0 offset, s1 offset) of an int8 layer."""
+def _coefficients(b: _Builder, pm) -> tuple[int, int, int]:
+    """(s0 offset, s1 offset, length) of an int8 layer's epilogue coefficients."""
+    got = b._weights.get(("sc", id(pm)))
+    if got is None:
+        s0, s1 = pm._static8 or pm._coeffs8_static()
+        got = b._weights[("sc", id(pm))] = (b.put("sc", s0), b.put("sc", s1), s0.size)
+    return got
+
+
+def _weights(b: _Builder, pm) -> tuple[int, int, int, int]:
+    """(w offset, w length, passes offset, passes count) of the VNNI weights of an int8 layer (put
+    into the program only for layers that run on the VNNI tiles)."""
     got = b._weights.get(id(pm))
     if got is None:
         i8 = pm.i8
-        s0, s1 = pm._static8 or pm._coeffs8_static()
-        got = (b.put("w8", i8.w), i8.w.size, b.put("aux", i8.passes.reshape(-1)), i8.passes.shape[0],
-               b.put("sc", s0), b.put("sc", s1), s0.size)
+        got = (b.put("w8", i8.w), i8.w.size, b.put("aux", i8.passes.reshape(-1)), i8.passes.shape[0])
         b._weights[id(pm)] = got
     return got
 
@@ -336,7 +344,7 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     i8 = pm.i8
     Hp, Wp = x.H + 2 * pad[0], x.W + 2 * pad[1]
     qoff = i8.qoff(Wp, x.C)
-    wo, wl, po, pn, s0o, s1o, sn = _weights(b, pm)
+    s0o, s1o, sn = _coefficients(b, pm)
     ct = None if linear else pm.code_target
     emit_float = linear or pm.emit_float or ct is None
     flags = (EPI_RELU if pm.relu else 0) | (EPI_FLOAT if emit_float else 0)
@@ -359,8 +367,11 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     amx = [0, 0, 0, 0]
     if _use_amx(pm, linear, x.H, x.W):
         wo, wl, cfo, kc, nbt, nck = _amx_weights(b, pm)
+        po = pn = 0
         qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C)
         amx = [1, cfo, kc, nbt]
+    else:
+        wo, wl, po, pn = _weights(b, pm)
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
          *cgeo, qs, *amx)
     fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
