@@ -210,19 +210,23 @@ def write_report(
     fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 4.2), squeeze=False)
     try:
         for ax, tr in zip(axes[0], traces, strict=True):
-            for r in (r for r in res["runs"] if r["trace"] == tr):
+            runs = [r for r in res["runs"] if r["trace"] == tr]
+            served = [r["served_accuracy"] for r in runs if not math.isnan(r["served_accuracy"])]
+            for r in runs:
                 slack = r["policy"] == "slackfit"
+                none = math.isnan(r["served_accuracy"])  # answered nothing: drawn at the left edge
+                x = 100 * (min(served, default=0.0) if none else r["served_accuracy"])
                 ax.scatter(
-                    100 * r["served_accuracy"],
+                    x,
                     100 * r["slo_attainment"],
                     s=70 if slack else 30,
-                    marker="*" if slack else "o",
-                    color="C3" if slack else "C0",
+                    marker="x" if none else "*" if slack else "o",
+                    color="C1" if none else "C3" if slack else "C0",
                     zorder=3,
                 )
                 ax.annotate(
-                    r["policy"].removeprefix("fixed:"),
-                    (100 * r["served_accuracy"], 100 * r["slo_attainment"]),
+                    r["policy"].removeprefix("fixed:") + (" (answered none)" if none else ""),
+                    (x, 100 * r["slo_attainment"]),
                     fontsize=7,
                     xytext=(3, 3),
                     textcoords="offset points",
