@@ -229,3 +229,29 @@ def test_sandwich_training_lowers_every_subnets_loss() -> None:
     after = losses()
     assert all(a < 0.7 * b for a, b in zip(after, before, strict=True)), (before, after)
     assert sn.subnet == "float"  # left at the largest
+
+
+def test_sandwich_loss_resumes_with_the_same_schedule_and_draws() -> None:
+    class Switchable:  # the sandwich rule needs only choices and set_choice
+        choices = tuple(f"s{i}" for i in range(6))
+        training = True
+
+    class AtStep:
+        def __init__(self, step: int) -> None:
+            self.global_step = step
+
+    def epoch(loss: SandwichLoss, start: int, steps: int) -> list[list[str]]:
+        loss.on_epoch_start(AtStep(start), 0)
+        picks = []
+        for _ in range(steps):
+            picks.append(loss.widths(Switchable()))
+            loss.step += 1  # what a training call does
+        return picks
+
+    sched = DelayedShrinking(total_steps=40, warmup=0.25)
+    whole = SandwichLoss(n_random=2, seed=3, schedule=sched)
+    first, second = epoch(whole, 0, 20), epoch(whole, 20, 20)
+    resumed = SandwichLoss(n_random=2, seed=3, schedule=sched)  # a fresh process at epoch 2
+    assert epoch(resumed, 20, 20) == second
+    assert len(first[0]) == 1 and len(second[-1]) == 4  # the schedule followed the global step
+    assert len({tuple(p) for p in second}) > 1  # the random middle sub-nets do vary
