@@ -40,8 +40,14 @@ packing of the activations, which dominated there, and 4 instead of 4-16 popcoun
 products), and 2-4x faster than oneDNN's FP32 convolution. Its epilogue can add a residual
 operand and write the next layer's input codes directly (``vnni_tile`` in ``_jit.py``). The
 layers use it wherever the CPU has VNNI and the weights fold; the bit-serial kernels remain for
-other CPUs, grouped convolutions, float activations and single-row Linear layers (GEMV on
-compact bit planes: the weights, not the arithmetic, are the cost there).
+other CPUs, grouped convolutions and float activations. On CPUs with AMX-INT8 the flat executor
+runs the same convolutions on AMX tiles (``_amx.py``).
+
+Linear layers keep their weights at their true width where the arithmetic allows: 1-7 rows run a
+GEMV on 1/2/4-bit weight fields unpacked in registers into ``vpdpbusd`` operands
+(``kernels_gemv.py``: at batch 1 every weight is read once, so the bytes read are the cost), and
+8 or more rows of binary/ternary/2-bit weights a table-lookup GEMM (``kernels_gemm.py``: per
+group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``).
 
 Threads: every kernel is a serial numba function over a range (rows, outputs, images or
 tiles) that releases the GIL; :func:`parallel_for` splits the range over the runtime's own
@@ -54,8 +60,11 @@ Files, one per kernel family (this module re-exports their public functions):
 ``kernels_threads.py`` (worker pool, ``parallel_for``), ``kernels_pack.py`` (fused activation
 quantization, bit-plane packing, im2col), ``kernels_popcount.py`` (bit-serial GEMMs, rows and
 cols layouts), ``kernels_select.py`` (float activations), ``kernels_int8.py`` (VNNI),
-``kernels_pool.py`` (max pooling on codes, global average pooling). Tunables
-(``PARALLEL_MIN_WORK``, ``INT8_MIN_PARALLEL_MACS``) live in, and are read from, their own file.
+``kernels_pool.py`` (max pooling on codes, global average pooling), ``kernels_gemv.py``
+(few-row GEMV on weight fields), ``kernels_gemm.py`` (table-lookup GEMM); ``executor.py`` runs a
+whole packed conv net as one numba call. Tunables (``PARALLEL_MIN_WORK``,
+``INT8_MIN_PARALLEL_MACS``, ``GEMV_MAX_ROWS``, ``LUT_MIN_ROWS``) live in, and are read from, their
+own file.
 """
 
 from __future__ import annotations
