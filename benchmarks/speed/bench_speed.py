@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=15, help="at most this many rounds per block")
     p.add_argument("--block-s", type=float, default=3.0, help="time budget of one block (sets the rounds)")
-    p.add_argument("--setup-workers", type=int, default=2, help="threads that build the packed models")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--gemv-json", help="the GEMV benchmark's results (default: gemv.json beside --out)")
     p.add_argument("--quick", action="store_true")
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         variants=a.variants,
         repeats=a.repeats,
         block_s=a.block_s,
-        setup_workers=a.setup_workers,
         out_dir=a.out,
         quick=a.quick,
         resume=a.resume,

@@ -38,7 +38,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,7 +339,6 @@ def _quiet():
 
 
 PRE_PROCESS_MAX_BYTES = 64 << 20
-PARALLEL_SETUP_MAX_BYTES = 256 << 20
 
 
 class _Calibration:
@@ -581,24 +579,6 @@ def _release(qm: nn.Module, packed: Any) -> None:
                 parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
 
 
-def build_all(
-    fmodel: nn.Module, variants: Sequence[str], example: Tensor, x_all: Tensor, workers: int = 1
-) -> dict[str, LowbitEngine]:
-    """:func:`build_lowbit` for every variant, on ``workers`` threads: quantizing, packing and the
-    float64 reference are mostly NumPy / PyTorch work that releases the GIL, and they are most of a
-    run's time (each variant works on its own copy of the model; PyTorch runs one thread each)."""
-    if workers <= 1 or len(variants) <= 1:
-        return {v: build_lowbit(fmodel, v, example, x_all) for v in variants}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="speed-setup") as ex:
-            futs = {v: ex.submit(build_lowbit, fmodel, v, example, x_all) for v in variants}
-            return {v: f.result() for v, f in futs.items()}
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _infer(model: nn.Module, x: Tensor) -> Any:
     with torch.inference_mode():
         return model(x)
@@ -672,7 +652,6 @@ def run_case(
     repeats: int,
     block_s: float,
     seed: int,
-    setup_workers: int = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of one case (every batch x thread count x method) and its info (setup time, kernels)."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -716,10 +695,9 @@ def run_case(
             name,
             *info["setup_detail_s"].values(),
         )
-        # parallel setup holds two models' transient copies at once: only for small models (the
-        # 537 MB MLP needs ~3 GB per variant while it is compiled and run in float64)
-        workers = setup_workers if float_weight_bytes(fmodel) <= PARALLEL_SETUP_MAX_BYTES else 1
-        engines = build_all(fmodel, variants, example, x_all, workers)
+        # one variant after the other: torch.fx tracing (inside compile) patches nn.Module calls
+        # process-wide, so two compiles on two threads break each other
+        engines = {v: build_lowbit(fmodel, v, example, x_all) for v in variants}
         info["kernels"] = {v: kernel_summary(e.packed) for v, e in engines.items()}
         gc.collect()
         info["setup_s"] = time.perf_counter() - t0
@@ -756,7 +734,6 @@ def run_speed_benchmark(
     variants: Sequence[str] | None = None,
     repeats: int = 15,
     block_s: float = 3.0,
-    setup_workers: int = min(2, os.cpu_count() or 1),
     out_dir: str | os.PathLike | None = None,
     quick: bool = False,
     resume: bool = False,
@@ -770,7 +747,6 @@ def run_speed_benchmark(
     ``cases``: keys of :data:`CASES` (``quick``: of :data:`QUICK_CASES`, small models, 3 rounds);
     ``batches`` / ``variants``: restrict each case's own lists; ``repeats``: at most this many
     rounds per block (a third at batch >= 64), ``block_s`` the time budget that sets the rounds.
-    ``setup_workers``: threads that quantize and compile the variants (setup, never timing).
     ``resume``: reuse the cases a killed run with the same settings finished
     (``speed.partial.json`` in ``out_dir``). ``gemv_json``: the GEMV benchmark's results (default
     ``gemv.json`` beside the output) for the 2048^2 GEMV target.
@@ -816,7 +792,7 @@ def run_speed_benchmark(
         vs = [v for v in c.variants if not variants or v in variants]
         if not bs:
             continue
-        r, ci = run_case(name, c, threads, bs, vs, repeats, block_s, seed, setup_workers)
+        r, ci = run_case(name, c, threads, bs, vs, repeats, block_s, seed)
         rows += r
         case_info[name] = ci
         done[name] = {"rows": r, "info": ci}
