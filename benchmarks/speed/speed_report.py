@@ -519,6 +519,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     for j, m in enumerate(models):
         rs = [r for r in lows if r["model"] == m]
         batches = sorted({r["batch"] for r in rs})
+        methods = sorted({r["method"] for r in rs})
         for i, metric in enumerate(("speedup_vs_best_fp32", "speedup_vs_best_int8")):
             ax = axes[i][j]
             for meth, th in sorted({(r["method"], r["threads"]) for r in rs}):
@@ -533,6 +534,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
                         marker="o",
                         ms=3,
                         ls="-" if th == 1 else "--",
+                        color=f"C{methods.index(meth) % 10}",
                         label=f"{meth.removeprefix('lowbit-')} t{th}",
                     )
             ax.axhline(1.0, color="k", lw=0.8)
@@ -542,7 +544,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
             if j == 0:
                 ax.set_ylabel("speed-up vs best " + ("FP32" if i == 0 else "int8"))
             if i == 0:
-                ax.set_title(rs[0]["model_label"], fontsize=9)
+                ax.set_title(rs[0]["model_label"].split(",")[0], fontsize=9)
             ax.grid(alpha=0.3, which="both")
             if i == 1:
                 ax.legend(fontsize=6)
