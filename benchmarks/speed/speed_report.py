@@ -342,9 +342,18 @@ def read_gemv(path: Path) -> dict[str, Any]:
             return {
                 "ms": float(r["median_ms"]),
                 "source": "layer 2048x2048 lowbit-ternary, 1 thread",
-                "path": str(path),
+                "path": _shown(path),
             }
     return {"why": f"not measured (no 2048x2048 lowbit-ternary layer row at 1 thread in {path.name})"}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results files name no machine paths)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
