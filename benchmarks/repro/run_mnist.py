@@ -221,7 +221,7 @@ def legacy_rows(path: Path, regenerated: set[tuple[str, str]]) -> dict[str, Any]
     old_fp = {k: v for k, v in fp.items() if isinstance(v.get("test_acc"), float)}
     old_rows = [r for r in rows if (r["dataset"], r["recipe"]) not in regenerated
                 and not r.get("missing") and isinstance(r.get("test_acc"), float)]
-    return {"protocol": OLD_PROTOCOL, "fp": old_fp, "rows": old_rows}
+    return {"protocol": OLD_PROTOCOL, "fp": old_fp if old_rows else {}, "rows": old_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
