@@ -246,12 +246,9 @@ class LoadedSupernet:
                 for s in self.skeleton.specs]
 
 
-def load_supernet_file(path: str | os.PathLike[str], model: nn.Module | None = None) -> LoadedSupernet:
-    """Load every sub-net of a packed supernet file from its stored codes. ``model``: a fresh float
-    instance of the architecture (default: rebuilt from the zoo spec in the file)."""
-    sf = read_supernet_file(path)
-    what = f"supernet file {str(path)!r}"
-    spec = sf.spec
+def supernet_from_spec(spec: dict[str, Any], model: nn.Module | None, what: str) -> Supernet:
+    """The supernet a file's JSON description names, over ``model`` (default: the zoo model the
+    description names); a bad description raises FormatError naming ``what``."""
     if model is None:
         from ..models import build_from_spec
 
@@ -262,10 +259,19 @@ def load_supernet_file(path: str | os.PathLike[str], model: nn.Module | None = N
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{what}: cannot rebuild model {spec['model']!r}: {e}") from None
     try:
-        skeleton = Supernet(model, spec["subnets"], spec["input_shape"], weight=spec["weight"],
-                            activation=spec["activation"], keep_float=spec["keep_float"])
+        return Supernet(model, spec["subnets"], spec["input_shape"], weight=spec["weight"],
+                        activation=spec["activation"], keep_float=spec["keep_float"])
     except (KeyError, TypeError, SupernetError) as e:
         raise FormatError(f"{what}: bad supernet description: {e}") from None
+
+
+def load_supernet_file(path: str | os.PathLike[str], model: nn.Module | None = None) -> LoadedSupernet:
+    """Load every sub-net of a packed supernet file from its stored codes. ``model``: a fresh float
+    instance of the architecture (default: rebuilt from the zoo spec in the file)."""
+    sf = read_supernet_file(path)
+    what = f"supernet file {str(path)!r}"
+    spec = sf.spec
+    skeleton = supernet_from_spec(spec, model, what)
     models: dict[str, nn.Module] = {}
     for name in skeleton.names:
         skeleton_model = skeleton.sliced(name)

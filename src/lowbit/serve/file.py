@@ -27,8 +27,8 @@ from .._io import atomic_write
 from ..export.container import parse_json, read_bytes, read_container, serialize
 from ..export.errors import FormatError
 from ..export.supernet_file import VERSION as CODES_VERSION
-from ..export.supernet_file import LoadedSupernet, load_supernet_file, save_supernet_file
-from ..nn.supernet import Supernet, SupernetError
+from ..export.supernet_file import LoadedSupernet, load_supernet_file, save_supernet_file, supernet_from_spec
+from ..nn.supernet import Supernet
 
 __all__ = ["FORMAT", "load_supernet", "save_supernet"]
 
@@ -73,20 +73,7 @@ def load_supernet(path: str | os.PathLike[str], model: nn.Module | None = None) 
     spec = parse_json(meta.get("supernet", ""), f"{what}: supernet description")
     if not isinstance(spec, dict):
         raise FormatError(f"{what}: the supernet description must be a JSON object")
-    if model is None:
-        from ..models import build_from_spec
-
-        if not isinstance(spec.get("model"), dict):
-            raise FormatError(f"{what}: the file names no zoo model; pass model= (the float model)")
-        try:
-            model = build_from_spec(spec["model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{what}: cannot rebuild model {spec['model']!r}: {e}") from None
-    try:
-        sn = Supernet(model, spec["subnets"], spec["input_shape"], weight=spec["weight"],
-                      activation=spec["activation"], keep_float=spec["keep_float"])
-    except (KeyError, TypeError, SupernetError) as e:
-        raise FormatError(f"{what}: bad supernet description: {e}") from None
+    sn = supernet_from_spec(spec, model, what)
     missing = set(sn.state_dict()) - set(tensors)
     extra = set(tensors) - set(sn.state_dict())
     if missing or extra:
