@@ -86,6 +86,8 @@ class LeNet5(Chain):
     BatchNorm have no bias.
     """
 
+    _name, _pool = "lenet5", nn.MaxPool2d  # the stack's name in errors; its pooling layer
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -98,7 +100,8 @@ class LeNet5(Chain):
         size = pair(input_size)
         c1, c2 = scaled(6, width_mult), scaled(16, width_mult)
         f1, f2 = scaled(120, width_mult), scaled(84, width_mult)
-        layers, c, (h, w) = _conv_pool_stack("lenet5", in_channels, (c1, c2), 5, (2, 0), bn, size)
+        layers, c, (h, w) = _conv_pool_stack(self._name, in_channels, (c1, c2), 5, (2, 0), bn, size,
+                                             pool=self._pool)
         _fc_stack(layers, c * h * w, (f1, f2), num_classes, bn, relu_start=3)
         super().__init__(layers)
         self.num_classes = num_classes
@@ -107,30 +110,11 @@ class LeNet5(Chain):
         init_weights(self)
 
 
-class LeNet5Avg(Chain):
+class LeNet5Avg(LeNet5):
     """:class:`LeNet5` with 2x2 *average* pooling (same layers, names and arguments): the CNN whose
     spiking twin (:func:`lowbit.snn.convert`) is exact in rate at the pools."""
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        width_mult: float = 1.0,
-        bn: bool = True,
-        input_size: int | Sequence[int] = 28,
-    ) -> None:
-        check_common(num_classes, in_channels, width_mult)
-        size = pair(input_size)
-        c1, c2 = scaled(6, width_mult), scaled(16, width_mult)
-        f1, f2 = scaled(120, width_mult), scaled(84, width_mult)
-        layers, c, (h, w) = _conv_pool_stack("lenet5_avg", in_channels, (c1, c2), 5, (2, 0), bn, size,
-                                             pool=nn.AvgPool2d)
-        _fc_stack(layers, c * h * w, (f1, f2), num_classes, bn, relu_start=3)
-        super().__init__(layers)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.width_mult = width_mult
-        init_weights(self)
+    _name, _pool = "lenet5_avg", nn.AvgPool2d
 
 
 class ReLeQLeNet(Chain):
