@@ -108,10 +108,15 @@ def test_plan_order_and_seeds():
     for j in cpu:  # every quantized job after its float model
         if j.arm.init == "float":
             assert pos[f"{C.float_arm(j.arm.width).key}/seed{j.seed}"] < pos[j.name]
-    # the paired claims in the brief's priority, seed 0 first: BCGD, DCQ, SinReQ
-    firsts = [n for n in names if n.endswith("seed0") and not n.startswith("float")][:6]
-    assert firsts == ["bcgd-fl/seed0", "bcgd-fl-rho0/seed0", "dorefa-w2/seed0", "dorefa-w2-dcq/seed0",
-                      "dorefa-w4/seed0", "dorefa-w4-sinreq-l100/seed0"]
+    # the floats, then the paired claims claim by claim (every seed of one before the next):
+    # post-training first (minutes), then BCGD, DCQ, SinReQ
+    assert names[:3] == ["float/seed0", "float/seed1", "float/seed2"]
+    claims = [j.claim for j in cpu[3:]]
+    firsts = list(dict.fromkeys(claims))[:4]
+    assert firsts == ["multipoint", "bcgd", "dcq", "sinreq"]
+    assert claims == sorted(claims, key=lambda c: firsts.index(c) if c in firsts else 9)
+    bcgd = [n for n in names if n.startswith("bcgd")]
+    assert bcgd == [f"bcgd-fl{r}/seed{s}" for s in range(3) for r in ("", "-rho0")]
     assert {j.seed for j in cpu if j.arm.key == "dorefa-w2-dcq"} == {0, 1, 2}
     assert {j.seed for j in cpu if j.arm.key == "ttq"} == {0}
     assert not any(j.claim in ("releq", "waveq", "width") for j in cpu)
@@ -208,7 +213,7 @@ def test_job_spec_of_a_fine_tune(tmp_path):
     s = p["spec"]
     assert s["init"] == str(tmp_path / "float" / "seed1" / "best.safetensors")
     assert s["out"] == str(tmp_path / "dorefa-w2-dcq" / "seed1")
-    assert s["train"] == {"epochs": 5, "tensorboard": False, "seed": 1}
+    assert s["train"] == {"epochs": 5, "tensorboard": False, "precision": "bf16", "seed": 1}
     assert s["recipe"]["methods"][0]["teacher"] == str(tmp_path / "float" / "seed1")
     fl = C.job_spec(C.plan(C.BUDGETS["cpu"])[0], C.BUDGETS["cpu"], tmp_path, "data", "cpu")["spec"]
     assert fl["init"] is None and fl["recipe"] is None and fl["train"]["epochs"] == 20
