@@ -29,7 +29,8 @@ from lowbit.quant.uniform import UniformActivation
 pytestmark = pytest.mark.skipif(not fused.available(), reason="fused kernels need numba")
 
 STES = ("identity", "relu", "clipped_relu")
-# (shape, layout): contiguous shapes take the kernels; the others must fall back to torch ops.
+# (shape, layout): contiguous and channels-last shapes take the kernels (storage order); the others
+# must fall back to torch ops.
 # 64*16*16*16 = 262144 elements is above PARALLEL_MIN_NUMEL, so it runs the parallel variant
 # when torch has more than one thread.
 CASES = [
@@ -39,6 +40,7 @@ CASES = [
     ((64, 16, 16, 16), "contiguous"),
     ((4, 6, 5, 5), "transposed"),
     ((4, 6, 5, 5), "channels_last"),
+    ((64, 16, 16, 16), "channels_last"),
     ((4, 3, 5, 5), "float64"),
 ]
 
@@ -168,7 +170,8 @@ def _inputs(shape: tuple[int, ...], layout: str, scale: float, special: list[flo
 
 
 def _expect_fused(x: Tensor) -> bool:
-    return x.dtype == torch.float32 and x.is_contiguous()
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return x.dtype == torch.float32 and dense
 
 
 def _run(f: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor], up: Tensor

@@ -26,8 +26,10 @@ Signed activation grids (``signed=True``): LSQ's loops take the bounds ``-Q_N, Q
 signed LSQ runs here too (checked in ``tests/test_uniform_lsq_wrpn.py``); the uniform and PACT
 loops are unsigned only, and those quantizers take their torch formulas when signed.
 
-When: CPU float32 contiguous tensors, with numba installed. Anything else (float64 as in
-gradcheck, CUDA, non-contiguous or channels-last inputs, tensor subclasses, tracing/ONNX export,
+When: CPU float32 tensors that are contiguous or channels-last contiguous (every loop here is
+elementwise with per-tensor parameters, or a sum over all elements, so the loops walk memory in
+storage order and the output and gradients take the input's layout), with numba installed.
+Anything else (float64 as in gradcheck, CUDA, strided views, tensor subclasses, tracing/ONNX export,
 ``torch.compile``) takes the torch formula of the quantizer module, as does everything when
 ``LOWBIT_NUMBA=0`` (alias ``LOWBIT_FUSED=0``) or after ``set_enabled(False)``: the package's one
 numba switch, cache and thread policy are in ``lowbit._numba``. numba is imported and the kernels
@@ -388,13 +390,13 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses with their own dispatch 
 
 
 def supported(x: Tensor) -> bool:
-    """Whether the fused path handles ``x``: a plain contiguous float32 CPU tensor (or parameter),
-    outside tracing and compilation, with numba available."""
+    """Whether the fused path handles ``x``: a plain float32 CPU tensor (or parameter), contiguous
+    or channels-last contiguous, outside tracing and compilation, with numba available."""
     if not _numba.enabled() or type(x) not in _PLAIN:
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or _layout(x) is None or x.numel() == 0:
         return False
     return not _is_functorch(x) and _load() is not None
 
@@ -422,8 +424,27 @@ def _call(name: str, n: int, *args: Any) -> Any:
     return out
 
 
+def _layout(t: Tensor) -> torch.memory_format | None:
+    """The dense memory format of ``t`` (contiguous first), or None for any other strides."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
 def _flat(t: Tensor) -> np.ndarray:
-    return t.detach().view(-1).numpy()
+    """The elements of a dense tensor in storage order (a view, no copy)."""
+    t = t.detach()
+    if not t.is_contiguous():  # channels-last: NHWC order is the storage order
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(-1).numpy()
+
+
+def _like(g: Tensor, x: Tensor) -> Tensor:
+    """``g`` in the memory layout of ``x`` (incoming gradients may come in either)."""
+    fmt = _layout(x)
+    return g.contiguous(memory_format=fmt) if fmt is not None else g.contiguous()
 
 
 def _f32(v: Tensor | float) -> np.float32:
@@ -431,13 +452,13 @@ def _f32(v: Tensor | float) -> np.float32:
 
 
 def _run_forward(name: str, x: Tensor, *scalars: Any) -> Tensor:
-    out = torch.empty_like(x)
+    out = torch.empty_like(x)  # keeps the layout of x, so both walk storage in the same order
     _call(name, x.numel(), _flat(x), _flat(out), *scalars)
     return out
 
 
 def _run_backward(name: str, x: Tensor, g: Tensor, *scalars: Any) -> tuple[Tensor, float]:
-    g = g.contiguous()
+    g = _like(g, x)
     gx = torch.empty_like(g)
     acc = _call(name, x.numel(), _flat(x), _flat(g), _flat(gx), *scalars)
     return gx, acc
@@ -545,7 +566,7 @@ class _DoReFaWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (t,) = ctx.saved_tensors
-        g = g.contiguous()
+        g = _like(g, t)
         gt = torch.empty_like(g)
         k = _KERNELS
         assert k is not None
