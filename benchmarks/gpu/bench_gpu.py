@@ -16,6 +16,19 @@
 Every configuration after the time budget (``--budget-s``) is listed as skipped, not run.
 Without ``--data`` (or with ``--smoke``) the images are random uint8 tensors of CIFAR-10's
 shape: throughput does not depend on pixel values, and the results say which was used.
+
+Real CIFAR-10 on a lent GPU machine whose transfer limit (64 MiB with the source tree) is below
+the zip's 63 MB plus the tree: split it here into the ignored ``data/`` folder, carry one half
+per call while the machine stays warm (a carried path replaces only itself there), and join them
+there (the join is byte-exact; check with ``sha256sum`` against the zip's)::
+
+    mkdir -p data && split -b 32m ../shared/data/cifar10-jpeg.zip data/cifar10-jpeg.zip.part-
+    # call 1 carries data/cifar10-jpeg.zip.part-aa and runs: true
+    # call 2 carries data/cifar10-jpeg.zip.part-ab and runs:
+    cat data/cifar10-jpeg.zip.part-a? > data/cifar10-jpeg.zip && rm data/cifar10-jpeg.zip.part-a? \
+        && python benchmarks/gpu/bench_gpu.py --data data/cifar10-jpeg.zip --out "$OUT" \
+        && python benchmarks/cifar10/claims.py --budget gpu --data-dir data --stop-after 240 \
+               --archive "$OUT/runs.tar.gz" --archive-slim
 """
 
 from __future__ import annotations
