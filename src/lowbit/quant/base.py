@@ -242,18 +242,26 @@ CoarseGrad = Literal["identity", "relu", "clipped_relu"]
 class ActCodesSpec:
     """An activation quantizer as a clip-and-scale formula that packed kernels evaluate inline:
 
-        code  = rint(clip(x, 0, hi) * mult)        in float32 (hi, mult are float32 values)
-        value = step * (code - zero)               in float64, then rounded to float32
+        code  = rint(clip(x, lo, hi) * mult) + offset   in float32 (lo, hi, mult float32 values)
+        value = step * (code - zero)                    in float64, then rounded to float32
 
     ``code`` must equal ``encode(x).codes`` and ``value`` ``forward(x)`` in eval mode, bit for bit,
     for every float32 ``x``. The packed kernels sum integer codes exactly and apply ``step`` and
-    ``zero`` in the float64 epilogue."""
+    ``zero`` in the float64 epilogue. Unsigned grids have ``lo = 0``, ``offset = 0``; a symmetric
+    signed grid ``-Q..Q`` has ``lo = -hi`` and ``offset = zero = Q`` (its codes are ``0..2Q``)."""
 
     bits: int
     hi: float
     mult: float
     step: float
     zero: float = 0.0
+    lo: float = 0.0
+    offset: int = 0
+
+    @property
+    def signed(self) -> bool:
+        """Whether the clip is below 0 (the codes carry an offset)."""
+        return self.lo != 0.0
 
 
 class ActivationQuantizer(Quantizer):
@@ -367,3 +375,31 @@ def clip_multiply_spec(codes: Any, bits: int, top: int, step: float, mult_hint: 
         if np.array_equal(got.astype(np.int64), want):
             return ActCodesSpec(bits, hi=float(clip), mult=float(m), step=float(step))
     return None
+
+
+def symmetric_multiply_spec(codes: Any, bits: int, q: int, step: float,
+                            mult_hint: float) -> ActCodesSpec | None:
+    """The signed form ``rint(clip(x, -hi, hi) * mult) + q`` (codes ``0..2q``, value ``step * (code -
+    q)``) of a symmetric code function ``codes(x) = clip(round(x / s), -q, q) + q``, if one
+    reproduces it for every float32 ``x``; else None.
+
+    The positive half ``max(codes(x) - q, 0)`` is an unsigned code function: its clip-multiply form
+    comes from :func:`clip_multiply_spec`. Rounding half to even and a symmetric clip are odd
+    functions, and so is the formula, so the negative half follows; it is checked at the mirrored
+    half-way points ``-(k + 1/2) * step`` (k = 0..q) and their float32 neighbours, where a rounding
+    that is not symmetric (``floor(v + 1/2)``) would differ."""
+    import numpy as np
+
+    pos = clip_multiply_spec(lambda x: (codes(x).long() - q).clamp_min(0), bits, q, step, mult_hint)
+    if pos is None:
+        return None
+    mid = -(np.arange(q + 1, dtype=np.float64) + 0.5) * step
+    pts = np.concatenate([mid, -mid]).astype(np.float32)
+    pts = np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(-np.inf)),
+                          np.array([-np.inf, -pos.hi, np.inf], np.float32)])
+    hi, m = np.float32(pos.hi), np.float32(pos.mult)
+    got = np.rint(np.minimum(np.maximum(pts, -hi), hi) * m).astype(np.int64) + q
+    want = codes(torch.from_numpy(pts)).long().numpy()
+    if not np.array_equal(got, want):
+        return None
+    return ActCodesSpec(bits, hi=pos.hi, mult=pos.mult, step=pos.step, zero=float(q), lo=-pos.hi, offset=q)

@@ -56,6 +56,7 @@ from .base import (
     channel_reduce_dims,
     clip_multiply_spec,
     straight_through,
+    symmetric_multiply_spec,
 )
 from .registry import register
 
@@ -235,14 +236,15 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
         return _lsq_encode(x, self.step_for(x), self.q_n, self.q_p, self.bits)
 
     def runtime_codes_spec(self) -> ActCodesSpec | None:
-        """Unsigned and initialised: ``round(clip(x / s, 0, Q_P))`` as ``rint(clip(x, 0, hi) *
-        mult)`` with the multiplier found and checked by ``clip_multiply_spec`` (values ``code *
-        s``). Signed grids and a step not yet learned (it would come from the batch): None."""
-        if self.signed or not self.is_initialized() or self.s.dim() != 0 or self.s.dtype != torch.float32:
+        """Initialised: ``round(clip(x / s, 0, Q_P))`` as ``rint(clip(x, 0, hi) * mult)`` with the
+        multiplier found and checked by ``clip_multiply_spec`` (values ``code * s``); signed, its
+        symmetric form ``rint(clip(x, -hi, hi) * mult) + Q`` (``symmetric_multiply_spec``). A step
+        not yet learned (it would come from the batch): None."""
+        if not self.is_initialized() or self.s.dim() != 0 or self.s.dtype != torch.float32:
             return None
         s = float(positive_step(self.s.detach()))
-        return clip_multiply_spec(lambda x: self.encode(x.to(self.s.device)).codes.cpu(),
-                                  self.bits, self.q_p, s, 1.0 / s)
+        find = symmetric_multiply_spec if self.signed else clip_multiply_spec
+        return find(lambda x: self.encode(x.to(self.s.device)).codes.cpu(), self.bits, self.q_p, s, 1.0 / s)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, s={float(self.s.detach()):.4g}" + (", signed=True" if self.signed else "")

@@ -12,7 +12,8 @@ and grid, ``Q = 2^(k-1) - 1`` (k >= 2)::
     y   = clip(x, -alpha, alpha),      y_q = round(y * Q / alpha) * alpha / Q
     dy_q/dx = 1[-alpha < x < alpha],   dy_q/dalpha = 1[x >= alpha] - 1[x <= -alpha]
 
-levels ``i * alpha / Q``, ``i = -Q..Q``; it always takes the torch formulas (no fused loop).
+levels ``i * alpha / Q``, ``i = -Q..Q``; training takes the torch formulas (no fused loop), the
+packed runtime the signed code formula of ``runtime_codes_spec``.
 
 The paper adds an L2 penalty ``lambda_alpha * alpha^2`` (see ``l2_penalty``) and initialises
 alpha at 10; ``alpha_init`` sets it. Levels are i * alpha/(2^k-1), i = 0..2^k-1.
@@ -83,12 +84,15 @@ class PACTActivation(ActivationQuantizer):
 
     def runtime_codes_spec(self) -> ActCodesSpec | None:
         """Unsigned: ``rint(clip(x, 0, alpha) * ((2^k - 1) / alpha))`` in float32, values
-        ``code * alpha / (2^k - 1)``. Signed grids clip below at ``-alpha``: None (``encode``)."""
-        if self.signed:
-            return None
+        ``code * alpha / (2^k - 1)``. Signed: ``rint(clip(x, -alpha, alpha) * (Q / alpha)) + Q``
+        (``encode``'s codes ``0..2Q``), values ``(code - Q) * alpha / Q``: the float32 products
+        of ``encode``, whose ``round`` (half to even) is an odd function like the clip."""
         alpha = self.alpha.detach().abs().clamp_min(1e-4).float().cpu()
-        return ActCodesSpec(self.bits, hi=float(alpha), mult=float(self.top / alpha),
-                            step=float(alpha / self.top))
+        hi, mult, step = float(alpha), float(self.top / alpha), float(alpha / self.top)
+        if self.signed:
+            return ActCodesSpec(self.bits, hi=hi, mult=mult, step=step, zero=float(self.top), lo=-hi,
+                                offset=self.top)
+        return ActCodesSpec(self.bits, hi=hi, mult=mult, step=step)
 
     def l2_penalty(self) -> Tensor:
         return self.alpha**2

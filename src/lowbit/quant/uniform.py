@@ -56,6 +56,7 @@ from .base import (
     channel_reduce_dims,
     clip_multiply_spec,
     straight_through,
+    symmetric_multiply_spec,
 )
 from .registry import register
 from .ste import apply_coarse
@@ -229,17 +230,19 @@ class UniformActivation(ActivationQuantizer):
         )
 
     def runtime_codes_spec(self) -> ActCodesSpec | None:
-        """Unsigned with a fixed clip level (``clip``, or the running maximum once initialised):
-        ``clip(round(x / s), 0, L)`` as ``rint(clip(x, 0, hi) * mult)`` with the multiplier found
-        and checked by ``clip_multiply_spec`` (values ``code * s``). Signed grids, and a clip
-        level still taken from each batch: None (``encode``)."""
-        if self.signed or (self.clip is None and not self.is_initialized()):
+        """A fixed clip level (``clip``, or the running maximum once initialised): ``clip(round(x /
+        s), 0, L)`` as ``rint(clip(x, 0, hi) * mult)`` with the multiplier found and checked by
+        ``clip_multiply_spec`` (values ``code * s``); signed, its symmetric form ``rint(clip(x, -hi,
+        hi) * mult) + L`` (``symmetric_multiply_spec``). A clip level still taken from each batch:
+        None (``encode``)."""
+        if self.clip is None and not self.is_initialized():
             return None
         s = self.scale(torch.zeros((), dtype=torch.float32))
         if s.dtype != torch.float32:  # a float64 running maximum: x / s is not a float32 formula
             return None
-        return clip_multiply_spec(lambda x: self.encode(x.to(self.running_max.device)).codes.cpu(),
-                                  self.bits, self.levels, float(s), 1.0 / float(s))
+        find = symmetric_multiply_spec if self.signed else clip_multiply_spec
+        return find(lambda x: self.encode(x.to(self.running_max.device)).codes.cpu(),
+                    self.bits, self.levels, float(s), 1.0 / float(s))
 
     def extra_repr(self) -> str:
         src = f"clip={self.clip}" if self.clip is not None else f"momentum={self.momentum}"

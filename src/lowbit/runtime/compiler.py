@@ -84,6 +84,7 @@ from .layers import (
     decompose_weight,
     is_global_avgpool,
     plane_integers,
+    spec_codes,
 )
 
 log = logging.getLogger(__name__)
@@ -249,13 +250,15 @@ def _record_inputs(model: nn.Module, layers: dict[str, nn.Module], example: Any)
 
 
 def _check_fused_codes(pm: _PackedBase, x: Tensor) -> bool:
-    """True when the kernel's fused quantization gives the quantizer's encode codes."""
+    """True when the kernel's fused quantization (unsigned, or the signed formula of mode 2) gives
+    the quantizer's encode codes."""
     q = input_quantizer_of(pm)
-    if pm.act.mode != 0 or q is None:
+    if pm.act.mode not in (0, 2) or q is None:
         return True
     with torch.no_grad():
         ref = q.encode(x).codes.to(torch.int64).numpy()
-    got = K.quantize_codes(x.contiguous().float().numpy(), pm.act.hi, pm.act.mult)
+    xf = x.contiguous().float().numpy()
+    got = K.quantize_codes(xf, pm.act.hi, pm.act.mult) if pm.act.mode == 0 else spec_codes(pm.act, xf)
     return bool(np.array_equal(ref, got.astype(np.int64)))
 
 

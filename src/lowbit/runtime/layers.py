@@ -14,9 +14,11 @@ Weight side (``decompose_weight``): the encoded weight ``levels[codes] * scale``
 Activation side (``ActSpec``): the layer's input quantizer gives codes with values
 ``sx * (code - ma)``. A quantizer whose ``runtime_codes_spec()`` gives its formula (PACT, DoReFa:
 ``rint(clip(x, 0, hi) * mult)`` in float32; checked against ``encode`` at compile time when there
-is an example input) is computed inside the packing kernel; other quantizers with uniform levels
-go through ``encode`` at every call; a layer without input quantizer takes float activations
-(sums of selected inputs, no multiplications).
+is an example input) is computed inside the packing kernel; a signed grid's formula
+(``rint(clip(x, -hi, hi) * mult) + Q``: signed PACT, LSQ, uniform) by one pass of
+``kernels_codes.clip_codes`` before the kernel, the offset ``ma = Q`` taken out in the epilogue;
+other quantizers with uniform levels go through ``encode`` at every call; a layer without input
+quantizer takes float activations (sums of selected inputs, no multiplications).
 
 Kernels: convolutions use the int8 kernels (``Int8Weights``: the weight folded into int8) where
 the CPU has AVX-512 VNNI, the input is quantized and the convolution is not grouped; they read
@@ -42,6 +44,7 @@ from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from . import kernels as K
+from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
 
@@ -298,8 +301,10 @@ def gemv_weights(wp: WeightPlanes) -> KV.GemvWeights | None:
 
 @dataclass
 class ActSpec:
-    """How a layer's input becomes codes. mode 0: fused clip quantizer; 1: ``encode`` each call;
-    -1: no quantizer (float activations)."""
+    """How a layer's input becomes codes. mode 0: fused clip quantizer ``rint(clip(x, 0, hi) *
+    mult)``; 2: the signed clip formula ``rint(clip(x, lo, hi) * mult) + offset`` (one
+    ``kernels_codes`` pass, then the kernels read codes); 1: ``encode`` each call; -1: no
+    quantizer (float activations)."""
 
     quantizer: ActivationQuantizer | None
     mode: int
@@ -308,6 +313,8 @@ class ActSpec:
     mult: float = 0.0  # float32 value
     sx: float = 1.0
     ma: float = 0.0
+    lo: float = 0.0  # float32 value (mode 2)
+    offset: int = 0  # mode 2
 
     @property
     def name(self) -> str:
@@ -340,7 +347,14 @@ def act_spec(q: ActivationQuantizer | None) -> ActSpec:
     spec = q.runtime_codes_spec()
     if spec is None:
         return ActSpec(q, 1, q.bits)
-    return ActSpec(q, 0, spec.bits, hi=spec.hi, mult=spec.mult, sx=spec.step, ma=spec.zero)
+    mode = 2 if spec.signed else 0
+    return ActSpec(q, mode, spec.bits, hi=spec.hi, mult=spec.mult, sx=spec.step, ma=spec.zero, lo=spec.lo,
+                   offset=spec.offset)
+
+
+def spec_codes(spec: ActSpec, x: np.ndarray) -> np.ndarray:
+    """uint8 codes of float32 ``x`` by the spec's clip formula (modes 0 and 2)."""
+    return KC.clip_codes(x, spec.lo, spec.hi, spec.mult, spec.offset)
 
 
 def encode_codes(spec: ActSpec, x: Tensor) -> tuple[np.ndarray, float, float]:
@@ -474,6 +488,11 @@ class _PackedBase(nn.Module):
         self.fused.append("relu")
 
     def coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.act.mode == 2 and sx == self.act.sx and ma == self.act.ma:
+            return self._coeffs_static()  # signed fused codes: static, computed once
+        return self._coeffs(sx, ma)
+
+    def _coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         wp = self.wp
         alpha = wp.sw * sx * self.bn_scale
         s1 = alpha * wp.u
@@ -483,12 +502,17 @@ class _PackedBase(nn.Module):
 
     def _coeffs_static(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._static is None:
-            self._static = self.coeffs(self.act.sx, self.act.ma)
+            self._static = self._coeffs(self.act.sx, self.act.ma)
         return self._static
 
     def coeffs8(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the int8 kernels, ``y = s1*D + s0`` with ``D = sum_r w_int*a``, zero padded to
         whole blocks of 16 channels."""
+        if self.act.mode == 2 and sx == self.act.sx and ma == self.act.ma:
+            return self._coeffs8_static()  # signed fused codes: static, computed once
+        return self._coeffs8(sx, ma)
+
+    def _coeffs8(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         i8 = self.i8
         assert i8 is not None
         alpha = self.wp.sw * sx * self.bn_scale * i8.unit
@@ -501,14 +525,17 @@ class _PackedBase(nn.Module):
 
     def _coeffs8_static(self) -> tuple[np.ndarray, np.ndarray]:
         if self._static8 is None:
-            self._static8 = self.coeffs8(self.act.sx, self.act.ma)
+            self._static8 = self._coeffs8(self.act.sx, self.act.ma)
         return self._static8
 
     def _codes_input(self, x: Tensor) -> tuple[np.ndarray, int, float, float, float, float]:
-        """(array, mode, hi, mult, sx, ma) for the packing kernels."""
+        """(array, mode, hi, mult, sx, ma) for the packing kernels (signed fused codes: uint8 codes,
+        mode 1)."""
         a = self.act
         if a.mode == 0:
             return x.detach().contiguous().float().numpy(), 0, a.hi, a.mult, a.sx, a.ma
+        if a.mode == 2:
+            return spec_codes(a, x.detach().contiguous().float().numpy()), 1, 0.0, 0.0, a.sx, a.ma
         codes, sx, ma = encode_codes(a, x.detach())
         return codes, 1, 0.0, 0.0, sx, ma
 
