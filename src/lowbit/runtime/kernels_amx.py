@@ -1,0 +1,372 @@
+"""Many-row Linear layers on AMX int8 tiles, the weights read at their bit width (1/2/4-bit fields).
+
+Math. Activation codes ``a[m, r]`` in ``[0, 2**ka)`` (``ka <= 8``), integer weights
+``w_int[o, r]`` in int8 (the folded weights of ``layers.fold_integers``: +-1 for binary, -1/0/+1
+for ternary, the odd levels ``2i - 15`` of DoReFa 4-bit) and per-channel float64 coefficients::
+
+    D[m, o] = sum_r a[m, r] * w_int[o, r]             (exact: int32 tile accumulators)
+    y[m, o] = s1[o] * D[m, o] + s0[o]                (float64, a multiply then an add; optional ReLU)
+
+with ``s1 = sw*sx*(bn scale)*unit`` and ``s0 = beta - s1*ma*sum_r w_int[o, r]`` (``layers.py``:
+``coeffs8``), stored as float32.
+
+Weights. A layer keeps only the few-row GEMV's fields (``kernels_gemv``: ``f = q + off`` of
+``b`` = 1, 2 or 4 bits, 16 outputs x 4 reduction indices per 64-byte vector, quad ``t`` of a group
+in bits ``[b*t, b*t + b)`` of each byte). That byte order is the row order of ``tdpbusd``'s second
+operand (a K x 16 tile of signed bytes stored as K/4 rows of 16 outputs x 4 bytes), so one B tile
+(64 reduction indices x 16 outputs) is ``16 / T`` field vectors (``T = 8/b``), and row ``t`` of a
+vector is ``tab[(v >> b*t) & (2**b - 1)]``: a shift, a mask and a ``vpshufb`` lookup of the
+16-entry table ``tab[f] = w_int`` of the field (:func:`field_table`). A block of 16 or 32 (4 or 2
+B tiles wide at 16 rows) output channels is expanded like that for the whole reduction into a
+buffer (128 KiB for K = 4096 and 32 channels: it stays in L2) and every row block of the batch is
+multiplied against it, so each weight byte is read once per call at ``b`` bits and the int8 copy
+exists only for the channels in flight: no int8 copy of the layer is held.
+
+Activations are quantized (the fused clip formula ``rint(clip(x, 0, hi) * mult)`` in float32,
+or given codes) straight into the tile layout (:func:`amx_rows_reference`): 16 rows x 64 bytes
+per tile, tile ``(i, k)`` (rows ``16i..``, reduction ``64k..``) at byte ``(i*nk + k)*1024``, so a
+tile load reads 1 KiB contiguously (rows of a 4096-byte stride would all fall into one L1 set)
+and rows / reduction indices past the end are zero codes (they add nothing to ``D``).
+
+Products: ``_amx.amx_block`` with 2 x 2 accumulator tiles (32 rows x 32 channels) for 32 rows
+or more, 1 x 4 (16 rows x 64 channels) for one row block; the int32 sums go through
+``_amx.epilogue_row`` (the int8 kernels' epilogue, lane for lane). Threads split the channel
+blocks (``parallel_for``); each thread configures its tiles and releases them at the end.
+
+Needs AMX-INT8 (``_amx.amx_enabled()``); ``PackedLinear`` dispatches here from
+:data:`AMX_MIN_ROWS` rows on and keeps its other kernels elsewhere (the plain path has no AMX).
+:func:`amx_linear_reference` is the NumPy reference (exact int64 ``D``, the same float64
+epilogue), :func:`expand_reference` the B tiles the kernel builds.
+
+The idea of multiplying tiles of low-bit weights unpacked on the fly follows what GEMM libraries
+for weight-only quantization do on AMX (unpack a weight panel into a small buffer, then run
+the int8 tiles over it); the field layout and the table lookup are this runtime's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._amx import (
+    HOST_AMX,
+    amx_block_1x1,
+    amx_block_1x2,
+    amx_block_1x3,
+    amx_block_1x4,
+    amx_block_2x2,
+    amx_block_4x1,
+    amx_config,
+    amx_release,
+    amx_tile_config,
+    epilogue_row,
+)
+from ._jit import EPI_FLOAT, EPI_RELU, kernel
+from .kernels_gemv import GemvWeights, unpack_fields
+from .kernels_threads import parallel_for, use_parallel
+
+#: PackedLinear runs this many rows and more on AMX tiles (fewer: the GEMV on the same fields)
+AMX_MIN_ROWS = 8
+#: below this many multiply-adds (M*K*O) one thread runs the product
+AMX_MIN_PARALLEL_MACS = 1 << 26
+TILE_BYTES = 1024  # 16 rows x 64 bytes
+
+
+@dataclass
+class AmxLinearWeights:
+    """A Linear layer's weights for :func:`amx_linear`: the GEMV fields (shared, not copied) and
+    the field -> int8 table, with what the epilogue needs."""
+
+    gw: GemvWeights
+    tab: np.ndarray  # (64,) int8: tab[16*lane + f] = w_int of field f (each 128-bit lane)
+    unit: float
+    wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held besides the GEMV fields (which the layer holds anyway)."""
+        return int(self.tab.nbytes + self.wsum.nbytes)
+
+    @property
+    def nk(self) -> int:
+        """Reduction chunks of 64 bytes."""
+        return -(-self.gw.K // 64)
+
+
+def field_table(fields: np.ndarray, w_int: np.ndarray, b: int) -> np.ndarray | None:
+    """The table ``tab[f]`` with ``w_int == tab[fields]`` (64 bytes: the 16 entries in each 128-bit
+    lane, as ``vpshufb`` reads them); None where a field maps to two weights or a weight leaves
+    int8."""
+    f = np.asarray(fields).reshape(-1)
+    w = np.asarray(w_int).reshape(-1)
+    if w.size and (w.min() < -128 or w.max() > 127):
+        return None
+    if f.size and (f.min() < 0 or f.max() >= (1 << b)):
+        return None
+    t = np.zeros(16, np.int64)
+    t[f] = w
+    if not np.array_equal(t[f], w):
+        return None
+    return np.tile(t.astype(np.int8), 4)
+
+
+def amx_linear_weights(gw: GemvWeights, q: np.ndarray, w_int: np.ndarray, unit: float
+                       ) -> AmxLinearWeights | None:
+    """The AMX form of a layer whose GEMV fields ``gw`` hold the plane integers ``q`` (O, K) and
+    whose folded int8 weights are ``w_int = unit``-multiples (:func:`layers.fold_integers`);
+    None where the fields do not map one to one onto int8 weights."""
+    tab = field_table(np.asarray(q) + gw.off, w_int, gw.b)
+    if tab is None:
+        return None
+    return AmxLinearWeights(gw, tab, float(unit), np.asarray(w_int).sum(axis=1).astype(np.float64))
+
+
+def amx_coeffs(aw: AmxLinearWeights, sw: np.ndarray, sx: float, ma: float, bn_scale: np.ndarray,
+               beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s0, s1) float64 of the epilogue, zero padded to whole blocks of 16 channels plus 64."""
+    O = aw.gw.O
+    width = -(-O // 16) * 16 + 64
+    alpha = sw * sx * bn_scale * aw.unit
+    s0 = np.zeros(width, np.float64)
+    s1 = np.zeros(width, np.float64)
+    s1[:O] = alpha
+    s0[:O] = beta - alpha * ma * aw.wsum
+    return s0, s1
+
+
+# ----------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------
+
+
+def amx_linear_reference(codes: np.ndarray, w_int: np.ndarray, s0: np.ndarray, s1: np.ndarray,
+                         relu: bool = False) -> np.ndarray:
+    """NumPy reference of :func:`amx_linear`: codes (M, K), w_int (O, K) integers; exact int64
+    ``D = codes @ w_int.T``, then ``y = s1*D + s0`` in float64, ReLU, float32."""
+    O = np.asarray(w_int).shape[0]
+    D = np.asarray(codes).astype(np.int64) @ np.asarray(w_int).astype(np.int64).T
+    y = np.asarray(s1)[:O] * D + np.asarray(s0)[:O]
+    return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
+
+
+def amx_rows_reference(codes: np.ndarray, nk: int) -> np.ndarray:
+    """The tile layout of codes (M, K) (uint8, flat): ``((i*nk + k)*16 + r)*64 + c`` holds
+    ``codes[16i + r, 64k + c]``, zero past M rows and K columns."""
+    c = np.asarray(codes)
+    M, K = c.shape
+    Mp = -(-M // 16) * 16
+    p = np.zeros((Mp, nk * 64), np.uint8)
+    p[:M, :K] = c
+    return np.ascontiguousarray(p.reshape(Mp // 16, 16, nk, 64).transpose(0, 2, 1, 3)).reshape(-1)
+
+
+def expand_reference(aw: AmxLinearWeights) -> np.ndarray:
+    """The B tiles of every block of 16 channels (int8, (nbt, nk, 16, 64)): row ``q`` of tile
+    ``(b, k)``, byte ``4*o + t``, is ``w_int[16b + o, 64k + 4q + t]`` (``tab[0]`` past K within
+    the fields' padding of 32, zero past it, ``tab[0]`` past O)."""
+    gw = aw.gw
+    nbt, nk = -(-gw.O // 16), aw.nk
+    f = np.zeros((nbt * 16, -(-gw.K // 32) * 32), np.int64)
+    f[: gw.O, : gw.K] = unpack_fields(gw.w, gw.b, gw.O, gw.K)
+    w = aw.tab[:16][f]
+    full = np.zeros((nbt * 16, nk * 64), np.int8)
+    full[:, : w.shape[1]] = w
+    return np.ascontiguousarray(full.reshape(nbt, 16, nk, 16, 4).transpose(0, 2, 3, 1, 4)).reshape(
+        nbt, nk, 16, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+_V64I8 = ir.VectorType(_I8, 64)
+
+
+def _expand(b: int):
+    """Intrinsic ``expand(w, woff, ngv, tab, dst, doff)``: the B tile (16 rows of 64 bytes at byte
+    ``doff`` of ``dst``) of the ``16 / T`` field vectors at byte ``woff`` of ``w`` (``T = 8/b``);
+    vectors ``>= ngv`` (past the fields' reduction) give zero rows."""
+    T = 8 // b
+    G = 16 // T
+
+    @intrinsic
+    def expand(typingctx, w, woff, ngv, tab, dst, doff):
+        sig = types.void(w, woff, ngv, tab, dst, doff)
+
+        def codegen(context, builder, signature, args):
+            if not HOST_AMX:
+                return context.get_dummy_value()
+            wa, woa, nga, ta, da, doa = args
+            sg = signature.args
+
+            def data(i, v):
+                arr = cgutils.create_struct_proxy(sg[i])(context, builder, value=v)
+                return builder.bitcast(arr.data, _I8.as_pointer())
+
+            def vec(p, off):
+                return builder.bitcast(builder.gep(p, [ir.Constant(_I64, off)]), _V64I8.as_pointer())
+
+            wp = builder.gep(data(0, wa), [woa])
+            dp = builder.gep(data(4, da), [doa])
+            tv = builder.load(vec(data(3, ta), 0))
+            tv.align = 1
+            mask = ir.Constant(_V64I8, [(1 << b) - 1] * 64)
+            zero = ir.Constant(_V64I8, [0] * 64)
+            fnty = ir.FunctionType(_V64I8, [_V64I8, _V64I8])
+            pshufb = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pshuf.b.512")
+            for g in range(G):
+                valid = builder.icmp_signed("<", ir.Constant(_I64, g), nga)
+                with builder.if_else(valid) as (then, otherwise):
+                    with then:
+                        v = builder.load(vec(wp, 64 * g))
+                        v.align = 1
+                        for t in range(T):
+                            s = builder.lshr(v, ir.Constant(_V64I8, [b * t] * 64)) if t else v
+                            row = builder.call(pshufb, [tv, builder.and_(s, mask)])
+                            st = builder.store(row, vec(dp, 64 * (g * T + t)))
+                            st.align = 1
+                    with otherwise:
+                        for t in range(T):
+                            st = builder.store(zero, vec(dp, 64 * (g * T + t)))
+                            st.align = 1
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return expand
+
+
+_expand1, _expand2, _expand4 = _expand(1), _expand(2), _expand(4)
+
+
+@kernel
+def _amx_rows_range(x, mode, hi, mult, nk, xq, m_lo, m_hi):
+    """Rows m_lo..m_hi (of the padded row count) of ``x`` (M, K) into the tile layout ``xq``:
+    mode 0 quantizes floats with ``rint(min(max(x, 0), hi) * mult)`` in float32, mode 1 takes
+    the values as codes; rows >= M and columns >= K get code 0."""
+    M, K = x.shape
+    for m in range(m_lo, m_hi):
+        i = m // 16
+        r = m - 16 * i
+        for k in range(nk):
+            d0 = ((i * nk + k) * 16 + r) * 64
+            dst = xq[d0 : d0 + 64]
+            if m >= M:
+                dst[:] = 0
+                continue
+            k0 = 64 * k
+            n = min(64, K - k0)
+            xr = x[m, k0 : k0 + n]
+            if mode == 1:
+                for c in range(n):
+                    dst[c] = np.uint8(xr[c])
+            else:
+                for c in range(n):
+                    t = min(max(xr[c], np.float32(0.0)), hi)
+                    dst[c] = np.uint8(np.rint(t * mult))
+            for c in range(n, 64):
+                dst[c] = 0
+
+
+@kernel
+def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, s0, s1, flags, out, O, g_lo, g_hi):
+    """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows."""
+    nbt = (O + 15) // 16
+    T = 8 // b
+    G = 16 // T
+    nmb = Mp // 16
+    acc = np.empty(1024, np.int32)
+    abase = np.empty(4, np.int64)
+    koff = np.arange(nk) * 1024
+    buf = np.empty(nk * NBmax * 1024, np.uint8)
+    empty_f = np.empty(0, np.float32)
+    empty_u = np.empty(0, np.uint8)
+    amx_config(cfg)
+    for grp in range(g_lo, g_hi):
+        b0 = grp * NBmax
+        NB = min(NBmax, nbt - b0)
+        for n in range(NB):  # the B tiles of this group, chunk k block n at (k*NB + n) KiB
+            wblk = (b0 + n) * nG * 64
+            for k in range(nk):
+                ngv = min(G, nG - k * G)
+                woff = wblk + k * G * 64
+                doff = (k * NB + n) * 1024
+                if b == 1:
+                    _expand1(w, woff, ngv, tab, buf, doff)
+                elif b == 2:
+                    _expand2(w, woff, ngv, tab, buf, doff)
+                else:
+                    _expand4(w, woff, ngv, tab, buf, doff)
+        c0 = b0 * 16
+        kstride = NB * 1024
+        i = 0
+        while i < nmb:
+            if NB == 2 and nmb - i >= 2:
+                MB = 2
+            elif NB == 1 and nmb - i >= 4:
+                MB = 4
+            else:
+                MB = 1
+            for m in range(MB):
+                abase[m] = (i + m) * nk * 1024
+            if MB == 2:
+                amx_block_2x2(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            elif MB == 4:
+                amx_block_4x1(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            elif NB == 1:
+                amx_block_1x1(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            elif NB == 2:
+                amx_block_1x2(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            elif NB == 3:
+                amx_block_1x3(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            else:
+                amx_block_1x4(xq, abase, 64, koff, nk, buf, 0, kstride, 1024, acc)
+            for rr in range(min(16 * MB, M - 16 * i)):
+                row = 16 * i + rr
+                epilogue_row(acc, rr * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, empty_f,
+                             empty_u, 0, np.float32(0.0), np.float32(0.0))
+            i += MB
+    amx_release()
+
+
+def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -> np.ndarray:
+    """Codes of ``x`` (M, K) (float32, or integer codes with mode 1) in the tile layout
+    (:func:`amx_rows_reference`)."""
+    M, K = x.shape
+    nk = -(-K // 64)
+    Mp = -(-M // 16) * 16
+    xq = np.empty(Mp * nk * 64, np.uint8)
+    parallel_for(_amx_rows_range, Mp, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(nk), xq,
+                 parallel=use_parallel(M * K, AMX_MIN_PARALLEL_MACS >> 6), grain=16)
+    return xq
+
+
+_CFG_2X2 = amx_tile_config(64, 2)
+_CFG_1X4 = amx_tile_config(64, 4)
+
+
+def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWeights, s0: np.ndarray,
+               s1: np.ndarray, relu: bool, out: np.ndarray) -> np.ndarray:
+    """``out`` (M, O) float32 = ``s1*D + s0`` (ReLU) of the module docstring for rows ``x`` (M, K):
+    float32 quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes (mode 1, any integer
+    or float dtype). ``s0``, ``s1`` from :func:`amx_coeffs`. Needs ``_amx.amx_enabled()``."""
+    gw = aw.gw
+    M, K = x.shape
+    if K != gw.K or out.shape != (M, gw.O):
+        raise ValueError(f"amx_linear: rows {x.shape} / out {out.shape} for a {gw.O}x{gw.K} layer")
+    xq = amx_rows(x, mode, hi, mult)
+    Mp = -(-M // 16) * 16
+    NBmax = 4 if Mp == 16 else 2
+    cfg = _CFG_1X4 if NBmax == 4 else _CFG_2X2
+    nbt = -(-gw.O // 16)
+    flags = EPI_FLOAT | (EPI_RELU if relu else 0)
+    parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
+                 np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), s0, s1, np.int64(flags),
+                 out.reshape(-1), np.int64(gw.O), parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
+    return out
