@@ -44,9 +44,11 @@ from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
 from . import kernels as K
+from . import kernels_amx as KA
 from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
+from ._amx import amx_enabled
 
 log = logging.getLogger(__name__)
 
@@ -575,6 +577,8 @@ class PackedLinear(_PackedBase):
     """Dispatch by rows (samples x tokens) M:
 
     - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI);
+    - ``M >= kernels_amx.AMX_MIN_ROWS`` on a CPU with AMX-INT8: int8 tiles expanded from the same
+      fields per call (``kernels_amx``); such a layer, when large, holds no int8 copy and no tables;
     - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
       (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit
       int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path;
@@ -595,6 +599,13 @@ class PackedLinear(_PackedBase):
         if (self.lut is not None and self.gemv is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
                 and wp.K * self.out_features >= LUT_FLAT_MAX):
             self.i8 = None  # every row count has a kernel on compact weights: no int8 copy
+        # many rows (>= KA.AMX_MIN_ROWS) on AMX tiles, expanded from the GEMV's fields on the fly
+        self.amx: KA.AmxLinearWeights | None = None
+        folded = fold_integers(wp) if self.gemv is not None and amx_enabled() else None
+        if folded is not None:
+            self.amx = KA.amx_linear_weights(self.gemv, plane_integers(wp), *folded)
+        if self.amx is not None and wp.K * self.out_features >= LUT_FLAT_MAX:
+            self.i8 = self.lut = None  # the GEMV and AMX cover every row count: no other copy
 
     def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the table-lookup GEMM, ``y = s1*D + s0`` with ``D = sum_r w_int*a``."""
@@ -635,6 +646,8 @@ class PackedLinear(_PackedBase):
             n += self.lut.nbytes
         if self.gemv is not None:
             n += self.gemv.nbytes
+        if self.amx is not None:
+            n += self.amx.nbytes  # its tiles are expanded from the GEMV's fields per call
         return n
 
     def _rows(self, M: int) -> bool:
@@ -645,11 +658,26 @@ class PackedLinear(_PackedBase):
         lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
+            if self.amx is not None:
+                return gemv + f" / amx on the fields (>= {KA.AMX_MIN_ROWS} rows)"
             return gemv + (" / int8" if self.i8 is not None else "") + lut
         if self.i8 is None:
             return "bit-serial" + lut
         n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
         return f"bit-serial (<= {n} rows) / int8" + lut
+
+    def _amx_coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
+        """(s0, s1) of the AMX GEMM (``kernels_amx.amx_coeffs``); cached for the layer's static
+        (sx, ma) while the static coefficients stay (a folded batch norm renews them)."""
+        assert self.amx is not None
+        if sx != self.act.sx or ma != self.act.ma:
+            return KA.amx_coeffs(self.amx, self.wp.sw, sx, ma, self.bn_scale, self.beta)
+        st = self._coeffs_static()
+        c = self.__dict__.get("_amx_cache")
+        if c is None or c[0] is not st:
+            c = (st, KA.amx_coeffs(self.amx, self.wp.sw, sx, ma, self.bn_scale, self.beta))
+            self.__dict__["_amx_cache"] = c
+        return c[1]
 
     def _gemv_static(self) -> tuple[tuple, np.ndarray, np.ndarray]:
         """(static coefficients, float32 (hi, mult), float64 (3, O) s0/s1/s2) of the GEMV, cached
@@ -694,6 +722,9 @@ class PackedLinear(_PackedBase):
                 s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
                 KV.gemv(arr, mode, hi, mult, self.gemv, s0, s1, s2, self.relu, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
+            if self.amx is not None and M >= KA.AMX_MIN_ROWS:
+                KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.lut is not None and M >= KG.LUT_MIN_ROWS:
                 self._lut_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
@@ -728,6 +759,9 @@ class PackedLinear(_PackedBase):
         if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
             _, qp, coef = self._gemv_static()
             KV.gemv_run(x.buf[: M * kin].reshape(M, kin), 1, qp, self.gemv, coef, self.relu, out)
+        elif self.amx is not None and M >= KA.AMX_MIN_ROWS:
+            t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
+            KA.amx_linear(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
         elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
