@@ -17,6 +17,7 @@ from lowbit.quant.dorefa import DoReFaActivation
 from lowbit.quant.pact import PACTActivation
 from lowbit.runtime import kernels as K
 from lowbit.runtime import kernels_int8, kernels_pack, kernels_popcount, kernels_select, kernels_threads
+from lowbit.runtime.kernels_codes import clip_codes
 from lowbit.runtime.layers import build_packed, decompose_weight
 
 RNG = np.random.default_rng(1234)
@@ -161,12 +162,15 @@ def test_runtime_codes_spec_reproduces_forward(q):
                    torch.tensor([0.0, -0.0, 1e9, -1e9])])
     spec = q.runtime_codes_spec()
     if spec is None:  # the runtime calls encode: nothing to reproduce
-        assert (q.name, q.signed) not in {("dorefa", False), ("pact", False)}
+        assert q.name not in ("dorefa", "pact")
         return
-    edges = q.encode(torch.linspace(0, spec.hi, 2**q.bits)).decode()
+    edges = q.encode(torch.linspace(spec.lo, spec.hi, 2**q.bits)).decode()
     half = edges + spec.step / 2  # rounding boundaries, and the float just below each
     x = torch.cat([x, edges, half, torch.nextafter(half, torch.tensor(0.0))])
-    codes = K.quantize_codes(x.numpy(), spec.hi, spec.mult).astype(np.int64)
+    if spec.signed:  # rint(clip(x, lo, hi) * mult) + offset
+        codes = clip_codes(x.numpy(), spec.lo, spec.hi, spec.mult, spec.offset).astype(np.int64)
+    else:
+        codes = K.quantize_codes(x.numpy(), spec.hi, spec.mult).astype(np.int64)
     assert np.array_equal(codes, q.encode(x).codes.long().numpy())
     values = torch.from_numpy(spec.step * (codes - spec.zero)).float()
     with torch.no_grad():

@@ -106,7 +106,9 @@ def test_every_quantizer_every_path_equals_float64_reference(act, path, threads)
         assert getattr(layers["0"], "i8", None) is not None
     for name, pm in layers.items():  # the runtime dispatches on the hook only
         q = input_quantizer(model.get_submodule(name))
-        assert (pm.act.mode == 0) == (q.runtime_codes_spec() is not None), name
+        spec = q.runtime_codes_spec()
+        assert pm.act.mode == (1 if spec is None else 2 if spec.signed else 0), name  # 2: signed formula
+        assert spec is None or spec.signed == q.signed, name
     xb = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     ref = reference_fp64(model, xb)
     for got, want in ((packed(xb), ref), (packed(xb[:1]), ref[:1])):  # batch 5 and batch 1
@@ -173,7 +175,10 @@ def test_uniform_hook(clip):
     if spec is not None:
         _check_spec_exact(q, spec)
     assert UniformActivation(2).runtime_codes_spec() is None  # clip level still from each batch
-    assert UniformActivation(2, clip=clip, signed=True).runtime_codes_spec() is None
+    signed = UniformActivation(2, clip=clip, signed=True).eval()
+    spec = signed.runtime_codes_spec()  # 3 levels -1, 0, 1: the step is the clip
+    if spec is not None:  # its symmetric form, tested in tests/test_runtime_signed.py
+        assert spec.signed and spec.offset == 1 and spec.lo == -spec.hi
 
 
 def test_clip_multiply_spec_refuses_what_it_cannot_reproduce():
@@ -193,9 +198,10 @@ def test_clip_multiply_spec_refuses_what_it_cannot_reproduce():
 
 
 def test_bcgd_and_signed_hooks_take_encode():
-    for q in (registry.create("activation", "bcgd", 2),
-              registry.create("activation", "pact", 4, signed=True)):
-        assert q.runtime_codes_spec() is None and act_spec(q).mode == 1
+    q = registry.create("activation", "bcgd", 2)
+    assert q.runtime_codes_spec() is None and act_spec(q).mode == 1
+    q = registry.create("activation", "pact", 4, signed=True)  # the signed formula (mode 2)
+    assert q.runtime_codes_spec().signed and act_spec(q).mode == 2
 
 
 def _quantizer_class_names() -> set[str]:
