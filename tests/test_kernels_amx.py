@@ -1,0 +1,275 @@
+"""AMX GEMM of many-row packed Linear layers (runtime/kernels_amx.py): tile layouts and the field
+expansion against their NumPy references, the product bit-exact against the integer reference
+for binary, ternary and 4-bit weights on ragged shapes with 1 and 2 threads, and PackedLinear's
+dispatch (AMX from AMX_MIN_ROWS rows, equal to the int8 path bit for bit, plain path unchanged).
+No timing here."""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit._numba import jit
+from lowbit.runtime import _amx, _jit, kernels_threads
+from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime.compiler import reference_fp64
+from lowbit.runtime.kernels_gemv import GemvWeights
+from lowbit.runtime.kernels_pack import quantize_codes_reference
+from lowbit.runtime.layers import Codes, PackedLinear, build_packed, fold_integers
+
+needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
+needs_host_amx = pytest.mark.skipif(not _amx.HOST_AMX, reason="the expansion intrinsic needs an AMX host")
+
+RNG = np.random.default_rng(13)
+# ragged sizes: rows not a multiple of 16 (one row block, odd and even block counts), reductions
+# not a multiple of 64 (nor of the fields' 32), outputs not a multiple of 16 (1..5 blocks)
+SHAPES = [(8, 64, 16), (16, 100, 37), (17, 130, 50), (40, 257, 33), (70, 1000, 100), (300, 129, 20),
+          (33, 64, 80)]
+
+
+def _weights(kind: str, O: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plane integers q, folded int8 weights w_int) as layers.fold_integers gives them."""
+    if kind == "binary":  # q = bit, w = 2*bit - 1
+        q = RNG.integers(0, 2, (O, K))
+        return q, 2 * q - 1
+    if kind == "ternary":  # q = +plane - -plane, w = q
+        q = RNG.integers(-1, 2, (O, K))
+        return q, q
+    q = RNG.integers(0, 16, (O, K))  # DoReFa 4-bit: code, odd levels 2*code - 15
+    return q, 2 * q - 15
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """numba threads, with the parallel split forced on for small work."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
+    yield request.param
+    numba.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts (no AMX needed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
+def test_field_table_and_expanded_tiles(kind):
+    """Tile (b, k) row q byte 4*o + t is w_int[16b + o, 64k + 4q + t] (tdpbusd's VNNI operand)."""
+    O, K = 37, 130
+    q, w = _weights(kind, O, K)
+    gw = GemvWeights(q)
+    aw = KA.amx_linear_weights(gw, q, w, 0.5)
+    assert aw is not None and gw.b == {"binary": 1, "ternary": 2, "q4": 4}[kind]
+    tab = aw.tab[:16]
+    assert np.array_equal(np.tile(tab, 4), aw.tab)
+    np.testing.assert_array_equal(tab[q + gw.off], w)
+    ex = KA.expand_reference(aw)
+    assert ex.shape == (3, 3, 16, 64)
+    for b, k, qq, o, t in [(0, 0, 0, 0, 0), (1, 1, 5, 3, 2), (2, 0, 15, 4, 3), (0, 2, 0, 15, 1)]:
+        r = 64 * k + 4 * qq + t
+        assert ex[b, k, qq, 4 * o + t] == w[16 * b + o, r]
+    full = ex.reshape(3, 3, 16, 16, 4).transpose(0, 3, 1, 2, 4)  # (b, o, k, q, t)
+    np.testing.assert_array_equal(full.reshape(48, 192)[:O, :K], w)
+    assert (ex.reshape(3, 3, 16, 16, 4)[:, 2, 8:] == 0).all()  # past the fields' 32-padding: zero rows
+
+
+def test_field_table_refuses():
+    q = np.array([[0, 1, 1]])
+    assert KA.field_table(q, np.array([[-1, 1, 2]]), 1) is None  # field 1 maps to two weights
+    assert KA.field_table(q, np.array([[-1, 200, 200]]), 1) is None  # weight outside int8
+    assert KA.field_table(np.array([[0, 2]]), np.array([[0, 1]]), 1) is None  # field wider than b
+
+
+@pytest.mark.parametrize("M,K", [(1, 10), (16, 64), (17, 130), (40, 257)])
+def test_rows_tile_layout(M, K):
+    codes = RNG.integers(0, 256, (M, K))
+    nk = -(-K // 64)
+    ref = KA.amx_rows_reference(codes, nk)
+    assert ref.size == -(-M // 16) * 16 * nk * 64
+    i, k, r, c = (M - 1) // 16, (K - 1) // 64, (M - 1) % 16, (K - 1) % 64
+    assert ref[((i * nk + k) * 16 + r) * 64 + c] == codes[M - 1, K - 1]
+    np.testing.assert_array_equal(KA.amx_rows(codes.astype(np.float32), 1), ref)
+    np.testing.assert_array_equal(KA.amx_rows(codes.astype(np.uint8), 1), ref)
+    x = RNG.normal(size=(M, K)).astype(np.float32) * 2
+    fused = KA.amx_rows(x, 0, 1.5, 10.0)
+    np.testing.assert_array_equal(fused, KA.amx_rows_reference(quantize_codes_reference(x, 1.5, 10.0), nk))
+
+
+@jit
+def _expand_all(w, nG, b, tab, nbt, nk, dst):
+    G = 16 // (8 // b)
+    for blk in range(nbt):
+        for k in range(nk):
+            ngv = min(G, nG - k * G)
+            off = blk * nG * 64 + k * G * 64
+            doff = (blk * nk + k) * 1024
+            if b == 1:
+                KA._expand1(w, off, ngv, tab, dst, doff)
+            elif b == 2:
+                KA._expand2(w, off, ngv, tab, dst, doff)
+            else:
+                KA._expand4(w, off, ngv, tab, dst, doff)
+
+
+@needs_host_amx
+@pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
+@pytest.mark.parametrize("K", [32, 64, 100, 130, 257])
+def test_expand_kernel_equals_reference(kind, K):
+    O = 37
+    q, w = _weights(kind, O, K)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+    ref = KA.expand_reference(aw)
+    got = np.full(ref.size, 77, np.uint8)
+    _expand_all(aw.gw.w, aw.gw.nG, aw.gw.b, aw.tab, ref.shape[0], ref.shape[1], got)
+    np.testing.assert_array_equal(got.view(np.int8).reshape(ref.shape), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the product
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
+def test_amx_linear_equals_integer_reference(kind, threads):
+    for M, K, O in SHAPES:
+        q, w = _weights(kind, O, K)
+        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.25)
+        a = RNG.integers(0, 256 if kind == "q4" else 16, (M, K))
+        # D itself (s1 = 1, s0 = 0: float32 holds these sums exactly)
+        one, zero = np.zeros(O + 80), np.zeros(O + 80)
+        one[:O] = 1.0
+        D = np.empty((M, O), np.float32)
+        KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, zero, one, False, D)
+        np.testing.assert_array_equal(D, (a @ w.T).astype(np.float32))
+        # the epilogue of the layers: per-channel scale and shift, ReLU
+        sw, bn = RNG.uniform(0.5, 2.0, O), RNG.uniform(0.5, 2.0, O)
+        s0, s1 = KA.amx_coeffs(aw, sw, 0.1, 3.0, bn, RNG.normal(size=O))
+        for relu in (False, True):
+            out = np.empty((M, O), np.float32)
+            KA.amx_linear(a.astype(np.float32), 1, 0.0, 0.0, aw, s0, s1, relu, out)
+            np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, relu))
+
+
+@needs_amx
+def test_amx_linear_fused_quantization(threads):
+    """mode 0: the rows are quantized with rint(clip(x, 0, hi) * mult), as the other kernels do."""
+    M, K, O = 50, 200, 40
+    q, w = _weights("ternary", O, K)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+    x = RNG.normal(size=(M, K)).astype(np.float32) * 3
+    s0, s1 = KA.amx_coeffs(aw, np.ones(O), 0.2, 0.0, np.ones(O), RNG.normal(size=O))
+    out = np.empty((M, O), np.float32)
+    KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out)
+    codes = quantize_codes_reference(x, 3.0, 5.0)
+    np.testing.assert_array_equal(out, KA.amx_linear_reference(codes, w, s0, s1, True))
+
+
+def test_amx_linear_rejects_bad_shapes():
+    q, w = _weights("binary", 20, 64)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+    s0, s1 = KA.amx_coeffs(aw, np.ones(20), 1.0, 0.0, np.ones(20), np.zeros(20))
+    with pytest.raises(ValueError, match="rows"):
+        out = np.empty((16, 20), np.float32)
+        KA.amx_linear(np.zeros((16, 65), np.float32), 1, 0, 0, aw, s0, s1, False, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedLinear's dispatch
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "w1a4": ({"method": "binary", "bits": 1}, {"method": "pact", "bits": 4, "alpha_init": 3.0}),
+    "w2a4": ({"method": "twn", "bits": 2}, {"method": "pact", "bits": 4, "alpha_init": 3.0}),
+    "w4a8": ({"method": "dorefa", "bits": 4}, {"method": "pact", "bits": 8, "alpha_init": 3.0}),
+    "w1a1": ({"method": "binary", "bits": 1}, {"method": "pact", "bits": 1, "alpha_init": 3.0}),
+}
+
+
+def _layer(variant: str, K: int = 520, O: int = 530, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, O)
+    w, a = VARIANTS[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(lin, {"default": {"weight": w, "activation": a}})
+    return lin.eval()
+
+
+def _calls(monkeypatch) -> list[int]:
+    n: list[int] = []
+    real = KA.amx_linear
+
+    def spy(x, *args, **kw):
+        n.append(x.shape[0])
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(KA, "amx_linear", spy)
+    return n
+
+
+@needs_amx
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_linear_dispatch_and_int8_equality(variant, monkeypatch, threads):
+    lin = _layer(variant)
+    pl = build_packed("fc", lin)
+    assert isinstance(pl, PackedLinear) and pl.amx is not None
+    assert "amx" in pl.kernel_name()
+    assert pl.i8 is None and pl.lut is None  # a large layer keeps the fields only
+    assert pl.runtime_bytes < pl.weight_bytes + pl.gemv.nbytes + 8 * 1024
+    calls = _calls(monkeypatch)
+    x = torch.randn(40, 520) * 2
+    with torch.inference_mode():
+        got = {M: pl(x[:M]) for M in (1, KA.AMX_MIN_ROWS - 1, KA.AMX_MIN_ROWS, 17, 40)}
+    assert calls == [KA.AMX_MIN_ROWS, 17, 40]  # from AMX_MIN_ROWS rows on, and only there
+    # the same layer without AMX (int8 1x1 convolution or lookup tables): the same bits
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    ref_pl = build_packed("fc", lin)
+    assert ref_pl.amx is None
+    for M in (KA.AMX_MIN_ROWS, 17, 40):
+        with torch.inference_mode():
+            np.testing.assert_array_equal(got[M].numpy(), ref_pl(x[:M]).numpy())
+        ref = reference_fp64(lin, x[:M])
+        assert float((got[M].double() - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@needs_amx
+def test_packed_linear_codes_input(monkeypatch):
+    """Rows of codes handed over by a fused producer (``Codes``) take the AMX path too."""
+    lin = _layer("w2a4", K=300, O=100)
+    pl = build_packed("fc", lin)
+    calls = _calls(monkeypatch)
+    M = 33
+    codes = RNG.integers(0, 16, (M, 300)).astype(np.uint8)
+    buf = np.concatenate([codes.reshape(-1), np.zeros(64, np.uint8)])
+    got = pl(Codes(buf, (M, 1, 1, 300), (0, 0)))
+    assert calls == [M]
+    # the same codes as floats through the encode-free path: code values are their own codes
+    s0, s1 = pl._amx_coeffs(pl.act.sx, pl.act.ma)
+    w, unit = fold_integers(pl.wp)
+    assert unit == pl.amx.unit
+    np.testing.assert_array_equal(got.numpy(), KA.amx_linear_reference(codes, w, s0, s1, pl.relu))
+
+
+def test_plain_path_has_no_amx_and_matches_reference(monkeypatch):
+    _jit.set_plain(True)
+    try:
+        lin = _layer("w2a4", K=200, O=70)
+        pl = build_packed("fc", lin)
+        assert pl.amx is None and "amx" not in pl.kernel_name()
+        x = torch.randn(20, 200) * 2
+        with torch.inference_mode():
+            got = pl(x)
+        ref = reference_fp64(lin, x)
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    finally:
+        _jit.set_plain(False)
