@@ -683,12 +683,12 @@ class PackedLinear(_PackedBase):
         return c[1]
 
     def _gemv_static(self) -> tuple[tuple, np.ndarray, np.ndarray]:
-        """(static coefficients, float32 (hi, mult), float64 (3, O) s0/s1/s2) of the GEMV, cached
-        while the static coefficients stay (a folded batch norm renews them)."""
+        """(static coefficients, float32 (hi, mult), float64 s0/s1/s2 padded as the kernel reads
+        them) of the GEMV, cached while the static coefficients stay (a folded batch norm renews them)."""
         st = self._coeffs_static()
         c = self.__dict__.get("_gemv_cache")
         if c is None or c[0] is not st:
-            c = (st, np.array([self.act.hi, self.act.mult], np.float32), np.stack(st))
+            c = (st, np.array([self.act.hi, self.act.mult], np.float32), KV.gemv_coef(*st, self.gemv))
             self.__dict__["_gemv_cache"] = c
         return c
 
