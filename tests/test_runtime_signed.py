@@ -201,3 +201,49 @@ def test_bert_like_signed_equals_fp64(wmethod, threads, path, monkeypatch, one_t
             assert _rel(packed(x), reference_fp64(model, x)) < 1e-5
     finally:
         numba.set_num_threads(prev)
+
+
+_SEEN: list[tuple[int, int]] = []
+
+
+def _probe_threads(x: torch.Tensor) -> torch.Tensor:
+    """Records PyTorch's and the runtime kernels' thread counts while the model runs."""
+    _SEEN.append((torch.get_num_threads(), kernels_threads.num_threads()))
+    return x
+
+
+torch.fx.wrap("_probe_threads")  # a call in the traced graph, not inlined at tracing
+
+
+class _Probe(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _probe_threads(x)
+
+
+def test_one_small_sample_runs_on_one_thread():
+    """The thread policy of small calls (compiler.SERIAL_MAX_NUMEL): one sample of few values runs
+    PyTorch ops and kernels on the calling thread; a batch of 2 keeps both thread counts; the
+    counts are restored after the call."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has fewer threads")
+    torch.manual_seed(0)
+    a = {"method": "pact", "bits": 8, "alpha_init": 2.0, "signed": True}
+    model = lowbit.quantize(nn.Sequential(nn.Linear(32, 32), _Probe(), nn.Linear(32, 8)),
+                            {"default": {"weight": {"method": "binary", "bits": 1}, "activation": a}})
+    packed = rt.compile(model.eval(), torch.randn(2, 32))
+    t0, n0 = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(2)
+    numba.set_num_threads(2)
+    try:
+        _SEEN.clear()
+        for x in (torch.randn(1, 32), torch.randn(2, 32), torch.randn(1, 32).numpy()):
+            packed(x)
+        assert _SEEN == [(1, 1), (2, 2), (1, 1)]
+        assert (torch.get_num_threads(), kernels_threads.num_threads()) == (2, 2)
+        packed.serial_numel = 0  # policy off
+        _SEEN.clear()
+        packed(torch.randn(1, 32))
+        assert _SEEN == [(2, 2)]
+    finally:
+        torch.set_num_threads(t0)
+        numba.set_num_threads(n0)

@@ -70,6 +70,7 @@ from ..export.packed import encode_weight, refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
+from . import kernels_threads as KT
 from .executor import FlatExecutor
 from .layers import (
     CodeMaxPool2d,
@@ -132,6 +133,22 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 # batch chunking: the largest activation of one chunk should stay about this size (L2/L3)
 CHUNK_BYTES = 5 << 19
+# A call on one sample of at most this many input values runs on the calling thread alone: the
+# PyTorch ops between packed layers (LayerNorm, softmax, attention's matmuls, GELU) on one
+# intra-op thread and the runtime's kernels unsplit (kernels_threads.set_serial). Each step is then
+# microseconds to a few hundred microseconds of work, about what an OpenMP fork/join or a hand-off
+# to a second thread costs on a busy machine, and PyTorch's spinning OpenMP pool takes the core the
+# runtime's worker needs. Measured on the shared 2-core machine (load 5), BERT-256 batch 1, seq 64
+# (16k input values), 2 threads against 1: PyTorch ops on 2 threads 23x slower (median), kernels
+# split over 2 threads 1.1-1.4x slower.
+SERIAL_MAX_NUMEL = 1 << 16
+
+
+def _one_small_sample(x: Any, limit: int) -> bool:
+    """``x`` is a tensor or array of one sample (leading dimension 1) with at most ``limit`` values."""
+    if not isinstance(x, (Tensor, np.ndarray)) or x.ndim == 0:
+        return False
+    return x.shape[0] == 1 and (x.numel() if isinstance(x, Tensor) else x.size) <= limit
 
 
 class PackedModel(nn.Module):
@@ -154,9 +171,30 @@ class PackedModel(nn.Module):
         self.batch_chunk = 0
         # the whole graph as one numba call (executor.py), set by compile() when it flattens
         self.executor: FlatExecutor | None = None
+        # one sample of at most this many input values: the call runs on one thread (0: never)
+        self.serial_numel = SERIAL_MAX_NUMEL
         self.eval()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if _one_small_sample(first, self.serial_numel):
+            return self._forward_serial(args, kwargs)
+        return self._forward(args, kwargs)
+
+    def _forward_serial(self, args: tuple, kwargs: dict) -> Any:
+        """The call on one thread: PyTorch's intra-op threads and the kernels' (SERIAL_MAX_NUMEL)."""
+        nt = torch.get_num_threads()
+        prev = KT.set_serial(True)
+        if nt > 1:
+            torch.set_num_threads(1)
+        try:
+            return self._forward(args, kwargs)
+        finally:
+            if nt > 1:
+                torch.set_num_threads(nt)
+            KT.set_serial(prev)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         ex = self.executor
         if ex is not None and len(args) == 1 and not kwargs:
             x = torch.from_numpy(args[0]) if type(args[0]) is np.ndarray else args[0]

@@ -32,11 +32,26 @@ def thread_pool(n: int) -> ThreadPoolExecutor:
 
 
 _GET_NUM_THREADS = None
+# per calling thread: ``serial`` (set_serial) makes every kernel it calls run on it alone
+_LOCAL = threading.local()
+
+
+def set_serial(flag: bool) -> bool:
+    """Run the kernels the calling thread starts on that thread alone (True) or on
+    :func:`num_threads` threads again (False); returns the previous setting. A packed model's
+    small calls use it (``compiler.SERIAL_MAX_NUMEL``): handing a few hundred microseconds of work
+    to a second thread loses on a busy machine."""
+    prev = _LOCAL.__dict__.get("serial", False)
+    _LOCAL.serial = bool(flag)
+    return prev
 
 
 def num_threads() -> int:
-    """numba's (thread-local) thread count, read without ``numba.get_num_threads``'s lock."""
+    """numba's (thread-local) thread count, read without ``numba.get_num_threads``'s lock; 1 while
+    :func:`set_serial` is on for the calling thread."""
     global _GET_NUM_THREADS
+    if _LOCAL.__dict__.get("serial", False):
+        return 1
     if _GET_NUM_THREADS is None:
         n = numba.get_num_threads()  # launches numba's threading layer once
         from numba.np.ufunc import parallel as _p
