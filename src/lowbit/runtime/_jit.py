@@ -134,8 +134,8 @@ def _vpdpbusd(builder: ir.IRBuilder, acc, a, b):
     return builder.call(fn, [acc, a, b])
 
 
-# epilogue flags of vnni_tile
-EPI_RELU, EPI_FLOAT, EPI_RESIDUAL, EPI_CODES = 1, 2, 4, 8
+# epilogue flags of vnni_tile / amx_epilogue
+EPI_RELU, EPI_FLOAT, EPI_RESIDUAL, EPI_CODES, EPI_F32 = 1, 2, 4, 8, 16
 
 
 def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
@@ -147,10 +147,127 @@ def _declare(builder: ir.IRBuilder, name: str, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
+class _Epilogue:
+    """IR of the int8 epilogue for OB blocks of 16 channels (shared by the VNNI tiles and the AMX
+    epilogue): per-layer values (coefficients, masks, flags) are made once by the constructor, in
+    the block the caller is in; :meth:`row` emits one output pixel.
+
+    Two paths, bit for bit the same codes:
+
+    - float64 (every flag combination): ``v = s1*D + s0`` (a multiply then an add, no fused
+      multiply-add), ``+ res``, ReLU, ``y = float32(v)``, float output and / or the next layer's
+      codes ``rint(min(max(y, 0), hi) * mult)`` in float32;
+    - float32 (``EPI_F32``, set only for a codes-only epilogue, no float output, no residual):
+      ``y = fma(a, D, b)`` with ``a``, ``b`` the float32 roundings of ``s1``, ``s0``, then the same
+      code formula. It differs from the float64 ``y`` by a bounded amount, so it can change a code
+      only where ``t = min(max(y, 0), hi) * mult`` lies within ``e`` of a half-integer (the bound
+      per channel, :func:`kernels_int8.f32_coefficients`, stored as ``lim = 0.5 - e``). A pixel
+      with any lane that close is recomputed on the float64 path (rare: ``e`` ~ 1e-5).
+
+    Coefficients: ``s0``, ``s1`` float64 from channel ``c0`` on; ``sf`` float64 holding float32
+    values, 48 per block of 16 channels from ``3*c0`` on: ``a[16], b[16], lim[16]``."""
+
+    def __init__(self, context, builder, OB, s0p, s1p, sfp, ona, fla, qha, qma):
+        self.b = builder
+        self.OB = OB
+
+        def i64(v):
+            return ir.Constant(_I64, v)
+
+        def flag(bit):
+            return builder.icmp_unsigned("!=", builder.and_(fla, i64(bit)), i64(0))
+
+        self.f_relu, self.f_float = flag(EPI_RELU), flag(EPI_FLOAT)
+        self.f_res, self.f_codes, self.f_32 = flag(EPI_RESIDUAL), flag(EPI_CODES), flag(EPI_F32)
+        self.relu_v = _splat(builder, self.f_relu, _V16I1)
+        lanes = ir.Constant(_V16I32, list(range(16)))
+        self.zf = ir.Constant(_V16F32, [0.0] * 16)
+        self.hi_v = _splat(builder, qha, _V16F32)
+        self.mult_v = _splat(builder, qma, _V16F32)
+        pf = _F32.as_pointer()
+        self.mload = _declare(builder, "llvm.masked.load.v16f32.p0", _V16F32, [pf, _I32, _V16I1, _V16F32])
+        self.mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                               [_V16F32, pf, _I32, _V16I1])
+        self.mstore8 = _declare(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(),
+                                [_V16I8, _I8.as_pointer(), _I32, _V16I1])
+        self.rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
+        self.fma = _declare(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
+        self.fabs = _declare(builder, "llvm.fabs.v16f32", _V16F32, [_V16F32])
+        self.sc, self.masks, self.f32c = [], [], []
+        for b in range(OB):
+            v0 = builder.load(builder.bitcast(builder.gep(s0p, [i64(16 * b)]), _V16F64.as_pointer()))
+            v1 = builder.load(builder.bitcast(builder.gep(s1p, [i64(16 * b)]), _V16F64.as_pointer()))
+            v0.align = v1.align = 8
+            self.sc.append((v0, v1))
+            cf = []
+            for k in range(3):
+                ptr = builder.bitcast(builder.gep(sfp, [i64(48 * b + 16 * k)]), _V16F64.as_pointer())
+                ld = builder.load(ptr)
+                ld.align = 8
+                cf.append(builder.fptrunc(ld, _V16F32))  # exact: float32 values
+            self.f32c.append(cf)
+            lim = builder.trunc(builder.sub(ona, i64(16 * b)), _I32)
+            self.masks.append(builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32)))
+
+    def _codes(self, y):
+        b = self.b
+        t = b.select(b.fcmp_ordered(">", y, self.zf), y, self.zf)
+        t = b.select(b.fcmp_ordered(">", t, self.hi_v), self.hi_v, t)
+        return b.fmul(t, self.mult_v)
+
+    def row(self, ds, optr, rptr, cptr):
+        """The epilogue of one pixel: ``ds`` the OB int32 sum vectors; ``optr``/``rptr`` float32
+        pointers to its output / residual channel ``c0``, ``cptr`` a byte pointer to its codes."""
+        b = self.b
+        i32_4, i32_1 = ir.Constant(_I32, 4), ir.Constant(_I32, 1)
+        slow = cgutils.alloca_once_value(b, ir.Constant(_I1, 1))
+        with b.if_then(self.f_32, likely=True):
+            near = None
+            for k in range(self.OB):
+                a, c, lim = self.f32c[k]
+                t = self._codes(b.call(self.fma, [a, b.sitofp(ds[k], _V16F32), c]))
+                r = b.call(self.rint, [t])
+                nk = b.and_(b.fcmp_ordered(">=", b.call(self.fabs, [b.fsub(t, r)]), lim), self.masks[k])
+                near = nk if near is None else b.or_(near, nk)
+                b.call(self.mstore8, [b.fptoui(r, _V16I8), b.gep(cptr, [ir.Constant(_I64, 16 * k)]), i32_1,
+                                      self.masks[k]])
+            b.store(b.icmp_unsigned("!=", b.bitcast(near, ir.IntType(16)), ir.Constant(ir.IntType(16), 0)),
+                    slow)
+        with b.if_then(b.load(slow), likely=False):
+            vals = []
+            for k in range(self.OB):
+                v0, v1 = self.sc[k]
+                vals.append(cgutils.alloca_once_value(b, b.fadd(b.fmul(v1, b.sitofp(ds[k], _V16F64)), v0)))
+            with b.if_then(self.f_res):
+                for k in range(self.OB):
+                    ptr = b.gep(rptr, [ir.Constant(_I64, 16 * k)])
+                    rv = b.call(self.mload, [ptr, i32_4, self.masks[k], self.zf])
+                    b.store(b.fadd(b.load(vals[k]), b.fpext(rv, _V16F64)), vals[k])
+            ysf = []
+            for k in range(self.OB):
+                # ReLU after the rounding to float32: the same value (rounding is monotone and keeps
+                # the sign), one float32 max instead of float64 compares
+                y = b.fptrunc(b.load(vals[k]), _V16F32)
+                ysf.append(b.select(b.and_(b.fcmp_ordered("<", y, self.zf), self.relu_v), self.zf, y))
+            with b.if_then(self.f_float):
+                for k in range(self.OB):
+                    ptr = b.gep(optr, [ir.Constant(_I64, 16 * k)])
+                    b.call(self.mstore, [ysf[k], ptr, i32_4, self.masks[k]])
+            with b.if_then(self.f_codes):
+                for k in range(self.OB):
+                    c = b.fptoui(b.call(self.rint, [self._codes(ysf[k])]), _V16I8)
+                    b.call(self.mstore8, [c, b.gep(cptr, [ir.Constant(_I64, 16 * k)]), i32_1, self.masks[k]])
+
+
+def _array_ptr(context, builder, aty, value, ty):
+    arr = cgutils.create_struct_proxy(aty)(context, builder, value=value)
+    return builder.bitcast(arr.data, ty.as_pointer())
+
+
 def vnni_tile(R: int, OB: int):
     """An intrinsic computing R rows x OB*16 output channels of an int8 product and its epilogue::
 
-        tile(x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags,
+        tile(x, rows, qoff, nq, w, wbase, s0, s1, sf, c0, nv, on, flags,
              out, orows, res, codes, crows, qhi, qmult)
 
     Product (exact int32, in R*OB zmm registers: at most 24 of 32, and R <= 8 keeps the row
@@ -165,9 +282,8 @@ def vnni_tile(R: int, OB: int):
       OB`` 64 bytes ``w[o, 4 lanes]`` for the 16 output channels of the block (``o`` major).
     - ``D[r, o] = sum_i sum_l x[rows[r] + qoff[i] + l] * w[i, o, l]`` (``vpdpbusd``).
 
-    Epilogue for rows ``r < nv`` and channels ``o < on`` (float64 like the scalar kernels: a
-    multiply then an add, no fused multiply-add; ``s0``/``s1`` float64 need ``c0 + OB*16``
-    entries):
+    Epilogue (:class:`_Epilogue`) for rows ``r < nv`` and channels ``o < on``; ``s0``/``s1``
+    float64 need ``c0 + OB*16`` entries, ``sf`` ``3*(c0 + OB*16)``:
 
     - ``v = s1[c0+o] * D[r, o] + s0[c0+o]``;
     - ``EPI_RESIDUAL``: ``v += res[orows[r] + o]`` (float32 ``res``, the other operand of a
@@ -175,28 +291,25 @@ def vnni_tile(R: int, OB: int):
     - ``EPI_RELU``: ``v = 0`` where ``v < 0``; then ``y = float32(v)``;
     - ``EPI_FLOAT``: ``out[orows[r] + o] = y`` (float32 ``out``);
     - ``EPI_CODES``: ``codes[crows[r] + o] = rint(min(max(y, 0), qhi) * qmult)`` in float32 (the
-      fused PACT / DoReFa formula of the next layer's input quantizer; uint8 ``codes``).
+      fused PACT / DoReFa formula of the next layer's input quantizer; uint8 ``codes``);
+    - ``EPI_F32`` (with ``EPI_CODES`` only): the same codes from the float32 path.
     """
 
     @intrinsic
-    def tile(typingctx, x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags, out, orows, res, codes,
+    def tile(typingctx, x, rows, qoff, nq, w, wbase, s0, s1, sf, c0, nv, on, flags, out, orows, res, codes,
              crows, qhi, qmult):
-        sig = types.void(x, rows, qoff, nq, w, wbase, s0, s1, c0, nv, on, flags, out, orows, res, codes,
+        sig = types.void(x, rows, qoff, nq, w, wbase, s0, s1, sf, c0, nv, on, flags, out, orows, res, codes,
                          crows, qhi, qmult)
 
         def codegen(context, builder, signature, args):
-            (xa, ra, qa, nqa, wa, wb, s0a, s1a, c0a, nva, ona, fla, oa, ora, rsa, cda, cra, qha,
+            (xa, ra, qa, nqa, wa, wb, s0a, s1a, sfa, c0a, nva, ona, fla, oa, ora, rsa, cda, cra, qha,
              qma) = args
 
             def data(i, v, ty):
-                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-                return builder.bitcast(arr.data, ty.as_pointer())
+                return _array_ptr(context, builder, signature.args[i], v, ty)
 
             def i64(v):
                 return ir.Constant(_I64, v)
-
-            def flag(bit):
-                return builder.icmp_unsigned("!=", builder.and_(fla, i64(bit)), i64(0))
 
             xp = data(0, xa, _I8)
             rp = data(1, ra, _I64)
@@ -225,73 +338,79 @@ def vnni_tile(R: int, OB: int):
             # ---- epilogue
             s0p = builder.gep(data(6, s0a, _F64), [c0a])
             s1p = builder.gep(data(7, s1a, _F64), [c0a])
-            op = data(12, oa, _F32)
-            orp = data(13, ora, _I64)
-            rsp = data(14, rsa, _F32)
-            cdp = data(15, cda, _I8)
-            crp = data(16, cra, _I64)
-            f_relu, f_float = flag(EPI_RELU), flag(EPI_FLOAT)
-            f_res, f_codes = flag(EPI_RESIDUAL), flag(EPI_CODES)
-            relu_v = _splat(builder, f_relu, _V16I1)
-            lanes = ir.Constant(_V16I32, list(range(16)))
-            zd = ir.Constant(_V16F64, [0.0] * 16)
-            zf = ir.Constant(_V16F32, [0.0] * 16)
-            hi_v = _splat(builder, qha, _V16F32)
-            mult_v = _splat(builder, qma, _V16F32)
-            mload = _declare(builder, "llvm.masked.load.v16f32.p0", _V16F32,
-                             [_F32.as_pointer(), _I32, _V16I1, _V16F32])
-            mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                              [_V16F32, _F32.as_pointer(), _I32, _V16I1])
-            mstore8 = _declare(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(),
-                               [_V16I8, _I8.as_pointer(), _I32, _V16I1])
-            rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
-            sc, masks = [], []
-            for b in range(OB):
-                v0 = builder.load(builder.bitcast(builder.gep(s0p, [i64(16 * b)]), _V16F64.as_pointer()))
-                v1 = builder.load(builder.bitcast(builder.gep(s1p, [i64(16 * b)]), _V16F64.as_pointer()))
-                v0.align = v1.align = 8
-                sc.append((v0, v1))
-                lim = builder.trunc(builder.sub(ona, i64(16 * b)), _I32)
-                masks.append(builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32)))
+            sfp = builder.gep(data(8, sfa, _F64), [builder.mul(c0a, i64(3))])
+            epi = _Epilogue(context, builder, OB, s0p, s1p, sfp, ona, fla, qha, qma)
+            op = data(13, oa, _F32)
+            orp = data(14, ora, _I64)
+            rsp = data(15, rsa, _F32)
+            cdp = data(16, cda, _I8)
+            crp = data(17, cra, _I64)
             for r in range(R):
                 with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
                     orow = builder.load(builder.gep(orp, [i64(r)]))
-                    ys = []
-                    for b in range(OB):
-                        v0, v1 = sc[b]
-                        d = builder.sitofp(builder.load(accs[r * OB + b]), _V16F64)
-                        ys.append(builder.fadd(builder.fmul(v1, d), v0))
-                    # residual
-                    vals = [cgutils.alloca_once_value(builder, y) for y in ys]
-                    with builder.if_then(f_res):
-                        for b in range(OB):
-                            ptr = builder.gep(rsp, [builder.add(orow, i64(16 * b))])
-                            rv = builder.call(mload, [ptr, ir.Constant(_I32, 4), masks[b], zf])
-                            y = builder.fadd(builder.load(vals[b]), builder.fpext(rv, _V16F64))
-                            builder.store(y, vals[b])
-                    ysf = []
-                    for b in range(OB):
-                        y = builder.load(vals[b])
-                        neg = builder.and_(builder.fcmp_ordered("<", y, zd), relu_v)
-                        ysf.append(builder.fptrunc(builder.select(neg, zd, y), _V16F32))
-                    with builder.if_then(f_float):
-                        for b in range(OB):
-                            ptr = builder.gep(op, [builder.add(orow, i64(16 * b))])
-                            builder.call(mstore, [ysf[b], ptr, ir.Constant(_I32, 4), masks[b]])
-                    with builder.if_then(f_codes):
-                        crow = builder.load(builder.gep(crp, [i64(r)]))
-                        for b in range(OB):
-                            y = ysf[b]
-                            t = builder.select(builder.fcmp_ordered(">", y, zf), y, zf)
-                            t = builder.select(builder.fcmp_ordered(">", t, hi_v), hi_v, t)
-                            c = builder.fptoui(builder.call(rint, [builder.fmul(t, mult_v)]), _V16I8)
-                            ptr = builder.gep(cdp, [builder.add(crow, i64(16 * b))])
-                            builder.call(mstore8, [c, ptr, ir.Constant(_I32, 1), masks[b]])
+                    crow = builder.load(builder.gep(crp, [i64(r)]))
+                    ds = [builder.load(accs[r * OB + b]) for b in range(OB)]
+                    epi.row(ds, builder.gep(op, [orow]), builder.gep(rsp, [orow]), builder.gep(cdp, [crow]))
             return context.get_dummy_value()
 
         return sig, codegen
 
     return tile
+
+
+def amx_epilogue(NB: int):
+    """An intrinsic running the int8 epilogue (:class:`_Epilogue`, as in :func:`vnni_tile`) on
+    consecutive rows of AMX accumulators::
+
+        epi(acc, arow, n, orow, crow, step, s0, s1, sf, c0, on, flags, out, res, codes, qhi, qmult)
+
+    ``acc`` int32, rows of NB*16 sums; for ``j < n`` the sums at ``acc[arow + j*NB*16:]``, float
+    output and residual at ``orow + j*step``, codes at ``crow + j*step`` (channel ``c0`` of each)."""
+
+    @intrinsic
+    def epi(typingctx, acc, arow, n, orow, crow, step, s0, s1, sf, c0, on, flags, out, res, codes, qhi,
+            qmult):
+        sig = types.void(acc, arow, n, orow, crow, step, s0, s1, sf, c0, on, flags, out, res, codes, qhi,
+                         qmult)
+
+        def codegen(context, builder, signature, args):
+            (aca, ara, na, ora, cra, sta, s0a, s1a, sfa, c0a, ona, fla, oa, rsa, cda, qha, qma) = args
+
+            def data(i, v, ty):
+                return _array_ptr(context, builder, signature.args[i], v, ty)
+
+            def i64(v):
+                return ir.Constant(_I64, v)
+
+            ap = builder.gep(data(0, aca, _I32), [ara])
+            s0p = builder.gep(data(6, s0a, _F64), [c0a])
+            s1p = builder.gep(data(7, s1a, _F64), [c0a])
+            sfp = builder.gep(data(8, sfa, _F64), [builder.mul(c0a, i64(3))])
+            epi = _Epilogue(context, builder, NB, s0p, s1p, sfp, ona, fla, qha, qma)
+            op = builder.gep(data(12, oa, _F32), [ora])
+            rsp = builder.gep(data(13, rsa, _F32), [ora])
+            cdp = builder.gep(data(14, cda, _I8), [cra])
+            with cgutils.for_range(builder, na) as loop:
+                j = loop.index
+                a = builder.gep(ap, [builder.mul(j, i64(NB * 16))])
+                ds = []
+                for b in range(NB):
+                    ld = builder.load(builder.bitcast(builder.gep(a, [i64(16 * b)]), _V16I32.as_pointer()))
+                    ld.align = 4
+                    ds.append(ld)
+                o = builder.mul(j, sta)
+                epi.row(ds, builder.gep(op, [o]), builder.gep(rsp, [o]), builder.gep(cdp, [o]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return epi
+
+
+amx_epilogue_1 = amx_epilogue(1)
+amx_epilogue_2 = amx_epilogue(2)
+amx_epilogue_3 = amx_epilogue(3)
+amx_epilogue_4 = amx_epilogue(4)
 
 
 # rows of the tile used for OB blocks of 16 output channels (index OB = 1..4)
@@ -300,3 +419,8 @@ vnni_tile_1 = vnni_tile(VNNI_TILES[1], 1)
 vnni_tile_2 = vnni_tile(VNNI_TILES[2], 2)
 vnni_tile_3 = vnni_tile(VNNI_TILES[3], 3)
 vnni_tile_4 = vnni_tile(VNNI_TILES[4], 4)
+# one-row tiles (a Linear layer at batch 1: the R-row tiles would compute R - 1 rows for nothing)
+vnni_row_1 = vnni_tile(1, 1)
+vnni_row_2 = vnni_tile(1, 2)
+vnni_row_3 = vnni_tile(1, 3)
+vnni_row_4 = vnni_tile(1, 4)

@@ -45,13 +45,14 @@ from torch import Tensor, nn
 from . import _amx
 from . import kernels_threads as _threads
 from ._amx import amx_release
-from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, kernel
+from ._jit import EPI_CODES, EPI_FLOAT, EPI_RESIDUAL, kernel
 from .kernels_int8 import (
     INT8_SLACK,
     _amx_conv_range,
     _int8_conv_range,
     _int8_quantize_range,
     amx_k_offsets,
+    epilogue_flags,
     pack_amx_weights,
 )
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
@@ -140,6 +141,7 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 w = w8[p[15] : p[15] + p[16]]
                 s0 = sc[p[17] : p[17] + p[19]]
                 s1 = sc[p[18] : p[18] + p[19]]
+                sf = sc[p[33] : p[33] + 3 * p[19]]
                 flags = p[20]
                 o = fa[p[21] :] if flags & EPI_FLOAT else fa[:0]
                 r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
@@ -148,11 +150,11 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 if p[29]:  # AMX tiles
                     used_amx = True
                     cfg = w8[p[30] : p[30] + 64]
-                    _amx_conv_range(ca[p[1] :], geo, qoff, w, cfg, p[31], p[32], s0, s1, flags, o, r, cd,
+                    _amx_conv_range(ca[p[1] :], geo, qoff, w, cfg, p[31], p[32], s0, s1, sf, flags, o, r, cd,
                                     cgeo, sc[p[28]], sc[p[28] + 1], 0, nv)
                 else:
                     M = nv * geo[3] * geo[4]
-                    _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, flags, o, r, cd, cgeo,
+                    _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, sf, flags, o, r, cd, cgeo,
                                      sc[p[28]], sc[p[28] + 1], 0, M)
             elif op == OP_SUBSAMPLE:
                 _subsample(fa[p[1] :], p[2], p[3], p[4], p[5], p[6], fa[p[7] :], p[8], p[9], nv)
@@ -292,6 +294,18 @@ def _coefficients(b: _Builder, pm) -> tuple[int, int, int]:
     return got
 
 
+def _f32_coefficients(b: _Builder, pm) -> int:
+    """Offset of the float32 epilogue's coefficients of ``pm`` (``PackedConv2d.f32_coefficients``),
+    or -1 when it does not apply."""
+    key = ("sf", id(pm))
+    got = b._weights.get(key)
+    if got is None:
+        s0, s1 = pm._static8 or pm._coeffs8_static()
+        sf = pm.f32_coefficients(s0, s1)
+        got = b._weights[key] = -1 if sf is None else b.put("sc", sf)
+    return got
+
+
 def _weights(b: _Builder, pm) -> tuple[int, int, int, int]:
     """(w offset, w length, passes offset, passes count) of the VNNI weights of an int8 layer (put
     into the program only for layers that run on the VNNI tiles)."""
@@ -347,18 +361,19 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     s0o, s1o, sn = _coefficients(b, pm)
     ct = None if linear else pm.code_target
     emit_float = linear or pm.emit_float or ct is None
-    flags = (EPI_RELU if pm.relu else 0) | (EPI_FLOAT if emit_float else 0)
     fo = b.falloc(OH, OW, O) if emit_float else 0
     ro = 0
     if res is not None:
         if res.kind != "f" or (res.H, res.W, res.C) != (OH, OW, O):
             raise UnsupportedGraphError(f"{pm.layer_name}: residual operand of another shape")
-        flags |= EPI_RESIDUAL
         ro = res.off
+    sfo = -1 if (emit_float or res is not None or linear) else _f32_coefficients(b, pm)
+    flags = epilogue_flags(pm.relu, emit_float, res is not None, ct is not None, sfo >= 0)
+    if sfo < 0:  # the kernels read them whatever the flags
+        sfo = b.put("sc", np.zeros(3 * sn, np.float64))
     co, cgeo, qs = 0, [0, 0, 0, 0], b.floats(0.0, 0.0)
     cval = None
     if ct is not None:
-        flags |= EPI_CODES
         cgeo = [int(v) for v in ct.geometry(OH, OW)]
         co = b.calloc(cgeo[0], cgeo[1], O)
         qs = b.floats(ct.hi, ct.mult)
@@ -373,7 +388,7 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     else:
         wo, wl, po, pn = _weights(b, pm)
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
-         *cgeo, qs, *amx)
+         *cgeo, qs, *amx, sfo)
     fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
     if cval is None:
         return fval
@@ -618,4 +633,4 @@ class FlatExecutor:
             a = arenas.get((shape, 0))
             fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)
             _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, out, prog.oinfo, fa, ca, B, prog.chunk)
-        return torch.from_numpy(out).view(B, *prog.out_shape)
+        return torch.from_numpy(out.reshape(B, *prog.out_shape))  # a NumPy reshape: no torch dispatch

@@ -13,15 +13,23 @@ from ._amx import (
     amx_block_2x2,
     amx_block_4x1,
     amx_config,
-    epilogue_row,
 )
 from ._jit import (
     EPI_CODES,
+    EPI_F32,
     EPI_FLOAT,
     EPI_RELU,
     EPI_RESIDUAL,
     VNNI_TILES,
+    amx_epilogue_1,
+    amx_epilogue_2,
+    amx_epilogue_3,
+    amx_epilogue_4,
     kernel,
+    vnni_row_1,
+    vnni_row_2,
+    vnni_row_3,
+    vnni_row_4,
     vnni_tile_1,
     vnni_tile_2,
     vnni_tile_3,
@@ -132,6 +140,40 @@ def pack_int8_weights(w_int: np.ndarray, dw: int):
     return np.ascontiguousarray(np.concatenate(parts)), np.array(passes, np.int64).reshape(-1, 3)
 
 
+_U32 = 2.0**-24  # unit roundoff of float32
+
+
+def f32_coefficients(s0: np.ndarray, s1: np.ndarray, wabs: np.ndarray, in_max: int, hi: float, mult: float
+                     ) -> tuple[np.ndarray, bool]:
+    """The float32 epilogue's coefficients (``_jit._Epilogue``, ``EPI_F32``) for ``y = s1*D + s0``
+    with ``|D| <= in_max * wabs[o]`` (``wabs[o] = sum_r |w_int[o, r]|``, ``in_max`` the largest
+    input code), the next layer's codes ``rint(min(max(y, 0), hi) * mult)``.
+
+    Returns (``sf``, usable): ``sf`` float64 (3 * len(s0)) holding float32 values, per block of 16
+    channels ``a = f32(s1)``, ``b = f32(s0)``, ``lim = 0.5 - e`` (rounded down). Error bound: with
+    ``u = 2**-24``, ``fma(a, D, b)`` is within ``dy = 4u(|s1|*Dmax + |s0|)`` of ``float32(s1*D +
+    s0)`` (the float64 path's value: one rounding of ``a``, ``b`` and the fma each, one of the
+    float64 result), clipping does not increase it and ``t = y * mult`` adds two float32
+    roundings: ``|t32 - t64| <= mult*dy + 4u*(hi*mult + 1) = e/2``. A half-integer farther than
+    ``e`` from ``t32`` is not between ``t32`` and ``t64``, so both round to the same code.
+    ``usable`` is False when the bound leaves no room (``lim < 0.4``) or ``D`` may not be exact
+    in float32 (``Dmax >= 2**24``)."""
+    s0 = np.asarray(s0, np.float64)
+    s1 = np.asarray(s1, np.float64)
+    n = s0.shape[0]
+    dmax = np.zeros(n)
+    dmax[: len(wabs)] = float(in_max) * np.asarray(wabs, np.float64)
+    e = 2.0 * (mult * 4 * _U32 * (np.abs(s1) * dmax + np.abs(s0)) + 4 * _U32 * (hi * mult + 1.0))
+    lim = (0.5 - e).astype(np.float32)
+    lim = np.where(lim.astype(np.float64) > 0.5 - e, np.nextafter(lim, np.float32(-1)), lim)
+    parts = np.stack([s1.astype(np.float32), s0.astype(np.float32), lim]).astype(np.float64)  # (3, n)
+    nb = n // 16
+    sf = np.zeros(3 * n, np.float64)
+    sf[: 48 * nb] = parts[:, : 16 * nb].reshape(3, nb, 16).transpose(1, 0, 2).reshape(-1)
+    usable = bool(dmax.max(initial=0.0) < 2.0**24 and lim[: len(wabs)].min(initial=0.5) >= 0.4)
+    return sf, usable
+
+
 @kernel
 def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo, n_hi):
     """Quantize x (N, H, W, C) float32 (any strides) into the padded code image in ``xq``; the
@@ -194,7 +236,8 @@ def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 
 
 
 @kernel
-def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, flags, out, res, codes, cgeo, qhi, qmult, m_lo, m_hi):
+def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, sf, flags, out, res, codes, cgeo, qhi, qmult, m_lo,
+                     m_hi):
     """Output pixels m_lo..m_hi (m = (n, oh, ow)) of the int8 convolution, every pass of output
     channels, with the epilogue of ``vnni_tile`` (``flags``).
 
@@ -220,6 +263,9 @@ def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, flags, out, res, codes, c
     rows = np.empty(8, np.int64)
     orows = np.empty(8, np.int64)
     crows = np.empty(8, np.int64)
+    r1 = np.empty(1, np.int64)
+    o1 = np.empty(1, np.int64)
+    c1 = np.empty(1, np.int64)
     for p in range(passes.shape[0]):
         OB = passes[p, 0]
         o0 = passes[p, 1]
@@ -245,23 +291,59 @@ def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, flags, out, res, codes, c
                         n += 1
             for r in range(nv, R):
                 rows[r] = rows[nv - 1]
-            if OB == 1:
-                vnni_tile_1(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+            if nv <= 2:  # a Linear layer at batch 1-2: one-row tiles, not R rows of which nv count
+                for r in range(nv):
+                    r1[0] = rows[r]
+                    o1[0] = orows[r]
+                    c1[0] = crows[r]
+                    if OB == 1:
+                        vnni_row_1(xq, r1, qoff, nq, w, wb, s0, s1, sf, o0, 1, on, flags, out, o1, res, codes,
+                                   c1, qh, qm)
+                    elif OB == 2:
+                        vnni_row_2(xq, r1, qoff, nq, w, wb, s0, s1, sf, o0, 1, on, flags, out, o1, res, codes,
+                                   c1, qh, qm)
+                    elif OB == 3:
+                        vnni_row_3(xq, r1, qoff, nq, w, wb, s0, s1, sf, o0, 1, on, flags, out, o1, res, codes,
+                                   c1, qh, qm)
+                    else:
+                        vnni_row_4(xq, r1, qoff, nq, w, wb, s0, s1, sf, o0, 1, on, flags, out, o1, res, codes,
+                                   c1, qh, qm)
+            elif OB == 1:
+                vnni_tile_1(xq, rows, qoff, nq, w, wb, s0, s1, sf, o0, nv, on, flags, out, orows, res, codes,
                             crows, qh, qm)
             elif OB == 2:
-                vnni_tile_2(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                vnni_tile_2(xq, rows, qoff, nq, w, wb, s0, s1, sf, o0, nv, on, flags, out, orows, res, codes,
                             crows, qh, qm)
             elif OB == 3:
-                vnni_tile_3(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                vnni_tile_3(xq, rows, qoff, nq, w, wb, s0, s1, sf, o0, nv, on, flags, out, orows, res, codes,
                             crows, qh, qm)
             else:
-                vnni_tile_4(xq, rows, qoff, nq, w, wb, s0, s1, o0, nv, on, flags, out, orows, res, codes,
+                vnni_tile_4(xq, rows, qoff, nq, w, wb, s0, s1, sf, o0, nv, on, flags, out, orows, res, codes,
                             crows, qh, qm)
 
 
 _EMPTY_F32 = np.zeros(0, np.float32)
 _EMPTY_U8 = np.zeros(0, np.uint8)
 _NO_CGEO = np.zeros(4, np.int64)
+
+
+def epilogue_flags(relu: bool, emit_float: bool, residual: bool, codes: bool, f32: bool) -> int:
+    """The epilogue flags of the int8 kernels; ``EPI_F32`` only where it applies (codes, no float
+    output, no residual)."""
+    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if emit_float else 0)
+    flags |= (EPI_RESIDUAL if residual else 0) | (EPI_CODES if codes else 0)
+    if f32 and codes and not emit_float and not residual:
+        flags |= EPI_F32
+    return flags
+
+
+def _flags(relu, out, res, codes, sf) -> int:
+    return epilogue_flags(relu, out is not None, res is not None, codes is not None, sf is not None)
+
+
+def _sf(sf: np.ndarray | None, s0: np.ndarray) -> np.ndarray:
+    """``sf`` or zeros of its size (the kernels read it whatever the flags)."""
+    return np.zeros(3 * s0.shape[0], np.float64) if sf is None else sf
 
 
 def int8_conv(
@@ -279,6 +361,7 @@ def int8_conv(
     cgeo: np.ndarray | None = None,
     qhi: float = 0.0,
     qmult: float = 0.0,
+    sf: np.ndarray | None = None,
 ) -> None:
     """The int8 convolution of the code image ``xq`` (:func:`int8_quantize`) with the weights of
     :func:`pack_int8_weights`, quads ``qoff`` (:func:`int8_quad_offsets`), ``geo`` = (Hp, Wp, C,
@@ -287,10 +370,11 @@ def int8_conv(
     ``y = s1*D + s0`` (+ ``res``) (ReLU) goes to ``out`` (N*OH*OW*O float32, NHWC order) and / or,
     quantized with the next layer's clip formula (``qhi``, ``qmult``), to ``codes``, that layer's
     padded image of geometry ``cgeo`` = (Hp', Wp', ph', pw') (its border must already hold the
-    padding code). ``s0``, ``s1`` float64 are zero padded to whole blocks of 16 channels."""
-    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
-    flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
-    args = (xq, geo, qoff, w, passes, s0, s1, flags,
+    padding code). ``s0``, ``s1`` float64 are zero padded to whole blocks of 16 channels. ``sf``
+    (:func:`f32_coefficients`, when usable): codes without a float output or a residual come from
+    the float32 epilogue (the same codes, see ``_jit._Epilogue``)."""
+    flags = _flags(relu, out, res, codes, sf)
+    args = (xq, geo, qoff, w, passes, s0, s1, _sf(sf, s0), flags,
             _EMPTY_F32 if out is None else out.reshape(-1), _EMPTY_F32 if res is None else res.reshape(-1),
             _EMPTY_U8 if codes is None else codes, _NO_CGEO if cgeo is None else cgeo, float(qhi),
             float(qmult))
@@ -349,7 +433,7 @@ def amx_k_offsets(KH: int, nck: int, kc: int, dh: int, Wp: int, C: int) -> np.nd
 
 
 @kernel
-def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, flags, out, res, codes, cgeo, qhi, qmult,
+def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, sf, flags, out, res, codes, cgeo, qhi, qmult,
                     n_lo, n_hi):
     """Images n_lo..n_hi of the int8 convolution on AMX tiles (geometry and epilogue as
     ``_int8_conv_range``; ``sh == sw`` and at least 16 virtual rows per image, see above)."""
@@ -398,36 +482,49 @@ def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, flags, out, res, cod
                     amx_block_1x3(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
                 else:
                     amx_block_1x4(xq, abase, istr, koff, nk, w, wb, kstride, nstride, acc)
+                # the epilogue, by runs of consecutive valid rows (one output row each): virtual rows
+                # v..v+len map to outputs (oh, ow..ow+len), ``O`` floats / codes apart
                 for m in range(MB):
                     if v0 + 16 * m >= VM:
                         break
                     v = min(v0 + 16 * m, VM - 16)
-                    oh = v // Wp
-                    ow = v - oh * Wp
-                    for r in range(16):
-                        if ow < OW:
-                            orow = ((n * OH + oh) * OW + ow) * O + c0
-                            crow = ((n * Hc + oh + phc) * Wc + ow + pwc) * O + c0
-                            epilogue_row(acc, (m * 16 + r) * NB * 16, NB, s0, s1, c0, O - c0, flags, out,
-                                         orow, res, codes, crow, qh, qm)
-                        ow += 1
-                        if ow == Wp:
-                            ow = 0
-                            oh += 1
+                    r = 0
+                    while r < 16:
+                        oh = (v + r) // Wp
+                        ow = v + r - oh * Wp
+                        if ow >= OW:  # a padding column: skip to the next output row
+                            r += Wp - ow
+                            continue
+                        ln = min(16 - r, OW - ow)
+                        orow = ((n * OH + oh) * OW + ow) * O + c0
+                        crow = ((n * Hc + oh + phc) * Wc + ow + pwc) * O + c0
+                        arow = (m * 16 + r) * NB * 16
+                        if NB == 1:
+                            amx_epilogue_1(acc, arow, ln, orow, crow, O, s0, s1, sf, c0, O - c0, flags, out,
+                                           res, codes, qh, qm)
+                        elif NB == 2:
+                            amx_epilogue_2(acc, arow, ln, orow, crow, O, s0, s1, sf, c0, O - c0, flags, out,
+                                           res, codes, qh, qm)
+                        elif NB == 3:
+                            amx_epilogue_3(acc, arow, ln, orow, crow, O, s0, s1, sf, c0, O - c0, flags, out,
+                                           res, codes, qh, qm)
+                        else:
+                            amx_epilogue_4(acc, arow, ln, orow, crow, O, s0, s1, sf, c0, O - c0, flags, out,
+                                           res, codes, qh, qm)
+                        r += ln
             ob += NB
 
 
 def amx_conv(xq: np.ndarray, geo: np.ndarray, koff: np.ndarray, w: np.ndarray, cfg: np.ndarray, kc: int,
              nbt: int, s0: np.ndarray, s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None,
              res: np.ndarray | None = None, codes: np.ndarray | None = None, cgeo: np.ndarray | None = None,
-             qhi: float = 0.0, qmult: float = 0.0) -> None:
+             qhi: float = 0.0, qmult: float = 0.0, sf: np.ndarray | None = None) -> None:
     """:func:`int8_conv` on AMX tiles (``_amx.HAS_AMX``): weights of :func:`pack_amx_weights`,
     K offsets :func:`amx_k_offsets`, tile configuration ``_amx.amx_tile_config(kc, nbt)``. One
     thread."""
-    flags = (EPI_RELU if relu else 0) | (EPI_FLOAT if out is not None else 0)
-    flags |= (EPI_RESIDUAL if res is not None else 0) | (EPI_CODES if codes is not None else 0)
+    flags = _flags(relu, out, res, codes, sf)
     out = _EMPTY_F32 if out is None else out.reshape(-1)
     res = _EMPTY_F32 if res is None else res.reshape(-1)
-    _amx_conv_range(xq, geo, koff, w, cfg, int(kc), int(nbt), s0, s1, flags, out, res,
+    _amx_conv_range(xq, geo, koff, w, cfg, int(kc), int(nbt), s0, s1, _sf(sf, s0), flags, out, res,
                     _EMPTY_U8 if codes is None else codes, _NO_CGEO if cgeo is None else cgeo, float(qhi),
                     float(qmult), 0, int(geo[7]))

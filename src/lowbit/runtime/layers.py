@@ -48,6 +48,7 @@ from . import kernels_amx as KA
 from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
+from . import kernels_int8 as KI
 from ._amx import amx_enabled
 
 log = logging.getLogger(__name__)
@@ -803,6 +804,33 @@ class PackedConv2d(_PackedBase):
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 and self.groups == 1:
             self.i8 = int8_weights(wp, (*self.kernel_size, self.in_channels), self.dilation)
 
+    def i8_abs_sums(self) -> np.ndarray:
+        """(O,) float64 ``sum_r |w_int[o, r]|`` of the int8 weights (a bound on the integer sums)."""
+        got = self.__dict__.get("_i8_abs")
+        if got is None:
+            folded = fold_integers(self.wp)
+            assert folded is not None
+            got = self.__dict__["_i8_abs"] = np.abs(folded[0]).sum(axis=1).astype(np.float64)
+        return got
+
+    def in_max_code(self) -> int:
+        """The largest input code: ``rint(hi * mult)`` of the fused quantizer, else 255 (uint8)."""
+        a = self.act
+        return int(np.rint(np.float32(a.hi) * np.float32(a.mult))) if a.mode == 0 else 255
+
+    def f32_coefficients(self, s0: np.ndarray, s1: np.ndarray) -> np.ndarray | None:
+        """The float32 epilogue's coefficients for the codes of ``code_target`` (None where it does
+        not apply: no code target, a float output, or a bound without room), cached per ``s0``."""
+        ct = self.code_target
+        if ct is None or self.emit_float or self.residual:
+            return None
+        key = (id(s0), ct.hi, ct.mult)
+        got = self.__dict__.get("_f32")
+        if got is None or got[0] != key or got[1] is not s0:
+            sf, usable = KI.f32_coefficients(s0, s1, self.i8_abs_sums(), self.in_max_code(), ct.hi, ct.mult)
+            got = self.__dict__["_f32"] = (key, s0, sf if usable else None)
+        return got[2]
+
     def out_hw(self, H: int, W: int) -> tuple[int, int]:
         KH, KW = self.kernel_size
         OH = (H + 2 * self.padding[0] - self.dilation[0] * (KH - 1) - 1) // self.stride[0] + 1
@@ -890,8 +918,9 @@ class PackedConv2d(_PackedBase):
             if plan.cgeo is None:
                 plan.cgeo = ct.geometry(OH, OW)
             codes_out = ct.alloc(N, OH, OW, O)
+            sf = self.f32_coefficients(s0, s1) if out is None and resn is None else None
             K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn, codes_out.buf,
-                        plan.cgeo, ct.hi, ct.mult)
+                        plan.cgeo, ct.hi, ct.mult, sf)
         else:
             codes_out = None
             K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn)
