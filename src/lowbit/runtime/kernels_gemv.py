@@ -282,24 +282,32 @@ def tile_shape(b: int, M: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
+#: adding and subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22] to the nearest integer, ties
+#: to even: ``rint`` that LLVM vectorises (the scalar loop took 4-5 us per 4096 inputs)
+_ROUND = np.float32(12582912.0)
+
+
 @kernel
 def _quant_rows(x, mode, hi, mult, codes, A):
     """x (M, K) float32 -> codes (Mp, Kp) int8 holding ``a - 128`` (zero beyond M, K on entry),
     A (M,) code sums. mode 0: ``a = rint(min(max(x, 0), hi) * mult)`` in float32 (the fused
-    quantizer); 1: x holds the codes."""
+    quantizer; ``hi * mult <= 255``); 1: x holds the codes."""
     M, Kr = x.shape
     for m in range(M):
-        s = np.int64(0)
+        s = np.int32(0)
         row = codes[m]
+        xr = x[m]
         if mode == 1:
             for r in range(Kr):
-                c = np.int64(x[m, r])
+                c = np.int32(xr[r])
                 row[r] = np.int8(c - 128)
                 s += c
         else:
             for r in range(Kr):
-                t = min(max(x[m, r], np.float32(0.0)), hi)
-                c = np.int64(np.rint(t * mult))
+                v = xr[r]
+                t = v if v > np.float32(0.0) else np.float32(0.0)
+                t = t if t < hi else hi
+                c = np.int32((t * mult + _ROUND) - _ROUND)
                 row[r] = np.int8(c - 128)
                 s += c
         A[m] = s
