@@ -34,6 +34,12 @@ Thread policy (which loops may open numba ``parallel=True`` regions, and why):
   spinning pools steal each other's cores (on a 2-core machine a 0.1 ms batch-1 model took
   ~10 ms), and the server calls kernels from several threads at once.
 
+- **Small calls run on one thread.** A packed model called on one sample of at most
+  ``runtime.compiler.SERIAL_MAX_NUMEL`` input values (a transformer at batch 1, a conv net on one
+  image) sets PyTorch's intra-op threads to 1 and ``runtime.kernels_threads.set_serial`` for the
+  call: its steps are too small to pay for a fork/join, and on a busy machine a second thread costs
+  more than it brings (measured: BERT-256 at batch 1 was 23x slower with 2 PyTorch threads).
+
 :func:`jit` enforces the policy: ``parallel=True`` is refused outside :data:`PARALLEL_MODULES`.
 """
 
