@@ -89,6 +89,30 @@ def test_gemv_equals_integer_reference(kind, threads, monkeypatch):
 
 
 @needs_vnni
+@pytest.mark.parametrize("mult", [1.0, 0.5, 85.0])
+def test_gemv_input_rounding_ties_to_even(mult):
+    """The fused input quantizer clips to [0, hi] and rounds half-way products to even as
+    ``np.rint`` does (0.5 -> 0, 1.5 -> 2, 2.5 -> 2): every tie and every code, exactly."""
+    hi = np.float32(255.0 / mult)
+    ties = (np.arange(256) + 0.5) / np.float32(mult)
+    x = np.concatenate([ties, np.arange(256) / np.float32(mult), [-3.0, -0.0, 1e9, hi, np.nextafter(hi, 0)]])
+    x = x.astype(np.float32)[None]
+    t = np.minimum(np.maximum(x, np.float32(0)), hi) * np.float32(mult)
+    assert np.sum(t == np.floor(t) + 0.5) >= 100  # the ties are exact in float32
+    rng = np.random.default_rng(3)
+    q = _weights(rng, "ternary", 16, x.shape[1])
+    gw = KV.GemvWeights(q)
+    s0, s1, s2 = rng.standard_normal((3, 16))
+    out = np.empty((1, 16), np.float32)
+    KV.gemv(x, 0, hi, np.float32(mult), gw, s0, s1, s2, False, out)
+    codes = quantize_codes_reference(x, hi, np.float32(mult))
+    np.testing.assert_array_equal(out, KV.gemv_reference(codes, q, s0, s1, s2))
+    # one code off by one changes the output: the comparison can fail
+    codes[0, 1] += 1
+    assert not np.array_equal(out, KV.gemv_reference(codes, q, s0, s1, s2))
+
+
+@needs_vnni
 def test_gemv_is_not_the_reference_of_other_weights():
     """The comparison can fail: one flipped weight field changes the output."""
     rng = np.random.default_rng(1)
