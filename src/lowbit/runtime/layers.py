@@ -696,7 +696,7 @@ class PackedLinear(_PackedBase):
     def _forward_gemv(self, x: Tensor) -> Tensor:
         """Few float rows (M, K) and the fused input quantizer: the GEMV with cached arguments (at
         batch 1 the Python around a 4096x4096 product is a sizeable part of its time)."""
-        xa = x.detach()
+        xa = x.detach() if x.requires_grad else x  # detach() alone costs ~1 us a call
         if xa.dtype != torch.float32 or not xa.is_contiguous():
             xa = xa.contiguous().float()
         _, qp, coef = self._gemv_static()
