@@ -247,3 +247,39 @@ def test_one_small_sample_runs_on_one_thread():
     finally:
         torch.set_num_threads(t0)
         numba.set_num_threads(n0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transformers_bert_signed_equals_fp64(threads, monkeypatch, one_thread):
+    """A ``transformers.BertModel`` (1 layer, hidden 64; torch.fx cannot trace it: packed layer by
+    layer) with signed 8-bit PACT inputs: every Linear packed with the signed formula, the output
+    equal to the float64 reference."""
+    transformers = pytest.importorskip("transformers")
+    _threads(threads, monkeypatch)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=2, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=16,
+                                  attn_implementation="eager")
+
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = transformers.BertModel(cfg, add_pooling_layer=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bert(inputs_embeds=x).last_hidden_state
+
+    recipe = {"default": {"weight": {"method": "twn", "bits": 2},
+                          "activation": {"method": "pact", "bits": 8, "alpha_init": 4.0, "signed": True}}}
+    model = lowbit.quantize(Enc(), recipe).eval()
+    packed = rt.compile(model, torch.randn(1, 16, 64))
+    layers = packed.packed_layers()
+    assert len(layers) == 6 and all(m.act.mode == 2 for m in layers.values())
+    prev = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for batch in (1, 3):
+            x = torch.randn(batch, 16, 64)
+            assert _rel(packed(x), reference_fp64(model, x)) < 1e-5
+    finally:
+        numba.set_num_threads(prev)
