@@ -17,7 +17,8 @@
    tensor is written only for the other users, if any; a global average pool of the output
    reads the NHWC floats directly (``GlobalAvgPool2d``).
 5. The fused activation quantization (the formula of the quantizer's ``runtime_codes_spec()``,
-   inside the kernel) is checked code for code against its ``encode`` on the recorded inputs; a
+   inside the kernel; for a signed grid one ``kernels_codes`` pass before it) is checked code for
+   code against its ``encode`` on the recorded inputs; a
    mismatch switches the layer to calling ``encode`` (and unlinks it from step 4b). The packed
    output is compared with the reference output (``PackedModel.max_abs_diff``).
 6. The graph calls the runtime's modules through their bound ``forward`` (no ``nn.Module``
@@ -28,6 +29,8 @@
    as one numba call per batch (``executor.py``, ``PackedModel.executor``; convolutions on AMX
    tiles where the CPU has them): no Python between layers. Other graphs, and inputs it cannot
    take, run module by module as above.
+8. A call on one sample of at most ``SERIAL_MAX_NUMEL`` input values runs on the calling thread
+   (PyTorch's intra-op threads and the kernels' both 1 for the call).
 
 What stays in PyTorch, and why (``PackedModel.summary()`` lists every quantized layer as
 ``packed`` or ``torch`` with its reason, ``PackedModel.layers`` holds the same rows, and each
