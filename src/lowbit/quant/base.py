@@ -317,9 +317,10 @@ class ActivationQuantizer(Quantizer):
         The hook of every activation quantizer the runtime packs (the runtime never tests a
         quantizer's type). A quantizer returns a spec only when it reproduces ``encode`` and
         ``forward`` bit for bit for every float32 input: directly from its formula (PACT,
-        DoReFa), or, for a division ``x / s`` (LSQ, uniform), by :func:`clip_multiply_spec`, which
-        searches a multiplier and checks it at every code boundary. Quantizers whose codes depend
-        on the batch (not yet initialised), signed grids and ceil rounding (BCGD) return None."""
+        DoReFa), or, for a division ``x / s`` (LSQ, uniform), by :func:`clip_multiply_spec` (signed
+        grids: :func:`symmetric_multiply_spec`), which searches a multiplier and checks it at every
+        code boundary. Quantizers whose codes depend on the batch (not yet initialised), a division
+        no float32 multiplier reproduces, and ceil rounding (BCGD) return None."""
         return None
 
     def extra_repr(self) -> str:
