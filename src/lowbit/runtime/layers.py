@@ -541,7 +541,10 @@ class _PackedBase(nn.Module):
         if a.mode == 0:
             return x.detach().contiguous().float().numpy(), 0, a.hi, a.mult, a.sx, a.ma
         if a.mode == 2:
-            return spec_codes(a, x.detach().contiguous().float().numpy()), 1, 0.0, 0.0, a.sx, a.ma
+            xa = x.detach()
+            if xa.dtype != torch.float32 or not xa.is_contiguous():  # (two dispatches fewer when not)
+                xa = xa.contiguous().float()
+            return spec_codes(a, xa.numpy()), 1, 0.0, 0.0, a.sx, a.ma
         codes, sx, ma = encode_codes(a, x.detach())
         return codes, 1, 0.0, 0.0, sx, ma
 
