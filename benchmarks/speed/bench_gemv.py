@@ -9,7 +9,8 @@ TWN ternary / DoReFa 2-bit / DoReFa 4-bit with 8-bit PACT input codes, against t
 layer in PyTorch FP32, onnxruntime FP32, PyTorch dynamic int8 (``quantize_dynamic``) and
 onnxruntime dynamic / static QDQ int8. ``lowbit`` is the whole call of the compiled one-layer
 model on a float tensor (input quantization, product, float epilogue, output tensor);
-``kernel`` is the GEMV alone on NumPy arrays (``kernels_gemv.gemv``). bitnet.cpp's published
+``kernel`` is the GEMV alone on NumPy arrays (``kernels_gemv.gemv_run`` with the layer's cached
+arguments). bitnet.cpp's published
 figure for one [1, 2048] x [2048, 2048] I2_S product stands beside the 2048 rows (microsoft/BitNet
 ``src/README.md``, "Kernel Performance Comparison": AMD EPYC 7V13, 1 thread, 0.058 +- 0.007 ms;
 another CPU, not measured here).
@@ -171,11 +172,10 @@ def layer_part(sizes: list[int], threads_list: list[int], budget_s: float, workd
                     fns[f"lowbit-{w}"] = lambda pm=pm, x=x: pm(x)
                     gw = lin.gemv
                     if gw is not None:
-                        s0, s1, s2 = lin._coeffs_static()
+                        _, qp, coef = lin._gemv_static()  # the arguments the layer caches
                         xa, out = x.numpy(), np.empty((1, N), np.float32)
-                        a = lin.act
-                        fns[f"kernel-{w}"] = (lambda xa=xa, gw=gw, s=(s0, s1, s2), out=out, a=a:
-                                              KV.gemv(xa, 0, a.hi, a.mult, gw, *s, False, out))
+                        fns[f"kernel-{w}"] = (lambda xa=xa, gw=gw, qp=qp, coef=coef, out=out:
+                                              KV.gemv_run(xa, 0, qp, gw, coef, False, out))
                     info[w] = {"kernel_name": lin.kernel_name(), "weight_bytes": lin.weight_bytes,
                                "field_bytes": None if gw is None else gw.nbytes}
                 timing = time_interleaved(fns, max_rounds=400, budget_s=budget_s)
