@@ -283,3 +283,26 @@ def test_transformers_bert_signed_equals_fp64(threads, monkeypatch, one_thread):
             assert _rel(packed(x), reference_fp64(model, x)) < 1e-5
     finally:
         numba.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_net_signed_equals_fp64(threads, path, monkeypatch, one_thread):
+    """Convolutions with signed inputs (zero padding = code Q) and a Linear head."""
+    _threads(threads, monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, stride=2),
+                          nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    recipe = {"default": {"weight": {"method": "twn", "bits": 2},
+                          "activation": {"method": "pact", "bits": 4, "alpha_init": 1.5, "signed": True}}}
+    model = lowbit.quantize(model, recipe).eval()
+    packed = rt.compile(model, torch.randn(2, 3, 8, 8))
+    layers = packed.packed_layers()
+    assert len(layers) == 3 and all(m.act.mode == 2 for m in layers.values())
+    prev = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for batch in (1, 5):
+            x = torch.randn(batch, 3, 8, 8)
+            assert _rel(packed(x), reference_fp64(model, x)) < 1e-6
+    finally:
+        numba.set_num_threads(prev)

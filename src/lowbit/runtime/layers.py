@@ -902,7 +902,10 @@ class PackedConv2d(_PackedBase):
                 xq = K.int8_quantize(nhwc(x), self.padding, a.hi, a.mult, 0)
                 s0, s1 = self._static8 or self._coeffs8_static()
             else:
-                codes, sx, maf = encode_codes(a, x.detach())
+                if a.mode == 2:  # the signed formula: one codes pass instead of encode
+                    codes, sx, maf = self._codes_input(x)[0], a.sx, a.ma
+                else:
+                    codes, sx, maf = encode_codes(a, x.detach())
                 xq = K.int8_quantize(codes.transpose(0, 2, 3, 1), self.padding, mode=1, ma=self._ma_code(maf))
                 s0, s1 = self.coeffs8(sx, maf)
         plan = self._plan(N, H, W)
