@@ -18,6 +18,7 @@ tile is emitted by hand. It is only compiled where ``HAS_VNNI`` is true (the hos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -136,6 +137,10 @@ def _vpdpbusd(builder: ir.IRBuilder, acc, a, b):
 
 # epilogue flags of vnni_tile / amx_epilogue
 EPI_RELU, EPI_FLOAT, EPI_RESIDUAL, EPI_CODES, EPI_F32 = 1, 2, 4, 8, 16
+#: flag combinations with their own branch-free AMX epilogue loop: codes only (float32), a
+#: residual block's output (float, codes), the last block (float), a layer feeding a shortcut
+STATIC_EPILOGUES = (EPI_RELU | EPI_CODES | EPI_F32, EPI_RELU | EPI_FLOAT | EPI_RESIDUAL | EPI_CODES,
+                    EPI_RELU | EPI_FLOAT | EPI_RESIDUAL, EPI_RELU | EPI_FLOAT | EPI_CODES)
 
 
 def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
@@ -215,45 +220,71 @@ class _Epilogue:
         t = b.select(b.fcmp_ordered(">", t, self.hi_v), self.hi_v, t)
         return b.fmul(t, self.mult_v)
 
-    def row(self, ds, optr, rptr, cptr):
+    def _when(self, flag, static, bit):
+        """A block run when ``flag`` holds: a branch on the runtime flag, or (``static`` flags known
+        when the IR is made) the block or nothing."""
+        if static is None:
+            return self.b.if_then(flag)
+        return contextlib.nullcontext() if static & bit else None
+
+    def row(self, ds, optr, rptr, cptr, static: int | None = None):
         """The epilogue of one pixel: ``ds`` the OB int32 sum vectors; ``optr``/``rptr`` float32
-        pointers to its output / residual channel ``c0``, ``cptr`` a byte pointer to its codes."""
+        pointers to its output / residual channel ``c0``, ``cptr`` a byte pointer to its codes.
+        ``static``: the flags, when they are known while the IR is made (no branches on them)."""
+        b = self.b
+        i32_1 = ir.Constant(_I32, 1)
+        if static is None or static & EPI_F32:
+            slow = cgutils.alloca_once_value(b, ir.Constant(_I1, 1))
+            with self._when(self.f_32, static, EPI_F32) or contextlib.nullcontext():
+                near = None
+                for k in range(self.OB):
+                    a, c, lim = self.f32c[k]
+                    t = self._codes(b.call(self.fma, [a, b.sitofp(ds[k], _V16F32), c]))
+                    r = b.call(self.rint, [t])
+                    nk = b.and_(b.fcmp_ordered(">=", b.call(self.fabs, [b.fsub(t, r)]), lim), self.masks[k])
+                    near = nk if near is None else b.or_(near, nk)
+                    ptr = b.gep(cptr, [ir.Constant(_I64, 16 * k)])
+                    b.call(self.mstore8, [b.fptoui(r, _V16I8), ptr, i32_1, self.masks[k]])
+                i16 = ir.IntType(16)
+                b.store(b.icmp_unsigned("!=", b.bitcast(near, i16), ir.Constant(i16, 0)), slow)
+            with b.if_then(b.load(slow), likely=False):
+                self._float64(ds, optr, rptr, cptr, static)
+        else:
+            self._float64(ds, optr, rptr, cptr, static)
+
+    def _float64(self, ds, optr, rptr, cptr, static):
         b = self.b
         i32_4, i32_1 = ir.Constant(_I32, 4), ir.Constant(_I32, 1)
-        slow = cgutils.alloca_once_value(b, ir.Constant(_I1, 1))
-        with b.if_then(self.f_32, likely=True):
-            near = None
-            for k in range(self.OB):
-                a, c, lim = self.f32c[k]
-                t = self._codes(b.call(self.fma, [a, b.sitofp(ds[k], _V16F32), c]))
-                r = b.call(self.rint, [t])
-                nk = b.and_(b.fcmp_ordered(">=", b.call(self.fabs, [b.fsub(t, r)]), lim), self.masks[k])
-                near = nk if near is None else b.or_(near, nk)
-                b.call(self.mstore8, [b.fptoui(r, _V16I8), b.gep(cptr, [ir.Constant(_I64, 16 * k)]), i32_1,
-                                      self.masks[k]])
-            b.store(b.icmp_unsigned("!=", b.bitcast(near, ir.IntType(16)), ir.Constant(ir.IntType(16), 0)),
-                    slow)
-        with b.if_then(b.load(slow), likely=False):
-            vals = []
-            for k in range(self.OB):
-                v0, v1 = self.sc[k]
-                vals.append(cgutils.alloca_once_value(b, b.fadd(b.fmul(v1, b.sitofp(ds[k], _V16F64)), v0)))
-            with b.if_then(self.f_res):
+        vals = []
+        for k in range(self.OB):
+            v0, v1 = self.sc[k]
+            vals.append(cgutils.alloca_once_value(b, b.fadd(b.fmul(v1, b.sitofp(ds[k], _V16F64)), v0)))
+        ctx = self._when(self.f_res, static, EPI_RESIDUAL)
+        if ctx is not None:
+            with ctx:
                 for k in range(self.OB):
                     ptr = b.gep(rptr, [ir.Constant(_I64, 16 * k)])
                     rv = b.call(self.mload, [ptr, i32_4, self.masks[k], self.zf])
                     b.store(b.fadd(b.load(vals[k]), b.fpext(rv, _V16F64)), vals[k])
-            ysf = []
-            for k in range(self.OB):
-                # ReLU after the rounding to float32: the same value (rounding is monotone and keeps
-                # the sign), one float32 max instead of float64 compares
-                y = b.fptrunc(b.load(vals[k]), _V16F32)
-                ysf.append(b.select(b.and_(b.fcmp_ordered("<", y, self.zf), self.relu_v), self.zf, y))
-            with b.if_then(self.f_float):
+        ysf = []
+        for k in range(self.OB):
+            # ReLU after the rounding to float32: the same value (rounding is monotone and keeps
+            # the sign)
+            y = b.fptrunc(b.load(vals[k]), _V16F32)
+            if static is None:
+                y = b.select(b.and_(b.fcmp_ordered("<", y, self.zf), self.relu_v), self.zf, y)
+            elif static & EPI_RELU:
+                y = b.select(b.fcmp_ordered("<", y, self.zf), self.zf, y)
+            ysf.append(y)
+        ctx = self._when(self.f_float, static, EPI_FLOAT)
+        if ctx is not None:
+            with ctx:
                 for k in range(self.OB):
                     ptr = b.gep(optr, [ir.Constant(_I64, 16 * k)])
                     b.call(self.mstore, [ysf[k], ptr, i32_4, self.masks[k]])
-            with b.if_then(self.f_codes):
+        ctx = self._when(self.f_codes, static, EPI_CODES)
+        if ctx is not None:
+            with ctx:
                 for k in range(self.OB):
                     c = b.fptoui(b.call(self.rint, [self._codes(ysf[k])]), _V16I8)
                     b.call(self.mstore8, [c, b.gep(cptr, [ir.Constant(_I64, 16 * k)]), i32_1, self.masks[k]])
@@ -390,16 +421,32 @@ def amx_epilogue(NB: int):
             op = builder.gep(data(12, oa, _F32), [ora])
             rsp = builder.gep(data(13, rsa, _F32), [ora])
             cdp = builder.gep(data(14, cda, _I8), [cra])
-            with cgutils.for_range(builder, na) as loop:
-                j = loop.index
-                a = builder.gep(ap, [builder.mul(j, i64(NB * 16))])
-                ds = []
-                for b in range(NB):
-                    ld = builder.load(builder.bitcast(builder.gep(a, [i64(16 * b)]), _V16I32.as_pointer()))
-                    ld.align = 4
-                    ds.append(ld)
-                o = builder.mul(j, sta)
-                epi.row(ds, builder.gep(op, [o]), builder.gep(rsp, [o]), builder.gep(cdp, [o]))
+            def rows(static):
+                with cgutils.for_range(builder, na) as loop:
+                    j = loop.index
+                    a = builder.gep(ap, [builder.mul(j, i64(NB * 16))])
+                    ds = []
+                    for b in range(NB):
+                        ptr = builder.bitcast(builder.gep(a, [i64(16 * b)]), _V16I32.as_pointer())
+                        ld = builder.load(ptr)
+                        ld.align = 4
+                        ds.append(ld)
+                    o = builder.mul(j, sta)
+                    epi.row(ds, builder.gep(op, [o]), builder.gep(rsp, [o]), builder.gep(cdp, [o]), static)
+
+            # the flag combinations of conv nets get loops without branches on the flags
+            done = builder.function.append_basic_block("epi_done")
+            for static in STATIC_EPILOGUES:
+                nxt = builder.function.append_basic_block(f"epi_not_{static}")
+                body = builder.function.append_basic_block(f"epi_{static}")
+                builder.cbranch(builder.icmp_unsigned("==", fla, i64(static)), body, nxt)
+                builder.position_at_end(body)
+                rows(static)
+                builder.branch(done)
+                builder.position_at_end(nxt)
+            rows(None)
+            builder.branch(done)
+            builder.position_at_end(done)
             return context.get_dummy_value()
 
         return sig, codegen
