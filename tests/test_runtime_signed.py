@@ -104,8 +104,19 @@ def _threads(n: int, monkeypatch) -> None:
         monkeypatch.setattr(kernels_int8, "INT8_MIN_PARALLEL_MACS", 0)
 
 
+@pytest.fixture(params=["default", "plain"])
+def path(request):
+    """The CPU's kernels (VNNI where present) or the forced plain path (``set_plain``)."""
+    if request.param == "plain":
+        _jit.set_plain(True)
+    yield request.param
+    if request.param == "plain":
+        _jit.set_plain(False)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_clip_codes_kernel_equals_reference(threads, monkeypatch):
+def test_clip_codes_kernel_equals_reference(threads, path, monkeypatch):
+    """The codes kernel equals its NumPy reference (one loop for every CPU: the plain path too)."""
     _threads(threads, monkeypatch)
     x = np.concatenate([np.random.default_rng(0).normal(0, 3, 70001).astype(np.float32),
                         _boundaries(2.5 / 127, 127).numpy()])
@@ -119,16 +130,6 @@ def test_clip_codes_kernel_equals_reference(threads, monkeypatch):
             assert got.shape == (len(x) // 7, 7) and np.array_equal(got, want)
     finally:
         numba.set_num_threads(prev)
-
-
-@pytest.fixture(params=["default", "plain"])
-def path(request):
-    """The CPU's kernels (VNNI where present) or the forced plain path (``set_plain``)."""
-    if request.param == "plain":
-        _jit.set_plain(True)
-    yield request.param
-    if request.param == "plain":
-        _jit.set_plain(False)
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
