@@ -113,6 +113,25 @@ def test_gemv_input_rounding_ties_to_even(mult):
 
 
 @needs_vnni
+def test_gemv_run_coefficients_padded_or_not():
+    """``gemv_run`` takes the epilogue's coefficients padded to 16 outputs (what a layer caches,
+    :func:`gemv_coef`) or as (3, O) rows; both give the reference exactly, and the padding is zero."""
+    rng = np.random.default_rng(5)
+    q = _weights(rng, "4bit", 37, 90)
+    gw = KV.GemvWeights(q)
+    s0, s1, s2 = rng.standard_normal((3, 37))
+    coef = KV.gemv_coef(s0, s1, s2, gw)
+    assert coef.shape == (3, 48) and not coef[:, 37:].any()
+    codes = rng.integers(0, 256, (2, 90)).astype(np.float32)
+    qp = np.array([0.0, 0.0], np.float32)
+    ref = KV.gemv_reference(codes, q, s0, s1, s2, True)
+    for c in (coef, np.stack([s0, s1, s2])):
+        out = np.empty((2, 37), np.float32)
+        KV.gemv_run(codes, 1, qp, gw, c, True, out)
+        np.testing.assert_array_equal(out, ref)
+
+
+@needs_vnni
 def test_gemv_is_not_the_reference_of_other_weights():
     """The comparison can fail: one flipped weight field changes the output."""
     rng = np.random.default_rng(1)
