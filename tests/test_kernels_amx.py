@@ -224,18 +224,24 @@ def test_packed_linear_dispatch_and_int8_equality(variant, monkeypatch, threads)
     pl = build_packed("fc", lin)
     assert isinstance(pl, PackedLinear) and pl.amx is not None
     assert "amx" in pl.kernel_name()
-    assert pl.i8 is None and pl.lut is None  # a large layer keeps the fields only
-    assert pl.runtime_bytes < pl.weight_bytes + pl.gemv.nbytes + 8 * 1024
+    assert pl.i8 is None  # a large layer holds no int8 copy: GEMV fields (+ tables) only
+    assert (pl.lut is None) == (variant == "w4a8")  # binary / ternary weights, <= 4-bit codes: tables
+    r = pl.amx_min_rows
+    assert r == (KA.AMX_MIN_ROWS if pl.lut is None else KA.AMX_MIN_ROWS_LUT[pl.lut.cb])
+    assert pl.amx.nbytes < 8 * 1024  # the table and the weight sums: nothing per weight
+    assert pl.runtime_bytes == (pl.weight_bytes + pl.gemv.nbytes + pl.amx.nbytes
+                                + (0 if pl.lut is None else pl.lut.nbytes))
     calls = _calls(monkeypatch)
-    x = torch.randn(40, 520) * 2
+    rows = (1, r - 1, r, r + 9)
+    x = torch.randn(r + 9, 520) * 2
     with torch.inference_mode():
-        got = {M: pl(x[:M]) for M in (1, KA.AMX_MIN_ROWS - 1, KA.AMX_MIN_ROWS, 17, 40)}
-    assert calls == [KA.AMX_MIN_ROWS, 17, 40]  # from AMX_MIN_ROWS rows on, and only there
+        got = {M: pl(x[:M]) for M in rows}
+    assert calls == [r, r + 9]  # from amx_min_rows rows on, and only there
     # the same layer without AMX (int8 1x1 convolution or lookup tables): the same bits
     monkeypatch.setattr(_amx, "HAS_AMX", False)
     ref_pl = build_packed("fc", lin)
     assert ref_pl.amx is None
-    for M in (KA.AMX_MIN_ROWS, 17, 40):
+    for M in rows[1:]:
         with torch.inference_mode():
             np.testing.assert_array_equal(got[M].numpy(), ref_pl(x[:M]).numpy())
         ref = reference_fp64(lin, x[:M])

@@ -76,6 +76,11 @@ from .kernels_threads import parallel_for, use_parallel
 
 #: PackedLinear runs this many rows and more on AMX tiles (fewer: the GEMV on the same fields)
 AMX_MIN_ROWS = 8
+#: ... unless the layer has lookup tables (``kernels_gemm``; key: bits per weight code), which
+#: were faster below these rows (4096x4096 layer, one thread, interleaved, CPU time of the tables
+#: over that of AMX: binary weights 0.41 at 8 rows, 0.84 at 32, 1.08 at 48; ternary 0.46 at 8,
+#: 1.10 at 16)
+AMX_MIN_ROWS_LUT = {1: 48, 2: 16}
 #: below this many multiply-adds (M*K*O) one thread runs the product
 AMX_MIN_PARALLEL_MACS = 1 << 26
 TILE_BYTES = 1024  # 16 rows x 64 bytes

@@ -584,8 +584,8 @@ class PackedLinear(_PackedBase):
     """Dispatch by rows (samples x tokens) M:
 
     - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI);
-    - ``M >= kernels_amx.AMX_MIN_ROWS`` on a CPU with AMX-INT8: int8 tiles expanded from the same
-      fields per call (``kernels_amx``); such a layer, when large, holds no int8 copy and no tables;
+    - ``M >= amx_min_rows`` on a CPU with AMX-INT8: int8 tiles expanded from the same fields per
+      call (``kernels_amx``; from 8 rows, or where the tables below exist from where AMX is faster);
     - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
       (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit
       int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path;
@@ -596,23 +596,30 @@ class PackedLinear(_PackedBase):
     def __init__(self, name: str, layer: nn.Module, wp: WeightPlanes, act: ActSpec) -> None:
         super().__init__(name, wp, act, layer.bias)
         self.in_features = wp.K
-        if K.HAS_VNNI and act.mode != -1 and act.bits <= 8:
-            self.i8 = int8_weights(wp, (1, 1, wp.K))
+        codes = act.mode != -1 and act.bits <= 8
+        large = wp.K * self.out_features >= LUT_FLAT_MAX
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes
-        self.lut = lut_weights(wp, act.bits) if act.mode != -1 and act.bits <= 8 else None
+        self.lut = lut_weights(wp, act.bits) if codes else None
         # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI)
-        self.gemv = gemv_weights(wp) if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 else None
+        self.gemv = gemv_weights(wp) if K.HAS_VNNI and codes else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
-        if (self.lut is not None and self.gemv is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
-                and wp.K * self.out_features >= LUT_FLAT_MAX):
-            self.i8 = None  # every row count has a kernel on compact weights: no int8 copy
-        # many rows (>= KA.AMX_MIN_ROWS) on AMX tiles, expanded from the GEMV's fields on the fly
+        # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly
         self.amx: KA.AmxLinearWeights | None = None
         folded = fold_integers(wp) if self.gemv is not None and amx_enabled() else None
         if folded is not None:
             self.amx = KA.amx_linear_weights(self.gemv, plane_integers(wp), *folded)
-        if self.amx is not None and wp.K * self.out_features >= LUT_FLAT_MAX:
-            self.i8 = self.lut = None  # the GEMV and AMX cover every row count: no other copy
+        # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
+        # holds no int8 copy (not even built)
+        tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
+        compact = self.gemv is not None and (self.amx is not None or tables)
+        if K.HAS_VNNI and codes and not (compact and large):
+            self.i8 = int8_weights(wp, (1, 1, wp.K))
+
+    @property
+    def amx_min_rows(self) -> int:
+        """Rows from which the AMX GEMM runs: :data:`kernels_amx.AMX_MIN_ROWS`, or with lookup tables
+        (binary / ternary weights, few-bit codes), where those are faster (``AMX_MIN_ROWS_LUT``)."""
+        return KA.AMX_MIN_ROWS if self.lut is None else KA.AMX_MIN_ROWS_LUT[self.lut.cb]
 
     def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the table-lookup GEMM, ``y = s1*D + s0`` with ``D = sum_r w_int*a``."""
@@ -665,9 +672,8 @@ class PackedLinear(_PackedBase):
         lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
-            if self.amx is not None:
-                return gemv + f" / amx on the fields (>= {KA.AMX_MIN_ROWS} rows)"
-            return gemv + (" / int8" if self.i8 is not None else "") + lut
+            amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
+            return gemv + (" / int8" if self.i8 is not None else "") + lut + amx
         if self.i8 is None:
             return "bit-serial" + lut
         n = max(1, ROWS_INT8_BUDGET // (self.wp.num_planes * max(self.act.bits, 1)))
@@ -729,7 +735,7 @@ class PackedLinear(_PackedBase):
                 s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
                 KV.gemv(arr, mode, hi, mult, self.gemv, s0, s1, s2, self.relu, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
-            if self.amx is not None and M >= KA.AMX_MIN_ROWS:
+            if self.amx is not None and self.amx_min_rows <= M:
                 KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.lut is not None and M >= KG.LUT_MIN_ROWS:
@@ -766,7 +772,7 @@ class PackedLinear(_PackedBase):
         if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
             _, qp, coef = self._gemv_static()
             KV.gemv_run(x.buf[: M * kin].reshape(M, kin), 1, qp, self.gemv, coef, self.relu, out)
-        elif self.amx is not None and M >= KA.AMX_MIN_ROWS:
+        elif self.amx is not None and self.amx_min_rows <= M:
             t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
             KA.amx_linear(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
         elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
