@@ -53,6 +53,10 @@ def clip_codes(x: np.ndarray, lo: float, hi: float, mult: float, offset: int, ar
     ``args``: :func:`clip_args` of the same values, made once."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, np.uint8)
-    parallel_for(_clip_codes_range, x.size, x.reshape(-1), *(args or clip_args(lo, hi, mult, offset)),
-                 out.reshape(-1), parallel=use_parallel(x.size * 16), grain=16384)
+    lo_, hi_, mult_, off_ = args or clip_args(lo, hi, mult, offset)
+    n = x.size
+    if use_parallel(n * 16):
+        parallel_for(_clip_codes_range, n, x.reshape(-1), lo_, hi_, mult_, off_, out.reshape(-1), grain=16384)
+    else:  # (a direct call: a layer at batch 1 runs this 24 times per transformer call)
+        _clip_codes_range(x.reshape(-1), lo_, hi_, mult_, off_, out.reshape(-1), 0, n)
     return out
