@@ -87,6 +87,11 @@ def test_field_table_refuses():
     assert KA.field_table(q, np.array([[-1, 1, 2]]), 1) is None  # field 1 maps to two weights
     assert KA.field_table(q, np.array([[-1, 200, 200]]), 1) is None  # weight outside int8
     assert KA.field_table(np.array([[0, 2]]), np.array([[0, 1]]), 1) is None  # field wider than b
+    # int32 sums: K * 255 * max|w| must stay below 2**31
+    q = np.tile(np.array([[0, 1]]), (16, 34000))
+    gw = GemvWeights(q)
+    assert KA.amx_linear_weights(gw, q, 2 * q - 1, 1.0) is not None  # +-1: 68000 * 255 fits
+    assert KA.amx_linear_weights(gw, q, 127 * (2 * q - 1), 1.0) is None
 
 
 @pytest.mark.parametrize("M,K", [(1, 10), (16, 64), (17, 130), (40, 257)])

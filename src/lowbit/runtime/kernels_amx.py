@@ -83,7 +83,6 @@ AMX_MIN_ROWS = 8
 AMX_MIN_ROWS_LUT = {1: 48, 2: 16}
 #: below this many multiply-adds (M*K*O) one thread runs the product
 AMX_MIN_PARALLEL_MACS = 1 << 26
-TILE_BYTES = 1024  # 16 rows x 64 bytes
 #: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it)
 SLICE_KIB = 32
 
@@ -130,9 +129,10 @@ def amx_linear_weights(gw: GemvWeights, q: np.ndarray, w_int: np.ndarray, unit: 
                        ) -> AmxLinearWeights | None:
     """The AMX form of a layer whose GEMV fields ``gw`` hold the plane integers ``q`` (O, K) and
     whose folded int8 weights are ``w_int = unit``-multiples (:func:`layers.fold_integers`);
-    None where the fields do not map one to one onto int8 weights."""
+    None where the fields do not map one to one onto int8 weights or int32 sums could overflow
+    (``K * 255 * max|w_int| >= 2**31``)."""
     tab = field_table(np.asarray(q) + gw.off, w_int, gw.b)
-    if tab is None:
+    if tab is None or gw.K * 255 * int(np.abs(tab.astype(np.int64)).max()) >= 2**31:
         return None
     return AmxLinearWeights(gw, tab, float(unit), np.asarray(w_int).sum(axis=1).astype(np.float64))
 
