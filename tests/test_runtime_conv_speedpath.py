@@ -239,3 +239,32 @@ def test_unsupported_graph_and_plain_path_run_module_by_module():
         xb = torch.rand(batch, 1, 28, 28)
         ref = reference_fp64(model, xb)
         assert float((packed(xb).double() - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chw", [0, 1])
+@pytest.mark.parametrize("C,k,s", [(6, 2, 2), (16, 3, 2), (5, 3, 1)])
+def test_code_maxpool_equals_reference(threads, chw, C, k, s, monkeypatch):
+    """Max pooling on codes (LeNet-5's 6 channels among them) equals its NumPy reference, the
+    bytes around the written outputs untouched, on one thread and split over two."""
+    from lowbit.runtime import kernels_pool
+
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("numba has one thread here")
+    monkeypatch.setattr(kernels_pool._i8, "INT8_MIN_PARALLEL_MACS", 0)
+    N, H, W, ph, pw = 3, 12, 11, 1, 0
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    xq = RNG.integers(0, 256, N * Hp * Wp * C + 64).astype(np.uint8)
+    OH, OW = (H - k) // s + 1, (W - k) // s + 1
+    phc, pwc = (0, 0) if chw else (1, 2)
+    Hc, Wc = (1, 1) if chw else (OH + 2, OW + 4)
+    yq = RNG.integers(0, 256, (N * C * OH * OW if chw else N * Hc * Wc * C) + 64).astype(np.uint8)
+    g = np.array([C, Hp, Wp, ph, pw, k, k, s, s, OH, OW, Hc, Wc, phc, pwc, chw], np.int64)
+    want = kernels_pool.code_maxpool_reference(xq, N, g, yq)
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        kernels_pool.code_maxpool(xq, N, g, yq)
+    finally:
+        numba.set_num_threads(prev)
+    assert np.array_equal(yq, want)

@@ -39,7 +39,9 @@ def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
     chw = g[15] != 0
     L = OH * OW
     Wv = (OW - 1) * SW + KW  # input pixels of a row that the windows read
+    Wg = ((OW - 1) * SW + 1) * C  # bytes of the horizontal maxima that the outputs pick from
     h = np.empty(Wv * C, np.uint8)
+    hm = np.empty(Wg, np.uint8)
     for n in range(n_lo, n_hi):
         for oh in range(OH):
             # vertical max over the KH input rows: contiguous runs, vectorised
@@ -52,22 +54,25 @@ def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
                 src = xq[rk : rk + Wv * C]
                 for j in range(Wv * C):
                     h[j] = max(h[j], src[j])
-            # horizontal max over KW neighbouring pixels
+            # horizontal max over KW neighbouring pixels, as KW shifted runs (vectorised), then
+            # every SW-th pixel of it is an output
+            for j in range(Wg):
+                hm[j] = h[j]
+            for kw in range(1, KW):
+                hs = h[kw * C : kw * C + Wg]
+                for j in range(Wg):
+                    hm[j] = max(hm[j], hs[j])
             if chw:
                 dst = yq[n * C * L + oh * OW : (n + 1) * C * L]
+                for c in range(C):
+                    for ow in range(OW):
+                        dst[c * L + ow] = hm[ow * SW * C + c]
             else:
                 o = ((n * Hc + oh + phc) * Wc + pwc) * C
                 dst = yq[o : o + OW * C]
-            for ow in range(OW):
-                hb = h[ow * SW * C : (ow * SW + KW) * C]
-                for c in range(C):
-                    m = hb[c]
-                    for kw in range(1, KW):
-                        m = max(m, hb[kw * C + c])
-                    if chw:
-                        dst[c * L + ow] = m
-                    else:
-                        dst[ow * C + c] = m
+                for ow in range(OW):
+                    for c in range(C):
+                        dst[ow * C + c] = hm[ow * SW * C + c]
 
 
 def code_maxpool(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> None:
