@@ -198,6 +198,7 @@ class _Epilogue:
         self.rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
         self.fma = _declare(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
         self.fabs = _declare(builder, "llvm.fabs.v16f32", _V16F32, [_V16F32])
+        self.vmax = _declare(builder, "llvm.x86.avx512.max.ps.512", _V16F32, [_V16F32, _V16F32, _I32])
         self.sc, self.masks, self.f32c = [], [], []
         for b in range(OB):
             v0 = builder.load(builder.bitcast(builder.gep(s0p, [i64(16 * b)]), _V16F64.as_pointer()))
@@ -269,12 +270,13 @@ class _Epilogue:
         ysf = []
         for k in range(self.OB):
             # ReLU after the rounding to float32: the same value (rounding is monotone and keeps
-            # the sign)
+            # the sign); one vmaxps (an x86 intrinsic, which LLVM does not turn back into float64
+            # compares)
             y = b.fptrunc(b.load(vals[k]), _V16F32)
             if static is None:
                 y = b.select(b.and_(b.fcmp_ordered("<", y, self.zf), self.relu_v), self.zf, y)
             elif static & EPI_RELU:
-                y = b.select(b.fcmp_ordered("<", y, self.zf), self.zf, y)
+                y = b.call(self.vmax, [y, self.zf, ir.Constant(_I32, 4)])
             ysf.append(y)
         ctx = self._when(self.f_float, static, EPI_FLOAT)
         if ctx is not None:
