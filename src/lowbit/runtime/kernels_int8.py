@@ -62,6 +62,13 @@ from .kernels_threads import parallel_for, use_parallel
 # Output pixels are computed 6-8 at a time against 16-64 output channels, accumulators in
 # registers; the float epilogue (per-channel scale and shift with folded batch norm, residual
 # addition, ReLU) runs on the registers before anything is stored.
+#
+# Epilogue precision (``_jit._Epilogue``): float64, so that a float output is the float32 rounding
+# of the exact value and a code is the one the fake-quantized model in float64 gives. A layer that
+# writes only the next layer's codes (no float output, no residual) takes a float32 path (one
+# fma per 16 channels instead of float64 conversions): :func:`f32_coefficients` bounds its error
+# per channel, and a pixel whose scaled value lies within that bound of a rounding tie is
+# recomputed in float64, so the codes are the float64 path's, bit for bit.
 
 INT8_SLACK = 64
 INT8_MIN_PARALLEL_MACS = 1 << 24  # about 100 us of one core
