@@ -18,7 +18,7 @@ operand (a K x 16 tile of signed bytes stored as K/4 rows of 16 outputs x 4 byte
 vector is ``tab[(v >> b*t) & (2**b - 1)]``: a shift, a mask and a ``vpshufb`` lookup of the
 16-entry table ``tab[f] = w_int`` of the field (:func:`field_table`). The B tiles of a group of
 2 (or, for a single row block, 4) blocks of 16 output channels are expanded like that one
-reduction slice at a time (:data:`SLICE_KIB` KiB: 16 chunks of 64 for 32 channels) into a
+reduction slice at a time (:data:`SLICE_KIB` KiB: 8 chunks of 64 for 32 channels) into a
 buffer that stays in L1, and every row block of the batch accumulates against the slice (its
 int32 sums parked in memory between slices). So each weight byte is read once per call at ``b``
 bits and the int8 form exists only for the slice in flight: no int8 copy of the layer is held.
@@ -77,14 +77,16 @@ from .kernels_threads import parallel_for, use_parallel
 #: PackedLinear runs this many rows and more on AMX tiles (fewer: the GEMV on the same fields)
 AMX_MIN_ROWS = 8
 #: ... unless the layer has lookup tables (``kernels_gemm``; key: bits per weight code), which
-#: were faster below these rows (4096x4096 layer, one thread, interleaved, CPU time of the tables
-#: over that of AMX: binary weights 0.41 at 8 rows, 0.84 at 32, 1.08 at 48; ternary 0.46 at 8,
-#: 1.10 at 16)
-AMX_MIN_ROWS_LUT = {1: 48, 2: 16}
+#: were faster below these rows (4096x4096 layer, one thread, interleaved runs on the loaded test
+#: machine, CPU time of the tables over that of AMX: binary weights 0.46-0.83 at 8 rows, 0.79-1.38
+#: at 16, 0.92-1.55 at 32; ternary 0.70 at 8, 1.11 at 16)
+AMX_MIN_ROWS_LUT = {1: 32, 2: 16}
 #: below this many multiply-adds (M*K*O) one thread runs the product
 AMX_MIN_PARALLEL_MACS = 1 << 26
-#: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it)
-SLICE_KIB = 32
+#: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it; 16
+#: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
+#: equal at 256)
+SLICE_KIB = 16
 
 
 @dataclass
