@@ -1,0 +1,139 @@
+"""What bounds the batch-1 GEMV on a deep model: memory or arithmetic.
+
+    python benchmarks/speed/bench_gemv_bound.py            # ~1 minute, one thread
+
+For 8 layers of 4096x4096 weights (the deep MLP of ``bench_gemv.py``), binary / ternary / 4-bit
+fields (``runtime/kernels_gemv.py``), timed side by side in interleaved rounds (one thread):
+
+- ``cold``: the 8 GEMVs after the FP32 model ran (its 537 MB evict the caches), as in a deep
+  model where every layer's weights come from DRAM;
+- ``in cache``: one layer's GEMV 8 times (its fields stay in L2 / L3): the arithmetic and cache
+  cost alone;
+- ``read only``: a plain loop reading the same field bytes (XOR of 64-bit words, numba), after
+  the FP32 model: what one core gets from DRAM for those bytes;
+- ``fp32``: PyTorch FP32, 8 x ``linear`` + ReLU on the float weights (537 MB).
+
+If ``cold`` is close to ``read only`` the kernel runs at the core's DRAM read rate and only fewer
+bytes can make it faster; the ratio FP32 / cold is then about (FP32 bytes / field bytes) x (the
+two read rates). Writes benchmarks/results/gemv_bound.{json,md}; a single run, medians (min) of
+the rounds; seed 0 (random weights and input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import ROOT, run_meta, write_results
+
+N, LAYERS = 4096, 8
+KINDS = {"binary": (0, 1), "ternary": (-1, 1), "4-bit": (0, 15)}
+
+
+@numba.njit(nogil=True, cache=False)
+def _read(a: np.ndarray) -> np.uint64:
+    s = np.uint64(0)
+    for i in range(a.size):
+        s ^= a[i]
+    return s
+
+
+def measure(rounds: int, seed: int = 0) -> list[dict]:
+    from lowbit.runtime import kernels_gemv as KV
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    ws = [torch.randn(N, N) * 0.01 for _ in range(LAYERS)]
+    x = torch.randn(1, N)
+
+    def fp32() -> None:
+        with torch.inference_mode():
+            h = x
+            for w in ws:
+                h = torch.relu(torch.nn.functional.linear(h, w))
+
+    fns = {"fp32": fp32}
+    nbytes = {"fp32": 4 * N * N * LAYERS}
+    coef = np.ones((3, N))
+    qp = np.array([3.0, 85.0], np.float32)
+    xa = rng.random((1, N)).astype(np.float32)
+    out = np.empty((1, N), np.float32)
+    for kind, (lo, hi) in KINDS.items():
+        gws = [KV.GemvWeights(rng.integers(lo, hi, endpoint=True, size=(N, N))) for _ in range(LAYERS)]
+        words = [g.w.view(np.uint64) for g in gws]
+        fns[f"{kind} cold"] = lambda gws=gws: [KV.gemv_run(xa, 0, qp, g, coef, True, out) for g in gws]
+        fns[f"{kind} in cache"] = lambda g=gws[0]: [KV.gemv_run(xa, 0, qp, g, coef, True, out)
+                                                    for _ in range(LAYERS)]
+        fns[f"{kind} read only"] = lambda words=words: [_read(w) for w in words]
+        for what in ("cold", "in cache", "read only"):
+            nbytes[f"{kind} {what}"] = sum(int(g.w.nbytes) for g in gws)
+    for f in fns.values():  # compile and warm
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            (fns[k] if k.endswith("in cache") else fp32)()  # warm the one layer / evict everything
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    rows = []
+    for k, t in times.items():
+        med, mn = float(np.median(t)), float(np.min(t))
+        rows.append({"method": k, "median_ms": med * 1e3, "min_ms": mn * 1e3, "bytes": nbytes[k],
+                     "gb_s_median": nbytes[k] / med / 1e9, "rounds": len(t)})
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    by = {r["method"]: r for r in rows}
+    fp = by["fp32"]["median_ms"]
+    g = meta["git"]
+    git = str(g)
+    if isinstance(g, dict):
+        git = str(g.get("commit", "?"))[:10] + (" (dirty tree)" if g.get("dirty") else "")
+    lines = [
+        "# What bounds the batch-1 GEMV: 8 x 4096x4096 layers, one thread",
+        "",
+        f"Command: `{meta['command']}`; git {git}; single run, {rows[0]['rounds']} interleaved "
+        "rounds, medians (min). `cold`: the 8 GEMVs after the FP32 model evicted the caches; `in cache`: one "
+        "layer's GEMV 8 times; `read only`: a plain loop reading the same field bytes after the FP32 model.",
+        "",
+        "| weights / method | median ms | min ms | MB read | GB/s (median) | FP32 / this |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['gb_s_median']:.1f} | {fp / r['median_ms']:.1f}x |")
+    lines += ["", "Cold GEMV time / read-only time of the same bytes (1.0 = the kernel runs at the core's "
+              "read rate):", ""]
+    for kind in KINDS:
+        c, r = by[f"{kind} cold"]["median_ms"], by[f"{kind} read only"]["median_ms"]
+        lines.append(f"- {kind}: {c / r:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    rows = measure(args.rounds)
+    meta = run_meta(__file__, argv, t0, seeds=[0])
+    write_results(args.out, "gemv_bound", {"meta": meta, "rows": rows}, markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
