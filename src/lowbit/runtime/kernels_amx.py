@@ -81,8 +81,9 @@ AMX_MIN_ROWS = 8
 #: machine, CPU time of the tables over that of AMX: binary weights 0.46-0.83 at 8 rows, 0.79-1.38
 #: at 16, 0.92-1.55 at 32; ternary 0.70 at 8, 1.11 at 16)
 AMX_MIN_ROWS_LUT = {1: 32, 2: 16}
-#: below this many multiply-adds (M*K*O) one thread runs the product
-AMX_MIN_PARALLEL_MACS = 1 << 26
+#: below this many multiply-adds (M*K*O) one thread runs the product (8 x 4096^2 = 2**27 ran
+#: 0.82x as fast on 2 threads as on 1 on the loaded 2-core test machine, 256 rows 1.39x)
+AMX_MIN_PARALLEL_MACS = 1 << 28
 #: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it; 16
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
 #: equal at 256)
