@@ -19,6 +19,8 @@ from lowbit.runtime.kernels_pack import quantize_codes_reference
 from lowbit.runtime.layers import PackedLinear
 
 needs_vnni = pytest.mark.skipif(not _jit.HOST_VNNI, reason="the GEMV tiles need AVX-512 VNNI")
+# layers pick the GEMV only where the plain path is not forced for the whole run (LOWBIT_RUNTIME_PLAIN=1)
+layers_vnni = pytest.mark.skipif(not _jit.HAS_VNNI, reason="layers use the GEMV: AVX-512 VNNI, not plain")
 
 # integer weight ranges of binary, ternary, shifted ternary (levels -2, 0, 1), 2-bit and 4-bit
 RANGES = {"binary": (0, 1), "ternary": (-1, 1), "ternary-shift": (-2, 1), "2bit": (0, 3), "4bit": (0, 15)}
@@ -174,7 +176,7 @@ ACTS = {"binary": (PACT8, SIGNED4), "ternary": (PACT3, PACT8), "2bit": (DOREFA1,
         "4bit": (PACT8, PACT3)}
 
 
-@needs_vnni
+@layers_vnni
 @pytest.mark.parametrize("wname", list(WEIGHTS))
 def test_packed_linear_few_rows(wname, monkeypatch):
     """compile() of a quantized MLP: every layer on the GEMV for 1..7 rows, equal to the float64
@@ -211,7 +213,7 @@ def test_packed_linear_few_rows(wname, monkeypatch):
                 monkeypatch.undo()
 
 
-@needs_vnni
+@layers_vnni
 def test_packed_linear_codes_input():
     """Codes handed over by a fused producer (``_forward_codes``) take the GEMV too."""
     qm = _mlp(WEIGHTS["ternary"], {"method": "pact", "bits": 4, "alpha_init": 2.0})
