@@ -1,0 +1,205 @@
+"""Where the AMX GEMM of a many-row packed Linear layer spends its time (runtime/kernels_amx.py).
+
+    python benchmarks/speed/profile_amx_linear.py                      # 4096x4096, 16/64/256 rows
+    python benchmarks/speed/profile_amx_linear.py --rows 64 --out /tmp/prof
+
+For one 4096x4096 layer (binary, ternary and 4-bit weights) and each row count, thread CPU time
+(best and median of the repeats, one thread) of: the whole ``amx_linear`` call, the quantization
+of the rows into the tile layout, and a copy of the kernel's loop with parts switched off (weight
+expansion only, tile products only, both, epilogue only); the copy's full output is checked
+against ``amx_linear`` bit for bit. Beside them, the rate of ``tdpbusd`` on tiles that stay in L1
+(2 x 2 accumulators, the kernel's own tile intrinsic) measured in the same run: the ceiling of
+the products on this machine at that moment (the test machine is shared; its AMX rate varied
+between 0.7 and 2.0 TMAC/s over one afternoon). Writes ``<out>/profile_amx_linear.{json,md}``
+(default: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import ROOT, run_meta, write_results
+
+from lowbit._numba import jit
+from lowbit.runtime import _amx
+from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime._jit import EPI_FLOAT, EPI_RELU
+from lowbit.runtime.kernels_gemv import GemvWeights
+
+KINDS = ("binary", "ternary", "4bit")
+
+
+@jit
+def _peak(xq, buf, cfg, acc, reps):
+    """``reps`` calls of the 2 x 2 tile intrinsic on 8 chunks that stay in L1."""
+    abase = np.zeros(4, np.int64)
+    abase[1] = 8 * 1024
+    _amx.amx_config(cfg)
+    for r in range(reps):
+        KA._t2x2(xq, abase, 0, 8, buf, 2048, acc, 0, r > 0)
+    _amx.amx_release()
+
+
+@jit
+def _parts(xq, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp, do_tiles, do_epi):
+    """``kernels_amx._amx_linear_range`` for 32 or more rows (2 x 2 tiles, groups of 2 blocks)
+    with its three parts switched on or off."""
+    nbt = (O + 15) // 16
+    G = 16 // (8 // b)
+    nmb = Mp // 16
+    acc = np.zeros(Mp * 32, np.int32)
+    abase = np.empty(4, np.int64)
+    buf = np.zeros(KS * 2048, np.uint8)
+    ef = np.empty(0, np.float32)
+    eu = np.empty(0, np.uint8)
+    _amx.amx_config(cfg)
+    for grp in range((nbt + 1) // 2):
+        b0 = 2 * grp
+        NB = min(2, nbt - b0)
+        for k0 in range(0, nk, KS):
+            nks = min(KS, nk - k0)
+            if do_exp:
+                for n in range(NB):
+                    for kk in range(nks):
+                        k = k0 + kk
+                        woff = (b0 + n) * nG * 64 + k * G * 64
+                        ngv = min(G, nG - k * G)
+                        if b == 1:
+                            KA._expand1(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+                        elif b == 2:
+                            KA._expand2(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+                        else:
+                            KA._expand4(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+            if do_tiles:
+                i = 0
+                while i < nmb:
+                    abase[0] = i * nk * 1024
+                    abase[1] = (i + 1) * nk * 1024
+                    if NB == 2 and nmb - i >= 2:
+                        KA._t2x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
+                        i += 2
+                    elif NB == 2:
+                        KA._t1x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
+                        i += 1
+                    else:
+                        KA._t1x1(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
+                        i += 1
+        if do_epi:
+            c0 = b0 * 16
+            for row in range(M):
+                _amx.epilogue_row(acc, row * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, ef,
+                                  eu, 0, np.float32(0.0), np.float32(0.0))
+    _amx.amx_release()
+
+
+def _time(fn, repeats: int) -> dict[str, float]:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t)
+    return {"best_ms": min(ts) * 1e3, "median_ms": float(np.median(ts)) * 1e3}
+
+
+def _profile(x, aw, s0, s1, ref, args, repeats: int, parts: bool) -> dict[str, dict[str, float]]:
+    """Times of the whole call, the row quantization and (``parts``: 32 rows or more, where the
+    copy runs the kernel's tiles) the copy with parts switched off."""
+    out = {"whole amx_linear": _time(lambda: KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, ref), repeats),
+           "quantize rows": _time(lambda: KA.amx_rows(x, 0, 3.0, 5.0), repeats)}
+    if parts:
+        for name, sw in (("expand weights", (1, 0, 0)), ("tile products", (0, 1, 0)),
+                         ("expand + products", (1, 1, 0)), ("epilogue", (0, 0, 1))):
+            out[name] = _time(lambda sw=sw: _parts(*args, *sw), repeats)
+    return out
+
+
+def _weights(kind: str, n: int, rng: np.random.Generator):
+    if kind == "binary":
+        q = rng.integers(0, 2, (n, n))
+        return q, 2 * q - 1
+    if kind == "ternary":
+        q = rng.integers(-1, 2, (n, n))
+        return q, q
+    q = rng.integers(0, 16, (n, n))
+    return q, 2 * q - 15
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--size", type=int, default=4096, help="K = O of the layer")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    if not _amx.amx_enabled():
+        print("AMX-INT8 is not available here (CPU, OS or plain path): nothing to profile")
+        return 1
+    t0 = time.time()
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    cfg = _amx.amx_tile_config(64, 2)
+    reps = 20000
+    pk = _time(lambda: _peak(rng.integers(0, 16, 16384).astype(np.uint8), rng.integers(0, 256, 16384).astype(
+        np.uint8), cfg, np.zeros(1024, np.int32), reps), 5)
+    peak = reps * 32 * 16 * 16 * 64 / (pk["best_ms"] / 1e3)
+    rows: list[dict] = []
+    n = a.size
+    for kind in a.kinds:
+        q, w = _weights(kind, n, rng)
+        gw = GemvWeights(q)
+        aw = KA.amx_linear_weights(gw, q, w, 1.0)
+        s0, s1 = KA.amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
+        KS = KA.SLICE_KIB // 2
+        for M in a.rows:
+            x = rng.uniform(-1, 3, (M, n)).astype(np.float32)
+            xq = KA.amx_rows(x, 0, 3.0, 5.0)
+            Mp = -(-M // 16) * 16
+            out = np.empty((M, n), np.float32)
+            ref = np.empty((M, n), np.float32)
+            KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, ref)
+            args = (xq, aw.nk, Mp, M, gw.w, gw.b, gw.nG, aw.tab, cfg, KS, s0, s1, EPI_FLOAT | EPI_RELU,
+                    out.reshape(-1), n)
+            _parts(*args, 1, 1, 1)
+            if Mp >= 32 and not np.array_equal(out, ref):
+                raise RuntimeError(f"the profiled copy differs from amx_linear ({kind}, {M} rows)")
+            parts = _profile(x, aw, s0, s1, ref, args, a.repeats, Mp >= 32)
+            macs = M * n * n
+            for part, t in parts.items():
+                r = {"kind": kind, "rows": M, "part": part, **{k: round(v, 4) for k, v in t.items()}}
+                if part in ("whole amx_linear", "tile products"):
+                    r["tmac_s"] = round(macs / (t["best_ms"] / 1e3) / 1e12, 3)
+                    r["of_l1_rate"] = round(macs / (t["best_ms"] / 1e3) / peak, 3)
+                rows.append(r)
+                print(f"{kind} {M} rows {part}: {t['best_ms']:.3f} ms best, {t['median_ms']:.3f} median",
+                      flush=True)
+    meta = run_meta(__file__, argv, t0, seeds=[0])
+    payload = {"meta": meta, "l1_tdpbusd_tmac_s": round(peak / 1e12, 3), "size": n, "slice_kib": KA.SLICE_KIB,
+               "rows": rows}
+    g = meta["git"] if isinstance(meta["git"], dict) else {}
+    git = f"{str(g.get('commit', '?'))[:10]}{' (dirty tree)' if g.get('dirty') else ''}"
+    md = ["# AMX GEMM of a packed Linear layer: where the time goes", "",
+          f"Command: `{meta['command']}`; git {git}; one thread, thread CPU time, best / median of "
+          f"{a.repeats} (single run on a shared machine).", "",
+          f"Rate of `tdpbusd` on L1-resident tiles (2 x 2 accumulators), same run: **{peak / 1e12:.2f} "
+          "TMAC/s**.", "", "| weights | rows | part | best ms | median ms | TMAC/s | of the L1 rate |",
+          "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['of_l1_rate']:.0f}%" if "of_l1_rate" in r else ""
+        md.append(f"| {r['kind']} | {r['rows']} | {r['part']} | {r['best_ms']:.3f} | {r['median_ms']:.3f} | "
+                  f"{r.get('tmac_s', '')} | {share} |")
+    write_results(a.out, "profile_amx_linear", payload, "\n".join(md))
+    print(f"wrote {Path(a.out) / 'profile_amx_linear.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
