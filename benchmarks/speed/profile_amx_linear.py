@@ -6,11 +6,12 @@
 For one 4096x4096 layer (binary, ternary and 4-bit weights) and each row count, thread CPU time
 (best and median of the repeats, one thread) of: the whole ``amx_linear`` call, the quantization
 of the rows into the tile layout, and a copy of the kernel's loop with parts switched off (weight
-expansion only, tile products only, both, epilogue only); the copy's full output is checked
-against ``amx_linear`` bit for bit. Beside each block, the rate of ``tdpbusd`` on tiles that stay
-in L1 (2 x 2 accumulators, the kernel's own tile intrinsic), measured just before and after it:
-the ceiling of the products on this machine at that moment (the test machine is shared; its AMX rate varied
-between 0.7 and 2.0 TMAC/s over one afternoon). Writes ``<out>/profile_amx_linear.{json,md}``
+expansion only, tile products only (on the layer's first expanded slice), both, epilogue only);
+the copy's full output is checked against ``amx_linear`` bit for bit. Beside each block, the rate
+of ``tdpbusd`` on tiles that stay in L1 (2 x 2 accumulators, the kernel's own tile intrinsic),
+measured just before and after it: the ceiling of the products on this machine at that moment
+(the test machine is shared; its AMX rate varied between 0.4 and 2.0 TMAC/s over one afternoon,
+from one minute to the next). Writes ``<out>/profile_amx_linear.{json,md}``
 (default: benchmarks/results).
 """
 
@@ -59,6 +60,15 @@ def _parts(xq, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp,
     buf = np.zeros(KS * 2048, np.uint8)
     ef = np.empty(0, np.float32)
     eu = np.empty(0, np.uint8)
+    for n in range(min(2, nbt)):  # real weights in the buffer also when the expansion is off
+        for kk in range(min(KS, nk)):
+            woff = n * nG * 64 + kk * G * 64
+            if b == 1:
+                KA._expand1(w, woff, min(G, nG - kk * G), tab, buf, (kk * 2 + n) * 1024)
+            elif b == 2:
+                KA._expand2(w, woff, min(G, nG - kk * G), tab, buf, (kk * 2 + n) * 1024)
+            else:
+                KA._expand4(w, woff, min(G, nG - kk * G), tab, buf, (kk * 2 + n) * 1024)
     _amx.amx_config(cfg)
     for grp in range((nbt + 1) // 2):
         b0 = 2 * grp
