@@ -6,6 +6,7 @@ VNNI and AMX kernels, against a NumPy reference from the exact integer sums."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -18,24 +19,24 @@ RNG = np.random.default_rng(11)
 HI, MULT = np.float32(3.0), np.float32(5.0)  # 4-bit PACT: codes 0..15
 
 
-def _problem(N=2, C=16, H=10, W=10, O=40, KH=3):
-    x = RNG.integers(0, 16, (N, C, H, W))
-    w = RNG.integers(-7, 8, (O, C, KH, KH))
+def _problem(rng, N=2, C=16, H=10, W=10, O=40, KH=3):
+    x = rng.integers(0, 16, (N, C, H, W))
+    w = rng.integers(-7, 8, (O, C, KH, KH))
     D = k8.int8_conv_reference(x, w, (1, 1), (1, 1), (1, 1))  # (N, OH, OW, O) exact integers
     xq = k8.int8_quantize(x.astype(np.float32).transpose(0, 2, 3, 1), (1, 1), mode=1)
     w_int = w.transpose(0, 2, 3, 1)
     return x, w_int, D, xq
 
 
-def _coefficients(O: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _coefficients(rng, O: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Half the channels on ties: ``t = y * mult`` = D/2 (or D/2 + 1/4 * odd), i.e. every odd D
     lands on a half-integer, where one float32 rounding decides the code."""
     s0, s1 = np.zeros(width + 64), np.zeros(width + 64)
-    s1[:O] = RNG.uniform(0.002, 0.02, O)
-    s0[:O] = RNG.uniform(-1.0, 2.0, O)
+    s1[:O] = rng.uniform(0.002, 0.02, O)
+    s0[:O] = rng.uniform(-1.0, 2.0, O)
     tie = np.arange(O) % 2 == 0
-    s1[:O][tie] = 0.5 / float(MULT) * (1 + RNG.integers(0, 3, tie.sum()) * 2.0**-20)
-    s0[:O][tie] = RNG.choice([0.0, 1.5 / float(MULT), 0.3], tie.sum())
+    s1[:O][tie] = 0.5 / float(MULT) * (1 + rng.integers(0, 3, tie.sum()) * 2.0**-20)
+    s0[:O][tie] = rng.choice([0.0, 1.5 / float(MULT), 0.3], tie.sum())
     return s0, s1
 
 
@@ -63,17 +64,35 @@ def _run(kernel: str, xq, w_int, geo, s0, s1, sf, N, OH, OW, O) -> np.ndarray:
     return codes[:-64].reshape(N, OH + 2, OW + 2, O)[:, 1:-1, 1:-1]
 
 
+@pytest.fixture
+def two_threads(monkeypatch):
+    """int8_conv split over two threads (parallel threshold 0); numba's thread count restored."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    monkeypatch.setattr(k8, "INT8_MIN_PARALLEL_MACS", 0)
+    prev = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(prev)
+
+
+@needs_vnni
+def test_f32_epilogue_two_threads(two_threads):
+    test_f32_epilogue_codes_equal_float64_on_ties("vnni")
+
+
 @needs_vnni
 @pytest.mark.parametrize("kernel", ["vnni", "amx"])
 def test_f32_epilogue_codes_equal_float64_on_ties(kernel):
     if kernel == "amx" and not _amx.amx_enabled():
         pytest.skip("AMX-INT8 not available (CPU or OS)")
+    rng = np.random.default_rng(11)  # fixed data: the unguarded float32 result below is wrong for it
     N, O = 2, 40
-    _, w_int, D, xq = _problem(N=N, O=O)
+    _, w_int, D, xq = _problem(rng, N=N, O=O)
     OH, OW = D.shape[1:3]
     geo = np.array([12, 12, 16, OH, OW, 1, 1, N, O], np.int64)
     width = -(-O // 16) * 16
-    s0, s1 = _coefficients(O, width)
+    s0, s1 = _coefficients(rng, O, width)
     wabs = np.abs(w_int).reshape(O, -1).sum(axis=1)
     sf, usable = k8.f32_coefficients(s0, s1, wabs, 15, float(HI), float(MULT))
     assert usable
