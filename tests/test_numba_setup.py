@@ -154,3 +154,61 @@ def test_set_plain_switches_the_layers_choice():
         assert kernels.HAS_VNNI == _jit.HOST_VNNI and lut == kernels_gemm.HAS_LUT
     finally:
         _jit.set_plain(was_plain)
+
+
+def test_package_stamp_follows_every_file(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    s0 = _numba.package_stamp([a, b])
+    assert _numba.package_stamp([a, b]) == s0
+    b.write_text("y = 3\n")
+    assert _numba.package_stamp([a, b]) != s0
+    # the default covers the runtime, the fused loops and this module
+    names = {f.name for pat in _numba.STAMP_FILES for f in _numba._PKG.glob(pat)}
+    assert {"_numba.py", "fused.py", "_jit.py", "_amx.py", "kernels_int8.py", "executor.py"} <= names
+
+
+@pytest.mark.skipif(not _numba.cache_enabled(), reason="numba's disk cache is off in this environment")
+def test_runtime_kernels_carry_the_package_stamp():
+    from lowbit.runtime import kernels_int8
+
+    k = kernels_int8._int8_conv_range
+    assert _numba.stamped_cache(k)
+    own, pkg = k._cache._impl.locator.get_source_stamp()
+    assert pkg == _numba.package_stamp() and own
+
+
+_STALE = r"""
+import sys, pathlib
+from lowbit import _numba
+pkg = pathlib.Path(sys.argv[1])
+_numba._PKG = pkg  # a stand-in package: its loops are stamped with every file in it
+_numba.STAMP_FILES = ("*.py",)
+sys.path.insert(0, str(pkg))
+import mod
+print(mod.f(1), mod.f.stats.cache_hits.get(mod.f.signatures[0], 0) if mod.f.signatures else -1)
+"""
+
+
+def test_editing_an_inlined_file_recompiles_the_cached_loop(tmp_path):
+    """The hazard: ``mod.f`` inlines ``dep.g``; numba alone keys the cache on mod.py only, so an edit
+    of dep.py would keep running the stale cached ``f``."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "dep.py").write_text("from lowbit import _numba\n\n@_numba.jit\ndef g(x):\n    return x + 1\n")
+    (pkg / "mod.py").write_text("from lowbit import _numba\nfrom dep import g\n\n"
+                                "@_numba.jit\ndef f(x):\n    return g(x) * 10\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "LOWBIT_NUMBA_CACHE")}
+
+    def run() -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _STALE, str(pkg)], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        value, hits = out.stdout.split()
+        return int(value), int(hits)
+
+    assert run() == (20, 0)  # compiled, cached
+    assert run() == (20, 1)  # from the cache
+    (pkg / "dep.py").write_text("from lowbit import _numba\n\n@_numba.jit\ndef g(x):\n    return x + 2\n")
+    assert run() == (30, 0)  # recompiled: the cached f inlined the old g

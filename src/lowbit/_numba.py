@@ -17,7 +17,12 @@ Cache: compiled loops are cached on disk. numba writes its cache next to the sou
 (``__pycache__``) when that is writable and otherwise in a user-wide directory;
 ``NUMBA_CACHE_DIR`` overrides both. When none is writable (a read-only install with a read-only
 home) caching is off instead of failing. ``LOWBIT_NUMBA_CACHE=0`` switches it off explicitly,
-for every loop of the package.
+for every loop of the package. numba invalidates a cached loop only when the file that defines it
+changes, but lowbit's loops inline code from other files (``runtime/_jit.py``'s epilogues,
+``runtime/_amx.py``'s tile intrinsics, kernels calling kernels of other modules): after an
+upgrade or an edit of those, a stale cached loop would run the old code. So every loop of the
+package is stamped with its own file *and* a hash of every file it may inline (:data:`STAMP_FILES`):
+a change to any of them recompiles all of them.
 
 Thread policy (which loops may open numba ``parallel=True`` regions, and why):
 
@@ -120,6 +125,67 @@ def cache_enabled(source_file: str | os.PathLike[str] | None = None) -> bool:
     return _cache_ok(str(src.resolve().parent))
 
 
+#: the package files (relative to it) whose code numba loops may inline: a change to any of them
+#: invalidates every cached loop of the package
+STAMP_FILES = ("_numba.py", "quant/fused.py", "runtime/*.py")
+_PKG = Path(__file__).resolve().parent
+
+
+def package_stamp(files: list[Path] | None = None) -> str:
+    """SHA-256 over the names and contents of ``files`` (default: :data:`STAMP_FILES`)."""
+    import hashlib
+
+    if files is None:
+        files = sorted({f for pat in STAMP_FILES for f in _PKG.glob(pat)})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _stamp() -> str:
+    return package_stamp()
+
+
+@functools.cache
+def _install_locators() -> bool:
+    """Put locators in front of numba's that add :func:`package_stamp` to the source stamp of the
+    package's own loops (everything else keeps numba's locators). False where numba's cache
+    internals are not what this expects: those loops are then compiled without a disk cache."""
+    try:
+        from numba.core import caching
+    except Exception:  # pragma: no cover - numba internals moved
+        return False
+
+    class _PackageStamp:
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            if not Path(py_file).resolve().is_relative_to(_PKG):
+                return None
+            return super().from_function(py_func, py_file)  # type: ignore[misc]
+
+        def get_source_stamp(self) -> Any:
+            return (super().get_source_stamp(), _stamp())  # type: ignore[misc]
+
+    bases = [getattr(caching, n, None) for n in
+             ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if impl is None or not isinstance(getattr(impl, "_locator_classes", None), list) or None in bases:
+        log.info("lowbit: numba cache internals differ from the expected; caching off")
+        return False
+    ours = [type(f"Lowbit{b.__name__}", (_PackageStamp, b), {}) for b in bases]
+    impl._locator_classes[:0] = ours
+    return True
+
+
+def stamped_cache(dispatcher: Any) -> bool:
+    """Whether a compiled loop's disk cache carries the package stamp (tests)."""
+    c = getattr(dispatcher, "_cache", None)
+    loc = getattr(getattr(c, "_impl", None), "locator", None)
+    return loc is not None and type(loc).__name__.startswith("Lowbit")
+
+
 # ---- compiling ----------------------------------------------------------------------------------
 def jit(
     fn: Callable[..., Any] | None = None,
@@ -143,7 +209,7 @@ def jit(
 
     opts = {"parallel": parallel, "fastmath": fastmath, "nogil": True, "boundscheck": False,
             "error_model": error_model}
-    cache = cache_enabled(fn.__code__.co_filename)
+    cache = cache_enabled(fn.__code__.co_filename) and _install_locators()
     try:
         return numba.njit(cache=cache, **opts)(fn)
     except Exception:  # a cache directory that went away meanwhile: compile in memory
