@@ -334,9 +334,9 @@ BUDGETS: dict[str, Budget] = {
     "cpu": Budget("cpu", "cpu", {**_SGD, "epochs": 20, "weight_decay": 5e-4, "schedule": "cosine"}, 5,
                   (0, 1, 2), (0,), jobs=2, threads=1, searches=False, arms=CPU_ARMS,
                   q_train={"precision": "bf16"},
-                  note="float 20 epochs (fp32), quantized fine-tunes 5 epochs (bf16 autocast, quantizers in "
-                       "fp32), one thread per run, two runs side by side; 3 seeds for the paired claims (their "
-                       "CPU arms), 1 for the rest"),
+                  note="float 20 epochs (fp32), quantized fine-tunes 5 epochs (bf16 autocast, quantizers "
+                       "in fp32), one thread per run, two runs side by side; 3 seeds for the paired claims "
+                       "(their CPU arms), 1 for the rest"),
     "gpu": Budget("gpu", "cuda", {**_SGD, "epochs": 160, "weight_decay": 1e-4, "schedule": "step",
                                   "milestones": [80, 120]}, 160, (0, 1, 2), (0, 1, 2), jobs=6, threads=2,
                   searches=True,
