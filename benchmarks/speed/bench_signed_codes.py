@@ -63,8 +63,9 @@ def measure(case: str, variant: str, rounds: int) -> dict[str, Any]:
                          budget_s=60.0, min_rounds=rounds)
     for m in layers:
         m.act.mode = 2
-    ms = {k: {n: v * 1e3 if n.endswith("_s") else v for n, v in d.items()} for k, d in r.items()}
-    spec, enc, f = (ms[k]["median_s"] for k in ("signed spec", "encode", "torch-fp32"))
+    ms = {k: {n[:-2] + "_ms" if n.endswith("_s") else n: v * 1e3 if n.endswith("_s") else v
+             for n, v in d.items()} for k, d in r.items()}
+    spec, enc, f = (ms[k]["median_ms"] for k in ("signed spec", "encode", "torch-fp32"))
     out = {"case": case, "variant": variant, "ms": ms, "max_abs_diff_spec_vs_encode": same,
            "spec_vs_encode": enc / spec, "spec_vs_fp32": f / spec, "encode_vs_fp32": f / enc}
     print(case, variant, f"spec {enc / spec:.2f}x encode; vs fp32 spec {f / spec:.2f}x, "
@@ -90,9 +91,9 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         ms = r["ms"]
         lines.append(
-            f"| {r['case']} | {r['variant']} | {ms['signed spec']['median_s']:.2f} "
-            f"| {ms['encode']['median_s']:.2f} "
-            f"| {ms['torch-fp32']['median_s']:.2f} | {r['spec_vs_encode']:.2f}x | {r['spec_vs_fp32']:.2f}x "
+            f"| {r['case']} | {r['variant']} | {ms['signed spec']['median_ms']:.2f} "
+            f"| {ms['encode']['median_ms']:.2f} "
+            f"| {ms['torch-fp32']['median_ms']:.2f} | {r['spec_vs_encode']:.2f}x | {r['spec_vs_fp32']:.2f}x "
             f"| {r['encode_vs_fp32']:.2f}x | {r['max_abs_diff_spec_vs_encode']:.1g} |"
         )
     return "\n".join(lines) + "\n"

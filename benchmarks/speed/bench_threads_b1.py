@@ -67,15 +67,17 @@ def measure(case: str, variant: str, rounds: int) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"case": case, "variant": variant}
     for g, fns in groups.items():
-        out[g] = {k: {n: v * 1e3 if n.endswith("_s") else v for n, v in r.items()}
+        out[g] = {k: {n[:-2] + "_ms" if n.endswith("_s") else n: v * 1e3 if n.endswith("_s") else v
+                      for n, v in r.items()}
                   for k, r in time_interleaved(fns, rounds, budget_s=60.0, min_rounds=rounds).items()}
-    p, q = out["policy"], out["no policy"]
+    p = {k: v["median_ms"] for k, v in out["policy"].items()}
+    q = {k: v["median_ms"] for k, v in out["no policy"].items()}
     out["ratios"] = {
-        "lowbit 2t / 1t speed (policy)": p["lowbit 1t"]["median_s"] / p["lowbit 2t"]["median_s"],
-        "lowbit 2t / 1t speed (no policy)": q["lowbit 1t"]["median_s"] / q["lowbit 2t"]["median_s"],
-        "lowbit 1t vs torch-fp32 1t": p["torch-fp32 1t"]["median_s"] / p["lowbit 1t"]["median_s"],
-        "lowbit 2t vs torch-fp32 1t (policy)": p["torch-fp32 1t"]["median_s"] / p["lowbit 2t"]["median_s"],
-        "lowbit 2t vs torch-fp32 2t (no policy)": q["torch-fp32 2t"]["median_s"] / q["lowbit 2t"]["median_s"],
+        "lowbit 2t / 1t speed (policy)": p["lowbit 1t"] / p["lowbit 2t"],
+        "lowbit 2t / 1t speed (no policy)": q["lowbit 1t"] / q["lowbit 2t"],
+        "lowbit 1t vs torch-fp32 1t": p["torch-fp32 1t"] / p["lowbit 1t"],
+        "lowbit 2t vs torch-fp32 1t (policy)": p["torch-fp32 1t"] / p["lowbit 2t"],
+        "lowbit 2t vs torch-fp32 2t (no policy)": q["torch-fp32 2t"] / q["lowbit 2t"],
     }
     print(case, variant, {k: round(v, 2) for k, v in out["ratios"].items()}, flush=True)
     return out
@@ -99,10 +101,10 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         p, q, x = r["policy"], r["no policy"], r["ratios"]
         lines.append(
-            f"| {r['case']} | {r['variant']} | {p['lowbit 1t']['median_s']:.2f} "
-            f"| {p['lowbit 2t']['median_s']:.2f} "
-            f"| {p['torch-fp32 1t']['median_s']:.2f} | {x['lowbit 2t / 1t speed (policy)']:.2f}x "
-            f"| {q['lowbit 2t']['median_s']:.2f} | {q['torch-fp32 2t']['median_s']:.2f} "
+            f"| {r['case']} | {r['variant']} | {p['lowbit 1t']['median_ms']:.2f} "
+            f"| {p['lowbit 2t']['median_ms']:.2f} "
+            f"| {p['torch-fp32 1t']['median_ms']:.2f} | {x['lowbit 2t / 1t speed (policy)']:.2f}x "
+            f"| {q['lowbit 2t']['median_ms']:.2f} | {q['torch-fp32 2t']['median_ms']:.2f} "
             f"| {x['lowbit 2t / 1t speed (no policy)']:.2f}x | {x['lowbit 1t vs torch-fp32 1t']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
