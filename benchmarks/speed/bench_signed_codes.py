@@ -15,10 +15,7 @@ same run. Both modes give the same output (checked: max abs difference 0). Singl
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import run_meta, write_results  # noqa: E402
-from harness import CASES, make_inputs, quantized_model, time_interleaved  # noqa: E402
+from harness import CASES, bert_rows_main, in_ms, make_inputs, quantized_model, time_interleaved  # noqa: E402
 
 from lowbit.runtime import compile as rt_compile  # noqa: E402
 
@@ -63,8 +59,7 @@ def measure(case: str, variant: str, rounds: int) -> dict[str, Any]:
                          budget_s=60.0, min_rounds=rounds)
     for m in layers:
         m.act.mode = 2
-    ms = {k: {n[:-2] + "_ms" if n.endswith("_s") else n: v * 1e3 if n.endswith("_s") else v
-             for n, v in d.items()} for k, d in r.items()}
+    ms = in_ms(r)
     spec, enc, f = (ms[k]["median_ms"] for k in ("signed spec", "encode", "torch-fp32"))
     out = {"case": case, "variant": variant, "ms": ms, "max_abs_diff_spec_vs_encode": same,
            "spec_vs_encode": enc / spec, "spec_vs_fp32": f / spec, "encode_vs_fp32": f / enc}
@@ -100,21 +95,9 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["bert256", "bert512"], choices=["bert256", "bert512"])
-    ap.add_argument("--variants", nargs="+", default=["w1a8s", "w2a8s"])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default=str(HERE.parent / "results"))
-    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     numba.set_num_threads(1)
-    t0 = time.time()
-    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    rows = [measure(c, v, args.rounds) for c in args.cases for v in args.variants]
-    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
-    write_results(args.out, "signed_codes", {"meta": meta, "rows": rows}, to_markdown(rows, meta))
-    print(f"wrote {Path(args.out) / 'signed_codes.md'}")
+    bert_rows_main(__file__, "signed_codes", measure, to_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,7 @@ single run. Writes benchmarks/results/threads_b1.{json,md} through ``benchmarks/
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import run_meta, write_results  # noqa: E402
-from harness import CASES, make_inputs, quantized_model, time_interleaved  # noqa: E402
+from harness import CASES, bert_rows_main, in_ms, make_inputs, quantized_model, time_interleaved  # noqa: E402
 
 from lowbit.runtime import compile as rt_compile  # noqa: E402
 
@@ -67,9 +63,7 @@ def measure(case: str, variant: str, rounds: int) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"case": case, "variant": variant}
     for g, fns in groups.items():
-        out[g] = {k: {n[:-2] + "_ms" if n.endswith("_s") else n: v * 1e3 if n.endswith("_s") else v
-                      for n, v in r.items()}
-                  for k, r in time_interleaved(fns, rounds, budget_s=60.0, min_rounds=rounds).items()}
+        out[g] = in_ms(time_interleaved(fns, rounds, budget_s=60.0, min_rounds=rounds))
     p = {k: v["median_ms"] for k, v in out["policy"].items()}
     q = {k: v["median_ms"] for k, v in out["no policy"].items()}
     out["ratios"] = {
@@ -111,19 +105,7 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["bert256", "bert512"], choices=["bert256", "bert512"])
-    ap.add_argument("--variants", nargs="+", default=["w1a8s", "w2a8s"])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default=str(HERE.parent / "results"))
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    rows = [measure(c, v, args.rounds) for c in args.cases for v in args.variants]
-    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
-    write_results(args.out, "threads_b1", {"meta": meta, "rows": rows}, to_markdown(rows, meta))
-    print(f"wrote {Path(args.out) / 'threads_b1.md'}")
+    bert_rows_main(__file__, "threads_b1", measure, to_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,37 @@ def time_interleaved(
 # ----------------------------------------------------------------------------------------------
 
 
+def in_ms(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """:func:`time_interleaved`'s result with every ``*_s`` entry as ``*_ms`` in milliseconds."""
+    return {k: {(n[:-2] + "_ms" if n.endswith("_s") else n): (v * 1e3 if n.endswith("_s") else v)
+                for n, v in d.items()} for k, d in timing.items()}
+
+
+def bert_rows_main(file: str, name: str, measure: Callable[[str, str, int], dict[str, Any]],
+                   to_markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+                   argv: list[str] | None = None) -> None:
+    """The command line of a per-(BERT case, variant) study: rows of ``measure(case, variant,
+    rounds)``, provenance with the load average at start and end, ``benchmarks/results/<name>``."""
+    import argparse
+
+    from common import run_meta, write_results
+
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["bert256", "bert512"], choices=["bert256", "bert512"])
+    ap.add_argument("--variants", nargs="+", default=["w1a8s", "w2a8s"])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    load = lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())  # noqa: E731
+    load_start = load()
+    rows = [measure(c, v, args.rounds) for c in args.cases for v in args.variants]
+    meta = run_meta(file, argv, t0, seeds=[0], load_start=load_start, load_end=load())
+    write_results(args.out, name, {"meta": meta, "rows": rows}, to_markdown(rows, meta))
+    print(f"wrote {Path(args.out) / (name + '.md')}")
+
+
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
