@@ -342,8 +342,8 @@ BUDGETS: dict[str, Budget] = {
                        "in fp32), one thread per run, two runs side by side; 3 seeds for the paired claims "
                        "(their CPU arms), 1 for the rest"),
     "gpu": Budget("gpu", "cuda", {**_SGD, "epochs": 160, "weight_decay": 1e-4, "schedule": "step",
-                                  "milestones": [80, 120]}, 160, (0, 1, 2), (0, 1, 2), jobs=6, threads=2,
-                  searches=True,
+                                  "milestones": [80, 120], "channels_last": True}, 160, (0, 1, 2), (0, 1, 2),
+                  jobs=6, threads=2, searches=True, q_train={"channels_last": True},
                   note="the papers' schedules: float 160 epochs (step at 80/120), quantized 160 epochs; "
                        "3 seeds per row; six runs per GPU at once"),
     "smoke": Budget("smoke", "cpu", {**_SGD, "epochs": 1, "weight_decay": 5e-4, "schedule": "cosine"}, 1,

@@ -160,17 +160,21 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
              "flip per batch on the device, channels_last on CUDA); time and images/s of the second of two "
              "epochs. QAT: 4-bit LSQ activations, first and last layer float. One run per row (no seeds: a "
              "speed measurement).", "",
-             "| model | precision | batch | epoch time (s) | images/s | vs float (same precision, batch) "
-             "| peak memory (MiB) |", "|---|---|---|---|---|---|---|"]
-    base = {(r["precision"], r["batch"]): r for r in res["single"] if r.get("mode") == "float"}
+             "| model | precision | batch | epoch time (s) | images/s "
+             "| vs float (same precision, batch, compile) | peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    base = {(r["precision"], r["batch"], r.get("compile", False)): r for r in res["single"]
+            if r.get("mode") == "float"}
     for r in res["single"]:
         if "error" in r or "skipped" in r:
             why = r.get("skipped") or r["error"][:80]
-            lines.append(f"| {r['mode']} | {r['precision']} | {r['batch']} | {why} | | | |")
+            name = f"{r['mode']} (torch.compile)" if r.get("compile") else r["mode"]
+            lines.append(f"| {name} | {r['precision']} | {r['batch']} | {why} | | | |")
             continue
-        b = base.get((r["precision"], r["batch"]))
+        b = base.get((r["precision"], r["batch"], r.get("compile", False)))
         ratio = f"{r['epoch_time_s'] / b['epoch_time_s']:.2f}x time" if b and "epoch_time_s" in b else "-"
-        lines.append(f"| {r['mode']} | {r['precision']} | {r['batch']} | {r['epoch_time_s']:.2f} | "
+        name = f"{r['mode']} (torch.compile)" if r.get("compile") else r["mode"]
+        lines.append(f"| {name} | {r['precision']} | {r['batch']} | {r['epoch_time_s']:.2f} | "
                      f"{r['images_per_s']:,.0f} | {ratio} | {r.get('peak_mem_mib', '-')} |")
     lines += ["", "Concurrent runs (identical processes sharing the device):", "",
               "| runs | model | precision | batch | images/s each | images/s total "
@@ -219,36 +223,40 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(m, prec, b) for prec in ("fp32", "bf16") for m in modes for b in batches]
     plan += [(m, "bf16", b) for m in ("float", "w4a4") for b in sweep]
     single: list[dict[str, Any]] = []
-    for mode, prec, b in plan:
-        if time.time() > deadline:
-            single.append({"mode": mode, "precision": prec, "batch": b, "skipped": "time budget spent"})
-            continue
-        try:
-            single.append(train_one(mode, prec, b, device, x, y, epochs=1 if a.smoke else 2))
-        except Exception as e:  # recorded, not hidden: a failing configuration is a result
-            single.append({"mode": mode, "precision": prec, "batch": b, "error": f"{type(e).__name__}: {e}"})
-        print(json.dumps(single[-1]), flush=True)
-    if a.compile and not a.smoke:
-        for mode in ("float", "w4a4"):
-            if time.time() > deadline:
-                break
-            try:
-                single.append(train_one(mode, "bf16", 128, device, x, y, compile_=True))
-            except Exception as e:
-                single.append({"mode": mode, "precision": "bf16", "batch": 128, "compile": True,
-                               "error": f"{type(e).__name__}: {e}"})
     conc: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every measurement: a run stopped from outside keeps what it measured
+        res = {"smoke": a.smoke, "device": str(device), "data": src, "tests": tests, "single": single,
+               "concurrent": conc}
+        meta = run_meta(__file__, argv, t0, seeds=[0], smoke=a.smoke)
+        write_results(a.out, "gpu_smoke" if a.smoke else "gpu", {"meta": meta, **res}, render(meta, res))
+
+    def measure(mode: str, prec: str, b: int, compile_: bool = False) -> None:
+        if time.time() > deadline:
+            single.append({"mode": mode, "precision": prec, "batch": b, "compile": compile_,
+                           "skipped": "time budget spent"})
+        else:
+            try:
+                single.append(train_one(mode, prec, b, device, x, y, epochs=1 if a.smoke else 2,
+                                        compile_=compile_))
+            except Exception as e:  # recorded, not hidden: a failing configuration is a result
+                single.append({"mode": mode, "precision": prec, "batch": b, "compile": compile_,
+                               "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(single[-1]), flush=True)
+        save()
+
+    for mode, prec, b in plan:
+        measure(mode, prec, b)
     for n in a.concurrent:
         if time.time() > deadline:
             conc.append({"n": n, "skipped": "time budget spent"})
-            continue
-        conc.append(concurrent(n, a, "w4a4", "bf16" if not a.smoke else "fp32", 128 if not a.smoke else 32))
+        else:
+            conc.append(concurrent(n, a, "w4a4", "fp32" if a.smoke else "bf16", batches[0]))
         print(json.dumps(conc[-1]), flush=True)
-    res = {"smoke": a.smoke, "device": str(device), "data": src, "tests": tests, "single": single,
-           "concurrent": conc}
-    meta = run_meta(__file__, argv, t0, seeds=[0], smoke=a.smoke)
-    stem = "gpu_smoke" if a.smoke else "gpu"
-    write_results(a.out, stem, {"meta": meta, **res}, render(meta, res))
+        save()
+    if a.compile:  # last: compiling costs tens of seconds per model
+        for mode in ("float", "w4a4"):
+            measure(mode, "bf16" if not a.smoke else "fp32", batches[0], compile_=True)
     return 0
 
 

@@ -24,10 +24,18 @@ def _git(root: Path, *args: str) -> str | None:
 
 def git_state(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """``{"commit", "dirty"}`` of the repository at ``root`` (default: the one holding lowbit's
-    source); dirty: tracked files differ from the commit. None where there is no repository."""
+    source); dirty: tracked files differ from the commit. None where there is no repository.
+
+    A copy of the tree without ``.git`` (shipped to a GPU machine, say) cannot know its commit:
+    there the sender's ``LOWBIT_GIT_COMMIT`` (and ``LOWBIT_GIT_DIRTY=1`` if its tree was dirty) is
+    recorded, marked ``"from": "environment"``."""
     where = Path(root) if root is not None else Path(__file__).resolve().parent
+    commit = _git(where, "rev-parse", "HEAD")
+    if commit is None and os.environ.get("LOWBIT_GIT_COMMIT"):
+        return {"commit": os.environ["LOWBIT_GIT_COMMIT"], "dirty": os.environ.get("LOWBIT_GIT_DIRTY") == "1",
+                "from": "environment"}
     status = _git(where, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": _git(where, "rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def cpu_model() -> str:

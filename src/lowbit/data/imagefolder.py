@@ -118,6 +118,8 @@ class _Source:
 
     def _handle(self) -> Any:
         if self._fh is None or self._pid != os.getpid():
+            if self._fh is not None:  # a forked worker's copy of the parent's handle: its offset is
+                self._fh.close()      # shared with the parent, so this process opens its own
             self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
             self._pid = os.getpid()
         return self._fh
