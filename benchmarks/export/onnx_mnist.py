@@ -1,26 +1,34 @@
 """ONNX export on the real MNIST test set: how often onnxruntime's predictions agree with the
 PyTorch fake-quantized model's, and which layers export losslessly as integers.
 
-    python benchmarks/export/onnx_mnist.py runs/repro/mnist/lenet5-w1a4 runs/repro/mnist/twn-w2 ...
+    python benchmarks/export/onnx_mnist.py runs/repro-val/mnist/s0/lenet5-w1a4 \
+        runs/repro-val/mnist/s0/lenet5-w1a4-all runs/repro-val/mnist/s0/twn-w2 \
+        runs/repro-val/mnist/s0/lsq-w4a4
 
-Each argument is a run directory written by ``lowbit train`` (its best checkpoint is used).
-Writes ``benchmarks/results/onnx_mnist.md`` and ``.json``.
+Each argument is a run directory written by ``lowbit train`` (its best checkpoint is used); the ones
+above are the reproduction suite's seed-0 runs, made by
+``python benchmarks/repro/run_mnist.py --datasets mnist --methods lenet5-w1a4 lenet5-w1a4-all twn-w2
+lsq-w4a4``. Writes ``benchmarks/results/onnx_mnist.{md,json}`` with the run's provenance.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
 from lowbit.experiment import load_run
 from lowbit.export import export_onnx
 from lowbit.export.onnx_export import run_onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    t0 = time.time()
     rows = []
     for run in a.runs:
         model, data, config = load_run(run)
@@ -56,15 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"{run}: agreement {agree:.4%}, max |logit diff| {rows[-1]['max_abs_logit_diff']:.2e}",
               flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/export/onnx_mnist.py " + " ".join(argv or sys.argv[1:])
-    result = {"command": cmd, "opset": a.opset, "rows": rows}
-    (out / "onnx_mnist.json").write_text(json.dumps(result, indent=1))
+    meta = run_meta(__file__, argv, t0, opset=a.opset, onnxruntime=onnxruntime.__version__)
+    git = meta["git"]
     md = ["# ONNX export on the MNIST test set", "",
-          f"Command: `{cmd}` (opset {a.opset}, onnxruntime CPU, exact MatMulNBits session option). "
-          "Agreement = share of the 10,000 test images where onnxruntime's top-1 class equals the "
-          "PyTorch fake-quantized model's.", "",
+          f"Command: `{meta['command']}` — commit {str(git['commit'])[:12]}"
+          f"{' (dirty tree)' if git['dirty'] else ''}, torch {meta['torch']}, onnxruntime "
+          f"{meta['onnxruntime']} (CPU, exact MatMulNBits session option), opset {a.opset}, total wall time "
+          f"{meta['wall_time_s']:.0f} s. Agreement = share of the 10,000 test images where onnxruntime's "
+          "top-1 class equals the PyTorch fake-quantized model's.", "",
           "| run | recipe | agreement | PyTorch acc | ONNX acc | max abs logit diff |",
           "|---|---|---|---|---|---|"]
     for r in rows:
@@ -77,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{lay['name']} {lay['w_method']}/{lay['w_bits']} -> {lay['onnx_weight']}"
             f"{' lossless' if lay['lossless'] else ' widened' if lay['widened'] else ''}"
             f", act {lay['onnx_activation']}" for lay in r["layers"]))
-    (out / "onnx_mnist.md").write_text("\n".join(md) + "\n")
+    write_results(a.out, "onnx_mnist", {"meta": meta, "rows": rows}, "\n".join(md))
     return 0
-
-
 
 if __name__ == "__main__":
     sys.exit(main())

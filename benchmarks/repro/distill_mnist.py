@@ -5,11 +5,11 @@
 
 Every layer of LeNet-5 is quantized (DoReFa weights at ``--bits``, DoReFa 2-bit activations on
 every layer input but the image): the regime where the DCQ paper reports its gains over DoReFa.
-Each row starts from the reproduction suite's shared float LeNet-5 (``runs/repro/mnist/fp``, the
+Each row starts from the reproduction suite's shared float LeNet-5 (``runs/repro-val/mnist/s0/fp``, the
 teacher too) and trains ``--epochs`` epochs (Adam, lr 1e-3, cosine) with cross-entropy (plain
 DoReFa), with KD from the float teacher (alpha 0.9, T 4), or with DCQ (sections cut after
 pool1 and pool2; sectioned for all but the last epoch, then whole-model KD). Writes
-``benchmarks/results/distill_mnist.{md,json}``; runs live under ``runs/repro/mnist/distill``
+``benchmarks/results/distill_mnist.{md,json}``; runs live under ``runs/repro-val/mnist/distill``
 and a rerun reuses finished ones.
 """
 
@@ -30,7 +30,7 @@ from lowbit.experiment import RunSpec, train_run
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_meta, write_results
-from run_mnist import fp_run, train_seconds
+from run_mnist import commit_text, fp_run, train_seconds
 
 
 def recipe(bits: int, method: dict[str, Any] | None) -> dict[str, Any]:
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--runs-dir", default="runs/repro-val")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     t0 = time.time()
-    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0)
+    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0, seed=0)
     init = str(fp_dir / "best.safetensors")
     teacher = str(fp_dir)
     methods = [
@@ -93,7 +93,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "# DCQ and knowledge distillation vs plain DoReFa, MNIST LeNet-5, every layer quantized",
         "",
-        f"Command: `{meta['command']}` — torch {meta['torch']}, one thread per run, total wall time "
+        f"Command: `{meta['command']}` — {commit_text(meta)}, torch {meta['torch']}, one thread per run, "
+        "total wall time "
         f"{meta['wall_time_s']:.0f} s. Every row starts from the shared float LeNet-5 "
         f"(test accuracy {100 * meta['fp_acc']:.2f}%), which is also the teacher, and trains "
         f"{meta['epochs']} epochs (Adam, lr 1e-3, cosine). DoReFa weights at the bits shown, DoReFa 2-bit "

@@ -3,7 +3,7 @@
     python benchmarks/repro/multipoint_mnist.py                 # ~3 min on one core
     python benchmarks/repro/multipoint_mnist.py --datasets mnist --bits 2 --budgets 1 1.5
 
-From the reproduction suite's float LeNet-5 of each dataset (``runs/repro/<dataset>/fp``, trained
+From the reproduction suite's float LeNet-5 of each dataset (``runs/repro-val/<dataset>/s0/fp``, trained
 with its settings if missing), conv2, fc1 and fc2 get ``--bits``-bit weights without any training
 (conv1, fc3 and all activations stay float). Rows: the plain ``uniform`` quantizer (max scale, per
 channel); multipoint with one point per channel; and multipoint with ``budget`` points per
@@ -33,7 +33,7 @@ from lowbit.train import evaluate, load_weights
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_meta, write_results
-from run_mnist import fp_run
+from run_mnist import commit_text, fp_run
 
 LAYERS = ("conv2", "fc1", "fc2")
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--budgets", type=float, nargs="+", default=[1.25, 1.5, 2.0])
     p.add_argument("--calib", type=int, default=512, help="calibration images from the training set")
-    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--runs-dir", default="runs/repro-val")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     fps = {}
     for ds in a.datasets:
-        _, _, fp_dir = fp_run(ds, Path(a.runs_dir), 10, 1.0)
+        _, _, fp_dir = fp_run(ds, Path(a.runs_dir), 10, 1.0, seed=0)
         data = load_dataset(ds, batch_size=256, seed=0)
 
         def fresh(fp_dir: Path = fp_dir) -> torch.nn.Module:
@@ -124,8 +124,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Post-training multipoint quantization, LeNet-5 (no training)",
         "",
-        f"Command: `{meta['command']}` — torch {meta['torch']}, one thread, total wall time "
-        f"{meta['wall_time_s']:.0f} s. Float models (`runs/repro/<dataset>/fp`, best checkpoint): {fp}. "
+        f"Command: `{meta['command']}` — {commit_text(meta)}, torch {meta['torch']}, one thread, "
+        f"total wall time {meta['wall_time_s']:.0f} s. Float models (the reproduction suite's "
+        f"`runs/repro-val/<dataset>/s0/fp`, best checkpoint on the validation split): {fp}. "
         "conv2, fc1 and fc2 get the weight bits shown, without any training; conv1, fc3 and every "
         f"activation stay float. Extra points are placed by output error on {meta['calib']} training "
         "images (the float model's layer inputs), or on random channels as a control. Bits/weight: "

@@ -120,6 +120,12 @@ def fp_run(dataset: str, runs: Path, epochs: int, width: float, seed: int,
     return res, cmd, out
 
 
+def commit_text(meta: dict[str, Any]) -> str:
+    """``commit <first 12 hex digits>``, plus `` (dirty tree)`` where tracked files differed from it."""
+    git = meta["git"]
+    return f"commit {str(git['commit'])[:12]}{' (dirty tree)' if git['dirty'] else ''}"
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}

@@ -3,12 +3,12 @@
     python benchmarks/repro/rvsm_mnist.py                    # ~10 min on one core
     python benchmarks/repro/rvsm_mnist.py --penalties tl1 --lams 0.01 --epochs 3
 
-Each run starts from the reproduction suite's float LeNet-5 (``runs/repro/mnist/fp``) and
+Each run starts from the reproduction suite's float LeNet-5 (``runs/repro-val/mnist/s0/fp``) and
 fine-tunes ``--epochs`` epochs (Adam, lr 1e-3, cosine) with 4-bit ``uniform`` weights (per
 channel) on conv2, fc1 and fc2 (conv1, fc3 and activations float), with RVSM on those three
 layers (``beta`` 1) or without it. Sparsity is the fraction of exactly-zero quantized weights of
 the three layers in the final model (RVSM's ``u``). Writes
-``benchmarks/results/rvsm_mnist.{md,json}``; runs live under ``runs/repro/mnist/rvsm``.
+``benchmarks/results/rvsm_mnist.{md,json}``; runs live under ``runs/repro-val/mnist/rvsm``.
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--penalties", nargs="+", default=["l1", "l0", "tl1"])
     p.add_argument("--lams", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--runs-dir", default="runs/repro-val")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0)
+    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0, seed=0)
     jobs: list[tuple[str, dict[str, Any] | None]] = [("none", None)]
     jobs += [(f"{pen} lambda {lam:g}", {"name": "rvsm", "penalty": pen, "lam": lam, "beta": 1.0,
                                         "layers": LAYERS})

@@ -3,7 +3,7 @@
     python benchmarks/repro/sinreq_mnist.py                    # ~4 min on one core
     python benchmarks/repro/sinreq_mnist.py --bits 3 --weights 1000 --waveq 100 --epochs 5
 
-From the shared float LeNet-5 of the reproduction suite (``runs/repro/mnist/fp``, trained here
+From the shared float LeNet-5 of the reproduction suite (``runs/repro-val/mnist/s0/fp``, trained here
 with its settings if missing), each row fine-tunes the float model for ``--epochs`` epochs (Adam,
 ``--lr``, cosine) with no regularizer, with SinReQ (``grid: max`` at ``b`` bits: the grid of
 the ``uniform`` weight quantizer) or with WaveQ (learned bits, ``grid: max``), then quantizes the
@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waveq-weight", type=float, default=1000.0, help="WaveQ lambda")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the fine-tune")
-    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--runs-dir", default="runs/repro-val")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.time()
 
-    _, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0)  # trained once, reused after
+    _, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0, seed=0)  # trained once, reused after
     data = load_dataset("mnist", batch_size=128, seed=0)
     cfg = TrainConfig(epochs=a.epochs, optimizer="adam", lr=a.lr, schedule="cosine", weight_decay=0.0,
                       seed=0, tensorboard=False)
@@ -115,7 +115,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"Command: `{meta['command']}` — torch {meta['torch']}, {meta['threads']} thread(s), total wall "
         f"time {meta['wall_time_s']:.0f} s. Each row fine-tunes the shared float LeNet-5 "
-        f"(`runs/repro/mnist/fp`) for {meta['epochs']} epochs (Adam, lr {meta['lr']:g}, cosine) with the "
+        f"(`runs/repro-val/mnist/s0/fp`) for {meta['epochs']} epochs (Adam, lr {meta['lr']:g}, cosine) "
+        "with the "
         "regularizer named, then quantizes the weights of conv2, fc1 and fc2 with the `uniform` "
         "quantizer (`scale: max`, per tensor) without any further training; conv1 and fc3 stay float, "
         "activations float. One run per row (seed 0).",

@@ -3,13 +3,13 @@
     python benchmarks/repro/wpc_mnist.py                     # ~6 min on one core
     python benchmarks/repro/wpc_mnist.py --lams 1e-4 --epochs 3
 
-Each run starts from the reproduction suite's float LeNet-5 (``runs/repro/mnist/fp``) and
+Each run starts from the reproduction suite's float LeNet-5 (``runs/repro-val/mnist/s0/fp``) and
 fine-tunes ``--epochs`` epochs (Adam, lr 1e-3, cosine) with TWN ternary weights on conv2, fc1 and
 fc2 (conv1, fc3 and activations float), without a sparsity penalty, with the plain group lasso
 (``wpc: false``) or with Weight Penalty Clipping (``wpc: true``), groups of one output channel by
 4 input channels (``group: pe``). Skippable groups: groups whose ternary weights are all zero.
 alpha / alpha_0: the mean ternary scale of the three layers against the unpenalized run's.
-Writes ``benchmarks/results/wpc_mnist.{md,json}``; runs live under ``runs/repro/mnist/wpc``.
+Writes ``benchmarks/results/wpc_mnist.{md,json}``; runs live under ``runs/repro-val/mnist/wpc``.
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lams", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--runs-dir", default="runs/repro")
+    p.add_argument("--runs-dir", default="runs/repro-val")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0)
+    fp, _, fp_dir = fp_run("mnist", Path(a.runs_dir), 10, 1.0, seed=0)
     jobs: list[tuple[str, dict[str, Any] | None]] = [("none", None)]
     for lam in a.lams:
         for wpc in (False, True):
