@@ -28,9 +28,12 @@ needs_host_amx = pytest.mark.skipif(not _amx.HOST_AMX, reason="the expansion int
 
 RNG = np.random.default_rng(13)
 # ragged sizes: rows not a multiple of 16 (one row block, odd and even block counts), reductions
-# not a multiple of 64 (nor of the fields' 32), outputs not a multiple of 16 (1..5 blocks)
-SHAPES = [(8, 64, 16), (16, 100, 37), (17, 130, 50), (40, 257, 33), (70, 1000, 100), (300, 129, 20),
-          (33, 64, 80)]
+# not a multiple of 64 (nor of the fields' 32), outputs not a multiple of 16 (1..7 blocks). Every
+# accumulator shape of the kernel's blocking occurs: one row block against groups of 4 blocks of
+# 16 channels (1x4 and the rest 1x1, 1x3), 32-row blocks against pairs (2x2, and 2x1 / 1x2 / 1x1
+# at odd block counts); reductions of 1 chunk (fewer than the expansion runs ahead) up to 33.
+SHAPES = [(8, 64, 16), (16, 100, 37), (12, 200, 70), (17, 130, 50), (40, 257, 33), (70, 1000, 100),
+          (300, 129, 20), (33, 64, 80), (50, 2100, 40)]
 
 
 def _weights(kind: str, O: int, K: int) -> tuple[np.ndarray, np.ndarray]:
