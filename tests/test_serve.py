@@ -73,6 +73,9 @@ def test_health_and_predictions_equal_the_compiled_subnets(server, trainable) ->
     assert h["status"] == "ok" and h["subnets"] == NAMES and h["input_shape"] == list(SHAPE)
     assert h["runtime"] == {"small": "packed", "big": "packed", "float": "torch"}
     assert list(h["runtime_reasons"]) == ["float"] and "no quantized layer" in h["runtime_reasons"]["float"]
+    # compiling launched numba's threading layer, which sets PyTorch's threads to numba's count (2 on
+    # this 2-core machine); the server keeps its --threads (default 1)
+    assert h["torch_threads"] == 1
     x = torch.randn(3, *SHAPE)
     r = httpx.post(f"{url}/predict", json={"inputs": x.tolist()})
     assert r.status_code == 200, r.text
@@ -183,6 +186,33 @@ def test_engines_fall_back_to_pytorch_for_a_subnet_that_does_not_compile(superne
         assert not torch.equal(eng.run(x, "small"), eng.run(x, "big"))
     with pytest.raises(ValueError, match="allowed: packed, torch"):
         SubnetEngines(sn, "onnx")
+
+
+def test_switching_runs_the_built_packed_models_and_never_quantizes_or_compiles(
+    supernet_file, monkeypatch
+) -> None:
+    from lowbit.nn.quantize import weight_quantizers
+    from lowbit.serve import engines as engines_module
+
+    sn = load_supernet(supernet_file)
+    eng = SubnetEngines(sn, "packed")
+    x = torch.randn(4, *SHAPE)
+    with torch.inference_mode():
+        before = {n: eng.run(x, n) for n in ("small", "big")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized or compiled on the hot path")
+
+    kinds = {type(q) for n in ("small", "big") for _, _, q in weight_quantizers(sn.models[n]).values()}
+    assert kinds  # the sub-nets do have weight quantizers, which must stay idle
+    for k in kinds:
+        monkeypatch.setattr(k, "forward", refuse)
+        monkeypatch.setattr(k, "encode", refuse)
+    monkeypatch.setattr(lowbit.runtime, "compile", refuse)
+    monkeypatch.setattr(engines_module, "SubnetEngines", refuse)
+    with torch.inference_mode():
+        for n in ("small", "big", "small", "big"):  # switching back and forth: the same packed models
+            assert torch.equal(eng.run(x, n), before[n]), n
 
 
 def test_engines_cap_the_packed_kernels_threads_in_the_thread_that_runs_them(supernet_file) -> None:

@@ -58,6 +58,7 @@ class SubnetEngines:
         self.max_abs_diff: dict[str, float] = {}
         self.threads = threads
         self._local = threading.local()
+        torch_threads = torch.get_num_threads()
         if runtime == "packed":
             from ..runtime import compile as compile_packed  # numba is loaded only when packing
 
@@ -77,6 +78,10 @@ class SubnetEngines:
                 self.max_abs_diff[name] = float(pm.max_abs_diff)
                 log.info("sub-net %s compiled (%s; max abs diff %.3g to the fake-quantized sub-net)",
                          name, pm.extra_repr(), pm.max_abs_diff)
+        # launching numba's OpenMP threading layer while compiling resets PyTorch's intra-op threads to
+        # numba's count: restore the caller's, or every PyTorch op of a sub-net (a float first layer,
+        # say) runs on oversubscribed threads (measured: 20-40 ms instead of 1-8 ms a call on a busy box)
+        torch.set_num_threads(torch_threads)
         self.runtime = {n: "packed" if n in self.packed else "torch" for n in self.names}
 
     def run(self, x: Tensor, name: str) -> Tensor:
@@ -87,9 +92,12 @@ class SubnetEngines:
             import numba
 
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+            torch.set_num_threads(self.threads)  # the cap holds for the PyTorch ops of a sub-net too
             self._local.threads_set = True
         return pm(x)
 
     def describe(self) -> dict[str, Any]:
-        """JSON for /health and /metrics: the engine of each sub-net and why PyTorch where it is."""
-        return {"runtime": dict(self.runtime), "runtime_reasons": dict(self.reasons)}
+        """JSON for /health and /metrics: the engine of each sub-net, why PyTorch where it is, and
+        PyTorch's intra-op thread count in the calling thread."""
+        return {"runtime": dict(self.runtime), "runtime_reasons": dict(self.reasons),
+                "torch_threads": torch.get_num_threads()}
