@@ -155,6 +155,82 @@ def unpack_fields(w: np.ndarray, b: int, O: int, K: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+def tile_epilogue(context, builder, signature, args, R: int, OB: int, sums) -> None:
+    """The epilogue of a few-row tile (IR, in registers, the order of :func:`gemv_reference`), for
+    tiles with the arguments of :func:`_tile`: for rows ``r < nv`` (row ``m0 + r`` of ``out`` (M, O)
+    float32 and of the code sums ``A`` int64), output ``o = o0 + 16*k + lane < O``: ``D = E + F[o] -
+    off*A`` (int32, exact: ``|D| < 2**31``), ``y = s1*D + s2*A + s0`` in float64 (``coef`` flat, rows
+    s0, s1, s2 of ``cs`` >= ``o0 + 16*OB`` entries each), ReLU when ``relu``, rounded to float32.
+    ``sums(r, k)`` emits the int32 vector ``E = sum_r (a - 128) * f`` of row r, block k."""
+    Aa, m0a, nva, Fa, offa, ca, csa, o0a, rla, oa, Oa = args[7:]
+
+    def data(i, v, ty):
+        arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
+        return builder.bitcast(arr.data, ty.as_pointer())
+
+    def i64(v):
+        return ir.Constant(_I64, v)
+
+    Ap = data(7, Aa, _I64)
+    Fp = builder.gep(data(10, Fa, _I32), [o0a])
+    cp = builder.gep(data(12, ca, _F64), [o0a])
+    op = data(16, oa, _F32)
+    off32 = builder.trunc(offa, _I32)
+    relu_v = _splat(builder, builder.icmp_unsigned("!=", rla, ir.Constant(rla.type, 0)), _V16I1)
+    lanes = ir.Constant(_V16I32, list(range(16)))
+    zd = ir.Constant(_V16F64, [0.0] * 16)
+    mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                      [_V16F32, _F32.as_pointer(), _I32, _V16I1])
+
+    def vload(ptr, idx, ty, align):
+        ld = builder.load(builder.bitcast(builder.gep(ptr, [idx]), ty.as_pointer()))
+        ld.align = align
+        return ld
+
+    blk = []
+    for k in range(OB):
+        Fv = vload(Fp, i64(16 * k), _V16I32, 4)
+        sv = [vload(cp, builder.add(builder.mul(csa, i64(j)), i64(16 * k)), _V16F64, 8)
+              for j in range(3)]
+        lim = builder.trunc(builder.sub(builder.sub(Oa, o0a), i64(16 * k)), _I32)
+        blk.append((Fv, sv, builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32))))
+    for r in range(R):
+        with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
+            m = builder.add(m0a, i64(r))
+            a = builder.load(builder.gep(Ap, [m]))
+            corr = _splat(builder, builder.mul(off32, builder.trunc(a, _I32)), _V16I32)
+            af = _splat(builder, builder.sitofp(a, _F64), _V16F64)
+            orow = builder.gep(op, [builder.add(builder.mul(m, Oa), o0a)])
+            for k in range(OB):
+                Fv, (s0v, s1v, s2v), mask = blk[k]
+                d = builder.sitofp(builder.sub(builder.add(sums(r, k), Fv), corr), _V16F64)
+                y = builder.fadd(builder.fadd(builder.fmul(s1v, d), builder.fmul(s2v, af)), s0v)
+                y = builder.select(builder.and_(builder.fcmp_ordered("<", y, zd), relu_v), zd, y)
+                ptr = builder.gep(orow, [i64(16 * k)])
+                builder.call(mstore, [builder.fptrunc(y, _V16F32), ptr, ir.Constant(_I32, 4), mask])
+
+
+def tile_loads(builder, blks: list, g, ws) -> list:
+    """IR: the 64-byte weight vectors of group ``g`` of each block stream (``blks``: byte pointers,
+    ``ws`` the bytes of a block), each stream prefetched ``PREFETCH`` bytes ahead; past a block's
+    end the prefetch goes to the same block of the next tile (the blocks of a tile are consecutive)."""
+    OB = len(blks)
+    pf = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+    at = builder.mul(g, ir.Constant(_I64, 64))
+    pa = builder.add(at, ir.Constant(_I64, PREFETCH))
+    if OB > 1:
+        nxt = builder.add(pa, builder.mul(ws, ir.Constant(_I64, OB - 1)))
+        pa = builder.select(builder.icmp_signed(">=", pa, ws), nxt, pa)
+    wv = []
+    for k in range(OB):
+        hint = [ir.Constant(_I32, v) for v in (0, 3, 1)]  # read, L1, data
+        builder.call(pf, [builder.gep(blks[k], [pa]), *hint])
+        ld = builder.load(builder.bitcast(builder.gep(blks[k], [at]), _V64I8.as_pointer()))
+        ld.align = 1
+        wv.append(ld)
+    return wv
+
+
 def _tile(b: int, R: int, OB: int):
     """Intrinsic ``tile(x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O)``:
     R rows x OB*16 outputs, sums and epilogue.
@@ -169,11 +245,7 @@ def _tile(b: int, R: int, OB: int):
     prefetched ``PREFETCH`` bytes ahead (at batch 1 the weights come from DRAM: measured 10-25%
     faster on the deep 4096-wide MLP).
 
-    Epilogue (in registers, the order of :func:`gemv_reference`): for rows ``r < nv`` (row
-    ``m0 + r`` of ``out`` (M, O) float32 and of the code sums ``A`` int64), output ``o = o0 +
-    16*k + lane < O``: ``D = sum + F[o] - off*A`` (int32, exact: ``|D| < 2**31`` by the bound of
-    the module docstring), ``y = s1*D + s2*A + s0`` in float64 (``coef`` flat, rows s0, s1, s2
-    of ``cs`` >= ``o0 + 16*OB`` entries each), ReLU when ``relu``, rounded to float32."""
+    Epilogue: :func:`tile_epilogue` (exact by the bound of the module docstring)."""
     T = 8 // b
 
     @intrinsic
@@ -181,7 +253,7 @@ def _tile(b: int, R: int, OB: int):
         sig = types.void(x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O)
 
         def codegen(context, builder, signature, args):
-            (xa, x0a, xsa, wa, wba, wsa, nGa, Aa, m0a, nva, Fa, offa, ca, csa, o0a, rla, oa, Oa) = args
+            xa, x0a, xsa, wa, wba, wsa, nGa = args[:7]
 
             def data(i, v, ty):
                 arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
@@ -201,21 +273,9 @@ def _tile(b: int, R: int, OB: int):
             accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(OB)]
                     for _ in range(R)]
             masks = [ir.Constant(_V64I8, [byte(((1 << b) - 1) << (b * t))] * 64) for t in range(T)]
-            pf = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
             with cgutils.for_range(builder, nGa) as loop:
                 g = loop.index
-                wv = []
-                at = builder.mul(g, i64(64))
-                pa = builder.add(at, i64(PREFETCH))
-                if OB > 1:  # past the block's end: the same block of the next tile
-                    pa = builder.select(builder.icmp_signed(">=", pa, wsa),
-                                        builder.add(pa, builder.mul(wsa, i64(OB - 1))), pa)
-                for k in range(OB):
-                    ahead = builder.gep(blks[k], [pa])
-                    builder.call(pf, [ahead, *(ir.Constant(_I32, v) for v in (0, 3, 1))])  # read, L1, data
-                    ld = builder.load(builder.bitcast(builder.gep(blks[k], [at]), _V64I8.as_pointer()))
-                    ld.align = 1
-                    wv.append(ld)
+                wv = tile_loads(builder, blks, g, wsa)
                 xq = builder.mul(g, i64(4 * T))
                 for t in range(T):
                     fs = [builder.and_(wv[k], masks[t]) for k in range(OB)]
@@ -228,48 +288,14 @@ def _tile(b: int, R: int, OB: int):
                             acc = accs[r][k][t]
                             builder.store(_vpdpbusd(builder, builder.load(acc), fs[k], av), acc)
 
-            # ---- epilogue
-            Ap = data(7, Aa, _I64)
-            Fp = builder.gep(data(10, Fa, _I32), [o0a])
-            cp = builder.gep(data(12, ca, _F64), [o0a])
-            op = data(16, oa, _F32)
-            off32 = builder.trunc(offa, _I32)
-            relu_v = _splat(builder, builder.icmp_unsigned("!=", rla, ir.Constant(rla.type, 0)), _V16I1)
-            lanes = ir.Constant(_V16I32, list(range(16)))
-            zd = ir.Constant(_V16F64, [0.0] * 16)
-            mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                              [_V16F32, _F32.as_pointer(), _I32, _V16I1])
+            def sums(r, k):  # the exact E of row r, block k: quad t's sum is 2**(b*t) times its share
+                s = builder.load(accs[r][k][0])
+                for t in range(1, T):
+                    sh = ir.Constant(_V16I32, [b * t] * 16)
+                    s = builder.add(s, builder.ashr(builder.load(accs[r][k][t]), sh))
+                return s
 
-            def vload(ptr, idx, ty, align):
-                ld = builder.load(builder.bitcast(builder.gep(ptr, [idx]), ty.as_pointer()))
-                ld.align = align
-                return ld
-
-            blk = []
-            for k in range(OB):
-                Fv = vload(Fp, i64(16 * k), _V16I32, 4)
-                sv = [vload(cp, builder.add(builder.mul(csa, i64(j)), i64(16 * k)), _V16F64, 8)
-                      for j in range(3)]
-                lim = builder.trunc(builder.sub(builder.sub(Oa, o0a), i64(16 * k)), _I32)
-                blk.append((Fv, sv, builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32))))
-            for r in range(R):
-                with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
-                    m = builder.add(m0a, i64(r))
-                    a = builder.load(builder.gep(Ap, [m]))
-                    corr = _splat(builder, builder.mul(off32, builder.trunc(a, _I32)), _V16I32)
-                    af = _splat(builder, builder.sitofp(a, _F64), _V16F64)
-                    orow = builder.gep(op, [builder.add(builder.mul(m, Oa), o0a)])
-                    for k in range(OB):
-                        Fv, (s0v, s1v, s2v), mask = blk[k]
-                        s = builder.load(accs[r][k][0])
-                        for t in range(1, T):
-                            s = builder.add(s, builder.ashr(builder.load(accs[r][k][t]),
-                                                            ir.Constant(_V16I32, [b * t] * 16)))
-                        d = builder.sitofp(builder.sub(builder.add(s, Fv), corr), _V16F64)
-                        y = builder.fadd(builder.fadd(builder.fmul(s1v, d), builder.fmul(s2v, af)), s0v)
-                        y = builder.select(builder.and_(builder.fcmp_ordered("<", y, zd), relu_v), zd, y)
-                        ptr = builder.gep(orow, [i64(16 * k)])
-                        builder.call(mstore, [builder.fptrunc(y, _V16F32), ptr, ir.Constant(_I32, 4), mask])
+            tile_epilogue(context, builder, signature, args, R, OB, sums)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -436,10 +462,13 @@ class GemvWeights:
         F[: self.O] = 128 * (np.asarray(q, np.int64) + self.off).sum(axis=1)
         self.F = F
         self.geo = np.array([self.b, self.off, self.nG], np.int64)
+        #: the 1.6-bit form of ternary fields (``kernels_tq1.tq1_weights``): rows ``M <=
+        #: tq1.max_rows`` run on it, with this object's ``F``, ``off`` and coefficients
+        self.tq1 = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.w.nbytes + self.F.nbytes)
+        return int(self.w.nbytes + self.F.nbytes + (self.tq1.nbytes if self.tq1 is not None else 0))
 
 
 def gemv_coef(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, gw: GemvWeights) -> np.ndarray:
@@ -457,6 +486,9 @@ def gemv_run(x: np.ndarray, mode: int, qp: np.ndarray, gw: GemvWeights, coef: np
     if coef.shape[1] != gw.F.shape[0]:
         coef = gemv_coef(coef[0], coef[1], coef[2], gw)
     M, O = out.shape
+    if gw.tq1 is not None and gw.tq1.max_rows >= M:  # ternary at 1.6 bits (kernels_tq1)
+        gw.tq1.run(x, mode, qp, coef, relu, out)
+        return out
     if not (O >= 64 and use_parallel(M * O * gw.K, GEMV_MIN_PARALLEL_MACS)):
         _gemv_serial(x, mode, qp, gw.geo, gw.F, gw.w, coef, relu, out)
         return out

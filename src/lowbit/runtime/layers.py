@@ -49,6 +49,7 @@ from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
 from . import kernels_int8 as KI
+from . import kernels_tq1 as KT
 from ._amx import amx_enabled
 
 log = logging.getLogger(__name__)
@@ -284,15 +285,16 @@ def lut_weights(wp: WeightPlanes, ka: int) -> LutWeights | None:
 
 
 def gemv_weights(wp: WeightPlanes) -> KV.GemvWeights | None:
-    """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields);
-    None for grouped weights, integers spanning more than 16 values or too long a reduction."""
+    """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields;
+    ternary ones also at 1.6 bits for 1-2 rows, ``kernels_tq1``); None for grouped weights,
+    integers spanning more than 16 values or too long a reduction."""
     if wp.W.shape[0] != 1:
         return None
     q = plane_integers(wp)
     if KV.field_bits(q) is None:
         return None
     try:
-        return KV.GemvWeights(q)
+        return KT.tq1_weights(KV.GemvWeights(q), q)
     except ValueError:
         return None
 
@@ -672,6 +674,8 @@ class PackedLinear(_PackedBase):
         lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
+            if self.gemv.tq1 is not None:
+                gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
             amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
             return gemv + (" / int8" if self.i8 is not None else "") + lut + amx
         if self.i8 is None:
