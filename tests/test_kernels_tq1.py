@@ -181,7 +181,7 @@ def _mlp(act: dict, seed: int) -> nn.Module:
 @pytest.mark.parametrize("act", [{"method": "pact", "bits": 8, "alpha_init": 3.0},
                                  {"method": "pact", "bits": 4, "alpha_init": 2.0}])
 def test_compiled_ternary_mlp_runs_tq1(act, monkeypatch):
-    """compile() of a ternary MLP: every layer holds the 1.6-bit form and runs it at 1 and 2 rows;
+    """compile() of a ternary MLP: every layer holds the 1.6-bit form and runs it at 1 row;
     the output equals the float64 fake-quantized model and, bit for bit, the forced plain path
     (bit-serial kernels, no 1.6-bit form), the 2-bit GEMV (1.6-bit switched off) and 2 threads."""
     qm = _mlp(act, seed=act["bits"])
@@ -194,7 +194,7 @@ def test_compiled_ternary_mlp_runs_tq1(act, monkeypatch):
     monkeypatch.setattr(KT.Tq1Weights, "run", lambda self, *a: calls.append(a[-1].shape[0]) or run(self, *a))
     ref = reference_fp64(qm, x)
     got = {M: pm(x[:M]) for M in (1, 2, 3)}
-    assert calls == [1] * 3 + [2] * 3  # 3 rows: the 2-bit GEMV
+    assert calls == [1] * 3  # 2 and 3 rows: the 2-bit GEMV (KT.TQ1_MAX_ROWS)
     monkeypatch.undo()
     _jit.set_plain(True)
     try:

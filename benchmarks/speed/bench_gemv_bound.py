@@ -9,6 +9,8 @@ fields (``runtime/kernels_gemv.py``) and ternary weights at 1.6 bits (five trits
 
 - ``cold``: the 8 GEMVs after the FP32 model ran (its 537 MB evict the caches), as in a deep
   model where every layer's weights come from DRAM;
+- ``warm``: the 8 GEMVs right after the same 8 GEMVs (a model called in a loop with nothing in
+  between: on a CPU whose last-level cache holds the model's fields they come from there);
 - ``in cache``: one layer's GEMV 8 times (its fields stay in L2 / L3): the arithmetic and cache
   cost alone;
 - ``read only``: a plain loop reading the same field bytes (XOR of 64-bit words, numba), after
@@ -78,19 +80,25 @@ def measure(rounds: int, seed: int = 0, rows: int = 1) -> list[dict]:
             gws = [KT.tq1_weights(KV.GemvWeights(q), q) for q in qs]
             if any(g.tq1 is None for g in gws):
                 raise SystemExit("no 1.6-bit form here (needs AVX-512 VNNI and LOWBIT_RUNTIME_TQ1 not 0)")
-            if rows > KT.TQ1_MAX_ROWS:
-                raise SystemExit(f"the 1.6-bit GEMV runs at most {KT.TQ1_MAX_ROWS} rows")
+            if rows > KT.TQ1_KERNEL_ROWS:
+                raise SystemExit(f"the 1.6-bit kernel runs at most {KT.TQ1_KERNEL_ROWS} rows")
             fields = [g.tq1.w for g in gws]
         else:
             gws = [KV.GemvWeights(q) for q in qs]  # ternary: the 2-bit fields only
             fields = [g.w for g in gws]
         del qs
         words = [f.view(np.uint64) for f in fields]
-        fns[f"{kind} cold"] = lambda gws=gws: [KV.gemv_run(xa, 0, qp, g, coef, True, out) for g in gws]
-        fns[f"{kind} in cache"] = lambda g=gws[0]: [KV.gemv_run(xa, 0, qp, g, coef, True, out)
-                                                    for _ in range(LAYERS)]
+        if kind.endswith("1.6-bit"):  # the 1.6-bit kernel itself, whatever rows the layers give it
+            def run(g, xa=xa, qp=qp, coef=coef, out=out):
+                g.tq1.run(xa, 0, qp, coef, True, out)
+        else:
+            def run(g, xa=xa, qp=qp, coef=coef, out=out):
+                KV.gemv_run(xa, 0, qp, g, coef, True, out)
+        fns[f"{kind} cold"] = lambda gws=gws, run=run: [run(g) for g in gws]
+        fns[f"{kind} warm"] = fns[f"{kind} cold"]
+        fns[f"{kind} in cache"] = lambda g=gws[0], run=run: [run(g) for _ in range(LAYERS)]
         fns[f"{kind} read only"] = lambda words=words: [_read(w) for w in words]
-        for what in ("cold", "in cache", "read only"):
+        for what in ("cold", "warm", "in cache", "read only"):
             nbytes[f"{kind} {what}"] = sum(int(f.nbytes) for f in fields)
     for f in fns.values():  # compile and warm
         f()
@@ -99,7 +107,7 @@ def measure(rounds: int, seed: int = 0, rows: int = 1) -> list[dict]:
     for _ in range(rounds):
         rng.shuffle(order)
         for k in order:
-            (fns[k] if k.endswith("in cache") else fp32)()  # warm the one layer / evict everything
+            (fns[k] if k.endswith(("in cache", "warm")) else fp32)()  # warm the layers / evict everything
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
@@ -122,8 +130,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# What bounds the batch-{meta.get('rows', 1)} GEMV: 8 x 4096x4096 layers, one thread",
         "",
         f"Command: `{meta['command']}`; git {git}; single run, {rows[0]['rounds']} interleaved "
-        "rounds, medians (min). `cold`: the 8 GEMVs after the FP32 model evicted the caches; `in cache`: one "
-        "layer's GEMV 8 times; `read only`: a plain loop reading the same field bytes after the FP32 model.",
+        "rounds, medians (min). `cold`: the 8 GEMVs after the FP32 model evicted the caches; `warm`: the 8 "
+        "GEMVs after themselves; `in cache`: one layer's GEMV 8 times; `read only`: a plain loop reading the "
+        "same field bytes after the FP32 model.",
         "",
         "| weights / method | median ms | min ms | MB read | GB/s (median) | FP32 / this |",
         "|---|---:|---:|---:|---:|---:|",
@@ -138,7 +147,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"- {kind}: {c / r:.2f}")
     lines += ["", "Ternary at 1.6 bits against the 2-bit ternary GEMV (2-bit ms / 1.6-bit ms, > 1: the "
               "1.6-bit one is faster), medians (min):", ""]
-    for what in ("cold", "in cache", "read only"):
+    for what in ("cold", "warm", "in cache", "read only"):
         a, b = by[f"ternary {what}"], by[f"ternary 1.6-bit {what}"]
         lines.append(f"- {what}: {a['median_ms'] / b['median_ms']:.2f}x ({a['min_ms'] / b['min_ms']:.2f}x)")
     return "\n".join(lines) + "\n"

@@ -63,8 +63,13 @@ from .kernels_threads import parallel_for, use_parallel
 
 #: reduction indices per 64-byte group (16 outputs x 4 lanes x 5 trits per byte)
 GROUP = 20
-#: rows up to which the 1.6-bit GEMV runs (its tiles: 1 or 2 rows)
-TQ1_MAX_ROWS = 2
+#: rows the 1.6-bit tiles take (1 or 2)
+TQ1_KERNEL_ROWS = 2
+#: rows up to which layers run the 1.6-bit GEMV. At 2 rows it decodes each byte for two rows of
+#: products (4 ``vpdpbusd`` per 64 weights against the 2-bit tile's 2): measured on the deep
+#: 4096-wide MLP (benchmarks/results/gemv_bound_rows2.md) 1.05x the 2-bit GEMV cold (min) and 0.5x
+#: with the weights in cache, so 2 rows take the 2-bit fields
+TQ1_MAX_ROWS = 1
 #: longest reduction with exact int32 sums (module docstring)
 TQ1_MAX_K = 32767
 #: whether ternary layers get the 1.6-bit form (``LOWBIT_RUNTIME_TQ1=0`` switches it off)
@@ -278,7 +283,7 @@ class Tq1Weights:
 
     def run(self, x: np.ndarray, mode: int, qp: np.ndarray, coef: np.ndarray, relu: bool,
             out: np.ndarray) -> None:
-        """``kernels_gemv.gemv_run`` on the 1.6-bit bytes (``coef`` padded, M <= :data:`TQ1_MAX_ROWS`)."""
+        """``kernels_gemv.gemv_run`` on the 1.6-bit bytes (``coef`` padded, M <= :data:`TQ1_KERNEL_ROWS`)."""
         gw = self.gw
         M, O = out.shape
         if not (O >= 64 and use_parallel(M * O * gw.K, KV.GEMV_MIN_PARALLEL_MACS)):
@@ -292,7 +297,7 @@ class Tq1Weights:
 def tq1_weights(gw: GemvWeights, q: np.ndarray) -> GemvWeights:
     """``gw`` with its 1.6-bit form attached where it applies (ternary fields, ``K <=``
     :data:`TQ1_MAX_K`, :data:`ENABLED`, a VNNI host): ``kernels_gemv.gemv_run`` then runs rows
-    ``M <= TQ1_MAX_ROWS`` on it."""
+    ``M <= TQ1_MAX_ROWS`` on it (:func:`gemv_tq1` up to ``TQ1_KERNEL_ROWS``)."""
     q = np.asarray(q)
     if ENABLED and HOST_VNNI and gw.b == 2 and gw.K <= TQ1_MAX_K and q.size and int(np.ptp(q)) <= 2:
         gw.tq1 = Tq1Weights(gw, q)
@@ -345,7 +350,7 @@ def gemv_tq1(x: np.ndarray, mode: int, hi: float, mult: float, gw: GemvWeights, 
     tq = getattr(gw, "tq1", None)
     if tq is None:
         raise ValueError("these weights have no 1.6-bit form (ternary fields, K <= TQ1_MAX_K, VNNI)")
-    if out.shape[0] > TQ1_MAX_ROWS:
-        raise ValueError(f"the 1.6-bit GEMV runs at most {TQ1_MAX_ROWS} rows, got {out.shape[0]}")
+    if out.shape[0] > TQ1_KERNEL_ROWS:
+        raise ValueError(f"the 1.6-bit GEMV runs at most {TQ1_KERNEL_ROWS} rows, got {out.shape[0]}")
     tq.run(x, int(mode), np.array([hi, mult], np.float32), gemv_coef(s0, s1, s2, gw), bool(relu), out)
     return out
