@@ -3,6 +3,8 @@ against the strongest FP32 and int8 baselines, measured side by side in one proc
 
     python benchmarks/speed/bench_gemv.py                         # both parts, 1 and 2 threads
     python benchmarks/speed/bench_gemv.py --sizes 2048 --no-mlp   # one layer size only
+    python benchmarks/speed/bench_gemv.py --threads 1 --sizes 4096 --mlp-variants w2a8 w2a8-2bit \
+        --name gemv_tq1                                           # ternary: 1.6 bits vs 2-bit fields
 
 Part 1, per layer: one ``Linear(N, N)`` (N = 512, 1024, 2048, 4096) at batch 1, weights binary /
 TWN ternary / DoReFa 2-bit / DoReFa 4-bit with 8-bit PACT input codes, against the same float
@@ -19,6 +21,10 @@ Part 2, ``deep MLP``: 8 x ``Linear(4096, 4096)`` with ReLU between, batch 1, eve
 weights binary / ternary / 4-bit x 8- and 4-bit PACT activations, with the same baselines and the
 batch-1 targets of issue 13 (best FP32 = faster of PyTorch and onnxruntime FP32, best int8 =
 fastest of the three int8 baselines).
+
+Ternary layers run their 1.6-bit form at batch 1 (``runtime/kernels_tq1.py``); ``ternary-2bit``
+(per layer) and the ``-2bit`` MLP variants are the same models compiled with it switched off (the
+2-bit fields of ``kernels_gemv``), timed in the same interleaved groups.
 
 Timing: ``harness.time_interleaved`` (all methods of one group take turns in a new random order
 each round; median and min over rounds). Writes benchmarks/results/gemv.{json,md} through
@@ -63,9 +69,11 @@ log = logging.getLogger("bench_gemv")
 BITNET_2048_MS = 0.058
 BITNET_SOURCE = ("microsoft/BitNet src/README.md, 'Kernel Performance Comparison' (AMD EPYC 7V13, 1 thread, "
                  "weight-parallel I2_S: 0.058 +- 0.007 ms)")
-LAYER_WEIGHTS = {"binary": "w1a8", "ternary": "w2a8", "2bit": None, "4bit": "w4a8"}
+LAYER_WEIGHTS = {"binary": "w1a8", "ternary": "w2a8", "ternary-2bit": "w2a8", "2bit": None, "4bit": "w4a8"}
 TWO_BIT = ({"method": "dorefa", "bits": 2}, {"method": "pact", "bits": 8, "alpha_init": 3.0})
-MLP_VARIANTS = ("w1a8", "w1a4", "w2a8", "w2a4", "w4a8", "w4a4")
+MLP_VARIANTS = ("w1a8", "w1a4", "w2a8", "w2a4", "w4a8", "w4a4", "w2a8-2bit", "w2a4-2bit")
+#: suffix of a model compiled without the 1.6-bit ternary form (kernels_tq1)
+NO_TQ1 = "-2bit"
 BASELINES = ("torch-fp32", "ort-fp32", "torch-dyn-int8", "ort-dyn-int8", "ort-qdq-int8")
 #: issue 13, batch 1 on the deep MLP: (weight kind, x best FP32, x best int8)
 TARGETS = {"w1": (25.0, 2.5), "w2": (14.0, 2.5), "w4": (7.0, 1.3)}
@@ -107,13 +115,19 @@ class Baselines:
         return fns
 
 
-def _lowbit(qmodel: nn.Module, example: torch.Tensor, check: bool = True):
+def _lowbit(qmodel: nn.Module, example: torch.Tensor, check: bool = True, tq1: bool = True):
     """``runtime.compile``; ``check=False`` skips the comparison with the fake-quantized model (the
     deep MLP: tests/test_kernels_gemv.py checks the same layers exactly, and the check of 8 layers
-    of 4096^2 in float32 and float64 took minutes on the loaded machine)."""
+    of 4096^2 in float32 and float64 took minutes on the loaded machine); ``tq1=False`` compiles
+    ternary layers without their 1.6-bit form."""
     from lowbit.runtime import compile as rt_compile
+    from lowbit.runtime import kernels_tq1 as KT
 
-    return rt_compile(qmodel, example, check=check)
+    old, KT.ENABLED = KT.ENABLED, KT.ENABLED and tq1
+    try:
+        return rt_compile(qmodel, example, check=check)
+    finally:
+        KT.ENABLED = old
 
 
 def _with_threads(n: int, f):
@@ -159,7 +173,7 @@ def layer_part(sizes: list[int], threads_list: list[int], budget_s: float, workd
         fmodel = nn.Sequential(nn.Linear(N, N)).eval()
         x = torch.rand(1, N)
         calib = [torch.rand(8, N).numpy() for _ in range(4)]
-        packed = {w: _lowbit(_quantized(fmodel, w), x) for w in LAYER_WEIGHTS}
+        packed = {w: _lowbit(_quantized(fmodel, w), x, tq1=not w.endswith(NO_TQ1)) for w in LAYER_WEIGHTS}
         with tempfile.TemporaryDirectory(dir=workdir) as td:
             base = Baselines(fmodel, x, calib, Path(td))
             missing = base.missing
@@ -199,7 +213,8 @@ def _layer_rows(timing: dict, N: int, threads: int, info: dict) -> list[dict]:
         rows.append({
             "part": "layer", "N": N, "K": N, "batch": 1, "threads": threads,
             "method": k if not w else f"lowbit-{w}" if kind == "lowbit" else f"lowbit-kernel-{w}",
-            "weights": w or "float", "bits": {"binary": 1, "ternary": 2, "2bit": 2, "4bit": 4}.get(w),
+            "weights": w or "float",
+            "bits": {"binary": 1, "ternary": 2, "ternary-2bit": 2, "2bit": 2, "4bit": 4}.get(w),
             "median_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3, "rounds": t["rounds"],
             **({} if not w else info[w]),
         })
@@ -215,7 +230,8 @@ def mlp_part(threads_list: list[int], budget_s: float, workdir: Path, variants: 
     calib = [torch.rand(4, 4096).numpy() for _ in range(2)]
     packed = {}
     for v in variants:
-        pm = _lowbit(quantized_model(fmodel, v), x, check=False)
+        qm = quantized_model(fmodel, v.removesuffix(NO_TQ1))
+        pm = _lowbit(qm, x, check=False, tq1=not v.endswith(NO_TQ1))
         packed[v] = pm
         log.info("deep MLP %s compiled: %s", v, next(iter(pm.packed_layers().values())).describe())
     with tempfile.TemporaryDirectory(dir=workdir) as td:
@@ -357,6 +373,14 @@ def to_markdown(rows: list[dict], tg: list[dict], meta: dict) -> str:
                              f"{fp[1] / r['median_ms']:.2f}x | {i8[1] / r['median_ms']:.2f}x |")
         kinds = sorted({r["describe"] for r in mlp if "describe" in r})
         lines += ["", "Packed layers: " + "; ".join(kinds) + "."]
+        pairs = [(th, r, t) for th in sorted({r["threads"] for r in mlp})
+                 for r in mlp if r["threads"] == th and r["method"].endswith(NO_TQ1)
+                 for t in mlp if t["threads"] == th and t["method"] == r["method"].removesuffix(NO_TQ1)]
+        if pairs:
+            lines += ["", "Ternary at 1.6 bits against its 2-bit fields, same model, same interleaved group "
+                      "(2-bit ms / 1.6-bit ms; > 1: 1.6 bits faster): " + "; ".join(
+                          f"{t['method'][7:]} {th} thread(s) {r['median_ms'] / t['median_ms']:.2f}x median "
+                          f"({r['min_ms'] / t['min_ms']:.2f}x min)" for th, r, t in pairs) + "."]
     th_rows = [r for r in rows if r["part"] in ("layer-threads", "deep-mlp-threads")]
     if th_rows:
         lines += ["", "## 1 vs 2 threads, side by side (one interleaved group per model, no baseline in it)",
@@ -389,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-variants", nargs="+", default=list(MLP_VARIANTS), choices=list(MLP_VARIANTS))
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed rounds per group")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="gemv", help="results file name (default gemv: gemv.json, gemv.md)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
@@ -401,11 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += mlp_part(a.threads, a.budget, Path(td), tuple(a.mlp_variants))
     tg = targets(rows)
     meta = run_meta(__file__, argv, t0, machine_info=info, loadavg_end=machine_info().get("loadavg"),
-                    bitnet_source=BITNET_SOURCE, variants={v: VARIANTS[v][2] for v in MLP_VARIANTS},
+                    bitnet_source=BITNET_SOURCE,
+                    variants={v: VARIANTS[v.removesuffix(NO_TQ1)][2] + (" (2-bit fields, no 1.6-bit form)"
+                                                                       if v.endswith(NO_TQ1) else "")
+                              for v in MLP_VARIANTS},
                     layer_weights={"binary": VARIANTS["w1a8"][2], "ternary": VARIANTS["w2a8"][2],
+                                   "ternary-2bit": VARIANTS["w2a8"][2] + " (2-bit fields, no 1.6-bit form)",
                                    "2bit": "DoReFa 2-bit weights x 8-bit PACT activations",
                                    "4bit": VARIANTS["w4a8"][2]})
-    write_results(a.out, "gemv", {"meta": meta, "rows": rows, "targets": tg}, to_markdown(rows, tg, meta))
+    write_results(a.out, a.name, {"meta": meta, "rows": rows, "targets": tg}, to_markdown(rows, tg, meta))
     for t in tg:
         print(f"{'met' if t['met'] else 'NOT'} {t['target']} [{t['threads']} thr]: {t['value']} {t['unit']}")
     return 0
