@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--policies", nargs="+", default=["slackfit", "max-accuracy", "fixed:all"],
                     help="slackfit, max-accuracy, fixed:<name>; fixed:all = every sub-net")
     bs.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
-    bs.add_argument("--rate", type=float, default=200.0, help="mean requests per second")
+    bs.add_argument("--rate", type=float, default=None,
+                    help="mean requests per second (default: --load x the most accurate sub-net's capacity)")
+    bs.add_argument("--load", type=float, default=1.5,
+                    help="the rate as a multiple of the most accurate sub-net's profiled capacity")
     bs.add_argument("--duration", type=float, default=8.0, help="seconds per trace")
     bs.add_argument("--slo-ms", type=float, default=30.0)
     bs.add_argument("--max-batch", type=int, default=32)
