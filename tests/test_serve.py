@@ -273,6 +273,18 @@ def test_traces_are_seeded_and_have_their_mean_rate() -> None:
     assert s["throughput_rps"] == 1.0 and s["statuses"] == {"200": 2, "503": 1, "0": 1}
 
 
+def test_capacity_is_the_best_rate_over_batches_of_whole_requests() -> None:
+    from lowbit.serve.bench import capacity_rps
+
+    ms = [1.0 + 0.5 * b for b in range(1, 9)]  # 1.5 ms at batch 1 ... 5 ms at batch 8
+    # 2 samples per request: 1, 2, 3 or 4 requests per batch of 2, 4, 6, 8 samples
+    assert capacity_rps(ms, 2) == pytest.approx(max(1e3 * k / (1.0 + 0.5 * 2 * k) for k in (1, 2, 3, 4)))
+    assert capacity_rps(ms, 2) == pytest.approx(800.0)  # 4 requests in 5 ms
+    assert capacity_rps(ms, 8) == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="do not fit a batch of at most 8"):
+        capacity_rps(ms, 9)
+
+
 def test_binary_parser_rejects_what_it_cannot_read() -> None:
     x = parse_binary(b"\0" * 3136 * 2, None, None, SHAPE, 4)
     assert x.shape == (2, *SHAPE)

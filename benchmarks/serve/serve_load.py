@@ -1,15 +1,22 @@
-"""SlackFit against every fixed sub-net (and max-accuracy) under constant, bursty and ramping load.
+"""SlackFit against every fixed sub-net (and max-accuracy) under constant, bursty and ramping load,
+with the load set from the servers' own latency profiles so that queues really build.
 
-    python benchmarks/serve/serve_load.py            # ~12 min; needs runs/serve/lenet5x2.supernet
-    python benchmarks/serve/serve_load.py --duration 4 --policies slackfit fixed:w1.0-b8
+    python benchmarks/serve/serve_load.py     # ~15 min; needs runs/serve/lenet5x2-codes.supernet
+    python benchmarks/serve/serve_load.py --duration 4 --policies slackfit max-accuracy fixed:w0.25-b4
 
-The supernet is the one ``benchmarks/serve/train_supernet.py`` writes (its sub-nets' test
-accuracies are recorded in the file). For each policy a fresh ``lowbit serve`` process (one
-inference thread) is started on a free loopback port and every trace is replayed against it by the
-open-loop load generator; see :mod:`lowbit.serve.bench`. Writes ``benchmarks/results/serve.{json,md,png}``.
+The supernet is the packed file (every sub-net's stored codes) that
+``benchmarks/serve/supernet_file_sizes.py`` writes from ``benchmarks/serve/train_supernet.py``'s
+LeNet-5 x2 supernet (each sub-net's validation and test accuracy recorded in it). For each policy a
+``lowbit serve`` process (packed runtime, one inference thread) starts on a free loopback port,
+compiles every sub-net from the file and profiles it; then the mean rate is set to ``--load`` times
+the capacity of the most accurate sub-net (by validation accuracy, what the servers rank by) in the
+first server's profile, and every trace is replayed against every server by the bounded open-loop
+load generator (at most ``--max-requests`` requests per trace, each with a timeout); see
+:mod:`lowbit.serve.bench`. Writes ``benchmarks/results/<stem>.{json,md,png}``.
 
-Defaults are sized for a busy 2-core machine: 16 samples per request (so the network, not HTTP
-parsing, is a large part of each request's cost), 25 requests/s on average, a 200 ms SLO.
+Defaults: 64 samples per request (so the networks, not HTTP parsing, are most of a request's cost),
+batches of up to 256 samples (4 requests), a 200 ms SLO, up to 256 client connections, load 1.5
+(the most accurate sub-net alone cannot keep up with the mean rate; cheaper ones can).
 """
 
 from __future__ import annotations
@@ -29,16 +36,23 @@ from common import run_meta
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--supernet", default="runs/serve/lenet5x2.supernet")
+    p.add_argument("--supernet", default="runs/serve/lenet5x2-codes.supernet")
     p.add_argument("--policies", nargs="+", default=["slackfit", "max-accuracy", "fixed:all"])
     p.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
-    p.add_argument("--rate", type=float, default=25.0)
-    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--rate", type=float, default=None,
+                   help="mean requests per second (default: --load x the most accurate sub-net's capacity)")
+    p.add_argument("--load", type=float, default=1.5)
+    p.add_argument("--samples", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--slo-ms", type=float, default=200.0)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-requests", type=int, default=5000)
+    p.add_argument("--max-in-flight", type=int, default=256,
+                   help="client connections at most (beyond them requests wait unseen by the server)")
+    p.add_argument("--profile-repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--stem", default="serve")
     p.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                    help="what the servers run their sub-nets on (lowbit serve --runtime)")
     a = p.parse_args(argv)
@@ -49,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for pol in a.policies:
         policies += [f"fixed:{n}" for n in load_supernet(a.supernet).choices] if pol == "fixed:all" else [pol]
     res = run_serve_bench(a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed,
-                          samples=a.samples, runtime=a.runtime)
-    write_report(res, a.out, "serve", run_meta(__file__, argv, t0))
+                          a.max_requests, samples=a.samples, max_in_flight=a.max_in_flight,
+                          profile_repeats=a.profile_repeats, runtime=a.runtime, load=a.load)
+    write_report(res, a.out, a.stem, run_meta(__file__, argv, t0))
     return 0
 
 

@@ -7,6 +7,13 @@ machine's background load affects all policies alike), with a pause between repl
 drain; at the end every server is stopped with SIGTERM and its exit status recorded. Per policy
 and trace: SLO attainment, served accuracy (mix-weighted test accuracy recorded in the supernet
 file) and throughput.
+
+The mean rate is given (``rate``) or set from the servers' own start-up latency profiles
+(``rate=None``): ``load`` times the capacity of the most accurate sub-net, the most requests per
+second it can serve at any batch of whole requests, ``max_k k / lat(k * samples)`` for
+``k * samples <= max_batch``. With ``load > 1`` that sub-net alone cannot keep up, so queues build
+and the policies must trade accuracy for deadlines (the bursty trace triples the rate for a quarter
+of every second, the ramp ends at 1.8 times the mean).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from .file import load_supernet
 from .loadgen import make_trace, replay, summarize
 
-__all__ = ["free_port", "run_serve_bench", "start_server", "stop_server"]
+__all__ = ["capacity_rps", "free_port", "run_serve_bench", "start_server", "stop_server"]
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +98,31 @@ def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
             out.close()
 
 
+def capacity_rps(ms: Sequence[float], samples: int) -> float:
+    """The most requests of ``samples`` samples per second a sub-net serves, from its profile
+    (``ms[b - 1]``: milliseconds at batch ``b``): ``max_k 1000 k / ms[k * samples - 1]``."""
+    if not 1 <= samples <= len(ms):
+        raise ValueError(f"capacity: {samples} samples per request do not fit a batch of at most {len(ms)}")
+    return max(1e3 * k / ms[k * samples - 1] for k in range(1, len(ms) // samples + 1))
+
+
+def _rate_basis(url: str, samples: int, load: float) -> dict[str, Any]:
+    """The rate ``load`` x the capacity of the most accurate sub-net, from a server's /metrics."""
+    import httpx
+
+    m = httpx.get(f"{url}/metrics", timeout=10.0).json()
+    acc, prof = m["accuracy"], m["profile_ms"]
+    top = max(acc, key=lambda n: acc[n])
+    caps = {n: round(capacity_rps(prof[n], samples), 2) for n in prof}
+    return {"load": load, "subnet": top, "rate": load * caps[top], "capacity_rps": caps,
+            "profile_ms_at_max_batch": {n: prof[n][-1] for n in prof}}
+
+
 def run_serve_bench(
     path: str | os.PathLike[str],
     policies: Sequence[str],
     traces: Sequence[str],
-    rate: float,
+    rate: float | None,
     duration: float,
     slo_ms: float,
     max_batch: int = 32,
@@ -106,15 +133,18 @@ def run_serve_bench(
     max_in_flight: int = 64,
     profile_repeats: int = 10,
     runtime: str = "packed",
+    load: float = 1.5,
 ) -> dict[str, Any]:
     """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
     carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections; every
-    server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``)."""
+    server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``). ``rate=None``: ``load``
+    times the capacity of the most accurate sub-net in the first server's profile."""
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
     shape = ",".join(str(d) for d in (samples, *sn.input_shape))
     runs, exits, servers = [], {}, {}
+    basis: dict[str, Any] | None = None
     try:
         # every server is started (and profiles its sub-nets) before any load, while the others idle;
         # then each trace is replayed against every policy in turn, so that the machine's changing
@@ -124,6 +154,10 @@ def run_serve_bench(
             args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
                     "--profile-repeats", str(profile_repeats), "--runtime", runtime]
             servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
+        if rate is None:
+            basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
+            rate = float(basis["rate"])
+            log.info("rate %.1f req/s = %g x the capacity of %s", rate, load, basis["subnet"])
         for tr in traces:
             arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
             for pol in policies:
@@ -154,6 +188,7 @@ def run_serve_bench(
             "samples_per_request": samples,
             "max_in_flight": max_in_flight,
             "runtime": runtime,
+            "rate_basis": basis,
             "load_average": os.getloadavg(),
         },
     }
@@ -172,8 +207,18 @@ def write_report(
     lines = [f"# Serving a supernet under load ({', '.join(st['traces'])} traces)", ""]
     if meta and "command" in meta:
         lines += [f"`{meta['command']}`", ""]
+    basis = st.get("rate_basis")
+    if basis:
+        ranked = sorted(basis["capacity_rps"].items(), key=lambda kv: -kv[1])
+        caps = ", ".join(f"{n} {v:g}" for n, v in ranked)
+        lines += [
+            f"Rate set from the servers' start-up profile ({st['policies'][0]}'s): {basis['load']:g} x the "
+            f"capacity of the most accurate sub-net {basis['subnet']} = {st['rate']:.1f} req/s. Capacity "
+            f"(requests/s at the best batch of whole requests, profiled 90th-percentile latency): {caps}.",
+            "",
+        ]
     lines += [
-        f"Mean rate {st['rate']:g} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
+        f"Mean rate {st['rate']:.1f} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
         f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
         f"seed {st['seed']}; load average at the end {', '.join(f'{v:.1f}' for v in st['load_average'])}; "
         f"one server per policy ({st.get('runtime', 'torch')} runtime, 1 inference thread; "
@@ -185,15 +230,17 @@ def write_report(
         "requests.",
         "",
         "| trace | policy | requests | SLO attainment | served accuracy | throughput (req/s) | p50 ms | "
-        "p99 ms | shed (503) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "p99 ms | shed (503) | sub-nets served (share of answers >= 5%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         acc = r["served_accuracy"]
         lines.append(
             f"| {r['trace']} | {r['policy']} | {r['requests']} | {100 * r['slo_attainment']:.1f}% | "
             f"{'-' if math.isnan(acc) else f'{100 * acc:.2f}%'} | {r['throughput_rps']:.0f} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses'].get('503', 0)} |"
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses'].get('503', 0)} | "
+            + ", ".join(f"{n} {100 * v:.0f}%" for n, v in sorted(r["mix"].items(), key=lambda kv: -kv[1])
+                        if v >= 0.05) + " |"
         )
     lines += [
         "",
@@ -235,7 +282,8 @@ def write_report(
             ax.set_xlabel("served accuracy (%)")
             ax.set_ylabel("SLO attainment (%)")
             ax.grid(alpha=0.3)
-        fig.suptitle(f"slackfit (star) vs fixed sub-nets, SLO {st['slo_ms']:g} ms, {st['rate']:g} req/s mean")
+        fig.suptitle(f"slackfit (star) vs fixed sub-nets, SLO {st['slo_ms']:g} ms, "
+                     f"{st['rate']:.1f} req/s mean")
         fig.tight_layout()
         with atomic_path(out / f"{stem}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
@@ -258,7 +306,7 @@ def bench_serve_cli(a: Any) -> Any:
     res = run_serve_bench(
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
-        runtime=a.runtime,
+        runtime=a.runtime, load=getattr(a, "load", 1.5),
     )
     meta = {
         "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
