@@ -87,7 +87,7 @@ def test_tq1_equals_integer_reference(levels, threads, monkeypatch):
         for M, O, K in SHAPES:
             q = rng.integers(lo, hi_q + 1, (O, K))
             q[0, 0], q[-1, -1] = lo, hi_q  # three levels: 2-bit fields (two would make 1-bit ones)
-            gw = KT.tq1_weights(KV.GemvWeights(q), q)
+            gw = KT.tq1_weights(KV.GemvWeights(q), q, min_weights=0)
             assert gw.tq1 is not None
             np.testing.assert_array_equal(KT.unpack_tq1(gw.tq1.w, O, K) - gw.off, q)
             s0, s1, s2 = rng.standard_normal((3, O))
@@ -119,7 +119,7 @@ def test_tq1_exact_at_the_int32_bound():
     for code, level in [(0, 1), (0, -1), (255, -1), (255, 1)]:
         q = np.full((16, K), level)
         q[1, ::7], q[2, ::5] = 0, -level  # three levels (2-bit fields)
-        gw = KT.tq1_weights(KV.GemvWeights(q), q)
+        gw = KT.tq1_weights(KV.GemvWeights(q), q, min_weights=0)
         codes = np.full((1, K), code, np.float32)
         out = _run(gw, codes, 0 * ones, ones, 0 * ones, False)
         np.testing.assert_array_equal(out, KV.gemv_reference(codes, q, 0 * ones, ones, 0 * ones))
@@ -130,8 +130,13 @@ def test_tq1_exact_at_the_int32_bound():
         KT.Tq1Weights(KV.GemvWeights(np.zeros((1, K + 1), np.int64)), np.zeros((1, K + 1), np.int64))
 
 
-def test_tq1_weights_only_for_ternary_fields(monkeypatch):
+def test_tq1_weights_only_for_large_ternary_layers(monkeypatch):
     rng = np.random.default_rng(4)
+    monkeypatch.setattr(KT, "TQ1_MIN_WEIGHTS", 800)
+    q = rng.integers(-1, 2, (20, 40))
+    assert (KT.tq1_weights(KV.GemvWeights(q), q).tq1 is not None) == _jit.HOST_VNNI  # 800 weights
+    assert KT.tq1_weights(KV.GemvWeights(q[:, :39]), q[:, :39]).tq1 is None  # 780: smaller layers stay 2-bit
+    monkeypatch.setattr(KT, "TQ1_MIN_WEIGHTS", 0)
     assert KT.tq1_weights(KV.GemvWeights(q := rng.integers(0, 4, (20, 40))), q).tq1 is None  # 4 levels
     assert KT.tq1_weights(KV.GemvWeights(q := rng.integers(0, 2, (20, 40))), q).tq1 is None  # binary
     big = np.zeros((1, KT.TQ1_MAX_K + 1), np.int64)
@@ -184,6 +189,7 @@ def test_compiled_ternary_mlp_runs_tq1(act, monkeypatch):
     """compile() of a ternary MLP: every layer holds the 1.6-bit form and runs it at 1 row;
     the output equals the float64 fake-quantized model and, bit for bit, the forced plain path
     (bit-serial kernels, no 1.6-bit form), the 2-bit GEMV (1.6-bit switched off) and 2 threads."""
+    monkeypatch.setattr(KT, "TQ1_MIN_WEIGHTS", 0)  # layers of 0.3-0.8M weights: below the default
     qm = _mlp(act, seed=act["bits"])
     x = torch.randn(4, 301) * 2
     pm = compile(qm, x)

@@ -70,6 +70,14 @@ TQ1_KERNEL_ROWS = 2
 #: 4096-wide MLP (benchmarks/results/gemv_bound_rows2.md) 1.05x the 2-bit GEMV cold (min) and 0.5x
 #: with the weights in cache, so 2 rows take the 2-bit fields
 TQ1_MAX_ROWS = 1
+#: smallest layer (weights O*K) given the 1.6-bit form. Decoding costs more arithmetic than the
+#: 2-bit fields (2 ``vpaddb`` + 2 ``vpdpbusd`` per 64 weights against 1 ``vpandd`` + 1
+#: ``vpdpbusd``), so it only pays where the bytes come from DRAM. Measured (benchmarks/results/
+#: gemv_tq1.md, gemv_bound.md; one thread, loaded machine): a 2048x2048 layer (1 MiB of 2-bit
+#: fields, cache-resident between calls) ran 0.79x the 2-bit kernel; 4096x4096 layers 1.21x alone
+#: and 1.1-1.24x in the 8-layer MLP; one 4096x4096 layer called back to back (its fields in L3)
+#: 0.78x. The threshold sits between the two sizes: 2 MiB of 2-bit fields, this machine's L2
+TQ1_MIN_WEIGHTS = 1 << 23
 #: longest reduction with exact int32 sums (module docstring)
 TQ1_MAX_K = 32767
 #: whether ternary layers get the 1.6-bit form (``LOWBIT_RUNTIME_TQ1=0`` switches it off)
@@ -294,12 +302,16 @@ class Tq1Weights:
                      parallel=True, grain=4)
 
 
-def tq1_weights(gw: GemvWeights, q: np.ndarray) -> GemvWeights:
-    """``gw`` with its 1.6-bit form attached where it applies (ternary fields, ``K <=``
-    :data:`TQ1_MAX_K`, :data:`ENABLED`, a VNNI host): ``kernels_gemv.gemv_run`` then runs rows
-    ``M <= TQ1_MAX_ROWS`` on it (:func:`gemv_tq1` up to ``TQ1_KERNEL_ROWS``)."""
+def tq1_weights(gw: GemvWeights, q: np.ndarray, min_weights: int | None = None) -> GemvWeights:
+    """``gw`` with its 1.6-bit form attached where it applies (ternary fields, at least
+    ``min_weights`` weights (default :data:`TQ1_MIN_WEIGHTS`), ``K <=`` :data:`TQ1_MAX_K`,
+    :data:`ENABLED`, a VNNI host): ``kernels_gemv.gemv_run`` then runs rows ``M <= TQ1_MAX_ROWS``
+    on it (:func:`gemv_tq1` up to ``TQ1_KERNEL_ROWS``)."""
     q = np.asarray(q)
-    if ENABLED and HOST_VNNI and gw.b == 2 and gw.K <= TQ1_MAX_K and q.size and int(np.ptp(q)) <= 2:
+    least = TQ1_MIN_WEIGHTS if min_weights is None else min_weights
+    n = gw.O * gw.K
+    big = n >= least
+    if ENABLED and HOST_VNNI and big and gw.b == 2 and gw.K <= TQ1_MAX_K and q.size and int(np.ptp(q)) <= 2:
         gw.tq1 = Tq1Weights(gw, q)
     return gw
 
