@@ -30,8 +30,9 @@ RNG = np.random.default_rng(13)
 # ragged sizes: rows not a multiple of 16 (one row block, odd and even block counts), reductions
 # not a multiple of 64 (nor of the fields' 32), outputs not a multiple of 16 (1..7 blocks). Every
 # accumulator shape of the kernel's blocking occurs: one row block against groups of 4 blocks of
-# 16 channels (1x4 and the rest 1x1, 1x3), 32-row blocks against pairs (2x2, and 2x1 / 1x2 / 1x1
-# at odd block counts); reductions of 1 chunk (fewer than the expansion runs ahead) up to 33.
+# 16 channels (1x4, and 1x3 / 1x1 for the rest), pairs of blocks against 32 rows (2x2, 1x2 at an
+# odd row-block count), single blocks against 64 rows (4x1, 1x1); reductions of 1 chunk up to 33
+# (5 slices of 8, the last one partial: sums parked and reloaded between slices).
 SHAPES = [(8, 64, 16), (16, 100, 37), (12, 200, 70), (17, 130, 50), (40, 257, 33), (70, 1000, 100),
           (300, 129, 20), (33, 64, 80), (50, 2100, 40)]
 
@@ -95,6 +96,15 @@ def test_field_table_refuses():
     gw = GemvWeights(q)
     assert KA.amx_linear_weights(gw, q, 2 * q - 1, 1.0) is not None  # +-1: 68000 * 255 fits
     assert KA.amx_linear_weights(gw, q, 127 * (2 * q - 1), 1.0) is None
+
+
+def test_tile_buffers_start_on_cache_lines():
+    """Tile rows must not straddle 64-byte lines (misaligned tiles load far slower)."""
+    offsets = {KA._aligned_u8(n).ctypes.data % 64 for n in (1, 100, 1000, 4096, 40000, 1 << 20)}
+    assert offsets == {0}
+    assert KA._aligned_u8(1000).size == 1000
+    for M, K in [(3, 70), (16, 64), (50, 1000)]:
+        assert KA.amx_rows(RNG.normal(size=(M, K)).astype(np.float32), 0, 1.0, 15.0).ctypes.data % 64 == 0
 
 
 @pytest.mark.parametrize("M,K", [(1, 10), (16, 64), (17, 130), (40, 257)])

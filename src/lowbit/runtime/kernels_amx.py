@@ -16,10 +16,14 @@ in bits ``[b*t, b*t + b)`` of each byte). That byte order is the row order of ``
 operand (a K x 16 tile of signed bytes stored as K/4 rows of 16 outputs x 4 bytes), so one B tile
 (64 reduction indices x 16 outputs) is ``16 / T`` field vectors (``T = 8/b``), and row ``t`` of a
 vector is ``tab[(v >> b*t) & (2**b - 1)]``: a shift, a mask and a ``vpshufb`` lookup of the
-16-entry table ``tab[f] = w_int`` of the field (:func:`field_table`). Each weight byte is read
-once per call at ``b`` bits; the int8 form exists only for the channel group in flight (a
-per-thread panel of ``nk`` KiB per block of 16 channels: 128 KiB for 32 channels of a 4096-deep
-layer), never for the layer.
+16-entry table ``tab[f] = w_int`` of the field (:func:`field_table`). The B tiles of a group of
+2 (or, for a single row block, 4) blocks of 16 output channels are expanded like that one
+reduction slice at a time (:data:`SLICE_KIB` KiB: 8 chunks of 64 for 32 channels) into a
+buffer that stays in L1, and every row block of the batch accumulates against the slice (its
+int32 sums parked in memory between slices). So each weight byte is read once per call at ``b``
+bits and the int8 form exists only for the slice in flight: no int8 copy of the layer is held.
+Expanding into L1 measured half the time of expanding a whole 4096-deep panel into L2 (0.25
+against 0.5 ms for all of a binary 4096x4096 layer, one thread).
 
 Activations are quantized (the fused clip formula ``rint(clip(x, 0, hi) * mult)`` in float32,
 or given codes) straight into the tile layout (:func:`amx_rows_reference`): 16 rows x 64 bytes
@@ -30,22 +34,24 @@ and rows / reduction indices past the end are zero codes (they add nothing to ``
 The quantization is one vector pass (``_codes64``: 64 codes per call, 0.16 ms for 256 x 4096
 floats where the scalar numba loop took 0.66 ms).
 
-Products (``_step``). One ``tdpbusd`` is 16 x 16 x 64 multiply-adds; on the test machine a tile
-load costs about twice a ``tdpbusd`` once products are in flight (measured side by side: 4
-products with no loads ran 2.9-3.3 TMAC/s, with 2 loads per 4 products 2.3-2.4, with 4 loads
-0.9-1.1), so the blocking minimizes tile memory operations per product. The channels go in
-groups of 2 blocks of 16 (4 for a single row block); for each block of 32 rows (16) x the
-group's channels the 2 x 2 (1 x 4) accumulator tiles stay in tmm0-3 over the whole reduction
-(2 A + 2 B tile loads per 4 products, each loaded tile used twice), so sums are stored once and
-never reloaded, and go through ``_amx.epilogue_row`` (the int8 kernels' epilogue, lane for lane)
-while they are in L1. The first row block expands the group's B tiles into the panel chunk by
-chunk, :data:`EXPAND_AHEAD` chunks before their product (vector work that overlaps the tile
-unit), the later row blocks read them back from L2; A and B tiles are prefetched into L1
-:data:`PREFETCH_AHEAD` chunks ahead. Against the previous blocking (B expanded one 16 KiB slice at
-a time into L1 and every row block's sums parked in memory and reloaded per slice: 8 extra tile
-loads / stores per 32 products) this measured 1.07-1.57x at 32-256 rows of a 4096x4096 layer
-and equal at 16 (one thread, ``benchmarks/results/profile_amx_linear.md``). Threads split the
+Products (``_tiles``, registers as ``_amx.amx_block``): 2 x 2 accumulator tiles (32 rows x 32
+channels) for 32 rows or more, 1 x 4 (16 rows x 64 channels) for one row block; the int32 sums
+go through ``_amx.epilogue_row`` (the int8 kernels' epilogue, lane for lane). Threads split the
 channel groups (``parallel_for``); each thread configures its tiles and releases them at the end.
+
+Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
+the parked sums) starts on a 64-byte cache line (:func:`_aligned_u8`); NumPy and numba give
+16- or 32-byte alignment depending on the size and the heap's state, and a tile whose 64-byte
+rows straddle two lines each loads far slower: the 2 x 2 step (2 A + 2 B tile loads per 4
+``tdpbusd``) on L1-resident tiles ran 2.40 TMAC/s aligned against 0.81-0.94 at offsets of 16,
+32, 48 bytes, and 4 products with no loads 2.32 (one thread, side by side). The same kernel
+with its buffers aligned ran 1.24-1.71x as fast as left to chance at 16-256 rows of a binary
+4096x4096 layer (``benchmarks/results/profile_amx_linear.md`` has the parts and the tile-unit
+rates). A blocking that keeps the 2 x 2 sums in tiles over the whole reduction (B tiles of a
+32-channel group expanded into a 4096-deep panel, re-read from L2 by every later row block) was
+tried and measured slower once both were aligned (0.63x at 16 rows, 0.75-0.95x at 32-256): its expansion into the L2-sized panel took 0.6 ms per layer against 0.25 into
+the L1 slice, and A and B tiles both streaming from L2 ran 1.2-1.6 TMAC/s against 2.0 with the
+B tiles in L1.
 
 Needs AMX-INT8 (``_amx.amx_enabled()``); ``PackedLinear`` dispatches here from
 :data:`AMX_MIN_ROWS` rows on and keeps its other kernels elsewhere (the plain path has no AMX).
@@ -92,10 +98,10 @@ AMX_MIN_ROWS_LUT = {1: 32, 2: 16}
 #: below this many multiply-adds (M*K*O) one thread runs the product (8 x 4096^2 = 2**27 ran
 #: 0.82x as fast on 2 threads as on 1 on the loaded 2-core test machine, 256 rows 1.39x)
 AMX_MIN_PARALLEL_MACS = 1 << 28
-#: the first row block expands reduction chunk k + EXPAND_AHEAD while it multiplies chunk k
-EXPAND_AHEAD = 2
-#: tiles are prefetched into L1 this many reduction chunks before their product
-PREFETCH_AHEAD = 2
+#: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it; 16
+#: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
+#: equal at 256)
+SLICE_KIB = 16
 
 
 @dataclass
@@ -347,197 +353,178 @@ def _amx_rows_u8_range(x, nk, xq, m_lo, m_hi):
                 dst[c] = 0
 
 
-def _step(MB: int, NB: int):
-    """Intrinsic ``step(x, a0, a1, w, b0, pfa, pfb)``: one reduction chunk of MB x NB accumulator
-    tiles, ``C[m, n] += A[m] @ B[n]``: ``A[m]`` the 16 x 64 uint8 tile at byte ``a0`` (``a1`` for
-    m = 1) of ``x`` (rows 64 bytes apart), ``B[n]`` the int8 VNNI tile at byte ``b0 + 1024*n`` of
-    ``w``. C stays in tmm0-3 (tile ``m*NB + n``) from :func:`_czero` to :func:`_cstore`; A goes to
-    tmm4-5, B to tmm6-7, or for NB >= 3 one A tile (tmm4) against B tiles rotating over tmm5-7
-    (the configuration ``amx_tile_config(64, 4)``). The tiles ``pfa`` bytes past each A tile and
-    (``pfb != 0``) ``pfb`` bytes past the B tiles are prefetched into L1 for a later step."""
+def _tiles(MB: int, NB: int):
+    """Intrinsic ``tiles(x, abase, aoff, nks, w, kstride, acc, aco, resume)``: MB x NB accumulator
+    tiles ``C[m, n] (+)= sum_{k < nks} A[m, k] @ B[k, n]``. ``A[m, k]`` is the 16 x 64 uint8 tile at
+    byte ``abase[m] + aoff + 1024*k`` of ``x`` (rows 64 bytes apart), ``B[k, n]`` the int8 VNNI
+    tile at byte ``k*kstride + 1024*n`` of ``w``; ``C`` (MB*16 rows of NB*16 int32) lives at
+    ``acc[aco:]``: loaded first when ``resume`` (else zero), stored at the end. Registers as
+    ``_amx.amx_block``: C in tmm0-3, A in tmm4 (and tmm5 for MB >= 2), B in tmm6-7, or tmm5-7 for
+    NB >= 3 (the configuration ``amx_tile_config(64, 4)``)."""
     if MB * NB > 4 or MB < 1 or NB < 1 or (NB >= 3 and MB > 1):
         raise ValueError("MB*NB <= 4 accumulator tiles, NB >= 3 only with MB == 1")
 
     @intrinsic
-    def step(typingctx, x, a0, a1, w, b0, pfa, pfb):
-        sig = types.void(x, a0, a1, w, b0, pfa, pfb)
+    def tiles(typingctx, x, abase, aoff, nks, w, kstride, acc, aco, resume):
+        sig = types.void(x, abase, aoff, nks, w, kstride, acc, aco, resume)
 
         def codegen(context, builder, signature, args):
             if not HOST_AMX:
                 return context.get_dummy_value()
-            xa, a0a, a1a, wa, b0a, pfaa, pfba = args
+            xa, ba, aoa, nka, wa, ksa, aca, acoa, rsa = args
             sg = signature.args
-            xp = _ptr(context, builder, sg[0], xa, _I8)
-            wp = builder.gep(_ptr(context, builder, sg[3], wa, _I8), [b0a])
+            xp = builder.gep(_ptr(context, builder, sg[0], xa, _I8), [aoa])
+            bp = _ptr(context, builder, sg[1], ba, _I64)
+            wp = _ptr(context, builder, sg[4], wa, _I8)
+            c4 = builder.mul(acoa, ir.Constant(_I64, 4))
+            cp = builder.gep(_ptr(context, builder, sg[6], aca, _I8), [c4])
             load = _fn(builder, "llvm.x86.tileloadd64", _VOID, [_I8, _I8.as_pointer(), _I64])
+            store = _fn(builder, "llvm.x86.tilestored64", _VOID, [_I8, _I8.as_pointer(), _I64])
+            zero = _fn(builder, "llvm.x86.tilezero", _VOID, [_I8])
             dp = _fn(builder, "llvm.x86.tdpbusd", _VOID, [_I8, _I8, _I8])
             pf = _fn(builder, "llvm.prefetch.p0", _VOID, [_I8.as_pointer(), _I32, _I32, _I32])
+            row = ir.Constant(_I64, NB * 64)
+
+            def i32(v):
+                return ir.Constant(_I32, v)
+
             stride = ir.Constant(_I64, 64)
-            A = [builder.gep(xp, [a0a]), builder.gep(xp, [a1a])][:MB]
-            B = [builder.gep(wp, [ir.Constant(_I64, 1024 * n)]) for n in range(NB)]
 
-            def prefetch(tile, off):  # 16 lines of 64 bytes: read, into L1, data
-                base = builder.gep(tile, [off])
-                for line in range(16):
-                    ptr = builder.gep(base, [ir.Constant(_I64, 64 * line)])
-                    builder.call(pf, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            def ctile(m, n):
+                return builder.gep(cp, [ir.Constant(_I64, (m * 16 * NB * 16 + n * 16) * 4)])
 
-            for a in A:
-                prefetch(a, pfaa)
-            with builder.if_then(builder.icmp_signed("!=", pfba, ir.Constant(pfba.type, 0))):
-                for bt in B:
-                    prefetch(bt, pfba)
-            if MB == 2 and NB == 2:  # loads spread between the products
-                builder.call(load, [_i8c(4), A[0], stride])
-                builder.call(load, [_i8c(6), B[0], stride])
-                builder.call(dp, [_i8c(0), _i8c(4), _i8c(6)])
-                builder.call(load, [_i8c(7), B[1], stride])
-                builder.call(dp, [_i8c(1), _i8c(4), _i8c(7)])
-                builder.call(load, [_i8c(5), A[1], stride])
-                builder.call(dp, [_i8c(3), _i8c(5), _i8c(7)])
-                builder.call(dp, [_i8c(2), _i8c(5), _i8c(6)])
-            elif NB <= 2:
-                for n in range(NB):
-                    builder.call(load, [_i8c(6 + n), B[n], stride])
-                for m in range(MB):
-                    builder.call(load, [_i8c(4 + m), A[m], stride])
+            resume = builder.icmp_signed("!=", rsa, ir.Constant(rsa.type, 0))
+            with builder.if_else(resume) as (then, otherwise):
+                with then:
+                    for m in range(MB):
+                        for n in range(NB):
+                            builder.call(load, [_i8c(m * NB + n), ctile(m, n), row])
+                with otherwise:
+                    for t in range(MB * NB):
+                        builder.call(zero, [_i8c(t)])
+            bases = [builder.gep(xp, [builder.load(builder.gep(bp, [ir.Constant(_I64, m)]))])
+                     for m in range(MB)]
+            with cgutils.for_range(builder, nka) as loop:
+                k = loop.index
+                ko = builder.mul(k, ir.Constant(_I64, 1024))
+                wk = builder.gep(wp, [builder.mul(k, ksa)])
+
+                def bt(n):
+                    return builder.gep(wk, [ir.Constant(_I64, 1024 * n)])
+
+                for m in range(MB):  # the next step's A tiles into L1 (measured ~10% at 64-256 rows)
+                    nxt = builder.gep(bases[m], [builder.add(ko, ir.Constant(_I64, 1024))])
+                    for line in range(16):
+                        ptr = builder.gep(nxt, [ir.Constant(_I64, 64 * line)])
+                        builder.call(pf, [ptr, i32(0), i32(3), i32(1)])  # read, to L1, data
+                if MB == 2 and NB == 2:  # loads spread between the products
+                    builder.call(load, [_i8c(4), builder.gep(bases[0], [ko]), stride])
+                    builder.call(load, [_i8c(6), bt(0), stride])
+                    builder.call(dp, [_i8c(0), _i8c(4), _i8c(6)])
+                    builder.call(load, [_i8c(7), bt(1), stride])
+                    builder.call(dp, [_i8c(1), _i8c(4), _i8c(7)])
+                    builder.call(load, [_i8c(5), builder.gep(bases[1], [ko]), stride])
+                    builder.call(dp, [_i8c(3), _i8c(5), _i8c(7)])
+                    builder.call(dp, [_i8c(2), _i8c(5), _i8c(6)])
+                elif NB <= 2:
                     for n in range(NB):
-                        builder.call(dp, [_i8c(m * NB + n), _i8c(4 + m), _i8c(6 + n)])
-            else:
-                builder.call(load, [_i8c(4), A[0], stride])
-                for n in range(NB):
-                    builder.call(load, [_i8c(5 + n % 3), B[n], stride])
-                    builder.call(dp, [_i8c(n), _i8c(4), _i8c(5 + n % 3)])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return step
-
-
-@intrinsic
-def _czero(typingctx):
-    """``tilezero`` of the accumulators tmm0-3."""
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):
-        if HOST_AMX:
-            zero = _fn(builder, "llvm.x86.tilezero", _VOID, [_I8])
-            for t in range(4):
-                builder.call(zero, [_i8c(t)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _cstore(MB: int, NB: int):
-    """Intrinsic ``store(acc)``: the MB x NB accumulator tiles of :func:`_step` to ``acc`` (int32)
-    as MB*16 rows of NB*16 sums."""
-
-    @intrinsic
-    def store(typingctx, acc):
-        sig = types.void(acc)
-
-        def codegen(context, builder, signature, args):
-            if not HOST_AMX:
-                return context.get_dummy_value()
-            st = _fn(builder, "llvm.x86.tilestored64", _VOID, [_I8, _I8.as_pointer(), _I64])
-            cp = _ptr(context, builder, signature.args[0], args[0], _I8)
+                        builder.call(load, [_i8c(6 + n), bt(n), stride])
+                    for m in range(MB):
+                        builder.call(load, [_i8c(4 + m % 2), builder.gep(bases[m], [ko]), stride])
+                        for n in range(NB):
+                            builder.call(dp, [_i8c(m * NB + n), _i8c(4 + m % 2), _i8c(6 + n)])
+                else:  # one A tile against 3-4 B tiles rotating over tmm5-7
+                    builder.call(load, [_i8c(4), builder.gep(bases[0], [ko]), stride])
+                    for n in range(NB):
+                        builder.call(load, [_i8c(5 + n % 3), bt(n), stride])
+                        builder.call(dp, [_i8c(n), _i8c(4), _i8c(5 + n % 3)])
             for m in range(MB):
                 for n in range(NB):
-                    ptr = builder.gep(cp, [ir.Constant(_I64, (m * 16 * NB * 16 + n * 16) * 4)])
-                    builder.call(st, [_i8c(m * NB + n), ptr, ir.Constant(_I64, NB * 64)])
+                    builder.call(store, [_i8c(m * NB + n), ctile(m, n), row])
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return store
+    return tiles
 
 
-_s2x2, _s2x1, _s1x1, _s1x2, _s1x3, _s1x4 = (_step(2, 2), _step(2, 1), _step(1, 1), _step(1, 2), _step(1, 3),
-                                            _step(1, 4))
-_c2x2, _c2x1, _c1x1, _c1x2, _c1x3, _c1x4 = (_cstore(2, 2), _cstore(2, 1), _cstore(1, 1), _cstore(1, 2),
-                                            _cstore(1, 3), _cstore(1, 4))
-
-
-@kernel
-def _expand_chunk(w, b, wblk, nG, k, tab, dst, doff):
-    """The B tile of reduction chunk ``k`` of the 16 channels whose fields start at byte ``wblk``
-    of ``w``, to ``dst[doff:doff + 1024]``."""
-    G = 2 * b  # field vectors per chunk: 16 / (8 / b)
-    ngv = min(G, nG - k * G)
-    woff = wblk + k * G * 64
-    if b == 1:
-        _expand1(w, woff, ngv, tab, dst, doff)
-    elif b == 2:
-        _expand2(w, woff, ngv, tab, dst, doff)
-    else:
-        _expand4(w, woff, ngv, tab, dst, doff)
+_t2x2, _t4x1, _t1x1 = _tiles(2, 2), _tiles(4, 1), _tiles(1, 1)
+_t1x2, _t1x3, _t1x4 = _tiles(1, 2), _tiles(1, 3), _tiles(1, 4)
 
 
 @kernel
-def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, s0, s1, flags, out, O, g_lo, g_hi):
-    """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows.
-    Each block of 32 rows (16 for ``NBmax`` >= 3) x the group's channels keeps its sums in tile
-    registers over the whole reduction, then goes through the epilogue while they are in L1; the
-    group's B tiles are expanded into ``panel`` while the first row block runs (each chunk
-    :data:`EXPAND_AHEAD` steps before its product), later row blocks read them back from L2."""
+def _aligned_u8(n):
+    """``n`` bytes starting on a 64-byte cache line, so that no 64-byte tile row straddles two
+    lines (see the module docstring: misaligned tiles ran the products at less than half speed)."""
+    raw = np.empty(n + 64, np.uint8)
+    off = (64 - raw.ctypes.data % 64) % 64
+    return raw[off : off + n]
+
+
+@kernel
+def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, s0, s1, flags, out, O, g_lo, g_hi):
+    """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows:
+    per slice of ``KS`` reduction chunks the group's B tiles are expanded into an L1-sized buffer
+    and every row block accumulates against them (int32 sums parked in ``acc`` between slices)."""
     nbt = (O + 15) // 16
+    T = 8 // b
+    G = 16 // T
     nmb = Mp // 16
-    MBmax = 2 if NBmax <= 2 else 1
-    panel = np.empty(nk * NBmax * 1024, np.uint8)
-    acc = np.empty(MBmax * NBmax * 256, np.int32)
+    acc = _aligned_u8(Mp * NBmax * 64).view(np.int32)
+    abase = np.empty(4, np.int64)
+    buf = _aligned_u8(KS * NBmax * 1024)
     empty_f = np.empty(0, np.float32)
     empty_u = np.empty(0, np.uint8)
-    ahead, pfa = EXPAND_AHEAD, PREFETCH_AHEAD * 1024
     amx_config(cfg)
     for grp in range(g_lo, g_hi):
         b0 = grp * NBmax
         NB = min(NBmax, nbt - b0)
-        bstep = NB * 1024
-        pfb = PREFETCH_AHEAD * bstep
-        for i in range(0, nmb, MBmax):
-            MB = min(MBmax, nmb - i)
-            a0 = i * nk * 1024
-            a1 = a0 + nk * 1024
-            _czero()
-            for k in range(nk):
-                if i == 0:  # chunks 0..ahead first, then chunk k + ahead
-                    for ke in range(0 if k == 0 else k + ahead, min(nk, k + ahead + 1)):
-                        for n in range(NB):
-                            _expand_chunk(w, b, (b0 + n) * nG * 64, nG, ke, tab, panel, (ke * NB + n) * 1024)
-                ko = k * 1024
-                bo = k * bstep
-                pb = 0 if i == 0 else pfb
-                if MB == 2 and NB == 2:
-                    _s2x2(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
-                elif MB == 2:
-                    _s2x1(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
-                elif NB == 1:
-                    _s1x1(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
-                elif NB == 2:
-                    _s1x2(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
-                elif NB == 3:
-                    _s1x3(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
+        kstride = NB * 1024
+        for k0 in range(0, nk, KS):
+            nks = min(KS, nk - k0)
+            for n in range(NB):  # B tile of chunk k0 + kk, block n at byte (kk*NB + n)*1024
+                wblk = (b0 + n) * nG * 64
+                for kk in range(nks):
+                    k = k0 + kk
+                    ngv = min(G, nG - k * G)
+                    woff = wblk + k * G * 64
+                    doff = (kk * NB + n) * 1024
+                    if b == 1:
+                        _expand1(w, woff, ngv, tab, buf, doff)
+                    elif b == 2:
+                        _expand2(w, woff, ngv, tab, buf, doff)
+                    else:
+                        _expand4(w, woff, ngv, tab, buf, doff)
+            resume = k0 > 0
+            aoff = k0 * 1024
+            i = 0
+            while i < nmb:  # rows of C are contiguous in acc (NB*16 int32 each) whatever the shape
+                if NB == 2 and nmb - i >= 2:
+                    MB = 2
+                elif NB == 1 and nmb - i >= 4:
+                    MB = 4
                 else:
-                    _s1x4(xq, a0 + ko, a1 + ko, panel, bo, pfa, pb)
-            if MB == 2 and NB == 2:
-                _c2x2(acc)
-            elif MB == 2:
-                _c2x1(acc)
-            elif NB == 1:
-                _c1x1(acc)
-            elif NB == 2:
-                _c1x2(acc)
-            elif NB == 3:
-                _c1x3(acc)
-            else:
-                _c1x4(acc)
-            c0 = b0 * 16
-            for r in range(min(16 * MB, M - 16 * i)):
-                row = 16 * i + r
-                epilogue_row(acc, r * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, empty_f,
-                             empty_u, 0, np.float32(0.0), np.float32(0.0))
+                    MB = 1
+                for m in range(MB):
+                    abase[m] = (i + m) * nk * 1024
+                aco = i * 16 * NB * 16
+                if MB == 2:
+                    _t2x2(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                elif MB == 4:
+                    _t4x1(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                elif NB == 1:
+                    _t1x1(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                elif NB == 2:
+                    _t1x2(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                elif NB == 3:
+                    _t1x3(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                else:
+                    _t1x4(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
+                i += MB
+        c0 = b0 * 16
+        for row in range(M):
+            epilogue_row(acc, row * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, empty_f,
+                         empty_u, 0, np.float32(0.0), np.float32(0.0))
     amx_release()
 
 
@@ -547,7 +534,7 @@ def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -
     M, K = x.shape
     nk = -(-K // 64)
     Mp = -(-M // 16) * 16
-    xq = np.empty(Mp * nk * 64, np.uint8)
+    xq = _aligned_u8(Mp * nk * 64)
     par = use_parallel(M * K, AMX_MIN_PARALLEL_MACS >> 6)
     if x.dtype == np.uint8:
         parallel_for(_amx_rows_u8_range, Mp, x, np.int64(nk), xq, parallel=par, grain=16)
@@ -578,7 +565,7 @@ def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWe
     nbt = -(-gw.O // 16)
     flags = EPI_FLOAT | (EPI_RELU if relu else 0)
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
-                 np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), s0, s1, np.int64(flags),
-                 out.reshape(-1), np.int64(gw.O),
+                 np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
+                 s0, s1, np.int64(flags), out.reshape(-1), np.int64(gw.O),
                  parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
     return out
