@@ -8,9 +8,15 @@ For one 4096x4096 layer (binary, ternary and 4-bit weights) and each row count, 
 of the rows into the tile layout, and a copy of the kernel's loop with parts switched off (weight
 expansion only, tile products only (on the layer's first expanded slice), both, epilogue only);
 the copy's full output is checked against ``amx_linear`` bit for bit. Each part is also given as
-a share of the whole call. (A loop over L1-resident tiles was tried as the machine's ceiling and
-dropped: on the shared test machine it ran below the kernel's own streaming rate, and the AMX rate
-there drifted between 0.4 and 2.0 TMAC/s from one minute to the next.) Writes
+a share of the whole call. The copy's tile buffers start on 64-byte lines as the kernel's do;
+"tile products, buffers 32 B past a line" runs the products with every tile 32 bytes past one.
+
+Then the tile unit itself (``--tile-rounds`` interleaved rounds, L1-resident tiles): steps of 4
+``tdpbusd`` with 0, 2 or 4 tile loads each (4: the kernel's 2 x 2 step), and the 4-load step with
+its tiles 16, 32, 48 bytes past a line. A tile whose rows straddle lines loads far slower; the
+earlier note here that the AMX rate "drifted between 0.4 and 2.0 TMAC/s from one minute to the
+next" is explained by that: NumPy and numba buffers start 0, 16 or 32 bytes past a line
+depending on their size and the heap's state. Writes
 ``<out>/profile_amx_linear.{json,md}`` (default: benchmarks/results).
 """
 
@@ -23,6 +29,10 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ROOT, run_meta, write_results
@@ -37,15 +47,18 @@ KINDS = ("binary", "ternary", "4bit")
 
 
 @jit
-def _parts(xq, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp, do_tiles, do_epi):
+def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp, do_tiles, do_epi, off):
     """``kernels_amx._amx_linear_range`` for 32 or more rows (2 x 2 tiles, groups of 2 blocks)
-    with its three parts switched on or off."""
+    with its three parts switched on or off, its tile buffers ``off`` bytes past a 64-byte line
+    (the row codes copied there)."""
+    xq = KA._aligned_u8(xq0.size + 64)[off : off + xq0.size]
+    xq[:] = xq0
     nbt = (O + 15) // 16
     G = 16 // (8 // b)
     nmb = Mp // 16
-    acc = np.zeros(Mp * 32, np.int32)
+    acc = KA._aligned_u8(Mp * 128 + 64)[off : off + Mp * 128].view(np.int32)
     abase = np.empty(4, np.int64)
-    buf = np.zeros(KS * 2048, np.uint8)
+    buf = KA._aligned_u8(KS * 2048 + 64)[off : off + KS * 2048]
     ef = np.empty(0, np.float32)
     eu = np.empty(0, np.uint8)
     for n in range(min(2, nbt)):  # real weights in the buffer also when the expansion is off
@@ -97,6 +110,74 @@ def _parts(xq, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp,
     _amx.amx_release()
 
 
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+
+
+def _tile_loop(nloads: int):
+    """A loop of steps of 4 ``tdpbusd`` (accumulators tmm0-3, operands tmm4-7) with ``nloads``
+    tile loads per step from an L1-resident KiB (4: the kernel's 2 x 2 step, in its order)."""
+    order = {0: [("d", 0, 4, 6), ("d", 1, 4, 7), ("d", 3, 5, 7), ("d", 2, 5, 6)],
+             2: [("l", 4), ("d", 0, 4, 6), ("d", 1, 4, 7), ("l", 5), ("d", 3, 5, 7), ("d", 2, 5, 6)],
+             4: [("l", 4), ("l", 6), ("d", 0, 4, 6), ("l", 7), ("d", 1, 4, 7), ("l", 5), ("d", 3, 5, 7),
+                 ("d", 2, 5, 6)]}[nloads]
+
+    @intrinsic
+    def loop(typingctx, x, n):
+        sig = types.void(x, n)
+
+        def codegen(context, builder, signature, args):
+            xp = _amx._ptr(context, builder, signature.args[0], args[0], _I8)
+            load = _amx._fn(builder, "llvm.x86.tileloadd64", _amx._VOID, [_I8, _I8.as_pointer(), _I64])
+            dp = _amx._fn(builder, "llvm.x86.tdpbusd", _amx._VOID, [_I8, _I8, _I8])
+            stride = ir.Constant(_I64, 64)
+
+            def kib(j):
+                return builder.gep(xp, [ir.Constant(_I64, 1024 * j)])
+
+            for t in range(8):
+                builder.call(load, [_amx._i8c(t), kib(t % 4), stride])
+            with cgutils.for_range(builder, args[1]):
+                for op in order:
+                    if op[0] == "l":
+                        builder.call(load, [_amx._i8c(op[1]), kib(op[1] - 4), stride])
+                    else:
+                        builder.call(dp, [_amx._i8c(op[1]), _amx._i8c(op[2]), _amx._i8c(op[3])])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @jit
+    def run(cfg, x, n):
+        _amx.amx_config(cfg)
+        loop(x, n)
+        _amx.amx_release()
+
+    return run
+
+
+def _tile_unit(rounds: int) -> list[dict]:
+    """TMAC/s of 4-product steps with 0, 2 and 4 tile loads each from tiles starting on a 64-byte
+    line, and of the 4-load step with tiles 16, 32, 48 bytes past one; interleaved rounds."""
+    cfg = _amx.amx_tile_config(64, 2)
+    raw = KA._aligned_u8(8192)
+    raw[:] = np.random.default_rng(0).integers(0, 256, 8192)
+    cases = [(0, 0), (2, 0), (4, 0), (4, 16), (4, 32), (4, 48)]
+    loops = {n: _tile_loop(n) for n in (0, 2, 4)}
+    steps = 1 << 15
+    for n, off in cases:
+        loops[n](cfg, raw[off : off + 4096], 16)
+    rates: dict[tuple[int, int], list[float]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for n, off in cases:
+            t = time.thread_time()
+            loops[n](cfg, raw[off : off + 4096], steps)
+            rates[(n, off)].append(4 * steps * 16384 / (time.thread_time() - t) / 1e12)
+    base = float(np.median(rates[(0, 0)]))
+    return [{"loads_per_4_products": n, "line_offset": off, "best_tmac_s": round(max(v), 3),
+             "median_tmac_s": round(float(np.median(v)), 3),
+             "median_of_no_loads": round(float(np.median(v)) / base, 3)} for (n, off), v in rates.items()]
+
+
 def _time(fn, repeats: int) -> dict[str, float]:
     fn()
     ts = []
@@ -113,8 +194,9 @@ def _profile(x, aw, s0, s1, ref, args, repeats: int, parts: bool) -> dict[str, d
     out = {"whole amx_linear": _time(lambda: KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, ref), repeats),
            "quantize rows": _time(lambda: KA.amx_rows(x, 0, 3.0, 5.0), repeats)}
     if parts:
-        for name, sw in (("expand weights", (1, 0, 0)), ("tile products", (0, 1, 0)),
-                         ("expand + products", (1, 1, 0)), ("epilogue", (0, 0, 1))):
+        for name, sw in (("expand weights", (1, 0, 0, 0)), ("tile products", (0, 1, 0, 0)),
+                         ("tile products, buffers 32 B past a line", (0, 1, 0, 32)),
+                         ("expand + products", (1, 1, 0, 0)), ("epilogue", (0, 0, 1, 0))):
             out[name] = _time(lambda sw=sw: _parts(*args, *sw), repeats)
     return out
 
@@ -136,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=4096, help="K = O of the layer")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--tile-rounds", type=int, default=7, help="rounds of the tile-unit loops (0: skip)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     if not _amx.amx_enabled():
@@ -162,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, ref)
             args = (xq, aw.nk, Mp, M, gw.w, gw.b, gw.nG, aw.tab, cfg, KS, s0, s1, EPI_FLOAT | EPI_RELU,
                     out.reshape(-1), n)
-            _parts(*args, 1, 1, 1)
+            _parts(*args, 1, 1, 1, 0)
             if Mp >= 32 and not np.array_equal(out, ref):
                 raise RuntimeError(f"the profiled copy differs from amx_linear ({kind}, {M} rows)")
             parts = _profile(x, aw, s0, s1, ref, args, a.repeats, Mp >= 32)
@@ -171,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
             for part, t in parts.items():
                 r = {"kind": kind, "rows": M, "part": part, **{k: round(v, 4) for k, v in t.items()},
                      "of_whole": round(t["best_ms"] / whole, 3)}
-                if part in ("whole amx_linear", "tile products"):
+                if part == "whole amx_linear" or part.startswith("tile products"):
                     r["tmac_s"] = round(macs / (t["best_ms"] / 1e3) / 1e12, 3)
                 rows.append(r)
                 print(f"{kind} {M} rows {part}: {t['best_ms']:.3f} ms best, {t['median_ms']:.3f} median",
                       flush=True)
+    tile = _tile_unit(a.tile_rounds) if a.tile_rounds > 0 else []
     meta = run_meta(__file__, argv, t0, seeds=[0])
-    payload = {"meta": meta, "size": n, "slice_kib": KA.SLICE_KIB, "rows": rows}
+    payload = {"meta": meta, "size": n, "slice_kib": KA.SLICE_KIB, "rows": rows, "tile_unit": tile}
     g = meta["git"] if isinstance(meta["git"], dict) else {}
     git = f"{str(g.get('commit', '?'))[:10]}{' (dirty tree)' if g.get('dirty') else ''}"
     md = ["# AMX GEMM of a packed Linear layer: where the time goes", "",
@@ -188,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         md.append(f"| {r['kind']} | {r['rows']} | {r['part']} | {r['best_ms']:.3f} | {r['median_ms']:.3f} | "
                   f"{r.get('tmac_s', '')} | {100 * r['of_whole']:.0f}% |")
+    if tile:
+        md += ["", f"Tile unit: steps of 4 `tdpbusd` on L1-resident tiles, {a.tile_rounds} interleaved "
+               "rounds (thread CPU time; the 4-load step is the kernel's 2 x 2 step).", "",
+               "| tile loads per 4 products | tiles start this many bytes past a 64-byte line | "
+               "best TMAC/s | median TMAC/s | median / no loads |", "|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['loads_per_4_products']} | {r['line_offset']} | {r['best_tmac_s']} | "
+               f"{r['median_tmac_s']} | {r['median_of_no_loads']} |" for r in tile]
     write_results(a.out, "profile_amx_linear", payload, "\n".join(md))
     print(f"wrote {Path(a.out) / 'profile_amx_linear.md'}")
     return 0
