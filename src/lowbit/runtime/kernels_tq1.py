@@ -73,11 +73,11 @@ TQ1_MAX_ROWS = 1
 #: smallest layer (weights O*K) given the 1.6-bit form. Decoding costs more arithmetic than the
 #: 2-bit fields (2 ``vpaddb`` + 2 ``vpdpbusd`` per 64 weights against 1 ``vpandd`` + 1
 #: ``vpdpbusd``), so it only pays where the bytes come from DRAM. Measured (benchmarks/results/
-#: gemv_tq1.md, gemv_bound.md; one thread, loaded machine): a 2048x2048 layer (1 MiB of 2-bit
-#: fields, cache-resident between calls) ran 0.79x the 2-bit kernel; 4096x4096 layers 1.21x alone
-#: and 1.1-1.24x in the 8-layer MLP; one 4096x4096 layer called back to back (its fields in L3)
-#: 0.78x. The threshold sits between the two sizes: 2 MiB of 2-bit fields, this machine's L2
-TQ1_MIN_WEIGHTS = 1 << 23
+#: gemv_tq1*.md, gemv_bound.md; one thread, loaded machine), kernel medians against the 2-bit one,
+#: one layer between the baselines' calls: 2048^2 0.79x, 3072^2 0.97x, 4096^2 1.21x; the 8-layer
+#: 4096^2 MLP 1.11x median (1.19x min); one 4096^2 layer called back to back (its fields in L3)
+#: 0.78x. So from 4096^2 weights on
+TQ1_MIN_WEIGHTS = 1 << 24
 #: longest reduction with exact int32 sums (module docstring)
 TQ1_MAX_K = 32767
 #: whether ternary layers get the 1.6-bit form (``LOWBIT_RUNTIME_TQ1=0`` switches it off)
