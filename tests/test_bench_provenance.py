@@ -76,3 +76,26 @@ def test_onnx_mnist_records_its_provenance(tmp_path):
     markdown = (tmp_path / "out" / "onnx_mnist.md").read_text()
     assert meta["command"] in markdown and str(meta["git"]["commit"])[:12] in markdown
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx_mnist.json", "onnx_mnist.md"]
+
+
+def test_releq_counts_the_agents_assignments_also_when_resumed_after_the_oracle(tmp_path):
+    from torch import nn
+
+    from lowbit.search import ReLeQ
+
+    releq_mnist = _load(BENCH / "search" / "releq_mnist.py")
+    layers = [nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(16, 8), nn.Linear(8, 10)]
+
+    def surface(bits: tuple[int, ...]) -> float:  # fewer bits cost accuracy, the first layer most
+        return 0.99 - sum((6 - b) ** 2 * w for b, w in zip(bits, (4e-3, 1e-3, 1e-3, 2e-3), strict=True))
+
+    cache = tmp_path / "cache.json"
+    fresh, n = releq_mnist.run_agent(ReLeQ(surface, layers, 0.99, seed=0, cache_path=cache), 12)
+    assert 0 < n == len(json.loads(cache.read_text())) < 625
+    # what the oracle leaves in the cache: every assignment measured (written at once, not one by one)
+    every = ReLeQ(surface, layers, 0.99).assignments()
+    cache.write_text(json.dumps({",".join(map(str, b)): surface(b) for b in every}))
+    agent = ReLeQ(surface, layers, 0.99, seed=0, cache_path=cache)
+    resumed, again = releq_mnist.run_agent(agent, 12)
+    assert len(agent.cache) == 625 and again == n  # the cache size would have said 625
+    assert resumed.best_bits == fresh.best_bits and "accuracy" not in vars(agent)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_meta, write_results
 
 WEIGHT = {"method": "uniform", "scale": "mse", "per_channel": True}
+
+
+def run_agent(agent: ReLeQ, episodes: int, progress: Callable[[int, dict[str, Any]], None] | None = None,
+              ) -> tuple[Any, int]:
+    """``agent.run(episodes)`` and the number of distinct assignments its episodes asked for
+    (partial ones included). Counted from the agent's own calls, not from its cache: a search
+    resumed after a kill during the oracle reads the oracle's measurements into the cache too."""
+    asked: set[tuple[Any, ...]] = set()
+    measure = agent.accuracy
+
+    def accuracy(bits: tuple[Any, ...]) -> float:
+        asked.add(tuple(bits))
+        return measure(bits)
+
+    agent.accuracy = accuracy  # this instance only; the class's method is back after the run
+    try:
+        result = agent.run(episodes, progress=progress)
+    finally:
+        del agent.accuracy
+    return result, len(asked)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                      cache_path=runs / "releq_cache.json")
 
     agent = search()
-    result = agent.run(a.episodes, progress=lambda i, h: print(
+    result, agent_cost = run_agent(agent, a.episodes, progress=lambda i, h: print(
         f"episode {i + 1}/{a.episodes}: bits {h['bits']} reward {h['reward']:+.3f} acc {h['acc']:.4f}",
         flush=True) if (i + 1) % 25 == 0 else None)
     asked = {tuple(h["bits"]) for h in result.history}
-    agent_cost = len(agent.cache)  # distinct assignments the agent's episodes needed (incl. partial ones)
     oracle = None if a.no_oracle else exhaustive(search())
     rank = None
     if oracle:
