@@ -49,9 +49,9 @@ with its buffers aligned ran 1.24-1.71x as fast as left to chance at 16-256 rows
 4096x4096 layer (``benchmarks/results/profile_amx_linear.md`` has the parts and the tile-unit
 rates). A blocking that keeps the 2 x 2 sums in tiles over the whole reduction (B tiles of a
 32-channel group expanded into a 4096-deep panel, re-read from L2 by every later row block) was
-tried and measured slower once both were aligned (0.63x at 16 rows, 0.75-0.95x at 32-256): its expansion into the L2-sized panel took 0.6 ms per layer against 0.25 into
-the L1 slice, and A and B tiles both streaming from L2 ran 1.2-1.6 TMAC/s against 2.0 with the
-B tiles in L1.
+tried and measured slower once both were aligned (0.63x at 16 rows, 0.75-0.95x at 32-256): its
+expansion into the L2-sized panel took 0.6 ms per layer against 0.25 into the L1 slice, and A
+and B tiles both streaming from L2 ran 1.2-1.6 TMAC/s against 2.0 with the B tiles in L1.
 
 Needs AMX-INT8 (``_amx.amx_enabled()``); ``PackedLinear`` dispatches here from
 :data:`AMX_MIN_ROWS` rows on and keeps its other kernels elsewhere (the plain path has no AMX).
@@ -91,10 +91,11 @@ from .kernels_threads import parallel_for, use_parallel
 #: PackedLinear runs this many rows and more on AMX tiles (fewer: the GEMV on the same fields)
 AMX_MIN_ROWS = 8
 #: ... unless the layer has lookup tables (``kernels_gemm``; key: bits per weight code), which
-#: were faster below these rows (4096x4096 layer, one thread, interleaved runs on the loaded test
-#: machine, CPU time of the tables over that of AMX: binary weights 0.46-0.83 at 8 rows, 0.79-1.38
-#: at 16, 0.92-1.55 at 32; ternary 0.70 at 8, 1.11 at 16)
-AMX_MIN_ROWS_LUT = {1: 32, 2: 16}
+#: are faster below these rows (PackedLinear 4096x4096 with 4-bit PACT codes, one thread, two
+#: interleaved runs on the loaded test machine, CPU time of the tables over that of AMX with
+#: aligned tiles: binary weights 0.88-0.95 at 8 rows, 1.11 at 12, 1.21-1.25 at 16; ternary
+#: 1.19-1.25 at 8, 1.64 at 12)
+AMX_MIN_ROWS_LUT = {1: 12, 2: 8}
 #: below this many multiply-adds (M*K*O) one thread runs the product (8 x 4096^2 = 2**27 ran
 #: 0.82x as fast on 2 threads as on 1 on the loaded 2-core test machine, 256 rows 1.39x)
 AMX_MIN_PARALLEL_MACS = 1 << 28
