@@ -58,6 +58,11 @@ sums and epilogue, compiled only on a CPU with AVX-512 VNNI. Elsewhere, and when
 ``gemm_rows`` on its bit planes (a scalar loop over this layout measured 20-100x slower than
 that). :func:`gemv_reference` is the NumPy reference (exact int64 products, the same float64
 epilogue).
+
+Ternary weights at 1.6 bits. Large ternary layers (``kernels_tq1.TQ1_MIN_WEIGHTS``) also hold
+their fields five to a byte (``GemvWeights.tq1``, ``kernels_tq1``): :func:`gemv_run` runs one row
+on them (0.8x the bytes; the same epilogue, :func:`tile_epilogue`, so the same outputs bit for bit)
+and more rows on the 2-bit fields, which the AMX GEMM expands too.
 """
 
 from __future__ import annotations
