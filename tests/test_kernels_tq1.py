@@ -123,6 +123,7 @@ def test_tq1_exact_at_the_int32_bound():
         codes = np.full((1, K), code, np.float32)
         out = _run(gw, codes, 0 * ones, ones, 0 * ones, False)
         np.testing.assert_array_equal(out, KV.gemv_reference(codes, q, 0 * ones, ones, 0 * ones))
+    assert _run(gw, codes[:0], 0 * ones, ones, 0 * ones, False).shape == (0, 16)  # no rows: nothing read
     q2 = q.copy()
     q2[5, 12345] = 0
     assert not np.array_equal(out, KV.gemv_reference(codes, q2, 0 * ones, ones, 0 * ones))

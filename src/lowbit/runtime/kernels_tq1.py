@@ -294,6 +294,8 @@ class Tq1Weights:
         """``kernels_gemv.gemv_run`` on the 1.6-bit bytes (``coef`` padded, M <= :data:`TQ1_KERNEL_ROWS`)."""
         gw = self.gw
         M, O = out.shape
+        if M == 0:
+            return
         if not (O >= 64 and use_parallel(M * O * gw.K, KV.GEMV_MIN_PARALLEL_MACS)):
             _serial(x, mode, qp, gw.off, self.nG, gw.F, self.w, coef, relu, out)
             return
