@@ -958,6 +958,12 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], R
                 fl = stats([r["test_acc"] for (k, _), r in runs.items() if k == "float"])
                 why += (f"; our float ResNet-20 reaches {fl['mean']:.2f}% at this budget "
                         f"({budget.float_train['epochs']} epochs; paper schedule 160+)")
+            elif v in ("not reproduced", "reversed") and check.rule == "gain":
+                gap = [runs[("float", s)]["test_acc"] - r["test_acc"] for (k, s), r in runs.items()
+                       if k == check.arms[1] and ("float", s) in runs]
+                if gap:  # how much a gain could recover: the arm without the method vs the float model
+                    g = stats(gap)
+                    why += f"; {check.arms[1]} is {g['mean']:.2f} pp below our float model (n={g['n']})"
             extra = {}
             for key in ("sparsity", "small_groups"):
                 got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
