@@ -252,8 +252,16 @@ def test_policies_pick_by_slack_accuracy_and_batch() -> None:
     fixed = make_policy("fixed:b", acc, max_batch=3)
     assert fixed.choose(3, 4.0, lat) == Decision("b", 1)  # a fixed sub-net shrinks its batch instead
     assert make_policy("max-accuracy", acc, 3).candidates == ["b"]
-    with pytest.raises(ValueError, match="allowed: slackfit, max-accuracy, fixed:<name>"):
+    with pytest.raises(ValueError, match="allowed: slackfit, slackfit-guard, max-accuracy, fixed:<name>"):
         make_policy("fastest", acc, 3)
+    guard = make_policy("slackfit-guard", acc, max_batch=3)
+    assert guard.guard and not slack.guard
+    assert guard.choose(5, 10.0, lat) == Decision("b", 3)  # no limit: as slackfit
+    assert guard.choose(5, 10.0, lat, limit_ms=7.0) == Decision("a", 3)  # b's 8 ms batch is over the limit
+    assert guard.choose(1, 10.0, lat, limit_ms=2.0) == Decision("a", 1)
+    # nothing within the limit: the fastest plan that fits the slack serves the oldest, not a shed
+    assert guard.choose(1, 10.0, lat, limit_ms=0.5) == Decision("a", 1)
+    assert guard.choose(3, 2.5, lat, limit_ms=0.5) == Decision("a", 2)
     with pytest.raises(ValueError, match="no sub-net 'c'"):
         make_policy("fixed:c", acc, 3)
 
