@@ -13,10 +13,13 @@ a share of the whole call. The copy's tile buffers start on 64-byte lines as the
 
 Then the tile unit itself (``--tile-rounds`` interleaved rounds, L1-resident tiles): steps of 4
 ``tdpbusd`` with 0, 2 or 4 tile loads each (4: the kernel's 2 x 2 step), and the 4-load step with
-its tiles 16, 32, 48 bytes past a line. A tile whose rows straddle lines loads far slower; the
-earlier note here that the AMX rate "drifted between 0.4 and 2.0 TMAC/s from one minute to the
-next" is explained by that: NumPy and numba buffers start 0, 16 or 32 bytes past a line
-depending on their size and the heap's state. Writes
+its tiles 16, 32, 48 bytes past a line. A tile whose rows straddle lines loads far slower, and
+NumPy and numba buffers start 0, 16 or 32 bytes past a line depending on their size and the
+heap's state: that is part of why the AMX rate seemed to drift from one call to the next before
+the kernel aligned its buffers. Not all of it: with aligned buffers the whole call still took
+5.2 ms in one run and 10.7 ms in another minutes later (binary, 256 rows, one thread, thread CPU
+time, the shared 2-core test machine under a load average of 5-8), so only ratios within one
+run mean something. Writes
 ``<out>/profile_amx_linear.{json,md}`` (default: benchmarks/results).
 """
 
