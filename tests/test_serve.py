@@ -252,16 +252,8 @@ def test_policies_pick_by_slack_accuracy_and_batch() -> None:
     fixed = make_policy("fixed:b", acc, max_batch=3)
     assert fixed.choose(3, 4.0, lat) == Decision("b", 1)  # a fixed sub-net shrinks its batch instead
     assert make_policy("max-accuracy", acc, 3).candidates == ["b"]
-    with pytest.raises(ValueError, match="allowed: slackfit, slackfit-guard, max-accuracy, fixed:<name>"):
+    with pytest.raises(ValueError, match="allowed: slackfit, max-accuracy, fixed:<name>"):
         make_policy("fastest", acc, 3)
-    guard = make_policy("slackfit-guard", acc, max_batch=3)
-    assert guard.guard and not slack.guard
-    assert guard.choose(5, 10.0, lat) == Decision("b", 3)  # no limit: as slackfit
-    assert guard.choose(5, 10.0, lat, limit_ms=7.0) == Decision("a", 3)  # b's 8 ms batch is over the limit
-    assert guard.choose(1, 10.0, lat, limit_ms=2.0) == Decision("a", 1)
-    # nothing within the limit: the fastest plan that fits the slack serves the oldest, not a shed
-    assert guard.choose(1, 10.0, lat, limit_ms=0.5) == Decision("a", 1)
-    assert guard.choose(3, 2.5, lat, limit_ms=0.5) == Decision("a", 2)
     with pytest.raises(ValueError, match="no sub-net 'c'"):
         make_policy("fixed:c", acc, 3)
 
@@ -291,6 +283,25 @@ def test_capacity_is_the_best_rate_over_batches_of_whole_requests() -> None:
     assert capacity_rps(ms, 8) == pytest.approx(200.0)
     with pytest.raises(ValueError, match="do not fit a batch of at most 8"):
         capacity_rps(ms, 9)
+
+
+def test_report_states_the_rate_basis_and_the_served_mix(tmp_path) -> None:
+    from lowbit.serve.bench import write_report
+
+    recs = [Record(0, 200, 10, "a"), Record(0, 200, 50, "b"), Record(0, 503, 1, None)]
+    runs = [{"policy": p, "trace": "constant", **summarize(recs, 30, {"a": 0.9, "b": 0.99}, 2)}
+            for p in ("slackfit", "fixed:a")]
+    basis = {"load": 1.5, "subnet": "b", "rate": 15.0, "capacity_rps": {"a": 40.0, "b": 10.0},
+             "profile_ms_at_max_batch": {"a": 1.0, "b": 4.0}}
+    settings = {"rate": 15.0, "duration_s": 2, "slo_ms": 30, "max_batch": 4, "seed": 0,
+                "traces": ["constant"], "policies": ["slackfit", "fixed:a"], "samples_per_request": 1,
+                "runtime": "packed",
+                "rate_basis": basis, "load_average": (1.0, 1.0, 1.0)}
+    write_report({"runs": runs, "server_exit_status": {"slackfit": 0}, "settings": settings}, tmp_path, "r")
+    md = (tmp_path / "r.md").read_text()
+    assert "1.5 x the capacity of the most accurate sub-net b = 15.0 req/s" in md
+    assert "a 40, b 10" in md and "| 33.3% | 94.50% |" in md and "| a 50%, b 50% |" in md
+    assert (tmp_path / "r.png").stat().st_size > 0 and json.loads((tmp_path / "r.json").read_text())["runs"]
 
 
 def test_binary_parser_rejects_what_it_cannot_read() -> None:

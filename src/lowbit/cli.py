@@ -197,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--slo-ms", type=float, default=30.0, help="latency target per request (ms)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--policy", default="slackfit",
-                    help="slackfit | slackfit-guard | max-accuracy | fixed:<name>")
+    sv.add_argument("--policy", default="slackfit", help="slackfit | max-accuracy | fixed:<name>")
     sv.add_argument("--max-batch", type=int, default=32)
     sv.add_argument("--max-queue", type=int, default=1024, help="queued requests beyond this get 503")
     sv.add_argument("--threads", type=int, default=1, help="inference threads")

@@ -5,8 +5,7 @@ Every request gets the deadline ``arrival + slo_ms``. Before each batch the poli
 number of queued samples, the remaining slack of the oldest request (less a reserve of 10% of
 the SLO for answering after the batch) and the profiled latencies scaled by ``scale``, an
 exponential average (weight 0.2) of measured / profiled batch time, so that the plan follows
-the machine when other work slows it down (``slackfit-guard`` also gets a limit on the batch's
-latency: the SLO less the reserve less the fastest sub-net's full batch); when no sub-net meets
+the machine when other work slows it down; when no sub-net meets
 that deadline even at batch 1, the oldest request is shed (:class:`Shed`, HTTP 503) instead of
 being served late, and the worker decides again. A full queue (``max_queue`` requests) refuses new
 ones at once (also 503). A batch runs on its sub-net's engine (:mod:`lowbit.serve.engines`): a
@@ -23,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -193,11 +191,7 @@ class Batcher:
             now = time.monotonic()
             slack_ms = 1e3 * (oldest.deadline - now - self.reserve_s)
             queued = sum(r.x.shape[0] for r in self.queue)
-            limit_ms = math.inf
-            if self.policy.guard:  # a request arriving now must still fit after this batch
-                fastest = min(self._latency(s, self.profile.max_batch) for s in self.policy.candidates)
-                limit_ms = 1e3 * (self.slo_s - self.reserve_s) - fastest
-            d = self.policy.choose(queued, slack_ms, self._latency, limit_ms)
+            d = self.policy.choose(queued, slack_ms, self._latency)
             take: list[_Request] = []
             n = 0
             if d.subnet is not None:

@@ -14,11 +14,6 @@ Taking the largest batch first keeps throughput up when the queue grows; the acc
 only as far as the slack forces it. The policies differ only in the candidate set ``C``:
 
 - ``slackfit``: every sub-net;
-- ``slackfit-guard``: every sub-net, and no batch planned longer than ``limit_ms`` (the batcher
-  passes the SLO, less its reserve, less the fastest sub-net's full-batch latency): batches are not
-  preempted, so a request arriving just as a long batch starts waits for all of it; under this
-  limit it can still be served in time by the fastest sub-net (not in the SuperServe paper: its
-  sub-nets are all fast against the SLO; here an 8-bit sub-net's batch can take most of it);
 - ``max-accuracy``: the most accurate sub-net only;
 - ``fixed:<name>``: that sub-net only.
 
@@ -28,13 +23,12 @@ without either, more BOPs counts as more accurate).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["POLICIES", "Decision", "Policy", "make_policy"]
 
-POLICIES = ("slackfit", "slackfit-guard", "max-accuracy", "fixed:<name>")
+POLICIES = ("slackfit", "max-accuracy", "fixed:<name>")
 
 
 @dataclass(frozen=True)
@@ -48,39 +42,28 @@ class Decision:
 class Policy:
     """``choose(queued, slack_ms, latency)``: the decision for the next batch.
 
-    ``candidates`` are sub-net names from the most to the least accurate; ``guard``: the batcher
-    passes a ``limit_ms`` on any one batch (``slackfit-guard``).
+    ``candidates`` are sub-net names from the most to the least accurate.
     """
 
-    def __init__(self, name: str, candidates: Sequence[str], max_batch: int, guard: bool = False) -> None:
+    def __init__(self, name: str, candidates: Sequence[str], max_batch: int) -> None:
         if not candidates:
             raise ValueError(f"policy {name!r}: no candidate sub-nets")
         self.name, self.candidates, self.max_batch = name, list(candidates), int(max_batch)
-        self.guard = guard
 
-    def choose(self, queued: int, slack_ms: float, latency: Callable[[str, int], float],
-               limit_ms: float = math.inf) -> Decision:
-        """The first plan (largest batch, then most accurate) whose latency fits both the oldest
-        request's ``slack_ms`` and ``limit_ms``; when none is within the limit, the fastest plan
-        that fits the slack at the largest batch; when nothing fits the slack, shed."""
-        fallback = None
+    def choose(self, queued: int, slack_ms: float, latency: Callable[[str, int], float]) -> Decision:
         for b in range(min(queued, self.max_batch), 0, -1):
-            fits = [(latency(s, b), s) for s in self.candidates]
-            fits = [(t, s) for t, s in fits if t <= slack_ms]
-            for t, s in fits:
-                if t <= limit_ms:
+            for s in self.candidates:
+                if latency(s, b) <= slack_ms:
                     return Decision(s, b)
-            if fits and fallback is None:
-                fallback = Decision(min(fits)[1], b)
-        return fallback or Decision(None, 0)
+        return Decision(None, 0)
 
 
 def make_policy(spec: str, accuracy: Mapping[str, float], max_batch: int) -> Policy:
-    """``slackfit``, ``slackfit-guard``, ``max-accuracy`` or ``fixed:<name>`` over the sub-nets of
-    ``accuracy`` (name -> accuracy, any order)."""
+    """``slackfit``, ``max-accuracy`` or ``fixed:<name>`` over the sub-nets of ``accuracy``
+    (name -> accuracy, any order)."""
     ranked = sorted(accuracy, key=lambda n: -accuracy[n])
-    if spec in ("slackfit", "slackfit-guard"):
-        return Policy(spec, ranked, max_batch, guard=spec == "slackfit-guard")
+    if spec == "slackfit":
+        return Policy(spec, ranked, max_batch)
     if spec == "max-accuracy":
         return Policy(spec, ranked[:1], max_batch)
     if isinstance(spec, str) and spec.startswith("fixed:"):
@@ -88,5 +71,5 @@ def make_policy(spec: str, accuracy: Mapping[str, float], max_batch: int) -> Pol
         if name not in accuracy:
             raise ValueError(f"policy {spec!r}: no sub-net {name!r}; sub-nets: {', '.join(accuracy)}")
         return Policy(spec, [name], max_batch)
-    raise ValueError(f"unknown policy {spec!r}; allowed: slackfit, slackfit-guard, max-accuracy, "
-                     f"fixed:<name> with a name among {', '.join(accuracy)}")
+    raise ValueError(f"unknown policy {spec!r}; allowed: slackfit, max-accuracy, fixed:<name> "
+                     f"with a name among {', '.join(accuracy)}")
