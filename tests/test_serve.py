@@ -304,6 +304,18 @@ def test_report_states_the_rate_basis_and_the_served_mix(tmp_path) -> None:
     assert (tmp_path / "r.png").stat().st_size > 0 and json.loads((tmp_path / "r.json").read_text())["runs"]
 
 
+def test_repeated_runs_are_summarized_by_mean_and_sample_std() -> None:
+    from lowbit.serve.bench import aggregate
+
+    runs = [{"trace": "t", "policy": "p", "slo_attainment": v, "served_accuracy": a}
+            for v, a in ((0.5, 0.2), (0.7, math.nan), (0.9, 0.4))]
+    (row,) = aggregate(runs)
+    assert row["n"] == 3 and row["slo_mean"] == pytest.approx(0.7) and row["slo_std"] == pytest.approx(0.2)
+    # a run that answered nothing has no served accuracy: the other two give it
+    assert row["acc_mean"] == pytest.approx(0.3) and row["acc_std"] == pytest.approx(math.sqrt(0.02))
+    assert aggregate(runs[:1])[0]["slo_std"] == 0.0
+
+
 def test_binary_parser_rejects_what_it_cannot_read() -> None:
     x = parse_binary(b"\0" * 3136 * 2, None, None, SHAPE, 4)
     assert x.shape == (2, *SHAPE)

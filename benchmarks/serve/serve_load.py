@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="client connections at most (beyond them requests wait unseen by the server)")
     p.add_argument("--profile-repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="replay every trace with the seeds seed, seed+1, ... (the same servers): mean ± std")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="serve")
     p.add_argument("--runtime", choices=("packed", "torch"), default="packed",
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         policies += [f"fixed:{n}" for n in load_supernet(a.supernet).choices] if pol == "fixed:all" else [pol]
     res = run_serve_bench(a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed,
                           a.max_requests, samples=a.samples, max_in_flight=a.max_in_flight,
-                          profile_repeats=a.profile_repeats, runtime=a.runtime, load=a.load)
-    write_report(res, a.out, a.stem, run_meta(__file__, argv, t0))
+                          profile_repeats=a.profile_repeats, runtime=a.runtime, load=a.load,
+                          repeats=a.repeats)
+    write_report(res, a.out, a.stem, run_meta(__file__, argv, t0, seeds=res["settings"]["seeds"]))
     return 0
 
 

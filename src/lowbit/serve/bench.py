@@ -134,11 +134,13 @@ def run_serve_bench(
     profile_repeats: int = 10,
     runtime: str = "packed",
     load: float = 1.5,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
     carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections; every
     server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``). ``rate=None``: ``load``
-    times the capacity of the most accurate sub-net in the first server's profile."""
+    times the capacity of the most accurate sub-net in the first server's profile. ``repeats``: every
+    trace is drawn with the seeds ``seed, seed + 1, ...`` in turn (the same servers), each run kept."""
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
@@ -158,14 +160,14 @@ def run_serve_bench(
             basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
             rate = float(basis["rate"])
             log.info("rate %.1f req/s = %g x the capacity of %s", rate, load, basis["subnet"])
-        for tr in traces:
-            arrivals = make_trace(tr, rate, duration, seed=seed, max_requests=max_requests)
+        for tr_seed, tr in [(seed + i, t) for i in range(repeats) for t in traces]:
+            arrivals = make_trace(tr, rate, duration, seed=tr_seed, max_requests=max_requests)
             for pol in policies:
                 url = f"http://127.0.0.1:{servers[pol][0]}/predict"
                 recs = asyncio.run(replay(url, arrivals, x, shape, timeout_s=max(2.0, 20 * slo_ms / 1e3),
                                           max_in_flight=max_in_flight))
                 s = summarize(recs, slo_ms, accuracy, duration)
-                runs.append({"policy": pol, "trace": tr, **s})
+                runs.append({"policy": pol, "trace": tr, "seed": tr_seed, **s})
                 log.info("%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s", pol, tr, s["slo_attainment"],
                          s["served_accuracy"], s["throughput_rps"])
                 time.sleep(pause_s)
@@ -182,6 +184,7 @@ def run_serve_bench(
             "slo_ms": slo_ms,
             "max_batch": max_batch,
             "seed": seed,
+            "seeds": [seed + i for i in range(repeats)],
             "traces": list(traces),
             "policies": list(policies),
             "supernet": str(path),
@@ -194,6 +197,28 @@ def run_serve_bench(
     }
 
 
+def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (trace, policy), in first-seen order: ``n`` runs, mean and sample standard deviation of SLO
+    attainment and of served accuracy (over the runs that answered anything)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["trace"], r["policy"]), []).append(r)
+
+    def mean_std(v: list[float]) -> tuple[float, float]:
+        if not v:
+            return math.nan, math.nan
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+
+    out = []
+    for (tr, pol), rs in groups.items():
+        slo = mean_std([r["slo_attainment"] for r in rs])
+        acc = mean_std([r["served_accuracy"] for r in rs if not math.isnan(r["served_accuracy"])])
+        out.append({"trace": tr, "policy": pol, "n": len(rs), "slo_mean": slo[0], "slo_std": slo[1],
+                    "acc_mean": acc[0], "acc_std": acc[1]})
+    return out
+
+
 def write_report(
     res: dict[str, Any], out: str | os.PathLike[str], stem: str = "serve", meta: dict[str, Any] | None = None
 ) -> None:
@@ -201,13 +226,15 @@ def write_report(
     from .._io import atomic_path, atomic_write_text
 
     out = Path(out)
-    payload = {**(meta or {}), **res}
+    agg = aggregate(res["runs"])
+    payload = {**(meta or {}), **res, "summary": agg}
     atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=1, default=float) + "\n")
     st = res["settings"]
     lines = [f"# Serving a supernet under load ({', '.join(st['traces'])} traces)", ""]
     if meta and "command" in meta:
         lines += [f"`{meta['command']}`", ""]
     basis = st.get("rate_basis")
+    seeds = st.get("seeds", [st["seed"]])
     if basis:
         ranked = sorted(basis["capacity_rps"].items(), key=lambda kv: -kv[1])
         caps = ", ".join(f"{n} {v:g}" for n, v in ranked)
@@ -220,23 +247,35 @@ def write_report(
     lines += [
         f"Mean rate {st['rate']:.1f} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
         f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
-        f"seed {st['seed']}; load average at the end {', '.join(f'{v:.1f}' for v in st['load_average'])}; "
+        f"trace seeds {', '.join(map(str, seeds))}; load average at the end "
+        f"{', '.join(f'{v:.1f}' for v in st['load_average'])}; "
         f"one server per policy ({st.get('runtime', 'torch')} runtime, 1 inference thread; "
         "all started first, then each trace replayed against every "
         "policy in turn), the load generator in the same machine on loopback. "
-        "The machine is a shared 2-core box with other jobs running: latencies are noisy, single run.",
+        "The machine is a shared 2-core box with other jobs running: latencies are noisy"
+        + ("; one run per trace seed, the same servers." if len(seeds) > 1 else ", single run."),
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
         "misses). Served accuracy: the test accuracy of the answering sub-net, averaged over answered "
         "requests.",
         "",
-        "| trace | policy | requests | SLO attainment | served accuracy | throughput (req/s) | p50 ms | "
-        "p99 ms | shed (503) | sub-nets served (share of answers >= 5%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if any(a["n"] > 1 for a in agg):
+        lines += ["| trace | policy | runs | SLO attainment (mean ± std) | served accuracy (mean ± std) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a['trace']} | {a['policy']} | {a['n']} | {100 * a['slo_mean']:.1f} ± "
+                  f"{100 * a['slo_std']:.1f}% | {100 * a['acc_mean']:.2f} ± {100 * a['acc_std']:.2f}% |"
+                  for a in agg]
+        lines += ["", "Every run:", ""]
+    lines += [
+        "| trace | seed | policy | requests | SLO attainment | served accuracy | throughput (req/s) | "
+        "p50 ms | p99 ms | shed (503) | sub-nets served (share of answers >= 5%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         acc = r["served_accuracy"]
         lines.append(
-            f"| {r['trace']} | {r['policy']} | {r['requests']} | {100 * r['slo_attainment']:.1f}% | "
+            f"| {r['trace']} | {r.get('seed', st['seed'])} | {r['policy']} | {r['requests']} | "
+            f"{100 * r['slo_attainment']:.1f}% | "
             f"{'-' if math.isnan(acc) else f'{100 * acc:.2f}%'} | {r['throughput_rps']:.0f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['statuses'].get('503', 0)} | "
             + ", ".join(f"{n} {100 * v:.0f}%" for n, v in sorted(r["mix"].items(), key=lambda kv: -kv[1])
@@ -257,23 +296,26 @@ def write_report(
     fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 4.2), squeeze=False)
     try:
         for ax, tr in zip(axes[0], traces, strict=True):
-            runs = [r for r in res["runs"] if r["trace"] == tr]
-            served = [r["served_accuracy"] for r in runs if not math.isnan(r["served_accuracy"])]
-            for r in runs:
-                slack = r["policy"] == "slackfit"
-                none = math.isnan(r["served_accuracy"])  # answered nothing: drawn at the left edge
-                x = 100 * (min(served, default=0.0) if none else r["served_accuracy"])
-                ax.scatter(
+            rows = [a for a in agg if a["trace"] == tr]
+            served = [a["acc_mean"] for a in rows if not math.isnan(a["acc_mean"])]
+            for a in rows:
+                slack = a["policy"] == "slackfit"
+                none = math.isnan(a["acc_mean"])  # answered nothing: drawn at the left edge
+                x = 100 * (min(served, default=0.0) if none else a["acc_mean"])
+                ax.errorbar(
                     x,
-                    100 * r["slo_attainment"],
-                    s=70 if slack else 30,
-                    marker="x" if none else "*" if slack else "o",
+                    100 * a["slo_mean"],
+                    xerr=0 if none else 100 * a["acc_std"],
+                    yerr=100 * a["slo_std"],
+                    fmt="x" if none else "*" if slack else "o",
+                    markersize=9 if slack else 5,
                     color="C1" if none else "C3" if slack else "C0",
+                    capsize=2,
                     zorder=3,
                 )
                 ax.annotate(
-                    r["policy"].removeprefix("fixed:") + (" (answered none)" if none else ""),
-                    (x, 100 * r["slo_attainment"]),
+                    a["policy"].removeprefix("fixed:") + (" (answered none)" if none else ""),
+                    (x, 100 * a["slo_mean"]),
                     fontsize=7,
                     xytext=(3, 3),
                     textcoords="offset points",
@@ -306,7 +348,7 @@ def bench_serve_cli(a: Any) -> Any:
     res = run_serve_bench(
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
-        runtime=a.runtime, load=getattr(a, "load", 1.5),
+        runtime=a.runtime, load=getattr(a, "load", 1.5), repeats=getattr(a, "repeats", 1),
     )
     meta = {
         "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
