@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-batch", type=int, default=32)
     bs.add_argument("--max-requests", type=int, default=5000, help="cap on requests per trace")
     bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--repeats", type=int, default=1, help="replay every trace with seeds seed, seed+1, ...")
     bs.add_argument("--out", default="benchmarks/results", help="directory for serve.{json,md,png}")
     bs.add_argument("--stem", default="serve")
     bs.add_argument("--samples", type=int, default=1, help="samples per request")
