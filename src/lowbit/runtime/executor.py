@@ -46,11 +46,13 @@ from . import _amx
 from . import kernels_threads as _threads
 from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RESIDUAL, kernel
+from .kernels_amx import _aligned_u8
 from .kernels_int8 import (
     INT8_SLACK,
     _amx_conv_range,
     _int8_conv_range,
     _int8_quantize_range,
+    aligned_copy,
     amx_k_offsets,
     epilogue_flags,
     pack_amx_weights,
@@ -218,7 +220,14 @@ class Program:
     chunk: int
 
     def arenas(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros(self.fa_size, np.float32), np.zeros(self.ca_size, np.uint8)
+        """Zeroed float and code arenas, each starting on a 64-byte line (every region offset is a
+        multiple of 64 bytes, so AMX tiles of the code images and the epilogue's stores start on
+        lines where the geometry allows)."""
+        fa = _aligned_u8(4 * self.fa_size).view(np.float32)
+        ca = _aligned_u8(self.ca_size)
+        fa[:] = 0.0
+        ca[:] = 0
+        return fa, ca
 
 
 @dataclass
@@ -248,6 +257,8 @@ class _Builder:
     def put(self, lst: str, arr: np.ndarray) -> int:
         n = f"n_{lst}"
         off = getattr(self, n)
+        if lst == "w8" and arr.size % _ALIGN:  # weight tiles and tile configurations start on lines
+            arr = np.concatenate([arr.reshape(-1), np.zeros(-arr.size % _ALIGN, arr.dtype)])
         getattr(self, lst).append(arr)
         setattr(self, n, off + arr.size)
         return off
@@ -515,7 +526,7 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
     out_shape = (result.C,) if result.ndim == 2 else (result.C, result.H, result.W)
     return Program(
         prog=np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64),
-        aux=_cat(b.aux, np.int64), w8=_cat(b.w8, np.int8), sc=_cat(b.sc, np.float64),
+        aux=_cat(b.aux, np.int64), w8=aligned_copy(_cat(b.w8, np.int8)), sc=_cat(b.sc, np.float64),
         oinfo=np.array([result.off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
         out_numel=int(np.prod(out_shape)),
         fa_size=b.fa + 16, ca_size=b.ca + 4 * INT8_SLACK + 1024, chunk=N,

@@ -35,6 +35,7 @@ from ._jit import (
     vnni_tile_3,
     vnni_tile_4,
 )
+from .kernels_amx import _aligned_u8
 from .kernels_threads import parallel_for, use_parallel
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 
     N, H, W, C = x.shape
     ph, pw = padding
     Hp, Wp = H + 2 * ph, W + 2 * pw
-    xq = np.empty(N * Hp * Wp * C + INT8_SLACK, np.uint8)
+    xq = _aligned_u8(N * Hp * Wp * C + INT8_SLACK)  # on a line: AMX tiles load from it
     xq[-INT8_SLACK:] = 0
     cmajor = C <= 4 or x.strides[3] > x.strides[2]
     parallel_for(_int8_quantize_range, N, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ma),
@@ -405,6 +406,22 @@ def int8_conv(
 # window meet zero weights.
 
 
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A flat copy of ``a`` starting on a 64-byte line (``kernels_amx._aligned_u8``): AMX tiles
+    loaded from or stored to a misaligned buffer ran at less than half speed."""
+    a = np.asarray(a)
+    out = _aligned_u8(a.nbytes).view(a.dtype)
+    out[:] = a.reshape(-1)
+    return out
+
+
+@kernel
+def amx_acc() -> np.ndarray:
+    """The int32 sums of up to 4 accumulator tiles (16 x 64 int32), on a 64-byte line: the tile
+    stores write 64-byte rows."""
+    return _aligned_u8(4096).view(np.int32)
+
+
 def amx_chunks(KW: int, C: int) -> tuple[int, int]:
     """(kc, nck): K chunk bytes (a multiple of 4, <= 64) and chunks per kernel row."""
     run = KW * C
@@ -429,7 +446,8 @@ def pack_amx_weights(w_int: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     flat[:O, :, :run] = w_int.reshape(O, KH, run)
     # (o, kh, j, q, t) -> (kh, j, b, q, o, t)
     t = flat.reshape(nbt, 16, KH, nck, kc // 4, 4).transpose(2, 3, 0, 4, 1, 5)
-    return np.ascontiguousarray(t).reshape(-1), kc, nck, nbt
+    w = aligned_copy(t)  # every B tile on a line: tiles are kc*16 bytes apart, kc a multiple of 4
+    return w, kc, nck, nbt
 
 
 def amx_k_offsets(KH: int, nck: int, kc: int, dh: int, Wp: int, C: int) -> np.ndarray:
@@ -461,7 +479,7 @@ def _amx_conv_range(xq, geo, koff, w, cfg, kc, nbt, s0, s1, sf, flags, out, res,
     nstride = kc * 16
     kstride = nbt * nstride
     b5 = nbt >= 3  # tmm5 holds weights (``_amx.amx_b5``): one activation tile per block
-    acc = np.empty(1024, np.int32)
+    acc = amx_acc()
     abase = np.empty(4, np.int64)
     qh = np.float32(qhi)
     qm = np.float32(qmult)
