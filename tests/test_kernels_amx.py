@@ -243,7 +243,8 @@ def test_packed_linear_dispatch_and_int8_equality(variant, monkeypatch, threads)
     assert isinstance(pl, PackedLinear) and pl.amx is not None
     assert "amx" in pl.kernel_name()
     assert pl.i8 is None  # a large layer holds no int8 copy: GEMV fields (+ tables) only
-    assert (pl.lut is None) == (variant == "w4a8")  # binary / ternary weights, <= 4-bit codes: tables
+    # binary weights, <= 4-bit codes: tables (ternary: none, AMX runs from the GEMV's last row on)
+    assert (pl.lut is None) == (variant in ("w4a8", "w2a4"))
     r = pl.amx_min_rows
     assert r == (KA.AMX_MIN_ROWS if pl.lut is None else KA.AMX_MIN_ROWS_LUT[pl.lut.cb])
     assert pl.amx.nbytes < 8 * 1024  # the table and the weight sums: nothing per weight

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemm as KG
+from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime import kernels_threads
 from lowbit.runtime.layers import build_packed, fold_integers
 
@@ -109,9 +111,11 @@ def test_packed_linear_many_rows_equals_fake_quant_float64(wm, abits, plain, thr
     folded = fold_integers(packed.wp)
     lv = KG.lut_levels(folded[0])
     fits = lv is not None and KG.lut_fits(*lv, abits)
-    assert (packed.lut is not None) == fits
+    # no tables where AMX runs from the GEMV's last row on (they would never be chosen)
+    unused = fits and packed.amx is not None and KA.AMX_MIN_ROWS_LUT[lv[1]] <= KV.GEMV_MAX_ROWS + 1
+    assert (packed.lut is not None) == (fits and not unused)
     if wm["method"] in ("binary", "twn") and abits <= 4:
-        assert packed.lut is not None
+        assert packed.lut is not None or unused
     for M in (8, 9, 64, 300):
         x = torch.randn(M, 131) * 0.7 + 0.3
         with torch.no_grad():
@@ -120,11 +124,15 @@ def test_packed_linear_many_rows_equals_fake_quant_float64(wm, abits, plain, thr
             ref = (a64 @ w64.T + layer.bias.double()).float()
         got = packed(x)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-6 * float(ref.abs().max()))
-        if fits:
+        if packed.lut is not None:
             codes = _codes(layer, x)
             w_int = folded[0]
             s0, s1 = packed.coeffs_lut(packed.act.sx, packed.act.ma)
             np.testing.assert_array_equal(got.numpy(), KG.lut_gemm_reference(codes, w_int, s0, s1))
+        elif unused:  # on AMX tiles: the exact integer sums, the same epilogue
+            s0, s1 = packed._amx_coeffs(packed.act.sx, packed.act.ma)
+            ref = KA.amx_linear_reference(_codes(layer, x), folded[0], s0, s1, packed.relu)
+            np.testing.assert_array_equal(got.numpy(), ref)
 
 
 def _fake_quant_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -590,7 +590,8 @@ class PackedLinear(_PackedBase):
       call (``kernels_amx``; from 8 rows, or where the tables below exist from where AMX is faster);
     - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
       (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit
-      int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path;
+      int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path; not held
+      where AMX starts right after the GEMV's last row (ternary weights), as they would never run;
     - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
     """
@@ -610,6 +611,9 @@ class PackedLinear(_PackedBase):
         folded = fold_integers(wp) if self.gemv is not None and amx_enabled() else None
         if folded is not None:
             self.amx = KA.amx_linear_weights(self.gemv, plane_integers(wp), *folded)
+        if self.amx is not None and self.lut is not None and self.amx_min_rows <= KV.GEMV_MAX_ROWS + 1:
+            # the GEMV takes every row count below AMX's: the tables would never run (ternary)
+            self.lut = None
         # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
         # holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
