@@ -212,3 +212,17 @@ def test_editing_an_inlined_file_recompiles_the_cached_loop(tmp_path):
     assert run() == (20, 1)  # from the cache
     (pkg / "dep.py").write_text("from lowbit import _numba\n\n@_numba.jit\ndef g(x):\n    return x + 2\n")
     assert run() == (30, 0)  # recompiled: the cached f inlined the old g
+
+
+def test_launching_the_runtime_threads_keeps_pytorchs_thread_count():
+    """numba's OpenMP layer, launched on the first kernel thread query, resets the OpenMP thread count
+    PyTorch reads in the calling thread; a server that profiles its models right after compiling them
+    then ran every PyTorch op on the wrong number of threads. A fresh process: the layer launches once."""
+    code = ("import torch; torch.set_num_threads(1); assert torch.get_num_threads() == 1\n"
+            "from lowbit.runtime import kernels_threads as T\n"
+            "T.num_threads(); print(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "2"  # numba's pool larger than the 1 thread PyTorch was given
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -53,7 +53,11 @@ def num_threads() -> int:
     if _LOCAL.__dict__.get("serial", False):
         return 1
     if _GET_NUM_THREADS is None:
-        n = numba.get_num_threads()  # launches numba's threading layer once
+        import torch
+
+        keep = torch.get_num_threads()
+        n = numba.get_num_threads()  # launches numba's threading layer once ...
+        torch.set_num_threads(keep)  # ... which resets the OpenMP count PyTorch reads in this thread
         from numba.np.ufunc import parallel as _p
 
         _GET_NUM_THREADS = getattr(_p, "_get_num_threads", None) or numba.get_num_threads
