@@ -286,7 +286,7 @@ def lut_weights(wp: WeightPlanes, ka: int) -> LutWeights | None:
 
 def gemv_weights(wp: WeightPlanes) -> KV.GemvWeights | None:
     """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields;
-    ternary ones also at 1.6 bits for 1-2 rows, ``kernels_tq1``); None for grouped weights,
+    large ternary ones also at 1.6 bits for one row, ``kernels_tq1``); None for grouped weights,
     integers spanning more than 16 values or too long a reduction."""
     if wp.W.shape[0] != 1:
         return None

@@ -78,9 +78,9 @@ class SubnetEngines:
                 self.max_abs_diff[name] = float(pm.max_abs_diff)
                 log.info("sub-net %s compiled (%s; max abs diff %.3g to the fake-quantized sub-net)",
                          name, pm.extra_repr(), pm.max_abs_diff)
-        # launching numba's OpenMP threading layer while compiling resets PyTorch's intra-op threads to
-        # numba's count: restore the caller's, or every PyTorch op of a sub-net (a float first layer,
-        # say) runs on oversubscribed threads (measured: 20-40 ms instead of 1-8 ms a call on a busy box)
+        # the caller's PyTorch thread count must survive compiling (numba's OpenMP layer resets it when
+        # it launches; runtime.kernels_threads restores it): else every PyTorch op of a sub-net runs on
+        # oversubscribed threads (measured: 20-40 ms instead of 1-8 ms a call on a busy box)
         torch.set_num_threads(torch_threads)
         self.runtime = {n: "packed" if n in self.packed else "torch" for n in self.names}
 
