@@ -963,7 +963,8 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], R
                        if k == check.arms[1] and ("float", s) in runs]
                 if gap:  # how much a gain could recover: the arm without the method vs the float model
                     g = stats(gap)
-                    why += f"; {check.arms[1]} is {g['mean']:.2f} pp below our float model (n={g['n']})"
+                    side = "below" if g["mean"] >= 0 else "above"
+                    why += f"; {check.arms[1]} is {abs(g['mean']):.2f} pp {side} our float model (n={g['n']})"
             extra = {}
             for key in ("sparsity", "small_groups"):
                 got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
