@@ -100,9 +100,9 @@ def test_field_table_refuses():
 
 def test_tile_buffers_start_on_cache_lines():
     """Tile rows must not straddle 64-byte lines (misaligned tiles load far slower)."""
-    offsets = {KA._aligned_u8(n).ctypes.data % 64 for n in (1, 100, 1000, 4096, 40000, 1 << 20)}
+    offsets = {KA.aligned_u8(n).ctypes.data % 64 for n in (1, 100, 1000, 4096, 40000, 1 << 20)}
     assert offsets == {0}
-    assert KA._aligned_u8(1000).size == 1000
+    assert KA.aligned_u8(1000).size == 1000
     for M, K in [(3, 70), (16, 64), (50, 1000)]:
         assert KA.amx_rows(RNG.normal(size=(M, K)).astype(np.float32), 0, 1.0, 15.0).ctypes.data % 64 == 0
 

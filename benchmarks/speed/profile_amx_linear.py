@@ -54,14 +54,14 @@ def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp
     """``kernels_amx._amx_linear_range`` for 32 or more rows (2 x 2 tiles, groups of 2 blocks)
     with its three parts switched on or off, its tile buffers ``off`` bytes past a 64-byte line
     (the row codes copied there)."""
-    xq = KA._aligned_u8(xq0.size + 64)[off : off + xq0.size]
+    xq = KA.aligned_u8(xq0.size + 64)[off : off + xq0.size]
     xq[:] = xq0
     nbt = (O + 15) // 16
     G = 16 // (8 // b)
     nmb = Mp // 16
-    acc = KA._aligned_u8(Mp * 128 + 64)[off : off + Mp * 128].view(np.int32)
+    acc = KA.aligned_u8(Mp * 128 + 64)[off : off + Mp * 128].view(np.int32)
     abase = np.empty(4, np.int64)
-    buf = KA._aligned_u8(KS * 2048 + 64)[off : off + KS * 2048]
+    buf = KA.aligned_u8(KS * 2048 + 64)[off : off + KS * 2048]
     ef = np.empty(0, np.float32)
     eu = np.empty(0, np.uint8)
     for n in range(min(2, nbt)):  # real weights in the buffer also when the expansion is off
@@ -162,7 +162,7 @@ def _tile_unit(rounds: int) -> list[dict]:
     """TMAC/s of 4-product steps with 0, 2 and 4 tile loads each from tiles starting on a 64-byte
     line, and of the 4-load step with tiles 16, 32, 48 bytes past one; interleaved rounds."""
     cfg = _amx.amx_tile_config(64, 2)
-    raw = KA._aligned_u8(8192)
+    raw = KA.aligned_u8(8192)
     raw[:] = np.random.default_rng(0).integers(0, 256, 8192)
     cases = [(0, 0), (2, 0), (4, 0), (4, 16), (4, 32), (4, 48)]
     loops = {n: _tile_loop(n) for n in (0, 2, 4)}

@@ -46,7 +46,7 @@ from . import _amx
 from . import kernels_threads as _threads
 from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RESIDUAL, kernel
-from .kernels_amx import _aligned_u8
+from .kernels_amx import aligned_u8
 from .kernels_int8 import (
     INT8_SLACK,
     _amx_conv_range,
@@ -223,8 +223,8 @@ class Program:
         """Zeroed float and code arenas, each starting on a 64-byte line (every region offset is a
         multiple of 64 bytes, so AMX tiles of the code images and the epilogue's stores start on
         lines where the geometry allows)."""
-        fa = _aligned_u8(4 * self.fa_size).view(np.float32)
-        ca = _aligned_u8(self.ca_size)
+        fa = aligned_u8(4 * self.fa_size).view(np.float32)
+        ca = aligned_u8(self.ca_size)
         fa[:] = 0.0
         ca[:] = 0
         return fa, ca

@@ -40,7 +40,7 @@ go through ``_amx.epilogue_row`` (the int8 kernels' epilogue, lane for lane). Th
 channel groups (``parallel_for``); each thread configures its tiles and releases them at the end.
 
 Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
-the parked sums) starts on a 64-byte cache line (:func:`_aligned_u8`); NumPy and numba give
+the parked sums) starts on a 64-byte cache line (:func:`aligned_u8`); NumPy and numba give
 16- or 32-byte alignment depending on the size and the heap's state, and a tile whose 64-byte
 rows straddle two lines each loads far slower: the 2 x 2 step (2 A + 2 B tile loads per 4
 ``tdpbusd``) on L1-resident tiles ran 2.40 TMAC/s aligned against 0.81-0.94 at offsets of 16,
@@ -454,7 +454,7 @@ _t1x2, _t1x3, _t1x4 = _tiles(1, 2), _tiles(1, 3), _tiles(1, 4)
 
 
 @kernel
-def _aligned_u8(n):
+def aligned_u8(n):
     """``n`` bytes starting on a 64-byte cache line, so that no 64-byte tile row straddles two
     lines (see the module docstring: misaligned tiles ran the products at less than half speed)."""
     raw = np.empty(n + 64, np.uint8)
@@ -471,9 +471,9 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, s0, s1, flag
     T = 8 // b
     G = 16 // T
     nmb = Mp // 16
-    acc = _aligned_u8(Mp * NBmax * 64).view(np.int32)
+    acc = aligned_u8(Mp * NBmax * 64).view(np.int32)
     abase = np.empty(4, np.int64)
-    buf = _aligned_u8(KS * NBmax * 1024)
+    buf = aligned_u8(KS * NBmax * 1024)
     empty_f = np.empty(0, np.float32)
     empty_u = np.empty(0, np.uint8)
     amx_config(cfg)
@@ -535,7 +535,7 @@ def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -
     M, K = x.shape
     nk = -(-K // 64)
     Mp = -(-M // 16) * 16
-    xq = _aligned_u8(Mp * nk * 64)
+    xq = aligned_u8(Mp * nk * 64)
     par = use_parallel(M * K, AMX_MIN_PARALLEL_MACS >> 6)
     if x.dtype == np.uint8:
         parallel_for(_amx_rows_u8_range, Mp, x, np.int64(nk), xq, parallel=par, grain=16)

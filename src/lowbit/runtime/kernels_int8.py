@@ -35,7 +35,7 @@ from ._jit import (
     vnni_tile_3,
     vnni_tile_4,
 )
-from .kernels_amx import _aligned_u8
+from .kernels_amx import aligned_u8
 from .kernels_threads import parallel_for, use_parallel
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 
     N, H, W, C = x.shape
     ph, pw = padding
     Hp, Wp = H + 2 * ph, W + 2 * pw
-    xq = _aligned_u8(N * Hp * Wp * C + INT8_SLACK)  # on a line: AMX tiles load from it
+    xq = aligned_u8(N * Hp * Wp * C + INT8_SLACK)  # on a line: AMX tiles load from it
     xq[-INT8_SLACK:] = 0
     cmajor = C <= 4 or x.strides[3] > x.strides[2]
     parallel_for(_int8_quantize_range, N, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(ma),
@@ -406,7 +406,7 @@ def int8_conv(
 # window meet zero weights.
 #
 # Alignment. The weight tiles (rows of 64 bytes, tiles kc*16 bytes apart), the parked int32 sums
-# and the code images start on 64-byte lines (``kernels_amx._aligned_u8``; the flat executor's
+# and the code images start on 64-byte lines (``kernels_amx.aligned_u8``; the flat executor's
 # arenas and weight array too, every region a multiple of 64 bytes): a tile whose rows straddle
 # lines loads at less than half speed (``kernels_amx``). Activation tiles start on a line only
 # where the geometry allows: their rows are ``s*C`` bytes apart, so with 64 channels (stride 1)
@@ -418,10 +418,10 @@ def int8_conv(
 
 
 def aligned_copy(a: np.ndarray) -> np.ndarray:
-    """A flat copy of ``a`` starting on a 64-byte line (``kernels_amx._aligned_u8``): AMX tiles
+    """A flat copy of ``a`` starting on a 64-byte line (``kernels_amx.aligned_u8``): AMX tiles
     loaded from or stored to a misaligned buffer ran at less than half speed."""
     a = np.asarray(a)
-    out = _aligned_u8(a.nbytes).view(a.dtype)
+    out = aligned_u8(a.nbytes).view(a.dtype)
     out[:] = a.reshape(-1)
     return out
 
@@ -430,7 +430,7 @@ def aligned_copy(a: np.ndarray) -> np.ndarray:
 def amx_acc() -> np.ndarray:
     """The int32 sums of up to 4 accumulator tiles (16 x 64 int32), on a 64-byte line: the tile
     stores write 64-byte rows."""
-    return _aligned_u8(4096).view(np.int32)
+    return aligned_u8(4096).view(np.int32)
 
 
 def amx_chunks(KW: int, C: int) -> tuple[int, int]:
