@@ -360,3 +360,16 @@ def test_archive_unpack_round_trip(tmp_path):
         tar.add(tmp_path / "x", arcname="../x")
     with pytest.raises(ValueError, match="unexpected member"):
         C.unpack(bad, runs)
+
+
+@pytest.mark.parametrize("small, expect", [(0.0, "not reproduced"), (0.25, "reproduced (single run)")])
+def test_a_sparsity_claim_needs_sparsity(tmp_path, small, expect):
+    """WPC keeping accuracy is not its claim: with no pruned group the verdict cannot be reproduced."""
+    root = tmp_path / "cpu"
+    fake_run(root, "twn-gl", 0, 84.4, extra={"wpc/small_groups": 0.0})
+    fake_run(root, "twn-gl-wpc", 0, 84.8, extra={"wpc/small_groups": small})
+    rows, _ = C.build_rows(root, C.BUDGETS["cpu"])
+    (row,) = [r for r in rows if r["claim"] == "wpc"]
+    assert row["verdict"] == expect
+    assert row["small_groups"]["mean"] == small
+    assert ("no small groups" in row["why"]) == (small == 0.0)
