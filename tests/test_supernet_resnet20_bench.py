@@ -1,0 +1,132 @@
+"""The trained ResNet-20 supernet benchmark (benchmarks/serve/supernet_resnet20.py, ``--setup cifar``):
+the supernet starts from a float checkpoint (its float sub-net then equals the float model bit for
+bit), the per-epoch validation callback selects on the mean over sub-nets (brute force), the
+setup's defaults fill unset options, and the table's differences follow from its numbers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.models import build_model
+from lowbit.nn.supernet import Supernet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = ROOT / "benchmarks" / "serve" / "supernet_resnet20.py"
+    spec = importlib.util.spec_from_file_location("supernet_resnet20_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module of their annotations
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _float_checkpoint(tmp_path: Path) -> tuple[nn.Module, Path]:
+    torch.manual_seed(7)
+    model = build_model("resnet20").eval()
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so that they matter
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "float.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+def test_supernet_from_a_float_checkpoint_keeps_its_weights(bench, tmp_path: Path) -> None:
+    ref, path = _float_checkpoint(tmp_path)
+    setup = bench.SETUPS["cifar"]
+    subnets = [{"name": "b2", "width": 1.0, "bits": 2}, {"name": "float", "width": 1.0, "bits": 32}]
+    x = torch.randn(4, 3, 32, 32)
+    sn = bench.build(setup, subnets, str(path)).eval()
+    with torch.no_grad():
+        want = ref(x)
+        assert torch.equal(sn.run(x, "float"), want)  # every layer, BatchNorm and shortcut as loaded
+        assert not torch.allclose(sn.run(x, "b2"), want, atol=1e-3)  # the 2-bit sub-net does quantize
+        scratch = bench.build(setup, subnets, None).eval()
+        assert not torch.allclose(scratch.run(x, "float"), want, atol=1e-3)
+    # every sub-net's BatchNorm starts from the checkpoint's statistics
+    bn = dict(sn.model.named_modules())["layer2.0.bn1"]
+    for copy in bn.bns:
+        assert torch.equal(copy.running_var, ref.layer2[0].bn1.running_var)
+    # the cifar setup's activation quantizer (PACT, alpha_init 10) is the one built
+    alphas = {float(m.alpha.detach()) for m in sn.modules() if hasattr(m, "alpha")}
+    assert alphas == {setup.activation["alpha_init"]}
+
+
+def test_subnet_val_is_the_mean_of_every_subnets_accuracy(bench) -> None:
+    torch.manual_seed(0)
+    sn = Supernet(nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                nn.Linear(8, 3)),
+                  [{"name": "b2", "bits": 2}, {"name": "half", "width": 0.5}, {"name": "full"}], (6,))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(3)]
+    sn.set_subnet("half")
+    trainer = argparse.Namespace(model=sn)
+    metrics: dict = {}
+    bench.SubnetVal(batches).on_epoch_end(trainer, 0, metrics)
+    assert sn.subnet == "half"  # the training sub-net is restored
+    want = {}
+    with torch.no_grad():
+        for n in sn.names:
+            hits = sum(int((sn.run(x, n).argmax(1) == y).sum()) for x, y in batches)
+            want[n] = hits / 15
+    assert {n: metrics[f"val_acc/{n}"] for n in sn.names} == pytest.approx(want, abs=0)
+    assert metrics["val_acc"] == pytest.approx(sum(want.values()) / 3, abs=1e-12)
+    assert len(set(want.values())) > 1  # the sub-nets differ, so a mean over one of them would show
+
+
+def test_cifar_setup_defaults_and_sizes(bench) -> None:
+    a = argparse.Namespace(setup="cifar", subset=0, val=5000, test_n=10000)
+    assert bench.data_sizes(a) == {"train_images": 45_000, "val_images": 5_000, "test_images": 10_000}
+    a.subset, a.val, a.test_n = 15_000, 1_000, 20_000
+    assert bench.data_sizes(a) == {"train_images": 15_000, "val_images": 1_000, "test_images": 10_000}
+    tiny = argparse.Namespace(setup="tiny", subset=2500, val=500, test_n=1000)
+    assert bench.data_sizes(tiny)["train_images"] == 2000
+    cifar = bench.SETUPS["cifar"]
+    assert [s["bits"] for s in cifar.subnets] == [2, 4, 8] and cifar.select_on_val
+    assert cifar.defaults["init"] == bench.FLOAT_INIT and cifar.stem == "supernet_resnet20_cifar"
+    assert bench.SETUPS["tiny"].stem == "serve_resnet20"  # the earlier table keeps its name
+
+
+def test_float_init_reads_the_float_runs_result(bench, tmp_path: Path) -> None:
+    (tmp_path / "result.json").write_text('{"best_acc": 0.8586, "test_acc": 0.847}')
+    assert bench.float_init(str(tmp_path / "best.safetensors")) == {"val_acc": 0.8586, "test_acc": 0.847}
+    assert bench.float_init(None) == {}
+    assert bench.float_init(str(tmp_path / "missing" / "best.safetensors")) == {}
+
+
+def test_cifar_table_differences_follow_from_the_numbers(bench) -> None:
+    rows = []
+    for i, n in enumerate(["b2", "b4", "b8"]):
+        rows.append({"name": n, "weight_bytes": 100 + i, "report_bops": 1000 * (i + 1), "packed_b1_ms": 1.0,
+                     "packed_b8_ms": 2.0, "packed_b32_ms": 3.0, "sandwich_val": 0.5,
+                     "sandwich_test": 0.80 + i / 100,
+                     "des_val": 0.5, "des_test": 0.79 + i / 100, "alone_val": 0.5, "alone_test": 0.78})
+    del rows[2]["alone_val"], rows[2]["alone_test"]
+    p = {"command": "python x", "train_images": 45000, "val_images": 5000, "test_images": 10000,
+         "torch": "t", "epochs": 3, "runs": {"sandwich": {"epoch_s": [1.0], "best_epoch": 1}},
+         "init": "f", "float_init": {"val_acc": 0.85, "test_acc": 0.84}, "chosen_variant": "sandwich",
+         "file": {"file_bytes": 1, "stored_tensor_bytes": 1, "subnet_tensor_bytes": 1,
+                  "largest_subnet_bytes": 1, "latent_bytes": 1},
+         "subnets": [{"name": n, "bits": b} for n, b in (("b2", 2), ("b4", 4), ("b8", 8))], "rows": rows}
+    md = bench.markdown_cifar(p, ["sandwich", "des"])
+    b2 = next(line for line in md.splitlines() if line.startswith("| b2 "))
+    assert b2.endswith("| +2.00 | +1.00 |")
+    assert "| not trained | - | - |" in md
+    # sandwich - alone over b2 (+2) and b4 (+3); des - sandwich -1 on every sub-net
+    assert "`sandwich` minus alone, test accuracy, mean over the 2 sub-nets trained alone: +2.50 pp" in md
+    assert "`des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: -1.00 pp" in md
+
