@@ -124,7 +124,7 @@ def test_cifar_table_differences_follow_from_the_numbers(bench) -> None:
          "subnets": [{"name": n, "bits": b} for n, b in (("b2", 2), ("b4", 4), ("b8", 8))], "rows": rows}
     md = bench.markdown_cifar(p, ["sandwich", "des"])
     b2 = next(line for line in md.splitlines() if line.startswith("| b2 "))
-    assert b2.endswith("| +2.00 | +1.00 |")
+    assert b2.endswith("| +2.00 | +1.00 | - |")
     assert "| not trained | - | - |" in md
     # sandwich - alone over b2 (+2) and b4 (+3); des - sandwich -1 on every sub-net
     assert "`sandwich` minus alone, test accuracy, mean over the 2 sub-nets trained alone: +2.50 pp" in md

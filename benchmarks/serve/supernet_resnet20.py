@@ -13,10 +13,10 @@ trained one: ResNet-20 at width 1.0 initialised from the campaign's float model 
 bit-width supernet {2, 4, 8} (W/A), the campaign's validation split, the whole test set::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone-b2 \\
-        --setup cifar --epochs 3
+        --setup cifar --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train des alone-b4 alone-b8 \\
-        --setup cifar --epochs 3
-    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar --epochs 3
+        --setup cifar --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar --subset 30000
 
 Sub-nets (DoReFa weights, PACT activations, stem and classifier float, BatchNorm per sub-net):
 uniform widths 0.5 and 1.0 of every stage x 2/4/8-bit weights and activations, and one
@@ -205,6 +205,27 @@ def train_one(setup: Setup, name: str, a: argparse.Namespace, data: tuple[Any, A
     return res
 
 
+def packed_agreement(sn: Supernet, engines: Any, setup: Setup, a: argparse.Namespace,
+                     n_images: int = 1000) -> dict[str, dict[str, float]]:
+    """Per sub-net, on ``n_images`` validation images (not the test set): the accuracy of the packed
+    runtime's sub-net (loaded from the file) and of the fake-quantized supernet, and how often their
+    top-1 classes agree."""
+    _, val, _ = get_data(setup, argparse.Namespace(**{**vars(a), "val": n_images}))
+    out: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for n in sn.names:
+            hit_p = hit_q = same = total = 0
+            for x, y in val:
+                p, q = engines.run(x, n).argmax(1), sn.run(x, n).argmax(1)
+                hit_p += int((p == y).sum())
+                hit_q += int((q == y).sum())
+                same += int((p == q).sum())
+                total += y.numel()
+            out[n] = {"packed_val_acc": hit_p / total, "fakequant_val_acc": hit_q / total,
+                      "packed_top1_agree": same / total, "agree_images": total}
+    return out
+
+
 def float_init(init: str | None) -> dict[str, Any]:
     """Validation and test accuracy of the float model a run starts from (its run's result.json)."""
     res = Path(init).parent / "result.json" if init else None
@@ -270,6 +291,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
             for b, x in xs.items():
                 t = fastest_ms(lambda x, n=n: engines.run(x, n), x, 3)
                 lat[n][f"packed_b{b}_ms"] = min(t, lat[n].get(f"packed_b{b}_ms", math.inf))
+    agree = packed_agreement(sn, engines, setup, a) if setup.select_on_val else {}
     rows = []
     for n in sn.names:
         rep = model_report(sn.extract(n), SHAPE)
@@ -279,7 +301,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                **{f"{v}_val": res[v]["val"][n] for v in res}, **{f"{v}_test": res[v]["test"][n] for v in res}}
         if n in alone:
             row.update({"alone_val": alone[n]["val"][n], "alone_test": alone[n]["test"][n]})
-        rows.append(row)
+        rows.append({**row, **agree.get(n, {})})
     runs = {v: {k: r[k] for k in ("best_epoch", "epoch_s") if k in r}
             for v, r in {**res, **{f"alone-{n}": x for n, x in alone.items()}}.items()}
     payload = {**run_meta(__file__, argv, t0, seed=0, epochs=a.epochs, subset=a.subset, val=a.val,
@@ -348,6 +370,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     head = ["sub-net", "W/A bits", "weight bytes", "BOPs", "packed ms b1 / b8 / b32"]
     head += [f"{v} val / test" for v in variants] + ["alone val / test"]
     head += [f"{v} - alone (test, pp)" for v in variants]
+    head += ["packed runtime val acc (top-1 = fake-quant)"]
     lines = [
         "# ResNet-20 CIFAR-10 any-precision supernet (2/4/8-bit W/A) trained from the float model", "",
         f"`{p['command']}` (after the `train` commands in the script's docstring); **single run (n=1), "
@@ -377,7 +400,10 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
          if p["chosen_variant"] else "NO supernet finished training: the file holds the initial weights. ")
         + "Weight bytes and BOPs: `model_report` of the sub-net. Latency: each sub-net loaded from the one "
         "supernet file (stored codes) in the packed runtime, the fastest of 15 runs in 5 rounds over all "
-        "sub-nets, one thread, under the load above (ratios between rows are what counts).", "",
+        "sub-nets, one thread, under the load above (ratios between rows are what counts). Packed runtime "
+        f"val acc: the served sub-net (from the file) on {rows[0].get('agree_images', 0):,} random "
+        "validation images, and in brackets how often its top-1 class equals the fake-quantized "
+        "supernet's (the test set is not read again).", "",
         f"Supernet file: {f['file_bytes']:,} bytes holding every sub-net's codes "
         f"({f['stored_tensor_bytes']:,} tensor bytes stored once; {f['subnet_tensor_bytes']:,} if each "
         f"sub-net were stored separately); the largest sub-net alone: {f['largest_subnet_bytes']:,} bytes; "
@@ -392,6 +418,8 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
                      else "not trained")
         cells += [f"{100 * (r[f'{v}_test'] - r['alone_test']):+.2f}" if "alone_test" in r else "-"
                   for v in variants]
+        cells.append(f"{_pct(r['packed_val_acc'])} ({_pct(r['packed_top1_agree'])})" if "packed_val_acc" in r
+                     else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if variants and alone_done:
         lines += [""]
@@ -429,8 +457,10 @@ def plot(p: dict[str, Any], variants: list[str], path: Path) -> None:
         fl = (p.get("float_init") or {}).get("test_acc")
         if fl is not None:
             ax.axhline(100 * fl, color="k", ls="--", lw=1, label="float init")
-        lo = min([100 * r.get(f"{c}_test", 1.0) for r in rows for c in cols] + [100.0])
-        ax.set_ylim(max(0.0, lo - 5), 100 * (fl or 0.9) + 3)
+        seen = [100 * r[f"{c}_test"] for r in rows for c in cols if f"{c}_test" in r]
+        seen += [100 * fl] if fl is not None else []
+        if seen:
+            ax.set_ylim(max(0.0, min(seen) - 5), min(100.0, max(seen) + 3))
         ax.set_xticks(range(len(rows)), names)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"CIFAR-10, {p['epochs']} epochs from float, n=1")
