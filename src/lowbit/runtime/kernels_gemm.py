@@ -45,7 +45,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import HAS_VNNI, _vpdpbusd, kernel
+from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HAS_VNNI, _vpdpbusd, kernel
+from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
 from .kernels_threads import num_threads, parallel_for
 
 # a Linear layer uses the table-lookup GEMM from this many rows on (fewer: the GEMV kernels)
@@ -222,11 +223,6 @@ def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: fl
 # the AVX-512 tile
 # ----------------------------------------------------------------------------------------------
 
-_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-_V64I8 = ir.VectorType(_I8, 64)
-_V16I32 = ir.VectorType(_I32, 16)
-
-
 def _vpermb(builder: ir.IRBuilder, table, idx):
     fnty = ir.FunctionType(_V64I8, [_V64I8, _V64I8])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.qi.512")
@@ -259,18 +255,10 @@ def table_row(c: int):
         sig = types.void(a, lv, nsteps, T, toff)
 
         def codegen(context, builder, signature, args):
-            aa, la, nsa, ta, to = args
-
-            def data(i, v, ty):
-                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-                return builder.bitcast(arr.data, ty.as_pointer())
-
-            def i64(v):
-                return ir.Constant(_I64, v)
-
-            ap = data(0, aa, _I8)
-            lp = data(1, la, _I8)
-            tp = builder.gep(data(3, ta, _I8), [to])
+            a = Args(context, builder, signature, args)
+            ap = a.ptr(0, _I8)
+            lp = a.ptr(1, _I8)
+            tp = a.ptr(3, _I8, args[4])
             vq = ir.VectorType(_I8, q)
             lvs = []
             for k in range(L):
@@ -278,11 +266,9 @@ def table_row(c: int):
                 v = builder.insert_element(ir.Constant(vq, None), lk, ir.Constant(_I32, 0))
                 zeros = ir.Constant(ir.VectorType(_I32, q), [0] * q)
                 lvs.append(builder.shuffle_vector(v, ir.Constant(vq, None), zeros))
-            with cgutils.for_range(builder, nsa) as loop:
+            with cgutils.for_range(builder, args[2]) as loop:  # nsteps
                 t = loop.index
-                src = builder.gep(ap, [builder.mul(t, i64(q))])
-                ld = builder.load(builder.bitcast(src, vq.as_pointer()))
-                ld.align = 1
+                ld = load_as(builder, ap, vq, builder.mul(t, i64(q)))
                 sc = [builder.mul(ld, lvs[k]) for k in range(L)]
                 while len(sc) > 1:  # concatenate into 32 bytes
                     n = sc[0].type.count
@@ -293,9 +279,7 @@ def table_row(c: int):
                 for i in range(c):
                     term = builder.shuffle_vector(blk, ir.Constant(blk.type, None), masks[i])
                     acc = term if acc is None else builder.add(acc, term)
-                st = builder.store(acc, builder.bitcast(builder.gep(tp, [builder.mul(t, i64(64))]),
-                                                        _V64I8.as_pointer()))
-                st.align = 1
+                store_as(builder, acc, tp, builder.mul(t, i64(64)))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -316,33 +300,24 @@ def lut_tile(R: int, OB: int):
         sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc)
 
         def codegen(context, builder, signature, args):
-            ta, ra, npa, wa, wb, ws, aa = args
-
-            def data(i, v, ty):
-                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-                return builder.bitcast(arr.data, ty.as_pointer())
-
-            def i64(v):
-                return ir.Constant(_I64, v)
-
-            tp = data(0, ta, _I8)
-            rp = data(1, ra, _I64)
-            wp = builder.gep(data(3, wa, _I8), [wb])
-            bases = [builder.gep(tp, [builder.load(builder.gep(rp, [i64(r)]))]) for r in range(R)]
-            wbases = [builder.gep(wp, [builder.mul(ws, i64(b))]) for b in range(OB)]
+            a = Args(context, builder, signature, args)
+            tp = a.ptr(0, _I8)
+            rp = a.ptr(1, _I64)
+            wp = a.ptr(3, _I8, args[4])
+            bases = offset_pointers(builder, tp, rp, R)
+            wbases = strided(builder, wp, None, args[5], OB)
             zero = ir.Constant(_V16I32, [0] * 16)
             ones = ir.Constant(_V64I8, [1] * 64)
             lo4 = ir.Constant(_V64I8, [15] * 64)
             four = ir.Constant(_V64I8, [4] * 64)
             slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
-            with cgutils.for_range(builder, npa) as loop:
+            with cgutils.for_range(builder, args[2]) as loop:  # npairs
                 p = loop.index
                 off = builder.mul(p, i64(64))
                 idx = []
                 for b in range(OB):
-                    v = builder.load(builder.bitcast(builder.gep(wbases[b], [off]), _V64I8.as_pointer()))
-                    v.align = 1
+                    v = load_as(builder, wbases[b], _V64I8, off)
                     ilo = builder.or_(builder.and_(v, lo4), slot)
                     ihi = builder.or_(builder.lshr(v, four), slot)
                     idx.append((ilo, ihi))
@@ -350,20 +325,15 @@ def lut_tile(R: int, OB: int):
                 for h in range(2):
                     tabs = []
                     for r in range(R):
-                        ptr = builder.gep(bases[r], [builder.add(toff, i64(64 * h))])
-                        t = builder.load(builder.bitcast(ptr, _V64I8.as_pointer()))
-                        t.align = 1
-                        tabs.append(t)
+                        tabs.append(load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h))))
                     for r in range(R):
                         for b in range(OB):
                             look = _vpermb(builder, tabs[r], idx[b][h])
-                            a = accs[r * OB + b]
-                            builder.store(_vpdpbusd(builder, builder.load(a), ones, look), a)
-            ap = data(6, aa, _I32)
+                            acc = accs[r * OB + b]
+                            builder.store(_vpdpbusd(builder, builder.load(acc), ones, look), acc)
+            ap = a.ptr(6, _I32)
             for k in range(R * OB):
-                st = builder.store(builder.load(accs[k]), builder.bitcast(builder.gep(ap, [i64(16 * k)]),
-                                                                          _V16I32.as_pointer()))
-                st.align = 4
+                store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
             return context.get_dummy_value()
 
         return sig, codegen

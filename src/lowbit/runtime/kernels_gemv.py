@@ -90,6 +90,7 @@ from ._jit import (
     _vpdpbusd,
     kernel,
 )
+from ._llvm_args import Args, broadcast_quad, i64, load_as, strided
 from .kernels_threads import parallel_for, use_parallel
 
 #: the few-row path runs up to this many rows (PackedLinear; the many-row GEMM starts above)
@@ -160,51 +161,38 @@ def unpack_fields(w: np.ndarray, b: int, O: int, K: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def tile_epilogue(context, builder, signature, args, R: int, OB: int, sums) -> None:
+def tile_epilogue(a: Args, R: int, OB: int, sums) -> None:
     """The epilogue of a few-row tile (IR, in registers, the order of :func:`gemv_reference`), for
-    tiles with the arguments of :func:`_tile`: for rows ``r < nv`` (row ``m0 + r`` of ``out`` (M, O)
-    float32 and of the code sums ``A`` int64), output ``o = o0 + 16*k + lane < O``: ``D = E + F[o] -
-    off*A`` (int32, exact: ``|D| < 2**31``), ``y = s1*D + s2*A + s0`` in float64 (``coef`` flat, rows
-    s0, s1, s2 of ``cs`` >= ``o0 + 16*OB`` entries each), ReLU when ``relu``, rounded to float32.
-    ``sums(r, k)`` emits the int32 vector ``E = sum_r (a - 128) * f`` of row r, block k."""
-    Aa, m0a, nva, Fa, offa, ca, csa, o0a, rla, oa, Oa = args[7:]
-
-    def data(i, v, ty):
-        arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-        return builder.bitcast(arr.data, ty.as_pointer())
-
-    def i64(v):
-        return ir.Constant(_I64, v)
-
-    Ap = data(7, Aa, _I64)
-    Fp = builder.gep(data(10, Fa, _I32), [o0a])
-    cp = builder.gep(data(12, ca, _F64), [o0a])
-    op = data(16, oa, _F32)
+    tiles with the arguments ``a`` of :func:`few_row_tile`: for rows ``r < nv`` (row ``m0 + r`` of ``out``
+    (M, O) float32 and of the code sums ``A`` int64), output ``o = o0 + 16*k + lane < O``: ``D = E +
+    F[o] - off*A`` (int32, exact: ``|D| < 2**31``), ``y = s1*D + s2*A + s0`` in float64 (``coef``
+    flat, rows s0, s1, s2 of ``cs`` >= ``o0 + 16*OB`` entries each), ReLU when ``relu``, rounded to
+    float32. ``sums(r, k)`` emits the int32 vector ``E = sum_r (a - 128) * f`` of row r, block k."""
+    builder = a.builder
+    m0a, nva, offa, csa, o0a, rla, Oa = a[8], a[9], a[11], a[13], a[14], a[15], a[17]
+    Ap = a.ptr(7, _I64)
+    Fp = a.ptr(10, _I32, o0a)
+    cp = a.ptr(12, _F64, o0a)
+    op = a.ptr(16, _F32)
     off32 = builder.trunc(offa, _I32)
     relu_v = _splat(builder, builder.icmp_unsigned("!=", rla, ir.Constant(rla.type, 0)), _V16I1)
     lanes = ir.Constant(_V16I32, list(range(16)))
     zd = ir.Constant(_V16F64, [0.0] * 16)
     mstore = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
                       [_V16F32, _F32.as_pointer(), _I32, _V16I1])
-
-    def vload(ptr, idx, ty, align):
-        ld = builder.load(builder.bitcast(builder.gep(ptr, [idx]), ty.as_pointer()))
-        ld.align = align
-        return ld
-
     blk = []
     for k in range(OB):
-        Fv = vload(Fp, i64(16 * k), _V16I32, 4)
-        sv = [vload(cp, builder.add(builder.mul(csa, i64(j)), i64(16 * k)), _V16F64, 8)
+        Fv = load_as(builder, Fp, _V16I32, i64(16 * k), 4)
+        sv = [load_as(builder, cp, _V16F64, builder.add(builder.mul(csa, i64(j)), i64(16 * k)), 8)
               for j in range(3)]
         lim = builder.trunc(builder.sub(builder.sub(Oa, o0a), i64(16 * k)), _I32)
         blk.append((Fv, sv, builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32))))
     for r in range(R):
         with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
             m = builder.add(m0a, i64(r))
-            a = builder.load(builder.gep(Ap, [m]))
-            corr = _splat(builder, builder.mul(off32, builder.trunc(a, _I32)), _V16I32)
-            af = _splat(builder, builder.sitofp(a, _F64), _V16F64)
+            av = builder.load(builder.gep(Ap, [m]))
+            corr = _splat(builder, builder.mul(off32, builder.trunc(av, _I32)), _V16I32)
+            af = _splat(builder, builder.sitofp(av, _F64), _V16F64)
             orow = builder.gep(op, [builder.add(builder.mul(m, Oa), o0a)])
             for k in range(OB):
                 Fv, (s0v, s1v, s2v), mask = blk[k]
@@ -230,82 +218,78 @@ def tile_loads(builder, blks: list, g, ws) -> list:
     for k in range(OB):
         hint = [ir.Constant(_I32, v) for v in (0, 3, 1)]  # read, L1, data
         builder.call(pf, [builder.gep(blks[k], [pa]), *hint])
-        ld = builder.load(builder.bitcast(builder.gep(blks[k], [at]), _V64I8.as_pointer()))
-        ld.align = 1
-        wv.append(ld)
+        wv.append(load_as(builder, blks[k], _V64I8, at))
     return wv
 
 
-def _tile(b: int, R: int, OB: int):
+def few_row_tile(R: int, OB: int, product):
     """Intrinsic ``tile(x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O)``:
-    R rows x OB*16 outputs, sums and epilogue.
+    R rows x OB*16 outputs of a few-row product and its epilogue (:func:`tile_epilogue`).
 
-    ``x`` int8 shifted codes ``a - 128``, row ``r`` at byte ``x0 + r*xs`` (4*T*nG bytes each);
-    ``w`` uint8 fields, block ``k < OB`` at byte ``wb + k*ws``, group ``g`` 64 bytes at
-    ``+ 64*g``. Quad ``t`` of a group is the field vector masked in place, ``v & ((2**b - 1) <<
-    b*t)`` = ``2**(b*t) * f`` (one ``vpandd``, no shift: on Intel cores vector shifts share port 0
-    with ``vpdpbusd``), as the unsigned operand of ``vpdpbusd``; the shifted codes are the signed
-    one (a broadcast 32-bit load). Quad ``t`` sums into its own register, divided by ``2**(b*t)``
-    (exactly: an arithmetic shift of a multiple) when the tile ends. Each block's stream is
-    prefetched ``PREFETCH`` bytes ahead (at batch 1 the weights come from DRAM: measured 10-25%
-    faster on the deep 4096-wide MLP).
-
-    Epilogue: :func:`tile_epilogue` (exact by the bound of the module docstring)."""
-    T = 8 // b
+    ``x`` int8 shifted codes ``a - 128``, row ``r`` at byte ``x0 + r*xs``; ``w`` uint8 weight
+    bytes, block ``k < OB`` at byte ``wb + k*ws``, ``nG`` groups of 64 bytes each. The product is
+    emitted by ``product(builder, rows, blks, ws, nG)`` (``rows``, ``blks``: byte pointers of the
+    rows and blocks), which returns ``sums(r, k)`` for the epilogue. The field tiles
+    (:func:`_tile`) and the 1.6-bit ones (``kernels_tq1``) differ only in ``product``."""
 
     @intrinsic
     def tile(typingctx, x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O):
         sig = types.void(x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O)
 
         def codegen(context, builder, signature, args):
-            xa, x0a, xsa, wa, wba, wsa, nGa = args[:7]
-
-            def data(i, v, ty):
-                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-                return builder.bitcast(arr.data, ty.as_pointer())
-
-            def i64(v):
-                return ir.Constant(_I64, v)
-
-            def byte(v):
-                return v - 256 if v >= 128 else v
-
-            xp = data(0, xa, _I8)
-            wp = data(3, wa, _I8)
-            rows = [builder.gep(xp, [builder.add(x0a, builder.mul(xsa, i64(r)))]) for r in range(R)]
-            blks = [builder.gep(wp, [builder.add(wba, builder.mul(wsa, i64(k)))]) for k in range(OB)]
-            zero = ir.Constant(_V16I32, [0] * 16)
-            accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(OB)]
-                    for _ in range(R)]
-            masks = [ir.Constant(_V64I8, [byte(((1 << b) - 1) << (b * t))] * 64) for t in range(T)]
-            with cgutils.for_range(builder, nGa) as loop:
-                g = loop.index
-                wv = tile_loads(builder, blks, g, wsa)
-                xq = builder.mul(g, i64(4 * T))
-                for t in range(T):
-                    fs = [builder.and_(wv[k], masks[t]) for k in range(OB)]
-                    for r in range(R):
-                        ptr = builder.gep(rows[r], [builder.add(xq, i64(4 * t))])
-                        s = builder.load(builder.bitcast(ptr, _I32.as_pointer()))
-                        s.align = 1
-                        av = builder.bitcast(_splat(builder, s, _V16I32), _V64I8)
-                        for k in range(OB):
-                            acc = accs[r][k][t]
-                            builder.store(_vpdpbusd(builder, builder.load(acc), fs[k], av), acc)
-
-            def sums(r, k):  # the exact E of row r, block k: quad t's sum is 2**(b*t) times its share
-                s = builder.load(accs[r][k][0])
-                for t in range(1, T):
-                    sh = ir.Constant(_V16I32, [b * t] * 16)
-                    s = builder.add(s, builder.ashr(builder.load(accs[r][k][t]), sh))
-                return s
-
-            tile_epilogue(context, builder, signature, args, R, OB, sums)
+            a = Args(context, builder, signature, args)
+            xp, wp = a.ptr(0, _I8), a.ptr(3, _I8)
+            rows, blks = strided(builder, xp, args[1], args[2], R), strided(builder, wp, args[4], args[5], OB)
+            tile_epilogue(a, R, OB, product(builder, rows, blks, args[5], args[6]))
             return context.get_dummy_value()
 
         return sig, codegen
 
     return tile
+
+
+def _tile(b: int, R: int, OB: int):
+    """:func:`few_row_tile` on ``b``-bit fields (4*T*nG codes a row, ``T = 8/b``).
+
+    Quad ``t`` of a group is the field vector masked in place, ``v & ((2**b - 1) << b*t)`` =
+    ``2**(b*t) * f`` (one ``vpandd``, no shift: on Intel cores vector shifts share port 0 with
+    ``vpdpbusd``), as the unsigned operand of ``vpdpbusd``; the shifted codes are the signed one (a
+    broadcast 32-bit load). Quad ``t`` sums into its own register, divided by ``2**(b*t)``
+    (exactly: an arithmetic shift of a multiple) when the tile ends. Each block's stream is
+    prefetched ``PREFETCH`` bytes ahead (at batch 1 the weights come from DRAM: measured 10-25%
+    faster on the deep 4096-wide MLP). The epilogue is exact by the bound of the module docstring."""
+    T = 8 // b
+
+    def byte(v):
+        return v - 256 if v >= 128 else v
+
+    def product(builder, rows, blks, ws, nG):
+        zero = ir.Constant(_V16I32, [0] * 16)
+        accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(OB)]
+                for _ in range(R)]
+        masks = [ir.Constant(_V64I8, [byte(((1 << b) - 1) << (b * t))] * 64) for t in range(T)]
+        with cgutils.for_range(builder, nG) as loop:
+            g = loop.index
+            wv = tile_loads(builder, blks, g, ws)
+            xq = builder.mul(g, i64(4 * T))
+            for t in range(T):
+                fs = [builder.and_(wv[k], masks[t]) for k in range(OB)]
+                for r in range(R):
+                    av = broadcast_quad(builder, rows[r], builder.add(xq, i64(4 * t)))
+                    for k in range(OB):
+                        acc = accs[r][k][t]
+                        builder.store(_vpdpbusd(builder, builder.load(acc), fs[k], av), acc)
+
+        def sums(r, k):  # the exact E of row r, block k: quad t's sum is 2**(b*t) times its share
+            s = builder.load(accs[r][k][0])
+            for t in range(1, T):
+                sh = ir.Constant(_V16I32, [b * t] * 16)
+                s = builder.add(s, builder.ashr(builder.load(accs[r][k][t]), sh))
+            return s
+
+        return sums
+
+    return few_row_tile(R, OB, product)
 
 
 # tiles per field width b: (rows, blocks of 16 outputs) with R*OB*T <= 16 accumulators; an

@@ -52,13 +52,12 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from . import kernels_gemv as KV
-from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HOST_VNNI, _splat, _vpdpbusd, kernel
-from .kernels_gemv import GemvWeights, _quant_rows, gemv_coef, gemv_reference, tile_epilogue, tile_loads
+from ._jit import _V16I32, HOST_VNNI, _vpdpbusd, kernel
+from ._llvm_args import broadcast_quad, i64
+from .kernels_gemv import GemvWeights, _quant_rows, few_row_tile, gemv_coef, gemv_reference, tile_loads
 from .kernels_threads import parallel_for, use_parallel
 
 #: reduction indices per 64-byte group (16 outputs x 4 lanes x 5 trits per byte)
@@ -161,62 +160,39 @@ def _opaque(builder, v):
 
 
 def _tq1_tile(R: int, OB: int):
-    """Intrinsic with the arguments of ``kernels_gemv._tile`` (``nG`` groups of 20 reduction
-    indices; ``x`` rows of ``20*nG`` shifted codes): R rows x OB*16 outputs. Per group and block:
+    """``kernels_gemv.few_row_tile`` on the 1.6-bit bytes (``nG`` groups of 20 reduction indices;
+    ``x`` rows of ``20*nG`` shifted codes): R rows x OB*16 outputs. Per group and block:
     ``u_0`` the 64 bytes, ``u_{i+1} = u_i + u_i + u_i`` (bytes, wrapping), ``S += u_i . x_i``,
     ``S' += u_{i+1} . x_i`` (``vpdpbusd``, the codes of quad ``5g + i`` broadcast); at the end
     ``E = (3 S - S') >> 8`` (module docstring) and the epilogue of ``kernels_gemv``."""
 
-    @intrinsic
-    def tile(typingctx, x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O):
-        sig = types.void(x, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, coef, cs, o0, relu, out, O)
+    def product(builder, rows, blks, ws, nG):
+        zero = ir.Constant(_V16I32, [0] * 16)
+        acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(OB)]
+               for _ in range(R)]
+        with cgutils.for_range(builder, nG) as loop:
+            g = loop.index
+            u = tile_loads(builder, blks, g, ws)
+            xq = builder.mul(g, i64(GROUP))
+            for i in range(5):
+                un = [builder.add(_opaque(builder, builder.add(v, v)), v) for v in u]
+                for r in range(R):
+                    av = broadcast_quad(builder, rows[r], builder.add(xq, i64(4 * i)))
+                    for k in range(OB):
+                        a0, a1 = acc[r][k]
+                        builder.store(_vpdpbusd(builder, builder.load(a0), u[k], av), a0)
+                        builder.store(_vpdpbusd(builder, builder.load(a1), un[k], av), a1)
+                u = un
 
-        def codegen(context, builder, signature, args):
-            xa, x0a, xsa, wa, wba, wsa, nGa = args[:7]
+        def sums(r, k):
+            a0, a1 = acc[r][k]
+            three = builder.mul(builder.load(a0), ir.Constant(_V16I32, [3] * 16))
+            e = builder.sub(three, builder.load(a1))
+            return builder.ashr(e, ir.Constant(_V16I32, [8] * 16))
 
-            def data(i, v, ty):
-                arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=v)
-                return builder.bitcast(arr.data, ty.as_pointer())
+        return sums
 
-            def i64(v):
-                return ir.Constant(_I64, v)
-
-            xp = data(0, xa, _I8)
-            wp = data(3, wa, _I8)
-            rows = [builder.gep(xp, [builder.add(x0a, builder.mul(xsa, i64(r)))]) for r in range(R)]
-            blks = [builder.gep(wp, [builder.add(wba, builder.mul(wsa, i64(k)))]) for k in range(OB)]
-            zero = ir.Constant(_V16I32, [0] * 16)
-            acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(OB)]
-                   for _ in range(R)]
-            with cgutils.for_range(builder, nGa) as loop:
-                g = loop.index
-                u = tile_loads(builder, blks, g, wsa)
-                xq = builder.mul(g, i64(GROUP))
-                for i in range(5):
-                    un = [builder.add(_opaque(builder, builder.add(v, v)), v) for v in u]
-                    for r in range(R):
-                        ptr = builder.gep(rows[r], [builder.add(xq, i64(4 * i))])
-                        s = builder.load(builder.bitcast(ptr, _I32.as_pointer()))
-                        s.align = 1
-                        av = builder.bitcast(_splat(builder, s, _V16I32), _V64I8)
-                        for k in range(OB):
-                            a0, a1 = acc[r][k]
-                            builder.store(_vpdpbusd(builder, builder.load(a0), u[k], av), a0)
-                            builder.store(_vpdpbusd(builder, builder.load(a1), un[k], av), a1)
-                    u = un
-
-            def sums(r, k):
-                a0, a1 = acc[r][k]
-                three = builder.mul(builder.load(a0), ir.Constant(_V16I32, [3] * 16))
-                e = builder.sub(three, builder.load(a1))
-                return builder.ashr(e, ir.Constant(_V16I32, [8] * 16))
-
-            tile_epilogue(context, builder, signature, args, R, OB, sums)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
+    return few_row_tile(R, OB, product)
 
 
 # (rows, blocks of 16 outputs): 2*R*OB sum registers; an odd block count ends with 1-block tiles
