@@ -55,6 +55,7 @@ from .kernels_int8 import (
     aligned_copy,
     amx_k_offsets,
     epilogue_flags,
+    int8_parts,
     pack_amx_weights,
 )
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
@@ -328,16 +329,18 @@ def _weights(b: _Builder, pm) -> tuple[int, int, int, int]:
     return got
 
 
-def _amx_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int, int, int]:
-    """(w offset, w length, config offset, kc, nbt) of the AMX copy of ``pm``'s weights."""
+def _amx_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int, int, int, int, int]:
+    """(w offset, w length, config offset, kc, nbt, nck, parts) of the AMX copy of ``pm``'s weights
+    (``parts``: int8 parts per weight, ``kernels_int8.int8_parts``)."""
     got = b._weights.get(("amx", id(pm)))
     if got is None:
         wp, i8 = pm.wp, pm.i8
         # w = sw * (l0 + u*q) = sw * unit * w_int (``layers.int8_weights``)
         w_int = round(wp.l0 / i8.unit) + round(wp.u / i8.unit) * plane_integers(wp).astype(np.int64)
-        w, kc, nck, nbt = pack_amx_weights(w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels))
+        w_int = w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels)
+        w, kc, nck, nbt = pack_amx_weights(w_int)
         cfg = _amx.amx_tile_config(kc, nbt).view(np.int8)
-        got = (b.put("w8", w), w.size, b.put("w8", cfg), kc, nbt, nck)
+        got = (b.put("w8", w), w.size, b.put("w8", cfg), kc, nbt, nck, int8_parts(w_int))
         b._weights[("amx", id(pm))] = got
     return got
 
@@ -392,9 +395,9 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
     geo = [Hp, Wp, x.C, OH, OW, stride[0], stride[1], b.N, O]
     amx = [0, 0, 0, 0]
     if _use_amx(pm, linear, x.H, x.W):
-        wo, wl, cfo, kc, nbt, nck = _amx_weights(b, pm)
+        wo, wl, cfo, kc, nbt, nck, parts = _amx_weights(b, pm)
         po = pn = 0
-        qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C)
+        qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C, parts)
         amx = [1, cfo, kc, nbt]
     else:
         wo, wl, po, pn = _weights(b, pm)

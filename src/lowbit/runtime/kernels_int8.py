@@ -55,7 +55,10 @@ from .kernels_threads import parallel_for, use_parallel
 # Quad bytes past the end of a run belong to the next pixel (or to the slack) and meet zero
 # weights. Weights are int8 (nq, O, 4), split into passes of OB <= 4 blocks of 16 channels; a
 # pass is stored as (nq, OB*16, 4), which is what ``vnni_tile`` reads. Linear layers are the
-# same with H = W = 1 and C = K.
+# same with H = W = 1 and C = K. Integer weights beyond int8 (DoReFa's 8-bit levels 2i - 255)
+# are a sum of 2-4 int8 parts (``int8_split``), each quad listed once per part: the products
+# cost that many times more, the sums are the same exact int32 (the bit-serial kernels they
+# replace took 10-45 ms for a ResNet-20 at batch 1).
 #
 # Why not im2col: the quads are read in place (a quad offset table per layer), so the only pass
 # over the activations before the product is quantizing them into the code image, and that pass
@@ -89,10 +92,37 @@ def int8_conv_reference(codes: np.ndarray, w_int: np.ndarray, stride: tuple[int,
     return y.permute(0, 2, 3, 1).numpy()
 
 
-def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int) -> np.ndarray:
+MAX_INT8_PARTS = 4  # integer weights in [-512, 508] run as up to 4 int8 parts
+
+
+def int8_parts(w_int: np.ndarray) -> int:
+    """How many int8 parts integer weights need (:func:`int8_split`): 1 when they fit int8, ``k``
+    for ``-128k <= w <= 127k`` (DoReFa's 8-bit levels ``2i - 255``: 3), 0 beyond
+    :data:`MAX_INT8_PARTS` parts."""
+    w_int = np.asarray(w_int)
+    if not w_int.size:
+        return 1
+    k = max(1, -(-int(w_int.max()) // 127), -(-int(-w_int.min()) // 128))
+    return k if k <= MAX_INT8_PARTS else 0
+
+
+def int8_split(w_int: np.ndarray, k: int) -> list[np.ndarray]:
+    """``k`` int8 arrays ``floor((w + i) / k)``, ``i < k``, summing to ``w`` (Hermite's identity),
+    each within one of ``w / k``: a layer whose integer weights do not fit int8 reads each
+    reduction quad (K chunk) ``k`` times, once per part (``k`` times the products, the same exact
+    int32 sums ``D``)."""
+    w_int = np.asarray(w_int, np.int64)
+    parts = [(w_int + i) // k for i in range(k)]
+    if any(p.min(initial=0) < -128 or p.max(initial=0) > 127 for p in parts):
+        raise ValueError(f"integer weights in [{w_int.min()}, {w_int.max()}] do not fit {k} int8 parts")
+    return [p.astype(np.int8) for p in parts]
+
+
+def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int, parts: int = 1) -> np.ndarray:
     """Quads of the reduction: (nq, 3) int64 rows ``(kernel row offset in input rows, kernel col
     offset in pixels, byte offset in the run)``; the byte offset of quad ``i`` for a padded image
-    of width Wp is ``(a*Wp + b)*C + c``."""
+    of width Wp is ``(a*Wp + b)*C + c``. ``parts`` (:func:`int8_parts`): every quad that many times
+    in a row, once per int8 part of the weights."""
     q = []
     if dw == 1:
         run = KW * C
@@ -104,7 +134,8 @@ def int8_geometry(KH: int, KW: int, C: int, dh: int, dw: int) -> np.ndarray:
             for kw in range(KW):
                 for j in range(0, C, 4):
                     q.append((kh * dh, kw * dw, j))
-    return np.array(q, np.int64).reshape(-1, 3)
+    g = np.array(q, np.int64).reshape(-1, 3)
+    return np.repeat(g, parts, axis=0)
 
 
 def int8_quad_offsets(geom: np.ndarray, Wp: int, C: int) -> np.ndarray:
@@ -115,24 +146,29 @@ def pack_int8_weights(w_int: np.ndarray, dw: int):
     """Integer weights ``w_int`` (O, KH, KW, C) in [-128, 127] -> (w, passes) for the int8
     kernels: ``w`` int8 flat, ``passes`` int64 (P, 3) rows ``(OB, first channel, byte offset)``.
 
-    Quads follow :func:`int8_geometry` (``dw`` selects run or tap order)."""
+    Quads follow :func:`int8_geometry` (``dw`` selects run or tap order); weights beyond int8 follow
+    its geometry of ``parts = int8_parts(w_int)``, part ``i`` of :func:`int8_split` on copy ``i``
+    of each quad."""
     w_int = np.asarray(w_int)
-    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
-        raise ValueError("weights do not fit int8")
+    k = int8_parts(w_int)
+    if k == 0:
+        raise ValueError("weights do not fit int8 parts")
     O, KH, KW, C = w_int.shape
-    geom = int8_geometry(KH, KW, C, 1, dw)
+    split = int8_split(w_int, k)
+    geom = int8_geometry(KH, KW, C, 1, dw, k)
     nq = geom.shape[0]
     Wq = np.zeros((nq, O, 4), np.int8)
     for i in range(nq):
         kh = int(geom[i, 0])
+        wh = split[i % k]
         for t in range(4):
             j = int(geom[i, 2]) + t
             if dw == 1:
                 if j < KW * C:
-                    Wq[i, :, t] = w_int[:, kh, j // C, j % C]
+                    Wq[i, :, t] = wh[:, kh, j // C, j % C]
             else:
                 if j < C:
-                    Wq[i, :, t] = w_int[:, kh, int(geom[i, 1]) // dw, j]
+                    Wq[i, :, t] = wh[:, kh, int(geom[i, 1]) // dw, j]
     nb = (O + 15) // 16
     npass = (nb + 3) // 4
     sizes = [nb // npass + (1 if p < nb % npass else 0) for p in range(npass)]
@@ -445,10 +481,15 @@ def pack_amx_weights(w_int: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     """Integer weights (O, KH, KW, C) in int8 -> (w, kc, nck, nbt): for each K chunk ``k = kh*nck
     + j`` and block ``b`` of 16 output channels, kc/4 rows of 16 channels x 4 bytes (the VNNI
     layout of tdpbusd's second operand), ``w[((k*nbt + b)*kc/4 + q)*64 + 4*o + t] = w_int[16b+o,
-    kh, r // C, r % C]`` with ``r = j*kc + 4q + t`` (zero for ``r >= KW*C`` or ``16b+o >= O``)."""
+    kh, r // C, r % C]`` with ``r = j*kc + 4q + t`` (zero for ``r >= KW*C`` or ``16b+o >= O``).
+    Weights beyond int8 (``p = int8_parts(w_int)`` parts): as if the kernel had p*KH rows, row
+    ``p*kh + i`` holding part ``i`` of row ``kh`` (:func:`int8_split`; ``amx_k_offsets(parts=p)``)."""
     w_int = np.asarray(w_int)
-    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
-        raise ValueError("weights do not fit int8")
+    k = int8_parts(w_int)
+    if k == 0:
+        raise ValueError("weights do not fit int8 parts")
+    if k > 1:  # kernel row kh -> rows k*kh + i
+        w_int = np.stack(int8_split(w_int, k), axis=2).reshape(w_int.shape[0], -1, *w_int.shape[2:])
     O, KH, KW, C = w_int.shape
     kc, nck = amx_chunks(KW, C)
     nbt = -(-O // 16)
@@ -461,10 +502,12 @@ def pack_amx_weights(w_int: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     return w, kc, nck, nbt
 
 
-def amx_k_offsets(KH: int, nck: int, kc: int, dh: int, Wp: int, C: int) -> np.ndarray:
-    """Byte offset of K chunk ``kh*nck + j`` from a pixel's window start: ``kh*dh*Wp*C + j*kc``."""
-    kh = np.repeat(np.arange(KH, dtype=np.int64), nck)
-    j = np.tile(np.arange(nck, dtype=np.int64), KH)
+def amx_k_offsets(KH: int, nck: int, kc: int, dh: int, Wp: int, C: int, parts: int = 1) -> np.ndarray:
+    """Byte offset of K chunk ``kh*nck + j`` from a pixel's window start: ``kh*dh*Wp*C + j*kc``.
+    ``parts`` (weights in that many int8 parts, :func:`pack_amx_weights`): each kernel row repeated."""
+    f = parts
+    kh = np.repeat(np.arange(KH * f, dtype=np.int64), nck) // f
+    j = np.tile(np.arange(nck, dtype=np.int64), KH * f)
     return np.ascontiguousarray(kh * dh * Wp * C + j * kc)
 
 

@@ -217,24 +217,26 @@ class Int8Weights:
         return q
 
 
-def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple[int, int] = (1, 1)
-                 ) -> Int8Weights | None:
+def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple[int, int] = (1, 1),
+                 split: bool = False) -> Int8Weights | None:
     """Fold ``l0 + u*q`` into an int8 weight ``unit * w_int`` (``unit = u`` or ``u/2``, so that
     ``l0/unit`` is an integer: binary +-1, ternary, DoReFa's odd levels ``2i - (2**k - 1)``).
 
     ``kshape`` is (KH, KW, C) of the reduction (``(1, 1, K)`` for a Linear layer). Returns None
-    when the weights are grouped, the levels do not fold or ``w_int`` does not fit int8."""
+    when the weights are grouped, the levels do not fold or ``w_int`` does not fit int8 (with
+    ``split``: a few int8 parts, ``kernels_int8.int8_parts``, as DoReFa's 8-bit levels need)."""
     folded = fold_integers(wp)
     if folded is None:
         return None
     w_int, unit = folded
-    if w_int.size and (w_int.min() < -128 or w_int.max() > 127):
+    parts = KI.int8_parts(w_int)
+    if parts == 0 or (parts > 1 and not split):
         return None
     KH, KW, C = kshape
     O = w_int.shape[0]
     w, passes = K.pack_int8_weights(w_int.reshape(O, KH, KW, C), dilation[1])
     return Int8Weights(
-        w=w, passes=passes, geom=K.int8_geometry(KH, KW, C, dilation[0], dilation[1]), unit=unit,
+        w=w, passes=passes, geom=K.int8_geometry(KH, KW, C, dilation[0], dilation[1], parts), unit=unit,
         wsum=w_int.sum(axis=1).astype(np.float64), width=16 * int(passes[:, 0].sum()),
     )
 
@@ -819,7 +821,7 @@ class PackedConv2d(_PackedBase):
         if act.mode == 0 and act.ma != 0:
             raise NotPackableError("fused activation quantizer with a zero point")
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 and self.groups == 1:
-            self.i8 = int8_weights(wp, (*self.kernel_size, self.in_channels), self.dilation)
+            self.i8 = int8_weights(wp, (*self.kernel_size, self.in_channels), self.dilation, split=True)
 
     def i8_abs_sums(self) -> np.ndarray:
         """(O,) float64 ``sum_r |w_int[o, r]|`` of the int8 weights (a bound on the integer sums)."""
