@@ -83,6 +83,22 @@ def test_fused_quantization_in_tables():
         np.testing.assert_array_equal(tab, KG.lut_tables_reference(codes, lv, 1))
 
 
+@pytest.mark.parametrize("vals", [[-1, 1], [0, 1], [-1, 0, 1], [-3, -1, 1, 3], [2], [0, 70000],
+                                  [-2, 0, 1, 5, 9]])
+def test_lut_levels_equal_sorted_unique(vals):
+    """lut_levels (counting small integers, sorting wide ranges) lists the levels np.unique gives."""
+    rng = np.random.default_rng(len(vals))
+    w = rng.choice(np.array(vals, np.int64), size=(37, 53))
+    got = KG.lut_levels(w)
+    u = np.unique(w)
+    if u.size > 4:
+        assert got is None
+        return
+    lv, cb = got
+    assert cb == (1 if u.size <= 2 else 2)
+    np.testing.assert_array_equal(lv, np.concatenate([u, np.zeros((1 << cb) - u.size, np.int64)]))
+
+
 def test_lut_fits_bounds():
     assert KG.lut_fits(np.array([-1, 1]), 1, 5)  # 4 * 31 = 124
     assert not KG.lut_fits(np.array([-1, 1]), 1, 6)

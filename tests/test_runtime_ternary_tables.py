@@ -1,7 +1,9 @@
 """Ternary PackedLinear layers on an AMX CPU hold no lookup tables: the GEMV takes up to
 ``GEMV_MAX_ROWS`` rows and AMX every row count from there, so the tables would never run; the
 memory count drops by their bytes and every row count still gives the same bits. Binary layers
-keep theirs (faster than AMX below ``AMX_MIN_ROWS_LUT[1]`` rows)."""
+keep theirs (faster than AMX below ``AMX_MIN_ROWS_LUT[1]`` rows). The decision is taken before the
+tables are packed (a ternary layer never builds them), and where AMX is absent (switched off, or the
+plain path) the tables are built and run, equal to the exact integer reference."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.runtime import _amx
+from lowbit.nn.quantize import input_quantizer
+from lowbit.runtime import _amx, _jit
 from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime.compiler import reference_fp64
-from lowbit.runtime.layers import PackedLinear, build_packed
+from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers
 
 needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
 ACT = {"method": "pact", "bits": 4, "alpha_init": 3.0}
@@ -62,3 +66,48 @@ def test_binary_layer_keeps_tables():
     assert pl.amx is not None and pl.lut is not None
     assert pl.amx_min_rows == KA.AMX_MIN_ROWS_LUT[1] > KV.GEMV_MAX_ROWS + 1
     assert pl.runtime_bytes == pl.weight_bytes + pl.gemv.nbytes + pl.amx.nbytes + pl.lut.nbytes
+
+
+@needs_amx
+def test_idle_tables_are_never_built(monkeypatch):
+    """The ternary layer decides from its code bits that AMX leaves the tables idle and never packs
+    them (the packer raises here); a binary layer, which keeps its tables, does call it."""
+
+    def refuse(*args):
+        raise AssertionError("lookup tables packed")
+
+    monkeypatch.setattr(KG, "lut_pack_weights", refuse)
+    pl = build_packed("fc", _layer({"method": "twn", "bits": 2}))
+    assert pl.amx is not None and pl.lut is None and pl.tables_idle(2)
+    with pytest.raises(AssertionError, match="lookup tables packed"):
+        build_packed("fc", _layer({"method": "binary", "bits": 1}))
+
+
+@pytest.mark.parametrize("path", ["amx-off", "plain"])
+def test_tables_built_and_exact_without_amx(path, monkeypatch):
+    """Without AMX (switched off, or the plain path) the ternary layer packs its tables once and runs
+    8+ rows on them (``lut_gemm`` called), bit for bit the exact integer reference's epilogue."""
+    lin = _layer({"method": "twn", "bits": 2})
+    packs, gemms = [], []
+    pack, gemm = KG.lut_pack_weights, KG.lut_gemm
+    monkeypatch.setattr(KG, "lut_pack_weights", lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(KG, "lut_gemm", lambda *a, **k: gemms.append(1) or gemm(*a, **k))
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    x = torch.randn(20, 520) * 2
+    if path == "plain":
+        _jit.set_plain(True)
+    try:
+        pl = build_packed("fc", lin)
+        assert pl.amx is None and pl.lut is not None and packs == [1] and not pl.tables_idle(pl.lut.cb)
+        assert (pl.gemv is None) == (path == "plain" or not _jit.HOST_VNNI)
+        with torch.inference_mode():
+            got = {M: pl(x[:M]).numpy() for M in (KG.LUT_MIN_ROWS, 11, 20)}
+    finally:
+        if path == "plain":
+            _jit.set_plain(False)
+    assert len(gemms) == 3
+    w_int = fold_integers(pl.wp)[0]
+    s0, s1 = pl.coeffs_lut(pl.act.sx, pl.act.ma)
+    for M, y in got.items():
+        codes = input_quantizer(lin).encode(x[:M]).codes.long().numpy()
+        np.testing.assert_array_equal(y, KG.lut_gemm_reference(codes, w_int, s0, s1, pl.relu))

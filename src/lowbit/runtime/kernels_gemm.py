@@ -81,7 +81,12 @@ HAS_LUT = _host_has_lut()
 def lut_levels(w_int: np.ndarray) -> tuple[np.ndarray, int] | None:
     """``(lv, cb)``: the sorted integer levels of ``w_int`` (padded with 0 to ``2**cb`` entries) and
     the code bits, or None when the weights take more than 4 values."""
-    vals = np.unique(np.asarray(w_int))
+    w = np.asarray(w_int)
+    lo, hi = (int(w.min()), int(w.max())) if w.size and w.dtype.kind == "i" else (0, 1 << 16)
+    if hi - lo < 1 << 16:  # small integers: counting them took 1/3 the time of np.unique's sort (4096^2)
+        vals = np.flatnonzero(np.bincount(np.subtract(w.reshape(-1), lo, dtype=np.intp))) + lo
+    else:
+        vals = np.unique(w)
     if vals.size > 4:
         return None
     cb = 1 if vals.size <= 2 else 2

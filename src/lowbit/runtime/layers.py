@@ -241,9 +241,10 @@ def int8_weights(wp: WeightPlanes, kshape: tuple[int, int, int], dilation: tuple
     )
 
 
-def fold_integers(wp: WeightPlanes) -> tuple[np.ndarray, float] | None:
+def fold_integers(wp: WeightPlanes, q: np.ndarray | None = None) -> tuple[np.ndarray, float] | None:
     """``(w_int, unit)`` with ``l0 + u*q = unit * w_int`` and ``w_int`` (O, K) int64 (``unit = u`` or
-    ``u/2``); None for grouped weights or levels that do not fold."""
+    ``u/2``); None for grouped weights or levels that do not fold. ``q``: :func:`plane_integers` of
+    ``wp`` where the caller has them."""
     if wp.W.shape[0] != 1 or wp.u == 0:
         return None
     ratio = wp.l0 / wp.u
@@ -253,7 +254,8 @@ def fold_integers(wp: WeightPlanes) -> tuple[np.ndarray, float] | None:
             break
     else:
         return None
-    return round(ratio * f) + f * plane_integers(wp).astype(np.int64), wp.u / f
+    q = plane_integers(wp) if q is None else q
+    return round(ratio * f) + f * q.astype(np.int64), wp.u / f
 
 
 @dataclass
@@ -272,27 +274,38 @@ class LutWeights:
         return int(self.wq.nbytes)
 
 
-def lut_weights(wp: WeightPlanes, ka: int) -> LutWeights | None:
+def lut_form(w_int: np.ndarray, ka: int) -> tuple[np.ndarray, int] | None:
+    """``(lv, cb)``: the levels and code bits (``kernels_gemm.lut_levels``) of the table-lookup form
+    of folded weights ``w_int`` for ``ka``-bit activation codes; None where the weights take more
+    than 4 values or the tables would not fit int8. Cheap next to packing them (:func:`lut_weights`)."""
+    levels = KG.lut_levels(w_int)
+    return levels if levels is not None and KG.lut_fits(*levels, ka) else None
+
+
+def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | None = None,
+                form: tuple[np.ndarray, int] | None = None) -> LutWeights | None:
     """The table-lookup form of binary / ternary / 2-bit weights for ``ka``-bit activation codes;
-    None where the weights take more than 4 values or the tables would not fit int8."""
-    folded = fold_integers(wp)
+    None where the weights take more than 4 values or the tables would not fit int8. ``folded``
+    (:func:`fold_integers`) and ``form`` (:func:`lut_form`): where the caller has them."""
+    folded = fold_integers(wp) if folded is None else folded
     if folded is None:
         return None
     w_int, unit = folded
-    levels = KG.lut_levels(w_int)
-    if levels is None or not KG.lut_fits(*levels, ka):
+    form = lut_form(w_int, ka) if form is None else form
+    if form is None:
         return None
-    lv, cb = levels
+    lv, cb = form
     return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64))
 
 
-def gemv_weights(wp: WeightPlanes) -> KV.GemvWeights | None:
+def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None) -> KV.GemvWeights | None:
     """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields;
     large ternary ones also at 1.6 bits for one row, ``kernels_tq1``); None for grouped weights,
-    integers spanning more than 16 values or too long a reduction."""
+    integers spanning more than 16 values or too long a reduction. ``q``: :func:`plane_integers`
+    of ``wp`` where the caller has them."""
     if wp.W.shape[0] != 1:
         return None
-    q = plane_integers(wp)
+    q = plane_integers(wp) if q is None else q
     if KV.field_bits(q) is None:
         return None
     try:
@@ -603,25 +616,34 @@ class PackedLinear(_PackedBase):
         self.in_features = wp.K
         codes = act.mode != -1 and act.bits <= 8
         large = wp.K * self.out_features >= LUT_FLAT_MAX
-        # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes
-        self.lut = lut_weights(wp, act.bits) if codes else None
+        # the plane integers and their int8 fold, made once for the GEMV, AMX and the tables
+        q = plane_integers(wp) if codes and wp.W.shape[0] == 1 else None
+        folded = fold_integers(wp, q) if q is not None else None
         # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI)
-        self.gemv = gemv_weights(wp) if K.HAS_VNNI and codes else None
+        self.gemv = gemv_weights(wp, q) if K.HAS_VNNI and q is not None else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
         # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly
         self.amx: KA.AmxLinearWeights | None = None
-        folded = fold_integers(wp) if self.gemv is not None and amx_enabled() else None
-        if folded is not None:
-            self.amx = KA.amx_linear_weights(self.gemv, plane_integers(wp), *folded)
-        if self.amx is not None and self.lut is not None and self.amx_min_rows <= KV.GEMV_MAX_ROWS + 1:
-            # the GEMV takes every row count below AMX's: the tables would never run (ternary)
-            self.lut = None
+        if folded is not None and self.gemv is not None and amx_enabled():
+            self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
+        # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes, built only where they
+        # would run: decided from their code bits before packing them
+        self.lut: LutWeights | None = None
+        form = lut_form(folded[0], act.bits) if folded is not None else None
+        if form is not None and not self.tables_idle(form[1]):
+            self.lut = lut_weights(wp, act.bits, folded, form)
         # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
         # holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
         compact = self.gemv is not None and (self.amx is not None or tables)
         if K.HAS_VNNI and codes and not (compact and large):
             self.i8 = int8_weights(wp, (1, 1, wp.K))
+
+    def tables_idle(self, cb: int) -> bool:
+        """Whether lookup tables on ``cb``-bit weight codes would never run: AMX is faster from
+        ``AMX_MIN_ROWS_LUT[cb]`` rows on and the GEMV takes every row count below (ternary and
+        2-bit codes, ``cb = 2``), so they are not built."""
+        return self.amx is not None and KA.AMX_MIN_ROWS_LUT[cb] <= KV.GEMV_MAX_ROWS + 1
 
     @property
     def amx_min_rows(self) -> int:
