@@ -21,7 +21,7 @@ from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime.compiler import reference_fp64
-from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers
+from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers, lut_form
 
 needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
 ACT = {"method": "pact", "bits": 4, "alpha_init": 3.0}
@@ -111,3 +111,19 @@ def test_tables_built_and_exact_without_amx(path, monkeypatch):
     for M, y in got.items():
         codes = input_quantizer(lin).encode(x[:M]).codes.long().numpy()
         np.testing.assert_array_equal(y, KG.lut_gemm_reference(codes, w_int, s0, s1, pl.relu))
+
+
+@pytest.mark.parametrize("vals", [[-1, 1], [-1, 0, 1], [-3, -1, 1, 3], [0, 1], [0], [-2, 0, 2],
+                                  [-1, 0, 1, 2, 3]])
+def test_lut_form_is_levels_where_the_tables_fit(vals):
+    """lut_form (which skips counting the levels where no table can fit) gives the levels exactly
+    where kernels_gemm.lut_fits accepts them, for every activation width."""
+    w = np.random.default_rng(len(vals)).choice(np.array(vals, np.int64), size=(19, 23))
+    for ka in range(1, 9):
+        levels = KG.lut_levels(w)
+        want = levels if levels is not None and KG.lut_fits(*levels, ka) else None
+        got = lut_form(w, ka)
+        assert (got is None) == (want is None), (vals, ka)
+        if got is not None:
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got[1] == want[1]

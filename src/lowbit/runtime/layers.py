@@ -278,6 +278,9 @@ def lut_form(w_int: np.ndarray, ka: int) -> tuple[np.ndarray, int] | None:
     """``(lv, cb)``: the levels and code bits (``kernels_gemm.lut_levels``) of the table-lookup form
     of folded weights ``w_int`` for ``ka``-bit activation codes; None where the weights take more
     than 4 values or the tables would not fit int8. Cheap next to packing them (:func:`lut_weights`)."""
+    top = max(int(w_int.max()), -int(w_int.min())) if w_int.size else 0
+    if 2 * top * ((1 << ka) - 1) > 127:  # no table fits, whatever the levels (lut_fits with 4 // cb >= 2)
+        return None
     levels = KG.lut_levels(w_int)
     return levels if levels is not None and KG.lut_fits(*levels, ka) else None
 
