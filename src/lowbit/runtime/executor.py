@@ -601,7 +601,6 @@ class FlatExecutor:
         self._programs: dict[tuple, Program | None] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._single: dict[tuple, Program | None] = {}  # per-image shape -> its one-image program
         # one image: (input shape, calling thread) -> (program, its arenas, per-image shape, output shape)
         self._one: dict[tuple, tuple] = {}
 
@@ -616,11 +615,8 @@ class FlatExecutor:
                 chunk = int(max(1, min(MAX_CHUNK, CHUNK_BYTES // max(per_image, 1))))
                 prog = one if chunk == 1 else plan(self.gm, shape, chunk)
             except UnsupportedGraphError:
-                prog = one = None
+                prog = None
             self._programs[shape] = prog
-            # one image runs the one-image program: its arenas are a chunk's regions packed together
-            # (fewer lines and pages to touch when the caches are cold)
-            self._single[shape] = one
             return prog
 
     @staticmethod
@@ -665,8 +661,6 @@ class FlatExecutor:
             x = x.detach().float().contiguous()
         xn = x.numpy()
         B = xn.shape[0]
-        if B == 1:
-            prog = self._single.get(shape) or prog
         x4 = xn.reshape(B, -1, 1, 1) if xn.ndim == 2 else xn
         out = np.empty(B * prog.out_numel, np.float32)
         arenas = self._local.__dict__.get("arenas")
@@ -694,9 +688,8 @@ class FlatExecutor:
             for f in futs:
                 f.result()
         else:
-            slot = -1 if B == 1 else 0  # the one-image program has its own arenas
-            a = arenas.get((shape, slot))
-            fa, ca = a if a is not None else self._arenas(arenas, shape, slot, prog)
+            a = arenas.get((shape, 0))
+            fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)
             _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, out, prog.oinfo, fa, ca, B, prog.chunk)
             if B == 1 and x.is_cpu:
                 if len(self._one) > 64:  # many threads or shapes: start again
