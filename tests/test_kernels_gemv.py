@@ -45,6 +45,8 @@ def test_fields_roundtrip(kind, b, off):
         w = KV.pack_fields(q, b, off)
         assert w.size == -(-O // 16) * 16 * -(-Kr // 32) * 32 * b // 8
         np.testing.assert_array_equal(KV.unpack_fields(w, b, O, Kr), q + off)
+        for dtype in (np.int32, np.int64):  # the one-pass packer GemvWeights uses: the same bytes
+            np.testing.assert_array_equal(KV.pack_fields_fast(q.astype(dtype), b, off), w)
 
 
 def test_field_bits_refuses_wide_ranges():
