@@ -43,6 +43,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor, nn
 
@@ -55,6 +56,7 @@ from .kernels_int8 import (
     INT8_SLACK,
     _amx_conv_range,
     _int8_conv_range,
+    _int8_quantize_nchw,
     _int8_quantize_range,
     aligned_copy,
     amx_k_offsets,
@@ -83,19 +85,44 @@ class UnsupportedGraphError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+@intrinsic
+def _copy16(typingctx, src, so, dst, do):
+    """``dst[do : do + 16] = src[so : so + 16]`` (float32) as one unaligned vector load and store."""
+    sig = types.void(src, so, dst, do)
+
+    def codegen(context, builder, signature, args):
+        vt = ir.VectorType(ir.FloatType(), 16)
+        ptrs = []
+        for i in (0, 2):
+            arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i])
+            ptrs.append(builder.bitcast(builder.gep(arr.data, [args[i + 1]]), vt.as_pointer()))
+        ld = builder.load(ptrs[0])
+        ld.align = 4
+        st = builder.store(ld, ptrs[1])
+        st.align = 4
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @kernel
 def _subsample(src, H, W, C, sh, sw, dst, Co, cl, nv):
     """dst (nv, OH, OW, Co)[..., cl : cl + C] = src (nv, H, W, C)[:, ::sh, ::sw] (NHWC floats,
     flat); the other channels of dst are not written (the option-A shortcut's zero channels: an
-    arena region that only this operation writes keeps the zeros it was allocated with)."""
+    arena region that only this operation writes keeps the zeros it was allocated with). Whole
+    blocks of 16 channels move as vectors: the loop over a run-time channel count cost ~20 cycles
+    a pixel in checks (ResNet-20: 4 us of a 117 us call)."""
     OH = (H - 1) // sh + 1
     OW = (W - 1) // sw + 1
+    C16 = C - C % 16
     d = cl
     for n in range(nv):
         for oh in range(OH):
             for ow in range(OW):
                 s = ((n * H + oh * sh) * W + ow * sw) * C
-                for c in range(C):
+                for c in range(0, C16, 16):
+                    _copy16(src, s + c, dst, d + c)
+                for c in range(C16, C):
                     dst[d + c] = src[s + c]
                 d += Co
 
@@ -135,8 +162,7 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 mult = np.float32(sc[p[9] + 1])
                 dst = ca[p[8] :]
                 if p[1] == 0:  # the model input, NCHW
-                    xs = x[c0 : c0 + nv].transpose(0, 2, 3, 1)
-                    _int8_quantize_range(xs, 0, hi, mult, 0, ph, pw, H + 2 * ph, W + 2 * pw, True, dst, 0, nv)
+                    _int8_quantize_nchw(x, hi, mult, ph, pw, dst, c0, c0 + nv)
                 else:
                     xs = fa[p[2] : p[2] + chunk * H * W * C].reshape((chunk, H, W, C))
                     cm = C <= 4

@@ -264,6 +264,39 @@ def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo
                         dst[c] = np.uint8(np.rint(t * mult))
 
 
+@kernel
+def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi):
+    """``_int8_quantize_range`` (mode 0, ``ma = 0``) of images ``n_lo..n_hi`` of a C-contiguous NCHW
+    array ``x`` (N, C, H, W) into the padded NHWC code image ``xq`` (image ``n_lo`` first): each
+    input row's codes into a contiguous buffer (unit-stride loops, vectorised), then strided into
+    the image. The transposed view that
+    ``_int8_quantize_range`` reads has run-time strides: a ResNet-20 input (3 x 32 x 32) took
+    4.4 us there."""
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    Hp = H + 2 * ph
+    Wp = W + 2 * pw
+    rowlen = Wp * C
+    tmp = np.empty(W, np.uint8)
+    for n in range(n_lo, n_hi):
+        img = xq[(n - n_lo) * Hp * rowlen : (n - n_lo + 1) * Hp * rowlen]
+        img[: ph * rowlen] = 0
+        img[(ph + H) * rowlen :] = 0
+        for h in range(H):
+            row = img[(h + ph) * rowlen : (h + ph + 1) * rowlen]
+            row[: pw * C] = 0
+            row[(pw + W) * C :] = 0
+            for c in range(C):
+                xr = x[n, c, h]
+                for w in range(W):
+                    t = min(max(xr[w], np.float32(0.0)), hi)
+                    tmp[w] = np.uint8(np.rint(t * mult))
+                dst = row[pw * C + c : (pw + W) * C : C]
+                for w in range(W):
+                    dst[w] = tmp[w]
+
+
 def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 0.0, mult: float = 0.0,
                   mode: int = 1, ma: int = 0) -> np.ndarray:
     """Codes of ``x`` (N, H, W, C) float32 (any strides: an NCHW tensor's ``permute(0, 2, 3, 1)``

@@ -1,0 +1,45 @@
+"""The flat executor's data movers against NumPy: the model input's codes (NCHW read row by row) and
+the option-A shortcut's subsampling (whole blocks of 16 channels as vectors, the rest one by one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowbit.runtime import executor
+from lowbit.runtime import kernels_int8 as k8
+
+RNG = np.random.default_rng(5)
+
+
+@pytest.mark.parametrize("C, H, W, ph, pw",
+                         [(3, 32, 32, 1, 1), (1, 28, 28, 0, 0), (5, 7, 9, 2, 1), (64, 1, 1, 0, 0)])
+def test_quantize_nchw_equals_reference_and_general_kernel(C, H, W, ph, pw):
+    N, hi, mult = 4, np.float32(3.0), np.float32(5.0)
+    x = RNG.uniform(-1, 4, (N, C, H, W)).astype(np.float32)
+    x.flat[:3] = (1.5 / 5.0, 2.5 / 5.0, -0.0)  # ties of rint (to even) and a negative zero
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    size = Hp * Wp * C
+    got = np.full(3 * size + 16, 9, np.uint8)
+    k8._int8_quantize_nchw(x, hi, mult, ph, pw, got, 1, 4)  # images 1..3 into slots 0..2
+    want = np.rint(np.clip(x, 0, hi) * mult).astype(np.uint8).transpose(0, 2, 3, 1)
+    img = got[: 3 * size].reshape(3, Hp, Wp, C)
+    assert np.array_equal(img[:, ph : ph + H, pw : pw + W], want[1:])
+    border = np.ones((Hp, Wp), bool)
+    border[ph : ph + H, pw : pw + W] = False
+    assert not img[:, border].any() and (got[3 * size :] == 9).all()
+    ref = np.zeros(3 * size + 16, np.uint8)
+    k8._int8_quantize_range(x[1:].transpose(0, 2, 3, 1), 0, hi, mult, 0, ph, pw, Hp, Wp, True, ref, 0, 3)
+    assert np.array_equal(got[: 3 * size], ref[: 3 * size])
+
+
+@pytest.mark.parametrize("C, Co, cl", [(16, 32, 8), (32, 64, 16), (20, 24, 2), (48, 48, 0)])
+def test_subsample_vector_blocks_equal_numpy(C, Co, cl):
+    x = RNG.standard_normal((2, 9, 11, C)).astype(np.float32)
+    dst = np.full(2 * 5 * 6 * Co, 7.0, np.float32)
+    executor._subsample(x.reshape(-1), 9, 11, C, 2, 2, dst, Co, cl, 2)
+    dst = dst.reshape(2, 5, 6, Co)
+    assert np.array_equal(dst[..., cl : cl + C], x[:, ::2, ::2])
+    rest = np.ones(Co, bool)
+    rest[cl : cl + C] = False
+    assert (dst[..., rest] == 7.0).all()
