@@ -43,3 +43,39 @@ def test_subsample_vector_blocks_equal_numpy(C, Co, cl):
     rest = np.ones(Co, bool)
     rest[cl : cl + C] = False
     assert (dst[..., rest] == 7.0).all()
+
+
+def test_arena_reuse_same_output_smaller_arenas():
+    """Dead tensors' regions given to later ones: the same bits as one region per tensor (chunks of
+    1 and 2 images, an odd batch), in smaller arenas."""
+    import torch
+
+    import lowbit
+    import lowbit.runtime as rt
+    from lowbit.models import build_model
+    from lowbit.runtime import kernels as K
+
+    if not K.HAS_VNNI:
+        pytest.skip("int8 kernels need AVX-512 VNNI")
+    torch.manual_seed(0)
+    m = build_model("resnet20", width_mult=0.5).eval()
+    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
+    q = lowbit.quantize(m, {"default": {"weight": {"method": "twn", "bits": 2}, "activation": act}}).eval()
+    shape = (3, 12, 12)
+    gm = rt.compile(q, torch.rand(2, *shape)).executor.gm
+    x = (3 * torch.rand(5, *shape)).numpy()
+    for chunk in (1, 2):
+        outs, sizes = [], []
+        for reuse in (True, False):
+            prev, executor.REUSE = executor.REUSE, reuse
+            try:
+                prog = executor.plan(gm, shape, chunk)
+            finally:
+                executor.REUSE = prev
+            fa, ca = prog.arenas()
+            out = np.full(5 * prog.out_numel, np.nan, np.float32)
+            executor._run(prog.prog, prog.aux, prog.w8, prog.sc, x, out, prog.oinfo, fa, ca, 5, prog.chunk)
+            outs.append(out)
+            sizes.append((prog.fa_size, prog.ca_size))
+        assert np.array_equal(outs[0], outs[1]) and not np.isnan(outs[0]).any()
+        assert sizes[0][0] < sizes[1][0] and sizes[0][1] < sizes[1][1]

@@ -293,15 +293,18 @@ class _Builder:
     fa: int = 0
     ca: int = 0
     _weights: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)  # ('f' | 'c', offset) -> region size (elements)
 
     def falloc(self, H: int, W: int, C: int) -> int:
         off = self.fa
         self.fa += -(-self.N * H * W * C // 16) * 16
+        self.sizes[("f", off)] = self.fa - off
         return off
 
     def calloc(self, Hp: int, Wp: int, C: int) -> int:
         off = self.ca
         self.ca += -(-self.N * Hp * Wp * C // _ALIGN) * _ALIGN
+        self.sizes[("c", off)] = self.ca - off
         return off
 
     def put(self, lst: str, arr: np.ndarray) -> int:
@@ -576,13 +579,98 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
     if result is None:
         raise UnsupportedGraphError("no output")
     out_shape = (result.C,) if result.ndim == 2 else (result.C, result.H, result.W)
+    prog = np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64)
+    out_off, fa_size, ca_size = (_reuse_regions(prog, b.sizes, result.off) if REUSE
+                                 else (result.off, b.fa, b.ca))
     return Program(
-        prog=np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64),
+        prog=prog,
         aux=_cat(b.aux, np.int64), w8=aligned_copy(_cat(b.w8, np.int8)), sc=_cat(b.sc, np.float64),
-        oinfo=np.array([result.off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
+        oinfo=np.array([out_off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
         out_numel=int(np.prod(out_shape)),
-        fa_size=b.fa + 16, ca_size=b.ca + 4 * INT8_SLACK + 1024, chunk=N,
+        fa_size=fa_size + 16, ca_size=ca_size + 4 * INT8_SLACK + 1024, chunk=N,
     )
+
+
+def _regions(p: np.ndarray) -> tuple[list, list]:
+    """(reads, writes) of program row ``p``: reads ``(arena, field)``, writes ``(arena, field, key)``
+    with ``key`` None for a region the operation writes whole (borders of code images included),
+    else what the region's untouched part must have been left by (a code image whose writer fills
+    the interior only: its geometry, so its zero border is the one every earlier user left), or
+    ``False`` (a float region with zero channels written once: never reused)."""
+    op = int(p[0])
+    if op == OP_QUANT:
+        return ([("f", 2)] if p[1] else []), [("c", 8, None)]
+    if op == OP_CONV:
+        flags = int(p[20])
+        reads = [("c", 1)] + ([("f", 22)] if flags & EPI_RESIDUAL else [])
+        writes = [("f", 21, None)] if flags & EPI_FLOAT else []
+        if flags & EPI_CODES:
+            writes.append(("c", 23, ("conv", *(int(v) for v in p[24:28]), int(p[10]))))
+        return reads, writes
+    if op == OP_SUBSAMPLE:
+        return [("f", 1)], [("f", 7, None if p[8] == p[4] else False)]
+    if op == OP_CPAD:
+        return [("f", 1)], [("f", 6, None)]
+    if op == OP_MAXPOOL:
+        key = None if p[17] else ("pool", *(int(v) for v in p[13:17]), int(p[2]))
+        return [("c", 1)], [("c", 18, key)]
+    if op == OP_GAP:
+        return [("f", 1)], [("f", 5, None)]
+    raise AssertionError(f"operation {op}")
+
+
+#: intermediate tensors share arena regions once dead (``_reuse_regions``)
+REUSE = True
+
+
+def _reuse_regions(prog: np.ndarray, sizes: dict, out_off: int) -> tuple[int, int, int]:
+    """Give dead tensors' arena regions to later ones (in place on ``prog``'s offsets); returns the
+    output's offset and the float and code arenas' sizes.
+
+    A region is free after the last operation that reads it (its writers allocate first, so no
+    operation reads and writes the same memory: an AMX tile recomputes overlapping rows). It goes
+    to a later region of the same arena and size whose writer fills it whole, or, for a code image
+    that only its interior is written to, to one of the same geometry (its border is zero, as the
+    kernels never write it); a float region with zero channels is never shared. A ResNet-20's
+    per-image arenas (every tensor its own region: ~0.7 MB) then stay in a few hundred KB: fewer
+    lines to fetch when another program has evicted them from L2 between calls."""
+    last: dict[tuple, int] = {}
+    for i, p in enumerate(prog):
+        for arena, f in _regions(p)[0]:
+            last[(arena, int(p[f]))] = i
+    last[("f", out_off)] = len(prog)  # the result is read after the program
+    new: dict[tuple, int] = {}
+    key_of: dict[tuple, object] = {}
+    pools: dict[tuple, list] = {}  # (arena, size, writer's key) -> free new offsets
+    top = {"f": 0, "c": 0}
+    for i, p in enumerate(prog):
+        reads, writes = _regions(p)
+        for arena, f, key in writes:
+            old = (arena, int(p[f]))
+            size = sizes[old]
+            got = None
+            if key is None:  # written whole: any free region of its size
+                for (pa, ps, _), pool in pools.items():
+                    if pa == arena and ps == size and pool:
+                        got = pool.pop()
+                        break
+            elif key is not False and pools.get((arena, size, key)):
+                got = pools[(arena, size, key)].pop()
+            if got is None:
+                got = top[arena]
+                top[arena] += size
+            new[old], key_of[old] = got, key
+            last.setdefault(old, i)  # written, never read: free after this row
+        fields = [(arena, f) for arena, f in reads] + [(arena, f) for arena, f, _ in writes]
+        olds = [(arena, int(p[f])) for arena, f in fields]
+        for (_, f), old in zip(fields, olds, strict=True):
+            p[f] = new[old]
+        for old in set(olds):
+            if last.get(old) == i:
+                del last[old]
+                if key_of[old] is not False:
+                    pools.setdefault((old[0], sizes[old], key_of[old]), []).append(new[old])
+    return new[("f", out_off)], top["f"], top["c"]
 
 
 def _cat(parts: list[np.ndarray], dt) -> np.ndarray:
