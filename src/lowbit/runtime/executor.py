@@ -9,10 +9,12 @@ with one row per operation, plus four flat arrays (quad offsets, int8 weights, f
 epilogue coefficients, and the two arenas that hold every intermediate tensor), and runs it
 with one call of a numba interpreter (``_run``), which calls the same kernels the modules call.
 
-Memory plan: every intermediate tensor has its own region of the float32 or uint8 arena (no
-reuse, so the zero borders of the padded code images, written once, stay zero), sized for a
-chunk of ``chunk`` images; the interpreter runs the whole program on one chunk of images, then
-the next, so a chunk's activations stay in cache (``CHUNK_BYTES``). Programs and arenas are made
+Memory plan: every intermediate tensor has a region of the float32 or uint8 arena sized for a
+chunk of ``chunk`` images; a region is handed to a later tensor once the last operation that
+reads it has run (``_reuse_regions``: a padded code image whose writer fills only the interior
+goes to one of the same geometry, so the zero border, written once when the arena is made,
+stays zero). The interpreter runs the whole program on one chunk of images, then the next, so a
+chunk's activations stay in cache (``CHUNK_BYTES``). Programs and arenas are made
 once per input shape (and per calling thread, so that concurrent callers do not share arenas).
 
 Threads: with more than one numba thread and at least ``MIN_SPLIT`` images per thread, the
