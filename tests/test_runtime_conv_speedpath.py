@@ -21,7 +21,8 @@ from lowbit.runtime.compiler import reference_fp64
 
 RNG = np.random.default_rng(7)
 needs_vnni = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
-needs_amx = pytest.mark.skipif(not (_amx.HAS_AMX and K.HAS_VNNI), reason="AMX-INT8 not available (CPU, OS or plain path)")
+needs_amx = pytest.mark.skipif(not (_amx.HAS_AMX and K.HAS_VNNI),
+                               reason="AMX-INT8 not available (CPU, OS or plain path)")
 ACT = {"method": "pact", "bits": 4, "alpha_init": 3.0}
 WEIGHTS = {"binary": {"method": "binary", "bits": 1}, "ternary": {"method": "twn", "bits": 2},
            "4bit": {"method": "dorefa", "bits": 4}}
