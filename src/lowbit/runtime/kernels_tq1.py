@@ -67,7 +67,10 @@ TQ1_KERNEL_ROWS = 2
 #: rows up to which layers run the 1.6-bit GEMV. At 2 rows it decodes each byte for two rows of
 #: products (4 ``vpdpbusd`` per 64 weights against the 2-bit tile's 2): measured on the deep
 #: 4096-wide MLP (benchmarks/results/gemv_bound_rows2.md) 1.05x the 2-bit GEMV cold (min) and 0.5x
-#: with the weights in cache, so 2 rows take the 2-bit fields
+#: with the weights in cache, so 2 rows take the 2-bit fields. Why (benchmarks/results/
+#: profile_tq1_rows.md): the compiled loop issues 2 ``vpdpbusd`` and 1 ``vpaddb`` per 64 weights and
+#: row against the 2-bit tile's 1 ``vpdpbusd`` and 0.5 ``vpandq``, and ``vpdpbusd`` issues about once
+#: a cycle (``kernels_gemv``'s cost note): in cache it ran 0.52-0.57x the 2-bit GEMV at 2 rows
 TQ1_MAX_ROWS = 1
 #: smallest layer (weights O*K) given the 1.6-bit form. Decoding costs more arithmetic than the
 #: 2-bit fields (2 ``vpaddb`` + 2 ``vpdpbusd`` per 64 weights against 1 ``vpandd`` + 1
