@@ -120,3 +120,27 @@ def test_eight_bit_resnet_runs_int8_and_equals_fp64():
         packed.executor = ex
     assert torch.equal(flat, modules)
     assert float((flat.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@needs_vnni
+def test_split_weights_dilated_taps_on_vnni():
+    """Tap order (dilation 2 along the width): each tap's quads repeated per part, exact sums."""
+    N, C, H, W, O, KH, KW, pad, dil = 2, 8, 11, 11, 20, 3, 3, 2, (2, 2)
+    x = RNG.integers(0, 256, (N, C, H, W))
+    w = 2 * RNG.integers(0, 256, (O, C, KH, KW)) - 255
+    w.flat[0] = 255
+    D = k8.int8_conv_reference(x, w, (1, 1), (pad, pad), dil)
+    xq = k8.int8_quantize(x.astype(np.float32).transpose(0, 2, 3, 1), (pad, pad), mode=1)
+    OH, OW = D.shape[1:3]
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    w_int = w.transpose(0, 2, 3, 1)
+    k = k8.int8_parts(w_int)
+    assert k == 3
+    w8, passes = k8.pack_int8_weights(w_int, dil[1])
+    qoff = k8.int8_quad_offsets(k8.int8_geometry(KH, KW, C, *dil, parts=k), Wp, C)
+    geo = np.array([Hp, Wp, C, OH, OW, 1, 1, N, O], np.int64)
+    one, zero = np.zeros(32 + 64), np.zeros(32 + 64)
+    one[:O] = 1.0
+    raw = np.full((N, OH, OW, O), np.nan, np.float32)
+    k8.int8_conv(xq, geo, qoff, w8, passes, zero, one, False, raw)
+    assert np.array_equal(raw.astype(np.float64), D)
