@@ -104,3 +104,21 @@ def test_one_image_path_on_rows():
     got = packed.executor.one(x)
     assert got is not None and got.shape == (1, 8) and torch.equal(got, first)
     assert np.array_equal(_general(packed, x).numpy(), got.numpy())
+
+
+@needs_vnni
+def test_one_image_outputs_survive_block_refills(monkeypatch):
+    """Outputs are views of blocks of a few images each: every one keeps its own values across
+    many calls and refills, equal to the general path's."""
+    from lowbit.runtime import executor
+
+    shape = (1, 28, 28)
+    packed = _packed("lenet5", shape)
+    monkeypatch.setattr(executor, "OUT_BLOCK_BYTES", 3 * 4 * 10)  # 3 outputs of 10 floats a block
+    xs = [3 * torch.rand(1, *shape) for _ in range(8)]
+    packed(xs[0])  # caches the program for one image
+    got = [packed(x) for x in xs]
+    want = [_general(packed, x) for x in xs]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert len({g.data_ptr() for g in got}) == len(got)  # no two outputs share memory
+    assert got[0].untyped_storage().data_ptr() != got[3].untyped_storage().data_ptr()  # another block
