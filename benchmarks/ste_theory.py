@@ -123,8 +123,11 @@ try:  # the benchmark runs from a checkout: make ``src/`` importable without ins
     import lowbit  # noqa: F401
 except ImportError:  # pragma: no cover - exercised only outside the venv
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lowbit.provenance import git_state, machine, versions
 from lowbit.quant.ste import apply_coarse, coarse_derivative
 
+_ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS: tuple[str, ...] = ("identity", "relu", "clipped_relu")
 DTYPE = torch.float64
 SQRT_2PI = math.sqrt(2.0 * math.pi)
@@ -775,6 +778,10 @@ def run_benchmark(cfg: Config) -> dict:
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
         },
+        # the commit (and whether the tree was dirty), the CPU and library versions of this run
+        "provenance": {
+            "seeds": [cfg.seed], "git": git_state(_ROOT), "machine": machine(), "versions": versions(),
+        },
         "seconds": time.time() - t_start,
     }
 
@@ -971,6 +978,13 @@ def _fmt(x, spec: str = ".2e") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _commit(result: dict) -> str:
+    git = result.get("provenance", {}).get("git", {})
+    if not git.get("commit"):
+        return "commit unknown"
+    return f"commit {git['commit'][:12]}" + (" with local changes" if git.get("dirty") else "")
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     summ = result["summary"]
@@ -983,8 +997,8 @@ def markdown(result: dict) -> str:
         "# STE theory benchmark (Yin et al., ICLR 2019, arXiv 1903.05662)",
         "",
         f"Command: `{result['command']}` ({settings}; {result['seconds']:.0f} s on a shared 2-core CPU "
-        f"box, torch {env['torch']}, {env['threads']} thread(s)). Data: `ste_theory.json`; plot: "
-        "`ste_theory.png`.",
+        f"box, torch {env['torch']}, {env['threads']} thread(s); {_commit(result)}). Data: "
+        "`ste_theory.json`; plot: `ste_theory.png`.",
         "",
         "## Setting",
         "",

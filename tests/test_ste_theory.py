@@ -182,3 +182,10 @@ def test_batch_mean_gradients_match_per_sample_means():
         gv_m, gw_m = st.batch_mean_gradients(Z, v, w, v_star, w_star, kind)
         torch.testing.assert_close(gv_m, g_v.mean(0), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gw_m, g_w[:, j].mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_results_name_their_commit():
+    sha = "0123456789abcdef" * 2 + "01234567"
+    assert st._commit({"provenance": {"git": {"commit": sha, "dirty": False}}}) == "commit 0123456789ab"
+    assert st._commit({"provenance": {"git": {"commit": sha, "dirty": True}}}).endswith("with local changes")
+    assert st._commit({}) == "commit unknown"
