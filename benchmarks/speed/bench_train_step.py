@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ import lowbit
 from lowbit.models import build_model
 from lowbit.quant import fused
 from lowbit.train import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_meta
 
 RECIPES: dict[str, dict[str, Any]] = {
     "W1A4 binary+PACT": {"default": {"weight": {"method": "binary", "bits": 1},
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print a torch.profiler diff per row")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    t0 = time.time()
     torch.set_num_threads(a.threads)
     repeats = a.repeats or (5 if a.quick else 20)
     compare = not a.no_torch_ops and fused.available()
@@ -180,16 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
             if a.profile:
                 print(profile_diff(make_step(fp, x, y), make_step(q, x, y)), flush=True)
-    meta = {"command": "python benchmarks/speed/bench_train_step.py " + " ".join(argv or sys.argv[1:]),
-            "torch": torch.__version__, "threads": a.threads, "machine": platform.processor(),
-            "fused_kernels": fused.available(),
-            "note": "all layers quantized (first and last included); SGD momentum step"}
+    meta = run_meta(__file__, argv, t0, seeds=[0], threads=a.threads, fused_kernels=fused.available(),
+                    note="all layers quantized (first and last included); SGD momentum step")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_step_{a.threads}t"
     atomic_write_text(out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = ["# Quantization-aware training step cost vs FP32", "",
-          f"Command: `{meta['command']}` — torch {meta['torch']}, {a.threads} thread(s), batch {a.batch}, "
+          f"Command: `{meta['command']}` — commit {(meta['git']['commit'] or 'unknown')[:12]}"
+          f"{' with local changes' if meta['git']['dirty'] else ''}, {meta['machine']['cpu']}, "
+          f"torch {meta['torch']}, {a.threads} thread(s), batch {a.batch}, "
           f"median of {repeats} interleaved steps each. {meta['note']}.", ""]
     if compare:
         md += ["\"QAT\" uses the fused quantizer kernels (`lowbit.quant.fused`); \"torch ops\" is the same "
