@@ -1,12 +1,14 @@
 """Few-row products (a Linear layer at batch 1..7): int8 activation codes times weights kept as
-1-, 2- or 4-bit fields, unpacked in registers and multiplied with ``vpdpbusd`` (AVX-512 VNNI).
+1-, 2- or 4-bit fields (5-8 bit codes: 8-bit fields, on request), unpacked in registers and
+multiplied with ``vpdpbusd`` (AVX-512 VNNI).
 
 Math. With activation codes ``a[m, r]`` in ``[0, 2**ka)`` (``ka <= 8``) and the integer
 weights ``q[o, r] = sum_j g_j bit_j[o, r]`` of the bit planes (notation of ``kernels.py``), each
 weight is stored as the unsigned *field* ``f[o, r] = q[o, r] + off`` of ``b`` bits, ``off =
 -min(q)`` and ``b`` the smallest of 1, 2, 4 with ``max(q) - min(q) < 2**b`` (binary: ``f = bit``,
 ``off = 0``, ``b = 1``; ternary -1/0/+1: ``f = q + 1``, ``b = 2``; DoReFa k-bit: the code,
-``b = k`` rounded up to 1, 2 or 4). Then, exactly in integers::
+``b = k`` rounded up to 1, 2 or 4; for ``k = 5..8`` a layer may ask for ``b = 8``,
+:data:`WIDE_BITS`: one field per byte, ``T = 1``, the mask a no-op). Then, exactly in integers::
 
     E[m, o]  = sum_r (a[m, r] - 128) * f[o, r]  (vpdpbusd: u8 fields x s8 shifted codes, int32)
     D[m, o]  = E[m, o] + 128*F[o] - off*A[m],   F[o] = sum_r f[o, r],  A[m] = sum_r a[m, r]
@@ -97,6 +99,11 @@ from .kernels_threads import parallel_for, use_parallel
 GEMV_MAX_ROWS = 7
 #: field widths of the weights
 FIELD_BITS = (1, 2, 4)
+#: the field width of wide integer weights (5-8 bit codes: DoReFa / uniform at 5-8 bits), taken
+#: only where asked (``field_bits(q, wide=True)``): a byte per weight, so no smaller than the int8
+#: weights of an int8 GEMV, but the codes themselves (DoReFa 8-bit: 0..255) with their offset in
+#: the epilogue, where the folded integers ``2i - 255`` would need three int8 parts
+WIDE_BITS = 8
 #: below this many multiply-adds (M*O*K) a product runs on one thread. Few-row products are
 #: 0.03-0.5 ms; handing half of one to a worker thread lost more than it saved on the 2-core test
 #: machine under load (bench_gemv, deep 8x4096 MLP, w1a8: 2.1 ms on 1 thread, 9.3 ms on 2 with a
@@ -119,11 +126,11 @@ def gemv_reference(codes: np.ndarray, q: np.ndarray, s0: np.ndarray, s1: np.ndar
     return (np.maximum(y, 0.0) if relu else y).astype(np.float32)
 
 
-def field_bits(q: np.ndarray) -> tuple[int, int] | None:
+def field_bits(q: np.ndarray, wide: bool = False) -> tuple[int, int] | None:
     """``(b, off)`` of integer weights q: fields ``q + off`` in ``[0, 2**b)``; None when the range
-    needs more than 4 bits."""
+    needs more than 4 bits (with ``wide``: more than :data:`WIDE_BITS`)."""
     lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
-    for b in FIELD_BITS:
+    for b in FIELD_BITS + ((WIDE_BITS,) if wide else ()):
         if hi - lo < (1 << b):
             return b, -lo
     return None
@@ -327,12 +334,14 @@ _t2_1, _t2_2, _t2_4 = _tile(2, 1, 2), _tile(2, 2, 2), _tile(2, 4, 1)
 _s2_1, _s2_2, _s2_4 = _tile(2, 1, 1), _tile(2, 2, 1), _tile(2, 4, 1)
 _t4_1, _t4_2, _t4_4 = _tile(4, 1, 2), _tile(4, 2, 2), _tile(4, 4, 2)
 _s4_1, _s4_2, _s4_4 = _tile(4, 1, 1), _tile(4, 2, 1), _tile(4, 4, 1)
+_t8_1, _t8_2, _t8_4 = _tile(8, 1, 2), _tile(8, 2, 2), _tile(8, 4, 2)
+_s8_1, _s8_2, _s8_4 = _tile(8, 1, 1), _tile(8, 2, 1), _tile(8, 4, 1)
 
 
 def tile_shape(b: int, M: int) -> tuple[int, int]:
     """(rows R, blocks OB) of the tile used for M rows with b-bit fields."""
     R = 1 if M == 1 else 2 if (M == 2 or b == 1) else 4
-    OB = {1: (2, 1, 1, 1, 1), 2: (2, 2, 2, 1, 1), 4: (2, 2, 2, 2, 2)}[b][R]
+    OB = {1: (2, 1, 1, 1, 1), 2: (2, 2, 2, 1, 1), 4: (2, 2, 2, 2, 2), 8: (2, 2, 2, 2, 2)}[b][R]
     return R, OB
 
 
@@ -403,13 +412,20 @@ def _part(codes, A, geo, F, w, coef, relu, out, k_lo, k_hi):
                         _t2_1(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     else:
                         _t2_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
-                else:
+                elif b == 4:
                     if R == 1:
                         _t4_1(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     elif R == 2:
                         _t4_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     else:
                         _t4_4(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                else:
+                    if R == 1:
+                        _t8_1(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                    elif R == 2:
+                        _t8_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                    else:
+                        _t8_4(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                 k += 2
             else:
                 if b == 1:
@@ -424,13 +440,20 @@ def _part(codes, A, geo, F, w, coef, relu, out, k_lo, k_hi):
                         _s2_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     else:
                         _s2_4(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
-                else:
+                elif b == 4:
                     if R == 1:
                         _s4_1(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     elif R == 2:
                         _s4_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                     else:
                         _s4_4(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                else:
+                    if R == 1:
+                        _s8_1(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                    elif R == 2:
+                        _s8_2(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
+                    else:
+                        _s8_4(xf, x0, xs, w, wb, ws, nG, A, m0, nv, F, off, cf, cs, o0, relu, of, O)
                 k += 1
 
 
@@ -463,12 +486,13 @@ def _gemv_serial(x, mode, qp, geo, F, w, coef, relu, out):
 class GemvWeights:
     """Weights of the few-row kernels: fields (:func:`pack_fields`) and what the epilogue needs."""
 
-    def __init__(self, q: np.ndarray) -> None:
+    def __init__(self, q: np.ndarray, wide: bool = False) -> None:
         q = np.asarray(q)
-        fb = field_bits(q)
+        fb = field_bits(q, wide)
         if fb is None:
             lo, hi = int(q.min()), int(q.max())
-            raise ValueError(f"integer weights in [{lo}, {hi}] need fields wider than 4 bits")
+            most = WIDE_BITS if wide else FIELD_BITS[-1]
+            raise ValueError(f"integer weights in [{lo}, {hi}] need fields wider than {most} bits")
         self.b, self.off = fb
         self.O, self.K = (int(v) for v in q.shape)
         if self.K * 128 * 255 // (8 // self.b) >= 2**31:  # the bound of the module docstring

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..export.packed import encode_weight, is_hf_conv1d, torch_type_name
 from ..nn.quantize import input_quantizer, weight_quantizer
 from ..quant.base import ActivationQuantizer, Encoded
+from . import _amx
 from . import kernels as K
 from . import kernels_amx as KA
 from . import kernels_codes as KC
@@ -301,20 +302,60 @@ def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | No
     return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64))
 
 
-def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None) -> KV.GemvWeights | None:
-    """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields;
-    large ternary ones also at 1.6 bits for one row, ``kernels_tq1``); None for grouped weights,
-    integers spanning more than 16 values or too long a reduction. ``q``: :func:`plane_integers`
-    of ``wp`` where the caller has them."""
+def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None, wide: bool = False) -> KV.GemvWeights | None:
+    """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields,
+    with ``wide`` 5-8 bit codes as 8-bit fields; large ternary ones also at 1.6 bits for one row,
+    ``kernels_tq1``); None for grouped weights, integers spanning more than 16 (``wide``: 256) values
+    or too long a reduction. ``q``: :func:`plane_integers` of ``wp`` where the caller has them."""
     if wp.W.shape[0] != 1:
         return None
     q = plane_integers(wp) if q is None else q
-    if KV.field_bits(q) is None:
+    if KV.field_bits(q, wide) is None:
         return None
     try:
-        return KT.tq1_weights(KV.GemvWeights(q), q)
+        return KT.tq1_weights(KV.GemvWeights(q, wide), q)
     except ValueError:
         return None
+
+
+#: wide (8-bit field) Linear layers run this many rows and more on AMX tiles (the int8 conv kernel
+#: over the rows; it needs 16 rows of one image); fewer rows run the GEMV on the 8-bit fields
+WIDE_AMX_MIN_ROWS = 16
+
+
+@dataclass
+class WideAmxWeights:
+    """Weights beyond 4 bits of a Linear layer on AMX tiles: ``w = sw[o] * unit * w_int[o, r]``,
+    ``w_int`` (:func:`fold_integers`) as ``parts`` int8 parts where it leaves int8 (DoReFa 8-bit
+    ``2i - 255``: 3; 5-7 bit and ``uniform`` 8-bit: 1), packed by ``kernels_int8.pack_amx_weights``
+    as a 1x1 convolution of K channels over one image of M pixels (the rows)."""
+
+    w: np.ndarray  # int8, flat, on a 64-byte line
+    cfg: np.ndarray  # the tile configuration
+    koff: np.ndarray  # K chunk offsets (each chunk once per part)
+    kc: int
+    nbt: int
+    parts: int
+    unit: float
+    wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.nbytes)
+
+
+def wide_amx_weights(folded: tuple[np.ndarray, float]) -> WideAmxWeights | None:
+    """:class:`WideAmxWeights` of folded weights ``(w_int, unit)`` (O, K); None beyond
+    ``kernels_int8.MAX_INT8_PARTS`` parts."""
+    w_int, unit = folded
+    parts = KI.int8_parts(w_int)
+    if parts == 0:
+        return None
+    O, Kr = w_int.shape
+    w, kc, nck, nbt = KI.pack_amx_weights(w_int.reshape(O, 1, 1, Kr))
+    cfg = _amx.amx_tile_config(kc, nbt)
+    koff = KI.amx_k_offsets(1, nck, kc, 1, 1, Kr, parts)
+    return WideAmxWeights(w, cfg, koff, kc, nbt, parts, float(unit), w_int.sum(axis=1).astype(np.float64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,13 +663,19 @@ class PackedLinear(_PackedBase):
         # the plane integers and their int8 fold, made once for the GEMV, AMX and the tables
         q = plane_integers(wp) if codes and wp.W.shape[0] == 1 else None
         folded = fold_integers(wp, q) if q is not None else None
-        # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI)
-        self.gemv = gemv_weights(wp, q) if K.HAS_VNNI and q is not None else None
+        # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI); 5-8 bit
+        # codes as 8-bit fields (the bit-serial kernels they replace read 5-8 planes per row)
+        self.gemv = gemv_weights(wp, q, wide=True) if K.HAS_VNNI and q is not None else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
-        # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly
+        # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly;
+        # wide fields (no 16-entry table) as int8 parts (>= WIDE_AMX_MIN_ROWS rows)
         self.amx: KA.AmxLinearWeights | None = None
+        self.amx8: WideAmxWeights | None = None
         if folded is not None and self.gemv is not None and amx_enabled():
-            self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
+            if self.wide:
+                self.amx8 = wide_amx_weights(folded)
+            else:
+                self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes, built only where they
         # would run: decided from their code bits before packing them
         self.lut: LutWeights | None = None
@@ -638,9 +685,60 @@ class PackedLinear(_PackedBase):
         # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
         # holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
-        compact = self.gemv is not None and (self.amx is not None or tables)
+        compact = self.gemv is not None and (self.amx is not None or self.amx8 is not None or tables)
         if K.HAS_VNNI and codes and not (compact and large):
-            self.i8 = int8_weights(wp, (1, 1, wp.K))
+            self.i8 = int8_weights(wp, (1, 1, wp.K), split=self.wide)
+
+    @property
+    def wide(self) -> bool:
+        """Whether the GEMV holds 8-bit fields (5-8 bit codes): its rows then run up to
+        :data:`WIDE_AMX_MIN_ROWS` rows where AMX takes over, or, without AMX, up to
+        ``KV.GEMV_MAX_ROWS`` before the int8 kernel (weights in int8 parts)."""
+        return self.gemv is not None and self.gemv.b == KV.WIDE_BITS
+
+    def _gemv_rows(self, M: int) -> bool:
+        """Whether M rows run on the GEMV."""
+        if self.amx8 is not None:
+            return M < WIDE_AMX_MIN_ROWS
+        return self.gemv is not None and M <= KV.GEMV_MAX_ROWS
+
+    def _amx8_forward(self, arr: np.ndarray, mode: int, hi: float, mult: float, sx: float, ma: float,
+                      out: np.ndarray) -> None:
+        """M >= 16 rows (codes of ``arr``: fused formula or given) on AMX tiles with the weights in int8
+        parts: a 1x1 convolution over one image of M pixels (``kernels_int8.amx_conv``)."""
+        a8 = self.amx8
+        assert a8 is not None
+        M, Kr = arr.shape
+        O = self.out_features
+        xq = KI.int8_quantize(arr.reshape(1, 1, M, Kr), (0, 0), hi, mult, mode)
+        geo = np.array([1, M, Kr, 1, M, 1, 1, 1, O], np.int64)
+        s0, s1 = self._amx8_coeffs(sx, ma)
+        KI.amx_conv(xq, geo, a8.koff, a8.w, a8.cfg, a8.kc, a8.nbt, s0, s1, self.relu, out)
+
+    def _amx8_coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
+        """(s0, s1) of the wide AMX path, ``y = s1*D + s0`` with ``D = sum_r w_int*a``, zero padded to
+        whole blocks of 16 channels plus 64; cached for the static (sx, ma) while the static
+        coefficients stay (a folded batch norm renews them)."""
+        a8 = self.amx8
+        assert a8 is not None
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            alpha = self.wp.sw * sx * self.bn_scale * a8.unit
+            s0 = np.zeros(16 * a8.nbt + 64, np.float64)
+            s1 = np.zeros_like(s0)
+            O = self.out_features
+            s1[:O] = alpha
+            s0[:O] = self.beta - alpha * ma * a8.wsum
+            return s0, s1
+
+        if sx != self.act.sx or ma != self.act.ma:
+            return make()
+        st = self._coeffs_static()
+        c = self.__dict__.get("_amx8_cache")
+        if c is None or c[0] is not st:
+            c = (st, make())
+            self.__dict__["_amx8_cache"] = c
+        return c[1]
 
     def tables_idle(self, cb: int) -> bool:
         """Whether lookup tables on ``cb``-bit weight codes would never run: AMX is faster from
@@ -695,6 +793,8 @@ class PackedLinear(_PackedBase):
             n += self.gemv.nbytes
         if self.amx is not None:
             n += self.amx.nbytes  # its tiles are expanded from the GEMV's fields per call
+        if self.amx8 is not None:
+            n += self.amx8.nbytes
         return n
 
     def _rows(self, M: int) -> bool:
@@ -708,6 +808,9 @@ class PackedLinear(_PackedBase):
             if self.gemv.tq1 is not None:
                 gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
             amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
+            if self.amx8 is not None:
+                gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"< {WIDE_AMX_MIN_ROWS}")
+                amx = f" / amx on {self.amx8.parts} int8 part(s) (>= {WIDE_AMX_MIN_ROWS} rows)"
             return gemv + (" / int8" if self.i8 is not None else "") + lut + amx
         if self.i8 is None:
             return "bit-serial" + lut
@@ -751,7 +854,7 @@ class PackedLinear(_PackedBase):
     def forward(self, x: Tensor | Codes) -> Tensor:
         if isinstance(x, Codes):
             return self._forward_codes(x)
-        if (self.gemv is not None and self.act.mode == 0 and x.dim() == 2 and x.shape[0] <= KV.GEMV_MAX_ROWS
+        if (self.gemv is not None and self.act.mode == 0 and x.dim() == 2 and self._gemv_rows(x.shape[0])
                 and x.shape[1] == self.in_features):
             return self._forward_gemv(x)
         lead = x.shape[:-1]
@@ -766,9 +869,12 @@ class PackedLinear(_PackedBase):
             K.select_sum(xf, W, wp.shift, wp.neg, s0, s1, s2, self.relu, out)
         else:
             arr, mode, hi, mult, sx, ma = self._codes_input(x2)
-            if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
+            if self._gemv_rows(M):
                 s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
                 KV.gemv(arr, mode, hi, mult, self.gemv, s0, s1, s2, self.relu, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
+            if self.amx8 is not None:
+                self._amx8_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.amx is not None and self.amx_min_rows <= M:
                 KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, out)
@@ -804,9 +910,12 @@ class PackedLinear(_PackedBase):
         O = self.out_features
         out = np.empty((M, O), np.float32)
         i8 = self.i8
-        if self.gemv is not None and M <= KV.GEMV_MAX_ROWS:
+        if self._gemv_rows(M):
             _, qp, coef = self._gemv_static()
             KV.gemv_run(x.buf[: M * kin].reshape(M, kin), 1, qp, self.gemv, coef, self.relu, out)
+        elif self.amx8 is not None:
+            codes = x.buf[: M * kin].reshape(M, kin)
+            self._amx8_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
         elif self.amx is not None and self.amx_min_rows <= M:
             t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
             KA.amx_linear(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
