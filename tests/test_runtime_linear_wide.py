@@ -1,7 +1,9 @@
 """Linear layers with 5-8 bit weights (DoReFa, symmetric ``uniform``): the GEMV on 8-bit fields
 (``kernels_gemv.WIDE_BITS``) bit for bit its integer reference on ragged shapes, 1 and 2 threads;
-PackedLinear's dispatch (GEMV below ``WIDE_AMX_MIN_ROWS`` rows, AMX tiles on int8 parts from there,
-the int8 kernel on int8 parts without AMX, bit-serial on the plain path), each path's outputs
+PackedLinear's dispatch (GEMV below ``WIDE_AMX_MIN_ROWS`` rows and AMX tiles from there, rows padded
+to 16, where the folded weights fit int8; the GEMV at every row count for DoReFa 8-bit weights (3
+int8 parts) and without AMX; bit-serial on the plain path; a small layer's int8 copy in parts for
+the flat executor), each path's outputs
 bit for bit its integer reference and within float rounding of the float64 fake-quantized layer.
 No timing here."""
 
@@ -145,48 +147,52 @@ def test_packed_linear_wide_dispatch_bit_exact(variant, monkeypatch, threads):
     parts = 3 if variant.startswith("w8") else 1
     assert KI.int8_parts(w_int) == parts
     assert pl.wide and pl.gemv.b == 8 and pl.amx is None and pl.lut is None
-    assert pl.amx8 is not None and pl.amx8.parts == parts and pl.amx8.unit == unit
-    assert pl.i8 is None  # a large layer: 8-bit fields and the AMX parts only
-    assert "int8 part" in pl.kernel_name()
-    assert pl.runtime_bytes == pl.weight_bytes + pl.gemv.nbytes + pl.amx8.nbytes
+    assert pl.i8 is None  # a large layer: the 8-bit fields (and AMX weights) only
+    rows = (1, 7, 8, 15, 16, 37)
+    if parts == 1:  # AMX from 8 rows on (padded to 16), the GEMV below
+        assert pl.amx8 is not None and pl.amx8.parts == 1 and pl.amx8.unit == unit
+        assert "amx on 1 int8 part" in pl.kernel_name()
+        assert pl.runtime_bytes == pl.weight_bytes + pl.gemv.nbytes + pl.amx8.nbytes
+        want_amx, want_gemv = [16, 16, 16, 37], [1, 7]
+    else:  # 3 int8 parts: the GEMV at every row count
+        assert pl.amx8 is None and "amx" not in pl.kernel_name()
+        assert pl.runtime_bytes == pl.weight_bytes + pl.gemv.nbytes
+        want_amx, want_gemv = [], list(rows)
     amx, gemv = _spy(monkeypatch, KI, "amx_conv"), _spy(monkeypatch, KV, "gemv_run")
-    rows = (1, 7, 15, 16, 37)
     x = torch.randn(37, 520) * 2
     with torch.inference_mode():
         got = {M: pl(x[:M]) for M in rows}
-    assert amx == [16, 37] and gemv == [1, 7, 15]
+    assert amx == want_amx and gemv == want_gemv
     q = plane_integers(pl.wp)
     for M in rows:
         codes = _codes(pl, x[:M])
-        if M < L.WIDE_AMX_MIN_ROWS:
+        if pl._gemv_rows(M):
             want = KV.gemv_reference(codes, q, *pl._coeffs_static(), pl.relu)
         else:
             want = KA.amx_linear_reference(codes, w_int, *pl._amx8_coeffs(pl.act.sx, pl.act.ma), pl.relu)
         np.testing.assert_array_equal(got[M].numpy(), want)
         _check_fp64(lin, x[:M], got[M])
-    # without AMX: the int8 kernel on the same int8 parts from GEMV_MAX_ROWS + 1 rows, the same bits
+    # without AMX: the GEMV at every row count, no int8 copy
     monkeypatch.setattr(_amx, "HAS_AMX", False)
     pv = build_packed("fc", lin)
-    assert pv.amx8 is None and pv.i8 is not None and pv.gemv.b == 8
-    assert pv.i8.geom.shape[0] == parts * (-(-520 // 4))  # each quad once per part
+    assert pv.amx8 is None and pv.i8 is None and pv.gemv.b == 8
     with torch.inference_mode():
-        for M in (8, 15, 16, 37):
+        for M in rows:
             y = pv(x[:M])
-            if M >= L.WIDE_AMX_MIN_ROWS:
-                np.testing.assert_array_equal(y.numpy(), got[M].numpy())
+            want = KV.gemv_reference(_codes(pv, x[:M]), q, *pv._coeffs_static(), pv.relu)
+            np.testing.assert_array_equal(y.numpy(), want)
             _check_fp64(lin, x[:M], y)
-        np.testing.assert_array_equal(pv(x[:7]).numpy(), got[7].numpy())
 
 
 @needs_amx
 def test_packed_linear_wide_codes_input(monkeypatch):
     """Rows of codes from a fused producer (``Codes``) take the GEMV and AMX paths too."""
-    lin = _layer("w8a4", K=300, O=100)
+    lin = _layer("w7a4", K=300, O=100)
     pl = build_packed("fc", lin)
     assert pl.amx8 is not None
     w_int, _ = fold_integers(pl.wp)
     q = plane_integers(pl.wp)
-    for M in (5, 33):
+    for M in (5, 9, 33):
         codes = RNG.integers(0, 16, (M, 300)).astype(np.uint8)
         buf = np.concatenate([codes.reshape(-1), np.zeros(64, np.uint8)])
         got = pl(Codes(buf, (M, 1, 1, 300), (0, 0)))
@@ -228,6 +234,7 @@ def test_small_wide_mlp_flat_equals_modules_and_fp64():
     pls = list(packed.packed_layers().values())
     assert all(p.wide and p.i8 is not None for p in pls)
     assert [KI.int8_parts(fold_integers(p.wp)[0]) for p in pls] == [3, 3]
+    assert [p.i8.geom.shape[0] for p in pls] == [3 * 25, 3 * 15]  # each quad once per part
     for M in (1, 20):
         with torch.inference_mode():
             y = packed(x[:M])

@@ -23,8 +23,9 @@ quantizer takes float activations (sums of selected inputs, no multiplications).
 Kernels: convolutions use the int8 kernels (``Int8Weights``: the weight folded into int8) where
 the CPU has AVX-512 VNNI, the input is quantized and the convolution is not grouped; they read
 and write NHWC (float outputs are channels-last tensors) and, linked by ``compile()``, hand
-:class:`Codes` to the next layer instead of float tensors. Linear layers use the bit-serial GEMV
-for very few rows and the int8 kernel above (``ROWS_INT8_BUDGET``). Everything else runs on the
+:class:`Codes` to the next layer instead of float tensors. Linear layers dispatch by rows
+(:class:`PackedLinear`: the GEMV on 1/2/4-bit weight fields, or 8-bit ones for 5-8 bit weights,
+for few rows; AMX tiles, lookup tables or the int8 kernel for more). Everything else runs on the
 bit-serial kernels.
 """
 
@@ -318,9 +319,14 @@ def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None, wide: bool = Fal
         return None
 
 
-#: wide (8-bit field) Linear layers run this many rows and more on AMX tiles (the int8 conv kernel
-#: over the rows; it needs 16 rows of one image); fewer rows run the GEMV on the 8-bit fields
-WIDE_AMX_MIN_ROWS = 16
+#: wide (8-bit field) Linear layers with AMX weights run this many rows and more on AMX tiles (the
+#: int8 conv kernel over the rows, padded to the 16 it needs); fewer rows, and every row count where
+#: there are no AMX weights, run the GEMV on the 8-bit fields. DoReFa 5-bit 4096x4096 at 8 / 12 rows:
+#: AMX 1.60 / 1.58 ms, GEMV 5.3 / 4.5 ms; 1024x1024 0.12 / 0.14 against 0.09 / 0.12 ms (one thread,
+#: loaded machine, ``benchmarks/speed/ab_linear_wide.py``)
+WIDE_AMX_MIN_ROWS = 8
+#: rows of one image the AMX conv kernel needs (``kernels_int8._amx_conv_range``)
+_AMX_IMAGE_ROWS = 16
 
 
 @dataclass
@@ -344,12 +350,20 @@ class WideAmxWeights:
         return int(self.w.nbytes)
 
 
+#: wide Linear layers go to AMX only where their folded weights need at most this many int8 parts.
+#: DoReFa 8-bit weights (3 parts) measured no faster on AMX than on the GEMV's 8-bit fields at 16-64
+#: rows (4096x4096: 2.1 / 8.0 / 13.4 ms against 2.3 / 5.0 / 14.2 at 16 / 32 / 64 rows; 1024x1024 0.18
+#: / 0.23 / 0.35 against 0.12 / 0.20 / 0.35; one thread, loaded machine, ``ab_linear_wide.py``) while
+#: holding 3 bytes per weight; 1-part weights ran 2.9-6.2x faster on AMX at 16-64 rows of 4096x4096
+WIDE_AMX_MAX_PARTS = 1
+
+
 def wide_amx_weights(folded: tuple[np.ndarray, float]) -> WideAmxWeights | None:
     """:class:`WideAmxWeights` of folded weights ``(w_int, unit)`` (O, K); None beyond
-    ``kernels_int8.MAX_INT8_PARTS`` parts."""
+    :data:`WIDE_AMX_MAX_PARTS` int8 parts."""
     w_int, unit = folded
     parts = KI.int8_parts(w_int)
-    if parts == 0:
+    if not 1 <= parts <= WIDE_AMX_MAX_PARTS:
         return None
     O, Kr = w_int.shape
     w, kc, nck, nbt = KI.pack_amx_weights(w_int.reshape(O, 1, 1, Kr))
@@ -653,6 +667,13 @@ class PackedLinear(_PackedBase):
       where AMX starts right after the GEMV's last row (ternary weights), as they would never run;
     - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
+
+    Weights of 5-8 bits (:attr:`wide`: the codes as 8-bit GEMV fields) run the GEMV below
+    :data:`WIDE_AMX_MIN_ROWS` rows and, from there, AMX tiles on the folded weights where those fit
+    int8 (:class:`WideAmxWeights`: 5-7 bit DoReFa, ``uniform`` 8-bit); DoReFa 8-bit weights (3 int8
+    parts) and CPUs without AMX run the GEMV at every row count. They ran bit-serial before (8-bit
+    DoReFa at every row count: 3-9x the 4-bit layer's time at one row, 33-209x at 64 rows,
+    ``benchmarks/results/linear_wide_before.md``).
     """
 
     def __init__(self, name: str, layer: nn.Module, wp: WeightPlanes, act: ActSpec) -> None:
@@ -685,35 +706,48 @@ class PackedLinear(_PackedBase):
         # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
         # holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
-        compact = self.gemv is not None and (self.amx is not None or self.amx8 is not None or tables)
+        compact = self.gemv is not None and (self.amx is not None or self.wide or tables)
         if K.HAS_VNNI and codes and not (compact and large):
             self.i8 = int8_weights(wp, (1, 1, wp.K), split=self.wide)
 
     @property
     def wide(self) -> bool:
-        """Whether the GEMV holds 8-bit fields (5-8 bit codes): its rows then run up to
-        :data:`WIDE_AMX_MIN_ROWS` rows where AMX takes over, or, without AMX, up to
-        ``KV.GEMV_MAX_ROWS`` before the int8 kernel (weights in int8 parts)."""
+        """Whether the GEMV holds 8-bit fields (5-8 bit codes): it then runs every row count below
+        :data:`WIDE_AMX_MIN_ROWS` where AMX weights exist (:data:`WIDE_AMX_MAX_PARTS`), else every row
+        count; a small layer's int8 copy (int8 parts) is for the flat executor."""
         return self.gemv is not None and self.gemv.b == KV.WIDE_BITS
 
     def _gemv_rows(self, M: int) -> bool:
-        """Whether M rows run on the GEMV."""
-        if self.amx8 is not None:
-            return M < WIDE_AMX_MIN_ROWS
+        """Whether M rows run on the GEMV: up to ``GEMV_MAX_ROWS``; 8-bit fields below
+        :data:`WIDE_AMX_MIN_ROWS` where they have AMX weights, else at every row count (the int8
+        kernel on 3 int8 parts measured 1.2-4.8x the GEMV's time at 1-16 rows of 4096x4096, on 1 part
+        0.8-3.5x; ``ab_linear_wide.py``)."""
+        if self.wide:
+            return self.amx8 is None or M < WIDE_AMX_MIN_ROWS
         return self.gemv is not None and M <= KV.GEMV_MAX_ROWS
 
     def _amx8_forward(self, arr: np.ndarray, mode: int, hi: float, mult: float, sx: float, ma: float,
                       out: np.ndarray) -> None:
-        """M >= 16 rows (codes of ``arr``: fused formula or given) on AMX tiles with the weights in int8
-        parts: a 1x1 convolution over one image of M pixels (``kernels_int8.amx_conv``)."""
+        """Rows (codes of ``arr``: fused formula or given) on AMX tiles with the weights in int8 parts:
+        a 1x1 convolution over one image of M pixels (``kernels_int8.amx_conv``), fewer than 16 rows
+        padded with zero rows (their outputs dropped)."""
         a8 = self.amx8
         assert a8 is not None
         M, Kr = arr.shape
         O = self.out_features
-        xq = KI.int8_quantize(arr.reshape(1, 1, M, Kr), (0, 0), hi, mult, mode)
-        geo = np.array([1, M, Kr, 1, M, 1, 1, 1, O], np.int64)
+        Mp = max(M, _AMX_IMAGE_ROWS)
+        if Mp > M:
+            pad = np.zeros((Mp, Kr), arr.dtype)
+            pad[:M] = arr
+            arr, dst = pad, np.empty((Mp, O), np.float32)
+        else:
+            dst = out
+        xq = KI.int8_quantize(arr.reshape(1, 1, Mp, Kr), (0, 0), hi, mult, mode)
+        geo = np.array([1, Mp, Kr, 1, Mp, 1, 1, 1, O], np.int64)
         s0, s1 = self._amx8_coeffs(sx, ma)
-        KI.amx_conv(xq, geo, a8.koff, a8.w, a8.cfg, a8.kc, a8.nbt, s0, s1, self.relu, out)
+        KI.amx_conv(xq, geo, a8.koff, a8.w, a8.cfg, a8.kc, a8.nbt, s0, s1, self.relu, dst)
+        if dst is not out:
+            out[:] = dst[:M]
 
     def _amx8_coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the wide AMX path, ``y = s1*D + s0`` with ``D = sum_r w_int*a``, zero padded to
@@ -809,7 +843,7 @@ class PackedLinear(_PackedBase):
                 gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
             amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
             if self.amx8 is not None:
-                gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"< {WIDE_AMX_MIN_ROWS}")
+                gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"<= {WIDE_AMX_MIN_ROWS - 1}")
                 amx = f" / amx on {self.amx8.parts} int8 part(s) (>= {WIDE_AMX_MIN_ROWS} rows)"
             return gemv + (" / int8" if self.i8 is not None else "") + lut + amx
         if self.i8 is None:
