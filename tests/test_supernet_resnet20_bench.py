@@ -130,3 +130,17 @@ def test_cifar_table_differences_follow_from_the_numbers(bench) -> None:
     assert "`sandwich` minus alone, test accuracy, mean over the 2 sub-nets trained alone: +2.50 pp" in md
     assert "`des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: -1.00 pp" in md
 
+
+
+def test_activation_stats_count_inputs_below_half_a_step(bench) -> None:
+    torch.manual_seed(0)
+    first = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(4))  # the quantized layer sees relu(x) exactly
+    sn = Supernet(nn.Sequential(first, nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                  [{"name": "b2", "bits": 2}], (4,), activation={"method": "pact", "alpha_init": 3.0}).eval()
+    x = torch.tensor([[0.1, 0.4, 0.6, 2.0], [-1.0, 0.49, 0.51, 5.0]])
+    st = bench.activation_stats(sn, [(x, torch.zeros(2, dtype=torch.long))])["b2"]
+    # 2 bits, clip 3: step 1, so positive inputs below 0.5 round to zero: 0.1, 0.4, 0.49 of 7 positive
+    assert st["act_zeroed"] == pytest.approx(3 / 7, abs=1e-12)
+    assert st["pact_alpha_min"] == st["pact_alpha_max"] == 3.0

@@ -211,7 +211,7 @@ def packed_agreement(sn: Supernet, engines: Any, setup: Setup, a: argparse.Names
     runtime's sub-net (loaded from the file) and of the fake-quantized supernet, and how often their
     top-1 classes agree."""
     _, val, _ = get_data(setup, argparse.Namespace(**{**vars(a), "val": n_images}))
-    out: dict[str, dict[str, float]] = {}
+    out = activation_stats(sn, val)
     with torch.inference_mode():
         for n in sn.names:
             hit_p = hit_q = same = total = 0
@@ -221,8 +221,45 @@ def packed_agreement(sn: Supernet, engines: Any, setup: Setup, a: argparse.Names
                 hit_q += int((q == y).sum())
                 same += int((p == q).sum())
                 total += y.numel()
-            out[n] = {"packed_val_acc": hit_p / total, "fakequant_val_acc": hit_q / total,
+            out[n] |= {"packed_val_acc": hit_p / total, "fakequant_val_acc": hit_q / total,
                       "packed_top1_agree": same / total, "agree_images": total}
+    return out
+
+
+def activation_stats(sn: Supernet, val: Any) -> dict[str, dict[str, float]]:
+    """Per sub-net: the learned PACT clip levels (min / mean / max over layers) and the share of the
+    quantized layers' positive inputs that round to zero (below half a quantization step) on ``val``."""
+    from lowbit.nn.supernet import _SwitchLayer
+
+    counts: dict[str, list[int]] = {}
+
+    def hook(m: Any, args: Any) -> None:
+        key = str(sn.plan(sn.subnet).spec.a_bits)
+        if key not in m.aq:
+            return
+        x, step = args[0].detach().float(), float(m.aq[key].alpha) / (2 ** int(key) - 1)
+        c = counts.setdefault(sn.subnet, [0, 0])
+        c[0] += int((x > 0).sum())
+        c[1] += int(((x > 0) & (x < step / 2)).sum())
+
+    layers = [m for m in sn.modules() if isinstance(m, _SwitchLayer) and len(m.aq)]
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with torch.inference_mode():
+            for n in sn.names:
+                sn.set_subnet(n)
+                for x, _ in val:
+                    sn(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in sn.names:
+        key = str(sn.plan(n).spec.a_bits)
+        al = [float(m.aq[key].alpha.detach()) for m in layers if key in m.aq]
+        c = counts.get(n, [0, 0])
+        out[n] = {"pact_alpha_min": min(al, default=math.nan), "pact_alpha_mean": sum(al) / max(1, len(al)),
+                  "pact_alpha_max": max(al, default=math.nan), "act_zeroed": c[1] / max(1, c[0])}
     return out
 
 
@@ -428,6 +465,13 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
             lines.append(f"- `{v}` minus alone, test accuracy, mean over the {len(d)} sub-nets trained "
                          f"alone: {sum(d) / len(d):+.2f} pp (per sub-net " + ", ".join(f"{x:+.2f}" for x in d)
                          + ").")
+    if rows and "act_zeroed" in rows[0]:
+        per = [f"{r['name']} {r['pact_alpha_min']:.2f} / {r['pact_alpha_mean']:.2f} / "
+               f"{r['pact_alpha_max']:.2f}, {100 * r['act_zeroed']:.1f}%" for r in rows]
+        k = rows[0]["agree_images"]
+        lines.append(f"- Activation quantizers of the served supernet, on the same {k:,} validation images: "
+                     "learned PACT clip levels (min / mean / max over layers) and the share of positive "
+                     "inputs rounded to zero: " + "; ".join(per) + ".")
     if set(variants) == {"sandwich", "des"}:
         d = [100 * (r["des_test"] - r["sandwich_test"]) for r in rows]
         lines.append(f"- `des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: "
