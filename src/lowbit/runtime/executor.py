@@ -17,11 +17,17 @@ stays zero). The interpreter runs the whole program on one chunk of images, then
 chunk's activations stay in cache (``CHUNK_BYTES``). Programs and arenas are made
 once per input shape (and per calling thread, so that concurrent callers do not share arenas).
 
-Threads: with more than one numba thread and at least ``MIN_SPLIT`` images per thread, the
-batch is cut into pieces (``PIECES_PER_THREAD`` per thread, at most a chunk each) that the
-calling thread and the runtime's workers take from a shared counter, each running the program
-on its own arena (the interpreter releases the GIL); a smaller batch (batch 1) runs on the
-calling thread alone, so a second thread never slows it down.
+Threads: a batch is split over threads only where splitting can pay (:func:`split_step`): more
+than one numba thread, at least ``MIN_SPLIT`` images per thread, and each thread's share of the
+work at least ``MIN_THREAD_WORK_S``, the work being the images times the program's time per image
+(``Program.t_img``, the least per-image time of its serial calls on this machine; unknown until
+one has run, so a shape's first call is serial). The batch is then cut into pieces (at least
+``PIECES_PER_THREAD`` per thread, at most a chunk each, each at least half a thread's minimum
+share) that the calling thread and the runtime's workers take from a shared counter, each running
+the program on its own arena (the interpreter releases the GIL). Anything smaller, batch 1
+always, runs on the calling thread alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US``
+sets the minimum share in microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per
+thread, as before the rule.
 
 Operations (``prog[i, 0]``): quantize a float tensor into a padded code image (the model input
 or an intermediate), int8 convolution (Linear layers as 1x1 convolutions over rows) with its
@@ -34,8 +40,11 @@ flattened and runs module by module (:func:`plan` raises :class:`UnsupportedGrap
 from __future__ import annotations
 
 import itertools
+import math
 import operator
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numba
@@ -79,6 +88,45 @@ MAX_CHUNK = 64
 MIN_SPLIT = 2  # images per thread before a batch is split over threads
 PIECES_PER_THREAD = 4
 _ALIGN = 64
+
+
+def _min_thread_work_s(default_us: float = 100.0) -> float:
+    """``LOWBIT_FLAT_MIN_THREAD_US`` (microseconds, >= 0) in seconds, else ``default_us``."""
+    raw = os.environ.get("LOWBIT_FLAT_MIN_THREAD_US")
+    if raw is None or not raw.strip():
+        return default_us * 1e-6
+    try:
+        us = float(raw)
+    except ValueError:
+        us = -1.0
+    if not us >= 0.0 or math.isinf(us):
+        raise ValueError(f"LOWBIT_FLAT_MIN_THREAD_US={raw!r}: expected a number of microseconds >= 0")
+    return us * 1e-6
+
+
+# A batch is split over threads only where each thread gets at least this much work (seconds of
+# one core). Handing a piece to a worker and waiting for it took 9-15 us (median 13.5 us) on this
+# 2-core machine under load; two threads pay from about twice that, and a worker woken on a busy
+# machine can take far longer, so the share is ~7x the hand-off (the kernels' PARALLEL_MIN_WORK
+# is of the same order). Measured serial times per image: LeNet-5 11-21 us, ResNet-20 100-125 us,
+# so LeNet-5 splits from ~20 images, ResNet-20 from 2-4 (benchmarks/speed/bench_flat_split.py).
+MIN_THREAD_WORK_S = _min_thread_work_s()
+
+
+def split_step(B: int, nt: int, t_img: float, chunk: int, min_thread_s: float | None = None) -> int:
+    """Images per piece when a batch of ``B`` images runs on ``nt`` threads, or 0: run it on the
+    calling thread alone. ``t_img``: the program's time per image in seconds (``inf``: unknown,
+    treated as unknown work, i.e. not split unless ``min_thread_s`` is 0)."""
+    ms = MIN_THREAD_WORK_S if min_thread_s is None else min_thread_s
+    if nt <= 1 or MIN_SPLIT * nt > B:
+        return 0
+    if ms > 0.0:
+        if not math.isfinite(t_img) or B * t_img < ms * nt:
+            return 0
+        least = math.ceil(0.5 * ms / t_img)  # a piece is worth at least half a thread's share
+    else:
+        least = 1
+    return max(1, min(chunk, max(-(-B // (PIECES_PER_THREAD * nt)), least)))
 
 
 class UnsupportedGraphError(ValueError):
@@ -277,6 +325,8 @@ class Program:
     fa_size: int
     ca_size: int
     chunk: int
+    # least seconds per image of a serial call (inf until one ran): the thread rule's work measure
+    t_img: float = math.inf
 
     def arenas(self) -> tuple[np.ndarray, np.ndarray]:
         """Zeroed float and code arenas, each starting on a 64-byte line (every region offset is a
@@ -726,6 +776,8 @@ class FlatExecutor:
         self._lock = threading.Lock()
         # one image: (input shape, calling thread) -> (program, its arenas, per-image shape, output shape)
         self._one: dict[tuple, tuple] = {}
+        # threads the last general-path call ran its program on (the one-image path: always 1)
+        self.last_threads = 1
 
     def program(self, shape: tuple[int, ...]) -> Program | None:
         """The program for per-image ``shape`` (None: this graph does not flatten)."""
@@ -802,11 +854,12 @@ class FlatExecutor:
         if arenas is None:
             arenas = self._local.__dict__.setdefault("arenas", {})
         nt = _threads.num_threads()
-        if nt > 1 and MIN_SPLIT * nt <= B:
-            # dynamic schedule: PIECES_PER_THREAD pieces per thread taken from a shared counter, so
-            # that a thread the OS does not run (a busy machine) delays nobody: the others take
-            # its pieces (a static split waits for the slowest part)
-            step = max(1, min(prog.chunk, -(-B // (PIECES_PER_THREAD * nt))))
+        step = split_step(B, nt, prog.t_img, prog.chunk)
+        self.last_threads = nt if step else 1
+        if step:
+            # dynamic schedule: pieces taken from a shared counter, so that a thread the OS does not
+            # run (a busy machine) delays nobody: the others take its pieces (a static split waits
+            # for the slowest part)
             pieces = [(lo, min(B, lo + step)) for lo in range(0, B, step)]
             counter = itertools.count()
             n = prog.out_numel
@@ -825,7 +878,11 @@ class FlatExecutor:
         else:
             a = arenas.get((shape, 0))
             fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)
+            t0 = time.perf_counter()
             _run(prog.prog, prog.aux, prog.w8, prog.sc, x4, out, prog.oinfo, fa, ca, B, prog.chunk)
+            t = (time.perf_counter() - t0) / B
+            if t < prog.t_img and a is not None:  # not the call that made the arenas (page faults)
+                prog.t_img = t
             if B == 1 and x.is_cpu:
                 if len(self._one) > 64:  # many threads or shapes: start again
                     self._one.clear()
