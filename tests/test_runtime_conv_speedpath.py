@@ -183,6 +183,7 @@ def test_flat_executor_vnni_only_and_threads(monkeypatch):
     prog = packed.executor.program((3, 8, 8))
     assert not prog.prog[:, 29].any()
     monkeypatch.setattr(executor, "CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(executor, "MIN_THREAD_WORK_S", 0.0)  # split these small batches too
     prev = numba.get_num_threads()
     try:
         for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
@@ -195,7 +196,8 @@ def test_flat_executor_vnni_only_and_threads(monkeypatch):
 
 
 @needs_amx
-def test_flat_executor_amx_two_threads_and_chunks():
+def test_flat_executor_amx_two_threads_and_chunks(monkeypatch):
+    monkeypatch.setattr(executor, "MIN_THREAD_WORK_S", 0.0)  # split this small batch too
     model = _model("resnet20", "4bit")
     x = torch.rand(6, 3, 16, 16)
     packed = rt.compile(model, x[:2])
