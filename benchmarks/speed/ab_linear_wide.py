@@ -1,9 +1,11 @@
 """Which kernel a Linear layer with 5-8 bit weights should run at few rows: ``layer`` (the layer as
-built: the GEMV below ``layers.WIDE_AMX_MIN_ROWS`` rows, AMX tiles on int8 parts from there, padded
-to 16 rows), ``gemv8`` (the GEMV on 8-bit fields, ``kernels_gemv.WIDE_BITS``, at every row count),
-``int8-parts`` (the int8 kernel on int8 parts, ``kernels_int8.int8_conv``, a 1x1 convolution over
-the rows) and ``bit-serial`` (``gemm_rows`` / ``gemm_cols`` on the weight planes, what such layers
-ran before outside the flat executor), side by side in one process.
+built: the GEMV below ``wide_amx_min_rows`` rows, AMX tiles from there, padded to 16 rows: from 8
+rows where the weights fit int8, from 64 for DoReFa 8-bit's 3 int8 parts), ``gemv8`` (the GEMV on
+8-bit fields, ``kernels_gemv.WIDE_BITS``, at every row count), ``amx-parts`` (AMX from 8 rows
+whatever the int8 parts: DoReFa 8-bit's 3 parts too), ``int8-parts`` (the int8 kernel on int8
+parts, ``kernels_int8.int8_conv``, a 1x1 convolution over the rows) and ``bit-serial``
+(``gemm_rows`` / ``gemm_cols`` on the weight planes, what such layers ran before outside the flat
+executor), side by side in one process.
 
     python benchmarks/speed/ab_linear_wide.py                     # 1024 and 4096, rows 1 4 8 12 16
     python benchmarks/speed/ab_linear_wide.py --sizes 4096 --rows 1 8 --variants w8a8
@@ -36,11 +38,12 @@ from harness import _infer, set_threads, time_interleaved
 log = logging.getLogger("ab_linear_wide")
 
 VARIANTS = {"w5a8": 5, "w8a8": 8}
-KERNELS = ("gemv8", "int8-parts", "bit-serial")
+KERNELS = ("gemv8", "amx-parts", "int8-parts", "bit-serial")
 
 
 def layers(n: int, bits: int) -> dict[str, Any]:
     import lowbit
+    from lowbit.runtime import layers as L
     from lowbit.runtime.layers import build_packed, int8_weights
 
     torch.manual_seed(n + bits)
@@ -54,13 +57,15 @@ def layers(n: int, bits: int) -> dict[str, Any]:
     gemv = build_packed("fc", lin)
     gemv.amx8 = None
     gemv._gemv_rows = lambda M: True  # the GEMV at every row count
+    amx = build_packed("fc", lin)  # AMX from WIDE_AMX_MIN_ROWS rows whatever the int8 parts
+    amx._gemv_rows = lambda M: amx.amx8 is None or M < L.WIDE_AMX_MIN_ROWS
     i8 = build_packed("fc", lin)
     i8.gemv, i8.amx8 = None, None
     i8.i8 = int8_weights(i8.wp, (1, 1, n), split=True)
     i8._rows = lambda M: False  # the int8 kernel at every row count, one row included
     serial = build_packed("fc", lin)
     serial.gemv, serial.amx8, serial.i8 = None, None, None
-    return {"layer": built, "gemv8": gemv, "int8-parts": i8, "bit-serial": serial}
+    return {"layer": built, "gemv8": gemv, "amx-parts": amx, "int8-parts": i8, "bit-serial": serial}
 
 
 def run(sizes: list[int], rows: list[int], variants: list[str], budget: float, kernels: list[str]

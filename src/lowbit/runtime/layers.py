@@ -321,9 +321,10 @@ def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None, wide: bool = Fal
 
 #: wide (8-bit field) Linear layers with AMX weights run this many rows and more on AMX tiles (the
 #: int8 conv kernel over the rows, padded to the 16 it needs); fewer rows, and every row count where
-#: there are no AMX weights, run the GEMV on the 8-bit fields. DoReFa 5-bit 4096x4096 at 8 / 12 rows:
-#: AMX 1.60 / 1.58 ms, GEMV 5.3 / 4.5 ms; 1024x1024 0.12 / 0.14 against 0.09 / 0.12 ms (one thread,
-#: loaded machine, ``benchmarks/speed/ab_linear_wide.py``)
+#: there are no AMX weights, run the GEMV on the 8-bit fields. DoReFa 5-bit 4096x4096 at 8 / 12 / 16
+#: rows: AMX 1.54 / 1.51 / 1.53 ms, GEMV 5.3 / 2.7 / 6.7 ms; 1024x1024 0.14 / 0.15 / 0.13 against
+#: 0.09 / 0.12 / 0.14 ms (there the GEMV is faster up to 12 rows; one thread, loaded machine,
+#: ``benchmarks/results/ab_linear_wide.md``)
 WIDE_AMX_MIN_ROWS = 8
 #: rows of one image the AMX conv kernel needs (``kernels_int8._amx_conv_range``)
 _AMX_IMAGE_ROWS = 16
@@ -350,20 +351,20 @@ class WideAmxWeights:
         return int(self.w.nbytes)
 
 
-#: wide Linear layers go to AMX only where their folded weights need at most this many int8 parts.
-#: DoReFa 8-bit weights (3 parts) measured no faster on AMX than on the GEMV's 8-bit fields at 16-64
-#: rows (4096x4096: 2.1 / 8.0 / 13.4 ms against 2.3 / 5.0 / 14.2 at 16 / 32 / 64 rows; 1024x1024 0.18
-#: / 0.23 / 0.35 against 0.12 / 0.20 / 0.35; one thread, loaded machine, ``ab_linear_wide.py``) while
-#: holding 3 bytes per weight; 1-part weights ran 2.9-6.2x faster on AMX at 16-64 rows of 4096x4096
-WIDE_AMX_MAX_PARTS = 1
+#: ... and from this many rows where their folded weights need several int8 parts (DoReFa 8-bit:
+#: 3), each K chunk multiplied once per part. 4096x4096 w8a8 at 8 / 16 / 32 / 64 rows: AMX on 3 parts
+#: 7.8 / 7.9 / 9.4 / 15.5 ms, the GEMV on 8-bit fields 1.7 / 6.7 / 10.4 / 23.8 ms; 1024x1024 0.23 /
+#: 0.23 / 0.29 / 0.43 against 0.09 / 0.14 / 0.22 / 0.39 ms (one thread, loaded machine,
+#: ``benchmarks/results/ab_linear_wide_parts.md``; an earlier run had 13.4 against 14.2 ms at 64 rows)
+WIDE_AMX_MIN_ROWS_PARTS = 64
 
 
 def wide_amx_weights(folded: tuple[np.ndarray, float]) -> WideAmxWeights | None:
     """:class:`WideAmxWeights` of folded weights ``(w_int, unit)`` (O, K); None beyond
-    :data:`WIDE_AMX_MAX_PARTS` int8 parts."""
+    ``kernels_int8.MAX_INT8_PARTS`` int8 parts."""
     w_int, unit = folded
     parts = KI.int8_parts(w_int)
-    if not 1 <= parts <= WIDE_AMX_MAX_PARTS:
+    if parts == 0:
         return None
     O, Kr = w_int.shape
     w, kc, nck, nbt = KI.pack_amx_weights(w_int.reshape(O, 1, 1, Kr))
@@ -669,9 +670,10 @@ class PackedLinear(_PackedBase):
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
 
     Weights of 5-8 bits (:attr:`wide`: the codes as 8-bit GEMV fields) run the GEMV below
-    :data:`WIDE_AMX_MIN_ROWS` rows and, from there, AMX tiles on the folded weights where those fit
-    int8 (:class:`WideAmxWeights`: 5-7 bit DoReFa, ``uniform`` 8-bit); DoReFa 8-bit weights (3 int8
-    parts) and CPUs without AMX run the GEMV at every row count. They ran bit-serial before (8-bit
+    :data:`WIDE_AMX_MIN_ROWS` rows and, from there, AMX tiles on the folded weights
+    (:class:`WideAmxWeights`: one int8 part for 5-7 bit DoReFa and ``uniform`` 8-bit; DoReFa
+    8-bit's 3 parts from :data:`WIDE_AMX_MIN_ROWS_PARTS` rows); CPUs without AMX run the GEMV at
+    every row count. They ran bit-serial before (8-bit
     DoReFa at every row count: 3-9x the 4-bit layer's time at one row, 33-209x at 64 rows,
     ``benchmarks/results/linear_wide_before.md``).
     """
@@ -713,18 +715,25 @@ class PackedLinear(_PackedBase):
     @property
     def wide(self) -> bool:
         """Whether the GEMV holds 8-bit fields (5-8 bit codes): it then runs every row count below
-        :data:`WIDE_AMX_MIN_ROWS` where AMX weights exist (:data:`WIDE_AMX_MAX_PARTS`), else every row
-        count; a small layer's int8 copy (int8 parts) is for the flat executor."""
+        :attr:`wide_amx_min_rows` where AMX weights exist, else every row count; a small layer's int8
+        copy (int8 parts) is for the flat executor."""
         return self.gemv is not None and self.gemv.b == KV.WIDE_BITS
 
     def _gemv_rows(self, M: int) -> bool:
         """Whether M rows run on the GEMV: up to ``GEMV_MAX_ROWS``; 8-bit fields below
-        :data:`WIDE_AMX_MIN_ROWS` where they have AMX weights, else at every row count (the int8
-        kernel on 3 int8 parts measured 1.2-4.8x the GEMV's time at 1-16 rows of 4096x4096, on 1 part
-        0.8-3.5x; ``ab_linear_wide.py``)."""
+        :attr:`wide_amx_min_rows` where they have AMX weights, else at every row count (the int8
+        kernel on 3 int8 parts measured 1.8-7.5x the GEMV's time at 1-16 rows of 4096x4096, on 1 part
+        1.0-4.4x; ``benchmarks/results/ab_linear_wide.md``)."""
         if self.wide:
-            return self.amx8 is None or M < WIDE_AMX_MIN_ROWS
+            return self.amx8 is None or self.wide_amx_min_rows > M
         return self.gemv is not None and M <= KV.GEMV_MAX_ROWS
+
+    @property
+    def wide_amx_min_rows(self) -> int:
+        """Rows from which a wide layer runs on AMX: :data:`WIDE_AMX_MIN_ROWS`, or
+        :data:`WIDE_AMX_MIN_ROWS_PARTS` where its weights are several int8 parts."""
+        a8 = self.amx8
+        return WIDE_AMX_MIN_ROWS if a8 is None or a8.parts == 1 else WIDE_AMX_MIN_ROWS_PARTS
 
     def _amx8_forward(self, arr: np.ndarray, mode: int, hi: float, mult: float, sx: float, ma: float,
                       out: np.ndarray) -> None:
@@ -843,8 +852,9 @@ class PackedLinear(_PackedBase):
                 gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
             amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
             if self.amx8 is not None:
-                gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"<= {WIDE_AMX_MIN_ROWS - 1}")
-                amx = f" / amx on {self.amx8.parts} int8 part(s) (>= {WIDE_AMX_MIN_ROWS} rows)"
+                r = self.wide_amx_min_rows
+                gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"<= {r - 1}")
+                amx = f" / amx on {self.amx8.parts} int8 part(s) (>= {r} rows)"
             return gemv + (" / int8" if self.i8 is not None else "") + lut + amx
         if self.i8 is None:
             return "bit-serial" + lut
