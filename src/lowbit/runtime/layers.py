@@ -352,10 +352,11 @@ class WideAmxWeights:
 
 
 #: ... and from this many rows where their folded weights need several int8 parts (DoReFa 8-bit:
-#: 3), each K chunk multiplied once per part. 4096x4096 w8a8 at 8 / 16 / 32 / 64 rows: AMX on 3 parts
-#: 7.8 / 7.9 / 9.4 / 15.5 ms, the GEMV on 8-bit fields 1.7 / 6.7 / 10.4 / 23.8 ms; 1024x1024 0.23 /
-#: 0.23 / 0.29 / 0.43 against 0.09 / 0.14 / 0.22 / 0.39 ms (one thread, loaded machine,
-#: ``benchmarks/results/ab_linear_wide_parts.md``; an earlier run had 13.4 against 14.2 ms at 64 rows)
+#: 3), each K chunk multiplied once per part. 4096x4096 w8a8, AMX on 3 parts against the GEMV on
+#: 8-bit fields: 3.7 / 3.6 / 9.9 against 1.4 / 2.7 / 7.1 ms at 8 / 16 / 32 rows, 16.6 against 16.1 at
+#: 64, 28.0 / 55.3 against 31.2 / 60.0 at 128 / 256; 1024x1024 0.21 / 0.40 / 1.08 against 0.09 /
+#: 0.39 / 1.42 ms at 8 / 64 / 256 rows (one thread, loaded machine,
+#: ``benchmarks/results/ab_linear_wide_parts*.md``)
 WIDE_AMX_MIN_ROWS_PARTS = 64
 
 
