@@ -143,6 +143,24 @@ STATIC_EPILOGUES = (EPI_RELU | EPI_CODES | EPI_F32, EPI_RELU | EPI_FLOAT | EPI_R
                     EPI_RELU | EPI_FLOAT | EPI_RESIDUAL, EPI_RELU | EPI_FLOAT | EPI_CODES)
 
 
+def branch_on_flags(builder: ir.IRBuilder, flags, rows, name: str) -> None:
+    """Emit ``rows(static)`` once per :data:`STATIC_EPILOGUES` value, each in a block entered when
+    ``flags`` (an integer LLVM value) equals it, and ``rows(None)`` (flags read at run time)
+    otherwise: the flag combinations of conv nets get loops without branches on the flags."""
+    done = builder.function.append_basic_block(f"{name}_done")
+    for static in STATIC_EPILOGUES:
+        nxt = builder.function.append_basic_block(f"{name}_not_{static}")
+        body = builder.function.append_basic_block(f"{name}_{static}")
+        builder.cbranch(builder.icmp_unsigned("==", flags, ir.Constant(flags.type, static)), body, nxt)
+        builder.position_at_end(body)
+        rows(static)
+        builder.branch(done)
+        builder.position_at_end(nxt)
+    rows(None)
+    builder.branch(done)
+    builder.position_at_end(done)
+
+
 def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
     v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(_V16I32, [0] * 16))
@@ -436,19 +454,7 @@ def amx_epilogue(NB: int):
                     o = builder.mul(j, sta)
                     epi.row(ds, builder.gep(op, [o]), builder.gep(rsp, [o]), builder.gep(cdp, [o]), static)
 
-            # the flag combinations of conv nets get loops without branches on the flags
-            done = builder.function.append_basic_block("epi_done")
-            for static in STATIC_EPILOGUES:
-                nxt = builder.function.append_basic_block(f"epi_not_{static}")
-                body = builder.function.append_basic_block(f"epi_{static}")
-                builder.cbranch(builder.icmp_unsigned("==", fla, i64(static)), body, nxt)
-                builder.position_at_end(body)
-                rows(static)
-                builder.branch(done)
-                builder.position_at_end(nxt)
-            rows(None)
-            builder.branch(done)
-            builder.position_at_end(done)
+            branch_on_flags(builder, fla, rows, "epi")
             return context.get_dummy_value()
 
         return sig, codegen

@@ -24,10 +24,10 @@ from ._jit import (
     EPI_FLOAT,
     EPI_RELU,
     EPI_RESIDUAL,
-    STATIC_EPILOGUES,
     VNNI_TILES,
     _array_ptr,
     _Epilogue,
+    branch_on_flags,
     kernel,
     vnni_row_1,
     vnni_row_2,
@@ -614,19 +614,7 @@ def amx_tile_epilogue(NB: int):
                     w1 = builder.add(w, c(1))
                     builder.store(builder.select(builder.icmp_signed("==", w1, wpa), c(0), w1), ow)
 
-            # the flag combinations of conv nets get loops without branches on the flags
-            done = builder.function.append_basic_block("tepi_done")
-            for static in STATIC_EPILOGUES:
-                nxt = builder.function.append_basic_block(f"tepi_not_{static}")
-                body = builder.function.append_basic_block(f"tepi_{static}")
-                builder.cbranch(builder.icmp_unsigned("==", fla, c(static)), body, nxt)
-                builder.position_at_end(body)
-                rows(static)
-                builder.branch(done)
-                builder.position_at_end(nxt)
-            rows(None)
-            builder.branch(done)
-            builder.position_at_end(done)
+            branch_on_flags(builder, fla, rows, "tepi")
             return context.get_dummy_value()
 
         return sig, codegen
