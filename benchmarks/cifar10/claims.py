@@ -13,8 +13,9 @@ runs it needs, the checks that give verdicts). Every quantized run starts from t
 ResNet-20 of the same seed (``init="float"``) unless it says ``"scratch"``; paired claims
 compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds the schedules:
 
-- ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.7%
-  in benchmarks/results/cifar10.md), quantized fine-tunes 5 epochs (each recipe's optimizer) under
+- ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.03 ±
+  0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs (each
+  recipe's optimizer) under
   bf16 autocast (the CPU's AMX: 1.6-2x faster per epoch; quantizers and their scales stay fp32), one
   thread per run, two runs side by side; 3 seeds for the paired claims (BCGD with first/last float,
   DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ), 1 for the rest. At about 133 s
@@ -1127,9 +1128,10 @@ def job_progress(jobs: list[Job], budget: Budget, runs: Path) -> list[dict[str, 
     return out
 
 
-#: reference speed on this machine, less loaded (benchmarks/results/cifar10.md): float ResNet-20 67 s
-#: per epoch on 2 threads, quantized fine-tunes 129-136 s per epoch on one thread, two side by side;
-#: one thread is taken as 133 s per epoch for both (2 x 67: an upper bound for the float model)
+#: reference speed on this machine, less loaded (an earlier benchmarks/repro/run_cifar10.py run):
+#: float ResNet-20 67 s per epoch on 2 threads, quantized fine-tunes 129-136 s per epoch on one thread,
+#: two side by side; one thread is taken as 133 s per epoch for both (2 x 67: an upper bound for the
+#: float model)
 REF_EPOCH_S = 133.0
 
 
