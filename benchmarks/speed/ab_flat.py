@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numba
 import torch
 from common import ROOT, run_meta, write_results
-from harness import _quiet, _randomize_bn, ort_session, quantized_model
+from harness import _quiet, _randomize_bn, ort_session, quantized_model, time_interleaved
 
 from lowbit.models import build_model
 from lowbit.runtime import compile as rt_compile
@@ -103,23 +101,11 @@ def main(argv: list[str] | None = None) -> None:
             fns[(key, "torch-fp32")] = tf
         fns[(key, "base")] = lambda p=old, x=x: p(x)
         fns[(key, "new")] = lambda p=new, x=x: p(x)
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    times = {k: [] for k in fns}
-    keys = list(fns)
-    rng = random.Random(a.seed)
-    t0 = time.time()
-    while time.time() - t0 < a.budget_s:
-        rng.shuffle(keys)
-        for k in keys:
-            s = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - s)
+    times = time_interleaved(fns, max_rounds=1 << 20, budget_s=a.budget_s, seed=a.seed)
     rows = []
     for key in cases:
-        med = {m: 1e6 * statistics.median(v) for (c, m), v in times.items() if c == key}
-        rows.append({"case": key, "rounds": len(times[(key, "new")]),
+        med = {m: 1e6 * v["median_s"] for (c, m), v in times.items() if c == key}
+        rows.append({"case": key, "rounds": times[(key, "new")]["rounds"],
                      **{f"{m}_us": v for m, v in med.items()},
                      "base_vs_ort": med["ort-fp32"] / med["base"], "new_vs_ort": med["ort-fp32"] / med["new"],
                      "base_over_new": med["base"] / med["new"]})

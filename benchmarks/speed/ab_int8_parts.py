@@ -16,17 +16,17 @@ over ``--budget-s`` seconds. Writes benchmarks/results/<name>.{json,md} (default
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numba
 import torch
 from common import ROOT, run_meta, write_results
+from harness import time_interleaved
 
 import lowbit
 from lowbit.models import build_model
@@ -98,24 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         for b, x in xs.items():
             fns[(name, b, "bit-serial")] = lambda pm=old, x=x: pm(x)
             fns[(name, b, "int8 parts")] = lambda pm=new, x=x: pm(x)
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    keys = list(fns)
-    rng = random.Random(a.seed)
-    t0 = time.time()
-    while time.time() - t0 < a.budget_s:
-        rng.shuffle(keys)
-        for k in keys:
-            s = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - s)
+    times = time_interleaved(fns, max_rounds=1 << 20, budget_s=a.budget_s, seed=a.seed)
     rows = []
     for name in info:
         for b in BATCHES:
-            o, n = (1e3 * statistics.median(times[(name, b, t)]) for t in ("bit-serial", "int8 parts"))
+            o, n = (1e3 * times[(name, b, t)]["median_s"] for t in ("bit-serial", "int8 parts"))
             rows.append({"model": name, "batch": b, "bit_serial_ms": o, "int8_parts_ms": n, "speedup": o / n,
-                         "rounds": len(times[(name, b, "int8 parts")])})
+                         "rounds": times[(name, b, "int8 parts")]["rounds"]})
     meta = run_meta(__file__, argv, t_start, seeds=[a.seed], supernet=a.supernet, width=a.width,
                     budget_s=a.budget_s)
     lines = [
