@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="load-test lowbit serve on loopback: policies x traces")
     bs.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
     bs.add_argument("--policies", nargs="+", default=["slackfit", "max-accuracy", "fixed:all"],
-                    help="slackfit, max-accuracy, fixed:<name>; fixed:all = every sub-net")
+                    help="slackfit, slackfit-queue, max-accuracy, fixed:<name>; fixed:all = every sub-net")
     bs.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
     bs.add_argument("--rate", type=float, default=None,
                     help="mean requests per second (default: --load x the most accurate sub-net's capacity)")
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--slo-ms", type=float, default=30.0, help="latency target per request (ms)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--policy", default="slackfit", help="slackfit | max-accuracy | fixed:<name>")
+    sv.add_argument("--policy", default="slackfit",
+                    help="slackfit | slackfit-queue | max-accuracy | fixed:<name>")
     sv.add_argument("--max-batch", type=int, default=32)
     sv.add_argument("--max-queue", type=int, default=1024, help="queued requests beyond this get 503")
     sv.add_argument("--threads", type=int, default=1, help="inference threads")
