@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -250,41 +251,104 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+def others_cpu_s() -> float | None:
+    """CPU seconds used so far by every thread of this process but the calling one
+    (``/proc/self/task/*/schedstat``, exact for running threads too); None without ``/proc``."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    ns = 0
+    for tid in tids:
+        if int(tid) != me:
+            path = f"/proc/self/task/{tid}/schedstat"
+            with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:  # (a thread may end)
+                ns += int(f.read().split()[0])
+    return ns * 1e-9
+
+
+# Settle: the calling thread sleeps in windows of SETTLE_WINDOW_S until one window in which the
+# process's other threads used at most SETTLE_IDLE of it, at most SETTLE_MAX_S. After a 2-thread
+# call, onnxruntime's intra-op pool spun about one core for 30-45 ms and PyTorch's OpenMP workers up
+# to ~10 ms; nothing spun after any 1-thread call nor after lowbit's (threads_contamination.md).
+SETTLE_WINDOW_S = 0.004
+SETTLE_IDLE = 0.05
+SETTLE_MAX_S = 0.3
+
+
+def settle(
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+    others: Callable[[], float | None] = others_cpu_s,
+) -> float:
+    """Wait until the other threads of this process are idle (the pools another runtime's call left
+    spinning have parked); returns the seconds waited. Without ``/proc``: one ``SETTLE_MAX_S`` sleep."""
+    t0 = clock()
+    c0 = others()
+    if c0 is None:
+        sleep(SETTLE_MAX_S)
+        return clock() - t0
+    t_prev = t0
+    while True:
+        sleep(SETTLE_WINDOW_S)
+        c, t = others(), clock()
+        if c is None or c - c0 <= SETTLE_IDLE * (t - t_prev) or t - t0 >= SETTLE_MAX_S:
+            return t - t0
+        c0, t_prev = c, t
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     max_rounds: int,
     budget_s: float = 6.0,
     min_rounds: int = 3,
     seed: int = 0,
+    *,
+    turns: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+    settle_fn: Callable[[], float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median / min / p90 seconds of each callable over interleaved rounds.
 
     Two warm-up rounds (one when a round takes over a second) are not timed; the second sets the
     number of rounds, ``budget_s / round time`` within ``[min_rounds, max_rounds]``. Each round
-    runs the methods in a new (seeded) random order: a method pays for what the one before left
-    behind (cold caches; other runtimes' threads still spinning), so a fixed order would charge it
-    to whichever method follows the baselines."""
-    t = time.perf_counter()
+    runs the methods in a new (seeded) random order, so that drift reaches every method alike.
+
+    ``turns=False``: one timed call per method per round, so a method pays for what the one before
+    left behind (cold caches; another runtime's threads still spinning). ``turns=True`` (methods of
+    different runtimes): each method's turn is :func:`settle` (``settle_fn``), one untimed call,
+    then the timed call: a method is timed as a user's loop would run it alone, with warm caches
+    and no other runtime spinning; a round then costs two calls of each method (the budget counts
+    both; the settles come on top and are returned as ``settle_s``, the total over the block).
+    ``clock`` times the calls (a fake clock in tests)."""
+    settle_fn = settle if settle_fn is None else settle_fn
+    per_round = 2 if turns else 1
+    t = clock()
     for f in fns.values():
         f()
-    t_round = time.perf_counter() - t
+    t_round = clock() - t
     if t_round < 1.0:
-        t = time.perf_counter()
+        t = clock()
         for f in fns.values():
             f()
-        t_round = time.perf_counter() - t
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(t_round, 1e-9))))
+        t_round = clock() - t
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round * t_round, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
+    settled = 0.0
     keys = list(fns)
     rng = random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(keys)
         for k in keys:
             f = fns[k]
-            t0 = time.perf_counter()
+            if turns:
+                settled += settle_fn()
+                f()  # untimed: the turn's first call warms caches after the settle's sleep
+            t0 = clock()
             f()
-            times[k].append(time.perf_counter() - t0)
-    return {
+            times[k].append(clock() - t0)
+    out = {
         k: {
             "median_s": statistics.median(v),
             "min_s": min(v),
@@ -293,6 +357,10 @@ def time_interleaved(
         }
         for k, v in times.items()
     }
+    if turns:
+        for d in out.values():
+            d["settle_s"] = settled
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,9 +714,12 @@ def _time_block(
         fns[m] = lambda run=run: run(xn)
     for v, e in engines.items():
         fns[f"lowbit-{v}"] = lambda p=e.packed: p(x)
+    # turns: every method timed as if it ran alone (no other runtime's pool still spinning)
     timing = time_interleaved(
-        fns, repeats if batch < 64 else max(3, repeats // 3), block_s, seed=seed + batch
+        fns, repeats if batch < 64 else max(3, repeats // 3), block_s, seed=seed + batch, turns=True
     )
+    log.info("speed: %s batch %d, %d thread(s): settles took %.2f s", name, batch, t,
+             next(iter(timing.values()))["settle_s"])
     rows = []
     for k, tm in timing.items():
         row = {
