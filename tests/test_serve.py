@@ -252,7 +252,7 @@ def test_policies_pick_by_slack_accuracy_and_batch() -> None:
     fixed = make_policy("fixed:b", acc, max_batch=3)
     assert fixed.choose(3, 4.0, lat) == Decision("b", 1)  # a fixed sub-net shrinks its batch instead
     assert make_policy("max-accuracy", acc, 3).candidates == ["b"]
-    with pytest.raises(ValueError, match="allowed: slackfit, max-accuracy, fixed:<name>"):
+    with pytest.raises(ValueError, match="allowed: slackfit, slackfit-queue, max-accuracy, fixed:<name>"):
         make_policy("fastest", acc, 3)
     with pytest.raises(ValueError, match="no sub-net 'c'"):
         make_policy("fixed:c", acc, 3)

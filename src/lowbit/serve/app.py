@@ -23,7 +23,9 @@ dtype); a request whose deadline cannot be met, or that finds the queue full, ge
 :mod:`lowbit.serve.engines`), ``runtime_reasons`` says why a sub-net runs in PyTorch under
 ``--runtime packed``.
 ``GET /metrics``: queue depth, served/shed/rejected counts, sub-net mix, latency percentiles,
-SLO attainment, the latency profile measured at start, and ``runtime``/``runtime_reasons``.
+SLO attainment, the latency profile measured at start, and ``runtime``/``runtime_reasons``;
+``?decisions=N`` adds the policy's last ``N`` decisions (``decision_log``: time, queue length and
+samples, the oldest request's slack, sub-net, batch, requests shed, latency scale, decision cost).
 
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections, lets in-flight requests finish, the
 worker stops and requests still queued get 503; the process exits with status 0.
@@ -249,6 +251,13 @@ def create_app(
 
     async def metrics(request: Request) -> JSONResponse:
         b = state["batcher"]
+        try:
+            last = int(request.query_params.get("decisions", "0"))
+        except ValueError:
+            last = -1
+        if last < 0:
+            return error(400, "decisions must be a count of recent decisions >= 0, e.g. ?decisions=100")
+        log_tail = list(b.decisions)[-last:] if last else []
         return JSONResponse(
             {
                 **b.metrics.to_dict(b.depth),
@@ -258,6 +267,7 @@ def create_app(
                 "profile_ms": profile.to_dict(),
                 "latency_scale": round(b.scale, 3),
                 **engines.describe(),
+                **({"decision_log": log_tail} if last else {}),
             }
         )
 

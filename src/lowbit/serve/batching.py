@@ -2,15 +2,18 @@
 policy which sub-net serves it, runs it on one inference thread, and answers every request.
 
 Every request gets the deadline ``arrival + slo_ms``. Before each batch the policy sees the
-number of queued samples, the remaining slack of the oldest request (less a reserve of 10% of
-the SLO for answering after the batch) and the profiled latencies scaled by ``scale``, an
-exponential average (weight 0.2) of measured / profiled batch time, so that the plan follows
-the machine when other work slows it down; when no sub-net meets
-that deadline even at batch 1, the oldest request is shed (:class:`Shed`, HTTP 503) instead of
-being served late, and the worker decides again. A full queue (``max_queue`` requests) refuses new
-ones at once (also 503). A batch runs on its sub-net's engine (:mod:`lowbit.serve.engines`): a
-packed sub-net is a model of its own, a PyTorch one is switched and run inside ``Supernet.run``
-under its lock, so a batch is never computed by a half-switched model.
+queue (samples and remaining slack of every request, in arrival order; the slack is less a reserve
+of 10% of the SLO for answering after the batch) and the profiled latencies scaled by ``scale``,
+an exponential average (weight 0.2) of measured / profiled batch time, so that the plan follows
+the machine when other work slows it down, and the arrival rate over the last ``rate_window_s``
+(requests per ms; ``slackfit-queue`` uses it). Requests the policy sheds (SlackFit: the oldest, when
+no sub-net meets its deadline even at batch 1; ``slackfit-queue``: every request no sub-net can
+meet) get :class:`Shed` (HTTP 503) instead of being served late, and the worker decides again.
+The last ``decisions`` choices (queue length, samples, oldest slack, sub-net, batch, shed count,
+scale, cost of the decision) are kept for ``/metrics?decisions=N``. A full queue (``max_queue``
+requests) refuses new ones at once (also 503). A batch runs on its sub-net's engine
+(:mod:`lowbit.serve.engines`): a packed sub-net is a model of its own, a PyTorch one is switched and
+run inside ``Supernet.run`` under its lock, so a batch is never computed by a half-switched model.
 
 :class:`Metrics` keeps counters (served, shed, rejected, per-sub-net samples and batches) and the
 last ``window`` end-to-end latencies for percentiles; SLO attainment is the share of finished
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from ..nn.supernet import Supernet
 from .engines import SubnetEngines
-from .policy import Policy
+from .policy import Decision, Policy
 from .profile import LatencyProfile
 
 __all__ = ["Batcher", "Metrics", "Result", "Shed"]
@@ -69,6 +72,8 @@ class Metrics:
     shed: int = 0
     rejected: int = 0
     batches: int = 0
+    decisions: int = 0
+    decide_s: float = 0.0
     samples: Counter[str] = field(default_factory=Counter)
     batches_by_subnet: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=deque)
@@ -105,6 +110,8 @@ class Metrics:
             "subnet_mix": {n: round(c / total, 4) for n, c in sorted(self.samples.items())} if total else {},
             "subnet_samples": dict(sorted(self.samples.items())),
             "subnet_batches": dict(sorted(self.batches_by_subnet.items())),
+            "decisions": self.decisions,
+            "decide_us_mean": round(1e6 * self.decide_s / self.decisions, 1) if self.decisions else None,
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
@@ -119,6 +126,8 @@ class Batcher:
         policy: Policy,
         slo_ms: float,
         max_queue: int = 1024,
+        decisions: int = 20_000,
+        rate_window_s: float = 0.1,
     ) -> None:
         if not slo_ms > 0:
             raise ValueError(f"slo_ms must be > 0, got {slo_ms!r}")
@@ -132,6 +141,9 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self.scale = 1.0  # measured / profiled batch time, tracked online
         self.reserve_s = 0.1 * self.slo_s  # kept for answering after the batch (JSON, transport)
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=decisions)
+        self.rate_window_s = rate_window_s
+        self._arrivals: deque[float] = deque()  # arrival times within the last rate_window_s
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work())
@@ -159,6 +171,7 @@ class Batcher:
     async def submit(self, x: Tensor, slo_ms: float | None = None) -> Result:
         """Queue ``x`` with the deadline ``now + slo_ms`` (default: the server's SLO)."""
         now = time.monotonic()
+        self._arrivals.append(now)
         if len(self.queue) >= self.max_queue:
             self.metrics.shed += 1
             raise Shed(f"queue full ({self.max_queue} requests waiting); try again later")
@@ -172,6 +185,19 @@ class Batcher:
         self.metrics.shed += 1
         if not r.future.done():
             r.future.set_exception(Shed(why))
+
+    def _log(
+        self, now: float, sizes: list[int], slacks: list[float], rate: float, d: Decision, cost_s: float
+    ) -> None:
+        self.metrics.decide_s += cost_s
+        self.decisions.append({
+            "seq": self.metrics.decisions, "t": round(now - self.metrics.started, 4), "queue": len(sizes),
+            "samples": sum(sizes), "slack_ms": round(slacks[0], 2), "rate_per_s": round(1e3 * rate, 1),
+            "subnet": d.subnet, "batch": d.batch,
+            "shed": len(d.shed) if d.shed else int(d.subnet is None), "scale": round(self.scale, 3),
+            "decide_us": round(1e6 * cost_s, 1),
+        })
+        self.metrics.decisions += 1
 
     def _latency(self, name: str, batch: int) -> float:
         return self.scale * self.profile.latency(name, batch)
@@ -187,11 +213,27 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            oldest = self.queue[0]
             now = time.monotonic()
-            slack_ms = 1e3 * (oldest.deadline - now - self.reserve_s)
-            queued = sum(r.x.shape[0] for r in self.queue)
-            d = self.policy.choose(queued, slack_ms, self._latency)
+            sizes = [r.x.shape[0] for r in self.queue]
+            slacks = [1e3 * (r.deadline - now - self.reserve_s) for r in self.queue]
+            while self._arrivals and self._arrivals[0] < now - self.rate_window_s:
+                self._arrivals.popleft()
+            window_ms = 1e3 * min(self.rate_window_s, max(now - self.metrics.started, 1e-3))
+            rate = len(self._arrivals) / window_ms
+            t0 = time.perf_counter()
+            d = self.policy.decide(sizes, slacks, self._latency, rate)
+            self._log(now, sizes, slacks, rate, d, time.perf_counter() - t0)
+            queued = sum(sizes)
+            if d.shed:
+                gone = set(d.shed)
+                left: deque[_Request] = deque()
+                for i, r in enumerate(self.queue):
+                    if i in gone:
+                        self._shed(r, f"its deadline cannot be met ({max(slacks[i], 0):.1f} ms left, "
+                                      f"{queued} samples queued); request shed")
+                    else:
+                        left.append(r)
+                self.queue = left
             take: list[_Request] = []
             n = 0
             if d.subnet is not None:
@@ -201,11 +243,12 @@ class Batcher:
                     take.append(r)
                     n += r.x.shape[0]
             if not take:
-                self._shed(
-                    self.queue.popleft(),
-                    f"its deadline cannot be met ({max(slack_ms, 0):.1f} ms "
-                    f"left, {queued} samples queued); request shed",
-                )
+                if not d.shed and self.queue:
+                    self._shed(
+                        self.queue.popleft(),
+                        f"its deadline cannot be met ({max(slacks[0], 0):.1f} ms "
+                        f"left, {queued} samples queued); request shed",
+                    )
                 continue
             for _ in take:
                 self.queue.popleft()
