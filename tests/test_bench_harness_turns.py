@@ -1,0 +1,152 @@
+"""The speed harness's timing rule (benchmarks/speed/harness.py): with ``turns`` every method's timed
+call comes after a settle and an untimed call of the same method, never right after another
+method's call; the settle waits until the process's other threads stop using CPU. Fake clocks and
+fake thread-CPU counters: no wall-clock assertions."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
+
+import harness
+
+
+class World:
+    """A fake clock and an event log. A method's call takes 1 ms after its own call, 5 ms after the
+    settle (cold caches) and 50 ms right after another method's call (its threads still spinning)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.log: list[str] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def settle(self) -> float:
+        self.log.append("settle")
+        self.now += 0.02
+        return 0.02
+
+    def method(self, name: str):
+        def call() -> None:
+            prev = self.log[-1] if self.log else name
+            self.now += 1e-3 if prev == name else 5e-3 if prev == "settle" else 50e-3
+            self.log.append(name)
+
+        return call
+
+
+def test_turns_time_each_method_after_a_settle_and_its_own_untimed_call():
+    w = World()
+    fns = {k: w.method(k) for k in "abc"}
+    t = harness.time_interleaved(fns, max_rounds=6, budget_s=1e9, seed=3, turns=True, clock=w.clock,
+                                 settle_fn=w.settle)
+    warmup = w.log[:6]  # two untimed warm-up rounds of one plain call each
+    assert sorted(warmup) == ["a", "a", "b", "b", "c", "c"]
+    turns = w.log[6:]
+    assert len(turns) == 6 * 3 * 3
+    for i in range(0, len(turns), 3):  # every turn: settle, call, call of the same method
+        s, warm, timed = turns[i : i + 3]
+        assert s == "settle" and warm == timed and warm in fns
+    # only the turn's second call is timed: 1 ms each; the warm call (5 ms) and the settle never count
+    for k in fns:
+        for s in ("median_s", "min_s", "p90_s"):
+            assert t[k][s] == pytest.approx(1e-3)
+        assert t[k]["rounds"] == 6
+        assert t[k]["settle_s"] == pytest.approx(6 * 3 * 0.02)
+
+
+def test_plain_rounds_charge_a_method_for_the_previous_one():
+    """The rule the turns replace: each timed call follows another method's (after the first in a
+    round, and across rounds), so the medians carry the 50 ms contamination."""
+    w = World()
+    fns = {k: w.method(k) for k in "abc"}
+    t = harness.time_interleaved(fns, max_rounds=8, budget_s=1e9, seed=3, clock=w.clock,
+                                 settle_fn=w.settle)
+    assert "settle" not in w.log
+    assert max(t[k]["median_s"] for k in fns) == pytest.approx(50e-3)
+    assert "settle_s" not in t["a"]
+
+
+def test_turns_budget_counts_both_calls_of_a_turn():
+    w = World()
+    fns = {k: w.method(k) for k in "ab"}
+    # the first warm-up round costs 1 + 50 ms (b after a), the second 50 + 50 ms and sets the rounds:
+    # two calls per turn -> 1.05 s / (2 * 100 ms) -> 5 rounds
+    t = harness.time_interleaved(fns, max_rounds=100, budget_s=1.05, seed=0, turns=True, clock=w.clock,
+                                 settle_fn=w.settle)
+    assert t["a"]["rounds"] == 5
+
+
+class Threads:
+    """Fake clock, sleep and other-thread CPU: one other thread spins (1 core) until ``stop``."""
+
+    def __init__(self, stop: float | None) -> None:
+        self.now, self.stop, self.sleeps = 0.0, stop, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+    def others(self) -> float:
+        return self.now if self.stop is None else min(self.now, self.stop)
+
+
+def test_settle_waits_until_other_threads_are_idle():
+    th = Threads(stop=0.030)  # a pool spinning for 30 ms after the previous call
+    waited = harness.settle(th.clock, th.sleep, th.others)
+    w = harness.SETTLE_WINDOW_S
+    # the first window after the spin stopped that saw (almost) no CPU ends the settle
+    assert 0.030 + w <= waited + 1e-12 <= 0.030 + 2 * w + 1e-12
+    assert all(s == w for s in th.sleeps)
+
+
+def test_settle_returns_after_one_window_when_idle_and_is_bounded():
+    idle = Threads(stop=0.0)
+    assert harness.settle(idle.clock, idle.sleep, idle.others) == pytest.approx(harness.SETTLE_WINDOW_S)
+    busy = Threads(stop=None)  # never parks
+    waited = harness.settle(busy.clock, busy.sleep, busy.others)
+    assert harness.SETTLE_MAX_S <= waited < harness.SETTLE_MAX_S + harness.SETTLE_WINDOW_S + 1e-12
+    blind = Threads(stop=0.0)  # no /proc: one maximal sleep
+    assert harness.settle(blind.clock, blind.sleep, lambda: None) == harness.SETTLE_MAX_S
+    assert blind.sleeps == [harness.SETTLE_MAX_S]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_others_cpu_counts_other_threads_not_the_caller():
+    c0, p0 = harness.others_cpu_s(), time.thread_time()
+    x = 0
+    while time.thread_time() - p0 < 0.05:  # the caller busy: not counted
+        x += 1
+    own = harness.others_cpu_s() - c0
+    assert own < 0.5 * (time.thread_time() - p0)
+    stop, done = threading.Event(), threading.Event()
+    spun: list[float] = []
+
+    def spin() -> None:
+        t = time.thread_time()
+        while not stop.is_set():
+            pass
+        spun.append(time.thread_time() - t)
+        done.wait()  # alive until read: an ended thread leaves /proc/self/task
+
+    c1 = harness.others_cpu_s()
+    th = threading.Thread(target=spin)
+    th.start()
+    time.sleep(0.1)  # the caller asleep, the spinner running
+    stop.set()
+    while not spun:
+        time.sleep(0.001)
+    got = harness.others_cpu_s() - c1
+    done.set()
+    th.join()
+    assert spun[0] > 0 and got >= 0.9 * spun[0]
