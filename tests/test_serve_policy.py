@@ -99,18 +99,20 @@ def _reference(sizes, slack, table, acc, max_batch, rate):
     met = {s: sum(f <= slack[r] for r, f in plan(keep, s).items()) for s in names}
     mean_k = round(sum(sizes[r] for r in keep) / len(keep))
     cap = {s: (max_batch // mean_k) / table[s][max_batch - 1] for s in names}
+    w = acc if all(0 < a <= 1 for a in acc.values()) else dict.fromkeys(acc, 1.0)
     fit = [s for s in names if met[s] == len(keep)]
     if fit:
         keeps_up = [s for s in fit if cap[s] >= rate]
-        return (keeps_up[0] if keeps_up else max(fit, key=lambda s: cap[s])), hopeless
-    return max(names, key=lambda s: (met[s], acc[s])), hopeless
+        return (keeps_up[0] if keeps_up else max(fit, key=lambda s: (cap[s] * w[s], acc[s]))), hopeless
+    return max(names, key=lambda s: (met[s] * w[s], acc[s])), hopeless
 
 
 def test_decisions_equal_a_brute_force_over_all_subnets_on_random_queues() -> None:
     rng = random.Random(0)
     for trial in range(300):
         max_batch = rng.choice([4, 8, 16])
-        acc = {f"s{i}": rng.random() for i in range(rng.randint(1, 4))}
+        # accuracies in (0, 1] weigh the deadlines met; other scores (here percent) only rank
+        acc = {f"s{i}": rng.uniform(0.05, 1) * (100 if trial % 3 == 0 else 1) for i in range(rng.randint(1, 4))}
         table = {}
         for s in acc:
             fixed, per = rng.uniform(0.5, 5), rng.uniform(0.1, 2)
