@@ -112,7 +112,8 @@ def test_decisions_equal_a_brute_force_over_all_subnets_on_random_queues() -> No
     for trial in range(300):
         max_batch = rng.choice([4, 8, 16])
         # accuracies in (0, 1] weigh the deadlines met; other scores (here percent) only rank
-        acc = {f"s{i}": rng.uniform(0.05, 1) * (100 if trial % 3 == 0 else 1) for i in range(rng.randint(1, 4))}
+        unit = 100 if trial % 3 == 0 else 1
+        acc = {f"s{i}": rng.uniform(0.05, 1) * unit for i in range(rng.randint(1, 4))}
         table = {}
         for s in acc:
             fixed, per = rng.uniform(0.5, 5), rng.uniform(0.1, 2)
@@ -211,6 +212,7 @@ def test_server_serves_with_slackfit_queue_and_logs_its_decisions(supernet_file)
         log = m["decision_log"]
         assert [d["subnet"] for d in log] == ["big", None] and [d["shed"] for d in log] == [0, 1]
         assert log[0]["samples"] == 2 and m["shed"] == 1 and m["decisions"] == 2
+        assert 0 < log[0]["run_ms"] <= log[0]["oldest_ms"] and "run_ms" not in log[1]  # a shed: no batch
         assert httpx.get(f"{url}/metrics", params={"decisions": "x"}).status_code == 400
     finally:
         assert stop_server(proc) == 0

@@ -9,8 +9,9 @@ the machine when other work slows it down, and the arrival rate over the last ``
 (requests per ms; ``slackfit-queue`` uses it). Requests the policy sheds (SlackFit: the oldest, when
 no sub-net meets its deadline even at batch 1; ``slackfit-queue``: every request no sub-net can
 meet) get :class:`Shed` (HTTP 503) instead of being served late, and the worker decides again.
-The last ``decisions`` choices (queue length, samples, oldest slack, sub-net, batch, shed count,
-scale, cost of the decision) are kept for ``/metrics?decisions=N``. A full queue (``max_queue``
+The last ``decisions`` choices (queue length, samples, oldest slack, arrival rate, sub-net, batch,
+shed count, scale, cost of the decision; for a batch served, its run time and the time its oldest
+request spent in the server) are kept for ``/metrics?decisions=N``. A full queue (``max_queue``
 requests) refuses new ones at once (also 503). A batch runs on its sub-net's engine
 (:mod:`lowbit.serve.engines`): a packed sub-net is a model of its own, a PyTorch one is switched and
 run inside ``Supernet.run`` under its lock, so a batch is never computed by a half-switched model.
@@ -265,6 +266,9 @@ class Batcher:
                         r.future.set_exception(e)
                 continue
             done = time.monotonic()
+            if self.decisions:  # this batch's entry: its run time and its oldest request's time in the server
+                self.decisions[-1].update(run_ms=round(1e3 * (done - t), 3),
+                                          oldest_ms=round(1e3 * (done - take[0].arrival), 3))
             self.metrics.batches += 1
             self.metrics.samples[d.subnet] += n
             self.metrics.batches_by_subnet[d.subnet] += 1

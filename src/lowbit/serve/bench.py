@@ -38,9 +38,23 @@ import torch
 from .file import load_supernet
 from .loadgen import make_trace, replay, summarize
 
-__all__ = ["capacity_rps", "free_port", "run_serve_bench", "start_server", "stop_server"]
+__all__ = ["POLICY_DEFINITIONS", "capacity_rps", "free_port", "run_serve_bench", "start_server",
+           "stop_server"]
 
 log = logging.getLogger(__name__)
+
+POLICY_DEFINITIONS = {
+    "slackfit": "SlackFit (SuperServe): the largest batch first, served by the most accurate sub-net "
+                "whose profiled latency fits the slack of the OLDEST queued request; the oldest is shed "
+                "when nothing fits it even at batch 1",
+    "slackfit-queue": "the most accurate sub-net whose plan for the WHOLE queue (FIFO batches of max "
+                      "batch) meets every queued deadline and whose full-batch rate keeps up with the "
+                      "last 100 ms of arrivals; requests no sub-net's plan can meet are shed at once; "
+                      "otherwise the most correct answers (accuracy x deadlines met, or x rate)",
+    "max-accuracy": "SlackFit with the most accurate sub-net only (a smaller batch instead of a cheaper "
+                    "sub-net)",
+    "fixed:<name>": "SlackFit with that sub-net only",
+}
 
 
 def free_port() -> int:
@@ -118,6 +132,44 @@ def _rate_basis(url: str, samples: int, load: float) -> dict[str, Any]:
             "profile_ms_at_max_batch": {n: prof[n][-1] for n in prof}}
 
 
+def _decisions_since(url: str, seq: int) -> dict[str, Any]:
+    """A summary of the server's decisions numbered ``seq`` on (its ``/metrics?decisions=N`` log):
+    per sub-net the batches and the median queue (requests) and oldest slack (ms) when it was
+    chosen; the requests shed by decisions; the median and largest decision cost (us) and the
+    median latency scale."""
+    import httpx
+
+    m = httpx.get(f"{url}/metrics", params={"decisions": 20_000}, timeout=30.0).json()
+    rows = [d for d in m.get("decision_log", []) if d["seq"] >= seq]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for d in rows:
+        if d["subnet"] is not None:
+            by.setdefault(d["subnet"], []).append(d)
+
+    oldest = sorted(d["oldest_ms"] for d in rows if "oldest_ms" in d)
+
+    def med(v: list[float]) -> float:
+        v = sorted(v)
+        return v[len(v) // 2] if v else math.nan
+
+    return {
+        "decisions": len(rows),
+        "complete": bool(rows) and rows[0]["seq"] == seq,  # the log is bounded: older ones may be gone
+        "by_subnet": {n: {"batches": len(ds), "median_queue": med([d["queue"] for d in ds]),
+                          "median_slack_ms": med([d["slack_ms"] for d in ds])}
+                      for n, ds in sorted(by.items())},
+        "shed_by_decisions": sum(d["shed"] for d in rows),
+        "decide_us_median": med([d["decide_us"] for d in rows]),
+        "decide_us_max": max((d["decide_us"] for d in rows), default=math.nan),
+        "scale_median": med([d["scale"] for d in rows]),
+        "run_ms_median": med([d["run_ms"] for d in rows if "run_ms" in d]),
+        # in-server time of each batch's oldest request (arrival in the queue to its batch's end): the
+        # part of the client's latency that the batching queue and the policy account for
+        "oldest_ms_median": med(oldest),
+        "oldest_ms_p99": oldest[int(0.99 * len(oldest))] if oldest else math.nan,
+    }
+
+
 def run_serve_bench(
     path: str | os.PathLike[str],
     policies: Sequence[str],
@@ -135,12 +187,17 @@ def run_serve_bench(
     runtime: str = "packed",
     load: float = 1.5,
     repeats: int = 1,
+    note: str = "",
 ) -> dict[str, Any]:
     """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
     carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections; every
     server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``). ``rate=None``: ``load``
     times the capacity of the most accurate sub-net in the first server's profile. ``repeats``: every
-    trace is drawn with the seeds ``seed, seed + 1, ...`` in turn (the same servers), each run kept."""
+    trace is drawn with the seeds ``seed, seed + 1, ...`` in turn (the same servers), each run kept.
+    ``note`` (e.g. what else ran on the machine) goes into the report as given."""
+    import httpx
+
+    load_before = os.getloadavg()
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
@@ -163,11 +220,13 @@ def run_serve_bench(
         for tr_seed, tr in [(seed + i, t) for i in range(repeats) for t in traces]:
             arrivals = make_trace(tr, rate, duration, seed=tr_seed, max_requests=max_requests)
             for pol in policies:
-                url = f"http://127.0.0.1:{servers[pol][0]}/predict"
-                recs = asyncio.run(replay(url, arrivals, x, shape, timeout_s=max(2.0, 20 * slo_ms / 1e3),
-                                          max_in_flight=max_in_flight))
+                base = f"http://127.0.0.1:{servers[pol][0]}"
+                seq = httpx.get(f"{base}/metrics", timeout=30.0).json()["decisions"]
+                recs = asyncio.run(replay(f"{base}/predict", arrivals, x, shape,
+                                          timeout_s=max(2.0, 20 * slo_ms / 1e3), max_in_flight=max_in_flight))
                 s = summarize(recs, slo_ms, accuracy, duration)
-                runs.append({"policy": pol, "trace": tr, "seed": tr_seed, **s})
+                runs.append({"policy": pol, "trace": tr, "seed": tr_seed, **s,
+                             "server_decisions": _decisions_since(base, seq)})
                 log.info("%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s", pol, tr, s["slo_attainment"],
                          s["served_accuracy"], s["throughput_rps"])
                 time.sleep(pause_s)
@@ -192,7 +251,10 @@ def run_serve_bench(
             "max_in_flight": max_in_flight,
             "runtime": runtime,
             "rate_basis": basis,
+            "load_average_before": load_before,
             "load_average": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "note": note,
         },
     }
 
@@ -241,24 +303,43 @@ def write_report(
         lines += [
             f"Rate set from the servers' start-up profile ({st['policies'][0]}'s): {basis['load']:g} x the "
             f"capacity of the most accurate sub-net {basis['subnet']} = {st['rate']:.1f} req/s. Capacity "
-            f"(requests/s at the best batch of whole requests, profiled 90th-percentile latency): {caps}.",
+            f"(requests/s at the best batch of whole requests, profiled 90th-percentile latency): {caps}. "
+            "The mean rate is "
+            + ", ".join(f"{100 * st['rate'] / v:.0f}% of {n}'s" for n, v in ranked if v > 0)
+            + " capacity; the bursty trace's bursts (3x the mean for a quarter of every second) "
+            + ", ".join(f"{3 * st['rate'] / v:.1f}x" for n, v in ranked if v > 0)
+            + ", the ramp's end (1.8x) "
+            + ", ".join(f"{1.8 * st['rate'] / v:.1f}x" for n, v in ranked if v > 0) + ".",
             "",
         ]
     lines += [
         f"Mean rate {st['rate']:.1f} req/s for {st['duration_s']:g} s per trace, SLO {st['slo_ms']:g} ms, "
         f"max batch {st['max_batch']}, {st['samples_per_request']} sample(s) per request (binary float32), "
-        f"trace seeds {', '.join(map(str, seeds))}; load average at the end "
-        f"{', '.join(f'{v:.1f}' for v in st['load_average'])}; "
+        f"trace seeds {', '.join(map(str, seeds))}; "
         f"one server per policy ({st.get('runtime', 'torch')} runtime, 1 inference thread; "
         "all started first, then each trace replayed against every "
-        "policy in turn), the load generator in the same machine on loopback. "
-        "The machine is a shared 2-core box with other jobs running: latencies are noisy"
+        "policy in turn), the load generator in the same machine on loopback"
         + ("; one run per trace seed, the same servers." if len(seeds) > 1 else ", single run."),
+        "",
+        f"Machine: {st.get('cpus', '?')} CPUs, load average (1, 5, 15 min) "
+        + (f"{', '.join(f'{v:.1f}' for v in st['load_average_before'])} before the servers started and "
+           if st.get("load_average_before") else "")
+        + f"{', '.join(f'{v:.1f}' for v in st['load_average'])} at the end"
+        + (f"; {st['note']}" if st.get("note") else "; nothing was said about other work on the machine")
+        + ". The servers and the load generator share these CPUs.",
+        "",
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
         "misses). Served accuracy: the test accuracy of the answering sub-net, averaged over answered "
         "requests.",
         "",
+        "Policies (src/lowbit/serve/policy.py; every policy plans with the server's start-up profile x "
+        "an online scale, the measured / profiled batch time):",
+        "",
     ]
+    for pol in sorted({p if not p.startswith("fixed:") else "fixed:<name>" for p in st["policies"]},
+                      key=list(POLICY_DEFINITIONS).index):
+        lines.append(f"- `{pol}`: {POLICY_DEFINITIONS[pol]}")
+    lines.append("")
     if any(a["n"] > 1 for a in agg):
         lines += ["| trace | policy | runs | SLO attainment (mean ± std) | served accuracy (mean ± std) |",
                   "|---|---|---|---|---|"]
@@ -281,6 +362,33 @@ def write_report(
             + ", ".join(f"{n} {100 * v:.0f}%" for n, v in sorted(r["mix"].items(), key=lambda kv: -kv[1])
                         if v >= 0.05) + " |"
         )
+    dec = [r for r in res["runs"] if r.get("server_decisions")]
+    if dec:
+        lines += [
+            "",
+            "The servers' own decision logs (/metrics?decisions=N) for each run: batches per sub-net with "
+            "the median queue length (requests) and the median slack of the oldest request (ms) when it was "
+            "chosen; requests shed by the policy; the decision's cost (median / max microseconds); the "
+            "median latency scale (measured / profiled batch time); the batches' run time; and the time "
+            "each batch's oldest request spent in the server (queue + batch). Where the client's latency "
+            "(p50/p99 above) is far above the in-server time, the requests waited outside the batching "
+            "queue (HTTP, the event loop, the load generator itself).",
+            "",
+            "| trace | seed | policy | batches: sub-net (median queue, oldest slack ms) | shed by policy | "
+            "decision us (median / max) | scale | batch run ms (median) | in-server ms of each batch's "
+            "oldest (median / p99) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in dec:
+            d = r["server_decisions"]
+            mix = ", ".join(f"{n} {v['batches']} ({v['median_queue']:g}, {v['median_slack_ms']:.0f})"
+                            for n, v in d["by_subnet"].items())
+            lines.append(
+                f"| {r['trace']} | {r.get('seed', st['seed'])} | {r['policy']} | {mix or '-'}"
+                f"{'' if d['complete'] else ' (log incomplete)'} | {d['shed_by_decisions']} | "
+                f"{d['decide_us_median']:.0f} / {d['decide_us_max']:.0f} | {d['scale_median']:.2f} | "
+                f"{d['run_ms_median']:.1f} | {d['oldest_ms_median']:.0f} / {d['oldest_ms_p99']:.0f} |"
+            )
     lines += [
         "",
         "Server exit status after SIGTERM: "
@@ -299,7 +407,7 @@ def write_report(
             rows = [a for a in agg if a["trace"] == tr]
             served = [a["acc_mean"] for a in rows if not math.isnan(a["acc_mean"])]
             for a in rows:
-                slack = a["policy"] == "slackfit"
+                slack = a["policy"].startswith("slackfit")
                 none = math.isnan(a["acc_mean"])  # answered nothing: drawn at the left edge
                 x = 100 * (min(served, default=0.0) if none else a["acc_mean"])
                 ax.errorbar(
@@ -309,7 +417,7 @@ def write_report(
                     yerr=100 * a["slo_std"],
                     fmt="x" if none else "*" if slack else "o",
                     markersize=9 if slack else 5,
-                    color="C1" if none else "C3" if slack else "C0",
+                    color="C1" if none else "C2" if "queue" in a["policy"] else "C3" if slack else "C0",
                     capsize=2,
                     zorder=3,
                 )
@@ -324,8 +432,8 @@ def write_report(
             ax.set_xlabel("served accuracy (%)")
             ax.set_ylabel("SLO attainment (%)")
             ax.grid(alpha=0.3)
-        fig.suptitle(f"slackfit (star) vs fixed sub-nets, SLO {st['slo_ms']:g} ms, "
-                     f"{st['rate']:.1f} req/s mean")
+        fig.suptitle(f"slackfit (red star), slackfit-queue (green star) vs fixed sub-nets, "
+                     f"SLO {st['slo_ms']:g} ms, {st['rate']:.1f} req/s mean")
         fig.tight_layout()
         with atomic_path(out / f"{stem}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
