@@ -1,0 +1,109 @@
+"""lowbit's own 2-thread scaling: the same packed model on 1 and on 2 threads, side by side.
+
+    python benchmarks/speed/bench_thread_scaling.py                          # ~1.5 min
+    python benchmarks/speed/bench_thread_scaling.py --cases resnet20 --batches 8 64 --out /tmp/r
+
+No baselines (no ONNX export), so it is cheap enough for a short quiet window. In one process the
+numba kernels run on 2 threads; the 1-thread calls switch the calling thread to serial kernels
+(``kernels_threads.set_serial``, which the flat executor and every ``parallel_for`` read; PyTorch
+keeps 2 threads, which only layers left in PyTorch would use: none here), so both
+counts share the model and take turns in the same interleaved rounds (``harness.time_interleaved``
+with turns). Outputs of the two are checked equal. Ratio = 1-thread median / 2-thread median
+(throughput ratio; issue 13's target: >= 1.7x at batch >= 8, never below 1 at batch 1).
+Writes benchmarks/results/thread_scaling.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_meta, write_results
+from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
+
+from lowbit.runtime import compile as rt_compile
+from lowbit.runtime import kernels_threads as KT
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def serial(fn):
+    def call():
+        prev = KT.set_serial(True)
+        try:
+            return fn()
+        finally:
+            KT.set_serial(prev)
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", default=["lenet5", "resnet20", "mlp"], choices=list(CASES))
+    p.add_argument("--variants", nargs="+", default=["w1a4", "w2a4"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--budget-s", type=float, default=1.5, help="time budget of one interleaved block")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="thread_scaling")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    set_threads(2)
+    rows = []
+    for name in a.cases:
+        case = CASES[name]
+        torch.manual_seed(0)
+        fm = case.build().eval()
+        _randomize_bn(fm, 0)
+        batches = [b for b in a.batches if b in case.batches or b in (1, 8, 64, 256)]
+        x_all = make_inputs(case, max(batches), 0)
+        for v in a.variants:
+            if v not in case.variants:
+                continue
+            packed = rt_compile(quantized_model(fm, v), x_all[:8])
+            for b in batches:
+                x = x_all[:b].contiguous()
+                two = lambda packed=packed, x=x: packed(x)  # noqa: E731
+                one = serial(two)
+                if not torch.equal(one(), two()):
+                    raise AssertionError(f"{name}/{v} b{b}: 1- and 2-thread outputs differ")
+                t = time_interleaved({"1": one, "2": two}, 60 if b < 64 else 20, a.budget_s, turns=True)
+                ex = packed.executor
+                two()  # (the last timed call may have been the serial one)
+                rows.append({"case": name, "variant": v, "batch": b, "ms_1": 1e3 * t["1"]["median_s"],
+                             "ms_2": 1e3 * t["2"]["median_s"], "min_ms_1": 1e3 * t["1"]["min_s"],
+                             "min_ms_2": 1e3 * t["2"]["min_s"], "rounds": t["1"]["rounds"],
+                             "ratio": t["1"]["median_s"] / t["2"]["median_s"],
+                             "flat_threads": None if ex is None else ex.last_threads})
+                print(rows[-1], flush=True)
+            del packed
+    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+    payload = {"meta": meta, "rows": rows}
+    md = ["# lowbit: 2 threads against 1, the same packed model side by side", "",
+          f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
+          f"{meta['load_start']} / {meta['load_end']}; single run.", "",
+          "1 thread: the calling thread's kernels serial (`kernels_threads.set_serial`); rounds "
+          "interleaved with turns (`harness.time_interleaved`); ratio = 1-thread median / 2-thread median. "
+          "`flat threads`: threads the flat executor's last 2-thread call used (conv nets).", "",
+          "| case | variant | batch | 1 thread ms (min) | 2 threads ms (min) | 2 vs 1 | flat threads "
+          "| rounds |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['case']} | {r['variant']} | {r['batch']} | {r['ms_1']:.3f} ({r['min_ms_1']:.3f}) | "
+           f"{r['ms_2']:.3f} ({r['min_ms_2']:.3f}) | {r['ratio']:.2f}x | {r['flat_threads'] or '–'} | "
+           f"{r['rounds']} |" for r in rows]
+    write_results(a.out, a.name, payload, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
