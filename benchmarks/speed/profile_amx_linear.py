@@ -50,19 +50,19 @@ KINDS = ("binary", "ternary", "4bit")
 
 
 @jit
-def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp, do_tiles, do_epi, off):
-    """``kernels_amx._amx_linear_range`` for 32 or more rows (2 x 2 tiles, groups of 2 blocks)
-    with its three parts switched on or off, its tile buffers ``off`` bytes past a 64-byte line
-    (the row codes copied there)."""
+def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, S, s0, s1, sf, flags, out, O, do_exp, do_tiles, do_epi,
+           off):
+    """``kernels_amx._amx_linear_range`` for 32 or more rows (2 x 2 tiles, groups of 2 blocks, the
+    sums of ``S`` groups parked for one epilogue) with its three parts switched on or off, its tile
+    buffers ``off`` bytes past a 64-byte line (the row codes copied there)."""
     xq = KA.aligned_u8(xq0.size + 64)[off : off + xq0.size]
     xq[:] = xq0
     nbt = (O + 15) // 16
     G = 16 // (8 // b)
     nmb = Mp // 16
-    acc = KA.aligned_u8(Mp * 128 + 64)[off : off + Mp * 128].view(np.int32)
+    acc = KA.aligned_u8(S * Mp * 128 + 64)[off : off + S * Mp * 128].view(np.int32)
     abase = np.empty(4, np.int64)
     buf = KA.aligned_u8(KS * 2048 + 64)[off : off + KS * 2048]
-    ef = np.empty(0, np.float32)
     eu = np.empty(0, np.uint8)
     for n in range(min(2, nbt)):  # real weights in the buffer also when the expansion is off
         for kk in range(min(KS, nk)):
@@ -74,42 +74,45 @@ def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, s0, s1, flags, out, O, do_exp
             else:
                 KA._expand4(w, woff, min(G, nG - kk * G), tab, buf, (kk * 2 + n) * 1024)
     _amx.amx_config(cfg)
-    for grp in range((nbt + 1) // 2):
-        b0 = 2 * grp
-        NB = min(2, nbt - b0)
-        for k0 in range(0, nk, KS):
-            nks = min(KS, nk - k0)
-            if do_exp:
-                for n in range(NB):
-                    for kk in range(nks):
-                        k = k0 + kk
-                        woff = (b0 + n) * nG * 64 + k * G * 64
-                        ngv = min(G, nG - k * G)
-                        if b == 1:
-                            KA._expand1(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
-                        elif b == 2:
-                            KA._expand2(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+    ngrp = (nbt + 1) // 2
+    for sg in range(0, ngrp, S):
+        sg_hi = min(sg + S, ngrp)
+        for grp in range(sg, sg_hi):
+            b0 = 2 * grp
+            NB = min(2, nbt - b0)
+            cbase = (grp - sg) * Mp * 32
+            for k0 in range(0, nk, KS):
+                nks = min(KS, nk - k0)
+                if do_exp:
+                    for n in range(NB):
+                        for kk in range(nks):
+                            k = k0 + kk
+                            woff = (b0 + n) * nG * 64 + k * G * 64
+                            ngv = min(G, nG - k * G)
+                            if b == 1:
+                                KA._expand1(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+                            elif b == 2:
+                                KA._expand2(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+                            else:
+                                KA._expand4(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
+                if do_tiles:
+                    i = 0
+                    while i < nmb:
+                        abase[0] = i * nk * 1024
+                        abase[1] = (i + 1) * nk * 1024
+                        aco = cbase + i * 16 * 32
+                        if NB == 2 and nmb - i >= 2:
+                            KA._t2x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, aco, 128, k0 > 0)
+                            i += 2
+                        elif NB == 2:
+                            KA._t1x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, aco, 128, k0 > 0)
+                            i += 1
                         else:
-                            KA._expand4(w, woff, ngv, tab, buf, (kk * NB + n) * 1024)
-            if do_tiles:
-                i = 0
-                while i < nmb:
-                    abase[0] = i * nk * 1024
-                    abase[1] = (i + 1) * nk * 1024
-                    if NB == 2 and nmb - i >= 2:
-                        KA._t2x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
-                        i += 2
-                    elif NB == 2:
-                        KA._t1x2(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
-                        i += 1
-                    else:
-                        KA._t1x1(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, i * 16 * NB * 16, k0 > 0)
-                        i += 1
+                            KA._t1x1(xq, abase, k0 * 1024, nks, buf, NB * 1024, acc, aco, 128, k0 > 0)
+                            i += 1
         if do_epi:
-            c0 = b0 * 16
-            for row in range(M):
-                _amx.epilogue_row(acc, row * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, ef,
-                                  eu, 0, np.float32(0.0), np.float32(0.0))
+            c_s = sg * 32
+            KA._epilogue(acc, Mp, M, 2, c_s, min(sg_hi * 32, O) - c_s, s0, s1, sf, flags, out, O, eu)
     _amx.amx_release()
 
 
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         aw = KA.amx_linear_weights(gw, q, w, 1.0)
         s0, s1 = KA.amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
         KS = KA.SLICE_KIB // 2
+        sf = KA._zeros(3 * (n + 64))
         for M in a.rows:
             x = rng.uniform(-1, 3, (M, n)).astype(np.float32)
             xq = KA.amx_rows(x, 0, 3.0, 5.0)
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             out = np.empty((M, n), np.float32)
             ref = np.empty((M, n), np.float32)
             KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, ref)
-            args = (xq, aw.nk, Mp, M, gw.w, gw.b, gw.nG, aw.tab, cfg, KS, s0, s1, EPI_FLOAT | EPI_RELU,
+            S = KA.epilogue_groups(Mp, 2)
+            args = (xq, aw.nk, Mp, M, gw.w, gw.b, gw.nG, aw.tab, cfg, KS, S, s0, s1, sf, EPI_FLOAT | EPI_RELU,
                     out.reshape(-1), n)
             _parts(*args, 1, 1, 1, 0)
             if Mp >= 32 and not np.array_equal(out, ref):

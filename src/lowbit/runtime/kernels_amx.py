@@ -35,9 +35,22 @@ The quantization is one vector pass (``_codes64``: 64 codes per call, 0.16 ms fo
 floats where the scalar numba loop took 0.66 ms).
 
 Products (``_tiles``, registers as ``_amx.amx_block``): 2 x 2 accumulator tiles (32 rows x 32
-channels) for 32 rows or more, 1 x 4 (16 rows x 64 channels) for one row block; the int32 sums
-go through ``_amx.epilogue_row`` (the int8 kernels' epilogue, lane for lane). Threads split the
-channel groups (``parallel_for``); each thread configures its tiles and releases them at the end.
+channels) for 32 rows or more, 1 x 4 (16 rows x 64 channels) for one row block. Threads split the
+channel groups (``parallel_for``, whole runs of groups); each thread configures its tiles and
+releases them at the end.
+
+Epilogue (:func:`_epilogue`). The int32 sums of a run of groups (:data:`EPI_CHANNELS` = 256
+channels, :func:`epilogue_groups`) stay parked, each group's as ``Mp`` rows of 32 (64) int32,
+then the conv executor's per-tile epilogue (``_jit.amx_epilogue``: the float64 ``s1*D + s0`` of
+``_jit._Epilogue``, coefficients loaded once per call, masked stores for ragged channels) runs
+per 16 rows and group, so each output row receives the run's 1 KiB at once. Before, one
+``_amx.epilogue_row`` call per output row and group of 32 channels wrote a column strip of 128
+bytes per row, rows 16 KiB apart, group after group; at 256 rows most of the epilogue's time is
+writing the 4 MiB float32 output that no cache holds, not its arithmetic
+(``benchmarks/results/profile_amx_linear.md``, ``ab_amx_epilogue.md``). Tried and not kept: the
+rows of a run written with non-temporal stores (no read for ownership; no faster than plain
+stores, 0.99-1.02x) and panels of 64 channels for the parked sums (256-byte tile rows: the
+products 10% slower at 64 rows).
 
 Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
 the parked sums) starts on a 64-byte cache line (:func:`aligned_u8`); NumPy and numba give
@@ -82,9 +95,8 @@ from ._amx import (
     amx_config,
     amx_release,
     amx_tile_config,
-    epilogue_row,
 )
-from ._jit import EPI_FLOAT, EPI_RELU, kernel
+from ._jit import EPI_FLOAT, EPI_RELU, amx_epilogue_2, amx_epilogue_4, kernel
 from .kernels_gemv import GemvWeights, unpack_fields
 from .kernels_threads import parallel_for, use_parallel
 
@@ -103,6 +115,10 @@ AMX_MIN_PARALLEL_MACS = 1 << 28
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
 #: equal at 256)
 SLICE_KIB = 16
+#: channels whose int32 sums stay parked (in panels of 64) until one epilogue runs over them ...
+EPI_CHANNELS = 256
+#: ... unless they would take more than this many KiB (then fewer, at least one group)
+EPI_ACC_KIB = 512
 
 
 @dataclass
@@ -355,24 +371,25 @@ def _amx_rows_u8_range(x, nk, xq, m_lo, m_hi):
 
 
 def _tiles(MB: int, NB: int):
-    """Intrinsic ``tiles(x, abase, aoff, nks, w, kstride, acc, aco, resume)``: MB x NB accumulator
-    tiles ``C[m, n] (+)= sum_{k < nks} A[m, k] @ B[k, n]``. ``A[m, k]`` is the 16 x 64 uint8 tile at
-    byte ``abase[m] + aoff + 1024*k`` of ``x`` (rows 64 bytes apart), ``B[k, n]`` the int8 VNNI
-    tile at byte ``k*kstride + 1024*n`` of ``w``; ``C`` (MB*16 rows of NB*16 int32) lives at
-    ``acc[aco:]``: loaded first when ``resume`` (else zero), stored at the end. Registers as
+    """Intrinsic ``tiles(x, abase, aoff, nks, w, kstride, acc, aco, cstride, resume)``: MB x NB
+    accumulator tiles ``C[m, n] (+)= sum_{k < nks} A[m, k] @ B[k, n]``. ``A[m, k]`` is the 16 x 64
+    uint8 tile at byte ``abase[m] + aoff + 1024*k`` of ``x`` (rows 64 bytes apart), ``B[k, n]`` the
+    int8 VNNI tile at byte ``k*kstride + 1024*n`` of ``w``; ``C`` (MB*16 rows of NB*16 int32, rows
+    ``cstride`` bytes apart) starts at ``acc[aco:]``: loaded first when ``resume`` (else zero),
+    stored at the end. Registers as
     ``_amx.amx_block``: C in tmm0-3, A in tmm4 (and tmm5 for MB >= 2), B in tmm6-7, or tmm5-7 for
     NB >= 3 (the configuration ``amx_tile_config(64, 4)``)."""
     if MB * NB > 4 or MB < 1 or NB < 1 or (NB >= 3 and MB > 1):
         raise ValueError("MB*NB <= 4 accumulator tiles, NB >= 3 only with MB == 1")
 
     @intrinsic
-    def tiles(typingctx, x, abase, aoff, nks, w, kstride, acc, aco, resume):
-        sig = types.void(x, abase, aoff, nks, w, kstride, acc, aco, resume)
+    def tiles(typingctx, x, abase, aoff, nks, w, kstride, acc, aco, cstride, resume):
+        sig = types.void(x, abase, aoff, nks, w, kstride, acc, aco, cstride, resume)
 
         def codegen(context, builder, signature, args):
             if not HOST_AMX:
                 return context.get_dummy_value()
-            xa, ba, aoa, nka, wa, ksa, aca, acoa, rsa = args
+            xa, ba, aoa, nka, wa, ksa, aca, acoa, csa, rsa = args
             sg = signature.args
             xp = builder.gep(_ptr(context, builder, sg[0], xa, _I8), [aoa])
             bp = _ptr(context, builder, sg[1], ba, _I64)
@@ -384,7 +401,7 @@ def _tiles(MB: int, NB: int):
             zero = _fn(builder, "llvm.x86.tilezero", _VOID, [_I8])
             dp = _fn(builder, "llvm.x86.tdpbusd", _VOID, [_I8, _I8, _I8])
             pf = _fn(builder, "llvm.prefetch.p0", _VOID, [_I8.as_pointer(), _I32, _I32, _I32])
-            row = ir.Constant(_I64, NB * 64)
+            row = csa
 
             def i32(v):
                 return ir.Constant(_I32, v)
@@ -392,7 +409,8 @@ def _tiles(MB: int, NB: int):
             stride = ir.Constant(_I64, 64)
 
             def ctile(m, n):
-                return builder.gep(cp, [ir.Constant(_I64, (m * 16 * NB * 16 + n * 16) * 4)])
+                return builder.gep(cp, [builder.add(builder.mul(csa, ir.Constant(_I64, 16 * m)),
+                                                    ir.Constant(_I64, 64 * n))])
 
             resume = builder.icmp_signed("!=", rsa, ir.Constant(rsa.type, 0))
             with builder.if_else(resume) as (then, otherwise):
@@ -453,6 +471,7 @@ _t2x2, _t4x1, _t1x1 = _tiles(2, 2), _tiles(4, 1), _tiles(1, 1)
 _t1x2, _t1x3, _t1x4 = _tiles(1, 2), _tiles(1, 3), _tiles(1, 4)
 
 
+
 @kernel
 def aligned_u8(n):
     """``n`` bytes starting on a 64-byte cache line, so that no 64-byte tile row straddles two
@@ -463,69 +482,92 @@ def aligned_u8(n):
 
 
 @kernel
-def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, s0, s1, flags, out, O, g_lo, g_hi):
+def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, eu):
+    """Outputs of channels ``c_s .. c_s + nch`` (a run of groups of ``NBmax`` blocks of 16) from their
+    sums, parked per group (group ``g`` of the run: ``Mp`` rows of ``NBmax*16`` int32 at
+    ``acc[g*Mp*NBmax*16:]``): per 16 rows, the ``_jit.amx_epilogue`` of each group (coefficients
+    loaded once per call, no per-row dispatch), so each output row gets the run's channels at once."""
+    W = NBmax * 16
+    z = np.float32(0.0)
+    for r0 in range(0, M, 16):
+        nr = min(16, M - r0)
+        for g in range((nch + W - 1) // W):
+            c0 = c_s + W * g
+            a0 = (g * Mp + r0) * W
+            if NBmax == 4:
+                amx_epilogue_4(acc, a0, nr, r0 * O + c0, 0, O, s0, s1, sf, c0, c_s + nch - c0, flags, out,
+                               out, eu, z, z)
+            else:
+                amx_epilogue_2(acc, a0, nr, r0 * O + c0, 0, O, s0, s1, sf, c0, c_s + nch - c0, flags, out,
+                               out, eu, z, z)
+
+
+@kernel
+def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, g_lo, g_hi):
     """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows:
     per slice of ``KS`` reduction chunks the group's B tiles are expanded into an L1-sized buffer
-    and every row block accumulates against them (int32 sums parked in ``acc`` between slices)."""
+    and every row block accumulates against them (int32 sums parked in ``acc`` between slices).
+    The sums of ``S`` consecutive groups stay parked, then go through :func:`_epilogue` together."""
     nbt = (O + 15) // 16
     T = 8 // b
     G = 16 // T
     nmb = Mp // 16
-    acc = aligned_u8(Mp * NBmax * 64).view(np.int32)
+    acc = aligned_u8(S * Mp * NBmax * 64).view(np.int32)
     abase = np.empty(4, np.int64)
     buf = aligned_u8(KS * NBmax * 1024)
-    empty_f = np.empty(0, np.float32)
-    empty_u = np.empty(0, np.uint8)
+    eu = np.empty(0, np.uint8)
     amx_config(cfg)
-    for grp in range(g_lo, g_hi):
-        b0 = grp * NBmax
-        NB = min(NBmax, nbt - b0)
-        kstride = NB * 1024
-        for k0 in range(0, nk, KS):
-            nks = min(KS, nk - k0)
-            for n in range(NB):  # B tile of chunk k0 + kk, block n at byte (kk*NB + n)*1024
-                wblk = (b0 + n) * nG * 64
-                for kk in range(nks):
-                    k = k0 + kk
-                    ngv = min(G, nG - k * G)
-                    woff = wblk + k * G * 64
-                    doff = (kk * NB + n) * 1024
-                    if b == 1:
-                        _expand1(w, woff, ngv, tab, buf, doff)
-                    elif b == 2:
-                        _expand2(w, woff, ngv, tab, buf, doff)
+    for sg in range(g_lo, g_hi, S):
+        sg_hi = min(sg + S, g_hi)
+        for grp in range(sg, sg_hi):
+            b0 = grp * NBmax
+            NB = min(NBmax, nbt - b0)
+            kstride = NB * 1024
+            cbase = (grp - sg) * Mp * NBmax * 16  # the group's sums: rows of NBmax*16 int32
+            for k0 in range(0, nk, KS):
+                nks = min(KS, nk - k0)
+                for n in range(NB):  # B tile of chunk k0 + kk, block n at byte (kk*NB + n)*1024
+                    wblk = (b0 + n) * nG * 64
+                    for kk in range(nks):
+                        k = k0 + kk
+                        ngv = min(G, nG - k * G)
+                        woff = wblk + k * G * 64
+                        doff = (kk * NB + n) * 1024
+                        if b == 1:
+                            _expand1(w, woff, ngv, tab, buf, doff)
+                        elif b == 2:
+                            _expand2(w, woff, ngv, tab, buf, doff)
+                        else:
+                            _expand4(w, woff, ngv, tab, buf, doff)
+                resume = k0 > 0
+                aoff = k0 * 1024
+                i = 0
+                while i < nmb:
+                    if NB == 2 and nmb - i >= 2:
+                        MB = 2
+                    elif NB == 1 and nmb - i >= 4:
+                        MB = 4
                     else:
-                        _expand4(w, woff, ngv, tab, buf, doff)
-            resume = k0 > 0
-            aoff = k0 * 1024
-            i = 0
-            while i < nmb:  # rows of C are contiguous in acc (NB*16 int32 each) whatever the shape
-                if NB == 2 and nmb - i >= 2:
-                    MB = 2
-                elif NB == 1 and nmb - i >= 4:
-                    MB = 4
-                else:
-                    MB = 1
-                for m in range(MB):
-                    abase[m] = (i + m) * nk * 1024
-                aco = i * 16 * NB * 16
-                if MB == 2:
-                    _t2x2(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                elif MB == 4:
-                    _t4x1(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                elif NB == 1:
-                    _t1x1(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                elif NB == 2:
-                    _t1x2(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                elif NB == 3:
-                    _t1x3(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                else:
-                    _t1x4(xq, abase, aoff, nks, buf, kstride, acc, aco, resume)
-                i += MB
-        c0 = b0 * 16
-        for row in range(M):
-            epilogue_row(acc, row * NB * 16, NB, s0, s1, c0, O - c0, flags, out, row * O + c0, empty_f,
-                         empty_u, 0, np.float32(0.0), np.float32(0.0))
+                        MB = 1
+                    for m in range(MB):
+                        abase[m] = (i + m) * nk * 1024
+                    aco = cbase + i * 16 * NBmax * 16
+                    if MB == 2:
+                        _t2x2(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    elif MB == 4:
+                        _t4x1(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    elif NB == 1:
+                        _t1x1(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    elif NB == 2:
+                        _t1x2(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    elif NB == 3:
+                        _t1x3(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    else:
+                        _t1x4(xq, abase, aoff, nks, buf, kstride, acc, aco, NBmax * 64, resume)
+                    i += MB
+        c_s = sg * NBmax * 16
+        nch = min(sg_hi * NBmax * 16, O) - c_s
+        _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, eu)
     amx_release()
 
 
@@ -548,25 +590,50 @@ def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -
 
 _CFG_2X2 = amx_tile_config(64, 2)
 _CFG_1X4 = amx_tile_config(64, 4)
+_ZEROS: list[np.ndarray] = [np.zeros(0)]
+
+
+def _zeros(n: int) -> np.ndarray:
+    """At least ``n`` float64 zeros, shared (only read): the epilogue's float32 coefficients, which
+    the float output does not use."""
+    z = _ZEROS[0]
+    if z.size < n:
+        z = np.zeros(max(n, 2 * z.size))
+        _ZEROS[0] = z
+    return z
+
+
+def epilogue_groups(Mp: int, NBmax: int) -> int:
+    """Groups of ``NBmax`` blocks of 16 channels whose sums (``Mp`` rows) one epilogue call takes:
+    :data:`EPI_CHANNELS` channels, fewer where they would exceed :data:`EPI_ACC_KIB`, at least one."""
+    return max(1, min(EPI_CHANNELS, (EPI_ACC_KIB << 10) // (4 * Mp)) // (16 * NBmax))
 
 
 def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWeights, s0: np.ndarray,
                s1: np.ndarray, relu: bool, out: np.ndarray) -> np.ndarray:
     """``out`` (M, O) float32 = ``s1*D + s0`` (ReLU) of the module docstring for rows ``x`` (M, K):
     float32 quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes (mode 1, any integer
-    or float dtype). ``s0``, ``s1`` from :func:`amx_coeffs`. Needs ``_amx.amx_enabled()``."""
+    or float dtype). ``s0``, ``s1`` float64 from :func:`amx_coeffs` (at least ``O`` rounded up to
+    64 entries). Needs ``_amx.amx_enabled()``."""
     gw = aw.gw
     M, K = x.shape
     if K != gw.K or out.shape != (M, gw.O):
         raise ValueError(f"amx_linear: rows {x.shape} / out {out.shape} for a {gw.O}x{gw.K} layer")
+    width = -(-gw.O // 64) * 64
+    if s0.size < width or s1.size < width or s0.dtype != np.float64 or s1.dtype != np.float64:
+        raise ValueError(f"amx_linear: coefficients s0 {s0.shape} {s0.dtype} / s1 {s1.shape} {s1.dtype}; "
+                         f"float64 with at least {width} entries (amx_coeffs) for {gw.O} outputs")
+    if not out.flags.c_contiguous:
+        raise ValueError("amx_linear: out must be C-contiguous")
     xq = amx_rows(x, mode, hi, mult)
     Mp = -(-M // 16) * 16
     NBmax = 4 if Mp == 16 else 2
     cfg = _CFG_1X4 if NBmax == 4 else _CFG_2X2
     nbt = -(-gw.O // 16)
+    S = epilogue_groups(Mp, NBmax)
     flags = EPI_FLOAT | (EPI_RELU if relu else 0)
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
                  np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
-                 s0, s1, np.int64(flags), out.reshape(-1), np.int64(gw.O),
-                 parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
+                 np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), out.reshape(-1), np.int64(gw.O),
+                 parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS), grain=S)
     return out

@@ -1,0 +1,147 @@
+"""The AMX Linear epilogue (runtime/kernels_amx.py): the int32 sums of a run of channel groups stay
+parked, then ``_jit.amx_epilogue`` runs per 16 rows and group. Bit-exact against
+``amx_linear_reference`` (exact integer sums, float64 epilogue, float32 store) on ragged shapes (rows
+not a multiple of 16, outputs not a multiple of 32 / 64, several runs per call, the last one
+partial), binary / ternary / 4-bit weights with 4- and 8-bit activation codes, ReLU on and off, 1
+and 2 threads, runs of 1 to 32 groups; PackedLinear at many rows; the plain path holds no AMX. No
+timing."""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.runtime import _amx, _jit, kernels_threads
+from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime.compiler import reference_fp64
+from lowbit.runtime.kernels_gemv import GemvWeights
+from lowbit.runtime.kernels_pack import quantize_codes_reference
+from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers
+
+needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
+
+RNG = np.random.default_rng(2026)
+# (M, K, O): M off multiples of 16 (one row block, odd block counts), O off multiples of 32 / 64 and
+# above 256 channels (more than one epilogue run per call, the last one partial)
+SHAPES = [(9, 64, 20), (16, 100, 37), (17, 130, 70), (33, 200, 100), (45, 257, 130), (70, 128, 300),
+          (100, 64, 530)]
+
+
+def _weights(kind: str, O: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plane integers q, folded int8 weights) as layers.fold_integers gives them."""
+    if kind == "binary":
+        q = RNG.integers(0, 2, (O, K))
+        return q, 2 * q - 1
+    if kind == "ternary":
+        q = RNG.integers(-1, 2, (O, K))
+        return q, q
+    q = RNG.integers(0, 16, (O, K))
+    return q, 2 * q - 15
+
+
+def _misaligned(M: int, O: int, shift: int) -> np.ndarray:
+    """An (M, O) float32 array starting ``shift`` floats past a 64-byte line."""
+    raw = KA.aligned_u8(4 * (M * O + 16)).view(np.float32)
+    return raw[shift : shift + M * O].reshape(M, O)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    old = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
+    yield request.param
+    numba.set_num_threads(old)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
+def test_epilogue_bit_exact(kind, threads):
+    for j, (M, K, O) in enumerate(SHAPES):
+        q, w = _weights(kind, O, K)
+        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.25)
+        a = RNG.integers(0, 256 if j % 2 else 16, (M, K))  # 8-bit and 4-bit codes
+        s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 3.0, RNG.uniform(0.5, 2.0, O),
+                               RNG.normal(size=O))
+        for relu in (False, True):
+            out = _misaligned(M, O, j % 16)  # rows need not start on a cache line
+            out[:] = np.nan  # every output written
+            KA.amx_linear(a.astype(np.float32), 1, 0.0, 0.0, aw, s0, s1, relu, out)
+            np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, relu))
+
+
+@needs_amx
+@pytest.mark.parametrize("channels,acc_kib", [(16, 512), (64, 512), (96, 512), (256, 1), (1024, 4096)])
+def test_epilogue_runs_of_any_length(channels, acc_kib, monkeypatch):
+    """Runs of 1 to 32 groups (a run not a multiple of the group count included), the cap on the
+    parked sums (1 KiB: one group per run)."""
+    monkeypatch.setattr(KA, "EPI_CHANNELS", channels)
+    monkeypatch.setattr(KA, "EPI_ACC_KIB", acc_kib)
+    for M, K, O in [(40, 130, 530), (16, 64, 300), (300, 64, 200)]:
+        q, w = _weights("ternary", O, K)
+        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+        a = RNG.integers(0, 16, (M, K))
+        s0, s1 = KA.amx_coeffs(aw, np.ones(O), 0.3, 0.0, np.ones(O), RNG.normal(size=O))
+        out = np.full((M, O), np.nan, np.float32)
+        KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, s0, s1, True, out)
+        np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, True))
+
+
+def test_amx_linear_rejects_short_coefficients():
+    q, w = _weights("binary", 70, 64)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+    s0, s1 = KA.amx_coeffs(aw, np.ones(70), 1.0, 0.0, np.ones(70), np.zeros(70))
+    out = np.empty((16, 70), np.float32)
+    with pytest.raises(ValueError, match="at least 128 entries"):
+        KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0[:100], s1, False, out)
+    with pytest.raises(ValueError, match="float64"):
+        KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0.astype(np.float32), s1, False, out)
+
+
+def _layer(w: dict, K: int, O: int) -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(K, O)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(lin, {"default": {"weight": w, "activation": {"method": "pact", "bits": 4,
+                                                                      "alpha_init": 3.0}}})
+    return lin.eval()
+
+
+@needs_amx
+def test_packed_linear_many_rows():
+    """PackedLinear's AMX path (several epilogue runs, the last one partial): the integer reference."""
+    lin = _layer({"method": "twn", "bits": 2}, 300, 530)
+    pl = build_packed("fc", lin)
+    assert isinstance(pl, PackedLinear) and pl.amx is not None
+    M = 77
+    x = torch.rand(M, 300) * 4
+    with torch.inference_mode():
+        got = pl(x).numpy()
+    codes = quantize_codes_reference(x.numpy(), pl.act.hi, pl.act.mult)
+    w, _ = fold_integers(pl.wp)
+    s0, s1 = pl._amx_coeffs(pl.act.sx, pl.act.ma)
+    np.testing.assert_array_equal(got, KA.amx_linear_reference(codes, w, s0, s1, pl.relu))
+
+
+def test_plain_path_unchanged():
+    """The plain path (no AVX-512) holds no AMX form and stays within float rounding of float64."""
+    _jit.set_plain(True)
+    try:
+        lin = _layer({"method": "binary", "bits": 1}, 200, 70)
+        pl = build_packed("fc", lin)
+        assert pl.amx is None and "amx" not in pl.kernel_name()
+        x = torch.rand(40, 200) * 4
+        with torch.inference_mode():
+            got = pl(x)
+        ref = reference_fp64(lin, x)
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    finally:
+        _jit.set_plain(False)
