@@ -4,6 +4,7 @@ baselines of the speed benchmark.
 
     python benchmarks/speed/ab_amx_epilogue.py --base a435f46
     python benchmarks/speed/ab_amx_epilogue.py --base a435f46 --rows 256 --kinds binary --no-mlp
+    python benchmarks/speed/ab_amx_epilogue.py --base a435f46 --no-layers --onnx-dir /tmp/mlp_onnx
 
 The base revision's ``kernels_amx.py`` is imported from git as a module beside
 ``lowbit.runtime`` (the rest of the package is the working tree's). Its ``amx_linear`` ran the
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--layer-budget-s", type=float, default=4.0)
+    p.add_argument("--no-layers", action="store_true")
     p.add_argument("--no-mlp", action="store_true")
     p.add_argument("--mlp-variants", nargs="+", default=["w1a4", "w2a4"])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp())
     base = base_kernels(a.base, tmp)
     layers = []
-    for kind in a.kinds:
+    for kind in [] if a.no_layers else a.kinds:
         for M in a.rows:
             layers.append(layer_block(base, kind, M, a.size, a.layer_budget_s, a.seed))
             print(layers[-1], flush=True)
