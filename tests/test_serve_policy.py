@@ -216,3 +216,32 @@ def test_server_serves_with_slackfit_queue_and_logs_its_decisions(supernet_file)
         assert httpx.get(f"{url}/metrics", params={"decisions": "x"}).status_code == 400
     finally:
         assert stop_server(proc) == 0
+
+
+def test_report_states_the_machine_the_policies_and_a_given_rate(tmp_path) -> None:
+    from lowbit.serve.bench import write_report
+    from lowbit.serve.loadgen import Record, summarize
+
+    recs = [Record(0, 200, 10, "a"), Record(0, 200, 50, "b"), Record(0, 503, 1, None)]
+    dec = {"decisions": 3, "complete": True, "by_subnet": {"a": {"batches": 2, "median_queue": 1,
+                                                                 "median_slack_ms": 20.0}},
+           "shed_by_decisions": 1, "decide_us_median": 40.0, "decide_us_max": 90.0, "scale_median": 1.1,
+           "run_ms_median": 3.5, "oldest_ms_median": 9.0, "oldest_ms_p99": 30.0}
+    runs = [{"policy": p, "trace": "bursty", **summarize(recs, 30, {"a": 0.9, "b": 0.99}, 2),
+             "server_decisions": dec} for p in ("slackfit-queue", "fixed:a")]
+    basis = {"load": 1.5, "subnet": "b", "rate": 15.0, "capacity_rps": {"a": 40.0, "b": 10.0}, "given": True,
+             "profile_ms_at_max_batch": {"a": 1.0, "b": 4.0}}
+    settings = {"rate": 15.0, "duration_s": 2, "slo_ms": 30, "max_batch": 4, "seed": 0, "traces": ["bursty"],
+                "policies": ["slackfit-queue", "fixed:a"], "samples_per_request": 1, "runtime": "packed",
+                "rate_basis": basis, "load_average_before": (2.0, 2.0, 2.0), "load_average": (3.0, 3.0, 3.0),
+                "cpus": 2, "note": "campaign paused"}
+    write_report({"runs": runs, "server_exit_status": {}, "settings": settings}, tmp_path, "r")
+    md = (tmp_path / "r.md").read_text()
+    assert "Rate given (--rate): 15.0 req/s = 1.50 x the capacity of the most accurate sub-net b" in md
+    assert "150% of b's capacity" in md
+    assert "bursts (3x the mean for a quarter of every second) 1.1x, 4.5x" in md
+    assert "Machine: 2 CPUs, load average (1, 5, 15 min) 2.0, 2.0, 2.0 before" in md
+    assert "campaign paused" in md
+    assert "- `slackfit-queue`: the most accurate sub-net whose plan for the WHOLE queue" in md
+    assert "- `fixed:<name>`: SlackFit with that sub-net only" in md and "`slackfit`:" not in md
+    assert "| bursty | 0 | slackfit-queue | a 2 (1, 20) | 1 | 40 / 90 | 1.10 | 3.5 | 9 / 30 |" in md

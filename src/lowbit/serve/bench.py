@@ -13,7 +13,10 @@ The mean rate is given (``rate``) or set from the servers' own start-up latency 
 second it can serve at any batch of whole requests, ``max_k k / lat(k * samples)`` for
 ``k * samples <= max_batch``. With ``load > 1`` that sub-net alone cannot keep up, so queues build
 and the policies must trade accuracy for deadlines (the bursty trace triples the rate for a quarter
-of every second, the ramp ends at 1.8 times the mean).
+of every second, the ramp ends at 1.8 times the mean). A given rate is reported against the same
+profile's capacities. The profile is a 90th percentile of a few runs at start-up, so on a busy
+machine it can be off by 2x from one start to the next; a rate given from measured batch times is
+then the steadier basis.
 """
 
 from __future__ import annotations
@@ -213,10 +216,12 @@ def run_serve_bench(
             args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
                     "--profile-repeats", str(profile_repeats), "--runtime", runtime]
             servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
+        basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
         if rate is None:
-            basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
             rate = float(basis["rate"])
             log.info("rate %.1f req/s = %g x the capacity of %s", rate, load, basis["subnet"])
+        else:  # a given rate: the profile only says what load it is
+            basis.update(given=True, rate=rate, load=rate / basis["capacity_rps"][basis["subnet"]])
         for tr_seed, tr in [(seed + i, t) for i in range(repeats) for t in traces]:
             arrivals = make_trace(tr, rate, duration, seed=tr_seed, max_requests=max_requests)
             for pol in policies:
@@ -301,8 +306,12 @@ def write_report(
         ranked = sorted(basis["capacity_rps"].items(), key=lambda kv: -kv[1])
         caps = ", ".join(f"{n} {v:g}" for n, v in ranked)
         lines += [
-            f"Rate set from the servers' start-up profile ({st['policies'][0]}'s): {basis['load']:g} x the "
-            f"capacity of the most accurate sub-net {basis['subnet']} = {st['rate']:.1f} req/s. Capacity "
+            (f"Rate given (--rate): {st['rate']:.1f} req/s = {basis['load']:.2f} x the capacity of the most "
+             f"accurate sub-net {basis['subnet']} in the servers' start-up profile ({st['policies'][0]}'s). "
+             if basis.get("given") else
+             f"Rate set from the servers' start-up profile ({st['policies'][0]}'s): {basis['load']:g} x the "
+             f"capacity of the most accurate sub-net {basis['subnet']} = {st['rate']:.1f} req/s. ")
+            + "Capacity "
             f"(requests/s at the best batch of whole requests, profiled 90th-percentile latency): {caps}. "
             "The mean rate is "
             + ", ".join(f"{100 * st['rate'] / v:.0f}% of {n}'s" for n, v in ranked if v > 0)
