@@ -122,8 +122,10 @@ def layer_block(base, kind: str, M: int, n: int, budget_s: float, seed: int) -> 
             raise SystemExit(f"{kind} {M} rows: {k} differs from amx_linear_reference")
     t = time_interleaved(fns, max_rounds=400, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
     med = {k: 1e3 * v["median_s"] for k, v in t.items()}
+    low = {k: 1e3 * v["min_s"] for k, v in t.items()}
     return {"kind": kind, "rows": M, "rounds": t["new"]["rounds"], **{f"{k}_ms": v for k, v in med.items()},
-            "base_over_new": med["base"] / med["new"],
+            **{f"{k}_min_ms": v for k, v in low.items()},
+            "base_over_new": med["base"] / med["new"], "base_over_new_min": low["base"] / low["new"],
             "one_group_over_new": med["new, one group per call"] / med["new"]}
 
 
@@ -175,13 +177,18 @@ def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, se
             raise SystemExit(f"MLP {variant} batch {B}: base and new outputs differ")
         t = time_interleaved(fns, max_rounds=200, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
         med = {k: 1e3 * v["median_s"] for k, v in t.items()}
+        low = {k: 1e3 * v["min_s"] for k, v in t.items()}
         int8 = {k: v for k, v in med.items() if not k.startswith("lowbit")}
         best = min(int8, key=int8.get)
+        best_low = min(low[k] for k in int8)
         rows.append({"variant": variant, "batch": B, "rounds": t["lowbit new"]["rounds"],
-                     **{f"{k}_ms": v for k, v in med.items()}, "best_int8": best,
+                     **{f"{k}_ms": v for k, v in med.items()}, **{f"{k}_min_ms": v for k, v in low.items()},
+                     "best_int8": best,
                      "base_vs_best_int8": int8[best] / med["lowbit base"],
                      "new_vs_best_int8": int8[best] / med["lowbit new"],
-                     "base_over_new": med["lowbit base"] / med["lowbit new"], "missing": missing})
+                     "new_vs_best_int8_min": best_low / low["lowbit new"],
+                     "base_over_new": med["lowbit base"] / med["lowbit new"],
+                     "base_over_new_min": low["lowbit base"] / low["lowbit new"], "missing": missing})
         print(rows[-1], flush=True)
     return rows
 
@@ -203,11 +210,11 @@ def to_markdown(layers: list[dict], mlp: list[dict], meta: dict) -> str:
             "## One 4096x4096 layer (`amx_linear`, 4-bit codes quantized in the call, ReLU)",
             "",
             "| weights | rows | rounds | base | new | new, one group per call | base / new "
-            "| one group / new |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| base / new (minima) | one group / new |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             *[f"| {r['kind']} | {r['rows']} | {r['rounds']} | {r['base_ms']:.3f} | {r['new_ms']:.3f} | "
               f"{r['new, one group per call_ms']:.3f} | {r['base_over_new']:.3f} | "
-              f"{r['one_group_over_new']:.3f} |"
+              f"{r['base_over_new_min']:.3f} | {r['one_group_over_new']:.3f} |"
               for r in layers],
             "",
         ]
@@ -216,15 +223,18 @@ def to_markdown(layers: list[dict], mlp: list[dict], meta: dict) -> str:
             "## MLP 8 x Linear 4096x4096 (`lowbit.runtime.compile`), beside the int8 baselines",
             "",
             "| variant | batch | rounds | lowbit base | lowbit new | ORT dyn int8 | ORT QDQ int8 "
-            "| torch dyn int8 | base vs best int8 | new vs best int8 | base / new |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| torch dyn int8 | base vs best int8 | new vs best int8 | new vs best int8 (minima) "
+            "| base / new | base / new (minima) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *[f"| {r['variant']} | {r['batch']} | {r['rounds']} | {r['lowbit base_ms']:.2f} | "
               f"{r['lowbit new_ms']:.2f} | {r.get('ort-dyn-int8_ms', float('nan')):.2f} | "
               f"{r.get('ort-qdq-int8_ms', float('nan')):.2f} | {r['torch-dyn-int8_ms']:.2f} | "
-              f"{r['base_vs_best_int8']:.2f}x | {r['new_vs_best_int8']:.2f}x | {r['base_over_new']:.3f} |"
+              f"{r['base_vs_best_int8']:.2f}x | {r['new_vs_best_int8']:.2f}x | "
+              f"{r['new_vs_best_int8_min']:.2f}x | {r['base_over_new']:.3f} | {r['base_over_new_min']:.3f} |"
               for r in mlp],
             "",
             "x vs best int8: the fastest int8 baseline's time over lowbit's (above 1: lowbit faster).",
+            "(minima): the same ratio of each method's fastest round (interference only adds time).",
         ]
     return "\n".join(lines) + "\n"
 
