@@ -45,6 +45,18 @@ def serial(fn):
     return call
 
 
+def parts(fn, n: int):
+    def call():
+        keep = KT.PARTS_PER_THREAD
+        KT.PARTS_PER_THREAD = n
+        try:
+            return fn()
+        finally:
+            KT.PARTS_PER_THREAD = keep
+
+    return call
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=["lenet5", "resnet20", "mlp"], choices=list(CASES))
@@ -53,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=1.5, help="time budget of one interleaved block")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="thread_scaling")
+    p.add_argument("--parts", nargs="*", type=int, default=[],
+                   help="also time 2 threads with these kernels_threads.PARTS_PER_THREAD values (an A/B)")
     a = p.parse_args(argv)
     t0 = time.time()
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -75,14 +89,18 @@ def main(argv: list[str] | None = None) -> None:
                 one = serial(two)
                 if not torch.equal(one(), two()):
                     raise AssertionError(f"{name}/{v} b{b}: 1- and 2-thread outputs differ")
-                t = time_interleaved({"1": one, "2": two}, 60 if b < 64 else 20, a.budget_s, turns=True)
+                fns = {"1": one, "2": two}
+                for pp in a.parts:
+                    fns[f"parts {pp}"] = parts(two, pp)
+                t = time_interleaved(fns, 60 if b < 64 else 20, a.budget_s, turns=True)
                 ex = packed.executor
                 two()  # (the last timed call may have been the serial one)
                 rows.append({"case": name, "variant": v, "batch": b, "ms_1": 1e3 * t["1"]["median_s"],
                              "ms_2": 1e3 * t["2"]["median_s"], "min_ms_1": 1e3 * t["1"]["min_s"],
                              "min_ms_2": 1e3 * t["2"]["min_s"], "rounds": t["1"]["rounds"],
                              "ratio": t["1"]["median_s"] / t["2"]["median_s"],
-                             "flat_threads": None if ex is None else ex.last_threads})
+                             "flat_threads": None if ex is None else ex.last_threads,
+                             "parts_ms": {pp: 1e3 * t[f"parts {pp}"]["median_s"] for pp in a.parts}})
                 print(rows[-1], flush=True)
             del packed
     meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
@@ -101,6 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     md += [f"| {r['case']} | {r['variant']} | {r['batch']} | {r['ms_1']:.3f} ({r['min_ms_1']:.3f}) | "
            f"{r['ms_2']:.3f} ({r['min_ms_2']:.3f}) | {r['ratio']:.2f}x | {r['flat_threads'] or '–'} | "
            f"{r['rounds']} |" for r in rows]
+    if a.parts:
+        head = " | ".join(f"p={pp}" for pp in a.parts)
+        md += ["", f"2 threads with `PARTS_PER_THREAD` = p (default {KT.PARTS_PER_THREAD}): median ms "
+               "(1-thread median / it)", "", f"| case | variant | batch | {head} |",
+               "|---|---|---:|" + "---:|" * len(a.parts)]
+        for r in rows:
+            cells = [f"{r['parts_ms'][pp]:.3f} ({r['ms_1'] / r['parts_ms'][pp]:.2f}x)" for pp in a.parts]
+            md.append(f"| {r['case']} | {r['variant']} | {r['batch']} | " + " | ".join(cells) + " |")
     write_results(a.out, a.name, payload, "\n".join(md))
     print("\n".join(md))
 

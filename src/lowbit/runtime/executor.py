@@ -24,7 +24,9 @@ work at least ``MIN_THREAD_WORK_S``, the work being the images times the program
 one has run, so a shape's first call is serial). The batch is then cut into pieces (at least
 ``PIECES_PER_THREAD`` per thread, at most a chunk each, each at least half a thread's minimum
 share) that the calling thread and the runtime's workers take from a shared counter, each running
-the program on its own arena (the interpreter releases the GIL). Anything smaller, batch 1
+the program on its own arena (the interpreter releases the GIL); the call returns once every piece
+has run, without waiting for a worker the OS has not started yet (``kernels_threads.run_shared``).
+Anything smaller, batch 1
 always, runs on the calling thread alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US``
 sets the minimum share in microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per
 thread, as before the rule.
@@ -39,7 +41,6 @@ flattened and runs module by module (:func:`plan` raises :class:`UnsupportedGrap
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import os
@@ -861,20 +862,16 @@ class FlatExecutor:
             # run (a busy machine) delays nobody: the others take its pieces (a static split waits
             # for the slowest part)
             pieces = [(lo, min(B, lo + step)) for lo in range(0, B, step)]
-            counter = itertools.count()
             n = prog.out_numel
+            slots = [self._arenas(arenas, shape, k, prog) for k in range(min(nt, len(pieces)))]
 
-            def work(fa: np.ndarray, ca: np.ndarray) -> None:
-                while (i := next(counter)) < len(pieces):
-                    lo, hi = pieces[i]
-                    _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], out[lo * n : hi * n], prog.oinfo,
-                         fa, ca, hi - lo, prog.chunk)
+            def work(slot: int, i: int) -> None:
+                lo, hi = pieces[i]
+                fa, ca = slots[slot]
+                _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], out[lo * n : hi * n], prog.oinfo,
+                     fa, ca, hi - lo, prog.chunk)
 
-            pool = _threads.thread_pool(nt)
-            futs = [pool.submit(work, *self._arenas(arenas, shape, k, prog)) for k in range(1, nt)]
-            work(*self._arenas(arenas, shape, 0, prog))
-            for f in futs:
-                f.result()
+            _threads.run_shared(len(pieces), work, nt)
         else:
             a = arenas.get((shape, 0))
             fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -71,22 +73,70 @@ def use_parallel(work: int, min_work: int | None = None) -> bool:
     return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and num_threads() > 1
 
 
+def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
+    """``work(slot, i)`` for every ``i`` in ``range(n)``, on the calling thread (slot 0) and up to
+    ``nt - 1`` of the pool's workers (slots 1, 2, ...), each taking the next ``i`` from a shared
+    counter. Returns when every item has run, not when every worker has started: a worker the OS
+    has not run by then finds nothing left (on a busy machine waking a worker can take
+    milliseconds). The first exception of an item is raised here once all items have run."""
+    counter = itertools.count()  # next() on it is atomic under the GIL
+    left = [n]
+    lock = threading.Lock()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def take(slot: int) -> None:
+        while (i := next(counter)) < n:
+            try:
+                work(slot, i)
+            except BaseException as e:  # raised by the caller below
+                errors.append(e)
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    pool = thread_pool(nt)
+    for k in range(1, min(nt, n)):
+        pool.submit(take, k)
+    take(0)
+    done.wait()
+    if errors:
+        raise errors[0]
+
+
+# parallel_for cuts the range into this many parts per thread, run by run_shared (0: one part per
+# thread and the caller waits for every worker's part, the split before run_shared). One: each part
+# is one numba dispatch (~5-10 us with the ~20 arguments of the AMX / LUT kernels, 8 layers per MLP
+# call), and interleaved A/B runs of 0, 1, 2 and 4 parts per thread on the 8 x 4096^2 MLP (batch
+# 8-256, ``benchmarks/speed/bench_thread_scaling.py --parts``) did not separate them from the noise
+# of the shared machine; with one part per thread a caller whose worker has not started by the time
+# its own part is done runs the worker's part itself instead of waiting.
+PARTS_PER_THREAD = 1
+
+
 def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> None:
     """``fn(*args, lo, hi)`` over ``[0, n)``: one call, or (``parallel`` and more than one thread)
-    one contiguous part per thread, part boundaries multiples of ``grain``; the calling thread
-    takes the first part. ``fn`` must be a GIL-releasing kernel."""
+    parts of the range, boundaries multiples of ``grain``, that the calling thread and the pool's
+    workers take from a shared counter (:func:`run_shared`, up to :data:`PARTS_PER_THREAD` parts per
+    thread). ``fn`` must be a GIL-releasing kernel whose result does not depend on how the range
+    is cut."""
     nt = num_threads()
     if not parallel or nt <= 1 or n < 2 * grain:
         fn(*args, 0, n)
         return
-    per = -(-n // nt)
+    parts = nt * PARTS_PER_THREAD if PARTS_PER_THREAD > 0 else nt
+    per = -(-n // min(parts, n // grain))
     per = -(-per // grain) * grain
     bounds = [(lo, min(n, lo + per)) for lo in range(0, n, per)]
-    pool = thread_pool(nt)
-    futs = [pool.submit(fn, *args, lo, hi) for lo, hi in bounds[1:]]
-    fn(*args, *bounds[0])
-    for f in futs:
-        f.result()
+    if PARTS_PER_THREAD <= 0:
+        pool = thread_pool(nt)
+        futs = [pool.submit(fn, *args, lo, hi) for lo, hi in bounds[1:]]
+        fn(*args, *bounds[0])
+        for f in futs:
+            f.result()
+        return
+    run_shared(len(bounds), lambda slot, i: fn(*args, *bounds[i]), nt)
 
 
 def num_words(k: int) -> int:
