@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_threads_contamination import busy_cpu_s
 from common import run_meta, write_results
 from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     t0 = time.time()
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    busy0 = busy_cpu_s()
     set_threads(2)
     rows = []
     for name in a.cases:
@@ -103,13 +105,16 @@ def main(argv: list[str] | None = None) -> None:
                              "parts_ms": {pp: 1e3 * t[f"parts {pp}"]["median_s"] for pp in a.parts}})
                 print(rows[-1], flush=True)
             del packed
+    busy1 = busy_cpu_s()
+    others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
     meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others)
     payload = {"meta": meta, "rows": rows}
     md = ["# lowbit: 2 threads against 1, the same packed model side by side", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
-          f"{meta['load_start']} / {meta['load_end']}; single run.", "",
+          f"{meta['load_start']} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores on "
+          "average during the run (`/proc/stat`); single run.", "",
           "1 thread: the calling thread's kernels serial (`kernels_threads.set_serial`); rounds "
           "interleaved with turns (`harness.time_interleaved`); ratio = 1-thread median / 2-thread median. "
           "`flat threads`: threads the flat executor's last 2-thread call used (conv nets).", "",
