@@ -14,7 +14,9 @@ the supernet's measured latencies, every policy on every trace, and the cost of 
    server measures it.
 3. Diagnosis: at every decision of ``slackfit`` and ``slackfit-queue``, whether the chosen
    sub-net's plan for the WHOLE queue (FIFO batches of ``max_batch``) meets every queued deadline,
-   and the queue length; SlackFit looks only at the oldest request's slack.
+   and the queue length; SlackFit looks only at the oldest request's slack. On the bursty trace,
+   the requests shed and the batches per sub-net in each quarter of a second (the first is the
+   burst). ``--profile`` reuses an earlier run's latency profile (then only the cost is re-timed).
 4. Cost: median microseconds of one ``decide`` on a queue of 1024 requests (``--samples`` samples
    each, slacks spread over the SLO), against the profiled latency of one full batch of the
    fastest sub-net, both timed in this run.
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ms, val, test = profile(a.supernet, a.rounds)
     caps = {n: capacity_rps(ms[n], a.samples) for n in ms}
     top = max(val, key=lambda n: val[n])
-    rows, diag = [], {}
+    rows, diag, phases = [], {}, {}
     for sigma in (0.0, 0.3):
         for load in a.loads:
             rate = load * caps[top]
@@ -151,8 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                         w = Watched(make_policy(pol, val, 32))
                         arr = make_trace(tr, rate, a.duration, seed=seed)
                         rs.append(simulate(w, ms, arr, a.slo_ms, samples=a.samples, accuracy=test,
-                                           sigma=sigma, seed=seed, rate_window_ms=100))
+                                           sigma=sigma, seed=seed, rate_window_ms=100, trace=True))
                         log += w.log
+                        if tr == "bursty":  # when, within each second, are requests shed, who serves
+                            q = phases.setdefault(f"{sigma}/{load}/{pol}", {"shed": [0] * 4, "batches": {}})
+                            for e in rs[-1].pop("decisions"):
+                                k = int((e["t_ms"] % 1000) // 250)
+                                q["shed"][k] += e["shed"]
+                                if e["subnet"]:
+                                    q["batches"].setdefault(e["subnet"], [0] * 4)[k] += 1
+                        else:
+                            rs[-1].pop("decisions")
                     n = sum(r["requests"] for r in rs)
                     served = sum(r["served"] for r in rs)
                     row = {"sigma": sigma, "load": load, "rate": rate, "trace": tr, "policy": pol,
@@ -177,14 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     fastest = min(ms, key=lambda n: ms[n][-1])
     meta = run_meta(__file__, argv, t0, seeds=list(range(a.seeds)))
     payload = {**meta, "profile_ms": ms, "val_acc": val, "test_acc": test, "capacity_rps": caps, "rows": rows,
-               "diagnosis": diag, "decide_us_1024": cost, "settings": vars(a)}
+               "diagnosis": diag, "bursty_by_quarter": phases, "decide_us_1024": cost, "settings": vars(a)}
     md = [
         "# Serving policies in simulation: why SlackFit serves b8 while the queue grows",
         "",
         f"`{meta['command']}`",
         "",
         f"Supernet `{a.supernet}`: median packed latency (one thread, {a.rounds} shuffled rounds side by "
-        "side, this machine under load) at batch 8/16/32: "
+        "side, this machine under load"
+        + (f"; taken from `{a.profile}`, an earlier run of this script" if a.profile else "")
+        + ") at batch 8/16/32: "
         + "; ".join(f"{n} {ms[n][7]:.1f}/{ms[n][15]:.1f}/{ms[n][31]:.1f} ms" for n in ms)
         + f". Capacity at {a.samples} samples per request (requests/s at the best batch of whole requests): "
         + ", ".join(f"{n} {c:.0f}" for n, c in caps.items())
@@ -219,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{v['top_batches_whole_queue_late']} | {v['top_median_queue']} | "
                   + (f"{v['top_median_oldest_slack_ms']:.0f}" if v["top_median_oldest_slack_ms"] is not None
                      else "-") + " |")
+    md += ["", "Bursty trace by quarter of each second (Q1: the burst at 3x the mean rate, Q2-Q4: 1/3 of "
+           "it): requests shed and batches per sub-net (all trace seeds).", "",
+           "| sigma | load | policy | shed Q1 / Q2 / Q3 / Q4 | batches per sub-net Q1 / Q2 / Q3 / Q4 |",
+           "|---|---|---|---|---|"]
+    for k, v in phases.items():
+        sigma, load, pol = k.split("/")
+        md.append(f"| {sigma} | {load} | {pol} | {' / '.join(map(str, v['shed']))} | "
+                  + "; ".join(f"{n} {' / '.join(map(str, c))}" for n, c in sorted(v["batches"].items()))
+                  + " |")
     md += ["", f"Cost of one decision on a queue of 1024 requests ({a.samples} samples each), median of 30 "
            "calls in this run (loaded machine): "
            + ", ".join(f"{p} {us:.0f} us" for p, us in cost.items())
