@@ -17,7 +17,10 @@ import asyncio
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -28,6 +31,20 @@ from lowbit.serve.bench import free_port, start_server, stop_server
 from lowbit.serve.loadgen import make_trace, replay, summarize
 
 
+def _summarize_spy(path: str, top: int = 5) -> None:
+    """Samples per thread and its most frequent last two frames, from a py-spy raw file."""
+    threads: dict[str, Counter[str]] = {}
+    for line in Path(path).read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        tail = ";".join(f.split(" (")[0] for f in frames[-2:])
+        threads.setdefault(frames[0], Counter())[tail] += int(n)
+    for t, c in threads.items():
+        total = sum(c.values())
+        print(f"  {t}: {total} samples; "
+              + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c.most_common(top)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--supernet", default="runs/supernet_r20_cifar/resnet20.supernet")
@@ -36,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="fixed:b4")
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--slo-ms", type=float, default=500.0)
+    p.add_argument("--spy", default=None,
+                   help="record the server with py-spy (raw, every thread, idle included) during the first "
+                   "rate into this file, and print each thread's most frequent innermost frames")
     a = p.parse_args(argv)
     sn = load_supernet(a.supernet)
     x = torch.randn((a.samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
@@ -50,12 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         return (int(f[11]) + int(f[12])) / tick
 
     try:
-        for rate in a.rates:
+        for i, rate in enumerate(a.rates):
             arrivals = make_trace("constant", rate, a.duration, seed=0)
+            spy = None
+            if a.spy and i == 0:
+                cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.pid),
+                       "-d", str(max(1, int(a.duration) - 1)), "-r", "200", "--threads", "--idle",
+                       "-f", "raw", "-o", a.spy]
+                spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             seq = httpx.get(f"{base}/metrics").json()["decisions"]
             c0, s0, t0 = resource.getrusage(resource.RUSAGE_SELF), server_cpu_s(), time.time()
             recs = asyncio.run(replay(f"{base}/predict", arrivals, x, shape, timeout_s=10, max_in_flight=256))
             c1, s1, wall = resource.getrusage(resource.RUSAGE_SELF), server_cpu_s(), time.time() - t0
+            if spy is not None:
+                spy.wait()
+                _summarize_spy(a.spy)
             log = [d for d in httpx.get(f"{base}/metrics", params={"decisions": 20000}).json()["decision_log"]
                    if d["seq"] >= seq and "oldest_ms" in d]
             s, n = summarize(recs, a.slo_ms, {}, a.duration), len(recs)
