@@ -1,0 +1,136 @@
+"""Where a 2-thread call's time goes: every shared work item (``kernels_threads.run_shared``: the flat
+executor's pieces, ``parallel_for``'s parts) traced with its thread, wall span and CPU time.
+
+    python benchmarks/speed/profile_thread_split.py                # ~30 s
+    python benchmarks/speed/profile_thread_split.py --calls 5 --out /tmp/r
+
+Per call (medians over ``--calls`` calls, 2 threads, binary weights x PACT 4-bit activations):
+
+- ``serial ms``: the same input on one thread (``set_serial``), for scale;
+- ``call ms``: the 2-thread call; ``start us``: from the call until the first item starts (the
+  hand-off and everything before the split);
+- ``overlap``: the items' summed wall time over the wall span they cover: 2.0 when both threads run
+  items at once all along, 1.0 when they take turns;
+- ``off-CPU``: the share of the items' wall time their thread was not on a CPU (another thread or
+  process had the core): with the two threads taking turns on one core this is about half.
+
+Alongside: the CPU share other processes used during the run (``/proc/stat``). Writes
+benchmarks/results/thread_split.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_threads_contamination import busy_cpu_s
+from common import run_meta, write_results
+from harness import CASES, _randomize_bn, deep_mlp, make_inputs, quantized_model, set_threads
+
+from lowbit.runtime import compile as rt_compile
+from lowbit.runtime import kernels_threads as KT
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def traced_calls(packed, x: torch.Tensor, calls: int) -> dict[str, float]:
+    items: list[tuple[int, float, float, float]] = []
+    real = KT.run_shared
+
+    def tracing(n, work, nt):
+        def traced(slot, i):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            work(slot, i)
+            items.append((threading.get_ident(), t0, time.perf_counter(), time.thread_time() - c0))
+
+        return real(n, traced, nt)
+
+    per: dict[str, list[float]] = {k: [] for k in ("serial_ms", "call_ms", "start_us", "overlap", "off_cpu",
+                                                 "items", "threads")}
+    KT.run_shared = tracing
+    try:
+        for _ in range(calls):
+            prev = KT.set_serial(True)
+            t = time.perf_counter()
+            packed(x)
+            per["serial_ms"].append(1e3 * (time.perf_counter() - t))
+            KT.set_serial(prev)
+            items.clear()
+            t = time.perf_counter()
+            packed(x)
+            per["call_ms"].append(1e3 * (time.perf_counter() - t))
+            if not items:
+                continue
+            span = max(e for _, _, e, _ in items) - min(s for _, s, _, _ in items)
+            busy = sum(e - s for _, s, e, _ in items)
+            per["start_us"].append(1e6 * (min(s for _, s, _, _ in items) - t))
+            per["overlap"].append(busy / max(span, 1e-12))
+            per["off_cpu"].append(1.0 - sum(c for *_, c in items) / max(busy, 1e-12))
+            per["items"].append(len(items))
+            per["threads"].append(len({tid for tid, *_ in items}))
+    finally:
+        KT.run_shared = real
+    return {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    t0 = time.time()
+    busy0 = busy_cpu_s()
+    set_threads(2)
+    rows = []
+    torch.manual_seed(0)
+    setups = [("lenet5", 64), ("lenet5", 256), ("resnet20", 8), ("resnet20", 64)]
+    for name, b in setups:
+        case = CASES[name]
+        fm = case.build().eval()
+        _randomize_bn(fm, 0)
+        x = make_inputs(case, b, 0)
+        packed = rt_compile(quantized_model(fm, "w1a4"), x[:8])
+        for _ in range(3):
+            packed(x)
+        rows.append({"model": name, "path": "flat executor pieces", "batch": b,
+                     **traced_calls(packed, x, a.calls)})
+    mlp = deep_mlp(4096, 2).eval()
+    x_all = torch.rand(256, 4096, generator=torch.Generator().manual_seed(0))
+    packed = rt_compile(quantized_model(mlp, "w1a4"), x_all[:8])
+    for b in (8, 64, 256):
+        x = x_all[:b].contiguous()
+        for _ in range(3):
+            packed(x)
+        rows.append({"model": "mlp 2 x 4096^2", "path": "parallel_for parts", "batch": b,
+                     **traced_calls(packed, x, a.calls)})
+    busy1 = busy_cpu_s()
+    others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
+    meta = run_meta(__file__, argv, t0, other_processes_cores=others,
+                    loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+    md = ["# 2-thread calls traced: do the two threads run at once?", "",
+          f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; other processes used {others:.2f} of the "
+          f"2 cores on average during the run; load average at the end {meta['loadavg']}; single run, "
+          f"medians over {a.calls} calls.", "",
+          "overlap: the items' summed wall time / the span they cover (2.0: both threads at once; 1.0: "
+          "taking turns). off-CPU: share of the items' wall time their thread was not running.", "",
+          "| model | path | batch | serial ms | 2-thread call ms | start us | items | threads | overlap | "
+          "off-CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['model']} | {r['path']} | {r['batch']} | {r['serial_ms']:.3f} | {r['call_ms']:.3f} | "
+           f"{r['start_us']:.0f} | {r['items']:.0f} | {r['threads']:.0f} | {r['overlap']:.2f} | "
+           f"{r['off_cpu']:.2f} |" for r in rows]
+    write_results(a.out, "thread_split", {"meta": meta, "rows": rows}, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
