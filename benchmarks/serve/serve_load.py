@@ -37,9 +37,13 @@ another, and it moved 2x between two starts with the campaign paused (b8: 26.5 a
 requests/s), so a given rate is the steadier basis; the report still states it against that
 profile.
 
-Why 32 samples per request (one request per batch of 32): the HTTP path, not inference, limits
-the request rate on this 2-core machine, and a policy only sees requests once they reach the
-batching queue. With the campaign paused, fixed:b4 and 8-sample requests
+Why 32 samples per request (one request per batch of 32): the load generator, not the server's
+inference, limits the request rate on this 2-core machine, and a policy only sees requests once
+they reach the batching queue. At 200 requests/s of 8 samples under load
+(``benchmarks/serve/http_cost.py --samples 8 --rates 200 --duration 4 --spy out.txt``) the client
+spent 10.2 ms of CPU per request and took 14.5 s to send a 4 s trace, while py-spy found the
+server's event loop 79% idle in select and its inference thread 56% idle. With the campaign
+paused, fixed:b4 and 8-sample requests
 (``benchmarks/serve/http_cost.py --samples 8 --rates 100 150 200``): 150 requests/s were answered
 at a 45 ms median, 200 requests/s at 553 ms while each batch's oldest request spent a median 15 ms
 in the server; the client used 2.4-4.0 ms and the server 4.3-4.6 ms (inference included) of CPU
