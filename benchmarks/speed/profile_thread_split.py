@@ -14,7 +14,9 @@ Per call (medians over ``--calls`` calls, 2 threads, binary weights x PACT 4-bit
 - ``off-CPU``: the share of the items' wall time their thread was not on a CPU (another thread or
   process had the core): with the two threads taking turns on one core this is about half.
 
-Alongside: the CPU share other processes used during the run (``/proc/stat``). Writes
+Also the wake-up latency of the runtime's pool: a no-op handed to it after the pool sat idle for a
+gap (as between two calls, or between two layers' parallel regions), until it starts. Alongside:
+the CPU share other processes used during the run (``/proc/stat``). Writes
 benchmarks/results/thread_split.{json,md}.
 """
 
@@ -82,9 +84,28 @@ def traced_calls(packed, x: torch.Tensor, calls: int) -> dict[str, float]:
     return {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
 
 
+def wake_latency(gaps_s=(0.0, 2e-4, 2e-3, 2e-2), n: int = 60) -> list[dict[str, float]]:
+    """Median / quartiles (us) from handing a no-op to the idle pool until it starts, per idle gap."""
+    pool = KT.thread_pool(2)
+    out = []
+    for gap in gaps_s:
+        lat = []
+        for _ in range(n):
+            if gap:
+                time.sleep(gap)
+            t0 = time.perf_counter()
+            lat.append(1e6 * (pool.submit(time.perf_counter).result() - t0))
+        lat.sort()
+        out.append({"idle_gap_ms": 1e3 * gap, "median_us": statistics.median(lat), "q25_us": lat[n // 4],
+                    "q75_us": lat[3 * n // 4]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--parts", nargs="+", type=int, default=[KT.PARTS_PER_THREAD],
+                   help="kernels_threads.PARTS_PER_THREAD values for the MLP rows")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     t0 = time.time()
@@ -106,12 +127,19 @@ def main(argv: list[str] | None = None) -> None:
     mlp = deep_mlp(4096, 2).eval()
     x_all = torch.rand(256, 4096, generator=torch.Generator().manual_seed(0))
     packed = rt_compile(quantized_model(mlp, "w1a4"), x_all[:8])
+    keep = KT.PARTS_PER_THREAD
     for b in (8, 64, 256):
         x = x_all[:b].contiguous()
-        for _ in range(3):
-            packed(x)
-        rows.append({"model": "mlp 2 x 4096^2", "path": "parallel_for parts", "batch": b,
-                     **traced_calls(packed, x, a.calls)})
+        for pp in a.parts:
+            KT.PARTS_PER_THREAD = pp
+            try:
+                for _ in range(3):
+                    packed(x)
+                rows.append({"model": "mlp 2 x 4096^2", "path": f"parallel_for, {pp} part(s) per thread",
+                             "batch": b, **traced_calls(packed, x, a.calls)})
+            finally:
+                KT.PARTS_PER_THREAD = keep
+    wake = wake_latency()
     busy1 = busy_cpu_s()
     others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
     meta = run_meta(__file__, argv, t0, other_processes_cores=others,
@@ -128,7 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     md += [f"| {r['model']} | {r['path']} | {r['batch']} | {r['serial_ms']:.3f} | {r['call_ms']:.3f} | "
            f"{r['start_us']:.0f} | {r['items']:.0f} | {r['threads']:.0f} | {r['overlap']:.2f} | "
            f"{r['off_cpu']:.2f} |" for r in rows]
-    write_results(a.out, "thread_split", {"meta": meta, "rows": rows}, "\n".join(md))
+    md += ["", "Wake-up of the idle pool: a no-op handed to it until it starts (us):", "",
+           "| idle gap ms | median | q25 | q75 |", "|---:|---:|---:|---:|"]
+    md += [f"| {w['idle_gap_ms']:g} | {w['median_us']:.1f} | {w['q25_us']:.1f} | {w['q75_us']:.1f} |"
+           for w in wake]
+    write_results(a.out, "thread_split", {"meta": meta, "rows": rows, "wake": wake}, "\n".join(md))
     print("\n".join(md))
 
 
