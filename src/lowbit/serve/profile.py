@@ -3,8 +3,11 @@
 Each sub-net runs ``repeats`` times (after ``warmup`` runs) at batch sizes 1, 2, 4, ... and
 ``max_batch``; the profile keeps a high quantile of the times (``quantile``, default 0.9: a
 scheduler that plans with the median misses half its tight deadlines) and interpolates linearly
-between measured sizes. Times are of ``Supernet.run`` in eval mode with cached quantized weights,
-i.e. exactly what the server executes per batch; or, given the server's
+between measured sizes. The sub-nets take turns call by call (each round runs every sub-net once
+per batch size, the first one rotating), as the server switches between them; timed one sub-net
+after another, a spell of load from other processes on a shared machine falls on one sub-net alone
+and skews the ratios the policies plan with. Times are of ``Supernet.run`` in eval mode with
+cached quantized weights, i.e. exactly what the server executes per batch; or, given the server's
 :class:`~lowbit.serve.engines.SubnetEngines`, of each sub-net's engine (packed runtime or PyTorch).
 """
 
@@ -69,10 +72,21 @@ def profile_supernet(supernet: Supernet | SubnetEngines, max_batch: int = 32, re
     if max_batch < 1:
         raise ValueError(f"profile: max_batch must be >= 1, got {max_batch}")
     sizes = sorted({min(1 << k, max_batch) for k in range(max_batch.bit_length() + 1)} | {max_batch})
+    names = list(supernet.names)
+    xs = {b: torch.randn((b, *supernet.input_shape)) for b in sizes}
+    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in sizes}
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            k = i % len(names)
+            for b in sizes:
+                for name in names[k:] + names[:k]:
+                    t = time.perf_counter()
+                    supernet.run(xs[b], name)
+                    if i >= warmup:
+                        times[name, b].append(1e3 * (time.perf_counter() - t))
     ms: dict[str, list[float]] = {}
-    for name in supernet.names:
-        at = {b: _quantile(_times(supernet, name, b, supernet.input_shape, repeats, warmup), quantile)
-              for b in sizes}
+    for name in names:
+        at = {b: _quantile(sorted(times[name, b]), quantile) for b in sizes}
         row = []
         for b in range(1, max_batch + 1):
             lo = max(s for s in sizes if s <= b)
