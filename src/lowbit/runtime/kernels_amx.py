@@ -45,12 +45,14 @@ then the conv executor's per-tile epilogue (``_jit.amx_epilogue``: the float64 `
 ``_jit._Epilogue``, coefficients loaded once per call, masked stores for ragged channels) runs
 per 16 rows and group, so each output row receives the run's 1 KiB at once. Before, one
 ``_amx.epilogue_row`` call per output row and group of 32 channels wrote a column strip of 128
-bytes per row, rows 16 KiB apart, group after group; at 256 rows most of the epilogue's time is
-writing the 4 MiB float32 output that no cache holds, not its arithmetic
-(``benchmarks/results/profile_amx_linear.md``, ``ab_amx_epilogue.md``). Tried and not kept: the
-rows of a run written with non-temporal stores (no read for ownership; no faster than plain
-stores, 0.99-1.02x) and panels of 64 channels for the parked sums (256-byte tile rows: the
-products 10% slower at 64 rows).
+bytes per row, rows 16 KiB apart, group after group. At 256 rows the epilogue is mostly the
+writing of a 4 MiB float32 output that no cache holds, not arithmetic: alone it takes about as
+long either way (``benchmarks/results/profile_amx_linear.md``, "epilogue"), but inside the call
+the runs made a 4096x4096 layer 1.04-1.13x as fast at 256 rows, 0.97-1.15x at 64 and equal at
+16 (one interleaved run on the loaded machine; with one group per epilogue call the runs' gain
+at 256 rows is lost, 1.10-1.15x slower: ``ab_amx_epilogue.md``). Tried in development and not
+kept: non-temporal stores for the rows of a run (no faster than plain stores) and panels of 64
+channels for the parked sums (256-byte tile rows; the products 10% slower at 64 rows).
 
 Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
 the parked sums) starts on a 64-byte cache line (:func:`aligned_u8`); NumPy and numba give
