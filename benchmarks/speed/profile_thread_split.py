@@ -14,7 +14,10 @@ Per call (medians over ``--calls`` calls, 2 threads, binary weights x PACT 4-bit
 - ``off-CPU``: the share of the items' wall time their thread was not on a CPU (another thread or
   process had the core): with the two threads taking turns on one core this is about half.
 
-Also the wake-up latency of the runtime's pool: a no-op handed to it after the pool sat idle for a
+Also: whether the two cores compute at full speed at once (a throughput-bound float loop, ~80 ms,
+alone and on two threads at once: each thread's CPU time; 1.0x = no slowdown from running beside
+the other; on a virtual machine a core's hyperthread sibling on the host may be busy), and the
+wake-up latency of the runtime's pool: a no-op handed to it after the pool sat idle for a
 gap (as between two calls, or between two layers' parallel regions), until it starts. Alongside:
 the CPU share other processes used during the run (``/proc/stat``). Writes
 benchmarks/results/thread_split.{json,md}.
@@ -30,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,6 +86,44 @@ def traced_calls(packed, x: torch.Tensor, calls: int) -> dict[str, float]:
     finally:
         KT.run_shared = real
     return {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
+
+
+def _fma_loop(a, b, reps):
+    s = np.float32(0)
+    for _ in range(reps):
+        for i in range(a.size):
+            s += a[i] * b[i]
+    return s
+
+
+def two_cores(reps: int = 4, inner: int = 400_000) -> dict[str, list[float]]:
+    """CPU ms of the loop alone and of each of two copies run at once (and the pair's wall ms)."""
+    import numba
+
+    fn = numba.njit(nogil=True, fastmath=True)(_fma_loop)
+    a = np.random.default_rng(0).random(4096, np.float32)
+    fn(a, a, 1)
+    out: dict[str, list[float]] = {"alone_cpu_ms": [], "pair_cpu_ms": [], "pair_wall_ms": []}
+
+    def run(res: list, i: int) -> None:
+        t = time.thread_time()
+        fn(a, a, inner)
+        res[i] = 1e3 * (time.thread_time() - t)
+
+    for _ in range(reps):
+        r = [0.0]
+        run(r, 0)
+        out["alone_cpu_ms"].append(r[0])
+        r2 = [0.0, 0.0]
+        ts = [threading.Thread(target=run, args=(r2, i)) for i in range(2)]
+        w = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        out["pair_wall_ms"].append(1e3 * (time.perf_counter() - w))
+        out["pair_cpu_ms"] += r2
+    return out
 
 
 def wake_latency(gaps_s=(0.0, 2e-4, 2e-3, 2e-2), n: int = 60) -> list[dict[str, float]]:
@@ -140,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 KT.PARTS_PER_THREAD = keep
     wake = wake_latency()
+    cores = two_cores()
     busy1 = busy_cpu_s()
     others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
     meta = run_meta(__file__, argv, t0, other_processes_cores=others,
@@ -160,7 +203,12 @@ def main(argv: list[str] | None = None) -> None:
            "| idle gap ms | median | q25 | q75 |", "|---:|---:|---:|---:|"]
     md += [f"| {w['idle_gap_ms']:g} | {w['median_us']:.1f} | {w['q25_us']:.1f} | {w['q75_us']:.1f} |"
            for w in wake]
-    write_results(a.out, "thread_split", {"meta": meta, "rows": rows, "wake": wake}, "\n".join(md))
+    md += ["", "Two cores at once (a float loop; CPU ms per thread, each repetition):", "",
+           "alone: " + ", ".join(f"{v:.0f}" for v in cores["alone_cpu_ms"]) + "; two at once: "
+           + ", ".join(f"{v:.0f}" for v in cores["pair_cpu_ms"]) + " (pair wall: "
+           + ", ".join(f"{v:.0f}" for v in cores["pair_wall_ms"]) + ")"]
+    write_results(a.out, "thread_split", {"meta": meta, "rows": rows, "wake": wake, "two_cores": cores},
+                  "\n".join(md))
     print("\n".join(md))
 
 
