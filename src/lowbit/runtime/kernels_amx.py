@@ -36,8 +36,8 @@ floats where the scalar numba loop took 0.66 ms).
 
 Products (``_tiles``, registers as ``_amx.amx_block``): 2 x 2 accumulator tiles (32 rows x 32
 channels) for 32 rows or more, 1 x 4 (16 rows x 64 channels) for one row block. Threads split the
-channel groups (``parallel_for``, whole runs of groups); each thread configures its tiles and
-releases them at the end.
+channel groups (``parallel_for``; the epilogue's runs are formed within each thread's groups, so
+a layer of one run still splits); each thread configures its tiles and releases them at the end.
 
 Epilogue (:func:`_epilogue`). The int32 sums of a run of groups (:data:`EPI_CHANNELS` = 256
 channels, :func:`epilogue_groups`) stay parked, each group's as ``Mp`` rows of 32 (64) int32,
@@ -637,5 +637,5 @@ def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWe
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
                  np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
                  np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), out.reshape(-1), np.int64(gw.O),
-                 parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS), grain=S)
+                 parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
     return out
