@@ -56,9 +56,8 @@ checked for every queued request against its own deadline, not for the earliest 
 (b) requests that cannot be met are shed before choosing, where SuperServe drops only requests
 already past their deadline, (c) it looks at the arrival rate, which SlackFit leaves to the slack,
 and (d) it has no latency buckets (SuperServe groups (sub-net, batch) pairs into buckets of
-equal latency width; its code was not found, so the bucket rule is from memory): it compares
-accuracies directly. Latencies are what the server
-plans with (profile x the online scale, see :mod:`lowbit.serve.batching`).
+latency): it compares accuracies directly. Latencies are what the server plans with (profile x
+the online scale, see :mod:`lowbit.serve.batching`).
 
 Accuracy is what the supernet file records per sub-net (validation accuracy, else test accuracy;
 without either, more BOPs counts as more accurate).
