@@ -106,13 +106,15 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
 
 
 # parallel_for cuts the range into this many parts per thread, run by run_shared (0: one part per
-# thread and the caller waits for every worker's part, the split before run_shared). One: each part
-# is one numba dispatch (~5-10 us with the ~20 arguments of the AMX / LUT kernels, 8 layers per MLP
-# call), and interleaved A/B runs of 0, 1, 2 and 4 parts per thread on the 8 x 4096^2 MLP (batch
-# 8-256, ``benchmarks/speed/bench_thread_scaling.py --parts``) did not separate them from the noise
-# of the shared machine; with one part per thread a caller whose worker has not started by the time
-# its own part is done runs the worker's part itself instead of waiting.
-PARTS_PER_THREAD = 1
+# thread and the caller waits for every worker's part, the split before run_shared). Waking the idle
+# pool takes 20-40 us right after a call and ~200 us after 20 ms idle on this 2-vCPU machine, and a
+# Linear layer's parallel region is 0.1-2 ms, so with one part per thread the caller's part ends
+# well before the worker's: 2 x 4096^2 MLP layers, 2 threads, two clean windows (threads never off
+# the CPU), the items' overlap (2.0 = both threads busy all along) was 1.03-1.55 with one part per
+# thread and 1.09-1.72 with four, higher in 5 of 6 (batch, window) pairs; 2-thread call 3.05 against
+# 4.32 ms at batch 64, 9.62 against 12.38 at 256 (benchmarks/results/thread_split.md). A part costs
+# one numba dispatch (~3-5 us).
+PARTS_PER_THREAD = 4
 
 
 def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> None:
