@@ -328,3 +328,19 @@ def test_server_refuses_a_bad_policy_before_serving(tmp_path) -> None:
     save_supernet(sn, tmp_path / "s.supernet")
     with pytest.raises(ValueError, match="unknown policy 'fastest'"):
         serve(tmp_path / "s.supernet", policy="fastest")
+
+
+def test_bench_serve_cli_writes_a_report_with_provenance(supernet_file, tmp_path) -> None:
+    from lowbit import cli
+
+    rc = cli.main(["--threads", "1", "bench", "serve", str(supernet_file), "--policies", "fixed:small",
+                   "--traces", "constant", "--rate", "4", "--duration", "1", "--max-requests", "4",
+                   "--slo-ms", "5000", "--max-batch", "4", "--profile-repeats", "1",
+                   "--out", str(tmp_path), "--stem", "b", "--note", "a quiet test machine"])
+    assert rc in (0, None)
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res["git"]) == {"commit", "dirty"} and res["versions"]["torch"] == torch.__version__
+    assert res["seeds"] == [0] and res["command"].startswith("lowbit ") and "--note" in res["command"]
+    (run,) = res["runs"]
+    assert run["policy"] == "fixed:small" and run["requests"] >= 1
+    assert "a quiet test machine" in (tmp_path / "b.md").read_text()

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--profile-repeats", type=int, default=10, help="the servers' profiling repeats")
     bs.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                     help="what the servers run their sub-nets on (lowbit serve --runtime)")
+    bs.add_argument("--note", default="", help="what else ran on the machine, for the report")
 
     sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
     sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")

@@ -452,9 +452,9 @@ def write_report(
 
 def bench_serve_cli(a: Any) -> Any:
     """``lowbit bench serve`` (argparse namespace ``a``): run, write the report, return a rich table."""
-    import platform
-
     from rich.table import Table
+
+    from ..provenance import provenance
 
     t0 = time.time()
     torch.set_num_threads(1)
@@ -466,13 +466,11 @@ def bench_serve_cli(a: Any) -> Any:
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
         runtime=a.runtime, load=getattr(a, "load", 1.5), repeats=getattr(a, "repeats", 1),
+        note=getattr(a, "note", ""),
     )
-    meta = {
-        "command": " ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "wall_time_s": round(time.time() - t0, 1),
-    }
+    seeds = [a.seed + i for i in range(getattr(a, "repeats", 1))]
+    meta = provenance(" ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]), seeds=seeds,
+                      wall_time_s=round(time.time() - t0, 1))
     write_report(res, a.out, a.stem, meta)
     t = Table("trace", "policy", "SLO attainment", "served accuracy", "req/s", "503")
     for r in res["runs"]:
