@@ -3,7 +3,8 @@ parked, then ``_jit.amx_epilogue`` runs per 16 rows and group. Bit-exact against
 ``amx_linear_reference`` (exact integer sums, float64 epilogue, float32 store) on ragged shapes (rows
 not a multiple of 16, outputs not a multiple of 32 / 64, several runs per call, the last one
 partial), binary / ternary / 4-bit weights with 4- and 8-bit activation codes, ReLU on and off, 1
-and 2 threads, runs of 1 to 32 groups; PackedLinear at many rows; the plain path holds no AMX. No
+and 2 threads, runs of 1 to 32 groups; the next layer's codes written by the epilogue equal its
+quantization of the float output; PackedLinear at many rows; the plain path holds no AMX. No
 timing."""
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ def test_epilogue_runs_of_any_length(channels, acc_kib, monkeypatch):
         np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, True))
 
 
+@needs_amx
+@pytest.mark.parametrize("with_float", [True, False], ids=["float+codes", "codes"])
+def test_next_layer_codes_from_the_epilogue(with_float, threads):
+    """codes = the next layer's fused quantization of the float32 output, bit for bit; the float
+    output unchanged beside them; nothing past M*O written."""
+    for j, (M, K, O) in enumerate(SHAPES):
+        q, w = _weights(("binary", "ternary", "q4")[j % 3], O, K)
+        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
+        a = RNG.integers(0, 16, (M, K))
+        s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 1.0, np.ones(O), RNG.normal(size=O))
+        qhi, qmult = 2.5, 15 / 2.5
+        for relu in (False, True):
+            ref = KA.amx_linear_reference(a, w, s0, s1, relu)
+            codes = np.full(M * O + 64, 255, np.uint8)
+            out = np.full((M, O), np.nan, np.float32) if with_float else None
+            got = KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, s0, s1, relu, out, codes, qhi, qmult)
+            assert got is (out if with_float else codes)
+            want = quantize_codes_reference(ref, qhi, qmult)
+            np.testing.assert_array_equal(codes[: M * O].reshape(M, O), want)
+            assert (codes[M * O :] == 255).all()
+            if with_float:
+                np.testing.assert_array_equal(out, ref)
+
+
 def test_amx_linear_rejects_short_coefficients():
     q, w = _weights("binary", 70, 64)
     aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
@@ -103,6 +128,11 @@ def test_amx_linear_rejects_short_coefficients():
         KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0[:100], s1, False, out)
     with pytest.raises(ValueError, match="float64"):
         KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0.astype(np.float32), s1, False, out)
+    with pytest.raises(ValueError, match="nothing to write"):
+        KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0, s1, False, None)
+    with pytest.raises(ValueError, match=r"at least 1120 \(M\*O\)"):
+        KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0, s1, False, None,
+                      np.zeros(1000, np.uint8))
 
 
 def _layer(w: dict, K: int, O: int) -> nn.Linear:

@@ -98,7 +98,7 @@ from ._amx import (
     amx_release,
     amx_tile_config,
 )
-from ._jit import EPI_FLOAT, EPI_RELU, amx_epilogue_2, amx_epilogue_4, kernel
+from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, amx_epilogue_2, amx_epilogue_4, kernel
 from .kernels_gemv import GemvWeights, unpack_fields
 from .kernels_threads import parallel_for, use_parallel
 
@@ -484,28 +484,30 @@ def aligned_u8(n):
 
 
 @kernel
-def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, eu):
+def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, qhi, qmult):
     """Outputs of channels ``c_s .. c_s + nch`` (a run of groups of ``NBmax`` blocks of 16) from their
     sums, parked per group (group ``g`` of the run: ``Mp`` rows of ``NBmax*16`` int32 at
     ``acc[g*Mp*NBmax*16:]``): per 16 rows, the ``_jit.amx_epilogue`` of each group (coefficients
-    loaded once per call, no per-row dispatch), so each output row gets the run's channels at once."""
+    loaded once per call, no per-row dispatch), so each output row gets the run's channels at once.
+    Float outputs and / or codes (``flags``) at the same offsets of ``out`` and ``codes``."""
     W = NBmax * 16
-    z = np.float32(0.0)
     for r0 in range(0, M, 16):
         nr = min(16, M - r0)
         for g in range((nch + W - 1) // W):
             c0 = c_s + W * g
             a0 = (g * Mp + r0) * W
+            o = r0 * O + c0
             if NBmax == 4:
-                amx_epilogue_4(acc, a0, nr, r0 * O + c0, 0, O, s0, s1, sf, c0, c_s + nch - c0, flags, out,
-                               out, eu, z, z)
+                amx_epilogue_4(acc, a0, nr, o, o, O, s0, s1, sf, c0, c_s + nch - c0, flags, out, out, codes,
+                               qhi, qmult)
             else:
-                amx_epilogue_2(acc, a0, nr, r0 * O + c0, 0, O, s0, s1, sf, c0, c_s + nch - c0, flags, out,
-                               out, eu, z, z)
+                amx_epilogue_2(acc, a0, nr, o, o, O, s0, s1, sf, c0, c_s + nch - c0, flags, out, out, codes,
+                               qhi, qmult)
 
 
 @kernel
-def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, g_lo, g_hi):
+def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, codes, qhi,
+                      qmult, g_lo, g_hi):
     """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows:
     per slice of ``KS`` reduction chunks the group's B tiles are expanded into an L1-sized buffer
     and every row block accumulates against them (int32 sums parked in ``acc`` between slices).
@@ -517,7 +519,6 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
     acc = aligned_u8(S * Mp * NBmax * 64).view(np.int32)
     abase = np.empty(4, np.int64)
     buf = aligned_u8(KS * NBmax * 1024)
-    eu = np.empty(0, np.uint8)
     amx_config(cfg)
     for sg in range(g_lo, g_hi, S):
         sg_hi = min(sg + S, g_hi)
@@ -569,7 +570,7 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
                     i += MB
         c_s = sg * NBmax * 16
         nch = min(sg_hi * NBmax * 16, O) - c_s
-        _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, eu)
+        _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, qhi, qmult)
     amx_release()
 
 
@@ -612,30 +613,45 @@ def epilogue_groups(Mp: int, NBmax: int) -> int:
 
 
 def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWeights, s0: np.ndarray,
-               s1: np.ndarray, relu: bool, out: np.ndarray) -> np.ndarray:
+               s1: np.ndarray, relu: bool, out: np.ndarray | None, codes: np.ndarray | None = None,
+               qhi: float = 0.0, qmult: float = 0.0) -> np.ndarray:
     """``out`` (M, O) float32 = ``s1*D + s0`` (ReLU) of the module docstring for rows ``x`` (M, K):
     float32 quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes (mode 1, any integer
     or float dtype). ``s0``, ``s1`` float64 from :func:`amx_coeffs` (at least ``O`` rounded up to
-    64 entries). Needs ``_amx.amx_enabled()``."""
+    64 entries). With ``codes`` (uint8, at least M*O, C order) the epilogue also writes the next
+    layer's codes of ``y = float32(out)``, ``rint(min(max(y, 0), qhi) * qmult)`` in float32 (the
+    fused formula that layer would apply to ``out``); ``out`` may then be None. Returns ``out``, or
+    ``codes`` without it. Needs ``_amx.amx_enabled()``."""
     gw = aw.gw
     M, K = x.shape
-    if K != gw.K or out.shape != (M, gw.O):
-        raise ValueError(f"amx_linear: rows {x.shape} / out {out.shape} for a {gw.O}x{gw.K} layer")
+    if out is None and codes is None:
+        raise ValueError("amx_linear: nothing to write (out and codes are None)")
+    if K != gw.K or (out is not None and out.shape != (M, gw.O)):
+        raise ValueError(f"amx_linear: rows {x.shape} / out {None if out is None else out.shape} for a "
+                         f"{gw.O}x{gw.K} layer")
     width = -(-gw.O // 64) * 64
     if s0.size < width or s1.size < width or s0.dtype != np.float64 or s1.dtype != np.float64:
         raise ValueError(f"amx_linear: coefficients s0 {s0.shape} {s0.dtype} / s1 {s1.shape} {s1.dtype}; "
                          f"float64 with at least {width} entries (amx_coeffs) for {gw.O} outputs")
-    if not out.flags.c_contiguous:
+    if out is not None and not out.flags.c_contiguous:
         raise ValueError("amx_linear: out must be C-contiguous")
+    if codes is not None and (codes.dtype != np.uint8 or codes.size < M * gw.O
+                              or not codes.flags.c_contiguous):
+        raise ValueError(f"amx_linear: codes {codes.dtype} of {codes.size}; uint8, C order, at least "
+                         f"{M * gw.O} (M*O)")
     xq = amx_rows(x, mode, hi, mult)
     Mp = -(-M // 16) * 16
     NBmax = 4 if Mp == 16 else 2
     cfg = _CFG_1X4 if NBmax == 4 else _CFG_2X2
     nbt = -(-gw.O // 16)
     S = epilogue_groups(Mp, NBmax)
-    flags = EPI_FLOAT | (EPI_RELU if relu else 0)
+    flags = EPI_RELU if relu else 0
+    flags |= (EPI_FLOAT if out is not None else 0) | (EPI_CODES if codes is not None else 0)
+    fo = out.reshape(-1) if out is not None else np.empty(0, np.float32)
+    co = codes.reshape(-1) if codes is not None else np.empty(0, np.uint8)
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
                  np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
-                 np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), out.reshape(-1), np.int64(gw.O),
+                 np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), fo, np.int64(gw.O), co,
+                 np.float32(qhi), np.float32(qmult),
                  parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
-    return out
+    return out if out is not None else codes
