@@ -16,7 +16,9 @@ group, so each output row gets the run's channels at once.
    ``--rows``: base, new, and new with one group of channels per epilogue call
    (``EPI_CHANNELS = 1``: the vectorized epilogue without the runs). Outputs checked equal to
    ``amx_linear_reference`` bit for bit before timing.
-2. MLP (``--mlp-variants`` x ``--batches``): ``lowbit.runtime.compile`` of the quantized MLP with
+2. ``--chain``: a layer and the next layer's first step (``amx_rows``, its input rows into the tile
+   layout): float32 output then quantized, or the codes written by the epilogue (``codes=``).
+3. MLP (``--mlp-variants`` x ``--batches``): ``lowbit.runtime.compile`` of the quantized MLP with
    ``kernels_amx.amx_linear`` set to the base's or the new one before each call (PackedLinear
    looks it up per call), beside onnxruntime dynamic and static QDQ int8 and PyTorch dynamic int8
    (``harness.py``'s baselines); base and new outputs checked equal first.
@@ -129,6 +131,34 @@ def layer_block(base, kind: str, M: int, n: int, budget_s: float, seed: int) -> 
             "one_group_over_new": med["new, one group per call"] / med["new"]}
 
 
+def chain_block(kind: str, M: int, n: int, budget_s: float, seed: int) -> dict:
+    """A layer and the next layer's first step, the quantization of its input rows into the tile
+    layout (``amx_rows``): float32 output then the fused formula (today), or the codes written by
+    the epilogue then taken as they are (``amx_linear(..., codes=...)``)."""
+    rng = np.random.default_rng(seed)
+    q, w = _weights(kind, n, rng)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
+    s0, s1 = KA.amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
+    x = rng.uniform(-1, 3, (M, n)).astype(np.float32)
+    qhi, qmult = 3.0, 5.0
+    out = np.empty((M, n), np.float32)
+    codes = np.empty((M, n), np.uint8)
+    fns = {"float32 out, next layer quantizes": lambda: KA.amx_rows(
+               KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out), 0, qhi, qmult),
+           "codes from the epilogue": lambda: KA.amx_rows(
+               KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, None, codes, qhi, qmult).reshape(M, n), 1)}
+    a, b = (f() for f in fns.values())
+    if not np.array_equal(a, b):
+        raise SystemExit(f"chain {kind} {M} rows: the next layer's tile rows differ")
+    t = time_interleaved(fns, max_rounds=400, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
+    med = {k: 1e3 * v["median_s"] for k, v in t.items()}
+    low = {k: 1e3 * v["min_s"] for k, v in t.items()}
+    f, c = list(fns)
+    return {"kind": kind, "rows": M, "rounds": t[f]["rounds"], "float_ms": med[f], "codes_ms": med[c],
+            "float_min_ms": low[f], "codes_min_ms": low[c], "float_over_codes": med[f] / med[c],
+            "float_over_codes_min": low[f] / low[c]}
+
+
 def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, seed: int,
               onnx_dir: Path) -> list[dict]:
     torch.manual_seed(seed)
@@ -193,7 +223,7 @@ def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, se
     return rows
 
 
-def to_markdown(layers: list[dict], mlp: list[dict], meta: dict) -> str:
+def to_markdown(layers: list[dict], mlp: list[dict], meta: dict, chain: list[dict] | None = None) -> str:
     lines = [
         f"# AMX Linear epilogue: working tree against {meta['base']}",
         "",
@@ -216,6 +246,20 @@ def to_markdown(layers: list[dict], mlp: list[dict], meta: dict) -> str:
               f"{r['new, one group per call_ms']:.3f} | {r['base_over_new']:.3f} | "
               f"{r['base_over_new_min']:.3f} | {r['one_group_over_new']:.3f} |"
               for r in layers],
+            "",
+        ]
+    if chain:
+        lines += [
+            "## A layer and the next layer's row quantization: float32 output, or codes from the epilogue",
+            "",
+            "`amx_linear` then `amx_rows` of its output (the first step of the next layer's call), the same "
+            "tile rows both ways (checked).",
+            "",
+            "| weights | rows | rounds | float32 out + quantize | codes from the epilogue | float / codes "
+            "| float / codes (minima) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *[f"| {r['kind']} | {r['rows']} | {r['rounds']} | {r['float_ms']:.3f} | {r['codes_ms']:.3f} | "
+              f"{r['float_over_codes']:.3f} | {r['float_over_codes_min']:.3f} |" for r in chain],
             "",
         ]
     if mlp:
@@ -248,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-budget-s", type=float, default=4.0)
     p.add_argument("--no-layers", action="store_true")
     p.add_argument("--no-mlp", action="store_true")
+    p.add_argument("--chain", action="store_true",
+                   help="also time a layer + the next layer's row quantization, float32 or codes handed on")
     p.add_argument("--mlp-variants", nargs="+", default=["w1a4", "w2a4"])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--mlp-budget-s", type=float, default=12.0)
@@ -275,10 +321,16 @@ def main(argv: list[str] | None = None) -> int:
             print(layers[-1], flush=True)
     onnx_dir = Path(a.onnx_dir) if a.onnx_dir else tmp
     onnx_dir.mkdir(parents=True, exist_ok=True)
+    chain = []
+    for kind in a.kinds if a.chain else []:
+        for M in a.rows:
+            chain.append(chain_block(kind, M, a.size, a.layer_budget_s, a.seed))
+            print(chain[-1], flush=True)
     mlp = [] if a.no_mlp else mlp_block(base, a.mlp_variants, a.batches, a.mlp_budget_s, a.seed, onnx_dir)
     load = f"load average {load} at start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} at end"
     meta = run_meta(__file__, argv, t0, seeds=[a.seed], base=a.base, load=load, threads=1)
-    write_results(a.out, a.name, {"meta": meta, "layers": layers, "mlp": mlp}, to_markdown(layers, mlp, meta))
+    write_results(a.out, a.name, {"meta": meta, "layers": layers, "chain": chain, "mlp": mlp},
+                  to_markdown(layers, mlp, meta, chain))
     print(f"wrote {Path(a.out) / (a.name + '.md')}")
     return 0
 
