@@ -3,9 +3,9 @@ parked, then ``_jit.amx_epilogue`` runs per 16 rows and group. Bit-exact against
 ``amx_linear_reference`` (exact integer sums, float64 epilogue, float32 store) on ragged shapes (rows
 not a multiple of 16, outputs not a multiple of 32 / 64, several runs per call, the last one
 partial), binary / ternary / 4-bit weights with 4- and 8-bit activation codes, ReLU on and off, 1
-and 2 threads, runs of 1 to 32 groups; the next layer's codes written by the epilogue equal its
-quantization of the float output; PackedLinear at many rows; the plain path holds no AMX. No
-timing."""
+and 2 threads, runs of 1 to 32 groups; the next layer's codes written by the epilogue (row-major,
+or in its tile layout, then run from there) equal its quantization of the float output;
+PackedLinear at many rows; the plain path holds no AMX. No timing."""
 
 from __future__ import annotations
 
@@ -119,6 +119,29 @@ def test_next_layer_codes_from_the_epilogue(with_float, threads):
                 np.testing.assert_array_equal(out, ref)
 
 
+@needs_amx
+def test_next_layer_code_tiles(threads):
+    """codes written straight into the next layer's tile layout (amx_rows_reference of its
+    quantized input, zero padding kept), and that layer run from them equals it run on the floats."""
+    for j, (M, K, O) in enumerate(SHAPES):
+        q, w = _weights(("binary", "ternary", "q4")[j % 3], O, K)
+        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
+        a = RNG.integers(0, 16, (M, K))
+        s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 1.0, np.ones(O), RNG.normal(size=O))
+        qhi, qmult = 2.5, 15 / 2.5
+        y = KA.amx_linear_reference(a, w, s0, s1, True)
+        tiles = KA.code_tiles(M, O)
+        KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, s0, s1, True, None, tiles, qhi, qmult, tiles=True)
+        want = KA.amx_rows_reference(quantize_codes_reference(y, qhi, qmult), -(-O // 64))
+        np.testing.assert_array_equal(tiles, want)
+        q2, w2 = _weights("ternary", 24, O)  # the next layer, fed with the tiles
+        aw2 = KA.amx_linear_weights(GemvWeights(q2), q2, w2, 1.0)
+        t0, t1 = KA.amx_coeffs(aw2, np.ones(24), 0.2, 0.0, np.ones(24), RNG.normal(size=24))
+        got = KA.amx_linear_tiles(tiles, M, aw2, t0, t1, False, np.empty((M, 24), np.float32))
+        np.testing.assert_array_equal(got, KA.amx_linear(y, 0, qhi, qmult, aw2, t0, t1, False,
+                                                         np.empty((M, 24), np.float32)))
+
+
 def test_amx_linear_rejects_short_coefficients():
     q, w = _weights("binary", 70, 64)
     aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
@@ -133,6 +156,9 @@ def test_amx_linear_rejects_short_coefficients():
     with pytest.raises(ValueError, match=r"at least 1120 \(M\*O\)"):
         KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0, s1, False, None,
                       np.zeros(1000, np.uint8))
+    with pytest.raises(ValueError, match="written alone"):
+        KA.amx_linear(np.zeros((16, 64), np.float32), 1, 0, 0, aw, s0, s1, False, out, KA.code_tiles(16, 70),
+                      tiles=True)
 
 
 def _layer(w: dict, K: int, O: int) -> nn.Linear:

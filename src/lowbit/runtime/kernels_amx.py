@@ -484,12 +484,13 @@ def aligned_u8(n):
 
 
 @kernel
-def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, qhi, qmult):
+def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, nkc, qhi, qmult):
     """Outputs of channels ``c_s .. c_s + nch`` (a run of groups of ``NBmax`` blocks of 16) from their
     sums, parked per group (group ``g`` of the run: ``Mp`` rows of ``NBmax*16`` int32 at
     ``acc[g*Mp*NBmax*16:]``): per 16 rows, the ``_jit.amx_epilogue`` of each group (coefficients
     loaded once per call, no per-row dispatch), so each output row gets the run's channels at once.
-    Float outputs and / or codes (``flags``) at the same offsets of ``out`` and ``codes``."""
+    Float outputs and / or codes (``flags``) at the same offsets of ``out`` and ``codes``, or (``nkc``
+    > 0, codes only) the codes in the tile layout of :func:`amx_rows` for ``nkc`` chunks of 64."""
     W = NBmax * 16
     for r0 in range(0, M, 16):
         nr = min(16, M - r0)
@@ -497,17 +498,22 @@ def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, qhi
             c0 = c_s + W * g
             a0 = (g * Mp + r0) * W
             o = r0 * O + c0
+            co = o
+            step = O
+            if nkc > 0:  # rows r0.. of chunk c0 // 64 (a group never straddles two chunks)
+                co = ((r0 // 16) * nkc + c0 // 64) * 1024 + c0 % 64
+                step = 64
             if NBmax == 4:
-                amx_epilogue_4(acc, a0, nr, o, o, O, s0, s1, sf, c0, c_s + nch - c0, flags, out, out, codes,
-                               qhi, qmult)
+                amx_epilogue_4(acc, a0, nr, o, co, step, s0, s1, sf, c0, c_s + nch - c0, flags, out, out,
+                               codes, qhi, qmult)
             else:
-                amx_epilogue_2(acc, a0, nr, o, o, O, s0, s1, sf, c0, c_s + nch - c0, flags, out, out, codes,
-                               qhi, qmult)
+                amx_epilogue_2(acc, a0, nr, o, co, step, s0, s1, sf, c0, c_s + nch - c0, flags, out, out,
+                               codes, qhi, qmult)
 
 
 @kernel
-def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, codes, qhi,
-                      qmult, g_lo, g_hi):
+def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, codes, nkc,
+                      qhi, qmult, g_lo, g_hi):
     """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows:
     per slice of ``KS`` reduction chunks the group's B tiles are expanded into an L1-sized buffer
     and every row block accumulates against them (int32 sums parked in ``acc`` between slices).
@@ -570,7 +576,7 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
                     i += MB
         c_s = sg * NBmax * 16
         nch = min(sg_hi * NBmax * 16, O) - c_s
-        _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, qhi, qmult)
+        _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, nkc, qhi, qmult)
     amx_release()
 
 
@@ -614,33 +620,60 @@ def epilogue_groups(Mp: int, NBmax: int) -> int:
 
 def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWeights, s0: np.ndarray,
                s1: np.ndarray, relu: bool, out: np.ndarray | None, codes: np.ndarray | None = None,
-               qhi: float = 0.0, qmult: float = 0.0) -> np.ndarray:
+               qhi: float = 0.0, qmult: float = 0.0, tiles: bool = False) -> np.ndarray:
     """``out`` (M, O) float32 = ``s1*D + s0`` (ReLU) of the module docstring for rows ``x`` (M, K):
     float32 quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes (mode 1, any integer
     or float dtype). ``s0``, ``s1`` float64 from :func:`amx_coeffs` (at least ``O`` rounded up to
-    64 entries). With ``codes`` (uint8, at least M*O, C order) the epilogue also writes the next
-    layer's codes of ``y = float32(out)``, ``rint(min(max(y, 0), qhi) * qmult)`` in float32 (the
-    fused formula that layer would apply to ``out``); ``out`` may then be None. Returns ``out``, or
-    ``codes`` without it. Needs ``_amx.amx_enabled()``."""
+    64 entries). With ``codes`` the epilogue also writes the next layer's codes of ``y =
+    float32(out)``, ``rint(min(max(y, 0), qhi) * qmult)`` in float32 (the fused formula that layer
+    would apply to ``out``): uint8, C order, M*O or more entries, or with ``tiles`` the tile layout
+    of :func:`amx_rows` (a :func:`code_tiles` buffer, ``out`` None) for the next layer's
+    :func:`amx_linear_tiles`; ``out`` may then be None. Returns ``out``, or ``codes`` without it.
+    Needs ``_amx.amx_enabled()``."""
+    if x.shape[1] != aw.gw.K:
+        raise ValueError(f"amx_linear: rows {x.shape} for a {aw.gw.O}x{aw.gw.K} layer")
+    return amx_linear_tiles(amx_rows(x, mode, hi, mult), x.shape[0], aw, s0, s1, relu, out, codes, qhi, qmult,
+                            tiles)
+
+
+def code_tiles(M: int, K: int) -> np.ndarray:
+    """A zeroed buffer for the codes of M rows of K in the tile layout of :func:`amx_rows` (its
+    padding stays zero: rows past M and columns past K add nothing to the next product)."""
+    n = -(-M // 16) * 16 * -(-K // 64) * 64
+    t = aligned_u8(n)
+    t[:] = 0
+    return t
+
+
+def amx_linear_tiles(xq: np.ndarray, M: int, aw: AmxLinearWeights, s0: np.ndarray, s1: np.ndarray, relu: bool,
+                     out: np.ndarray | None, codes: np.ndarray | None = None, qhi: float = 0.0,
+                     qmult: float = 0.0, tiles: bool = False) -> np.ndarray:
+    """:func:`amx_linear` of M rows already in the tile layout (:func:`amx_rows`, or a producer's
+    :func:`code_tiles` written by its epilogue); ``tiles``: write ``codes`` (from :func:`code_tiles`,
+    ``out`` None) in that layout for the next layer's :func:`amx_linear_tiles`."""
     gw = aw.gw
-    M, K = x.shape
     if out is None and codes is None:
         raise ValueError("amx_linear: nothing to write (out and codes are None)")
-    if K != gw.K or (out is not None and out.shape != (M, gw.O)):
-        raise ValueError(f"amx_linear: rows {x.shape} / out {None if out is None else out.shape} for a "
-                         f"{gw.O}x{gw.K} layer")
+    Mp = -(-M // 16) * 16
+    if xq.dtype != np.uint8 or xq.size < Mp * aw.nk * 64:
+        raise ValueError(f"amx_linear: row tiles {xq.dtype} of {xq.size}; uint8, {Mp * aw.nk * 64} for "
+                         f"{M} rows")
+    if out is not None and out.shape != (M, gw.O):
+        raise ValueError(f"amx_linear: out {out.shape} for {M} rows of a {gw.O}x{gw.K} layer")
     width = -(-gw.O // 64) * 64
     if s0.size < width or s1.size < width or s0.dtype != np.float64 or s1.dtype != np.float64:
         raise ValueError(f"amx_linear: coefficients s0 {s0.shape} {s0.dtype} / s1 {s1.shape} {s1.dtype}; "
                          f"float64 with at least {width} entries (amx_coeffs) for {gw.O} outputs")
     if out is not None and not out.flags.c_contiguous:
         raise ValueError("amx_linear: out must be C-contiguous")
-    if codes is not None and (codes.dtype != np.uint8 or codes.size < M * gw.O
-                              or not codes.flags.c_contiguous):
-        raise ValueError(f"amx_linear: codes {codes.dtype} of {codes.size}; uint8, C order, at least "
-                         f"{M * gw.O} (M*O)")
-    xq = amx_rows(x, mode, hi, mult)
-    Mp = -(-M // 16) * 16
+    nkc = width // 64 if tiles else 0
+    if codes is not None:
+        need = Mp * width if tiles else M * gw.O
+        if codes.dtype != np.uint8 or not codes.flags.c_contiguous or codes.size < need:
+            raise ValueError(f"amx_linear: codes {codes.dtype} of {codes.size}; uint8, C order, at least "
+                             f"{need} ({'code_tiles' if tiles else 'M*O'})")
+    if tiles and (codes is None or out is not None):
+        raise ValueError("amx_linear: code tiles are written alone (codes given, out None)")
     NBmax = 4 if Mp == 16 else 2
     cfg = _CFG_1X4 if NBmax == 4 else _CFG_2X2
     nbt = -(-gw.O // 16)
@@ -652,6 +685,6 @@ def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWe
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
                  np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
                  np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), fo, np.int64(gw.O), co,
-                 np.float32(qhi), np.float32(qmult),
-                 parallel=use_parallel(M * K * gw.O, AMX_MIN_PARALLEL_MACS))
+                 np.int64(nkc), np.float32(qhi), np.float32(qmult),
+                 parallel=use_parallel(M * gw.K * gw.O, AMX_MIN_PARALLEL_MACS))
     return out if out is not None else codes
