@@ -132,9 +132,9 @@ def layer_block(base, kind: str, M: int, n: int, budget_s: float, seed: int) -> 
 
 
 def chain_block(kind: str, M: int, n: int, budget_s: float, seed: int) -> dict:
-    """A layer and the next layer's first step, the quantization of its input rows into the tile
-    layout (``amx_rows``): float32 output then the fused formula (today), or the codes written by
-    the epilogue then taken as they are (``amx_linear(..., codes=...)``)."""
+    """A layer and the next layer's first step, its input rows in the tile layout (``amx_rows``):
+    float32 output then the fused formula (today); the codes written by the epilogue, then laid out;
+    the codes written by the epilogue in the tile layout (``tiles=True``: nothing left to do)."""
     rng = np.random.default_rng(seed)
     q, w = _weights(kind, n, rng)
     aw = KA.amx_linear_weights(GemvWeights(q), q, w, 1.0)
@@ -146,17 +146,20 @@ def chain_block(kind: str, M: int, n: int, budget_s: float, seed: int) -> dict:
     fns = {"float32 out, next layer quantizes": lambda: KA.amx_rows(
                KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out), 0, qhi, qmult),
            "codes from the epilogue": lambda: KA.amx_rows(
-               KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, None, codes, qhi, qmult).reshape(M, n), 1)}
-    a, b = (f() for f in fns.values())
-    if not np.array_equal(a, b):
+               KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, None, codes, qhi, qmult).reshape(M, n), 1),
+           "code tiles from the epilogue": lambda: KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, None,
+                                                                 KA.code_tiles(M, n), qhi, qmult, tiles=True)}
+    first, *rest = (f() for f in fns.values())
+    if not all(np.array_equal(first, r) for r in rest):
         raise SystemExit(f"chain {kind} {M} rows: the next layer's tile rows differ")
     t = time_interleaved(fns, max_rounds=400, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
     med = {k: 1e3 * v["median_s"] for k, v in t.items()}
     low = {k: 1e3 * v["min_s"] for k, v in t.items()}
-    f, c = list(fns)
+    f, c, ct = list(fns)
     return {"kind": kind, "rows": M, "rounds": t[f]["rounds"], "float_ms": med[f], "codes_ms": med[c],
-            "float_min_ms": low[f], "codes_min_ms": low[c], "float_over_codes": med[f] / med[c],
-            "float_over_codes_min": low[f] / low[c]}
+            "tiles_ms": med[ct], "float_min_ms": low[f], "codes_min_ms": low[c], "tiles_min_ms": low[ct],
+            "float_over_codes": med[f] / med[c], "float_over_codes_min": low[f] / low[c],
+            "float_over_tiles": med[f] / med[ct], "float_over_tiles_min": low[f] / low[ct]}
 
 
 def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, seed: int,
@@ -255,11 +258,12 @@ def to_markdown(layers: list[dict], mlp: list[dict], meta: dict, chain: list[dic
             "`amx_linear` then `amx_rows` of its output (the first step of the next layer's call), the same "
             "tile rows both ways (checked).",
             "",
-            "| weights | rows | rounds | float32 out + quantize | codes from the epilogue | float / codes "
-            "| float / codes (minima) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| weights | rows | rounds | float32 out + quantize | codes + their tile layout | code tiles "
+            "| float / codes | float / code tiles | float / code tiles (minima) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             *[f"| {r['kind']} | {r['rows']} | {r['rounds']} | {r['float_ms']:.3f} | {r['codes_ms']:.3f} | "
-              f"{r['float_over_codes']:.3f} | {r['float_over_codes_min']:.3f} |" for r in chain],
+              f"{r['tiles_ms']:.3f} | {r['float_over_codes']:.3f} | {r['float_over_tiles']:.3f} | "
+              f"{r['float_over_tiles_min']:.3f} |" for r in chain],
             "",
         ]
     if mlp:
