@@ -54,6 +54,15 @@ at 256 rows is lost, 1.10-1.15x slower: ``ab_amx_epilogue.md``). Tried in develo
 kept: non-temporal stores for the rows of a run (no faster than plain stores) and panels of 64
 channels for the parked sums (256-byte tile rows; the products 10% slower at 64 rows).
 
+Codes for the next layer. With ``codes`` the epilogue also (or only) writes the next layer's
+activation codes, its fused formula applied to the float32 output (``_jit._Epilogue``'s
+``EPI_CODES``), row-major or (``tiles=True``, :func:`code_tiles`) straight into that layer's tile
+layout, which :func:`amx_linear_tiles` then runs from without a row pass of its own: a 4096x4096
+layer plus the next layer's row quantization took 1.09-1.11x less time that way at 256 rows,
+1.00-1.06x at 64 and 16 (``benchmarks/results/ab_amx_epilogue_chain.md``; one run on the loaded
+machine). ``PackedLinear`` does not use it yet: the compiler links codes from conv layers to the
+next layer, not from one Linear layer to the next.
+
 Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
 the parked sums) starts on a 64-byte cache line (:func:`aligned_u8`); NumPy and numba give
 16- or 32-byte alignment depending on the size and the heap's state, and a tile whose 64-byte
