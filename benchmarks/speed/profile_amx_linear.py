@@ -112,7 +112,8 @@ def _parts(xq0, nk, Mp, M, w, b, nG, tab, cfg, KS, S, s0, s1, sf, flags, out, O,
                             i += 1
         if do_epi:
             c_s = sg * 32
-            KA._epilogue(acc, Mp, M, 2, c_s, min(sg_hi * 32, O) - c_s, s0, s1, sf, flags, out, O, eu)
+            KA._epilogue(acc, Mp, M, 2, c_s, min(sg_hi * 32, O) - c_s, s0, s1, sf, flags, out, O, eu, 0,
+                         np.float32(0.0), np.float32(0.0))
     _amx.amx_release()
 
 
