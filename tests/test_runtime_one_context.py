@@ -1,0 +1,129 @@
+"""The one-image call through ``executor._run_one``: the program, arenas and image geometry in one
+int64 context, called with three ints through the compiled entry point. It must equal the general
+path and the fifteen-argument ``_run_at`` path bit for bit, be what ``PackedModel.__call__`` runs
+for a cached one-image shape, and be skipped for what the one-image path declines."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+import lowbit.runtime as rt
+from lowbit.models import build_model
+from lowbit.runtime import executor
+from lowbit.runtime import kernels as K
+
+pytestmark = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
+ACT = {"method": "pact", "bits": 4, "alpha_init": 3.0}
+LENET = (1, 28, 28)
+
+
+def _packed(name: str, shape: tuple[int, ...]):
+    torch.manual_seed(0)
+    m = build_model(name).eval()
+    q = lowbit.quantize(m, {"default": {"weight": {"method": "binary", "bits": 1}, "activation": ACT}}).eval()
+    return rt.compile(q, torch.rand(2, *shape))
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return _packed("lenet5", LENET)
+
+
+def _general(packed, x: torch.Tensor) -> torch.Tensor:
+    ex = packed.executor
+    saved = dict(ex._one)
+    ex._one.clear()
+    try:
+        return ex._call(x)
+    finally:
+        ex._one.update(saved)
+
+
+class _Spy:
+    """Counts the calls of the one-image entry point it wraps."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", LENET), ("resnet20", (3, 16, 16))])
+def test_context_call_equals_general_and_old_path(name, shape, lenet):
+    packed = lenet if name == "lenet5" else _packed(name, shape)
+    ex = packed.executor
+    packed(torch.rand(1, *shape))  # caches the one-image program
+    one = ex._one[((1, *shape), threading.get_ident())]
+    for _ in range(3):
+        x = 3 * torch.rand(1, *shape)  # past PACT's clip: outputs that differ between inputs
+        want = _general(packed, x)
+        got = ex.one(x)
+        assert torch.equal(got, want) and torch.equal(ex.one_at(x), want)
+        # through numba's dispatcher as well as the entry point
+        out = np.full(want.numel(), np.nan, np.float32)
+        executor._run_one(one[3], x.data_ptr(), out.ctypes.data)
+        assert np.array_equal(out, want.numpy().reshape(-1))
+
+
+def test_packed_call_runs_the_context_entry(lenet, monkeypatch):
+    ex = lenet.executor
+    x = torch.rand(1, *LENET)
+    lenet(x)
+    spy = _Spy(ex._entry)
+    monkeypatch.setattr(ex, "_entry", spy)
+    y = lenet(x)
+    assert spy.calls == 1 and torch.equal(y, _general(lenet, x))
+    # what the one-image path declines never reaches the entry point, and gives the same values
+    assert torch.equal(lenet(x.double()), y)
+    assert torch.equal(lenet(x.clone().requires_grad_(True)), y)
+    wide = torch.rand(1, 1, 28, 56)[..., ::2]
+    assert torch.equal(lenet(wide), _general(lenet, wide.contiguous()))
+    x2 = torch.cat([x, x])
+    assert torch.equal(lenet(x2), torch.cat([y, y]))
+    assert spy.calls == 1
+    # another thread has no context of its own yet: the general path first, the entry point after
+    outs = []
+    t = threading.Thread(target=lambda: outs.extend([lenet(x), lenet(x)]))
+    t.start()
+    t.join()
+    assert all(torch.equal(o, y) for o in outs) and spy.calls == 2
+
+
+def test_context_holds_the_program_and_arenas(lenet):
+    ex = lenet.executor
+    x = torch.rand(1, *LENET)
+    lenet(x)
+    prog, fa, ca, addr, _, _, cx, chw = ex._one[(x.shape, threading.get_ident())]
+    assert addr == cx.ctypes.data and cx.dtype == np.int64 and cx.size == executor.CX_LEN
+    assert cx[executor.CX_PROG] == prog.prog.ctypes.data and cx[executor.CX_ROWS] == prog.prog.shape[0]
+    assert cx[executor.CX_W8] == prog.w8.ctypes.data and cx[executor.CX_NW8] == prog.w8.size
+    assert cx[executor.CX_FA] == fa.ctypes.data and cx[executor.CX_NCA] == ca.size
+    assert tuple(cx[executor.CX_C : executor.CX_W + 1]) == chw == LENET
+    assert cx[executor.CX_NOUT] == prog.out_numel and cx[executor.CX_CHUNK] == prog.chunk
+    with pytest.raises(ValueError, match="C-contiguous"):
+        executor._context(prog, fa[::2], ca, chw)
+
+
+def test_entry_falls_back_to_the_dispatcher(monkeypatch):
+    """Without a compiled entry point to find, the one-image call goes through the dispatcher."""
+
+    class _NoEntry:
+        def __init__(self) -> None:
+            self.overloads: dict = {}
+
+        def compile(self, sig):
+            self.sig = sig
+
+    fake = _NoEntry()
+    monkeypatch.setattr(executor, "_run_one", fake)
+    assert executor._one_entry() is fake and fake.sig == executor._I64x3
+    monkeypatch.undo()
+    entry = executor._one_entry()
+    assert entry is not executor._run_one and callable(entry)
