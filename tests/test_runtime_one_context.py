@@ -1,7 +1,8 @@
-"""The one-image call through ``executor._run_one``: the program, arenas and image geometry in one
-int64 context, called with three ints through the compiled entry point. It must equal the general
-path and the fifteen-argument ``_run_at`` path bit for bit, be what ``PackedModel.__call__`` runs
-for a cached one-image shape, and be skipped for what the one-image path declines."""
+"""The one-image call through ``executor._run_at``: the program, arenas and image geometry in one
+int64 context, three ints to pass. It must equal the general path and the fifteen-argument
+``_run_args`` path bit for bit, be what ``PackedModel.__call__`` runs for a cached one-image shape,
+and be skipped for what the one-image path declines. Batches go from ``PackedModel.__call__``
+straight to the executor's general path unless hooks are set."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _general(packed, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Spy:
-    """Counts the calls of the one-image entry point it wraps."""
+    """Counts the calls of the function it wraps."""
 
     def __init__(self, fn) -> None:
         self.fn, self.calls = fn, 0
@@ -65,22 +66,20 @@ def test_context_call_equals_general_and_old_path(name, shape, lenet):
         x = 3 * torch.rand(1, *shape)  # past PACT's clip: outputs that differ between inputs
         want = _general(packed, x)
         got = ex.one(x)
-        assert torch.equal(got, want) and torch.equal(ex.one_at(x), want)
-        # through numba's dispatcher as well as the entry point
+        assert torch.equal(got, want) and torch.equal(ex.one_args(x), want)
         out = np.full(want.numel(), np.nan, np.float32)
-        executor._run_one(one[3], x.data_ptr(), out.ctypes.data)
+        executor._run_at(one[3], x.data_ptr(), out.ctypes.data)
         assert np.array_equal(out, want.numpy().reshape(-1))
 
 
-def test_packed_call_runs_the_context_entry(lenet, monkeypatch):
-    ex = lenet.executor
+def test_packed_call_runs_the_context_call(lenet, monkeypatch):
     x = torch.rand(1, *LENET)
     lenet(x)
-    spy = _Spy(ex._entry)
-    monkeypatch.setattr(ex, "_entry", spy)
+    spy = _Spy(executor._run_at)
+    monkeypatch.setattr(executor, "_run_at", spy)
     y = lenet(x)
     assert spy.calls == 1 and torch.equal(y, _general(lenet, x))
-    # what the one-image path declines never reaches the entry point, and gives the same values
+    # what the one-image path declines never reaches the context call, and gives the same values
     assert torch.equal(lenet(x.double()), y)
     assert torch.equal(lenet(x.clone().requires_grad_(True)), y)
     wide = torch.rand(1, 1, 28, 56)[..., ::2]
@@ -88,7 +87,7 @@ def test_packed_call_runs_the_context_entry(lenet, monkeypatch):
     x2 = torch.cat([x, x])
     assert torch.equal(lenet(x2), torch.cat([y, y]))
     assert spy.calls == 1
-    # another thread has no context of its own yet: the general path first, the entry point after
+    # another thread has no context of its own yet: the general path first, the context call after
     outs = []
     t = threading.Thread(target=lambda: outs.extend([lenet(x), lenet(x)]))
     t.start()
@@ -111,19 +110,21 @@ def test_context_holds_the_program_and_arenas(lenet):
         executor._context(prog, fa[::2], ca, chw)
 
 
-def test_entry_falls_back_to_the_dispatcher(monkeypatch):
-    """Without a compiled entry point to find, the one-image call goes through the dispatcher."""
-
-    class _NoEntry:
-        def __init__(self) -> None:
-            self.overloads: dict = {}
-
-        def compile(self, sig):
-            self.sig = sig
-
-    fake = _NoEntry()
-    monkeypatch.setattr(executor, "_run_one", fake)
-    assert executor._one_entry() is fake and fake.sig == executor._I64x3
-    monkeypatch.undo()
-    entry = executor._one_entry()
-    assert entry is not executor._run_one and callable(entry)
+def test_batches_skip_module_call_but_not_hooks(lenet, monkeypatch):
+    """A batch goes from ``PackedModel.__call__`` straight to the executor's general path (not
+    through ``forward``), with the same values; with a hook set it goes through ``forward``."""
+    calls = []
+    fwd = lenet.forward
+    monkeypatch.setattr(lenet, "forward", lambda *a, **k: calls.append(1) or fwd(*a, **k))
+    x = 3 * torch.rand(8, *LENET)
+    y = lenet(x)
+    assert calls == [] and torch.equal(y, _general(lenet, x))
+    assert torch.equal(y[2:3], lenet(x[2:3].clone()))
+    seen = []
+    h = lenet.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        assert torch.equal(lenet(x), y) and calls == [1] and len(seen) == 1
+    finally:
+        h.remove()
+    # a numpy batch still goes through forward (which converts it)
+    assert torch.equal(lenet(x.numpy()), y) and calls == [1, 1]

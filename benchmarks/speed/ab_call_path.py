@@ -1,15 +1,15 @@
-"""A/B of the packed runtime's one-image call path: ``FlatExecutor.one`` (``_run_one``: the program,
-arenas and geometry in one int64 context, called through the compiled entry point with three ints)
-against the path before it (``FlatExecutor.one_at``: ``_run_at``, fifteen arguments, eight of them
-arrays, typed by numba's dispatcher on every call), with onnxruntime FP32 and PyTorch FP32 beside
-them, built as ``bench_speed.py`` builds them.
+"""A/B of the packed runtime's call path: ``FlatExecutor.one`` (``_run_at``: the program, arenas and
+geometry in one int64 context, three ints to pass) against the path before it
+(``FlatExecutor.one_args``: ``_run_args``, fifteen arguments, eight of them reference-counted
+arrays), with onnxruntime FP32 and PyTorch FP32 beside them, built as ``bench_speed.py`` builds them.
 
     python benchmarks/speed/ab_call_path.py [--rounds 300] [--block-s 3] [--out benchmarks/results]
 
 LeNet-5 and ResNet-20, binary weights x 4-bit PACT activations (w1a4), batch 1 and 8, one thread.
 Each block times every method through ``harness.time_interleaved(turns=True)``: per turn a settle,
-one untimed call of the method, then the timed call. Batch 8 runs the general path in both arms
-(unchanged): a control. Outputs of the two arms are checked equal bit for bit. Writes
+one untimed call of the method, then the timed call. Batch 8 runs the executor's general path in
+both arms, the new one straight from ``PackedModel.__call__``, the old one through
+``nn.Module.__call__`` and ``forward``. Outputs of the two arms are checked equal bit for bit. Writes
 ``<out>/ab_call_path.{json,md}``.
 """
 
@@ -38,7 +38,8 @@ VARIANT = "w1a4"
 
 
 class _OldPath(PackedModel):
-    """``PackedModel.__call__`` as it was: the same checks, then ``FlatExecutor.one_at``."""
+    """``PackedModel.__call__`` as it was: the same checks, then ``FlatExecutor.one_args``; anything
+    else through ``nn.Module.__call__`` and ``forward``."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ex = self.executor
@@ -47,10 +48,10 @@ class _OldPath(PackedModel):
                          or self._backward_pre_hooks or _tm._global_forward_hooks
                          or _tm._global_forward_pre_hooks or _tm._global_backward_hooks
                          or _tm._global_backward_pre_hooks)):
-            y = ex.one_at(args[0])
+            y = ex.one_args(args[0])
             if y is not None:
                 return y
-        return super().__call__(*args, **kwargs)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
 
 
 def ort_fp32(model: torch.nn.Module, example: torch.Tensor, workdir: Path):

@@ -8,15 +8,16 @@ alike), ``--calls`` calls each; per step the 10th percentile, median and mean of
 (nanoseconds, ``time.perf_counter_ns``, whose own cost is in every number alike). The steps peel the
 call one layer at a time:
 
-- ``model(x)``: ``PackedModel.__call__`` (hook checks) -> ``FlatExecutor.one`` -> ``_run_one``;
-- ``ex.one(x)``: the look-up, checks, output tensor and the entry-point call;
-- ``ex.one_at(x)``: the same through ``_run_at`` (the path before ``_run_one``);
-- ``_run_at`` with its fifteen arguments (eight arrays: numba's dispatcher types and unboxes each,
+- ``model(x)``: ``PackedModel.__call__`` (hook checks) -> ``FlatExecutor.one`` -> ``_run_at``;
+- ``ex.one(x)``: the look-up, checks, output tensor and the ``_run_at`` call;
+- ``ex.one_args(x)``: the same through ``_run_args`` (the path before the context);
+- ``_run_args`` with its fifteen arguments (eight arrays: numba's dispatcher types and unboxes each,
   and inside the interpreter every view of them counts references);
 - the same fifteen arguments with the arrays re-wrapped as ``numba.carray`` (no reference counts):
-  ``_run_at`` minus this is the interpreter's reference counting, this minus ``_run_one`` the
+  ``_run_args`` minus this is the interpreter's reference counting, this minus ``_run_at`` the
   argument typing and unboxing;
-- ``_run_one`` through numba's dispatcher and through its compiled entry point (three ints);
+- ``_run_at`` (three ints) through numba's dispatcher, and through its compiled entry point
+  (``overloads[sig].entry_point``: what skipping the dispatcher's typing would still save);
 - Python pieces alone: the look-up and checks, ``x.data_ptr()``, the hook checks, an empty call.
 
 All lowbit variants write their outputs to their own buffers and are checked equal bit for bit.
@@ -47,8 +48,8 @@ from lowbit.runtime.executor import NF, _f32_at, _f64_at, _i8_at, _i64_at, _run,
 
 
 @numba.njit(nogil=True)
-def _run_at_carrays(prog, aux, w8, sc, xaddr, C, H, W, oaddr, n_out, oinfo, fa, ca, n_img, chunk):
-    """``executor._run_at`` with every array re-wrapped as a carray (no meminfo: no reference counts)."""
+def _run_args_carrays(prog, aux, w8, sc, xaddr, C, H, W, oaddr, n_out, oinfo, fa, ca, n_img, chunk):
+    """``executor._run_args`` with every array re-wrapped as a carray (no meminfo: no reference counts)."""
     p2 = numba.carray(_i64_at(prog.ctypes.data), (prog.shape[0], NF))
     a2 = numba.carray(_i64_at(aux.ctypes.data), (aux.size,))
     w2 = numba.carray(_i8_at(w8.ctypes.data), (w8.size,))
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 prog.chunk)
 
     A, B = a15(oa[0]), a15(oa[1])
-    entry, run_one, run_at = ex._entry, E._run_one, E._run_at
+    run_at, run_args = E._run_at, E._run_args
+    entry = run_at.overloads[(numba.types.int64,) * 3].entry_point
     key = (x.shape, threading.get_ident())
 
     def checks() -> bool:
@@ -103,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = {
         "model(x)": lambda: packed(x),
         "ex.one(x)": lambda: ex.one(x),
-        "ex.one_at(x) (old path)": lambda: ex.one_at(x),
-        "_run_at: 15 args, arrays with meminfo": lambda: run_at(*A),
-        "15 args, arrays re-wrapped as carrays": lambda: _run_at_carrays(*B),
-        "_run_one via dispatcher: 3 ints": lambda: run_one(cxa, xa, oa[2]),
-        "_run_one entry point: 3 ints": lambda: entry(cxa, xa, oa[3]),
+        "ex.one_args(x) (old path)": lambda: ex.one_args(x),
+        "_run_args: 15 args, arrays with meminfo": lambda: run_args(*A),
+        "15 args, arrays re-wrapped as carrays": lambda: _run_args_carrays(*B),
+        "_run_at: 3 ints via dispatcher": lambda: run_at(cxa, xa, oa[2]),
+        "_run_at: 3 ints, compiled entry point": lambda: entry(cxa, xa, oa[3]),
         "look-up and tensor checks": checks,
         "x.data_ptr()": lambda: x.data_ptr(),
         "hook checks (PackedModel)": hooks,
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in steps.values():
         f()
     want = ex.one(x).numpy().reshape(-1)
-    same = all(np.array_equal(b, want) for b in bufs[:4]) and torch.equal(ex.one_at(x), packed(x))
+    same = all(np.array_equal(b, want) for b in bufs[:4]) and torch.equal(ex.one_args(x), packed(x))
     assert key in ex._one
     times: dict[str, list[int]] = {k: [] for k in steps}
     keys = list(steps)

@@ -281,9 +281,12 @@ def _f32_at(typingctx, addr):
 
 
 @kernel
-def _run_at(prog, aux, w8, sc, xaddr, C, H, W, oaddr, n_out, oinfo, fa, ca, n_img, chunk):
+def _run_args(prog, aux, w8, sc, xaddr, C, H, W, oaddr, n_out, oinfo, fa, ca, n_img, chunk):
     """``_run`` on the contiguous float32 images (n_img, C, H, W) at address ``xaddr``, the ``n_out``
-    result floats to address ``oaddr``: tensors' memory without NumPy views of it."""
+    result floats to address ``oaddr``: tensors' memory without NumPy views of it. The one-image
+    call before :func:`_run_at` (kept for A/B timings and tests): numba's dispatcher types and
+    unboxes its fifteen arguments on every call, and inside ``_run`` every view of the eight
+    arrays counts references to them."""
     x = numba.carray(_f32_at(xaddr), (n_img, C, H, W))
     _run(prog, aux, w8, sc, x, numba.carray(_f32_at(oaddr), (n_out,)), oinfo, fa, ca, n_img, chunk)
 
@@ -313,10 +316,12 @@ CX_LEN = 18
 
 
 @kernel
-def _run_one(cx, xaddr, oaddr):
+def _run_at(cx, xaddr, oaddr):
     """``_run`` on one image at address ``xaddr``, its result to address ``oaddr``, everything else
-    read from the int64 context at address ``cx`` (``_context``): three integers to type and unbox
-    per call instead of fifteen arguments, eight of them arrays (~0.5 us of numba's dispatch)."""
+    read from the int64 context at address ``cx`` (``_context``). Three integers for numba's
+    dispatcher to type and unbox instead of fifteen arguments (LeNet-5, warm: ~0.8 us less), and
+    arrays made from addresses carry no reference count, so that the interpreter's views of them
+    cost no atomic increments (~1.6 us less; ``benchmarks/speed/profile_call_path.py``)."""
     c = numba.carray(_i64_at(cx), (CX_LEN,))
     prog = numba.carray(_i64_at(c[CX_PROG]), (c[CX_ROWS], NF))
     aux = numba.carray(_i64_at(c[CX_AUX]), (c[CX_NAUX],))
@@ -331,7 +336,7 @@ def _run_one(cx, xaddr, oaddr):
 
 
 def _context(prog: Program, fa: np.ndarray, ca: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
-    """The int64 context of ``_run_one``: the arrays' addresses, valid while the caller keeps
+    """The int64 context of ``_run_at``: the arrays' addresses, valid while the caller keeps
     ``prog``, ``fa`` and ``ca`` alive (the one-image cache holds them beside it)."""
     arrays = (prog.prog, prog.aux, prog.w8, prog.sc)
     if not all(a.flags.c_contiguous for a in (*arrays, prog.oinfo, fa, ca)):
@@ -345,19 +350,6 @@ def _context(prog: Program, fa: np.ndarray, ca: np.ndarray, chw: tuple[int, int,
     cx[CX_C], cx[CX_H], cx[CX_W] = chw
     cx[CX_NOUT], cx[CX_CHUNK] = prog.out_numel, prog.chunk
     return cx
-
-
-_I64x3 = (types.int64, types.int64, types.int64)
-
-
-def _one_entry():
-    """The compiled ``_run_one(int64, int64, int64)``: its entry point, called with three Python
-    ints, skips the dispatcher's typing and overload look-up; numba's dispatcher where that entry
-    point is not found (another numba version's internals)."""
-    _run_one.compile(_I64x3)
-    cres = _run_one.overloads.get(_I64x3)
-    entry = getattr(cres, "entry_point", None)
-    return entry if callable(entry) else _run_one
 
 
 #: bytes of the output blocks that one-image calls take their output tensors from
@@ -851,8 +843,6 @@ class FlatExecutor:
         self._one: dict[tuple, tuple] = {}
         # threads the last general-path call ran its program on (the one-image path: always 1)
         self.last_threads = 1
-        # the one-image call (_run_one's compiled entry point), set when a one-image entry is made
-        self._entry = None
 
     def program(self, shape: tuple[int, ...]) -> Program | None:
         """The program for per-image ``shape`` (None: this graph does not flatten)."""
@@ -899,8 +889,8 @@ class FlatExecutor:
             return None
         outs = one[5]
         y, oaddr = outs.pop() if outs else self._refill(one)
-        # the program, arenas and geometry as one context address (_run_one): three ints to pass
-        self._entry(one[3], x.data_ptr(), oaddr)
+        # the program, arenas and geometry as one context address: three ints to pass
+        _run_at(one[3], x.data_ptr(), oaddr)
         return y
 
     @staticmethod
@@ -914,18 +904,17 @@ class FlatExecutor:
         outs.extend(reversed([(t, base + i * step) for i, t in enumerate(views)]))
         return outs.pop()
 
-    def one_at(self, x: Tensor) -> Tensor | None:
-        """:meth:`one` through ``_run_at`` (fifteen arguments, eight of them arrays, typed by numba's
-        dispatcher on every call): the one-image path before ``_run_one``, the same output; kept
-        for A/B timings and tests."""
+    def one_args(self, x: Tensor) -> Tensor | None:
+        """:meth:`one` through ``_run_args`` (fifteen arguments, eight of them arrays): the
+        one-image path before the context, the same output; kept for A/B timings and tests."""
         one = self._one.get((x.shape, threading.get_ident()))
         if one is None or x.dtype is not torch.float32 or not x.is_cpu or x.requires_grad \
                 or not x.is_contiguous():
             return None
         prog, fa, ca, outs, (C, H, W) = one[0], one[1], one[2], one[5], one[7]
         y, oaddr = outs.pop() if outs else self._refill(one)
-        _run_at(prog.prog, prog.aux, prog.w8, prog.sc, x.data_ptr(), C, H, W, oaddr, prog.out_numel,
-                prog.oinfo, fa, ca, 1, prog.chunk)
+        _run_args(prog.prog, prog.aux, prog.w8, prog.sc, x.data_ptr(), C, H, W, oaddr, prog.out_numel,
+                  prog.oinfo, fa, ca, 1, prog.chunk)
         return y
 
     def _call(self, x: Tensor) -> Tensor | None:
@@ -977,8 +966,6 @@ class FlatExecutor:
                 if len(self._one) > 64:  # many threads or shapes: start again
                     self._one.clear()
                 key = (x.shape, threading.get_ident())
-                if self._entry is None:
-                    self._entry = _one_entry()
                 chw = tuple(int(v) for v in x4.shape[1:])
                 cx = _context(prog, fa, ca, chw)
                 # (program, arenas, context address, output shape, output tensors, context, image)
