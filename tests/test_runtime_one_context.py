@@ -99,7 +99,9 @@ def test_context_holds_the_program_and_arenas(lenet):
     ex = lenet.executor
     x = torch.rand(1, *LENET)
     lenet(x)
-    prog, fa, ca, addr, _, _, cx, chw = ex._one[(x.shape, threading.get_ident())]
+    prog, fa, ca, addr, _, _, keep, chw = ex._one[(x.shape, threading.get_ident())]
+    cx = keep[0]
+    assert all(any(k is a for k in keep) for a in (prog.prog, prog.aux, prog.w8, prog.sc, prog.oinfo))
     assert addr == cx.ctypes.data and cx.dtype == np.int64 and cx.size == executor.CX_LEN
     assert cx[executor.CX_PROG] == prog.prog.ctypes.data and cx[executor.CX_ROWS] == prog.prog.shape[0]
     assert cx[executor.CX_W8] == prog.w8.ctypes.data and cx[executor.CX_NW8] == prog.w8.size

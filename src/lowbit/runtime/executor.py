@@ -336,8 +336,8 @@ def _run_at(cx, xaddr, oaddr):
 
 
 def _context(prog: Program, fa: np.ndarray, ca: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
-    """The int64 context of ``_run_at``: the arrays' addresses, valid while the caller keeps
-    ``prog``, ``fa`` and ``ca`` alive (the one-image cache holds them beside it)."""
+    """The int64 context of ``_run_at``: the arrays' addresses, valid while the caller keeps the
+    arrays alive (the one-image cache holds them beside it)."""
     arrays = (prog.prog, prog.aux, prog.w8, prog.sc)
     if not all(a.flags.c_contiguous for a in (*arrays, prog.oinfo, fa, ca)):
         raise ValueError("a program's arrays and arenas must be C-contiguous")
@@ -876,7 +876,9 @@ class FlatExecutor:
         """The output on ``x`` when it is one image of a shape this thread has run before (None
         otherwise): its program and arenas cached, the tensor's data read in place. At batch 1 a
         LeNet-5 call spent about as long around the numba call (NumPy views, conversions, look-ups)
-        as inside it. One image always runs on the calling thread.
+        as inside it. One image always runs on the calling thread. The numba call is ``_run_at``
+        on three ints (the context of :func:`_context`, the input's and the output's addresses):
+        warm, LeNet-5's call went from 17.7 to 15.1 us (``benchmarks/results/profile_call_path_lenet5.md``).
 
         Output tensors come from blocks (:data:`OUT_BLOCK_BYTES`) split into one-image views, made
         a block at a time: each call's output is its own memory, never written again, and the call
@@ -968,6 +970,8 @@ class FlatExecutor:
                 key = (x.shape, threading.get_ident())
                 chw = tuple(int(v) for v in x4.shape[1:])
                 cx = _context(prog, fa, ca, chw)
-                # (program, arenas, context address, output shape, output tensors, context, image)
-                self._one[key] = (prog, fa, ca, int(cx.ctypes.data), (1, *prog.out_shape), [], cx, chw)
+                # the context holds addresses: the entry keeps it and every array it points to alive
+                keep = (cx, prog.prog, prog.aux, prog.w8, prog.sc, prog.oinfo)
+                # (program, arenas, context address, output shape, output tensors, kept arrays, image)
+                self._one[key] = (prog, fa, ca, int(cx.ctypes.data), (1, *prog.out_shape), [], keep, chw)
         return torch.from_numpy(out.reshape(B, *prog.out_shape))  # a NumPy reshape: no torch dispatch
