@@ -67,8 +67,8 @@ def test_claim_table_is_the_issues_table():
         keys = {a.key for a in claim.arms}
         assert len(keys) == len(claim.arms), f"{claim.name}: duplicate arm keys"
         for check in claim.checks:
-            assert check.rule in ("level", "drop", "gain", "measure")
-            assert len(check.arms) == (2 if check.rule == "gain" else 1)
+            assert check.rule in ("level", "drop", "gain", "loss", "measure")
+            assert len(check.arms) == (2 if check.rule in ("gain", "loss") else 1)
             assert set(check.arms) | set(check.choose) <= keys, (claim.name, check.label)
             if check.rule in ("level", "drop"):
                 assert check.paper is not None
@@ -232,6 +232,12 @@ def test_job_spec_of_a_fine_tune(tmp_path):
     ("drop", {"mean": 1.5, "std": 0.0, "n": 1}, 0.64, "reproduced"),
     ("drop", {"mean": 2.0, "std": 0.0, "n": 1}, 0.64, "not reproduced"),
     ("measure", {"mean": 2.0, "std": 0.0, "n": 1}, None, "measured"),
+    ("loss", {"mean": 0.8, "std": 0.0, "n": 1}, None, "reproduced (single run)"),  # <= TOL_PP
+    ("loss", {"mean": -0.5, "std": 0.0, "n": 1}, None, "reproduced (single run)"),  # sparse is better
+    ("loss", {"mean": 3.9, "std": 0.0, "n": 1}, None, "not reproduced (single run)"),
+    ("loss", {"mean": 1.5, "std": 0.6, "n": 3}, None, "reproduced"),  # 1.5 <= 1 + 2 se (0.69)
+    ("loss", {"mean": 1.8, "std": 0.6, "n": 3}, None, "not reproduced"),
+    ("loss", {"mean": 0.4, "std": 0.0, "n": 1}, 0.3, "not reproduced (single run)"),  # a paper's limit
     ("gain", None, 9.7, "not run"),
 ])
 def test_verdict(rule, ours, paper, expect):
@@ -263,6 +269,14 @@ def test_derived_recipes(tmp_path):
     assert model_weight_bits(build_model("resnet20", width_mult=width), 2) <= budget
     with pytest.raises(ValueError, match="unknown derive"):
         C.derived_recipe("nope", tmp_path)
+
+
+def test_rvsm_little_loss_is_dense_minus_sparse():
+    check = next(ch for ch in C.claim_by_name("rvsm").checks if ch.label.startswith("L1"))
+    assert check.rule == "loss" and check.needs == "sparsity"
+    runs = {("rvsm-l1", 0): {"test_acc": 56.5}, ("rvsm-none", 0): {"test_acc": 57.0},
+            ("rvsm-l1", 1): {"test_acc": 55.0}, ("rvsm-none", 1): {"test_acc": 58.0}}
+    assert C.check_values(check, runs) == [pytest.approx(0.5), pytest.approx(3.0)]
 
 
 def test_hyper_parameter_chosen_on_validation_not_test():
