@@ -57,6 +57,7 @@ from harness import (
     time_interleaved,
     torch_dynamic_int8,
 )
+from profile_amx_linear import _weights  # the same random layers as the profile
 
 from lowbit.runtime import _amx
 from lowbit.runtime import compile as rt_compile
@@ -78,17 +79,6 @@ def base_kernels(rev: str, folder: Path):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def _weights(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    if kind == "binary":
-        q = rng.integers(0, 2, (n, n))
-        return q, 2 * q - 1
-    if kind == "ternary":
-        q = rng.integers(-1, 2, (n, n))
-        return q, q
-    q = rng.integers(0, 16, (n, n))
-    return q, 2 * q - 15
 
 
 def _one_group(fn):

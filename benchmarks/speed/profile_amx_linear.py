@@ -208,7 +208,8 @@ def _profile(x, aw, s0, s1, ref, args, repeats: int, parts: bool) -> dict[str, d
     return out
 
 
-def _weights(kind: str, n: int, rng: np.random.Generator):
+def _weights(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(plane integers q, folded int8 weights) of a random n x n layer, as layers.fold_integers gives them."""
     if kind == "binary":
         q = rng.integers(0, 2, (n, n))
         return q, 2 * q - 1
