@@ -150,3 +150,17 @@ def test_others_cpu_counts_other_threads_not_the_caller():
     done.set()
     th.join()
     assert spun[0] > 0 and got >= 0.9 * spun[0]
+
+
+def test_turns_warm_up_for_warm_s_before_the_timed_call():
+    """Calls of 1 ms (5 ms right after the settle): with warm_s 8 ms a turn is the settle, four
+    untimed calls (5 + 1 + 1 + 1 = 8 ms), then the timed call (1 ms)."""
+    w = World()
+    fns = {k: w.method(k) for k in "ab"}
+    t = harness.time_interleaved(fns, max_rounds=3, budget_s=1e9, seed=1, turns=True, clock=w.clock,
+                                 settle_fn=w.settle, warm_s=8e-3)
+    turns = w.log[4:]  # after the two plain warm-up rounds
+    assert len(turns) == 3 * 2 * 6
+    for i in range(0, len(turns), 6):
+        assert turns[i] == "settle" and len(set(turns[i + 1 : i + 6])) == 1
+    assert t["a"]["median_s"] == pytest.approx(1e-3) and t["b"]["rounds"] == 3

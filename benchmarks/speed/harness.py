@@ -276,6 +276,13 @@ SETTLE_WINDOW_S = 0.004
 SETTLE_IDLE = 0.05
 SETTLE_MAX_S = 0.3
 
+# A turn's untimed calls run for at least TURN_WARM_S (at least one call). After the settle's sleep
+# the core runs the next calls slowly for a while: LeNet-5 at batch 1 after a 10 ms sleep took 28.5 us
+# (lowbit) / 40.9 us (onnxruntime FP32) with one untimed call before the timed one, 16.7 / 30.8 us
+# after 2 ms of untimed calls, 15.0 / 29.0 us in a plain loop (medians of 200, one thread), so one
+# untimed call charged the fastest methods most.
+TURN_WARM_S = 0.002
+
 
 def settle(
     clock: Callable[[], float] = time.perf_counter,
@@ -308,6 +315,7 @@ def time_interleaved(
     turns: bool = False,
     clock: Callable[[], float] = time.perf_counter,
     settle_fn: Callable[[], float] | None = None,
+    warm_s: float = TURN_WARM_S,
 ) -> dict[str, dict[str, float]]:
     """Median / min / p90 seconds of each callable over interleaved rounds.
 
@@ -317,10 +325,11 @@ def time_interleaved(
 
     ``turns=False``: one timed call per method per round, so a method pays for what the one before
     left behind (cold caches; another runtime's threads still spinning). ``turns=True`` (methods of
-    different runtimes): each method's turn is :func:`settle` (``settle_fn``), one untimed call,
-    then the timed call: a method is timed as a user's loop would run it alone, with warm caches
-    and no other runtime spinning; a round then costs two calls of each method (the budget counts
-    both; the settles come on top and are returned as ``settle_s``, the total over the block).
+    different runtimes): each method's turn is :func:`settle` (``settle_fn``), untimed calls for
+    ``warm_s`` (at least one), then the timed call: a method is timed as a user's loop would run it
+    alone, with warm caches and no other runtime spinning; a round then costs two calls of each
+    method and ``warm_s`` per method (the budget counts them; the settles come on top and are returned
+    as ``settle_s``, the total over the block).
     ``clock`` times the calls (a fake clock in tests)."""
     settle_fn = settle if settle_fn is None else settle_fn
     per_round = 2 if turns else 1
@@ -333,7 +342,8 @@ def time_interleaved(
         for f in fns.values():
             f()
         t_round = clock() - t
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round * t_round, 1e-9))))
+    warm_round = len(fns) * warm_s if turns else 0.0
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round * t_round + warm_round, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     settled = 0.0
     keys = list(fns)
@@ -344,7 +354,10 @@ def time_interleaved(
             f = fns[k]
             if turns:
                 settled += settle_fn()
-                f()  # untimed: the turn's first call warms caches after the settle's sleep
+                t_w = clock()
+                f()  # untimed: the turn's first calls warm the core and caches after the settle's sleep
+                while clock() - t_w < warm_s:
+                    f()
             t0 = clock()
             f()
             times[k].append(clock() - t0)
