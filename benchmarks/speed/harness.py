@@ -277,10 +277,10 @@ SETTLE_IDLE = 0.05
 SETTLE_MAX_S = 0.3
 
 # A turn's untimed calls run for at least TURN_WARM_S (at least one call). After the settle's sleep
-# the core runs the next calls slowly for a while: LeNet-5 at batch 1 after a 10 ms sleep took 28.5 us
-# (lowbit) / 40.9 us (onnxruntime FP32) with one untimed call before the timed one, 16.7 / 30.8 us
-# after 2 ms of untimed calls, 15.0 / 29.0 us in a plain loop (medians of 200, one thread), so one
-# untimed call charged the fastest methods most.
+# the core runs the next calls slowly for a while: with one untimed call, LeNet-5's batch-1 calls
+# timed 1.4-1.9x their plain-loop medians (lowbit, onnxruntime FP32), within 1.1x after 2 ms of
+# untimed calls (benchmarks/results/turn_warmup.md, benchmarks/speed/probe_turn_warmup.py), so a
+# single untimed call charged the fastest methods most.
 TURN_WARM_S = 0.002
 
 
