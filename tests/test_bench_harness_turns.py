@@ -5,6 +5,7 @@ fake thread-CPU counters: no wall-clock assertions."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import time
@@ -103,7 +104,7 @@ class Threads:
 
 def test_settle_waits_until_other_threads_are_idle():
     th = Threads(stop=0.030)  # a pool spinning for 30 ms after the previous call
-    waited = harness.settle(th.clock, th.sleep, th.others)
+    waited = harness.settle(th.clock, th.sleep, th.others, lambda: 1)
     w = harness.SETTLE_WINDOW_S
     # the first window after the spin stopped that saw (almost) no CPU ends the settle
     assert 0.030 + w <= waited + 1e-12 <= 0.030 + 2 * w + 1e-12
@@ -112,13 +113,50 @@ def test_settle_waits_until_other_threads_are_idle():
 
 def test_settle_returns_after_one_window_when_idle_and_is_bounded():
     idle = Threads(stop=0.0)
-    assert harness.settle(idle.clock, idle.sleep, idle.others) == pytest.approx(harness.SETTLE_WINDOW_S)
+    waited = harness.settle(idle.clock, idle.sleep, idle.others, lambda: 1)
+    assert waited == pytest.approx(harness.SETTLE_WINDOW_S)
     busy = Threads(stop=None)  # never parks
-    waited = harness.settle(busy.clock, busy.sleep, busy.others)
+    waited = harness.settle(busy.clock, busy.sleep, busy.others, lambda: 1)
     assert harness.SETTLE_MAX_S <= waited < harness.SETTLE_MAX_S + harness.SETTLE_WINDOW_S + 1e-12
     blind = Threads(stop=0.0)  # no /proc: one maximal sleep
-    assert harness.settle(blind.clock, blind.sleep, lambda: None) == harness.SETTLE_MAX_S
+    assert harness.settle(blind.clock, blind.sleep, lambda: None, lambda: None) == harness.SETTLE_MAX_S
     assert blind.sleeps == [harness.SETTLE_MAX_S]
+
+
+def test_settle_does_not_sleep_when_no_other_thread_runs():
+    th = Threads(stop=None)
+    assert harness.settle(th.clock, th.sleep, th.others, lambda: 0) == 0.0 and th.sleeps == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_others_running_sees_a_spinning_thread_not_a_waiting_one():
+    time.sleep(0.05)
+    before = harness.others_running()
+    idle = threading.Event()
+    waiter = threading.Thread(target=idle.wait)  # parked: state S
+    waiter.start()
+    try:
+        time.sleep(0.05)
+        assert harness.others_running() == before
+    finally:
+        idle.set()
+        waiter.join()
+    stop = threading.Event()
+    data = b"x" * (1 << 24)
+
+    def spin() -> None:  # hashing a large buffer runs without the GIL: state R, as a spinning pool
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(0.01)
+        seen = max(harness.others_running() for _ in range(50))
+    finally:
+        stop.set()
+        spinner.join()
+    assert seen >= before + 1
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")

@@ -284,14 +284,37 @@ SETTLE_MAX_S = 0.3
 TURN_WARM_S = 0.002
 
 
+def others_running() -> int | None:
+    """How many threads of this process but the calling one are running or runnable (state ``R`` in
+    ``/proc/self/task/*/stat``; a spinning pool thread is); None without ``/proc``."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    n = 0
+    for tid in tids:
+        if int(tid) != me:
+            with contextlib.suppress(OSError, IndexError), open(f"/proc/self/task/{tid}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    return n
+
+
 def settle(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     others: Callable[[], float | None] = others_cpu_s,
+    running: Callable[[], int | None] = others_running,
 ) -> float:
     """Wait until the other threads of this process are idle (the pools another runtime's call left
-    spinning have parked); returns the seconds waited. Without ``/proc``: one ``SETTLE_MAX_S`` sleep."""
+    spinning have parked); returns the seconds waited. When no other thread is running it returns at
+    once, without sleeping: after a sleep the core ran the next calls slowly for a while, even after
+    2-10 ms of untimed calls on a quiet machine (benchmarks/results/turn_warmup.md), so a sleep where
+    nothing spins (1 thread; after lowbit's calls) would only slow the timed call. Without ``/proc``:
+    one ``SETTLE_MAX_S`` sleep."""
     t0 = clock()
+    if running() == 0:
+        return 0.0
     c0 = others()
     if c0 is None:
         sleep(SETTLE_MAX_S)
