@@ -276,11 +276,12 @@ SETTLE_WINDOW_S = 0.004
 SETTLE_IDLE = 0.05
 SETTLE_MAX_S = 0.3
 
-# A turn's untimed calls run for at least TURN_WARM_S (at least one call). After the settle's sleep
-# the core runs the next calls slowly for a while: with one untimed call, LeNet-5's batch-1 calls
-# timed 1.4-1.9x their plain-loop medians (lowbit, onnxruntime FP32), within 1.1x after 2 ms of
-# untimed calls (benchmarks/results/turn_warmup.md, benchmarks/speed/probe_turn_warmup.py), so a
-# single untimed call charged the fastest methods most.
+# A turn's untimed calls run for at least TURN_WARM_S (at least one call): after another method's
+# call, caches hold its data. After a sleep the core runs the next calls slowly for a while, which
+# more untimed calls do not fully undo on a quiet machine: LeNet-5's batch-1 calls timed 2.1-2.2x
+# their plain-loop medians with one untimed call and still 1.6-1.75x after 2-10 ms of them
+# (benchmarks/results/turn_warmup.md, benchmarks/speed/probe_turn_warmup.py); hence the settle
+# sleeps only while another thread runs.
 TURN_WARM_S = 0.002
 
 
