@@ -251,20 +251,32 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def others_cpu_s() -> float | None:
-    """CPU seconds used so far by every thread of this process but the calling one
-    (``/proc/self/task/*/schedstat``, exact for running threads too); None without ``/proc``."""
+def _other_threads(name: str) -> list[str] | None:
+    """The ``/proc/self/task/<tid>/<name>`` texts of every thread of this process but the calling
+    one (a thread that ends meanwhile is left out); None without ``/proc``."""
     me = threading.get_native_id()
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return None
-    ns = 0
+    out = []
     for tid in tids:
         if int(tid) != me:
-            path = f"/proc/self/task/{tid}/schedstat"
-            with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:  # (a thread may end)
-                ns += int(f.read().split()[0])
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/{name}") as f:
+                out.append(f.read())
+    return out
+
+
+def others_cpu_s() -> float | None:
+    """CPU seconds used so far by every thread of this process but the calling one
+    (``/proc/self/task/*/schedstat``, exact for running threads too); None without ``/proc``."""
+    texts = _other_threads("schedstat")
+    if texts is None:
+        return None
+    ns = 0
+    for t in texts:
+        with contextlib.suppress(ValueError, IndexError):
+            ns += int(t.split()[0])
     return ns * 1e-9
 
 
@@ -288,16 +300,13 @@ TURN_WARM_S = 0.002
 def others_running() -> int | None:
     """How many threads of this process but the calling one are running or runnable (state ``R`` in
     ``/proc/self/task/*/stat``; a spinning pool thread is); None without ``/proc``."""
-    me = threading.get_native_id()
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
+    texts = _other_threads("stat")
+    if texts is None:
         return None
     n = 0
-    for tid in tids:
-        if int(tid) != me:
-            with contextlib.suppress(OSError, IndexError), open(f"/proc/self/task/{tid}/stat") as f:
-                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    for t in texts:
+        with contextlib.suppress(IndexError):
+            n += t.rsplit(")", 1)[1].split()[0] == "R"  # the state follows the (command name)
     return n
 
 
