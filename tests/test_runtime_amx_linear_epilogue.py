@@ -5,7 +5,7 @@ not a multiple of 16, outputs not a multiple of 32 / 64, several runs per call, 
 partial), binary / ternary / 4-bit weights with 4- and 8-bit activation codes, ReLU on and off, 1
 and 2 threads, runs of 1 to 32 groups; the next layer's codes written by the epilogue (row-major,
 or in its tile layout, then run from there) equal its quantization of the float output;
-PackedLinear at many rows; the plain path holds no AMX. No timing."""
+PackedLinear at many rows (the plain path: test_kernels_amx.py). No timing."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.runtime import _amx, _jit, kernels_threads
+from lowbit.runtime import _amx, kernels_threads
 from lowbit.runtime import kernels_amx as KA
-from lowbit.runtime.compiler import reference_fp64
 from lowbit.runtime.kernels_gemv import GemvWeights
 from lowbit.runtime.kernels_pack import quantize_codes_reference
 from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers
@@ -95,16 +94,22 @@ def test_epilogue_runs_of_any_length(channels, acc_kib, monkeypatch):
         np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, True))
 
 
+def _case(j: int, M: int, K: int, O: int):
+    """Shape j's layer (binary / ternary / 4-bit in turn), 4-bit input codes and its coefficients."""
+    q, w = _weights(("binary", "ternary", "q4")[j % 3], O, K)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
+    a = RNG.integers(0, 16, (M, K))
+    s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 1.0, np.ones(O), RNG.normal(size=O))
+    return w, aw, a, s0, s1
+
+
 @needs_amx
 @pytest.mark.parametrize("with_float", [True, False], ids=["float+codes", "codes"])
 def test_next_layer_codes_from_the_epilogue(with_float, threads):
     """codes = the next layer's fused quantization of the float32 output, bit for bit; the float
     output unchanged beside them; nothing past M*O written."""
     for j, (M, K, O) in enumerate(SHAPES):
-        q, w = _weights(("binary", "ternary", "q4")[j % 3], O, K)
-        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
-        a = RNG.integers(0, 16, (M, K))
-        s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 1.0, np.ones(O), RNG.normal(size=O))
+        w, aw, a, s0, s1 = _case(j, M, K, O)
         qhi, qmult = 2.5, 15 / 2.5
         for relu in (False, True):
             ref = KA.amx_linear_reference(a, w, s0, s1, relu)
@@ -124,10 +129,7 @@ def test_next_layer_code_tiles(threads):
     """codes written straight into the next layer's tile layout (amx_rows_reference of its
     quantized input, zero padding kept), and that layer run from them equals it run on the floats."""
     for j, (M, K, O) in enumerate(SHAPES):
-        q, w = _weights(("binary", "ternary", "q4")[j % 3], O, K)
-        aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
-        a = RNG.integers(0, 16, (M, K))
-        s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2.0, O), 0.1, 1.0, np.ones(O), RNG.normal(size=O))
+        w, aw, a, s0, s1 = _case(j, M, K, O)
         qhi, qmult = 2.5, 15 / 2.5
         y = KA.amx_linear_reference(a, w, s0, s1, True)
         tiles = KA.code_tiles(M, O)
@@ -185,19 +187,3 @@ def test_packed_linear_many_rows():
     w, _ = fold_integers(pl.wp)
     s0, s1 = pl._amx_coeffs(pl.act.sx, pl.act.ma)
     np.testing.assert_array_equal(got, KA.amx_linear_reference(codes, w, s0, s1, pl.relu))
-
-
-def test_plain_path_unchanged():
-    """The plain path (no AVX-512) holds no AMX form and stays within float rounding of float64."""
-    _jit.set_plain(True)
-    try:
-        lin = _layer({"method": "binary", "bits": 1}, 200, 70)
-        pl = build_packed("fc", lin)
-        assert pl.amx is None and "amx" not in pl.kernel_name()
-        x = torch.rand(40, 200) * 4
-        with torch.inference_mode():
-            got = pl(x)
-        ref = reference_fp64(lin, x)
-        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6
-    finally:
-        _jit.set_plain(False)

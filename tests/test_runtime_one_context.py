@@ -11,38 +11,18 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_runtime_flat_one import _general, _packed
 
-import lowbit
-import lowbit.runtime as rt
-from lowbit.models import build_model
 from lowbit.runtime import executor
 from lowbit.runtime import kernels as K
 
 pytestmark = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
-ACT = {"method": "pact", "bits": 4, "alpha_init": 3.0}
 LENET = (1, 28, 28)
-
-
-def _packed(name: str, shape: tuple[int, ...]):
-    torch.manual_seed(0)
-    m = build_model(name).eval()
-    q = lowbit.quantize(m, {"default": {"weight": {"method": "binary", "bits": 1}, "activation": ACT}}).eval()
-    return rt.compile(q, torch.rand(2, *shape))
 
 
 @pytest.fixture(scope="module")
 def lenet():
     return _packed("lenet5", LENET)
-
-
-def _general(packed, x: torch.Tensor) -> torch.Tensor:
-    ex = packed.executor
-    saved = dict(ex._one)
-    ex._one.clear()
-    try:
-        return ex._call(x)
-    finally:
-        ex._one.update(saved)
 
 
 class _Spy:
