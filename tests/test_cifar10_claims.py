@@ -118,7 +118,10 @@ def test_plan_order_and_seeds():
     bcgd = [n for n in names if n.startswith("bcgd")]
     assert bcgd == [f"bcgd-fl{r}/seed{s}" for s in range(3) for r in ("", "-rho0")]
     assert {j.seed for j in cpu if j.arm.key == "dorefa-w2-dcq"} == {0, 1, 2}
-    assert {j.seed for j in cpu if j.arm.key == "ttq"} == {0}
+    assert {j.seed for j in cpu if j.arm.key == "ttq"} == {0, 1, 2}
+    # the other rows seed by seed: every row's seed 0 before any row's seed 1, seed 1 before seed 2
+    rest = [j.seed for j in cpu if j.claim in ("ternary", "baselines", "rvsm")]
+    assert rest == sorted(rest) and rest.count(0) == rest.count(1) == rest.count(2) > 0
     assert not any(j.claim in ("releq", "waveq", "width") for j in cpu)
     gpu = C.plan(C.BUDGETS["gpu"])
     assert {j.seed for j in gpu if j.arm.key == "ttq"} == {0, 1, 2}

@@ -17,10 +17,11 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
   0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs (each
   recipe's optimizer) under
   bf16 autocast (the CPU's AMX: 1.6-2x faster per epoch; quantizers and their scales stay fp32), one
-  thread per run, two runs side by side; 3 seeds for the paired claims (BCGD with first/last float,
-  DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ), 1 for the rest. At about 133 s
-  per epoch on one idle core (:data:`REF_EPOCH_S`) the float models and the paired claims need
-  about 6.7 CPU-hours (3.3 h on two cores), the other rows 3.1 more. The searches (ReLeQ, WaveQ,
+  thread per run, two runs side by side; 3 seeds for every row (the paired claims, BCGD with
+  first/last float, DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, run all three
+  first; the other rows run seed 0 before seeds 1 and 2). At about 133 s per epoch on one idle
+  core (:data:`REF_EPOCH_S`) the float models and the paired claims need about 6.7 CPU-hours
+  (3.3 h on two cores), the other rows 9.3 more. The searches (ReLeQ, WaveQ,
   width vs mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU
   budget only.
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
@@ -339,11 +340,11 @@ class Budget:
 _SGD = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "tensorboard": False}
 BUDGETS: dict[str, Budget] = {
     "cpu": Budget("cpu", "cpu", {**_SGD, "epochs": 20, "weight_decay": 5e-4, "schedule": "cosine"}, 5,
-                  (0, 1, 2), (0,), jobs=2, threads=1, searches=False, arms=CPU_ARMS,
+                  (0, 1, 2), (0, 1, 2), jobs=2, threads=1, searches=False, arms=CPU_ARMS,
                   q_train={"precision": "bf16"},
                   note="float 20 epochs (fp32), quantized fine-tunes 5 epochs (bf16 autocast, quantizers "
                        "in fp32), one thread per run, two runs side by side; 3 seeds for the paired claims "
-                       "(their CPU arms), 1 for the rest"),
+                       "(their CPU arms) and for the other rows"),
     "gpu": Budget("gpu", "cuda", {**_SGD, "epochs": 160, "weight_decay": 1e-4, "schedule": "step",
                                   "milestones": [80, 120], "channels_last": True}, 160, (0, 1, 2), (0, 1, 2),
                   jobs=6, threads=2, searches=True, q_train={"channels_last": True},
@@ -396,8 +397,8 @@ def seeds_for(claim: Claim, budget: Budget) -> tuple[int, ...]:
 def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Job]:
     """Every job of the campaign, in the order they start: the float models first (seed 0 first),
     then the paired claims in :data:`PRIORITY` order, claim by claim (all seeds of one claim
-    before the next), then the rest. A job whose float model is still training is skipped until
-    it is done (:func:`run_campaign`), so the next claim's seed-0 runs fill the gap."""
+    before the next), then the rest seed by seed (every row's seed 0, then seed 1, then seed 2).
+    A job whose float model is still training is skipped until it is done (:func:`run_campaign`), so the next claim's seed-0 runs fill the gap."""
     jobs: dict[str, Job] = {}
     rank = {n: i for i, n in enumerate(PRIORITY)}
     for ci, claim in enumerate(CLAIMS):
@@ -409,7 +410,7 @@ def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int]
                 continue
             for ai, arm in enumerate(arms):
                 tier = 0 if arm.is_float else (1 if claim.name in rank else 2)
-                order = (tier, seed if tier == 0 else 0, rank.get(claim.name, len(rank) + ci), seed, ai)
+                order = (tier, seed if tier != 1 else 0, rank.get(claim.name, len(rank) + ci), seed, ai)
                 if arm.init == "float" or arm.after:  # its float model runs whenever it does (shared)
                     dep = Job("float", float_arm(arm.width), seed, (0, seed, 0, seed, int(arm.width != 1)))
                     jobs.setdefault(dep.name, dep)
