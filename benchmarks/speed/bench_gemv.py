@@ -27,8 +27,10 @@ Ternary layers run their 1.6-bit form at batch 1 (``runtime/kernels_tq1.py``); `
 2-bit fields of ``kernels_gemv``), timed in the same interleaved groups.
 
 Timing: ``harness.time_interleaved`` (all methods of one group take turns in a new random order
-each round; median and min over rounds). Writes benchmarks/results/gemv.{json,md} through
-``benchmarks/common.py``.
+each round; median and min over rounds) with turns as ``bench_speed.py`` times them: per turn a
+settle, untimed calls for 2 ms, then the timed call, i.e. a method timed as a user's loop runs it;
+``--cold`` times one call per method per round instead (each call after the other methods ran:
+caches cold). Writes benchmarks/results/gemv.{json,md} through ``benchmarks/common.py``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ BASELINES = ("torch-fp32", "ort-fp32", "torch-dyn-int8", "ort-dyn-int8", "ort-qd
 #: issue 13, batch 1 on the deep MLP: (weight kind, x best FP32, x best int8)
 TARGETS = {"w1": (25.0, 2.5), "w2": (14.0, 2.5), "w4": (7.0, 1.3)}
 TARGET_GEMV_MS = 0.06
+#: warm turns (harness.time_interleaved(turns=True)); --cold switches them off
+TURNS = True
 #: "2 threads never slower": the 2-thread median within 3% of the 1-thread one (the spread of two
 #: medians of the same serial code in one interleaved group, measured: up to 1%)
 SAME = 1.03
@@ -153,7 +157,7 @@ def thread_group(packed: dict[str, Any], x: torch.Tensor, budget_s: float, part:
     for w, pm in packed.items():
         for n in (1, 2):
             fns[f"lowbit-{w}@{n}"] = _with_threads(n, lambda pm=pm: pm(x))
-    timing = time_interleaved(fns, max_rounds=400, budget_s=budget_s)
+    timing = time_interleaved(fns, max_rounds=400, budget_s=budget_s, turns=TURNS)
     set_threads(1)
     rows = []
     for k, t in timing.items():
@@ -192,7 +196,7 @@ def layer_part(sizes: list[int], threads_list: list[int], budget_s: float, workd
                                               KV.gemv_run(xa, 0, qp, gw, coef, False, out))
                     info[w] = {"kernel_name": lin.kernel_name(), "weight_bytes": lin.weight_bytes,
                                "field_bytes": None if gw is None else gw.nbytes}
-                timing = time_interleaved(fns, max_rounds=400, budget_s=budget_s)
+                timing = time_interleaved(fns, max_rounds=400, budget_s=budget_s, turns=TURNS)
                 del fns
                 rows += _layer_rows(timing, N, threads, info)
                 for k, why in missing.items():
@@ -241,7 +245,7 @@ def mlp_part(threads_list: list[int], budget_s: float, workdir: Path, variants: 
             fns = base.fns(threads)
             for v, pm in packed.items():
                 fns[f"lowbit-{v}"] = lambda pm=pm: pm(x)
-            timing = time_interleaved(fns, max_rounds=100, budget_s=budget_s)
+            timing = time_interleaved(fns, max_rounds=100, budget_s=budget_s, turns=TURNS)
             del fns
             gc.collect()
             for k, t in timing.items():
@@ -324,7 +328,10 @@ def to_markdown(rows: list[dict], tg: list[dict], meta: dict) -> str:
         f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; single run (one process, interleaved "
         "rounds; ratios within the run).",
         "",
-        "Times are medians over interleaved rounds (min in brackets), ms. `lowbit` is the whole call of the",
+        "Times are medians over interleaved rounds (min in brackets), ms, "
+        + ("each method timed in turns as a user's loop runs it (settle, 2 ms of untimed calls, the "
+           "timed call)" if meta.get("turns", False) else "one call per method per round (caches cold: the "
+           "other methods ran between two calls of one)") + ". `lowbit` is the whole call of the",
         "compiled layer on a float tensor; `kernel` the GEMV alone on NumPy arrays. Activations: 8-bit PACT",
         "codes. bitnet.cpp's figure is published, for another CPU: " + BITNET_SOURCE + ".",
         "",
@@ -414,8 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed rounds per group")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="gemv", help="results file name (default gemv: gemv.json, gemv.md)")
+    p.add_argument("--cold", action="store_true",
+                   help="one call per method per round (caches cold) instead of warm turns")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    global TURNS
+    TURNS = not a.cold
     t0 = time.time()
     info = machine_info()
     rows: list[dict] = []
@@ -426,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += mlp_part(a.threads, a.budget, Path(td), tuple(a.mlp_variants))
     tg = targets(rows)
     meta = run_meta(__file__, argv, t0, machine_info=info, loadavg_end=machine_info().get("loadavg"),
-                    bitnet_source=BITNET_SOURCE,
+                    bitnet_source=BITNET_SOURCE, turns=TURNS,
                     variants={v: VARIANTS[v.removesuffix(NO_TQ1)][2] + (" (2-bit fields, no 1.6-bit form)"
                                                                        if v.endswith(NO_TQ1) else "")
                               for v in MLP_VARIANTS},

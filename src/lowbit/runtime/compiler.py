@@ -60,6 +60,7 @@ import copy
 import logging
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,8 @@ class PackedModel(nn.Module):
         self.batch_chunk = 0
         # the whole graph as one numba call (executor.py), set by compile() when it flattens
         self.executor: FlatExecutor | None = None
+        # the bound forwards of a graph that is one straight chain of packed layers (_chain_of)
+        self.chain: tuple[Callable[[Any], Any], ...] | None = None
         # one sample of at most this many input values: the call runs on one thread (0: never)
         self.serial_numel = SERIAL_MAX_NUMEL
         self.eval()
@@ -185,17 +188,33 @@ class PackedModel(nn.Module):
         # forward would send it (nn.Module.__call__, forward and its thread guard cost ~4 us, a
         # fifth of a LeNet-5 call at batch 1; ~6 us of ~96 at batch 8)
         ex = self.executor
-        if (ex is not None and len(args) == 1 and not kwargs and type(args[0]) is Tensor
+        chain = self.chain
+        if ((ex is not None or chain is not None) and len(args) == 1 and not kwargs
+                and type(args[0]) is Tensor
                 and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                          or self._backward_pre_hooks or _tm._global_forward_hooks
                          or _tm._global_forward_pre_hooks or _tm._global_backward_hooks
                          or _tm._global_backward_pre_hooks)):
             x = args[0]
-            y = ex.one(x)
-            if y is None:
-                y = ex._call(x)
-            if y is not None:
-                return y
+            if ex is not None:
+                y = ex.one(x)
+                if y is None:
+                    y = ex._call(x)
+                if y is not None:
+                    return y
+            if chain is not None and not x.requires_grad and x.dim() > 0 and x.shape[0] == 1 \
+                    and x.numel() <= self.serial_numel:
+                # one small sample through a chain of packed layers: the layers' forwards in a row on
+                # this thread, without forward's checks, thread settings and inference mode (nothing
+                # here records autograd): the Python around a 2048^2 GEMV was about as long as it
+                # (benchmarks/results/ab_chain_call.md)
+                prev = KT.set_serial(True)
+                try:
+                    for f in chain:
+                        x = f(x)
+                finally:
+                    KT.set_serial(prev)
+                return x
         return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -406,7 +425,7 @@ def compile(
             pm.act.mode = 1
         packed[name] = pm
     gm = fx.GraphModule(src, graph) if traced else src
-    executor = None
+    executor = chain = None
     if traced:
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in packed:
@@ -419,6 +438,7 @@ def compile(
         gm.delete_all_unused_submodules()
         _bind_forwards(gm)
         executor = FlatExecutor(gm) if fuse else None
+        chain = _chain_of(gm)
     else:
         for name, pm in packed.items():
             _set_submodule(gm, name, pm)
@@ -428,6 +448,7 @@ def compile(
     reports.sort(key=lambda r: order.get(r.name, 0))
     out = PackedModel(gm, reports, traced)
     out.executor = executor
+    out.chain = chain if traced else None
     if not has_example:
         out.batch_chunk = int(batch_chunk or 0)
         return out
@@ -785,3 +806,27 @@ def _bind_forwards(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
     if n:
         gm.recompile()
+
+
+def _chain_of(gm: fx.GraphModule) -> tuple[Callable[[Any], Any], ...] | None:
+    """The bound forwards (:func:`_bind_forwards`) of a graph that is one straight chain of the
+    runtime's own modules, input -> f1 -> f2 -> ... -> output, each node used only by the next
+    (an MLP of packed Linear layers with their ReLUs fused); None for any other graph."""
+    fns: list[Callable[[Any], Any]] = []
+    prev: fx.Node | None = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and prev is None:
+            prev = node
+        elif node.op == "get_attr" and str(node.target).startswith("_lowbit_fwd") and len(node.users) == 1:
+            continue
+        elif (node.op == "call_method" and node.target == "__call__" and not node.kwargs
+              and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+              and str(node.args[0].target).startswith("_lowbit_fwd") and prev is not None
+              and node.args[1] is prev and len(prev.users) == 1):
+            fns.append(gm.__dict__[str(node.args[0].target)])
+            prev = node
+        elif node.op == "output" and fns and node.args == (prev,):
+            return tuple(fns)
+        else:
+            return None
+    return None
