@@ -65,6 +65,7 @@ from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RESIDUAL, kernel
 from .kernels_amx import aligned_u8
 from .kernels_int8 import (
+    AMX_SCRATCH,
     INT8_SLACK,
     _amx_conv_range,
     _int8_conv_range,
@@ -199,8 +200,10 @@ def _channel_pad(src, HW, C, cl, cr, dst, nv):
 @kernel
 def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
     """Run ``prog`` on images ``0..n_img`` of ``x`` (N, C, H, W) float32, ``chunk`` at a time;
-    the result (region ``oinfo``) goes to ``out`` (flat, NCHW order per image)."""
+    the result (region ``oinfo``) goes to ``out`` (flat, NCHW order per image). The AMX
+    convolutions work in the last ``AMX_SCRATCH`` bytes of ``ca`` (``Program.arenas``)."""
     used_amx = False
+    scratch = ca[ca.shape[0] - AMX_SCRATCH :]
     for c0 in range(0, n_img, chunk):
         nv = min(chunk, n_img - c0)
         for i in range(prog.shape[0]):
@@ -238,7 +241,7 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                     used_amx = True
                     cfg = w8[p[30] : p[30] + 64]
                     _amx_conv_range(ca[p[1] :], geo, qoff, w, cfg, p[31], p[32], s0, s1, sf, flags, o, r, cd,
-                                    cgeo, sc[p[28]], sc[p[28] + 1], 0, nv)
+                                    cgeo, sc[p[28]], sc[p[28] + 1], 0, nv, scratch)
                 else:
                     M = nv * geo[3] * geo[4]
                     _int8_conv_range(ca[p[1] :], geo, qoff, w, passes, s0, s1, sf, flags, o, r, cd, cgeo,
@@ -397,6 +400,8 @@ class Program:
         """Zeroed float and code arenas, each starting on a 64-byte line (every region offset is a
         multiple of 64 bytes, so AMX tiles of the code images and the epilogue's stores start on
         lines where the geometry allows)."""
+        if self.ca_size % _ALIGN:  # the AMX scratch at its end must start on a line
+            raise ValueError(f"code arena of {self.ca_size} bytes: expected a multiple of {_ALIGN}")
         fa = aligned_u8(4 * self.fa_size).view(np.float32)
         ca = aligned_u8(self.ca_size)
         fa[:] = 0.0
@@ -711,7 +716,7 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
         aux=_cat(b.aux, np.int64), w8=aligned_copy(_cat(b.w8, np.int8)), sc=_cat(b.sc, np.float64),
         oinfo=np.array([out_off, result.H, result.W, result.C], np.int64), out_shape=out_shape,
         out_numel=int(np.prod(out_shape)),
-        fa_size=fa_size + 16, ca_size=ca_size + 4 * INT8_SLACK + 1024, chunk=N,
+        fa_size=fa_size + 16, ca_size=ca_size + 4 * INT8_SLACK + 1024 + AMX_SCRATCH, chunk=N,
     )
 
 
