@@ -202,3 +202,64 @@ def test_turns_warm_up_for_warm_s_before_the_timed_call():
     for i in range(0, len(turns), 6):
         assert turns[i] == "settle" and len(set(turns[i + 1 : i + 6])) == 1
     assert t["a"]["median_s"] == pytest.approx(1e-3) and t["b"]["rounds"] == 3
+
+
+class Spinners:
+    """A fake clock and fake running threads: the threads in ``spin`` run until ``until[tid]``
+    seconds; each call of the method takes 3 ms."""
+
+    def __init__(self, until: dict[str, float]) -> None:
+        self.now = 0.0
+        self.until = until
+        self.calls = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def running(self) -> set[str]:
+        return {t for t, end in self.until.items() if self.now < end}
+
+    def call(self) -> None:
+        self.calls += 1
+        self.now += 3e-3
+
+
+def test_settle_running_calls_the_method_until_the_spinning_threads_stop():
+    w = Spinners({"ort-1": 0.040, "ort-2": 0.025})
+    ran = harness.settle_running(w.call, w.clock, w.running)
+    # calls of 3 ms, checked every SETTLE_WINDOW_S (4 ms): the first check after 40 ms sees both stopped
+    assert 0.040 <= ran < 0.040 + 2 * harness.SETTLE_WINDOW_S + 3e-3
+    assert w.calls == round(ran / 3e-3)
+
+
+def test_settle_running_ignores_threads_that_start_later_and_stops_at_the_cap():
+    w = Spinners({"ort-1": 0.010, "own": 1e9})
+    w.until["own"] = 1e9
+    # "own" (the method's own pool) runs too, but it was spinning at the start: it is waited for ...
+    assert harness.settle_running(w.call, w.clock, w.running) == pytest.approx(harness.SETTLE_MAX_S, abs=4e-3)
+    # ... while a thread that was not running at the start is not
+    w2 = Spinners({"ort-1": 0.010})
+    start_running = w2.running()
+    w2.until["late"] = 1e9
+
+    def running() -> set[str]:
+        return w2.running() if w2.calls else start_running
+
+    assert harness.settle_running(w2.call, w2.clock, running) < 0.010 + 2 * harness.SETTLE_WINDOW_S + 3e-3
+
+
+def test_settle_running_without_spinning_threads_makes_no_call():
+    w = Spinners({})
+    assert harness.settle_running(w.call, w.clock, w.running) == 0.0 and w.calls == 0
+    assert harness.settle_running(w.call, w.clock, lambda: None) == 0.0 and w.calls == 0
+
+
+def test_turns_settle_by_running_by_default(monkeypatch):
+    w = Spinners({"ort-1": 0.5})  # spins through the warm-up rounds and the first turns
+    monkeypatch.setattr(harness, "running_tids", w.running)
+    t = harness.time_interleaved({"a": w.call}, max_rounds=3, budget_s=1e9, turns=True, clock=w.clock,
+                                 warm_s=0.0)
+    assert t["a"]["rounds"] == 3 and t["a"]["median_s"] == pytest.approx(3e-3)
+    # the first turn ran the method (no sleep) until the cap, the second until the spinner stopped
+    assert w.calls == 2 + round(t["a"]["settle_s"] / 3e-3) + 3 * 2
+    assert 0.5 - 0.006 - 3e-3 <= t["a"]["settle_s"] <= 0.5 + 2 * harness.SETTLE_WINDOW_S

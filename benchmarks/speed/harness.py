@@ -292,8 +292,8 @@ SETTLE_MAX_S = 0.3
 # call, caches hold its data. After a sleep the core runs the next calls slowly for a while, which
 # more untimed calls do not fully undo on a quiet machine: LeNet-5's batch-1 calls timed 2.1-2.2x
 # their plain-loop medians with one untimed call and still 1.6-1.75x after 2-10 ms of them
-# (benchmarks/results/turn_warmup.md, benchmarks/speed/probe_turn_warmup.py); hence the settle
-# sleeps only while another thread runs.
+# (benchmarks/results/turn_warmup.md, benchmarks/speed/probe_turn_warmup.py); hence the turns'
+# settle (settle_running) runs the method instead of sleeping.
 TURN_WARM_S = 0.002
 
 
@@ -308,6 +308,52 @@ def others_running() -> int | None:
         with contextlib.suppress(IndexError):
             n += t.rsplit(")", 1)[1].split()[0] == "R"  # the state follows the (command name)
     return n
+
+
+def running_tids() -> set[str] | None:
+    """The thread ids of this process but the calling one that are running or runnable (state ``R``:
+    a spinning pool thread is); None without ``/proc``."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    out = set()
+    for tid in tids:
+        if int(tid) != me:
+            with contextlib.suppress(OSError, IndexError), open(f"/proc/self/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    out.add(tid)
+    return out
+
+
+def settle_running(
+    call: Callable[[], Any],
+    clock: Callable[[], float] = time.perf_counter,
+    running: Callable[[], set[str] | None] | None = None,
+) -> float:
+    """Settle without sleeping: when other threads of this process are running (the pool another
+    runtime's call left spinning), run ``call`` untimed until every one of those threads has
+    stopped running, checked every ``SETTLE_WINDOW_S``, at most ``SETTLE_MAX_S``; returns the
+    seconds it ran (0, no call, when nothing ran). The core stays busy, so the timed call does not
+    pay for a sleep (after a sleep the core ran the next calls slowly for a while,
+    ``turn_warmup.md``); the method's own threads, started by these calls, are not waited for
+    unless they are the very threads that were spinning (a pool two methods share)."""
+    running = running_tids if running is None else running
+    left = running()
+    if not left:
+        return 0.0
+    t0 = t_chk = clock()
+    while True:
+        call()
+        t = clock()
+        if t - t0 >= SETTLE_MAX_S:
+            return t - t0
+        if t - t_chk >= SETTLE_WINDOW_S:
+            now = running()
+            if now is None or not (left & now):
+                return t - t0
+            t_chk = t
 
 
 def settle(
@@ -358,13 +404,14 @@ def time_interleaved(
 
     ``turns=False``: one timed call per method per round, so a method pays for what the one before
     left behind (cold caches; another runtime's threads still spinning). ``turns=True`` (methods of
-    different runtimes): each method's turn is :func:`settle` (``settle_fn``), untimed calls for
-    ``warm_s`` (at least one), then the timed call: a method is timed as a user's loop would run it
-    alone, with warm caches and no other runtime spinning; a round then costs two calls of each
-    method and ``warm_s`` per method (the budget counts them; the settles come on top and are returned
-    as ``settle_s``, the total over the block).
+    different runtimes): each method's turn is a settle, untimed calls for ``warm_s`` (at least
+    one), then the timed call: a method is timed as a user's loop would run it alone, with warm
+    caches and no other runtime spinning; a round then costs two calls of each method and ``warm_s``
+    per method (the budget counts them; the settles come on top and are returned as ``settle_s``,
+    the total over the block). The settle is :func:`settle_running` (untimed calls of the method
+    until the threads spinning at the turn's start have stopped; no sleep), or ``settle_fn()``
+    when given (:func:`settle` sleeps instead).
     ``clock`` times the calls (a fake clock in tests)."""
-    settle_fn = settle if settle_fn is None else settle_fn
     per_round = 2 if turns else 1
     t = clock()
     for f in fns.values():
@@ -386,7 +433,7 @@ def time_interleaved(
         for k in keys:
             f = fns[k]
             if turns:
-                settled += settle_fn()
+                settled += settle_running(f, clock) if settle_fn is None else settle_fn()
                 t_w = clock()
                 f()  # untimed: the turn's first calls warm the core and caches after the settle's sleep
                 while clock() - t_w < warm_s:
