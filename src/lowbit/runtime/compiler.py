@@ -75,6 +75,7 @@ from ..export.packed import encode_weight, refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
+from . import kernels_gemv as KV
 from . import kernels_threads as KT
 from .executor import FlatExecutor
 from .layers import (
@@ -84,6 +85,7 @@ from .layers import (
     NotPackableError,
     PackedConv2d,
     PackedLinear,
+    TileTarget,
     _PackedBase,
     build_packed,
     code_poolable,
@@ -433,6 +435,7 @@ def compile(
         if fuse:
             _fuse(gm, packed)
             _fuse_int8(gm, packed)
+            _link_tiles(gm, packed)
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()
@@ -780,6 +783,28 @@ def _fuse_int8(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
             for w in float_users:
                 w.replace_input_with(node, y)
             u.replace_input_with(node, c)
+
+
+def _link_tiles(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
+    """Linear -> Linear on AMX: a packed Linear layer whose only user is another packed Linear layer
+    on the same rows (called once, AMX weights, the fused input formula) writes that layer's codes
+    in the AMX tile layout from its epilogue (:class:`CodeTiles`), from as many rows as the consumer
+    runs on AMX: the float output between them and the consumer's quantizing pass are skipped
+    (``benchmarks/results/ab_tile_links.md``). Fewer rows go as floats, as before."""
+    calls = _calls(gm)
+    for node in gm.graph.nodes:
+        p = packed.get(str(node.target)) if node.op == "call_module" else None
+        if (not isinstance(p, PackedLinear) or p.amx is None or p.code_target is not None
+                or p.input_ndim != 2 or calls.get(str(node.target)) != 1 or len(node.users) != 1):
+            continue
+        u = next(iter(node.users))
+        c = packed.get(str(u.target)) if u.op == "call_module" else None
+        if (isinstance(c, PackedLinear) and c.amx is not None and c.amx8 is None and c.act.mode == 0
+                and u.args == (node,) and not u.kwargs and calls.get(str(u.target)) == 1
+                and c.input_ndim == 2 and c.in_features == p.out_features
+                and c.amx_min_rows > KV.GEMV_MAX_ROWS):
+            p.tile_target = TileTarget(c.act.hi, c.act.mult, c.amx_min_rows)
+            p.fused.append("tiles")
 
 
 def _bind_forwards(gm: fx.GraphModule) -> None:

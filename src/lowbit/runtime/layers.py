@@ -470,6 +470,30 @@ class Codes:
 
 
 @dataclass
+class CodeTiles:
+    """A Linear layer's output handed to the next Linear layer as that layer's activation codes in
+    the AMX tile layout (``kernels_amx.amx_rows``: ``rows`` rows of ``features`` codes, zero
+    padding), written by the producer's epilogue: the float output and the consumer's pass that
+    quantizes it into tiles are skipped. Only ``compile()`` links layers this way
+    (:class:`TileTarget`); the codes are those the consumer's fused formula makes of the float
+    output (``kernels_amx.amx_linear``)."""
+
+    buf: np.ndarray
+    rows: int
+    features: int
+
+
+@dataclass
+class TileTarget:
+    """The consumer of a producer's :class:`CodeTiles`: its fused input formula
+    ``rint(clip(x, 0, hi) * mult)`` and the fewest rows it runs on AMX (fewer rows go as floats)."""
+
+    hi: float
+    mult: float
+    min_rows: int
+
+
+@dataclass
 class CodeTarget:
     """The input quantizer (fused clip formula, zero padding code) and padding of the layer that
     consumes a producer's codes."""
@@ -542,6 +566,8 @@ class _PackedBase(nn.Module):
         # set by compile() (int8 convolutions only): emit codes for the next layer, a float
         # output or not, and a residual operand added before the ReLU (forward(x, res))
         self.code_target: CodeTarget | None = None
+        # set by compile() (Linear -> Linear on AMX): hand the next layer CodeTiles
+        self.tile_target: TileTarget | None = None
         self.emit_float = True
         self.residual = False
         # a plain module attribute, so that the quantizer's parameters do not count twice
@@ -896,9 +922,11 @@ class PackedLinear(_PackedBase):
         KV.gemv_run(xa.numpy(), 0, qp, self.gemv, coef, self.relu, out)
         return torch.from_numpy(out)
 
-    def forward(self, x: Tensor | Codes) -> Tensor:
+    def forward(self, x: Tensor | Codes | CodeTiles) -> Tensor | CodeTiles:
         if isinstance(x, Codes):
             return self._forward_codes(x)
+        if isinstance(x, CodeTiles):
+            return self._forward_tiles(x)
         if (self.gemv is not None and self.act.mode == 0 and x.dim() == 2 and self._gemv_rows(x.shape[0])
                 and x.shape[1] == self.in_features):
             return self._forward_gemv(x)
@@ -922,6 +950,12 @@ class PackedLinear(_PackedBase):
                 self._amx8_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.amx is not None and self.amx_min_rows <= M:
+                tt = self.tile_target
+                if tt is not None and tt.min_rows <= M and x.dim() == 2:
+                    tiles = KA.code_tiles(M, self.out_features)
+                    KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, None,
+                                  tiles, tt.hi, tt.mult, tiles=True)
+                    return CodeTiles(tiles, M, self.out_features)
                 KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.lut is not None and M >= KG.LUT_MIN_ROWS:
@@ -945,7 +979,26 @@ class PackedLinear(_PackedBase):
         return torch.from_numpy(out).reshape(*lead, self.out_features)
 
 
-    def _forward_codes(self, x: Codes) -> Tensor:
+    def _forward_tiles(self, x: CodeTiles) -> Tensor | CodeTiles:
+        """Rows of codes in the AMX tile layout from a linked producer (static coefficients); to
+        the next linked layer as tiles again where it runs these rows on AMX."""
+        if x.features != self.in_features or self.amx is None:
+            what = "" if self.amx is not None else " without AMX weights"
+            raise RuntimeError(f"{self.layer_name}: code tiles of {x.features} features for a layer of "
+                               f"{self.in_features} inputs{what}")
+        M, O = x.rows, self.out_features
+        t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
+        tt = self.tile_target
+        if tt is not None and tt.min_rows <= M:
+            tiles = KA.code_tiles(M, O)
+            KA.amx_linear_tiles(x.buf, M, self.amx, t0, t1, self.relu, None, tiles, tt.hi, tt.mult,
+                                tiles=True)
+            return CodeTiles(tiles, M, O)
+        out = np.empty((M, O), np.float32)
+        KA.amx_linear_tiles(x.buf, M, self.amx, t0, t1, self.relu, out)
+        return torch.from_numpy(out)
+
+    def _forward_codes(self, x: Codes) -> Tensor | CodeTiles:
         """Rows of codes (``(M, 1, 1, K)``, from a fused producer: static coefficients)."""
         M, kin = x.shape[0], x.shape[3]
         if kin != self.in_features or x.shape[1:3] != (1, 1):
@@ -963,7 +1016,14 @@ class PackedLinear(_PackedBase):
             self._amx8_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
         elif self.amx is not None and self.amx_min_rows <= M:
             t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
-            KA.amx_linear(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
+            rows = x.buf[: M * kin].reshape(M, kin)
+            tt = self.tile_target
+            if tt is not None and tt.min_rows <= M:
+                tiles = KA.code_tiles(M, O)
+                KA.amx_linear(rows, 1, 0.0, 0.0, self.amx, t0, t1, self.relu, None, tiles, tt.hi, tt.mult,
+                              tiles=True)
+                return CodeTiles(tiles, M, O)
+            KA.amx_linear(rows, 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
         elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
