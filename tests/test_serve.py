@@ -335,7 +335,8 @@ def test_bench_serve_cli_writes_a_report_with_provenance(supernet_file, tmp_path
 
     rc = cli.main(["--threads", "1", "bench", "serve", str(supernet_file), "--policies", "fixed:small",
                    "--traces", "constant", "--rate", "4", "--duration", "1", "--max-requests", "4",
-                   "--slo-ms", "5000", "--max-batch", "4", "--profile-repeats", "1",
+                   "--slo-ms", "5000", "--max-batch", "4", "--profile-repeats", "1", "--repeats", "1",
+                   "--samples", "1",
                    "--out", str(tmp_path), "--stem", "b", "--note", "a quiet test machine"])
     assert rc in (0, None)
     res = json.loads((tmp_path / "b.json").read_text())

@@ -172,22 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="fewer repeats and models")
     bs = bsub.add_parser("serve", help="load-test lowbit serve on loopback: policies x traces")
     bs.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
-    bs.add_argument("--policies", nargs="+", default=["slackfit", "max-accuracy", "fixed:all"],
+    bs.add_argument("--policies", nargs="+",
+                    default=["slackfit-queue", "slackfit", "max-accuracy", "fixed:all"],
                     help="slackfit, slackfit-queue, max-accuracy, fixed:<name>; fixed:all = every sub-net")
     bs.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
     bs.add_argument("--rate", type=float, default=None,
                     help="mean requests per second (default: --load x the most accurate sub-net's capacity)")
-    bs.add_argument("--load", type=float, default=1.5,
+    bs.add_argument("--load", type=float, default=1.2,
                     help="the rate as a multiple of the most accurate sub-net's profiled capacity")
     bs.add_argument("--duration", type=float, default=8.0, help="seconds per trace")
     bs.add_argument("--slo-ms", type=float, default=30.0)
     bs.add_argument("--max-batch", type=int, default=32)
     bs.add_argument("--max-requests", type=int, default=5000, help="cap on requests per trace")
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--repeats", type=int, default=1, help="replay every trace with seeds seed, seed+1, ...")
+    bs.add_argument("--repeats", type=int, default=2, help="replay every trace with seeds seed, seed+1, ...")
     bs.add_argument("--out", default="benchmarks/results", help="directory for serve.{json,md,png}")
     bs.add_argument("--stem", default="serve")
-    bs.add_argument("--samples", type=int, default=1, help="samples per request")
+    bs.add_argument("--samples", type=int, default=32,
+                    help="samples per request (at a few per request a Python client, not the server, "
+                         "sets the rate on a small machine)")
     bs.add_argument("--max-in-flight", type=int, default=64, help="client connections at most")
     bs.add_argument("--profile-repeats", type=int, default=10, help="the servers' profiling repeats")
     bs.add_argument("--runtime", choices=("packed", "torch"), default="packed",

@@ -184,12 +184,12 @@ def run_serve_bench(
     seed: int = 0,
     max_requests: int = 5000,
     pause_s: float = 1.0,
-    samples: int = 1,
+    samples: int = 32,
     max_in_flight: int = 64,
     profile_repeats: int = 10,
     runtime: str = "packed",
-    load: float = 1.5,
-    repeats: int = 1,
+    load: float = 1.2,
+    repeats: int = 2,
     note: str = "",
 ) -> dict[str, Any]:
     """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
@@ -465,10 +465,10 @@ def bench_serve_cli(a: Any) -> Any:
     res = run_serve_bench(
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
-        runtime=a.runtime, load=getattr(a, "load", 1.5), repeats=getattr(a, "repeats", 1),
+        runtime=a.runtime, load=getattr(a, "load", 1.2), repeats=getattr(a, "repeats", 2),
         note=getattr(a, "note", ""),
     )
-    seeds = [a.seed + i for i in range(getattr(a, "repeats", 1))]
+    seeds = [a.seed + i for i in range(getattr(a, "repeats", 2))]
     meta = provenance(" ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]), seeds=seeds,
                       wall_time_s=round(time.time() - t0, 1))
     write_report(res, a.out, a.stem, meta)
