@@ -4,6 +4,9 @@ thread count, and that the tile path really runs."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +16,10 @@ from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_threads as KT
 from lowbit.runtime._amx import amx_enabled
-from lowbit.runtime.layers import CodeTiles, PackedLinear
+from lowbit.runtime.layers import CodeTiles
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
+import ab_tile_links  # the A/B's switch: the same model with its links off
 
 pytestmark = pytest.mark.skipif(not amx_enabled(), reason="needs AMX-INT8 (the links are AMX tiles)")
 
@@ -44,15 +50,7 @@ def _mlp(depth: int = 3, n: int = N) -> nn.Sequential:
 
 
 def _unlinked(pm, x):
-    layers = [m for m in pm.packed_layers().values() if isinstance(m, PackedLinear)]
-    keep = [m.tile_target for m in layers]
-    for m in layers:
-        m.tile_target = None
-    try:
-        return pm(x)
-    finally:
-        for m, t in zip(layers, keep, strict=True):
-            m.tile_target = t
+    return ab_tile_links.unlinked(pm)(x)
 
 
 @pytest.mark.parametrize("recipe", [BINARY_A4, TERNARY_A8], ids=["w1a4", "w2a8"])

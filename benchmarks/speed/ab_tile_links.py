@@ -32,7 +32,8 @@ from lowbit.runtime import compile as rt_compile
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def _unlinked(pm):
+def unlinked(pm):
+    """``pm``'s call with its tile links off (float outputs between the layers), same model."""
     layers = list(pm.packed_layers().values())
     targets = [m.tile_target for m in layers]
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in a.variants:
         pm = rt_compile(quantized_model(fmodel, v), torch.rand(16, 4096), check=False)
         links = sum(m.tile_target is not None for m in pm.packed_layers().values())
-        old = _unlinked(pm)
+        old = unlinked(pm)
         for b in a.batches:
             x = torch.rand(b, 4096, generator=torch.Generator().manual_seed(b))
             if not torch.equal(pm(x), old(x)):
