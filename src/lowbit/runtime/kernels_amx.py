@@ -122,6 +122,10 @@ AMX_MIN_ROWS_LUT = {1: 12, 2: 8}
 #: below this many multiply-adds (M*K*O) one thread runs the product (8 x 4096^2 = 2**27 ran
 #: 0.82x as fast on 2 threads as on 1 on the loaded 2-core test machine, 256 rows 1.39x)
 AMX_MIN_PARALLEL_MACS = 1 << 28
+#: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over
+#: threads too (it was serial below 2**22, i.e. 1024 rows of 4096: at 256 rows it took 0.3 ms of
+#: a 4096x4096 layer's ~4.5, serial while the second thread waited)
+AMX_ROWS_MIN_PARALLEL = 1 << 20
 #: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it; 16
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
 #: equal at 256)
@@ -596,7 +600,7 @@ def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -
     nk = -(-K // 64)
     Mp = -(-M // 16) * 16
     xq = aligned_u8(Mp * nk * 64)
-    par = use_parallel(M * K, AMX_MIN_PARALLEL_MACS >> 6)
+    par = use_parallel(M * K, AMX_ROWS_MIN_PARALLEL)
     if x.dtype == np.uint8:
         parallel_for(_amx_rows_u8_range, Mp, x, np.int64(nk), xq, parallel=par, grain=16)
         return xq

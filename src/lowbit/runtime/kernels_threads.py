@@ -4,11 +4,21 @@
 from __future__ import annotations
 
 import itertools
+import platform
+import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import kernel
 
 # Below this many word-operations (about 100-200 us of one core) a kernel runs on one thread:
 # handing work to a thread costs ~10 us on an idle machine and can cost milliseconds on an
@@ -73,14 +83,166 @@ def use_parallel(work: int, min_work: int | None = None) -> bool:
     return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and num_threads() > 1
 
 
+# A worker that has run its part of a split polls for the next split this many microseconds
+# before it sleeps, and a caller that has run its part polls as long for the worker's last part
+# before it sleeps (0: both sleep at once, the ThreadPoolExecutor hand-off alone). On this 2-vCPU
+# virtual machine a sleeping thread's core halts, and waking it (an interrupt through the
+# hypervisor) took 20-40 us right after a call and ~200 us after 20 ms idle
+# (benchmarks/results/thread_split.md), once per Linear layer's split and again for the caller
+# after the split; a deep MLP splits every layer, with 0.03-0.3 ms of serial work between splits.
+SPIN_US = 0
+#: ... offering the core to any other runnable thread (``sched_yield``) this often while polling: on a
+#: busy machine the two threads may share one core, and a poll must not keep the other off it
+SPIN_YIELD_US = 20
+
+
+@intrinsic
+def _load_relaxed(typingctx, a, i):
+    """``a[i]`` of an int64 array as an atomic (monotonic) load: read again on every call, never
+    hoisted out of a polling loop."""
+    sig = types.int64(a, i)
+
+    def codegen(context, builder, signature, args):
+        arr = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
+        p = builder.gep(arr.data, [args[1]])
+        v = builder.load_atomic(p, "monotonic", 8)
+        return v
+
+    return sig, codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The spin-wait hint (``pause``) and the time-stamp counter after it."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        rd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(rd, [])
+
+    return sig, codegen
+
+
+#: the polling needs x86-64 Linux (``pause``, the time-stamp counter, the ``sched_yield`` syscall);
+#: elsewhere workers sleep at once as with SPIN_US = 0
+CAN_SPIN = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """libc's ``sched_yield()`` (a call to the process's symbol, resolved when the loop is linked)."""
+    sig = types.int32()
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "sched_yield")
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
+@kernel
+def _poll(a, i, value, equal, ticks, yield_ticks):
+    """Poll ``a[i]`` until it equals ``value`` (``equal``) or differs from it, at most ``ticks``
+    time-stamp counter ticks, offering the core to other runnable threads (``sched_yield``) every
+    ``yield_ticks``; returns the last value read (the GIL is released meanwhile)."""
+    t0 = _pause()
+    ty = t0
+    v = _load_relaxed(a, i)
+    while (v == value) != equal:
+        t = _pause()
+        if t - t0 > ticks:
+            break
+        if t - ty > yield_ticks:
+            _sched_yield()
+            ty = t
+        v = _load_relaxed(a, i)
+    return v
+
+
+@kernel
+def _tsc():
+    return _pause()
+
+
+_TICKS_PER_US: list[float] = []
+
+
+def ticks_per_us() -> float:
+    """Time-stamp counter ticks per microsecond (measured once, over 2 ms)."""
+    if not _TICKS_PER_US:
+        _tsc()
+        c0, t0 = _tsc(), time.perf_counter()
+        time.sleep(0.002)
+        c1, t1 = _tsc(), time.perf_counter()
+        _TICKS_PER_US.append(max((c1 - c0) / ((t1 - t0) * 1e6), 1.0))
+    return _TICKS_PER_US[0]
+
+
+def _spin_ticks() -> tuple[int, int]:
+    """(:data:`SPIN_US`, :data:`SPIN_YIELD_US`) in ticks."""
+    t = ticks_per_us()
+    return int(SPIN_US * t), int(SPIN_YIELD_US * t)
+
+
+class _Spinner:
+    """One worker thread for slot 1 of :func:`run_shared`: it takes a split's items like a pool worker,
+    then polls for the next split :data:`SPIN_US` before it sleeps, so that a split that follows soon
+    finds it on a core. ``state[0]``: the splits handed out so far."""
+
+    def __init__(self) -> None:
+        self.state = np.zeros(8, np.int64)
+        self.job: Callable[[int], None] | None = None
+        self.cv = threading.Condition(threading.Lock())
+        self.owner = threading.Lock()  # one caller at a time hands splits to it
+        threading.Thread(target=self._loop, name="lowbit-rt-spin", daemon=True).start()
+
+    def _loop(self) -> None:
+        _serial_worker()
+        seen = 0
+        while True:
+            if int(_poll(self.state, 0, seen, False, *_spin_ticks())) == seen:
+                with self.cv:
+                    while int(self.state[0]) == seen:
+                        self.cv.wait()
+            seen = int(self.state[0])
+            job = self.job
+            if job is not None:
+                job(1)
+
+    def hand(self, job: Callable[[int], None]) -> None:
+        with self.cv:
+            self.job = job
+            self.state[0] += 1
+            self.cv.notify()
+
+
+_SPINNER: list[_Spinner] = []
+
+
+def _spinner() -> _Spinner:
+    with _POOL_LOCK:
+        if not _SPINNER:
+            _SPINNER.append(_Spinner())
+        return _SPINNER[0]
+
+
 def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
     """``work(slot, i)`` for every ``i`` in ``range(n)``, on the calling thread (slot 0) and up to
-    ``nt - 1`` of the pool's workers (slots 1, 2, ...), each taking the next ``i`` from a shared
-    counter. Returns when every item has run, not when every worker has started: a worker the OS
-    has not run by then finds nothing left (on a busy machine waking a worker can take
-    milliseconds). The first exception of an item is raised here once all items have run."""
+    ``nt - 1`` workers (slots 1, 2, ...), each taking the next ``i`` from a shared counter. Returns
+    when every item has run, not when every worker has started: a worker the OS has not run by then
+    finds nothing left (on a busy machine waking a worker can take milliseconds). The first
+    exception of an item is raised here once all items have run.
+
+    Slot 1 goes to the polling worker (:data:`SPIN_US` > 0, unless another caller holds it), the
+    other slots to the pool's workers; after its items the caller polls :data:`SPIN_US` for the
+    workers' last items before it sleeps."""
     counter = itertools.count()  # next() on it is atomic under the GIL
-    left = [n]
+    left = np.array([n, 0], np.int64)  # items not yet finished (read by _poll without the GIL)
     lock = threading.Lock()
     done = threading.Event()
     errors: list[BaseException] = []
@@ -96,11 +258,25 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
                 if left[0] == 0:
                     done.set()
 
-    pool = thread_pool(nt)
-    for k in range(1, min(nt, n)):
-        pool.submit(take, k)
-    take(0)
-    done.wait()
+    nw = min(nt, n) - 1
+    spin = SPIN_US > 0 and CAN_SPIN
+    sp = _spinner() if spin and nw > 0 else None
+    if sp is not None and not sp.owner.acquire(blocking=False):
+        sp = None
+    try:
+        if sp is not None:
+            sp.hand(take)
+        if nw > (sp is not None):
+            pool = thread_pool(nt)
+            for k in range(1 + (sp is not None), nw + 1):
+                pool.submit(take, k)
+        take(0)
+        if spin and left[0] > 0:
+            _poll(left, 0, 0, True, *_spin_ticks())
+        done.wait()
+    finally:
+        if sp is not None:
+            sp.owner.release()
     if errors:
         raise errors[0]
 

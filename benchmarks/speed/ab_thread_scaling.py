@@ -1,0 +1,190 @@
+"""A/B of the runtime's 2-thread split on the deep MLP: 1 thread against 2, before and after (issue 13).
+
+    python benchmarks/speed/ab_thread_scaling.py                                  # ~2 min
+    /tmp/team/quiet.sh python benchmarks/speed/ab_thread_scaling.py --note "campaign paused by quiet.sh"
+
+The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``) of each variant, in one process: at
+each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``) and on
+2 threads under each configuration of ``--configs`` (``name:key=value,...``; keys: ``spin`` =
+``kernels_threads.SPIN_US``, ``rows`` = log2 of ``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` =
+log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
+a key left out keeps the module's value). ``before`` is the runtime before this change. Every
+configuration's output is checked equal, bit for bit, to the 1-thread output. Per round also the
+cores the machine's other processes used (``/proc/stat``): 2 threads can only gain while the
+second core is free. Ratio = 1-thread median / 2-thread median (throughput ratio; issue 13's
+target: >= 1.7 at batch >= 8, >= 1 at batch 1). Writes ``<out>/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_meta, write_results
+from harness import CASES, quantized_model, set_threads
+
+from lowbit.runtime import compile as rt_compile
+from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime import kernels_threads as KT
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+KEYS = {"spin": (KT, "SPIN_US", lambda v: int(v)),
+        "rows": (KA, "AMX_ROWS_MIN_PARALLEL", lambda v: 1 << int(v)),
+        "macs": (KA, "AMX_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
+        "ppt": (KT, "PARTS_PER_THREAD", lambda v: int(v))}
+BEFORE = "before:spin=0,rows=22,macs=28,ppt=4"
+
+
+def parse_config(text: str) -> tuple[str, dict[str, int]]:
+    name, _, body = text.partition(":")
+    vals: dict[str, int] = {}
+    for kv in filter(None, body.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in KEYS:
+            raise SystemExit(f"--configs: unknown key {k!r} in {text!r}; keys: {', '.join(KEYS)}")
+        _, attr, conv = KEYS[k]
+        vals[attr] = conv(v)
+    return name, vals
+
+
+def settings(vals: dict[str, int]):
+    """A context manager that sets the modules' constants of ``vals`` and restores them."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        keep = {}
+        for attr, v in vals.items():
+            mod = next(m for m, a, _ in KEYS.values() if a == attr)
+            keep[attr] = (mod, getattr(mod, attr))
+            setattr(mod, attr, v)
+        try:
+            yield
+        finally:
+            for attr, (mod, v) in keep.items():
+                setattr(mod, attr, v)
+
+    return cm()
+
+
+def busy_s() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float]:
+    """(median seconds per call of a loop lasting ``budget_s``, other processes' cores meanwhile)."""
+    fn()  # untimed: the state of a user's loop
+    ts = []
+    b0, c0, w0 = busy_s(), time.process_time(), time.perf_counter()
+    while len(ts) < min_calls or time.perf_counter() - w0 < budget_s:
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    wall = time.perf_counter() - w0
+    others = max(0.0, (busy_s() - b0) - (time.process_time() - c0)) / wall
+    return statistics.median(ts), others
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=["w1a4", "w2a4", "w1a1"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--configs", nargs="+", default=[BEFORE, "after:"])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--loop-s", type=float, default=0.15, help="seconds of one timed loop")
+    p.add_argument("--free", type=float, default=0.25, help="others' cores below which a round is free")
+    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="ab_thread_scaling")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    configs = [parse_config(c) for c in a.configs]
+    set_threads(2)
+    case = CASES["mlp"]
+    torch.manual_seed(0)
+    fm = case.build().eval()
+    models = {v: rt_compile(quantized_model(fm, v), torch.rand(8, 4096)) for v in a.variants}
+    t_built = time.time()
+    rows = []
+    for b in a.batches:
+        x = torch.rand(b, 4096, generator=torch.Generator().manual_seed(b))
+        for v, fast in models.items():
+            def one(fast=fast, x=x):
+                prev = KT.set_serial(True)
+                try:
+                    return fast(x)
+                finally:
+                    KT.set_serial(prev)
+
+            def two(vals, fast=fast, x=x):
+                with settings(vals):
+                    return fast(x)
+
+            ref = one()
+            for name, vals in configs:
+                if not torch.equal(ref, two(vals)):
+                    raise AssertionError(f"{v} b{b} {name}: 2-thread output differs from the 1-thread one")
+            fns = {"1t": one, **{f"2t {name}": (lambda vals=vals: two(vals)) for name, vals in configs}}
+            got: dict[str, list[float]] = {m: [] for m in fns}
+            others: list[float] = []
+            free: list[bool] = []
+            for _ in range(a.rounds):
+                ok = True
+                for m, fn in fns.items():
+                    t, o = timed_loop(fn, a.loop_s, 3)
+                    got[m].append(t)
+                    others.append(o)
+                    ok = ok and o < a.free
+                free.append(ok)
+            med = {m: statistics.median(ts) for m, ts in got.items()}
+            fmed = {m: statistics.median(t for t, f in zip(ts, free, strict=True) if f)
+                    for m, ts in got.items() if any(free)}
+            rows.append({"variant": v, "batch": b, "ms": {m: 1e3 * t for m, t in med.items()},
+                         "ratio": {m: med["1t"] / med[m] for m in fns if m != "1t"},
+                         "free_rounds": sum(free), "free_ms": {m: 1e3 * t for m, t in fmed.items()},
+                         "free_ratio": {m: fmed["1t"] / fmed[m] for m in fns if m != "1t" and fmed},
+                         "others_cores_median": statistics.median(others), "others_cores_max": max(others),
+                         "rounds": a.rounds})
+            print(rows[-1], flush=True)
+    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
+                    configs={n: vals for n, vals in configs})
+    names = [n for n, _ in configs]
+    head = " | ".join(f"2 threads, {n}: ms (ratio; free)" for n in names)
+    md = ["# 2 threads against 1 on the deep MLP, before and after (one process, interleaved)", "",
+          f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
+          f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
+          f"{a.rounds} interleaved rounds of {a.loop_s:.2f} s loops.", "",
+          "Configurations: " + "; ".join(f"`{n}`: {vals or 'this commit'}" for n, vals in configs) + ". "
+          "ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores the "
+          "machine's other processes used during the loops (median / max over the loops); with the "
+          "campaign paused they are the other users' work. free: the ratio over the rounds in which "
+          f"every loop saw less than {a.free} cores used by others (2 threads cannot gain while another "
+          "process holds the second core).", "",
+          f"| variant | batch | 1 thread ms | {head} | free rounds | others (max) |",
+          "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
+    for r in rows:
+        fr = r["free_ratio"]
+        cells = " | ".join(f"{r['ms'][f'2t {n}']:.3f} ({r['ratio'][f'2t {n}']:.2f}x; "
+                           f"{fr.get(f'2t {n}', float('nan')):.2f}x)" for n in names)
+        md.append(f"| {r['variant']} | {r['batch']} | {r['ms']['1t']:.3f} | {cells} | "
+                  f"{r['free_rounds']} / {r['rounds']} | "
+                  f"{r['others_cores_median']:.2f} ({r['others_cores_max']:.2f}) |")
+    write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

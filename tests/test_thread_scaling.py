@@ -1,0 +1,208 @@
+"""The 2-thread paths of the deep MLP's kernels (issue 13): the polling worker of ``run_shared``
+(every item once, errors raised, a second caller served by the pool, the worker really taking
+items), ``_poll``'s two stop rules, the AMX row quantization split over threads from
+``AMX_ROWS_MIN_PARALLEL`` on, and packed MLPs giving the same bits on 1 and 2 threads on every
+many-row path (table lookup, AMX with the rows split or not, polling worker on or off)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+import lowbit.runtime as rt
+from lowbit.runtime import _amx
+from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime import kernels_gemm as KG
+from lowbit.runtime import kernels_threads as KT
+
+needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
+
+
+def test_poll_stops_on_change_or_equal_and_times_out():
+    a = np.array([5, 0], np.int64)
+    t = KT.ticks_per_us()
+    assert KT._poll(a, 0, 7, False, int(50 * t), int(20 * t)) == 5  # differs from 7: at once
+    assert KT._poll(a, 0, 5, True, int(50 * t), int(20 * t)) == 5  # equals 5: at once
+    w = time.perf_counter()
+    assert KT._poll(a, 0, 5, False, int(2000 * t), int(500 * t)) == 5  # never changes: times out
+    assert time.perf_counter() - w >= 1.5e-3
+
+    def later() -> None:
+        time.sleep(0.01)
+        a[0] = 9
+
+    th = threading.Thread(target=later)
+    th.start()
+    w = time.perf_counter()
+    assert KT._poll(a, 0, 5, False, int(5e6 * t), int(20 * t)) == 9  # sees another thread's store
+    th.join()
+    assert time.perf_counter() - w < 2.0
+
+
+@pytest.mark.parametrize("spin", [0, 300])
+def test_run_shared_every_item_once_and_the_worker_takes_some(monkeypatch, spin):
+    monkeypatch.setattr(KT, "SPIN_US", spin)
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def work(slot: int, i: int) -> None:
+        time.sleep(0.002)  # long enough that a worker arrives while items are left
+        with lock:
+            seen.append((slot, i))
+
+    for _ in range(3):
+        seen.clear()
+        KT.run_shared(24, work, 2)
+        assert sorted(i for _, i in seen) == list(range(24))
+        assert {s for s, _ in seen} <= {0, 1}
+    assert any(s == 1 for s, _ in seen)  # the second thread ran items (a split, not the caller alone)
+
+
+def test_run_shared_polling_worker_raises_an_items_error(monkeypatch):
+    monkeypatch.setattr(KT, "SPIN_US", 300)
+    ran: list[int] = []
+
+    def work(slot: int, i: int) -> None:
+        time.sleep(0.001)
+        ran.append(i)
+        if i == 5:
+            raise ValueError("item 5")
+
+    with pytest.raises(ValueError, match="item 5"):
+        KT.run_shared(12, work, 2)
+    assert sorted(ran) == list(range(12))
+    KT.run_shared(4, lambda s, i: ran.append(100 + i), 2)  # the worker survived the error
+    assert sorted(ran[12:]) == [100, 101, 102, 103]
+
+
+def test_run_shared_second_caller_while_the_polling_worker_is_held(monkeypatch):
+    """Two callers at once: one gets the polling worker, the other the pool; both finish with every
+    item run once."""
+    monkeypatch.setattr(KT, "SPIN_US", 300)
+    sp = KT._spinner()
+    got = {0: [], 1: []}
+    with sp.owner:  # held as by another caller: this call must not hand items to the poller
+        KT.run_shared(8, lambda s, i: (time.sleep(0.001), got[0].append((s, i))), 2)
+    assert sorted(i for _, i in got[0]) == list(range(8))
+
+    def caller(k: int) -> None:
+        KT.run_shared(16, lambda s, i: (time.sleep(0.001), got[k].append((s, i))), 2)
+
+    ths = [threading.Thread(target=caller, args=(k,)) for k in (0, 1)]
+    got[0].clear()
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(30.0)
+    assert sorted(i for _, i in got[0]) == list(range(16))
+    assert sorted(i for _, i in got[1]) == list(range(16))
+
+
+@needs_two
+@needs_amx
+def test_amx_rows_split_from_the_threshold(monkeypatch):
+    """The row quantization splits where M*K reaches AMX_ROWS_MIN_PARALLEL (and not below), and the
+    tiles equal the reference either way."""
+    numba.set_num_threads(2)
+    calls: list[tuple[str, bool]] = []
+    real = KA.parallel_for
+
+    def spy(fn, n, *args, parallel=True, grain=1):
+        calls.append((fn.__name__, parallel))
+        real(fn, n, *args, parallel=parallel, grain=grain)
+
+    monkeypatch.setattr(KA, "parallel_for", spy)
+    rng = np.random.default_rng(0)
+    M, K = 64, 200
+    x = rng.integers(0, 16, (M, K)).astype(np.uint8)
+    ref = KA.amx_rows_reference(x, -(-K // 64))
+    for thr, split in ((M * K, True), (M * K + 1, False)):
+        monkeypatch.setattr(KA, "AMX_ROWS_MIN_PARALLEL", thr)
+        monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)
+        calls.clear()
+        got = KA.amx_rows(x)
+        np.testing.assert_array_equal(got, ref)
+        got = KA.amx_rows(x.astype(np.float32), mode=0, hi=15.0, mult=1.0)
+        np.testing.assert_array_equal(got, ref)
+        assert calls == [("_amx_rows_u8_range", split), ("_amx_rows_range", split)]
+
+
+def _packed_mlp(width: int, act_bits: int, weight: str) -> rt.PackedModel:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(3):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    m = torch.nn.Sequential(*layers).eval()
+    lowbit.quantize(m, {"default": {"weight": {"method": weight, "bits": 1 if weight == "binary" else 2},
+                                    "activation": {"method": "pact", "bits": act_bits, "alpha_init": 3.0}}})
+    with torch.no_grad():
+        m(torch.rand(4, width))
+    return rt.compile(m.eval(), torch.rand(8, width))
+
+
+@needs_two
+@pytest.mark.parametrize("weight, act_bits", [("binary", 4), ("twn", 4), ("binary", 1)])
+def test_packed_mlp_same_bits_on_one_and_two_threads(monkeypatch, weight, act_bits):
+    """Every many-row path of a packed Linear chain (table lookup at 8 rows where the layer has
+    tables, AMX tiles at 16-96 rows) on 2 threads, split at every size (thresholds at 1), with
+    the rows' quantization split or not and the polling worker on or off: the same bits as on
+    1 thread, and the split observed."""
+    numba.set_num_threads(2)
+    fast = _packed_mlp(640, act_bits, weight)
+    monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)
+    monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    splits: list[int] = []
+    real = KT.run_shared
+
+    def spy(n, work, nt):
+        splits.append(n)
+        real(n, work, nt)
+
+    monkeypatch.setattr(KT, "run_shared", spy)
+    for M in (8, 16, 40, 96):
+        x = torch.rand(M, 640, generator=torch.Generator().manual_seed(M))
+        KT.set_serial(True)
+        try:
+            splits.clear()
+            ref = fast(x)
+            assert splits == []  # one thread: nothing split
+        finally:
+            KT.set_serial(False)
+        for spin in (0, 300):
+            for rows in (1, 1 << 40):
+                monkeypatch.setattr(KT, "SPIN_US", spin)
+                monkeypatch.setattr(KA, "AMX_ROWS_MIN_PARALLEL", rows)
+                splits.clear()
+                got = fast(x)
+                assert torch.equal(got, ref), (M, spin, rows)
+                assert splits, (M, spin, rows)  # the kernels did split
+
+
+def test_lut_gemm_same_bits_for_every_cut(monkeypatch):
+    """The table-lookup GEMM at 8 rows (its outputs cut over threads) gives the same bits for any
+    parts count as one call over all outputs (the AVX path where the CPU has it, else the plain)."""
+    rng = np.random.default_rng(3)
+    O, K, M = 200, 256, 8
+    w = rng.choice([-1, 1], (O, K))
+    lv, cb = KG.lut_levels(w)
+    wq = KG.lut_pack_weights(w, lv, cb)
+    a = rng.integers(0, 16, (M, K)).astype(np.uint8)
+    tab = KG.lut_tables(a, lv, cb)
+    s0, s1 = rng.standard_normal(O), rng.random(O)
+    numba.set_num_threads(2)
+    KT.set_serial(True)
+    try:
+        ref = KG.lut_gemm(tab, wq, O, s0, s1, True)
+    finally:
+        KT.set_serial(False)
+    np.testing.assert_array_equal(ref, KG.lut_gemm_reference(a, w, s0, s1, True))
+    for ppt in (1, 2, 4):
+        monkeypatch.setattr(KT, "PARTS_PER_THREAD", ppt)
+        np.testing.assert_array_equal(KG.lut_gemm(tab, wq, O, s0, s1, True), ref)
