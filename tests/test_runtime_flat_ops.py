@@ -12,16 +12,19 @@ from lowbit.runtime import kernels_int8 as k8
 RNG = np.random.default_rng(5)
 
 
+@pytest.mark.parametrize("scratch", [0, 64], ids=["allocated", "scratch"])
 @pytest.mark.parametrize("C, H, W, ph, pw",
                          [(3, 32, 32, 1, 1), (1, 28, 28, 0, 0), (5, 7, 9, 2, 1), (64, 1, 1, 0, 0)])
-def test_quantize_nchw_equals_reference_and_general_kernel(C, H, W, ph, pw):
+def test_quantize_nchw_equals_reference_and_general_kernel(C, H, W, ph, pw, scratch):
     N, hi, mult = 4, np.float32(3.0), np.float32(5.0)
     x = RNG.uniform(-1, 4, (N, C, H, W)).astype(np.float32)
     x.flat[:3] = (1.5 / 5.0, 2.5 / 5.0, -0.0)  # ties of rint (to even) and a negative zero
     Hp, Wp = H + 2 * ph, W + 2 * pw
     size = Hp * Wp * C
     got = np.full(3 * size + 16, 9, np.uint8)
-    k8._int8_quantize_nchw(x, hi, mult, ph, pw, got, 1, 4)  # images 1..3 into slots 0..2
+    # the row buffer from the caller's scratch (stale bytes in it), or allocated when that is too short
+    buf = np.full(scratch, 200, np.uint8)
+    k8._int8_quantize_nchw(x, hi, mult, ph, pw, got, 1, 4, buf)  # images 1..3 into slots 0..2
     want = np.rint(np.clip(x, 0, hi) * mult).astype(np.uint8).transpose(0, 2, 3, 1)
     img = got[: 3 * size].reshape(3, Hp, Wp, C)
     assert np.array_equal(img[:, ph : ph + H, pw : pw + W], want[1:])

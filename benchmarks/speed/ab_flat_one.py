@@ -4,14 +4,14 @@ commit, both in one process on the same compiled model, calls interleaved.
     python benchmarks/speed/ab_flat_one.py [--base 350d853] [--models resnet20 lenet5]
         [--weights binary ternary 4bit] [--rounds 30] [--calls 20] [--out benchmarks/results]
 
-The base arm is the base commit's ``executor.py`` and ``kernels_int8.py`` (the files the batch-1 path
-runs that this work changes), loaded from git into a temporary package whose other imports resolve
-to this checkout's ``lowbit.runtime``; its ``FlatExecutor`` is built on the packed model's graph, so
-both arms run the same layers, weights and codes. Each round runs the arms in a new (seeded) random
-order, each arm ``--calls`` timed calls in a row (the first after the other arm's calls, as the
-harness's turns), batch 1, one thread. Outputs are checked equal bit for bit. Reports per arm the
-median and the fastest call over all rounds and the ratio of medians (base / new). Writes
-``<out>/ab_flat_one.{json,md}``.
+The base arm is the base commit's ``executor.py``, ``kernels_int8.py`` and ``kernels_pool.py`` (the
+files of the batch-1 path that this work changes), loaded from git into a temporary package whose
+other imports resolve to this checkout's ``lowbit.runtime``; its ``FlatExecutor`` is built on the
+packed model's graph, so both arms run the same layers, weights and codes. Each round runs the arms
+in a new (seeded) random order, each arm ``--calls`` timed calls in a row (the first after the other
+arm's calls, as the harness's turns), batch 1, one thread. Outputs are checked equal bit for bit.
+Reports per arm the median and the fastest call over all rounds and the ratio of medians (base /
+new). Writes ``<out>/ab_flat_one.{json,md}``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lowbit.models import build_model
 from lowbit.runtime import compile as rt_compile
 
 BASE = "350d853"
-FILES = ("kernels_int8", "executor")  # loaded in this order: executor imports kernels_int8
+FILES = ("kernels_int8", "kernels_pool", "executor")  # in this order: executor imports the others
 
 
 def load_base(commit: str, workdir: Path) -> types.ModuleType:

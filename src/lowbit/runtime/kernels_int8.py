@@ -78,6 +78,7 @@ from .kernels_threads import parallel_for, use_parallel
 # recomputed in float64, so the codes are the float64 path's, bit for bit.
 
 INT8_SLACK = 64
+INT8_ROWS_SCRATCH = 27  # int64 row offsets ``_int8_conv_range`` works with
 INT8_MIN_PARALLEL_MACS = 1 << 24  # about 100 us of one core
 
 
@@ -265,20 +266,20 @@ def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo
 
 
 @kernel
-def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi):
+def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi, scratch):
     """``_int8_quantize_range`` (mode 0, ``ma = 0``) of images ``n_lo..n_hi`` of a C-contiguous NCHW
     array ``x`` (N, C, H, W) into the padded NHWC code image ``xq`` (image ``n_lo`` first): each
     input row's codes into a contiguous buffer (unit-stride loops, vectorised), then strided into
     the image. The transposed view that
     ``_int8_quantize_range`` reads has run-time strides: a ResNet-20 input (3 x 32 x 32) took
-    4.4 us there."""
+    4.4 us there. ``scratch`` (uint8): the row buffer when it holds ``W`` bytes (else allocated)."""
     C = x.shape[1]
     H = x.shape[2]
     W = x.shape[3]
     Hp = H + 2 * ph
     Wp = W + 2 * pw
     rowlen = Wp * C
-    tmp = np.empty(W, np.uint8)
+    tmp = scratch[:W] if scratch.shape[0] >= W else np.empty(W, np.uint8)
     for n in range(n_lo, n_hi):
         img = xq[(n - n_lo) * Hp * rowlen : (n - n_lo + 1) * Hp * rowlen]
         img[: ph * rowlen] = 0
@@ -316,10 +317,13 @@ def int8_quantize(x: np.ndarray, padding: tuple[int, int] = (0, 0), hi: float = 
 
 
 @kernel
-def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, sf, flags, out, res, codes, cgeo, qhi, qmult, m_lo,
-                     m_hi):
+def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, sf, flags, out, res, codes, cgeo, qhi, qmult, scratch,
+                     m_lo, m_hi):
     """Output pixels m_lo..m_hi (m = (n, oh, ow)) of the int8 convolution, every pass of output
-    channels, with the epilogue of ``vnni_tile`` (``flags``).
+    channels, with the epilogue of ``vnni_tile`` (``flags``). ``scratch``: int64, at least
+    :data:`INT8_ROWS_SCRATCH` entries for the row offsets, the caller's (the flat executor's
+    arena; a LeNet-5 at batch 1 runs three such layers, whose six small allocations took
+    ~0.3 us each), or shorter (a parallel caller's threads): then allocated here.
 
     ``geo`` = (Hp, Wp, C, OH, OW, sh, sw, N, O): input image (padded) and output geometry; ``out``
     and ``res`` are (M, O) float32 flat, ``codes`` the next layer's padded image of geometry
@@ -340,12 +344,13 @@ def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, sf, flags, out, res, code
     L = OH * OW
     qh = np.float32(qhi)
     qm = np.float32(qmult)
-    rows = np.empty(8, np.int64)
-    orows = np.empty(8, np.int64)
-    crows = np.empty(8, np.int64)
-    r1 = np.empty(1, np.int64)
-    o1 = np.empty(1, np.int64)
-    c1 = np.empty(1, np.int64)
+    ib = scratch if scratch.shape[0] >= INT8_ROWS_SCRATCH else np.empty(INT8_ROWS_SCRATCH, np.int64)
+    rows = ib[0:8]
+    orows = ib[8:16]
+    crows = ib[16:24]
+    r1 = ib[24:25]
+    o1 = ib[25:26]
+    c1 = ib[26:27]
     for p in range(passes.shape[0]):
         OB = passes[p, 0]
         o0 = passes[p, 1]
@@ -405,6 +410,7 @@ def _int8_conv_range(xq, geo, qoff, w, passes, s0, s1, sf, flags, out, res, code
 _EMPTY_F32 = np.zeros(0, np.float32)
 _EMPTY_U8 = np.zeros(0, np.uint8)
 _NO_CGEO = np.zeros(4, np.int64)
+_NO_SCRATCH = np.zeros(0, np.int64)  # each thread of a parallel call allocates its own
 
 
 def epilogue_flags(relu: bool, emit_float: bool, residual: bool, codes: bool, f32: bool) -> int:
@@ -462,7 +468,8 @@ def int8_conv(
     M = g[7] * g[3] * g[4]
     macs = M * qoff.shape[0] * 4 * g[8]
     # parts of whole tiles (6 and 8 rows)
-    parallel_for(_int8_conv_range, M, *args, parallel=use_parallel(macs, INT8_MIN_PARALLEL_MACS), grain=24)
+    parallel_for(_int8_conv_range, M, *args, _NO_SCRATCH, parallel=use_parallel(macs, INT8_MIN_PARALLEL_MACS),
+                 grain=24)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,18 +9,22 @@ from . import kernels_int8 as _i8  # its parallel threshold, read at call time
 from ._jit import kernel
 from .kernels_threads import parallel_for, use_parallel
 
+_NO_SCRATCH = np.zeros(0, np.uint8)  # a parallel call: each thread allocates its buffers
+
 # ----------------------------------------------------------------------------------------------
 # max pooling on codes
 # ----------------------------------------------------------------------------------------------
 
 
 @kernel
-def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
+def _code_maxpool_range(xq, g, yq, scratch, n_lo, n_hi):
     """Max pooling of a padded code image (N, Hp, Wp, C) into another (N, Hc, Wc, C), output
     pixel (oh, ow) at (oh + phc, ow + pwc). ``g`` = (C, Hp, Wp, ph, pw, KH, KW, SH, SW, OH, OW, Hc,
     Wc, phc, pwc, chw). The pool window reads the valid image only (no pool padding). With
     ``chw`` the output is instead (N, C*OH*OW) in (c, oh, ow) order: what ``flatten`` of an NCHW
-    tensor gives, the input rows of a following Linear layer."""
+    tensor gives, the input rows of a following Linear layer. ``scratch`` (uint8): the row buffers
+    when it holds them (the flat executor's arena), else they are allocated (a parallel call's
+    threads: an empty one)."""
     C = g[0]
     Hp = g[1]
     Wp = g[2]
@@ -40,8 +44,9 @@ def _code_maxpool_range(xq, g, yq, n_lo, n_hi):
     L = OH * OW
     Wv = (OW - 1) * SW + KW  # input pixels of a row that the windows read
     Wg = ((OW - 1) * SW + 1) * C  # bytes of the horizontal maxima that the outputs pick from
-    h = np.empty(Wv * C, np.uint8)
-    hm = np.empty(Wg, np.uint8)
+    buf = scratch if scratch.shape[0] >= Wv * C + Wg else np.empty(Wv * C + Wg, np.uint8)
+    h = buf[: Wv * C]
+    hm = buf[Wv * C : Wv * C + Wg]
     for n in range(n_lo, n_hi):
         for oh in range(OH):
             # vertical max over the KH input rows: contiguous runs, vectorised
@@ -80,7 +85,7 @@ def code_maxpool(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> None:
     the quantizers are non-decreasing, so the code of the maximum is the maximum of the codes."""
     work = N * int(g[9] * g[10] * g[5] * g[6] * g[0])
     par = use_parallel(work, _i8.INT8_MIN_PARALLEL_MACS // 8)
-    parallel_for(_code_maxpool_range, N, xq, g, yq, parallel=par)
+    parallel_for(_code_maxpool_range, N, xq, g, yq, _NO_SCRATCH, parallel=par)
 
 
 def code_maxpool_reference(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray) -> np.ndarray:
@@ -108,13 +113,14 @@ def code_maxpool_reference(xq: np.ndarray, N: int, g: np.ndarray, yq: np.ndarray
 
 
 @kernel
-def _global_avgpool_range(x, out, n_lo, n_hi):
+def _global_avgpool_range(x, out, scratch, n_lo, n_hi):
     """out[n, c] = float32(mean over (h, w) of x[n, h, w, c]) with float64 sums; x (N, H, W, C)
-    float32 (any strides)."""
+    float32 (any strides). ``scratch`` (uint8, on an 8-byte boundary): the sums when it holds
+    them, else they are allocated."""
     H = x.shape[1]
     W = x.shape[2]
     C = x.shape[3]
-    acc = np.empty(C, np.float64)
+    acc = scratch[: 8 * C].view(np.float64) if scratch.shape[0] >= 8 * C else np.empty(C, np.float64)
     hw = np.float64(H * W)
     for n in range(n_lo, n_hi):
         acc[:] = 0.0
@@ -134,7 +140,7 @@ def global_avgpool(x: np.ndarray) -> np.ndarray:
     N, C = x.shape[0], x.shape[3]
     out = np.empty((N, C), np.float32)
     par = use_parallel(x.size * 4, _i8.INT8_MIN_PARALLEL_MACS // 4)
-    parallel_for(_global_avgpool_range, N, x, out, parallel=par)
+    parallel_for(_global_avgpool_range, N, x, out, _NO_SCRATCH, parallel=par)
     return out
 
 
