@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             got: dict[str, list[float]] = {m: [] for m in fns}
             others: list[float] = []
             free: list[bool] = []
-            for _ in range(a.rounds):
+            order = list(fns)
+            for r in range(a.rounds):
                 ok = True
-                for m, fn in fns.items():
-                    t, o = timed_loop(fn, a.loop_s, 3)
+                for m in order[r % len(order):] + order[: r % len(order)]:  # rotated: no mode always first
+                    t, o = timed_loop(fns[m], a.loop_s, 3)
                     got[m].append(t)
                     others.append(o)
                     ok = ok and o < a.free
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
           f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
-          f"{a.rounds} interleaved rounds of {a.loop_s:.2f} s loops.", "",
+          f"{a.rounds} interleaved rounds of {a.loop_s:.2f} s loops (order rotated each round).", "",
           "Configurations: " + "; ".join(f"`{n}`: {vals or 'this commit'}" for n, vals in configs) + ". "
           "ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores the "
           "machine's other processes used during the loops (median / max over the loops); with the "

@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         modes = ["1t"] + [f"2t {m}" for m in a.modes]
         got: dict[str, list[float]] = {m: [] for m in modes}
         free: list[bool] = []
-        for _ in range(a.rounds):
+        for r in range(a.rounds):
             ok = True
-            for m in modes:
+            for m in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotated: no mode always first
                 prev = KT.set_serial(m == "1t")
                 if m != "1t":
                     spin, ppt = (int(v) for v in m.split()[-1].split("/"))
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
           f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
-          f"{a.rounds} interleaved rounds (3 calls each after an untimed one).", "",
+          f"{a.rounds} interleaved rounds (order rotated; 3 calls each after an untimed one).", "",
           f"A call: {a.layers} x (gap us serial + layer us split over 64 units by `parallel_for`). Modes "
           "`2t s/p`: `SPIN_US` s, `PARTS_PER_THREAD` p. Ratio = 1-thread call / 2-thread call, over all "
           f"rounds and (free) over the rounds in which the other processes used < {a.free} cores in every "

@@ -149,6 +149,13 @@ def _layer_workloads(rng: np.random.Generator, scale: float) -> dict[str, object
     return out
 
 
+def _busy_s() -> float:
+    """CPU seconds every process on the machine has used (``/proc/stat``: all but idle, iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _timed(fn, k: int, res: dict, barrier: threading.Barrier | None) -> None:
     if barrier is not None:
         barrier.wait()
@@ -209,13 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     work = _workloads(a.scale)
     if a.only:
         work = {k: v for k, v in work.items() if k in a.only}
+    b0, c0, w0 = _busy_s(), time.process_time(), time.perf_counter()
     rows = measure(work, a.rounds)
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0,
+    others = max(0.0, _busy_s() - b0 - (time.process_time() - c0)) / (time.perf_counter() - w0)
+    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, other_processes_cores=others,
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     md = ["# Two threads of one process on the same kind of work: how much each slows the other", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
-          f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
+          f"load average at start / end {meta['load_start']} / {meta['load_end']}; other processes used "
+          f"{others:.2f} cores on average meanwhile (`/proc/stat`); single run, medians of "
           f"{a.rounds} interleaved rounds.", "",
           "Thread 0: the calling thread, thread 1: a runtime worker, each with its own data. alone: one "
           "thread's copy while the other waits; pair: both at once (started by a barrier). Slowdown = "

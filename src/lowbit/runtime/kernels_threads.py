@@ -90,10 +90,14 @@ def use_parallel(work: int, min_work: int | None = None) -> bool:
 # hypervisor) took 20-40 us right after a call and ~200 us after 20 ms idle
 # (benchmarks/results/thread_split.md), once per Linear layer's split and again for the caller
 # after the split; a deep MLP splits every layer, with 0.03-0.3 ms of serial work between splits.
-SPIN_US = 0
+SPIN_US = 300
 #: ... offering the core to any other runnable thread (``sched_yield``) this often while polling: on a
 #: busy machine the two threads may share one core, and a poll must not keep the other off it
 SPIN_YIELD_US = 20
+#: ... and neither polls for this many seconds after a split whose polling worker ran none of its
+#: items (another process had its core: polling then only takes time from the threads that run)
+SPIN_BACKOFF_S = 0.05
+_BACKOFF_UNTIL = [0.0]
 
 
 @intrinsic
@@ -184,8 +188,10 @@ def ticks_per_us() -> float:
 
 
 def _spin_ticks() -> tuple[int, int]:
-    """(:data:`SPIN_US`, :data:`SPIN_YIELD_US`) in ticks."""
+    """(:data:`SPIN_US`, :data:`SPIN_YIELD_US`) in ticks; no polling while backing off."""
     t = ticks_per_us()
+    if time.perf_counter() < _BACKOFF_UNTIL[0]:
+        return 0, 0
     return int(SPIN_US * t), int(SPIN_YIELD_US * t)
 
 
@@ -243,12 +249,14 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
     workers' last items before it sleeps."""
     counter = itertools.count()  # next() on it is atomic under the GIL
     left = np.array([n, 0], np.int64)  # items not yet finished (read by _poll without the GIL)
+    ran = [0, 0]  # items run by slot 0 and slot 1
     lock = threading.Lock()
     done = threading.Event()
     errors: list[BaseException] = []
 
     def take(slot: int) -> None:
         while (i := next(counter)) < n:
+            ran[slot > 0] += 1
             try:
                 work(slot, i)
             except BaseException as e:  # raised by the caller below
@@ -274,6 +282,8 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
         if spin and left[0] > 0:
             _poll(left, 0, 0, True, *_spin_ticks())
         done.wait()
+        if sp is not None and ran[1] == 0 and n > 1:
+            _BACKOFF_UNTIL[0] = time.perf_counter() + SPIN_BACKOFF_S
     finally:
         if sp is not None:
             sp.owner.release()
