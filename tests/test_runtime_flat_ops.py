@@ -13,8 +13,8 @@ RNG = np.random.default_rng(5)
 
 
 @pytest.mark.parametrize("scratch", [0, 64], ids=["allocated", "scratch"])
-@pytest.mark.parametrize("C, H, W, ph, pw",
-                         [(3, 32, 32, 1, 1), (1, 28, 28, 0, 0), (5, 7, 9, 2, 1), (64, 1, 1, 0, 0)])
+@pytest.mark.parametrize("C, H, W, ph, pw", [(3, 32, 32, 1, 1), (3, 5, 7, 2, 0), (1, 28, 28, 0, 0),
+                                              (5, 7, 9, 2, 1), (64, 1, 1, 0, 0)])
 def test_quantize_nchw_equals_reference_and_general_kernel(C, H, W, ph, pw, scratch):
     N, hi, mult = 4, np.float32(3.0), np.float32(5.0)
     x = RNG.uniform(-1, 4, (N, C, H, W)).astype(np.float32)

@@ -270,7 +270,7 @@ def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi, scratch):
     """``_int8_quantize_range`` (mode 0, ``ma = 0``) of images ``n_lo..n_hi`` of a C-contiguous NCHW
     array ``x`` (N, C, H, W) into the padded NHWC code image ``xq`` (image ``n_lo`` first): each
     input row's codes into a contiguous buffer (unit-stride loops, vectorised), then strided into
-    the image. The transposed view that
+    the image; three channels (RGB) in one pass over the three rows. The transposed view that
     ``_int8_quantize_range`` reads has run-time strides: a ResNet-20 input (3 x 32 x 32) took
     4.4 us there. ``scratch`` (uint8): the row buffer when it holds ``W`` bytes (else allocated)."""
     C = x.shape[1]
@@ -288,6 +288,20 @@ def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi, scratch):
             row = img[(h + ph) * rowlen : (h + ph + 1) * rowlen]
             row[: pw * C] = 0
             row[(pw + W) * C :] = 0
+            if C == 3:  # RGB: the three codes of a pixel stored together (LLVM vectorises the
+                # interleaving stores: ResNet-20's input 0.55 us against 2.8-4.8 us by channel rows)
+                x0 = x[n, 0, h]
+                x1 = x[n, 1, h]
+                x2 = x[n, 2, h]
+                dst = row[pw * 3 : (pw + W) * 3]
+                for w in range(W):
+                    t0 = min(max(x0[w], np.float32(0.0)), hi)
+                    t1 = min(max(x1[w], np.float32(0.0)), hi)
+                    t2 = min(max(x2[w], np.float32(0.0)), hi)
+                    dst[3 * w] = np.uint8(np.rint(t0 * mult))
+                    dst[3 * w + 1] = np.uint8(np.rint(t1 * mult))
+                    dst[3 * w + 2] = np.uint8(np.rint(t2 * mult))
+                continue
             for c in range(C):
                 xr = x[n, c, h]
                 for w in range(W):
