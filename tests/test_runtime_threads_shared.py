@@ -36,11 +36,9 @@ def test_run_shared_runs_every_item_once_on_valid_slots():
     assert seen == [(0, 0)]
 
 
-def test_run_shared_returns_without_waiting_for_a_worker_that_never_started(monkeypatch):
+def test_run_shared_returns_without_waiting_for_a_worker_that_never_started():
     """Every worker of the pool is kept busy: the caller runs all items and returns; the late
-    worker's turn, once it comes, finds nothing. (A futures wait would block until release.) The
-    polling worker is off here (its own tests: test_thread_scaling.py)."""
-    monkeypatch.setattr(KT, "SPIN_US", 0)
+    worker's turn, once it comes, finds nothing. (A futures wait would block until release.)"""
     nt = 3  # a pool of its own, so that no other test's pool is blocked
     pool = KT.thread_pool(nt)
     release = threading.Event()

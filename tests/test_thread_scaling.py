@@ -59,7 +59,7 @@ def test_run_shared_every_item_once_and_the_worker_takes_some(monkeypatch, spin)
 
     for _ in range(3):
         seen.clear()
-        KT.run_shared(24, work, 2)
+        KT.run_shared(24, work, 2, poll=True)
         assert sorted(i for _, i in seen) == list(range(24))
         assert {s for s, _ in seen} <= {0, 1}
     assert any(s == 1 for s, _ in seen)  # the second thread ran items (a split, not the caller alone)
@@ -76,9 +76,9 @@ def test_run_shared_polling_worker_raises_an_items_error(monkeypatch):
             raise ValueError("item 5")
 
     with pytest.raises(ValueError, match="item 5"):
-        KT.run_shared(12, work, 2)
+        KT.run_shared(12, work, 2, poll=True)
     assert sorted(ran) == list(range(12))
-    KT.run_shared(4, lambda s, i: ran.append(100 + i), 2)  # the worker survived the error
+    KT.run_shared(4, lambda s, i: ran.append(100 + i), 2, poll=True)  # the worker survived the error
     assert sorted(ran[12:]) == [100, 101, 102, 103]
 
 
@@ -89,11 +89,11 @@ def test_run_shared_second_caller_while_the_polling_worker_is_held(monkeypatch):
     sp = KT._spinner()
     got = {0: [], 1: []}
     with sp.owner:  # held as by another caller: this call must not hand items to the poller
-        KT.run_shared(8, lambda s, i: (time.sleep(0.001), got[0].append((s, i))), 2)
+        KT.run_shared(8, lambda s, i: (time.sleep(0.001), got[0].append((s, i))), 2, poll=True)
     assert sorted(i for _, i in got[0]) == list(range(8))
 
     def caller(k: int) -> None:
-        KT.run_shared(16, lambda s, i: (time.sleep(0.001), got[k].append((s, i))), 2)
+        KT.run_shared(16, lambda s, i: (time.sleep(0.001), got[k].append((s, i))), 2, poll=True)
 
     ths = [threading.Thread(target=caller, args=(k,)) for k in (0, 1)]
     got[0].clear()

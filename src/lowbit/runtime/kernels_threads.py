@@ -237,16 +237,20 @@ def _spinner() -> _Spinner:
         return _SPINNER[0]
 
 
-def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
+def run_shared(n: int, work: Callable[[int, int], None], nt: int, poll: bool | None = None) -> None:
     """``work(slot, i)`` for every ``i`` in ``range(n)``, on the calling thread (slot 0) and up to
     ``nt - 1`` workers (slots 1, 2, ...), each taking the next ``i`` from a shared counter. Returns
     when every item has run, not when every worker has started: a worker the OS has not run by then
     finds nothing left (on a busy machine waking a worker can take milliseconds). The first
     exception of an item is raised here once all items have run.
 
-    Slot 1 goes to the polling worker (:data:`SPIN_US` > 0, unless another caller holds it), the
-    other slots to the pool's workers; after its items the caller polls :data:`SPIN_US` for the
-    workers' last items before it sleeps."""
+    With ``poll`` (default: whether the call comes from :func:`parallel_for`, whose splits come one
+    per layer) slot 1 goes to the polling worker (:data:`SPIN_US` > 0, unless another caller holds
+    it), the other slots to the pool's workers, and after its items the caller polls
+    :data:`SPIN_US` for the workers' last items before it sleeps; without, every slot goes to the
+    pool (the flat executor: one split per call)."""
+    if poll is None:
+        poll = _LOCAL.__dict__.get("poll", False)
     counter = itertools.count()  # next() on it is atomic under the GIL
     left = np.array([n, 0], np.int64)  # items not yet finished (read by _poll without the GIL)
     ran = [0, 0]  # items run by slot 0 and slot 1
@@ -267,7 +271,7 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int) -> None:
                     done.set()
 
     nw = min(nt, n) - 1
-    spin = SPIN_US > 0 and CAN_SPIN
+    spin = poll and SPIN_US > 0 and CAN_SPIN
     sp = _spinner() if spin and nw > 0 else None
     if sp is not None and not sp.owner.acquire(blocking=False):
         sp = None
@@ -324,7 +328,11 @@ def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> No
         for f in futs:
             f.result()
         return
-    run_shared(len(bounds), lambda slot, i: fn(*args, *bounds[i]), nt)
+    _LOCAL.poll = True  # (read by run_shared: a wrapper of it keeps its three arguments)
+    try:
+        run_shared(len(bounds), lambda slot, i: fn(*args, *bounds[i]), nt)
+    finally:
+        _LOCAL.poll = False
 
 
 def num_words(k: int) -> int:
