@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loop-s", type=float, default=0.15, help="seconds of one timed loop")
     p.add_argument("--free", type=float, default=0.25, help="others' cores below which a round is free")
     p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--wait-for", default="", help="after building the models, wait until this file exists "
+                   "(so that a quiet window, e.g. quiet.sh, covers the timings alone)")
+    p.add_argument("--done-file", default="", help="a file created once the timings are done")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="ab_thread_scaling")
     a = p.parse_args(argv)
@@ -116,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     fm = case.build().eval()
     models = {v: rt_compile(quantized_model(fm, v), torch.rand(8, 4096)) for v in a.variants}
     t_built = time.time()
+    if a.wait_for:
+        while not os.path.exists(a.wait_for):
+            time.sleep(0.2)
+        load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     rows = []
     for b in a.batches:
         x = torch.rand(b, 4096, generator=torch.Generator().manual_seed(b))
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                          "others_cores_median": statistics.median(others), "others_cores_max": max(others),
                          "rounds": a.rounds})
             print(rows[-1], flush=True)
+    if a.done_file:
+        Path(a.done_file).touch()
     meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                     configs={n: vals for n, vals in configs})
