@@ -120,3 +120,16 @@ def test_tiles_of_the_wrong_width_are_a_clear_error():
     bad = CodeTiles(KA.code_tiles(16, N + 64), 16, N + 64)
     with pytest.raises(RuntimeError, match=f"code tiles of {N + 64} features"):
         last(bad)
+
+
+def test_links_without_an_example_input_and_3d_rows_go_as_floats():
+    seq = _mlp()
+    torch.manual_seed(0)
+    lowbit.quantize(seq, BINARY_A4)
+    pm = rt_compile(seq.eval())  # traced, no example: the input rank is unknown
+    assert [m.tile_target is not None for m in pm.packed_layers().values()] == [True, True, False]
+    x = torch.rand(3, 16, N)  # 48 rows with a leading dimension: floats between the layers
+    y = pm(x)
+    assert y.shape == (3, 16, N) and torch.equal(y, _unlinked(pm, x))
+    x2 = torch.rand(40, N)
+    assert torch.equal(pm(x2), _unlinked(pm, x2))

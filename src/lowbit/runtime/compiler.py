@@ -790,18 +790,19 @@ def _link_tiles(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
     on the same rows (called once, AMX weights, the fused input formula) writes that layer's codes
     in the AMX tile layout from its epilogue (:class:`CodeTiles`), from as many rows as the consumer
     runs on AMX: the float output between them and the consumer's quantizing pass are skipped
-    (``benchmarks/results/ab_tile_links.md``). Fewer rows go as floats, as before."""
+    (``benchmarks/results/ab_tile_links.md``). Fewer rows, and rows with leading dimensions (an
+    input of more than 2 dimensions; input_ndim 0 = unknown), go as floats, as before."""
     calls = _calls(gm)
     for node in gm.graph.nodes:
         p = packed.get(str(node.target)) if node.op == "call_module" else None
         if (not isinstance(p, PackedLinear) or p.amx is None or p.code_target is not None
-                or p.input_ndim != 2 or calls.get(str(node.target)) != 1 or len(node.users) != 1):
+                or p.input_ndim not in (0, 2) or calls.get(str(node.target)) != 1 or len(node.users) != 1):
             continue
         u = next(iter(node.users))
         c = packed.get(str(u.target)) if u.op == "call_module" else None
         if (isinstance(c, PackedLinear) and c.amx is not None and c.amx8 is None and c.act.mode == 0
                 and u.args == (node,) and not u.kwargs and calls.get(str(u.target)) == 1
-                and c.input_ndim == 2 and c.in_features == p.out_features
+                and c.input_ndim in (0, 2) and c.in_features == p.out_features
                 and c.amx_min_rows > KV.GEMV_MAX_ROWS):
             p.tile_target = TileTarget(c.act.hi, c.act.mult, c.amx_min_rows)
             p.fused.append("tiles")
