@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    p.add_argument("--suffix", default="", help="appended to the name profile_flat_<model>_b<batch>")
     args = p.parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(1)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])],
     ]
-    stem = f"profile_flat_{args.model}_b{args.batch}"
+    stem = f"profile_flat_{args.model}_b{args.batch}{args.suffix}"
     write_results(args.out, stem, {"meta": meta, "wall_us": wall_ns / 1e3, "ops": rows, "by_kind": by_kind},
                   "\n".join(lines) + "\n")
     print("\n".join(lines))
