@@ -10,8 +10,9 @@ each batch, interleaved rounds time a short loop of calls on 1 thread (``set_ser
 log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
 a key left out keeps the module's value). ``before`` is the runtime before this change. Every
 configuration's output is checked equal, bit for bit, to the 1-thread output. Per round also the
-cores the machine's other processes used (``/proc/stat``): 2 threads can only gain while the
-second core is free. Ratio = 1-thread median / 2-thread median (throughput ratio; issue 13's
+cores the machine's other processes used at nice 0 and, apart, niced ones (``/proc/stat``; the
+training campaign runs at nice 10 unless paused): 2 threads can only gain while the second core
+is free of other nice-0 work. Ratio = 1-thread median / 2-thread median (throughput ratio; issue 13's
 target: >= 1.7 at batch >= 8, >= 1 at batch 1). Writes ``<out>/<name>.{json,md}``.
 """
 
@@ -40,7 +41,7 @@ KEYS = {"spin": (KT, "SPIN_US", lambda v: int(v)),
         "rows": (KA, "AMX_ROWS_MIN_PARALLEL", lambda v: 1 << int(v)),
         "macs": (KA, "AMX_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
         "ppt": (KT, "PARTS_PER_THREAD", lambda v: int(v))}
-BEFORE = "before:spin=0,rows=22,macs=28,ppt=4"
+BEFORE = "before:spin=0,rows=22,ppt=4"
 
 
 def parse_config(text: str) -> tuple[str, dict[str, int]]:
@@ -75,14 +76,17 @@ def settings(vals: dict[str, int]):
     return cm()
 
 
-def busy_s() -> float:
+def busy_s() -> tuple[float, float]:
+    """CPU seconds the machine's processes have used: (at nice 0 or below, at a positive nice)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[1] - v[3] - v[4]) / tick, v[1] / tick
 
 
-def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float]:
-    """(median seconds per call of a loop lasting ``budget_s``, other processes' cores meanwhile)."""
+def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float, float]:
+    """(median seconds per call of a loop lasting ``budget_s``, cores the other processes used
+    meanwhile at nice 0, cores niced processes used)."""
     fn()  # untimed: the state of a user's loop
     ts = []
     b0, c0, w0 = busy_s(), time.process_time(), time.perf_counter()
@@ -91,8 +95,9 @@ def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float]:
         fn()
         ts.append(time.perf_counter() - t)
     wall = time.perf_counter() - w0
-    others = max(0.0, (busy_s() - b0) - (time.process_time() - c0)) / wall
-    return statistics.median(ts), others
+    b1 = busy_s()
+    others = max(0.0, (b1[0] - b0[0]) - (time.process_time() - c0)) / wall
+    return statistics.median(ts), others, (b1[1] - b0[1]) / wall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,14 +150,16 @@ def main(argv: list[str] | None = None) -> None:
             fns = {"1t": one, **{f"2t {name}": (lambda vals=vals: two(vals)) for name, vals in configs}}
             got: dict[str, list[float]] = {m: [] for m in fns}
             others: list[float] = []
+            niced: list[float] = []
             free: list[bool] = []
             order = list(fns)
             for r in range(a.rounds):
                 ok = True
                 for m in order[r % len(order):] + order[: r % len(order)]:  # rotated: no mode always first
-                    t, o = timed_loop(fns[m], a.loop_s, 3)
+                    t, o, nc = timed_loop(fns[m], a.loop_s, 3)
                     got[m].append(t)
                     others.append(o)
+                    niced.append(nc)
                     ok = ok and o < a.free
                 free.append(ok)
             med = {m: statistics.median(ts) for m, ts in got.items()}
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                          "free_rounds": sum(free), "free_ms": {m: 1e3 * t for m, t in fmed.items()},
                          "free_ratio": {m: fmed["1t"] / fmed[m] for m in fns if m != "1t" and fmed},
                          "others_cores_median": statistics.median(others), "others_cores_max": max(others),
-                         "rounds": a.rounds})
+                         "niced_cores_median": statistics.median(niced), "rounds": a.rounds,
+                         "round_ms": {m: [round(1e3 * t, 4) for t in ts] for m, ts in got.items()},
+                         "round_free": free})
             print(rows[-1], flush=True)
     if a.done_file:
         Path(a.done_file).touch()
@@ -179,19 +188,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.rounds} interleaved rounds of {a.loop_s:.2f} s loops (order rotated each round).", "",
           "Configurations: " + "; ".join(f"`{n}`: {vals or 'this commit'}" for n, vals in configs) + ". "
           "ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores the "
-          "machine's other processes used during the loops (median / max over the loops); with the "
-          "campaign paused they are the other users' work. free: the ratio over the rounds in which "
-          f"every loop saw less than {a.free} cores used by others (2 threads cannot gain while another "
-          "process holds the second core).", "",
-          f"| variant | batch | 1 thread ms | {head} | free rounds | others (max) |",
-          "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
+          "machine's other nice-0 processes (other users' work) used during the loops (median / max over "
+          "the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
+          "median. free: the ratio over the rounds in which every loop saw less than "
+          f"{a.free} cores used by other nice-0 processes (2 threads cannot gain while another process "
+          "holds the second core). Per-round times in the JSON.", "",
+          f"| variant | batch | 1 thread ms | {head} | free rounds | others (max) | niced |",
+          "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
     for r in rows:
         fr = r["free_ratio"]
         cells = " | ".join(f"{r['ms'][f'2t {n}']:.3f} ({r['ratio'][f'2t {n}']:.2f}x; "
                            f"{fr.get(f'2t {n}', float('nan')):.2f}x)" for n in names)
         md.append(f"| {r['variant']} | {r['batch']} | {r['ms']['1t']:.3f} | {cells} | "
                   f"{r['free_rounds']} / {r['rounds']} | "
-                  f"{r['others_cores_median']:.2f} ({r['others_cores_max']:.2f}) |")
+                  f"{r['others_cores_median']:.2f} ({r['others_cores_max']:.2f}) | "
+                  f"{r['niced_cores_median']:.2f} |")
     write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
     print("\n".join(md))
 

@@ -120,11 +120,11 @@ AMX_MIN_ROWS = 8
 #: 1.19-1.25 at 8, 1.64 at 12)
 AMX_MIN_ROWS_LUT = {1: 12, 2: 8}
 #: below this many multiply-adds (M*K*O) one thread runs the product. 8 x 4096^2 = 2**27 ran 0.82x
-#: as fast on 2 threads as on 1 on the loaded 2-core test machine with the workers sleeping between
-#: splits; with the polling worker (``kernels_threads.SPIN_US``) the 8-layer 4096-wide ternary MLP at
-#: 8 rows ran 1.06x (rounds with the second core free) and 1.14x (all rounds) of its 1-thread speed
-#: split from 2**27, 0.99x unsplit (benchmarks/speed/ab_thread_scaling.py)
-AMX_MIN_PARALLEL_MACS = 1 << 27
+#: as fast on 2 threads as on 1 on the loaded 2-core test machine; with the polling worker
+#: (``kernels_threads.SPIN_US``) the 8-layer 4096-wide ternary MLP at 8 rows split from 2**27 ran
+#: 1.06x its 1-thread speed in rounds with the second core free (0.99x unsplit) but 0.82x while
+#: another process held a core (0.99x unsplit) (benchmarks/speed/ab_thread_scaling.py runs): kept
+AMX_MIN_PARALLEL_MACS = 1 << 28
 #: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over
 #: threads too (it was serial below 2**22, i.e. 1024 rows of 4096: at 256 rows it took 0.3 ms of
 #: a 4096x4096 layer's ~4.5, serial while the second thread waited)
