@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta, write_results
 from harness import CASES, quantized_model, set_threads
 
+from lowbit.runtime import _amx
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_threads as KT
@@ -84,6 +85,23 @@ def busy_s() -> tuple[float, float]:
     return (sum(v) - v[1] - v[3] - v[4]) / tick, v[1] / tick
 
 
+def amx_probe(loop, cfg, tiles) -> list[float]:
+    """ms of a short AMX tile-unit loop (``profile_amx_linear._tile_loop(0)``, ~1 ms) pinned to each of
+    the first two vCPUs: on this virtual machine a vCPU's AMX rate halves for seconds at a time
+    while the host hardware thread beside it runs other work (``probe_amx_phases.md``)."""
+    keep = os.sched_getaffinity(0)
+    out = []
+    try:
+        for c in sorted(keep)[:2]:
+            os.sched_setaffinity(0, {c})
+            s = time.thread_time()
+            loop(cfg, tiles, 40_000)
+            out.append(1e3 * (time.thread_time() - s))
+    finally:
+        os.sched_setaffinity(0, keep)
+    return out
+
+
 def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float, float]:
     """(median seconds per call of a loop lasting ``budget_s``, cores the other processes used
     meanwhile at nice 0, cores niced processes used)."""
@@ -108,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--loop-s", type=float, default=0.15, help="seconds of one timed loop")
     p.add_argument("--free", type=float, default=0.25, help="others' cores below which a round is free")
+    p.add_argument("--steady", type=float, default=1.3,
+                   help="a round is steady when every vCPU's AMX probe before and after it took less than "
+                   "this many times the run's fastest probe")
     p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
     p.add_argument("--wait-for", default="", help="after building the models, wait until this file exists "
                    "(so that a quiet window, e.g. quiet.sh, covers the timings alone)")
@@ -124,6 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     fm = case.build().eval()
     models = {v: rt_compile(quantized_model(fm, v), torch.rand(8, 4096)) for v in a.variants}
     t_built = time.time()
+    probe = None
+    if _amx.amx_enabled():
+        from profile_amx_linear import _tile_loop
+
+        tiles = KA.aligned_u8(4096)
+        tiles[:] = 1
+        probe = (_tile_loop(0), _amx.amx_tile_config(64, 2), tiles)
+        amx_probe(*probe)
     if a.wait_for:
         while not os.path.exists(a.wait_for):
             time.sleep(0.2)
@@ -153,8 +182,10 @@ def main(argv: list[str] | None = None) -> None:
             niced: list[float] = []
             free: list[bool] = []
             order = list(fns)
+            cal: list[list[float]] = []
             for r in range(a.rounds):
                 ok = True
+                c0 = amx_probe(*probe) if probe else []
                 for m in order[r % len(order):] + order[: r % len(order)]:  # rotated: no mode always first
                     t, o, nc = timed_loop(fns[m], a.loop_s, 3)
                     got[m].append(t)
@@ -162,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                     niced.append(nc)
                     ok = ok and o < a.free
                 free.append(ok)
+                cal.append(c0 + (amx_probe(*probe) if probe else []))
             med = {m: statistics.median(ts) for m, ts in got.items()}
             fmed = {m: statistics.median(t for t, f in zip(ts, free, strict=True) if f)
                     for m, ts in got.items() if any(free)}
@@ -172,15 +204,23 @@ def main(argv: list[str] | None = None) -> None:
                          "others_cores_median": statistics.median(others), "others_cores_max": max(others),
                          "niced_cores_median": statistics.median(niced), "rounds": a.rounds,
                          "round_ms": {m: [round(1e3 * t, 4) for t in ts] for m, ts in got.items()},
-                         "round_free": free})
+                         "round_free": free, "round_amx_probe_ms": [[round(x, 3) for x in c] for c in cal]})
             print(rows[-1], flush=True)
+    floor = min((x for r in rows for c in r["round_amx_probe_ms"] for x in c), default=0.0)
+    for r in rows:  # steady rounds: no vCPU in a slow AMX phase around the round
+        st = [bool(c) and max(c) < a.steady * floor for c in r["round_amx_probe_ms"]]
+        ts = {m: [t for t, k in zip(v, st, strict=True) if k] for m, v in r["round_ms"].items()}
+        r["steady_rounds"] = sum(st)
+        r["steady_ms"] = {m: statistics.median(v) for m, v in ts.items() if v}
+        r["steady_ratio"] = ({m: r["steady_ms"]["1t"] / t for m, t in r["steady_ms"].items() if m != "1t"}
+                             if r["steady_ms"] else {})
     if a.done_file:
         Path(a.done_file).touch()
     meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                     configs={n: vals for n, vals in configs})
     names = [n for n, _ in configs]
-    head = " | ".join(f"2 threads, {n}: ms (ratio; free)" for n in names)
+    head = " | ".join(f"2 threads, {n}: ms (ratio; free; steady)" for n in names)
     md = ["# 2 threads against 1 on the deep MLP, before and after (one process, interleaved)", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
@@ -192,15 +232,21 @@ def main(argv: list[str] | None = None) -> None:
           "the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
           "median. free: the ratio over the rounds in which every loop saw less than "
           f"{a.free} cores used by other nice-0 processes (2 threads cannot gain while another process "
-          "holds the second core). Per-round times in the JSON.", "",
-          f"| variant | batch | 1 thread ms | {head} | free rounds | others (max) | niced |",
+          "holds the second core). steady: the ratio over the rounds in which a ~1 ms AMX loop pinned to "
+          f"each vCPU, run before and after the round, took less than {a.steady}x the run's fastest "
+          f"({floor:.2f} ms): on this virtual machine a vCPU's AMX rate halves for seconds at a time while "
+          "the host hardware thread beside it runs other work (`probe_amx_phases.md`), which no process here "
+          "causes or sees. Per-round times and probes in the JSON.", "",
+          f"| variant | batch | 1 thread ms | {head} | free / steady rounds | others (max) | niced |",
           "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
     for r in rows:
         fr = r["free_ratio"]
+        sr = r["steady_ratio"]
         cells = " | ".join(f"{r['ms'][f'2t {n}']:.3f} ({r['ratio'][f'2t {n}']:.2f}x; "
-                           f"{fr.get(f'2t {n}', float('nan')):.2f}x)" for n in names)
+                           f"{fr.get(f'2t {n}', float('nan')):.2f}x; {sr.get(f'2t {n}', float('nan')):.2f}x)"
+                           for n in names)
         md.append(f"| {r['variant']} | {r['batch']} | {r['ms']['1t']:.3f} | {cells} | "
-                  f"{r['free_rounds']} / {r['rounds']} | "
+                  f"{r['free_rounds']} / {r['steady_rounds']} of {r['rounds']} | "
                   f"{r['others_cores_median']:.2f} ({r['others_cores_max']:.2f}) | "
                   f"{r['niced_cores_median']:.2f} |")
     write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
