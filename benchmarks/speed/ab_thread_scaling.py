@@ -133,9 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wait-for", default="", help="after building the models, wait until this file exists "
                    "(so that a quiet window, e.g. quiet.sh, covers the timings alone)")
     p.add_argument("--done-file", default="", help="a file created once the timings are done")
+    p.add_argument("--from-json", default="", help="only write the Markdown of a run's JSON (same options)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="ab_thread_scaling")
     a = p.parse_args(argv)
+    if a.from_json:
+        import json
+
+        payload = json.loads(Path(a.from_json).read_text())
+        write_results(a.out, a.name, payload, markdown(payload["meta"], payload["rows"], a))
+        return
     t0 = time.time()
     load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     configs = [parse_config(c) for c in a.configs]
@@ -206,6 +213,18 @@ def main(argv: list[str] | None = None) -> None:
                          "round_ms": {m: [round(1e3 * t, 4) for t in ts] for m, ts in got.items()},
                          "round_free": free, "round_amx_probe_ms": [[round(x, 3) for x in c] for c in cal]})
             print(rows[-1], flush=True)
+    if a.done_file:
+        Path(a.done_file).touch()
+    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
+                    configs={n: vals for n, vals in configs})
+    write_results(a.out, a.name, {"meta": meta, "rows": rows}, markdown(meta, rows, a))
+    print(markdown(meta, rows, a))
+
+
+def derive(rows: list[dict], a: argparse.Namespace) -> float:
+    """Adds to each row the steady-round medians and the per-round paired ratios; returns the run's
+    fastest AMX probe (ms)."""
     floor = min((x for r in rows for c in r["round_amx_probe_ms"] for x in c), default=0.0)
     for r in rows:  # steady rounds: no vCPU in a slow AMX phase around the round
         st = [bool(c) and max(c) < a.steady * floor for c in r["round_amx_probe_ms"]]
@@ -214,43 +233,60 @@ def main(argv: list[str] | None = None) -> None:
         r["steady_ms"] = {m: statistics.median(v) for m, v in ts.items() if v}
         r["steady_ratio"] = ({m: r["steady_ms"]["1t"] / t for m, t in r["steady_ms"].items() if m != "1t"}
                              if r["steady_ms"] else {})
-    if a.done_file:
-        Path(a.done_file).touch()
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
-                    configs={n: vals for n, vals in configs})
-    names = [n for n, _ in configs]
-    head = " | ".join(f"2 threads, {n}: ms (ratio; free; steady)" for n in names)
+        # the same round's loops ran within ~0.3 s of each other: a round's ratio sees one machine state
+        rm = r["round_ms"]
+        modes = [m for m in rm if m != "1t"]
+        r["paired_ratio"] = {m: statistics.median(x / y for x, y in zip(rm["1t"], rm[m], strict=True))
+                             for m in modes}
+        r["paired_vs_first"] = {m: statistics.median(x / y for x, y in zip(rm[modes[0]], rm[m], strict=True))
+                                for m in modes[1:]}
+    return floor
+
+
+def markdown(meta: dict, rows: list[dict], a: argparse.Namespace) -> str:
+    floor = derive(rows, a)
+    names = list(meta["configs"])
+    head = " | ".join(f"2 threads, {n}: ms (ratio; free; steady; paired)" for n in names)
+    vs = " | ".join(f"{n} vs {names[0]}" for n in names[1:])
     md = ["# 2 threads against 1 on the deep MLP, before and after (one process, interleaved)", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
-          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; "
+          f"{meta.get('note') or 'machine state not noted'}; "
           f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
-          f"{a.rounds} interleaved rounds of {a.loop_s:.2f} s loops (order rotated each round).", "",
-          "Configurations: " + "; ".join(f"`{n}`: {vals or 'this commit'}" for n, vals in configs) + ". "
-          "ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores the "
-          "machine's other nice-0 processes (other users' work) used during the loops (median / max over "
-          "the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
+          f"{rows[0]['rounds']} interleaved rounds of {a.loop_s:.2f} s loops (order rotated each round).", "",
+          "Configurations: " + "; ".join(f"`{n}`: {v or 'this commit'}" for n, v in meta["configs"].items())
+          + ". ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores "
+          "the machine's other nice-0 processes (other users' work) used during the loops (median / max "
+          "over the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
           "median. free: the ratio over the rounds in which every loop saw less than "
           f"{a.free} cores used by other nice-0 processes (2 threads cannot gain while another process "
           "holds the second core). steady: the ratio over the rounds in which a ~1 ms AMX loop pinned to "
           f"each vCPU, run before and after the round, took less than {a.steady}x the run's fastest "
           f"({floor:.2f} ms): on this virtual machine a vCPU's AMX rate halves for seconds at a time while "
           "the host hardware thread beside it runs other work (`probe_amx_phases.md`), which no process here "
-          "causes or sees. Per-round times and probes in the JSON.", "",
+          "causes or sees. paired: the median over rounds of the round's own 1-thread / 2-thread ratio. "
+          "Per-round times and probes in the JSON.", "",
           f"| variant | batch | 1 thread ms | {head} | free / steady rounds | others (max) | niced |",
           "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
     for r in rows:
-        fr = r["free_ratio"]
-        sr = r["steady_ratio"]
+        fr, sr, pr = r["free_ratio"], r["steady_ratio"], r["paired_ratio"]
         cells = " | ".join(f"{r['ms'][f'2t {n}']:.3f} ({r['ratio'][f'2t {n}']:.2f}x; "
-                           f"{fr.get(f'2t {n}', float('nan')):.2f}x; {sr.get(f'2t {n}', float('nan')):.2f}x)"
-                           for n in names)
+                           f"{fr.get(f'2t {n}', float('nan')):.2f}x; {sr.get(f'2t {n}', float('nan')):.2f}x; "
+                           f"{pr[f'2t {n}']:.2f}x)" for n in names)
         md.append(f"| {r['variant']} | {r['batch']} | {r['ms']['1t']:.3f} | {cells} | "
                   f"{r['free_rounds']} / {r['steady_rounds']} of {r['rounds']} | "
                   f"{r['others_cores_median']:.2f} ({r['others_cores_max']:.2f}) | "
                   f"{r['niced_cores_median']:.2f} |")
-    write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
-    print("\n".join(md))
+    if len(names) > 1:
+        md += ["", f"The 2-thread configurations against `{names[0]}`, paired by round (median over rounds "
+               f"of `{names[0]}` ms / the configuration's ms in the same round; > 1: faster than "
+               f"`{names[0]}`):",
+               "", f"| variant | batch | {vs} |", "|---|---:|" + "---:|" * (len(names) - 1)]
+        for r in rows:
+            pv = r["paired_vs_first"]
+            md.append(f"| {r['variant']} | {r['batch']} | "
+                      + " | ".join(f"{pv[f'2t {n}']:.2f}x" for n in names[1:]) + " |")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
