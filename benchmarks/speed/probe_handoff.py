@@ -9,11 +9,13 @@ layer's row quantization and Python) and then ``layer`` us of work split by
 share: fixed-duration work, so the times measure the hand-off, the wake-ups and the waits, not
 the cores' speed). Interleaved rounds time the call on 1 thread (``set_serial``) and on 2 threads
 for each ``spin/ppt`` of ``--modes``: :data:`kernels_threads.SPIN_US` (0: the worker and the
-caller sleep at once, the hand-off before polling) and :data:`kernels_threads.PARTS_PER_THREAD`.
+caller sleep at once, the hand-off before polling), :data:`kernels_threads.PARTS_PER_THREAD` and
+optionally :data:`kernels_threads.SPIN_YIELD_US` (0: never yield while polling).
 Ratio = 1-thread call / 2-thread call; the ideal is ``(gap + layer) / (gap + layer / 2)``. Each
-timed loop also records the cores the machine's other processes used meanwhile (``/proc/stat``);
-the "free" columns take only the rounds in which every loop saw less than ``--free`` of a core
-used by others (two threads cannot gain while another process holds the second core). Writes
+timed loop also records the cores the machine's other nice-0 processes used meanwhile
+(``/proc/stat``; niced ones, such as the campaign at nice 10, yield to these threads); the "free"
+columns take only the rounds in which every loop saw less than ``--free`` of a core used by them
+(two threads cannot gain while another process holds the second core). Writes
 ``<out>/<name>.{json,md}``.
 """
 
@@ -48,9 +50,11 @@ def _spin_range(ticks_per, lo, hi):
 
 
 def busy_s() -> float:
+    """CPU seconds the machine's processes have used at nice 0 or below (``/proc/stat``; a niced
+    process, such as the training campaign at nice 10, yields its core to these threads)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[1] - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def call(layers: int, gap_t: int, per_t: int, units: int) -> None:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", nargs="+", default=["30:250", "60:1200", "300:4500"],
                    help="gap_us:layer_us pairs (about the deep MLP's at batch 8, 64, 256)")
     p.add_argument("--modes", nargs="+", default=["0/4", "300/4", "0/1", "300/1"],
-                   help="SPIN_US/PARTS_PER_THREAD pairs of the 2-thread calls")
+                   help="SPIN_US/PARTS_PER_THREAD[/SPIN_YIELD_US, 0: never] of the 2-thread calls")
     p.add_argument("--free", type=float, default=0.25, help="others' cores below which a round is free")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     import numba
 
     numba.set_num_threads(2)
-    keep = (KT.SPIN_US, KT.PARTS_PER_THREAD)
+    keep = (KT.SPIN_US, KT.PARTS_PER_THREAD, KT.SPIN_YIELD_US)
     tpu = KT.ticks_per_us()
     units = 64
     rows = []
@@ -92,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             for m in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotated: no mode always first
                 prev = KT.set_serial(m == "1t")
                 if m != "1t":
-                    spin, ppt = (int(v) for v in m.split()[-1].split("/"))
+                    spin, ppt, *yl = (int(v) for v in m.split()[-1].split("/"))
                     KT.SPIN_US, KT.PARTS_PER_THREAD = spin, ppt
+                    KT.SPIN_YIELD_US = (yl[0] or 10**9) if yl else keep[2]
                 try:
                     call(a.layers, gap_t, per_t, units)  # one untimed call: the state of a loop
                     b0, c0, w = busy_s(), time.process_time(), time.perf_counter()
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                     ok = ok and (busy_s() - b0 - (time.process_time() - c0)) / el < a.free
                 finally:
                     KT.set_serial(prev)
-                    KT.SPIN_US, KT.PARTS_PER_THREAD = keep
+                    KT.SPIN_US, KT.PARTS_PER_THREAD, KT.SPIN_YIELD_US = keep
             free.append(ok)
         med = {m: statistics.median(v) for m, v in got.items()}
         fr = {m: [t for t, f in zip(v, free, strict=True) if f] for m, v in got.items()}
@@ -126,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
           f"load average at start / end {meta['load_start']} / {meta['load_end']}; single run, medians of "
           f"{a.rounds} interleaved rounds (order rotated; 3 calls each after an untimed one).", "",
           f"A call: {a.layers} x (gap us serial + layer us split over 64 units by `parallel_for`). Modes "
-          "`2t s/p`: `SPIN_US` s, `PARTS_PER_THREAD` p. Ratio = 1-thread call / 2-thread call, over all "
-          f"rounds and (free) over the rounds in which the other processes used < {a.free} cores in every "
+          "`2t s/p[/y]`: `SPIN_US` s, `PARTS_PER_THREAD` p, `SPIN_YIELD_US` y (0: never). Ratio = 1-thread "
+          "call / 2-thread call, over all "
+          f"rounds and (free) over the rounds in which other nice-0 processes used < {a.free} cores in every "
           "loop; ideal = (gap + layer) / (gap + layer / 2).", "",
           f"| gap us | layer us | 1 thread ms | {head} | free rounds | ideal |",
           "|---:|---:|---:|" + "---:|" * len(a.modes) + "---:|---:|"]
