@@ -90,11 +90,11 @@ def use_parallel(work: int, min_work: int | None = None) -> bool:
 # hypervisor) took 20-40 us right after a call and ~200 us after 20 ms idle
 # (benchmarks/results/thread_split.md), once per Linear layer's split and again for the caller
 # after the split; a deep MLP splits every layer, with 0.03-0.3 ms of serial work between splits.
-# Measured (benchmarks/speed/probe_handoff.py, 8 layers of fixed-duration work, rounds with the second
-# core free): 30 us serial + 250 us split per layer 1.08x -> 1.16x of 1-thread speed, 60 + 1200
-# 1.64x -> 1.70x, 300 + 4500 1.76x -> 1.82x; the deep MLP on 2 threads, paired by round against the
-# worker sleeping, 0.99-1.04x (ab_thread_scaling.md) and, while other processes held ~1.3 cores,
-# 1.03x against 0.74x of 1-thread speed at 8 rows, 0.93x against 0.83x at 64.
+# Measured on the deep 4096-wide MLP on 2 threads against the worker sleeping: 0.99-1.04x paired by
+# round in a quiet window (benchmarks/results/ab_thread_scaling.md); in development runs while other
+# processes held about a core, 1.03x against 0.74x and 0.82x against 0.78x of the 1-thread speed at 8
+# rows (table lookup), 0.93x against 0.83x at 64, equal at 256. Small gains: the split's cost on this
+# machine is mostly the other sessions' share of the cores (probe_autogroup.md), not the hand-off.
 SPIN_US = 300
 #: ... offering the core to any other runnable thread (``sched_yield``) this often while polling: on a
 #: busy machine the two threads may share one core, and a poll must not keep the other off it
