@@ -105,6 +105,40 @@ def test_run_shared_second_caller_while_the_polling_worker_is_held(monkeypatch):
     assert sorted(i for _, i in got[1]) == list(range(16))
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_gets_its_own_polling_worker(monkeypatch):
+    """After fork the child's run_shared still splits (a fresh polling thread), every item once."""
+    import os
+
+    monkeypatch.setattr(KT, "SPIN_US", 300)
+    KT.run_shared(2, lambda s, i: None, 2, poll=True)  # the parent's poller exists
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the slots that ran the items, then leave at once
+        code = 1
+        try:
+            seen: list[tuple[int, int]] = []
+            lock = threading.Lock()
+
+            def work(slot: int, i: int) -> None:
+                time.sleep(0.002)
+                with lock:
+                    seen.append((slot, i))
+
+            KT.run_shared(16, work, 2, poll=True)
+            ok = sorted(i for _, i in seen) == list(range(16))
+            os.write(w, f"{int(ok)} {int(any(s == 1 for s, _ in seen))}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 64).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert got == "1 1", got  # every item once, and the child's own poller took some
+
+
 @needs_two
 @needs_amx
 def test_amx_rows_split_from_the_threshold(monkeypatch):

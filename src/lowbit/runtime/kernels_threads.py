@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import sys
 import threading
@@ -233,6 +234,8 @@ class _Spinner:
 
 
 _SPINNER: list[_Spinner] = []
+if hasattr(os, "register_at_fork"):  # a forked child has no polling thread: it makes its own
+    os.register_at_fork(after_in_child=_SPINNER.clear)
 
 
 def _spinner() -> _Spinner:
