@@ -641,12 +641,12 @@ class _PackedBase(nn.Module):
         """(array, mode, hi, mult, sx, ma) for the packing kernels (signed fused codes: uint8 codes,
         mode 1)."""
         a = self.act
-        if a.mode == 0:
-            return x.detach().contiguous().float().numpy(), 0, a.hi, a.mult, a.sx, a.ma
-        if a.mode == 2:
-            xa = x.detach()
-            if xa.dtype != torch.float32 or not xa.is_contiguous():  # (two dispatches fewer when not)
+        if a.mode in (0, 2):
+            xa = x.detach() if x.requires_grad else x
+            if xa.dtype != torch.float32 or not xa.is_contiguous():  # (dispatches only where needed)
                 xa = xa.contiguous().float()
+            if a.mode == 0:
+                return xa.numpy(), 0, a.hi, a.mult, a.sx, a.ma
             return spec_codes(a, xa.numpy()), 1, 0.0, 0.0, a.sx, a.ma
         codes, sx, ma = encode_codes(a, x.detach())
         return codes, 1, 0.0, 0.0, sx, ma
