@@ -16,6 +16,9 @@
    flatten, a Linear layer, writes that layer's input codes itself (``Codes``), so the float
    tensor is written only for the other users, if any; a global average pool of the output
    reads the NHWC floats directly (``GlobalAvgPool2d``).
+4c. A Linear layer on AMX whose only user is another Linear layer on AMX writes that layer's
+   input codes in the AMX tile layout from its epilogue (``CodeTiles``, :func:`_link_tiles`), for
+   the row counts the consumer runs on AMX.
 5. The fused activation quantization (the formula of the quantizer's ``runtime_codes_spec()``,
    inside the kernel; for a signed grid one ``kernels_codes`` pass before it) is checked code for
    code against its ``encode`` on the recorded inputs; a
@@ -30,7 +33,9 @@
    tiles where the CPU has them): no Python between layers. Other graphs, and inputs it cannot
    take, run module by module as above.
 8. A call on one sample of at most ``SERIAL_MAX_NUMEL`` input values runs on the calling thread
-   (PyTorch's intra-op threads and the kernels' both 1 for the call).
+   (PyTorch's intra-op threads and the kernels' both 1 for the call); where the graph is one
+   straight chain of the runtime's modules (``PackedModel.chain``, an MLP), straight from
+   ``PackedModel.__call__`` through their bound forwards.
 
 What stays in PyTorch, and why (``PackedModel.summary()`` lists every quantized layer as
 ``packed`` or ``torch`` with its reason, ``PackedModel.layers`` holds the same rows, and each
