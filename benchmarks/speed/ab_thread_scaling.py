@@ -1,7 +1,7 @@
 """A/B of the runtime's 2-thread split on the deep MLP: 1 thread against 2, before and after (issue 13).
 
     python benchmarks/speed/ab_thread_scaling.py                                  # ~2 min
-    /tmp/team/quiet.sh python benchmarks/speed/ab_thread_scaling.py --note "campaign paused by quiet.sh"
+    python benchmarks/speed/ab_thread_scaling.py --note "the training campaign paused"
 
 The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``) of each variant, in one process: at
 each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``) and on
@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steady", type=float, default=1.3,
                    help="a round is steady when every vCPU's AMX probe before and after it took less than "
                    "this many times the run's fastest probe")
-    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--note", default="", help="the machine's state (e.g. the training campaign paused)")
     p.add_argument("--wait-for", default="", help="after building the models, wait until this file exists "
-                   "(so that a quiet window, e.g. quiet.sh, covers the timings alone)")
+                   "(so that a quiet window covers the timings alone)")
     p.add_argument("--done-file", default="", help="a file created once the timings are done")
     p.add_argument("--from-json", default="", help="only write the Markdown of a run's JSON (same options)")
     p.add_argument("--out", default=str(RESULTS))
@@ -256,7 +256,7 @@ def markdown(meta: dict, rows: list[dict], a: argparse.Namespace) -> str:
           f"{rows[0]['rounds']} interleaved rounds of {a.loop_s:.2f} s loops (order rotated each round).", "",
           "Configurations: " + "; ".join(f"`{n}`: {v or 'this commit'}" for n, v in meta["configs"].items())
           + ". ratio = 1-thread median / 2-thread median (issue 13: >= 1.7 at batch >= 8). others: cores "
-          "the machine's other nice-0 processes (other users' work) used during the loops (median / max "
+          "the machine's other nice-0 processes used during the loops (median / max "
           "over the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
           "median. free: the ratio over the rounds in which every loop saw less than "
           f"{a.free} cores used by other nice-0 processes (2 threads cannot gain while another process "

@@ -1,7 +1,7 @@
 """How steady is one core's AMX rate over time? (issue 13: why 1- and 2-thread timings drift)
 
     python benchmarks/speed/probe_amx_phases.py                          # ~15 s
-    /tmp/team/quiet.sh python benchmarks/speed/probe_amx_phases.py --note "campaign paused by quiet.sh"
+    python benchmarks/speed/probe_amx_phases.py --note "the training campaign paused"
 
 One thread at a time, pinned to vCPU 0 or 1 in turn (``os.sched_setaffinity``), runs a fixed loop
 of ``tdpbusd`` on L1-resident tiles with no loads (``profile_amx_linear._tile_loop(0)``: the tile
@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=12.0)
-    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--note", default="", help="the machine's state (e.g. the training campaign paused)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="probe_amx_phases")
     a = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """What the runtime's 2-thread split costs by itself: layers of fixed-duration work (issue 13, threads).
 
     python benchmarks/speed/probe_handoff.py                                   # ~20 s
-    /tmp/team/quiet.sh python benchmarks/speed/probe_handoff.py --note "campaign paused by quiet.sh"
+    python benchmarks/speed/probe_handoff.py --note "the training campaign paused"
 
 A "call" is ``--layers`` layers, each ``gap`` us of serial work on the calling thread (as a Linear
 layer's row quantization and Python) and then ``layer`` us of work split by
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="SPIN_US/PARTS_PER_THREAD[/SPIN_YIELD_US, 0: never] of the 2-thread calls")
     p.add_argument("--free", type=float, default=0.25, help="others' cores below which a round is free")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--note", default="", help="the machine's state (e.g. the training campaign paused)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="probe_handoff")
     a = p.parse_args(argv)

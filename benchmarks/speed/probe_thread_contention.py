@@ -1,7 +1,7 @@
 """Do two threads of one process slow each other, and on which kind of work? (issue 13, threads)
 
     python benchmarks/speed/probe_thread_contention.py                 # ~15 s
-    /tmp/team/quiet.sh python benchmarks/speed/probe_thread_contention.py --note "campaign paused"
+    python benchmarks/speed/probe_thread_contention.py --note "the training campaign paused"
 
 For each workload, interleaved rounds of: each thread's copy of the work alone (the calling
 thread's on its data, then a runtime worker's on its own), then both at once (started together
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every workload's length")
     p.add_argument("--only", nargs="*", default=[], help="workload names to run (default: all)")
-    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--note", default="", help="the machine's state (e.g. the training campaign paused)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="thread_contention")
     a = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Where a 2-thread call of the deep MLP spends its time, kernel by kernel (issue 13, threads).
 
     python benchmarks/speed/probe_thread_mlp.py --variants w1a4 --batches 64 256     # ~30 s
-    /tmp/team/quiet.sh python benchmarks/speed/probe_thread_mlp.py --note "campaign paused"
+    python benchmarks/speed/probe_thread_mlp.py --note "the training campaign paused"
 
 The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``) is called in interleaved loops in
 three modes: ``1t`` (the calling thread's kernels serial, ``kernels_threads.set_serial``), ``2t``
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[8, 64, 256])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=8, help="calls per timed loop")
-    p.add_argument("--note", default="", help="the machine's state (e.g. campaign paused by quiet.sh)")
+    p.add_argument("--note", default="", help="the machine's state (e.g. the training campaign paused)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="probe_thread_mlp")
     a = p.parse_args(argv)

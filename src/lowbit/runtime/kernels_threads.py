@@ -95,7 +95,7 @@ def use_parallel(work: int, min_work: int | None = None) -> bool:
 # round in a quiet window (benchmarks/results/ab_thread_scaling.md); in development runs while other
 # processes held about a core, 1.03x against 0.74x and 0.82x against 0.78x of the 1-thread speed at 8
 # rows (table lookup), 0.93x against 0.83x at 64, equal at 256. Small gains: the split's cost on this
-# machine is mostly the other sessions' share of the cores (probe_autogroup.md), not the hand-off.
+# machine is mostly the other processes' share of the cores (probe_autogroup.md), not the hand-off.
 SPIN_US = 300
 #: ... offering the core to any other runnable thread (``sched_yield``) this often while polling: on a
 #: busy machine the two threads may share one core, and a poll must not keep the other off it
