@@ -297,22 +297,9 @@ SETTLE_MAX_S = 0.3
 TURN_WARM_S = 0.002
 
 
-def others_running() -> int | None:
-    """How many threads of this process but the calling one are running or runnable (state ``R`` in
-    ``/proc/self/task/*/stat``; a spinning pool thread is); None without ``/proc``."""
-    texts = _other_threads("stat")
-    if texts is None:
-        return None
-    n = 0
-    for t in texts:
-        with contextlib.suppress(IndexError):
-            n += t.rsplit(")", 1)[1].split()[0] == "R"  # the state follows the (command name)
-    return n
-
-
 def running_tids() -> set[str] | None:
-    """The thread ids of this process but the calling one that are running or runnable (state ``R``:
-    a spinning pool thread is); None without ``/proc``."""
+    """The thread ids of this process but the calling one that are running or runnable (state ``R``
+    in ``/proc/self/task/*/stat``; a spinning pool thread is); None without ``/proc``."""
     me = threading.get_native_id()
     try:
         tids = os.listdir("/proc/self/task")
@@ -322,9 +309,16 @@ def running_tids() -> set[str] | None:
     for tid in tids:
         if int(tid) != me:
             with contextlib.suppress(OSError, IndexError), open(f"/proc/self/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":  # the state follows the (command name)
                     out.add(tid)
     return out
+
+
+def others_running() -> int | None:
+    """How many threads of this process but the calling one are running or runnable
+    (:func:`running_tids`); None without ``/proc``."""
+    tids = running_tids()
+    return None if tids is None else len(tids)
 
 
 def settle_running(
