@@ -224,14 +224,16 @@ def _layer(variant: str, K: int = 520, O: int = 530, seed: int = 0) -> nn.Linear
 
 
 def _calls(monkeypatch) -> list[int]:
+    """The row counts of the AMX products the code under test runs (``amx_linear_tiles``, which
+    ``amx_linear`` and the packed layers call)."""
     n: list[int] = []
-    real = KA.amx_linear
+    real = KA.amx_linear_tiles
 
-    def spy(x, *args, **kw):
-        n.append(x.shape[0])
-        return real(x, *args, **kw)
+    def spy(xq, M, *args, **kw):
+        n.append(M)
+        return real(xq, M, *args, **kw)
 
-    monkeypatch.setattr(KA, "amx_linear", spy)
+    monkeypatch.setattr(KA, "amx_linear_tiles", spy)
     return n
 
 

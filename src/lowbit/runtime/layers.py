@@ -950,14 +950,9 @@ class PackedLinear(_PackedBase):
                 self._amx8_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.amx is not None and self.amx_min_rows <= M:
-                tt = self.tile_target
-                if tt is not None and tt.min_rows <= M and x.dim() == 2:
-                    tiles = KA.code_tiles(M, self.out_features)
-                    KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, None,
-                                  tiles, tt.hi, tt.mult, tiles=True)
-                    return CodeTiles(tiles, M, self.out_features)
-                KA.amx_linear(arr, mode, hi, mult, self.amx, *self._amx_coeffs(sx, ma), self.relu, out)
-                return torch.from_numpy(out).reshape(*lead, self.out_features)
+                y = self._amx_out(KA.amx_rows(arr, mode, hi, mult), M, *self._amx_coeffs(sx, ma), out,
+                                  tiles=x.dim() == 2)
+                return y if isinstance(y, CodeTiles) else y.reshape(*lead, self.out_features)
             if self.lut is not None and M >= KG.LUT_MIN_ROWS:
                 self._lut_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
@@ -986,16 +981,21 @@ class PackedLinear(_PackedBase):
             what = "" if self.amx is not None else " without AMX weights"
             raise RuntimeError(f"{self.layer_name}: code tiles of {x.features} features for a layer of "
                                f"{self.in_features} inputs{what}")
-        M, O = x.rows, self.out_features
-        t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
+        M = x.rows
+        out = np.empty((M, self.out_features), np.float32)
+        return self._amx_out(x.buf, M, *self._amx_coeffs(self.act.sx, self.act.ma), out)
+
+    def _amx_out(self, xq: np.ndarray, M: int, s0: np.ndarray, s1: np.ndarray, out: np.ndarray,
+                 tiles: bool = True) -> Tensor | CodeTiles:
+        """The AMX product of M rows in the tile layout (``kernels_amx.amx_rows``): the next layer's
+        :class:`CodeTiles` where it is linked (``tile_target``) and runs these rows on AMX, else the
+        float rows ``out`` (M, O) as a tensor."""
         tt = self.tile_target
-        if tt is not None and tt.min_rows <= M:
-            tiles = KA.code_tiles(M, O)
-            KA.amx_linear_tiles(x.buf, M, self.amx, t0, t1, self.relu, None, tiles, tt.hi, tt.mult,
-                                tiles=True)
-            return CodeTiles(tiles, M, O)
-        out = np.empty((M, O), np.float32)
-        KA.amx_linear_tiles(x.buf, M, self.amx, t0, t1, self.relu, out)
+        if tiles and tt is not None and tt.min_rows <= M:
+            codes = KA.code_tiles(M, self.out_features)
+            KA.amx_linear_tiles(xq, M, self.amx, s0, s1, self.relu, None, codes, tt.hi, tt.mult, tiles=True)
+            return CodeTiles(codes, M, self.out_features)
+        KA.amx_linear_tiles(xq, M, self.amx, s0, s1, self.relu, out)
         return torch.from_numpy(out)
 
     def _forward_codes(self, x: Codes) -> Tensor | CodeTiles:
@@ -1015,15 +1015,8 @@ class PackedLinear(_PackedBase):
             codes = x.buf[: M * kin].reshape(M, kin)
             self._amx8_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
         elif self.amx is not None and self.amx_min_rows <= M:
-            t0, t1 = self._amx_coeffs(self.act.sx, self.act.ma)
-            rows = x.buf[: M * kin].reshape(M, kin)
-            tt = self.tile_target
-            if tt is not None and tt.min_rows <= M:
-                tiles = KA.code_tiles(M, O)
-                KA.amx_linear(rows, 1, 0.0, 0.0, self.amx, t0, t1, self.relu, None, tiles, tt.hi, tt.mult,
-                              tiles=True)
-                return CodeTiles(tiles, M, O)
-            KA.amx_linear(rows, 1, 0.0, 0.0, self.amx, t0, t1, self.relu, out)
+            xq = KA.amx_rows(x.buf[: M * kin].reshape(M, kin), 1)
+            return self._amx_out(xq, M, *self._amx_coeffs(self.act.sx, self.act.ma), out)
         elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
