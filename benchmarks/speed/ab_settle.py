@@ -30,17 +30,17 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 PROTOCOLS = ("sleep", "run")
 
 
+_TIME_INTERLEAVED = harness.time_interleaved
+
+
 def _with_protocol(protocol: str):
     """``harness.time_interleaved`` with the protocol's settle (patched for one ``run_case``)."""
-    base = harness.time_interleaved.__wrapped__ if hasattr(harness.time_interleaved, "__wrapped__") \
-        else harness.time_interleaved
 
     def timed(*args: Any, **kw: Any):
         if protocol == "sleep" and kw.get("turns"):
             kw["settle_fn"] = harness.settle
-        return base(*args, **kw)
+        return _TIME_INTERLEAVED(*args, **kw)
 
-    timed.__wrapped__ = base  # type: ignore[attr-defined]
     return timed
 
 
