@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.data import BatchLoader
 from lowbit.nn import quantize
 from lowbit.train import TrainConfig, Trainer
+from lowbit.train import distributed as D
 from lowbit.train.bcgd import BCGD
 from lowbit.train.methods import build_methods
 
@@ -109,5 +110,7 @@ def worker(rank: int, world: int, rdzv: str, jobs: list[dict[str, Any]]) -> None
     try:
         for kwargs in jobs:
             train(world, rank, **kwargs)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    D.exit_process(0)  # leaves the group; the interpreter's teardown could abort on gloo's threads

@@ -137,3 +137,21 @@ def test_without_nproc_and_device_errors():
             D.resolve_device("cuda:0")
     with pytest.raises(ValueError, match="not a device"):
         D.resolve_device("gpu7")
+
+
+def test_exit_process_leaves_the_group_and_keeps_the_status_and_output(tmp_path):
+    """A rank ends through exit_process: the group is left, what it printed is flushed, the status is
+    the one asked for; a process outside any group exits with it normally."""
+    code = (
+        "import sys, torch, torch.distributed as dist\n"
+        "from lowbit.train import distributed as D\n"
+        "if sys.argv[1] == 'rank':\n"
+        f"    dist.init_process_group('gloo', init_method='file://{tmp_path / 'rdzv'}', rank=0, world_size=1)\n"
+        "    t = torch.ones(3)\n"
+        "    dist.all_reduce(t)\n"
+        "    print('sum', float(t.sum()), end='')  # no newline: only a flush writes it\n"
+        "D.exit_process(int(sys.argv[2]))\n")
+    rank = subprocess.run([sys.executable, "-c", code, "rank", "3"], capture_output=True, text=True, timeout=60)
+    assert rank.returncode == 3 and rank.stdout == "sum 3.0", rank.stderr
+    plain = subprocess.run([sys.executable, "-c", code, "plain", "4"], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 4 and plain.stdout == ""
