@@ -57,12 +57,15 @@ def test_run_shared_every_item_once_and_the_worker_takes_some(monkeypatch, spin)
         with lock:
             seen.append((slot, i))
 
+    slots: set[int] = set()
     for _ in range(3):
         seen.clear()
         KT.run_shared(24, work, 2, poll=True)
         assert sorted(i for _, i in seen) == list(range(24))
-        assert {s for s, _ in seen} <= {0, 1}
-    assert any(s == 1 for s, _ in seen)  # the second thread ran items (a split, not the caller alone)
+        slots |= {s for s, _ in seen}
+    # the second thread ran items in some call (a split, not the caller alone); each call returns
+    # once its items are done, so on a busy machine one call may end before the worker is woken
+    assert slots == {0, 1}
 
 
 def test_run_shared_polling_worker_raises_an_items_error(monkeypatch):
