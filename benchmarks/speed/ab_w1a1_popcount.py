@@ -25,6 +25,7 @@ Writes ``<out>/ab_w1a1_popcount.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -49,6 +50,7 @@ from harness import (
     time_interleaved,
 )
 
+from lowbit._io import atomic_write_text
 from lowbit.runtime import _jit, layers
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_threads as KT
@@ -64,7 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=WIDTH)
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--from-json", help="write the Markdown of an earlier run's JSON and stop")
     a = p.parse_args(argv)
+    if a.from_json:
+        path = Path(a.from_json)
+        atomic_write_text(path.with_suffix(".md"), render(json.loads(path.read_text())) + "\n")
+        return
     t0 = time.time()
     set_threads(1)
     torch.manual_seed(0)
@@ -109,20 +116,34 @@ def main(argv: list[str] | None = None) -> None:
         load_end = " ".join(f"{v:.2f}" for v in os.getloadavg())
     meta = run_meta(__file__, argv, t0, seeds=[0], machine_info=machine_info(), load_start=load_start,
                     load_end=load_end, note=a.note)
-    ghz = KT.ticks_per_us() / 1e3  # the time-stamp counter's rate
+    payload = {"meta": meta, "width": a.width, "kernels": kernels, "rows": rows,
+               "tsc_ghz": KT.ticks_per_us() / 1e3}
+    md = render(payload)
+    write_results(a.out, "ab_w1a1_popcount", payload, md)
+    print(md)
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The Markdown of a run's JSON payload."""
+    meta, kernels, rows = payload["meta"], payload["kernels"], payload["rows"]
+    width = payload.get("width", WIDTH)
+    ghz = payload.get("tsc_ghz") or KT.ticks_per_us() / 1e3  # (a payload without it: this machine's)
     md = [
-        f"# W1A1 on the deep MLP ({DEPTH} x {a.width}^2): AMX tiles vs the AND-popcount product vs best int8",
+        f"# W1A1 on the deep MLP ({DEPTH} x {width}^2): the runtime (AMX tiles) vs the AND-popcount "
+        "product vs best int8",
         "",
-        f"Machine: {meta['machine_info'].get('cpu', '?')}; load average at start {load_start}, at end "
-        f"{load_end}. {a.note}",
+        f"Machine: {meta['machine_info'].get('cpu', '?')}; load average at start {meta['load_start']}, at "
+        f"end {meta['load_end']}. {meta.get('note', '')}",
         f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
         f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; single run; 1 thread; interleaved turns "
         "(settle, 2 ms of untimed calls, the timed call); medians, best in brackets.",
         "",
-        f"Layers: amx arm `{kernels['amx']}`; popcount arm (plain path forced) `{kernels['popcount']}`.",
+        f"Layers: runtime arm `{kernels['amx']}` (so the table lookup at 8 rows, AMX from 12); popcount "
+        f"arm (plain path forced) `{kernels['popcount']}`.",
         "",
-        "| batch | lowbit AMX ms | lowbit popcount ms | ort QDQ int8 ms | AMX vs int8 | popcount vs int8 "
-        "| AMX / popcount speed | AMX GMAC/s | popcount GMAC/s | rel. diff AMX vs popcount |",
+        "| batch | lowbit runtime ms | lowbit popcount ms | ort QDQ int8 ms | runtime vs int8 "
+        "| popcount vs int8 | runtime / popcount speed | runtime GMAC/s | popcount GMAC/s "
+        "| rel. diff runtime vs popcount |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -131,14 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"({r['lowbit-popcount_min_ms']:.2f}) | {oi:.2f} ({r['ort-qdq-int8_min_ms']:.2f}) | "
                   f"{oi / am:.2f}x | {oi / pc:.2f}x | {pc / am:.2f}x | {r['macs'] / am / 1e6:.0f} | "
                   f"{r['macs'] / pc / 1e6:.0f} | {r['rel_diff_amx_popcount']:.1e} |")
-    if ghz > 0:
-        md += ["", f"Multiply-adds per cycle at the time-stamp counter's {ghz:.2f} GHz: AMX "
-               + ", ".join(f"{r['macs'] / r['lowbit-amx_median_ms'] / 1e6 / ghz:.0f}" for r in rows)
-               + "; popcount "
-               + ", ".join(f"{r['macs'] / r['lowbit-popcount_median_ms'] / 1e6 / ghz:.0f}" for r in rows)
-               + f" (batches {', '.join(str(r['batch']) for r in rows)})."]
-    write_results(a.out, "ab_w1a1_popcount", {"meta": meta, "kernels": kernels, "rows": rows}, "\n".join(md))
-    print("\n".join(md))
+    md += ["", f"Multiply-adds per cycle at the time-stamp counter's {ghz:.2f} GHz: runtime "
+           + ", ".join(f"{r['macs'] / r['lowbit-amx_median_ms'] / 1e6 / ghz:.0f}" for r in rows)
+           + "; popcount "
+           + ", ".join(f"{r['macs'] / r['lowbit-popcount_median_ms'] / 1e6 / ghz:.0f}" for r in rows)
+           + f" (batches {', '.join(str(r['batch']) for r in rows)})."]
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
