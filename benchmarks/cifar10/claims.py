@@ -306,7 +306,7 @@ PRIORITY = ("float", "multipoint", "bcgd", "dcq", "sinreq", "wpc")
 #: the arms the CPU budget runs of a claim (others: GPU budget only); a missing claim: every arm
 CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0"),
-    "dcq": ("dorefa-w2", "dorefa-w2-dcq"),
+    "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
     "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
