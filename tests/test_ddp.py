@@ -3,6 +3,7 @@ process x batch N*b; a resumed DDP run equals an uninterrupted one; a dead rank 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,6 +110,20 @@ def test_cli_launcher_names_the_failed_ranks(tmp_path):
     assert "the distributed run failed" in out and "rank 0" in out and "rank 1" in out
 
 
+def test_cli_launcher_trains_on_two_ranks(tmp_path):
+    """`lowbit train --nproc 2` that succeeds: exit status 0, rank 0's summary printed (the ranks end
+    through exit_process, which must flush it), the run directory written once by a 2-rank job."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit", "train", "--nproc", "2", "--device", "cpu", "--data", "synthetic",
+         "--model", "mlp", "--epochs", "1", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0, out[-2000:]
+    assert out.count("test accuracy") == 1  # rank 0 alone reports
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2 and 0.0 <= result["test_acc"] <= 1.0
+
+
 def test_shards_partition_every_global_batch():
     x = torch.arange(22, dtype=torch.float32).reshape(22, 1)
     y = torch.zeros(22, dtype=torch.int64)
@@ -146,12 +161,16 @@ def test_exit_process_leaves_the_group_and_keeps_the_status_and_output(tmp_path)
         "import sys, torch, torch.distributed as dist\n"
         "from lowbit.train import distributed as D\n"
         "if sys.argv[1] == 'rank':\n"
-        f"    dist.init_process_group('gloo', init_method='file://{tmp_path / 'rdzv'}', rank=0, world_size=1)\n"
+        f"    dist.init_process_group('gloo', init_method='file://{tmp_path / 'rdzv'}', rank=0,\n"
+        "                            world_size=1)\n"
         "    t = torch.ones(3)\n"
         "    dist.all_reduce(t)\n"
         "    print('sum', float(t.sum()), end='')  # no newline: only a flush writes it\n"
         "D.exit_process(int(sys.argv[2]))\n")
-    rank = subprocess.run([sys.executable, "-c", code, "rank", "3"], capture_output=True, text=True, timeout=60)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+    rank = run("rank", "3")
     assert rank.returncode == 3 and rank.stdout == "sum 3.0", rank.stderr
-    plain = subprocess.run([sys.executable, "-c", code, "plain", "4"], capture_output=True, text=True, timeout=60)
+    plain = run("plain", "4")
     assert plain.returncode == 4 and plain.stdout == ""

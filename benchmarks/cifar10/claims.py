@@ -398,7 +398,8 @@ def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int]
     """Every job of the campaign, in the order they start: the float models first (seed 0 first),
     then the paired claims in :data:`PRIORITY` order, claim by claim (all seeds of one claim
     before the next), then the rest seed by seed (every row's seed 0, then seed 1, then seed 2).
-    A job whose float model is still training is skipped until it is done (:func:`run_campaign`), so the next claim's seed-0 runs fill the gap."""
+    A job whose float model is still training is skipped until it is done (:func:`run_campaign`),
+    so the next claim's seed-0 runs fill the gap."""
     jobs: dict[str, Job] = {}
     rank = {n: i for i, n in enumerate(PRIORITY)}
     for ci, claim in enumerate(CLAIMS):
