@@ -167,6 +167,7 @@ def test_exit_process_leaves_the_group_and_keeps_the_status_and_output(tmp_path)
         "    dist.all_reduce(t)\n"
         "    print('sum', float(t.sum()), end='')  # no newline: only a flush writes it\n"
         "D.exit_process(int(sys.argv[2]))\n")
+
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 

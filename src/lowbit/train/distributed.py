@@ -130,12 +130,13 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(code)
     try:
         dist.destroy_process_group()
-    finally:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with suppress(OSError, ValueError):  # a closed or broken stream has nothing to lose
-                stream.flush()
-        os._exit(code)
+    except Exception as e:  # the run's status stands; say why the group was not left cleanly
+        log.warning("leaving the process group failed: %s", e)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed or broken stream has nothing to lose
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
