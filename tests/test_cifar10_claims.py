@@ -134,7 +134,8 @@ def test_plan_order_and_seeds():
     assert C.deps(wide) == ["float/seed0", "releq/seed0"]
     assert C.deps(next(j for j in gpu if j.name == "float-w2/seed1")) == []
     only = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[1])
-    assert [j.name for j in only] == ["float/seed1", "dorefa-w2/seed1", "dorefa-w2-dcq/seed1"]
+    assert [j.name for j in only] == ["float/seed1", "dorefa-w2/seed1", "dorefa-w2-dcq/seed1",
+                                      "dorefa-w1/seed1", "dorefa-w1-dcq/seed1"]
 
 
 class FakeProcess:
@@ -172,8 +173,9 @@ def test_resume_reuses_finished_runs_and_starts_the_rest(tmp_path, monkeypatch):
     fake_run(runs, "dorefa-w2-dcq", 0, 0.0, finished=False)  # killed mid-run: resumes
     jobs = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[0])
     state = C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
-    assert FakeProcess.started == ["dorefa-w2-dcq/seed0"]
-    assert state == dict.fromkeys(["float/seed0", "dorefa-w2/seed0", "dorefa-w2-dcq/seed0"], "finished")
+    assert FakeProcess.started == ["dorefa-w2-dcq/seed0", "dorefa-w1/seed0", "dorefa-w1-dcq/seed0"]
+    assert state == dict.fromkeys(["float/seed0", "dorefa-w2/seed0", "dorefa-w2-dcq/seed0", "dorefa-w1/seed0",
+                                   "dorefa-w1-dcq/seed0"], "finished")
     # all finished now: a rerun starts nothing
     FakeProcess.started = []
     C.run_campaign(jobs, C.BUDGETS["cpu"], runs, "data", "cpu", 2, None)
@@ -199,8 +201,8 @@ def test_stop_terminates_running_jobs_which_resume_later(tmp_path, monkeypatch):
     jobs = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[0])
     state = C.run_campaign(jobs, C.BUDGETS["cpu"], tmp_path, "data", "cpu", 2, time.time() + 1.0)
     assert SlowProcess.terminated == ["float/seed0"]  # its fine-tunes wait for it
-    assert state == {"float/seed0": "stopped", "dorefa-w2/seed0": "not started",
-                     "dorefa-w2-dcq/seed0": "not started"}
+    assert state == {"float/seed0": "stopped", **dict.fromkeys(
+        ["dorefa-w2/seed0", "dorefa-w2-dcq/seed0", "dorefa-w1/seed0", "dorefa-w1-dcq/seed0"], "not started")}
     stops: list[int] = []
     monkeypatch.setattr(C, "_STOP", stops)
     monkeypatch.setattr(SlowProcess, "start", lambda self: stops.append(15))  # SIGTERM while it runs
