@@ -60,8 +60,8 @@ activation codes, its fused formula applied to the float32 output (``_jit._Epilo
 layout, which :func:`amx_linear_tiles` then runs from without a row pass of its own: a 4096x4096
 layer plus the next layer's row quantization took 1.09-1.11x less time that way at 256 rows,
 1.00-1.06x at 64 and 16 (``benchmarks/results/ab_amx_epilogue_chain.md``; one run on the loaded
-machine). ``PackedLinear`` does not use it yet: the compiler links codes from conv layers to the
-next layer, not from one Linear layer to the next.
+machine). ``PackedLinear`` uses it where the compiler links a Linear layer to the next one
+(``compiler._link_tiles``: ``layers.TileTarget``, ``layers.CodeTiles``).
 
 Alignment. Every buffer a tile is loaded from or stored to (the row codes, the expanded slice,
 the parked sums) starts on a 64-byte cache line (:func:`aligned_u8`); NumPy and numba give
