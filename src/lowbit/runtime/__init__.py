@@ -11,8 +11,9 @@ listed with the reason. Binary, ternary and k-bit weights times k-bit activation
 signed grids) run with exact integer
 accumulation, float only for the per-channel epilogue (folded batch norm, ReLU, residual
 addition): on CPUs with AVX-512 VNNI as int8 dot products on uint8 activation codes in NHWC
-order, with each layer writing the next layer's codes; otherwise (and for single-row Linear
-layers) as bit-serial popcount GEMMs on bit planes. Layers without an activation quantizer use
+order, with each layer writing the next layer's codes, Linear layers at 1-7 rows as a GEMV on
+1/2/4/8-bit weight fields (``kernels_gemv.py``) and from 8 rows on AMX tiles where the CPU has
+them; otherwise as bit-serial popcount GEMMs on bit planes. Layers without an activation quantizer use
 additions of selected inputs. See ``kernels.py`` for the arithmetic, ``compiler.py`` for the
 graph fusion; the speed benchmark is ``benchmarks/speed/`` of the source checkout.
 ``set_plain(True)`` (or ``LOWBIT_RUNTIME_PLAIN=1``) makes layers packed afterwards ignore the

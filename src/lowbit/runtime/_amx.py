@@ -9,13 +9,15 @@ pixels read are 16 overlapping windows of the padded NHWC code image, ``stride*C
 Use needs three things, checked once (:data:`HAS_AMX`): the CPU reports ``amx-tile`` and
 ``amx-int8`` (LLVM's host features), Linux grants the process the tile data state
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``; without it the first tile instruction
-raises SIGILL), and neither the plain path nor ``LOWBIT_RUNTIME_AMX=0`` is set. The intrinsics
+raises SIGILL), and ``LOWBIT_RUNTIME_AMX=0`` is not set; :func:`amx_enabled` also checks the plain
+path at each use (``set_plain`` may change it later). The intrinsics
 below emit the AMX instructions only when the host has them (elsewhere they compile to nothing
 and the runtime never calls them), so the kernels that contain them still compile on any CPU.
 
 The tile registers are configured per layer (:func:`amx_config`: ``ldtilecfg`` of a 64-byte
 palette-1 configuration, :func:`amx_tile_config`) and used through immediates: tmm0-3 hold the
-int32 accumulators, tmm4-5 activation tiles, tmm6-7 weight tiles. Nothing else in the process
+int32 accumulators, tmm4 (and tmm5 up to 2 blocks of 16 channels) activation tiles, tmm6-7 weight
+tiles (tmm5-7 from 3 blocks, :func:`amx_b5`). Nothing else in the process
 uses tile registers between the configuration and the last tile of a layer (the kernels run
 straight-line numba code; the OS saves tile state across context switches).
 """

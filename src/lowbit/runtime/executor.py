@@ -17,19 +17,18 @@ stays zero). The interpreter runs the whole program on one chunk of images, then
 chunk's activations stay in cache (``CHUNK_BYTES``). Programs and arenas are made
 once per input shape (and per calling thread, so that concurrent callers do not share arenas).
 
-Threads: a batch is split over threads only where splitting can pay (:func:`split_step`): more
-than one numba thread, at least ``MIN_SPLIT`` images per thread, and each thread's share of the
-work at least ``MIN_THREAD_WORK_S``, the work being the images times the program's time per image
-(``Program.t_img``, the least per-image time of its serial calls on this machine; unknown until
-one has run, so a shape's first call is serial). The batch is then cut into pieces (at least
-``PIECES_PER_THREAD`` per thread, at most a chunk each, each at least half a thread's minimum
-share) that the calling thread and the runtime's workers take from a shared counter, each running
-the program on its own arena (the interpreter releases the GIL); the call returns once every piece
-has run, without waiting for a worker the OS has not started yet (``kernels_threads.run_shared``).
-Anything smaller, batch 1
-always, runs on the calling thread alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US``
-sets the minimum share in microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per
-thread, as before the rule.
+Threads: a batch is split over threads only where splitting can pay (:func:`split_step`): more than
+one numba thread, at least ``MIN_SPLIT`` images per thread, and each thread's share of the work at
+least ``MIN_THREAD_WORK_S``, the work being the images times the program's time per image
+(``Program.t_img``, the least per-image time of its serial calls on this machine; unknown until one
+has run, so a shape's first call is serial). The batch is then cut into pieces (up to
+``PIECES_PER_THREAD`` per thread, more only where a chunk caps a piece, each at least half a
+thread's minimum share) that the calling thread and the runtime's workers take from a shared
+counter, each running the program on its own arena (the interpreter releases the GIL); the call
+returns once every piece has run, without waiting for a worker the OS has not started yet
+(``kernels_threads.run_shared``). Anything smaller, batch 1 always, runs on the calling thread
+alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US`` sets the minimum share in
+microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per thread, as before the rule.
 
 Operations (``prog[i, 0]``): quantize a float tensor into a padded code image (the model input
 or an intermediate), int8 convolution (Linear layers as 1x1 convolutions over rows) with its

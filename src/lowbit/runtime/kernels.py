@@ -56,13 +56,15 @@ regions: their idle threads spin, and next to PyTorch's own OpenMP pool two spin
 steal each other's cores (on a 2-core machine a 0.1 ms batch-1 model took ~10 ms). The thread
 count is numba's (``numba.set_num_threads``, thread-local); worker threads run with one.
 
-Files, one per kernel family (this module re-exports their public functions):
+Files, one per kernel family (this module re-exports the public functions of the first six):
 ``kernels_threads.py`` (worker pool, ``parallel_for``), ``kernels_pack.py`` (fused activation
 quantization, bit-plane packing, im2col), ``kernels_popcount.py`` (bit-serial GEMMs, rows and
 cols layouts), ``kernels_select.py`` (float activations), ``kernels_int8.py`` (VNNI),
-``kernels_pool.py`` (max pooling on codes, global average pooling), ``kernels_gemv.py``
-(few-row GEMV on weight fields), ``kernels_gemm.py`` (table-lookup GEMM); ``executor.py`` runs a
-whole packed conv net as one numba call. Tunables (``PARALLEL_MIN_WORK``,
+``kernels_pool.py`` (max pooling on codes, global average pooling); ``kernels_gemv.py``
+(few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
+``kernels_gemm.py`` (table-lookup GEMM), ``kernels_amx.py`` (many-row Linear layers on AMX
+tiles) and ``kernels_codes.py`` (signed activation codes) are imported from their own files;
+``executor.py`` runs a whole packed conv net as one numba call. Tunables (``PARALLEL_MIN_WORK``,
 ``INT8_MIN_PARALLEL_MACS``, ``GEMV_MAX_ROWS``, ``LUT_MIN_ROWS``) live in, and are read from, their
 own file.
 """

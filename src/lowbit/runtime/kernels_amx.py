@@ -133,7 +133,8 @@ AMX_ROWS_MIN_PARALLEL = 1 << 20
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
 #: equal at 256)
 SLICE_KIB = 16
-#: channels whose int32 sums stay parked (in panels of 64) until one epilogue runs over them ...
+#: channels whose int32 sums stay parked (per group of 32 channels, 64 for a single row block)
+#: until one epilogue runs over them ...
 EPI_CHANNELS = 256
 #: ... unless they would take more than this many KiB (then fewer, at least one group)
 EPI_ACC_KIB = 512

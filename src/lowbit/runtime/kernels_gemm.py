@@ -1,5 +1,5 @@
 """Many-row GEMM on compact low-bit weights by table lookup (LUT): binary, ternary and 2-bit
-weights times activation codes of up to 5 bits, exact in integer arithmetic.
+weights times activation codes of up to 6 bits (:func:`lut_fits`), exact in integer arithmetic.
 
 Math (one layer; see ``kernels.py`` for the notation). The weights are small integers ``w_int[o, r]``
 taking at most ``2**cb`` values ``lv[0..]`` (``cb`` = 1: binary +-1; ``cb`` = 2: ternary -1/0/+1,
@@ -12,7 +12,7 @@ one group form a 4-bit index ``nib[o, g] = sum_i c[o, g*c + i] << (cb*i)``. For 
 
 so that ``D[m, o] = sum_r w_int[o, r] a[m, r] = sum_g T[m, g, nib[o, g]]``: one lookup replaces
 ``c`` multiply-adds. It fits int8 while ``c * max|lv| * (2**ka - 1) <= 127``: binary weights with
-activations of up to 5 bits, ternary and 2-bit weights with up to 4 (2-bit: 3 bits).
+activations of up to 5 bits, ternary weights with up to 6, 2-bit weights (-3/-1/1/3) with up to 4.
 
 AVX-512 (VBMI + VNNI): ``vpermb`` looks up 64 bytes in one 64-byte register holding the tables of
 4 consecutive groups (byte ``16*s + n``: group slot ``s``, index ``n``); the index byte of output

@@ -42,8 +42,9 @@ reduction is padded with zero trits (byte 0) and zero codes.
 The epilogue is the 2-bit GEMV's (``kernels_gemv.tile_epilogue``: ``D = E + F - off*A``, float64
 coefficients), so a layer's outputs are bit for bit those of its 2-bit GEMV. Kernels: ``_tq1_tile(R,
 OB)`` (LLVM IR) on a CPU with AVX-512 VNNI; :func:`gemv_tq1_plain` is a scalar numba loop over the
-same bytes (the plain path's kernel, for tests and CPUs without VNNI); :func:`tq1_reference` the
-NumPy reference of the product.
+same bytes, a second reference for the tests (layers hold the 1.6-bit form only where the CPU has
+VNNI; the plain path runs bit-serial products); :func:`tq1_reference` the NumPy reference of the
+product.
 """
 
 from __future__ import annotations

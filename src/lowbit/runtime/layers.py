@@ -419,8 +419,9 @@ def _affine_levels(levels: Tensor, scale: Tensor) -> tuple[float, float]:
 
 def act_spec(q: ActivationQuantizer | None) -> ActSpec:
     """The quantizer's own :meth:`~lowbit.quant.base.ActivationQuantizer.runtime_codes_spec`
-    (fused into the kernels: PACT, DoReFa, and LSQ / uniform where a checked multiplier exists),
-    else ``encode`` at every call (signed grids, BCGD's ceil, batch-dependent steps); no
+    (fused into the kernels: PACT, DoReFa, and LSQ / uniform where a checked multiplier exists;
+    unsigned grids in the kernels' own pass, mode 0, symmetric signed grids in one ``kernels_codes``
+    pass, mode 2), else ``encode`` at every call (BCGD's ceil, steps taken per batch); no
     quantizer: float activations. Dispatch is through the hook only, never the quantizer's type."""
     if q is None:
         return ActSpec(None, -1)
@@ -690,9 +691,10 @@ class PackedLinear(_PackedBase):
     - ``M >= amx_min_rows`` on a CPU with AMX-INT8: int8 tiles expanded from the same fields per
       call (``kernels_amx``; from 8 rows, or where the tables below exist from where AMX is faster);
     - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
-      (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit
-      int8, e.g. up to 4 bits for ternary and 5 for binary), AVX-512 or its plain path; not held
-      where AMX starts right after the GEMV's last row (ternary weights), as they would never run;
+      (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit int8:
+      up to 5 bits for binary, 6 for ternary, 4 for 2-bit -3/-1/1/3), AVX-512 or its plain path; not
+      held where AMX starts right after the GEMV's last row (ternary weights), as they would never
+      run;
     - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
 
