@@ -239,7 +239,9 @@ amx_block_1x4 = amx_block(1, 4)
 def epilogue_row(typingctx, acc, aoff, nb, s0, s1, c0, on, flags, out, orow, res, codes, crow, qhi, qmult):
     """The int8 epilogue of one output pixel (the arithmetic of ``_jit.vnni_tile``'s, lane for
     lane): ``nb`` blocks of 16 int32 sums at ``acc[aoff:]``, channels ``c0 + o`` for ``o < on``,
-    float output at ``out[orow:]``, residual at ``res[orow:]``, codes at ``codes[crow:]``."""
+    float output at ``out[orow:]``, residual at ``res[orow:]``, codes at ``codes[crow:]``. No kernel
+    of this tree calls it any more; the older ``kernels_amx.py`` that
+    ``benchmarks/speed/ab_amx_epilogue.py`` imports as its baseline does."""
     sig = types.void(acc, aoff, nb, s0, s1, c0, on, flags, out, orow, res, codes, crow, qhi, qmult)
 
     def codegen(context, builder, signature, args):
