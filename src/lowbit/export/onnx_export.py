@@ -4,7 +4,8 @@
 function as the PyTorch fake-quantized model (eval mode), to float rounding:
 
 - **Weights** of quantized layers whose decoded values lie on an integer grid,
-  ``w = (x - zero_point) * step`` (per tensor, or per output channel: ``axis=0``), become an
+  ``w = (x - zero_point) * step`` (per tensor, or per output channel along the weight's channel
+  axis: 0 for Linear/Conv, 1 for ConvTranspose and transformers' ``Conv1D``), become an
   integer constant ``x`` followed by ``DequantizeLinear``. The grid is found from the decoded
   weight itself, so binary (``+-alpha`` -> ``+-1``), ternary (``{-1, 0, 1} * alpha``), DoReFa
   k-bit (odd integers ``2i - (2^k - 1)`` times ``1/(2^k - 1)``), uniform and power-of-two

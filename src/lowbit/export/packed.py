@@ -18,6 +18,7 @@ Its ``__metadata__`` holds ``format = "lowbit"`` and ``lowbit`` = a JSON header:
      "recipe": {...model.lowbit_recipe...}, "spec": {...model.lowbit_spec...} | null,
      "fp32_params": <parameters of the float model, the FP32 size baseline / 4>,
      "layers": {"<name>": {"type": "Conv2d", "shape": [...], "dtype": "float32",
+                          "param": <the parameter's name, only when it is not "weight">,
                           "weight": null | {"method", "bits", "per_channel",
                               "channel_axis": null | <axis of the per-channel scale>, "encodings": [
                               {"parent": null|int, "bits", "num_levels", "numel",
@@ -33,8 +34,9 @@ an embedding and an unquantized LM head): each is stored once. A scale's ``scale
 the weight's rank (size ``C`` on ``channel_axis``: 0 for Linear/Conv, 1 for ConvTranspose and
 transformers' ``Conv1D``). Version 1 files (no ``tied``, no ``channel_axis``) read unchanged.
 
-``layers`` lists every quantizable layer (conv/linear/any module with a >= 2-D weight), so a
-report can be made from the file alone. The packing layouts are in :mod:`.bitpack`.
+``layers`` lists every quantizable weight (conv/linear/any module with a >= 2-D weight, named
+as in recipes: the module, or ``module.param`` for a weight not called ``weight``, e.g. an LSTM's
+``weight_hh_l0``), so a report can be made from the file alone. The packing layouts are in :mod:`.bitpack`.
 
 **Loading** (:func:`load_packed`) validates everything before building anything, rebuilds
 the float model (zoo models from ``spec``; otherwise the ``model`` the caller passes: a fresh

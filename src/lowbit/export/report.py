@@ -1,9 +1,9 @@
 """Size and BOPs reports of quantized models and of ``.lowbit`` files.
 
-A :class:`Report` has one :class:`LayerRow` per quantizable layer (conv, linear, any module
-with a >= 2-D weight) and totals. Byte counts are *what save_packed writes*: ``model_report``
-builds the very payload :func:`lowbit.export.save_packed` would write (same code path), and
-``report_from_file`` reads the tensors of the file, so
+A :class:`Report` has one :class:`LayerRow` per quantizable weight (a conv's, a linear's, any
+module's >= 2-D weight, e.g. an LSTM's ``weight_hh_l0``) and totals. Byte counts are *what
+save_packed writes*: ``model_report`` builds the very payload :func:`lowbit.export.save_packed`
+would write (same code path), and ``report_from_file`` reads the tensors of the file, so
 
 - ``row.code_bytes``  = bytes of the layer's packed code tensors (all encodings),
 - ``row.scale_bytes`` = bytes of its codebooks and scales,

@@ -71,7 +71,7 @@ class SupernetError(ValueError):
 @dataclass(frozen=True)
 class SubnetSpec:
     """One sub-net: ``width`` (a fraction in (0, 1], or ordered ``(glob, fraction)`` rules) and
-    weight/activation bits (2..8, or 32 for float)."""
+    weight/activation bits (1..8, or 32 for float)."""
 
     name: str
     width: float | tuple[tuple[str, float], ...] = 1.0

@@ -38,7 +38,7 @@ def surrogate(x: Tensor, kind: CoarseGrad, top: Tensor | float) -> Tensor:
 
 
 def coarse_derivative(x: Tensor, kind: CoarseGrad, top: float) -> Tensor:
-    """``mu'(x)`` as a tensor of 0/1 (used by tests and the STE-theory benchmark)."""
+    """``mu'(x)`` as a tensor of 0/1 (BCGD's backward, the tests and the STE benchmarks use it)."""
     if kind == "identity":
         return torch.ones_like(x)
     if kind == "relu":
