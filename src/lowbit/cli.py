@@ -26,8 +26,9 @@ examples:
   lowbit eval runs/w1a4                         # test accuracy of a run's best checkpoint
   lowbit train ... --resume                     # continue a killed run from its last checkpoint
 
-Data: MNIST, Fashion-MNIST and scikit-learn digits are installed by the setup; CIFAR-10,
-SVHN and ImageNet are read from --data-dir or $LOWBIT_DATA (standard file formats).
+Data: MNIST, Fashion-MNIST and scikit-learn digits are installed by the setup; CIFAR-10 (or its
+JPEG zip), SVHN, ImageNet, image folders and the hyperspectral scenes are read from --data-dir or
+$LOWBIT_DATA (standard file formats).
 """
 
 
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor argument, e.g. width_mult=2 (repeatable; JSON values)")
     t.add_argument("--data", default="mnist", help="dataset name (see `lowbit datasets`)")
-    t.add_argument("--data-dir", help="where CIFAR-10/SVHN/ImageNet files are (else $LOWBIT_DATA)")
+    t.add_argument("--data-dir", help="where CIFAR-10/SVHN/ImageNet/hyperspectral files or an image "
+                   "folder are (else $LOWBIT_DATA)")
     t.add_argument("--recipe", help="recipe YAML path or shipped recipe name; omit for float")
     t.add_argument("--init", help="checkpoint with float weights to start from (the usual path for QAT)")
     t.add_argument("--out", required=True, help="run directory")
@@ -210,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--profile-repeats", type=int, default=10, help="timed runs per sub-net and batch size")
     sv.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                     help="packed: each sub-net compiled by lowbit.runtime (PyTorch where it does not "
-                    "compile, the reason logged); torch: Supernet.run")
+                    "compile, the reason logged); torch: each sub-net's stored model in PyTorch "
+                    "(Supernet.run for a version-1 trainable file)")
 
     sn = sub.add_parser("snn", help="spiking twins of CNNs (LIF neurons, learned leak and threshold)")
     snsub = sn.add_subparsers(dest="snn", metavar="ACTION")

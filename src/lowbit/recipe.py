@@ -2,7 +2,7 @@
 
 A recipe is a small YAML (or dict)::
 
-    name: lenet5-w1a4
+    name: my-w1a4
     description: binary weights, 4-bit PACT activations, first and last layer in float
     default:
       weight: {method: binary, bits: 1}

@@ -12,7 +12,7 @@ read with a restricted unpickler that resolves only numpy's array globals.
     ...     data.train.set_epoch(epoch)
     ...     for x, y in data.train: ...
 
-This package imports nothing else of lowbit.
+This package imports nothing else of lowbit but ``lowbit._io`` (atomic files).
 """
 
 from .bundle import DataBundle, channel_stats, make_bundle

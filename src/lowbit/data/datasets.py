@@ -615,7 +615,8 @@ def load_dataset(
 
     Args:
         name: ``mnist``, ``fashion_mnist``, ``digits``, ``synthetic``, ``cifar10``,
-            ``svhn``, ``imagefolder`` or ``imagenet`` (``-``/``_`` and case don't matter).
+            ``svhn``, ``imagefolder``, ``imagenet``, ``indian_pines``, ``pavia_university`` or
+            ``salinas`` (``-``/``_`` and case don't matter).
         data_dir: first directory to search (then ``$LOWBIT_DATA``, then the dataset's
             installed/shipped copy); for ``imagefolder``, the folder or zip itself.
         batch_size, test_batch_size: batch sizes of the train and test loaders.
@@ -632,7 +633,8 @@ def load_dataset(
             ``progress`` (image folders); ``size``, ``class_order``, ``mode``
             (imagefolder); ``resize``, ``crop`` (imagenet); ``test_size``, ``split_seed``
             (digits); ``n_features``, ``n_classes``, ``n_train``, ``n_test``, ``kind``,
-            ``class_sep``, ``hidden``, ``shape``, ``data_seed`` (synthetic).
+            ``class_sep``, ``hidden``, ``shape``, ``data_seed`` (synthetic); ``patch``, ``pca``,
+            ``train_fraction``, ``split_seed`` (the hyperspectral scenes).
     """
     key = _canonical(name)
     if key == "imagefolder":

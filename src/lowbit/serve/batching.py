@@ -13,8 +13,9 @@ The last ``decisions`` choices (queue length, samples, oldest slack, arrival rat
 shed count, scale, cost of the decision; for a batch served, its run time and the time its oldest
 request spent in the server) are kept for ``/metrics?decisions=N``. A full queue (``max_queue``
 requests) refuses new ones at once (also 503). A batch runs on its sub-net's engine
-(:mod:`lowbit.serve.engines`): a packed sub-net is a model of its own, a PyTorch one is switched and
-run inside ``Supernet.run`` under its lock, so a batch is never computed by a half-switched model.
+(:mod:`lowbit.serve.engines`): a packed sub-net is a model of its own, a PyTorch one runs as its
+stored model (``LoadedSupernet.run``) or, from a version-1 file, is switched and run inside
+``Supernet.run`` under its lock, so a batch is never computed by a half-switched model.
 
 :class:`Metrics` keeps counters (served, shed, rejected, per-sub-net samples and batches) and the
 last ``window`` end-to-end latencies for percentiles; SLO attainment is the share of finished

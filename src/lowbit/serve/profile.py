@@ -6,9 +6,10 @@ scheduler that plans with the median misses half its tight deadlines) and interp
 between measured sizes. The sub-nets take turns call by call (each round runs every sub-net once
 per batch size, the first one rotating), as the server switches between them; timed one sub-net
 after another, a spell of load from other processes on a shared machine falls on one sub-net alone
-and skews the ratios the policies plan with. Times are of ``Supernet.run`` in eval mode with
-cached quantized weights, i.e. exactly what the server executes per batch; or, given the server's
-:class:`~lowbit.serve.engines.SubnetEngines`, of each sub-net's engine (packed runtime or PyTorch).
+and skews the ratios the policies plan with. The server profiles its own
+:class:`~lowbit.serve.engines.SubnetEngines` (each sub-net's engine, packed runtime or PyTorch),
+i.e. exactly what it executes per batch; given a :class:`Supernet` instead, the times are of
+``Supernet.run`` in eval mode with cached quantized weights.
 """
 
 from __future__ import annotations

@@ -56,9 +56,6 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupted, foreign, or does not fit the model."""
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
 # --------------------------------------------------------------------------- encoding
 # Nested python structures (optimizer/scheduler/callback state) become JSON in which each
 # tensor is replaced by {"__tensor__": name}; dicts with non-string keys (the optimizer's
