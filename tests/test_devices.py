@@ -11,6 +11,8 @@ GPU benchmark script (benchmarks/gpu/bench_gpu.py) runs the rest on CUDA.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,9 +129,11 @@ def test_channels_last_conv_net_trains(one_thread):
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))
     cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-2, channels_last=True, tensorboard=False)
-    Trainer(model, BatchLoader(x, y, batch_size=16), None, cfg).fit()
-    w = model[0].weight
-    assert w.is_contiguous(memory_format=torch.channels_last)
+    hist = Trainer(model, BatchLoader(x, y, batch_size=16), None, cfg).fit()
+    # the second convolution's latent weight (4 input channels: with 1, any layout counts as both)
+    w = model[2].parametrizations.weight.original
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert all(math.isfinite(h["train_loss"]) for h in hist) and len(hist) == 2
 
 
 def test_sync_bn_refuses_cpu_processes():

@@ -98,6 +98,7 @@ def test_functional_activations_are_quantized_on_layer_inputs() -> None:
     for layer in (model.pw, model.mix, model.head):
         layer.register_forward_pre_hook(grab)  # runs after the quantizing hook
     model(torch.randn(2, 1, 8, 8))
+    assert set(seen) == {model.pw, model.mix, model.head}
     for layer, inp in seen.items():
         step = float(layer.input_quantizer.alpha.detach()) / 15
         codes = inp / step

@@ -3,6 +3,8 @@ and that it returns exactly what the module path returns."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -99,5 +101,7 @@ def test_hooks_and_grad_take_the_module_path():
 
 def test_a_wrong_width_is_a_clear_error():
     pm = _packed(_mlp())
-    with pytest.raises((RuntimeError, ValueError)):
-        pm(torch.rand(1, N - 1))
+    for x in (torch.rand(1, N - 1), torch.rand(1, 2 * N), torch.rand(3, N + 1)):  # chain and module paths
+        what = re.escape(f"input of shape {tuple(x.shape)}") + f".*takes {N} features"
+        with pytest.raises(ValueError, match=what):
+            pm(x)

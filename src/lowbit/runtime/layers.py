@@ -932,6 +932,9 @@ class PackedLinear(_PackedBase):
         if (self.gemv is not None and self.act.mode == 0 and x.dim() == 2 and self._gemv_rows(x.shape[0])
                 and x.shape[1] == self.in_features):
             return self._forward_gemv(x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name}: an input of shape {tuple(x.shape)}; this Linear layer "
+                             f"takes {self.in_features} features in the last dimension")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         M = x2.shape[0]
