@@ -359,7 +359,9 @@ def cmd_report(a: argparse.Namespace) -> int:
         rep = model_report(model, tuple(data.in_shape))
     console.print(rep.to_rich_table())
     if a.json:
-        Path(a.json).write_text(rep.to_json())
+        from ._io import atomic_write_text
+
+        atomic_write_text(a.json, rep.to_json())
     if a.png:
         rep.plot(a.png)
         console.print(f"plot -> {a.png}")
