@@ -212,7 +212,7 @@ class LSQActivation(_StepLoadMixin, ActivationQuantizer):
     def g(self, x: Tensor) -> float:
         if self.grad_scale is not None:
             return self.grad_scale
-        n = x[0].numel() if x.dim() > 1 else x.numel()
+        n = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()  # (an empty batch has no x[0])
         return lsq_grad_scale(n, self.q_p)
 
     def step_for(self, x: Tensor) -> Tensor:
