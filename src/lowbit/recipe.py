@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from torch import nn
 
 from .quant import registry
 
@@ -43,22 +46,31 @@ Kind = Literal["weight", "activation"]
 _UNSET: Any = object()
 SPECIAL_MATCHES = ("@first", "@last")
 
-#: Training methods a recipe's ``methods`` list may name -> the option keys each accepts. The
-#: implementations live in ``lowbit.train.methods`` (which checks that it matches this table);
-#: the table sits here so a recipe is validated when it is loaded, without importing training.
-TRAINING_METHODS: dict[str, tuple[str, ...]] = {
-    "bcgd": ("rho",),
-    "binary_relax": ("eta0", "growth", "per_epoch", "every_steps", "steps_per_epoch", "hard_epoch",
-                     "eval_hard"),
-    "pact_l2": ("weight",),
-    "sinreq": ("weight", "bits", "grid", "layers", "reduction"),
-    "waveq": ("weight", "beta_weight", "init_bits", "min_bits", "max_bits", "grid", "layers", "reduction"),
-    "kd": ("teacher", "alpha", "temperature"),
-    "dcq": ("teacher", "cut_after", "dcq_epochs", "alpha", "temperature"),
-    "rvsm": ("lam", "beta", "penalty", "a", "layers", "finalize"),
-    "wpc": ("lam", "group", "pe_in", "wpc", "wpc_scale", "layers"),
-    "bits_penalty": ("weight",),
+#: Training methods a recipe's ``methods`` list may name -> each option and the type annotated on the
+#: method's constructor. The implementations live in ``lowbit.train.methods`` (which checks that it
+#: matches this table); the table sits here so a recipe is validated when it is loaded, without
+#: importing training. Option values are checked against these types (see :func:`check_option`);
+#: their ranges are checked by the constructors when training starts.
+TRAINING_OPTIONS: dict[str, dict[str, Any]] = {
+    "bcgd": {"rho": float},
+    "binary_relax": {"eta0": float, "growth": float, "per_epoch": int, "every_steps": int | None,
+                     "steps_per_epoch": int | None, "hard_epoch": int | None, "eval_hard": bool},
+    "pact_l2": {"weight": float},
+    "sinreq": {"weight": float, "bits": int | None, "grid": str, "layers": Sequence[str] | None,
+               "reduction": str},
+    "waveq": {"weight": float, "beta_weight": float, "init_bits": float | None, "min_bits": int,
+              "max_bits": int, "grid": str, "layers": Sequence[str] | None, "reduction": str},
+    "kd": {"teacher": nn.Module, "alpha": float, "temperature": float},
+    "dcq": {"teacher": nn.Module, "cut_after": Sequence[str] | None, "dcq_epochs": int | None,
+            "alpha": float, "temperature": float},
+    "rvsm": {"lam": float, "beta": float, "penalty": str, "a": float, "layers": Sequence[str] | None,
+             "finalize": bool},
+    "wpc": {"lam": float, "group": str, "pe_in": int, "wpc": bool, "wpc_scale": float,
+            "layers": Sequence[str] | None},
+    "bits_penalty": {"weight": float},
 }
+#: Training method -> the option keys it accepts.
+TRAINING_METHODS: dict[str, tuple[str, ...]] = {n: tuple(o) for n, o in TRAINING_OPTIONS.items()}
 
 
 class RecipeError(ValueError):
@@ -67,6 +79,55 @@ class RecipeError(ValueError):
 
 def _err(path: str, value: Any, allowed: str) -> RecipeError:
     return RecipeError(f"recipe field {path!r}: got {value!r}; allowed: {allowed}")
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether ``value`` (as YAML gives it) fits the annotation ``tp``. An int fits ``float``; a bool is
+    not a number. Types a recipe cannot hold (a module, ``Any``) fit anything: their user checks them."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, list | tuple) and all(not args or _fits(args[0], v) for v in value)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in _WORDS:
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    """``tp`` in words, as a recipe writes it: ``int | None`` -> 'an integer or null'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        return f"a list, each {_describe(args[0])}" if args else "a list"
+    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_option(path: str, value: Any, tp: Any, owner: str) -> None:
+    """Raise :class:`RecipeError` at ``path`` unless ``value`` fits ``tp``, the type annotated on the
+    constructor parameter it is passed to (``owner`` names that method or quantizer)."""
+    if _fits(tp, value):
+        return
+    hint = ""
+    if isinstance(value, str) and _fits(tp, 0.5):
+        try:
+            float(value)
+            hint = " (YAML reads a number like 1e-5 as a string: write 1.0e-5)"
+        except ValueError:
+            pass
+    raise _err(path, value, f"{_describe(tp)} for {owner}{hint}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +175,7 @@ def _parse_spec(raw: Any, kind: Kind, path: str) -> QuantSpec | None:
     axis = options.get("channel_axis")
     if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
         raise _err(f"{path}.channel_axis", axis, "an integer (the weight's output-channel dimension) or null")
+    types_ = typing.get_type_hints(cls.__init__)
     for k in options:
         if k not in allowed_opts:
             raise _err(
@@ -121,6 +183,8 @@ def _parse_spec(raw: Any, kind: Kind, path: str) -> QuantSpec | None:
                 options[k],
                 f"keys method, bits, {', '.join(allowed_opts) or '(no options)'} for {method!r}",
             )
+        if k != "channel_axis":
+            check_option(f"{path}.{k}", options[k], types_.get(k, Any), f"{kind} method {method!r}")
     spec = QuantSpec(method=method, bits=bits, options=options)
     try:  # options with bad values surface now, not mid-training
         spec.build(kind)
@@ -303,10 +367,12 @@ def _check_method(m: Mapping[str, Any], path: str) -> None:
     name = m["name"]
     if name not in TRAINING_METHODS:
         raise _err(f"{path}.name", name, f"training methods {sorted(TRAINING_METHODS)}")
-    allowed = TRAINING_METHODS[name]
+    allowed = TRAINING_OPTIONS[name]
     for k in m:
         if k != "name" and k not in allowed:
             raise _err(f"{path}.{k}", m[k], f"keys name, {', '.join(allowed)} for method {name!r}")
+        if k != "name":
+            check_option(f"{path}.{k}", m[k], allowed[k], f"method {name!r}")
 
 
 def recipe_dirs() -> list[Path]:

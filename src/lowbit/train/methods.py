@@ -17,14 +17,15 @@ checkpoint path into one first.
 
 Each entry becomes a ``wrap_optimizer``, a callback, a regularizer or a loss for
 :class:`lowbit.train.Trainer`; options are the keyword arguments of the method's constructor.
-The names and option keys are also listed in :data:`lowbit.recipe.TRAINING_METHODS`, which checks
-a recipe when it is loaded (recipe.py does not import training); this module refuses to import if
-the two disagree.
+The names, option keys and option types are also listed in :data:`lowbit.recipe.TRAINING_OPTIONS`,
+which checks a recipe when it is loaded (recipe.py does not import training); this module refuses to
+import if the two disagree.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..quant.mixed import expected_bits
 from ..quant.pact import PACTActivation
-from ..recipe import TRAINING_METHODS
+from ..recipe import TRAINING_METHODS, TRAINING_OPTIONS
 from .bcgd import BCGD
 from .binary_relax import BinaryRelax
 from .dcq import DCQ
@@ -163,11 +164,16 @@ def _options(name: str) -> list[str]:
     return [p for p in inspect.signature(fn).parameters if p not in ("self", "model", "hooks")]
 
 
+def _option_types(name: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(_CONSTRUCTORS.get(name, METHODS[name]))
+    return {p: hints.get(p, Any) for p in _options(name)}
+
+
 def _check_registry() -> None:
-    """The recipe validator's table must list exactly these methods and options."""
-    found = {n: tuple(_options(n)) for n in METHODS}
-    if found != TRAINING_METHODS:
-        raise RuntimeError(f"lowbit.recipe.TRAINING_METHODS is out of date: the training methods are {found}")
+    """The recipe validator's table must list exactly these methods, options and option types."""
+    found = {n: _option_types(n) for n in METHODS}
+    if found != TRAINING_OPTIONS or {n: tuple(o) for n, o in found.items()} != TRAINING_METHODS:
+        raise RuntimeError(f"lowbit.recipe.TRAINING_OPTIONS is out of date: the training methods are {found}")
 
 
 _check_registry()
