@@ -21,9 +21,11 @@ constructor (``per_channel``, ``ste``, ``alpha_init``, ``signed`` ...), except t
 ``channel_axis`` (an integer: the weight's output-channel dimension for per-channel statistics;
 by default ``lowbit.quantize`` picks it from the layer type). Weights not called ``weight`` (RNN,
 attention) are matched by ``module.param`` names, e.g. ``"rnn.weight_hh_l0"`` (see
-``lowbit.nn.quantize``). ``methods`` entries are checked against :data:`TRAINING_METHODS` (names
-and option keys). Every mistake raises :class:`RecipeError` naming the field, the bad value and
-what is allowed.
+``lowbit.nn.quantize``). ``methods`` entries are checked against :data:`TRAINING_OPTIONS` (names,
+option keys and types). Option values must fit the type annotated on the constructor parameter
+they are passed to (an int where a float is annotated; a bool is not a number); quantizer options
+are also range-checked at load, by building the quantizer. Every mistake raises
+:class:`RecipeError` naming the field, the bad value and what is allowed.
 """
 
 from __future__ import annotations
