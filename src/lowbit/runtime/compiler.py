@@ -82,7 +82,7 @@ from ..quant.base import Encoded, Quantizer
 from . import kernels as K
 from . import kernels_gemv as KV
 from . import kernels_threads as KT
-from .executor import FlatExecutor
+from .executor import FlatExecutor, input_dtype_error
 from .layers import (
     CodeMaxPool2d,
     CodeTarget,
@@ -187,6 +187,10 @@ class PackedModel(nn.Module):
         self.chain: tuple[Callable[[Any], Any], ...] | None = None
         # one sample of at most this many input values: the call runs on one thread (0: never)
         self.serial_numel = SERIAL_MAX_NUMEL
+        # the dtype of a one-tensor example_input (None: no example, or not one tensor): a call on
+        # one argument must then be a tensor (or array); floats are converted to a floating
+        # example's dtype, integers and bools are an error (_entry)
+        self.input_dtype: torch.dtype | None = None
         self.eval()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -209,8 +213,8 @@ class PackedModel(nn.Module):
                     y = ex._call(x)
                 if y is not None:
                     return y
-            if chain is not None and not x.requires_grad and x.dim() > 0 and x.shape[0] == 1 \
-                    and x.numel() <= self.serial_numel:
+            if chain is not None and x.dtype is torch.float32 and not x.requires_grad and x.dim() > 0 \
+                    and x.shape[0] == 1 and x.numel() <= self.serial_numel:
                 # one small sample through a chain of packed layers: the layers' forwards in a row on
                 # this thread, without forward's checks, thread settings and inference mode (nothing
                 # here records autograd): the Python around a 2048^2 GEMV was about as long as it
@@ -225,10 +229,26 @@ class PackedModel(nn.Module):
         return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_dtype is not None and len(args) == 1 and not kwargs:
+            args = (self._entry(args[0]),)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if _one_small_sample(first, self.serial_numel):
             return self._forward_serial(args, kwargs)
         return self._forward(args, kwargs)
+
+    def _entry(self, x: Any) -> Tensor:
+        """The one input checked against the example's kind (``input_dtype``): a tensor (an array is
+        taken as one), floating point where the example was, in the example's floating dtype."""
+        if type(x) is np.ndarray:
+            x = torch.from_numpy(x)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        want = self.input_dtype
+        if x.dtype is not want and want is not None and want.is_floating_point:
+            if not x.is_floating_point():
+                raise input_dtype_error(x.dtype)
+            x = x.to(want)
+        return x
 
     def _forward_serial(self, args: tuple, kwargs: dict) -> Any:
         """The call on one thread: PyTorch's intra-op threads and the kernels' (SERIAL_MAX_NUMEL)."""
@@ -396,7 +416,10 @@ def compile(
     # every quantized layer's input is recorded: a layer not called on the example (attention
     # reads MultiheadAttention.out_proj.weight directly) must stay a module
     has_example = example_input is not None
-    inputs, ref = _record_inputs(src, qlayers, example_input) if has_example else ({}, None)
+    try:
+        inputs, ref = _record_inputs(src, qlayers, example_input) if has_example else ({}, None)
+    except Exception as e:
+        raise _example_error(src, example_input, e) from e
     traced = True
     try:
         graph = _LeafTracer({id(m) for m in qlayers.values()}).trace(src)
@@ -457,6 +480,8 @@ def compile(
     out = PackedModel(gm, reports, traced)
     out.executor = executor
     out.chain = chain if traced else None
+    if isinstance(example_input, Tensor):
+        out.input_dtype = example_input.dtype
     if not has_example:
         out.batch_chunk = int(batch_chunk or 0)
         return out
@@ -469,6 +494,60 @@ def compile(
         batch_chunk = _auto_chunk(out, packed, inputs, example_input) if traced else 0
     out.batch_chunk = int(batch_chunk)
     return out
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in x[:4]) + (", ..." if len(x) > 4 else "")
+        return f"{type(x).__name__} of {len(x)}: {inner}" if x else f"empty {type(x).__name__}"
+    if isinstance(x, dict):
+        return "dict of " + ", ".join(f"{k}={_describe(v)}" for k, v in list(x.items())[:4])
+    return repr(x) if isinstance(x, (int, float)) else type(x).__name__
+
+
+# spatial sizes tried (square) for the example of a conv net's error message
+_HINT_SIZES = (28, 32, 224, 64, 96, 11, 16)
+
+
+def _example_hint(model: nn.Module) -> str:
+    """``torch.randn(...)`` of one sample the model runs on: from its first Conv2d (square sizes of
+    _HINT_SIZES, the first the model runs on) or Linear layer; '' when that is not known."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    dt = "" if dtype is torch.float32 else f", dtype={dtype}"
+    if isinstance(first, nn.Linear):
+        return f"torch.randn(1, {first.in_features}{dt})"
+    if not isinstance(first, nn.Conv2d):
+        return ""
+    c = first.in_channels
+    for size in _HINT_SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, c, size, size, dtype=dtype))
+        except Exception:  # a size the model does not take: try the next one
+            continue
+        return f"torch.randn(1, {c}, {size}, {size}{dt})"
+    return f"torch.randn(1, {c}, H, W{dt})"
+
+
+def _example_error(model: nn.Module, example: Any, cause: Exception) -> Exception:
+    """The error for an ``example_input`` the (fake-quantized) model fails on: what was passed,
+    the model's own error, and what to pass instead."""
+    hint = _example_hint(model)
+    if isinstance(example, tuple) and example and all(isinstance(v, int) for v in example):
+        return TypeError(
+            f"compile: example_input is a tuple of ints {example}, which the model takes as "
+            f"{len(example)} positional arguments ({cause}); a tensor is expected, not a shape: "
+            f"e.g. torch.randn{example}" + (f" (one sample this model runs on: {hint})"
+                                            if hint and hint != f"torch.randn{example}" else "")
+        )
+    return ValueError(
+        f"compile: the model failed on example_input ({_describe(example)}): {cause}; pass one batch "
+        "the model itself accepts" + (f", e.g. {hint}" if hint else "")
+    )
 
 
 def _measure(pm: PackedModel, ref: Any, got: Any) -> None:

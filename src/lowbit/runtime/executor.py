@@ -131,6 +131,14 @@ def split_step(B: int, nt: int, t_img: float, chunk: int, min_thread_s: float | 
     return max(1, min(chunk, max(-(-B // (PIECES_PER_THREAD * nt)), least)))
 
 
+def input_dtype_error(dtype: torch.dtype) -> ValueError:
+    """The error for an input that is not floating point (integer or bool): the packed layers
+    quantize floats, and an image of uint8 pixels computed as its float values would be a silent
+    misuse (its scale is not the trained one)."""
+    return ValueError(f"input dtype {dtype}: the packed model takes floating-point inputs "
+                      "(float32; float16/64 are converted)")
+
+
 class UnsupportedGraphError(ValueError):
     """The graph has an operation the flat executor does not run."""
 
@@ -937,6 +945,8 @@ class FlatExecutor:
         if prog is None or x.shape[0] == 0:
             return None
         if x.dtype is not torch.float32 or x.requires_grad or not x.is_contiguous():
+            if not x.is_floating_point():  # (the one-image path takes float32 only)
+                raise input_dtype_error(x.dtype)
             x = x.detach().float().contiguous()
         xn = x.numpy()
         B = xn.shape[0]

@@ -1102,6 +1102,11 @@ class PackedConv2d(_PackedBase):
         return int(mc)
 
     def forward(self, x: Tensor | Codes, res: Tensor | None = None):
+        if type(x) is not Codes:
+            s = x.shape
+            if len(s) != 4 or s[1] != self.in_channels:
+                raise ValueError(f"{self.layer_name}: an input of shape {tuple(s)}; this Conv2d takes "
+                                 f"(N, {self.in_channels}, H, W)")
         if self.i8 is not None:
             return self._forward_int8(x, res)
         N = x.shape[0]
