@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "fsync_dir", "temp_pattern"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "check_file_path", "fsync_dir", "temp_pattern"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -32,14 +32,31 @@ def temp_pattern(path: str | os.PathLike[str]) -> str:
     return f".{Path(path).name}.*.tmp"
 
 
+def check_file_path(path: str | os.PathLike[str], example: str = "model.lowbit") -> Path:
+    """``path`` as a Path, or a ValueError (empty path) / IsADirectoryError (an existing folder)
+    that names a file path to give instead (``example`` is the file name suggested inside it), or a
+    NotADirectoryError when a file stands where one of its folders would be."""
+    if not os.fspath(path):
+        raise ValueError(f"the output path is empty; give a file path such as {example}")
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory; give a file path such as {p / example}")
+    existing = next((a for a in p.parents if a.exists()), None)  # mkdir would fail on a file here
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is a file, not a folder: {p} cannot be written inside it")
+    return p
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], example: str = "model.lowbit") -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it is fsynced and renamed onto ``path``.
 
     On any exception (or if the process dies) ``path`` keeps its previous content and the temp
-    file is removed (or, after a kill, left to be matched by :func:`temp_pattern`).
+    file is removed (or, after a kill, left to be matched by :func:`temp_pattern`). An empty
+    ``path`` or an existing folder is refused before anything is written (see
+    :func:`check_file_path`; ``example`` is the file name its message suggests).
     """
-    path = Path(path)
+    path = check_file_path(path, example)
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
@@ -61,13 +78,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike[str], data: bytes, example: str = "model.lowbit") -> None:
+    """Write ``data`` to ``path`` atomically (``example``: see :func:`atomic_path`)."""
+    with atomic_path(path, example) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: str | os.PathLike[str], text: str, example: str = "out.json") -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``example``: see :func:`atomic_path`)."""
+    with atomic_path(path, example) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -353,15 +353,16 @@ def cmd_report(a: argparse.Namespace) -> int:
     if target.is_file() and target.suffix == ".lowbit":
         rep = report_from_file(target)
     else:
-        from .experiment import load_run
+        from .experiment import load_run, require_quantized_run
 
         model, data, _ = load_run(target)
+        require_quantized_run(model, target, "nothing packed to report")
         rep = model_report(model, tuple(data.in_shape))
     console.print(rep.to_rich_table())
     if a.json:
         from ._io import atomic_write_text
 
-        atomic_write_text(a.json, rep.to_json())
+        atomic_write_text(a.json, rep.to_json(), "report.json")
     if a.png:
         rep.plot(a.png)
         console.print(f"plot -> {a.png}")
@@ -369,11 +370,12 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .experiment import load_run
+    from .experiment import load_run, require_quantized_run
 
     model, data, _ = load_run(a.run)
     model.eval()
     if a.format == "lowbit":
+        require_quantized_run(model, a.run)
         from .export import save_packed
 
         save_packed(model, a.out)
@@ -394,6 +396,8 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     from .ptq import calibration_batches, multipoint_ptq
     from .train import evaluate
 
+    if a.calib < 1:
+        raise ValueError(f"--calib must be >= 1, got {a.calib}")
     model, data, _ = load_run(a.run, a.device)
     if quantized_layers(model):
         raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
@@ -555,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[a.command](a)
-    except (RecipeError, DatasetNotFoundError, CheckpointError, TrainingDiverged, FileNotFoundError,
+    except (RecipeError, DatasetNotFoundError, CheckpointError, TrainingDiverged, OSError,
             ValueError, DistributedError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

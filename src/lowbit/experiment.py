@@ -303,6 +303,11 @@ def load_run(
     """Rebuild a run's model from its directory (or a checkpoint inside it) and its data;
     ``device`` (``auto``, ``cpu``, ``cuda``...) moves the model there (the data stay on the CPU)."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p} does not exist; give a run directory written by `lowbit train` or a .safetensors "
+            "checkpoint in one"
+        )
     run_dir = p if p.is_dir() else p.parent
     ckpt = p if p.is_file() else run_dir / "best.safetensors"
     if not ckpt.exists():
@@ -319,6 +324,16 @@ def load_run(
     if device is not None:
         model.to(dist.resolve_device(device))
     return model, data, config
+
+
+def require_quantized_run(model: nn.Module, run: str | Path, what: str = "nothing to pack") -> None:
+    """A ValueError telling a CLI user what to do when ``run`` (loaded by :func:`load_run`) is a
+    float run, which has nothing packed to write or report."""
+    if getattr(model, "lowbit_recipe", None) is None:
+        raise ValueError(
+            f"{run} is a float run (trained without --recipe): {what}; train with --recipe, or run "
+            f"`lowbit ptq {run} --out F.lowbit`"
+        )
 
 
 def releq_run(

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write
+from .._io import atomic_write, check_file_path
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
 from .packed import _channel_axis, _method_name, encode_weight, is_hf_conv1d, refresh_rnn_weights
 
@@ -488,6 +488,32 @@ def _example_args(model: nn.Module, inputs: Inputs | None, kwargs: dict[str, Any
     )
 
 
+@torch.no_grad()
+def _run_example(wrapped: nn.Module, example: tuple[Tensor, ...], input_shape: Any) -> Any:
+    """The model's outputs on the example; when ``input_shape`` is a shape the model fails on, a
+    ValueError saying so and what input_shape means (a shape with the batch dimension included is
+    the usual mistake: the shape without its first entry is suggested when the model runs on it)."""
+    is_shape = isinstance(input_shape, (tuple, list)) and all(type(v) is int for v in input_shape)
+    try:
+        return wrapped(*example)
+    except Exception as e:
+        if not is_shape:
+            raise
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        hint = "e.g. (1, 28, 28) for one 28x28 grey image"
+        if len(input_shape) > 1:
+            try:
+                wrapped(torch.zeros((1, *input_shape[1:]), dtype=example[0].dtype), *example[1:])
+                hint = f"e.g. {tuple(input_shape[1:])}, on which the model runs"
+            except Exception:  # the shorter shape fails too: keep the generic example
+                pass
+        raise ValueError(
+            f"the model failed on an example of shape {tuple(example[0].shape)} made from "
+            f"input_shape={tuple(input_shape)}: {cause}; input_shape is ONE sample without the batch "
+            f"dimension, {hint}"
+        ) from e
+
+
 def _flat_outputs(out: Any) -> list[Tensor]:
     """The tensors of a (nested) output in order: tensors, tuples/lists, dicts and ModelOutputs."""
     if isinstance(out, Tensor):
@@ -641,6 +667,7 @@ def export_onnx(
     if bad:
         raise ValueError(f"kwargs {bad} are not tensors; ONNX inputs are tensors (pass other options to "
                          "the model's constructor or config)")
+    check_file_path(path, "model.onnx")  # before the (slow) trace
     refresh_rnn_weights(model)
     m = copy.deepcopy(model).cpu().eval()
     args = tuple(a.cpu() for a in _example_args(m, input_shape, kwargs))
@@ -651,8 +678,7 @@ def export_onnx(
     if len(args) == 1 and not kwargs:
         in_names = [input_name]
     in_names += list(kwargs)
-    with torch.no_grad():
-        n_out = len(wrapped(*example))
+    n_out = len(_run_example(wrapped, example, input_shape))
     if n_out == 0:
         raise OnnxExportError("the model's output holds no tensor to export")
     out_names = [output_name] if n_out == 1 else [f"{output_name}_{i}" for i in range(n_out)]
@@ -684,7 +710,7 @@ def export_onnx(
         raise RuntimeError(f"ONNX rewrite: {n4} INT4/UINT4 weights written, {planned} planned")
     _protect_biases(proto)
     onnx.checker.check_model(proto)
-    atomic_write(path, proto.SerializeToString())
+    atomic_write(path, proto.SerializeToString(), "model.onnx")
     return OnnxReport(path=str(path), opset=opset, rows=rows)
 
 

@@ -269,6 +269,9 @@ def quantize(model: nn.Module, recipe: Recipe | dict[str, Any], *, strict: bool 
     quantizer that cannot be attached (or a recipe that quantizes nothing) into a
     :class:`QuantizeError`; otherwise each is logged and warned about.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__} "
+                        "(e.g. lowbit.models.build_model('lenet5'))")
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe)
     already = quantized_layers(model)

@@ -52,7 +52,9 @@ class LayerAllocation:
 
 
 def calibration_batches(loader: Iterable[Any], n: int) -> list[Tensor]:
-    """The inputs of the first batches of ``loader`` until they hold at least ``n`` samples."""
+    """The inputs of the first batches of ``loader`` until they hold at least ``n >= 1`` samples."""
+    if n < 1:
+        raise ValueError(f"the number of calibration samples must be >= 1, got {n}")
     out, count = [], 0
     for b in loader:
         x = b[0] if isinstance(b, tuple | list) else b
