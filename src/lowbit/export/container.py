@@ -10,11 +10,15 @@ known dtypes, non-negative integer shapes, byte ranges that match ``numel * item
 tile the data section exactly, without gaps or overlaps), so that any malformed file is a
 :class:`FormatError` with a precise message instead of whatever a lower layer would raise.
 Files are written by :func:`serialize`: standard safetensors (the ``safetensors`` library reads
-them), byte-for-byte deterministic.
+them), byte-for-byte deterministic, with the SHA-256 of the data section in the metadata
+(:data:`CHECKSUM_KEY`), which :func:`read_container` verifies: a flipped bit anywhere in the
+tensors is a FormatError, not a model that loads with wrong weights. Files without the key
+(written before it existed, or by other tools) are read unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +29,9 @@ import torch
 from .errors import FormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: the metadata entry holding the hex SHA-256 of the data section (taken out of the metadata
+#: that :func:`read_container` returns)
+CHECKSUM_KEY = "lowbit_data_sha256"
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -168,6 +175,11 @@ def read_container(data: bytes, what: str = "file") -> tuple[dict[str, torch.Ten
         pos = e
     if pos != size:
         raise FormatError(f"{what}: {size - pos} trailing bytes after the last tensor")
+    meta = dict(meta_raw)
+    want = meta.pop(CHECKSUM_KEY, None)
+    if want is not None and hashlib.sha256(buf).hexdigest() != want:
+        raise FormatError(f"{what}: the tensor data does not match the checksum stored with it: the "
+                          "file is corrupted (a changed or damaged copy); write it again from the model")
     raw = bytearray(buf)  # one writable copy; tensors are views cloned below
     tensors: dict[str, torch.Tensor] = {}
     for name, (dtype, shape, b, e) in entries.items():
@@ -178,7 +190,7 @@ def read_container(data: bytes, what: str = "file") -> tuple[dict[str, torch.Ten
                 raw, dtype=dtype, count=(e - b) // torch.empty((), dtype=dtype).element_size(), offset=b
             )
             tensors[name] = t.reshape(shape).clone()
-    return tensors, dict(meta_raw)
+    return tensors, meta
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -192,7 +204,9 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
         items.append((name, t))
     items.sort(key=lambda it: (-it[1].element_size(), it[0]))
-    header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}}
+    if CHECKSUM_KEY in metadata:
+        raise ValueError(f"metadata key {CHECKSUM_KEY!r} is the container's own")
+    header: dict[str, Any] = {}
     chunks: list[bytes] = []
     pos = 0
     for name, t in items:
@@ -204,7 +218,10 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
         }
         chunks.append(raw)
         pos += len(raw)
+    data = b"".join(chunks)
+    meta = {**metadata, CHECKSUM_KEY: hashlib.sha256(data).hexdigest()}
+    header = {"__metadata__": {k: meta[k] for k in sorted(meta)}, **header}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     text += b" " * ((-len(text)) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+    return len(text).to_bytes(8, "little") + text + data
 
