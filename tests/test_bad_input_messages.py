@@ -36,10 +36,15 @@ def _torch_formulas() -> Iterator[None]:
 
 
 def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """Exit status and printed text (rich's line wrapping undone)."""
+    """Exit status and printed text, on one line (a console wide enough that rich does not wrap)."""
     capsys.readouterr()
-    rc = cli.main(["--threads", "1", *args])
-    return rc, " ".join(capsys.readouterr().out.split())
+    was = cli.console._width
+    cli.console.width = 10_000
+    try:
+        rc = cli.main(["--threads", "1", *args])
+    finally:
+        cli.console._width = was
+    return rc, capsys.readouterr().out.strip()
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +148,7 @@ def test_cli_turns_other_os_errors_into_exit_2(runs: dict[str, Path], tmp_path: 
 
 @pytest.mark.parametrize("cmd", [["eval"], ["report"], ["export", "--format", "onnx", "--out", "x.onnx"]])
 def test_cli_missing_run(cmd: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "x" / "nonexistent_run"
+    missing = tmp_path / "x" / "[red]nonexistent_run"  # printed as it is, not read as rich markup
     rc, out = _main(capsys, cmd[0], str(missing), *cmd[1:])
     assert rc == 2
     assert out == (f"error: {missing} does not exist; give a run directory written by `lowbit train` or a "

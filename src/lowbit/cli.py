@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[a.command](a)
     except (RecipeError, DatasetNotFoundError, CheckpointError, TrainingDiverged, OSError,
             ValueError, DistributedError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")  # a path such as runs/[b] is text, not markup
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last completed epoch's checkpoint is kept; "
