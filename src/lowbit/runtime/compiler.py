@@ -402,6 +402,13 @@ def compile(
     data, nothing is measured and batches
     are not chunked (unless ``batch_chunk`` says so). A Linear followed by a BatchNorm1d keeps
     the batch norm in PyTorch (the input rank is unknown).
+
+    Bad inputs: an ``example_input`` the model itself fails on is a ``ValueError`` naming the
+    example, the model's error and one sample the model runs on (a tuple of ints: a ``TypeError``,
+    a tensor is expected, not a shape). With one tensor as ``example_input``, a call on one argument
+    takes a tensor (or array; anything else is a ``TypeError``); where the example is floating
+    point, other float dtypes are converted to its dtype and integer or bool inputs are a
+    ``ValueError`` (the flat executor rejects them too, with or without an example).
     """
     refresh_rnn_weights(model)
     src = copy.deepcopy(model).eval()
