@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="checkpoint with float weights to start from (the usual path for QAT)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again in a run directory that holds a run (its files are deleted)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--subset", type=int, help="train on this many samples only (quick runs)")
     t.add_argument("--val-size", default="auto", help="validation images carved from the training set "
@@ -255,10 +257,12 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .experiment import RunSpec, train_run
+    from .experiment import RunSpec, claim_run_dir, train_run
     from .progress import RichProgress
     from .train import distributed
 
+    if not a.resume and distributed.env_world_size() == 1:  # (once: the launcher, not each rank)
+        claim_run_dir(a.out, a.overwrite)
     if a.nproc and a.nproc > 1 and distributed.env_world_size() == 1:
         return distributed.launch(a.nproc, distributed.without_nproc(a.argv))
 

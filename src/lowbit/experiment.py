@@ -242,6 +242,30 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     return result
 
 
+#: what a run directory holds (beside the TensorBoard folder ``tb``)
+RUN_FILES = ("checkpoint.safetensors", "best.safetensors", "metrics.jsonl", "config.json", "result.json",
+             "model.lowbit")
+
+
+def claim_run_dir(out: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Make sure a fresh run may write ``out``: a directory that already holds a run is an error
+    (its checkpoints would be overwritten), unless ``overwrite``, which deletes that run's files."""
+    path = Path(out)
+    found = [f for f in RUN_FILES if (path / f).is_file()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to start it again (its files are deleted), or choose another --out")
+    for f in found:
+        (path / f).unlink()
+    tb = path / "tb"
+    if tb.is_dir():
+        for event in tb.glob("events.out.tfevents.*"):
+            event.unlink()
+    log.info("%s: the previous run's files were deleted (--overwrite)", out)
+
+
 def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
     """A run started before validation splits existed resumes as it began (no split)."""
     cfg_path = run_dir / "config.json"

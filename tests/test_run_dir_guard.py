@@ -1,0 +1,40 @@
+"""`lowbit train` into a directory that holds a run: refused (nothing of it changes) unless --resume
+or --overwrite."""
+
+from __future__ import annotations
+
+import hashlib
+
+from lowbit import cli
+
+
+def _train(out, *extra):
+    return cli.main(["--threads", "1", "train", "--model", "mlp", "--data", "synthetic", "--subset", "64",
+                     "--epochs", "1", "--val-size", "16", "--out", str(out), *extra])
+
+
+def _digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_a_second_train_into_a_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run) == 0
+    before = _digest(run)
+    assert "checkpoint.safetensors" in before and "result.json" in before
+    capsys.readouterr()
+    assert _train(run) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "already holds a run" in out and "--resume" in out and "--overwrite" in out
+    assert _digest(run) == before
+
+
+def test_overwrite_starts_again_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run) == 0
+    (run / "model.lowbit").write_bytes(b"stale")  # a file of the old run the new one does not write
+    assert _train(run, "--overwrite") == 0
+    assert not (run / "model.lowbit").exists()  # a float run packs nothing: the old file is gone
+    assert (run / "checkpoint.safetensors").is_file() and (run / "result.json").is_file()
+    assert _train(run, "--resume") == 0  # already at its last epoch: resumes and finishes
+    assert _train(tmp_path / "fresh") == 0  # a new directory is no run
