@@ -822,9 +822,20 @@ def _load_into(pf: PackedFile, model: nn.Module | None) -> nn.Module:
                 "the file holds no model spec (the model is not from lowbit.models); pass "
                 "load_packed(path, model=<a fresh float instance of the architecture>)"
             )
-        model = _build_from_spec(pf.spec, pf)
-    else:
-        _check_float_shapes(model, pf)
+        return _fill(pf, _build_from_spec(pf.spec, pf))
+    _check_float_shapes(model, pf)
+    before = copy.deepcopy(model)
+    try:
+        return _fill(pf, model)
+    except BaseException:  # a load that fails leaves the caller's model as it was, not half quantized
+        model.__class__ = before.__class__
+        model.__dict__.clear()
+        model.__dict__.update(before.__dict__)
+        raise
+
+
+def _fill(pf: PackedFile, model: nn.Module) -> nn.Module:
+    """Quantize the float ``model`` with the file's recipe and load the file's state and codes."""
     try:
         recipe = Recipe.from_dict(pf.recipe)
     except RecipeError as e:
