@@ -392,3 +392,12 @@ def test_a_sparsity_claim_needs_sparsity(tmp_path, small, expect):
     assert row["verdict"] == expect
     assert row["small_groups"]["mean"] == small
     assert ("no small groups" in row["why"]) == (small == 0.0)
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_a_bad_inner_line_is_an_error(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"epoch": 1, "epoch_time_s": 2.0}\n{"epoch": 2, "epoch_time_s": 3.0}\n{"epoch": 3, "epo')
+    assert C.epoch_times(tmp_path) == [2.0, 3.0]  # a run killed while appending its third line
+    m.write_text('{"epoch": 1, "epoch_time_s": 2.0}\n{"epo\n{"epoch": 3, "epoch_time_s": 3.0}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        C.epoch_times(tmp_path)

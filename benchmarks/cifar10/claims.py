@@ -820,8 +820,7 @@ def read_run(path: Path) -> dict[str, Any] | None:
         out["avg_w_bits"] = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
     metrics = path / "metrics.jsonl"
     if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
+        for rec in metric_lines(metrics):
             out["train_s"] += rec.get("epoch_time_s", 0.0)
             for k in ("rvsm/sparsity", "wpc/small_groups"):
                 if k in rec:
@@ -840,13 +839,28 @@ def float_size(path: Path) -> dict[str, Any]:
     return weight_size(build_model("resnet20", **(spec.get("model_kwargs") or {})), (3, 32, 32))
 
 
+def metric_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl. Its lines are appended, so a run killed mid-write may
+    end with a torn line: that one is skipped (the run rewrites the file from its checkpoint when it
+    resumes); a bad line anywhere else is an error."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            log.warning("%s: skipping its torn last line (a killed write)", path)
+    return out
+
+
 def epoch_times(path: Path) -> list[float]:
     """Epoch times (s) logged by a run so far, finished or not."""
     m = path / "metrics.jsonl"
     if not m.exists():
         return []
-    recs = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
-    return [r["epoch_time_s"] for r in recs if "epoch_time_s" in r]
+    return [r["epoch_time_s"] for r in metric_lines(m) if "epoch_time_s" in r]
 
 
 def stats(values: Sequence[float]) -> dict[str, Any] | None:
