@@ -1,11 +1,21 @@
 """`lowbit train` into a directory that holds a run: refused (nothing of it changes) unless --resume
-or --overwrite."""
+or --overwrite; a directory another process is training into is locked."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import sys
+from pathlib import Path
+
+import pytest
 
 from lowbit import cli
+from lowbit.train import TrainConfig, Trainer
+from lowbit.train.trainer import RunDirInUse
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _resume_worker import loaders, make_model
 
 
 def _train(out, *extra):
@@ -38,3 +48,18 @@ def test_overwrite_starts_again_and_resume_continues(tmp_path):
     assert (run / "checkpoint.safetensors").is_file() and (run / "result.json").is_file()
     assert _train(run, "--resume") == 0  # already at its last epoch: resumes and finishes
     assert _train(tmp_path / "fresh") == 0  # a new directory is no run
+
+
+def test_a_run_directory_being_trained_is_locked(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    train, val = loaders()
+    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, tensorboard=False)
+    with open(run / ".lock", "a") as held:  # another process's run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirInUse, match="being trained by another process"):
+            Trainer(make_model(), train, val, cfg, run).fit()
+        assert not (run / "checkpoint.safetensors").exists()
+    hist = Trainer(make_model(), train, val, cfg, run).fit()  # released: trains
+    assert len(hist) == 1 and (run / "checkpoint.safetensors").is_file()
+    Trainer(make_model(), train, val, cfg, run).fit(resume=True)  # and its lock went with it

@@ -33,7 +33,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 from . import distributed as D
 from .callbacks import CallbackList
@@ -53,7 +58,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, _as_config, build_optimizer, build_scheduler
 
-__all__ = ["Trainer", "TrainingDiverged", "get_rng_state", "seed_everything", "set_rng_state"]
+__all__ = ["RunDirInUse", "Trainer", "TrainingDiverged", "get_rng_state", "seed_everything", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,29 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 class TrainingDiverged(RuntimeError):  # noqa: N818 (name fixed by the API)
     """The loss became NaN or infinite; the last good checkpoint was left untouched."""
+
+
+class RunDirInUse(OSError):  # noqa: N818 (reads as the condition it reports)
+    """Another process is training into the same run directory."""
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir/.lock`` while a run trains into it: a second process
+    started on the same directory (a campaign restarted while its workers still ran, ``--resume``
+    beside a running copy) would otherwise write its checkpoints in turn with the first's. The lock
+    goes with the process (a killed run leaves none). No lock where ``fcntl`` does not exist."""
+    if run_dir is None or fcntl is None:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirInUse(f"{run_dir} is being trained by another process; wait for it or stop it, "
+                              "or choose another run directory") from None
+        yield
 
 
 # --------------------------------------------------------------------------- RNG
@@ -330,7 +358,7 @@ class Trainer:
             self._resume()
         if self.epoch == 0:  # a fresh start (also: resume=True but no checkpoint yet)
             seed_everything(cfg.seed)
-        with self._determinism():
+        with _run_dir_lock(self.run_dir if D.is_main() else None), self._determinism():
             self._prepare_run_dir()
             try:
                 self._p_start(cfg.epochs, self.steps_per_epoch, self.epoch)
