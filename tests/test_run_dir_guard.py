@@ -63,3 +63,12 @@ def test_a_run_directory_being_trained_is_locked(tmp_path):
     hist = Trainer(make_model(), train, val, cfg, run).fit()  # released: trains
     assert len(hist) == 1 and (run / "checkpoint.safetensors").is_file()
     Trainer(make_model(), train, val, cfg, run).fit(resume=True)  # and its lock went with it
+
+
+def test_snn_convert_into_a_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "snn"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"a run's checkpoint")
+    assert cli.main(["snn", "convert", str(tmp_path / "float-run"), "--out", str(out)]) == 2
+    assert "already holds a run" in " ".join(capsys.readouterr().out.split())
+    assert (out / "checkpoint.safetensors").read_bytes() == b"a run's checkpoint"

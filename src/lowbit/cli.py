@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--energy", default="fp32_45nm", help="energy constants: fp32_45nm or int32_45nm")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    sc.add_argument("--overwrite", action="store_true",
+                    help="start again in a directory that holds a run (its files are deleted)")
     return p
 
 
@@ -506,9 +508,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_snn(a: argparse.Namespace) -> int:
     if a.snn != "convert":
         raise SystemExit("usage: lowbit snn convert RUN --out DIR [--timesteps T] [--recipe R] [--epochs E]")
+    from .experiment import claim_run_dir
     from .progress import RichProgress
     from .snn.run import snn_run
 
+    if not a.resume:
+        claim_run_dir(a.out, a.overwrite)
     res = snn_run(a.run, a.out, timesteps=a.timesteps, recipe=None if a.recipe == "none" else a.recipe,
                   epochs=a.epochs, lr=a.lr, percentile=a.percentile, threshold_scale=a.threshold_scale,
                   val=a.val, train_subset=a.subset, energy_model=a.energy, seed=a.seed, resume=a.resume,
