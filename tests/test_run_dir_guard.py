@@ -72,3 +72,17 @@ def test_snn_convert_into_a_run_is_refused(tmp_path, capsys):
     assert cli.main(["snn", "convert", str(tmp_path / "float-run"), "--out", str(out)]) == 2
     assert "already holds a run" in " ".join(capsys.readouterr().out.split())
     assert (out / "checkpoint.safetensors").read_bytes() == b"a run's checkpoint"
+
+
+def test_resume_with_another_recipe_or_model_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--threads", "1", "train", "--data", "synthetic", "--subset", "64", "--val-size", "16",
+            "--out", str(run)]
+    assert cli.main([*args, "--model", "mlp", "--recipe", "lsq-w2a2", "--epochs", "1"]) == 0
+    before = _digest(run)
+    capsys.readouterr()
+    assert cli.main([*args, "--model", "mlp", "--recipe", "lsq-w4a4", "--epochs", "2", "--resume"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "holds a different run" in out and "lsq-w2a2" in out and "recipe" in out
+    assert _digest(run) == before
+    assert cli.main([*args, "--model", "mlp", "--recipe", "lsq-w2a2", "--epochs", "2", "--resume"]) == 0

@@ -23,6 +23,7 @@ Under ``torchrun`` every process calls :func:`train_run`; see :mod:`lowbit.train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -193,6 +194,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
         "device": str(device),
         "world_size": dist.world_size(),
     }
+    if resume and run_dir is not None:
+        _check_same_run(run_dir, run_config)
     hooks = MethodHooks()
     if recipe is not None and recipe.methods:
         try:
@@ -264,6 +267,39 @@ def claim_run_dir(out: str | os.PathLike[str], overwrite: bool = False) -> None:
         for event in tb.glob("events.out.tfevents.*"):
             event.unlink()
     log.info("%s: the previous run's files were deleted (--overwrite)", out)
+
+
+def _normalized(x: Any) -> Any:
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
+def _check_same_run(run_dir: Path, run_config: Mapping[str, Any]) -> None:
+    """A resumed run must be the run its directory holds: the same model, data set and recipe
+    (quantizer bit-widths are not in the checkpoint's tensors, so another recipe of the same shapes
+    would load and carry on under the wrong name). The training options may change (a longer
+    schedule); the Trainer logs it."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        return
+    saved = json.loads(cfg_path.read_text())
+    diffs = []
+    for key, now in (("model_spec", run_config["model_spec"]),
+                     ("dataset", run_config["dataset"]["name"])):
+        was = saved.get(key)
+        was = was.get("name") if key == "dataset" and isinstance(was, dict) else was
+        if was is not None and _normalized(was) != _normalized(now):
+            diffs.append(f"{key.replace('_spec', '')} {was!r}, now {now!r}")
+    was_recipe = saved.get("recipe")
+    if was_recipe is not None:
+        with contextlib.suppress(RecipeError):  # stored by another version: compared as stored
+            was_recipe = Recipe.from_dict(was_recipe).to_dict()
+    if "recipe" in saved and _normalized(was_recipe) != _normalized(run_config["recipe"]):
+        diffs.append(f"recipe {saved.get('recipe_source') or 'stored in config.json'}, now "
+                     f"{run_config.get('recipe_source') or 'another'}")
+    if diffs:
+        raise ValueError(f"resuming: {run_dir} holds a different run ({'; '.join(diffs)}); resume it with "
+                         "its own model, data set and recipe, or start the new run in another directory "
+                         "(or over this one: lowbit train --overwrite)")
 
 
 def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
