@@ -12,6 +12,7 @@ import pytest
 
 from lowbit import cli
 from lowbit.train import TrainConfig, Trainer
+from lowbit.train.checkpoint import read_checkpoint
 from lowbit.train.trainer import RunDirInUse
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,3 +87,20 @@ def test_resume_with_another_recipe_or_model_is_refused(tmp_path, capsys):
     assert "holds a different run" in out and "lsq-w2a2" in out and "recipe" in out
     assert _digest(run) == before
     assert cli.main([*args, "--model", "mlp", "--recipe", "lsq-w2a2", "--epochs", "2", "--resume"]) == 0
+
+
+def test_a_best_left_behind_by_a_kill_is_taken_from_the_checkpoint_on_resume(tmp_path):
+    run = tmp_path / "run"
+    train, val = loaders()
+    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, tensorboard=False)
+    Trainer(make_model(), train, val, cfg, run).fit()
+    old_best = (run / "best.safetensors").read_bytes()  # epoch 1
+    cfg2 = TrainConfig(epochs=2, optimizer="adam", lr=1e-3, tensorboard=False)
+    Trainer(make_model(), train, val, cfg2, run).fit(resume=True)
+    meta, _ = read_checkpoint(run / "checkpoint.safetensors")
+    if meta["extra"]["best_epoch"] != 2:  # epoch 2 did not improve: nothing to repair in this run
+        pytest.skip("the second epoch did not improve the validation accuracy")
+    (run / "best.safetensors").unlink()
+    (run / "best.safetensors").write_bytes(old_best)  # as if killed between the two writes
+    Trainer(make_model(), train, val, cfg2, run).fit(resume=True)  # finished: resumes, repairs
+    assert read_checkpoint(run / "best.safetensors")[0]["epoch"] == 2

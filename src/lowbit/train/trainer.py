@@ -50,9 +50,11 @@ except ImportError:  # not on Windows: runs there are not locked
 from . import distributed as D
 from .callbacks import CallbackList
 from .checkpoint import (
+    CheckpointError,
     atomic_path,
     atomic_write_text,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     temp_pattern,
 )
@@ -663,7 +665,24 @@ class Trainer:
         self.best_epoch = int(extra.get("best_epoch") or 0)
         self.callbacks.load_state_dict(extra.get("callbacks") or {})
         set_rng_state(extra["rng"])
+        self._repair_best()
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _repair_best(self) -> None:
+        """A run killed after its checkpoint was written and before best.safetensors followed it
+        leaves an older best beside a checkpoint that names its own epoch the best: link it again."""
+        assert self.run_dir is not None
+        best, ckpt = self.run_dir / BEST, self.run_dir / CHECKPOINT
+        if not D.is_main() or self.best_epoch != self.epoch:
+            return
+        if best.exists():
+            try:
+                if int(read_checkpoint(best)[0]["epoch"]) == self.best_epoch:
+                    return
+            except CheckpointError:  # a damaged best is replaced too
+                pass
+        log.warning("%s did not hold epoch %d, the best one: taken from the checkpoint", best, self.epoch)
+        _link_or_copy(ckpt, best)
 
 
 def _to_fp32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
