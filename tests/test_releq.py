@@ -149,6 +149,9 @@ def test_cli_search_releq_writes_a_recipe(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(FineTuneEvaluator, "__call__", no_fine_tune)
     assert main(args) == 0  # a rerun measures nothing new: every assignment is cached
     assert json.loads((out / "releq.json").read_text())["best_bits"] == res["best_bits"]
+    other = [*args[:-4], "--proxy", "200", "--val", "300"]  # another way of measuring: refused
+    assert main(other) == 2
+    assert json.loads((out / "releq.json").read_text())["best_bits"] == res["best_bits"]
 
 
 def test_cli_search_releq_with_activation_bits_under_a_bops_budget(tmp_path: Path) -> None:
