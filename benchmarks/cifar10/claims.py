@@ -788,12 +788,24 @@ def unpack(src: Path, runs: Path) -> list[str]:
         tar.extractall(tmpdir, members=members, filter="data")
         for d in sorted({Path(tmpdir, *Path(m.name).parts[:2]) for m in members}):
             target = runs / d.relative_to(tmpdir)
+            old = target.with_name(f".{target.name}.old")
+            if old.exists() and not target.exists():  # a restore killed between its two renames
+                old.rename(target)
             if is_finished(target) and not is_finished(d):
                 continue
-            if target.exists():
-                shutil.rmtree(target)
+            # copied next to its place, then swapped in by renames: a kill leaves the old copy
+            # or the new one, never a half-copied run that looks finished
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(d, target)
+            incoming = target.with_name(f".{target.name}.incoming")
+            for leftover in (incoming, old):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            shutil.copytree(d, incoming)
+            if target.exists():
+                target.rename(old)
+            incoming.rename(target)
+            if old.exists():
+                shutil.rmtree(old)
             restored.append(target.relative_to(runs).as_posix())
     return restored
 
