@@ -255,3 +255,20 @@ def test_infeasible_target_and_bad_config_rejected():
         QDARTSConfig(bops_target=-1.0)
     assert math.isfinite(hi) and hi > lo
     assert set(OPS) == {"conv3x3", "conv5x5", "sep3x3", "dil3x3", "skip"}
+
+
+def test_qdarts_run_resumes_only_under_its_own_settings(tmp_path):
+    from lowbit.search.qdarts import qdarts_run
+
+    space = SearchSpace(ops=("conv3x3", "skip"), w_bits=(2, 4), a_bits=(4,), channels=4, layers=3,
+                        reductions=(1, 2))
+    cfg = QDARTSConfig(epochs=1, warmup_epochs=0, seed=0)
+    kw = {"subset": 240, "val": 40, "batch_size": 32}
+    first = qdarts_run("digits", tmp_path, space, cfg, **kw)
+    assert (tmp_path / "search.safetensors").exists() and (tmp_path / "search_settings.json").exists()
+    again = qdarts_run("digits", tmp_path, space, cfg, **kw)  # the same settings: resumes (finished)
+    assert again["genotype"] == first["genotype"]
+    with pytest.raises(ValueError, match=r"other settings \(config differ\)"):
+        qdarts_run("digits", tmp_path, space, QDARTSConfig(epochs=1, warmup_epochs=0, seed=1), **kw)
+    with pytest.raises(ValueError, match=r"other settings \(subset differ\)"):
+        qdarts_run("digits", tmp_path, space, cfg, **{**kw, "subset": 200})
