@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -345,3 +348,15 @@ def test_bench_serve_cli_writes_a_report_with_provenance(supernet_file, tmp_path
     (run,) = res["runs"]
     assert run["policy"] == "fixed:small" and run["requests"] >= 1
     assert "a quiet test machine" in (tmp_path / "b.md").read_text()
+
+
+def test_a_server_started_by_a_load_test_ends_when_that_process_is_gone(supernet_file) -> None:
+    """A server whose starter (``LOWBIT_SERVE_PARENT_PID``) is not its parent any more exits by
+    itself, before compiling and profiling: a killed load test leaves no server behind."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that is nobody's parent now
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWBIT_SERVE_PARENT_PID": str(gone.pid)}
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "serve", str(supernet_file), "--port",
+                           str(free_port()), *ARGS], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert f"(pid {gone.pid}) is gone" in " ".join((proc.stdout + proc.stderr).split())

@@ -38,6 +38,8 @@ import logging
 import math
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -279,6 +281,28 @@ def create_app(
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+#: set by a load test that starts this server (``lowbit.serve.bench.start_server``): its process id
+PARENT_ENV = "LOWBIT_SERVE_PARENT_PID"
+
+
+def _exit_with_parent() -> None:
+    """A server started by a load test ends when that process is gone (killed, say): otherwise it
+    would keep compiling, profiling or serving beside the next run and skew its latencies."""
+    raw = os.environ.get(PARENT_ENV, "").strip()
+    if not raw.isdigit():
+        return
+    parent = int(raw)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the load test that started this server (pid %d) is gone: exiting", parent)
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lowbit-serve-parent", daemon=True).start()
+
+
 def serve(
     path: str | os.PathLike[str],
     slo_ms: float = 30.0,
@@ -296,6 +320,7 @@ def serve(
     returns 0."""
     import uvicorn
 
+    _exit_with_parent()
     torch.set_num_threads(threads)
     sn = load_supernet(path)
     make_policy(policy, dict.fromkeys(sn.names, 0.0), max_batch)  # a bad policy fails before profiling

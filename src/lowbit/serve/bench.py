@@ -75,7 +75,9 @@ def start_server(
     tail is in the error if the server dies first."""
     import httpx
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from .app import PARENT_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PARENT_ENV: str(os.getpid())}  # it ends with us
     cmd = [sys.executable, "-m", "lowbit.cli", "serve", str(path), "--port", str(port), *args]
     out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
