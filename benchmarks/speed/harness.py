@@ -958,6 +958,8 @@ def run_speed_benchmark(
         "block_s": block_s,
         "quick": quick,
         "seed": seed,
+        # rows resume only under the code that timed them (a tree changed since: all rerun)
+        "git": git_state(BENCH.parent),
     }
     out = Path(out_dir) if out_dir is not None else None
     partial = out / "speed.partial.json" if out is not None else None
@@ -967,6 +969,8 @@ def run_speed_benchmark(
         if state.get("config") == config:
             done = state["cases"]
             log.info("speed: resuming, %s already done", ", ".join(done) or "nothing")
+        else:
+            log.warning("speed: %s was taken with other settings or code: starting again", partial)
     t0 = time.perf_counter()
     info = machine_info()
     rows: list[dict[str, Any]] = []
