@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("speed", help="FP32 vs int8 vs lowbit runtime latency, side by side")
     s.add_argument("--out", default="benchmarks/results", help="directory for speed.md/speed.json")
     s.add_argument("--quick", action="store_true", help="fewer repeats and models")
+    s.add_argument("--resume", action="store_true",
+                   help="keep the cases a killed run finished (same settings and code)")
     bs = bsub.add_parser("serve", help="load-test lowbit serve on loopback: policies x traces")
     bs.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
     bs.add_argument("--policies", nargs="+",
@@ -491,7 +493,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("bench_speed", script)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    mod.run_speed_benchmark(out_dir=a.out, quick=a.quick)
+    mod.run_speed_benchmark(out_dir=a.out, quick=a.quick, resume=a.resume)
     return 0
 
 
