@@ -8,13 +8,17 @@ This module imports nothing of lowbit, so every package may use it.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "check_file_path", "fsync_dir", "temp_pattern"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "check_file_path", "claim_settings",
+           "fsync_dir", "temp_pattern"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -88,3 +92,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, example: str = "o
     """Write ``text`` (UTF-8) to ``path`` atomically (``example``: see :func:`atomic_path`)."""
     with atomic_path(path, example) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def claim_settings(state: str | os.PathLike[str], record: str | os.PathLike[str],
+                   settings: Mapping[str, Any]) -> None:
+    """Let a resumable job continue ``state`` (its checkpoint or cache) only under the ``settings``
+    it was started with, kept as JSON in ``record``: other settings would carry the old work on under
+    the new ones, so they are a ValueError naming what differs. A ``state`` without a record (older
+    than records) is continued as it is, with a warning; the record is (re)written otherwise."""
+    state, record = Path(state), Path(record)
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if state.exists() and record.exists():
+        was = json.loads(record.read_text())
+        if was != now:
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            raise ValueError(f"{state} was made with other settings ({', '.join(changed)} differ); give "
+                             f"another --out, or delete {state.name} to start it again")
+    elif state.exists():
+        logging.getLogger(__name__).warning("%s has no %s (an older run): continuing it as it is", state,
+                                            record.name)
+    atomic_write_text(record, json.dumps(now, indent=1, sort_keys=True) + "\n")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import claim_settings
 from .data import load_dataset
 from .models import build_model
 from .nn import quantize
@@ -397,26 +398,6 @@ def require_quantized_run(model: nn.Module, run: str | Path, what: str = "nothin
         )
 
 
-def _claim_releq_cache(out: Path, run: str | Path, settings: dict[str, Any]) -> None:
-    """The accuracies in ``out/releq_cache.json`` hold for one float model and one way of measuring
-    (proxy and validation images, seed, quantizers, layers), written to ``out/releq_measure.json``:
-    a rerun with others would reuse measurements that do not apply, so it is refused."""
-    p = Path(run)
-    ckpt = p if p.is_file() else p / "best.safetensors"
-    now = _normalized({**settings, "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()})
-    cache, measure = out / "releq_cache.json", out / "releq_measure.json"
-    if cache.exists() and measure.exists():
-        was = json.loads(measure.read_text())
-        if was != now:
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise ValueError(f"{out} holds ReLeQ measurements of other settings ({', '.join(changed)} "
-                             f"differ); give another --out, or delete {cache.name} to measure again")
-    elif cache.exists():
-        log.warning("%s has no %s (an older search): its measurements are reused as they are", out,
-                    measure.name)
-    atomic_write_text(measure, json.dumps(now, indent=1, sort_keys=True) + "\n")
-
-
 def releq_run(
     run: str | Path,
     out: str | Path,
@@ -471,8 +452,11 @@ def releq_run(
         pairs = [(b, 32) if isinstance(b, int) else tuple(b) for b in bits]
         return float(sum(macs[n] * wb * ab for n, (wb, ab) in zip(names, pairs, strict=True)))
 
-    _claim_releq_cache(out, run, {"proxy": proxy, "val": val, "seed": seed, "weight": w, "activation": act,
-                                  "layers": names})
+    # the cached accuracies hold for this float model and this way of measuring only
+    ckpt = Path(run) if Path(run).is_file() else Path(run) / "best.safetensors"
+    claim_settings(out / "releq_cache.json", out / "releq_measure.json",
+                   {"proxy": proxy, "val": val, "seed": seed, "weight": w, "activation": act, "layers": names,
+                    "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()})
     float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
     budget = {} if bops_budget is None else {"cost": bops, "budget": float(bops_budget)}
     search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, act_actions=act_actions,

@@ -587,26 +587,6 @@ def float_reference_bops(space: SearchSpace) -> int:
     return searched_bops(build_derived(space, ref, quantized=False), ref, shape)["searched"]
 
 
-def _claim(state: Path, record: Path, settings: dict[str, Any]) -> None:
-    """Resume ``state`` (a search or retrain checkpoint) only under the ``settings`` it was started
-    with, kept in ``record``: another search space, schedule, seed, data split or genotype would
-    carry on the old run under the new settings, so it is refused."""
-    import json
-
-    from .._io import atomic_write_text
-
-    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    if state.exists() and record.exists():
-        was = json.loads(record.read_text())
-        if was != now:
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise ValueError(f"{state} was started with other settings ({', '.join(changed)} differ); give "
-                             f"another --out, or delete {state.name} to start it again")
-    elif state.exists():
-        log.warning("%s has no %s (an older run): resuming it as it is", state, record.name)
-    atomic_write_text(record, json.dumps(now, indent=1, sort_keys=True) + "\n")
-
-
 def qdarts_run(
     dataset: str,
     out: str | Path,
@@ -631,7 +611,7 @@ def qdarts_run(
     import dataclasses
     import json
 
-    from .._io import atomic_write_text
+    from .._io import atomic_write_text, claim_settings
     from ..data import load_dataset
     from ..recipe import Recipe
     from ..train import TrainConfig, Trainer, evaluate, load_checkpoint
@@ -652,7 +632,7 @@ def qdarts_run(
         config = dataclasses.replace(config, bops_target=float_reference_bops(space) / bops_ratio)
     settings = {"dataset": dataset, "space": space.to_dict(), "config": asdict(config), "subset": subset,
                 "val": val, "search_n": search_n, "batch_size": batch_size}
-    _claim(out / "search.safetensors", out / "search_settings.json", settings)
+    claim_settings(out / "search.safetensors", out / "search_settings.json", settings)
     torch.manual_seed(config.seed)
     net = SuperNet(space)
     res = qdarts_search(net, s_train, s_val.replace(augment=None), config,
@@ -667,7 +647,7 @@ def qdarts_run(
     if retrain_epochs > 0:
         cfg = TrainConfig(epochs=retrain_epochs, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
                           schedule="cosine", seed=config.seed, tensorboard=False)
-        _claim(out / "retrain" / "checkpoint.safetensors", out / "retrain_settings.json",
+        claim_settings(out / "retrain" / "checkpoint.safetensors", out / "retrain_settings.json",
                {"genotype": [asdict(c) for c in res.genotype], "lr": lr, "search": settings})
         Trainer(model, rest, sel_val, cfg, out / "retrain").fit(resume=True)
         load_checkpoint(out / "retrain" / "best.safetensors", model)
