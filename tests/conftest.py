@@ -15,3 +15,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def torch_formulas() -> Iterator[None]:
+    """A module whose subject is not the fused numba kernels (CLI commands, messages) runs the
+    PyTorch formulas: numba is never loaded for it (``pytestmark = usefixtures("torch_formulas")``)."""
+    from lowbit.quant import fused
+
+    was = fused.is_enabled()
+    fused.set_enabled(False)
+    yield
+    fused.set_enabled(was)

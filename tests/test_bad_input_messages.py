@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,7 @@ TINY = ["--model", "mlp", "--model-arg", "hidden=[16]", "--model-arg", "in_featu
         "--data", "digits", "--subset", "128", "--batch-size", "64", "--epochs", "1", "--seed", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_formulas() -> Iterator[None]:
-    """The messages are under test, not the fused kernels: skip loading numba in this module."""
-    from lowbit.quant import fused
-
-    was = fused.is_enabled()
-    fused.set_enabled(False)
-    yield
-    fused.set_enabled(was)
+pytestmark = pytest.mark.usefixtures("torch_formulas")  # the commands, not the fused kernels
 
 
 def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

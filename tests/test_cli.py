@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,7 @@ TINY = ["--model", "mlp", "--model-arg", "hidden=[32,32]", "--model-arg", "in_fe
         "--seed", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_formulas() -> Iterator[None]:
-    """The commands are under test, not the fused kernels: skip loading numba in this module."""
-    from lowbit.quant import fused
-
-    was = fused.is_enabled()
-    fused.set_enabled(False)
-    yield
-    fused.set_enabled(was)
+pytestmark = pytest.mark.usefixtures("torch_formulas")  # the commands, not the fused kernels
 
 
 def _main(*args: str) -> int:
