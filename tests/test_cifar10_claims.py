@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import tarfile
 import time
@@ -401,3 +402,57 @@ def test_a_torn_last_metrics_line_is_skipped_and_a_bad_inner_line_is_an_error(tm
     m.write_text('{"epoch": 1, "epoch_time_s": 2.0}\n{"epo\n{"epoch": 3, "epoch_time_s": 3.0}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         C.epoch_times(tmp_path)
+
+
+def test_results_outlive_their_run_directories(tmp_path, monkeypatch):
+    """A run whose directory is gone (a fresh machine) keeps its result from the previous report,
+    with the commit that measured it, and is not trained again unless a job still to run needs it."""
+    root, out = tmp_path / "runs", tmp_path / "o"
+    _fixture_runs(root)
+    args = ["--budget", "cpu", "--report-only", "--runs-dir", str(root), "--out", str(out)]
+    C.main(args)
+    first = json.loads((out / "cifar10_claims.json").read_text())
+    commit = first["meta"]["git"]["commit"][:12]
+    for key, seed in (("float", 0), ("bcgd-fl", 2), ("ttq", 0)):
+        shutil.rmtree(root / "cpu" / key / f"seed{seed}")
+    C.main(args)
+    again = json.loads((out / "cifar10_claims.json").read_text())
+    assert again["rows"] == first["rows"]
+    by_run = {(r["run"], r["seed"]): r for r in again["runs"]}
+    assert len(by_run) == len(first["runs"])
+    assert by_run[("float", 0)]["recorded_at"].startswith(commit)
+    assert "recorded_at" not in by_run[("float", 1)]
+    assert by_run[("ttq", 0)]["test_acc"] == pytest.approx(84.0)
+    progress = {p["job"]: p for p in again["progress"]}
+    assert progress["ttq/seed0"]["finished"] and progress["ttq/seed0"]["recorded"]
+    assert "carried from an earlier report" in (out / "cifar10_claims.md").read_text()
+    # a third report keeps the first commit, not its own
+    C.main(args)
+    third = {(r["run"], r["seed"]): r for r in json.loads((out / "cifar10_claims.json").read_text())["runs"]}
+    assert third[("float", 0)]["recorded_at"] == by_run[("float", 0)]["recorded_at"]
+    # --fresh: the directories alone
+    C.main([*args, "--fresh"])
+    fresh = json.loads((out / "cifar10_claims.json").read_text())
+    assert len(fresh["runs"]) == len(first["runs"]) - 3
+    assert not any(r.get("recorded_at") for r in fresh["runs"])
+
+    # the campaign: a recorded run is not trained again, unless a job still to run starts from it
+    monkeypatch.setattr(C.multiprocessing, "get_context", lambda _: FakeContext)
+    FakeProcess.started = []
+    jobs = C.plan(C.BUDGETS["cpu"], only=["bcgd"], seeds=[0, 2])
+    recorded = frozenset({"float/seed0", "bcgd-fl/seed2"})
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], root / "cpu", "data", "cpu", 2, None, recorded)
+    assert FakeProcess.started == []
+    assert state["float/seed0"] == "recorded" and state["bcgd-fl/seed2"] == "recorded"
+    shutil.rmtree(root / "cpu" / "bcgd-fl-rho0" / "seed0")  # lost and never recorded: it runs again
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], root / "cpu", "data", "cpu", 2, None, recorded)
+    assert FakeProcess.started == ["float/seed0", "bcgd-fl-rho0/seed0"]  # its float model first
+    assert state["float/seed0"] == "finished" and state["bcgd-fl/seed2"] == "recorded"
+
+
+def test_a_report_that_is_not_one_is_refused(tmp_path):
+    bad = tmp_path / "cifar10_claims.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(ValueError, match=r"not a claims report.*--fresh"):
+        C.recorded_runs(bad)
+    assert C.recorded_runs(tmp_path / "missing.json") == {}

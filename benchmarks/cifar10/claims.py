@@ -31,9 +31,13 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
 
 Runs live under ``runs/cifar10-claims/<budget>/<run>/seed<k>`` (``lowbit train`` directories).
 A finished run (``result.json``) is reused; an unfinished one resumes from its last epoch's
-checkpoint, so a killed campaign resumes where it stopped. ``--stop-after SECONDS`` stops the
-running jobs (they resume next time) and still writes the tables and the archive. Data: the
-CIFAR-10 JPEG copy (``--data-dir``; close to, not identical with, the original images).
+checkpoint, so a killed campaign resumes where it stopped. Results outlive their directories: a run
+the previous report (``--out``'s JSON) holds but whose directory is not here is carried over with the
+commit that measured it, and is not run again unless a job still to run starts from it (its float
+model trains again, and its new result replaces the record); ``--fresh`` ignores the record.
+``--stop-after SECONDS`` stops the running jobs (they resume next time) and still writes the
+tables and the archive. Data: the CIFAR-10 JPEG copy (``--data-dir``; close to, not identical
+with, the original images).
 
 Writes ``benchmarks/results/cifar10_claims.{md,json,png}``: per check the paper's number, ours
 (mean ± std over seeds, n), the difference and a verdict (:func:`verdict`). The report reads every
@@ -703,12 +707,26 @@ def _request_stop(signum: int, _frame: Any) -> None:
 
 
 def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, device: str, n_jobs: int,
-                 stop_at: float | None) -> dict[str, str]:
+                 stop_at: float | None, recorded: frozenset[str] = frozenset()) -> dict[str, str]:
     """Start jobs in order, ``n_jobs`` at a time, each once its float model has finished; stop
     (terminate the running ones: they resume next time) at ``stop_at`` (a time.time()). Returns
-    each job's state: finished, stopped, failed, blocked (its float model is not finished)."""
+    each job's state: finished, recorded, stopped, failed, blocked (its float model is not finished).
+
+    ``recorded``: jobs whose results the previous report holds (:func:`recorded_runs`) but whose
+    directories are not here: they are not run again, unless a job that still has to run starts
+    from one of them (its float model), which then trains again and replaces the record."""
     ctx = multiprocessing.get_context("spawn")
     state = {j.name: "finished" for j in jobs if is_finished(run_dir(runs, j))}
+    by_name = {j.name: j for j in jobs}
+    needed: set[str] = set()
+    todo = [j.name for j in jobs if j.name not in state and j.name not in recorded]
+    while todo:  # what the jobs still to run start from, transitively
+        job = by_name.get(todo.pop())
+        for d in deps(job) if job else ():
+            if d not in needed and d not in state:
+                needed.add(d)
+                todo.append(d)
+    state.update({n: "recorded" for n in recorded if n in by_name and n not in state and n not in needed})
     pending = [j for j in jobs if j.name not in state]
     running: dict[str, tuple[Any, Job]] = {}
     while pending or running:
@@ -972,15 +990,45 @@ def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -
 
 
 Runs = dict[tuple[str, int], dict[str, Any]]  # (run key, seed) -> its numbers (read_run)
+Recorded = dict[tuple[str, int, str], dict[str, Any]]  # (run key, seed, budget) -> its numbers
 
 
-def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], Runs]:
-    """One row per check of every claim, from the finished run directories under ``runs_root``."""
+def recorded_runs(report: Path) -> Recorded:
+    """The finished runs a previous report (``cifar10_claims.json``) holds, so that results outlive
+    their run directories (a fresh machine, a GPU session's scratch disk). Each keeps
+    ``recorded_at``: the commit of the report that first measured it (``+dirty`` when that tree had
+    changes). Runs of arms no longer in :data:`CLAIMS` are dropped. No file: nothing recorded."""
+    if not report.exists():
+        return {}
+    try:
+        data = json.loads(report.read_text())
+        git = data["meta"]["git"]
+        at = str(git["commit"])[:12] + ("+dirty" if git.get("dirty") else "")
+        known = {a.key for c in CLAIMS for a in c.arms} | {FLOAT.key, FLOAT_W2.key}
+        out: Recorded = {}
+        for r in data["runs"]:
+            if r["run"] in known:
+                rec = {k: v for k, v in r.items() if k not in ("run", "seed", "budget")}
+                rec.setdefault("recorded_at", at)
+                out[(r["run"], int(r["seed"]), r["budget"])] = rec
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{report}: not a claims report ({e!r}); move it away, or pass --fresh to "
+                         "build the tables from the run directories alone") from None
+
+
+def build_rows(runs_root: Path, budget: Budget,
+               recorded: Recorded | None = None) -> tuple[list[dict[str, Any]], Runs]:
+    """One row per check of every claim, from the finished run directories under ``runs_root`` and,
+    where a run's directory is not there, its ``recorded`` result (:func:`recorded_runs`)."""
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     for d in sorted(runs_root.glob("*/seed*")):
         r = read_run(d)
         if r is not None:
             runs[(d.parent.name, int(d.name[4:]))] = r
+    for (k, s, b), r in sorted((recorded or {}).items()):
+        if b == budget.name:
+            runs.setdefault((k, s), dict(r))
     rows = []
     for claim in CLAIMS:
         in_budget = {a.key for a in budget_arms(claim, budget)}
@@ -1028,17 +1076,18 @@ def build_rows(runs_root: Path, budget: Budget) -> tuple[list[dict[str, Any]], R
     return rows, runs
 
 
-def report_rows(runs_dir: Path, budget: Budget) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
-    """Rows of every budget with runs under ``runs_dir`` (GPU rows first), each row naming its
-    budget; checks nobody ran appear once, as not run under ``budget``. The smoke budget reports
-    only itself."""
+def report_rows(runs_dir: Path, budget: Budget, recorded: Recorded | None = None,
+                ) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
+    """Rows of every budget with runs under ``runs_dir`` or in ``recorded`` (GPU rows first), each
+    row naming its budget; checks nobody ran appear once, as not run under ``budget``. The smoke
+    budget reports only itself."""
     names = [budget.name] if budget.name == "smoke" else ["gpu", "cpu"]
     rows: list[dict[str, Any]] = []
     found: dict[tuple[str, int, str], Any] = {}
     for b in names:
-        if b != budget.name and not (runs_dir / b).is_dir():
+        if b != budget.name and not (runs_dir / b).is_dir() and not any(x[2] == b for x in recorded or {}):
             continue
-        r, f = build_rows(runs_dir / b, BUDGETS[b])
+        r, f = build_rows(runs_dir / b, BUDGETS[b], recorded)
         rows += [x for x in r if b == budget.name or x["verdict"] != "not run"]
         found.update({(k, s, b): v for (k, s), v in f.items()})
     done = {(x["claim"], x["check"]) for x in rows if x["verdict"] != "not run"}
@@ -1096,7 +1145,14 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
         lines.append(f"| {claim} | {r['check']} | {r['paper_text']} | {ours} | {diff} | {r['verdict']} | "
                      f"{r['why'] or '-'} | {r['budget']} / {r['device']} | {r['departs'] or '-'} |")
-    lines += ["", "## Runs", "", "| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs "
+    lines += ["", "## Runs", ""]
+    n_rec = sum(1 for r in runs.values() if r.get("recorded_at"))
+    if n_rec:
+        lines += [f"{n_rec} of {len(runs)} runs are carried from an earlier report (`recorded at` its "
+                  "commit): their run directories are not on the machine that wrote this one; the numbers "
+                  "are those that commit's report measured from them. A run trained again replaces its "
+                  "record.", ""]
+    lines += ["| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs "
               "| device | train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, s, b), r in sorted(runs.items()):
         wb = f"{r['weight_bytes']:,}" if r.get("weight_bytes") else "-"
@@ -1105,7 +1161,8 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         ta = "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}%"
         if r.get("avg_w_bits") is not None:
             ta += f" (mean weight bits {r['avg_w_bits']:.2f})"
-        lines.append(f"| {k} | {s} | {b} | {ta} | {va} | {wb} | {bops} | {r['epochs']} | "
+        at = f" (recorded at {r['recorded_at']})" if r.get("recorded_at") else ""
+        lines.append(f"| {k}{at} | {s} | {b} | {ta} | {va} | {wb} | {bops} | {r['epochs']} | "
                      f"{r['device']} | {r['train_s']:.0f} |")
     if progress:
         done = sum(1 for p in progress if p["finished"])
@@ -1157,16 +1214,25 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
     return True
 
 
-def job_progress(jobs: list[Job], budget: Budget, runs: Path) -> list[dict[str, Any]]:
-    """Per planned job: started, finished, epochs logged so far of how many."""
+def job_progress(jobs: list[Job], budget: Budget, runs: Path,
+                 recorded: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Per planned job: started, finished (here, or ``recorded`` by a previous report), epochs
+    logged so far of how many."""
     out = []
     for j in jobs:
         d = run_dir(runs, j)
         total = 0 if j.arm.kind in ("ptq", "releq") else (
             budget.float_train["epochs"] if j.arm.is_float or j.arm.epochs == "float" else budget.q_epochs)
-        out.append({"job": j.name, "started": d.exists(), "finished": is_finished(d),
-                    "epochs_done": len(epoch_times(d)), "epochs": total})
+        here = is_finished(d)
+        rec = not here and j.name in recorded
+        out.append({"job": j.name, "started": d.exists() or rec, "finished": here or rec, "recorded": rec,
+                    "epochs_done": total if rec else len(epoch_times(d)), "epochs": total})
     return out
+
+
+def recorded_jobs(recorded: Recorded, budget: Budget) -> frozenset[str]:
+    """Job names (``<run>/seed<k>``) of the ``budget``'s recorded runs."""
+    return frozenset(f"{k}/seed{s}" for k, s, b in recorded if b == budget.name)
 
 
 #: reference speed on this machine, less loaded (an earlier benchmarks/repro/run_cifar10.py run):
@@ -1217,13 +1283,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=float, metavar="SECONDS",
                    help="stop the running jobs after this long (they resume next time), then report")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: tables from the run directories")
+                   help="train nothing: tables from the run directories (and the recorded runs)")
     p.add_argument("--plan", action="store_true", help="print the jobs in order and exit")
     p.add_argument("--archive", metavar="TAR_GZ", help="afterwards, pack the run directories into this file")
     p.add_argument("--archive-slim", action="store_true",
                    help="leave the finished quantized runs' checkpoints out of the archive")
     p.add_argument("--unpack", metavar="TAR_GZ", help="first, restore run directories from this archive")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the runs recorded in OUT/cifar10_claims.json whose directories are not "
+                        "here: tables (and the jobs to run) from the run directories alone")
     a = p.parse_args(argv)
     t0 = time.time()
     if a.only:
@@ -1234,10 +1303,14 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, jobs=a.jobs)
     device = a.device or budget.device
     runs = Path(a.runs_dir) / budget.name
+    stem = "cifar10_claims" if budget.name != "smoke" else "cifar10_claims_smoke"
+    recorded = {} if a.fresh else recorded_runs(Path(a.out) / f"{stem}.json")
+    done_before = recorded_jobs(recorded, budget)
     jobs = plan(budget, a.only, a.seeds)
     if a.plan:
         for j in jobs:
-            print(f"{j.name:32s} {'finished' if is_finished(run_dir(runs, j)) else '-'}")
+            here = is_finished(run_dir(runs, j))
+            print(f"{j.name:32s} {'finished' if here else 'recorded' if j.name in done_before else '-'}")
         return 0
     if a.unpack:
         got = unpack(Path(a.unpack), runs)
@@ -1247,17 +1320,16 @@ def main(argv: list[str] | None = None) -> int:
         stop_at = t0 + a.stop_after if a.stop_after else None
         for sig in (signal.SIGTERM, signal.SIGINT):  # kill PID stops the running jobs cleanly
             signal.signal(sig, _request_stop)
-        state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at)
-    rows, found = report_rows(Path(a.runs_dir), budget)
+        state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at, done_before)
+    rows, found = report_rows(Path(a.runs_dir), budget, recorded)
     meta = run_meta(__file__, argv, t0, seeds=sorted({j.seed for j in jobs}), budget=budget.name,
                     device=device, report_only=a.report_only, load_avg=os.getloadavg())
-    progress = job_progress(plan(budget), budget, runs)
+    progress = job_progress(plan(budget), budget, runs, done_before)
     text = plan_text(plan(budget), budget, runs)
     payload = {"meta": meta, "budget": dict(budget.__dict__), "rows": rows,
                "runs": [{"run": k, "seed": s, "budget": b, **r} for (k, s, b), r in sorted(found.items())],
                "state": state, "progress": progress, "plan": text,
                "data": "CIFAR-10 JPEG copy (cifar10-jpeg.zip)"}
-    stem = "cifar10_claims" if budget.name != "smoke" else "cifar10_claims_smoke"
     write_results(a.out, stem, payload, render(meta, budget, rows, found, text, state, progress))
     plot(found, Path(a.out) / f"{stem}.png")
     if a.archive:
