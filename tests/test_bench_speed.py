@@ -147,3 +147,45 @@ def test_quick_run_writes_every_column(tmp_path):
         assert col in md
     assert len(payload["targets"]) == len(data["targets"]) > 10
     assert all(t["met"] is None for t in data["targets"])  # the quick MLP is not the 4096-wide case
+
+
+def test_resume_reuses_finished_cases_only_under_the_same_settings_and_code(tmp_path, monkeypatch):
+    """A killed run leaves speed.partial.json; --resume times only the cases it had not finished,
+    and only when the settings and the code (git commit, dirty or not) are those of the killed run."""
+    import copy
+
+    import harness
+
+    real, timed, cache = harness.run_case, [], {}
+
+    def run_case(name, *args):
+        timed.append(name)
+        if name == "lenet5" and fail:
+            raise KeyboardInterrupt  # the kill, after mlp-quick finished
+        if name not in cache:  # each case timed for real once; later "timings" are copies
+            cache[name] = real(name, *args)
+        return copy.deepcopy(cache[name])
+
+    monkeypatch.setattr(harness, "run_case", run_case)
+    code = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(harness, "git_state", lambda _root: dict(code))
+    kw = dict(cases=["mlp-quick", "lenet5"], threads=[1], batches=[1], quick=True, out_dir=tmp_path)
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_speed_benchmark(**kw)
+    partial = json.loads((tmp_path / "speed.partial.json").read_text())
+    assert list(partial["cases"]) == ["mlp-quick"] and timed == ["mlp-quick", "lenet5"]
+    fail, timed[:] = False, []
+    out = harness.run_speed_benchmark(**kw, resume=True)
+    assert timed == ["lenet5"]  # the finished case is reused, not timed again
+    assert {r["model"] for r in out["rows"]} == {"mlp-quick", "lenet5"}
+    assert not (tmp_path / "speed.partial.json").exists()
+    for change in ({"commit": "b" * 40}, {"dirty": True}, {"seed": 1}):  # other code, other settings
+        fail, timed[:] = True, []
+        with pytest.raises(KeyboardInterrupt):
+            harness.run_speed_benchmark(**kw)
+        fail, timed[:] = False, []
+        code.update({k: v for k, v in change.items() if k != "seed"})
+        harness.run_speed_benchmark(**kw, seed=change.get("seed", 0), resume=True)
+        assert timed == ["mlp-quick", "lenet5"], change  # nothing reused
+        code.update(commit="a" * 40, dirty=False)

@@ -1019,6 +1019,7 @@ def run_speed_benchmark(
     # (resumed cases count with the time they took in the run that measured them)
     payload["total_s"] = sum(ci.get("total_s", 0.0) for ci in case_info.values())
     payload["wall_s"] = time.perf_counter() - t0
+    payload["meta"]["wall_time_s"] = round(payload["wall_s"], 1)  # this process's (resumed: not the cases')
     if out is not None:
         write_results(payload, out)
         if partial is not None and partial.is_file():
