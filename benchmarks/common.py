@@ -22,18 +22,23 @@ __all__ = ["ROOT", "git_state", "machine", "run_meta", "versions", "write_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_meta(script: str, argv: Sequence[str] | None, t0: float, *, seeds: Sequence[int] | None = None,
+def run_meta(script: str, argv: Sequence[str] | None, t0: float, *, seeds: Sequence[int],
              **extra: Any) -> dict[str, Any]:
     """Provenance of a result: ``{"command", **extra, "seeds", "git", "machine", "versions",
     "torch", "wall_time_s"}`` for the script at path ``script`` (its ``__file__``) run with
-    ``argv`` (default: this process's arguments) since ``t0`` (a ``time.time()``)."""
+    ``argv`` (default: this process's arguments) since ``t0`` (a ``time.time()``).
+
+    ``seeds`` is required: every seed the result depends on (the runs it trains or reads, the
+    random inputs it draws), so the result can be reproduced. An empty list says the result uses no
+    randomness at all; it is not a way to leave the seeds out."""
+    if isinstance(seeds, (int, str)):
+        raise TypeError(f"seeds must be a sequence of ints, e.g. seeds=[{seeds}], not {seeds!r}")
     args = list(argv) if argv is not None else sys.argv[1:]
     rel = Path(script).resolve().relative_to(ROOT).as_posix()
     meta: dict[str, Any] = {"command": " ".join(["python", rel, *(shlex.quote(a) for a in args)]), **extra}
-    if seeds is not None:
-        meta["seeds"] = list(seeds)
-    meta.update({"git": git_state(ROOT), "machine": machine(), "versions": versions(),
-                 "torch": torch.__version__, "wall_time_s": round(time.time() - t0, 1)})
+    meta.update({"seeds": [int(s) for s in seeds], "git": git_state(ROOT), "machine": machine(),
+                 "versions": versions(), "torch": torch.__version__,
+                 "wall_time_s": round(time.time() - t0, 1)})
     return meta
 
 

@@ -1027,7 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(cfg, args.out)
     result["verdict"] = verdict(result)
     result["notes"] = notes(result)
-    result = {**run_meta(__file__, argv, t0), **result}
+    # every task's, start's and pilot's seed derives from --seed (_task_seed, _pilot_seed)
+    result = {**run_meta(__file__, argv, t0, seeds=[cfg.seed]), **result}
     write_results(args.out, "ste_multiclass", result, markdown(result))
     plot(result, args.out / "ste_multiclass.png")
     (args.out / ".ste_multiclass_cache.json").unlink(missing_ok=True)

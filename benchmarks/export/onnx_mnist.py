@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = []
+    rows, seeds = [], set()
     for run in a.runs:
         model, data, config = load_run(run)
+        seeds.add(int(config["train"]["seed"]))  # the result is the trained runs': record their seeds
         model.eval()
         xs, ys = [], []
         for x, y in data.test:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"{run}: agreement {agree:.4%}, max |logit diff| {rows[-1]['max_abs_logit_diff']:.2e}",
               flush=True)
-    meta = run_meta(__file__, argv, t0, opset=a.opset, onnxruntime=onnxruntime.__version__)
+    meta = run_meta(__file__, argv, t0, seeds=sorted(seeds), opset=a.opset,
+                    onnxruntime=onnxruntime.__version__)
     git = meta["git"]
     md = ["# ONNX export on the MNIST test set", "",
           f"Command: `{meta['command']}` — commit {str(git['commit'])[:12]}"

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(pool.map(one, jobs))
     for r in rows:
         print(f"W{r['bits']}/A2 {r['method']:24s} {100 * r['test_acc']:.2f}%", flush=True)
-    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
+    meta = run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, fp_acc=fp.test_acc)
     write_results(a.out, "distill_mnist", {"meta": meta, "rows": rows}, render(meta, rows))
     return 0
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(w_bits=wb, a_bits=ab, float_layers=kept)
         print(f"{r['recipe']:16s} W{wb}/A{ab} acc {100 * r['test_acc']:.2f}% "
               f"(float {100 * fp['test_acc']:.2f}%)")
-    meta = run_meta(__file__, argv, t0, fp=fp)
+    meta = run_meta(__file__, argv, t0, seeds=[0], fp=fp)
     lines = [
         "# ResNet-20 on CIFAR-10 (JPEG copy), short CPU budget",
         "",

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"rvsm": label, "test_acc": res.test_acc, "sparsity": sp,
                      "train_s": round(train_seconds(out), 1)})
         print(f"{label:22s} sparsity {100 * sp:5.1f}%  acc {100 * res.test_acc:.2f}%", flush=True)
-    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
+    meta = run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, fp_acc=fp.test_acc)
     lines = [
         "# RVSM sparse training, LeNet-5 on MNIST, 4-bit weights on conv2/fc1/fc2",
         "",

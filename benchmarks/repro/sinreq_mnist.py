@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         acc, secs = finetune(model, [wq], [wq])
         record("waveq", f"lambda {a.waveq_weight:g}, beta_weight {bw:g}", model, acc, secs, wq.learned_bits())
 
-    meta = run_meta(__file__, argv, t_start, epochs=a.epochs, lr=a.lr, threads=a.threads)
+    meta = run_meta(__file__, argv, t_start, seeds=[0], epochs=a.epochs, lr=a.lr, threads=a.threads)
     write_results(a.out, "sinreq_mnist", {"meta": meta, "rows": rows}, render(meta, rows))
     return 0
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         row["alone_acc"] = evaluate(alone, data.test)["acc"]
         print(f"width {row['width']:.2f}: supernet {100 * row['supernet_acc']:.2f}%  "
               f"alone {100 * row['alone_acc']:.2f}%", flush=True)
-    meta = run_meta(__file__, argv, t0, epochs=a.epochs, supernet_train_s=round(super_s, 1))
+    meta = run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, supernet_train_s=round(super_s, 1))
     lines = [
         "# One slimmable binary LeNet-5 against separately trained widths, MNIST",
         "",

@@ -277,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             "cnn_test_acc": evaluate(cnn, data.test)["acc"], "cnn6_test_acc": evaluate(q, data.test)["acc"],
             "cnn_macs": e_cnn, "rows": [rows[T] for T in a.timesteps if T in rows], "source": data.source,
         }
-    meta = run_meta(__file__, argv, t0, seed=0, threads=1, cnn_epochs=a.cnn_epochs, ft_images=a.ft_images,
-                    ft_lr=a.ft_lr, scales=a.scales, validation="5000 training images held out (seed 0)")
+    # seed 0: training and the validation split; 1-3: the calibration, validation and fine-tune subsets
+    meta = run_meta(__file__, argv, t0, seeds=[0, 1, 2, 3], threads=1, cnn_epochs=a.cnn_epochs,
+                    ft_images=a.ft_images, ft_lr=a.ft_lr, scales=a.scales,
+                    validation="5000 training images held out (seed 0)")
     out = Path(a.out)
     payload = {"meta": meta, "paper": PAPER, "results": results}
     write_results(out, a.stem, payload, markdown(results, meta, a))

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                      "alpha_ratio": alpha / alpha0, "train_s": round(train_seconds(out), 1)})
         print(f"{label:26s} skippable groups {100 * zero_groups / groups:5.1f}%  alpha {alpha / alpha0:.2f}  "
               f"acc {100 * res.test_acc:.2f}%", flush=True)
-    meta = run_meta(__file__, argv, t0, epochs=a.epochs, fp_acc=fp.test_acc)
+    meta = run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, fp_acc=fp.test_acc)
     lines = [
         "# Group lasso with Weight Penalty Clipping, ternary LeNet-5 on MNIST",
         "",

@@ -329,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     ok_acc = delta >= PAPER["acc_delta_pt"] - 1.0  # one point of slack for run-to-run noise
     verdict = ("reproduced" if ok_bops and ok_acc else "not reproduced") + (
         f": {q['ratio_vs_float']:.0f}x fewer BOPs (paper 160x) at {delta:+.2f} pt (paper -1.57 pt)")
-    meta = run_meta(__file__, argv, t0, seed=a.seed, data="CIFAR-10 JPEG copy", subset=a.subset,
-                    val=a.val, search_n=a.search_n, space=space.to_dict(), target_bops=target,
-                    float_bops=float_bops)
+    # the search (seed --seed; its data split also --seed + 1), the retraining runs, ReLeQ's proxy noise
+    used = {a.seed, a.seed + 1, *seeds, *search.get("releq", {}).get("proxy_noise_seeds", [])}
+    meta = run_meta(__file__, argv, t0, seeds=sorted(used), seed=a.seed, data="CIFAR-10 JPEG copy",
+                    subset=a.subset, val=a.val, search_n=a.search_n, space=space.to_dict(),
+                    target_bops=target, float_bops=float_bops)
     payload = {"meta": meta, "paper": PAPER, "search": search, "rows": rows, "verdict": verdict,
                "acc_delta_pt": delta, "vs_releq": vs_releq(rows)}
     plot(rows, Path(a.out) / f"{a.stem}.png")

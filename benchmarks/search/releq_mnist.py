@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                        "test_acc": acc})
         print(f"{label:28s} bits {bits} test {100 * acc:.2f}%", flush=True)
     meta = run_meta(
-        __file__, argv, t0, episodes=a.episodes, proxy=a.proxy, val=a.val, fp_epochs=a.fp_epochs,
+        __file__, argv, t0, seeds=[0], episodes=a.episodes, proxy=a.proxy, val=a.val, fp_epochs=a.fp_epochs,
         final_epochs=a.final_epochs, float_test_acc=fp.test_acc, float_val_acc=float_val,
         agent_distinct_assignments=agent_cost, agent_episode_assignments=len(asked), agent_best_rank=rank,
         oracle_top5=[[list(b), r, acc] for b, r, acc in oracle[:5]] if oracle else None)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"budget {r['budget_bits']:,} bits: W{r['bits']} width {r['width']:.3f} "
               f"acc {100 * r['test_acc']:.2f}%")
-    meta = run_meta(__file__, argv, t0, dataset=a.dataset, epochs=a.epochs)
+    meta = run_meta(__file__, argv, t0, seeds=[0], dataset=a.dataset, epochs=a.epochs)
     lines = [
         f"# Bit-width or width at equal weight storage: LeNet-5 on {a.dataset}",
         "",

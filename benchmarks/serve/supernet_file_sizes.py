@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 ref, got = sn.run(x, n), loaded.run(x, n)
         equal[n] = bool(torch.equal(ref, got))
-    payload = {**run_meta(__file__, argv, t0), "source": a.trainable, "file": a.out_file, "sizes": sizes,
-               "subnets": sn.names, "bit_equal": equal}
+    payload = {**run_meta(__file__, argv, t0, seeds=[0]), "source": a.trainable, "file": a.out_file,
+               "sizes": sizes, "subnets": sn.names, "bit_equal": equal}
     s = sizes
     md = "\n".join([
         "# One packed file holds the whole supernet", "",

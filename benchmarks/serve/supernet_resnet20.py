@@ -341,7 +341,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
         rows.append({**row, **agree.get(n, {})})
     runs = {v: {k: r[k] for k in ("best_epoch", "epoch_s") if k in r}
             for v, r in {**res, **{f"alone-{n}": x for n, x in alone.items()}}.items()}
-    payload = {**run_meta(__file__, argv, t0, seed=0, epochs=a.epochs, subset=a.subset, val=a.val,
+    payload = {**run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, subset=a.subset, val=a.val,
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
                           setup=a.setup, init=a.init, float_init=float_init(a.init), **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if n in base:
             row.update({"alone_val": base[n]["val"], "alone_test": base[n]["test"]})
         rows.append(row)
-    payload = {**run_meta(__file__, argv, t0, seed=0, epochs=a.epochs, model=MODEL, subnets=SUBNETS,
+    payload = {**run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, model=MODEL, subnets=SUBNETS,
                           chosen_variant=best), "train": {v: state[v]["train_s"] for v in variants},
                "baseline_train_s": {k: v["train_s"] for k, v in base.items()}, "rows": rows}
     write_results(a.out, "serve_supernet", payload, markdown(payload, variants))

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                      "base_times_s": b, "new_times_s": n, "base_layer": held[f"{v} base"],
                      "new_layer": held[f"{v} new"]})
         print(f"{v}: new/base median {rows[-1]['ratio_median']:.3f}, min {rows[-1]['ratio_min']:.3f}")
-    meta = run_meta(__file__, argv, t0, base=base_rev, depth=a.depth, rounds=a.rounds)
+    meta = run_meta(__file__, argv, t0, seeds=[0], base=base_rev, depth=a.depth, rounds=a.rounds)
     md = [f"# runtime.compile of {a.depth} x Linear(4096, 4096): the working tree against {base_rev}", "",
           f"`{meta['command']}`; git {meta['git']}; one thread; {a.rounds} interleaved rounds on the machine "
           "as it was (ratios only)", "",

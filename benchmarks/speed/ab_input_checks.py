@@ -149,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"model": name, "A_us": ma * 1e6, "B_us": mb * 1e6, "A_over_B": ma / mb,
                      "A_over_B_per_round_median": statistics.median(ratios),
                      "A_over_B_per_round_min": min(ratios), "A_over_B_per_round_max": max(ratios)})
+    # seed 0: the models' weights; 1: their inputs
+    meta = run_meta(__file__, argv, t0, seeds=[0, 1], base=args.base)
     md = ["# Input checks: batch-1 call, A (with checks) vs B (before), interleaved", "",
           "One process, one thread, under load (a training campaign on both cores at nice 10): "
           "only the ratios count. A/B of the medians, and the median, min and max of the per-round "
           "ratios.", "",
-          f"`{run_meta(__file__, argv, t0)['command']}`, {args.rounds} rounds x {args.calls} calls", "",
+          f"`{meta['command']}`, {args.rounds} rounds x {args.calls} calls", "",
           "| model | A (us) | B (us) | A/B | per-round A/B median [min, max] |", "|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['A_us']:.2f} | {r['B_us']:.2f} | {r['A_over_B']:.3f} | "
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['A_over_B_per_round_max']:.3f}] |")
     md += ["", "Each check alone (timeit, best of 7 x 20000, ns):", ""]
     md += [f"- {k}: {v:.0f} ns" for k, v in micro.items()]
-    payload = {"meta": run_meta(__file__, argv, t0, base=args.base), "rows": rows, "check_ns": micro,
+    payload = {"meta": meta, "rows": rows, "check_ns": micro,
                "times_s": times}
     write_results(args.out, "ab_input_checks", payload, "\n".join(md))
     print("\n".join(md))

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "identical": xb == xn})
                     print(f"asm {mod}.{fn}: {len(xb)} / {len(xn)} lines, identical={xb == xn}")
 
-    meta = run_meta(__file__, argv, t0, base=base_rev)
+    meta = run_meta(__file__, argv, t0, seeds=[0], base=base_rev)  # the inputs' and the turn order's
     md = [f"# Kernels of the working tree against {base_rev}", "",
           f"`{meta['command']}`; git {meta['git']}; one thread; timings interleaved on the machine as it was "
           "(ratios only)", "",

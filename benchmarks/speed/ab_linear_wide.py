@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     set_threads(1)
     rows = run(args.sizes, args.rows, args.variants, args.budget, ["layer", *args.kernels])
-    meta = run_meta(__file__, argv, t0, threads=1)
+    # each layer's weights draw with N + bits as seed; the inputs and the turn order with 0
+    seeds = sorted({0, *(n + VARIANTS[v] for n in args.sizes for v in args.variants)})
+    meta = run_meta(__file__, argv, t0, seeds=seeds, threads=1)
     write_results(ROOT / "benchmarks" / "results", args.name, {"meta": meta, "rows": rows},
                   to_markdown(rows, meta))
 

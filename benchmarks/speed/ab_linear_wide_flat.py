@@ -27,10 +27,10 @@ from common import ROOT, run_meta, write_results
 from harness import _infer, set_threads, time_interleaved
 
 
-def _model(bits: int, n: int) -> nn.Module:
+def _model(bits: int, n: int, seed: int) -> nn.Module:
     import lowbit
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(n, n)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,13 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--budget", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0, help="the weights, the inputs and the rounds' order")
     args = p.parse_args(argv)
     t0 = time.time()
     set_threads(1)
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
-        x = torch.rand(1, n) * 3
-        m5 = _model(5, n)
+        x = torch.rand(1, n, generator=torch.Generator().manual_seed(args.seed)) * 3
+        m5 = _model(5, n, args.seed)
         new = rt_compile(m5, x)
         real = L.gemv_weights
         L.gemv_weights = lambda wp, q=None, wide=False, real=real: real(wp, q, False)  # no 8-bit fields
@@ -60,20 +61,20 @@ def main(argv: list[str] | None = None) -> None:
             old = rt_compile(m5, x)
         finally:
             L.gemv_weights = real
-        m4 = rt_compile(_model(4, n), x)
+        m4 = rt_compile(_model(4, n, args.seed), x)
         ref = _infer(old, x)
         assert float((_infer(new, x) - ref).abs().max() / ref.abs().max()) < 1e-6
         models = {"w5 gemv 8-bit fields": new, "w5 int8 parts (flat, before)": old,
                   "w4 gemv 4-bit fields": m4}
         tm = time_interleaved({k: (lambda pm=pm, x=x: _infer(pm, x)) for k, pm in models.items()},
-                              max_rounds=5000, budget_s=args.budget)
+                              max_rounds=5000, budget_s=args.budget, seed=args.seed)
         base = tm["w5 gemv 8-bit fields"]["median_s"]
         for k, pm in models.items():
             pl = next(iter(pm.packed_layers().values()))
             rows.append({"N": n, "model": k, "median_us": tm[k]["median_s"] * 1e6,
                          "time_vs_new": tm[k]["median_s"] / base, "kernel": pl.kernel_name(),
                          "runs_flat": bool(pl.runs_flat)})
-    meta = run_meta(__file__, argv, t0, threads=1)
+    meta = run_meta(__file__, argv, t0, seeds=[args.seed], threads=1)
     md = ["# Batch 1: 8-bit-field GEMV against the int8 copy in the flat executor", "",
           f"`{meta['command']}` (commit {meta['git'].get('commit', '?')[:10]}). One thread, interleaved, "
           "possibly loaded machine: compare within a size.", "",

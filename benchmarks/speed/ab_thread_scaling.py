@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
     if a.done_file:
         Path(a.done_file).touch()
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, build_s=round(t_built - t0, 1),
+    # seed 0: the model's weights; each batch's input draws with its batch size as seed
+    meta = run_meta(__file__, argv, t0, seeds=sorted({0, *a.batches}), note=a.note, load_start=load0,
+                    build_s=round(t_built - t0, 1),
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                     configs={n: vals for n, vals in configs})
     write_results(a.out, a.name, {"meta": meta, "rows": rows}, markdown(meta, rows, a))

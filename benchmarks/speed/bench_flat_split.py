@@ -82,8 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 32])
     p.add_argument("--budget-s", type=float, default=4.0, help="time budget of one interleaved block")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--seed", type=int, default=0,
+                   help="the models' weights and BN statistics, the inputs (batch B's: seed + B) and the "
+                   "interleaved rounds' order")
     a = p.parse_args(argv)
     t0 = time.time()
+    torch.manual_seed(a.seed)  # the float weights and the serial and batch-1 inputs: the global generator
     rows, b1 = [], []
     per_image = {}
     set_threads(1)
@@ -93,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.models:
         shape = MODELS[name][1]
         fm = build_model(name).eval()
-        _randomize_bn(fm, 0)
+        _randomize_bn(fm, a.seed)
         q = lowbit.quantize(copy.deepcopy(fm), {"default": {"weight": WEIGHTS["binary"],
                                                             "activation": ACTIVATION}}).eval()
-        packed = rt_compile(q, torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)))
+        packed = rt_compile(q, torch.rand(2, *shape, generator=torch.Generator().manual_seed(a.seed)))
         _export_onnx(fm, shape, tmp / f"{name}.onnx")
         models[name] = (packed, shape)
         per_image[name] = {f"b{b}_us": 1e6 * serial_per_image(packed, shape, b, 60 if b == 1 else 15)
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name, (packed, shape) in models.items():
             for B in a.batches:
-                x = torch.rand(B, *shape, generator=torch.Generator().manual_seed(B))
+                x = torch.rand(B, *shape, generator=torch.Generator().manual_seed(a.seed + B))
 
                 def rule(x=x, packed=packed):
                     E.MIN_THREAD_WORK_S = keep
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                     return packed(x)
 
                 assert torch.equal(rule(), old())
-                t = time_interleaved({"rule": rule, "old": old}, 400, a.budget_s)
+                t = time_interleaved({"rule": rule, "old": old}, 400, a.budget_s, seed=a.seed)
                 E.MIN_THREAD_WORK_S = keep
                 packed(x)
                 rows.append({"model": name, "batch": B, "rule_ms": 1e3 * t["rule"]["median_s"],
@@ -139,13 +143,13 @@ def main(argv: list[str] | None = None) -> None:
                 after.append(time.perf_counter() - t)
                 return y
 
-            t = time_interleaved({"alone": alone, "after_ort": after_ort}, 2000, a.budget_s)
+            t = time_interleaved({"alone": alone, "after_ort": after_ort}, 2000, a.budget_s, seed=a.seed)
             b1.append({"model": name, "alone_us": 1e6 * t["alone"]["median_s"],
                        "after_ort2_us": 1e6 * float(np.median(after[-t["alone"]["rounds"]:])),
                        "rounds": t["alone"]["rounds"]})
     finally:
         E.MIN_THREAD_WORK_S = keep
-    payload = {"meta": run_meta(__file__, argv, t0, min_thread_work_s=keep), "handoff": hand,
+    payload = {"meta": run_meta(__file__, argv, t0, seeds=[a.seed], min_thread_work_s=keep), "handoff": hand,
                "serial_per_image": per_image, "split": rows, "batch1_after_ort": b1}
     md = ["# Flat executor: the thread rule", "",
           f"Command: `{payload['meta']['command']}`. Single run; timings on a shared, loaded 2-core machine,",

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     wd.mkdir(exist_ok=True)
                     rows += run_case("bert", label, model, x, th, args.repeats, wd, packed, args.seq)
                     log.info("%s threads %d done", label, th)
-    meta = run_meta(__file__, argv, t0)
+    meta = run_meta(__file__, argv, t0, seeds=[0])  # weights and inputs follow torch.manual_seed(0)
     with contextlib.suppress(OSError):
         meta["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     write_results(args.out, args.stem, {"meta": meta, "rows": rows}, markdown(rows, meta))

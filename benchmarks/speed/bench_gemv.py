@@ -436,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_mlp:
             rows += mlp_part(a.threads, a.budget, Path(td), tuple(a.mlp_variants))
     tg = targets(rows)
-    meta = run_meta(__file__, argv, t0, machine_info=info, loadavg_end=machine_info().get("loadavg"),
-                    bitnet_source=BITNET_SOURCE, turns=TURNS,
+    # seed 0: the deep MLP and every interleaved round's order; each layer of size N draws with N as seed
+    seeds = sorted({0, *([] if a.no_layers else a.sizes)})
+    meta = run_meta(__file__, argv, t0, seeds=seeds, machine_info=info,
+                    loadavg_end=machine_info().get("loadavg"), bitnet_source=BITNET_SOURCE, turns=TURNS,
                     variants={v: VARIANTS[v.removesuffix(NO_TQ1)][2] + (" (2-bit fields, no 1.6-bit form)"
                                                                        if v.endswith(NO_TQ1) else "")
                               for v in MLP_VARIANTS},

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                          "median_ms": q[2], "p90_ms": q[3], "max_ms": q[4],
                          "slow_share": float(np.mean(np.asarray(v) > 1.5 * q[0])),
                          "ms": [round(x, 3) for x in v]})
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0,
+    meta = run_meta(__file__, argv, t0, seeds=[0], note=a.note, load_start=load0,
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     md = ["# One thread's AMX rate over time, per vCPU", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"

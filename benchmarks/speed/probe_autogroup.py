@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"sched_autogroup_enabled": enabled, "this_autogroup": mine, "niced": niced, "wall_s": wall,
            "process_cores": cpu / wall, "user_cores": d[0] / tick / wall, "nice_cores": d[1] / tick / wall,
            "idle_cores": d[3] / tick / wall}
-    meta = run_meta(__file__, argv, t0, note=a.note)
+    meta = run_meta(__file__, argv, t0, seeds=[], note=a.note)  # no randomness: a fixed scalar chain
     md = ["# A 2-thread process beside niced work: the cores it gets", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "

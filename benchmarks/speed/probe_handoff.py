@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                "free_ratio": {m: fmed["1t"] / fmed[m] for m in modes[1:] if fmed}}
         rows.append(row)
         print(row, flush=True)
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0,
+    # no randomness: fixed spin work, modes in a rotated (not shuffled) order
+    meta = run_meta(__file__, argv, t0, seeds=[], note=a.note, load_start=load0,
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     head = " | ".join(f"2t {m}: ratio (free)" for m in a.modes)
     md = ["# The 2-thread split's own cost: layers of fixed-duration work", "",

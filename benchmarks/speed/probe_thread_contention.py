@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     b0, c0, w0 = _busy_s(), time.process_time(), time.perf_counter()
     rows = measure(work, a.rounds)
     others = max(0.0, _busy_s() - b0 - (time.process_time() - c0)) / (time.perf_counter() - w0)
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0, other_processes_cores=others,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+    meta = run_meta(__file__, argv, t0, seeds=[0], note=a.note, load_start=load0,
+                    other_processes_cores=others, load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     md = ["# Two threads of one process on the same kind of work: how much each slows the other", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {a.note or 'machine state not noted'}; "

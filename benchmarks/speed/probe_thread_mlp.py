@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                              "parts_per_call": statistics.median(r["parts"] for r in rs), "rounds": a.rounds})
                 print(rows[-1], flush=True)
         del fast
-    meta = run_meta(__file__, argv, t0, note=a.note, load_start=load0,
+    meta = run_meta(__file__, argv, t0, seeds=[0], note=a.note, load_start=load0,
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     md = ["# The deep MLP's 2-thread call, kernel by kernel", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"

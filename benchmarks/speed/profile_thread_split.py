@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = two_cores()
     busy1 = busy_cpu_s()
     others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
-    meta = run_meta(__file__, argv, t0, other_processes_cores=others,
+    meta = run_meta(__file__, argv, t0, seeds=[0], other_processes_cores=others,
                     loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     md = ["# 2-thread calls traced: do the two threads run at once?", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
