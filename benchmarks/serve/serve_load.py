@@ -7,6 +7,10 @@ really build.
     python benchmarks/serve/serve_load.py --duration 3 --repeats 1 --traces bursty \
         --policies slackfit slackfit-queue fixed:b4 --stem serve_check --out /tmp/serve_check
 
+Every finished run is kept in ``<out>/<stem>.partial.jsonl`` until the report is written: after a
+kill, the same command with ``--resume`` measures only the runs still missing (same settings only;
+``--overwrite`` starts again).
+
 The supernet is the trained ResNet-20 CIFAR-10 bit-width supernet (``benchmarks/serve/
 train_supernet.py``; sub-nets b2/b4/b8, every sub-net's stored codes, validation and test accuracy).
 In the packed runtime its 2- and 4-bit sub-nets take about the same time and the 8-bit one about
@@ -72,7 +76,7 @@ import time
 from pathlib import Path
 
 from lowbit.serve import load_supernet
-from lowbit.serve.bench import run_serve_bench, write_report
+from lowbit.serve.bench import partial_path, run_serve_bench, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_meta
@@ -105,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default="serve")
     p.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                    help="what the servers run their sub-nets on (lowbit serve --runtime)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs that a stopped load test with the same settings finished "
+                   "(<out>/<stem>.partial.jsonl)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again although a stopped load test left runs (its partial file is deleted)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -115,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     res = run_serve_bench(a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed,
                           a.max_requests, samples=a.samples, max_in_flight=a.max_in_flight,
                           profile_repeats=a.profile_repeats, runtime=a.runtime, load=a.load,
-                          repeats=a.repeats, note=a.note)
+                          repeats=a.repeats, note=a.note, partial=partial_path(a.out, a.stem),
+                          resume=a.resume, overwrite=a.overwrite)
     write_report(res, a.out, a.stem, run_meta(__file__, argv, t0, seeds=res["settings"]["seeds"]))
+    partial_path(a.out, a.stem).unlink(missing_ok=True)  # every run is in the report now
     return 0
 
 

@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                     help="what the servers run their sub-nets on (lowbit serve --runtime)")
     bs.add_argument("--note", default="", help="what else ran on the machine, for the report")
+    bs.add_argument("--resume", action="store_true",
+                    help="keep the runs that a stopped load test with the same settings finished "
+                    "(<out>/<stem>.partial.jsonl)")
+    bs.add_argument("--overwrite", action="store_true",
+                    help="start again although a stopped load test left runs (its partial file is deleted)")
 
     sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
     sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")

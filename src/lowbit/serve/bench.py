@@ -17,11 +17,23 @@ of every second, the ramp ends at 1.8 times the mean). A given rate is reported 
 profile's capacities. The profile is a 90th percentile of a few runs at start-up, so on a busy
 machine it can be off by 2x from one start to the next; a rate given from measured batch times is
 then the steadier basis.
+
+Resume: with a partial-results file (``<out>/<stem>.partial.jsonl``, :func:`partial_path`) every
+finished (policy, trace, seed) run is appended to it as one JSON line, flushed to disk, so a killed
+load test loses at most the run in progress (a torn last line is skipped when read back). Its first
+line holds the settings (the supernet file's SHA-256, SLO, rate or load, durations, policies,
+traces, seeds, runtime, profile settings, the lowbit commit) and the rate basis. ``resume=True``
+keeps the runs of a file with the same settings and measures the rest at the same rate, against
+the same rate basis (the first run's profile); other settings are refused, naming what differs.
+Without ``resume`` an existing file is refused unless ``overwrite``. The servers profile their
+sub-nets again in every process: each process's profiles, and which process measured each run,
+are in the results. The callers delete the file once the report is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -38,11 +50,12 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_text
 from .file import load_supernet
 from .loadgen import make_trace, replay, summarize
 
-__all__ = ["POLICY_DEFINITIONS", "capacity_rps", "free_port", "run_serve_bench", "start_server",
-           "stop_server"]
+__all__ = ["POLICY_DEFINITIONS", "capacity_rps", "free_port", "partial_path", "read_partial",
+           "run_serve_bench", "start_server", "stop_server"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +188,88 @@ def _decisions_since(url: str, seq: int) -> dict[str, Any]:
     }
 
 
+def partial_path(out: str | os.PathLike[str], stem: str = "serve") -> Path:
+    """Where ``lowbit bench serve --out OUT --stem STEM`` keeps its finished runs until the report."""
+    return Path(out) / f"{stem}.partial.jsonl"
+
+
+def read_partial(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], bool]:
+    """The records of a partial-results file and whether its last line was torn (a kill while it was
+    appended: that line is left out). A bad line before the last one is a ValueError."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    tail = lines.pop()  # after the last newline: "" unless an append was cut short
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i < len(lines):
+                raise ValueError(f"{path} line {i} is not JSON ({e}); delete the file (or pass --overwrite) "
+                                 "to start the load test again") from None
+            tail = line  # a torn line that happens to end in a newline
+    return records, bool(tail)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, on disk before this returns: a kill leaves the line whole or torn, never a
+    torn line that reads back as valid."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _claim_partial(
+    path: Path, settings: dict[str, Any], resume: bool, overwrite: bool
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(header, processes, finished runs) of the partial file that this load test may continue:
+    nothing for a fresh start. Refuses a file without ``resume`` (unless ``overwrite``, which deletes
+    it) and one made with other settings."""
+    if not path.is_file():
+        return None, [], []
+    if not resume:
+        if not overwrite:
+            raise ValueError(f"{path} holds the finished runs of an earlier load test; pass --resume to "
+                             "continue it, --overwrite to start again (the file is deleted), or choose "
+                             "another --stem or --out")
+        path.unlink()
+        log.info("%s: the earlier load test's runs were deleted (--overwrite)", path)
+        return None, [], []
+    records, torn = read_partial(path)
+    if not records or records[0].get("kind") != "header":
+        raise ValueError(f"{path} has no settings line: it is not a lowbit bench serve partial-results file; "
+                         "pass --overwrite to replace it, or choose another --stem or --out")
+    header = records[0]
+    was = header["settings"]
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))  # as it reads back
+    if was != now:
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise ValueError(f"{path} was measured with other settings: "
+                         + "; ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in changed)
+                         + ". Drop --resume (and pass --overwrite) to start again, or pass another --stem "
+                         "or --out to keep both")
+    if torn:  # rewritten without the torn line, so the next append starts on a line of its own
+        log.warning("%s: the last line was cut short by a kill; that run is measured again", path)
+        atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in records))
+    processes = [r for r in records if r.get("kind") == "process"]
+    runs = [r["run"] for r in records if r.get("kind") == "run"]
+    log.info("%s: resuming, %d run(s) already measured by %d process(es)", path, len(runs), len(processes))
+    return header, processes, runs
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def run_serve_bench(
     path: str | os.PathLike[str],
     policies: Sequence[str],
@@ -193,67 +288,119 @@ def run_serve_bench(
     load: float = 1.2,
     repeats: int = 2,
     note: str = "",
+    partial: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Results ``{"runs": [{policy, trace, **summary}], "accuracy", "settings"}``. Each request
-    carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections; every
-    server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``). ``rate=None``: ``load``
+    """Results ``{"runs": [{policy, trace, seed, **summary}], "accuracy", "settings", "processes"}``.
+    Each request carries ``samples`` samples; the client keeps at most ``max_in_flight`` connections;
+    every server runs its sub-nets on ``runtime`` (``lowbit serve --runtime``). ``rate=None``: ``load``
     times the capacity of the most accurate sub-net in the first server's profile. ``repeats``: every
     trace is drawn with the seeds ``seed, seed + 1, ...`` in turn (the same servers), each run kept.
-    ``note`` (e.g. what else ran on the machine) goes into the report as given."""
+    ``note`` (e.g. what else ran on the machine) goes into the report as given.
+
+    ``partial``: the partial-results file (:func:`partial_path`) each finished run is appended to;
+    ``resume`` keeps the runs it holds (same settings only), ``overwrite`` deletes it (without either,
+    an existing file is refused). Each run's ``measured_by_process`` indexes ``processes``: the
+    process (pid, start time, note, its servers' start-up profiles) that measured it."""
     import httpx
+
+    from ..provenance import git_state
+
+    seeds = [seed + i for i in range(repeats)]
+    # what a resumed load test must share with the runs it keeps (not the note: it is per process)
+    claim = {"supernet_sha256": _sha256(path), "slo_ms": slo_ms, "rate": rate,
+             "load": load if rate is None else None, "duration_s": duration, "max_batch": max_batch,
+             "seeds": seeds, "max_requests": max_requests, "pause_s": pause_s, "samples_per_request": samples,
+             "max_in_flight": max_in_flight, "profile_repeats": profile_repeats, "runtime": runtime,
+             "traces": list(traces), "policies": list(policies),
+             "policy_definitions": {p: POLICY_DEFINITIONS.get("fixed:<name>" if p.startswith("fixed:") else p)
+                                    for p in policies},
+             "git": git_state()}
+    part = Path(partial) if partial is not None else None
+    header, processes, old = (_claim_partial(part, claim, resume, overwrite) if part is not None
+                              else (None, [], []))
+    done = {(r["policy"], r["trace"], r["seed"]): r for r in old}
+    cells = [(pol, tr, s) for s in seeds for tr in traces for pol in policies]  # trace-major, as measured
+    todo = [c for c in cells if c not in done]
+    process = len(processes)
+    me = {"kind": "process", "process": process, "pid": os.getpid(), "started_utc": _utc_now(), "note": note}
 
     load_before = os.getloadavg()
     sn = load_supernet(path)
     accuracy = {n: float(sn.info.get(n, {}).get("test_acc", math.nan)) for n in sn.names}
     x = torch.randn((samples, *sn.input_shape)).numpy().astype("<f4").tobytes()
     shape = ",".join(str(d) for d in (samples, *sn.input_shape))
-    runs, exits, servers = [], {}, {}
-    basis: dict[str, Any] | None = None
+    new, exits, servers = {}, {}, {}
+    basis: dict[str, Any] | None = header["rate_basis"] if header else None
+    if header:
+        rate = header["rate"]  # the first process's rate, so that every run shares one
     try:
         # every server is started (and profiles its sub-nets) before any load, while the others idle;
         # then each trace is replayed against every policy in turn, so that the machine's changing
-        # background load falls on all policies alike
-        for pol in policies:
+        # background load falls on all policies alike (a resumed test starts only the servers it needs)
+        for pol in [p for p in policies if any(c[0] == p for c in todo)]:
             port = free_port()
             args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
                     "--profile-repeats", str(profile_repeats), "--runtime", runtime]
             servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
-        basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
-        if rate is None:
-            rate = float(basis["rate"])
-            log.info("rate %.1f req/s = %g x the capacity of %s", rate, load, basis["subnet"])
-        else:  # a given rate: the profile only says what load it is
-            basis.update(given=True, rate=rate, load=rate / basis["capacity_rps"][basis["subnet"]])
-        for tr_seed, tr in [(seed + i, t) for i in range(repeats) for t in traces]:
+        me["server_profile_ms"] = {
+            pol: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).json()["profile_ms"]
+            for pol, (port, _) in servers.items()}
+        if basis is None and todo:
+            basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
+            if rate is None:
+                rate = float(basis["rate"])
+                log.info("rate %.1f req/s = %g x the capacity of %s", rate, load, basis["subnet"])
+            else:  # a given rate: the profile only says what load it is
+                basis.update(given=True, rate=rate, load=rate / basis["capacity_rps"][basis["subnet"]])
+            if part is not None:
+                atomic_write_text(part, json.dumps({"kind": "header", "settings": claim, "rate": rate,
+                                                    "rate_basis": basis}, sort_keys=True, default=str) + "\n")
+        if part is not None and todo:
+            _append_line(part, me)
+        for pol, tr, tr_seed in todo:
             arrivals = make_trace(tr, rate, duration, seed=tr_seed, max_requests=max_requests)
-            for pol in policies:
-                base = f"http://127.0.0.1:{servers[pol][0]}"
-                seq = httpx.get(f"{base}/metrics", timeout=30.0).json()["decisions"]
-                recs = asyncio.run(replay(f"{base}/predict", arrivals, x, shape,
-                                          timeout_s=max(2.0, 20 * slo_ms / 1e3), max_in_flight=max_in_flight))
-                s = summarize(recs, slo_ms, accuracy, duration)
-                runs.append({"policy": pol, "trace": tr, "seed": tr_seed, **s,
-                             "server_decisions": _decisions_since(base, seq)})
-                log.info("%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s", pol, tr, s["slo_attainment"],
-                         s["served_accuracy"], s["throughput_rps"])
-                time.sleep(pause_s)
+            base = f"http://127.0.0.1:{servers[pol][0]}"
+            seq = httpx.get(f"{base}/metrics", timeout=30.0).json()["decisions"]
+            recs = asyncio.run(replay(f"{base}/predict", arrivals, x, shape,
+                                      timeout_s=max(2.0, 20 * slo_ms / 1e3), max_in_flight=max_in_flight))
+            s = summarize(recs, slo_ms, accuracy, duration)
+            run = {"policy": pol, "trace": tr, "seed": tr_seed, **s,
+                   "server_decisions": _decisions_since(base, seq), "measured_by_process": process,
+                   "finished_utc": _utc_now()}
+            if part is not None:
+                _append_line(part, {"kind": "run", "run": run})
+            new[pol, tr, tr_seed] = run
+            log.info("%s / %s: SLO %.3f, accuracy %.4f, %.0f req/s", pol, tr, s["slo_attainment"],
+                     s["served_accuracy"], s["throughput_rps"])
+            time.sleep(pause_s)
     finally:
         for pol, (_, proc) in servers.items():
             exits[pol] = stop_server(proc)
+    runs = [done.get(c) or new[c] for c in cells]
+    procs = [{k: v for k, v in p.items() if k != "kind"} for p in [*processes, me]]
+    for p in procs:
+        p["runs"] = sum(r["measured_by_process"] == p["process"] for r in runs)
     return {
         "runs": runs,
         "accuracy": accuracy,
         "server_exit_status": exits,
+        "processes": procs,
+        # the servers profile their sub-nets again in every process: the same profiles behind every run
+        # only where one process measured them all (the rate and its basis are the first process's always)
+        "same_server_profiles": sum(p["runs"] > 0 for p in procs) <= 1,
         "settings": {
             "rate": rate,
             "duration_s": duration,
             "slo_ms": slo_ms,
             "max_batch": max_batch,
             "seed": seed,
-            "seeds": [seed + i for i in range(repeats)],
+            "seeds": seeds,
             "traces": list(traces),
             "policies": list(policies),
             "supernet": str(path),
+            "supernet_sha256": claim["supernet_sha256"],
             "samples_per_request": samples,
             "max_in_flight": max_in_flight,
             "runtime": runtime,
@@ -262,6 +409,7 @@ def run_serve_bench(
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(),
             "note": note,
+            "resumed": bool(processes),
         },
     }
 
@@ -339,6 +487,19 @@ def write_report(
         + (f"; {st['note']}" if st.get("note") else "; nothing was said about other work on the machine")
         + ". The servers and the load generator share these CPUs.",
         "",
+    ]
+    measured = [p for p in res.get("processes", []) if p["runs"]]
+    if len(measured) > 1:  # a reader must know that the runs were not all measured back to back
+        lines += [
+            f"Measured by {len(measured)} processes (a stopped load test continued with --resume; each run's "
+            "measured_by_process in the JSON): "
+            + ", ".join(f"process {p['process']} started {p['started_utc']}, {p['runs']} run(s)"
+                        for p in measured)
+            + ". Every run has the first process's rate; each process's servers planned with the profiles "
+            "they measured at their own start-up.",
+            "",
+        ]
+    lines += [
         "SLO attainment: answered (200) within the SLO, over all requests sent (shed requests count as "
         "misses). Served accuracy: the test accuracy of the answering sub-net, averaged over answered "
         "requests.",
@@ -453,7 +614,8 @@ def write_report(
 
 
 def bench_serve_cli(a: Any) -> Any:
-    """``lowbit bench serve`` (argparse namespace ``a``): run, write the report, return a rich table."""
+    """``lowbit bench serve`` (argparse namespace ``a``): run (``--resume``: on from the partial-results
+    file, see :func:`run_serve_bench`), write the report, delete the partial file, return a rich table."""
     from rich.table import Table
 
     from ..provenance import provenance
@@ -468,12 +630,14 @@ def bench_serve_cli(a: Any) -> Any:
         a.supernet, policies, a.traces, a.rate, a.duration, a.slo_ms, a.max_batch, a.seed, a.max_requests,
         samples=a.samples, max_in_flight=a.max_in_flight, profile_repeats=a.profile_repeats,
         runtime=a.runtime, load=getattr(a, "load", 1.2), repeats=getattr(a, "repeats", 2),
-        note=getattr(a, "note", ""),
+        note=getattr(a, "note", ""), partial=partial_path(a.out, a.stem), resume=getattr(a, "resume", False),
+        overwrite=getattr(a, "overwrite", False),
     )
     seeds = [a.seed + i for i in range(getattr(a, "repeats", 2))]
     meta = provenance(" ".join(["lowbit", *(getattr(a, "argv", None) or sys.argv[1:])]), seeds=seeds,
                       wall_time_s=round(time.time() - t0, 1))
     write_report(res, a.out, a.stem, meta)
+    partial_path(a.out, a.stem).unlink(missing_ok=True)  # every run is in the report now
     t = Table("trace", "policy", "SLO attainment", "served accuracy", "req/s", "503")
     for r in res["runs"]:
         t.add_row(
