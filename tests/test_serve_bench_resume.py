@@ -1,6 +1,7 @@
 """lowbit bench serve --resume: a load test stopped after some runs goes on from its partial-results
 file with the same settings (a real tiny supernet served on 127.0.0.1), keeps the finished runs as
-they were, and refuses other settings, a leftover file without --resume, and bad lines."""
+they were, plans with the first process's server profiles, and refuses other settings, a leftover
+file without --resume, and bad lines."""
 
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ def test_a_stopped_load_test_resumes_with_its_finished_runs_unchanged(supernet_f
     assert [r["seed"] for r in runs] == [0, 1] and all(r["requests"] == 2 for r in runs)
     assert json.dumps(runs[0], sort_keys=True) == json.dumps(old[0], sort_keys=True)  # kept as measured
     assert [r["measured_by_process"] for r in runs] == [0, 1]
-    assert [p["runs"] for p in res["processes"]] == [1, 1] and res["same_server_profiles"] is False
-    assert all(p["server_profile_ms"]["fixed:small"] for p in res["processes"])
+    assert [p["runs"] for p in res["processes"]] == [1, 1]
+    # the resumed process's server planned with the profile the first one measured (lowbit serve --profile)
+    first, then = (p["server_profiles"]["fixed:small"] for p in res["processes"])
+    assert first["ms"]["small"] and then == first and res["same_server_profiles"] is True
     assert res["settings"]["resumed"] and res["settings"]["rate"] == 8.0
     assert [a["n"] for a in res["summary"]] == [2]
     assert "Measured by 2 processes" in (out / "s.md").read_text()

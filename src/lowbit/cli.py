@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="packed: each sub-net compiled by lowbit.runtime (PyTorch where it does not "
                     "compile, the reason logged); torch: each sub-net's stored model in PyTorch "
                     "(Supernet.run for a version-1 trainable file)")
+    sv.add_argument("--profile", default=None, metavar="FILE",
+                    help="take the sub-nets' latencies from this profile file (--save-profile) instead of "
+                    "measuring them; refused unless it fits the supernet file, runtime, threads and max "
+                    "batch")
+    sv.add_argument("--save-profile", default=None, metavar="FILE",
+                    help="write the latency profile the server plans with to FILE (JSON) before serving")
 
     sn = sub.add_parser("snn", help="spiking twins of CNNs (LIF neurons, learned leak and threshold)")
     snsub = sn.add_subparsers(dest="snn", metavar="ACTION")
@@ -505,11 +511,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.app import serve
 
-    console.print(f"lowbit serve {a.supernet}: profiling sub-nets, then http://{a.host}:{a.port} "
-                  f"(policy {a.policy}, SLO {a.slo_ms:g} ms)")
+    console.print(f"lowbit serve {a.supernet}: "
+                  + (f"latencies from {a.profile}" if a.profile else "profiling sub-nets")
+                  + f", then http://{a.host}:{a.port} (policy {a.policy}, SLO {a.slo_ms:g} ms)")
     return serve(a.supernet, slo_ms=a.slo_ms, port=a.port, policy=a.policy, host=a.host,
                  max_batch=a.max_batch, threads=a.threads, profile_repeats=a.profile_repeats,
-                 max_queue=a.max_queue, runtime=a.runtime)
+                 max_queue=a.max_queue, runtime=a.runtime, profile_file=a.profile,
+                 save_profile_file=a.save_profile)
 
 
 def cmd_snn(a: argparse.Namespace) -> int:

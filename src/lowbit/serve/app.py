@@ -23,7 +23,8 @@ dtype); a request whose deadline cannot be met, or that finds the queue full, ge
 :mod:`lowbit.serve.engines`), ``runtime_reasons`` says why a sub-net runs in PyTorch under
 ``--runtime packed``.
 ``GET /metrics``: queue depth, served/shed/rejected counts, sub-net mix, latency percentiles,
-SLO attainment, the latency profile measured at start, and ``runtime``/``runtime_reasons``;
+SLO attainment, the latency profile (measured at start, or read from ``--profile FILE``), and
+``runtime``/``runtime_reasons``;
 ``?decisions=N`` adds the policy's last ``N`` decisions (``decision_log``: time, queue length and
 samples, the oldest request's slack, sub-net, batch, requests shed, latency scale, decision cost).
 
@@ -55,7 +56,15 @@ from .batching import Batcher, Shed
 from .engines import SubnetEngines
 from .file import load_supernet
 from .policy import make_policy
-from .profile import LatencyProfile, profile_supernet
+from .profile import (
+    LatencyProfile,
+    check_runtime,
+    file_sha256,
+    load_profile,
+    profile_document,
+    profile_supernet,
+    save_profile,
+)
 
 __all__ = ["BadRequestError", "create_app", "parse_binary", "parse_json_inputs", "serve"]
 
@@ -314,18 +323,35 @@ def serve(
     profile_repeats: int = 10,
     max_queue: int = 1024,
     runtime: str = "packed",
+    profile_file: str | os.PathLike[str] | None = None,
+    save_profile_file: str | os.PathLike[str] | None = None,
 ) -> int:
     """Load the supernet file, compile every sub-net (``runtime="packed"``; a sub-net that does not
-    compile runs in PyTorch, the reason logged), profile each, and serve until SIGTERM/SIGINT;
-    returns 0."""
+    compile runs in PyTorch, the reason logged), profile each (or take the latencies from the profile
+    file ``profile_file``; :mod:`lowbit.serve.profile`), write it to ``save_profile_file`` if
+    given, and serve until SIGTERM/SIGINT; returns 0. A bad policy or profile file is a ValueError
+    before anything is served."""
     import uvicorn
+
+    from .._io import check_file_path
 
     _exit_with_parent()
     torch.set_num_threads(threads)
     sn = load_supernet(path)
     make_policy(policy, dict.fromkeys(sn.names, 0.0), max_batch)  # a bad policy fails before profiling
+    if save_profile_file is not None:
+        check_file_path(save_profile_file, "profile.json")  # a bad path fails before compiling, too
+    sha = file_sha256(path)
+    if profile_file is not None:  # a file of another supernet or max batch fails before compiling
+        prof, measured_on = load_profile(profile_file, sn.names, sha, max_batch, threads)
     engines = SubnetEngines(sn, runtime, threads=threads)
-    prof = profile_supernet(engines, max_batch=max_batch, repeats=profile_repeats)
+    if profile_file is not None:
+        check_runtime(profile_file, measured_on, engines.runtime)
+        log.info("latency profile from %s (not measured)", profile_file)
+    else:
+        prof = profile_supernet(engines, max_batch=max_batch, repeats=profile_repeats)
+    if save_profile_file is not None:
+        save_profile(save_profile_file, profile_document(prof, sha, engines.runtime, threads))
     app = create_app(sn, prof, policy=policy, slo_ms=slo_ms, max_queue=max_queue, engines=engines)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that
     # a no-op so a graceful stop exits with status 0

@@ -25,15 +25,19 @@ line holds the settings (the supernet file's SHA-256, SLO, rate or load, duratio
 traces, seeds, runtime, profile settings, the lowbit commit) and the rate basis. ``resume=True``
 keeps the runs of a file with the same settings and measures the rest at the same rate, against
 the same rate basis (the first run's profile); other settings are refused, naming what differs.
-Without ``resume`` an existing file is refused unless ``overwrite``. The servers profile their
-sub-nets again in every process: each process's profiles, and which process measured each run,
-are in the results. The callers delete the file once the report is written.
+Without ``resume`` an existing file is refused unless ``overwrite``. Every server writes the latency
+profile it plans with (``lowbit serve --save-profile``), and the process's line in the partial file
+keeps it (``server_profiles``, per policy); a resumed process starts each server with ``--profile``
+from the first recorded profile of its policy instead of profiling again (a start-up profile can be
+off by 2x from one start to the next), so every run of a policy plans with one profile:
+``same_server_profiles`` in the results is true when the recorded profiles say so. Each process's
+profiles, and which process measured each run, are in the results. The callers delete the file
+once the report is written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -53,6 +57,7 @@ import torch
 from .._io import atomic_write_text
 from .file import load_supernet
 from .loadgen import make_trace, replay, summarize
+from .profile import file_sha256, read_profile, save_profile
 
 __all__ = ["POLICY_DEFINITIONS", "capacity_rps", "free_port", "partial_path", "read_partial",
            "run_serve_bench", "start_server", "stop_server"]
@@ -220,14 +225,6 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _claim_partial(
     path: Path, settings: dict[str, Any], resume: bool, overwrite: bool
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -302,14 +299,15 @@ def run_serve_bench(
     ``partial``: the partial-results file (:func:`partial_path`) each finished run is appended to;
     ``resume`` keeps the runs it holds (same settings only), ``overwrite`` deletes it (without either,
     an existing file is refused). Each run's ``measured_by_process`` indexes ``processes``: the
-    process (pid, start time, note, its servers' start-up profiles) that measured it."""
+    process (pid, start time, note, its servers' profiles) that measured it. A resumed process starts
+    its servers with the profiles that the partial file's first process with that policy recorded."""
     import httpx
 
     from ..provenance import git_state
 
     seeds = [seed + i for i in range(repeats)]
     # what a resumed load test must share with the runs it keeps (not the note: it is per process)
-    claim = {"supernet_sha256": _sha256(path), "slo_ms": slo_ms, "rate": rate,
+    claim = {"supernet_sha256": file_sha256(path), "slo_ms": slo_ms, "rate": rate,
              "load": load if rate is None else None, "duration_s": duration, "max_batch": max_batch,
              "seeds": seeds, "max_requests": max_requests, "pause_s": pause_s, "samples_per_request": samples,
              "max_in_flight": max_in_flight, "profile_repeats": profile_repeats, "runtime": runtime,
@@ -335,18 +333,28 @@ def run_serve_bench(
     basis: dict[str, Any] | None = header["rate_basis"] if header else None
     if header:
         rate = header["rate"]  # the first process's rate, so that every run shares one
+    shared: dict[str, dict[str, Any]] = {}  # per policy, the profile its first server planned with
+    for p in processes:
+        for pol, doc in p.get("server_profiles", {}).items():
+            shared.setdefault(pol, doc)
+    me["server_profiles"] = {}
     try:
         # every server is started (and profiles its sub-nets) before any load, while the others idle;
         # then each trace is replayed against every policy in turn, so that the machine's changing
-        # background load falls on all policies alike (a resumed test starts only the servers it needs)
-        for pol in [p for p in policies if any(c[0] == p for c in todo)]:
-            port = free_port()
-            args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
-                    "--profile-repeats", str(profile_repeats), "--runtime", runtime]
-            servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
-        me["server_profile_ms"] = {
-            pol: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).json()["profile_ms"]
-            for pol, (port, _) in servers.items()}
+        # background load falls on all policies alike (a resumed test starts only the servers it needs,
+        # each with the profile its policy's first server measured, so that every run plans with it)
+        with tempfile.TemporaryDirectory(prefix="lowbit-bench-serve-") as tmp:
+            for i, pol in enumerate(p for p in policies if any(c[0] == p for c in todo)):
+                port = free_port()
+                saved = Path(tmp) / f"{i}.profile.json"
+                args = ["--slo-ms", str(slo_ms), "--policy", pol, "--max-batch", str(max_batch),
+                        "--profile-repeats", str(profile_repeats), "--runtime", runtime,
+                        "--save-profile", str(saved)]
+                if pol in shared:
+                    save_profile(Path(tmp) / f"{i}.shared.json", shared[pol])
+                    args += ["--profile", str(Path(tmp) / f"{i}.shared.json")]
+                servers[pol] = (port, start_server(path, port, args, timeout_s=900.0))  # compile + profile
+                me["server_profiles"][pol] = read_profile(saved)  # written before the server answers
         if basis is None and todo:
             basis = _rate_basis(f"http://127.0.0.1:{servers[policies[0]][0]}", samples, load)
             if rate is None:
@@ -382,14 +390,20 @@ def run_serve_bench(
     procs = [{k: v for k, v in p.items() if k != "kind"} for p in [*processes, me]]
     for p in procs:
         p["runs"] = sum(r["measured_by_process"] == p["process"] for r in runs)
+    # the profiles each policy's runs planned with, as their servers wrote them (None: not recorded):
+    # one per policy when every process's servers took the first one's
+    planned: dict[str, set[str | None]] = {}
+    for r in runs:
+        doc = procs[r["measured_by_process"]].get("server_profiles", {}).get(r["policy"])
+        planned.setdefault(r["policy"], set()).add(json.dumps(doc, sort_keys=True) if doc else None)
     return {
         "runs": runs,
         "accuracy": accuracy,
         "server_exit_status": exits,
         "processes": procs,
-        # the servers profile their sub-nets again in every process: the same profiles behind every run
-        # only where one process measured them all (the rate and its basis are the first process's always)
-        "same_server_profiles": sum(p["runs"] > 0 for p in procs) <= 1,
+        # every run of a policy planned with one profile (and the rate and its basis are the first
+        # process's always)
+        "same_server_profiles": all(len(docs) == 1 and None not in docs for docs in planned.values()),
         "settings": {
             "rate": rate,
             "duration_s": duration,
@@ -495,8 +509,11 @@ def write_report(
             "measured_by_process in the JSON): "
             + ", ".join(f"process {p['process']} started {p['started_utc']}, {p['runs']} run(s)"
                         for p in measured)
-            + ". Every run has the first process's rate; each process's servers planned with the profiles "
-            "they measured at their own start-up.",
+            + ". Every run has the first process's rate; "
+            + ("every policy's runs planned with the profile its first server measured (the later servers "
+               "were started with it, lowbit serve --profile)." if res.get("same_server_profiles") else
+               "the servers did not all plan with their policy's first profile (same_server_profiles "
+               "false in the JSON)."),
             "",
         ]
     lines += [
