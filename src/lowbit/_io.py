@@ -103,7 +103,15 @@ def claim_settings(state: str | os.PathLike[str], record: str | os.PathLike[str]
     state, record = Path(state), Path(record)
     now = json.loads(json.dumps(settings, sort_keys=True, default=str))
     if state.exists() and record.exists():
-        was = json.loads(record.read_text())
+        try:
+            was = json.loads(record.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{record} is not a valid settings record ({e}): it holds the settings "
+                             f"{state.name} was made with; delete {record.name} and {state.name} to start "
+                             "again, or give another --out") from None
+        if not isinstance(was, dict):
+            raise ValueError(f"{record} holds {type(was).__name__}, not a JSON object of settings: delete "
+                             f"{record.name} and {state.name} to start again, or give another --out")
         if was != now:
             changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             raise ValueError(f"{state} was made with other settings ({', '.join(changed)} differ); give "

@@ -492,15 +492,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return 0
     if a.bench != "speed":
         raise SystemExit("usage: lowbit bench speed|serve ...")
-    # the harness lives in the source checkout's benchmarks/speed/, not in the library
+    # the harness lives in the source checkout's benchmarks/speed/, not in the library; only this
+    # package's own checkout is looked in, never the current directory (whose code would be run)
     import importlib.util
 
-    rel = "benchmarks/speed/bench_speed.py"
-    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
-    script = next((r / rel for r in roots if (r / rel).is_file()), None)
-    if script is None:
-        raise SystemExit(f"lowbit bench speed needs a source checkout of lowbit: {rel} was not found under "
-                         f"{roots[0]} or {roots[1]}")
+    package = Path(__file__).resolve().parent
+    script = package.parents[1] / "benchmarks" / "speed" / "bench_speed.py"
+    if package.parent.name != "src" or not script.is_file():
+        raise SystemExit(f"lowbit bench speed needs a source checkout of lowbit (src/lowbit next to "
+                         f"benchmarks/speed/bench_speed.py); this lowbit is installed at {package} without "
+                         "one: clone the repository and pip install -e it, then run the command again")
     spec = importlib.util.spec_from_file_location("bench_speed", script)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]

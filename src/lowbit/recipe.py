@@ -306,8 +306,15 @@ class Recipe:
         p = Path(path)
         if not p.exists():
             raise RecipeError(f"recipe file {str(p)!r} does not exist")
+        if p.is_dir():
+            raise RecipeError(f"recipe file {str(p)!r} is a directory; give a recipe YAML file inside it "
+                              "or the name of a shipped recipe")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe file {str(p)!r} is not a UTF-8 YAML text file (a packed model, "
+                              "checkpoint or image?); give a recipe YAML file or the name of a shipped "
+                              "recipe") from None
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe file {str(p)!r} is not valid YAML: {e}") from None
         return cls.from_dict(raw or {}, source=str(p))

