@@ -10,10 +10,13 @@ known dtypes, non-negative integer shapes, byte ranges that match ``numel * item
 tile the data section exactly, without gaps or overlaps), so that any malformed file is a
 :class:`FormatError` with a precise message instead of whatever a lower layer would raise.
 Files are written by :func:`serialize`: standard safetensors (the ``safetensors`` library reads
-them), byte-for-byte deterministic, with the SHA-256 of the data section in the metadata
-(:data:`CHECKSUM_KEY`), which :func:`read_container` verifies: a flipped bit anywhere in the
-tensors is a FormatError, not a model that loads with wrong weights. Files without the key
-(written before it existed, or by other tools) are read unchecked.
+them), byte-for-byte deterministic, with two SHA-256 entries in the metadata, which
+:func:`read_container` verifies: :data:`CHECKSUM_KEY`, of the data section, and
+:data:`HEADER_CHECKSUM_KEY`, of the header (:func:`header_digest`: every tensor entry and every
+metadata entry but these two, in a canonical JSON form, so it does not depend on how the header is
+laid out). A flipped bit anywhere in the file, tensors or header, is a FormatError, not a model that
+loads with wrong weights or a wrong description. A file without an entry (written before it
+existed, or by other tools) is read without that check.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: the metadata entry holding the hex SHA-256 of the data section (taken out of the metadata
 #: that :func:`read_container` returns)
 CHECKSUM_KEY = "lowbit_data_sha256"
+#: the metadata entry holding the hex SHA-256 of the header (:func:`header_digest`; also taken out)
+HEADER_CHECKSUM_KEY = "lowbit_header_sha256"
+_OWN_KEYS = (CHECKSUM_KEY, HEADER_CHECKSUM_KEY)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -88,6 +94,22 @@ def _describe_foreign(head: bytes) -> str:
     return "it is not a safetensors container"
 
 
+def header_digest(entries: dict[str, Any], metadata: dict[str, str]) -> str:
+    """Hex SHA-256 of a header in canonical form: the JSON object ``{"__metadata__": metadata, **entries}``
+    (``entries``: tensor name -> ``{"dtype", "shape", "data_offsets"}``; ``metadata`` without the two
+    checksum entries) written by ``json.dumps(..., sort_keys=True, separators=(",", ":"),
+    ensure_ascii=True)``. Key order, whitespace and padding of the stored header do not change it."""
+    meta = {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
+    text = json.dumps({"__metadata__": meta, **entries}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _corrupted(what: str, part: str) -> FormatError:
+    return FormatError(f"{what}: the {part} does not match the checksum stored with it: the file is "
+                       "corrupted (a changed or damaged copy); write it again from the model")
+
+
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     try:
@@ -128,6 +150,10 @@ def read_container(data: bytes, what: str = "file") -> tuple[dict[str, torch.Ten
         isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
     ):
         raise FormatError(f"{what}: __metadata__ must map strings to strings")
+    # before any other check of the entries: a flipped bit in the header reads as what it is
+    want_header = meta_raw.get(HEADER_CHECKSUM_KEY)
+    if want_header is not None and header_digest(header, meta_raw) != want_header:
+        raise _corrupted(what, "header")
     buf = memoryview(data)[8 + n :]
     size = len(buf)
     spans: list[tuple[int, int, str]] = []
@@ -175,11 +201,10 @@ def read_container(data: bytes, what: str = "file") -> tuple[dict[str, torch.Ten
         pos = e
     if pos != size:
         raise FormatError(f"{what}: {size - pos} trailing bytes after the last tensor")
-    meta = dict(meta_raw)
-    want = meta.pop(CHECKSUM_KEY, None)
+    meta = {k: v for k, v in meta_raw.items() if k not in _OWN_KEYS}
+    want = meta_raw.get(CHECKSUM_KEY)
     if want is not None and hashlib.sha256(buf).hexdigest() != want:
-        raise FormatError(f"{what}: the tensor data does not match the checksum stored with it: the "
-                          "file is corrupted (a changed or damaged copy); write it again from the model")
+        raise _corrupted(what, "tensor data")
     raw = bytearray(buf)  # one writable copy; tensors are views cloned below
     tensors: dict[str, torch.Tensor] = {}
     for name, (dtype, shape, b, e) in entries.items():
@@ -204,8 +229,9 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
         items.append((name, t))
     items.sort(key=lambda it: (-it[1].element_size(), it[0]))
-    if CHECKSUM_KEY in metadata:
-        raise ValueError(f"metadata key {CHECKSUM_KEY!r} is the container's own")
+    for key in _OWN_KEYS:
+        if key in metadata:
+            raise ValueError(f"metadata key {key!r} is the container's own; leave it out (serialize adds it)")
     header: dict[str, Any] = {}
     chunks: list[bytes] = []
     pos = 0
@@ -219,7 +245,8 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
         chunks.append(raw)
         pos += len(raw)
     data = b"".join(chunks)
-    meta = {**metadata, CHECKSUM_KEY: hashlib.sha256(data).hexdigest()}
+    meta = {**metadata, CHECKSUM_KEY: hashlib.sha256(data).hexdigest(),
+            HEADER_CHECKSUM_KEY: header_digest(header, metadata)}
     header = {"__metadata__": {k: meta[k] for k in sorted(meta)}, **header}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     text += b" " * ((-len(text)) % 8)

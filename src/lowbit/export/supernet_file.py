@@ -246,23 +246,81 @@ class LoadedSupernet:
                 for s in self.skeleton.specs]
 
 
+def _entry(spec: dict[str, Any], key: str) -> str:
+    return "no entry" if key not in spec else repr(spec[key])[:120]
+
+
+def _check_description(spec: dict[str, Any], what: str) -> None:
+    """The entries :class:`Supernet` takes, checked before use: a damaged or edited description is a
+    FormatError saying what is wrong, not whatever the constructor would raise."""
+    bad = f"{what}: bad supernet description:"
+    shape = spec.get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise FormatError(f"{bad} 'input_shape' must be a non-empty list of positive integers (one sample's "
+                          f"shape, e.g. [1, 28, 28]), got {_entry(spec, 'input_shape')}")
+    for key in ("weight", "activation"):
+        if not isinstance(spec.get(key), dict) or not isinstance(spec[key].get("method"), str):
+            raise FormatError(f"{bad} {key!r} must be a quantizer object such as {{\"method\": \"dorefa\"}}, "
+                              f"got {_entry(spec, key)}")
+    keep = spec.get("keep_float")
+    if not isinstance(keep, list) or not all(isinstance(r, str) for r in keep):
+        raise FormatError(f"{bad} 'keep_float' must be a list of layer globs such as "
+                          f"[\"@first\", \"@last\"], got {_entry(spec, 'keep_float')}")
+    info = spec.get("info", {})  # optional: a description without it has no per-sub-net info
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise FormatError(f"{bad} 'info' must be an object mapping sub-net names to objects, got "
+                          f"{_entry(spec, 'info')}")
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """One float forward pass on a zero sample of ``shape`` (the supernet's cost count runs the same),
+    in eval mode so that no BatchNorm statistic moves."""
+    mode = model.training
+    model.eval()
+    try:
+        model(torch.zeros((1, *shape)))
+    finally:
+        model.train(mode)
+
+
 def supernet_from_spec(spec: dict[str, Any], model: nn.Module | None, what: str) -> Supernet:
     """The supernet a file's JSON description names, over ``model`` (default: the zoo model the
-    description names); a bad description raises FormatError naming ``what``."""
+    description names), with the description's per-sub-net ``info``; a bad description, or a model
+    the description does not fit, raises FormatError naming ``what``."""
+    _check_description(spec, what)
+    zoo = spec.get("model")
+    arch = zoo["name"] if isinstance(zoo, dict) and isinstance(zoo.get("name"), str) else "model"
+    rebuilt = model is None
     if model is None:
         from ..models import build_from_spec
 
-        if not isinstance(spec.get("model"), dict):
+        if not isinstance(zoo, dict):
             raise FormatError(f"{what}: the file names no zoo model; pass model= (the float model)")
         try:
-            model = build_from_spec(spec["model"])
+            model = build_from_spec(zoo)
         except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{what}: cannot rebuild model {spec['model']!r}: {e}") from None
+            raise FormatError(f"{what}: cannot rebuild model {zoo!r}: {e}") from None
+    shape = tuple(spec["input_shape"])
+    hint = (f"the description does not fit its own {arch}: the file is damaged; write it again from the "
+            "supernet" if rebuilt else
+            f"is it the {arch} the file was saved from? Pass a fresh float instance of that architecture "
+            "as model=, or no model to rebuild it from the file")
     try:
-        return Supernet(model, spec["subnets"], spec["input_shape"], weight=spec["weight"],
-                        activation=spec["activation"], keep_float=spec["keep_float"])
-    except (KeyError, TypeError, SupernetError) as e:
-        raise FormatError(f"{what}: bad supernet description: {e}") from None
+        _probe(model, shape)
+    except Exception as e:  # any error of the model's own forward: it does not take this input
+        raise FormatError(f"{what}: the model does not take the file's input shape {shape} "
+                          f"({type(e).__name__}: {e}): {hint}") from e
+    try:
+        sn = Supernet(model, spec["subnets"], shape, weight=spec["weight"], activation=spec["activation"],
+                      keep_float=spec["keep_float"])
+    except (KeyError, TypeError, ValueError, RuntimeError, SupernetError) as e:  # description or model
+        raise FormatError(f"{what}: cannot build the supernet the file describes ({type(e).__name__}: {e}): "
+                          f"{hint}") from None
+    info = spec.get("info", {})
+    sn.info = {n: dict(info.get(n, {})) for n in sn.names}
+    return sn
 
 
 def load_supernet_file(path: str | os.PathLike[str], model: nn.Module | None = None) -> LoadedSupernet:
@@ -294,7 +352,6 @@ def load_supernet_file(path: str | os.PathLike[str], model: nn.Module | None = N
             if rec.encoded is not None and frozen_weight(layer, rec.param) is None:
                 parametrize.register_parametrization(layer, rec.param, FrozenWeight(rec.encoded))
         models[name] = sub.eval()
-    info = spec.get("info", {}) if isinstance(spec.get("info"), dict) else {}
     return LoadedSupernet(skeleton=skeleton, models=models,
-                          info={n: dict(info.get(n, {})) for n in skeleton.names},
+                          info={n: dict(skeleton.info[n]) for n in skeleton.names},
                           model_spec=spec.get("model"))

@@ -83,6 +83,4 @@ def load_supernet(path: str | os.PathLike[str], model: nn.Module | None = None) 
         sn.load_state_dict(tensors)
     except RuntimeError as e:
         raise FormatError(f"{what}: {e}") from None
-    info = spec.get("info", {})
-    sn.info = {n: dict(info.get(n, {})) for n in sn.names}
-    return sn.prepare()
+    return sn.prepare()  # sn.info: the description's, checked by supernet_from_spec
