@@ -163,3 +163,11 @@ def test_bad_files_give_clear_errors(lenet_file, tmp_path) -> None:
         load_supernet_file(trunc)
     with pytest.raises(FormatError, match="does not exist"):
         load_supernet_file(tmp_path / "missing.supernet")
+
+
+@pytest.mark.parametrize("save", [save_supernet, save_supernet_file], ids=["v1", "v2"])
+def test_saving_into_a_directory_names_a_supernet_file(tmp_path, save):
+    sn = Supernet(build_model("lenet5"), SUBNETS[:1], (1, 28, 28)).eval()
+    with pytest.raises(IsADirectoryError, match=f"give a file path such as {tmp_path}/model.supernet"):
+        save(sn, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written

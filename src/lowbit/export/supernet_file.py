@@ -131,7 +131,7 @@ def save_supernet_file(supernet: Supernet | LoadedSupernet, path: str | os.PathL
     :func:`build_supernet_file`. ``model_spec`` (default: the float model's ``lowbit_spec``, set by
     :func:`lowbit.models.build_model`) lets :func:`load_supernet_file` rebuild the architecture."""
     data, sizes = build_supernet_file(supernet, model_spec)
-    atomic_write(path, data)
+    atomic_write(path, data, example="model.supernet")
     return sizes
 
 

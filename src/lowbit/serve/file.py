@@ -51,7 +51,7 @@ def save_supernet(supernet: Supernet | LoadedSupernet, path: str | os.PathLike[s
     spec["model"] = model_spec if model_spec is not None else getattr(supernet.model, "lowbit_spec", None)
     tensors = {k: v.detach() for k, v in supernet.state_dict().items()}
     meta = {"format": FORMAT, "version": VERSION, "supernet": json.dumps(spec, sort_keys=True)}
-    atomic_write(path, serialize(tensors, meta))
+    atomic_write(path, serialize(tensors, meta), example="model.supernet")
     return None
 
 
