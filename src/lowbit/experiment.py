@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .models import build_model
 from .nn import quantize
 from .recipe import Recipe, RecipeError, load_recipe
 from .train import (
+    CheckpointError,
     TrainConfig,
     Trainer,
     atomic_write_text,
@@ -280,10 +281,9 @@ def _check_same_run(run_dir: Path, run_config: Mapping[str, Any]) -> None:
     (quantizer bit-widths are not in the checkpoint's tensors, so another recipe of the same shapes
     would load and carry on under the wrong name). The training options may change (a longer
     schedule); the Trainer logs it."""
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
+    if not (run_dir / "config.json").exists():
         return
-    saved = json.loads(cfg_path.read_text())
+    saved = read_run_config(run_dir)
     diffs = []
     for key, now in (("model_spec", run_config["model_spec"]),
                      ("dataset", run_config["dataset"]["name"])):
@@ -306,10 +306,9 @@ def _check_same_run(run_dir: Path, run_config: Mapping[str, Any]) -> None:
 
 def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
     """A run started before validation splits existed resumes as it began (no split)."""
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
+    if not (run_dir / "config.json").exists():
         return spec
-    saved = json.loads(cfg_path.read_text()).get("spec") or {}
+    saved = read_run_config(run_dir)["spec"]
     if saved and "val_size" not in saved and spec.val_size:
         log.warning("%s was started without a validation split: resuming it without one "
                     "(its best checkpoint was chosen on the test set)", run_dir)
@@ -317,6 +316,37 @@ def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
 
         return replace(spec, val_size=None)
     return spec
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run directory's ``config.json``, checked as far as :func:`load_run` and resuming use it: a
+    JSON object whose ``spec`` is an object of :class:`RunSpec` fields and whose ``recipe`` is an
+    object or null. A damaged file raises :class:`CheckpointError` naming it."""
+    path = run_dir / "config.json"
+    todo = ("it is written by `lowbit train`: restore it from a copy, or train the run again "
+            "(lowbit train --overwrite)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a UTF-8 JSON text file; {todo}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {todo}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object with the "
+                              f"run's 'spec'; {todo}")
+    spec = config.get("spec")
+    if not isinstance(spec, dict):
+        found = "none" if spec is None else f"a {type(spec).__name__}"
+        raise CheckpointError(f"{path}: 'spec' (the run's settings) must be an object, found {found}; {todo}")
+    known = {f.name for f in fields(RunSpec)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: 'spec' has unknown key(s) {unknown}, expected keys among "
+                              f"{sorted(known)}; {todo}")
+    if not isinstance(config.get("recipe"), dict | None):
+        raise CheckpointError(f"{path}: 'recipe' must be an object or null, found "
+                              f"{type(config['recipe']).__name__}; {todo}")
+    return config
 
 
 def resolve_teachers(methods: Sequence[Mapping[str, Any]],
@@ -379,13 +409,29 @@ def load_run(
         raise FileNotFoundError(
             f"{run_dir} has no config.json: give a run directory written by `lowbit train`"
         )
-    config = json.loads(cfg_path.read_text())
+    config = read_run_config(run_dir)
     spec = RunSpec(**{**config["spec"], "recipe": config.get("recipe"), "init": None})
-    model, data, _, _ = prepare(spec)
+    try:
+        model, data, recipe, _ = prepare(spec)
+    except RecipeError as e:
+        raise CheckpointError(f"{cfg_path}: the stored recipe is invalid: {e}") from None
+    rebuild_training_wrappers(model, recipe)
     load_checkpoint(ckpt, model)
     if device is not None:
         model.to(dist.resolve_device(device))
     return model, data, config
+
+
+def rebuild_training_wrappers(model: nn.Module, recipe: Recipe | None) -> None:
+    """Put back what a recipe's training methods added to the model's own state, so a checkpoint of
+    the run loads as it was written: ``binary_relax`` wraps each weight quantizer in a
+    ``RelaxedWeight`` whose eta and hard switch are model buffers. (Resuming needs none of this:
+    :func:`train_run` applies the methods before it loads the checkpoint.)"""
+    from .train.binary_relax import apply_binary_relax
+
+    for m in recipe.methods if recipe is not None else ():
+        if m.get("name") == "binary_relax":
+            apply_binary_relax(model, eval_hard=bool(m.get("eval_hard", True)))
 
 
 def require_quantized_run(model: nn.Module, run: str | Path, what: str = "nothing to pack") -> None:

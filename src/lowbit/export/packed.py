@@ -11,6 +11,10 @@ code). Its tensors:
 - ``state/<key>`` every other entry of the model's ``state_dict`` as it is: biases, batch
   norm statistics, full-precision layers, quantizer parameters (PACT alpha, learned scales).
   Only the latent float weights of quantized layers are left out: the codes replace them.
+  (A BinaryRelax ``RelaxedWeight`` is stored as the quantizer it wraps: its training-only
+  ``eta``/``hard`` buffers are left out, its inner quantizer's entries keep their plain keys.)
+
+Weights are encoded as the model computes them in eval mode, whatever mode it is in.
 
 Its ``__metadata__`` holds ``format = "lowbit"`` and ``lowbit`` = a JSON header::
 
@@ -39,8 +43,8 @@ as in recipes: the module, or ``module.param`` for a weight not called ``weight`
 ``weight_hh_l0``), so a report can be made from the file alone. The packing layouts are in :mod:`.bitpack`.
 
 **Loading** (:func:`load_packed`) validates everything before building anything, rebuilds
-the float model (zoo models from ``spec``; otherwise the ``model`` the caller passes: a fresh
-float instance of the same architecture), quantizes it with the stored recipe
+the float model (zoo models from ``spec``, in the weights' stored dtype; otherwise the ``model``
+the caller passes: a fresh float instance of the same architecture), quantizes it with the stored recipe
 (:func:`lowbit.quantize`), loads the stored state and sets each quantized layer's latent
 weight so that the layer's weight equals the decoded weight **bit for bit**:
 
@@ -326,8 +330,50 @@ def _tensor_identity(t: Tensor) -> tuple:
     return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+def _packed_quantizer(wq: WeightQuantizer) -> WeightQuantizer:
+    """The quantizer a file records for ``wq``: a BinaryRelax ``RelaxedWeight`` is stored as the
+    quantizer it wraps (its ``encode`` is the inner one's hard ``Q(w)``; eta and the hard switch
+    matter only in training), so the file loads with the stored recipe alone."""
+    from ..train.binary_relax import RelaxedWeight
+
+    return wq.inner if isinstance(wq, RelaxedWeight) else wq
+
+
+def _packed_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as a file stores it: a ``RelaxedWeight``'s own buffers (eta, hard)
+    are left out and its inner quantizer's entries lose the ``inner.`` step, so they have the keys
+    of the model the stored recipe builds."""
+    from ..train.binary_relax import RelaxedWeight
+
+    wrappers = [f"{n}." for n, m in model.named_modules() if isinstance(m, RelaxedWeight)]
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix = next((w for w in wrappers if key.startswith(w)), None)
+        if prefix is not None:
+            rest = key[len(prefix) :]
+            if not rest.startswith("inner."):
+                continue  # the wrapper's training-only buffers
+            key = prefix + rest[len("inner.") :]
+        out[key] = value
+    return out
+
+
 def build_payload(model: nn.Module) -> Payload:
-    """Encode and pack ``model`` (a model quantized with :func:`lowbit.quantize`)."""
+    """Encode and pack ``model`` (a model quantized with :func:`lowbit.quantize`).
+
+    The weights are encoded as the model computes them in eval mode (what :func:`load_packed`
+    restores; in train mode e.g. ``mixed`` runs its soft mixture); every module's train/eval
+    flag is restored afterwards, also on error."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _build_payload(model)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _build_payload(model: nn.Module) -> Payload:
     from .. import __version__
 
     recipe = getattr(model, "lowbit_recipe", None)
@@ -342,6 +388,7 @@ def build_payload(model: nn.Module) -> Payload:
     for name, (layer, param) in quantizable_weights(model).items():
         module_name = split_target(name, param)
         wq = weight_quantizer(layer, param)
+        wq = None if wq is None else _packed_quantizer(wq)
         # the activation quantizer is the module's: recorded on its first weight
         aq = input_quantizer(layer) if id(layer) not in seen_modules else None
         first_of_module = id(layer) not in seen_modules
@@ -372,10 +419,17 @@ def build_payload(model: nn.Module) -> Payload:
                 actual = getattr(layer, param).detach()
                 decoded = enc.decode()
             if decoded.shape != actual.shape or not torch.equal(decoded.to(actual.dtype), actual):
+                live = weight_quantizer(layer, param)
+                if live is not wq:  # a RelaxedWeight with eval_hard=False, before its hard switch
+                    raise ValueError(
+                        f"layer {name!r}: the BinaryRelax weight is still relaxed in eval mode "
+                        "(eval_hard=False and before hard_epoch), so it is not the quantized weight a "
+                        "file stores; call set_hard() on its RelaxedWeight (or train past hard_epoch)"
+                    )
                 raise ValueError(
                     f"layer {name!r}: {_method_name(wq)}.encode(w).decode() differs from the weight the "
-                    "layer uses (a quantizer must satisfy forward(w) == encode(w).decode() bit for bit, "
-                    "and no parametrization may follow it)"
+                    "layer uses in eval mode (a quantizer must satisfy forward(w) == encode(w).decode() "
+                    "bit for bit, and no parametrization may follow it)"
                 )
             encs = []
             for i, (e, parent) in enumerate(flatten_encoded(enc)):
@@ -426,7 +480,7 @@ def build_payload(model: nn.Module) -> Payload:
     state_keys = []
     tied: dict[str, str] = {}
     first_key: dict[tuple, str] = {}
-    for key, value in model.state_dict().items():
+    for key, value in _packed_state(model).items():
         if key in skip_keys:
             continue
         if not isinstance(value, Tensor):
@@ -777,9 +831,12 @@ def _build_from_spec(spec: dict[str, Any], pf: PackedFile) -> nn.Module:
         raise FormatError(f"model spec {spec!r} cannot be built: {type(e).__name__}: {e}") from None
     _check_float_shapes(meta_model, pf)
     try:
-        return build_from_spec(spec)
+        model = build_from_spec(spec)
     except Exception as e:  # pragma: no cover - built once on meta already
         raise FormatError(f"model spec {spec!r} cannot be built: {type(e).__name__}: {e}") from None
+    # a model saved in float64/float16/bfloat16 is rebuilt in that dtype (the header records it)
+    dtypes = {rec.dtype for rec in pf.layers.values()}
+    return model.to(dtypes.pop()) if len(dtypes) == 1 else model
 
 
 def _check_float_shapes(model: nn.Module, pf: PackedFile) -> None:
@@ -805,7 +862,10 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module | None = None) ->
     pf = read_packed(path)
     if model is not None and getattr(model, "lowbit_recipe", None) is not None:
         raise ValueError("load_packed(model=...) needs a fresh float model; this one is already quantized")
-    return _guard(lambda: _load_into(pf, model))
+    try:
+        return _guard(lambda: _load_into(pf, model))
+    except FormatError as e:  # name the file, as read_packed does
+        raise FormatError(f"{str(path)!r}: {e}") from e.__cause__
 
 
 def load_packed_file(pf: PackedFile, model: nn.Module | None = None) -> nn.Module:
@@ -924,7 +984,11 @@ def _load_state(model: nn.Module, pf: PackedFile) -> None:
                 tuple(t.shape) == tuple(v.shape),
                 f"state {k!r}: shape {list(t.shape)} in the file, {list(v.shape)} in the model",
             )
-            _expect(t.dtype == v.dtype, f"state {k!r}: dtype {t.dtype} in the file, {v.dtype} in the model")
+            _expect(
+                t.dtype == v.dtype,
+                f"state {k!r}: dtype {t.dtype} in the file, {v.dtype} in the model; pass a float model "
+                f"in the file's dtype, e.g. load_packed(path, model=build_model(...).to({t.dtype}))",
+            )
     try:
         result = model.load_state_dict(pf.state, strict=False)
     except RuntimeError as e:
