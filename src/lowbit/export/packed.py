@@ -11,8 +11,9 @@ code). Its tensors:
 - ``state/<key>`` every other entry of the model's ``state_dict`` as it is: biases, batch
   norm statistics, full-precision layers, quantizer parameters (PACT alpha, learned scales).
   Only the latent float weights of quantized layers are left out: the codes replace them.
-  (A BinaryRelax ``RelaxedWeight`` is stored as the quantizer it wraps: its training-only
-  ``eta``/``hard`` buffers are left out, its inner quantizer's entries keep their plain keys.)
+  (A weight quantizer is stored as :meth:`~lowbit.quant.base.WeightQuantizer.stored` says: a
+  training-time wrapper such as BinaryRelax's as the quantizer it wraps, without its training
+  state, under the keys the stored recipe's model has.)
 
 Weights are encoded as the model computes them in eval mode, whatever mode it is in.
 
@@ -330,31 +331,22 @@ def _tensor_identity(t: Tensor) -> tuple:
     return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _packed_quantizer(wq: WeightQuantizer) -> WeightQuantizer:
-    """The quantizer a file records for ``wq``: a BinaryRelax ``RelaxedWeight`` is stored as the
-    quantizer it wraps (its ``encode`` is the inner one's hard ``Q(w)``; eta and the hard switch
-    matter only in training), so the file loads with the stored recipe alone."""
-    from ..train.binary_relax import RelaxedWeight
-
-    return wq.inner if isinstance(wq, RelaxedWeight) else wq
-
-
 def _packed_state(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` as a file stores it: a ``RelaxedWeight``'s own buffers (eta, hard)
-    are left out and its inner quantizer's entries lose the ``inner.`` step, so they have the keys
-    of the model the stored recipe builds."""
-    from ..train.binary_relax import RelaxedWeight
-
-    wrappers = [f"{n}." for n, m in model.named_modules() if isinstance(m, RelaxedWeight)]
+    """``model.state_dict()`` as a file stores it: the entries of a weight quantizer that is stored
+    as another one (:meth:`WeightQuantizer.stored`, e.g. BinaryRelax's wrapper) are replaced, in
+    place, by that one's entries under the same prefix, so they have the keys of the model the
+    stored recipe builds and no training-only state."""
+    swaps = {f"{n}.": m.stored() for n, m in model.named_modules()
+             if isinstance(m, WeightQuantizer) and m.stored() is not m}
     out: dict[str, Tensor] = {}
+    done: set[str] = set()
     for key, value in model.state_dict().items():
-        prefix = next((w for w in wrappers if key.startswith(w)), None)
-        if prefix is not None:
-            rest = key[len(prefix) :]
-            if not rest.startswith("inner."):
-                continue  # the wrapper's training-only buffers
-            key = prefix + rest[len("inner.") :]
-        out[key] = value
+        prefix = next((p for p in swaps if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        elif prefix not in done:  # at a swapped quantizer's first entry: all of its stored one's
+            done.add(prefix)
+            out.update({prefix + k: v for k, v in swaps[prefix].state_dict().items()})
     return out
 
 
@@ -388,7 +380,7 @@ def _build_payload(model: nn.Module) -> Payload:
     for name, (layer, param) in quantizable_weights(model).items():
         module_name = split_target(name, param)
         wq = weight_quantizer(layer, param)
-        wq = None if wq is None else _packed_quantizer(wq)
+        wq = None if wq is None else wq.stored()
         # the activation quantizer is the module's: recorded on its first weight
         aq = input_quantizer(layer) if id(layer) not in seen_modules else None
         first_of_module = id(layer) not in seen_modules
@@ -420,11 +412,11 @@ def _build_payload(model: nn.Module) -> Payload:
                 decoded = enc.decode()
             if decoded.shape != actual.shape or not torch.equal(decoded.to(actual.dtype), actual):
                 live = weight_quantizer(layer, param)
-                if live is not wq:  # a RelaxedWeight with eval_hard=False, before its hard switch
+                if live is not wq:  # a training-time wrapper still in its training form
                     raise ValueError(
-                        f"layer {name!r}: the BinaryRelax weight is still relaxed in eval mode "
-                        "(eval_hard=False and before hard_epoch), so it is not the quantized weight a "
-                        "file stores; call set_hard() on its RelaxedWeight (or train past hard_epoch)"
+                        f"layer {name!r}: its {_method_name(live)} weight quantizer is in a training "
+                        f"form in eval mode, not the {_method_name(wq)} weight a file stores; switch it "
+                        "to its final form first (BinaryRelax: set_hard(), or train past hard_epoch)"
                     )
                 raise ValueError(
                     f"layer {name!r}: {_method_name(wq)}.encode(w).decode() differs from the weight the "

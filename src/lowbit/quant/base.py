@@ -207,6 +207,12 @@ class WeightQuantizer(Quantizer):
         self._cache = None
         return super().train(mode)
 
+    def stored(self) -> WeightQuantizer:
+        """The quantizer a packed file records for this one: itself. A training-time wrapper
+        (BinaryRelax's relaxed weight) returns the quantizer it wraps, whose ``encode`` gives the
+        same codes, so the file loads with the stored recipe alone and without training state."""
+        return self
+
     def initialize(self, w: Tensor) -> None:
         """Set data-dependent state (learned scales, thresholds) from the float weight.
 

@@ -71,6 +71,11 @@ class RelaxedWeight(WeightQuantizer):
         self.register_buffer("eta", torch.tensor(float(eta), dtype=torch.float64))
         self.register_buffer("hard", torch.zeros((), dtype=torch.bool))
 
+    def stored(self) -> WeightQuantizer:
+        """A file stores the hard ``Q(w)``: the inner quantizer (eta and the switch are training
+        state)."""
+        return self.inner
+
     def set_eta(self, eta: float) -> None:
         self.eta.fill_(float(eta))
 
