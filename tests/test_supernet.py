@@ -137,6 +137,38 @@ def test_concurrent_runs_never_see_a_half_switched_model() -> None:
     assert bad == []
 
 
+def test_a_switch_during_forward_waits_for_the_call_to_end() -> None:
+    """forward from one thread, set_subnet from another while the call is between two layers: the
+    switch waits, and the call computes one sub-net from its first layer to its last."""
+    sn = _supernet("lenet5", (1, 28, 28)).prepare()
+    x = torch.randn(4, 1, 28, 28)
+    a, b = sn.names[0], sn.names[2]
+    with torch.no_grad():
+        ref = sn.run(x, a)
+    sn.set_subnet(a)
+    inside, release = threading.Event(), threading.Event()
+
+    def pause(*_: object) -> None:  # after the first layer: the moment a switch would mix sub-nets
+        inside.set()
+        release.wait(10)
+
+    hook = sn.model.conv1.register_forward_hook(pause)
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        call = threading.Thread(target=lambda: out.append(sn(x)))
+        call.start()
+        assert inside.wait(10)
+        switch = threading.Thread(target=sn.set_subnet, args=(b,))
+        switch.start()
+        switch.join(0.3)
+        assert switch.is_alive()  # it waits for the call
+        release.set()
+        call.join(10)
+        switch.join(10)
+    hook.remove()
+    assert torch.equal(out[0], ref) and sn.subnet == b
+
+
 def test_costs_match_the_export_report_of_the_extracted_subnet() -> None:
     sn = _supernet("lenet5", (1, 28, 28))
     for n in sn.names[:-1]:  # the float sub-net is a plain float model (nothing to pack)

@@ -518,7 +518,12 @@ class Supernet(nn.Module):
         return {"macs": p.macs, "bops": p.bops, "weight_bits": p.weight_bits}
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        """The active sub-net on ``x``, under the supernet's lock: a :meth:`set_subnet` from another
+        thread waits until the call ends, so every layer of one call sees the same sub-net (each
+        layer reads the active sub-net when it runs). To run given sub-nets from several threads,
+        use :meth:`run`."""
+        with self._lock:
+            return self.model(x)
 
     def run(self, x: Tensor, name: str) -> Tensor:
         """Switch to ``name`` and run ``x``, atomically with respect to other ``run`` calls."""

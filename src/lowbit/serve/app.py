@@ -29,7 +29,9 @@ SLO attainment, the latency profile (measured at start, or read from ``--profile
 samples, the oldest request's slack, sub-net, batch, requests shed, latency scale, decision cost).
 
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections, lets in-flight requests finish, the
-worker stops and requests still queued get 503; the process exits with status 0.
+worker stops and requests still queued get 503; the process exits with status 0. A request on a
+connection uvicorn accepted but had not read yet is dropped with the connection (the client sees a
+closed connection, not a status): clients should retry such requests.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ quantized weights cached).
 Packed and stored sub-nets share no state, and a trainable supernet's sub-nets switch and run under
 its lock, so a batch is never computed by a half-switched model. Outputs of a packed sub-net equal
 ``lowbit.runtime.compile(supernet.extract(name), x)(x)`` (same model, same kernels), which the
-compiler keeps within its measured ``max_abs_diff`` of the fake-quantized sub-net.
+compiler keeps within its measured ``max_abs_diff`` of the fake-quantized sub-net. The equality is
+per batch: a request batched with others can differ in the last bits from the same request run
+alone where a layer stays in PyTorch (a float classifier: PyTorch's float kernels round differently
+at other batch sizes); the packed layers give the same bits at every batch size.
 """
 
 from __future__ import annotations
