@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -82,7 +83,7 @@ from ..quant.base import Encoded, Quantizer
 from . import kernels as K
 from . import kernels_gemv as KV
 from . import kernels_threads as KT
-from .executor import FlatExecutor, input_dtype_error
+from .executor import FlatExecutor, check_finite, input_dtype_error
 from .layers import (
     CodeMaxPool2d,
     CodeTarget,
@@ -191,6 +192,9 @@ class PackedModel(nn.Module):
         # one argument must then be a tensor (or array); floats are converted to a floating
         # example's dtype, integers and bools are an error (_entry)
         self.input_dtype: torch.dtype | None = None
+        # float16 / bfloat16 models: a tensor output is returned in this dtype, as the fake-quantized
+        # model returns it (the packed layers compute in float32); None: as computed
+        self.output_dtype: torch.dtype | None = None
         self.eval()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -201,6 +205,7 @@ class PackedModel(nn.Module):
         ex = self.executor
         chain = self.chain
         if ((ex is not None or chain is not None) and len(args) == 1 and not kwargs
+                and self.output_dtype is None
                 and type(args[0]) is Tensor
                 and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                          or self._backward_pre_hooks or _tm._global_forward_hooks
@@ -219,6 +224,7 @@ class PackedModel(nn.Module):
                 # this thread, without forward's checks, thread settings and inference mode (nothing
                 # here records autograd): the Python around a 2048^2 GEMV was about as long as it
                 # (benchmarks/results/ab_chain_call.md)
+                check_finite(x)
                 prev = KT.set_serial(True)
                 try:
                     for f in chain:
@@ -229,12 +235,23 @@ class PackedModel(nn.Module):
         return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.input_dtype is not None and len(args) == 1 and not kwargs:
-            args = (self._entry(args[0]),)
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+            if self.input_dtype is not None:
+                x = self._entry(x)
+            elif type(x) is np.ndarray:
+                x = torch.from_numpy(x)
+            if isinstance(x, Tensor):
+                check_finite(x)
+            args = (x,)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if _one_small_sample(first, self.serial_numel):
-            return self._forward_serial(args, kwargs)
-        return self._forward(args, kwargs)
+            y = self._forward_serial(args, kwargs)
+        else:
+            y = self._forward(args, kwargs)
+        if self.output_dtype is not None and isinstance(y, Tensor) and y.is_floating_point():
+            y = y.to(self.output_dtype)
+        return y
 
     def _entry(self, x: Any) -> Tensor:
         """The one input checked against the example's kind (``input_dtype``): a tensor (an array is
@@ -409,6 +426,17 @@ def compile(
     takes a tensor (or array; anything else is a ``TypeError``); where the example is floating
     point, other float dtypes are converted to its dtype and integer or bool inputs are a
     ``ValueError`` (the flat executor rejects them too, with or without an example).
+
+    NaN and infinity: a call on an input holding NaN or +/-Inf is a ``ValueError`` on every path (the
+    fake-quantized model's output would be NaN; the packed kernels would quantize such a value to a
+    valid code, NaN to code 0). A model with NaN or +/-Inf in a parameter or buffer it packs (weights,
+    biases, activation clip values such as PACT's alpha, BatchNorm statistics: a diverged training
+    run) is a ``ValueError`` naming the layer and tensor. In ``max_abs_diff`` a NaN on either side
+    counts as an infinite difference.
+
+    float16 / bfloat16 models (floating parameters of that dtype, or without parameters a tensor
+    example of it) compute in float32 and return a tensor output in their dtype, as the
+    fake-quantized model does; other models return float32.
     """
     refresh_rnn_weights(model)
     src = copy.deepcopy(model).eval()
@@ -419,6 +447,7 @@ def compile(
             f"{type(model).__name__} has no quantized layer: runtime.compile packs the layers that "
             "lowbit.quantize(model, recipe) quantized; quantize it first (or run the float model as it is)"
         )
+    _check_finite_state(src)
     qlayers = quantizable_layers(src)
     # every quantized layer's input is recorded: a layer not called on the example (attention
     # reads MultiheadAttention.out_proj.weight directly) must stay a module
@@ -489,6 +518,7 @@ def compile(
     out.chain = chain if traced else None
     if isinstance(example_input, Tensor):
         out.input_dtype = example_input.dtype
+    out.output_dtype = _half_dtype(src, example_input)
     if not has_example:
         out.batch_chunk = int(batch_chunk or 0)
         return out
@@ -557,6 +587,31 @@ def _example_error(model: nn.Module, example: Any, cause: Exception) -> Exceptio
     )
 
 
+def _half_dtype(model: nn.Module, example: Any) -> torch.dtype | None:
+    """float16 or bfloat16 where the model's floating parameters (or, without any, a tensor example)
+    have that dtype: the dtype the fake-quantized model answers in."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dt = p.dtype if p is not None else example.dtype if isinstance(example, Tensor) else None
+    return dt if dt in (torch.float16, torch.bfloat16) else None
+
+
+def _check_finite_state(model: nn.Module) -> None:
+    """Refuse NaN or +/-Inf in what is packed: the parameters and buffers of the quantized layers
+    (weights, biases, activation clip values such as PACT's alpha) and of BatchNorms (folded into
+    them). Such a model comes from a diverged run; packed, NaN would become finite codes."""
+    mods = dict(quantizable_layers(model))
+    mods.update((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    for name, mod in mods.items():
+        for tname, t in [*mod.named_parameters(), *mod.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                bad = int(t.numel() - torch.isfinite(t.detach()).sum())
+                raise ValueError(
+                    f"compile: layer '{name}': {tname} holds NaN or infinity ({bad} of {t.numel()} values), "
+                    "e.g. from a diverged training run; the packed model would not compute what the "
+                    "model does: compile a model whose parameters and buffers are finite"
+                )
+
+
 def _measure(pm: PackedModel, ref: Any, got: Any) -> None:
     """max_abs_diff / max_rel_diff over every floating tensor of a (nested) output."""
     r, g = flat_tensors(ref), flat_tensors(got)
@@ -570,8 +625,12 @@ def _measure(pm: PackedModel, ref: Any, got: Any) -> None:
             if not torch.equal(a, b):
                 abs_d = float("inf")
             continue
-        abs_d = max(abs_d, float((a.double() - b.double()).abs().max()))
-        scale = max(scale, float(a.abs().max()))
+        a64, b64 = a.double(), b.double()
+        # equal values (infinities included) differ by 0; NaN on either side by infinity (Python's
+        # max(0.0, nan) is 0.0: a NaN must not reach it)
+        d = torch.where(a64 == b64, 0.0, (a64 - b64).abs()).nan_to_num(nan=math.inf, posinf=math.inf).max()
+        abs_d = max(abs_d, float(d))
+        scale = max(scale, float(a64.abs().nan_to_num(nan=0.0, posinf=0.0).max()))
     pm.max_abs_diff = abs_d
     pm.max_rel_diff = abs_d / max(scale, 1e-12)
     if pm.max_rel_diff > 1e-3:

@@ -139,6 +139,14 @@ def input_dtype_error(dtype: torch.dtype) -> ValueError:
                       "(float32; float16/64 are converted)")
 
 
+def nonfinite_error(bad: int, total: int) -> ValueError:
+    """The error for an input holding NaN or +/-Inf: the fake-quantized model's output on it is NaN,
+    while the packed kernels would turn such a value into an activation code (NaN into code 0)."""
+    return ValueError(f"input holds NaN or infinity ({bad} of {total} values); the quantized model's "
+                      "output would be NaN: pass finite values (find them with torch.isfinite(x); "
+                      "torch.nan_to_num replaces them)")
+
+
 class UnsupportedGraphError(ValueError):
     """The graph has an operation the flat executor does not run."""
 
@@ -203,6 +211,17 @@ def _channel_pad(src, HW, C, cl, cr, dst, nv):
             dst[d + cl + c] = src[s + c]
         for c in range(cl + C, Co):
             dst[d + c] = 0.0
+
+
+@kernel
+def count_nonfinite(bits):
+    """How many of the float32 values whose bits are the int32 array ``bits`` are NaN or +/-Inf
+    (exponent all ones). An integer sum vectorises without fastmath, a float test would not:
+    ~0.1 us for a 28x28 image."""
+    n = 0
+    for i in range(bits.size):
+        n += np.int64((bits[i] & 0x7F800000) == 0x7F800000)
+    return n
 
 
 @kernel
@@ -319,7 +338,29 @@ def _ptr_at(nbtype):
     return at
 
 
-_i64_at, _i8_at, _f64_at, _u8_at = (_ptr_at(t) for t in (types.int64, types.int8, types.float64, types.uint8))
+_i64_at, _i8_at, _f64_at, _u8_at, _i32_at = (
+    _ptr_at(t) for t in (types.int64, types.int8, types.float64, types.uint8, types.int32))
+
+
+@kernel
+def _count_nonfinite_at(addr, n):
+    """:func:`count_nonfinite` of the ``n`` float32 values at address ``addr`` (a tensor's memory)."""
+    return count_nonfinite(numba.carray(_i32_at(addr), (n,)))
+
+
+def check_finite(x: Tensor) -> None:
+    """Raise :func:`nonfinite_error` when the floating tensor ``x`` holds NaN or +/-Inf (other dtypes
+    pass). A contiguous float32 CPU tensor is read in place by one numba call (~0.2 us at 784
+    values); other floating tensors through ``torch.isfinite``."""
+    if x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+        n = x.numel()
+        bad = _count_nonfinite_at(x.data_ptr(), n) if n else 0
+    elif x.is_floating_point():
+        bad = int(x.numel() - torch.isfinite(x).sum())
+    else:
+        return
+    if bad:
+        raise nonfinite_error(bad, x.numel())
 
 # fields of a one-image call's context (``_context``): addresses and lengths of the program's arrays
 # and the calling thread's arenas, and the image's geometry
@@ -343,9 +384,13 @@ def _run_at(cx, xaddr, oaddr):
     oinfo = numba.carray(_i64_at(c[CX_OINFO]), (4,))
     fa = numba.carray(_f32_at(c[CX_FA]), (c[CX_NFA],))
     ca = numba.carray(_u8_at(c[CX_CA]), (c[CX_NCA],))
+    bad = count_nonfinite(numba.carray(_i32_at(xaddr), (c[CX_C] * c[CX_H] * c[CX_W],)))
+    if bad:  # the caller raises: nothing runs on NaN or +/-Inf
+        return bad
     x = numba.carray(_f32_at(xaddr), (1, c[CX_C], c[CX_H], c[CX_W]))
     out = numba.carray(_f32_at(oaddr), (c[CX_NOUT],))
     _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, 1, c[CX_CHUNK])
+    return 0
 
 
 def _context(prog: Program, fa: np.ndarray, ca: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
@@ -906,8 +951,12 @@ class FlatExecutor:
             return None
         outs = one[5]
         y, oaddr = outs.pop() if outs else self._refill(one)
-        # the program, arenas and geometry as one context address: three ints to pass
-        _run_at(one[3], x.data_ptr(), oaddr)
+        # the program, arenas and geometry as one context address: three ints to pass; the call
+        # counts the input's non-finite values first (in the same call: no second dispatch)
+        bad = _run_at(one[3], x.data_ptr(), oaddr)
+        if bad:
+            outs.append((y, oaddr))
+            raise nonfinite_error(bad, x.numel())
         return y
 
     @staticmethod
@@ -949,6 +998,9 @@ class FlatExecutor:
                 raise input_dtype_error(x.dtype)
             x = x.detach().float().contiguous()
         xn = x.numpy()
+        bad = count_nonfinite(xn.reshape(-1).view(np.int32))
+        if bad:
+            raise nonfinite_error(bad, xn.size)
         B = xn.shape[0]
         x4 = xn.reshape(B, -1, 1, 1) if xn.ndim == 2 else xn
         out = np.empty(B * prog.out_numel, np.float32)
