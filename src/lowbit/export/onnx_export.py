@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -71,7 +72,14 @@ from torch import Tensor, nn
 
 from .._io import atomic_write, check_file_path
 from ..nn.quantize import input_quantizer, quantizable_layers, weight_quantizer
-from .packed import _channel_axis, _method_name, encode_weight, is_hf_conv1d, refresh_rnn_weights
+from .packed import (
+    _channel_axis,
+    _method_name,
+    check_finite,
+    encode_weight,
+    is_hf_conv1d,
+    refresh_rnn_weights,
+)
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 LEGACY_MAX_OPSET = 21
@@ -657,6 +665,11 @@ def export_onnx(
     dict, ``ModelOutput``) in order. The model itself is not modified (a copy is exported, in
     eval mode). The graph is what onnxruntime's *default* session runs unchanged (see
     :func:`_protect_biases`).
+
+    A model with a NaN/Inf parameter or buffer (a diverged run) is refused with a ValueError that
+    names them. NaN *inputs* are not propagated by the Q/DQ graph: onnxruntime's QuantizeLinear
+    gives NaN the code 0 (the element reads as 0) where the PyTorch model outputs NaN; check
+    inputs before running the graph where that matters.
     """
     import onnx
 
@@ -668,6 +681,8 @@ def export_onnx(
         raise ValueError(f"kwargs {bad} are not tensors; ONNX inputs are tensors (pass other options to "
                          "the model's constructor or config)")
     check_file_path(path, "model.onnx")  # before the (slow) trace
+    # NaN initializers would export silently and run as finite numbers in onnxruntime
+    check_finite(itertools.chain(model.named_parameters(), model.named_buffers()), "cannot export to ONNX")
     refresh_rnn_weights(model)
     m = copy.deepcopy(model).cpu().eval()
     args = tuple(a.cpu() for a in _example_args(m, input_shape, kwargs))

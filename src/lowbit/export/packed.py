@@ -76,7 +76,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,6 +350,35 @@ def _packed_state(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _describe_key(key: str) -> str:
+    """``'fc2.bias'`` -> ``module 'fc2', tensor 'bias'``; a latent weight names its layer."""
+    module, found, rest = ("." + key).partition(".parametrizations.")
+    if found:
+        return f"layer {module[1:]!r}, its latent {rest.split('.')[0]}"
+    module, _, tensor = key.rpartition(".")
+    return f"module {module!r}, tensor {tensor!r}"
+
+
+def check_finite(named: Iterable[tuple[str, Tensor]], action: str) -> None:
+    """Raise ValueError naming each floating tensor of ``named`` that holds NaN or Inf (``action``:
+    what is refused, e.g. "cannot save the packed model"). Such a model came from a diverged run:
+    its file would compute NaN in PyTorch and finite garbage in a runtime that clips NaN to a code."""
+    bad = []
+    for key, t in named:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            continue
+        n = int((~torch.isfinite(t.detach())).sum())
+        if n:
+            bad.append(f"{key!r} ({_describe_key(key)}: {n} of {t.numel()} values)")
+    if bad:
+        shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ValueError(
+            f"{action}: the model holds NaN/Inf values in {shown}. A diverged training run leaves such "
+            "values; load an earlier checkpoint (a run directory's checkpoint.safetensors holds its last "
+            "good epoch) and use that"
+        )
+
+
 def build_payload(model: nn.Module) -> Payload:
     """Encode and pack ``model`` (a model quantized with :func:`lowbit.quantize`).
 
@@ -372,6 +401,8 @@ def _build_payload(model: nn.Module) -> Payload:
     if recipe is None:
         raise ValueError("model has no lowbit_recipe: quantize it with lowbit.quantize(model, recipe) first")
     spec = getattr(model, "lowbit_spec", None)
+    # before encoding: a NaN latent would otherwise surface as a broken encode/decode contract
+    check_finite(_packed_state(model).items(), "cannot save the packed model")
     tensors: dict[str, Tensor] = {}
     layers_hdr: dict[str, Any] = {}
     layer_bytes: dict[str, dict[str, int]] = {}
@@ -442,6 +473,11 @@ def _build_payload(model: nn.Module) -> Payload:
                     raise ValueError(f"layer {name!r}: {err}") from None
                 levels = e.levels.detach().cpu().contiguous()
                 scale = e.scale.detach().cpu().contiguous()
+                if not (bool(torch.isfinite(levels).all()) and bool(torch.isfinite(scale).all())):
+                    raise ValueError(  # the reader refuses such a file: do not write it
+                        f"layer {name!r}: {_method_name(wq)} encoding {i} has a non-finite codebook or "
+                        "scale although the latent weight is finite (values beyond the weight dtype's range?)"
+                    )
                 tensors[quant_tensor_name(name, i, "codes")] = packed
                 tensors[quant_tensor_name(name, i, "levels")] = levels
                 tensors[quant_tensor_name(name, i, "scale")] = scale

@@ -81,7 +81,8 @@ def input_grams(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any]
 ) -> dict[str, Tensor]:
     """``X^T X`` (float64) of each layer's inputs over ``batches`` (tensors or ``(x, y)`` pairs);
-    layers whose inputs do not form rows (grouped convolutions) are left out."""
+    layers whose inputs do not form rows (grouped convolutions) are left out. A batch holding
+    NaN/Inf is a ValueError naming it."""
     grams: dict[str, Tensor] = {}
     handles = []
     for name, layer in layers.items():
@@ -95,13 +96,22 @@ def input_grams(
     model.eval()
     param = next(model.parameters(), None)
     try:
-        for b in batches:
+        for i, b in enumerate(batches):
             x = b[0] if isinstance(b, tuple | list) else b
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                n = int((~torch.isfinite(x)).sum())
+                raise ValueError(f"calibration batch {i} holds {n} NaN/Inf value(s) of {x.numel()}: the "
+                                 "Gram matrices, and so the point allocation, would be NaN; drop or clean it")
             model(x.to(param.device) if param is not None else x)  # batches may live on the CPU
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    for name, g in grams.items():
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"layer {name!r}: the Gram matrix of its inputs is not finite although the "
+                             "calibration batches are: a layer before it holds NaN/Inf weights or its "
+                             "activations overflow")
     return grams
 
 

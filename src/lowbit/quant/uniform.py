@@ -19,6 +19,8 @@ Activations, ``b >= 1`` bits, ``L = 2^b - 1``, clip level ``c``::
 ``c`` is the fixed ``clip`` option, or a running maximum of the inputs updated in training
 mode only, BatchNorm style: ``c <- (1 - momentum) c + momentum * max(x)``; the first training
 batch sets ``c = max(x)`` and flips the ``initialized`` buffer (both live in ``state_dict``).
+A batch with a non-finite maximum (NaN or Inf inputs) leaves ``c`` unchanged; a huge finite
+one moves it by ``momentum`` times its maximum (see ``update_``).
 Before any training batch has been seen the current batch's maximum is used without being
 stored, so evaluation of a never-trained quantizer is still sensible. Backward: the coarse
 gradient chosen by ``ste`` with top ``c`` (default clipped ReLU, ``1[0 < x <= c]``; Yin et al.,
@@ -172,11 +174,18 @@ class UniformActivation(ActivationQuantizer):
 
     @torch.no_grad()
     def update_(self, x: Tensor) -> None:
-        """Fold the batch maximum of ``x`` (of ``|x|`` when signed) into the running maximum."""
+        """Fold the batch maximum of ``x`` (of ``|x|`` when signed) into the running maximum.
+
+        A batch whose maximum is NaN or Inf (any NaN element, or an infinite one) is ignored: it
+        would set the running maximum to NaN/Inf for good. A finite but huge batch is folded in
+        like any other: one batch of 1e30 moves the maximum to about ``momentum * 1e30``, and
+        each later batch only shrinks it by ``1 - momentum``, so the layer's codes stay 0 for a
+        long time."""
         m = self._batch_max(x).to(self.running_max.dtype)
-        if self.is_initialized():
-            self.running_max.mul_(1 - self.momentum).add_(m * self.momentum)
-        else:
+        if self.is_initialized():  # no host sync per step: a non-finite batch leaves the maximum as is
+            ema = self.running_max * (1 - self.momentum) + m * self.momentum
+            self.running_max.copy_(torch.where(torch.isfinite(m), ema, self.running_max))
+        elif bool(torch.isfinite(m)):
             self.running_max.copy_(m)
             self.mark_initialized()
 

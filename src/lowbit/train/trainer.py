@@ -73,7 +73,9 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 
 class TrainingDiverged(RuntimeError):  # noqa: N818 (name fixed by the API)
-    """The loss became NaN or infinite; the last good checkpoint was left untouched."""
+    """The loss became NaN or infinite; the last good checkpoint was left untouched. The model in
+    memory has taken optimizer steps since (the loss is checked every ``log_every`` steps) and is
+    not usable."""
 
 
 class RunDirInUse(OSError):  # noqa: N818 (reads as the condition it reports)
@@ -573,13 +575,19 @@ class Trainer:
         in_epoch = step - epoch * self.steps_per_epoch
         what = f"loss {loss}" if total == loss or not math.isfinite(loss) else (
             f"total loss {total} (data loss {loss}: a regularizer is not finite)")
-        ckpt = ""
+        # The losses are read every log_every steps (no device sync per step), so the optimizer
+        # has already stepped on the non-finite loss: the weights may hold NaN by now.
         if self.run_dir is not None and (self.run_dir / CHECKPOINT).exists():
-            ckpt = f" The last good checkpoint {self.run_dir / CHECKPOINT} was left untouched."
+            ckpt = (f" The last good checkpoint {self.run_dir / CHECKPOINT} was left untouched and holds "
+                    "the last checkpointed epoch, a good one: load it instead.")
+        else:
+            ckpt = " No checkpoint of this run holds a good state: rebuild the model."
         raise TrainingDiverged(
             f"training diverged at epoch {epoch + 1}, step {in_epoch}/{self.steps_per_epoch} "
             f"(global step {step}): {what}. Lower the learning rate (lr={self.config.lr}), "
-            f"add warm-up or grad_clip, or check the recipe and loss function.{ckpt}"
+            f"add warm-up or grad_clip, or check the recipe and loss function. The model in memory "
+            f"took {self.global_step - step + 1} optimizer step(s) from that loss on and is not usable "
+            f"(its weights or quantizer state may hold NaN/Inf): do not save or evaluate it.{ckpt}"
         )
 
     # ------------------------------------------------------------------ run dir
