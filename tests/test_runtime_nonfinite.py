@@ -22,7 +22,7 @@ G = torch.Generator().manual_seed(0)
 IMG = torch.randn(8, 1, 28, 28, generator=G)
 VEC = torch.randn(8, 16, generator=G)
 WIDE = torch.rand(8, 512, generator=G)
-MSG = r"^input holds NaN or infinity \({} of {} values\); the quantized model's output would be NaN: "
+MSG = r"^input holds NaN or infinity \({} of {} values\); the packed model takes finite values only "
 
 PACT4 = {"default": {"weight": {"method": "binary", "bits": 1},
                      "activation": {"method": "pact", "bits": 4, "alpha_init": 3.0}}}

@@ -428,11 +428,13 @@ def compile(
     ``ValueError`` (the flat executor rejects them too, with or without an example).
 
     NaN and infinity: a call on an input holding NaN or +/-Inf is a ``ValueError`` on every path (the
-    fake-quantized model's output would be NaN; the packed kernels would quantize such a value to a
-    valid code, NaN to code 0). A model with NaN or +/-Inf in a parameter or buffer it packs (weights,
-    biases, activation clip values such as PACT's alpha, BatchNorm statistics: a diverged training
-    run) is a ``ValueError`` naming the layer and tensor. In ``max_abs_diff`` a NaN on either side
-    counts as an infinite difference.
+    packed kernels would quantize such a value to a valid code, NaN to code 0, where the
+    fake-quantized model gives NaN). Call it only after other threads have stopped running PyTorch
+    models, or before they start: torch.fx, which traces the model, patches ``nn.Module.__call__``
+    for the whole process while it traces. A model with NaN or +/-Inf in a parameter or buffer it
+    packs (weights, biases, activation clip values such as PACT's alpha, BatchNorm statistics: a
+    diverged training run) is a ``ValueError`` naming the layer and tensor. In ``max_abs_diff`` a NaN
+    on either side counts as an infinite difference.
 
     float16 / bfloat16 models (floating parameters of that dtype, or without parameters a tensor
     example of it) compute in float32 and return a tensor output in their dtype, as the

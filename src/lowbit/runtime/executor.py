@@ -140,11 +140,12 @@ def input_dtype_error(dtype: torch.dtype) -> ValueError:
 
 
 def nonfinite_error(bad: int, total: int) -> ValueError:
-    """The error for an input holding NaN or +/-Inf: the fake-quantized model's output on it is NaN,
-    while the packed kernels would turn such a value into an activation code (NaN into code 0)."""
-    return ValueError(f"input holds NaN or infinity ({bad} of {total} values); the quantized model's "
-                      "output would be NaN: pass finite values (find them with torch.isfinite(x); "
-                      "torch.nan_to_num replaces them)")
+    """The error for an input holding NaN or +/-Inf: the packed kernels would turn such a value
+    into an activation code (NaN into code 0) where the fake-quantized model gives NaN (or, for an
+    infinity, whatever its float layers make of it), so such inputs are refused."""
+    return ValueError(f"input holds NaN or infinity ({bad} of {total} values); the packed model takes "
+                      "finite values only (find them with torch.isfinite(x); torch.nan_to_num replaces "
+                      "them)")
 
 
 class UnsupportedGraphError(ValueError):
