@@ -53,7 +53,7 @@ from .train import (
     seed_everything,
 )
 from .train import distributed as dist
-from .train.methods import MethodHooks, build_methods
+from .train.methods import MethodHooks, build_methods, restore_model_state
 
 log = logging.getLogger(__name__)
 
@@ -415,23 +415,12 @@ def load_run(
         model, data, recipe, _ = prepare(spec)
     except RecipeError as e:
         raise CheckpointError(f"{cfg_path}: the stored recipe is invalid: {e}") from None
-    rebuild_training_wrappers(model, recipe)
+    # state a training method added to the model (BinaryRelax's eta): the checkpoint holds it
+    restore_model_state(recipe.methods if recipe is not None else (), model)
     load_checkpoint(ckpt, model)
     if device is not None:
         model.to(dist.resolve_device(device))
     return model, data, config
-
-
-def rebuild_training_wrappers(model: nn.Module, recipe: Recipe | None) -> None:
-    """Put back what a recipe's training methods added to the model's own state, so a checkpoint of
-    the run loads as it was written: ``binary_relax`` wraps each weight quantizer in a
-    ``RelaxedWeight`` whose eta and hard switch are model buffers. (Resuming needs none of this:
-    :func:`train_run` applies the methods before it loads the checkpoint.)"""
-    from .train.binary_relax import apply_binary_relax
-
-    for m in recipe.methods if recipe is not None else ():
-        if m.get("name") == "binary_relax":
-            apply_binary_relax(model, eval_hard=bool(m.get("eval_hard", True)))
 
 
 def require_quantized_run(model: nn.Module, run: str | Path, what: str = "nothing to pack") -> None:

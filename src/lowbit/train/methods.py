@@ -37,7 +37,7 @@ from ..quant.mixed import expected_bits
 from ..quant.pact import PACTActivation
 from ..recipe import TRAINING_METHODS, TRAINING_OPTIONS
 from .bcgd import BCGD
-from .binary_relax import BinaryRelax
+from .binary_relax import BinaryRelax, apply_binary_relax
 from .dcq import DCQ
 from .distill import KnowledgeDistillation
 from .rvsm import RVSM
@@ -177,6 +177,25 @@ def _check_registry() -> None:
 
 
 _check_registry()
+
+
+def _binary_relax_state(model: nn.Module, eta0: float = 1.0, eval_hard: bool = True, **_: Any) -> None:
+    apply_binary_relax(model, eta0, eval_hard)
+
+
+#: methods that add tensors to the model's own state (so its checkpoints hold them): what puts them
+#: on a freshly built model, for a checkpoint of the run to load outside training (evaluation,
+#: export); training itself gets them from :func:`build_methods`
+MODEL_STATE: dict[str, Callable[..., None]] = {"binary_relax": _binary_relax_state}
+
+
+def restore_model_state(specs: Sequence[Mapping[str, Any]], model: nn.Module) -> None:
+    """Add to ``model`` the state the methods ``specs`` (a recipe's ``methods``) give a trained
+    model (:data:`MODEL_STATE`), without their training hooks."""
+    for spec in specs:
+        fn = MODEL_STATE.get(spec.get("name")) if isinstance(spec, Mapping) else None
+        if fn is not None:
+            fn(model, **{k: v for k, v in spec.items() if k != "name"})
 
 
 def build_methods(specs: Sequence[Mapping[str, Any]], model: nn.Module) -> MethodHooks:
