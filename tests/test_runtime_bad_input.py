@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _runtime_models import FLAT, quantized_lenet
 from torch import nn
 
 import lowbit
 import lowbit.runtime as rt
-from lowbit.models import build_model
 from lowbit.runtime import kernels as K
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -18,20 +18,9 @@ DTYPE_MSG = (r"input dtype torch\.{}: the packed model takes floating-point inpu
              r"\(float32; float16/64 are converted\)")
 
 
-# every layer with a fused input quantizer: the whole graph runs in the flat executor
-FLAT = {"default": {"weight": {"method": "binary", "bits": 1},
-                    "activation": {"method": "pact", "bits": 4, "alpha_init": 3.0}}}
-
-
-def _lenet(recipe: str | dict) -> nn.Module:
-    torch.manual_seed(0)
-    r = lowbit.load_recipe(recipe) if isinstance(recipe, str) else recipe
-    return lowbit.quantize(build_model("lenet5"), r).eval()
-
-
 @pytest.fixture(scope="module")
 def m() -> nn.Module:
-    return _lenet("recipes/lenet5-w1a4.yaml")  # conv1 stays a float layer in PyTorch
+    return quantized_lenet("recipes/lenet5-w1a4.yaml")  # conv1 stays a float layer in PyTorch
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +30,15 @@ def fast_m(m):
 
 @pytest.fixture(scope="module")
 def fast_all():
-    return rt.compile(_lenet("recipes/lenet5-w1a4-all.yaml"), X)  # conv1 bit-serial: module by module
+    # conv1 bit-serial: module by module
+    return rt.compile(quantized_lenet("recipes/lenet5-w1a4-all.yaml"), X)
 
 
 @pytest.fixture(scope="module")
 def fast_flat():
     if not K.HAS_VNNI:
         pytest.skip("the flat executor's int8 kernels need AVX-512 VNNI")
-    pm = rt.compile(_lenet(FLAT), X)
+    pm = rt.compile(quantized_lenet(FLAT), X)
     assert pm.executor is not None and pm.executor.program((1, 28, 28)) is not None  # runs flat
     return pm
 
@@ -177,7 +167,7 @@ def test_packed_conv_wrong_shape(which, shape, request):
 
 
 def test_packed_conv_unfused_module_path(fast_flat):
-    pm = rt.compile(_lenet(FLAT), X, fuse=False)  # int8 conv modules, no executor
+    pm = rt.compile(quantized_lenet(FLAT), X, fuse=False)  # int8 conv modules, no executor
     assert pm.executor is None
     assert float((pm(X) - fast_flat(X)).abs().max()) < 1e-4 * float(fast_flat(X).abs().max())
     with pytest.raises(ValueError, match=r"^conv1: an input of shape \(2, 3, 28, 28\)"):

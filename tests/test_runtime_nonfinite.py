@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from _runtime_models import FLAT, quantized_lenet
 from torch import nn
 
 import lowbit
 import lowbit.runtime as rt
-from lowbit.models import build_model
 from lowbit.models.mlp import MLP
 from lowbit.runtime import compiler as C
 from lowbit.runtime import kernels as K
@@ -23,16 +23,6 @@ IMG = torch.randn(8, 1, 28, 28, generator=G)
 VEC = torch.randn(8, 16, generator=G)
 WIDE = torch.rand(8, 512, generator=G)
 MSG = r"^input holds NaN or infinity \({} of {} values\); the packed model takes finite values only "
-
-PACT4 = {"default": {"weight": {"method": "binary", "bits": 1},
-                     "activation": {"method": "pact", "bits": 4, "alpha_init": 3.0}}}
-
-
-def _lenet(recipe: str | dict) -> nn.Module:
-    torch.manual_seed(0)
-    r = lowbit.load_recipe(recipe) if isinstance(recipe, str) else recipe
-    return lowbit.quantize(build_model("lenet5"), r).eval()
-
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
@@ -54,19 +44,19 @@ def _wide() -> nn.Module:
 def _flat():
     if not K.HAS_VNNI:
         pytest.skip("the flat executor's int8 kernels need AVX-512 VNNI")
-    m = _lenet(PACT4)
+    m = quantized_lenet(FLAT)
     pm = rt.compile(m, IMG[:2])
     assert pm.executor is not None and pm.executor.program((1, 28, 28)) is not None  # runs flat
     return m, pm, IMG
 
 
 def _lenet_modules():
-    m = _lenet("recipes/lenet5-w1a4.yaml")  # conv1 in PyTorch: the packed layers module by module
+    m = quantized_lenet("recipes/lenet5-w1a4.yaml")  # conv1 in PyTorch: the packed layers module by module
     return m, rt.compile(m, IMG[:2]), IMG
 
 
 def _unfused():
-    m = _lenet(PACT4)
+    m = quantized_lenet(FLAT)
     pm = rt.compile(m, IMG[:2], fuse=False)
     assert pm.executor is None
     return m, pm, IMG
@@ -86,7 +76,7 @@ def _chain():
 
 def _no_example():
     """No example_input: no entry dtype check; the flat executor's and the layers' paths remain."""
-    m = _lenet(PACT4)
+    m = quantized_lenet(FLAT)
     return m, rt.compile(m), IMG
 
 
@@ -181,7 +171,7 @@ def test_compile_refuses_nonfinite_parameters(tensor):
 def test_compile_refuses_nonfinite_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    m = lowbit.quantize(model, PACT4).eval()
+    m = lowbit.quantize(model, FLAT).eval()
     rt.compile(m, IMG[:2])  # finite: fine
     m[1].running_var[3] = float("nan")
     with pytest.raises(ValueError, match=r"^compile: layer '1': running_var holds NaN or infinity \(1 of 8"):
@@ -209,7 +199,7 @@ def test_measure_counts_nan_as_infinite():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("make", ["mlp", "lenet"])
 def test_half_models_answer_in_their_dtype(make, dtype):
-    m = (_mlp() if make == "mlp" else _lenet(PACT4)).to(dtype)
+    m = (_mlp() if make == "mlp" else quantized_lenet(FLAT)).to(dtype)
     x = (VEC if make == "mlp" else IMG).to(dtype)
     pm = rt.compile(m, x)
     for xs in (x, x[:1], x[:1]):
