@@ -188,8 +188,11 @@ def test_model_without_weights_is_refused() -> None:
 
 def test_no_warning_for_matching_rules() -> None:
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lowbit.quantize(SeparableNet(), W1A4)
+        warnings.simplefilter("error")  # any warning fails the test
+        model = lowbit.quantize(SeparableNet(), W1A4)
+    # silent because the rule matched: '@first' took the stem's input quantizer, the rest have one
+    assert set(lowbit.quantized_layers(model)) == {"stem", "dw", "pw", "grouped", "mix", "head"}
+    assert [n for n, m in lowbit.quantized_layers(model).items() if input_quantizer(m) is None] == ["stem"]
 
 
 # ---- issue 8: models users bring ---------------------------------------------------------------
