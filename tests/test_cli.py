@@ -42,7 +42,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_writes_a_run(run: Path) -> None:
     res = json.loads((run / "result.json").read_text())
     assert res["epochs"] == 1 and res["history"][0]["step"] == 4  # 256 images / 64
-    assert 0.0 <= res["test_acc"] <= 1.0
+    # test_acc is the top-1 of the run's selected checkpoint on the test split, counted here
+    from lowbit.experiment import load_run
+
+    model, data, _ = load_run(run)
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.test)
+    assert res["test_acc"] == hits / data.test.num_samples
     for f in ("best.safetensors", "checkpoint.safetensors", "config.json", "model.lowbit"):
         assert (run / f).is_file(), f
     assert res["size"]["packed_bytes"] < res["size"]["fp32_bytes"]
@@ -69,8 +76,20 @@ def test_eval(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_report_of_run_and_file(run: Path, tmp_path: Path) -> None:
     assert _main("report", str(run), "--json", str(tmp_path / "r.json")) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep  # a per-layer report
-    assert _main("report", str(run / "model.lowbit")) == 0
+    # lenet5-w1a4 on the MLP: float weights first and last, a float input first, binary / LSQ between
+    assert [(r["name"], r["w_method"], r["a_method"]) for r in rep["rows"]] == [
+        ("fc1", "float", "float"), ("fc2", "binary", "lsq"), ("fc3", "float", "lsq")]
+    for r in rep["rows"]:  # counts from each layer's (out, in) shape
+        n_out, n_in = r["shape"]
+        assert r["params"] == n_out * n_in + n_out and r["macs"] == n_out * n_in, r
+        assert r["bops"] == r["macs"] * r["w_bits"] * r["a_bits"], r
+    assert rep["rows"][1]["code_bytes"] == 32 * 32 // 8  # one bit per binary weight
+    assert rep["totals"]["params"] == sum(r["params"] for r in rep["rows"])
+    assert rep["totals"]["file_bytes"] == (run / "model.lowbit").stat().st_size
+    # the packed file alone: the same layers and bytes (no example input: no MACs)
+    assert _main("report", str(run / "model.lowbit"), "--json", str(tmp_path / "f.json")) == 0
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [{**r, "macs": None, "bops": None} for r in rep["rows"]] == rows
 
 
 def test_export_packed_and_onnx(run: Path, tmp_path: Path) -> None:
@@ -88,7 +107,13 @@ def test_export_packed_and_onnx(run: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     onnx_path = tmp_path / "m.onnx"
     assert _main("export", str(run), "--format", "onnx", "--out", str(onnx_path)) == 0
-    assert onnx_path.stat().st_size > 0
+    pytest.importorskip("onnxruntime")
+    from lowbit.export.onnx_export import run_onnx
+
+    with torch.no_grad():  # the file computes the run's model: logits within 1e-4 of max(1, |logits|)
+        ref = model(x)
+    torch.testing.assert_close(torch.from_numpy(run_onnx(onnx_path, x)), ref, rtol=0,
+                               atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
 @pytest.mark.parametrize("cmd,expect", [("recipes", "lenet5-w1a4"), ("models", "resnet20"),
