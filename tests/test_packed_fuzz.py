@@ -25,7 +25,8 @@ from lowbit.models import build_model
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "derandomize": True}
 
 
-def _make_file() -> bytes:
+def _make_file() -> tuple[bytes, torch.Tensor]:
+    """The file's bytes and the saved model's output on X."""
     torch.manual_seed(0)
     model = build_model("mlp", in_features=12, hidden=(10,), num_classes=3, bn=True)
     recipe = {
@@ -40,13 +41,16 @@ def _make_file() -> bytes:
     }
     lowbit.quantize(model, recipe)
     model.eval()
+    with torch.no_grad():
+        out = model(X)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.lowbit"
         save_packed(model, p)
-        return p.read_bytes()
+        return p.read_bytes(), out
 
 
-GOOD = _make_file()
+X = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+GOOD, GOOD_OUT = _make_file()
 _DIR = tempfile.mkdtemp(prefix="lowbit-fuzz-")
 atexit.register(shutil.rmtree, _DIR, True)
 
@@ -70,7 +74,8 @@ def _check(data: bytes) -> None:
 
 def test_good_file_loads() -> None:
     _check(GOOD)
-    assert isinstance(load_packed(os.path.join(_DIR, "f.lowbit")), torch.nn.Module)
+    with torch.no_grad():  # the unmutated file computes the saved model, bit for bit
+        assert torch.equal(load_packed(os.path.join(_DIR, "f.lowbit"))(X), GOOD_OUT)
 
 
 @given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(1, 255)), min_size=1, max_size=6))
