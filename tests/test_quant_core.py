@@ -31,14 +31,23 @@ def _grid_check(y: torch.Tensor, enc: Encoded) -> None:
         assert y.unique().numel() <= 2**enc.bits
 
 
-@pytest.mark.parametrize(("name", "bits"), _all("weight"))
-@pytest.mark.parametrize("per_channel", [False, True])
+def _weight_cases() -> list[tuple[str, int, bool]]:
+    """Every weight quantizer and bit-width, per-channel too where the quantizer has the option."""
+    return [(n, b, pc) for n, b in _all("weight") for pc in (False, True)
+            if not pc or "per_channel" in registry.options(registry.get("weight", n))]
+
+
+# DoReFa k >= 2 takes per_channel=True but normalises tanh(w) by the whole tensor's max (one scale)
+PER_CHANNEL_IGNORED = {"dorefa"}
+
+
+@pytest.mark.parametrize(("name", "bits", "per_channel"), _weight_cases())
 @pytest.mark.parametrize("shape", [(7, 5), (6, 3, 3, 3), (4, 1, 3, 3)])
-def test_weight_quantizer_on_grid(name: str, bits: int, per_channel: bool, shape: tuple[int, ...]) -> None:
+def test_weight_quantizer_on_grid(name: str, bits: int, per_channel: bool, shape: tuple[int, ...],
+                                  request: pytest.FixtureRequest) -> None:
     torch.manual_seed(bits)
-    cls = registry.get("weight", name)
-    if per_channel and "per_channel" not in registry.options(cls):
-        pytest.skip("no per-channel option")
+    if per_channel and name in PER_CHANNEL_IGNORED and bits >= 2:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="per_channel=True accepted, one scale"))
     try:
         q = registry.create("weight", name, bits, **({"per_channel": True} if per_channel else {}))
     except ValueError as e:  # methods that document per-channel as unsupported
@@ -51,10 +60,10 @@ def test_weight_quantizer_on_grid(name: str, bits: int, per_channel: bool, shape
     y = q(w)
     assert y.shape == w.shape and y.dtype == w.dtype
     _grid_check(y, q.encode(w))
-    if per_channel and len(shape) > 1:
-        for c in range(shape[0]):  # each channel on its own grid
-            e = q.encode(w)
-            assert y[c].unique().numel() <= e.num_levels * (1 + len(e.branches)) ** 2
+    if per_channel:  # one scale per output channel (in every branch), each channel on its own grid
+        enc = q.encode(w)
+        for e in (enc, *enc.branches):
+            assert e.scale.numel() == shape[0], (name, tuple(e.scale.shape))
 
 
 @pytest.mark.parametrize(("name", "bits"), _all("activation"))
