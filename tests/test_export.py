@@ -399,9 +399,9 @@ def test_encode_weight_is_what_is_stored(tmp_path: Path) -> None:
     model = _prepared("lenet5", _recipe(WEIGHTS["binary"], False), (1, 28, 28))
     save_packed(model, tmp_path / "m.lowbit")
     pf = read_packed(tmp_path / "m.lowbit")
-    for name, layer in lowbit.quantized_layers(model).items():
-        if weight_quantizer(layer) is None:
-            continue
+    layers = {n: m for n, m in lowbit.quantized_layers(model).items() if weight_quantizer(m) is not None}
+    assert sorted(layers) == sorted(pf.layers) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    for name, layer in layers.items():
         enc = encode_weight(layer)
         assert torch.equal(pf.layers[name].encoded.decode(), enc.decode())
 
