@@ -85,6 +85,8 @@ def test_every_recipe_resolves_and_validates():
     from lowbit.recipe import Recipe
 
     ctx = {"{float}": "runs/x/float/seed0", "{q_half}": 3, "{middle}": ["layer1.0.conv1"]}
+    # the arms checked by name below exist (a renamed arm would skip its check silently)
+    assert {"waveq", "dorefa-w2-dcq", "bcgd-fl-rho0"} <= {arm.key for claim in C.CLAIMS for arm in claim.arms}
     for claim in C.CLAIMS:
         for arm in claim.arms:
             r = C.resolve_recipe(arm, ctx)
