@@ -56,9 +56,9 @@ def test_onnx_mnist_records_its_provenance(tmp_path):
     from lowbit.experiment import RunSpec, train_run
 
     run = tmp_path / "run"
-    train_run(RunSpec(model="mlp", model_kwargs={"hidden": [32]}, dataset="digits", batch_size=64,
-                      recipe={"default": {"weight": {"method": "binary", "bits": 1}}},
-                      train={"epochs": 1, "seed": 0}, out=str(run)))
+    res = train_run(RunSpec(model="mlp", model_kwargs={"hidden": [32]}, dataset="digits", batch_size=64,
+                            recipe={"default": {"weight": {"method": "binary", "bits": 1}}},
+                            train={"epochs": 1, "seed": 0}, out=str(run)))
     onnx_mnist = _load(BENCH / "export" / "onnx_mnist.py")
     threads = torch.get_num_threads()
     assert onnx_mnist.main([str(run), "--out", str(tmp_path / "out")]) == 0
@@ -72,7 +72,11 @@ def test_onnx_mnist_records_its_provenance(tmp_path):
     assert meta["versions"]["torch"] == torch.__version__ and meta["onnxruntime"]
     assert meta["opset"] == 21 and meta["wall_time_s"] >= 0
     (row,) = payload["rows"]
-    assert row["n"] == 360 and 0.0 <= row["agreement"] <= 1.0  # digits: 360 test images
+    assert row["n"] == 360  # digits: 360 test images
+    # the PyTorch side is the run's selected model: its accuracy is the run's own (to < 1 image)
+    assert row["torch_acc"] == pytest.approx(res.test_acc, abs=1e-6)
+    # the two accuracies differ by at most the share of images whose predictions disagree
+    assert abs(row["onnx_acc"] - row["torch_acc"]) <= 1 - row["agreement"] + 1e-6
     markdown = (tmp_path / "out" / "onnx_mnist.md").read_text()
     assert meta["command"] in markdown and str(meta["git"]["commit"])[:12] in markdown
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx_mnist.json", "onnx_mnist.md"]
