@@ -142,7 +142,7 @@ def test_garbled_header(ckpt):
     data = bytearray(ckpt.read_bytes())
     data[12:20] = b"\x00\xff{]][[x"
     ckpt.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):  # not another check's error
         load_checkpoint(ckpt, make_model())
 
 
