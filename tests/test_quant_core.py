@@ -37,17 +37,10 @@ def _weight_cases() -> list[tuple[str, int, bool]]:
             if not pc or "per_channel" in registry.options(registry.get("weight", n))]
 
 
-# DoReFa k >= 2 takes per_channel=True but normalises tanh(w) by the whole tensor's max (one scale)
-PER_CHANNEL_IGNORED = {"dorefa"}
-
-
 @pytest.mark.parametrize(("name", "bits", "per_channel"), _weight_cases())
 @pytest.mark.parametrize("shape", [(7, 5), (6, 3, 3, 3), (4, 1, 3, 3)])
-def test_weight_quantizer_on_grid(name: str, bits: int, per_channel: bool, shape: tuple[int, ...],
-                                  request: pytest.FixtureRequest) -> None:
+def test_weight_quantizer_on_grid(name: str, bits: int, per_channel: bool, shape: tuple[int, ...]) -> None:
     torch.manual_seed(bits)
-    if per_channel and name in PER_CHANNEL_IGNORED and bits >= 2:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="per_channel=True accepted, one scale"))
     try:
         q = registry.create("weight", name, bits, **({"per_channel": True} if per_channel else {}))
     except ValueError as e:  # methods that document per-channel as unsupported
@@ -183,3 +176,12 @@ def test_levels_count_small_bits() -> None:
     for k in range(1, 9):
         assert DoReFaActivation(k)(x).unique().numel() == 2**k
     assert math.isclose(float(DoReFaActivation(1)(torch.tensor([0.6]))), 1.0)
+
+
+def test_dorefa_refuses_per_channel_above_one_bit() -> None:
+    """DoReFa's k >= 2 levels are fixed (no scale to take per channel): per_channel is refused with
+    the reason, not accepted and ignored; the 1-bit case (mean-magnitude binary) takes it."""
+    with pytest.raises(ValueError, match="per_channel=True is not supported at 2 bits"):
+        registry.create("weight", "dorefa", 2, per_channel=True)
+    q = registry.create("weight", "dorefa", 1, per_channel=True)
+    assert q.encode(torch.randn(5, 7)).scale.numel() == 5

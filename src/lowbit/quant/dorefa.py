@@ -4,7 +4,8 @@ With ``quant_k(r) = round((2^k - 1) r) / (2^k - 1)`` on [0, 1] and an identity S
 ``round``:
 
 - weights, k >= 2:   w_q = 2 * quant_k( tanh(w) / (2 max|tanh w|) + 1/2 ) - 1
-  (the gradient flows through the tanh normalisation; levels are 2i/(2^k-1) - 1)
+  (the gradient flows through the tanh normalisation; levels are 2i/(2^k-1) - 1; the max is the
+  layer's, as in the paper, so ``per_channel`` is refused: there is no scale to take per channel)
 - weights, k = 1:    w_q = E * sign(w),  E = stop_grad(mean|w|)   (a different path, as in the
   reference tensorpack code; sign(0) = +1 here so there are exactly two levels)
 - activations:       a_q = quant_k( clip(x, 0, 1) )  with a chosen coarse gradient
@@ -53,6 +54,14 @@ class DoReFaWeight(WeightQuantizer):
 
     def __init__(self, bits: int, per_channel: bool = False) -> None:
         super().__init__(bits, per_channel)
+        if per_channel and bits >= 2:
+            # the k >= 2 formula has no scale to take per channel: its levels are fixed in [-1, 1]
+            raise ValueError(
+                f"dorefa: per_channel=True is not supported at {bits} bits: DoReFa normalises tanh(w) by "
+                "the layer's max onto the fixed levels 2i/(2^k-1) - 1, with no per-channel scale; use "
+                "per_channel: false (or bits: 1, the mean-magnitude binary case, or a per-channel method "
+                "such as uniform or lsq)"
+            )
         # The 1-bit case is a different estimator in DoReFa: mean-magnitude binary.
         self._binary = BinaryWeight(1, per_channel) if bits == 1 else None
 
