@@ -1,6 +1,7 @@
-"""AMX GEMM of many-row packed Linear layers (runtime/kernels_amx.py): tile layouts and the field
-expansion against their NumPy references, the product bit-exact against the integer reference
-for binary, ternary and 4-bit weights on ragged shapes with 1 and 2 threads, and PackedLinear's
+"""AMX GEMM of many-row packed Linear layers (runtime/kernels_amx.py), and its VNNI register
+tiles for CPUs without AMX: tile layouts and the field expansion against their NumPy references,
+the product (both back ends) bit-exact against the integer reference for binary, ternary and
+4-bit weights on ragged shapes with 1 and 2 threads, and PackedLinear's
 dispatch (AMX from AMX_MIN_ROWS rows, equal to the int8 path bit for bit, plain path unchanged).
 No timing here."""
 
@@ -18,13 +19,14 @@ import lowbit
 from lowbit._numba import jit
 from lowbit.runtime import _amx, _jit, kernels_threads
 from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime.compiler import reference_fp64
 from lowbit.runtime.kernels_gemv import GemvWeights
 from lowbit.runtime.kernels_pack import quantize_codes_reference
 from lowbit.runtime.layers import Codes, PackedLinear, build_packed, fold_integers
 
 needs_amx = pytest.mark.skipif(not _amx.amx_enabled(), reason="AMX-INT8 unavailable (CPU, OS or plain path)")
-needs_host_amx = pytest.mark.skipif(not _amx.HOST_AMX, reason="the expansion intrinsic needs an AMX host")
+needs_host_vnni = pytest.mark.skipif(not _jit.HOST_VNNI, reason="the expansion needs AVX-512 (VNNI) CPUs")
 
 RNG = np.random.default_rng(13)
 # ragged sizes: rows not a multiple of 16 (one row block, odd and even block counts), reductions
@@ -47,6 +49,17 @@ def _weights(kind: str, O: int, K: int) -> tuple[np.ndarray, np.ndarray]:
         return q, q
     q = RNG.integers(0, 16, (O, K))  # DoReFa 4-bit: code, odd levels 2*code - 15
     return q, 2 * q - 15
+
+
+@pytest.fixture(params=["amx", "vnni"])
+def backend(request) -> bool:
+    """The tile back end of ``amx_linear`` (its ``vnni`` argument): AMX tiles where AMX is enabled,
+    VNNI register tiles wherever the CPU has AVX-512 VNNI (with or without AMX)."""
+    if request.param == "amx" and not _amx.amx_enabled():
+        pytest.skip("AMX-INT8 unavailable (CPU, OS or plain path)")
+    if request.param == "vnni" and not (_jit.HOST_VNNI and _jit.HAS_VNNI):
+        pytest.skip("AVX-512 VNNI unavailable (CPU or plain path)")
+    return request.param == "vnni"
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -138,7 +151,7 @@ def _expand_all(w, nG, b, tab, nbt, nk, dst):
                 KA._expand4(w, off, ngv, tab, dst, doff)
 
 
-@needs_host_amx
+@needs_host_vnni
 @pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
 @pytest.mark.parametrize("K", [32, 64, 100, 130, 257])
 def test_expand_kernel_equals_reference(kind, K):
@@ -156,9 +169,8 @@ def test_expand_kernel_equals_reference(kind, K):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_amx
 @pytest.mark.parametrize("kind", ["binary", "ternary", "q4"])
-def test_amx_linear_equals_integer_reference(kind, threads):
+def test_amx_linear_equals_integer_reference(kind, threads, backend):
     for M, K, O in SHAPES:
         q, w = _weights(kind, O, K)
         aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.25)
@@ -167,19 +179,18 @@ def test_amx_linear_equals_integer_reference(kind, threads):
         one, zero = np.zeros(O + 80), np.zeros(O + 80)
         one[:O] = 1.0
         D = np.empty((M, O), np.float32)
-        KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, zero, one, False, D)
+        KA.amx_linear(a.astype(np.uint8), 1, 0.0, 0.0, aw, zero, one, False, D, vnni=backend)
         np.testing.assert_array_equal(D, (a @ w.T).astype(np.float32))
         # the epilogue of the layers: per-channel scale and shift, ReLU
         sw, bn = RNG.uniform(0.5, 2.0, O), RNG.uniform(0.5, 2.0, O)
         s0, s1 = KA.amx_coeffs(aw, sw, 0.1, 3.0, bn, RNG.normal(size=O))
         for relu in (False, True):
             out = np.empty((M, O), np.float32)
-            KA.amx_linear(a.astype(np.float32), 1, 0.0, 0.0, aw, s0, s1, relu, out)
+            KA.amx_linear(a.astype(np.float32), 1, 0.0, 0.0, aw, s0, s1, relu, out, vnni=backend)
             np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, relu))
 
 
-@needs_amx
-def test_amx_linear_fused_quantization(threads):
+def test_amx_linear_fused_quantization(threads, backend):
     """mode 0: the rows are quantized with rint(clip(x, 0, hi) * mult), as the other kernels do."""
     M, K, O = 50, 200, 40
     q, w = _weights("ternary", O, K)
@@ -187,7 +198,7 @@ def test_amx_linear_fused_quantization(threads):
     x = RNG.normal(size=(M, K)).astype(np.float32) * 3
     s0, s1 = KA.amx_coeffs(aw, np.ones(O), 0.2, 0.0, np.ones(O), RNG.normal(size=O))
     out = np.empty((M, O), np.float32)
-    KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out)
+    KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=backend)
     codes = quantize_codes_reference(x, 3.0, 5.0)
     np.testing.assert_array_equal(out, KA.amx_linear_reference(codes, w, s0, s1, True))
 
@@ -298,5 +309,77 @@ def test_plain_path_has_no_amx_and_matches_reference(monkeypatch):
             got = pl(x)
         ref = reference_fp64(lin, x)
         assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    finally:
+        _jit.set_plain(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedLinear on VNNI register tiles (AVX-512 VNNI, no AMX)
+# ---------------------------------------------------------------------------------------------
+
+needs_vnni = pytest.mark.skipif(not (_jit.HOST_VNNI and _jit.HAS_VNNI), reason="AVX-512 VNNI unavailable")
+
+
+@needs_vnni
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_linear_on_vnni_tiles_without_amx(variant, monkeypatch, threads):
+    """Without AMX the layer keeps the expanded-field form for the VNNI tiles and runs them from
+    kernels_amx.min_rows rows on (ternary with tables: later; binary with tables: never), bit for bit
+    what the layer computed without them (tables or the int8 copy), and a large layer holds no int8
+    copy."""
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    assert KA.backend() == "vnni"
+    lin = _layer(variant)
+    pl = build_packed("fc", lin)
+    assert pl.amx is not None and pl.i8 is None
+    assert (pl.lut is None) == (variant == "w4a8")  # ternary keeps its tables for fewer rows
+    r = pl.amx_min_rows
+    assert r == (KA.VNNI_MIN_ROWS if pl.lut is None else KA.VNNI_MIN_ROWS_LUT[pl.lut.cb])
+    assert ("vnni on the fields" in pl.kernel_name()) == (r < KA.NEVER_ROWS)
+    calls = _calls(monkeypatch)
+    rows = [M for M in (KV.GEMV_MAX_ROWS + 1, r - 1, r, r + 9) if KV.GEMV_MAX_ROWS < M < 200]
+    x = torch.randn(200, 520) * 2
+    with torch.inference_mode():
+        got = {M: pl(x[:M]) for M in rows}
+    assert calls == [M for M in rows if r <= M]
+    monkeypatch.setattr(KA, "VNNI_LINEAR", False)  # the paths before: tables / int8 copy
+    assert KA.backend() is None
+    ref_pl = build_packed("fc", lin)
+    assert ref_pl.amx is None and (ref_pl.i8 is None) == (ref_pl.lut is not None)
+    for M in rows:
+        with torch.inference_mode():
+            np.testing.assert_array_equal(got[M].numpy(), ref_pl(x[:M]).numpy())
+        ref = reference_fp64(lin, x[:M])
+        assert float((got[M].double() - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@needs_vnni
+def test_vnni_tiles_write_codes_for_the_next_layer(monkeypatch):
+    """The epilogue's codes (row-major and in the tile layout) are the fused formula applied to the
+    float output, as on AMX."""
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    M, K, O = 45, 300, 70
+    q, w = _weights("q4", O, K)
+    aw = KA.amx_linear_weights(GemvWeights(q), q, w, 0.5)
+    a = RNG.integers(0, 16, (M, K)).astype(np.uint8)
+    s0, s1 = KA.amx_coeffs(aw, RNG.uniform(0.5, 2, O), 0.01, 0.0, np.ones(O), RNG.normal(size=O))
+    out = np.empty((M, O), np.float32)
+    codes = np.empty((M, O), np.uint8)
+    KA.amx_linear(a, 1, 0.0, 0.0, aw, s0, s1, True, out, codes, 2.0, 7.5)
+    np.testing.assert_array_equal(out, KA.amx_linear_reference(a, w, s0, s1, True))
+    np.testing.assert_array_equal(codes, quantize_codes_reference(out, 2.0, 7.5))
+    tiles = KA.amx_linear(a, 1, 0.0, 0.0, aw, s0, s1, True, None, KA.code_tiles(M, O), 2.0, 7.5, tiles=True)
+    np.testing.assert_array_equal(tiles, KA.amx_rows_reference(codes, -(-O // 64)))
+
+
+def test_vnni_switch_and_plain_path(monkeypatch):
+    """``LOWBIT_RUNTIME_VNNI_LINEAR=0`` (``VNNI_LINEAR``) and the plain path leave no VNNI tiles."""
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    monkeypatch.setattr(KA, "VNNI_LINEAR", False)
+    assert KA.backend() is None and build_packed("fc", _layer("w4a8", K=200, O=70)).amx is None
+    monkeypatch.setattr(KA, "VNNI_LINEAR", True)
+    _jit.set_plain(True)
+    try:
+        assert KA.backend() is None and build_packed("fc", _layer("w4a8", K=200, O=70)).amx is None
     finally:
         _jit.set_plain(False)

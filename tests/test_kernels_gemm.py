@@ -127,8 +127,8 @@ def test_packed_linear_many_rows_equals_fake_quant_float64(wm, abits, plain, thr
     folded = fold_integers(packed.wp)
     lv = KG.lut_levels(folded[0])
     fits = lv is not None and KG.lut_fits(*lv, abits)
-    # no tables where AMX runs from the GEMV's last row on (they would never be chosen)
-    unused = fits and packed.amx is not None and KA.AMX_MIN_ROWS_LUT[lv[1]] <= KV.GEMV_MAX_ROWS + 1
+    # no tables where the expanded-field GEMM runs from the GEMV's last row on (never chosen)
+    unused = fits and packed.amx is not None and KA.min_rows(lv[1]) <= KV.GEMV_MAX_ROWS + 1
     assert (packed.lut is not None) == (fits and not unused)
     if wm["method"] in ("binary", "twn") and abits <= 4:
         assert packed.lut is not None or unused

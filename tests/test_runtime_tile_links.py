@@ -15,13 +15,12 @@ import lowbit
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_threads as KT
-from lowbit.runtime._amx import amx_enabled
 from lowbit.runtime.layers import CodeTiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed"))
 import ab_tile_links  # the A/B's switch: the same model with its links off
 
-pytestmark = pytest.mark.skipif(not amx_enabled(), reason="needs AMX-INT8 (the links are AMX tiles)")
+pytestmark = pytest.mark.skipif(KA.backend() is None, reason="needs AMX-INT8 or AVX-512 VNNI (tile layouts)")
 
 # not a multiple of 64 (the tiles' padding columns), and wide enough that the flat executor leaves the
 # layers to the GEMV / AMX kernels (it takes small int8 layers)
@@ -34,6 +33,9 @@ def _recipe(w: dict, bits: int) -> dict:
 
 BINARY_A4 = _recipe({"method": "binary", "bits": 1}, 4)
 TERNARY_A8 = _recipe({"method": "twn", "bits": 2}, 8)
+# a recipe whose layers run on the tiles from a few rows on: binary weights with 4-bit codes on AMX;
+# without AMX their lookup tables are faster at every row count (no tiles), so 4-bit weights there
+LINKED = BINARY_A4 if KA.backend() == "amx" else _recipe({"method": "dorefa", "bits": 4}, 4)
 
 
 def _packed(model: nn.Module, recipe: dict, n: int = N):
@@ -53,7 +55,7 @@ def _unlinked(pm, x):
     return ab_tile_links.unlinked(pm)(x)
 
 
-@pytest.mark.parametrize("recipe", [BINARY_A4, TERNARY_A8], ids=["w1a4", "w2a8"])
+@pytest.mark.parametrize("recipe", [LINKED, TERNARY_A8], ids=["linked", "w2a8"])
 def test_linked_equals_unlinked_at_every_row_count_and_thread_count(recipe):
     pm = _packed(_mlp(), recipe)
     assert pm.executor is None or pm.executor.program((N,)) is None
@@ -73,7 +75,7 @@ def test_linked_equals_unlinked_at_every_row_count_and_thread_count(recipe):
 
 
 def test_the_tile_path_runs_from_the_consumers_amx_rows(monkeypatch):
-    pm = _packed(_mlp(), BINARY_A4)
+    pm = _packed(_mlp(), LINKED)
     first = next(iter(pm.packed_layers().values()))
     m = first.tile_target.min_rows
     passes = []  # the float -> tile-layout quantizing passes (kernels_amx.amx_rows)
@@ -101,21 +103,21 @@ def test_layers_that_do_not_link():
             h = self.a(x)
             return self.b(h) + self.c(h)  # a's output has two users
 
-    pm = _packed(Twice(), BINARY_A4)
+    pm = _packed(Twice(), LINKED)
     assert all(m.tile_target is None for m in pm.packed_layers().values())
     # an op between the layers that is not fused
-    pm = _packed(nn.Sequential(nn.Linear(N, N), nn.Tanh(), nn.Linear(N, N)), BINARY_A4)
+    pm = _packed(nn.Sequential(nn.Linear(N, N), nn.Tanh(), nn.Linear(N, N)), LINKED)
     assert all(m.tile_target is None for m in pm.packed_layers().values())
     # rows with a leading token dimension (3-d input): not linked (input_ndim 3)
     seq = nn.Sequential(nn.Linear(N, N), nn.ReLU(), nn.Linear(N, N))
     torch.manual_seed(0)
-    lowbit.quantize(seq, BINARY_A4)
+    lowbit.quantize(seq, LINKED)
     pm = rt_compile(seq.eval(), torch.rand(2, 8, N))
     assert all(m.tile_target is None for m in pm.packed_layers().values())
 
 
 def test_tiles_of_the_wrong_width_are_a_clear_error():
-    pm = _packed(_mlp(), BINARY_A4)
+    pm = _packed(_mlp(), LINKED)
     last = list(pm.packed_layers().values())[-1]
     bad = CodeTiles(KA.code_tiles(16, N + 64), 16, N + 64)
     with pytest.raises(RuntimeError, match=f"code tiles of {N + 64} features"):
@@ -125,7 +127,7 @@ def test_tiles_of_the_wrong_width_are_a_clear_error():
 def test_links_without_an_example_input_and_3d_rows_go_as_floats():
     seq = _mlp()
     torch.manual_seed(0)
-    lowbit.quantize(seq, BINARY_A4)
+    lowbit.quantize(seq, LINKED)
     pm = rt_compile(seq.eval())  # traced, no example: the input rank is unknown
     assert [m.tile_target is not None for m in pm.packed_layers().values()] == [True, True, False]
     x = torch.rand(3, 16, N)  # 48 rows with a leading dimension: floats between the layers

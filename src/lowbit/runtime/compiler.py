@@ -81,6 +81,7 @@ from ..export.packed import encode_weight, refresh_rnn_weights
 from ..nn.quantize import input_quantizer, quantizable_layers, quantized_layers, weight_quantizer
 from ..quant.base import Encoded, Quantizer
 from . import kernels as K
+from . import kernels_amx as KA
 from . import kernels_gemv as KV
 from . import kernels_threads as KT
 from .executor import FlatExecutor, check_finite, input_dtype_error
@@ -938,10 +939,11 @@ def _fuse_int8(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
 
 
 def _link_tiles(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
-    """Linear -> Linear on AMX: a packed Linear layer whose only user is another packed Linear layer
-    on the same rows (called once, AMX weights, the fused input formula) writes that layer's codes
-    in the AMX tile layout from its epilogue (:class:`CodeTiles`), from as many rows as the consumer
-    runs on AMX: the float output between them and the consumer's quantizing pass are skipped
+    """Linear -> Linear on AMX (or VNNI) tiles: a packed Linear layer whose only user is another
+    packed Linear layer on the same rows (called once, both running ``kernels_amx`` from some row
+    count, the fused input formula) writes that layer's codes in the tile layout from its epilogue
+    (:class:`CodeTiles`), from as many rows as the consumer runs on the tiles: the float output
+    between them and the consumer's quantizing pass are skipped
     (``benchmarks/results/ab_tile_links.md``). Fewer rows, and rows with leading dimensions (an
     input of more than 2 dimensions; input_ndim 0 = unknown), go as floats, as before."""
     calls = _calls(gm)
@@ -955,7 +957,7 @@ def _link_tiles(gm: fx.GraphModule, packed: dict[str, _PackedBase]) -> None:
         if (isinstance(c, PackedLinear) and c.amx is not None and c.amx8 is None and c.act.mode == 0
                 and u.args == (node,) and not u.kwargs and calls.get(str(u.target)) == 1
                 and c.input_ndim in (0, 2) and c.in_features == p.out_features
-                and c.amx_min_rows > KV.GEMV_MAX_ROWS):
+                and KV.GEMV_MAX_ROWS < c.amx_min_rows < KA.NEVER_ROWS and p.amx_min_rows < KA.NEVER_ROWS):
             p.tile_target = TileTarget(c.act.hi, c.act.mult, c.amx_min_rows)
             p.fused.append("tiles")
 

@@ -1,4 +1,5 @@
-"""Many-row Linear layers on AMX int8 tiles, the weights read at their bit width (1/2/4-bit fields).
+"""Many-row Linear layers on int8 expanded from the weights' 1/2/4-bit fields one L1 slice at a
+time: on AMX tiles, or on CPUs with AVX-512 VNNI but no AMX on VNNI register tiles.
 
 Math. Activation codes ``a[m, r]`` in ``[0, 2**ka)`` (``ka <= 8``), integer weights
 ``w_int[o, r]`` in int8 (the folded weights of ``layers.fold_integers``: +-1 for binary, -1/0/+1
@@ -77,8 +78,21 @@ tried and measured slower once both were aligned (0.63x at 16 rows, 0.75-0.95x a
 expansion into the L2-sized panel took 0.6 ms per layer against 0.25 into the L1 slice, and A
 and B tiles both streaming from L2 ran 1.2-1.6 TMAC/s against 2.0 with the B tiles in L1.
 
-Needs AMX-INT8 (``_amx.amx_enabled()``); ``PackedLinear`` dispatches here from
-:data:`AMX_MIN_ROWS` rows on and keeps its other kernels elsewhere (the plain path has no AMX).
+VNNI register tiles (:func:`_vnni_tile`, CPUs without AMX: :func:`backend`). The same expanded
+slice, parked sums and epilogue; the products are ``vpdpbusd`` on zmm registers: 6 rows x 4 blocks
+of 16 channels (24 accumulators), per reduction quad 4 loads of the slice's rows (16 channels x 4
+weights each), one broadcast of each row's 4 codes and 24 ``vpdpbusd``. The slices are 32 KiB
+(:data:`VNNI_SLICE_KIB`: 512 reduction indices of 64 channels); in development 4x4, 5x4, 7x3, 8x3
+and 12x2 tiles and 16 or 64 KiB slices ran slower. It is also the faster many-row path for
+ternary weights on such a CPU: their lookup tables (``kernels_gemm``) need one ``vpermb`` per 128
+multiply-adds, and where ``vpermb`` issues once per cycle while ``vpdpbusd`` (64 each) issues
+twice, int8 does the same 128 per cycle without building tables, so beyond a few dozen rows the
+tables lose (:data:`VNNI_MIN_ROWS_LUT`); binary tables (256 per ``vpermb``) stay faster.
+Measured side by side: ``benchmarks/results/no_amx/ab_vnni_linear.md``.
+
+``PackedLinear`` dispatches here (:func:`backend`: ``_amx.amx_enabled()``, else AVX-512 VNNI unless
+``LOWBIT_RUNTIME_VNNI_LINEAR=0``) from :func:`min_rows` rows on and keeps its other kernels
+elsewhere (the plain path has neither).
 :func:`amx_linear_reference` is the NumPy reference (exact int64 ``D``, the same float64
 epilogue), :func:`expand_reference` the B tiles the kernel builds.
 
@@ -89,6 +103,7 @@ the int8 tiles over it); the field layout and the table lookup are this runtime'
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,10 +119,23 @@ from ._amx import (
     _i8c,
     _ptr,
     amx_config,
+    amx_enabled,
     amx_release,
     amx_tile_config,
 )
-from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, amx_epilogue_2, amx_epilogue_4, kernel
+from ._jit import (
+    _V16I32,
+    _V64I8,
+    EPI_CODES,
+    EPI_FLOAT,
+    EPI_RELU,
+    HOST_VNNI,
+    _vpdpbusd,
+    amx_epilogue_2,
+    amx_epilogue_4,
+    kernel,
+)
+from ._llvm_args import Args, broadcast_quad, i64, load_as, offset_pointers, store_as
 from .kernels_gemv import GemvWeights, unpack_fields
 from .kernels_threads import parallel_for, use_parallel
 
@@ -119,6 +147,41 @@ AMX_MIN_ROWS = 8
 #: aligned tiles: binary weights 0.88-0.95 at 8 rows, 1.11 at 12, 1.21-1.25 at 16; ternary
 #: 1.19-1.25 at 8, 1.64 at 12)
 AMX_MIN_ROWS_LUT = {1: 12, 2: 8}
+#: on CPUs with AVX-512 VNNI but no AMX the same expanded slices run on VNNI register tiles
+#: (:func:`_vnni_tile`) from this many rows, ...
+VNNI_MIN_ROWS = 8
+#: ... or, where the layer has lookup tables, from these: binary tables stay faster at every row
+#: count (two lookups per 256 multiply-adds against four ``vpdpbusd``), ternary ones up to a few
+#: dozen rows (a 4096x4096 ternary layer, 4-bit codes, one thread, interleaved: tables / VNNI time
+#: 0.83 at 16 rows, 1.00 at 24, 0.99 at 32, 1.17 at 48, 1.21 at 64, 1.46 at 256;
+#: ``benchmarks/results/no_amx/ab_vnni_linear.md``)
+VNNI_MIN_ROWS_LUT = {1: 1 << 40, 2: 48}  # (1 << 40: never)
+#: a row count no batch reaches: "never" in the tables above
+NEVER_ROWS = 1 << 40
+#: ``LOWBIT_RUNTIME_VNNI_LINEAR=0`` keeps many-row Linear layers off the VNNI tiles (CPUs without AMX)
+VNNI_LINEAR = os.environ.get("LOWBIT_RUNTIME_VNNI_LINEAR", "1").strip().lower() not in ("0", "false", "no",
+                                                                                        "off")
+
+
+def backend() -> str | None:
+    """The tile back end of this module here and now: ``"amx"``, ``"vnni"`` (AVX-512 VNNI without
+    AMX, unless switched off) or None (the plain path, or neither)."""
+    if amx_enabled():
+        return "amx"
+    from . import kernels
+
+    return "vnni" if kernels.HAS_VNNI and VNNI_LINEAR else None
+
+
+def min_rows(cb: int | None) -> int:
+    """Rows from which :func:`amx_linear` runs a layer on :func:`backend`: without lookup tables
+    (``cb`` None) :data:`AMX_MIN_ROWS` / :data:`VNNI_MIN_ROWS`; with tables on ``cb``-bit codes
+    where it beats them (:data:`AMX_MIN_ROWS_LUT` / :data:`VNNI_MIN_ROWS_LUT`)."""
+    if backend() == "amx":
+        return AMX_MIN_ROWS if cb is None else AMX_MIN_ROWS_LUT[cb]
+    return VNNI_MIN_ROWS if cb is None else VNNI_MIN_ROWS_LUT[cb]
+
+
 #: below this many multiply-adds (M*K*O) one thread runs the product. 8 x 4096^2 = 2**27 ran 0.82x
 #: as fast on 2 threads as on 1 on the loaded 2-core test machine; with the polling worker
 #: (``kernels_threads.SPIN_US``) the 8-layer 4096-wide ternary MLP at 8 rows split from 2**27 ran
@@ -133,6 +196,8 @@ AMX_ROWS_MIN_PARALLEL = 1 << 20
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and
 #: equal at 256)
 SLICE_KIB = 16
+#: ... and for the VNNI register tiles (4 blocks of 16 channels x 512 reduction indices)
+VNNI_SLICE_KIB = 32
 #: channels whose int32 sums stay parked (per group of 32 channels, 64 for a single row block)
 #: until one epilogue runs over them ...
 EPI_CHANNELS = 256
@@ -249,7 +314,6 @@ def expand_reference(aw: AmxLinearWeights) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V64I8, _V16I32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
 
 
 def _expand(b: int):
@@ -264,7 +328,7 @@ def _expand(b: int):
         sig = types.void(w, woff, ngv, tab, dst, doff)
 
         def codegen(context, builder, signature, args):
-            if not HOST_AMX:
+            if not HOST_VNNI:  # AVX-512 BW: every CPU that runs either tile back end
                 return context.get_dummy_value()
             wa, woa, nga, ta, da, doa = args
             sg = signature.args
@@ -489,6 +553,65 @@ def _tiles(MB: int, NB: int):
 _t2x2, _t4x1, _t1x1 = _tiles(2, 2), _tiles(4, 1), _tiles(1, 1)
 _t1x2, _t1x3, _t1x4 = _tiles(1, 2), _tiles(1, 3), _tiles(1, 4)
 
+#: rows of a VNNI register tile (x 4 blocks of 16 channels: 24 of the 32 zmm registers hold sums)
+VNNI_R = 6
+
+
+def _vnni_tile(NB: int):
+    """Intrinsic ``vtile(x, abase, aoff, nks, w, kstride, acc, arow, resume)``: the VNNI register
+    tile of the CPUs without AMX over the same operands as :func:`_tiles`: :data:`VNNI_R` rows x NB
+    blocks of 16 channels, ``C[r, n] (+)= sum_{k < nks} sum_q A_r[k, q] . B[k, n][q]`` where
+    ``A_r[k, q]`` is the quad (4 codes) at byte ``abase[r] + aoff + 1024*k + 4*q`` of ``x`` (row r
+    in the tile layout) and ``B[k, n][q]`` the 64-byte row ``q`` (16 channels x 4) of the expanded
+    tile at byte ``k*kstride + 1024*n`` of ``w``: one ``vpdpbusd`` per row and block, the quad
+    broadcast to every channel. ``C`` row r (NB*16 int32) at element ``arow[r]`` of ``acc``:
+    loaded first when ``resume`` (else zero), stored at the end. Rows repeated in ``abase`` /
+    ``arow`` (a last tile of fewer rows) compute and store the same sums twice."""
+    R = VNNI_R
+
+    @intrinsic
+    def vtile(typingctx, x, abase, aoff, nks, w, kstride, acc, arow, resume):
+        sig = types.void(x, abase, aoff, nks, w, kstride, acc, arow, resume)
+
+        def codegen(context, builder, signature, args):
+            if not HOST_VNNI:
+                return context.get_dummy_value()
+            a = Args(context, builder, signature, args)
+            rows = offset_pointers(builder, a.ptr(0, _I8, args[2]), a.ptr(1, _I64), R)
+            wp = a.ptr(4, _I8)
+            cps = offset_pointers(builder, a.ptr(6, _I32), a.ptr(7, _I64), R)
+            zero = ir.Constant(_V16I32, [0] * 16)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NB)] for _ in range(R)]
+            with builder.if_then(builder.icmp_signed("!=", args[8], ir.Constant(args[8].type, 0))):
+                for r in range(R):
+                    for n in range(NB):
+                        builder.store(load_as(builder, cps[r], _V16I32, i64(16 * n), 4), accs[r][n])
+            with cgutils.for_range(builder, args[3]) as kloop:  # reduction chunks of 64
+                k = kloop.index
+                wk = builder.gep(wp, [builder.mul(k, args[5])])
+                ko = builder.mul(k, i64(1024))
+                with cgutils.for_range(builder, i64(16)) as qloop:  # quads of a chunk
+                    q = qloop.index
+                    ws = [load_as(builder, wk, _V64I8, builder.add(builder.mul(q, i64(64)), i64(1024 * n)))
+                          for n in range(NB)]
+                    xo = builder.add(ko, builder.mul(q, i64(4)))
+                    for r in range(R):
+                        xv = broadcast_quad(builder, rows[r], xo)
+                        for n in range(NB):
+                            c = accs[r][n]
+                            builder.store(_vpdpbusd(builder, builder.load(c), xv, ws[n]), c)
+            for r in range(R):
+                for n in range(NB):
+                    store_as(builder, builder.load(accs[r][n]), cps[r], i64(16 * n), 4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return vtile
+
+
+_v1, _v2, _v3, _v4 = _vnni_tile(1), _vnni_tile(2), _vnni_tile(3), _vnni_tile(4)
+
 
 
 @kernel
@@ -530,11 +653,13 @@ def _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, nkc
 
 @kernel
 def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, sf, flags, out, O, codes, nkc,
-                      qhi, qmult, g_lo, g_hi):
+                      qhi, qmult, vnni, g_lo, g_hi):
     """Channel groups g_lo..g_hi (``NBmax`` blocks of 16 each) of :func:`amx_linear` for all rows:
     per slice of ``KS`` reduction chunks the group's B tiles are expanded into an L1-sized buffer
     and every row block accumulates against them (int32 sums parked in ``acc`` between slices).
-    The sums of ``S`` consecutive groups stay parked, then go through :func:`_epilogue` together."""
+    The sums of ``S`` consecutive groups stay parked, then go through :func:`_epilogue` together.
+    ``vnni``: the products on VNNI registers (:func:`_vnni_tile`, :data:`VNNI_R` rows at a time)
+    instead of AMX tiles (no tile configuration)."""
     nbt = (O + 15) // 16
     T = 8 // b
     G = 16 // T
@@ -542,7 +667,10 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
     acc = aligned_u8(S * Mp * NBmax * 64).view(np.int32)
     abase = np.empty(4, np.int64)
     buf = aligned_u8(KS * NBmax * 1024)
-    amx_config(cfg)
+    arow = np.empty(VNNI_R, np.int64)
+    vbase = np.empty(VNNI_R, np.int64)
+    if not vnni:
+        amx_config(cfg)
     for sg in range(g_lo, g_hi, S):
         sg_hi = min(sg + S, g_hi)
         for grp in range(sg, sg_hi):
@@ -567,6 +695,21 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
                             _expand4(w, woff, ngv, tab, buf, doff)
                 resume = k0 > 0
                 aoff = k0 * 1024
+                if vnni:
+                    for m0 in range(0, M, VNNI_R):
+                        for r in range(VNNI_R):
+                            m = min(m0 + r, M - 1)
+                            vbase[r] = ((m // 16) * nk * 16 + m % 16) * 64
+                            arow[r] = cbase + m * NBmax * 16
+                        if NB == 4:
+                            _v4(xq, vbase, aoff, nks, buf, kstride, acc, arow, resume)
+                        elif NB == 3:
+                            _v3(xq, vbase, aoff, nks, buf, kstride, acc, arow, resume)
+                        elif NB == 2:
+                            _v2(xq, vbase, aoff, nks, buf, kstride, acc, arow, resume)
+                        else:
+                            _v1(xq, vbase, aoff, nks, buf, kstride, acc, arow, resume)
+                    continue
                 i = 0
                 while i < nmb:
                     if NB == 2 and nmb - i >= 2:
@@ -594,7 +737,8 @@ def _amx_linear_range(xq, nk, Mp, M, w, b, nG, tab, cfg, NBmax, KS, S, s0, s1, s
         c_s = sg * NBmax * 16
         nch = min(sg_hi * NBmax * 16, O) - c_s
         _epilogue(acc, Mp, M, NBmax, c_s, nch, s0, s1, sf, flags, out, O, codes, nkc, qhi, qmult)
-    amx_release()
+    if not vnni:
+        amx_release()
 
 
 def amx_rows(x: np.ndarray, mode: int = 1, hi: float = 0.0, mult: float = 0.0) -> np.ndarray:
@@ -637,7 +781,8 @@ def epilogue_groups(Mp: int, NBmax: int) -> int:
 
 def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWeights, s0: np.ndarray,
                s1: np.ndarray, relu: bool, out: np.ndarray | None, codes: np.ndarray | None = None,
-               qhi: float = 0.0, qmult: float = 0.0, tiles: bool = False) -> np.ndarray:
+               qhi: float = 0.0, qmult: float = 0.0, tiles: bool = False, vnni: bool | None = None
+               ) -> np.ndarray:
     """``out`` (M, O) float32 = ``s1*D + s0`` (ReLU) of the module docstring for rows ``x`` (M, K):
     float32 quantized with ``rint(clip(x, 0, hi) * mult)`` (mode 0) or codes (mode 1, any integer
     or float dtype). ``s0``, ``s1`` float64 from :func:`amx_coeffs` (at least ``O`` rounded up to
@@ -650,7 +795,7 @@ def amx_linear(x: np.ndarray, mode: int, hi: float, mult: float, aw: AmxLinearWe
     if x.shape[1] != aw.gw.K:
         raise ValueError(f"amx_linear: rows {x.shape} for a {aw.gw.O}x{aw.gw.K} layer")
     return amx_linear_tiles(amx_rows(x, mode, hi, mult), x.shape[0], aw, s0, s1, relu, out, codes, qhi, qmult,
-                            tiles)
+                            tiles, vnni)
 
 
 def code_tiles(M: int, K: int) -> np.ndarray:
@@ -664,10 +809,11 @@ def code_tiles(M: int, K: int) -> np.ndarray:
 
 def amx_linear_tiles(xq: np.ndarray, M: int, aw: AmxLinearWeights, s0: np.ndarray, s1: np.ndarray, relu: bool,
                      out: np.ndarray | None, codes: np.ndarray | None = None, qhi: float = 0.0,
-                     qmult: float = 0.0, tiles: bool = False) -> np.ndarray:
+                     qmult: float = 0.0, tiles: bool = False, vnni: bool | None = None) -> np.ndarray:
     """:func:`amx_linear` of M rows already in the tile layout (:func:`amx_rows`, or a producer's
     :func:`code_tiles` written by its epilogue); ``tiles``: write ``codes`` (from :func:`code_tiles`,
-    ``out`` None) in that layout for the next layer's :func:`amx_linear_tiles`."""
+    ``out`` None) in that layout for the next layer's :func:`amx_linear_tiles`. ``vnni``: the
+    products on VNNI registers (default: where AMX is not enabled)."""
     gw = aw.gw
     if out is None and codes is None:
         raise ValueError("amx_linear: nothing to write (out and codes are None)")
@@ -691,8 +837,13 @@ def amx_linear_tiles(xq: np.ndarray, M: int, aw: AmxLinearWeights, s0: np.ndarra
                              f"{need} ({'code_tiles' if tiles else 'M*O'})")
     if tiles and (codes is None or out is not None):
         raise ValueError("amx_linear: code tiles are written alone (codes given, out None)")
-    NBmax = 4 if Mp == 16 else 2
+    if vnni is None:
+        vnni = backend() != "amx"
+    if vnni and not HOST_VNNI:
+        raise RuntimeError("amx_linear: neither AMX-INT8 nor AVX-512 VNNI on this CPU")
+    NBmax = 4 if Mp == 16 or vnni else 2
     cfg = _CFG_1X4 if NBmax == 4 else _CFG_2X2
+    KS = (VNNI_SLICE_KIB if vnni else SLICE_KIB) // NBmax
     nbt = -(-gw.O // 16)
     S = epilogue_groups(Mp, NBmax)
     flags = EPI_RELU if relu else 0
@@ -700,8 +851,8 @@ def amx_linear_tiles(xq: np.ndarray, M: int, aw: AmxLinearWeights, s0: np.ndarra
     fo = out.reshape(-1) if out is not None else np.empty(0, np.float32)
     co = codes.reshape(-1) if codes is not None else np.empty(0, np.uint8)
     parallel_for(_amx_linear_range, -(-nbt // NBmax), xq, np.int64(aw.nk), np.int64(Mp), np.int64(M), gw.w,
-                 np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(SLICE_KIB // NBmax),
+                 np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(KS),
                  np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), fo, np.int64(gw.O), co,
-                 np.int64(nkc), np.float32(qhi), np.float32(qmult),
+                 np.int64(nkc), np.float32(qhi), np.float32(qmult), bool(vnni),
                  parallel=use_parallel(M * gw.K * gw.O, AMX_MIN_PARALLEL_MACS))
     return out if out is not None else codes

@@ -688,8 +688,10 @@ class PackedLinear(_PackedBase):
     """Dispatch by rows (samples x tokens) M:
 
     - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI);
-    - ``M >= amx_min_rows`` on a CPU with AMX-INT8: int8 tiles expanded from the same fields per
-      call (``kernels_amx``; from 8 rows, or where the tables below exist from where AMX is faster);
+    - ``M >= amx_min_rows``: int8 expanded from the same fields per call, one L1 slice at a time
+      (``kernels_amx``), into AMX tiles, or on CPUs with AVX-512 VNNI but no AMX into VNNI register
+      tiles; from 8 rows, or where the tables below exist from where they are slower
+      (``kernels_amx.min_rows``);
     - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
       (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit int8:
       up to 5 bits for binary, 6 for ternary, 4 for 2-bit -3/-1/1/3), AVX-512 or its plain path; not
@@ -723,11 +725,11 @@ class PackedLinear(_PackedBase):
         # wide fields (no 16-entry table) as int8 parts (>= WIDE_AMX_MIN_ROWS rows)
         self.amx: KA.AmxLinearWeights | None = None
         self.amx8: WideAmxWeights | None = None
-        if folded is not None and self.gemv is not None and amx_enabled():
-            if self.wide:
-                self.amx8 = wide_amx_weights(folded)
-            else:
+        if folded is not None and self.gemv is not None and KA.backend() is not None:
+            if not self.wide:  # AMX tiles, or VNNI registers on CPUs without AMX
                 self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
+            elif amx_enabled():
+                self.amx8 = wide_amx_weights(folded)
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes, built only where they
         # would run: decided from their code bits before packing them
         self.lut: LutWeights | None = None
@@ -813,16 +815,17 @@ class PackedLinear(_PackedBase):
         return c[1]
 
     def tables_idle(self, cb: int) -> bool:
-        """Whether lookup tables on ``cb``-bit weight codes would never run: AMX is faster from
-        ``AMX_MIN_ROWS_LUT[cb]`` rows on and the GEMV takes every row count below (ternary and
-        2-bit codes, ``cb = 2``), so they are not built."""
-        return self.amx is not None and KA.AMX_MIN_ROWS_LUT[cb] <= KV.GEMV_MAX_ROWS + 1
+        """Whether lookup tables on ``cb``-bit weight codes would never run: the expanded-field GEMM
+        (``kernels_amx``) is faster from ``kernels_amx.min_rows(cb)`` rows on and the GEMV takes
+        every row count below (on AMX: ternary and 2-bit codes, ``cb = 2``), so they are not built."""
+        return self.amx is not None and KA.min_rows(cb) <= KV.GEMV_MAX_ROWS + 1
 
     @property
     def amx_min_rows(self) -> int:
-        """Rows from which the AMX GEMM runs: :data:`kernels_amx.AMX_MIN_ROWS`, or with lookup tables
-        (binary / ternary weights, few-bit codes), where those are faster (``AMX_MIN_ROWS_LUT``)."""
-        return KA.AMX_MIN_ROWS if self.lut is None else KA.AMX_MIN_ROWS_LUT[self.lut.cb]
+        """Rows from which the expanded-field GEMM runs (AMX tiles, or VNNI registers without AMX):
+        ``kernels_amx.min_rows``, later where lookup tables (binary / ternary weights, few-bit codes)
+        are faster."""
+        return KA.min_rows(None if self.lut is None else self.lut.cb)
 
     def coeffs_lut(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the table-lookup GEMM, ``y = s1*D + s0`` with ``D = sum_r w_int*a``."""
@@ -879,7 +882,9 @@ class PackedLinear(_PackedBase):
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
             if self.gemv.tq1 is not None:
                 gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
-            amx = f" / amx on the fields (>= {self.amx_min_rows} rows)" if self.amx is not None else ""
+            amx = ""
+            if self.amx is not None and self.amx_min_rows < KA.NEVER_ROWS:
+                amx = f" / {KA.backend()} on the fields (>= {self.amx_min_rows} rows)"
             if self.amx8 is not None:
                 r = self.wide_amx_min_rows
                 gemv = gemv.replace(f"<= {KV.GEMV_MAX_ROWS}", f"<= {r - 1}")
