@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,10 +34,42 @@ $LOWBIT_DATA (standard file formats).
 """
 
 
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (no upper bound without ``hi``), so that a count such as
+    --epochs 0 or --port 70000 is a usage error naming the option, before anything runs."""
+
+    def parse(text: str) -> int:
+        want = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0 (NaN is not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+COUNT = _int_in(1)  # epochs, batch sizes, images, repeats, threads...
+COUNT0 = _int_in(0)  # where 0 means "none"
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training options (override the recipe's train section)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--epochs", type=COUNT)
+    g.add_argument("--lr", type=_positive, help="base learning rate")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     g.add_argument("--schedule", choices=["cosine", "step", "constant"])
     g.add_argument("--milestones", type=int, nargs="+", help="epochs where the step schedule decays")
@@ -69,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
+    p.add_argument("--threads", type=COUNT, help="torch CPU threads (default: torch's choice; "
                    "1 is faster for small models on a busy machine)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the quick-start job: float then W1A4 LeNet-5 on MNIST, with a table")
     d.add_argument("--out", default="runs/demo", help="directory for both runs (default runs/demo)")
-    d.add_argument("--fp-epochs", type=int, default=10)
-    d.add_argument("--q-epochs", type=int, default=10)
+    d.add_argument("--fp-epochs", type=COUNT, default=10)
+    d.add_argument("--q-epochs", type=COUNT, default=10)
     d.add_argument("--recipe", default="lenet5-w1a4", help="recipe of the quantized fine-tune")
     d.add_argument("--results", help="also write the results table here (PATH.json and PATH.md)")
     _device_flag(d)
@@ -95,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     t.add_argument("--overwrite", action="store_true",
                    help="start again in a run directory that holds a run (its files are deleted)")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--subset", type=int, help="train on this many samples only (quick runs)")
+    t.add_argument("--batch-size", type=COUNT, default=128)
+    t.add_argument("--subset", type=COUNT, help="train on this many samples only (quick runs)")
     t.add_argument("--val-size", default="auto", help="validation images carved from the training set "
                    "(picks the best epoch; default auto: the last 5,000 of MNIST/CIFAR-10); 0: none")
     _device_flag(t)
-    t.add_argument("--nproc", type=int, help="train with N processes on this machine (runs torchrun; "
+    t.add_argument("--nproc", type=COUNT, help="train with N processes on this machine (runs torchrun; "
                    "--batch-size is the global batch)")
     _train_flags(t)
 
@@ -126,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("ptq", help="post-training multipoint quantization of a float run (no training)")
     q.add_argument("run", help="float run directory or checkpoint")
-    q.add_argument("--bits", type=int, default=4, help="weight bits per point (2-8)")
-    q.add_argument("--budget", type=float, default=1.0, help="mean points per output channel")
-    q.add_argument("--max-points", type=int, default=2, help="most points one channel may get")
+    q.add_argument("--bits", type=_int_in(2, 8), default=4, help="weight bits per point (2-8)")
+    q.add_argument("--budget", type=float, default=1.0,
+                   help="mean points per output channel (1 to --max-points)")
+    q.add_argument("--max-points", type=_int_in(1, 8), default=2, help="most points one channel may get")
     q.add_argument("--calib", type=int, default=512, help="calibration images from the training set")
     q.add_argument("--out", required=True, help="packed .lowbit file to write")
     q.add_argument("--data-dir")
@@ -139,15 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     rl = ssub.add_parser("releq", help="ReLeQ: a PPO agent picks each layer's weight bits (from a float run)")
     rl.add_argument("run", help="float run directory or checkpoint")
     rl.add_argument("--out", required=True, help="directory for releq.json, the cache and recipe.yaml")
-    rl.add_argument("--episodes", type=int, default=300)
+    rl.add_argument("--episodes", type=COUNT, default=300)
     rl.add_argument("--actions", type=int, nargs="+", default=[2, 3, 4, 5, 6],
                     help="bit-widths to choose from")
-    rl.add_argument("--proxy", type=int, default=2048, help="training images of each 1-epoch fine-tune")
+    rl.add_argument("--proxy", type=COUNT, default=2048, help="training images of each 1-epoch fine-tune")
     rl.add_argument("--act-actions", type=int, nargs="+",
                     help="also pick each layer's input bits from these (PACT); default: inputs stay float")
     rl.add_argument("--bops-budget", type=float,
                     help="hard limit on the searched layers' MACs x weight bits x input bits (32 if float)")
-    rl.add_argument("--val", type=int, default=2000, help="held-out training images the search reads")
+    rl.add_argument("--val", type=COUNT, default=2000, help="held-out training images the search reads")
     rl.add_argument("--seed", type=int, default=0)
     _device_flag(rl)
 
@@ -158,16 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     qd.add_argument("--ops", nargs="+", default=["conv3x3", "conv5x5", "sep3x3", "dil3x3", "skip"])
     qd.add_argument("--w-bits", type=int, nargs="+", default=[2, 4], help="weight bit-widths to choose from")
     qd.add_argument("--a-bits", type=int, nargs="+", default=[2, 4], help="activation bit-widths")
-    qd.add_argument("--channels", type=int, default=8)
-    qd.add_argument("--layers", type=int, default=6)
-    qd.add_argument("--epochs", type=int, default=6, help="search epochs")
-    qd.add_argument("--warmup-epochs", type=int, default=2, help="weight-only epochs first")
+    qd.add_argument("--channels", type=COUNT, default=8)
+    qd.add_argument("--layers", type=COUNT, default=6)
+    qd.add_argument("--epochs", type=COUNT, default=6, help="search epochs")
+    qd.add_argument("--warmup-epochs", type=COUNT0, default=2, help="weight-only epochs first")
     qd.add_argument("--bops-weight", type=float, default=1.0, help="lambda of the BOPs term")
-    qd.add_argument("--bops-ratio", type=float, help="BOPs target = float all-conv3x3 net / this")
-    qd.add_argument("--subset", type=int, help="training images used in all")
-    qd.add_argument("--val", type=int, default=2000, help="held-out training images for selection")
-    qd.add_argument("--search-n", type=int, help="training images the search reads (half for alpha/gamma)")
-    qd.add_argument("--retrain-epochs", type=int, default=0, help="train the derived net from scratch")
+    qd.add_argument("--bops-ratio", type=_positive, help="BOPs target = float all-conv3x3 net / this")
+    qd.add_argument("--subset", type=COUNT, help="training images used in all")
+    qd.add_argument("--val", type=COUNT, default=2000, help="held-out training images for selection")
+    qd.add_argument("--search-n", type=COUNT, help="training images the search reads (half for alpha/gamma)")
+    qd.add_argument("--retrain-epochs", type=COUNT0, default=0, help="train the derived net from scratch")
     qd.add_argument("--seed", type=int, default=0)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -183,23 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["slackfit-queue", "slackfit", "max-accuracy", "fixed:all"],
                     help="slackfit, slackfit-queue, max-accuracy, fixed:<name>; fixed:all = every sub-net")
     bs.add_argument("--traces", nargs="+", default=["constant", "bursty", "ramp"])
-    bs.add_argument("--rate", type=float, default=None,
+    bs.add_argument("--rate", type=_positive, default=None,
                     help="mean requests per second (default: --load x the most accurate sub-net's capacity)")
-    bs.add_argument("--load", type=float, default=1.2,
+    bs.add_argument("--load", type=_positive, default=1.2,
                     help="the rate as a multiple of the most accurate sub-net's profiled capacity")
-    bs.add_argument("--duration", type=float, default=8.0, help="seconds per trace")
-    bs.add_argument("--slo-ms", type=float, default=30.0)
-    bs.add_argument("--max-batch", type=int, default=32)
-    bs.add_argument("--max-requests", type=int, default=5000, help="cap on requests per trace")
+    bs.add_argument("--duration", type=_positive, default=8.0, help="seconds per trace")
+    bs.add_argument("--slo-ms", type=_positive, default=30.0)
+    bs.add_argument("--max-batch", type=COUNT, default=32)
+    bs.add_argument("--max-requests", type=COUNT, default=5000, help="cap on requests per trace")
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--repeats", type=int, default=2, help="replay every trace with seeds seed, seed+1, ...")
+    bs.add_argument("--repeats", type=COUNT, default=2,
+                    help="replay every trace with seeds seed, seed+1, ...")
     bs.add_argument("--out", default="benchmarks/results", help="directory for serve.{json,md,png}")
     bs.add_argument("--stem", default="serve")
-    bs.add_argument("--samples", type=int, default=32,
+    bs.add_argument("--samples", type=COUNT, default=32,
                     help="samples per request (at a few per request a Python client, not the server, "
                          "sets the rate on a small machine)")
-    bs.add_argument("--max-in-flight", type=int, default=64, help="client connections at most")
-    bs.add_argument("--profile-repeats", type=int, default=10, help="the servers' profiling repeats")
+    bs.add_argument("--max-in-flight", type=COUNT, default=64, help="client connections at most")
+    bs.add_argument("--profile-repeats", type=COUNT, default=10, help="the servers' profiling repeats")
     bs.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                     help="what the servers run their sub-nets on (lowbit serve --runtime)")
     bs.add_argument("--note", default="", help="what else ran on the machine, for the report")
@@ -211,15 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a supernet over HTTP, the sub-net picked per batch under an SLO")
     sv.add_argument("supernet", help="supernet file (lowbit.serve.save_supernet)")
-    sv.add_argument("--slo-ms", type=float, default=30.0, help="latency target per request (ms)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--slo-ms", type=_positive, default=30.0, help="latency target per request (ms)")
+    sv.add_argument("--port", type=_int_in(1, 65535), default=8000)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--policy", default="slackfit",
                     help="slackfit | slackfit-queue | max-accuracy | fixed:<name>")
-    sv.add_argument("--max-batch", type=int, default=32)
-    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests beyond this get 503")
-    sv.add_argument("--threads", type=int, default=1, help="inference threads")
-    sv.add_argument("--profile-repeats", type=int, default=10, help="timed runs per sub-net and batch size")
+    sv.add_argument("--max-batch", type=COUNT, default=32)
+    sv.add_argument("--max-queue", type=COUNT, default=1024, help="queued requests beyond this get 503")
+    sv.add_argument("--threads", type=COUNT, default=1, help="inference threads")
+    sv.add_argument("--profile-repeats", type=COUNT, default=10, help="timed runs per sub-net and batch size")
     sv.add_argument("--runtime", choices=("packed", "torch"), default="packed",
                     help="packed: each sub-net compiled by lowbit.runtime (PyTorch where it does not "
                     "compile, the reason logged); torch: each sub-net's stored model in PyTorch "
@@ -237,16 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "time, measure accuracy, spike rates and energy")
     sc.add_argument("run", help="float run directory (a sequential CNN: lenet5, mlp, ...)")
     sc.add_argument("--out", required=True, help="directory for snn.json, snn.safetensors and checkpoints")
-    sc.add_argument("--timesteps", type=int, default=5, help="time steps T (default 5)")
+    sc.add_argument("--timesteps", type=COUNT, default=5, help="time steps T (default 5)")
     sc.add_argument("--recipe", default="snn-w6", help="weight quantization of the twin ('none': float)")
-    sc.add_argument("--epochs", type=int, default=1, help="training epochs through time (0: convert only)")
-    sc.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    sc.add_argument("--epochs", type=COUNT0, default=1, help="training epochs through time (0: convert only)")
+    sc.add_argument("--lr", type=_positive, help="learning rate (default: the recipe's)")
     sc.add_argument("--percentile", type=float, default=99.9,
                     help="threshold = this percentile of the ReLU outputs")
     sc.add_argument("--threshold-scale", type=float, default=1.0,
                     help="times the percentile (lower: more spikes)")
     sc.add_argument("--val", type=int, default=5000, help="training images held out for validation")
-    sc.add_argument("--subset", type=int, help="train on this many images only")
+    sc.add_argument("--subset", type=COUNT, help="train on this many images only")
     sc.add_argument("--energy", default="fp32_45nm", help="energy constants: fp32_45nm or int32_45nm")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
@@ -262,7 +297,7 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"--model-arg {it!r}: expected KEY=VALUE, e.g. width_mult=2")
+            raise ValueError(f"--model-arg {it!r}: expected KEY=VALUE, e.g. width_mult=2")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -271,11 +306,62 @@ def _parse_model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _output_file(path: str, example: str, source: str | Path | None = None) -> None:
+    """Refuse, before any work, an output file path that cannot be written (see
+    :func:`lowbit._io.check_file_path`) or that is ``source`` or a file of the run ``source`` is or
+    lies in (checkpoints, config, metrics, result): the command reads those, and would destroy them."""
+    from ._io import check_file_path
+    from .experiment import RUN_FILES
+
+    out = check_file_path(path, example).resolve()
+    if source is None:
+        return
+    src = Path(source)
+    run_dir = src if src.is_dir() else src.parent
+    if src.is_file() and src.resolve() == out:
+        raise ValueError(f"{path} is the input file; writing the output there would replace it: give "
+                         f"another path such as {run_dir / example}")
+    if any((run_dir / f).resolve() == out for f in RUN_FILES if f != "model.lowbit"):
+        raise ValueError(f"{path} is a file of the run {run_dir}; writing the output there would destroy "
+                         f"the run: give another path such as {run_dir / example}")
+
+
+def _output_dir(path: str, option: str = "--out") -> None:
+    """Refuse, before any work, a directory path that is a file or lies inside one."""
+    p = Path(path)
+    blocker = next((d for d in (p, *p.parents) if d.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == p else f"lies inside {blocker}, which is a file"
+        raise NotADirectoryError(f"{option} {path} {where}; give a directory (it is created if missing)")
+
+
+def _supernet_file(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"supernet file {path} does not exist; give a file written by "
+                                "lowbit.serve.save_supernet")
+    if p.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a supernet file written by "
+                                "lowbit.serve.save_supernet")
+
+
+def _one_of_resume_overwrite(a: argparse.Namespace) -> None:
+    if a.resume and a.overwrite:
+        raise ValueError(f"--resume continues the run in {a.out} and --overwrite deletes it: give one of "
+                         "them")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from .experiment import RunSpec, claim_run_dir, train_run
+    from .experiment import RUN_FILES, RunSpec, claim_run_dir, train_run
     from .progress import RichProgress
     from .train import distributed
 
+    _one_of_resume_overwrite(a)
+    _output_dir(a.out)
+    run_files = [(Path(a.out) / f).resolve() for f in RUN_FILES]
+    if a.overwrite and a.init and Path(a.init).resolve() in run_files:
+        raise ValueError(f"--init {a.init} is a file of the run in {a.out}, which --overwrite deletes before "
+                         "training: copy it elsewhere first, or choose another --out")
     if not a.resume and distributed.env_world_size() == 1:  # (once: the launcher, not each rank)
         claim_run_dir(a.out, a.overwrite)
     if a.nproc and a.nproc > 1 and distributed.env_world_size() == 1:
@@ -312,7 +398,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .experiment import load_run
     from .train import evaluate
 
-    model, data, _ = load_run(a.run, a.device)
+    model, data, _ = load_run(a.run, a.device, data_dir=a.data_dir)
     ev = evaluate(model, data.test)
     console.print(f"{a.run}: test accuracy {ev['acc']:.2%} (loss {ev['loss']:.4f}, n={ev['n']})")
     return 0
@@ -352,6 +438,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
     from .progress import RichProgress
 
+    _output_dir(a.out)
     rows = run_demo(a.out, fp_epochs=a.fp_epochs, q_epochs=a.q_epochs, recipe=a.recipe,
                     progress_factory=lambda: RichProgress(console=console),
                     say=console.print, device=a.device, results=a.results, command=["lowbit", *a.argv])
@@ -370,7 +457,11 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .export import model_report, report_from_file
 
     target = Path(a.target)
-    if target.is_file() and target.suffix == ".lowbit":
+    if a.json:
+        _output_file(a.json, "report.json", target)
+    if a.png:
+        _output_file(a.png, "report.png", target)
+    if target.is_file() and target.suffix not in (".safetensors", ".pt", ".pth"):  # packed, whatever its name
         rep = report_from_file(target)
     else:
         from .experiment import load_run, require_quantized_run
@@ -392,7 +483,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .experiment import load_run, require_quantized_run
 
-    model, data, _ = load_run(a.run)
+    _output_file(a.out, f"model.{a.format}", a.run)
+    model, data, _ = load_run(a.run, data_dir=a.data_dir)
     model.eval()
     if a.format == "lowbit":
         require_quantized_run(model, a.run)
@@ -418,7 +510,11 @@ def cmd_ptq(a: argparse.Namespace) -> int:
 
     if a.calib < 1:
         raise ValueError(f"--calib must be >= 1, got {a.calib}")
-    model, data, _ = load_run(a.run, a.device)
+    if not 1 <= a.budget <= a.max_points:
+        raise ValueError(f"--budget must be in [1, --max-points = {a.max_points}] (mean points per output "
+                         f"channel), got {a.budget:g}")
+    _output_file(a.out, "model.lowbit", a.run)
+    model, data, _ = load_run(a.run, a.device, data_dir=a.data_dir)
     if quantized_layers(model):
         raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
     calib = calibration_batches(data.train, a.calib)
@@ -439,6 +535,7 @@ def cmd_ptq(a: argparse.Namespace) -> int:
 def _search_qdarts(a: argparse.Namespace) -> int:
     from .search.qdarts import QDARTSConfig, SearchSpace, qdarts_run
 
+    _output_dir(a.out)
     space = SearchSpace(ops=tuple(a.ops), w_bits=tuple(a.w_bits), a_bits=tuple(a.a_bits), channels=a.channels,
                         layers=a.layers, reductions=(a.layers // 3, 2 * a.layers // 3))
     cfg = QDARTSConfig(epochs=a.epochs, warmup_epochs=a.warmup_epochs, bops_weight=a.bops_weight, seed=a.seed)
@@ -465,6 +562,8 @@ def cmd_search(a: argparse.Namespace) -> int:
         raise SystemExit("usage: lowbit search releq RUN --out DIR ... | lowbit search qdarts --out DIR ...")
     from .experiment import releq_run
 
+    _output_dir(a.out)
+
     def show(i: int, h: dict[str, Any]) -> None:
         if (i + 1) % 10 == 0 or i + 1 == a.episodes:
             console.print(f"episode {i + 1}/{a.episodes}: bits {tuple(h['bits'])} reward {h['reward']:+.3f} "
@@ -486,8 +585,16 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.bench == "serve":
+        from .serve import load_supernet
         from .serve.bench import bench_serve_cli
+        from .serve.policy import make_policy
 
+        _supernet_file(a.supernet)
+        _output_dir(a.out)
+        names = load_supernet(a.supernet).names
+        for policy in a.policies:  # a bad name fails here, not in a server started later
+            if policy != "fixed:all":
+                make_policy(policy, dict.fromkeys(names, 0.0), a.max_batch)
         console.print(bench_serve_cli(a))
         return 0
     if a.bench != "speed":
@@ -502,6 +609,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise SystemExit(f"lowbit bench speed needs a source checkout of lowbit (src/lowbit next to "
                          f"benchmarks/speed/bench_speed.py); this lowbit is installed at {package} without "
                          "one: clone the repository and pip install -e it, then run the command again")
+    _output_dir(a.out)
     spec = importlib.util.spec_from_file_location("bench_speed", script)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
@@ -512,6 +620,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.app import serve
 
+    _supernet_file(a.supernet)
     console.print(f"lowbit serve {a.supernet}: "
                   + (f"latencies from {a.profile}" if a.profile else "profiling sub-nets")
                   + f", then http://{a.host}:{a.port} (policy {a.policy}, SLO {a.slo_ms:g} ms)")
@@ -528,6 +637,12 @@ def cmd_snn(a: argparse.Namespace) -> int:
     from .progress import RichProgress
     from .snn.run import snn_run
 
+    _one_of_resume_overwrite(a)
+    _output_dir(a.out)
+    source = Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent
+    if source.resolve() == Path(a.out).resolve():
+        raise ValueError(f"--out {a.out} is the run being converted ({a.run}); give the spiking twin "
+                         "another directory")
     if not a.resume:
         claim_run_dir(a.out, a.overwrite)
     res = snn_run(a.run, a.out, timesteps=a.timesteps, recipe=None if a.recipe == "none" else a.recipe,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text
+from ._io import atomic_write_text, check_file_path
 from .experiment import RunSpec, train_run
 from .provenance import provenance
 from .recipe import load_recipe
@@ -49,13 +49,16 @@ def run_demo(
     t0 = time.time()
     out = Path(out)
     prog = progress_factory or (lambda: None)
+    # a misspelt recipe or an unwritable results path fails now, not after the float run's training
+    r = load_recipe(recipe)
+    for ext in (".json", ".md") if results else ():
+        check_file_path(Path(results).with_suffix(ext), f"results{ext}")
     say("[bold]1/2[/] full-precision LeNet-5 on MNIST")
     fp = train_run(
         RunSpec(model="lenet5", dataset="mnist", train={**FP_TRAIN, "epochs": fp_epochs},
                 out=str(out / "fp"), device=device),
         resume=True, progress=prog(),
     )
-    r = load_recipe(recipe)
     say(f"[bold]2/2[/] {r.name or recipe}: {r.description}")
     q = train_run(
         RunSpec(model="lenet5", dataset="mnist", recipe=recipe, train={"epochs": q_epochs},

@@ -390,10 +390,11 @@ def _float_params(model: nn.Module) -> list[Any]:
 
 
 def load_run(
-    path: str | Path, device: str | torch.device | None = None
+    path: str | Path, device: str | torch.device | None = None, data_dir: str | os.PathLike[str] | None = None
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuild a run's model from its directory (or a checkpoint inside it) and its data;
-    ``device`` (``auto``, ``cpu``, ``cuda``...) moves the model there (the data stay on the CPU)."""
+    ``device`` (``auto``, ``cpu``, ``cuda``...) moves the model there (the data stay on the CPU);
+    ``data_dir`` replaces the data directory the run was trained with (the data moved)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(
@@ -410,7 +411,8 @@ def load_run(
             f"{run_dir} has no config.json: give a run directory written by `lowbit train`"
         )
     config = read_run_config(run_dir)
-    spec = RunSpec(**{**config["spec"], "recipe": config.get("recipe"), "init": None})
+    spec = RunSpec(**{**config["spec"], "recipe": config.get("recipe"), "init": None,
+                      **({"data_dir": str(data_dir)} if data_dir is not None else {})})
     try:
         model, data, recipe, _ = prepare(spec)
     except RecipeError as e:

@@ -235,7 +235,7 @@ class Report:
             ax2.legend()
             fig.tight_layout()
             p = Path(path)
-            with atomic_path(p) as tmp:
+            with atomic_path(p, "report.png") as tmp:
                 fig.savefig(tmp, format="png", dpi=100)
         finally:
             plt.close(fig)
