@@ -87,8 +87,9 @@ and 12x2 tiles and 16 or 64 KiB slices ran slower. It is also the faster many-ro
 ternary weights on such a CPU: their lookup tables (``kernels_gemm``) need one ``vpermb`` per 128
 multiply-adds, and where ``vpermb`` issues once per cycle while ``vpdpbusd`` (64 each) issues
 twice, int8 does the same 128 per cycle without building tables, so beyond a few dozen rows the
-tables lose (:data:`VNNI_MIN_ROWS_LUT`); binary tables (256 per ``vpermb``) stay faster.
-Measured side by side: ``benchmarks/results/no_amx/ab_vnni_linear.md``.
+tables lose (:data:`VNNI_MIN_ROWS_LUT`); binary tables (256 per ``vpermb``) stay faster. The issue
+rates: ``benchmarks/results/no_amx/issue_rates.md``; the kernels side by side:
+``benchmarks/results/no_amx/ab_vnni_linear.md``.
 
 ``PackedLinear`` dispatches here (:func:`backend`: ``_amx.amx_enabled()``, else AVX-512 VNNI unless
 ``LOWBIT_RUNTIME_VNNI_LINEAR=0``) from :func:`min_rows` rows on and keeps its other kernels
