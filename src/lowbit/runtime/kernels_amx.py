@@ -614,7 +614,6 @@ def _vnni_tile(NB: int):
 _v1, _v2, _v3, _v4 = _vnni_tile(1), _vnni_tile(2), _vnni_tile(3), _vnni_tile(4)
 
 
-
 @kernel
 def aligned_u8(n):
     """``n`` bytes starting on a 64-byte cache line, so that no 64-byte tile row straddles two
