@@ -535,16 +535,23 @@ def _rel64(model: nn.Module, packed, x: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("wm", WMETHODS[::-1], ids=_wid)
+# the bit-serial kernels on 4-bit weights only here (every method: test_compiled_model_equals_fake_quant)
+_ZOO_CASES = [(path, wm) for path in ("int8", "bit-serial") for wm in WMETHODS[::-1]
+              if path == "int8" or wm["method"] == "dorefa"]
+
+
+@pytest.mark.parametrize(("kernel_path", "wm"), _ZOO_CASES, ids=[f"{p}-{_wid(w)}" for p, w in _ZOO_CASES])
 @pytest.mark.parametrize("net", ["lenet5", "resnet-A", "resnet-B"])
-def test_compiled_zoo_exact_and_fused(wm, net, kernel_path):
+def test_compiled_zoo_exact_and_fused(kernel_path, wm, net, monkeypatch):
     name, kw, shape = {
         "lenet5": ("lenet5", {}, (1, 28, 28)),
         "resnet-A": ("resnet20", {"width_mult": 0.5}, (3, 12, 12)),
         "resnet-B": ("resnet20", {"width_mult": 0.5, "shortcut": "B"}, (3, 10, 10)),
     }[net]
-    if kernel_path == "bit-serial" and wm["method"] != "dorefa":
-        pytest.skip("bit-serial kernels: 4-bit weights only here (test_compiled_model_equals_fake_quant)")
+    if kernel_path == "int8" and not K.HAS_VNNI:
+        pytest.skip("int8 kernels need AVX-512 VNNI")
+    if kernel_path == "bit-serial":
+        monkeypatch.setattr(K, "HAS_VNNI", False)
     model = _zoo(name, wm, **kw)
     packed = rt.compile(model, torch.rand(3, *shape))
     assert all(r.kind == "packed" for r in packed.layers)
