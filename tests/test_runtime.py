@@ -16,6 +16,7 @@ from lowbit.quant.base import ActivationQuantizer, Encoded
 from lowbit.quant.dorefa import DoReFaActivation
 from lowbit.quant.pact import PACTActivation
 from lowbit.runtime import kernels as K
+from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_int8, kernels_pack, kernels_popcount, kernels_select, kernels_threads
 from lowbit.runtime.kernels_codes import clip_codes
 from lowbit.runtime.layers import build_packed, decompose_weight
@@ -303,9 +304,10 @@ def test_compiled_model_equals_fake_quant(wm, kernel_path):
     pl = packed.packed_layers()
     assert "bn" in pl["conv1"].fused and "relu" in pl["conv1"].fused
     assert pl["conv2"].fused == ["bn"] and pl["fc1"].fused[:2] == ["bn", "relu"]
-    # fc1 hands fc2 its codes in AMX tiles where both run on AMX (compiler._link_tiles)
+    # fc1 hands fc2 its codes in tiles where both run kernels_amx from some row count (_link_tiles)
     assert pl["fc1"].fused[2:] == (["tiles"] if pl["fc1"].tile_target is not None else [])
-    assert (pl["fc1"].tile_target is not None) == (pl["fc1"].amx is not None and pl["fc2"].amx is not None)
+    links = all(pl[n].amx is not None and pl[n].amx_min_rows < KA.NEVER_ROWS for n in ("fc1", "fc2"))
+    assert (pl["fc1"].tile_target is not None) == links
     assert not any(isinstance(m, nn.BatchNorm2d) for m in packed.modules())
     x2 = torch.randn(9, 3, 10, 10)
     with torch.no_grad():
