@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_run import run_cli
 from torch import nn
 
 import lowbit
@@ -29,16 +30,7 @@ TINY = ["--model", "mlp", "--model-arg", "hidden=[16]", "--model-arg", "in_featu
 pytestmark = pytest.mark.usefixtures("torch_formulas")  # the commands, not the fused kernels
 
 
-def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """Exit status and printed text, on one line (a console wide enough that rich does not wrap)."""
-    capsys.readouterr()
-    was = cli.console._width
-    cli.console.width = 10_000
-    try:
-        rc = cli.main(["--threads", "1", *args])
-    finally:
-        cli.console._width = was
-    return rc, capsys.readouterr().out.strip()
+_main = run_cli
 
 
 @pytest.fixture(scope="module")
