@@ -49,13 +49,12 @@ import numpy as np
 import torch
 from common import ROOT, run_meta, write_results
 from harness import (
+    block_ms,
     deep_mlp,
-    export_onnx,
-    ort_session,
+    mlp_int8_baselines,
     quantized_model,
     set_threads,
     time_interleaved,
-    torch_dynamic_int8,
 )
 from profile_amx_linear import _weights  # the same random layers as the profile
 
@@ -156,15 +155,7 @@ def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, se
               onnx_dir: Path) -> list[dict]:
     torch.manual_seed(seed)
     fm = deep_mlp(4096, 8).eval()
-    names = {"ort-dyn-int8": onnx_dir / "dyn.onnx", "ort-qdq-int8": onnx_dir / "qdq.onnx"}
-    if all(p.exists() for p in names.values()):  # exported by an earlier run with the same seed
-        paths, missing = names, {}
-    else:
-        g = torch.Generator().manual_seed(seed + 1)
-        calib = [torch.rand(8, 4096, generator=g).numpy() for _ in range(4)]
-        paths, missing = export_onnx(fm, torch.rand(8, 4096), calib, onnx_dir)
-    sessions = {k: ort_session(paths[k], 1) for k in ("ort-dyn-int8", "ort-qdq-int8") if k in paths}
-    dyn, _ = torch_dynamic_int8(fm)
+    baselines, missing = mlp_int8_baselines(fm, 4096, seed, onnx_dir)
     packs = {}
     for v in variants:
         packs[v] = rt_compile(quantized_model(fm, v), torch.rand(8, 4096))
@@ -180,35 +171,20 @@ def mlp_block(base, variants: list[str], batches: list[int], budget_s: float, se
                 KA.amx_linear = new_lin
         return run
 
-    def dyn_run(x):
-        def run():
-            with torch.inference_mode():
-                return dyn(x)
-        return run
-
-    def ort_run(sess, xn):
-        return lambda: sess(xn)
-
     rows = []
     for variant, B in [(v, B) for v in variants for B in batches]:
         x = torch.rand(B, 4096, generator=torch.Generator().manual_seed(seed + B)).contiguous()
         pk = packs[variant]
-        fns = {"lowbit base": lowbit(pk, base_lin, x), "lowbit new": lowbit(pk, new_lin, x),
-               "torch-dyn-int8": dyn_run(x)}
-        fns.update({k: ort_run(s, x.numpy()) for k, s in sessions.items()})
+        fns = {"lowbit base": lowbit(pk, base_lin, x), "lowbit new": lowbit(pk, new_lin, x), **baselines(x)}
         if not torch.equal(fns["lowbit base"](), fns["lowbit new"]()):
             raise SystemExit(f"MLP {variant} batch {B}: base and new outputs differ")
         t = time_interleaved(fns, max_rounds=200, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
-        med = {k: 1e3 * v["median_s"] for k, v in t.items()}
-        low = {k: 1e3 * v["min_s"] for k, v in t.items()}
-        int8 = {k: v for k, v in med.items() if not k.startswith("lowbit")}
-        best = min(int8, key=int8.get)
-        best_low = min(low[k] for k in int8)
+        med, low, best, best_ms, best_low = block_ms(t, ("lowbit base", "lowbit new"))
         rows.append({"variant": variant, "batch": B, "rounds": t["lowbit new"]["rounds"],
                      **{f"{k}_ms": v for k, v in med.items()}, **{f"{k}_min_ms": v for k, v in low.items()},
                      "best_int8": best,
-                     "base_vs_best_int8": int8[best] / med["lowbit base"],
-                     "new_vs_best_int8": int8[best] / med["lowbit new"],
+                     "base_vs_best_int8": best_ms / med["lowbit base"],
+                     "new_vs_best_int8": best_ms / med["lowbit new"],
                      "new_vs_best_int8_min": best_low / low["lowbit new"],
                      "base_over_new": med["lowbit base"] / med["lowbit new"],
                      "base_over_new_min": low["lowbit base"] / low["lowbit new"], "missing": missing})

@@ -40,14 +40,13 @@ import numpy as np
 import torch
 from common import ROOT, run_meta, write_results
 from harness import (
+    block_ms,
     deep_mlp,
-    export_onnx,
     memory_bytes,
-    ort_session,
+    mlp_int8_baselines,
     quantized_model,
     set_threads,
     time_interleaved,
-    torch_dynamic_int8,
 )
 
 from lowbit.runtime import _amx, kernels
@@ -104,41 +103,24 @@ def mlp_block(variants: list[str], batches: list[int], budget_s: float, seed: in
               onnx_dir: Path) -> list[dict]:
     torch.manual_seed(seed)
     fm = deep_mlp(4096, 8).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    calib = [torch.rand(8, 4096, generator=g).numpy() for _ in range(4)]
-    paths, missing = export_onnx(fm, torch.rand(8, 4096), calib, onnx_dir)
-    sessions = {k: ort_session(paths[k], 1) for k in ("ort-dyn-int8", "ort-qdq-int8") if k in paths}
-    dyn, _ = torch_dynamic_int8(fm)
-
-    def dyn_run(x):
-        def run():
-            with torch.inference_mode():
-                return dyn(x)
-        return run
-
+    baselines, missing = mlp_int8_baselines(fm, 4096, seed, onnx_dir)
+    ours = ("lowbit before", "lowbit vnni")
     rows = []
     for variant in variants:
         before, after = _pack(fm, variant, False), _pack(fm, variant, True)
         mem = {"before": memory_bytes(before)["in_memory"], "vnni": memory_bytes(after)["in_memory"]}
         for B in batches:
             x = torch.rand(B, 4096, generator=torch.Generator().manual_seed(seed + B)).contiguous()
-            fns = {"lowbit before": lambda p=before, x=x: p(x), "lowbit vnni": lambda p=after, x=x: p(x),
-                   "torch-dyn-int8": dyn_run(x)}
-            xn = x.numpy()
-            fns.update({k: (lambda s=s, xn=xn: s(xn)) for k, s in sessions.items()})
-            if not torch.equal(fns["lowbit before"](), fns["lowbit vnni"]()):
+            fns = {ours[0]: lambda p=before, x=x: p(x), ours[1]: lambda p=after, x=x: p(x), **baselines(x)}
+            if not torch.equal(fns[ours[0]](), fns[ours[1]]()):
                 raise SystemExit(f"MLP {variant} batch {B}: the outputs before and with VNNI tiles differ")
             t = time_interleaved(fns, max_rounds=200, budget_s=budget_s, seed=seed, turns=True, clock=CLOCK)
-            med = {k: 1e3 * v["median_s"] for k, v in t.items()}
-            low = {k: 1e3 * v["min_s"] for k, v in t.items()}
-            int8 = {k: v for k, v in med.items() if not k.startswith("lowbit")}
-            best = min(int8, key=int8.get)
-            best_low = min(low[k] for k in int8)
+            med, low, best, best_ms, best_low = block_ms(t, ours)
             rows.append({"variant": variant, "batch": B, "rounds": t["lowbit vnni"]["rounds"],
                          **{f"{k}_ms": v for k, v in med.items()},
                          **{f"{k}_min_ms": v for k, v in low.items()},
-                         "best_int8": best, "before_vs_best_int8": int8[best] / med["lowbit before"],
-                         "vnni_vs_best_int8": int8[best] / med["lowbit vnni"],
+                         "best_int8": best, "before_vs_best_int8": best_ms / med["lowbit before"],
+                         "vnni_vs_best_int8": best_ms / med["lowbit vnni"],
                          "vnni_vs_best_int8_min": best_low / low["lowbit vnni"],
                          "before_over_vnni": med["lowbit before"] / med["lowbit vnni"],
                          "memory_before_bytes": mem["before"], "memory_vnni_bytes": mem["vnni"],

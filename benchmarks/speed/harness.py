@@ -619,6 +619,46 @@ def ort_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 
 
+def mlp_int8_baselines(fm: nn.Module, width: int, seed: int, onnx_dir: Path
+                       ) -> tuple[Callable[[Tensor], dict[str, Callable[[], Any]]], dict[str, str]]:
+    """The int8 baselines of a float MLP ``fm`` of ``width`` inputs at one thread, as the A/B scripts
+    time them beside lowbit: PyTorch dynamic int8 and onnxruntime dynamic / static QDQ int8
+    (exported into ``onnx_dir``, or the files an earlier run with the same seed left there).
+    Returns ``(calls, missing)``: ``calls(x)`` the baselines' calls on the input ``x``, ``missing``
+    the exports that failed and why."""
+    names = {"ort-dyn-int8": onnx_dir / "dyn.onnx", "ort-qdq-int8": onnx_dir / "qdq.onnx"}
+    if all(p.exists() for p in names.values()):
+        paths, missing = names, {}
+    else:
+        g = torch.Generator().manual_seed(seed + 1)
+        calib = [torch.rand(8, width, generator=g).numpy() for _ in range(4)]
+        paths, missing = export_onnx(fm, torch.rand(8, width), calib, onnx_dir)
+    sessions = {k: ort_session(paths[k], 1) for k in names if k in paths}
+    dyn, _ = torch_dynamic_int8(fm)
+
+    def calls(x: Tensor) -> dict[str, Callable[[], Any]]:
+        def torch_int8() -> Any:
+            with torch.inference_mode():
+                return dyn(x)
+
+        xn = x.numpy()
+        return {"torch-dyn-int8": torch_int8, **{k: (lambda s=s: s(xn)) for k, s in sessions.items()}}
+
+    return calls, missing
+
+
+def block_ms(timing: dict[str, dict[str, float]], ours: Sequence[str]
+             ) -> tuple[dict[str, float], dict[str, float], str, float, float]:
+    """Of one interleaved block: (median ms, fastest-round ms of every method, the best baseline
+    (the fastest median of the methods not in ``ours``), its median ms, the fastest round of any
+    baseline in ms)."""
+    med = {k: 1e3 * v["median_s"] for k, v in timing.items()}
+    low = {k: 1e3 * v["min_s"] for k, v in timing.items()}
+    base = {k: v for k, v in med.items() if k not in ours}
+    best = min(base, key=base.get)
+    return med, low, best, base[best], min(low[k] for k in base)
+
+
 def quantized_model(model: nn.Module, variant: str) -> nn.Module:
     import lowbit
 
