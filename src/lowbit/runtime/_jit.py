@@ -315,14 +315,21 @@ def _array_ptr(context, builder, aty, value, ty):
     return builder.bitcast(arr.data, ty.as_pointer())
 
 
-def vnni_tile(R: int, OB: int):
+def vnni_split(R: int, OB: int) -> int:
+    """Accumulator sets of a ``vnni_tile(R, OB)``: enough independent chains (>= 16 where at most 4
+    sets give them) to keep the multiply ports busy."""
+    return min(4, max(1, 16 // (R * OB)))
+
+
+def vnni_tile(R: int, OB: int, split: int | None = None):
     """An intrinsic computing R rows x OB*16 output channels of an int8 product and its epilogue::
 
         tile(x, rows, qoff, nq, w, wbase, s0, s1, sf, c0, nv, on, flags,
              out, orows, res, codes, crows, qhi, qmult)
 
-    Product (exact int32, in R*OB zmm registers: at most 24 of 32, and R <= 8 keeps the row
-    pointers in general registers):
+    Product (exact int32, in S*R*OB zmm registers, ``S = split`` (default :func:`vnni_split`) sets
+    of accumulators taking every S-th quad: at most 24 of 32, and R <= 8 keeps the row pointers in
+    general registers):
 
     - ``x`` uint8 (1-d, contiguous): activation codes; ``rows`` int64 (R,): byte offset of each
       row in ``x``; ``qoff`` int64 (>= nq,): byte offset of reduction quad ``i`` relative to a
@@ -344,6 +351,9 @@ def vnni_tile(R: int, OB: int):
     - ``EPI_CODES``: ``codes[crows[r] + o] = rint(min(max(y, 0), qhi) * qmult)`` in float32 (the
       fused PACT / DoReFa formula of the next layer's input quantizer; uint8 ``codes``);
     - ``EPI_F32`` (with ``EPI_CODES`` only): the same codes from the float32 path.
+
+    The flag combinations of :data:`STATIC_EPILOGUES` get their own epilogue without branches on
+    the flags (:func:`branch_on_flags`).
     """
 
     @intrinsic
@@ -368,9 +378,14 @@ def vnni_tile(R: int, OB: int):
             wp = builder.gep(data(4, wa, _I8), [wb])
             bases = [builder.gep(xp, [builder.load(builder.gep(rp, [i64(r)]))]) for r in range(R)]
             zero = ir.Constant(_V16I32, [0] * 16)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
-            with cgutils.for_range(builder, nqa) as loop:
-                i = loop.index
+            # S sets of accumulators, quad i into set i % S: a vpdpbusd waits ~5 cycles for the one
+            # before it on the same register and the core issues two per cycle, so a tile with fewer
+            # than ~10 chains waits on them (the one-row tiles had one chain per 16 channels; a
+            # 16-channel 3x3 layer's 8 x 1 tile spent 1.2x the time of two sets in its quad loop)
+            S = vnni_split(R, OB) if split is None else split
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(S * R * OB)]
+
+            def quad(i, s):
                 off = builder.load(builder.gep(qp, [i]))
                 wrow = builder.gep(wp, [builder.mul(i, i64(OB * 64))])
                 wv = []
@@ -379,12 +394,25 @@ def vnni_tile(R: int, OB: int):
                     ld.align = 1
                     wv.append(ld)
                 for r in range(R):
-                    s = builder.load(builder.bitcast(builder.gep(bases[r], [off]), _I32.as_pointer()))
-                    s.align = 1
-                    v = builder.bitcast(_splat(builder, s, _V16I32), _V64I8)
+                    q = builder.load(builder.bitcast(builder.gep(bases[r], [off]), _I32.as_pointer()))
+                    q.align = 1
+                    v = builder.bitcast(_splat(builder, q, _V16I32), _V64I8)
                     for b in range(OB):
-                        acc = accs[r * OB + b]
+                        acc = accs[(s * R + r) * OB + b]
                         builder.store(_vpdpbusd(builder, builder.load(acc), v, wv[b]), acc)
+
+            nfull = builder.sdiv(nqa, i64(S)) if S > 1 else nqa
+            with cgutils.for_range(builder, nfull) as loop:
+                for s in range(S):
+                    quad(builder.add(builder.mul(loop.index, i64(S)), i64(s)), s)
+            if S > 1:
+                with cgutils.for_range(builder, builder.sub(nqa, builder.mul(nfull, i64(S)))) as loop:
+                    quad(builder.add(builder.mul(nfull, i64(S)), loop.index), 0)
+                for k in range(R * OB):
+                    total = builder.load(accs[k])
+                    for s in range(1, S):
+                        total = builder.add(total, builder.load(accs[s * R * OB + k]))
+                    builder.store(total, accs[k])
 
             # ---- epilogue
             s0p = builder.gep(data(6, s0a, _F64), [c0a])
@@ -396,12 +424,17 @@ def vnni_tile(R: int, OB: int):
             rsp = data(15, rsa, _F32)
             cdp = data(16, cda, _I8)
             crp = data(17, cra, _I64)
-            for r in range(R):
-                with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
-                    orow = builder.load(builder.gep(orp, [i64(r)]))
-                    crow = builder.load(builder.gep(crp, [i64(r)]))
-                    ds = [builder.load(accs[r * OB + b]) for b in range(OB)]
-                    epi.row(ds, builder.gep(op, [orow]), builder.gep(rsp, [orow]), builder.gep(cdp, [crow]))
+
+            def rows(static):
+                for r in range(R):
+                    with builder.if_then(builder.icmp_signed("<", i64(r), nva)):
+                        orow = builder.load(builder.gep(orp, [i64(r)]))
+                        crow = builder.load(builder.gep(crp, [i64(r)]))
+                        ds = [builder.load(accs[r * OB + b]) for b in range(OB)]
+                        epi.row(ds, builder.gep(op, [orow]), builder.gep(rsp, [orow]),
+                                builder.gep(cdp, [crow]), static)
+
+            branch_on_flags(builder, fla, rows, "epi")
             return context.get_dummy_value()
 
         return sig, codegen
