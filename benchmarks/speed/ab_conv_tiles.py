@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     base = base_run(args.base)
+    base_sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", args.base], capture_output=True,
+                              text=True).stdout.strip()
     rows = []
     for case in args.cases:
         model, batch = case.split(":")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     meta = run_meta(__file__, argv, t_start, seeds=[args.seed])
     md = [
-        "# A/B: int8 convolution tiles, working tree vs " + args.base,
+        f"# A/B: int8 convolution tiles, working tree vs {args.base} ({base_sha[:12]})",
         "",
         f"Command: `{meta['command']}`. One thread, interleaved rounds, medians (min in brackets); "
         "outputs equal bit for bit. Ratio = base / tree (> 1: the tree is faster).",
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     md += [f"| {r['model']} | {r['batch']} | {r['weights']} | {r['base_ms']:.3f} ({r['base_min_ms']:.3f}) | "
            f"{r['tree_ms']:.3f} ({r['tree_min_ms']:.3f}) | {r['ratio']:.2f}x |" for r in rows]
-    write_results(args.out, "ab_conv_tiles", {"meta": meta, "base": args.base, "rows": rows}, "\n".join(md))
+    payload = {"meta": meta, "base": args.base, "base_sha": base_sha, "rows": rows}
+    write_results(args.out, "ab_conv_tiles", payload, "\n".join(md))
 
 
 if __name__ == "__main__":
