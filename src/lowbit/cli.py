@@ -362,11 +362,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.overwrite and a.init and Path(a.init).resolve() in run_files:
         raise ValueError(f"--init {a.init} is a file of the run in {a.out}, which --overwrite deletes before "
                          "training: copy it elsewhere first, or choose another --out")
-    if not a.resume and distributed.env_world_size() == 1:  # (once: the launcher, not each rank)
-        claim_run_dir(a.out, a.overwrite)
-    if a.nproc and a.nproc > 1 and distributed.env_world_size() == 1:
-        return distributed.launch(a.nproc, distributed.without_nproc(a.argv))
-
     spec = RunSpec(
         model=a.model,
         model_kwargs=_parse_model_args(a.model_arg),
@@ -381,6 +376,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         val_size=int(a.val_size) if str(a.val_size).isdigit() else a.val_size,
         device=a.device,
     )
+    spec.resolved_recipe()  # a bad recipe fails here, before --overwrite deletes the run it would replace
+    if not a.resume and distributed.env_world_size() == 1:  # (once: the launcher, not each rank)
+        claim_run_dir(a.out, a.overwrite)
+    if a.nproc and a.nproc > 1 and distributed.env_world_size() == 1:
+        return distributed.launch(a.nproc, distributed.without_nproc(a.argv))
     res = train_run(spec, resume=a.resume, progress=RichProgress(console=console))
     if not distributed.is_main():
         return 0
@@ -518,6 +518,10 @@ def cmd_ptq(a: argparse.Namespace) -> int:
     if quantized_layers(model):
         raise ValueError(f"{a.run} is a quantized run; lowbit ptq quantizes a float run")
     calib = calibration_batches(data.train, a.calib)
+    used = sum(len(x) for x in calib)
+    if used < a.calib:  # the training set ran out: go on with it all, but not silently
+        logging.getLogger(__name__).warning("--calib %d: only %d training images; calibrating on %d",
+                                            a.calib, used, used)
     rows = multipoint_ptq(model, calib, bits=a.bits, budget=a.budget, max_points=a.max_points)
     table = Table("layer", "channels", "points", "mean points", "rel. output error (1 point)",
                   "rel. output error")
@@ -693,6 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     if not a.command:
         parser.print_help()
         return 0
+    from .nn.quantize import SkippedQuantizationWarning, UnmatchedRuleWarning
+    from .quant.base import NegativeInputWarning
+
+    # lowbit logs these itself as it warns (for Python users who filter warnings); with warnings
+    # captured into the log they would print twice
+    for category in (SkippedQuantizationWarning, UnmatchedRuleWarning, NegativeInputWarning):
+        warnings.filterwarnings("ignore", category=category)
     from .data import DatasetNotFoundError
     from .recipe import RecipeError
     from .train import CheckpointError, TrainingDiverged

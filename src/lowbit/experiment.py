@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: Any = None) -> R
     run_dir = Path(spec.out) if spec.out else None
     if resume and run_dir is not None:
         spec = _resume_spec(spec, run_dir)
+    if spec.data_dir:  # config.json keeps it: eval/export may run from another directory
+        spec = replace(spec, data_dir=str(Path(spec.data_dir).expanduser().resolve()))
     device = dist.resolve_device(spec.device)
     dist.init_distributed(device)
     model, data, recipe, cfg = prepare(spec)
@@ -312,8 +314,6 @@ def _resume_spec(spec: RunSpec, run_dir: Path) -> RunSpec:
     if saved and "val_size" not in saved and spec.val_size:
         log.warning("%s was started without a validation split: resuming it without one "
                     "(its best checkpoint was chosen on the test set)", run_dir)
-        from dataclasses import replace
-
         return replace(spec, val_size=None)
     return spec
 
@@ -463,16 +463,27 @@ def releq_run(
     best assignment as a recipe for ``lowbit train --recipe out/recipe.yaml --init RUN/...``.
     """
     import copy
+    import math
 
     from .models import layer_table
     from .nn.quantize import quantizable_layers, quantized_layers
     from .search import FineTuneEvaluator, ReLeQ
+    from .search.releq import check_actions
 
+    # bad options fail here, before a run is loaded or anything is written to ``out``
+    for name, value, what in (("episodes", episodes, "episodes"), ("proxy", proxy, "training images"),
+                              ("val", val, "held-out training images")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"releq_run: {name} must be an integer >= 1 ({what}), got {value!r}")
+    if bops_budget is not None and (isinstance(bops_budget, bool) or not isinstance(bops_budget, int | float)
+                                    or not 0 < bops_budget < math.inf):
+        raise ValueError("releq_run: bops_budget must be a finite number > 0 (BOPs) or None (no limit), "
+                         f"got {bops_budget!r}")
+    check_actions(actions, act_actions)
     float_model, data, _ = load_run(run, device)
     if quantized_layers(float_model):
         raise ValueError(f"{run} is a quantized run; ReLeQ searches from a float run")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     held, rest = data.train.split(val, seed=seed)
     proxy_loader = rest.subset(proxy, seed=seed)
     cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
@@ -489,6 +500,12 @@ def releq_run(
         pairs = [(b, 32) if isinstance(b, int) else tuple(b) for b in bits]
         return float(sum(macs[n] * wb * ab for n, (wb, ab) in zip(names, pairs, strict=True)))
 
+    if bops_budget is not None:  # (ReLeQ checks it too, but only after the float model is measured)
+        cheapest = (min(actions) if act_actions is None else (min(actions), min(act_actions)),) * len(names)
+        if bops(cheapest) > bops_budget:
+            raise ValueError(f"releq_run: bops_budget {bops_budget:.6g} is below the cheapest assignment "
+                             f"{cheapest} (BOPs {bops(cheapest):.6g}); give a budget of at least that")
+    out.mkdir(parents=True, exist_ok=True)
     # the cached accuracies hold for this float model and this way of measuring only
     ckpt = Path(run) if Path(run).is_file() else Path(run) / "best.safetensors"
     claim_settings(out / "releq_cache.json", out / "releq_measure.json",

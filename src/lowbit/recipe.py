@@ -404,14 +404,24 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
-    """A recipe from a YAML path, or by the name of a shipped recipe."""
+    """A recipe from a YAML path, or by the name of a shipped recipe. A recipe without a default
+    quantizer or a rule (an empty file) is a :class:`RecipeError`: it would quantize nothing."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
-        return Recipe.from_yaml(p)
-    shipped = shipped_recipes()
-    if str(name_or_path) in shipped:
-        return Recipe.from_yaml(shipped[str(name_or_path)])
-    raise RecipeError(
-        f"no recipe file or shipped recipe called {str(name_or_path)!r}; "
-        f"shipped recipes: {', '.join(shipped) or '(none found)'}"
-    )
+        recipe = Recipe.from_yaml(p)
+    else:
+        shipped = shipped_recipes()
+        if str(name_or_path) not in shipped:
+            raise RecipeError(
+                f"no recipe file or shipped recipe called {str(name_or_path)!r}; "
+                f"shipped recipes: {', '.join(shipped) or '(none found)'}"
+            )
+        recipe = Recipe.from_yaml(shipped[str(name_or_path)])
+    if recipe.default_weight is None and recipe.default_activation is None and not recipe.rules:
+        raise RecipeError(
+            f"recipe {name_or_path} has no rules: a recipe needs a 'default' (weight and/or activation "
+            "quantizer for every layer, e.g. default: {weight: {method: binary, bits: 1}}) or 'rules' "
+            "(quantizers by layer name: {match: 'conv*', weight: ...}); the shipped recipes (lowbit "
+            "recipes) are examples; to train in float, give no recipe"
+        )
+    return recipe

@@ -587,6 +587,16 @@ def float_reference_bops(space: SearchSpace) -> int:
     return searched_bops(build_derived(space, ref, quantized=False), ref, shape)["searched"]
 
 
+def _check_int(name: str, value: Any, lo: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"qdarts_run: {name} must be an integer >= {lo} ({what}), got {value!r}")
+
+
+def _check_positive(name: str, value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"qdarts_run: {name} must be a finite number > 0 ({what}), got {value!r}")
+
+
 def qdarts_run(
     dataset: str,
     out: str | Path,
@@ -616,8 +626,18 @@ def qdarts_run(
     from ..recipe import Recipe
     from ..train import TrainConfig, Trainer, evaluate, load_checkpoint
 
+    # bad options fail here, before the data are read or anything is written to ``out``
+    if subset is not None:
+        _check_int("subset", subset, 1, "training images used in all, or None: all of them")
+    _check_int("val", val, 1, "held-out training images")
+    if search_n is not None:
+        _check_int("search_n", search_n, 1, "training images the search reads, or None: all the others")
+    _check_int("retrain_epochs", retrain_epochs, 0, "0: no retraining")
+    _check_int("batch_size", batch_size, 1, "images per batch")
+    if bops_ratio is not None:
+        _check_positive("bops_ratio", bops_ratio, "BOPs target = float all-conv3x3 net / ratio, or None")
+    _check_positive("lr", lr, "the retraining's learning rate")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, data_dir=data_dir, batch_size=batch_size, seed=config.seed)
     if len(data.in_shape) != 3 or data.in_shape[1] != data.in_shape[2]:
         raise ValueError(f"qdarts: needs square images (C, H, H), {dataset} serves {data.in_shape}")
@@ -632,6 +652,7 @@ def qdarts_run(
         config = dataclasses.replace(config, bops_target=float_reference_bops(space) / bops_ratio)
     settings = {"dataset": dataset, "space": space.to_dict(), "config": asdict(config), "subset": subset,
                 "val": val, "search_n": search_n, "batch_size": batch_size}
+    out.mkdir(parents=True, exist_ok=True)
     claim_settings(out / "search.safetensors", out / "search_settings.json", settings)
     torch.manual_seed(config.seed)
     net = SuperNet(space)

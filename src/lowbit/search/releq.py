@@ -56,8 +56,8 @@ from .._io import atomic_write_text
 from ..nn.quantize import quantizable_layers, quantize
 from ..train import TrainConfig, Trainer
 
-__all__ = ["FineTuneEvaluator", "PPOAgent", "ReLeQ", "ReLeQResult", "exhaustive", "layer_features",
-           "releq_reward"]
+__all__ = ["FineTuneEvaluator", "PPOAgent", "ReLeQ", "ReLeQResult", "check_actions", "exhaustive",
+           "layer_features", "releq_reward"]
 
 
 def releq_reward(
@@ -212,6 +212,16 @@ def _read_cache(path: Path) -> dict[str, float]:
                          f"accuracy): {e}; delete it to measure the assignments again") from None
 
 
+def check_actions(actions: Sequence[int], act_actions: Sequence[int] | None = None) -> None:
+    """A ValueError unless ``actions`` (and ``act_actions`` if given) are non-empty lists of bit-widths
+    in [1, 8]."""
+    checks = [("actions", actions)] + ([("act_actions", act_actions)] if act_actions is not None else [])
+    for what, bits in checks:
+        if (isinstance(bits, str | int) or not bits
+                or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8 for b in bits)):
+            raise ValueError(f"releq: {what} must be bit-widths in [1, 8] (a non-empty list), got {bits!r}")
+
+
 class ReLeQ:
     """The search: ``run(episodes)`` trains the agent and returns the best assignment seen.
 
@@ -236,11 +246,7 @@ class ReLeQ:
         cost: Callable[[tuple[Any, ...]], float] | None = None,
         budget: float | None = None,
     ) -> None:
-        checks = [("actions", actions)] + ([("act_actions", act_actions)] if act_actions is not None else [])
-        for what, bits in checks:
-            if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
-                               for b in bits):
-                raise ValueError(f"releq: {what} must be bit-widths in [1, 8], got {list(bits)!r}")
+        check_actions(actions, act_actions)
         if not 0 < float_acc <= 1:
             raise ValueError(f"releq: float_acc must be an accuracy in (0, 1], got {float_acc!r}")
         if (cost is None) != (budget is None):
