@@ -35,6 +35,10 @@ _main = run_cli
 
 @pytest.fixture(scope="module")
 def lenet() -> nn.Module:
+    # seeded: with weights drawn from whatever state earlier tests left the global generator in, an
+    # activation can land within float rounding of a code boundary, where onnxruntime's order of
+    # operations picks the other code (the 1e-4 check below then fails for reasons of test order)
+    torch.manual_seed(0)
     return lowbit.quantize(build_model("lenet5"), load_recipe("lenet5-w1a4"))
 
 
