@@ -125,7 +125,16 @@ def test_plan_order_and_seeds():
     # the other rows seed by seed: every row's seed 0 before any row's seed 1, seed 1 before seed 2
     rest = [j.seed for j in cpu if j.claim in ("ternary", "baselines", "rvsm")]
     assert rest == sorted(rest) and rest.count(0) == rest.count(1) == rest.count(2) > 0
-    assert not any(j.claim in ("releq", "waveq", "width") for j in cpu)
+    assert not any(j.claim in ("releq", "width") for j in cpu)  # searches: GPU budget only
+    # WaveQ (one fine-tune learning the bits, then the two it derives) runs on 3 seeds, each
+    # derived fine-tune after its own seed's WaveQ run
+    waveq = [j.name for j in cpu if j.claim == "waveq"]
+    assert sorted(waveq) == sorted(f"{a}/seed{s}" for a in ("waveq", "waveq-learned", "waveq-fixed")
+                                   for s in range(3))
+    for s in range(3):
+        assert pos[f"waveq/seed{s}"] < pos[f"waveq-learned/seed{s}"]
+        assert C.deps(next(j for j in cpu if j.name == f"waveq-fixed/seed{s}")) == [
+            f"float/seed{s}", f"waveq/seed{s}"]
     gpu = C.plan(C.BUDGETS["gpu"])
     assert {j.seed for j in gpu if j.arm.key == "ttq"} == {0, 1, 2}
     assert "float-w2/seed0" in {j.name for j in gpu}  # the WRPN arms' float model

@@ -20,10 +20,11 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
   thread per run, two runs side by side; 3 seeds for every row (the paired claims, BCGD with
   first/last float, DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, run all three
   first; the other rows run seed 0 before seeds 1 and 2). At about 133 s per epoch on one idle
-  core (:data:`REF_EPOCH_S`) the float models and the paired claims need about 6.7 CPU-hours
-  (3.3 h on two cores), the other rows 9.3 more. The searches (ReLeQ, WaveQ,
-  width vs mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU
-  budget only.
+  core (:data:`REF_EPOCH_S`) the float models and the paired claims need about 9.4 CPU-hours
+  (4.7 h on two cores), the other rows 9.4 more (the report's Plan section). WaveQ is a paired claim
+  there too: one fine-tune that learns per-layer bits, then two fine-tunes, at the learned bits and
+  at their weighted mean for every layer (0.55 CPU-hours per seed). The searches (ReLeQ, width vs
+  mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU budget only.
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
   epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
   per GPU at once, ``--device cuda``.
@@ -143,7 +144,7 @@ class Claim:
     arms: tuple[Arm, ...]
     checks: tuple[Check, ...]
     paired: bool = False  # with vs without: 3 seeds even on the CPU budget
-    search: str | None = None  # needs a search (releq, waveq): GPU budget (and smoke) only
+    search: str | None = None  # needs a search (releq): GPU budget (and smoke) only
     departs: str = ""
 
 
@@ -235,7 +236,7 @@ CLAIMS: tuple[Claim, ...] = (
           (Check("learned bits minus fixed bits at equal average bits", "gain",
                  ("waveq-learned", "waveq-fixed"), None, "its reported gain"),
            Check("learned average weight bits", "measure", ("waveq",), None, "-", metric="avg_w_bits")),
-          search="waveq", departs="bits learned during a float fine-tune (grid max|w|, lambda 1000, "
+          paired=True, departs="bits learned during a float fine-tune (grid max|w|, lambda 1000, "
           "beta weight 100, not tuned), then a uniform per-channel fine-tune at those bits; range not "
           "learned"),
     Claim("releq", "ReLeQ", "Elthakeb et al. 2018/2020 (arXiv 1811.01704)",
@@ -306,7 +307,7 @@ CLAIMS: tuple[Claim, ...] = (
 #: the order the paired claims run in (the rest follow in table order): the post-training claim
 #: first (minutes per seed), then the fine-tunes, each claim's seeds together so that its verdict
 #: is complete before the next claim starts
-PRIORITY = ("float", "multipoint", "bcgd", "dcq", "sinreq", "wpc")
+PRIORITY = ("float", "multipoint", "bcgd", "dcq", "sinreq", "wpc", "waveq")
 #: the arms the CPU budget runs of a claim (others: GPU budget only); a missing claim: every arm
 CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0"),
@@ -332,7 +333,7 @@ class Budget:
     other_seeds: tuple[int, ...]
     jobs: int
     threads: int
-    searches: bool  # run the claims that need a search (ReLeQ, WaveQ, width vs mixed)
+    searches: bool  # run the claims that need a search (ReLeQ, width vs mixed)
     arms: Mapping[str, tuple[str, ...]] | None = None  # per claim, the arms run (None: all)
     train_subset: int | None = None
     val_size: int | str = "auto"
