@@ -70,6 +70,15 @@ def test_recipe_without_rules_is_refused_before_training(name: str, tmp_path: Pa
     assert not (tmp_path / "r").exists()
 
 
+def test_a_recipe_of_training_methods_alone_loads(tmp_path: Path) -> None:
+    """No quantizer, but a method (WaveQ learns the bits of a float model): a recipe that does something."""
+    from lowbit.recipe import load_recipe
+
+    p = tmp_path / "waveq.yaml"
+    p.write_text("methods: [{name: waveq, weight: 1000.0, init_bits: 4.0}]\n")
+    assert [m["name"] for m in load_recipe(p).methods] == ["waveq"]
+
+
 def _digests(run: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in run.iterdir() if f.is_file()}
 

@@ -405,7 +405,8 @@ def shipped_recipes() -> dict[str, Path]:
 
 def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
     """A recipe from a YAML path, or by the name of a shipped recipe. A recipe without a default
-    quantizer or a rule (an empty file) is a :class:`RecipeError`: it would quantize nothing."""
+    quantizer, a rule or a training method (an empty file) is a :class:`RecipeError`: it would do
+    nothing."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         recipe = Recipe.from_yaml(p)
@@ -417,11 +418,12 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
                 f"shipped recipes: {', '.join(shipped) or '(none found)'}"
             )
         recipe = Recipe.from_yaml(shipped[str(name_or_path)])
-    if recipe.default_weight is None and recipe.default_activation is None and not recipe.rules:
+    if (recipe.default_weight is None and recipe.default_activation is None and not recipe.rules
+            and not recipe.methods):  # (methods alone are a recipe: WaveQ learning bits of a float model)
         raise RecipeError(
             f"recipe {name_or_path} has no rules: a recipe needs a 'default' (weight and/or activation "
-            "quantizer for every layer, e.g. default: {weight: {method: binary, bits: 1}}) or 'rules' "
-            "(quantizers by layer name: {match: 'conv*', weight: ...}); the shipped recipes (lowbit "
-            "recipes) are examples; to train in float, give no recipe"
+            "quantizer for every layer, e.g. default: {weight: {method: binary, bits: 1}}), 'rules' "
+            "(quantizers by layer name: {match: 'conv*', weight: ...}) or training 'methods'; the "
+            "shipped recipes (lowbit recipes) are examples; to train in float, give no recipe"
         )
     return recipe
