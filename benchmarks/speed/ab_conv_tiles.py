@@ -8,7 +8,7 @@ The flat executor's program loop (``executor._run``) is compiled twice: as it is
 Both run the same packed model (ResNet-20, LeNet-5, 4-bit PACT activations; one thread) and must
 give the same output bit for bit; they are timed in interleaved rounds (``harness.time_interleaved``),
 so the machine's drift reaches both alike. Ratio = base median / tree median (> 1: the tree is
-faster). Writes ``<out>/ab_conv_tiles.{json,md}`` (default: benchmarks/results).
+faster). Writes ``<out>/<name>.{json,md}`` (default: benchmarks/results/ab_conv_tiles).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ast
 import copy
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -86,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timing per block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    p.add_argument("--name", default="ab_conv_tiles", help="file stem of the results")
+    p.add_argument("--note", default="", help="what else ran on the machine (goes into the file)")
     args = p.parse_args(argv)
     t_start = time.time()
+    load0 = os.getloadavg()
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     base = base_run(args.base)
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# A/B: int8 convolution tiles, working tree vs {args.base} ({base_sha[:12]})",
         "",
         f"Command: `{meta['command']}`. One thread, interleaved rounds, medians (min in brackets); "
-        "outputs equal bit for bit. Ratio = base / tree (> 1: the tree is faster).",
+        "outputs equal bit for bit. Ratio = base / tree (> 1: the tree is faster). Load average at the "
+        f"start: {' '.join(f'{v:.2f}' for v in load0)}, at the end: "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}." + (f" {args.note}" if args.note else ""),
         "",
         "| model | batch | weights | base ms | tree ms | ratio |",
         "|---|---:|---|---:|---:|---:|",
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     md += [f"| {r['model']} | {r['batch']} | {r['weights']} | {r['base_ms']:.3f} ({r['base_min_ms']:.3f}) | "
            f"{r['tree_ms']:.3f} ({r['tree_min_ms']:.3f}) | {r['ratio']:.2f}x |" for r in rows]
     payload = {"meta": meta, "base": args.base, "base_sha": base_sha, "rows": rows}
-    write_results(args.out, "ab_conv_tiles", payload, "\n".join(md))
+    write_results(args.out, args.name, payload, "\n".join(md))
 
 
 if __name__ == "__main__":
