@@ -353,6 +353,14 @@ def test_report_only_rebuilds_the_same_table(tmp_path):
     assert "needs the releq search" in rows[("releq", "average weight bits of the assignment")]["why"]
     assert "JPEG copy" in md and md.count("not run (cpu budget") >= 10
     assert (tmp_path / "o" / "cifar10_claims.png").stat().st_size > 0
+    # the summary lists exactly the checks that ran, above the full table, with our cell as there
+    summary = md.split("## Summary: the checks that ran")[1].split("## Every check")[0]
+    lines = [ln for ln in summary.splitlines() if ln.startswith("| ") and not ln.startswith("| claim")]
+    ran = [r for r in first["rows"] if r["verdict"] != "not run"]
+    assert len(lines) == len(ran) > 0
+    bcgd = "| BCGD | W1A4, first/last float: rho 1e-5 minus rho 0 | blending helps at 1 bit | "
+    assert bcgd + "2.00 ± 1.00 pp (n=3) | reproduced |" in lines
+    assert not any("DoReFa W2: with minus without DCQ" in ln for ln in lines)  # not run: full table only
 
 
 def test_archive_unpack_round_trip(tmp_path):

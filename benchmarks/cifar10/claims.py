@@ -1107,10 +1107,36 @@ def _pm(st: Mapping[str, Any] | None, unit: str = "") -> str:
     return f"{st['mean']:.2f} ± {st['std']:.2f}{unit} (n={st['n']})"
 
 
+_UNITS = {"level": "%", "drop": " pp", "gain": " pp", "loss": " pp", "measure": " pp"}
+
+
+def _ours(r: Mapping[str, Any]) -> str:
+    """Our cell: mean ± std (n), and the sparsity a check measures beside it."""
+    ours = _pm(r["ours"], " bits" if "bits" in r["metric"] else _UNITS[r["rule"]])
+    for key, label in (("sparsity", "weight sparsity"), ("small_groups", "small groups")):
+        if r.get(key):
+            ours += f"; {label} {100 * r[key]['mean']:.1f}%"
+    return ours
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The checks that ran, one short line each (the README shows this table): claim, check, the
+    paper's number, ours (mean ± std, n) and the verdict."""
+    out = ["## Summary: the checks that ran", "",
+           "| claim | check | paper | ours | verdict |", "|---|---|---|---|---|"]
+    last = None
+    for r in rows:
+        if r["ours"] is None or r["verdict"] == "not run":
+            continue
+        claim = r["row"] if r["claim"] != last else "〃"
+        last = r["claim"]
+        out.append(f"| {claim} | {r['check']} | {r['paper_text']} | {_ours(r)} | {r['verdict']} |")
+    return out
+
+
 def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
            runs: Mapping[tuple[str, int, str], dict[str, Any]], plan_text: str,
            state: Mapping[str, str], progress: Sequence[Mapping[str, Any]] = ()) -> str:
-    units = {"level": "%", "drop": " pp", "gain": " pp", "loss": " pp", "measure": " pp"}
     lines = [
         "# CIFAR-10 ResNet-20: the seed papers' claims, re-measured",
         "",
@@ -1131,6 +1157,10 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         "rows are far below the papers' 160+ epoch schedules: they test the direction of a with/without "
         "claim, not the papers' absolute numbers.",
         "",
+        *summary_table(rows),
+        "",
+        "## Every check",
+        "",
         "| claim | check | paper | ours | ours − paper | verdict | why (measured) | budget / device | "
         "our departures |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1139,10 +1169,7 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
     for r in rows:
         claim = f"{r['row']} ({r['citation']})" if r["claim"] != last else "〃"
         last = r["claim"]
-        ours = _pm(r["ours"], " bits" if "bits" in r["metric"] else units[r["rule"]])
-        for key, label in (("sparsity", "weight sparsity"), ("small_groups", "small groups")):
-            if r.get(key):
-                ours += f"; {label} {100 * r[key]['mean']:.1f}%"
+        ours = _ours(r)
         diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
         lines.append(f"| {claim} | {r['check']} | {r['paper_text']} | {ours} | {diff} | {r['verdict']} | "
                      f"{r['why'] or '-'} | {r['budget']} / {r['device']} | {r['departs'] or '-'} |")
