@@ -475,3 +475,24 @@ def test_a_report_that_is_not_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"not a claims report.*--fresh"):
         C.recorded_runs(bad)
     assert C.recorded_runs(tmp_path / "missing.json") == {}
+
+
+def test_waveq_with_equal_learned_bits_says_the_arms_are_one_recipe(tmp_path):
+    """Learned bits equal in every layer make the "fixed" recipe (their mean) the learned one: the
+    report says so beside the difference, in the seeds where it happened."""
+    cpu = tmp_path / "runs" / "cpu"
+    names = list(C.layer_sizes())[1:-1]
+    for s, bits in enumerate(({n: 3 for n in names}, {n: 3 + (i % 2) for i, n in enumerate(names)})):
+        fake_run(cpu, "float", s, 0.85)
+        d = fake_run(cpu, "waveq", s, 0.845)
+        (d / "waveq_bits.json").write_text(json.dumps({"bits": bits}))
+        fake_run(cpu, "waveq-learned", s, 0.8511)
+        fake_run(cpu, "waveq-fixed", s, 0.8511 if s == 0 else 0.8500)
+    C.main(["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "cifar10_claims.json").read_text())
+    rows = {(r["claim"], r["check"]): r for r in report["rows"]}
+    gain = rows[("waveq", "learned bits minus fixed bits at equal average bits")]
+    assert gain["ours"]["n"] == 2
+    assert "the learned bits were equal in every layer in 1 of 2 seeds (3 bits)" in gain["why"]
+    assert rows[("waveq", "learned average weight bits")]["ours"]["values"][0] == pytest.approx(3.0)

@@ -849,6 +849,7 @@ def read_run(path: Path) -> dict[str, Any] | None:
     if wb.exists():
         bits, sizes = json.loads(wb.read_text())["bits"], layer_sizes()
         out["avg_w_bits"] = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
+        out["bits_distinct"] = len(set(bits.values()))  # 1: every layer learned the same bits
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         for rec in metric_lines(metrics):
@@ -1057,6 +1058,14 @@ def build_rows(runs_root: Path, budget: Budget,
                     g = stats(gap)
                     side = "below" if g["mean"] >= 0 else "above"
                     why += f"; {check.arms[1]} is {abs(g['mean']):.2f} pp {side} our float model (n={g['n']})"
+            src = {a.after[0] for a in claim.arms
+                   if a.key in check.arms and a.derive and a.derive.startswith("waveq")}
+            same = [r["avg_w_bits"] for (k, _), r in runs.items() if k in src and r.get("bits_distinct") == 1]
+            if same and check.rule == "gain" and st is not None:
+                # learned bits equal in every layer: the "fixed" recipe (their mean) is the same recipe
+                n_src = sum(1 for (k, _) in runs if k in src)
+                why += (f"; the learned bits were equal in every layer in {len(same)} of {n_src} seeds "
+                        f"({', '.join(f'{b:g}' for b in same)} bits), where learned and fixed are one recipe")
             extra = {}
             for key in ("sparsity", "small_groups"):
                 got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
