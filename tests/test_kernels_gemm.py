@@ -58,6 +58,36 @@ def test_lut_gemm_equals_integer_reference(kind, ka, path, threads):
             np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, relu))
 
 
+def test_lut_gemm_splits_only_work_worth_a_thread(monkeypatch):
+    """On 2 threads the lookup GEMM is cut over threads from LUT_UNIT_WORK x rows x 16-output blocks
+    x step pairs >= PARALLEL_MIN_WORK on (binary 4096^2 at 8 rows: one thread; at 64 rows: split)."""
+    old = numba.get_num_threads()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    numba.set_num_threads(2)
+    cuts: list[int] = []
+    real = kernels_threads.run_shared
+    monkeypatch.setattr(kernels_threads, "run_shared",
+                        lambda n, work, nt: (cuts.append(n), real(n, work, nt)))
+    try:
+        O = K = 4096
+        w = RNG.choice([-1, 1], (O, K))
+        lv, cb = KG.lut_levels(w)
+        wq = KG.lut_pack_weights(w, lv, cb)
+        s0, s1 = np.zeros(O), np.ones(O)
+        for M, split in ((8, False), (64, True)):
+            a = RNG.integers(0, 16, (M, K))
+            tab = KG.lut_tables(a.astype(np.float32), lv, cb)
+            units = M * wq.shape[0] * wq.shape[1]
+            assert (KG.LUT_UNIT_WORK * units >= kernels_threads.PARALLEL_MIN_WORK) == split
+            cuts.clear()
+            got = KG.lut_gemm(tab, wq, O, s0, s1)
+            assert bool(cuts) == split, M
+            np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, False))
+    finally:
+        numba.set_num_threads(old)
+
+
 def test_tables_reference_closed_form():
     """T[g, n] of binary weights: the dot product of the 4 codes with the signs of n's bits."""
     a = np.array([[3, 5, 7, 11, 1]])

@@ -47,7 +47,7 @@ from numba.extending import intrinsic
 
 from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HAS_VNNI, _vpdpbusd, kernel
 from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
-from .kernels_threads import num_threads, parallel_for
+from .kernels_threads import num_threads, parallel_for, use_parallel
 
 # a Linear layer uses the table-lookup GEMM from this many rows on (fewer: the GEMV kernels)
 LUT_MIN_ROWS = 8
@@ -55,6 +55,13 @@ LUT_MIN_ROWS = 8
 LUT_R, LUT_OB = 4, 4
 # rows whose tables are kept hot (L2) while the weights of all outputs stream past
 LUT_ROW_BLOCK = 64
+#: the lookup GEMM's work in ``kernels_threads.use_parallel``'s word-operations per unit (one row x
+#: 16 outputs x one step pair). Split at every size, the 8 x 4096^2 MLP at 8 rows ran 0.81x as fast
+#: on 2 threads as on 1 with binary weights (2**18 units per layer) and 1.12x with ternary (2**19),
+#: and at 64 rows binary gained 1.16x (benchmarks/results/no_amx/probe_split_claims.md): with 4
+#: and the 2**21 threshold the binary layers at 8 rows run on one thread (then 1.00x), the others
+#: split (no_amx/thread_scaling_lut.md)
+LUT_UNIT_WORK = 4
 
 
 def _host_has_lut() -> bool:
@@ -472,7 +479,7 @@ def lut_gemm(tab: np.ndarray, wq: np.ndarray, O: int, s0: np.ndarray, s1: np.nda
     by_rows = 64 * nt <= M
     # outputs for few rows (each thread streams its part of the weights), rows for many
     n = M if by_rows else nblk
-    par = nt > 1 and M * nblk * wq.shape[1] >= 1 << 12
+    par = use_parallel(LUT_UNIT_WORK * M * nblk * wq.shape[1])
     grain = LUT_R * 4 if by_rows else LUT_OB
     parallel_for(fn, n, tab, wq, np.int64(O), s0, s1, bool(relu), out, by_rows, parallel=par, grain=grain)
     return out
