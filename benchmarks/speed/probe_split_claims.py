@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_thread_scaling import serial
 from common import run_meta, write_results
 from harness import CASES, quantized_model, set_threads
 
@@ -52,11 +53,11 @@ from lowbit.runtime.kernels_threads import (
     PARTS_PER_THREAD,
     _load_relaxed,
     _pause,
-    _poll,
     _sched_yield,
     _serial_worker,
     _spin_ticks,
     num_threads,
+    wait_for_split,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +174,7 @@ class _Crew:
         _serial_worker()
         seen = 0
         while True:
-            if int(_poll(self.state, 0, seen, False, *_spin_ticks())) == seen:
-                with self.cv:
-                    while int(self.state[0]) == seen:
-                        self.cv.wait()
+            wait_for_split(self.state, seen, self.cv)
             while True:
                 seq = int(self.state[0])
                 job = self.job
@@ -264,12 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         for B in args.batches:
             x = torch.rand(B, 4096, generator=torch.Generator().manual_seed(args.seed + B))
 
-            def one(pm=pm, x=x):
-                prev = KT.set_serial(True)
-                try:
-                    return pm(x)
-                finally:
-                    KT.set_serial(prev)
+            one = serial(lambda pm=pm, x=x: pm(x))
 
             def shared(pm=pm, x=x):
                 use_claims(False)

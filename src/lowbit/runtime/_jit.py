@@ -321,14 +321,14 @@ def vnni_split(R: int, OB: int) -> int:
     return min(4, max(1, 16 // (R * OB)))
 
 
-def vnni_tile(R: int, OB: int, split: int | None = None):
+def vnni_tile(R: int, OB: int):
     """An intrinsic computing R rows x OB*16 output channels of an int8 product and its epilogue::
 
         tile(x, rows, qoff, nq, w, wbase, s0, s1, sf, c0, nv, on, flags,
              out, orows, res, codes, crows, qhi, qmult)
 
-    Product (exact int32, in S*R*OB zmm registers, ``S = split`` (default :func:`vnni_split`) sets
-    of accumulators taking every S-th quad: at most 24 of 32, and R <= 8 keeps the row pointers in
+    Product (exact int32, in S*R*OB zmm registers, ``S = vnni_split(R, OB)`` sets of accumulators
+    taking every S-th quad: at most 24 of 32, and R <= 8 keeps the row pointers in
     general registers):
 
     - ``x`` uint8 (1-d, contiguous): activation codes; ``rows`` int64 (R,): byte offset of each
@@ -382,7 +382,7 @@ def vnni_tile(R: int, OB: int, split: int | None = None):
             # before it on the same register and the core issues two per cycle, so a tile with fewer
             # than ~10 chains waits on them (the one-row tiles had one chain per 16 channels; a
             # 16-channel 3x3 layer's 8 x 1 tile spent 1.2x the time of two sets in its quad loop)
-            S = vnni_split(R, OB) if split is None else split
+            S = vnni_split(R, OB)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(S * R * OB)]
 
             def quad(i, s):

@@ -201,6 +201,15 @@ def _spin_ticks() -> tuple[int, int]:
     return int(SPIN_US * t), int(SPIN_YIELD_US * t)
 
 
+def wait_for_split(state: np.ndarray, seen: int, cv: threading.Condition) -> None:
+    """A worker's wait for the split after number ``seen`` (``state[0]``): polling :data:`SPIN_US`
+    (:func:`_spin_ticks`), then asleep on ``cv``, which the caller notifies as it hands a split."""
+    if int(_poll(state, 0, seen, False, *_spin_ticks())) == seen:
+        with cv:
+            while int(state[0]) == seen:
+                cv.wait()
+
+
 class _Spinner:
     """One worker thread for slot 1 of :func:`run_shared`: it takes a split's items like a pool worker,
     then polls for the next split :data:`SPIN_US` before it sleeps, so that a split that follows soon
@@ -217,10 +226,7 @@ class _Spinner:
         _serial_worker()
         seen = 0
         while True:
-            if int(_poll(self.state, 0, seen, False, *_spin_ticks())) == seen:
-                with self.cv:
-                    while int(self.state[0]) == seen:
-                        self.cv.wait()
+            wait_for_split(self.state, seen, self.cv)
             seen = int(self.state[0])
             job = self.job
             if job is not None:
