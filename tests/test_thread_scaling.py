@@ -1,8 +1,9 @@
 """The 2-thread paths of the deep MLP's kernels (issue 13): the polling worker of ``run_shared``
 (every item once, errors raised, a second caller served by the pool, the worker really taking
 items), ``_poll``'s two stop rules, the AMX row quantization split over threads from
-``AMX_ROWS_MIN_PARALLEL`` on, and packed MLPs giving the same bits on 1 and 2 threads on every
-many-row path (table lookup, AMX with the rows split or not, polling worker on or off)."""
+``AMX_ROWS_MIN_PARALLEL`` on, the other activation passes from their own thresholds, and packed
+MLPs giving the same bits on 1 and 2 threads on every many-row path (table lookup, AMX with the
+rows split or not, polling worker on or off)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import lowbit
 import lowbit.runtime as rt
 from lowbit.runtime import _amx
 from lowbit.runtime import kernels_amx as KA
+from lowbit.runtime import kernels_codes as KC
 from lowbit.runtime import kernels_gemm as KG
+from lowbit.runtime import kernels_pack as KP
 from lowbit.runtime import kernels_threads as KT
 
 needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
@@ -171,6 +174,46 @@ def test_amx_rows_split_from_the_threshold(monkeypatch):
         assert calls == [("_amx_rows_u8_range", split), ("_amx_rows_range", split)]
 
 
+def _activation_passes(rng: np.random.Generator):
+    """(name, module, threshold constant, values of the call, call, reference) of the activation
+    passes with their own split thresholds (benchmarks/speed/bench_stream_split.py)."""
+    x = rng.normal(0, 2, (48, 96)).astype(np.float32)
+    w = rng.choice([-1, 1], (32, 96))
+    lv, cb = KG.lut_levels(w)
+    a = rng.integers(0, 16, (48, 96)).astype(np.uint8)
+    return [
+        ("clip", KC, "CLIP_MIN_PARALLEL", x.size, lambda: KC.clip_codes(x, -2.0, 2.0, 31.75, 64),
+         KC.clip_codes_reference(x, -2.0, 2.0, 31.75, 64)),
+        ("quantize", KP, "QUANTIZE_MIN_PARALLEL", x.size, lambda: KP.quantize_codes(x, 2.0, np.float32(7.5)),
+         KP.quantize_codes_reference(x, 2.0, np.float32(7.5))),
+        ("tables", KG, "LUT_TABLES_MIN_PARALLEL", a.size, lambda: KG.lut_tables(a, lv, cb),
+         KG.lut_tables(a, lv, cb)),
+    ]
+
+
+@needs_two
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_activation_passes_split_from_their_thresholds(monkeypatch, which):
+    """Each activation pass splits where its values reach its own threshold (and not below; a
+    split of such a pass lost below about 2**19-2**23 values), with the same output either way."""
+    numba.set_num_threads(2)
+    name, mod, const, n, call, want = _activation_passes(np.random.default_rng(which))[which]
+    calls: list[bool] = []
+    real = mod.parallel_for
+
+    def spy(fn, items, *args, parallel=True, grain=1):
+        calls.append(parallel)
+        real(fn, items, *args, parallel=parallel, grain=grain)
+
+    monkeypatch.setattr(mod, "parallel_for", spy)
+    for thr, split in ((n, True), (n + 1, False)):
+        monkeypatch.setattr(mod, const, thr)
+        calls.clear()
+        got = call()
+        np.testing.assert_array_equal(got, want)
+        assert calls == [split] or (not split and calls == []), (name, thr, calls)
+
+
 def _packed_mlp(width: int, act_bits: int, weight: str) -> rt.PackedModel:
     torch.manual_seed(0)
     layers = []
@@ -195,6 +238,7 @@ def test_packed_mlp_same_bits_on_one_and_two_threads(monkeypatch, weight, act_bi
     fast = _packed_mlp(640, act_bits, weight)
     monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    monkeypatch.setattr(KG, "LUT_TABLES_MIN_PARALLEL", 1)
     splits: list[int] = []
     real = KT.run_shared
 

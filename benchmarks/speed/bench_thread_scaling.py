@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads_contamination import busy_cpu_s
+from bench_threads_contamination import busy_cpu_s, steal_ticks
 from common import run_meta, write_results
 from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
 
@@ -58,6 +58,44 @@ def parts(fn, n: int):
     return call
 
 
+def with_settings(fn, settings: dict[str, int]):
+    """``fn`` run with the runtime's module constants in ``settings`` (``"kernels_codes.NAME"`` ->
+    value) set for the call, restored after it."""
+    import importlib
+
+    targets = [(importlib.import_module(f"lowbit.runtime.{k.rsplit('.', 1)[0]}"), k.rsplit(".", 1)[1], v)
+               for k, v in settings.items()]
+    for mod, name, _ in targets:
+        if not hasattr(mod, name):
+            raise SystemExit(f"--ab: lowbit.runtime.{mod.__name__.rsplit('.', 1)[1]} has no {name}")
+
+    def call():
+        keep = [(mod, name, getattr(mod, name)) for mod, name, _ in targets]
+        for mod, name, v in targets:
+            setattr(mod, name, v)
+        try:
+            return fn()
+        finally:
+            for mod, name, v in keep:
+                setattr(mod, name, v)
+
+    return call
+
+
+def parse_settings(items: list[str]) -> dict[str, int]:
+    out = {}
+    for it in items:
+        key, eq, val = it.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit("--ab: expected MODULE.CONSTANT=INTEGER (e.g. "
+                             f"kernels_codes.CLIP_MIN_PARALLEL=131072), got {it!r}")
+        try:
+            out[key] = int(val, 0)
+        except ValueError:
+            raise SystemExit(f"--ab: {key}'s value must be an integer, got {val!r}") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=["lenet5", "resnet20", "mlp"], choices=list(CASES))
@@ -68,10 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="thread_scaling")
     p.add_argument("--parts", nargs="*", type=int, default=[],
                    help="also time 2 threads with these kernels_threads.PARTS_PER_THREAD values (an A/B)")
+    p.add_argument("--ab", nargs="*", default=[], metavar="MODULE.CONSTANT=INT",
+                   help="also time 2 threads with these lowbit.runtime module constants set, e.g. "
+                        "kernels_codes.CLIP_MIN_PARALLEL=131072 (an A/B against the tree's values)")
     a = p.parse_args(argv)
+    ab = parse_settings(a.ab)
     t0 = time.time()
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    busy0 = busy_cpu_s()
+    busy0, steal0 = busy_cpu_s(), steal_ticks()
     set_threads(2)
     rows = []
     for name in a.cases:
@@ -94,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {"1": one, "2": two}
                 for pp in a.parts:
                     fns[f"parts {pp}"] = parts(two, pp)
+                if ab:
+                    fns["ab"] = with_settings(two, ab)
+                    if not torch.equal(fns["ab"](), two()):
+                        raise AssertionError(f"{name}/{v} b{b}: the --ab settings change the output")
                 t = time_interleaved(fns, 60 if b < 64 else 20, a.budget_s, turns=True)
                 ex = packed.executor
                 two()  # (the last timed call may have been the serial one)
@@ -102,19 +148,24 @@ def main(argv: list[str] | None = None) -> None:
                              "min_ms_2": 1e3 * t["2"]["min_s"], "rounds": t["1"]["rounds"],
                              "ratio": t["1"]["median_s"] / t["2"]["median_s"],
                              "flat_threads": None if ex is None else ex.last_threads,
-                             "parts_ms": {pp: 1e3 * t[f"parts {pp}"]["median_s"] for pp in a.parts}})
+                             "parts_ms": {pp: 1e3 * t[f"parts {pp}"]["median_s"] for pp in a.parts},
+                             "ab_ms": 1e3 * t["ab"]["median_s"] if ab else None})
                 print(rows[-1], flush=True)
             del packed
-    busy1 = busy_cpu_s()
-    others = (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / (time.time() - t0)
+    busy1, steal1 = busy_cpu_s(), steal_ticks()
+    wall = time.time() - t0
+    stolen = (steal1 - steal0) / os.sysconf("SC_CLK_TCK") / wall
+    # busy_cpu_s counts stolen time as busy
+    others = max(0.0, (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / wall - stolen)
     meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others)
-    payload = {"meta": meta, "rows": rows}
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others,
+                    stolen_cores=stolen)
+    payload = {"meta": meta, "ab": ab, "rows": rows}
     md = ["# lowbit: 2 threads against 1, the same packed model side by side", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
-          f"{meta['load_start']} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores on "
-          "average during the run (`/proc/stat`); single run.", "",
+          f"{meta['load_start']} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and "
+          f"the hypervisor stole {stolen:.2f} on average during the run (`/proc/stat`); single run.", "",
           "1 thread: the calling thread's kernels serial (`kernels_threads.set_serial`); rounds "
           "interleaved with turns (`harness.time_interleaved`); ratio = 1-thread median / 2-thread median. "
           "`flat threads`: threads the flat executor's last 2-thread call used (conv nets).", "",
@@ -132,6 +183,15 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             cells = [f"{r['parts_ms'][pp]:.3f} ({r['ms_1'] / r['parts_ms'][pp]:.2f}x)" for pp in a.parts]
             md.append(f"| {r['case']} | {r['variant']} | {r['batch']} | " + " | ".join(cells) + " |")
+    if ab:
+        sets = ", ".join(f"`{k} = {v}`" for k, v in ab.items())
+        md += ["", f"A/B: 2 threads with {sets} (B) against the tree's values (A, the column `2 threads` "
+               "above), in the same rounds: median ms and the 1-thread median over it", "",
+               "| case | variant | batch | A: 2 threads | B: 2 threads | A / B |",
+               "|---|---|---:|---:|---:|---:|"]
+        md += [f"| {r['case']} | {r['variant']} | {r['batch']} | {r['ms_2']:.3f} ({r['ratio']:.2f}x) | "
+               f"{r['ab_ms']:.3f} ({r['ms_1'] / r['ab_ms']:.2f}x) | {r['ms_2'] / r['ab_ms']:.2f} |"
+               for r in rows]
     write_results(a.out, a.name, payload, "\n".join(md))
     print("\n".join(md))
 

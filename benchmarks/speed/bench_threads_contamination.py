@@ -58,6 +58,18 @@ def busy_cpu_s() -> tuple[float, float]:
     return (sum(v) - v[3] - v[4]) / tick, time.process_time()  # all but idle and iowait
 
 
+def steal_ticks() -> int:
+    """Stolen time so far (``/proc/stat``, clock ticks; 0 where it cannot be read): time the
+    hypervisor ran something else while one of this machine's virtual CPUs wanted to run.
+    :func:`busy_cpu_s` counts it as busy."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) if fields[0] == "cpu" and len(fields) > 8 else 0
+    except OSError:
+        return 0
+
+
 def spin_profile(fn, reps: int, park_s: float) -> list[float]:
     """Median cores busy (other threads' CPU / wall time) in each window of :data:`WINDOWS_MS`."""
     per_window: list[list[float]] = [[] for _ in WINDOWS_MS]

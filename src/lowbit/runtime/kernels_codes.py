@@ -17,6 +17,13 @@ from ._jit import kernel
 from .kernels_threads import parallel_for, use_parallel
 
 MAX_ABS = float(1 << 22)  # |clip * mult| bound: codes far inside int32
+#: from this many values the pass is split over threads: a few loads and stores per value, so on a
+#: 2-vCPU machine the hand-off to the second thread (0.1-0.2 ms) outweighed the half it takes below
+#: about 2M values (0.14-0.78x at 2**16-2**20, 1.03-1.07x at 2**21, 0.89-1.42x at 2**22-2**23 in two
+#: runs, benchmarks/results/no_amx/stream_split.md). Split from 2**17 before, a BERT encoder's
+#: Linear inputs at batch 8 (2**17-2**19 values) were, and the encoder ran slower on 2 threads
+#: than on 1 (no_amx/thread_scaling_stream.md)
+CLIP_MIN_PARALLEL = 1 << 21
 
 
 @kernel
@@ -55,7 +62,7 @@ def clip_codes(x: np.ndarray, lo: float, hi: float, mult: float, offset: int, ar
     out = np.empty(x.shape, np.uint8)
     lo_, hi_, mult_, off_ = args or clip_args(lo, hi, mult, offset)
     n = x.size
-    if use_parallel(n * 16):
+    if use_parallel(n, CLIP_MIN_PARALLEL):
         parallel_for(_clip_codes_range, n, x.reshape(-1), lo_, hi_, mult_, off_, out.reshape(-1), grain=16384)
     else:  # (a direct call: a layer at batch 1 runs this 24 times per transformer call)
         _clip_codes_range(x.reshape(-1), lo_, hi_, mult_, off_, out.reshape(-1), 0, n)

@@ -62,6 +62,10 @@ LUT_ROW_BLOCK = 64
 #: and the 2**21 threshold the binary layers at 8 rows run on one thread (then 1.00x), the others
 #: split (no_amx/thread_scaling_lut.md)
 LUT_UNIT_WORK = 4
+#: from this many row values (M*K) the tables are built on threads: 0.20-0.89x split at 2**16-2**19
+#: values, 1.19-1.79x from 2**20 (benchmarks/results/no_amx/stream_split.md; split from 16 rows
+#: before, e.g. 64 rows of 4096)
+LUT_TABLES_MIN_PARALLEL = 1 << 20
 
 
 def _host_has_lut() -> bool:
@@ -240,7 +244,7 @@ def lut_tables(x: np.ndarray, lv: np.ndarray, cb: int, hi: float = 0.0, mult: fl
     T = np.empty((M, lut_groups(K, cb) * 16), np.int8) if out is None else out
     fn = _lut_tables_plain if (not HAS_LUT if plain is None else plain) else _lut_tables_avx
     parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), sel, lv32, np.int64(4 // cb), T,
-                 parallel=M >= 16 and num_threads() > 1, grain=8)
+                 parallel=use_parallel(M * K, LUT_TABLES_MIN_PARALLEL), grain=8)
     return T
 
 

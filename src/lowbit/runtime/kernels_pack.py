@@ -12,6 +12,10 @@ from .kernels_threads import num_words, parallel_for, use_parallel
 # activation quantization (fused): code = rint(min(max(x, 0), hi) * mult) in float32
 # ----------------------------------------------------------------------------------------------
 
+#: from this many values :func:`quantize_codes` is split over threads (0.51-0.99x at 2**16-2**18,
+#: 1.44-1.75x from 2**19, benchmarks/results/no_amx/stream_split.md; it split from 2**17)
+QUANTIZE_MIN_PARALLEL = 1 << 19
+
 
 @kernel
 def _qcode(v, mode, hi, mult):
@@ -39,7 +43,7 @@ def quantize_codes(x: np.ndarray, hi: float, mult: float, mode: int = 0) -> np.n
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, np.uint8)
     parallel_for(_quantize_range, x.size, x.reshape(-1), np.int64(mode), np.float32(hi), np.float32(mult),
-                 out.reshape(-1), parallel=use_parallel(x.size * 16), grain=16384)
+                 out.reshape(-1), parallel=use_parallel(x.size, QUANTIZE_MIN_PARALLEL), grain=16384)
     return out
 
 
