@@ -191,8 +191,8 @@ def min_rows(cb: int | None) -> int:
 AMX_MIN_PARALLEL_MACS = 1 << 28
 #: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over
 #: threads too. On the AMX machine at 2**22 (1024 rows of 4096), 256 rows took 0.3 ms of a 4096x4096
-#: layer's ~4.5 serial; split from 2**20, the pass ran 0.79-0.81x on a 2-vCPU machine without AMX
-#: at 2**20 values, 1.00-1.04x at 2**21, 1.13-1.71x above (benchmarks/results/no_amx/stream_split.md)
+#: layer's ~4.5 serial; on a 2-vCPU machine without AMX the split pass ran 0.57-0.80x at 2**20
+#: values, 0.78-1.09x at 2**21, 1.24-1.51x above (benchmarks/results/no_amx/stream_split.md)
 AMX_ROWS_MIN_PARALLEL = 1 << 21
 #: KiB of B tiles expanded per reduction slice (stays in L1 while every row block reads it; 16
 #: measured faster than 32 at 16-64 rows, e.g. 1.0 against 1.6 ms for 64 x 4096^2 binary, and

@@ -62,9 +62,9 @@ LUT_ROW_BLOCK = 64
 #: and the 2**21 threshold the binary layers at 8 rows run on one thread (then 1.00x), the others
 #: split (no_amx/thread_scaling_lut.md)
 LUT_UNIT_WORK = 4
-#: from this many row values (M*K) the tables are built on threads: 0.20-0.89x split at 2**16-2**19
-#: values, 1.19-1.79x from 2**20 (benchmarks/results/no_amx/stream_split.md; split from 16 rows
-#: before, e.g. 64 rows of 4096)
+#: from this many row values (M*K) the tables are built on threads: 0.19-0.86x split at 2**16-2**19
+#: values, 0.92x at 2**20, 1.45-1.77x above (benchmarks/results/no_amx/stream_split.md; split from
+#: 16 rows before, e.g. 64 rows of 4096)
 LUT_TABLES_MIN_PARALLEL = 1 << 20
 
 

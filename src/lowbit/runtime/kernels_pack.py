@@ -12,8 +12,8 @@ from .kernels_threads import num_words, parallel_for, use_parallel
 # activation quantization (fused): code = rint(min(max(x, 0), hi) * mult) in float32
 # ----------------------------------------------------------------------------------------------
 
-#: from this many values :func:`quantize_codes` is split over threads (0.51-0.99x at 2**16-2**18,
-#: 1.44-1.75x from 2**19, benchmarks/results/no_amx/stream_split.md; it split from 2**17)
+#: from this many values :func:`quantize_codes` is split over threads (0.43-1.02x at 2**16-2**18,
+#: 1.28-1.87x from 2**19, benchmarks/results/no_amx/stream_split.md; it split from 2**17)
 QUANTIZE_MIN_PARALLEL = 1 << 19
 
 
