@@ -77,6 +77,7 @@ from .kernels_int8 import (
     int8_parts,
     pack_amx_weights,
 )
+from .kernels_lanes import _lanes_conv_range, host_has_lanes, lanes_applies, pack_lanes_weights
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
 from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, plane_integers
 
@@ -267,7 +268,10 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
                 cd = ca[p[23] :] if flags & EPI_CODES else ca[:0]
                 cgeo = p[24:28]
-                if p[29]:  # AMX tiles
+                if p[29] == 2:  # output pixels in the lanes (kernels_lanes): codes only
+                    _lanes_conv_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
+                                      cgeo, sc[p[28]], sc[p[28] + 1], 0, nv * geo[3])
+                elif p[29]:  # AMX tiles
                     used_amx = True
                     cfg = w8[p[30] : p[30] + 64]
                     _amx_conv_range(ca[p[1] :], geo, qoff, w, cfg, p[31], p[32], s0, s1, sf, flags, o, r, cd,
@@ -566,20 +570,46 @@ def _weights(b: _Builder, pm) -> tuple[int, int, int, int]:
     return got
 
 
+def _int_weights(pm: PackedConv2d) -> np.ndarray:
+    """``pm``'s integer weights (O, KH, KW, C): ``w = sw * (l0 + u*q) = sw * unit * w_int``
+    (``layers.int8_weights``)."""
+    wp, i8 = pm.wp, pm.i8
+    w_int = round(wp.l0 / i8.unit) + round(wp.u / i8.unit) * plane_integers(wp).astype(np.int64)
+    return w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels)
+
+
 def _amx_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int, int, int, int, int]:
     """(w offset, w length, config offset, kc, nbt, nck, parts) of the AMX copy of ``pm``'s weights
     (``parts``: int8 parts per weight, ``kernels_int8.int8_parts``)."""
     got = b._weights.get(("amx", id(pm)))
     if got is None:
-        wp, i8 = pm.wp, pm.i8
-        # w = sw * (l0 + u*q) = sw * unit * w_int (``layers.int8_weights``)
-        w_int = round(wp.l0 / i8.unit) + round(wp.u / i8.unit) * plane_integers(wp).astype(np.int64)
-        w_int = w_int.reshape(pm.out_features, *pm.kernel_size, pm.in_channels)
+        w_int = _int_weights(pm)
         w, kc, nck, nbt = pack_amx_weights(w_int)
         cfg = _amx.amx_tile_config(kc, nbt).view(np.int8)
         got = (b.put("w8", w), w.size, b.put("w8", cfg), kc, nbt, nck, int8_parts(w_int))
         b._weights[("amx", id(pm))] = got
     return got
+
+
+def _lanes_weights(b: _Builder, pm: PackedConv2d, flags: int) -> int:
+    """Offset of ``pm``'s weights for the lanes kernel (``kernels_lanes``), or -1 where it does not
+    apply (or :data:`LANES` is off)."""
+    key = ("lanes", id(pm))
+    got = b._weights.get(key)
+    if got is None:
+        got = -1
+        if LANES and host_has_lanes():
+            w_int = _int_weights(pm)
+            if lanes_applies(pm.in_channels, pm.out_features, pm.kernel_size, pm.stride, pm.dilation, flags,
+                             w_int):
+                got = b.put("w8", pack_lanes_weights(w_int[..., 0]))
+        b._weights[key] = got
+    return got
+
+
+#: one-channel layers with few outputs run with their output pixels in the vector lanes
+#: (``kernels_lanes``) where they can; False: always the channel lanes of ``kernels_int8``
+LANES = True
 
 
 def _use_amx(pm, linear: bool, H: int, W: int) -> bool:
@@ -636,6 +666,9 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
         po = pn = 0
         qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C, parts)
         amx = [1, cfo, kc, nbt]
+    elif not linear and (lo := _lanes_weights(b, pm, flags)) >= 0:
+        wo = wl = po = pn = 0
+        amx = [2, lo, pm.kernel_size[0], pm.kernel_size[1]]
     else:
         wo, wl, po, pn = _weights(b, pm)
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,

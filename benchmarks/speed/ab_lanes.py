@@ -1,0 +1,108 @@
+"""A/B: one-channel first layers on the pixel lanes (``kernels_lanes``) against the channel lanes.
+
+    python benchmarks/speed/ab_lanes.py                      # LeNet-5, ~1 min, one core free
+    python benchmarks/speed/ab_lanes.py --batches 1 8 64 --out /tmp/ab
+
+The same quantized model is compiled twice, with ``executor.LANES`` off (the first layer on the
+int8 kernel's channel lanes, as before) and on; their outputs are checked equal bit for bit, then
+both are timed in the same interleaved rounds (``harness.time_interleaved``, turns), one thread.
+Ratio = off median / on median. Writes ``<out>/ab_lanes.{json,md}`` (default: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_threads_contamination import busy_cpu_s, steal_ticks
+from common import run_meta, write_results
+from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
+
+from lowbit.runtime import compile as rt_compile
+from lowbit.runtime import executor as E
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", default=["lenet5"], choices=list(CASES))
+    p.add_argument("--variants", nargs="+", default=["w1a4", "w2a4", "w4a4"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--budget-s", type=float, default=3.0, help="time budget of one interleaved block")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="ab_lanes")
+    p.add_argument("--note", default="", help="what else ran on the machine, for the report")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    busy0, steal0 = busy_cpu_s(), steal_ticks()
+    set_threads(1)
+    rows = []
+    for name in a.cases:
+        case = CASES[name]
+        torch.manual_seed(0)
+        fm = case.build().eval()
+        _randomize_bn(fm, 0)
+        x_all = make_inputs(case, max(a.batches), 0)
+        for v in a.variants:
+            if v not in case.variants:
+                continue
+            qm = quantized_model(fm, v)
+            keep = E.LANES
+            try:
+                E.LANES = False
+                off = rt_compile(qm, x_all[:8])
+                E.LANES = True
+                on = rt_compile(qm, x_all[:8])
+            finally:
+                E.LANES = keep
+            lanes_rows = sum(int(r[29]) == 2 for r in on.executor.program(tuple(x_all.shape[1:])).prog
+                             if r[0] == E.OP_CONV)
+            for b in a.batches:
+                x = x_all[:b].contiguous()
+                if not torch.equal(off(x), on(x)):
+                    raise AssertionError(f"{name}/{v} b{b}: pixel and channel lanes differ")
+                fns = {"off": lambda x=x, m=off: m(x), "on": lambda x=x, m=on: m(x)}
+                t = time_interleaved(fns, 400, a.budget_s, turns=True)
+                rows.append({"case": name, "variant": v, "batch": b, "lanes_layers": lanes_rows,
+                             "us_off": 1e6 * t["off"]["median_s"], "us_on": 1e6 * t["on"]["median_s"],
+                             "min_us_off": 1e6 * t["off"]["min_s"], "min_us_on": 1e6 * t["on"]["min_s"],
+                             "ratio": t["off"]["median_s"] / t["on"]["median_s"],
+                             "rounds": t["on"]["rounds"]})
+                print(rows[-1], flush=True)
+    busy1, steal1 = busy_cpu_s(), steal_ticks()
+    wall = time.time() - t0
+    stolen = (steal1 - steal0) / os.sysconf("SC_CLK_TCK") / wall
+    # busy_cpu_s counts stolen time as busy
+    others = max(0.0, (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / wall - stolen)
+    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
+                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others,
+                    stolen_cores=stolen, note=a.note)
+    md = ["# A/B: one-channel layers on the pixel lanes against the channel lanes", "",
+          f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
+          f"{load_start} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and the "
+          f"hypervisor stole {stolen:.2f} on average during the run (`/proc/stat`); single run, one thread."
+          + (f" {a.note}" if a.note else ""), "",
+          "off: `executor.LANES = False` (every convolution on the int8 kernel's channel lanes); on: layers "
+          "with one input channel and at most 8 outputs on `kernels_lanes` (`lanes layers`). Outputs equal "
+          "bit for bit; interleaved rounds with turns; ratio = off median / on median.", "",
+          "| case | variant | batch | lanes layers | off us (min) | on us (min) | off / on | rounds |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['case']} | {r['variant']} | {r['batch']} | {r['lanes_layers']} | {r['us_off']:.1f} "
+           f"({r['min_us_off']:.1f}) | {r['us_on']:.1f} ({r['min_us_on']:.1f}) | {r['ratio']:.2f}x | "
+           f"{r['rounds']} |" for r in rows]
+    write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
