@@ -63,7 +63,8 @@ cols layouts), ``kernels_select.py`` (float activations), ``kernels_int8.py`` (V
 ``kernels_pool.py`` (max pooling on codes, global average pooling); ``kernels_gemv.py``
 (few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
 ``kernels_gemm.py`` (table-lookup GEMM), ``kernels_amx.py`` (many-row Linear layers on AMX
-tiles) and ``kernels_codes.py`` (signed activation codes) are imported from their own files;
+tiles), ``kernels_codes.py`` (signed activation codes) and ``kernels_lanes.py`` (one-channel
+convolutions with output pixels in the lanes) are imported from their own files;
 ``executor.py`` runs a whole packed conv net as one numba call. Tunables (``PARALLEL_MIN_WORK``,
 ``INT8_MIN_PARALLEL_MACS``, ``GEMV_MAX_ROWS``, ``LUT_MIN_ROWS``) live in, and are read from, their
 own file.
