@@ -3,10 +3,12 @@
     python benchmarks/speed/ab_lanes.py                      # LeNet-5, ~1 min, one core free
     python benchmarks/speed/ab_lanes.py --batches 1 8 64 --out /tmp/ab
 
-The same quantized model is compiled twice, with ``executor.LANES`` off (the first layer on the
-int8 kernel's channel lanes, as before) and on; their outputs are checked equal bit for bit, then
-both are timed in the same interleaved rounds (``harness.time_interleaved``, turns), one thread.
-Ratio = off median / on median. Writes ``<out>/ab_lanes.{json,md}`` (default: benchmarks/results).
+The same quantized model is compiled three times: ``executor.LANES`` off (the first layer on the
+int8 kernel's channel lanes, as before: ``channel``), on without the max pool fused into it
+(``pixel``, ``executor.FUSE_POOL`` off) and on with it (``fused``); their outputs are checked equal
+bit for bit, then all are timed in the same interleaved rounds (``harness.time_interleaved``,
+turns), one thread. Ratios = channel median / the arm's median. Writes ``<out>/ab_lanes.{json,md}``
+(default: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import executor as E
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+ARMS = (("channel", False, False), ("pixel", True, False), ("fused", True, True))  # (name, LANES, FUSE_POOL)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,27 +59,32 @@ def main(argv: list[str] | None = None) -> None:
             if v not in case.variants:
                 continue
             qm = quantized_model(fm, v)
-            keep = E.LANES
+            keep = E.LANES, E.FUSE_POOL
+            models = {}
             try:
-                E.LANES = False
-                off = rt_compile(qm, x_all[:8])
-                E.LANES = True
-                on = rt_compile(qm, x_all[:8])
+                for arm, lanes, fuse in ARMS:
+                    E.LANES, E.FUSE_POOL = lanes, fuse
+                    models[arm] = rt_compile(qm, x_all[:8])
             finally:
-                E.LANES = keep
-            lanes_rows = sum(int(r[29]) == 2 for r in on.executor.program(tuple(x_all.shape[1:])).prog
-                             if r[0] == E.OP_CONV)
+                E.LANES, E.FUSE_POOL = keep
+            kinds = [int(r[29]) for r in models["fused"].executor.program(tuple(x_all.shape[1:])).prog
+                     if r[0] == E.OP_CONV]
             for b in a.batches:
                 x = x_all[:b].contiguous()
-                if not torch.equal(off(x), on(x)):
-                    raise AssertionError(f"{name}/{v} b{b}: pixel and channel lanes differ")
-                fns = {"off": lambda x=x, m=off: m(x), "on": lambda x=x, m=on: m(x)}
+                ref = models["channel"](x)
+                for arm, m in models.items():
+                    if not torch.equal(m(x), ref):
+                        raise AssertionError(f"{name}/{v} b{b}: {arm} differs from the channel lanes")
+                fns = {arm: (lambda x=x, m=m: m(x)) for arm, m in models.items()}
                 t = time_interleaved(fns, 400, a.budget_s, turns=True)
-                rows.append({"case": name, "variant": v, "batch": b, "lanes_layers": lanes_rows,
-                             "us_off": 1e6 * t["off"]["median_s"], "us_on": 1e6 * t["on"]["median_s"],
-                             "min_us_off": 1e6 * t["off"]["min_s"], "min_us_on": 1e6 * t["on"]["min_s"],
-                             "ratio": t["off"]["median_s"] / t["on"]["median_s"],
-                             "rounds": t["on"]["rounds"]})
+                row = {"case": name, "variant": v, "batch": b, "rounds": t["channel"]["rounds"],
+                       "lanes_layers": sum(k in (2, 3) for k in kinds),
+                       "fused_pools": sum(k == 3 for k in kinds)}
+                for arm in models:
+                    row[f"us_{arm}"] = 1e6 * t[arm]["median_s"]
+                    row[f"min_us_{arm}"] = 1e6 * t[arm]["min_s"]
+                    row[f"ratio_{arm}"] = t["channel"]["median_s"] / t[arm]["median_s"]
+                rows.append(row)
                 print(rows[-1], flush=True)
     busy1, steal1 = busy_cpu_s(), steal_ticks()
     wall = time.time() - t0
@@ -92,14 +100,18 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_start} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and the "
           f"hypervisor stole {stolen:.2f} on average during the run (`/proc/stat`); single run, one thread."
           + (f" {a.note}" if a.note else ""), "",
-          "off: `executor.LANES = False` (every convolution on the int8 kernel's channel lanes); on: layers "
-          "with one input channel and at most 8 outputs on `kernels_lanes` (`lanes layers`). Outputs equal "
-          "bit for bit; interleaved rounds with turns; ratio = off median / on median.", "",
-          "| case | variant | batch | lanes layers | off us (min) | on us (min) | off / on | rounds |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['case']} | {r['variant']} | {r['batch']} | {r['lanes_layers']} | {r['us_off']:.1f} "
-           f"({r['min_us_off']:.1f}) | {r['us_on']:.1f} ({r['min_us_on']:.1f}) | {r['ratio']:.2f}x | "
-           f"{r['rounds']} |" for r in rows]
+          "channel: `executor.LANES = False` (every convolution on the int8 kernel's channel lanes); "
+          "pixel: layers with one input channel and at most 8 outputs on `kernels_lanes` (`lanes layers`), "
+          "`executor.FUSE_POOL = False`; fused: the same, writing the codes of the 2x2 max pool after them "
+          "(`fused pools`). Outputs equal bit for bit; interleaved rounds with turns; cells: median us "
+          "(min), channel median / it.", "",
+          "| case | variant | batch | lanes layers | fused pools | channel | pixel | fused | rounds |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [f"{r[f'us_{arm}']:.1f} ({r[f'min_us_{arm}']:.1f}, {r[f'ratio_{arm}']:.2f}x)"
+                 for arm, _, _ in ARMS]
+        md.append(f"| {r['case']} | {r['variant']} | {r['batch']} | {r['lanes_layers']} | "
+                  f"{r['fused_pools']} | " + " | ".join(cells) + f" | {r['rounds']} |")
     write_results(a.out, a.name, {"meta": meta, "rows": rows}, "\n".join(md))
     print("\n".join(md))
 

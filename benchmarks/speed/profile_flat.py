@@ -92,7 +92,7 @@ def describe(row: np.ndarray) -> str:
     if op == executor.OP_CONV:
         C, OH, OW, sh = (int(v) for v in row[4:8])
         O = int(row[10])
-        kind = {1: "amx", 2: "lanes"}.get(int(row[29]), "vnni")
+        kind = {1: "amx", 2: "lanes", 3: "lanes+pool"}.get(int(row[29]), "vnni")
         name += f" {C}->{O} {OH}x{OW} s{sh} {kind} flags={int(row[20])}"
     return name
 

@@ -77,7 +77,13 @@ from .kernels_int8 import (
     int8_parts,
     pack_amx_weights,
 )
-from .kernels_lanes import _lanes_conv_range, host_has_lanes, lanes_applies, pack_lanes_weights
+from .kernels_lanes import (
+    _lanes_conv_range,
+    _lanes_pool_range,
+    host_has_lanes,
+    lanes_applies,
+    pack_lanes_weights,
+)
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
 from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, plane_integers
 
@@ -271,6 +277,9 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 if p[29] == 2:  # output pixels in the lanes (kernels_lanes): codes only
                     _lanes_conv_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
                                       cgeo, sc[p[28]], sc[p[28] + 1], 0, nv * geo[3])
+                elif p[29] == 3:  # ... and the 2x2 max pool after it (_fused_pool)
+                    _lanes_pool_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
+                                      cgeo, sc[p[28]], sc[p[28] + 1], 0, nv * (geo[3] // 2))
                 elif p[29]:  # AMX tiles
                     used_amx = True
                     cfg = w8[p[30] : p[30] + 64]
@@ -610,6 +619,8 @@ def _lanes_weights(b: _Builder, pm: PackedConv2d, flags: int) -> int:
 #: one-channel layers with few outputs run with their output pixels in the vector lanes
 #: (``kernels_lanes``) where they can; False: always the channel lanes of ``kernels_int8``
 LANES = True
+#: ... and write the codes of a 2x2 max pool after them directly (``_fused_pool``)
+FUSE_POOL = True
 
 
 def _use_amx(pm, linear: bool, H: int, W: int) -> bool:
@@ -742,7 +753,9 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
             elif type(mod) is PackedLinear and mod.runs_flat and len(cargs) == 1:
                 vals[node] = _conv(b, mod, cargs[0], None, linear=True)
             elif type(mod) is CodeMaxPool2d:
-                vals[node] = _maxpool(b, mod, cargs[0])
+                src = node.args[1] if node.op == "call_method" else node.args[0]
+                fused = _fused_pool(b, mod, cargs[0], len(src.users) if isinstance(src, fx.Node) else 0)
+                vals[node] = fused or _maxpool(b, mod, cargs[0])
             elif type(mod) is GlobalAvgPool2d:
                 x = cargs[0]
                 if x is None or x.kind != "f":
@@ -899,6 +912,24 @@ def _flatten(x: _Val | None) -> _Val:
     if x is None or x.kind != "f" or x.H * x.W != 1:
         raise UnsupportedGraphError("flatten of a feature map (NHWC order differs from PyTorch's NCHW)")
     return _Val("f", 1, 1, x.C, x.off, ndim=2)
+
+
+def _fused_pool(b: _Builder, mod: CodeMaxPool2d, x: _Val | None, users: int) -> _Val | None:
+    """A 2x2 max pool (stride 2) whose input is the codes of the lanes convolution just before it,
+    read by nothing else: that convolution writes the pooled codes itself (``kernels_lanes``,
+    ``pool``) and the pool's own operation is left out (the value it returns); None otherwise."""
+    if not FUSE_POOL or x is None or x.kind != "c" or users != 1 or not b.rows or mod.flat or x.pad != (0, 0):
+        return None
+    last = b.rows[-1]
+    if last[0] != OP_CONV or last[29] != 2 or last[23] != x.off:
+        return None
+    if tuple(mod.kernel_size) != (2, 2) or tuple(mod.stride) != (2, 2) or x.H < 2 or x.W < 2:
+        return None
+    OH, OW = x.H // 2, x.W // 2
+    cgeo = [int(v) for v in mod.target.geometry(OH, OW)]
+    off = b.calloc(cgeo[0], cgeo[1], x.C)
+    last[29], last[23], last[24:28] = 3, off, cgeo
+    return _Val("c", OH, OW, x.C, off, tuple(mod.target.pad))
 
 
 def _maxpool(b: _Builder, mod: CodeMaxPool2d, x: _Val | None) -> _Val:

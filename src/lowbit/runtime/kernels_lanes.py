@@ -62,9 +62,6 @@ from .kernels_threads import parallel_for
 LANES_O = 8
 #: pixels per vector
 LANES_PX = 16
-#: vectors of 16 pixels per call, sharing each broadcast weight quad (2 took the same time as 1 on
-#: LeNet-5's first layer, so 1: the products are not what bounds it, the epilogue is about half)
-SEGS = 1
 #: the epilogue flags the lanes kernel writes (codes from the float32 path, ReLU or not)
 LANES_FLAGS = (EPI_CODES | EPI_F32, EPI_RELU | EPI_CODES | EPI_F32)
 
@@ -93,9 +90,9 @@ def lanes_applies(C: int, O: int, kernel_size: tuple[int, int], stride: tuple[in
 def pack_lanes_weights(w_int: np.ndarray) -> np.ndarray:
     """``w_int`` (O, KH, KW) or (O, KH, KW, 1) integers -> int8: (KH, QW, LANES_O, 4), ``QW =
     ceil(KW/4)``, the weight quad of channel ``o`` for kernel row ``kh`` and columns ``4q..4q+3``
-    (zero past the width and for channels past ``O``), then the 128-byte store order: byte ``k``
-    of 16 pixels' codes in NHWC order (pixel ``k // O``, channel ``k % O``) is byte
-    ``(k % O)*16 + k // O`` of the channel-major code vectors."""
+    (zero past the width and for channels past ``O``), then two 128-byte store orders, for 16
+    pixels and for 8 pooled ones (``P``): byte ``k`` of the stored codes in NHWC order (pixel
+    ``k // O``, channel ``k % O``) is byte ``(k % O)*P + k // O`` of the channel-major code vectors."""
     w = np.asarray(w_int).reshape(w_int.shape[0], w_int.shape[1], w_int.shape[2])
     O, KH, KW = w.shape
     QW = -(-KW // 4)
@@ -104,19 +101,24 @@ def pack_lanes_weights(w_int: np.ndarray) -> np.ndarray:
     wp[:, :, :KW] = w
     out[:, :, :O, :] = wp.reshape(O, KH, QW, 4).transpose(1, 2, 0, 3)
     k = np.arange(2 * 64)
-    order = np.where(k < LANES_PX * O, (k % O) * LANES_PX + k // O, 0).astype(np.int8)
-    return np.concatenate([out.reshape(-1), order])
+    orders = [np.where(k < P * O, (k % O) * P + k // O, 0).astype(np.int8) for P in (LANES_PX, LANES_PX // 2)]
+    return np.concatenate([out.reshape(-1), *orders])
 
 
-def _lanes_row_intrinsic():
+def _lanes_row_intrinsic(pool: bool):
+    """The row kernel: one output row's 16 pixels, or (``pool``) two rows' and their 2x2 maxima."""
+    R = 2 if pool else 1  # output rows per call
+    PX = LANES_PX // 2 if pool else LANES_PX  # pixels stored per call
+
     @intrinsic
-    def lanes_row(typingctx, x, base, Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cbase, qhi, qmult):
-        """16 output pixels from ``x[base + ...]`` (see the module docstring), their codes to
-        ``codes[cbase + j*O + o]`` for ``j < nv``, ``o < O``."""
-        sig = types.void(x, base, Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cbase, qhi, qmult)
+    def lanes_row(typingctx, x, base, Wp, Rs, KH, QW, w, s0, s1, sf, O, nv, codes, cbase, qhi, qmult):
+        """16 output pixels from ``x[base + ...]`` (see the module docstring; a second row from
+        ``base + Rs`` when pooling), their codes to ``codes[cbase + j*O + o]`` for ``j < nv``
+        (pooling: ``j < nv // 2``, each the largest of a 2x2 block), ``o < O``."""
+        sig = types.void(x, base, Wp, Rs, KH, QW, w, s0, s1, sf, O, nv, codes, cbase, qhi, qmult)
 
         def codegen(context, builder, signature, args):
-            xa, ba, wpa, kha, qwa, wa, s0a, s1a, sfa, Oa, nva, cda, cba, qha, qma = args
+            xa, ba, wpa, rsa, kha, qwa, wa, s0a, s1a, sfa, Oa, nva, cda, cba, qha, qma = args
 
             def data(i, v, ty):
                 return _array_ptr(context, builder, signature.args[i], v, ty)
@@ -125,10 +127,9 @@ def _lanes_row_intrinsic():
                 return ir.Constant(_I64, v)
 
             xp = builder.gep(data(0, xa, _I8), [ba])
-            wp = data(5, wa, _I8)
+            wp = data(6, wa, _I8)
             zero = ir.Constant(_V16I32, [0] * 16)
-            # SEGS groups of 16 pixels share each broadcast weight quad
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(LANES_O)] for _ in range(SEGS)]
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(LANES_O)] for _ in range(R)]
             idx = ir.Constant(ir.VectorType(_I32, 64), [j + t for j in range(LANES_PX) for t in range(4)])
             undef64 = ir.Constant(_V64I8, None)
             with cgutils.for_range(builder, kha) as kl:
@@ -136,8 +137,8 @@ def _lanes_row_intrinsic():
                 with cgutils.for_range(builder, qwa) as ql:
                     src = builder.gep(rowp, [builder.mul(ql.index, i64(4))])
                     wins = []
-                    for g in range(SEGS):
-                        v = builder.bitcast(builder.gep(src, [i64(LANES_PX * g)]), _V64I8.as_pointer())
+                    for r in range(R):
+                        v = builder.bitcast(builder.gep(src, [builder.mul(rsa, i64(r))]), _V64I8.as_pointer())
                         v = builder.load(v)
                         v.align = 1
                         wins.append(builder.shuffle_vector(v, undef64, idx))  # vpermb: lane j <- bytes j..j+3
@@ -148,14 +149,14 @@ def _lanes_row_intrinsic():
                         q = builder.load(builder.gep(wq, [i64(o)]))
                         q.align = 1
                         wv = builder.bitcast(_splat(builder, q, _V16I32), _V64I8)
-                        for g in range(SEGS):
-                            acc = accs[g][o]
-                            builder.store(_vpdpbusd(builder, builder.load(acc), wins[g], wv), acc)
+                        for r in range(R):
+                            acc = accs[r][o]
+                            builder.store(_vpdpbusd(builder, builder.load(acc), wins[r], wv), acc)
 
             # ---- epilogue: codes of each channel's 16 pixels
-            s0p = data(6, s0a, _F64)
-            s1p = data(7, s1a, _F64)
-            sfp = data(8, sfa, _F64)
+            s0p = data(7, s0a, _F64)
+            s1p = data(8, s1a, _F64)
+            sfp = data(9, sfa, _F64)
             rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
             fma = _declare(builder, "llvm.fma.v16f32", _V16F32, [_V16F32, _V16F32, _V16F32])
             fabs = _declare(builder, "llvm.fabs.v16f32", _V16F32, [_V16F32])
@@ -163,6 +164,9 @@ def _lanes_row_intrinsic():
             hi_v = _splat(builder, qha, _V16F32)
             mult_v = _splat(builder, qma, _V16F32)
             i16 = ir.IntType(16)
+            v16i8 = ir.VectorType(_I8, 16)
+            lanes = ir.Constant(_V16I32, list(range(LANES_PX)))
+            valid = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(nva, _I32), _V16I32))
 
             def clip_mult(y):
                 t = builder.select(builder.fcmp_ordered(">", y, zf), y, zf)
@@ -172,63 +176,74 @@ def _lanes_row_intrinsic():
             def scalar(p, k):
                 return builder.load(builder.gep(p, [i64(k)]))
 
-            def _segment(g, ng):
-                valid = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(ng, _I32), _V16I32))
-                cvals = []
-                for o in range(LANES_O):
-                    d = builder.load(accs[g][o])
-                    a = builder.fptrunc(scalar(sfp, o), _F32)
-                    b = builder.fptrunc(scalar(sfp, 16 + o), _F32)
-                    lim = builder.fptrunc(scalar(sfp, 32 + o), _F32)
-                    t = clip_mult(builder.call(fma, [_splat(builder, a, _V16F32), builder.sitofp(d, _V16F32),
-                                                     _splat(builder, b, _V16F32)]))
-                    r = builder.call(rint, [t])
-                    near = builder.and_(builder.fcmp_ordered(">=", builder.call(fabs, [builder.fsub(t, r)]),
-                                                             _splat(builder, lim, _V16F32)), valid)
-                    slot = cgutils.alloca_once_value(builder, r)
-                    any_near = builder.icmp_unsigned("!=", builder.bitcast(near, i16), ir.Constant(i16, 0))
-                    with builder.if_then(any_near, likely=False):
-                        # float64: y = float32(s1*D + s0), a multiply then an add (no fused multiply-add)
-                        s1v = _splat(builder, scalar(s1p, o), _V16F64)
-                        s0v = _splat(builder, scalar(s0p, o), _V16F64)
-                        v = builder.fadd(builder.fmul(s1v, builder.sitofp(d, _V16F64)), s0v)
-                        y = builder.fptrunc(v, _V16F32)
-                        builder.store(builder.call(rint, [clip_mult(y)]), slot)
-                    cvals.append(builder.fptoui(builder.load(slot), v16i8))
+            def codes_of(d, o):
+                a = builder.fptrunc(scalar(sfp, o), _F32)
+                b = builder.fptrunc(scalar(sfp, 16 + o), _F32)
+                lim = builder.fptrunc(scalar(sfp, 32 + o), _F32)
+                t = clip_mult(builder.call(fma, [_splat(builder, a, _V16F32), builder.sitofp(d, _V16F32),
+                                                 _splat(builder, b, _V16F32)]))
+                r = builder.call(rint, [t])
+                near = builder.and_(builder.fcmp_ordered(">=", builder.call(fabs, [builder.fsub(t, r)]),
+                                                         _splat(builder, lim, _V16F32)), valid)
+                slot = cgutils.alloca_once_value(builder, r)
+                any_near = builder.icmp_unsigned("!=", builder.bitcast(near, i16), ir.Constant(i16, 0))
+                with builder.if_then(any_near, likely=False):
+                    # float64: y = float32(s1*D + s0), a multiply then an add (no fused multiply-add)
+                    s1v = _splat(builder, scalar(s1p, o), _V16F64)
+                    s0v = _splat(builder, scalar(s0p, o), _V16F64)
+                    v = builder.fadd(builder.fmul(s1v, builder.sitofp(d, _V16F64)), s0v)
+                    builder.store(builder.call(rint, [clip_mult(builder.fptrunc(v, _V16F32))]), slot)
+                return builder.fptoui(builder.load(slot), v16i8)
 
-                # NHWC order: byte j*O + o of the 16 pixels' codes is byte o*16 + j of the 8 code
-                # vectors (a vpermi2b with the order stored after the weights); two masked stores
-                def cat(u, v, n):
-                    mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
-                    return builder.shuffle_vector(u, v, mask)
+            def umax(a, b):
+                return builder.select(builder.icmp_unsigned(">", a, b), a, b)
 
-                c2 = [cat(cvals[2 * i], cvals[2 * i + 1], 16) for i in range(4)]
-                lo, hi = cat(c2[0], c2[1], 32), cat(c2[2], c2[3], 32)
-                cp0 = builder.gep(data(11, cda, _I8), [cba])
-                cp = builder.gep(cp0, [builder.mul(i64(LANES_PX * g), Oa)])
-                total = builder.trunc(builder.mul(ng, Oa), _I32)
-                for half in range(2):
-                    idx = builder.bitcast(builder.gep(order, [i64(64 * half)]), _V64I8.as_pointer())
-                    idx = builder.load(idx)
-                    idx.align = 1
-                    k = ir.Constant(v64i32, [64 * half + i for i in range(64)])
-                    keep = builder.icmp_signed("<", k, _splat64(builder, total))
-                    nhwc = builder.call(perm, [lo, idx, hi])
-                    dst = builder.gep(cp, [i64(64 * half)])
-                    builder.call(mstore, [nhwc, dst, ir.Constant(_I32, 1), keep])
+            def cat(u, v, n):
+                mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+                return builder.shuffle_vector(u, v, mask)
 
-            v16i8 = ir.VectorType(_I8, 16)
-            lanes = ir.Constant(_V16I32, list(range(LANES_PX)))
-            perm = _declare(builder, "llvm.x86.avx512.vpermi2var.qi.512", _V64I8, [_V64I8, _V64I8, _V64I8])
+            cvals = []
+            for o in range(LANES_O):
+                c = codes_of(builder.load(accs[0][o]), o)
+                if pool:  # the larger code of the two rows, then of each pair of columns
+                    c = umax(c, codes_of(builder.load(accs[1][o]), o))
+                    pick = [ir.Constant(ir.VectorType(_I32, 8), list(range(k, 16, 2))) for k in (0, 1)]
+                    c = umax(builder.shuffle_vector(c, c, pick[0]), builder.shuffle_vector(c, c, pick[1]))
+                cvals.append(c)
+            # NHWC order: byte j*O + o of the pixels' codes is byte o*PX + j of the code vectors (a
+            # permutation with the order stored after the weights), then masked stores
             mstore = _declare(builder, "llvm.masked.store.v64i8.p0", ir.VoidType(),
                               [_V64I8, _I8.as_pointer(), _I32, ir.VectorType(_I1, 64)])
-            order = builder.gep(wp, [builder.mul(builder.mul(kha, qwa), i64(LANES_O * 4))])
+            order = builder.gep(wp, [builder.add(builder.mul(builder.mul(kha, qwa), i64(LANES_O * 4)),
+                                                 i64(128 if pool else 0))])
+            cp = builder.gep(data(12, cda, _I8), [cba])
+            npx = builder.sdiv(nva, i64(2)) if pool else nva
+            total = builder.trunc(builder.mul(npx, Oa), _I32)
             v64i32 = ir.VectorType(_I32, 64)
-            for g in range(SEGS):
-                ng = builder.sub(nva, i64(LANES_PX * g))  # pixels from this group's first on
-                with builder.if_then(builder.icmp_signed(">", ng, i64(0))):
-                    full = builder.icmp_signed(">", ng, i64(LANES_PX))
-                    _segment(g, builder.select(full, i64(LANES_PX), ng))
+            n = PX
+            while len(cvals) > 1:  # 8 vectors of PX bytes -> one of 8*PX
+                cvals = [cat(cvals[2 * i], cvals[2 * i + 1], n) for i in range(len(cvals) // 2)]
+                n *= 2
+            allc = cvals[0]
+            if pool:  # 64 bytes: one permutation
+                halves = [(allc, allc, "llvm.x86.avx512.permvar.qi.512")]
+            else:  # 128 bytes: two permutations of both halves
+                lo = builder.shuffle_vector(allc, allc, ir.Constant(v64i32, list(range(64))))
+                hi = builder.shuffle_vector(allc, allc, ir.Constant(v64i32, list(range(64, 128))))
+                halves = [(lo, hi, "llvm.x86.avx512.vpermi2var.qi.512")] * 2
+            for half, (lo, hi, name) in enumerate(halves):
+                ip = builder.bitcast(builder.gep(order, [i64(64 * half)]), _V64I8.as_pointer())
+                ix = builder.load(ip)
+                ix.align = 1
+                if pool:
+                    fn = _declare(builder, name, _V64I8, [_V64I8, _V64I8])
+                    nhwc = builder.call(fn, [lo, ix])
+                else:
+                    fn = _declare(builder, name, _V64I8, [_V64I8, _V64I8, _V64I8])
+                    nhwc = builder.call(fn, [lo, ix, hi])
+                k = ir.Constant(v64i32, [64 * half + i for i in range(64)])
+                keep = builder.icmp_signed("<", k, _splat64(builder, total))
+                builder.call(mstore, [nhwc, builder.gep(cp, [i64(64 * half)]), ir.Constant(_I32, 1), keep])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -242,7 +257,8 @@ def _splat64(builder: ir.IRBuilder, value):
     return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(vty, [0] * 64))
 
 
-lanes_row = _lanes_row_intrinsic()
+lanes_row = _lanes_row_intrinsic(False)
+lanes_row_pool = _lanes_row_intrinsic(True)
 
 
 @kernel
@@ -266,37 +282,68 @@ def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, r
         oh = r - n * OH
         xb = (n * Hp + oh * sh) * Wp
         cb = ((n * Hc + oh + phc) * Wc + pwc) * O
-        for ow0 in range(0, OW, LANES_PX * SEGS):
-            nv = min(LANES_PX * SEGS, OW - ow0)
-            lanes_row(xq, xb + ow0, Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cb + ow0 * O, qh, qm)
+        for ow0 in range(0, OW, 16):
+            nv = min(16, OW - ow0)
+            lanes_row(xq, xb + ow0, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cb + ow0 * O, qh, qm)
+
+
+@kernel
+def _lanes_pool_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, r_lo, r_hi):
+    """:func:`_lanes_conv_range` followed by a 2x2 max pool with stride 2 (floor): pooled rows
+    ``r_lo .. r_hi`` (``r = n*(OH//2) + ph``), each from conv rows ``2ph`` and ``2ph + 1``; ``cgeo``
+    is the pooled code image's."""
+    Hp = geo[0]
+    Wp = geo[1]
+    OH = geo[3]
+    OW = geo[4]
+    sh = geo[5]
+    O = geo[8]
+    Hc = cgeo[0]
+    Wc = cgeo[1]
+    phc = cgeo[2]
+    pwc = cgeo[3]
+    PH = OH // 2
+    CW = OW // 2 * 2  # conv columns the pooled ones read
+    qh = np.float32(qhi)
+    qm = np.float32(qmult)
+    for r in range(r_lo, r_hi):
+        n = r // PH
+        ph = r - n * PH
+        xb = (n * Hp + 2 * ph * sh) * Wp
+        cb = ((n * Hc + ph + phc) * Wc + pwc) * O
+        for ow0 in range(0, CW, 16):
+            nv = min(16, CW - ow0)
+            lanes_row_pool(xq, xb + ow0, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes,
+                           cb + (ow0 // 2) * O, qh, qm)
 
 
 def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray, s0: np.ndarray,
                s1: np.ndarray, sf: np.ndarray, codes: np.ndarray, cgeo: np.ndarray, qhi: float,
-               qmult: float) -> None:
+               qmult: float, pool: bool = False) -> None:
     """The lanes convolution of the code image ``xq`` (``kernels_int8.int8_quantize``'s layout, one
-    channel) with :func:`pack_lanes_weights`' ``w``, its codes written into ``codes`` (the next
-    layer's padded image, geometry ``cgeo``; its border must already hold the padding code)."""
+    channel) with :func:`pack_lanes_weights`' ``w``, its codes written into
+    ``codes`` (the next layer's padded image, geometry ``cgeo``; its border must already hold the
+    padding code); ``pool``: the codes of a 2x2 max pool with stride 2 of the output instead."""
     g = [int(v) for v in geo]
     if g[2] != 1 or g[6] != 1 or g[8] > LANES_O:
         raise ValueError(f"lanes_conv: needs 1 input channel, width stride 1 and <= {LANES_O} outputs; "
                          f"geometry {g}")
     QW = -(-KW // 4)
-    if w.dtype != np.int8 or w.size != KH * QW * LANES_O * 4 + 128:
-        raise ValueError(f"lanes_conv: weights {w.dtype} of {w.size}; int8 of {KH * QW * LANES_O * 4 + 128} "
+    if w.dtype != np.int8 or w.size != KH * QW * LANES_O * 4 + 256:
+        raise ValueError(f"lanes_conv: weights {w.dtype} of {w.size}; int8 of {KH * QW * LANES_O * 4 + 256} "
                          "(pack_lanes_weights)")
     if sf.size < 48 or s0.size < 16 or s1.size < 16:
         raise ValueError("lanes_conv: s0, s1 need 16 entries and sf 48 (f32_coefficients of one block)")
-    rows = g[7] * g[3]
-    parallel_for(_lanes_conv_range, rows, xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo,
-                 float(qhi), float(qmult), parallel=False)
+    fn, rows = (_lanes_pool_range, g[7] * (g[3] // 2)) if pool else (_lanes_conv_range, g[7] * g[3])
+    parallel_for(fn, rows, xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo, float(qhi),
+                 float(qmult), parallel=False)
 
 
 def lanes_conv_reference(x: np.ndarray, w_int: np.ndarray, sh: int, s0: np.ndarray, s1: np.ndarray,
-                         qhi: float, qmult: float) -> np.ndarray:
+                         qhi: float, qmult: float, pool: bool = False) -> np.ndarray:
     """Codes (N, OH, OW, O) of the convolution of padded one-channel codes ``x`` (N, Hp, Wp) with
     ``w_int`` (O, KH, KW), width stride 1: ``D`` exact, then ``rint(clip(float32(s1*D + s0), 0, hi)
-    * mult)`` in float32 (the float64 epilogue's codes)."""
+    * mult)`` in float32 (the float64 epilogue's codes); ``pool``: their 2x2 maxima, stride 2."""
     N, Hp, Wp = x.shape
     O, KH, KW = w_int.shape
     OH = (Hp - KH) // sh + 1
@@ -308,4 +355,8 @@ def lanes_conv_reference(x: np.ndarray, w_int: np.ndarray, sh: int, s0: np.ndarr
             D += patch[..., None] * w_int[:, kh, kw].astype(np.int64)
     y = (s1[:O] * D.astype(np.float64) + s0[:O]).astype(np.float32)
     t = np.minimum(np.maximum(y, np.float32(0)), np.float32(qhi)) * np.float32(qmult)
-    return np.rint(t).astype(np.uint8)
+    c = np.rint(t).astype(np.uint8)
+    if pool:
+        PH, PW = OH // 2, OW // 2
+        c = c[:, : 2 * PH, : 2 * PW].reshape(N, PH, 2, PW, 2, O).max(axis=(2, 4))
+    return c
