@@ -23,6 +23,13 @@ then an add). The 8 code vectors are permuted in registers (two ``vpermi2b``) to
 image, where the 16 pixels' codes are ``16*O`` consecutive bytes (pixel ``j``'s channels at
 ``crow + j*O``), and stored with two masked stores.
 
+Max pool: where a 2x2 max pool with stride 2 reads nothing but these codes (LeNet-5's pool1), a
+call computes two output rows (the window loads of both, one broadcast weight quad for both) and
+writes the pooled codes only: per channel the larger code of the two rows (``vpmaxub``), then of
+each pair of neighbouring lanes; codes are monotone in ``y``, so this is the code of the pooled
+value, and the pool's own pass over a full-size code image is left out
+(``executor._fused_pool``).
+
 ``lanes_conv_reference`` is the NumPy form the kernel is tested against (with the float64 codes
 of ``int8_conv``'s epilogue, which the f32 path equals).
 """
