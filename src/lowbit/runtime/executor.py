@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from . import _amx
 from . import kernels_threads as _threads
 from ._amx import amx_release
-from ._jit import EPI_CODES, EPI_FLOAT, EPI_RESIDUAL, kernel
+from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, kernel
 from .kernels_amx import aligned_u8
 from .kernels_int8 import (
     AMX_SCRATCH,
@@ -810,7 +810,8 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
     if result is None:
         raise UnsupportedGraphError("no output")
     out_shape = (result.C,) if result.ndim == 2 else (result.C, result.H, result.W)
-    prog = np.stack(b.rows) if b.rows else np.zeros((0, NF), np.int64)
+    rows = _fuse_codes(b.rows, result.off) if FUSE_CODES else b.rows
+    prog = np.stack(rows) if rows else np.zeros((0, NF), np.int64)
     out_off, fa_size, ca_size = (_reuse_regions(prog, b.sizes, result.off) if REUSE
                                  else (result.off, b.fa, b.ca))
     return Program(
@@ -820,6 +821,34 @@ def plan(gm: fx.GraphModule, shape: tuple[int, ...], N: int) -> Program:
         out_numel=int(np.prod(out_shape)),
         fa_size=fa_size + 16, ca_size=ca_size + 4 * INT8_SLACK + 1024 + AMX_SCRATCH, chunk=N,
     )
+
+
+#: a Linear layer whose float output only the next Linear's quantization reads writes those codes
+#: itself (``_fuse_codes``)
+FUSE_CODES = True
+
+
+def _fuse_codes(rows: list[np.ndarray], result_off: int) -> list[np.ndarray]:
+    """``rows`` without the quantization of a Linear layer's float output that nothing else reads:
+    the layer's epilogue writes those codes instead (the float64 epilogue's codes are the quantize
+    row's formula, ``rint(min(max(y, 0), hi) * mult)``, on the same float32 ``y``)."""
+    reads: dict[int, int] = {}
+    for p in rows:
+        for arena, f in _regions(p)[0]:
+            if arena == "f":
+                reads[int(p[f])] = reads.get(int(p[f]), 0) + 1
+    out: list[np.ndarray] = []
+    for p in rows:
+        prev = out[-1] if out else None
+        if (p[0] == OP_QUANT and p[1] == 1 and p[3] == 1 and p[4] == 1 and p[6] == 0 and p[7] == 0
+                and prev is not None and prev[0] == OP_CONV and prev[29] == 0 and tuple(prev[2:4]) == (1, 1)
+                and prev[20] & ~EPI_RELU == EPI_FLOAT and prev[21] == p[2] and p[2] != result_off
+                and reads.get(int(p[2])) == 1):
+            prev[20] = (prev[20] & EPI_RELU) | EPI_CODES
+            prev[23], prev[24:28], prev[28] = p[8], (1, 1, 0, 0), p[9]
+            continue
+        out.append(p)
+    return out
 
 
 def _regions(p: np.ndarray) -> tuple[list, list]:
