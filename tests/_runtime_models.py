@@ -18,3 +18,14 @@ def quantized_lenet(recipe: str | dict) -> nn.Module:
     torch.manual_seed(0)
     r = lowbit.load_recipe(recipe) if isinstance(recipe, str) else recipe
     return lowbit.quantize(build_model("lenet5"), r).eval()
+
+
+def calibrated_lenet(weight: dict) -> nn.Module:
+    """LeNet-5 (seed 0) with ``weight`` quantization and 4-bit PACT activations, its batch norm
+    statistics from one training-mode batch (not the identity), in eval mode."""
+    torch.manual_seed(0)
+    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
+    q = lowbit.quantize(build_model("lenet5").eval(), {"default": {"weight": weight, "activation": act}})
+    with torch.no_grad():
+        q.train()(torch.rand(16, 1, 28, 28))
+    return q.eval()

@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _runtime_models import calibrated_lenet
 
-import lowbit
 import lowbit.runtime as rt
-from lowbit.models import build_model
 from lowbit.runtime import executor as E
 from lowbit.runtime import kernels as K
 from lowbit.runtime._jit import EPI_CODES, EPI_FLOAT, EPI_RELU
@@ -18,21 +17,11 @@ from lowbit.runtime._jit import EPI_CODES, EPI_FLOAT, EPI_RELU
 needs_vnni = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
 
 
-def _lenet(weight: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    m = build_model("lenet5").eval()
-    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
-    q = lowbit.quantize(m, {"default": {"weight": weight, "activation": act}})
-    with torch.no_grad():
-        q.train()(torch.rand(16, 1, 28, 28))  # batch norm statistics that are not the identity
-    return q.eval()
-
-
 @needs_vnni
 @pytest.mark.parametrize("weight", [{"method": "binary", "bits": 1}, {"method": "twn", "bits": 2}],
                          ids=["binary", "ternary"])
 def test_linear_layers_write_the_next_layers_codes(weight, monkeypatch):
-    q = _lenet(weight)
+    q = calibrated_lenet(weight)
     x = 3 * torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     progs, outs = {}, {}
     for fuse in (False, True):

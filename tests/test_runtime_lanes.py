@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _runtime_models import calibrated_lenet
 
-import lowbit
 import lowbit.runtime as rt
-from lowbit.models import build_model
 from lowbit.runtime import _amx, _jit
 from lowbit.runtime import executor as E
 from lowbit.runtime import kernels_lanes as KL
@@ -117,16 +116,6 @@ def test_lanes_conv_refuses_other_layouts():
                       np.zeros(48), np.zeros(4096, np.uint8), np.zeros(4, np.int64), HI, MULT)
 
 
-def _lenet(weight: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    m = build_model("lenet5").eval()
-    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
-    q = lowbit.quantize(m, {"default": {"weight": weight, "activation": act}})
-    with torch.no_grad():
-        q.train()(torch.rand(16, 1, 28, 28))  # batch norm statistics that are not the identity
-    return q.eval()
-
-
 @needs_lanes
 @no_amx
 @pytest.mark.parametrize("weight", [{"method": "binary", "bits": 1}, {"method": "dorefa", "bits": 4}],
@@ -134,7 +123,7 @@ def _lenet(weight: dict) -> torch.nn.Module:
 def test_packed_lenet_same_bits_on_pixel_and_channel_lanes(weight, monkeypatch):
     """LeNet-5's first layer on the channel lanes, on the pixel lanes, and on the pixel lanes with
     the max pool after it fused: the same output bits at batch 1, 2 and 5."""
-    q = _lenet(weight)
+    q = calibrated_lenet(weight)
     x = 3 * torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     kinds, outs = {}, {}
     for name, lanes, fuse in (("channel", False, False), ("pixel", True, False), ("fused", True, True)):

@@ -14,7 +14,6 @@ turns), one thread. Ratios = channel median / the arm's median. Writes ``<out>/a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads_contamination import busy_cpu_s, steal_ticks
+from bench_threads_contamination import MachineShare
 from common import run_meta, write_results
 from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
 
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", default="", help="what else ran on the machine, for the report")
     a = p.parse_args(argv)
     t0 = time.time()
-    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    busy0, steal0 = busy_cpu_s(), steal_ticks()
+    share = MachineShare()
     set_threads(1)
     rows = []
     for name in a.cases:
@@ -86,20 +84,11 @@ def main(argv: list[str] | None = None) -> None:
                     row[f"ratio_{arm}"] = t["channel"]["median_s"] / t[arm]["median_s"]
                 rows.append(row)
                 print(rows[-1], flush=True)
-    busy1, steal1 = busy_cpu_s(), steal_ticks()
-    wall = time.time() - t0
-    stolen = (steal1 - steal0) / os.sysconf("SC_CLK_TCK") / wall
-    # busy_cpu_s counts stolen time as busy
-    others = max(0.0, (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / wall - stolen)
-    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others,
-                    stolen_cores=stolen, note=a.note)
+    meta = run_meta(__file__, argv, t0, seeds=[0], note=a.note, **share.stop())
     md = ["# A/B: one-channel layers on the pixel lanes against the channel lanes", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
-          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
-          f"{load_start} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and the "
-          f"hypervisor stole {stolen:.2f} on average during the run (`/proc/stat`); single run, one thread."
-          + (f" {a.note}" if a.note else ""), "",
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {MachineShare.sentence(meta)}; single "
+          "run, one thread." + (f" {a.note}" if a.note else ""), "",
           "channel: `executor.LANES = False` (every convolution on the int8 kernel's channel lanes); "
           "pixel: layers with one input channel and at most 8 outputs on `kernels_lanes` (`lanes layers`), "
           "`executor.FUSE_POOL = False`; fused: the same, writing the codes of the 2x2 max pool after them "

@@ -18,7 +18,6 @@ Gain = 1-thread median / 2-thread median. Writes ``<out>/stream_split.{json,md}`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads_contamination import busy_cpu_s, steal_ticks
+from bench_threads_contamination import MachineShare
 from common import run_meta, write_results
 from harness import set_threads, time_interleaved
 
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="stream_split")
     a = p.parse_args(argv)
     t0 = time.time()
-    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    busy0, steal0 = busy_cpu_s(), steal_ticks()
+    share = MachineShare()
     set_threads(2)
     rng = np.random.default_rng(0)
     rows = []
@@ -105,21 +103,12 @@ def main(argv: list[str] | None = None) -> None:
                          "ms_2": 1e3 * t["2"]["median_s"], "gain": t["1"]["median_s"] / t["2"]["median_s"],
                          "rounds": t["1"]["rounds"]})
             print(rows[-1], flush=True)
-    busy1, steal1 = busy_cpu_s(), steal_ticks()
-    wall = time.time() - t0
-    stolen = (steal1 - steal0) / os.sysconf("SC_CLK_TCK") / wall
-    # busy_cpu_s counts stolen time as busy
-    others = max(0.0, (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / wall - stolen)
-    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others,
-                    stolen_cores=stolen)
+    meta = run_meta(__file__, argv, t0, seeds=[0], **share.stop())
     payload = {"meta": meta, "rows": rows}
     names = list(dict.fromkeys(r["pass"] for r in rows))
     md = ["# The activation passes on 2 threads against 1", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
-          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
-          f"{load_start} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and the "
-          f"hypervisor stole {meta['stolen_cores']:.2f} on average during the run (`/proc/stat`); "
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {MachineShare.sentence(meta)}; "
           "single run.", "",
           "Each pass's kernel over its whole range on the calling thread (1) against "
           "`kernels_threads.parallel_for` on 2 threads (2), interleaved rounds with turns; cells are "

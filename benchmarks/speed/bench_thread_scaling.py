@@ -16,7 +16,6 @@ Writes benchmarks/results/thread_scaling.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads_contamination import busy_cpu_s, steal_ticks
+from bench_threads_contamination import MachineShare
 from common import run_meta, write_results
 from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
 
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     ab = parse_settings(a.ab)
     t0 = time.time()
-    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    busy0, steal0 = busy_cpu_s(), steal_ticks()
+    share = MachineShare()
     set_threads(2)
     rows = []
     for name in a.cases:
@@ -152,20 +150,12 @@ def main(argv: list[str] | None = None) -> None:
                              "ab_ms": 1e3 * t["ab"]["median_s"] if ab else None})
                 print(rows[-1], flush=True)
             del packed
-    busy1, steal1 = busy_cpu_s(), steal_ticks()
-    wall = time.time() - t0
-    stolen = (steal1 - steal0) / os.sysconf("SC_CLK_TCK") / wall
-    # busy_cpu_s counts stolen time as busy
-    others = max(0.0, (busy1[0] - busy0[0] - (busy1[1] - busy0[1])) / wall - stolen)
-    meta = run_meta(__file__, argv, t0, seeds=[0], load_start=load_start,
-                    load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()), other_processes_cores=others,
-                    stolen_cores=stolen)
+    meta = run_meta(__file__, argv, t0, seeds=[0], **share.stop())
     payload = {"meta": meta, "ab": ab, "rows": rows}
     md = ["# lowbit: 2 threads against 1, the same packed model side by side", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
-          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end "
-          f"{meta['load_start']} / {meta['load_end']}; other processes used {others:.2f} of the 2 cores and "
-          f"the hypervisor stole {stolen:.2f} on average during the run (`/proc/stat`); single run.", "",
+          f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; {MachineShare.sentence(meta)}; "
+          "single run.", "",
           "1 thread: the calling thread's kernels serial (`kernels_threads.set_serial`); rounds "
           "interleaved with turns (`harness.time_interleaved`); ratio = 1-thread median / 2-thread median. "
           "`flat threads`: threads the flat executor's last 2-thread call used (conv nets).", "",

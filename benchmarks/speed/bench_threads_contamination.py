@@ -70,6 +70,32 @@ def steal_ticks() -> int:
         return 0
 
 
+class MachineShare:
+    """What else used the machine from construction to :meth:`stop`: the load average at both ends,
+    other processes' cores and the hypervisor's stolen cores on average (``/proc/stat``)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        self.busy0, self.steal0 = busy_cpu_s(), steal_ticks()
+
+    def stop(self) -> dict[str, object]:
+        busy1, steal1 = busy_cpu_s(), steal_ticks()
+        wall = time.time() - self.t0
+        stolen = (steal1 - self.steal0) / os.sysconf("SC_CLK_TCK") / wall
+        # busy_cpu_s counts stolen time as busy
+        others = max(0.0, (busy1[0] - self.busy0[0] - (busy1[1] - self.busy0[1])) / wall - stolen)
+        return {"load_start": self.load_start, "load_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+                "other_processes_cores": others, "stolen_cores": stolen}
+
+    @staticmethod
+    def sentence(meta: dict) -> str:
+        """The report's words for a :meth:`stop` recorded in ``meta``."""
+        return (f"load average at start / end {meta['load_start']} / {meta['load_end']}; other processes "
+                f"used {meta['other_processes_cores']:.2f} of the 2 cores and the hypervisor stole "
+                f"{meta['stolen_cores']:.2f} on average during the run (`/proc/stat`)")
+
+
 def spin_profile(fn, reps: int, park_s: float) -> list[float]:
     """Median cores busy (other threads' CPU / wall time) in each window of :data:`WINDOWS_MS`."""
     per_window: list[list[float]] = [[] for _ in WINDOWS_MS]

@@ -77,13 +77,7 @@ from .kernels_int8 import (
     int8_parts,
     pack_amx_weights,
 )
-from .kernels_lanes import (
-    _lanes_conv_range,
-    _lanes_pool_range,
-    host_has_lanes,
-    lanes_applies,
-    pack_lanes_weights,
-)
+from .kernels_lanes import _lanes_conv_range, host_has_lanes, lanes_applies, pack_lanes_weights
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
 from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, plane_integers
 
@@ -274,12 +268,11 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
                 cd = ca[p[23] :] if flags & EPI_CODES else ca[:0]
                 cgeo = p[24:28]
-                if p[29] == 2:  # output pixels in the lanes (kernels_lanes): codes only
+                if p[29] >= 2:  # output pixels in the lanes (kernels_lanes): codes only; 3: pooled
+                    pool = p[29] == 3  # (_fused_pool)
+                    rows = nv * (geo[3] // 2 if pool else geo[3])
                     _lanes_conv_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
-                                      cgeo, sc[p[28]], sc[p[28] + 1], 0, nv * geo[3])
-                elif p[29] == 3:  # ... and the 2x2 max pool after it (_fused_pool)
-                    _lanes_pool_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
-                                      cgeo, sc[p[28]], sc[p[28] + 1], 0, nv * (geo[3] // 2))
+                                      cgeo, sc[p[28]], sc[p[28] + 1], pool, 0, rows)
                 elif p[29]:  # AMX tiles
                     used_amx = True
                     cfg = w8[p[30] : p[30] + 64]

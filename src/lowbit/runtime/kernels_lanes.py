@@ -269,9 +269,11 @@ lanes_row_pool = _lanes_row_intrinsic(True)
 
 
 @kernel
-def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, r_lo, r_hi):
+def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, pool, r_lo, r_hi):
     """Output rows ``r_lo .. r_hi`` (``r = n*OH + oh``) of the lanes convolution: ``geo`` = (Hp, Wp,
-    C, OH, OW, sh, sw, N, O) as ``int8_conv``'s, ``cgeo`` = (Hp', Wp', ph', pw') the code image's."""
+    C, OH, OW, sh, sw, N, O) as ``int8_conv``'s, ``cgeo`` = (Hp', Wp', ph', pw') the code image's.
+    ``pool``: followed by a 2x2 max pool with stride 2 (floor), rows ``r = n*(OH//2) + ph`` of the
+    pooled image, each from conv rows ``2ph`` and ``2ph + 1``."""
     Hp = geo[0]
     Wp = geo[1]
     OH = geo[3]
@@ -284,44 +286,20 @@ def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, r
     pwc = cgeo[3]
     qh = np.float32(qhi)
     qm = np.float32(qmult)
+    R = OH // 2 if pool else OH  # rows of the image written
+    CW = OW // 2 * 2 if pool else OW  # conv columns computed
     for r in range(r_lo, r_hi):
-        n = r // OH
-        oh = r - n * OH
-        xb = (n * Hp + oh * sh) * Wp
+        n = r // R
+        oh = r - n * R
+        xb = (n * Hp + (2 * oh if pool else oh) * sh) * Wp
         cb = ((n * Hc + oh + phc) * Wc + pwc) * O
-        for ow0 in range(0, OW, 16):
-            nv = min(16, OW - ow0)
-            lanes_row(xq, xb + ow0, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cb + ow0 * O, qh, qm)
-
-
-@kernel
-def _lanes_pool_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, r_lo, r_hi):
-    """:func:`_lanes_conv_range` followed by a 2x2 max pool with stride 2 (floor): pooled rows
-    ``r_lo .. r_hi`` (``r = n*(OH//2) + ph``), each from conv rows ``2ph`` and ``2ph + 1``; ``cgeo``
-    is the pooled code image's."""
-    Hp = geo[0]
-    Wp = geo[1]
-    OH = geo[3]
-    OW = geo[4]
-    sh = geo[5]
-    O = geo[8]
-    Hc = cgeo[0]
-    Wc = cgeo[1]
-    phc = cgeo[2]
-    pwc = cgeo[3]
-    PH = OH // 2
-    CW = OW // 2 * 2  # conv columns the pooled ones read
-    qh = np.float32(qhi)
-    qm = np.float32(qmult)
-    for r in range(r_lo, r_hi):
-        n = r // PH
-        ph = r - n * PH
-        xb = (n * Hp + 2 * ph * sh) * Wp
-        cb = ((n * Hc + ph + phc) * Wc + pwc) * O
         for ow0 in range(0, CW, 16):
             nv = min(16, CW - ow0)
-            lanes_row_pool(xq, xb + ow0, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes,
-                           cb + (ow0 // 2) * O, qh, qm)
+            if pool:
+                lanes_row_pool(xq, xb + ow0, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes,
+                               cb + (ow0 // 2) * O, qh, qm)
+            else:
+                lanes_row(xq, xb + ow0, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cb + ow0 * O, qh, qm)
 
 
 def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray, s0: np.ndarray,
@@ -341,9 +319,9 @@ def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray,
                          "(pack_lanes_weights)")
     if sf.size < 48 or s0.size < 16 or s1.size < 16:
         raise ValueError("lanes_conv: s0, s1 need 16 entries and sf 48 (f32_coefficients of one block)")
-    fn, rows = (_lanes_pool_range, g[7] * (g[3] // 2)) if pool else (_lanes_conv_range, g[7] * g[3])
-    parallel_for(fn, rows, xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo, float(qhi),
-                 float(qmult), parallel=False)
+    rows = g[7] * (g[3] // 2 if pool else g[3])
+    parallel_for(_lanes_conv_range, rows, xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo,
+                 float(qhi), float(qmult), bool(pool), parallel=False)
 
 
 def lanes_conv_reference(x: np.ndarray, w_int: np.ndarray, sh: int, s0: np.ndarray, s1: np.ndarray,
