@@ -57,6 +57,7 @@ from ._jit import (
     EPI_CODES,
     EPI_F32,
     EPI_RELU,
+    HOST_VNNI,
     _array_ptr,
     _declare,
     _splat,
@@ -73,16 +74,24 @@ LANES_PX = 16
 LANES_FLAGS = (EPI_CODES | EPI_F32, EPI_RELU | EPI_CODES | EPI_F32)
 
 
-def host_has_lanes() -> bool:
-    """AVX-512 VNNI (from ``_jit``, the plain path switch included) and VBMI (``vpermb``)."""
-    from . import kernels
-
-    if not kernels.HAS_VNNI:
-        return False
+def _host_vbmi() -> bool:
     try:
         return bool(llvm.get_host_cpu_features().get("avx512vbmi"))
     except Exception:  # pragma: no cover - feature query unavailable
         return False
+
+
+#: the CPU has AVX-512 VNNI and VBMI: elsewhere the row kernels compile to nothing (the flat
+#: executor's loop calls them, and LLVM cannot select ``vpermi2b`` without VBMI), and no layer
+#: is planned on them (:func:`host_has_lanes`)
+HOST_LANES = HOST_VNNI and _host_vbmi()
+
+
+def host_has_lanes() -> bool:
+    """:data:`HOST_LANES`, and the VNNI kernels not switched off (``_jit.set_plain``)."""
+    from . import kernels
+
+    return HOST_LANES and kernels.HAS_VNNI
 
 
 def lanes_applies(C: int, O: int, kernel_size: tuple[int, int], stride: tuple[int, int],
@@ -125,6 +134,8 @@ def _lanes_row_intrinsic(pool: bool):
         sig = types.void(x, base, Wp, Rs, KH, QW, w, s0, s1, sf, O, nv, codes, cbase, qhi, qmult)
 
         def codegen(context, builder, signature, args):
+            if not HOST_LANES:
+                return context.get_dummy_value()
             xa, ba, wpa, rsa, kha, qwa, wa, s0a, s1a, sfa, Oa, nva, cda, cba, qha, qma = args
 
             def data(i, v, ty):
