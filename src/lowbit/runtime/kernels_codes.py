@@ -18,7 +18,7 @@ from .kernels_threads import parallel_for, use_parallel
 
 MAX_ABS = float(1 << 22)  # |clip * mult| bound: codes far inside int32
 #: from this many values the pass is split over threads: a few loads and stores per value, so on a
-#: 2-vCPU machine the hand-off to the second thread (0.1-0.2 ms) outweighed the half it takes below
+#: 2-vCPU machine the hand-off to the second thread (0.06-0.2 ms) outweighed the half it takes below
 #: about 2M values (0.14-0.73x at 2**16-2**20, 1.09x at 2**21, 1.45-1.55x above,
 #: benchmarks/results/no_amx/stream_split.md). Split from 2**17 before, a BERT encoder's Linear
 #: inputs at batch 8 and 64 were, and the encoders ran 1.14-1.28x slower on 2 threads than with
