@@ -166,6 +166,14 @@ def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
     return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(_V16I32, [0] * 16))
 
 
+def clip_mult(builder: ir.IRBuilder, y, zero, hi, mult):
+    """``min(max(y, 0), hi) * mult`` on float32 vectors (selects, so a NaN gives 0): the next
+    layer's code before rounding, as every int8 epilogue computes it."""
+    t = builder.select(builder.fcmp_ordered(">", y, zero), y, zero)
+    t = builder.select(builder.fcmp_ordered(">", t, hi), hi, t)
+    return builder.fmul(t, mult)
+
+
 def _declare(builder: ir.IRBuilder, name: str, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
@@ -234,10 +242,7 @@ class _Epilogue:
             self.masks.append(builder.icmp_signed("<", lanes, _splat(builder, lim, _V16I32)))
 
     def _codes(self, y):
-        b = self.b
-        t = b.select(b.fcmp_ordered(">", y, self.zf), y, self.zf)
-        t = b.select(b.fcmp_ordered(">", t, self.hi_v), self.hi_v, t)
-        return b.fmul(t, self.mult_v)
+        return clip_mult(self.b, y, self.zf, self.hi_v, self.mult_v)
 
     def _when(self, flag, static, bit):
         """A block run when ``flag`` holds: a branch on the runtime flag, or (``static`` flags known

@@ -62,9 +62,9 @@ from ._jit import (
     _declare,
     _splat,
     _vpdpbusd,
+    clip_mult,
     kernel,
 )
-from .kernels_threads import parallel_for
 
 #: output channels of a lanes layer (padded: 8 accumulators per 16 pixels)
 LANES_O = 8
@@ -186,10 +186,8 @@ def _lanes_row_intrinsic(pool: bool):
             lanes = ir.Constant(_V16I32, list(range(LANES_PX)))
             valid = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(nva, _I32), _V16I32))
 
-            def clip_mult(y):
-                t = builder.select(builder.fcmp_ordered(">", y, zf), y, zf)
-                t = builder.select(builder.fcmp_ordered(">", t, hi_v), hi_v, t)
-                return builder.fmul(t, mult_v)
+            def codes_t(y):
+                return clip_mult(builder, y, zf, hi_v, mult_v)
 
             def scalar(p, k):
                 return builder.load(builder.gep(p, [i64(k)]))
@@ -198,7 +196,7 @@ def _lanes_row_intrinsic(pool: bool):
                 a = builder.fptrunc(scalar(sfp, o), _F32)
                 b = builder.fptrunc(scalar(sfp, 16 + o), _F32)
                 lim = builder.fptrunc(scalar(sfp, 32 + o), _F32)
-                t = clip_mult(builder.call(fma, [_splat(builder, a, _V16F32), builder.sitofp(d, _V16F32),
+                t = codes_t(builder.call(fma, [_splat(builder, a, _V16F32), builder.sitofp(d, _V16F32),
                                                  _splat(builder, b, _V16F32)]))
                 r = builder.call(rint, [t])
                 near = builder.and_(builder.fcmp_ordered(">=", builder.call(fabs, [builder.fsub(t, r)]),
@@ -210,7 +208,7 @@ def _lanes_row_intrinsic(pool: bool):
                     s1v = _splat(builder, scalar(s1p, o), _V16F64)
                     s0v = _splat(builder, scalar(s0p, o), _V16F64)
                     v = builder.fadd(builder.fmul(s1v, builder.sitofp(d, _V16F64)), s0v)
-                    builder.store(builder.call(rint, [clip_mult(builder.fptrunc(v, _V16F32))]), slot)
+                    builder.store(builder.call(rint, [codes_t(builder.fptrunc(v, _V16F32))]), slot)
                 return builder.fptoui(builder.load(slot), v16i8)
 
             def umax(a, b):
@@ -331,8 +329,8 @@ def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray,
     if sf.size < 48 or s0.size < 16 or s1.size < 16:
         raise ValueError("lanes_conv: s0, s1 need 16 entries and sf 48 (f32_coefficients of one block)")
     rows = g[7] * (g[3] // 2 if pool else g[3])
-    parallel_for(_lanes_conv_range, rows, xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo,
-                 float(qhi), float(qmult), bool(pool), parallel=False)
+    _lanes_conv_range(xq, geo, np.int64(KH), np.int64(QW), w, s0, s1, sf, codes, cgeo, float(qhi),
+                      float(qmult), bool(pool), 0, rows)
 
 
 def lanes_conv_reference(x: np.ndarray, w_int: np.ndarray, sh: int, s0: np.ndarray, s1: np.ndarray,
