@@ -14,11 +14,14 @@ RNG = np.random.default_rng(5)
 
 @pytest.mark.parametrize("scratch", [0, 64], ids=["allocated", "scratch"])
 @pytest.mark.parametrize("C, H, W, ph, pw", [(3, 32, 32, 1, 1), (3, 5, 7, 2, 0), (1, 28, 28, 0, 0),
-                                              (5, 7, 9, 2, 1), (64, 1, 1, 0, 0)])
+                                              (5, 7, 9, 2, 1), (64, 1, 1, 0, 0), (1, 28, 28, 2, 2),
+                                              (1, 3, 16, 1, 1), (1, 4, 17, 0, 3), (1, 5, 15, 1, 0)])
 def test_quantize_nchw_equals_reference_and_general_kernel(C, H, W, ph, pw, scratch):
     N, hi, mult = 4, np.float32(3.0), np.float32(5.0)
     x = RNG.uniform(-1, 4, (N, C, H, W)).astype(np.float32)
-    x.flat[:3] = (1.5 / 5.0, 2.5 / 5.0, -0.0)  # ties of rint (to even) and a negative zero
+    # ties of rint (to even) and a negative zero, at both ends of a quantized image (one channel:
+    # in the first and the last 16-value block of a row)
+    x[1].flat[:3] = x[3].flat[-3:] = (1.5 / 5.0, 2.5 / 5.0, -0.0)
     Hp, Wp = H + 2 * ph, W + 2 * pw
     size = Hp * Wp * C
     got = np.full(3 * size + 16, 9, np.uint8)

@@ -19,6 +19,8 @@ from ._amx import (
     amx_config,
 )
 from ._jit import (
+    _V16F32,
+    _V16I8,
     EPI_CODES,
     EPI_F32,
     EPI_FLOAT,
@@ -26,8 +28,11 @@ from ._jit import (
     EPI_RESIDUAL,
     VNNI_TILES,
     _array_ptr,
+    _declare,
     _Epilogue,
+    _splat,
     branch_on_flags,
+    clip_mult,
     kernel,
     vnni_row_1,
     vnni_row_2,
@@ -265,6 +270,28 @@ def _int8_quantize_range(x, mode, hi, mult, ma, ph, pw, Hp, Wp, cmajor, xq, n_lo
                         dst[c] = np.uint8(np.rint(t * mult))
 
 
+@intrinsic
+def _codes16(typingctx, src, so, dst, do, hi, mult):
+    """``dst[do : do + 16] = rint(min(max(src[so : so + 16], 0), hi) * mult)``: 16 float32 values to
+    uint8 codes as vector operations. numba vectorises a row loop 64 values a step, so the rows of a
+    28-pixel MNIST image ran scalar (1.6 us for the image, 0.7 us this way)."""
+    sig = types.void(src, so, dst, do, hi, mult)
+
+    def codegen(context, builder, signature, args):
+        def at(i, vty):  # the address of element args[i + 1] of array args[i], as a vector pointer
+            arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i])
+            return builder.bitcast(builder.gep(arr.data, [args[i + 1]]), vty.as_pointer())
+
+        zero = ir.Constant(_V16F32, [0.0] * 16)
+        hi, mult = (_splat(builder, a, _V16F32) for a in args[4:6])
+        t = clip_mult(builder, builder.load(at(0, _V16F32), align=4), zero, hi, mult)
+        rint = _declare(builder, "llvm.rint.v16f32", _V16F32, [_V16F32])
+        builder.store(builder.fptoui(builder.call(rint, [t]), _V16I8), at(2, _V16I8), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @kernel
 def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi, scratch):
     """``_int8_quantize_range`` (mode 0, ``ma = 0``) of images ``n_lo..n_hi`` of a C-contiguous NCHW
@@ -301,6 +328,12 @@ def _int8_quantize_nchw(x, hi, mult, ph, pw, xq, n_lo, n_hi, scratch):
                     dst[3 * w] = np.uint8(np.rint(t0 * mult))
                     dst[3 * w + 1] = np.uint8(np.rint(t1 * mult))
                     dst[3 * w + 2] = np.uint8(np.rint(t2 * mult))
+                continue
+            if C == 1 and W >= 16 and x.strides[3] == 4:  # one channel: 16 codes at a time, straight
+                # into the row (the last 16 overlap the previous ones when 16 does not divide W)
+                for w0 in range(0, W, 16):
+                    w = min(w0, W - 16)
+                    _codes16(x[n, 0, h], w, row, pw + w, hi, mult)
                 continue
             for c in range(C):
                 xr = x[n, c, h]
