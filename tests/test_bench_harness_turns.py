@@ -78,11 +78,11 @@ def test_plain_rounds_charge_a_method_for_the_previous_one():
 def test_turns_budget_counts_both_calls_of_a_turn():
     w = World()
     fns = {k: w.method(k) for k in "ab"}
-    # the first warm-up round costs 1 + 50 ms (b after a), the second 50 + 50 ms and sets the rounds:
-    # two calls per turn -> 1.05 s / (2 * 100 ms) -> 5 rounds
+    # the first warm-up round costs 1 + 50 ms (b after a), the second 50 + 50 ms; the faster sets the
+    # rounds: two calls per turn and 2 ms of warm calls per method -> 1.05 s / (2 * 51 + 4 ms) -> 9
     t = harness.time_interleaved(fns, max_rounds=100, budget_s=1.05, seed=0, turns=True, clock=w.clock,
                                  settle_fn=w.settle)
-    assert t["a"]["rounds"] == 5
+    assert t["a"]["rounds"] == 9
 
 
 class Threads:

@@ -1051,10 +1051,11 @@ class FlatExecutor:
         """A new block of output tensors for the one-image entry ``one``; returns its first."""
         prog, oshape, outs = one[0], one[4], one[5]
         n = max(1, OUT_BLOCK_BYTES // (4 * prog.out_numel))
-        blk = np.empty((n, *oshape[1:]), np.float32)
+        blk = np.empty((n, *oshape), np.float32)
         base, step = blk.ctypes.data, blk.strides[0]
-        views = torch.from_numpy(blk).split(1)
-        outs.extend(reversed([(t, base + i * step) for i, t in enumerate(views)]))
+        # the last view first: pop() hands them out in memory order (unbind: ~15% less than split)
+        views = reversed(torch.from_numpy(blk).unbind(0))
+        outs.extend(zip(views, range(base + (n - 1) * step, base - 1, -step), strict=True))
         return outs.pop()
 
     def one_args(self, x: Tensor) -> Tensor | None:
