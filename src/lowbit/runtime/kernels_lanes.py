@@ -10,9 +10,10 @@ quad ``q`` (kernel columns ``4q .. 4q+3``) one 64-byte load and one ``vpermb`` g
 
     win[j] = x[n, oh*sh + kh, ow0 + j + 4q : ow0 + j + 4q + 4]
 
-and each output channel ``o`` (8 accumulators) takes ``acc[o][j] += win[j] . w[o, kh, 4q:4q+4]``
-(one ``vpdpbusd`` with the broadcast weight quad; columns past the kernel width have zero
-weights). A 5x5 layer: 10 windows and 80 products per 16 pixels, against 160 products (10 per
+and each output channel ``o`` takes ``acc[o][j] += win[j] . w[o, kh, 4q:4q+4]`` (one ``vpdpbusd``
+with the broadcast weight quad; columns past the kernel width have zero weights), on 4, 6 or 8
+accumulators per row, the fewest that hold the layer's channels. A 5x5 layer with 6 channels: 10
+windows and 60 products per 16 pixels, against 160 products (10 per
 pixel, 16 channels each) on the channel lanes.
 
 The epilogue writes the next layer's codes only (the ``EPI_CODES | EPI_F32`` epilogue of
@@ -66,7 +67,7 @@ from ._jit import (
     kernel,
 )
 
-#: output channels of a lanes layer (padded: 8 accumulators per 16 pixels)
+#: output channels of a lanes layer at most (the weights are stored padded to this many)
 LANES_O = 8
 #: pixels per vector
 LANES_PX = 16
@@ -121,8 +122,9 @@ def pack_lanes_weights(w_int: np.ndarray) -> np.ndarray:
     return np.concatenate([out.reshape(-1), *orders])
 
 
-def _lanes_row_intrinsic(pool: bool):
-    """The row kernel: one output row's 16 pixels, or (``pool``) two rows' and their 2x2 maxima."""
+def _lanes_row_intrinsic(pool: bool, NO: int = LANES_O):
+    """The row kernel: one output row's 16 pixels, or (``pool``) two rows' and their 2x2 maxima;
+    ``NO`` output channels computed (the code vectors of the others are zeros)."""
     R = 2 if pool else 1  # output rows per call
     PX = LANES_PX // 2 if pool else LANES_PX  # pixels stored per call
 
@@ -147,7 +149,7 @@ def _lanes_row_intrinsic(pool: bool):
             xp = builder.gep(data(0, xa, _I8), [ba])
             wp = data(6, wa, _I8)
             zero = ir.Constant(_V16I32, [0] * 16)
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(LANES_O)] for _ in range(R)]
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NO)] for _ in range(R)]
             idx = ir.Constant(ir.VectorType(_I32, 64), [j + t for j in range(LANES_PX) for t in range(4)])
             undef64 = ir.Constant(_V64I8, None)
             with cgutils.for_range(builder, kha) as kl:
@@ -163,7 +165,7 @@ def _lanes_row_intrinsic(pool: bool):
                     wq = builder.gep(wp, [builder.mul(builder.add(builder.mul(kl.index, qwa), ql.index),
                                                       i64(LANES_O * 4))])
                     wq = builder.bitcast(wq, _I32.as_pointer())
-                    for o in range(LANES_O):
+                    for o in range(NO):
                         q = builder.load(builder.gep(wq, [i64(o)]))
                         q.align = 1
                         wv = builder.bitcast(_splat(builder, q, _V16I32), _V64I8)
@@ -219,13 +221,14 @@ def _lanes_row_intrinsic(pool: bool):
                 return builder.shuffle_vector(u, v, mask)
 
             cvals = []
-            for o in range(LANES_O):
+            for o in range(NO):
                 c = codes_of(builder.load(accs[0][o]), o)
                 if pool:  # the larger code of the two rows, then of each pair of columns
                     c = umax(c, codes_of(builder.load(accs[1][o]), o))
                     pick = [ir.Constant(ir.VectorType(_I32, 8), list(range(k, 16, 2))) for k in (0, 1)]
                     c = umax(builder.shuffle_vector(c, c, pick[0]), builder.shuffle_vector(c, c, pick[1]))
                 cvals.append(c)
+            cvals += [ir.Constant(ir.VectorType(_I8, PX), [0] * PX)] * (LANES_O - NO)
             # NHWC order: byte j*O + o of the pixels' codes is byte o*PX + j of the code vectors (a
             # permutation with the order stored after the weights), then masked stores
             mstore = _declare(builder, "llvm.masked.store.v64i8.p0", ir.VoidType(),
@@ -273,8 +276,10 @@ def _splat64(builder: ir.IRBuilder, value):
     return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(vty, [0] * 64))
 
 
-lanes_row = _lanes_row_intrinsic(False)
-lanes_row_pool = _lanes_row_intrinsic(True)
+# the row kernel for 4, 6 and 8 channels: a layer runs on the smallest that holds its outputs (LeNet-5's
+# first layer, 6 channels, with the pool: 3.1-3.3 -> 2.4-2.5 us on 6 instead of 8, one-off probe)
+lanes_row_4, lanes_row_6, lanes_row = (_lanes_row_intrinsic(False, no) for no in (4, 6, LANES_O))
+lanes_pool_4, lanes_pool_6, lanes_pool = (_lanes_row_intrinsic(True, no) for no in (4, 6, LANES_O))
 
 
 @kernel
@@ -304,12 +309,23 @@ def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, p
         cb = ((n * Hc + oh + phc) * Wc + pwc) * O
         for ow0 in range(0, CW, 16):
             nv = min(16, CW - ow0)
+            xr = xb + ow0
             if pool:
-                lanes_row_pool(xq, xb + ow0, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes,
-                               cb + (ow0 // 2) * O, qh, qm)
+                cr = cb + (ow0 // 2) * O
+                if O <= 4:
+                    lanes_pool_4(xq, xr, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
+                elif O <= 6:
+                    lanes_pool_6(xq, xr, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
+                else:
+                    lanes_pool(xq, xr, Wp, sh * Wp, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
             else:
-                lanes_row(xq, xb + ow0, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cb + ow0 * O, qh, qm)
-
+                cr = cb + ow0 * O
+                if O <= 4:
+                    lanes_row_4(xq, xr, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
+                elif O <= 6:
+                    lanes_row_6(xq, xr, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
+                else:
+                    lanes_row(xq, xr, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
 
 def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray, s0: np.ndarray,
                s1: np.ndarray, sf: np.ndarray, codes: np.ndarray, cgeo: np.ndarray, qhi: float,
