@@ -246,10 +246,11 @@ def test_unsupported_graph_and_plain_path_run_module_by_module():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("chw", [0, 1])
-@pytest.mark.parametrize("C,k,s", [(6, 2, 2), (16, 3, 2), (5, 3, 1)])
+@pytest.mark.parametrize("C,k,s", [(6, 2, 2), (16, 3, 2), (5, 3, 1), (16, 2, 2), (48, 2, 2)])
 def test_code_maxpool_equals_reference(threads, chw, C, k, s, monkeypatch):
-    """Max pooling on codes (LeNet-5's 6 channels among them) equals its NumPy reference, the
-    bytes around the written outputs untouched, on one thread and split over two."""
+    """Max pooling on codes (LeNet-5's 6 channels among them; 2x2 windows on whole vectors of 16
+    channels take the vector path) equals its NumPy reference, the bytes around the written outputs
+    untouched, on one thread and split over two."""
     from lowbit.runtime import kernels_pool
 
     if threads > numba.config.NUMBA_NUM_THREADS:

@@ -76,10 +76,11 @@ from .kernels_int8 import (
     epilogue_flags,
     int8_parts,
     pack_amx_weights,
+    pack_int8_weights,
 )
 from .kernels_lanes import _lanes_conv_range, host_has_lanes, lanes_applies, pack_lanes_weights
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
-from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, plane_integers
+from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, fold_integers, plane_integers
 
 OP_QUANT, OP_CONV, OP_SUBSAMPLE, OP_CPAD, OP_MAXPOOL, OP_GAP = range(6)
 NF = 40  # fields of a program row
@@ -431,7 +432,9 @@ class _Val:
     """A tensor of the program: ``kind`` 'x' (the model input, NCHW), 'f' (float32 NHWC in the
     float arena), 'c' (padded uint8 code image in the code arena), 't' (a (float, codes) pair),
     's' (a subsampling not yet done: ``parts`` = (source, sh, sw); its channel pad does it).
-    Per image ``H x W x C``; ``ndim`` is the rank the module graph would see (2: rows)."""
+    Per image ``H x W x C``; ``ndim`` is the rank the module graph would see (2: rows). ``hwc``:
+    rows of codes that hold a feature map (OH, OW, C) flattened in (h, w, c) order, not PyTorch's
+    (c, h, w): the Linear layer reading them takes its weight columns in that order."""
 
     kind: str
     H: int = 1
@@ -441,6 +444,7 @@ class _Val:
     pad: tuple[int, int] = (0, 0)
     ndim: int = 4
     parts: tuple = ()
+    hwc: tuple = ()
 
 
 @dataclass
@@ -561,14 +565,24 @@ def _f32_coefficients(b: _Builder, pm) -> int:
     return got
 
 
-def _weights(b: _Builder, pm) -> tuple[int, int, int, int]:
+def _weights(b: _Builder, pm, hwc: tuple = ()) -> tuple[int, int, int, int]:
     """(w offset, w length, passes offset, passes count) of the VNNI weights of an int8 layer (put
-    into the program only for layers that run on the VNNI tiles)."""
-    got = b._weights.get(id(pm))
+    into the program only for layers that run on the VNNI tiles). ``hwc`` = (OH, OW, C): a Linear
+    layer whose inputs come in (h, w, c) order (``_Val.hwc``), its weight columns permuted to it."""
+    key = (id(pm), hwc)
+    got = b._weights.get(key)
     if got is None:
         i8 = pm.i8
-        got = (b.put("w8", i8.w), i8.w.size, b.put("aux", i8.passes.reshape(-1)), i8.passes.shape[0])
-        b._weights[id(pm)] = got
+        w = i8.w
+        if hwc:
+            OH, OW, C = hwc
+            w_int = fold_integers(pm.wp)[0]
+            # column (h, w, c) of the permuted weights is PyTorch's flatten column (c, h, w)
+            perm = np.arange(C * OH * OW).reshape(C, OH, OW).transpose(1, 2, 0).reshape(-1)
+            w, passes = pack_int8_weights(w_int[:, perm].reshape(w_int.shape[0], 1, 1, -1), 1)
+            assert np.array_equal(passes, i8.passes) and w.size == i8.w.size
+        got = (b.put("w8", w), w.size, b.put("aux", i8.passes.reshape(-1)), i8.passes.shape[0])
+        b._weights[key] = got
     return got
 
 
@@ -674,7 +688,7 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
         wo = wl = po = pn = 0
         amx = [2, lo, pm.kernel_size[0], pm.kernel_size[1]]
     else:
-        wo, wl, po, pn = _weights(b, pm)
+        wo, wl, po, pn = _weights(b, pm, x.hwc)
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
          *cgeo, qs, *amx, sfo)
     fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
@@ -960,16 +974,18 @@ def _maxpool(b: _Builder, mod: CodeMaxPool2d, x: _Val | None) -> _Val:
     (KH, KW), (SH, SW) = mod.kernel_size, mod.stride
     OH, OW = (x.H - KH) // SH + 1, (x.W - KW) // SW + 1
     ph, pw = x.pad
-    if mod.flat:
-        cgeo = [int(v) for v in mod.target.geometry(1, 1)]
-        off = b.calloc(1, 1, x.C * OH * OW)
-        val = _Val("c", 1, 1, x.C * OH * OW, off, (0, 0), ndim=2)
+    if mod.flat:  # the rows of a Linear layer, written in (h, w, c) order: whole pixels, as vectors
+        # where they can be (kernels_pool), instead of one byte at a time into PyTorch's (c, h, w)
+        if tuple(int(v) for v in mod.target.geometry(1, 1)) != (1, 1, 0, 0):
+            raise UnsupportedGraphError("a flattening max pool whose codes are padded")
+        cgeo = [OH, OW, 0, 0]
+        off = b.calloc(OH, OW, x.C)
+        val = _Val("c", 1, 1, x.C * OH * OW, off, (0, 0), ndim=2, hwc=(OH, OW, x.C))
     else:
         cgeo = [int(v) for v in mod.target.geometry(OH, OW)]
         off = b.calloc(cgeo[0], cgeo[1], x.C)
         val = _Val("c", OH, OW, x.C, off, tuple(mod.target.pad))
-    b.op(OP_MAXPOOL, x.off, x.C, x.H + 2 * ph, x.W + 2 * pw, ph, pw, KH, KW, SH, SW, OH, OW, *cgeo,
-         int(mod.flat), off)
+    b.op(OP_MAXPOOL, x.off, x.C, x.H + 2 * ph, x.W + 2 * pw, ph, pw, KH, KW, SH, SW, OH, OW, *cgeo, 0, off)
     return val
 
 
