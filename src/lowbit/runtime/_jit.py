@@ -320,6 +320,13 @@ def _array_ptr(context, builder, aty, value, ty):
     return builder.bitcast(arr.data, ty.as_pointer())
 
 
+def element_ptr(context, builder, aty, value, index, ty):
+    """The address of element ``index`` of the numba array ``value`` (of type ``aty``) as a pointer
+    to ``ty`` (a vector type: the vector that starts there)."""
+    arr = cgutils.create_struct_proxy(aty)(context, builder, value=value)
+    return builder.bitcast(builder.gep(arr.data, [index]), ty.as_pointer())
+
+
 def vnni_split(R: int, OB: int) -> int:
     """Accumulator sets of a ``vnni_tile(R, OB)``: enough independent chains (>= 16 where at most 4
     sets give them) to keep the multiply ports busy."""

@@ -54,14 +54,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor, nn
 
 from . import _amx
 from . import kernels_threads as _threads
 from ._amx import amx_release
-from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, kernel
+from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, element_ptr, kernel
 from .kernels_amx import aligned_u8
 from .kernels_int8 import (
     AMX_SCRATCH,
@@ -166,10 +165,7 @@ def _copy16(typingctx, src, so, dst, do):
 
     def codegen(context, builder, signature, args):
         vt = ir.VectorType(ir.FloatType(), 16)
-        ptrs = []
-        for i in (0, 2):
-            arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i])
-            ptrs.append(builder.bitcast(builder.gep(arr.data, [args[i + 1]]), vt.as_pointer()))
+        ptrs = [element_ptr(context, builder, signature.args[i], args[i], args[i + 1], vt) for i in (0, 2)]
         ld = builder.load(ptrs[0])
         ld.align = 4
         st = builder.store(ld, ptrs[1])

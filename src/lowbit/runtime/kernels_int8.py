@@ -33,6 +33,7 @@ from ._jit import (
     _splat,
     branch_on_flags,
     clip_mult,
+    element_ptr,
     kernel,
     vnni_row_1,
     vnni_row_2,
@@ -278,9 +279,8 @@ def _codes16(typingctx, src, so, dst, do, hi, mult):
     sig = types.void(src, so, dst, do, hi, mult)
 
     def codegen(context, builder, signature, args):
-        def at(i, vty):  # the address of element args[i + 1] of array args[i], as a vector pointer
-            arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i])
-            return builder.bitcast(builder.gep(arr.data, [args[i + 1]]), vty.as_pointer())
+        def at(i, vty):
+            return element_ptr(context, builder, signature.args[i], args[i], args[i + 1], vty)
 
         zero = ir.Constant(_V16F32, [0.0] * 16)
         hi, mult = (_splat(builder, a, _V16F32) for a in args[4:6])

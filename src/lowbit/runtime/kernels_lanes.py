@@ -327,6 +327,7 @@ def _lanes_conv_range(xq, geo, KH, QW, w, s0, s1, sf, codes, cgeo, qhi, qmult, p
                 else:
                     lanes_row(xq, xr, Wp, 0, KH, QW, w, s0, s1, sf, O, nv, codes, cr, qh, qm)
 
+
 def lanes_conv(xq: np.ndarray, geo: np.ndarray, KH: int, KW: int, w: np.ndarray, s0: np.ndarray,
                s1: np.ndarray, sf: np.ndarray, codes: np.ndarray, cgeo: np.ndarray, qhi: float,
                qmult: float, pool: bool = False) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import kernels_int8 as _i8  # its parallel threshold, read at call time
-from ._jit import kernel
+from ._jit import element_ptr, kernel
 from .kernels_threads import parallel_for, use_parallel
 
 _NO_SCRATCH = np.zeros(0, np.uint8)  # a parallel call: each thread allocates its buffers
@@ -30,8 +29,7 @@ def _max4_16(typingctx, dst, do, src, o0, o1, o2, o3):
         vt = ir.VectorType(ir.IntType(8), 16)
 
         def at(i, off):
-            arr = cgutils.create_struct_proxy(signature.args[i])(context, builder, value=args[i])
-            return builder.bitcast(builder.gep(arr.data, [off]), vt.as_pointer())
+            return element_ptr(context, builder, signature.args[i], args[i], off, vt)
 
         m = None
         for off in args[3:7]:
