@@ -1,6 +1,8 @@
 """The flat executor's peephole fusion of a Linear layer's output quantization (``_fuse_codes``): the
 quantize rows between LeNet-5's Linear layers are left out, the layers write the codes themselves,
-and the output bits do not change; a float output that something else reads is kept."""
+and the output bits do not change; a float output that something else reads is kept. And the
+flattening max pool before a Linear layer, which writes its codes in (h, w, c) order for that
+layer's permuted weight columns (``_Val.hwc``)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import pytest
 import torch
 from _runtime_models import calibrated_lenet
 
+import lowbit
 import lowbit.runtime as rt
+from lowbit.models import build_model
 from lowbit.runtime import executor as E
 from lowbit.runtime import kernels as K
 from lowbit.runtime._jit import EPI_CODES, EPI_FLOAT, EPI_RELU
+from lowbit.runtime.compiler import reference_fp64
 
 needs_vnni = pytest.mark.skipif(not K.HAS_VNNI, reason="int8 kernels need AVX-512 VNNI")
 
@@ -51,3 +56,26 @@ def test_a_float_output_read_elsewhere_is_kept():
     kept = E._fuse_codes([conv.copy(), quant.copy(), gap], result_off=0)
     assert len(kept) == 3 and kept[0][20] == EPI_RELU | EPI_FLOAT
     assert len(E._fuse_codes([conv.copy(), quant.copy()], result_off=64)) == 2  # the program's output
+
+
+@needs_vnni
+@pytest.mark.parametrize("width", [0.75, 2.0], ids=["12-channel pool", "32-channel pool"])
+def test_flattening_pool_writes_rows_in_hwc_order(width):
+    """LeNet-5 at other widths: pool2 over 12 channels (the byte path) and 32 (whole vectors) writes
+    fc1's rows in (h, w, c) order, and the output is the fake-quantized model's in float64."""
+    torch.manual_seed(0)
+    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
+    recipe = {"default": {"weight": {"method": "twn", "bits": 2}, "activation": act}}
+    q = lowbit.quantize(build_model("lenet5", width_mult=width).eval(), recipe)
+    with torch.no_grad():
+        q.train()(torch.rand(16, 1, 28, 28))
+    q.eval()
+    x = 3 * torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    packed = rt.compile(q, x[:2])
+    prog = packed.executor.program((1, 28, 28)).prog
+    pools = [p for p in prog if p[0] == E.OP_MAXPOOL]
+    assert pools and all(int(p[17]) == 0 for p in pools)  # never PyTorch's (c, h, w) order
+    assert int(pools[-1][2]) == {0.75: 12, 2.0: 32}[width]
+    for b in (1, 5):
+        ref = reference_fp64(q, x[:b])
+        assert float((packed(x[:b]).double() - ref).abs().max() / ref.abs().max()) < 1e-6
