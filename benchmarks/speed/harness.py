@@ -393,8 +393,8 @@ def time_interleaved(
     """Median / min / p90 seconds of each callable over interleaved rounds.
 
     Two warm-up rounds (one when a round takes over a second) are not timed; the faster of them sets
-    the number of rounds, ``budget_s / round time`` within ``[min_rounds, max_rounds]`` (a LeNet-5
-    block at batch 1 once got 3 rounds where 15 fitted: one slow warm-up round had set them). Each round
+    the number of rounds, ``budget_s / round time`` within ``[min_rounds, max_rounds]`` (from the
+    second alone, a LeNet-5 block at batch 1 once got 3 rounds where 15 fitted). Each round
     runs the methods in a new (seeded) random order, so that drift reaches every method alike.
 
     ``turns=False``: one timed call per method per round, so a method pays for what the one before
