@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_threads_contamination import MachineShare
 from common import run_meta, write_results
-from harness import CASES, _randomize_bn, make_inputs, quantized_model, set_threads, time_interleaved
+from harness import CASES, float_case, quantized_model, set_threads, time_interleaved
 
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_threads as KT
@@ -116,11 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in a.cases:
         case = CASES[name]
-        torch.manual_seed(0)
-        fm = case.build().eval()
-        _randomize_bn(fm, 0)
         batches = [b for b in a.batches if b in case.batches or b in (1, 8, 64, 256)]
-        x_all = make_inputs(case, max(batches), 0)
+        fm, x_all = float_case(case, max(batches))
         for v in a.variants:
             if v not in case.variants:
                 continue

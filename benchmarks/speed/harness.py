@@ -198,6 +198,15 @@ def make_inputs(case: Case, batch: int, seed: int) -> Tensor:
     return torch.randn(shape, generator=g) if case.input_kind == "normal" else torch.rand(shape, generator=g)
 
 
+def float_case(case: Case, n_inputs: int, seed: int = 0) -> tuple[nn.Module, Tensor]:
+    """The float model of ``case`` built under ``seed`` (eval mode, its BatchNorm statistics
+    randomized, :func:`_randomize_bn`) and ``n_inputs`` inputs: what every speed benchmark times."""
+    torch.manual_seed(seed)
+    fmodel = case.build().eval()
+    _randomize_bn(fmodel, seed)
+    return fmodel, make_inputs(case, n_inputs, seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # machine, threads, timing
 # ----------------------------------------------------------------------------------------------
@@ -885,11 +894,8 @@ def run_case(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of one case (every batch x thread count x method) and its info (setup time, kernels)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    torch.manual_seed(seed)
     set_threads(max(threads))
-    fmodel = case.build().eval()
-    _randomize_bn(fmodel, seed)
-    x_all = make_inputs(case, max(batches), seed)
+    fmodel, x_all = float_case(case, max(batches), seed)
     example = x_all[: min(8, len(x_all))]
     calib = [make_inputs(case, 8, seed + 1000 + i).numpy() for i in range(4)]
     info: dict[str, Any] = {"label": case.label, "kernels": {}, "missing": {}}
