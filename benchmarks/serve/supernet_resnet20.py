@@ -18,6 +18,14 @@ bit-width supernet {2, 4, 8} (W/A), the campaign's validation split, the whole t
         --setup cifar --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar --subset 30000
 
+``--setup cifar-wb`` (results ``supernet_resnet20_cifar_wb``) is the same with widths: every stage at
+0.5 or 1.0 x 2/4/8 bits (six sub-nets, the half-width ones sliced from the float model's first
+channels), the half-width configurations trained alone::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone \\
+        --setup cifar-wb --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wb --subset 30000
+
 Sub-nets (DoReFa weights, PACT activations, stem and classifier float, BatchNorm per sub-net):
 uniform widths 0.5 and 1.0 of every stage x 2/4/8-bit weights and activations, and one
 non-uniform sub-net (stage widths 0.5 / 0.75 / 1.0, 4 bits). A stage's width covers its residual
@@ -63,7 +71,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +124,14 @@ SETUPS = {
         train={"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "precision": "bf16"}, batch_size=128,
         activation={"method": "pact", "alpha_init": 10.0}, select_on_val=True),
 }
+# widths x bits on CIFAR-10: the cifar setup with every stage at width 0.5 or 1.0 (the half-width
+# sub-nets slice the float model's first channels of each group); trained alone: the half-width ones
+# (the full-width ones are the cifar setup's alone runs, the same configurations and recipe)
+SETUPS["cifar-wb"] = replace(
+    SETUPS["cifar"],
+    subnets=[{"name": f"w{w}-b{b}", "width": w, "bits": b} for w in (0.5, 1.0) for b in (2, 4, 8)],
+    alone=["w0.5-b2", "w0.5-b4", "w0.5-b8"], stem="supernet_resnet20_cifar_wb",
+    work="runs/supernet_r20_cifar_wb")
 
 
 def build(setup: Setup, subnets: list[dict[str, Any]], init: str | None = None) -> Supernet:
@@ -289,6 +305,18 @@ def load_trained(setup: Setup, name: str, a: argparse.Namespace) -> Supernet:
     return sn.eval()
 
 
+def full_width_alone(setup: Setup, out: Path) -> dict[str, Any]:
+    """For a widths x bits setup: the full-width configurations trained alone, as the bit-width setup
+    (``cifar``) recorded them in its results file (same initialisation, recipe and data)."""
+    ref = out / f"{SETUPS['cifar'].stem}.json"
+    if setup is SETUPS["cifar"] or not setup.select_on_val or not ref.exists():
+        return {}
+    r = json.loads(ref.read_text())
+    rows = {f"w1.0-{x['name']}": {"val": x["alone_val"], "test": x["alone_test"]} for x in r["rows"]
+            if "alone_test" in x}
+    return {"full_width_alone": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
+
+
 def fastest_ms(fn: Any, x: torch.Tensor, repeats: int) -> float:
     ts = []
     with torch.inference_mode():
@@ -345,7 +373,8 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
                           setup=a.setup, init=a.init, float_init=float_init(a.init), **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
-                          runs=runs),
+                          runs=runs, **({"load": a.load_note} if a.load_note else {}),
+                          **full_width_alone(setup, Path(a.out))),
                "file": sizes, "rows": rows}
     if setup.select_on_val:
         write_results(a.out, setup.stem, payload, markdown_cifar(payload, list(res)))
@@ -404,12 +433,33 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     runs = p.get("runs") or {}
     alone_done = [r for r in rows if "alone_test" in r]
     n_train = p.get("train_images")
-    head = ["sub-net", "W/A bits", "weight bytes", "BOPs", "packed ms b1 / b8 / b32"]
+    widths = sorted({s["width"] for s in p["subnets"]})
+    head = ["sub-net", *(["width"] if len(widths) > 1 else []), "W/A bits", "weight bytes", "BOPs",
+            "packed ms b1 / b8 / b32"]
     head += [f"{v} val / test" for v in variants] + ["alone val / test"]
     head += [f"{v} - alone (test, pp)" for v in variants]
     head += ["packed runtime val acc (top-1 = fake-quant)"]
+    if len(widths) > 1:
+        title = "any-width, any-precision supernet (widths 0.5 / 1.0 x 2/4/8-bit W/A)"
+        shared = ("Sub-nets share one set of latent weights: every stage at width 0.5 or 1.0 (a half-width "
+                  "sub-net keeps the first half of the channels of each residual group and block, sliced "
+                  "from the float model as it is: its channels are not reordered), and DoReFa weights and "
+                  "PACT activations (alpha_init 10) at 2, 4 or 8 bits; stem and classifier float (their "
+                  "channels sliced with their group), one BatchNorm per sub-net. ")
+        rule = ("`sandwich`: every step the largest sub-net (w1.0-b8), the smallest (w0.5-b2) and one of "
+                "the other four drawn at random, the smaller ones distilled in place from the largest; ")
+    else:
+        title = "any-precision supernet (2/4/8-bit W/A)"
+        shared = ("Sub-nets share one set of latent weights at width 1.0 and differ in bits: DoReFa weights "
+                  "and PACT activations (alpha_init 10) at 2, 4 or 8 bits, stem and classifier float, one "
+                  "BatchNorm per sub-net. ")
+        rule = ("`sandwich`: every step the 8-bit, the 2-bit and the 4-bit sub-net (the sandwich rule with "
+                "one random middle sub-net, which with three choices is always the 4-bit one), the smaller "
+                "ones distilled in place from the 8-bit one; `des`: the same with Delayed epsilon-Shrinking "
+                "(8-bit alone for the first 25% of the steps, the 4-bit one joins then, the 2-bit one at "
+                "43.75%); ")
     lines = [
-        "# ResNet-20 CIFAR-10 any-precision supernet (2/4/8-bit W/A) trained from the float model", "",
+        f"# ResNet-20 CIFAR-10 {title} trained from the float model", "",
         f"`{p['command']}` (after the `train` commands in the script's docstring); **single run (n=1), "
         f"seed 0**; the CIFAR-10 JPEG copy (close to, not identical with, the original images); "
         f"{n_train:,} training images, the campaign's validation split ({p['val_images']:,} held-out "
@@ -417,19 +467,14 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         f"whole test set ({p['test_images']:,} images) read once per model, after training; torch "
         f"{p['torch']}.", "",
         f"Budget: {p['epochs']} epochs for every model (supernets and alone alike), one thread per run at "
-        "nice 5 on a shared 2-core machine (two campaign runs beside it), bf16 autocast (quantizers in "
-        "fp32). Epoch times (s): "
+        "nice 5 on a shared 2-core machine (" + p.get("load", "two campaign runs beside it") + "), bf16 "
+        "autocast (quantizers in fp32). Epoch times (s): "
         + "; ".join(f"{k} {', '.join(f'{t:.0f}' for t in v.get('epoch_s', []))} (best epoch "
                     f"{v.get('best_epoch')})" for k, v in runs.items()) + ".", "",
         f"Every model starts from the float ResNet-20 of the claims campaign (`{p['init']}`: "
-        f"{_pct(fl.get('val_acc'))} validation, {_pct(fl.get('test_acc'))} test; 20 epochs). Sub-nets share "
-        "one set of latent weights at width 1.0 and differ in bits: DoReFa weights and PACT activations "
-        "(alpha_init 10) at 2, 4 or 8 bits, stem and classifier float, one BatchNorm per sub-net. Recipe "
-        "(every run): Adam lr 1e-3, cosine, no weight decay, batch 128. `sandwich`: every step the 8-bit, "
-        "the 2-bit and the 4-bit sub-net (the sandwich rule with one random middle sub-net, which with "
-        "three choices is always the 4-bit one), the smaller ones distilled in place from the 8-bit "
-        "one; `des`: the same with Delayed epsilon-Shrinking (8-bit alone for the first 25% of the "
-        "steps, the 4-bit one joins then, the 2-bit one at 43.75%); `alone`: that configuration as its "
+        f"{_pct(fl.get('val_acc'))} validation, {_pct(fl.get('test_acc'))} test; 20 epochs). " + shared
+        + "Recipe (every run): Adam lr 1e-3, cosine, no weight decay, batch 128. " + rule
+        + "`alone`: that configuration as its "
         "own network (a one-sub-net supernet, plain cross entropy). Each run keeps the epoch with the "
         "best mean validation accuracy over its sub-nets. Binomial std of one test accuracy near 85% on "
         "10,000 images: 0.36 pp; a difference under about 1 pp in one run is noise.", "",
@@ -448,7 +493,8 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sub = next(s for s in p["subnets"] if s["name"] == r["name"])
-        cells = [r["name"], f"{sub['bits']}/{sub['bits']}", f"{r['weight_bytes']:,}", f"{r['report_bops']:,}",
+        cells = [r["name"], *([f"{sub['width']}"] if len(widths) > 1 else []), f"{sub['bits']}/{sub['bits']}",
+                 f"{r['weight_bytes']:,}", f"{r['report_bops']:,}",
                  f"{r['packed_b1_ms']:.2f} / {r['packed_b8_ms']:.2f} / {r['packed_b32_ms']:.2f}"]
         cells += [f"{_pct(r[f'{v}_val'])} / {_pct(r[f'{v}_test'])}" for v in variants]
         cells.append(f"{_pct(r['alone_val'])} / {_pct(r['alone_test'])}" if "alone_test" in r
@@ -472,6 +518,14 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         lines.append(f"- Activation quantizers of the served supernet, on the same {k:,} validation images: "
                      "learned PACT clip levels (min / mean / max over layers) and the share of positive "
                      "inputs rounded to zero: " + "; ".join(per) + ".")
+    fw = p.get("full_width_alone")
+    if fw and fw["rows"]:
+        d = [f"{n} {_pct(x['test'])} test (in `{v}` {_pct(r[f'{v}_test'])}, "
+             f"{100 * (r[f'{v}_test'] - x['test']):+.2f} pp)"
+             for n, x in fw["rows"].items() for r in rows if r["name"] == n for v in variants[:1]]
+        lines.append(f"- The full-width configurations trained alone (from `{fw['file']}`, git "
+                     f"{str(fw['git'])[:10]}: the same initialisation, recipe and data, another run): "
+                     + "; ".join(d) + ".")
     if set(variants) == {"sandwich", "des"}:
         d = [100 * (r["des_test"] - r["sandwich_test"]) for r in rows]
         lines.append(f"- `des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: "
@@ -530,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", nargs="*", default=[], help="train: sandwich, des, alone")
     p.add_argument("--setup", choices=sorted(SETUPS), default="tiny",
                    help="tiny: the x0.5 width+bits table (serve_resnet20); cifar: the trained bit-width "
-                   "supernet from the float model (supernet_resnet20_cifar)")
+                   "supernet from the float model (supernet_resnet20_cifar); cifar-wb: widths 0.5/1.0 x "
+                   "bits from the float model (supernet_resnet20_cifar_wb)")
     p.add_argument("--epochs", type=int, help="default: tiny 2, cifar 3")
     p.add_argument("--subset", type=int, help="training images (tiny: the pool incl. --val, default 2500; "
                    "cifar: of the 45,000 left after the campaign's validation split, default 0 = all)")
@@ -544,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                    "runs/supernet_r20_cifar)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument("--load-note", help="report: what ran beside the training runs (goes in the results)")
     a = p.parse_args(argv)
     setup = SETUPS[a.setup]
     for k, v in {**setup.defaults, "work": setup.work}.items():
