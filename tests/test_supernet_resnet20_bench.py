@@ -132,6 +132,32 @@ def test_cifar_table_differences_follow_from_the_numbers(bench) -> None:
 
 
 
+def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path: Path) -> None:
+    setup = bench.SETUPS["cifar-wb"]
+    assert [(s["width"], s["bits"]) for s in setup.subnets] == [(w, b) for w in (0.5, 1.0) for b in (2, 4, 8)]
+    assert setup.alone == ["w0.5-b2", "w0.5-b4", "w0.5-b8"] and setup.select_on_val
+    ref = {"git": {"commit": "abc1234567"},
+           "rows": [{"name": "b2", "alone_val": 0.6, "alone_test": 0.65}, {"name": "b4"}]}
+    (tmp_path / "supernet_resnet20_cifar.json").write_text(__import__("json").dumps(ref))
+    fw = bench.full_width_alone(setup, tmp_path)["full_width_alone"]
+    assert fw["rows"] == {"w1.0-b2": {"val": 0.6, "test": 0.65}}  # rows without an alone run are left out
+    assert bench.full_width_alone(bench.SETUPS["cifar"], tmp_path) == {}
+    rows = [{"name": n, "weight_bytes": 1, "report_bops": 1, "packed_b1_ms": 1.0, "packed_b8_ms": 2.0,
+             "packed_b32_ms": 3.0, "sandwich_val": 0.5, "sandwich_test": t}
+            for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]
+    rows[0].update(alone_val=0.5, alone_test=0.45)
+    p = {"command": "python x", "train_images": 30000, "val_images": 5000, "test_images": 10000, "torch": "t",
+         "epochs": 3, "runs": {}, "init": "f", "float_init": {}, "chosen_variant": "sandwich", "load": "L",
+         "file": dict.fromkeys(("file_bytes", "stored_tensor_bytes", "subnet_tensor_bytes",
+                                "largest_subnet_bytes", "latent_bytes"), 1),
+         "subnets": [s for s in setup.subnets if s["bits"] == 2], "rows": rows, "full_width_alone": fw}
+    md = bench.markdown_cifar(p, ["sandwich"])
+    assert "| w0.5-b2 | 0.5 | 2/2 |" in md and "| w1.0-b2 | 1.0 | 2/2 |" in md
+    assert "| -5.00 |" in md  # 40% in the supernet, 45% alone
+    assert "w1.0-b2 65.00% test (in `sandwich` 70.00%, +5.00 pp)" in md and "git abc1234567" in md
+    assert "(L)" in md
+
+
 def test_activation_stats_count_inputs_below_half_a_step(bench) -> None:
     torch.manual_seed(0)
     first = nn.Linear(4, 4, bias=False)

@@ -414,13 +414,17 @@ def markdown(p: dict[str, Any], variants: list[str]) -> str:
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in p["rows"]:
         sub = next(s for s in p["subnets"] if s["name"] == r["name"])
-        cells = [r["name"], f"{sub['bits']}/{sub['bits']}", f"{r['weight_bytes']:,}", f"{r['report_bops']:,}",
-                 f"{r['packed_b1_ms']:.2f} / {r['packed_b8_ms']:.2f} / {r['packed_b32_ms']:.2f}"]
+        cells = [r["name"], f"{sub['bits']}/{sub['bits']}", f"{r['weight_bytes']:,}",
+                 f"{r['report_bops']:,}", _latencies(r)]
         cells += [f"{100 * r[f'{v}_val']:.2f}% / {100 * r[f'{v}_test']:.2f}%" for v in variants]
         cells.append(f"{100 * r['alone_val']:.2f}% / {100 * r['alone_test']:.2f}%" if "alone_test" in r
                      else "not trained")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _latencies(r: dict[str, Any]) -> str:
+    return f"{r['packed_b1_ms']:.2f} / {r['packed_b8_ms']:.2f} / {r['packed_b32_ms']:.2f}"
 
 
 def _pct(v: float | None) -> str:
@@ -433,7 +437,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     runs = p.get("runs") or {}
     alone_done = [r for r in rows if "alone_test" in r]
     n_train = p.get("train_images")
-    widths = sorted({s["width"] for s in p["subnets"]})
+    widths = sorted({s.get("width", 1.0) for s in p["subnets"]})
     head = ["sub-net", *(["width"] if len(widths) > 1 else []), "W/A bits", "weight bytes", "BOPs",
             "packed ms b1 / b8 / b32"]
     head += [f"{v} val / test" for v in variants] + ["alone val / test"]
@@ -493,9 +497,9 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sub = next(s for s in p["subnets"] if s["name"] == r["name"])
-        cells = [r["name"], *([f"{sub['width']}"] if len(widths) > 1 else []), f"{sub['bits']}/{sub['bits']}",
-                 f"{r['weight_bytes']:,}", f"{r['report_bops']:,}",
-                 f"{r['packed_b1_ms']:.2f} / {r['packed_b8_ms']:.2f} / {r['packed_b32_ms']:.2f}"]
+        width = [f"{sub.get('width', 1.0)}"] if len(widths) > 1 else []
+        cells = [r["name"], *width, f"{sub['bits']}/{sub['bits']}", f"{r['weight_bytes']:,}",
+                 f"{r['report_bops']:,}", _latencies(r)]
         cells += [f"{_pct(r[f'{v}_val'])} / {_pct(r[f'{v}_test'])}" for v in variants]
         cells.append(f"{_pct(r['alone_val'])} / {_pct(r['alone_test'])}" if "alone_test" in r
                      else "not trained")
