@@ -28,7 +28,7 @@
    call overhead), and, for conv nets with int8 layers whose samples are independent, large
    batches run in cache-sized chunks spread over threads (``PackedModel.batch_chunk``). Other
    models whose samples are independent (a transformer encoder) run a batch of enough rows in one
-   part per thread, each part through the whole model on its thread (``PackedModel.split_rows``).
+   part per thread, each part through the whole model on its thread (``PackedModel.split_work``).
 7. A graph made only of what the flat executor runs (int8 convolutions and Linear layers with
    fused input quantizers, code pools, global average pooling, option-A shortcuts, flatten) runs
    as one numba call per batch (``executor.py``, ``PackedModel.executor``; convolutions on AMX
