@@ -81,6 +81,7 @@ from lowbit._io import atomic_write_text
 from lowbit.data import load_dataset
 from lowbit.models import build_model
 from lowbit.nn.supernet import Supernet
+from lowbit.progress import RichProgress
 from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, load_weights
 from lowbit.train.sandwich import DelayedShrinking, SandwichLoss
 
@@ -207,7 +208,8 @@ def train_one(setup: Setup, name: str, a: argparse.Namespace, data: tuple[Any, A
     if setup.select_on_val:
         callbacks.append(SubnetVal(val))
     t0 = time.time()
-    tr = Trainer(sn, train, None, cfg, run, loss_fn=loss, callbacks=callbacks, eval_split="val")
+    tr = Trainer(sn, train, None, cfg, run, loss_fn=loss, callbacks=callbacks, eval_split="val",
+                 progress=RichProgress())  # step bars on a terminal, a line per epoch on stderr
     tr.fit(resume=True)
     train_s = time.time() - t0
     if setup.select_on_val:  # the epoch with the best mean validation accuracy, then the test set once

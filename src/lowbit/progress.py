@@ -56,8 +56,9 @@ def format_epoch_summary(m: dict[str, Any], total_epochs: int | None = None) -> 
     parts = [f"epoch {m['epoch']}{of}",
              f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%}"]
     for split in ("val", "test"):  # runs with a validation split report val_* per epoch
-        if m.get(f"{split}_acc") is not None:
-            parts.append(f"{split} loss {m[f'{split}_loss']:.4f} acc {m[f'{split}_acc']:.2%}")
+        if m.get(f"{split}_acc") is not None:  # (a callback may set the accuracy alone)
+            loss = m.get(f"{split}_loss")
+            parts.append(f"{split}{'' if loss is None else f' loss {loss:.4f}'} acc {m[f'{split}_acc']:.2%}")
     regs = [f"{k[4:]} {v:.4g}" for k, v in m.items() if k.startswith("reg/")]
     if regs:
         parts.append("reg " + " ".join(regs))
