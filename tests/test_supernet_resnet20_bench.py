@@ -93,6 +93,8 @@ def test_cifar_setup_defaults_and_sizes(bench) -> None:
     assert bench.data_sizes(a) == {"train_images": 45_000, "val_images": 5_000, "test_images": 10_000}
     a.subset, a.val, a.test_n = 15_000, 1_000, 20_000
     assert bench.data_sizes(a) == {"train_images": 15_000, "val_images": 1_000, "test_images": 10_000}
+    wb = argparse.Namespace(setup="cifar-wb", subset=30_000, val=5000, test_n=10000)
+    assert bench.data_sizes(wb)["train_images"] == 30_000  # the campaign split, as cifar
     tiny = argparse.Namespace(setup="tiny", subset=2500, val=500, test_n=1000)
     assert bench.data_sizes(tiny)["train_images"] == 2000
     cifar = bench.SETUPS["cifar"]

@@ -293,7 +293,7 @@ def float_init(init: str | None) -> dict[str, Any]:
 def data_sizes(a: argparse.Namespace) -> dict[str, int]:
     """Images trained on, selected on and tested on (``cifar``: CIFAR-10's 50,000 / 10,000 with the
     campaign's 5,000 validation images)."""
-    if a.setup == "cifar":
+    if SETUPS[a.setup].select_on_val:  # the cifar setups: the campaign split
         rest = 50_000 - 5_000
         return {"train_images": a.subset if 0 < a.subset < rest else rest, "val_images": min(a.val, 5_000),
                 "test_images": min(a.test_n, 10_000)}
@@ -376,6 +376,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           setup=a.setup, init=a.init, float_init=float_init(a.init), **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
                           runs=runs, **({"load": a.load_note} if a.load_note else {}),
+                          **({"latency_load": a.latency_note} if a.latency_note else {}),
                           **full_width_alone(setup, Path(a.out))),
                "file": sizes, "rows": rows}
     if setup.select_on_val:
@@ -488,7 +489,8 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
          if p["chosen_variant"] else "NO supernet finished training: the file holds the initial weights. ")
         + "Weight bytes and BOPs: `model_report` of the sub-net. Latency: each sub-net loaded from the one "
         "supernet file (stored codes) in the packed runtime, the fastest of 15 runs in 5 rounds over all "
-        "sub-nets, one thread, under the load above (ratios between rows are what counts). Packed runtime "
+        "sub-nets, one thread, " + p.get("latency_load", "under the load above") + " (ratios between rows "
+        "are what counts). Packed runtime "
         f"val acc: the served sub-net (from the file) on {rows[0].get('agree_images', 0):,} random "
         "validation images, and in brackets how often its top-1 class equals the fake-quantized "
         "supernet's (the test set is not read again).", "",
@@ -606,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--load-note", help="report: what ran beside the training runs (goes in the results)")
+    p.add_argument("--latency-note", help="report: what ran beside the latency measurement (default: the "
+                   "training runs' load)")
     a = p.parse_args(argv)
     setup = SETUPS[a.setup]
     for k, v in {**setup.defaults, "work": setup.work}.items():
