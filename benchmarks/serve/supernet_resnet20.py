@@ -52,16 +52,17 @@ latency at batch 1/8/32 (the fastest of 5 rounds over all sub-nets x 3 runs, one
 The ``cifar`` setup: every sub-net at width 1.0 (the float model's channels) with 2/4/8-bit DoReFa
 weights and PACT activations (``alpha_init`` 10, as the campaign), stem and classifier float, one
 BatchNorm per sub-net, all initialised from the float ResNet-20 of the CIFAR-10 claims campaign
-(``runs/cifar10-claims/cpu/float/seed0/best.safetensors``). Widths are left out: a half-width
-slice of a network trained at full width starts almost from scratch, which a few epochs cannot
-fix. Data: the campaign's split (the last 5,000 training images held out for selection; the float
+(``runs/cifar10-claims/cpu/float/seed0/best.safetensors``). Widths are left out of it: a half-width
+slice of a network trained at full width starts far behind (``cifar-wb`` measures it: after 3 epochs
+its half-width sub-nets were 15-17 points below the same configurations trained alone at 4 and 8
+bits). Data: the campaign's split (the last 5,000 training images held out for selection; the float
 model never trained on them), ``--subset`` random images of the other 45,000 trained on (0: all),
 the whole test set read once per model at the end. Recipe (every run the same): Adam lr 1e-3,
-cosine, no weight decay, batch 128, bf16 autocast (quantizers in fp32), ``--epochs`` epochs,
-seed 0. After every epoch each sub-net is evaluated on the validation split; ``best.safetensors``
-is the epoch with the best mean validation accuracy over the run's sub-nets (:class:`SubnetVal`).
-``alone-<name>`` trains one configuration alone with the same recipe (a one-sub-net supernet:
-the same quantizers, BatchNorm and code path; plain cross entropy).
+cosine, no weight decay, batch 128, bf16 autocast (quantizers in fp32), ``--epochs`` epochs, seed 0.
+After every epoch each sub-net is evaluated on the validation split; ``best.safetensors`` is the
+epoch with the best mean validation accuracy over the run's sub-nets (:class:`SubnetVal`).
+``alone-<name>`` trains one configuration alone with the same recipe (a one-sub-net supernet: the
+same quantizers, BatchNorm and code path; plain cross entropy).
 """
 
 from __future__ import annotations
