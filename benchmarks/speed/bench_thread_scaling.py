@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also time 2 threads with these lowbit.runtime module constants set, e.g. "
                         "kernels_codes.CLIP_MIN_PARALLEL=131072 (an A/B against the tree's values)")
     a = p.parse_args(argv)
+    if min(a.batches) < 1:
+        p.error(f"--batches: batch sizes must be >= 1, got {a.batches}")
     ab = parse_settings(a.ab)
     t0 = time.time()
     share = MachineShare()
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in a.cases:
         case = CASES[name]
-        batches = [b for b in a.batches if b in case.batches or b in (1, 8, 64, 256)]
+        batches = sorted(set(a.batches))
         fm, x_all = float_case(case, max(batches))
         for v in a.variants:
             if v not in case.variants:
