@@ -64,6 +64,7 @@ Without ``example_input`` such a model is an error (the layers the model calls a
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import operator
@@ -359,8 +360,7 @@ class PackedModel(nn.Module):
 
     def _run_alone(self, x: Tensor) -> Tensor:
         torch.set_num_threads(1)  # this worker's PyTorch threads (its kernels run serially already)
-        with torch.inference_mode():
-            return self.module(x)
+        return self._run(x)
 
     def packed_layers(self) -> dict[str, _PackedBase]:
         return {n: m for n, m in self.module.named_modules() if isinstance(m, _PackedBase)}
@@ -579,11 +579,13 @@ def compile(
         _measure(out, ref, got)
         if out.max_rel_diff > 1e-3 and isinstance(ref, Tensor) and isinstance(got, Tensor):
             _explain_difference(out, src, example_input, got)
+    # whether samples are independent: run once, for the chunking or the split that asks first
+    independent = functools.cache(lambda: _independent(out, example_input))
     if batch_chunk is None:
-        batch_chunk = _auto_chunk(out, packed, inputs, example_input) if traced else 0
+        batch_chunk = _auto_chunk(packed, inputs, example_input, independent) if traced else 0
     out.batch_chunk = int(batch_chunk)
     if not out.batch_chunk:
-        out.split_work = _split_work(out, packed, inputs, example_input)
+        out.split_work = _split_work(packed, inputs, example_input, independent)
     return out
 
 
@@ -800,7 +802,7 @@ def _explain_difference(pm: PackedModel, src: nn.Module, example: Tensor, got: T
 
 
 def _auto_chunk(
-    pm: PackedModel, packed: dict[str, _PackedBase], inputs: dict[str, Tensor], example: Any
+    packed: dict[str, _PackedBase], inputs: dict[str, Tensor], example: Any, independent: Callable[[], bool]
 ) -> int:
     """A batch chunk for conv nets with int8 layers and small weights (0: none): the largest
     power of two whose largest layer input stays within CHUNK_BYTES, checked on the example."""
@@ -813,11 +815,11 @@ def _auto_chunk(
     chunk = 8
     while chunk * 2 * per_sample <= CHUNK_BYTES and chunk < 256:
         chunk *= 2
-    return chunk if _independent(pm, example) else 0
+    return chunk if independent() else 0
 
 
 def _split_work(
-    pm: PackedModel, packed: dict[str, _PackedBase], inputs: dict[str, Tensor], example: Any
+    packed: dict[str, _PackedBase], inputs: dict[str, Tensor], example: Any, independent: Callable[[], bool]
 ) -> tuple[int, int] | None:
     """``PackedModel.split_work``: per sample, the output rows of the packed layers (a Linear
     layer's leading dimensions, a convolution's pixels; the fewest of any layer) and their
@@ -839,7 +841,7 @@ def _split_work(
             r = t.numel() // (B * max(int(t.shape[-1]), 1))
         rows.append(r)
         macs += r * m.out_features * m.wp.K
-    if not rows or min(rows) < 1 or not _independent(pm, example):
+    if not rows or min(rows) < 1 or not independent():
         return None
     return min(rows), macs
 
@@ -853,13 +855,13 @@ def _independent(pm: PackedModel, example: Tensor) -> bool:
             whole = pm.module(xv)
             parts = pm._forward_chunked(xv, 1, chunk=max(int(xv.shape[0]) // 2, 1))
     except Exception as e:  # any failure means: do not chunk
-        log.info("runtime: no batch chunking (%s)", e)
+        log.info("runtime: a batch is neither chunked nor split over threads (%s)", e)
         return False
     if not isinstance(whole, Tensor) or whole.shape != parts.shape:
         return False
     tol = 1e-5 * max(float(whole.abs().max()), 1e-12) if whole.numel() else 0.0
     if whole.numel() and float((whole.float() - parts.float()).abs().max()) > tol:
-        log.info("runtime: no batch chunking (samples are not independent)")
+        log.info("runtime: a batch is neither chunked nor split over threads (samples are not independent)")
         return False
     return True
 
