@@ -93,12 +93,17 @@ def test_split_waits_for_every_part_when_one_fails(monkeypatch):
     pm = _packed(_TokenMLP())
     monkeypatch.setattr(compiler, "SPLIT_MIN_ROWS", 1)
     monkeypatch.setattr(compiler, "SPLIT_MIN_MACS", 1)
+    calls = []
+    real = compiler.PackedModel._forward_split
+    monkeypatch.setattr(compiler.PackedModel, "_forward_split",
+                        lambda self, x, n: calls.append(n) or real(self, x, n))
     keep = numba.get_num_threads(), torch.get_num_threads()
     numba.set_num_threads(2)
     torch.set_num_threads(2)
     try:
         with pytest.raises(ValueError, match="takes 32 features"):
             pm(torch.randn(4, 6, 31))  # the wrong hidden size fails in every part
+        assert calls == [2]  # it failed inside the split
         assert torch.get_num_threads() == 2 and not KT._LOCAL.__dict__.get("serial", False)
     finally:
         numba.set_num_threads(keep[0])
