@@ -267,6 +267,8 @@ def _check_description(spec: dict[str, Any], what: str) -> None:
     if not isinstance(keep, list) or not all(isinstance(r, str) for r in keep):
         raise FormatError(f"{bad} 'keep_float' must be a list of layer globs such as "
                           f"[\"@first\", \"@last\"], got {_entry(spec, 'keep_float')}")
+    if spec.get("order") not in (None, "l1"):
+        raise FormatError(f"{bad} 'order' must be \"l1\" or absent, got {_entry(spec, 'order')}")
     info = spec.get("info", {})  # optional: a description without it has no per-sub-net info
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise FormatError(f"{bad} 'info' must be an object mapping sub-net names to objects, got "
@@ -314,7 +316,7 @@ def supernet_from_spec(spec: dict[str, Any], model: nn.Module | None, what: str)
                           f"({type(e).__name__}: {e}): {hint}") from e
     try:
         sn = Supernet(model, spec["subnets"], shape, weight=spec["weight"], activation=spec["activation"],
-                      keep_float=spec["keep_float"])
+                      keep_float=spec["keep_float"], order=spec.get("order"))
     except (KeyError, TypeError, ValueError, RuntimeError, SupernetError) as e:  # description or model
         raise FormatError(f"{what}: cannot build the supernet the file describes ({type(e).__name__}: {e}): "
                           f"{hint}") from None

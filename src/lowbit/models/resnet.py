@@ -28,28 +28,36 @@ SHORTCUTS = ("A", "B")
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: ``x[:, :, ::s, ::s]`` with zero channels padded on both sides
-    (``(out - in) // 2`` in front, the rest behind) up to ``out_channels``. No parameters."""
+    """Option-A shortcut: ``x[:, :, ::s, ::s]`` with zero channels padded up to ``out_channels``:
+    ``front`` zero channels in front (default ``(out - in) // 2``), the rest behind. No parameters.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    An explicit ``front`` is what a channel-ordered supernet sets (:mod:`lowbit.nn.channel_order`):
+    it fixes where the input's channels land, so that a narrower sub-net keeps them in place."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, front: int | None = None) -> None:
         super().__init__()
         if out_channels < in_channels:
             raise ValueError("option-A shortcut cannot reduce channels")
+        if front is not None and not 0 <= front <= out_channels - in_channels:
+            raise ValueError(f"option-A shortcut: front={front} must lie in [0, "
+                             f"{out_channels - in_channels}] ({in_channels} -> {out_channels} channels)")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
+        self.front = front
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         extra = self.out_channels - self.in_channels
         if extra:
-            front = extra // 2
+            front = extra // 2 if self.front is None else self.front
             x = F.pad(x, (0, 0, 0, 0, front, extra - front))
         return x
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        front = "" if self.front is None else f", front={self.front}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}{front}"
 
 
 class BasicBlock(nn.Module):

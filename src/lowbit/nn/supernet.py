@@ -338,12 +338,19 @@ class _SwitchBN(nn.Module):
 
 
 class _SwitchPad(nn.Module):
-    """Option-A shortcut padded to the active width of its output group."""
+    """Option-A shortcut padded to the active width of its output group.
+
+    With the base's ``front`` left to its default, every sub-net centres its input's channels in its
+    own width (so a channel's position depends on the width). With an explicit ``front`` (a
+    channel-ordered model, :mod:`lowbit.nn.channel_order`) they stay where the full width puts them,
+    as far as the sub-net's width allows: ``min(front, c_out - c_in)`` zero channels in front."""
 
     def __init__(self, base: PadShortcut, switch: _Switch, sizes: list[tuple[int, int]]) -> None:
         super().__init__()
         self.base, self._switch, self.sizes = base, switch, sizes
-        self._pads = [PadShortcut(c_in, c_out, base.stride) for c_out, c_in in sizes]
+        self._pads = [PadShortcut(c_in, c_out, base.stride,
+                                  None if base.front is None else min(base.front, c_out - c_in))
+                      for c_out, c_in in sizes]
 
     def forward(self, x: Tensor) -> Tensor:
         return self._pads[self._switch.plan.index](x)
@@ -359,17 +366,28 @@ class Supernet(nn.Module):
         weight: weight quantizer ``{"method": ..., **kwargs}`` (bits come from each sub-net).
         activation: activation quantizer ``{"method": ..., **kwargs}``.
         keep_float: globs (and ``@first``/``@last``) of layers that stay full precision.
+        order: ``"l1"`` sorts every channel group of ``model`` by importance first, so that the
+            narrower sub-nets keep the channels that matter most
+            (:func:`lowbit.nn.channel_order.order_channels`; the float function is unchanged);
+            ``None`` keeps the model's order.
     """
 
     def __init__(self, model: nn.Module, subnets: Sequence[Mapping[str, Any] | SubnetSpec],
                  input_shape: Sequence[int], weight: Mapping[str, Any] | None = None,
                  activation: Mapping[str, Any] | None = None,
-                 keep_float: Sequence[str] = ("@first", "@last")) -> None:
+                 keep_float: Sequence[str] = ("@first", "@last"), order: str | None = None) -> None:
         super().__init__()
         if quantized_layers(model):
             raise SupernetError("supernet: give the float model; the supernet quantizes each sub-net itself")
+        if order not in (None, "l1"):
+            raise SupernetError(f"supernet: order={order!r}; give 'l1' (channels by importance) or None")
         self.specs = parse_subnets(subnets)
         self.input_shape = tuple(int(s) for s in input_shape)
+        self.order = order
+        if order is not None:
+            from .channel_order import order_channels  # it builds on this module's channel groups
+
+            order_channels(model, self.input_shape)
         self.weight_cfg = dict(weight or {"method": "dorefa"})
         self.activation_cfg = dict(activation or {"method": "pact", "alpha_init": 4.0})
         self.keep_float_rules = tuple(keep_float)
@@ -611,9 +629,12 @@ class Supernet(nn.Module):
     # ---- description -------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         """JSON description that rebuilds this supernet around the same float model."""
-        return {"subnets": [s.to_dict() for s in self.specs], "input_shape": list(self.input_shape),
-                "weight": self.weight_cfg, "activation": self.activation_cfg,
-                "keep_float": list(self.keep_float_rules), "info": self.info}
+        out = {"subnets": [s.to_dict() for s in self.specs], "input_shape": list(self.input_shape),
+               "weight": self.weight_cfg, "activation": self.activation_cfg,
+               "keep_float": list(self.keep_float_rules), "info": self.info}
+        if self.order is not None:  # rebuilding re-creates the ordered layout; the weights come after
+            out["order"] = self.order
+        return out
 
     def table(self) -> list[dict[str, Any]]:
         """One row per sub-net: name, widths, bits, MACs, BOPs, weight bits, and its ``info``."""
