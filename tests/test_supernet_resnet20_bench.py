@@ -160,6 +160,32 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
     assert "(L)" in md
 
 
+def test_ordered_setup_builds_ordered_and_sets_each_subnet_beside_the_unordered_run(bench, tmp_path) -> None:
+    setup = bench.SETUPS["cifar-wbo"]
+    assert setup.order == "l1" and setup.unordered == "cifar-wb"
+    assert setup.subnets == bench.SETUPS["cifar-wb"].subnets
+    sn = bench.build(setup, setup.subnets[:1], None)
+    assert sn.order == "l1" and sn.model.layer2[0].downsample.base.front == 8
+    assert bench.build(bench.SETUPS["cifar-wb"], setup.subnets[:1], None).order is None
+    ref = {"git": {"commit": "0123456789ab"},
+           "rows": [{"name": "w0.5-b4", "sandwich_test": 0.50, "alone_test": 0.66}, {"name": "w1.0-b4"}]}
+    (tmp_path / "supernet_resnet20_cifar_wb.json").write_text(__import__("json").dumps(ref))
+    un = bench.unordered(setup, tmp_path)["unordered"]
+    assert un["rows"]["w0.5-b4"] == {"sandwich_test": 0.50, "alone_test": 0.66}
+    assert bench.unordered(bench.SETUPS["cifar-wb"], tmp_path) == {}
+    rows = [{"name": "w0.5-b4", "weight_bytes": 1, "report_bops": 1, "packed_b1_ms": 1.0, "packed_b8_ms": 2.0,
+             "packed_b32_ms": 3.0, "sandwich_val": 0.6, "sandwich_test": 0.62, "alone_val": 0.6,
+             "alone_test": 0.69}]
+    p = {"command": "python x", "train_images": 30000, "val_images": 5000, "test_images": 10000, "torch": "t",
+         "epochs": 3, "runs": {}, "init": "f", "float_init": {}, "chosen_variant": "sandwich", "order": "l1",
+         "file": dict.fromkeys(("file_bytes", "stored_tensor_bytes", "subnet_tensor_bytes",
+                                "largest_subnet_bytes", "latent_bytes"), 1),
+         "subnets": [s for s in setup.subnets if s["bits"] == 4], "rows": rows, "unordered": un}
+    md = bench.markdown_cifar(p, ["sandwich"])
+    assert "sorted by importance" in md and "not reordered" not in md
+    assert "w0.5-b4 sandwich 62.00% vs 50.00% (+12.00 pp), alone 69.00% vs 66.00% (+3.00 pp)" in md
+
+
 def test_activation_stats_count_inputs_below_half_a_step(bench) -> None:
     torch.manual_seed(0)
     first = nn.Linear(4, 4, bias=False)

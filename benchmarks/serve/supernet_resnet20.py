@@ -26,6 +26,18 @@ channels), the half-width configurations trained alone::
         --setup cifar-wb --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wb --subset 30000
 
+``--setup cifar-wbo`` (results ``supernet_resnet20_cifar_wbo``) is ``cifar-wb`` with the float model's
+channels sorted by importance before the supernet is built (``Supernet(order="l1")``,
+:mod:`lowbit.nn.channel_order`), so that the half-width sub-nets (and the half-width configurations
+trained alone) start from the channels that matter most; its report sets each sub-net beside the
+``cifar-wb`` results file::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone \\
+        --setup cifar-wbo --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train des \\
+        --setup cifar-wbo --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wbo --subset 30000
+
 Sub-nets (DoReFa weights, PACT activations, stem and classifier float, BatchNorm per sub-net):
 uniform widths 0.5 and 1.0 of every stage x 2/4/8-bit weights and activations, and one
 non-uniform sub-net (stage widths 0.5 / 0.75 / 1.0, 4 bits). A stage's width covers its residual
@@ -108,6 +120,8 @@ class Setup:
     batch_size: int
     activation: dict[str, Any] | None = None
     select_on_val: bool = False  # evaluate every sub-net per epoch; best.safetensors on mean val
+    order: str | None = None  # Supernet(order=...): "l1" sorts the float model's channels first
+    unordered: str | None = None  # the setup that is this one without the ordering (compared with)
 
 
 SETUPS = {
@@ -134,6 +148,11 @@ SETUPS["cifar-wb"] = replace(
     subnets=[{"name": f"w{w}-b{b}", "width": w, "bits": b} for w in (0.5, 1.0) for b in (2, 4, 8)],
     alone=["w0.5-b2", "w0.5-b4", "w0.5-b8"], stem="supernet_resnet20_cifar_wb",
     work="runs/supernet_r20_cifar_wb")
+# the same with the float model's channels sorted by importance first (lowbit.nn.channel_order): the
+# half-width sub-nets start from the channels that matter most, option-A shortcuts' copied channels
+# in the same place at both widths
+SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", unordered="cifar-wb",
+                              stem="supernet_resnet20_cifar_wbo", work="runs/supernet_r20_cifar_wbo")
 
 
 def build(setup: Setup, subnets: list[dict[str, Any]], init: str | None = None) -> Supernet:
@@ -142,7 +161,7 @@ def build(setup: Setup, subnets: list[dict[str, Any]], init: str | None = None) 
     model = build_model(setup.model["name"], **setup.model["kwargs"])
     if init:
         load_weights(model, init)  # float weights go in before the layers become switchable
-    return Supernet(model, subnets, SHAPE, activation=setup.activation)
+    return Supernet(model, subnets, SHAPE, activation=setup.activation, order=setup.order)
 
 
 def get_data(setup: Setup, a: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -320,6 +339,18 @@ def full_width_alone(setup: Setup, out: Path) -> dict[str, Any]:
     return {"full_width_alone": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
 
 
+def unordered(setup: Setup, out: Path) -> dict[str, Any]:
+    """For a channel-ordered setup: the same setup without the ordering, per sub-net test accuracy in
+    its supernets and alone, as its results file recorded them (same recipe and data, another run)."""
+    ref = out / f"{SETUPS[setup.unordered].stem}.json" if setup.unordered else None
+    if ref is None or not ref.exists():
+        return {}
+    r = json.loads(ref.read_text())
+    keys = ("sandwich_test", "des_test", "alone_test")
+    rows = {x["name"]: {k: x[k] for k in keys if k in x} for x in r["rows"]}
+    return {"unordered": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
+
+
 def fastest_ms(fn: Any, x: torch.Tensor, repeats: int) -> float:
     ts = []
     with torch.inference_mode():
@@ -378,7 +409,8 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
                           runs=runs, **({"load": a.load_note} if a.load_note else {}),
                           **({"latency_load": a.latency_note} if a.latency_note else {}),
-                          **full_width_alone(setup, Path(a.out))),
+                          order=setup.order, **full_width_alone(setup, Path(a.out)),
+                          **unordered(setup, Path(a.out))),
                "file": sizes, "rows": rows}
     if setup.select_on_val:
         write_results(a.out, setup.stem, payload, markdown_cifar(payload, list(res)))
@@ -449,13 +481,20 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     head += ["packed runtime val acc (top-1 = fake-quant)"]
     if len(widths) > 1:
         title = "any-width, any-precision supernet (widths 0.5 / 1.0 x 2/4/8-bit W/A)"
+        how = ("the float model's channels first sorted by importance, `order_channels`: the L1 norm of the "
+               "weights producing each channel, option-A shortcuts' copied channels at the same offset at "
+               "both widths" if p.get("order") else
+               "sliced from the float model as it is: its channels are not reordered")
         shared = ("Sub-nets share one set of latent weights: every stage at width 0.5 or 1.0 (a half-width "
-                  "sub-net keeps the first half of the channels of each residual group and block, sliced "
-                  "from the float model as it is: its channels are not reordered), and DoReFa weights and "
+                  f"sub-net keeps the first half of the channels of each residual group and block, {how}), "
+                  "and DoReFa weights and "
                   "PACT activations (alpha_init 10) at 2, 4 or 8 bits; stem and classifier float (their "
                   "channels sliced with their group), one BatchNorm per sub-net. ")
         rule = ("`sandwich`: every step the largest sub-net (w1.0-b8), the smallest (w0.5-b2) and one of "
-                "the other four drawn at random, the smaller ones distilled in place from the largest; ")
+                "the other four drawn at random, the smaller ones distilled in place from the largest; "
+                "`des`: the same with Delayed epsilon-Shrinking (the largest alone for the first 25% of "
+                "the steps, then the others join from the most to the least expensive by BOPs, one every "
+                "7.5% of the steps: the smallest from 55%); ")
     else:
         title = "any-precision supernet (2/4/8-bit W/A)"
         shared = ("Sub-nets share one set of latent weights at width 1.0 and differ in bits: DoReFa weights "
@@ -535,6 +574,19 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         lines.append(f"- The full-width configurations trained alone (from `{fw['file']}`, git "
                      f"{str(fw['git'])[:10]}: the same initialisation, recipe and data, another run): "
                      + "; ".join(d) + ".")
+    un = p.get("unordered")
+    if un and un["rows"]:
+        cols = [("sandwich", "sandwich_test"), ("des", "des_test"), ("alone", "alone_test")]
+        d = []
+        for r in rows:
+            x = un["rows"].get(r["name"], {})
+            parts = [f"{lab} {_pct(r.get(k))} vs {_pct(x[k])} ({100 * (r[k] - x[k]):+.2f} pp)"
+                     for lab, k in cols if k in x and k in r]
+            if parts:
+                d.append(f"{r['name']} " + ", ".join(parts))
+        lines.append(f"- Against the same setup without the channel ordering (from `{un['file']}`, git "
+                     f"{str(un['git'])[:10]}: the same initialisation, recipe and data, another run), test "
+                     "accuracy ordered vs unordered: " + "; ".join(d) + ".")
     if set(variants) == {"sandwich", "des"}:
         d = [100 * (r["des_test"] - r["sandwich_test"]) for r in rows]
         lines.append(f"- `des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: "
@@ -594,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup", choices=sorted(SETUPS), default="tiny",
                    help="tiny: the x0.5 width+bits table (serve_resnet20); cifar: the trained bit-width "
                    "supernet from the float model (supernet_resnet20_cifar); cifar-wb: widths 0.5/1.0 x "
-                   "bits from the float model (supernet_resnet20_cifar_wb)")
+                   "bits from the float model (supernet_resnet20_cifar_wb); cifar-wbo: the same with the "
+                   "float model's channels sorted by importance first (supernet_resnet20_cifar_wbo)")
     p.add_argument("--epochs", type=int, help="default: tiny 2, cifar 3")
     p.add_argument("--subset", type=int, help="training images (tiny: the pool incl. --val, default 2500; "
                    "cifar: of the 45,000 left after the campaign's validation split, default 0 = all)")
