@@ -61,6 +61,18 @@ def test_ordering_keeps_the_float_function_and_sorts_by_importance(kw: dict) -> 
     assert torch.all(inner[:-1] >= inner[1:])
 
 
+@pytest.mark.parametrize(("name", "shape"), [("mobilenet_tiny", (3, 16, 16)), ("lenet5", (1, 28, 28))])
+def test_depthwise_blocks_and_a_linear_after_a_flatten_keep_the_function(name: str, shape: tuple) -> None:
+    torch.manual_seed(0)
+    m = build_model(name).eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        ref = m(x)
+        perms = order_channels(m, shape)
+        assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-6)
+    assert perms and any(p != sorted(p) for p in perms.values())
+
+
 def test_option_a_shortcut_keeps_its_copied_channels_at_one_offset() -> None:
     m = _resnet()
     with torch.no_grad():
