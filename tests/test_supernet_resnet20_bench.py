@@ -134,6 +134,22 @@ def test_cifar_table_differences_follow_from_the_numbers(bench) -> None:
 
 
 
+def _row(name: str, **acc: float) -> dict:
+    """A report row with unit costs and the given accuracies."""
+    return {"name": name, "weight_bytes": 1, "report_bops": 1, "packed_b1_ms": 1.0, "packed_b8_ms": 2.0,
+            "packed_b32_ms": 3.0, **acc}
+
+
+def _widths_payload(subnets: list, rows: list, **extra: object) -> dict:
+    """A widths-setup results payload around ``rows`` (what ``markdown_cifar`` reads)."""
+    return {"command": "python x", "train_images": 30000, "val_images": 5000, "test_images": 10000,
+            "torch": "t", "epochs": 3, "runs": {}, "init": "f", "float_init": {},
+            "chosen_variant": "sandwich",
+            "file": dict.fromkeys(("file_bytes", "stored_tensor_bytes", "subnet_tensor_bytes",
+                                   "largest_subnet_bytes", "latent_bytes"), 1),
+            "subnets": subnets, "rows": rows, **extra}
+
+
 def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path: Path) -> None:
     setup = bench.SETUPS["cifar-wb"]
     assert [(s["width"], s["bits"]) for s in setup.subnets] == [(w, b) for w in (0.5, 1.0) for b in (2, 4, 8)]
@@ -144,15 +160,9 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
     fw = bench.full_width_alone(setup, tmp_path)["full_width_alone"]
     assert fw["rows"] == {"w1.0-b2": {"val": 0.6, "test": 0.65}}  # rows without an alone run are left out
     assert bench.full_width_alone(bench.SETUPS["cifar"], tmp_path) == {}
-    rows = [{"name": n, "weight_bytes": 1, "report_bops": 1, "packed_b1_ms": 1.0, "packed_b8_ms": 2.0,
-             "packed_b32_ms": 3.0, "sandwich_val": 0.5, "sandwich_test": t}
-            for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]
+    rows = [_row(n, sandwich_val=0.5, sandwich_test=t) for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]
     rows[0].update(alone_val=0.5, alone_test=0.45)
-    p = {"command": "python x", "train_images": 30000, "val_images": 5000, "test_images": 10000, "torch": "t",
-         "epochs": 3, "runs": {}, "init": "f", "float_init": {}, "chosen_variant": "sandwich", "load": "L",
-         "file": dict.fromkeys(("file_bytes", "stored_tensor_bytes", "subnet_tensor_bytes",
-                                "largest_subnet_bytes", "latent_bytes"), 1),
-         "subnets": [s for s in setup.subnets if s["bits"] == 2], "rows": rows, "full_width_alone": fw}
+    p = _widths_payload([s for s in setup.subnets if s["bits"] == 2], rows, load="L", full_width_alone=fw)
     md = bench.markdown_cifar(p, ["sandwich"])
     assert "| w0.5-b2 | 0.5 | 2/2 |" in md and "| w1.0-b2 | 1.0 | 2/2 |" in md
     assert "| -5.00 |" in md  # 40% in the supernet, 45% alone
@@ -173,14 +183,8 @@ def test_ordered_setup_builds_ordered_and_sets_each_subnet_beside_the_unordered_
     un = bench.unordered(setup, tmp_path)["unordered"]
     assert un["rows"]["w0.5-b4"] == {"sandwich_test": 0.50, "alone_test": 0.66}
     assert bench.unordered(bench.SETUPS["cifar-wb"], tmp_path) == {}
-    rows = [{"name": "w0.5-b4", "weight_bytes": 1, "report_bops": 1, "packed_b1_ms": 1.0, "packed_b8_ms": 2.0,
-             "packed_b32_ms": 3.0, "sandwich_val": 0.6, "sandwich_test": 0.62, "alone_val": 0.6,
-             "alone_test": 0.69}]
-    p = {"command": "python x", "train_images": 30000, "val_images": 5000, "test_images": 10000, "torch": "t",
-         "epochs": 3, "runs": {}, "init": "f", "float_init": {}, "chosen_variant": "sandwich", "order": "l1",
-         "file": dict.fromkeys(("file_bytes", "stored_tensor_bytes", "subnet_tensor_bytes",
-                                "largest_subnet_bytes", "latent_bytes"), 1),
-         "subnets": [s for s in setup.subnets if s["bits"] == 4], "rows": rows, "unordered": un}
+    rows = [_row("w0.5-b4", sandwich_val=0.6, sandwich_test=0.62, alone_val=0.6, alone_test=0.69)]
+    p = _widths_payload([s for s in setup.subnets if s["bits"] == 4], rows, order="l1", unordered=un)
     md = bench.markdown_cifar(p, ["sandwich"])
     assert "sorted by importance" in md and "not reordered" not in md
     assert "w0.5-b4 sandwich 62.00% vs 50.00% (+12.00 pp), alone 69.00% vs 66.00% (+3.00 pp)" in md
