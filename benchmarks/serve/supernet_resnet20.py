@@ -57,7 +57,8 @@ epochs. Which supernet variant is served is chosen on mean selection-validation 
 ``report`` writes the chosen supernet as one packed supernet file (``runs/serve_r20/resnet20.supernet``),
 loads every sub-net from it (stored codes, no latent weights), and measures per sub-net: weight
 bytes and BOPs (:func:`lowbit.export.report.model_report` of the sub-net), and packed-runtime
-latency at batch 1/8/32 (the fastest of 5 rounds over all sub-nets x 3 runs, one thread). Writes
+latency at batch 1/8/32 (the fastest of 5 rounds over all sub-nets x 3 runs, one thread: PyTorch's
+and the packed kernels'). Writes
 ``benchmarks/results/serve_resnet20.{json,md}``. Each training is a Trainer run directory under
 ``--work``; a killed run resumes from its last epoch.
 
@@ -381,7 +382,8 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
         best, sn = None, build(setup, setup.subnets, a.init).eval()
     path = work / "resnet20.supernet"
     sizes = save_supernet_file(sn, path, model_spec=setup.model)
-    engines = SubnetEngines(load_supernet_file(path), "packed")  # from the stored codes
+    # from the stored codes, on one thread (without threads=1 the kernels split batches over the cores)
+    engines = SubnetEngines(load_supernet_file(path), "packed", threads=1)
     g = torch.Generator().manual_seed(0)
     xs = {b: torch.randn((b, *SHAPE), generator=g) for b in (1, 8, 32)}
     lat: dict[str, dict[str, float]] = {n: {} for n in sn.names}
@@ -407,7 +409,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
                           setup=a.setup, init=a.init, float_init=float_init(a.init), **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
-                          runs=runs, **({"load": a.load_note} if a.load_note else {}),
+                          runs=runs, latency_threads=1, **({"load": a.load_note} if a.load_note else {}),
                           **({"latency_load": a.latency_note} if a.latency_note else {}),
                           order=setup.order, **full_width_alone(setup, Path(a.out)),
                           **unordered(setup, Path(a.out))),
@@ -441,7 +443,8 @@ def markdown(p: dict[str, Any], variants: list[str]) -> str:
         "Weight bytes and BOPs: `model_report` of the sub-net (stem and "
         "classifier float). "
         "Latency: the sub-net loaded from the supernet file (stored codes) in the packed runtime, the "
-        "fastest of 15 runs in 5 rounds over all sub-nets, one thread, on a shared 2-core machine.", "",
+        "fastest of 15 runs in 5 rounds over all sub-nets, " + _threads(p) + ", on a shared 2-core machine.",
+        "",
         f"Supernet file: {f['file_bytes']:,} bytes holding every sub-net's codes "
         f"({f['stored_tensor_bytes']:,} tensor bytes stored once; {f['subnet_tensor_bytes']:,} if each "
         "sub-net were stored separately); "
@@ -457,6 +460,15 @@ def markdown(p: dict[str, Any], variants: list[str]) -> str:
                      else "not trained")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _threads(p: dict[str, Any]) -> str:
+    """The threads the latency columns ran on (reports before ``latency_threads`` left the packed
+    kernels at their default: every core, batches of 8 and 32 split over both)."""
+    if p.get("latency_threads") == 1:
+        return "one thread"
+    return ("one PyTorch thread and the packed kernels on their default 2 threads (batches split over both "
+            "cores)")
 
 
 def _latencies(r: dict[str, Any]) -> str:
@@ -529,8 +541,8 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
          if p["chosen_variant"] else "NO supernet finished training: the file holds the initial weights. ")
         + "Weight bytes and BOPs: `model_report` of the sub-net. Latency: each sub-net loaded from the one "
         "supernet file (stored codes) in the packed runtime, the fastest of 15 runs in 5 rounds over all "
-        "sub-nets, one thread, " + p.get("latency_load", "under the load above") + " (ratios between rows "
-        "are what counts). Packed runtime "
+        "sub-nets, " + _threads(p) + ", " + p.get("latency_load", "under the load above")
+        + " (ratios between rows are what counts). Packed runtime "
         f"val acc: the served sub-net (from the file) on {rows[0].get('agree_images', 0):,} random "
         "validation images, and in brackets how often its top-1 class equals the fake-quantized "
         "supernet's (the test set is not read again).", "",
@@ -627,7 +639,8 @@ def plot(p: dict[str, Any], variants: list[str], path: Path) -> None:
         for b in (1, 8, 32):
             bx.plot(names, [r[f"packed_b{b}_ms"] for r in rows], "o-", label=f"batch {b}")
         bx.set_yscale("log")
-        bx.set_ylabel("packed runtime latency (ms, one thread)")
+        one = p.get("latency_threads") == 1
+        bx.set_ylabel(f"packed runtime latency (ms, {'one thread' if one else '2 kernel threads'})")
         bx.set_title("every sub-net from the one supernet file")
         bx.legend(fontsize=8)
         for a_ in (ax, bx):
