@@ -68,9 +68,10 @@ BatchNorm per sub-net, all initialised from the float ResNet-20 of the CIFAR-10 
 (``runs/cifar10-claims/cpu/float/seed0/best.safetensors``). Widths are left out of it: a half-width
 slice of a network trained at full width starts far behind (``cifar-wb`` measures it: after 3 epochs
 its half-width sub-nets were 15-17 points below the same configurations trained alone at 4 and 8
-bits). Data: the campaign's split (the last 5,000 training images held out for selection; the float
-model never trained on them), ``--subset`` random images of the other 45,000 trained on (0: all),
-the whole test set read once per model at the end. Recipe (every run the same): Adam lr 1e-3,
+bits; ``cifar-wbo``, with the channels ordered first, 7-8 points). Data: the campaign's split (the
+last 5,000 training images held out for selection; the float model never trained on them),
+``--subset`` random images of the other 45,000 trained on (0: all), the whole test set read once per
+model at the end. Recipe (every run the same): Adam lr 1e-3,
 cosine, no weight decay, batch 128, bf16 autocast (quantizers in fp32), ``--epochs`` epochs, seed 0.
 After every epoch each sub-net is evaluated on the validation split; ``best.safetensors`` is the
 epoch with the best mean validation accuracy over the run's sub-nets (:class:`SubnetVal`).
