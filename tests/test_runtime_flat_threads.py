@@ -84,10 +84,12 @@ def _spy(monkeypatch) -> list[int]:
 
 
 def _pool_threads() -> set[int]:
+    """The runtime's worker threads: the pool's and the polling worker (``FLAT_POLL``)."""
     from lowbit.runtime import kernels_threads as KT
 
     pool = KT.thread_pool(2)
-    return {t.ident for t in pool._threads}
+    spin = {t.ident for t in threading.enumerate() if t.name == "lowbit-rt-spin"}
+    return {t.ident for t in pool._threads} | spin
 
 
 def _lenet():
@@ -131,6 +133,12 @@ def test_threads_by_work(two_threads, monkeypatch):
     assert ex.last_threads == 2 and len(calls) == 8
     assert set(calls) <= {me, *_pool_threads()}
     assert torch.equal(y, serial[256])
+    # handed to the pool's sleeping workers instead of the polling one: the same pieces, the same bits
+    monkeypatch.setattr(E, "FLAT_POLL", 0)
+    calls.clear()
+    assert torch.equal(packed(xs[256]), serial[256]) and len(calls) == 8
+    assert set(calls) <= {me, *_pool_threads()}
+    monkeypatch.setattr(E, "FLAT_POLL", 1)
     # the override: no work minimum, batch 4 is split by image count as before the rule
     monkeypatch.setattr(E, "MIN_THREAD_WORK_S", 0.0)
     calls.clear()

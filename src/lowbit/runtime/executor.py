@@ -26,7 +26,8 @@ has run, so a shape's first call is serial). The batch is then cut into pieces (
 thread's minimum share) that the calling thread and the runtime's workers take from a shared
 counter, each running the program on its own arena (the interpreter releases the GIL); the call
 returns once every piece has run, without waiting for a worker the OS has not started yet
-(``kernels_threads.run_shared``). Anything smaller, batch 1 always, runs on the calling thread
+(``kernels_threads.run_shared``; the worker polls a while for the next split before it sleeps,
+``FLAT_POLL``). Anything smaller, batch 1 always, runs on the calling thread
 alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US`` sets the minimum share in
 microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per thread, as before the rule.
 
@@ -90,6 +91,12 @@ CHUNK_BYTES = 3 << 19
 MAX_CHUNK = 64
 MIN_SPLIT = 2  # images per thread before a batch is split over threads
 PIECES_PER_THREAD = 4
+#: 1: a batch split over threads hands its pieces to run_shared's polling worker, which polls for
+#: the next split a while (SPIN_US) before it sleeps, as parallel_for's splits do; 0: to the pool,
+#: whose worker sleeps at once. Waking a sleeping worker took ~66 us (LeNet-5 at 128 images: the
+#: worker's first piece started 66 us into a 470 us split); polling made the 2-thread call 1.02-1.29x
+#: faster (LeNet-5, ResNet-20 at 8-256 images, never slower: no_amx/ab_flat_poll*.md)
+FLAT_POLL = 1
 _ALIGN = 64
 
 
@@ -1124,7 +1131,7 @@ class FlatExecutor:
                 _run(prog.prog, prog.aux, prog.w8, prog.sc, x4[lo:hi], out[lo * n : hi * n], prog.oinfo,
                      fa, ca, hi - lo, prog.chunk)
 
-            _threads.run_shared(len(pieces), work, nt)
+            (_threads.run_polling if FLAT_POLL else _threads.run_shared)(len(pieces), work, nt)
         else:
             a = arenas.get((shape, 0))
             fa, ca = a if a is not None else self._arenas(arenas, shape, 0, prog)

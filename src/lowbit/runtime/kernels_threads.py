@@ -342,9 +342,15 @@ def parallel_for(fn, n: int, *args, parallel: bool = True, grain: int = 1) -> No
         for f in futs:
             f.result()
         return
+    run_polling(len(bounds), lambda slot, i: fn(*args, *bounds[i]), nt)
+
+
+def run_polling(n: int, work: Callable[[int, int], None], nt: int) -> None:
+    """:func:`run_shared` with slot 1 on the polling worker (:data:`SPIN_US`), which then stays on
+    its core a while for the next split: for callers whose splits come in quick succession."""
     _LOCAL.poll = True  # (read by run_shared: a wrapper of it keeps its three arguments)
     try:
-        run_shared(len(bounds), lambda slot, i: fn(*args, *bounds[i]), nt)
+        run_shared(n, work, nt)
     finally:
         _LOCAL.poll = False
 
