@@ -258,11 +258,12 @@ def run_shared(n: int, work: Callable[[int, int], None], nt: int, poll: bool | N
     finds nothing left (on a busy machine waking a worker can take milliseconds). The first
     exception of an item is raised here once all items have run.
 
-    With ``poll`` (default: whether the call comes from :func:`parallel_for`, whose splits come one
-    per layer) slot 1 goes to the polling worker (:data:`SPIN_US` > 0, unless another caller holds
-    it), the other slots to the pool's workers, and after its items the caller polls
-    :data:`SPIN_US` for the workers' last items before it sleeps; without, every slot goes to the
-    pool (the flat executor: one split per call)."""
+    With ``poll`` (default: whether the call comes from :func:`run_polling`: :func:`parallel_for`,
+    whose splits come one per layer, and the flat executor's) slot 1 goes to the polling worker
+    (:data:`SPIN_US` > 0, unless another caller holds it), the other slots to the pool's workers,
+    and after its items the caller polls :data:`SPIN_US` for the workers' last items before it
+    sleeps; without, every slot goes to the pool (the flat executor with ``executor.FLAT_POLL``
+    0)."""
     if poll is None:
         poll = _LOCAL.__dict__.get("poll", False)
     counter = itertools.count()  # next() on it is atomic under the GIL
