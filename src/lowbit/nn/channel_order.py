@@ -118,7 +118,7 @@ def _group_order(full: int, producers: list[str], pad: str | None, io: dict[str,
     m = modules[pad]
     front = (m.out_channels - m.in_channels) // 2 if m.front is None else m.front
     g_in = io[pad][0]
-    src = perms.get(g_in, list(range(m.in_channels))) if g_in is not None else list(range(m.in_channels))
+    src = perms.get(g_in, list(range(m.in_channels)))  # a fixed input group keeps its order
     carried = [front + c for c in src]
     free = [c for c in free if not front <= c < front + m.in_channels]
     m.front = front if shortcut == "keep" else 0

@@ -93,8 +93,7 @@ MIN_SPLIT = 2  # images per thread before a batch is split over threads
 PIECES_PER_THREAD = 4
 #: 1: a batch split over threads hands its pieces to run_shared's polling worker, which polls for
 #: the next split a while (SPIN_US) before it sleeps, as parallel_for's splits do; 0: to the pool,
-#: whose worker sleeps at once. Waking a sleeping worker took ~66 us (LeNet-5 at 128 images: the
-#: worker's first piece started 66 us into a 470 us split). Side by side (no_amx/ab_flat_poll.md):
+#: whose worker sleeps at once and is woken at every call. Side by side (no_amx/ab_flat_poll.md):
 #: LeNet-5's 2-thread call 1.04-1.10x faster at 64-256 images, ResNet-20's 0.96-1.02x (noise)
 FLAT_POLL = 1
 _ALIGN = 64
