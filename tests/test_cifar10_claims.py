@@ -125,7 +125,10 @@ def test_plan_order_and_seeds():
     # the other rows seed by seed: every row's seed 0 before any row's seed 1, seed 1 before seed 2
     rest = [j.seed for j in cpu if j.claim in ("ternary", "baselines", "rvsm")]
     assert rest == sorted(rest) and rest.count(0) == rest.count(1) == rest.count(2) > 0
-    assert not any(j.claim in ("releq", "width") for j in cpu)  # searches: GPU budget only
+    # the search and the runs built on it: seed 0 only, each after the search of its seed
+    search = [j.name for j in cpu if j.claim in ("releq", "width")]
+    assert search == ["releq/seed0", "releq-ft/seed0", "width-mixed/seed0", "width-wide/seed0"]
+    assert C.deps(next(j for j in cpu if j.name == "width-mixed/seed0")) == ["float/seed0", "releq/seed0"]
     # WaveQ (one fine-tune learning the bits, then the two it derives) runs on 3 seeds, each
     # derived fine-tune after its own seed's WaveQ run
     waveq = [j.name for j in cpu if j.claim == "waveq"]
@@ -350,7 +353,7 @@ def test_report_only_rebuilds_the_same_table(tmp_path):
     dcq = rows[("dcq", "DoReFa W2: with minus without DCQ")]
     assert "not run (cpu budget: not finished yet" in dcq["why"]
     assert "GPU budget only" in rows[("bcgd", "W1A4, every layer: rho 1e-5 minus rho 0")]["why"]
-    assert "needs the releq search" in rows[("releq", "average weight bits of the assignment")]["why"]
+    assert "not finished yet" in rows[("releq", "average weight bits of the assignment")]["why"]
     assert "JPEG copy" in md and md.count("not run (cpu budget") >= 10
     assert (tmp_path / "o" / "cifar10_claims.png").stat().st_size > 0
     # the summary lists exactly the checks that ran, above the full table, with our cell as there

@@ -90,6 +90,22 @@ def test_agent_finds_the_oracle_optimum_on_a_known_surface() -> None:
     assert rank[fast.episode(greedy=True)["bits"]] <= 1
 
 
+def test_terminal_rewards_measure_one_full_assignment_per_episode() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def evaluate(bits: tuple[int, ...]) -> float:
+        calls.append(bits)
+        return _surface(bits)
+
+    oracle = exhaustive(ReLeQ(_surface, _layers(), float_acc=0.99))
+    search = ReLeQ(evaluate, _layers(), float_acc=0.99, seed=0, step_rewards=False)
+    ep = search.episode()
+    assert ep["rewards"][:-1] == [0.0, 0.0, 0.0] and calls == [ep["bits"]]  # no partial assignment
+    result = search.run(300)
+    assert result.best_bits == oracle[0][0]  # the cheapest lossless assignment, found all the same
+    assert len(calls) == len(set(calls)) <= 301 and len(calls) < len(oracle) / 3
+
+
 def test_cache_file_resumes_without_new_measurements(tmp_path: Path) -> None:
     calls = []
 

@@ -23,8 +23,11 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
   core (:data:`REF_EPOCH_S`) the float models and the paired claims need about 9.4 CPU-hours
   (4.7 h on two cores), the other rows 9.4 more (the report's Plan section). WaveQ is a paired claim
   there too: one fine-tune that learns per-layer bits, then two fine-tunes, at the learned bits and
-  at their weighted mean for every layer (0.55 CPU-hours per seed). The searches (ReLeQ, width vs
-  mixed: hundreds of fine-tunes each) and the other arms of the paired claims are GPU budget only.
+  at their weighted mean for every layer (0.55 CPU-hours per seed). The ReLeQ search runs on seed
+  0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on 1,024
+  training images, read on 1,000 others: about 8 s on one core, and repeated assignments are
+  cached), then the assignment's 5-epoch fine-tune and the width-vs-mixed pair trained from scratch
+  for the float model's 20 epochs. The other arms of the paired claims are GPU budget only.
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
   epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
   per GPU at once, ``--device cuda``.
@@ -144,7 +147,7 @@ class Claim:
     arms: tuple[Arm, ...]
     checks: tuple[Check, ...]
     paired: bool = False  # with vs without: 3 seeds even on the CPU budget
-    search: str | None = None  # needs a search (releq): GPU budget (and smoke) only
+    search: str | None = None  # needs a search (releq): the budget's search seeds only
     departs: str = ""
 
 
@@ -248,7 +251,8 @@ CLAIMS: tuple[Claim, ...] = (
            Check("average activation bits of the assignment", "measure", ("releq",), None, "-",
                  metric="avg_a_bits")),
           search="releq", departs="searches (weight, activation) bit pairs of every layer but the first and "
-          "last (so the search is not a corner case); proxy: 1-epoch fine-tunes on a training subset"),
+          "last (so the search is not a corner case); proxy: 1-epoch fine-tunes on a training subset; "
+          "CPU budget: each episode measured once, at its end (not after every layer), 300 episodes"),
     Claim("width", "width multiplier vs mixed precision", "Mishra et al. 2018 (WRPN) vs ReLeQ's assignment",
           (_ar("releq", None, kind="releq"),
            _ar("width-mixed", None, init="scratch", after=("releq",), derive="releq", epochs="float"),
@@ -333,11 +337,13 @@ class Budget:
     other_seeds: tuple[int, ...]
     jobs: int
     threads: int
-    searches: bool  # run the claims that need a search (ReLeQ, width vs mixed)
     arms: Mapping[str, tuple[str, ...]] | None = None  # per claim, the arms run (None: all)
     train_subset: int | None = None
     val_size: int | str = "auto"
-    releq: Mapping[str, int] = field(default_factory=lambda: {"episodes": 100, "proxy": 4096, "val": 2000})
+    #: the ReLeQ search: episodes, proxy / val images, step_rewards (a measurement per layer, or one
+    #: per episode), precision of its 1-epoch fine-tunes
+    releq: Mapping[str, Any] = field(default_factory=lambda: {"episodes": 100, "proxy": 4096, "val": 2000})
+    search_seeds: tuple[int, ...] | None = None  # seeds of the claims that need a search (None: others')
     note: str = ""
     q_train: Mapping[str, Any] = field(default_factory=dict)  # extra train options of quantized runs
 
@@ -345,18 +351,22 @@ class Budget:
 _SGD = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "tensorboard": False}
 BUDGETS: dict[str, Budget] = {
     "cpu": Budget("cpu", "cpu", {**_SGD, "epochs": 20, "weight_decay": 5e-4, "schedule": "cosine"}, 5,
-                  (0, 1, 2), (0, 1, 2), jobs=2, threads=1, searches=False, arms=CPU_ARMS,
-                  q_train={"precision": "bf16"},
+                  (0, 1, 2), (0, 1, 2), jobs=2, threads=1, arms=CPU_ARMS,
+                  q_train={"precision": "bf16"}, search_seeds=(0,),
+                  releq={"episodes": 300, "proxy": 1024, "val": 1000, "step_rewards": False,
+                         "precision": "bf16"},
                   note="float 20 epochs (fp32), quantized fine-tunes 5 epochs (bf16 autocast, quantizers "
                        "in fp32), one thread per run, two runs side by side; 3 seeds for the paired claims "
-                       "(their CPU arms) and for the other rows"),
+                       "(their CPU arms) and for the other rows; the ReLeQ search (300 episodes, each "
+                       "measured once: a 1-epoch fine-tune on 1,024 images read on 1,000 others) and the "
+                       "runs built on it on seed 0 only"),
     "gpu": Budget("gpu", "cuda", {**_SGD, "epochs": 160, "weight_decay": 1e-4, "schedule": "step",
                                   "milestones": [80, 120], "channels_last": True}, 160, (0, 1, 2), (0, 1, 2),
-                  jobs=6, threads=2, searches=True, q_train={"channels_last": True},
+                  jobs=6, threads=2, q_train={"channels_last": True},
                   note="the papers' schedules: float 160 epochs (step at 80/120), quantized 160 epochs; "
                        "3 seeds per row; six runs per GPU at once"),
     "smoke": Budget("smoke", "cpu", {**_SGD, "epochs": 1, "weight_decay": 5e-4, "schedule": "cosine"}, 1,
-                    (0,), (0,), jobs=1, threads=1, searches=True, arms=SMOKE_ARMS, train_subset=512,
+                    (0,), (0,), jobs=1, threads=1, arms=SMOKE_ARMS, train_subset=512,
                     val_size=128,
                     releq={"episodes": 1, "proxy": 128, "val": 128},
                     note="pipeline check: 1 epoch on 512 training images (numbers mean nothing)"),
@@ -389,13 +399,13 @@ def float_arm(width: float) -> Arm:
 
 def budget_arms(claim: Claim, budget: Budget) -> tuple[Arm, ...]:
     """The arms of ``claim`` that ``budget`` runs."""
-    if claim.search and not budget.searches:
-        return ()
     wanted = (budget.arms or {}).get(claim.name)
     return tuple(a for a in claim.arms if wanted is None or a.key in wanted)
 
 
 def seeds_for(claim: Claim, budget: Budget) -> tuple[int, ...]:
+    if claim.search and budget.search_seeds is not None:
+        return budget.search_seeds
     return budget.paired_seeds if claim.paired or claim.name == "float" else budget.other_seeds
 
 
@@ -616,14 +626,15 @@ def releq_search(payload: dict[str, Any]) -> dict[str, Any]:
     model, data, _ = load_run(Path(payload["float_dir"]) / "best.safetensors", device)
     held, rest = data.train.split(opt["val"], seed=seed)
     proxy = rest.subset(opt["proxy"], seed=seed)
-    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False)
+    cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="constant", seed=seed, tensorboard=False,
+                      precision=opt.get("precision", "fp32"))
     layers = quantizable_layers(model)
     names = list(layers)[1:-1]
     ev = FineTuneEvaluator(lambda: copy.deepcopy(model), proxy, held, cfg, dict(WQ), device=device,
                            names=names, activation=dict(AQ))
     float_val = Trainer(copy.deepcopy(model), proxy, held, cfg, device=device).evaluate()["acc"]
     search = ReLeQ(ev, [layers[n] for n in names], float_val, actions=BITS, act_actions=BITS, seed=seed,
-                   cache_path=out / "releq_cache.json")
+                   cache_path=out / "releq_cache.json", step_rewards=opt.get("step_rewards", True))
     res = search.run(opt["episodes"])
     pairs = [tuple(b) if isinstance(b, list | tuple) else (int(b), 32) for b in res.best_bits]
     sizes = {n: layers[n].weight.numel() for n in names}
@@ -1040,9 +1051,7 @@ def build_rows(runs_root: Path, budget: Budget,
             chosen = chosen_arm(check, runs)
             v, why = verdict(check.rule, st, check.paper)
             if v == "not run":
-                if claim.search and not budget.searches:
-                    why = f"not run ({budget.name} budget: needs the {claim.search} search)"
-                elif not set(check.arms) <= in_budget and claim.search is None:
+                if not set(check.arms) <= in_budget:
                     why = f"not run ({budget.name} budget: GPU budget only)"
                 else:
                     why = f"not run ({budget.name} budget: not finished yet; resumable)"

@@ -34,6 +34,11 @@ PPO update); the layers not chosen yet sit at that cheapest action in every meas
 each measured assignment is within the budget); and the reward drops the bits term (``x = 0``,
 ``R = 2 (y^(1/y) - 0.5)``): within the budget only accuracy pays (fewer bits earn nothing).
 
+``step_rewards=False`` (a departure, for small compute budgets): only the finished assignment is
+measured, once per episode; the earlier steps pay 0 and see ``acc_state = 1``. An episode then
+costs one fine-tune instead of one per layer, so the same compute buys ``L`` times more episodes
+(PPO updates) at the price of a state that no longer tracks accuracy along the sweep.
+
 The evaluator is any ``bits tuple -> accuracy`` callable; :class:`FineTuneEvaluator` is the
 paper's (a short fine-tune of the quantized model from float weights, then validation
 accuracy). Its cache is a JSON file, so a killed search resumes without repeating fine-tunes,
@@ -245,6 +250,7 @@ class ReLeQ:
         act_actions: Sequence[int] | None = None,
         cost: Callable[[tuple[Any, ...]], float] | None = None,
         budget: float | None = None,
+        step_rewards: bool = True,
     ) -> None:
         check_actions(actions, act_actions)
         if not 0 < float_acc <= 1:
@@ -261,6 +267,7 @@ class ReLeQ:
         self.features = layer_features(layers)
         self.n_layers = len(self.features)
         self.cost, self.budget = cost, budget
+        self.step_rewards = bool(step_rewards)
         # layers not chosen yet: at the largest action (ReLeQ), or the cheapest under a budget
         self.pad = self.actions[sizes.index(self.b_min if budget is not None else self.b_max)]
         if cost is not None and cost((self.pad,) * self.n_layers) > budget:
@@ -333,8 +340,11 @@ class ReLeQ:
             else:
                 a = torch.multinomial(dist.probs, 1, generator=self.rng)[0]
             chosen.append(self.actions[int(a)])
-            r, acc = self.reward(chosen)
-            acc_state = acc / self.float_acc
+            if self.step_rewards or l == self.n_layers - 1:
+                r, acc = self.reward(chosen)
+                acc_state = acc / self.float_acc
+            else:  # measured once, at the end of the sweep
+                r = 0.0
             states.append(s)
             masks.append(mask)
             actions.append(int(a))
