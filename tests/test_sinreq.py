@@ -247,3 +247,25 @@ def test_waveq_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
     wq2, _ = run(2, True)  # resumes at epoch 1 with the saved beta, then trains one more epoch
     assert not torch.equal(wq2.beta.detach(), beta_after_1)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_waveq_beta_lr_is_its_param_groups_rate() -> None:
+    """``beta_lr`` sets beta's own learning rate (the schedule scales it like the model's); under
+    Adam, beta then moves about ``beta_lr`` per step where the model's rate moved it by ``lr``."""
+    train, test = loaders()
+    moved = {}
+    for beta_lr in (None, 0.05):
+        model = lowbit.quantize(_net(), {"default": {"weight": {"method": "uniform", "bits": 4}}})
+        hooks = build_methods([{"name": "waveq", "weight": 1.0, "beta_weight": 10.0, "grid": "quantizer",
+                                "beta_lr": beta_lr}], model)
+        cfg = TrainConfig(epochs=1, lr=1e-3, optimizer="adam", schedule="constant", seed=0, tensorboard=False)
+        tr = Trainer(model, train, test, cfg, regularizers=hooks.regularizers, callbacks=hooks.callbacks)
+        group = next(g for g in tr.optimizer.param_groups if g["name"] == "regularizer/waveq")
+        assert group["lr"] == (beta_lr or 1e-3) and group["weight_decay"] == 0.0
+        tr.fit()
+        moved[beta_lr] = float((4.0 - hooks.regularizers[0].beta.detach()).mean())
+    steps = len(train)
+    assert 0 < moved[None] <= 1.01e-3 * steps  # the bit charge pushes every beta down, lr per step
+    assert moved[0.05] > 10 * moved[None]
+    with pytest.raises(ValueError, match="beta_lr must be a number > 0"):
+        WaveQ(_net(), beta_lr=0.0)

@@ -37,7 +37,12 @@ continuous ``beta_l`` replaces ``b_l``::
 ``c_l`` is the grid's range (``Delta_l = c_l / k(b_l)`` above: the quantizer's clip, ``max|w_l|``
 or 1). ``1/2^beta`` lowers the penalty of a finer grid and ``lambda_beta * beta`` charges for the
 bits, so ``beta`` settles where a coarser grid would cost more than it saves. ``beta`` lives in
-``[min_bits, max_bits]`` (clamped after every step). The papers also learn the range; here the
+``[min_bits, max_bits]`` (clamped after every step). The balance point is
+``2^beta = lambda_w ln2 S_l / lambda_beta`` (``S_l`` the layer's mean ``sin^2``, at most 1/2 for
+weights off the grid), so ``lambda_beta`` sets where the bits settle and ``S_l`` how they differ
+between layers. ``beta_lr`` gives ``beta`` its own learning rate: under Adam a parameter moves
+about ``lr`` per step whatever its gradient, so with the model's small rate every ``beta`` drifts by
+the same amount and the layers never reach their balance points. The papers also learn the range; here the
 range is the quantizer's (or ``max|w|``): a free range lets ``R -> 0`` by ``c -> infinity`` (every
 weight within the first half-period of the sine), so it is not learned. At the end the bits are
 ``round(beta_l)`` (:meth:`WaveQ.learned_bits`); :meth:`WaveQ.recipe` writes them into a recipe
@@ -214,6 +219,7 @@ class WaveQ(nn.Module, Callback):
         grid: str = "max",
         layers: Sequence[str] | None = None,
         reduction: str = "mean",
+        beta_lr: float | None = None,
     ) -> None:
         nn.Module.__init__(self)
         _check_common(weight, grid, reduction)
@@ -223,7 +229,12 @@ class WaveQ(nn.Module, Callback):
         _check_bits(max_bits, grid, "max_bits")
         if min_bits > max_bits:
             raise ValueError(f"waveq: min_bits ({min_bits}) > max_bits ({max_bits})")
+        if beta_lr is not None and (isinstance(beta_lr, bool) or not isinstance(beta_lr, int | float)
+                                    or not beta_lr > 0):
+            raise ValueError(f"waveq: beta_lr must be a number > 0 (or null: the model's rate), "
+                             f"got {beta_lr!r}")
         self.weight, self.beta_weight = float(weight), float(beta_weight)
+        self.param_lr = None if beta_lr is None else float(beta_lr)  # the Trainer's group lr for beta
         self.grid, self.reduction = grid, reduction
         self.min_bits, self.max_bits = min_bits, max_bits
         self.layers = _select(model, layers)

@@ -234,8 +234,9 @@ class Trainer:
         regularizers: callables `model -> scalar tensor`, added to the loss and logged as
             ``reg/<name>`` (name: the callable's `name` attribute, else its function/class
             name). A regularizer that is an `nn.Module` with trainable parameters (WaveQ's
-            bit-widths) gets them optimized as an extra param group without weight decay
-            (unless `optimizer` is given); pass it as a callback too to checkpoint them.
+            bit-widths) gets them optimized as an extra param group without weight decay, at its
+            `param_lr` attribute's learning rate when that is set (unless `optimizer` is given);
+            pass it as a callback too to checkpoint them.
         callbacks: see `lowbit.train.callbacks`.
         optimizer: a ready optimizer; overrides `build_optimizer`.
         wrap_optimizer: `wrap_optimizer(opt, model) -> opt` wraps the optimizer (BCGD). The
@@ -318,6 +319,8 @@ class Trainer:
                 extra = [p for p in reg.parameters() if p.requires_grad] if isinstance(reg, nn.Module) else []
                 if extra:
                     group = {"params": extra, "weight_decay": 0.0, "name": f"regularizer/{name}"}
+                    if getattr(reg, "param_lr", None) is not None:
+                        group["lr"] = reg.param_lr
                     base.add_param_group(group)
         self.scheduler = build_scheduler(base, self.config, self.steps_per_epoch)
         self.optimizer = wrap_optimizer(base, model) if wrap_optimizer else base
