@@ -635,7 +635,14 @@ def releq_search(payload: dict[str, Any]) -> dict[str, Any]:
     float_val = Trainer(copy.deepcopy(model), proxy, held, cfg, device=device).evaluate()["acc"]
     search = ReLeQ(ev, [layers[n] for n in names], float_val, actions=BITS, act_actions=BITS, seed=seed,
                    cache_path=out / "releq_cache.json", step_rewards=opt.get("step_rewards", True))
-    res = search.run(opt["episodes"])
+    best: list[float] = []
+
+    def progress(i: int, h: dict[str, Any]) -> None:  # one line per episode in campaign.log
+        best.append(max([*best[-1:], h["reward"]]))
+        log.info("releq episode %d/%d: acc %.4f, reward %.3f (best %.3f), %d assignments measured",
+                 i + 1, opt["episodes"], h["acc"], h["reward"], best[-1], len(search.cache))
+
+    res = search.run(opt["episodes"], progress)
     pairs = [tuple(b) if isinstance(b, list | tuple) else (int(b), 32) for b in res.best_bits]
     sizes = {n: layers[n].weight.numel() for n in names}
     rules = [{"match": n, "weight": {**WQ, "bits": int(w)}, "activation": {**AQ, "bits": int(a)}}
