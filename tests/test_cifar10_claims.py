@@ -488,7 +488,8 @@ def test_waveq_with_equal_learned_bits_says_the_arms_are_one_recipe(tmp_path):
     for s, bits in enumerate(({n: 3 for n in names}, {n: 3 + (i % 2) for i, n in enumerate(names)})):
         fake_run(cpu, "float", s, 0.85)
         d = fake_run(cpu, "waveq", s, 0.845)
-        (d / "waveq_bits.json").write_text(json.dumps({"bits": bits}))
+        beta = {n: b + 0.1 * (i % 3) for i, (n, b) in enumerate(bits.items())}
+        (d / "waveq_bits.json").write_text(json.dumps({"bits": bits, "beta": beta}))
         fake_run(cpu, "waveq-learned", s, 0.8511)
         fake_run(cpu, "waveq-fixed", s, 0.8511 if s == 0 else 0.8500)
     C.main(["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"),
@@ -498,4 +499,5 @@ def test_waveq_with_equal_learned_bits_says_the_arms_are_one_recipe(tmp_path):
     gain = rows[("waveq", "learned bits minus fixed bits at equal average bits")]
     assert gain["ours"]["n"] == 2
     assert "the learned bits were equal in every layer in 1 of 2 seeds (3 bits)" in gain["why"]
+    assert "(their continuous bit-widths ended between 3.00 and 3.20)" in gain["why"]
     assert rows[("waveq", "learned average weight bits")]["ours"]["values"][0] == pytest.approx(3.0)

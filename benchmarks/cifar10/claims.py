@@ -865,9 +865,12 @@ def read_run(path: Path) -> dict[str, Any] | None:
             out[k] = res[k]
     wb = path / "waveq_bits.json"
     if wb.exists():
-        bits, sizes = json.loads(wb.read_text())["bits"], layer_sizes()
+        learned, sizes = json.loads(wb.read_text()), layer_sizes()
+        bits = learned["bits"]
         out["avg_w_bits"] = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
         out["bits_distinct"] = len(set(bits.values()))  # 1: every layer learned the same bits
+        if learned.get("beta"):  # the continuous bit-widths before rounding
+            out["beta_range"] = [min(learned["beta"].values()), max(learned["beta"].values())]
     metrics = path / "metrics.jsonl"
     if metrics.exists():
         for rec in metric_lines(metrics):
@@ -1082,6 +1085,11 @@ def build_rows(runs_root: Path, budget: Budget,
                 n_src = sum(1 for (k, _) in runs if k in src)
                 why += (f"; the learned bits were equal in every layer in {len(same)} of {n_src} seeds "
                         f"({', '.join(f'{b:g}' for b in same)} bits), where learned and fixed are one recipe")
+                ranges = [r["beta_range"] for (k, _), r in runs.items()
+                          if k in src and r.get("bits_distinct") == 1 and r.get("beta_range")]
+                if ranges:  # in those seeds, before rounding
+                    why += (f" (their continuous bit-widths ended between {min(lo for lo, _ in ranges):.2f} "
+                            f"and {max(hi for _, hi in ranges):.2f})")
             extra = {}
             for key in ("sparsity", "small_groups"):
                 got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
