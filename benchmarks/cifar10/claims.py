@@ -15,19 +15,18 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
 
 - ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.03 ±
   0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs (each
-  recipe's optimizer) under
-  bf16 autocast (the CPU's AMX: 1.6-2x faster per epoch; quantizers and their scales stay fp32), one
-  thread per run, two runs side by side; 3 seeds for every row (the paired claims, BCGD with
-  first/last float, DCQ at W2, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, run all three
-  first; the other rows run seed 0 before seeds 1 and 2). At about 133 s per epoch on one idle
-  core (:data:`REF_EPOCH_S`) the float models and the paired claims need about 9.4 CPU-hours
-  (4.7 h on two cores), the other rows 9.4 more (the report's Plan section). WaveQ is a paired claim
-  there too: one fine-tune that learns per-layer bits, then two fine-tunes, at the learned bits and
-  at their weighted mean for every layer (0.55 CPU-hours per seed). The ReLeQ search runs on seed
-  0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on 1,024
-  training images, read on 1,000 others: about 8 s on one core, and repeated assignments are
-  cached), then the assignment's 5-epoch fine-tune and the width-vs-mixed pair trained from scratch
-  for the float model's 20 epochs. The other arms of the paired claims are GPU budget only.
+  recipe's optimizer) under bf16 autocast (1.5-2x faster per epoch on CPUs with AMX or AVX-512
+  BF16; quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
+  for every row. The paired claims run first, claim by claim (BCGD with first/last float and with
+  every layer binary, DCQ at W2 and W1, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, WaveQ:
+  one fine-tune that learns per-layer bits, then two, at the learned bits and at their weighted
+  mean for every layer); the other rows run seed 0 before seeds 1 and 2. The ReLeQ search runs on
+  seed 0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on
+  1,024 training images, read on 1,000 others: about 8 s on one core; repeated assignments are
+  cached), then the assignment's 5-epoch fine-tune and the width-vs-mixed pair, trained from
+  scratch for the float model's 20 epochs. The other arms of the paired claims are GPU budget
+  only. The report's Plan section gives the CPU-hours at about 133 s per epoch on one idle core
+  (:data:`REF_EPOCH_S`).
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
   epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
   per GPU at once, ``--device cuda``.
@@ -314,7 +313,7 @@ CLAIMS: tuple[Claim, ...] = (
 PRIORITY = ("float", "multipoint", "bcgd", "dcq", "sinreq", "wpc", "waveq")
 #: the arms the CPU budget runs of a claim (others: GPU budget only); a missing claim: every arm
 CPU_ARMS: dict[str, tuple[str, ...]] = {
-    "bcgd": ("bcgd-fl", "bcgd-fl-rho0"),
+    "bcgd": ("bcgd-fl", "bcgd-fl-rho0", "bcgd-all", "bcgd-all-rho0"),
     "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
     "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100"),
 }
