@@ -1240,35 +1240,73 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
 
 
 def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> bool:
-    """Two panels: test accuracy vs weight bytes and vs BOPs, one point per run and budget (seed
-    mean); GPU points are circles, CPU points triangles."""
+    """Test accuracy vs weight bytes (left) and vs BOPs (right), one point per arm and budget: the
+    seed mean with the seeds' spread as error bars. One colour per claim, one marker per arm of it
+    (filled: GPU budget, open: CPU), the float model as a dashed line. The top row shows every run;
+    the bottom row zooms into the band within 6 points of the float model, where most methods sit.
+    The legend names every point."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(k, b) for k, _, b in runs})
-    if not keys:
+    points = {}  # (arm, budget) -> {field: (mean, std)}
+    for k, b in sorted({(k, b) for k, _, b in runs}):
+        rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == (k, b) and r.get("test_acc") is not None]
+        pt = {f: (statistics.fmean(r[f] for r in rs), statistics.pstdev([r[f] for r in rs]))
+              for f in ("test_acc", "weight_bytes", "bops") if rs and all(r.get(f) for r in rs)}
+        if "test_acc" in pt:
+            points[(k, b)] = pt
+    if not points:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, field_, label in ((axes[0], "weight_bytes", "weight bytes"), (axes[1], "bops", "BOPs")):
-        for k in keys:
-            rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == k and r.get(field_)
-                  and r.get("test_acc") is not None]
-            if not rs:
-                continue
-            x = statistics.fmean(r[field_] for r in rs)
-            y = statistics.fmean(r["test_acc"] for r in rs)
-            ax.scatter([x], [y], s=18, marker="o" if k[1] == "gpu" else "^")
-            ax.annotate(f"{k[0]} ({k[1]})", (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle("ResNet-20, CIFAR-10 (JPEG copy): every finished run (seed mean)")
-    fig.tight_layout()
+    claim_of = {a.key: c.name for c in CLAIMS for a in c.arms}
+    order = [c.name for c in CLAIMS]
+    tab = plt.get_cmap("tab20").colors
+    colors = dict(zip(order, itertools.cycle(tab[0::2] + tab[1::2]), strict=False))  # strong hues first
+    rank = {k: (order.index(claim_of.get(k[0], "float")), k) for k in points}  # the legend in table order
+    points = {k: points[k] for k in sorted(points, key=rank.get)}
+    shapes, style = "o^sDvP*Xh<>p", {}
+    for name in order:
+        arms = [k for k in dict.fromkeys(k for k, _ in points) if claim_of.get(k, "float") == name]
+        style.update({k: (colors[name], shapes[i % len(shapes)]) for i, k in enumerate(arms)})
+    floats = {b: pt["test_acc"][0] for (k, b), pt in points.items() if k == "float"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10), sharex="col")
+    for col, (field_, label) in enumerate((("weight_bytes", "weight bytes"), ("bops", "BOPs"))):
+        for row in (0, 1):
+            ax = axes[row][col]
+            for (k, b), pt in points.items():
+                if field_ not in pt:
+                    continue
+                c, m = style[k]
+                (x, _), (y, ys) = pt[field_], pt["test_acc"]
+                ax.errorbar([x], [y], yerr=[ys] if ys else None, fmt=m, ms=7, color=c, ecolor=c,
+                            mfc=c if b == "gpu" else "none", mew=1.4, capsize=2, lw=1,
+                            label=f"{k} [{claim_of.get(k, 'float')}, {b}]")
+            for b, y in floats.items():
+                ax.axhline(y, ls="--", lw=0.8, color="0.4")
+                ax.annotate(f"float ({b}) {y:.2f}%", (0.01, y), xycoords=("axes fraction", "data"),
+                            fontsize=8, color="0.3", xytext=(0, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_ylabel("test accuracy (%)")
+            if row == 1:
+                ax.set_xlabel(label)
+                if floats:
+                    top = max(floats.values())
+                    ax.set_ylim(top - 6, top + 1.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles, strict=True))
+    fig.legend(list(seen.values()), list(seen), loc="center right", fontsize=8, frameon=False,
+               title="arm [claim, budget]", title_fontsize=9)
+    axes[0][0].set_title("every run")
+    axes[1][0].set_title("within 6 points of the float model")
+    fig.suptitle("ResNet-20, CIFAR-10 (JPEG copy): every finished arm, seed mean ± std "
+                 "(filled: GPU budget, open: CPU)")
+    fig.tight_layout(rect=(0, 0, 0.8, 0.97))
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
     return True
