@@ -501,3 +501,28 @@ def test_waveq_with_equal_learned_bits_says_the_arms_are_one_recipe(tmp_path):
     assert "the learned bits were equal in every layer in 1 of 2 seeds (3 bits)" in gain["why"]
     assert "(their continuous bit-widths ended between 3.00 and 3.20)" in gain["why"]
     assert rows[("waveq", "learned average weight bits")]["ours"]["values"][0] == pytest.approx(3.0)
+
+
+def test_a_search_row_says_how_far_its_agent_learned(tmp_path):
+    """The ReLeQ rows name the search behind the assignment: episodes, assignments measured, the
+    agent's mean reward early and late (from releq.json), its best and the proxy accuracies."""
+    cpu = tmp_path / "runs" / "cpu"
+    fake_run(cpu, "float", 0, 0.85)
+    d = cpu / "releq" / "seed0"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"kind": "search", "test_acc": None, "best_acc": None,
+                                               "device": "cpu", "avg_w_bits": 3.5, "avg_a_bits": 4.0}))
+    history = [{"bits": [], "reward": r, "acc": 0.7} for r in [-0.4] * 10 + [0.2] * 10]
+    (d / "releq.json").write_text(json.dumps({"search": {
+        "history": history, "evaluations": 17, "best_reward": 0.25, "best_acc": 0.8, "float_acc": 0.9}}))
+    out = tmp_path / "o"
+    C.main(["--budget", "cpu", "--report-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    report = json.loads((out / "cifar10_claims.json").read_text())
+    rows = {(r["claim"], r["check"]): r for r in report["rows"]}
+    bits = rows[("releq", "average weight bits of the assignment")]
+    assert bits["ours"]["mean"] == pytest.approx(3.5) and bits["verdict"] == "measured"
+    assert bits["why"] == (
+        "the search (seed 0) measured 17 assignments in 20 episodes; the agent's mean reward over its "
+        "first / last 10 episodes -0.400 / +0.200, its best +0.250 (proxy accuracy 80.0% vs the float "
+        "model's 90.0% on the same held-out training images)")
+    assert rows[("releq", "the searched assignment, fine-tuned: drop vs float")]["verdict"] == "not run"

@@ -862,6 +862,16 @@ def read_run(path: Path) -> dict[str, Any] | None:
     for k in ("avg_w_bits", "avg_a_bits"):
         if res.get(k) is not None:
             out[k] = res[k]
+    rel = path / "releq.json"
+    if rel.exists():  # how far the search's agent learned: its mean reward early and late
+        found = json.loads(rel.read_text())["search"]
+        hist = [h["reward"] for h in found["history"]]
+        w = max(1, min(50, len(hist) // 2))
+        out["search"] = {"episodes": len(hist), "measured": found["evaluations"], "window": w,
+                         "reward_first": statistics.fmean(hist[:w]),
+                         "reward_last": statistics.fmean(hist[-w:]),
+                         "best_reward": found["best_reward"], "best_proxy_acc": 100 * found["best_acc"],
+                         "float_proxy_acc": 100 * found["float_acc"]}
     wb = path / "waveq_bits.json"
     if wb.exists():
         learned, sizes = json.loads(wb.read_text()), layer_sizes()
@@ -1089,6 +1099,15 @@ def build_rows(runs_root: Path, budget: Budget,
                 if ranges:  # in those seeds, before rounding
                     why += (f" (their continuous bit-widths ended between {min(lo for lo, _ in ranges):.2f} "
                             f"and {max(hi for _, hi in ranges):.2f})")
+            found = [(s, r["search"]) for (k, s), r in runs.items() if k == claim.search and r.get("search")]
+            if found and v != "not run":  # what the assignment came from
+                seed, f = found[0]
+                said = (f"the search (seed {seed}) measured {f['measured']} assignments in {f['episodes']} "
+                        f"episodes; the agent's mean reward over its first / last {f['window']} episodes "
+                        f"{f['reward_first']:+.3f} / {f['reward_last']:+.3f}, its best "
+                        f"{f['best_reward']:+.3f} (proxy accuracy {f['best_proxy_acc']:.1f}% vs the float "
+                        f"model's {f['float_proxy_acc']:.1f}% on the same held-out training images)")
+                why = f"{why}; {said}" if why else said
             extra = {}
             for key in ("sparsity", "small_groups"):
                 got = [runs[(check.arms[0], s)][key] for (k, s) in runs if k == check.arms[0]
