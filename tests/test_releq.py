@@ -205,6 +205,13 @@ def test_cli_search_releq_with_activation_bits_under_a_bops_budget(tmp_path: Pat
         return sum(m * w * a for m, (w, a) in zip(macs, bits, strict=True))
 
     assert all(bops(h["bits"]) <= budget for h in res["history"])
+    # measured once per episode, at its end: the cache holds exactly the episodes' assignments
+    once = tmp_path / "once"
+    assert main([*args[:4], str(once), *args[5:], "--reward-at-end"]) == 0
+    at_end = json.loads((once / "releq.json").read_text())
+    cached = set(json.loads((once / "releq_cache.json").read_text()))
+    assert at_end["step_rewards"] is False and at_end["evaluations"] == len(cached) <= 6
+    assert cached == {",".join(f"{w}/{a}" for w, a in h["bits"]) for h in at_end["history"]}
     assert res["best_bops"] == bops(res["best_bits"]) <= budget
     recipe = Recipe.from_yaml(out / "recipe.yaml")
     plans = [recipe.plan(n, "fc1", "fc3") for n in res["layers"]]

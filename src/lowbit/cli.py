@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--bops-budget", type=float,
                     help="hard limit on the searched layers' MACs x weight bits x input bits (32 if float)")
     rl.add_argument("--val", type=COUNT, default=2000, help="held-out training images the search reads")
+    rl.add_argument("--reward-at-end", action="store_true",
+                    help="measure each episode once, at its end, not after every layer (layers x cheaper)")
     rl.add_argument("--seed", type=int, default=0)
     _device_flag(rl)
 
@@ -575,7 +577,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
     res = releq_run(a.run, a.out, episodes=a.episodes, actions=a.actions, proxy=a.proxy, val=a.val,
                     act_actions=a.act_actions, bops_budget=a.bops_budget, seed=a.seed, progress=show,
-                    device=a.device)
+                    device=a.device, step_rewards=not a.reward_at_end)
     best = tuple(tuple(b) if isinstance(b, list) else b for b in res["best_bits"])
     console.print(f"best bits {best} "
                   f"for {res['layers']} ({res['best_bops']:,.0f} BOPs): "

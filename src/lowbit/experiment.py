@@ -450,6 +450,7 @@ def releq_run(
     seed: int = 0,
     progress: Any = None,
     device: str | torch.device | None = None,
+    step_rewards: bool = True,
 ) -> dict[str, Any]:
     """ReLeQ search over the weight bits (and, with ``act_actions``, each layer's input bits) of a
     float run's layers (see :mod:`lowbit.search.releq`).
@@ -461,6 +462,8 @@ def releq_run(
     chosen nor measured. Writes ``out/releq.json`` (best assignment, history, BOPs),
     ``out/releq_cache.json`` (measured accuracies: a rerun resumes) and ``out/recipe.yaml``: the
     best assignment as a recipe for ``lowbit train --recipe out/recipe.yaml --init RUN/...``.
+    ``step_rewards=False`` measures each episode once, at its end, instead of after every layer
+    (:class:`lowbit.search.ReLeQ`): ``L`` times fewer fine-tunes per episode.
     """
     import copy
     import math
@@ -514,7 +517,7 @@ def releq_run(
     float_val = Trainer(copy.deepcopy(float_model), proxy_loader, held, cfg).evaluate()["acc"]
     budget = {} if bops_budget is None else {"cost": bops, "budget": float(bops_budget)}
     search = ReLeQ(evaluator, evaluator.layers(), float_val, actions=actions, act_actions=act_actions,
-                   seed=seed, cache_path=out / "releq_cache.json", **budget)
+                   seed=seed, cache_path=out / "releq_cache.json", step_rewards=step_rewards, **budget)
     result = search.run(episodes, progress=progress)
     rules = []
     for n, b in zip(names, result.best_bits, strict=True):
@@ -527,7 +530,7 @@ def releq_run(
                                "default": {"weight": None}, "rules": rules})
     atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     payload = {"run": str(run), "layers": names, "float_val_acc": float_val, **result.to_json(),
-               "best_bops": bops(result.best_bits), "bops_budget": bops_budget,
+               "best_bops": bops(result.best_bits), "bops_budget": bops_budget, "step_rewards": step_rewards,
                "macs": [macs[n] for n in names]}
     atomic_write_text(out / "releq.json", json.dumps(payload, indent=1) + "\n")
     return payload

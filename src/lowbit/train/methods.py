@@ -5,7 +5,7 @@
       - {name: binary_relax, growth: 1.02, hard_epoch: 8}
       - {name: pact_l2, weight: 2.0e-4}            # PACT's L2 penalty on the clip levels
       - {name: sinreq, weight: 1.0, grid: quantizer}   # sinusoidal pull onto the weight grid
-      - {name: waveq, weight: 1.0, beta_weight: 1.0e-3, grid: max}   # ... with learned bits
+      - {name: waveq, weight: 1.0, beta_weight: 1.0e-3, grid: max, beta_lr: 1.0e-2}  # ... learned bits
       - {name: kd, teacher: runs/fp, alpha: 0.9, temperature: 4}    # distillation from a float run
       - {name: dcq, teacher: runs/fp, dcq_epochs: 8}                 # divide-and-conquer quantization
       - {name: rvsm, lam: 1.0e-4, beta: 1.0, penalty: tl1}           # sparse weights by splitting
