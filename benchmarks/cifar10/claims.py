@@ -1365,17 +1365,25 @@ def plan_text(jobs: list[Job], budget: Budget, runs: Path) -> str:
     floats = [j for j in jobs if j.arm.is_float]
     quant = [j for j in jobs if not j.arm.is_float and j.arm.kind in ("train", "waveq")]
     fe, qe = budget.float_train["epochs"], budget.q_epochs
+    long = [j for j in quant if j.arm.epochs == "float"]  # quantized from scratch: the float schedule
+
+    def epochs(j: Job) -> int:
+        return fe if j.arm.epochs == "float" else qe
+
     paired = {c.name for c in CLAIMS if c.paired}
-    core = len(floats) * fe + sum(qe for j in quant if j.claim in paired)
-    rest = sum(qe for j in quant if j.claim not in paired)
-    out = [f"Jobs in this budget: {len(floats)} float runs x {fe} epochs, {len(quant)} quantized runs x {qe} "
-           f"epochs, {len(jobs) - len(floats) - len(quant)} post-training or search runs; {budget.jobs} at a "
-           f"time, {budget.threads} thread(s) each, on {budget.device}."]
+    core = len(floats) * fe + sum(epochs(j) for j in quant if j.claim in paired)
+    rest = sum(epochs(j) for j in quant if j.claim not in paired)
+    scratch = f" and {len(long)} x {fe} epochs (from scratch)" if long else ""
+    out = [f"Jobs in this budget: {len(floats)} float runs x {fe} epochs, {len(quant)} quantized runs "
+           f"({len(quant) - len(long)} x {qe} epochs{scratch}), {len(jobs) - len(floats) - len(quant)} "
+           f"post-training or search runs; {budget.jobs} at a time, {budget.threads} thread(s) each, on "
+           f"{budget.device}."]
     if budget.device == "cpu":
         out.append(f"At the reference speed ({REF_EPOCH_S:.0f} s per epoch on one idle core) the float "
                    f"models and the paired claims need {core * REF_EPOCH_S / 3600:.1f} CPU-hours "
                    f"({core * REF_EPOCH_S / 3600 / budget.jobs:.1f} h with {budget.jobs} side by side), "
-                   f"the other rows {rest * REF_EPOCH_S / 3600:.1f} more.")
+                   f"the other rows {rest * REF_EPOCH_S / 3600:.1f} more (a wider network's epochs "
+                   f"take longer; the searches come on top).")
     ft = [t for j in floats for t in epoch_times(run_dir(runs, j))]
     qt = [t for j in quant for t in epoch_times(run_dir(runs, j))]
     if ft or qt:
