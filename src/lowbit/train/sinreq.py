@@ -42,9 +42,11 @@ bits, so ``beta`` settles where a coarser grid would cost more than it saves. ``
 weights off the grid), so ``lambda_beta`` sets where the bits settle and ``S_l`` how they differ
 between layers. ``beta_lr`` gives ``beta`` its own learning rate: under Adam a parameter moves
 about ``lr`` per step whatever its gradient, so with the model's small rate every ``beta`` drifts by
-the same amount and the layers never reach their balance points. The papers also learn the range; here the
-range is the quantizer's (or ``max|w|``): a free range lets ``R -> 0`` by ``c -> infinity`` (every
-weight within the first half-period of the sine), so it is not learned. At the end the bits are
+about the same amount in a short fine-tune, far from its balance point. The sine term, whose period
+moves with ``beta``, also has local minima that can hold ``beta`` before it gets there. The papers
+also learn the range; here the range is the quantizer's (or ``max|w|``): a free range lets
+``R -> 0`` by ``c -> infinity`` (every weight within the first half-period of the sine), so it is
+not learned. At the end the bits are
 ``round(beta_l)`` (:meth:`WaveQ.learned_bits`); :meth:`WaveQ.recipe` writes them into a recipe
 for the quantized fine-tune, and a run's directory gets ``waveq_bits.json``.
 """
