@@ -1274,8 +1274,11 @@ def plot(runs: Mapping[tuple[str, int, str], dict[str, Any]], path: Path) -> boo
     points = {}  # (arm, budget) -> {field: (mean, std)}
     for k, b in sorted({(k, b) for k, _, b in runs}):
         rs = [r for (kk, _, bb), r in runs.items() if (kk, bb) == (k, b) and r.get("test_acc") is not None]
-        pt = {f: (statistics.fmean(r[f] for r in rs), statistics.pstdev([r[f] for r in rs]))
-              for f in ("test_acc", "weight_bytes", "bops") if rs and all(r.get(f) for r in rs)}
+        pt = {}
+        for f in ("test_acc", "weight_bytes", "bops"):
+            vals = [r[f] for r in rs if r.get(f)]
+            if vals and len(vals) == len(rs):  # the sample std, as in the tables
+                pt[f] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
         if "test_acc" in pt:
             points[(k, b)] = pt
     if not points:
