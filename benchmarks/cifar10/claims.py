@@ -1254,7 +1254,7 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
                   + (", ".join(f"`{k}` ({v})" for k, v in sorted(state.items()) if v != "finished")
                      or "all finished") + "."]
     lines += ["", "## Plan", "", plan_text, "", "Figure: `cifar10_claims.png` (test accuracy vs weight bytes "
-              "and vs BOPs, one point per run, seed mean)."]
+              "and vs BOPs, one point per arm: seed mean ± std; a second row zoomed near the float model)."]
     return "\n".join(lines) + "\n"
 
 
