@@ -4,6 +4,7 @@ exhaustive oracle on a known accuracy surface, and the fine-tune evaluator."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,12 +68,19 @@ def _layers() -> list[nn.Module]:
     return [nn.Conv2d(1, 8, 5), nn.Conv2d(8, 16, 5), nn.Linear(256, 64), nn.Linear(64, 10)]
 
 
-def test_agent_finds_the_oracle_optimum_on_a_known_surface() -> None:
+def _recorded() -> tuple[list[tuple[int, ...]], Callable[[tuple[int, ...]], float]]:
+    """An evaluator of :func:`_surface` that records every assignment it is asked to measure."""
     calls: list[tuple[int, ...]] = []
 
     def evaluate(bits: tuple[int, ...]) -> float:
         calls.append(bits)
         return _surface(bits)
+
+    return calls, evaluate
+
+
+def test_agent_finds_the_oracle_optimum_on_a_known_surface() -> None:
+    calls, evaluate = _recorded()
 
     oracle = exhaustive(ReLeQ(_surface, _layers(), float_acc=0.99))
     assert len(oracle) == 5**4 and oracle[0][0] == (2, 4, 2, 3)  # the cheapest lossless assignment
@@ -91,11 +99,7 @@ def test_agent_finds_the_oracle_optimum_on_a_known_surface() -> None:
 
 
 def test_terminal_rewards_measure_one_full_assignment_per_episode() -> None:
-    calls: list[tuple[int, ...]] = []
-
-    def evaluate(bits: tuple[int, ...]) -> float:
-        calls.append(bits)
-        return _surface(bits)
+    calls, evaluate = _recorded()
 
     oracle = exhaustive(ReLeQ(_surface, _layers(), float_acc=0.99))
     search = ReLeQ(evaluate, _layers(), float_acc=0.99, seed=0, step_rewards=False)
@@ -107,11 +111,7 @@ def test_terminal_rewards_measure_one_full_assignment_per_episode() -> None:
 
 
 def test_cache_file_resumes_without_new_measurements(tmp_path: Path) -> None:
-    calls = []
-
-    def evaluate(bits: tuple[int, ...]) -> float:
-        calls.append(bits)
-        return _surface(bits)
+    calls, evaluate = _recorded()
 
     path = tmp_path / "cache.json"
     ReLeQ(evaluate, _layers(), 0.99, cache_path=path, seed=1).run(16)

@@ -15,18 +15,18 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
 
 - ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.03 ±
   0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs (each
-  recipe's optimizer) under bf16 autocast (1.5-2x faster per epoch on CPUs with AMX or AVX-512
-  BF16; quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
+  recipe's optimizer) under bf16 autocast (faster per epoch on CPUs with AMX or AVX-512 BF16;
+  quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
   for every row. The paired claims run first, claim by claim (BCGD with first/last float and with
   every layer binary, DCQ at W2 and W1, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, WaveQ:
   one fine-tune that learns per-layer bits, then two, at the learned bits and at their weighted
   mean for every layer); the other rows run seed 0 before seeds 1 and 2. The ReLeQ search runs on
   seed 0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on
-  1,024 training images, read on 1,000 others: about 8 s on one core; repeated assignments are
-  cached), then the assignment's 5-epoch fine-tune and the width-vs-mixed pair, trained from
-  scratch for the float model's 20 epochs. The other arms of the paired claims are GPU budget
-  only. The report's Plan section gives the CPU-hours at about 133 s per epoch on one idle core
-  (:data:`REF_EPOCH_S`).
+  1,024 training images, read on 1,000 others; repeated assignments are cached; seed 0's 300 took
+  47 min with another run on the second core), then the assignment's 5-epoch fine-tune and the
+  width-vs-mixed pair, trained from scratch for the float model's 20 epochs. The other arms of the
+  paired claims are GPU budget only. The report's Plan section gives the CPU-hours at about 133 s
+  per epoch on one idle core (:data:`REF_EPOCH_S`).
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
   epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
   per GPU at once, ``--device cuda``.
