@@ -128,7 +128,7 @@ def test_plan_order_and_seeds():
     # the search and the runs built on it: seed 0 only, each after the search of its seed
     search = [j.name for j in cpu if j.claim in ("releq", "width")]
     assert search == ["releq/seed0", "releq-ft/seed0", "width-mixed/seed0", "width-wide/seed0"]
-    assert C.deps(next(j for j in cpu if j.name == "width-mixed/seed0")) == ["float/seed0", "releq/seed0"]
+    assert C.deps(next(j for j in cpu if j.name == "width-mixed/seed0")) == ["releq/seed0"]
     # WaveQ (one fine-tune learning the bits, then the two it derives) runs on 3 seeds, each
     # derived fine-tune after its own seed's WaveQ run
     waveq = [j.name for j in cpu if j.claim == "waveq"]
@@ -146,7 +146,7 @@ def test_plan_order_and_seeds():
         for d in C.deps(j):
             assert gpos[d] < gpos[j.name], (d, j.name)
     wide = next(j for j in gpu if j.name == "width-wide/seed0")
-    assert C.deps(wide) == ["float/seed0", "releq/seed0"]
+    assert C.deps(wide) == ["releq/seed0"]  # from scratch: the search's float model comes before the search
     assert C.deps(next(j for j in gpu if j.name == "float-w2/seed1")) == []
     only = C.plan(C.BUDGETS["cpu"], only=["dcq"], seeds=[1])
     assert [j.name for j in only] == ["float/seed1", "dorefa-w2/seed1", "dorefa-w2-dcq/seed1",
@@ -268,6 +268,7 @@ def test_verdict(rule, ours, paper, expect):
 
 
 def test_derived_recipes(tmp_path):
+    (tmp_path / "result.json").write_text("{}")  # a finished run
     sizes = C.layer_sizes()
     middle = list(sizes)[1:-1]
     bits = {n: (2 if i % 2 else 6) for i, n in enumerate(middle)}
@@ -289,6 +290,53 @@ def test_derived_recipes(tmp_path):
     assert model_weight_bits(build_model("resnet20", width_mult=width), 2) <= budget
     with pytest.raises(ValueError, match="unknown derive"):
         C.derived_recipe("nope", tmp_path)
+    # the directory gone: the recorded source gives the same recipe; with neither, a clear error
+    source = C.run_source(tmp_path)
+    assert C.derived_recipe("width-wide", tmp_path / "gone", source) == (wide, width)
+    assert C.derived_recipe("waveq-learned", tmp_path / "gone", json.loads(json.dumps(source)))[0] == learned
+    with pytest.raises(FileNotFoundError, match="neither here nor recorded"):
+        C.derived_recipe("releq", tmp_path / "gone", source)  # a search's recipe.yaml was never there
+
+
+def test_a_derived_arm_starts_from_its_sources_record(tmp_path, monkeypatch):
+    """A search whose directory is gone but whose report recorded its assignment is not run again
+    (nor its float model trained again): the arms built from it start from the record."""
+    monkeypatch.setattr(C.multiprocessing, "get_context", lambda _: FakeContext)
+    runs, out = tmp_path / "runs", tmp_path / "o"
+    d = fake_run(runs / "cpu", "releq", 0, 0.5)
+    from lowbit.models import build_model
+    from lowbit.search import model_weight_bits
+
+    found = {"name": "found", "default": {"weight": {"method": "dorefa", "bits": 3}}}
+    (d / "recipe.yaml").write_text(json.dumps(found))  # YAML reads JSON
+    search = {"history": [{"reward": 0.1}], "evaluations": 1, "best_reward": 0.1, "best_acc": 0.5,
+              "float_acc": 0.6}
+    total = model_weight_bits(build_model("resnet20"), 3)
+    (d / "releq.json").write_text(json.dumps({"weight_bits_total": total, "avg_a_bits": 4.0,
+                                              "search": search}))
+    fake_run(runs / "cpu", "float", 0, 0.8)
+    C.main(["--budget", "cpu", "--report-only", "--runs-dir", str(runs), "--out", str(out)])
+    shutil.rmtree(runs)  # a fresh machine: only the report is left
+    recorded = C.recorded_runs(out / "cifar10_claims.json")
+    assert recorded[("releq", 0, "cpu")]["source"]["recipe"] == found
+    jobs = C.plan(C.BUDGETS["cpu"], only=["width"], seeds=[0])
+    sources = {"releq/seed0": recorded[("releq", 0, "cpu")]["source"]}
+    FakeProcess.started, seen = [], []
+    real = C.job_spec
+    monkeypatch.setattr(C, "job_spec", lambda *a: seen.append(real(*a)) or seen[-1])
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], runs / "cpu", "data", "cpu", 2, None,
+                           frozenset({"float/seed0", "releq/seed0"}), sources)
+    assert FakeProcess.started == ["width-mixed/seed0", "width-wide/seed0"]
+    assert state["releq/seed0"] == state["float/seed0"] == "recorded"
+    assert seen[0]["spec"]["recipe"] == found and seen[0]["spec"]["init"] is None
+    assert seen[1]["spec"]["model_kwargs"]["width_mult"] > 1.2
+    # recorded without its source (an older report): the search runs again, its float model first
+    shutil.rmtree(runs)
+    FakeProcess.started = []
+    monkeypatch.setattr(C, "job_spec", lambda *a: {"spec": {"out": str(C.run_dir(a[2], a[0]))}})
+    C.run_campaign(jobs, C.BUDGETS["cpu"], runs / "cpu", "data", "cpu", 2, None,
+                   frozenset({"float/seed0", "releq/seed0"}))
+    assert FakeProcess.started[:2] == ["float/seed0", "releq/seed0"]
 
 
 def test_rvsm_little_loss_is_dense_minus_sparse():

@@ -435,10 +435,14 @@ def plan(budget: Budget, only: Sequence[str] | None = None, seeds: Sequence[int]
 
 def deps(job: Job) -> list[str]:
     """The jobs (same seed) that must finish before ``job`` starts."""
-    out = [] if job.arm.is_float else [f"{float_arm(job.arm.width).key}/seed{job.seed}"]
-    if job.arm.init == "scratch" and not job.arm.after:
-        out = []
+    scratch = job.arm.is_float or job.arm.init == "scratch"
+    out = [] if scratch else [f"{float_arm(job.arm.width).key}/seed{job.seed}"]
     return out + [f"{k}/seed{job.seed}" for k in job.arm.after]
+
+
+def source_name(job: Job) -> str | None:
+    """The run a derived arm builds its recipe from (``<run>/seed<k>``), None for the others."""
+    return f"{job.arm.after[0]}/seed{job.seed}" if job.arm.derive else None
 
 
 def run_dir(runs: Path, job: Job) -> Path:
@@ -493,44 +497,70 @@ def layer_sizes(width: float = 1.0) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in layers.items()}
 
 
-def derived_recipe(derive: str, src: Path) -> tuple[dict[str, Any], float]:
-    """(recipe, width) of an arm built from the finished run ``src`` (see :class:`Arm`)."""
+def run_source(path: Path) -> dict[str, Any] | None:
+    """What a derived arm needs of the finished run ``path`` (:func:`derived_recipe`), as plain
+    data that the report records, so that a run's derived arms can still start once its directory
+    is gone: a search's assignment and weight bits, or the bits WaveQ learned. None: nothing."""
     import yaml
 
+    got: dict[str, Any] = {}
+    if (path / "releq.json").exists():  # a search (its recipe.yaml is the best assignment)
+        rel = json.loads((path / "releq.json").read_text())
+        got.update({k: rel[k] for k in ("weight_bits_total", "avg_a_bits") if k in rel})
+        if (path / "recipe.yaml").exists():
+            got["recipe"] = yaml.safe_load((path / "recipe.yaml").read_text())
+    if (path / "waveq_bits.json").exists():
+        got["bits"] = json.loads((path / "waveq_bits.json").read_text())["bits"]
+    return got or None
+
+
+def derived_recipe(derive: str, src: Path,
+                   source: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], float]:
+    """(recipe, width) of an arm built from the finished run ``src`` (see :class:`Arm`), read from
+    its directory or, where that is gone, from its recorded ``source`` (:func:`run_source`)."""
+    got = run_source(src) if is_finished(src) else None
+    got = got or dict(source or {})
+    need = {"releq": "recipe", "waveq-learned": "bits", "waveq-fixed": "bits",
+            "width-wide": "weight_bits_total"}
+    if derive not in need:
+        raise ValueError(f"unknown derive {derive!r}; allowed: {', '.join(need)}")
+    if need[derive] not in got:
+        raise FileNotFoundError(f"{src}: {derive!r} builds its recipe from this run, which is neither "
+                                f"here nor recorded with its {need[derive]!r}; run it again (drop it from "
+                                "the report, or pass --fresh)")
     if derive == "releq":
-        return yaml.safe_load((src / "recipe.yaml").read_text()), 1.0
+        return dict(got["recipe"]), 1.0
     if derive in ("waveq-learned", "waveq-fixed"):
-        bits = json.loads((src / "waveq_bits.json").read_text())["bits"]
+        bits = got["bits"]
         if derive == "waveq-fixed":
             sizes = layer_sizes()
             mean = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
             bits = dict.fromkeys(bits, round(mean))
         rules = [{"match": n, "weight": {**WQ, "bits": b}} for n, b in bits.items()]
         return {"name": derive, "default": {"weight": None}, "rules": rules, "train": ADAM}, 1.0
-    if derive == "width-wide":
-        from lowbit.models import build_model
-        from lowbit.search import width_for_budget
+    from lowbit.models import build_model  # width-wide
+    from lowbit.search import width_for_budget
 
-        rel = json.loads((src / "releq.json").read_text())
-        width, _ = width_for_budget(lambda m: build_model("resnet20", width_mult=m), 2,
-                                    rel["weight_bits_total"], steps=20)
-        recipe = {"name": "width-wide", "default": {"weight": {**WQ, "bits": 2},
-                                                    "activation": {**AQ, "bits": round(rel["avg_a_bits"])}},
-                  "rules": [{"match": "@first", "weight": None, "activation": None},
-                            {"match": "@last", "weight": None}], "train": ADAM}
-        return recipe, width
-    raise ValueError(f"unknown derive {derive!r}; allowed: releq, waveq-learned, waveq-fixed, width-wide")
+    width, _ = width_for_budget(lambda m: build_model("resnet20", width_mult=m), 2,
+                                got["weight_bits_total"], steps=20)
+    recipe = {"name": "width-wide", "default": {"weight": {**WQ, "bits": 2},
+                                                "activation": {**AQ, "bits": round(got["avg_a_bits"])}},
+              "rules": [{"match": "@first", "weight": None, "activation": None},
+                        {"match": "@last", "weight": None}], "train": ADAM}
+    return recipe, width
 
 
-def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str) -> dict[str, Any]:
-    """Everything the worker needs (plain data: it crosses a process boundary)."""
+def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str,
+             source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the worker needs (plain data: it crosses a process boundary). ``source``: the
+    recorded :func:`run_source` of a derived arm's run, used where its directory is gone."""
     out = run_dir(runs, job)
     fdir = runs / float_arm(job.arm.width).key / f"seed{job.seed}"
     ctx = {"{float}": str(fdir), "{q_half}": max(1, budget.q_epochs // 2),
            "{middle}": list(layer_sizes())[1:-1]}
     width = job.arm.width
     if job.arm.derive:
-        recipe, width = derived_recipe(job.arm.derive, runs / job.arm.after[0] / f"seed{job.seed}")
+        recipe, width = derived_recipe(job.arm.derive, runs / job.arm.after[0] / f"seed{job.seed}", source)
     else:
         recipe = resolve_recipe(job.arm, ctx)
     float_epochs = job.arm.is_float or job.arm.epochs == "float"
@@ -725,14 +755,22 @@ def _request_stop(signum: int, _frame: Any) -> None:
 
 
 def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, device: str, n_jobs: int,
-                 stop_at: float | None, recorded: frozenset[str] = frozenset()) -> dict[str, str]:
+                 stop_at: float | None, recorded: frozenset[str] = frozenset(),
+                 sources: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
     """Start jobs in order, ``n_jobs`` at a time, each once its float model has finished; stop
     (terminate the running ones: they resume next time) at ``stop_at`` (a time.time()). Returns
     each job's state: finished, recorded, stopped, failed, blocked (its float model is not finished).
 
     ``recorded``: jobs whose results the previous report holds (:func:`recorded_runs`) but whose
     directories are not here: they are not run again, unless a job that still has to run starts
-    from one of them (its float model), which then trains again and replaces the record."""
+    from one of them (its float model), which then trains again and replaces the record.
+    ``sources``: recorded runs' :func:`run_source` data: a derived arm starts from its source's
+    record without running the source again."""
+    sources = dict(sources or {})
+
+    def needs(job: Job) -> list[str]:  # its deps but a source whose record is enough
+        return [d for d in deps(job) if not (d == source_name(job) and d in sources)]
+
     ctx = multiprocessing.get_context("spawn")
     state = {j.name: "finished" for j in jobs if is_finished(run_dir(runs, j))}
     by_name = {j.name: j for j in jobs}
@@ -740,7 +778,7 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
     todo = [j.name for j in jobs if j.name not in state and j.name not in recorded]
     while todo:  # what the jobs still to run start from, transitively
         job = by_name.get(todo.pop())
-        for d in deps(job) if job else ():
+        for d in needs(job) if job else ():
             if d not in needed and d not in state:
                 needed.add(d)
                 todo.append(d)
@@ -766,14 +804,14 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
         for job in list(pending):
             if len(running) >= n_jobs:
                 break
-            waiting = [d for d in deps(job) if state.get(d) != "finished"]
+            waiting = [d for d in needs(job) if state.get(d) != "finished"]
             if waiting:
                 if any(d not in running and d not in {q.name for q in pending} for d in waiting):
                     state[job.name] = "blocked"  # a run it needs failed or is not in this campaign
                     pending.remove(job)
                 continue
             pending.remove(job)
-            payload = job_spec(job, budget, runs, data_dir, device)
+            payload = job_spec(job, budget, runs, data_dir, device, sources.get(source_name(job) or ""))
             proc = ctx.Process(target=work, args=(payload,), name=job.name)
             proc.start()
             running[job.name] = (proc, job)
@@ -872,6 +910,9 @@ def read_run(path: Path) -> dict[str, Any] | None:
                          "reward_last": statistics.fmean(hist[-w:]),
                          "best_reward": found["best_reward"], "best_proxy_acc": 100 * found["best_acc"],
                          "float_proxy_acc": 100 * found["float_acc"]}
+    source = run_source(path)
+    if source:  # what its derived arms start from, should this directory be gone next time
+        out["source"] = source
     wb = path / "waveq_bits.json"
     if wb.exists():
         learned, sizes = json.loads(wb.read_text()), layer_sizes()
@@ -1448,7 +1489,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_at = t0 + a.stop_after if a.stop_after else None
         for sig in (signal.SIGTERM, signal.SIGINT):  # kill PID stops the running jobs cleanly
             signal.signal(sig, _request_stop)
-        state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at, done_before)
+        sources = {f"{k}/seed{s}": r["source"] for (k, s, b), r in recorded.items()
+                   if b == budget.name and r.get("source")}
+        state = run_campaign(jobs, budget, runs, a.data_dir, device, budget.jobs, stop_at, done_before,
+                             sources)
     rows, found = report_rows(Path(a.runs_dir), budget, recorded)
     meta = run_meta(__file__, argv, t0, seeds=sorted({j.seed for j in jobs}), budget=budget.name,
                     device=device, report_only=a.report_only, load_avg=os.getloadavg())
