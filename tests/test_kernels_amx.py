@@ -7,6 +7,7 @@ No timing here."""
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numba
@@ -18,6 +19,7 @@ from torch import nn
 import lowbit
 from lowbit._numba import jit
 from lowbit.runtime import _amx, _jit, kernels_threads
+from lowbit.runtime import kernels as RK
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime.compiler import reference_fp64
@@ -328,13 +330,14 @@ def test_packed_linear_on_vnni_tiles_without_amx(variant, monkeypatch, threads):
     what the layer computed without them (tables or the int8 copy), and a large layer holds no int8
     copy."""
     monkeypatch.setattr(_amx, "HAS_AMX", False)
+    monkeypatch.setattr(KA, "_ternary_rows", 48)  # as measured on a Xeon (an EPYC: never)
     assert KA.backend() == "vnni"
     lin = _layer(variant)
     pl = build_packed("fc", lin)
     assert pl.amx is not None and pl.i8 is None
     assert (pl.lut is None) == (variant == "w4a8")  # ternary keeps its tables for fewer rows
     r = pl.amx_min_rows
-    assert r == (KA.VNNI_MIN_ROWS if pl.lut is None else KA.VNNI_MIN_ROWS_LUT[pl.lut.cb])
+    assert r == (KA.VNNI_MIN_ROWS if pl.lut is None else 48 if pl.lut.cb == 2 else KA.NEVER_ROWS)
     assert ("vnni on the fields" in pl.kernel_name()) == (r < KA.NEVER_ROWS)
     calls = _calls(monkeypatch)
     rows = [M for M in (KV.GEMV_MAX_ROWS + 1, r - 1, r, r + 9) if KV.GEMV_MAX_ROWS < M < 200]
@@ -370,6 +373,55 @@ def test_vnni_tiles_write_codes_for_the_next_layer(monkeypatch):
     np.testing.assert_array_equal(codes, quantize_codes_reference(out, 2.0, 7.5))
     tiles = KA.amx_linear(a, 1, 0.0, 0.0, aw, s0, s1, True, None, KA.code_tiles(M, O), 2.0, 7.5, tiles=True)
     np.testing.assert_array_equal(tiles, KA.amx_rows_reference(codes, -(-O // 64)))
+
+
+def test_ternary_vnni_rows_from_the_environment_or_measured(monkeypatch):
+    """The row count from which ternary tables give way to the VNNI tiles: set by the environment
+    (a count or ``never``; anything else is refused), else measured once and kept."""
+    for env, want in (("64", 64), ("never", KA.NEVER_ROWS), (" Never ", KA.NEVER_ROWS)):
+        monkeypatch.setattr(KA, "_ternary_rows", None)
+        monkeypatch.setenv("LOWBIT_RUNTIME_TERNARY_VNNI_ROWS", env)
+        assert KA.ternary_vnni_rows() == want
+    for bad in ("0", "-3", "lots"):
+        monkeypatch.setattr(KA, "_ternary_rows", None)
+        monkeypatch.setenv("LOWBIT_RUNTIME_TERNARY_VNNI_ROWS", bad)
+        with pytest.raises(ValueError, match="positive row count or 'never'"):
+            KA.ternary_vnni_rows()
+    monkeypatch.delenv("LOWBIT_RUNTIME_TERNARY_VNNI_ROWS")
+    monkeypatch.setattr(KA, "_ternary_rows", None)
+    monkeypatch.setattr(KA, "_probe_ternary_rows", lambda: 77)
+    assert KA.ternary_vnni_rows() == 77 and KA._ternary_rows == 77  # measured once, then kept
+    monkeypatch.setattr(_amx, "HAS_AMX", False)
+    monkeypatch.setattr(KA, "VNNI_LINEAR", True)
+    monkeypatch.setattr(RK, "HAS_VNNI", True)
+    assert KA.min_rows(2) == 77 and KA.min_rows(1) == KA.NEVER_ROWS and KA.min_rows(None) == KA.VNNI_MIN_ROWS
+
+
+@needs_vnni
+def test_ternary_probe_picks_a_probed_row_count_or_never(monkeypatch):
+    """On this CPU the probe runs both kernels and returns one of the probed counts or never; with
+    the VNNI tiles made to look free it picks the first count, made to look slow never."""
+    got = KA._probe_ternary_rows(k=512, n=128, reps=3)
+    assert got in (*KA.TERNARY_PROBE_ROWS, KA.NEVER_ROWS)
+    from lowbit.runtime import kernels_gemm as KG
+
+    real_tables = KG.lut_gemm
+
+    def slow_tables(*a):
+        time.sleep(0.002)
+        return real_tables(*a)
+
+    monkeypatch.setattr(KG, "lut_gemm", slow_tables)
+    assert KA._probe_ternary_rows(k=512, n=128, reps=3) == KA.TERNARY_PROBE_ROWS[0]
+    monkeypatch.setattr(KG, "lut_gemm", real_tables)
+    real_tiles = KA.amx_linear
+
+    def slow_tiles(*a, **k):
+        time.sleep(0.002)
+        return real_tiles(*a, **k)
+
+    monkeypatch.setattr(KA, "amx_linear", slow_tiles)
+    assert KA._probe_ternary_rows(k=512, n=128, reps=3) == KA.NEVER_ROWS
 
 
 def test_vnni_switch_and_plain_path(monkeypatch):

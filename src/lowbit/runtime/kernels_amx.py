@@ -152,13 +152,19 @@ AMX_MIN_ROWS_LUT = {1: 12, 2: 8}
 #: (:func:`_vnni_tile`) from this many rows, ...
 VNNI_MIN_ROWS = 8
 #: ... or, where the layer has lookup tables, from these: binary tables stay faster at every row
-#: count (two lookups per 256 multiply-adds against four ``vpdpbusd``), ternary ones up to a few
-#: dozen rows (a 4096x4096 ternary layer, 4-bit codes, one thread, interleaved: tables / VNNI time
-#: 0.83 at 16 rows, 1.00 at 24, 0.99 at 32, 1.17 at 48, 1.21 at 64, 1.46 at 256;
-#: ``benchmarks/results/no_amx/ab_vnni_linear.md``)
-VNNI_MIN_ROWS_LUT = {1: 1 << 40, 2: 48}  # (1 << 40: never)
+#: count (two lookups per 256 multiply-adds against four ``vpdpbusd``). Ternary ones (2-bit codes)
+#: depend on the CPU's issue rates, so :func:`ternary_vnni_rows` measures it once per process: on
+#: an Intel Xeon (one ``vpermb`` per cycle, two ``vpdpbusd``) a 4096x4096 ternary layer, 4-bit
+#: codes, one thread, took tables / VNNI time 0.83 at 16 rows, 1.00 at 24, 1.17 at 48, 1.21 at 64,
+#: 1.46 at 256 (``benchmarks/results/no_amx/ab_vnni_linear.md``); on an AMD EPYC (Zen 4, whose
+#: 512-bit ``vpdpbusd`` runs as two 256-bit halves) 0.52 at 16, 0.69 at 48, 0.70 at 64, 0.84 at
+#: 256: the tables win at every row count (``benchmarks/results/epyc_zen4/ab_vnni_linear.md``)
+VNNI_MIN_ROWS_LUT = {1: 1 << 40}  # (1 << 40: never); 2: ternary_vnni_rows()
 #: a row count no batch reaches: "never" in the tables above
 NEVER_ROWS = 1 << 40
+#: the row counts :func:`ternary_vnni_rows` tries, and the margin by which the VNNI tiles must win
+TERNARY_PROBE_ROWS, TERNARY_PROBE_MARGIN = (48, 256), 0.9
+_ternary_rows: int | None = None
 #: ``LOWBIT_RUNTIME_VNNI_LINEAR=0`` keeps many-row Linear layers off the VNNI tiles (CPUs without AMX)
 VNNI_LINEAR = os.environ.get("LOWBIT_RUNTIME_VNNI_LINEAR", "1").strip().lower() not in ("0", "false", "no",
                                                                                         "off")
@@ -180,7 +186,65 @@ def min_rows(cb: int | None) -> int:
     where it beats them (:data:`AMX_MIN_ROWS_LUT` / :data:`VNNI_MIN_ROWS_LUT`)."""
     if backend() == "amx":
         return AMX_MIN_ROWS if cb is None else AMX_MIN_ROWS_LUT[cb]
+    if cb == 2:
+        return ternary_vnni_rows()
     return VNNI_MIN_ROWS if cb is None else VNNI_MIN_ROWS_LUT[cb]
+
+
+def ternary_vnni_rows() -> int:
+    """Rows from which a ternary layer with lookup tables runs on the VNNI tiles instead (CPUs with
+    AVX-512 VNNI, no AMX): ``LOWBIT_RUNTIME_TERNARY_VNNI_ROWS`` (a row count, or ``never``), else
+    measured once per process (:func:`_probe_ternary_rows`). Either path gives the same integers,
+    so the choice moves only the speed."""
+    global _ternary_rows
+    if _ternary_rows is None:
+        env = os.environ.get("LOWBIT_RUNTIME_TERNARY_VNNI_ROWS", "").strip().lower()
+        if env:
+            if env == "never":
+                _ternary_rows = NEVER_ROWS
+            elif env.isdigit() and int(env) > 0:
+                _ternary_rows = int(env)
+            else:
+                raise ValueError(f"LOWBIT_RUNTIME_TERNARY_VNNI_ROWS={env!r}: give a positive row count "
+                                 "or 'never'")
+        else:
+            _ternary_rows = _probe_ternary_rows()
+    return _ternary_rows
+
+
+def _probe_ternary_rows(k: int = 2048, n: int = 512, reps: int = 5) -> int:
+    """The first of :data:`TERNARY_PROBE_ROWS` at which the VNNI tiles take at most
+    :data:`TERNARY_PROBE_MARGIN` of the lookup tables' time on a ternary ``k x n`` layer (best of
+    ``reps`` interleaved calls each, 4-bit codes), else :data:`NEVER_ROWS`. About 0.1 s; a CPU
+    without VNNI never runs the tiles."""
+    from . import kernels
+    from . import kernels_gemm as KG
+
+    if not (kernels.HAS_VNNI and HOST_VNNI):
+        return NEVER_ROWS
+    import time
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-1, 2, (n, k))
+    aw = amx_linear_weights(GemvWeights(q), q, q, 1.0)
+    s0, s1 = amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), np.zeros(n))
+    lv, cb = KG.lut_levels(q)
+    wq = KG.lut_pack_weights(q, lv, cb)
+    for rows in TERNARY_PROBE_ROWS:
+        x = rng.uniform(0, 3, (rows, k)).astype(np.float32)
+        out = np.empty((rows, n), np.float32)
+        runs = {"tables": lambda x=x, out=out: KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n,
+                                                           s0, s1, True, out),
+                "vnni": lambda x=x, out=out: amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=True)}
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(reps + 1):  # the first round compiles / warms up and is not counted
+            for name, f in runs.items():
+                t = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t) if _ else best[name]
+        if best["vnni"] <= TERNARY_PROBE_MARGIN * best["tables"]:
+            return rows
+    return NEVER_ROWS
 
 
 #: below this many multiply-adds (M*K*O) one thread runs the product. 8 x 4096^2 = 2**27 ran 0.82x
