@@ -1,11 +1,12 @@
-"""Batch 1 on 1 and 2 threads: the packed transformer's thread policy for small calls.
+"""Batch 1 on 1 and 2 threads: the packed model's thread policy for small calls.
 
     python benchmarks/speed/bench_threads_b1.py                       # bert256, bert512; w1a8s, w2a8s
     python benchmarks/speed/bench_threads_b1.py --cases bert256 --rounds 10
+    python benchmarks/speed/bench_threads_b1.py --cases mlp lenet5 resnet20 --variants w1a4 w2a4
 
 A packed model called on one sample of at most ``runtime.compiler.SERIAL_MAX_NUMEL`` input values
 runs on the calling thread (PyTorch intra-op threads 1, runtime kernels unsplit). This measures,
-for the BERT cases of ``bench_speed.py`` (``harness.CASES``, same variants, seed 0):
+for the cases of ``bench_speed.py`` (``harness.CASES``: BERT by default; same variants, seed 0):
 
 - group ``policy``: the packed model on 1 thread and on 2 threads (policy on), and float PyTorch
   on 1 thread, interleaved (``harness.time_interleaved``: a new random order each round);
@@ -79,7 +80,7 @@ def measure(case: str, variant: str, rounds: int) -> dict[str, Any]:
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        "# Batch 1 on 1 and 2 threads: the packed transformer's thread policy",
+        "# Batch 1 on 1 and 2 threads: the packed model's thread policy",
         "",
         f"Command: `{meta['command']}`; git {meta['git'].get('commit', '?')}"
         f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; load average at start / end: "

@@ -482,7 +482,7 @@ def bert_rows_main(file: str, name: str, measure: Callable[[str, str, int], dict
 
     ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["bert256", "bert512"], choices=["bert256", "bert512"])
+    ap.add_argument("--cases", nargs="+", default=["bert256", "bert512"], choices=list(CASES))
     ap.add_argument("--variants", nargs="+", default=["w1a8s", "w2a8s"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results"))
