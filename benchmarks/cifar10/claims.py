@@ -37,7 +37,9 @@ A finished run (``result.json``) is reused; an unfinished one resumes from its l
 checkpoint, so a killed campaign resumes where it stopped. Results outlive their directories: a run
 the previous report (``--out``'s JSON) holds but whose directory is not here is carried over with the
 commit that measured it, and is not run again unless a job still to run starts from it (its float
-model trains again, and its new result replaces the record); ``--fresh`` ignores the record.
+model trains again, and its new result replaces the record); a search or WaveQ run is recorded with
+what its derived arms start from (:func:`run_source`: the assignment, the learned bits), so those arms
+start from the record; ``--fresh`` ignores the record.
 ``--stop-after SECONDS`` stops the running jobs (they resume next time) and still writes the
 tables and the archive. Data: the CIFAR-10 JPEG copy (``--data-dir``; close to, not identical
 with, the original images).

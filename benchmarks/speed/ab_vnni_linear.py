@@ -9,7 +9,7 @@ copy of the weights), in one process and one interleaved run.
 1. Layers (``--rows``): one 4096x4096 layer, ternary weights, 4-bit codes quantized in the call,
    ReLU: the lookup tables (``kernels_gemm``) against the VNNI tiles (``kernels_amx.amx_linear``
    with ``vnni=True``), both checked equal to the integer reference first; the row count from
-   which the VNNI tiles win is ``kernels_amx.VNNI_MIN_ROWS_LUT[2]``.
+   which PackedLinear takes the VNNI tiles is ``kernels_amx.ternary_vnni_rows()`` (measured).
 2. MLP (``--variants`` x ``--batches``): ``lowbit.runtime.compile`` of the 8-layer 4096-wide MLP of
    the speed benchmark twice, with the VNNI tiles (the default) and without them
    (``kernels_amx.VNNI_LINEAR = False`` while packing: the paths before), beside onnxruntime
@@ -151,8 +151,10 @@ def to_markdown(layers: list[dict], mlp: list[dict], meta: dict) -> str:
             *[f"| {r['rows']} | {r['rounds']} | {r['tables_ms']:.3f} | {r['vnni_ms']:.3f} | "
               f"{r['tables_over_vnni']:.2f} | {r['tables_over_vnni_min']:.2f} |" for r in layers],
             "",
-            f"PackedLinear runs ternary layers with tables on the VNNI tiles from "
-            f"{KA.VNNI_MIN_ROWS_LUT[2]} rows (`kernels_amx.VNNI_MIN_ROWS_LUT`).",
+            "PackedLinear runs ternary layers with tables on the VNNI tiles from "
+            + (f"{rows} rows" if (rows := KA.ternary_vnni_rows()) < KA.NEVER_ROWS else "no row count")
+            + " here (`kernels_amx.ternary_vnni_rows`: measured once per process, or"
+            " `LOWBIT_RUNTIME_TERNARY_VNNI_ROWS`).",
             "",
         ]
     if mlp:
