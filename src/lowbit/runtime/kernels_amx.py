@@ -183,11 +183,13 @@ def backend() -> str | None:
 def min_rows(cb: int | None) -> int:
     """Rows from which :func:`amx_linear` runs a layer on :func:`backend`: without lookup tables
     (``cb`` None) :data:`AMX_MIN_ROWS` / :data:`VNNI_MIN_ROWS`; with tables on ``cb``-bit codes
-    where it beats them (:data:`AMX_MIN_ROWS_LUT` / :data:`VNNI_MIN_ROWS_LUT`)."""
-    if backend() == "amx":
+    where it beats them (:data:`AMX_MIN_ROWS_LUT` / :data:`VNNI_MIN_ROWS_LUT`; ternary on the VNNI
+    tiles: :func:`ternary_vnni_rows`)."""
+    tiles = backend()
+    if tiles == "amx":
         return AMX_MIN_ROWS if cb is None else AMX_MIN_ROWS_LUT[cb]
-    if cb == 2:
-        return ternary_vnni_rows()
+    if cb == 2:  # measured, and only where the VNNI tiles can run
+        return ternary_vnni_rows() if tiles == "vnni" else NEVER_ROWS
     return VNNI_MIN_ROWS if cb is None else VNNI_MIN_ROWS_LUT[cb]
 
 
