@@ -154,11 +154,12 @@ VNNI_MIN_ROWS = 8
 #: ... or, where the layer has lookup tables, from these: binary tables stay faster at every row
 #: count (two lookups per 256 multiply-adds against four ``vpdpbusd``). Ternary ones (2-bit codes)
 #: depend on the CPU's issue rates, so :func:`ternary_vnni_rows` measures it once per process: on
-#: an Intel Xeon (one ``vpermb`` per cycle, two ``vpdpbusd``) a 4096x4096 ternary layer, 4-bit
-#: codes, one thread, took tables / VNNI time 0.83 at 16 rows, 1.00 at 24, 1.17 at 48, 1.21 at 64,
-#: 1.46 at 256 (``benchmarks/results/no_amx/ab_vnni_linear.md``); on an AMD EPYC (Zen 4, whose
-#: 512-bit ``vpdpbusd`` runs as two 256-bit halves) 0.57 at 16, 0.69 at 48 and 64, 0.79 at 256:
-#: the tables win at every row count (``benchmarks/results/epyc_zen4/ab_vnni_linear.md``)
+#: an Intel Xeon (``vpdpbusd`` issued at 1.9x the rate of ``vpermb``, ``no_amx/issue_rates.md``) a
+#: 4096x4096 ternary layer, 4-bit codes, one thread, took tables / VNNI time 0.83 at 16 rows, 1.00
+#: at 24, 1.17 at 48, 1.21 at 64, 1.46 at 256 (``benchmarks/results/no_amx/ab_vnni_linear.md``); on
+#: an AMD EPYC Zen 4 (1.24x, ``epyc_zen4/issue_rates.md``: a lookup's 128 products then beat two
+#: ``vpdpbusd``) 0.57 at 16, 0.69 at 48 and 64, 0.79 at 256: the tables win at every row count
+#: (``benchmarks/results/epyc_zen4/ab_vnni_linear.md``)
 VNNI_MIN_ROWS_LUT = {1: 1 << 40}  # (1 << 40: never); 2: ternary_vnni_rows()
 #: a row count no batch reaches: "never" in the tables above
 NEVER_ROWS = 1 << 40
