@@ -401,6 +401,13 @@ def test_ternary_vnni_rows_from_the_environment_or_measured(monkeypatch):
 def test_ternary_probe_picks_a_probed_row_count_or_never(monkeypatch):
     """On this CPU the probe runs both kernels and returns one of the probed counts or never; with
     the VNNI tiles made to look free it picks the first count, made to look slow never."""
+    q, s0, s1, run = KA.ternary_pair(300, 70, seed=3)  # what the probe times: both exact
+    x = RNG.uniform(-1, 3, (50, 300)).astype(np.float32)
+    ref = KA.amx_linear_reference(np.rint(np.clip(x, 0, 3) * np.float32(5)), q, s0, s1, True)
+    for kernel in ("tables", "vnni"):
+        out = np.empty((50, 70), np.float32)
+        run(x, out, kernel)
+        np.testing.assert_array_equal(out, ref)
     got = KA._probe_ternary_rows(k=512, n=128, reps=3)
     assert got in (*KA.TERNARY_PROBE_ROWS, KA.NEVER_ROWS)
     from lowbit.runtime import kernels_gemm as KG

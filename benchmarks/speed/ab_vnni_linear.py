@@ -52,29 +52,22 @@ from harness import (
 from lowbit.runtime import _amx, kernels
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_amx as KA
-from lowbit.runtime import kernels_gemm as KG
-from lowbit.runtime.kernels_gemv import GemvWeights
 
 CLOCK = time.thread_time  # every method runs on the calling thread at one thread
 
 
 def layer_block(M: int, n: int, budget_s: float, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    q = rng.integers(-1, 2, (n, n))
-    aw = KA.amx_linear_weights(GemvWeights(q), q, q, 1.0)
-    s0, s1 = KA.amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
-    lv, cb = KG.lut_levels(q)
-    wq = KG.lut_pack_weights(q, lv, cb)
-    x = rng.uniform(-1, 3, (M, n)).astype(np.float32)
+    q, s0, s1, run = KA.ternary_pair(n, n, seed)
+    x = np.random.default_rng(seed + 1).uniform(-1, 3, (M, n)).astype(np.float32)
     codes = np.rint(np.clip(x, np.float32(0), np.float32(3.0)) * np.float32(5.0))
     ref = KA.amx_linear_reference(codes, q, s0, s1, True)
     outs = {k: np.empty((M, n), np.float32) for k in ("tables", "vnni")}
 
     def tables():
-        KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, outs["tables"])
+        run(x, outs["tables"], "tables")
 
     def vnni():
-        KA.amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, outs["vnni"], vnni=True)
+        run(x, outs["vnni"], "vnni")
 
     fns = {"tables": tables, "vnni": vnni}
     for k, f in fns.items():

@@ -474,8 +474,9 @@ def in_ms(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def bert_rows_main(file: str, name: str, measure: Callable[[str, str, int], dict[str, Any]],
                    to_markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str],
                    argv: list[str] | None = None) -> None:
-    """The command line of a per-(BERT case, variant) study: rows of ``measure(case, variant,
-    rounds)``, provenance with the load average at start and end, ``benchmarks/results/<name>``."""
+    """The command line of a per-(case, variant) study (BERT cases by default, any of :data:`CASES`):
+    rows of ``measure(case, variant, rounds)``, provenance with the load average at start and end,
+    ``benchmarks/results/<name>``."""
     import argparse
 
     from common import run_meta, write_results

@@ -105,6 +105,7 @@ the int8 tiles over it); the field layout and the table lookup are this runtime'
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,36 +216,54 @@ def ternary_vnni_rows() -> int:
     return _ternary_rows
 
 
+def ternary_pair(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, Callable]:
+    """A random ternary ``n x k`` layer (ReLU, bias) with both of its many-row products, for
+    :func:`_probe_ternary_rows` and the benchmarks: ``(q, s0, s1, run)``, where ``run(x, out, kernel)``
+    quantizes ``x`` to 4-bit codes (``clip(x, 0, 3) * 5``, rounded) and writes the layer's output to
+    ``out`` with the lookup tables (``kernel="tables"``, ``kernels_gemm``) or the VNNI tiles
+    (``"vnni"``); both equal :func:`amx_linear_reference` on those codes."""
+    from . import kernels_gemm as KG
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-1, 2, (n, k))
+    aw = amx_linear_weights(GemvWeights(q), q, q, 1.0)
+    s0, s1 = amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
+    lv, cb = KG.lut_levels(q)
+    wq = KG.lut_pack_weights(q, lv, cb)
+
+    def run(x: np.ndarray, out: np.ndarray, kernel: str) -> None:
+        if kernel == "tables":
+            KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, out)
+        else:
+            amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=True)
+
+    return q, s0, s1, run
+
+
 def _probe_ternary_rows(k: int = 2048, n: int = 512, reps: int = 5) -> int:
     """The first of :data:`TERNARY_PROBE_ROWS` at which the VNNI tiles take at most
-    :data:`TERNARY_PROBE_MARGIN` of the lookup tables' time on a ternary ``k x n`` layer (best of
-    ``reps`` interleaved calls each, 4-bit codes), else :data:`NEVER_ROWS`. About 0.1 s; a CPU
-    without VNNI never runs the tiles."""
+    :data:`TERNARY_PROBE_MARGIN` of the lookup tables' time on a ternary ``k x n`` layer
+    (:func:`ternary_pair`; best of ``reps`` interleaved calls each), else :data:`NEVER_ROWS`.
+    It runs when the first ternary layer is packed, a fraction of a second once its kernels are
+    compiled; a CPU without VNNI never runs the tiles."""
     from . import kernels
-    from . import kernels_gemm as KG
 
     if not (kernels.HAS_VNNI and HOST_VNNI):
         return NEVER_ROWS
     import time
 
-    rng = np.random.default_rng(0)
-    q = rng.integers(-1, 2, (n, k))
-    aw = amx_linear_weights(GemvWeights(q), q, q, 1.0)
-    s0, s1 = amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), np.zeros(n))
-    lv, cb = KG.lut_levels(q)
-    wq = KG.lut_pack_weights(q, lv, cb)
+    *_, run = ternary_pair(k, n)
+    rng = np.random.default_rng(1)
     for rows in TERNARY_PROBE_ROWS:
-        x = rng.uniform(0, 3, (rows, k)).astype(np.float32)
+        x = rng.uniform(-1, 3, (rows, k)).astype(np.float32)
         out = np.empty((rows, n), np.float32)
-        runs = {"tables": lambda x=x, out=out: KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n,
-                                                           s0, s1, True, out),
-                "vnni": lambda x=x, out=out: amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=True)}
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(reps + 1):  # the first round compiles / warms up and is not counted
-            for name, f in runs.items():
+        best = {"tables": float("inf"), "vnni": float("inf")}
+        for i in range(reps + 1):  # the first round compiles / warms up and is not counted
+            for name in best:
                 t = time.perf_counter()
-                f()
-                best[name] = min(best[name], time.perf_counter() - t) if _ else best[name]
+                run(x, out, name)
+                if i:
+                    best[name] = min(best[name], time.perf_counter() - t)
         if best["vnni"] <= TERNARY_PROBE_MARGIN * best["tables"]:
             return rows
     return NEVER_ROWS
