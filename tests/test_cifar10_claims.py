@@ -337,6 +337,15 @@ def test_a_derived_arm_starts_from_its_sources_record(tmp_path, monkeypatch):
     C.run_campaign(jobs, C.BUDGETS["cpu"], runs / "cpu", "data", "cpu", 2, None,
                    frozenset({"float/seed0", "releq/seed0"}))
     assert FakeProcess.started[:2] == ["float/seed0", "releq/seed0"]
+    # ... and the fine-tune of its old assignment, recorded, runs again from the new one
+    shutil.rmtree(runs)
+    FakeProcess.started = []
+    jobs = C.plan(C.BUDGETS["cpu"], only=["releq", "width"], seeds=[0])
+    state = C.run_campaign(jobs, C.BUDGETS["cpu"], runs / "cpu", "data", "cpu", 2, None,
+                           frozenset({"float/seed0", "releq/seed0", "releq-ft/seed0"}))
+    assert FakeProcess.started[:2] == ["float/seed0", "releq/seed0"]
+    assert "releq-ft/seed0" in FakeProcess.started
+    assert state["releq-ft/seed0"] == "finished"
 
 
 def test_rvsm_little_loss_is_dense_minus_sparse():

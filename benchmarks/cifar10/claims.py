@@ -767,7 +767,8 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
     directories are not here: they are not run again, unless a job that still has to run starts
     from one of them (its float model), which then trains again and replaces the record.
     ``sources``: recorded runs' :func:`run_source` data: a derived arm starts from its source's
-    record without running the source again."""
+    record without running the source again. A recorded derived arm whose source runs again (its
+    directory and record lack what it needs) runs again too, so it is built from the new source."""
     sources = dict(sources or {})
 
     def needs(job: Job) -> list[str]:  # its deps but a source whose record is enough
@@ -784,6 +785,8 @@ def run_campaign(jobs: list[Job], budget: Budget, runs: Path, data_dir: str, dev
             if d not in needed and d not in state:
                 needed.add(d)
                 todo.append(d)
+    # a recorded derived arm is stale once the run it was built from trains again
+    needed |= {j.name for j in jobs if j.arm.derive and source_name(j) in needed and j.name not in state}
     state.update({n: "recorded" for n in recorded if n in by_name and n not in state and n not in needed})
     pending = [j for j in jobs if j.name not in state]
     running: dict[str, tuple[Any, Job]] = {}
