@@ -414,9 +414,9 @@ def test_ternary_probe_picks_a_probed_row_count_or_never(monkeypatch):
 
     real_tables = KG.lut_gemm
 
-    def slow_tables(*a):
+    def slow_tables(*a, **k):
         time.sleep(0.002)
-        return real_tables(*a)
+        return real_tables(*a, **k)
 
     monkeypatch.setattr(KG, "lut_gemm", slow_tables)
     assert KA._probe_ternary_rows(k=512, n=128, reps=3) == KA.TERNARY_PROBE_ROWS[0]

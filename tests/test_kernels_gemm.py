@@ -41,11 +41,13 @@ def _case(kind: str, M: int, K: int, O: int, ka: int):
 
 
 @pytest.mark.parametrize("kind,ka", [("binary", 1), ("binary", 2), ("binary", 4), ("binary", 5),
-                                     ("ternary", 4), ("asym_ternary", 3), ("uniform2", 3)])
+                                     ("ternary", 4), ("ternary", 5), ("ternary", 6), ("asym_ternary", 3),
+                                     ("uniform2", 3)])
 @pytest.mark.parametrize("path", PATHS)
 def test_lut_gemm_equals_integer_reference(kind, ka, path, threads):
     for M, K, O in [(1, 7, 5), (9, 100, 37), (70, 333, 50), (300, 129, 20)]:
         w, a = _case(kind, M, K, O, ka)
+        a[M // 2] = (1 << ka) - 1  # a row of the largest codes: the table entries at their bound
         lv, cb = KG.lut_levels(w)
         assert KG.lut_fits(lv, cb, ka)
         tab = KG.lut_tables(a.astype(np.float32), lv, cb, plain=path == "plain")
@@ -54,8 +56,25 @@ def test_lut_gemm_equals_integer_reference(kind, ka, path, threads):
         s1 = RNG.uniform(0.5, 2.0, O)
         s0 = RNG.normal(size=O)
         for relu in (False, True):
-            got = KG.lut_gemm(tab, wq, O, s0, s1, relu, plain=path == "plain")
-            np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, relu))
+            for sums in sorted({1, KG.lut_sums(lv, cb, ka)}):
+                got = KG.lut_gemm(tab, wq, O, s0, s1, relu, plain=path == "plain", sums=sums)
+                np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, relu))
+
+
+@pytest.mark.parametrize("kind,ka,sums", [("binary", 1, 2), ("binary", 4, 2), ("binary", 5, 1),
+                                          ("ternary", 5, 2), ("ternary", 6, 1), ("asym_ternary", 3, 2),
+                                          ("uniform2", 3, 2), ("uniform2", 4, 1)])
+def test_lut_sums_adds_two_lookups_only_where_they_fit_int8(kind, ka, sums):
+    lv, cb = KG.lut_levels(np.array(LEVELS[kind]))
+    assert KG.lut_sums(lv, cb, ka) == sums
+
+
+def test_lut_gemm_refuses_sums_its_tiles_do_not_have():
+    w, a = _case("binary", 4, 64, 16, 1)
+    lv, cb = KG.lut_levels(w)
+    with pytest.raises(ValueError, match=r"sums=4.*1 or 2"):
+        KG.lut_gemm(KG.lut_tables(a.astype(np.float32), lv, cb), KG.lut_pack_weights(w, lv, cb), 16,
+                    np.zeros(16), np.ones(16), sums=4)
 
 
 def test_lut_gemm_splits_only_work_worth_a_thread(monkeypatch):

@@ -230,10 +230,11 @@ def ternary_pair(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     s0, s1 = amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
     lv, cb = KG.lut_levels(q)
     wq = KG.lut_pack_weights(q, lv, cb)
+    sums = KG.lut_sums(lv, cb, 4)  # the 4-bit codes of 3.0 * 5.0
 
     def run(x: np.ndarray, out: np.ndarray, kernel: str) -> None:
         if kernel == "tables":
-            KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, out)
+            KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, out, sums=sums)
         else:
             amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=True)
 

@@ -111,6 +111,13 @@ def lut_fits(lv: np.ndarray, cb: int, ka: int) -> bool:
     return (4 // cb) * int(np.abs(lv).max()) * ((1 << ka) - 1) <= 127
 
 
+def lut_sums(lv: np.ndarray, cb: int, ka: int) -> int:
+    """Lookups the tiles may add as bytes before widening them (:func:`lut_tile`'s ``S``): 2 where
+    two table entries still fit int8, ``2 * (4 // cb) * max|lv| * (2**ka - 1) <= 127`` (binary
+    weights with up to 4-bit codes, ternary with up to 5), else 1."""
+    return 2 if 2 * (4 // cb) * int(np.abs(lv).max()) * ((1 << ka) - 1) <= 127 else 1
+
+
 def lut_groups(K: int, cb: int) -> int:
     """Groups of the reduction, padded to whole step pairs (8 groups)."""
     c = 4 // cb
@@ -316,13 +323,18 @@ def table_row(c: int):
     return row
 
 
-def lut_tile(R: int, OB: int):
+def lut_tile(R: int, OB: int, S: int = 1):
     """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc)``: the int32 sums ``D`` of R
     rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
 
     ``tab`` int8 tables (1-d), ``trow`` int64 (R,) element offset of each row's table; ``wq`` uint8
     packed weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``; ``npairs`` step
-    pairs (8 groups each) of the reduction."""
+    pairs (8 groups each) of the reduction.
+
+    ``S`` (1, 2 or 4): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, where
+    ``S`` times the largest table entry still fits int8 (:func:`lut_sums`): the steps of one pair
+    (2) or of two (4), so that the widening adds run once per ``S`` permutes."""
+    U = max(1, S // 2)  # pairs per loop step
 
     @intrinsic
     def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc):
@@ -341,25 +353,37 @@ def lut_tile(R: int, OB: int):
             four = ir.Constant(_V64I8, [4] * 64)
             slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
-            with cgutils.for_range(builder, args[2]) as loop:  # npairs
-                p = loop.index
-                off = builder.mul(p, i64(64))
-                idx = []
+
+            def pairs(p0, u: int, s: int) -> None:
+                """Pairs p0 .. p0+u-1, ``s`` lookups per widening add."""
+                idx = []  # [b][2*k + h]
                 for b in range(OB):
-                    v = load_as(builder, wbases[b], _V64I8, off)
-                    ilo = builder.or_(builder.and_(v, lo4), slot)
-                    ihi = builder.or_(builder.lshr(v, four), slot)
-                    idx.append((ilo, ihi))
-                toff = builder.mul(p, i64(128))
-                for h in range(2):
-                    tabs = []
-                    for r in range(R):
-                        tabs.append(load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h))))
-                    for r in range(R):
-                        for b in range(OB):
-                            look = _vpermb(builder, tabs[r], idx[b][h])
-                            acc = accs[r * OB + b]
-                            builder.store(_vpdpbusd(builder, builder.load(acc), ones, look), acc)
+                    got = []
+                    for k in range(u):
+                        v = load_as(builder, wbases[b], _V64I8, builder.mul(builder.add(p0, i64(k)), i64(64)))
+                        got.append(builder.or_(builder.and_(v, lo4), slot))
+                        got.append(builder.or_(builder.lshr(v, four), slot))
+                    idx.append(got)
+                for r in range(R):
+                    for b in range(OB):
+                        part = None
+                        for k in range(u):
+                            toff = builder.mul(builder.add(p0, i64(k)), i64(128))
+                            for h in range(2):
+                                t = load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
+                                look = _vpermb(builder, t, idx[b][2 * k + h])
+                                part = look if part is None else builder.add(part, look)
+                                if (2 * k + h + 1) % s == 0:
+                                    acc = accs[r * OB + b]
+                                    builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
+                                    part = None
+
+            n = args[2]
+            with cgutils.for_range(builder, builder.udiv(n, i64(U))) as loop:
+                pairs(builder.mul(loop.index, i64(U)), U, S)
+            if U > 1:  # an odd last pair
+                with cgutils.for_range(builder, builder.urem(n, i64(U))) as loop:
+                    pairs(builder.add(builder.sub(n, i64(1)), loop.index), 1, min(S, 2))
             ap = a.ptr(6, _I32)
             for k in range(R * OB):
                 store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
@@ -370,13 +394,34 @@ def lut_tile(R: int, OB: int):
     return tile
 
 
-_TILES = tuple(lut_tile(LUT_R, ob) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
+_TILES = tuple(lut_tile(LUT_R, ob, s) for s in (1, 2) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
 _table_row4 = table_row(4) if HAS_LUT else None
 _table_row2 = table_row(2) if HAS_LUT else None
 if HAS_LUT:
-    _tile1, _tile2, _tile3, _tile4 = _TILES
+    _tile1, _tile2, _tile3, _tile4, _tile1s, _tile2s, _tile3s, _tile4s = _TILES
 else:  # never called: the plain path runs instead
-    _tile1 = _tile2 = _tile3 = _tile4 = None
+    _tile1 = _tile2 = _tile3 = _tile4 = _tile1s = _tile2s = _tile3s = _tile4s = None
+
+
+@kernel
+def _tile(ob, sums, tflat, trow, npairs, wflat, wbase, wstride, acc):
+    if sums == 2:
+        if ob == 4:
+            _tile4s(tflat, trow, npairs, wflat, wbase, wstride, acc)
+        elif ob == 3:
+            _tile3s(tflat, trow, npairs, wflat, wbase, wstride, acc)
+        elif ob == 2:
+            _tile2s(tflat, trow, npairs, wflat, wbase, wstride, acc)
+        else:
+            _tile1s(tflat, trow, npairs, wflat, wbase, wstride, acc)
+    elif ob == 4:
+        _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc)
+    elif ob == 3:
+        _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc)
+    elif ob == 2:
+        _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
+    else:
+        _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)
 
 
 @kernel
@@ -398,7 +443,7 @@ def _epilogue(acc, R, OB, nv, o0, O, s0, s1, relu, out, m0):
 
 
 @kernel
-def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
+def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, sums, lo, hi):
     """Rows lo..hi (``by_rows``) or output blocks lo..hi of every row."""
     M = out.shape[0]
     nblk = wq.shape[0]
@@ -422,19 +467,12 @@ def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
                 nv = min(LUT_R, mb_hi - m0)
                 for r in range(LUT_R):
                     trow[r] = (m0 + min(r, nv - 1)) * ldt
-                if ob == 4:
-                    _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc)
-                elif ob == 3:
-                    _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc)
-                elif ob == 2:
-                    _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
-                else:
-                    _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                _tile(ob, sums, tflat, trow, npairs, wflat, wbase, wstride, acc)
                 _epilogue(acc, LUT_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
 
 
 @kernel
-def _lut_plain_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
+def _lut_plain_range(tab, wq, O, s0, s1, relu, out, by_rows, sums, lo, hi):
     """The same sums with scalar lookups (any CPU)."""
     M = out.shape[0]
     nblk = wq.shape[0]
@@ -465,11 +503,14 @@ def _lut_plain_range(tab, wq, O, s0, s1, relu, out, by_rows, lo, hi):
 
 
 def lut_gemm(tab: np.ndarray, wq: np.ndarray, O: int, s0: np.ndarray, s1: np.ndarray, relu: bool = False,
-             out: np.ndarray | None = None, plain: bool | None = None) -> np.ndarray:
+             out: np.ndarray | None = None, plain: bool | None = None, sums: int = 1) -> np.ndarray:
     """``out[m, o] = float32(relu(s1[o]*D[m, o] + s0[o]))`` (float64 multiply then add) with the exact
     ``D = sum_g tab[m, g, nib[o, g]]`` (:func:`lut_tables`, :func:`lut_pack_weights`). ``s0``,
     ``s1`` float64 of at least O entries. ``plain`` forces the scalar path (default: where the CPU
-    lacks VBMI / VNNI)."""
+    lacks VBMI / VNNI). ``sums``: :func:`lut_sums` of the tables' levels and codes (1 is always
+    exact; 2 only where it says so)."""
+    if sums not in (1, 2):
+        raise ValueError(f"sums={sums!r}: the tiles add 1 or 2 lookups before widening (lut_sums)")
     M = tab.shape[0]
     if out is None:
         out = np.empty((M, O), np.float32)
@@ -485,5 +526,6 @@ def lut_gemm(tab: np.ndarray, wq: np.ndarray, O: int, s0: np.ndarray, s1: np.nda
     n = M if by_rows else nblk
     par = use_parallel(LUT_UNIT_WORK * M * nblk * wq.shape[1])
     grain = LUT_R * 4 if by_rows else LUT_OB
-    parallel_for(fn, n, tab, wq, np.int64(O), s0, s1, bool(relu), out, by_rows, parallel=par, grain=grain)
+    parallel_for(fn, n, tab, wq, np.int64(O), s0, s1, bool(relu), out, by_rows, np.int64(sums), parallel=par,
+                 grain=grain)
     return out

@@ -270,6 +270,7 @@ class LutWeights:
     cb: int
     unit: float
     wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
+    sums: int = 1  # lookups the tiles add as bytes before widening (kernels_gemm.lut_sums)
 
     @property
     def nbytes(self) -> int:
@@ -300,7 +301,8 @@ def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | No
     if form is None:
         return None
     lv, cb = form
-    return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64))
+    return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64),
+                      KG.lut_sums(lv, cb, ka))
 
 
 def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None, wide: bool = False) -> KV.GemvWeights | None:
@@ -843,7 +845,7 @@ class PackedLinear(_PackedBase):
             self._static_lut = self.coeffs_lut(sx, ma)
         s0, s1 = self._static_lut if mode == 0 else self.coeffs_lut(sx, ma)
         tab = KG.lut_tables(arr, lut.lv, lut.cb, hi, mult, mode)
-        KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out)
+        KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out, sums=lut.sums)
 
     @property
     def runs_flat(self) -> bool:
