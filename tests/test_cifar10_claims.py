@@ -583,3 +583,40 @@ def test_a_search_row_says_how_far_its_agent_learned(tmp_path):
         "first / last 10 episodes -0.400 / +0.200, its best +0.250 (proxy accuracy 80.0% vs the float "
         "model's 90.0% on the same held-out training images)")
     assert rows[("releq", "the searched assignment, fine-tuned: drop vs float")]["verdict"] == "not run"
+
+
+def test_a_run_is_compared_with_the_float_model_it_started_from(tmp_path, monkeypatch):
+    """A float model trained again (a fresh machine) does not replace the recorded one in the float
+    row, which the recorded runs started from; a run started from the new one records it
+    (init.json: its SHA-256 and accuracy) and its drop is measured against it."""
+    root, out = tmp_path / "runs", tmp_path / "o"
+    f0 = fake_run(root / "cpu", "float", 0, 0.85)
+    (f0 / "best.safetensors").write_bytes(b"first float")
+    fake_run(root / "cpu", "ttq", 0, 0.83)
+    args = ["--budget", "cpu", "--report-only", "--runs-dir", str(root), "--out", str(out)]
+    C.main(args)
+    first = {(r["run"], r["seed"]): r for r in json.loads((out / "cifar10_claims.json").read_text())["runs"]}
+    assert first[("float", 0)]["sha256"] == C.file_sha(f0 / "best.safetensors")
+    shutil.rmtree(root)  # a fresh machine: the float model trained again, a new run starts from it
+    f0 = fake_run(root / "cpu", "float", 0, 0.80)
+    (f0 / "best.safetensors").write_bytes(b"second float")
+    job = next(j for j in C.plan(C.BUDGETS["cpu"], only=["releq"], seeds=[0]) if j.arm.key == "releq-ft")
+    payload = C.job_spec(job, C.BUDGETS["cpu"], root / "cpu", "data", "cpu",
+                         {"recipe": {"name": "r", "default": {"weight": {"method": "dorefa", "bits": 4}}}})
+    assert payload["init_from"] == {"run": "float/seed0", "sha256": C.file_sha(f0 / "best.safetensors"),
+                                    "test_acc": pytest.approx(80.0), "val_acc": pytest.approx(80.0)}
+    monkeypatch.setattr("lowbit.experiment.train_run",
+                        lambda spec, resume: fake_run(root / "cpu", "releq-ft", 0, 0.79))
+    C.work(payload)
+    assert json.loads((root / "cpu" / "releq-ft" / "seed0" / "init.json").read_text()) == payload["init_from"]
+    C.main(args)
+    rep = json.loads((out / "cifar10_claims.json").read_text())
+    runs = {(r["run"], r["seed"]): r for r in rep["runs"]}
+    assert runs[("float", 0)]["test_acc"] == pytest.approx(85.0)  # the first, recorded
+    assert runs[("ttq", 0)]["test_acc"] == pytest.approx(83.0)
+    rows = {(r["claim"], r["check"]): r for r in rep["rows"]}
+    assert rows[("ternary", "TTQ drop vs float")]["ours"]["values"] == pytest.approx([2.0])
+    drop = rows[("releq", "the searched assignment, fine-tuned: drop vs float")]["ours"]
+    assert drop["values"] == pytest.approx([1.0])  # 80 - 79: its own float model, not the row's 85
+    assert runs[("releq-ft", 0)]["init_from"]["sha256"] != runs[("float", 0)]["sha256"]
+    assert "started from a float model trained again" in (out / "cifar10_claims.md").read_text()

@@ -105,7 +105,17 @@ def test_cifar_setup_defaults_and_sizes(bench) -> None:
 
 def test_float_init_reads_the_float_runs_result(bench, tmp_path: Path) -> None:
     (tmp_path / "result.json").write_text('{"best_acc": 0.8586, "test_acc": 0.847}')
-    assert bench.float_init(str(tmp_path / "best.safetensors")) == {"val_acc": 0.8586, "test_acc": 0.847}
+    assert bench.float_init(str(tmp_path / "best.safetensors")) == {"val_acc": 0.8586, "test_acc": 0.847,
+                                                                    "sha256": None}
+    (tmp_path / "best.safetensors").write_bytes(b"weights")
+    fl = bench.float_init(str(tmp_path / "best.safetensors"))
+    assert len(fl["sha256"]) == 16
+    # a results file started from the same float model: same SHA-256, or (older files) same accuracies
+    assert bench.same_init({"float_init": fl}, fl)
+    assert not bench.same_init({"float_init": {**fl, "sha256": "0" * 16}}, fl)
+    assert bench.same_init({"float_init": {"val_acc": 0.8586, "test_acc": 0.847}}, fl)
+    assert not bench.same_init({"float_init": {"val_acc": 0.86, "test_acc": 0.85}}, fl)
+    assert not bench.same_init({}, fl)
     assert bench.float_init(None) == {}
     assert bench.float_init(str(tmp_path / "missing" / "best.safetensors")) == {}
 
@@ -154,12 +164,15 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
     setup = bench.SETUPS["cifar-wb"]
     assert [(s["width"], s["bits"]) for s in setup.subnets] == [(w, b) for w in (0.5, 1.0) for b in (2, 4, 8)]
     assert setup.alone == ["w0.5-b2", "w0.5-b4", "w0.5-b8"] and setup.select_on_val
-    ref = {"git": {"commit": "abc1234567"},
+    fl = {"val_acc": 0.85, "test_acc": 0.84}
+    ref = {"git": {"commit": "abc1234567"}, "float_init": fl,
            "rows": [{"name": "b2", "alone_val": 0.6, "alone_test": 0.65}, {"name": "b4"}]}
     (tmp_path / "supernet_resnet20_cifar.json").write_text(__import__("json").dumps(ref))
-    fw = bench.full_width_alone(setup, tmp_path)["full_width_alone"]
+    fw = bench.full_width_alone(setup, tmp_path, fl)["full_width_alone"]
     assert fw["rows"] == {"w1.0-b2": {"val": 0.6, "test": 0.65}}  # rows without an alone run are left out
-    assert bench.full_width_alone(bench.SETUPS["cifar"], tmp_path) == {}
+    assert bench.full_width_alone(bench.SETUPS["cifar"], tmp_path, fl) == {}
+    # runs from another float model are not set beside these
+    assert bench.full_width_alone(setup, tmp_path, {"val_acc": 0.86, "test_acc": 0.83}) == {}
     rows = [_row(n, sandwich_val=0.5, sandwich_test=t) for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]
     rows[0].update(alone_val=0.5, alone_test=0.45)
     p = _widths_payload([s for s in setup.subnets if s["bits"] == 2], rows, load="L", full_width_alone=fw)
@@ -177,12 +190,14 @@ def test_ordered_setup_builds_ordered_and_sets_each_subnet_beside_the_unordered_
     sn = bench.build(setup, setup.subnets[:1], None)
     assert sn.order == "l1" and sn.model.layer2[0].downsample.base.front == 8
     assert bench.build(bench.SETUPS["cifar-wb"], setup.subnets[:1], None).order is None
-    ref = {"git": {"commit": "0123456789ab"},
+    fl = {"val_acc": 0.85, "test_acc": 0.84, "sha256": "ab" * 8}
+    ref = {"git": {"commit": "0123456789ab"}, "float_init": fl,
            "rows": [{"name": "w0.5-b4", "sandwich_test": 0.50, "alone_test": 0.66}, {"name": "w1.0-b4"}]}
     (tmp_path / "supernet_resnet20_cifar_wb.json").write_text(__import__("json").dumps(ref))
-    un = bench.unordered(setup, tmp_path)["unordered"]
+    un = bench.unordered(setup, tmp_path, fl)["unordered"]
     assert un["rows"]["w0.5-b4"] == {"sandwich_test": 0.50, "alone_test": 0.66}
-    assert bench.unordered(bench.SETUPS["cifar-wb"], tmp_path) == {}
+    assert bench.unordered(bench.SETUPS["cifar-wb"], tmp_path, fl) == {}
+    assert bench.unordered(setup, tmp_path, {**fl, "sha256": "cd" * 8}) == {}
     rows = [_row("w0.5-b4", sandwich_val=0.6, sandwich_test=0.62, alone_val=0.6, alone_test=0.69)]
     p = _widths_payload([s for s in setup.subnets if s["bits"] == 4], rows, order="l1", unordered=un)
     md = bench.markdown_cifar(p, ["sandwich"])
@@ -202,3 +217,30 @@ def test_activation_stats_count_inputs_below_half_a_step(bench) -> None:
     # 2 bits, clip 3: step 1, so positive inputs below 0.5 round to zero: 0.1, 0.4, 0.49 of 7 positive
     assert st["act_zeroed"] == pytest.approx(3 / 7, abs=1e-12)
     assert st["pact_alpha_min"] == st["pact_alpha_max"] == 3.0
+
+
+def test_non_uniform_setup_has_per_stage_widths_and_names_them(bench) -> None:
+    setup = bench.SETUPS["cifar-nu"]
+    assert setup.order == "l1" and setup.unordered is None and setup.select_on_val
+    staged = {s["name"]: s["width"] for s in setup.subnets if isinstance(s["width"], dict)}
+    assert staged == {"up-b4": {"layer1.*": 0.5, "layer2.*": 0.75, "layer3.*": 1.0},
+                      "down-b4": {"layer1.*": 1.0, "layer2.*": 0.75, "layer3.*": 0.5}}
+    assert {s["bits"] for s in setup.subnets} == {4} and set(setup.alone) < {s["name"] for s in setup.subnets}
+    sn = bench.build(setup, setup.subnets, None)
+    # active channels per channel group of the three stages (16 / 32 / 64 channels at full width; the
+    # input and the classifier's outputs are not sliced)
+    full = {g: c for g, c in sn.plan("w1.0-b4").channels.items() if c in (16, 32, 64)}
+    for name, widths in (("up-b4", (0.5, 0.75, 1.0)), ("down-b4", (1.0, 0.75, 0.5))):
+        got = sn.plan(name).channels
+        for stage, c in enumerate((16, 32, 64)):
+            assert {got[g] for g in full if full[g] == c} == {round(widths[stage] * c)}, (name, stage)
+    bops = {n: sn.cost(n)["bops"] for n in sn.names}
+    for name in ("up-b4", "down-b4"):
+        assert bops["w0.5-b4"] < bops[name] < bops["w1.0-b4"]
+    rows = [{**_row(s["name"], sandwich_val=0.5, sandwich_test=0.6), "report_bops": bops[s["name"]]}
+            for s in setup.subnets]
+    md = bench.markdown_cifar(_widths_payload(setup.subnets, rows, order="l1"), ["sandwich"])
+    assert "| up-b4 | 0.5 / 0.75 / 1.0 | 4/4 |" in md and "| down-b4 | 1.0 / 0.75 / 0.5 | 4/4 |" in md
+    assert "| w0.75-b4 | 0.75 | 4/4 |" in md
+    assert "per-stage widths up-b4 0.5 / 0.75 / 1.0; down-b4 1.0 / 0.75 / 0.5" in md
+    assert "the largest sub-net (w1.0-b4), the smallest (w0.5-b4) and one of the other 3" in md

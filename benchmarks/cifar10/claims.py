@@ -63,6 +63,7 @@ carries in all.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -575,8 +576,32 @@ def job_spec(job: Job, budget: Budget, runs: Path, data_dir: str, device: str,
             "init": str(fdir / "best.safetensors") if job.arm.init == "float" else None, "out": str(out),
             "train": train, "train_subset": budget.train_subset, "val_size": budget.val_size,
             "device": device}
+    starts = job.arm.init == "float" or job.arm.kind in ("ptq", "releq")
     return {"kind": job.arm.kind, "spec": spec, "ptq": dict(job.arm.ptq), "threads": budget.threads,
-            "float_dir": str(fdir), "search": dict(budget.releq)}
+            "float_dir": str(fdir), "search": dict(budget.releq),
+            "init_from": float_identity(fdir) if starts and not job.arm.is_float else None}
+
+
+def float_identity(fdir: Path) -> dict[str, Any] | None:
+    """Which float model a run starts from (``init.json`` in its directory): the float run, the first
+    16 hex digits of the SHA-256 of its ``best.safetensors`` and its accuracies (%), so that a report
+    compares a run with the float model it really started from, should that seed's float model be
+    trained again later (a fresh machine). None where that model is not there."""
+    best = fdir / "best.safetensors"
+    if not best.exists() or not is_finished(fdir):
+        return None
+    res = json.loads((fdir / "result.json").read_text())
+    return {"run": f"{fdir.parent.name}/{fdir.name}", "sha256": file_sha(best),
+            "test_acc": 100 * res["test_acc"],
+            "val_acc": None if res.get("best_acc") is None else 100 * res["best_acc"]}
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -589,6 +614,11 @@ def work(payload: dict[str, Any]) -> None:
     logging.basicConfig(filename=out / "campaign.log", level=logging.INFO,
                         format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(payload["threads"])
+    init = out / "init.json"
+    if payload.get("init_from") and not init.exists():  # a resumed run keeps what it started from
+        from lowbit.train import atomic_write_text
+
+        atomic_write_text(init, json.dumps(payload["init_from"], indent=1))
     if payload["kind"] == "ptq":
         ptq_run(payload)
         return
@@ -905,6 +935,10 @@ def read_run(path: Path) -> dict[str, Any] | None:
     for k in ("avg_w_bits", "avg_a_bits"):
         if res.get(k) is not None:
             out[k] = res[k]
+    if (path / "init.json").exists():  # the float model it started from (float_identity)
+        out["init_from"] = json.loads((path / "init.json").read_text())
+    elif path.parent.name in (FLOAT.key, FLOAT_W2.key) and (path / "best.safetensors").exists():
+        out["sha256"] = file_sha(path / "best.safetensors")
     rel = path / "releq.json"
     if rel.exists():  # how far the search's agent learned: its mean reward early and late
         found = json.loads(rel.read_text())["search"]
@@ -1056,7 +1090,10 @@ def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -
         elif check.rule == "level":
             vals.append(ra["test_acc"])
         elif check.rule in ("drop", "measure"):
-            if ("float", s) in runs:
+            started = (ra.get("init_from") or {}).get("test_acc")
+            if started is not None:  # the float model it started from
+                vals.append(started - ra["test_acc"])
+            elif ("float", s) in runs:
                 vals.append(runs[("float", s)]["test_acc"] - ra["test_acc"])
             elif check.rule == "measure":
                 vals.append(ra["test_acc"])
@@ -1106,6 +1143,11 @@ def build_rows(runs_root: Path, budget: Budget,
             runs[(d.parent.name, int(d.name[4:]))] = r
     for (k, s, b), r in sorted((recorded or {}).items()):
         if b == budget.name:
+            here = runs.get((k, s))
+            if k in (FLOAT.key, FLOAT_W2.key) and here is not None and here.get("sha256") != r.get("sha256"):
+                # a float model trained again: the row keeps the first, which the recorded runs started
+                # from; the runs started from the new one carry it in their init_from
+                runs[(k, s)] = dict(r)
             runs.setdefault((k, s), dict(r))
     rows = []
     for claim in CLAIMS:
@@ -1277,6 +1319,16 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
                   "commit): their run directories are not on the machine that wrote this one; the numbers "
                   "are those that commit's report measured from them. A run trained again replaces its "
                   "record.", ""]
+    again = []
+    for (k, s, b), r in sorted(runs.items()):
+        init, fl = r.get("init_from"), runs.get((FLOAT.key, s, b), {})
+        if init and init.get("sha256") != fl.get("sha256"):
+            again.append(f"`{k}` seed {s} ({init['run']} {init['test_acc']:.2f}% test, SHA-256 "
+                         f"{init['sha256']})")
+    if again:
+        lines += ["Runs started from a float model trained again (another machine; the float row keeps the "
+                  "first, which the other runs of that seed started from); a drop vs float is measured "
+                  "against the model the run started from: " + "; ".join(again) + ".", ""]
     lines += ["| run | seed | budget | test acc | val acc | weight bytes | BOPs | epochs "
               "| device | train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, s, b), r in sorted(runs.items()):

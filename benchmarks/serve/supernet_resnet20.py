@@ -38,6 +38,15 @@ trained alone) start from the channels that matter most; its report sets each su
         --setup cifar-wbo --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wbo --subset 30000
 
+``--setup cifar-nu`` (results ``supernet_resnet20_cifar_nu``) has non-uniform widths: ``cifar-wbo``'s
+ordered channels and recipe, all sub-nets at 4 bits, uniform widths 0.5 / 0.75 / 1.0 and one width
+per stage, ``up-b4`` (0.5 / 0.75 / 1.0 for stages 1 / 2 / 3) and ``down-b4`` (1.0 / 0.75 / 0.5); every
+configuration but the full width is trained alone too::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone \
+        --setup cifar-nu --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-nu --subset 30000
+
 Sub-nets (DoReFa weights, PACT activations, stem and classifier float, BatchNorm per sub-net):
 uniform widths 0.5 and 1.0 of every stage x 2/4/8-bit weights and activations, and one
 non-uniform sub-net (stage widths 0.5 / 0.75 / 1.0, 4 bits). A stage's width covers its residual
@@ -82,6 +91,7 @@ same quantizers, BatchNorm and code path; plain cross entropy).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -155,6 +165,16 @@ SETUPS["cifar-wb"] = replace(
 # in the same place at both widths
 SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", unordered="cifar-wb",
                               stem="supernet_resnet20_cifar_wbo", work="runs/supernet_r20_cifar_wbo")
+# non-uniform widths: one width per stage (0.5 / 0.75 / 1.0 up the network and the reverse) beside the
+# uniform 0.5, 0.75 and 1.0, all at 4 bits, the channels ordered first; every configuration but the
+# full width also trained alone
+NU_STAGES = {"up": (0.5, 0.75, 1.0), "down": (1.0, 0.75, 0.5)}
+SETUPS["cifar-nu"] = replace(
+    SETUPS["cifar-wbo"], unordered=None, stem="supernet_resnet20_cifar_nu", work="runs/supernet_r20_cifar_nu",
+    subnets=[{"name": f"w{w}-b4", "width": w, "bits": 4} for w in (0.5, 0.75, 1.0)]
+    + [{"name": f"{k}-b4", "width": {f"layer{i + 1}.*": w for i, w in enumerate(ws)}, "bits": 4}
+       for k, ws in NU_STAGES.items()],
+    alone=["up-b4", "down-b4", "w0.5-b4", "w0.75-b4"])
 
 
 def build(setup: Setup, subnets: list[dict[str, Any]], init: str | None = None) -> Supernet:
@@ -309,7 +329,17 @@ def float_init(init: str | None) -> dict[str, Any]:
     if res is None or not res.exists():
         return {}
     r = json.loads(res.read_text())
-    return {"val_acc": r.get("best_acc"), "test_acc": r.get("test_acc")}
+    h = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16] if Path(init).exists() else None
+    return {"val_acc": r.get("best_acc"), "test_acc": r.get("test_acc"), "sha256": h}
+
+
+def same_init(ref: dict[str, Any], fl: dict[str, Any]) -> bool:
+    """Whether a results file's runs started from the float model ``fl`` (:func:`float_init`): the same
+    SHA-256 where both have one, else the same accuracies (older files)."""
+    old = ref.get("float_init") or {}
+    if old.get("sha256") and fl.get("sha256"):
+        return old["sha256"] == fl["sha256"]
+    return bool(old) and all(old.get(k) == fl.get(k) for k in ("val_acc", "test_acc"))
 
 
 def data_sizes(a: argparse.Namespace) -> dict[str, int]:
@@ -329,25 +359,30 @@ def load_trained(setup: Setup, name: str, a: argparse.Namespace) -> Supernet:
     return sn.eval()
 
 
-def full_width_alone(setup: Setup, out: Path) -> dict[str, Any]:
+def full_width_alone(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
     """For a widths x bits setup: the full-width configurations trained alone, as the bit-width setup
-    (``cifar``) recorded them in its results file (same initialisation, recipe and data)."""
+    (``cifar``) recorded them in its results file (same initialisation ``fl``, recipe and data)."""
     ref = out / f"{SETUPS['cifar'].stem}.json"
     if setup is SETUPS["cifar"] or not setup.select_on_val or not ref.exists():
         return {}
     r = json.loads(ref.read_text())
+    if not same_init(r, fl):  # another float model: not the same starting point
+        return {}
     rows = {f"w1.0-{x['name']}": {"val": x["alone_val"], "test": x["alone_test"]} for x in r["rows"]
             if "alone_test" in x}
     return {"full_width_alone": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
 
 
-def unordered(setup: Setup, out: Path) -> dict[str, Any]:
+def unordered(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
     """For a channel-ordered setup: the same setup without the ordering, per sub-net test accuracy in
-    its supernets and alone, as its results file recorded them (same recipe and data, another run)."""
+    its supernets and alone, as its results file recorded them (same float model ``fl``, recipe and
+    data, another run)."""
     ref = out / f"{SETUPS[setup.unordered].stem}.json" if setup.unordered else None
     if ref is None or not ref.exists():
         return {}
     r = json.loads(ref.read_text())
+    if not same_init(r, fl):
+        return {}
     keys = ("sandwich_test", "des_test", "alone_test")
     rows = {x["name"]: {k: x[k] for k in keys if k in x} for x in r["rows"]}
     return {"unordered": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
@@ -406,14 +441,15 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
         rows.append({**row, **agree.get(n, {})})
     runs = {v: {k: r[k] for k in ("best_epoch", "epoch_s") if k in r}
             for v, r in {**res, **{f"alone-{n}": x for n, x in alone.items()}}.items()}
+    fl = float_init(a.init)
     payload = {**run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, subset=a.subset, val=a.val,
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
-                          setup=a.setup, init=a.init, float_init=float_init(a.init), **data_sizes(a),
+                          setup=a.setup, init=a.init, float_init=fl, **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
                           runs=runs, latency_threads=1, **({"load": a.load_note} if a.load_note else {}),
                           **({"latency_load": a.latency_note} if a.latency_note else {}),
-                          order=setup.order, **full_width_alone(setup, Path(a.out)),
-                          **unordered(setup, Path(a.out))),
+                          order=setup.order, **full_width_alone(setup, Path(a.out), fl),
+                          **unordered(setup, Path(a.out), fl)),
                "file": sizes, "rows": rows}
     if setup.select_on_val:
         write_results(a.out, setup.stem, payload, markdown_cifar(payload, list(res)))
@@ -480,19 +516,52 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _wlabel(width: float | dict[str, float]) -> str:
+    """A sub-net's width as the tables print it: ``0.5``, or per stage ``0.5 / 0.75 / 1.0``."""
+    return " / ".join(str(w) for w in width.values()) if isinstance(width, dict) else str(width)
+
+
+def _sandwich_rule(rows: list[dict[str, Any]], variants: list[str]) -> str:
+    """What ``sandwich`` (and ``des``) trained each step, the largest and smallest by BOPs."""
+    by = sorted(rows, key=lambda r: r["report_bops"])
+    rule = (f"`sandwich`: every step the largest sub-net ({by[-1]['name']}), the smallest "
+            f"({by[0]['name']}) and one of the other {len(by) - 2} drawn at random, the smaller ones "
+            "distilled in place from the largest; ")
+    if "des" in variants:
+        rule += ("`des`: the same with Delayed epsilon-Shrinking (the largest alone for the first 25% of the "
+                 "steps, then the others join from the most to the least expensive by BOPs); ")
+    return rule
+
+
 def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     """The ``cifar`` setup's table: per sub-net accuracy in each supernet and alone, costs, latency."""
     f, rows, fl = p["file"], p["rows"], p.get("float_init") or {}
     runs = p.get("runs") or {}
     alone_done = [r for r in rows if "alone_test" in r]
     n_train = p.get("train_images")
-    widths = sorted({s.get("width", 1.0) for s in p["subnets"]})
+    widths = sorted({_wlabel(s.get("width", 1.0)) for s in p["subnets"]})
     head = ["sub-net", *(["width"] if len(widths) > 1 else []), "W/A bits", "weight bytes", "BOPs",
             "packed ms b1 / b8 / b32"]
     head += [f"{v} val / test" for v in variants] + ["alone val / test"]
     head += [f"{v} - alone (test, pp)" for v in variants]
     head += ["packed runtime val acc (top-1 = fake-quant)"]
-    if len(widths) > 1:
+    staged = [s for s in p["subnets"] if isinstance(s.get("width"), dict)]
+    if staged:
+        bits = sorted({s["bits"] for s in p["subnets"]})
+        uni = sorted({s["width"] for s in p["subnets"] if not isinstance(s.get("width"), dict)})
+        title = (f"any-width supernet (uniform and per-stage widths, {'/'.join(map(str, bits))}-bit W/A)")
+        how = ("the float model's channels first sorted by importance, `order_channels`: the L1 norm of the "
+               "weights producing each channel" if p.get("order") else
+               "the float model's channels as they are")
+        shared = ("Sub-nets share one set of latent weights: uniform widths " + " / ".join(map(str, uni))
+                  + " of every stage and per-stage widths " + "; ".join(
+                      f"{s['name']} {_wlabel(s['width'])}" for s in staged)
+                  + " (stages 1 / 2 / 3, the stem with stage 1; a sub-net at width r keeps the first r of "
+                  f"the channels of each residual group and block, {how}), DoReFa weights and PACT "
+                  f"activations (alpha_init 10) at {' / '.join(map(str, bits))} bits; stem and classifier "
+                  "float (their channels sliced with their group), one BatchNorm per sub-net. ")
+        rule = _sandwich_rule(rows, variants)
+    elif len(widths) > 1:
         title = "any-width, any-precision supernet (widths 0.5 / 1.0 x 2/4/8-bit W/A)"
         how = ("the float model's channels first sorted by importance, `order_channels`: the L1 norm of the "
                "weights producing each channel, option-A shortcuts' copied channels at the same offset at "
@@ -554,7 +623,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sub = next(s for s in p["subnets"] if s["name"] == r["name"])
-        width = [f"{sub.get('width', 1.0)}"] if len(widths) > 1 else []
+        width = [_wlabel(sub.get("width", 1.0))] if len(widths) > 1 else []
         cells = [r["name"], *width, f"{sub['bits']}/{sub['bits']}", f"{r['weight_bytes']:,}",
                  f"{r['report_bops']:,}", _latencies(r)]
         cells += [f"{_pct(r[f'{v}_val'])} / {_pct(r[f'{v}_test'])}" for v in variants]
@@ -661,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny: the x0.5 width+bits table (serve_resnet20); cifar: the trained bit-width "
                    "supernet from the float model (supernet_resnet20_cifar); cifar-wb: widths 0.5/1.0 x "
                    "bits from the float model (supernet_resnet20_cifar_wb); cifar-wbo: the same with the "
-                   "float model's channels sorted by importance first (supernet_resnet20_cifar_wbo)")
+                   "float model's channels sorted by importance first (supernet_resnet20_cifar_wbo); "
+                   "cifar-nu: uniform and per-stage widths at 4 bits, ordered (supernet_resnet20_cifar_nu)")
     p.add_argument("--epochs", type=int, help="default: tiny 2, cifar 3")
     p.add_argument("--subset", type=int, help="training images (tiny: the pool incl. --val, default 2500; "
                    "cifar: of the 45,000 left after the campaign's validation split, default 0 = all)")
