@@ -56,6 +56,7 @@ def threads(request, monkeypatch):
     old = numba.get_num_threads()
     numba.set_num_threads(request.param)
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    monkeypatch.setattr(KA, "VNNI_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
     yield request.param
     numba.set_num_threads(old)

@@ -119,7 +119,7 @@ def test_packed_model_same_bits_on_one_and_two_threads(monkeypatch, ppt):
 
     monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)  # split even these small layers
     for mod, name in ((kernels_int8, "INT8_MIN_PARALLEL_MACS"), (kernels_gemv, "GEMV_MIN_PARALLEL_MACS"),
-                      (kernels_amx, "AMX_MIN_PARALLEL_MACS")):
+                      (kernels_amx, "AMX_MIN_PARALLEL_MACS"), (kernels_amx, "VNNI_MIN_PARALLEL_MACS")):
         monkeypatch.setattr(mod, name, 1)
     monkeypatch.setattr(E, "MIN_THREAD_WORK_S", 0.0)
     monkeypatch.setattr(KT, "PARTS_PER_THREAD", ppt)

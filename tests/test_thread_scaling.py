@@ -238,6 +238,7 @@ def test_packed_mlp_same_bits_on_one_and_two_threads(monkeypatch, weight, act_bi
     fast = _packed_mlp(640, act_bits, weight)
     monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
+    monkeypatch.setattr(KA, "VNNI_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KG, "LUT_TABLES_MIN_PARALLEL", 1)
     splits: list[int] = []
     real = KT.run_shared

@@ -7,7 +7,8 @@ The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``) of each variant, in 
 each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``) and on
 2 threads under each configuration of ``--configs`` (``name:key=value,...``; keys: ``spin`` =
 ``kernels_threads.SPIN_US``, ``rows`` = log2 of ``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` =
-log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
+log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``vmacs`` = the same of ``VNNI_MIN_PARALLEL_MACS``,
+``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
 a key left out keeps the module's value). ``before`` is the runtime before this change. Every
 configuration's output is checked equal, bit for bit, to the 1-thread output. Per round also the
 cores the machine's other processes used at nice 0 and, apart, niced ones (``/proc/stat``; the
@@ -41,6 +42,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 KEYS = {"spin": (KT, "SPIN_US", lambda v: int(v)),
         "rows": (KA, "AMX_ROWS_MIN_PARALLEL", lambda v: 1 << int(v)),
         "macs": (KA, "AMX_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
+        "vmacs": (KA, "VNNI_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
         "ppt": (KT, "PARTS_PER_THREAD", lambda v: int(v))}
 BEFORE = "before:spin=0,rows=22,ppt=4"
 
@@ -262,18 +264,21 @@ def markdown(meta: dict, rows: list[dict], a: argparse.Namespace) -> str:
           "over the loops); niced: cores niced processes (the campaign at nice 10, when not paused) used, "
           "median. free: the ratio over the rounds in which every loop saw less than "
           f"{a.free} cores used by other nice-0 processes (2 threads cannot gain while another process "
-          "holds the second core). steady: the ratio over the rounds in which a ~1 ms AMX loop pinned to "
-          f"each vCPU, run before and after the round, took less than {a.steady}x the run's fastest "
-          f"({floor:.2f} ms): on this virtual machine a vCPU's AMX rate halves for seconds at a time while "
-          "the host hardware thread beside it runs other work (`probe_amx_phases.md`), which no process here "
-          "causes or sees. paired: the median over rounds of the round's own 1-thread / 2-thread ratio. "
+          "holds the second core). steady: "
+          + (f"the ratio over the rounds in which a ~1 ms AMX loop pinned to each vCPU, run before and "
+             f"after the round, took less than {a.steady}x the run's fastest ({floor:.2f} ms): on the AMX "
+             "virtual machine a vCPU's AMX rate halved for seconds at a time while the host hardware thread "
+             "beside it ran other work (`probe_amx_phases.md`), which no process here causes or sees. "
+             if floor > 0 else "- (this CPU has no AMX to probe). ")
+          + "paired: the median over rounds of the round's own 1-thread / 2-thread ratio. "
           "Per-round times and probes in the JSON.", "",
           f"| variant | batch | 1 thread ms | {head} | free / steady rounds | others (max) | niced |",
           "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
     for r in rows:
         fr, sr, pr = r["free_ratio"], r["steady_ratio"], r["paired_ratio"]
+        steady = {n: f"{sr[f'2t {n}']:.2f}x" if f"2t {n}" in sr else "-" for n in names}
         cells = " | ".join(f"{r['ms'][f'2t {n}']:.3f} ({r['ratio'][f'2t {n}']:.2f}x; "
-                           f"{fr.get(f'2t {n}', float('nan')):.2f}x; {sr.get(f'2t {n}', float('nan')):.2f}x; "
+                           f"{fr.get(f'2t {n}', float('nan')):.2f}x; {steady[n]}; "
                            f"{pr[f'2t {n}']:.2f}x)" for n in names)
         md.append(f"| {r['variant']} | {r['batch']} | {r['ms']['1t']:.3f} | {cells} | "
                   f"{r['free_rounds']} / {r['steady_rounds']} of {r['rounds']} | "

@@ -270,12 +270,17 @@ def _probe_ternary_rows(k: int = 2048, n: int = 512, reps: int = 5) -> int:
     return NEVER_ROWS
 
 
-#: below this many multiply-adds (M*K*O) one thread runs the product. 8 x 4096^2 = 2**27 ran 0.82x
-#: as fast on 2 threads as on 1 on the loaded 2-core test machine; with the polling worker
-#: (``kernels_threads.SPIN_US``) the 8-layer 4096-wide ternary MLP at 8 rows split from 2**27 ran
-#: 1.06x its 1-thread speed in rounds with the second core free (0.99x unsplit) but 0.82x while
+#: below this many multiply-adds (M*K*O) one thread runs the product on the AMX tiles. 8 x 4096^2 =
+#: 2**27 ran 0.82x as fast on 2 threads as on 1 on the loaded 2-core test machine; with the polling
+#: worker (``kernels_threads.SPIN_US``) the 8-layer 4096-wide ternary MLP at 8 rows split from 2**27
+#: ran 1.06x its 1-thread speed in rounds with the second core free (0.99x unsplit) but 0.82x while
 #: another process held a core (0.99x unsplit) (benchmarks/speed/ab_thread_scaling.py runs): kept
 AMX_MIN_PARALLEL_MACS = 1 << 28
+#: the same for the VNNI register tiles (no AMX), about 4x slower per product, so that a split pays
+#: off sooner: on the AMD EPYC with the second core free the 4096-wide MLP at 8 rows (2**27 per
+#: layer) split from 2**24 ran 1.5-1.8x its 1-thread speed, 1.0x unsplit
+#: (benchmarks/results/epyc_zen4/thread_split_macs.md)
+VNNI_MIN_PARALLEL_MACS = 1 << 24
 #: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over
 #: threads too. On the AMX machine at 2**22 (1024 rows of 4096), 256 rows took 0.3 ms of a 4096x4096
 #: layer's ~4.5 serial; on a 2-vCPU machine without AMX the split pass ran 0.57-0.80x at 2**20
@@ -942,5 +947,6 @@ def amx_linear_tiles(xq: np.ndarray, M: int, aw: AmxLinearWeights, s0: np.ndarra
                  np.int64(gw.b), np.int64(gw.nG), aw.tab, cfg, np.int64(NBmax), np.int64(KS),
                  np.int64(S), s0, s1, _zeros(3 * width), np.int64(flags), fo, np.int64(gw.O), co,
                  np.int64(nkc), np.float32(qhi), np.float32(qmult), bool(vnni),
-                 parallel=use_parallel(M * gw.K * gw.O, AMX_MIN_PARALLEL_MACS))
+                 parallel=use_parallel(M * gw.K * gw.O, VNNI_MIN_PARALLEL_MACS if vnni else
+                                       AMX_MIN_PARALLEL_MACS))
     return out if out is not None else codes
