@@ -1074,6 +1074,17 @@ def chosen_arm(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> 
     return max(val, key=val.__getitem__) if val else check.arms[0]
 
 
+def float_acc(runs: Mapping[tuple[str, int], dict[str, Any]], seed: int,
+              run: Mapping[str, Any]) -> float | None:
+    """Test accuracy (%) of the float model ``run`` started from: its ``init_from`` where it recorded
+    one, else the float row's model of that seed; None where neither is known."""
+    started = (run.get("init_from") or {}).get("test_acc")
+    if started is not None:
+        return started
+    fl = runs.get(("float", seed))
+    return None if fl is None else fl["test_acc"]
+
+
 def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> list[float]:
     """Per-seed values of a check (pp): level -> acc; drop -> float acc - acc; gain -> a - b; loss ->
     b - a; for
@@ -1090,11 +1101,9 @@ def check_values(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -
         elif check.rule == "level":
             vals.append(ra["test_acc"])
         elif check.rule in ("drop", "measure"):
-            started = (ra.get("init_from") or {}).get("test_acc")
-            if started is not None:  # the float model it started from
-                vals.append(started - ra["test_acc"])
-            elif ("float", s) in runs:
-                vals.append(runs[("float", s)]["test_acc"] - ra["test_acc"])
+            fa = float_acc(runs, s, ra)
+            if fa is not None:
+                vals.append(fa - ra["test_acc"])
             elif check.rule == "measure":
                 vals.append(ra["test_acc"])
         elif check.rule == "gain" and (check.arms[1], s) in runs:
@@ -1168,8 +1177,8 @@ def build_rows(runs_root: Path, budget: Budget,
                 why += (f"; our float ResNet-20 reaches {fl['mean']:.2f}% at this budget "
                         f"({budget.float_train['epochs']} epochs; paper schedule 160+)")
             elif v in ("not reproduced", "reversed") and check.rule == "gain":
-                gap = [runs[("float", s)]["test_acc"] - r["test_acc"] for (k, s), r in runs.items()
-                       if k == check.arms[1] and ("float", s) in runs]
+                gap = [float_acc(runs, s, r) - r["test_acc"] for (k, s), r in runs.items()
+                       if k == check.arms[1] and float_acc(runs, s, r) is not None]
                 if gap:  # how much a gain could recover: the arm without the method vs the float model
                     g = stats(gap)
                     side = "below" if g["mean"] >= 0 else "above"
