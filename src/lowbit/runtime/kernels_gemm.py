@@ -20,7 +20,9 @@ AVX-512 (VBMI + VNNI): ``vpermb`` looks up 64 bytes in one 64-byte register hold
 ``vpdpbusd`` with a vector of ones adds the 4 looked-up bytes of each output into its int32 lane:
 two instructions for ``16 * 4 * c`` multiply-adds (256 for binary weights, 128 for ternary) where
 the int8 kernel needs four ``vpdpbusd`` (64 each), and the weights stay at ``cb`` bits (one
-64-byte load holds the indices of 16 outputs x 8 groups, two steps: low and high nibbles).
+64-byte load holds the indices of 16 outputs x 8 groups, two steps: low and high nibbles). Where two
+table entries still fit int8 (:func:`lut_sums`) the two steps' looked-up bytes are added first
+(``vpaddb``) and widened by one ``vpdpbusd``.
 A tile keeps R rows x OB blocks of 16 outputs in registers (R*OB accumulators); the tables of the
 R rows are read once per output chunk, the weights once per row tile. This is the table-lookup
 idea of T-MAC (Wei et al., 2024, arXiv:2407.00088) and bitnet.cpp's TL kernels, here with the
@@ -331,10 +333,11 @@ def lut_tile(R: int, OB: int, S: int = 1):
     packed weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``; ``npairs`` step
     pairs (8 groups each) of the reduction.
 
-    ``S`` (1, 2 or 4): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, where
-    ``S`` times the largest table entry still fits int8 (:func:`lut_sums`): the steps of one pair
-    (2) or of two (4), so that the widening adds run once per ``S`` permutes."""
-    U = max(1, S // 2)  # pairs per loop step
+    ``S`` (1 or 2): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, 2 where
+    two table entries still fit int8 (:func:`lut_sums`): the two steps of a pair, so that the widening
+    adds run once per two permutes. (Four, over two pairs, measured no faster: an add either way.)"""
+    if S not in (1, 2):
+        raise ValueError(f"lut_tile: S={S!r}; 1 or 2 lookups per widening add")
 
     @intrinsic
     def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc):
@@ -353,37 +356,26 @@ def lut_tile(R: int, OB: int, S: int = 1):
             four = ir.Constant(_V64I8, [4] * 64)
             slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
-
-            def pairs(p0, u: int, s: int) -> None:
-                """Pairs p0 .. p0+u-1, ``s`` lookups per widening add."""
-                idx = []  # [b][2*k + h]
+            with cgutils.for_range(builder, args[2]) as loop:  # npairs
+                p = loop.index
+                idx = []
                 for b in range(OB):
-                    got = []
-                    for k in range(u):
-                        v = load_as(builder, wbases[b], _V64I8, builder.mul(builder.add(p0, i64(k)), i64(64)))
-                        got.append(builder.or_(builder.and_(v, lo4), slot))
-                        got.append(builder.or_(builder.lshr(v, four), slot))
-                    idx.append(got)
+                    v = load_as(builder, wbases[b], _V64I8, builder.mul(p, i64(64)))
+                    lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
+                    idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
+                toff = builder.mul(p, i64(128))
                 for r in range(R):
+                    tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
+                            for h in range(2)]
                     for b in range(OB):
                         part = None
-                        for k in range(u):
-                            toff = builder.mul(builder.add(p0, i64(k)), i64(128))
-                            for h in range(2):
-                                t = load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
-                                look = _vpermb(builder, t, idx[b][2 * k + h])
-                                part = look if part is None else builder.add(part, look)
-                                if (2 * k + h + 1) % s == 0:
-                                    acc = accs[r * OB + b]
-                                    builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
-                                    part = None
-
-            n = args[2]
-            with cgutils.for_range(builder, builder.udiv(n, i64(U))) as loop:
-                pairs(builder.mul(loop.index, i64(U)), U, S)
-            if U > 1:  # an odd last pair
-                with cgutils.for_range(builder, builder.urem(n, i64(U))) as loop:
-                    pairs(builder.add(builder.sub(n, i64(1)), loop.index), 1, min(S, 2))
+                        for h in range(2):
+                            look = _vpermb(builder, tabs[h], idx[b][h])
+                            part = look if part is None else builder.add(part, look)
+                            if S == 1 or h == 1:
+                                acc = accs[r * OB + b]
+                                builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
+                                part = None
             ap = a.ptr(6, _I32)
             for k in range(R * OB):
                 store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
