@@ -37,9 +37,12 @@ A finished run (``result.json``) is reused; an unfinished one resumes from its l
 checkpoint, so a killed campaign resumes where it stopped. Results outlive their directories: a run
 the previous report (``--out``'s JSON) holds but whose directory is not here is carried over with the
 commit that measured it, and is not run again unless a job still to run starts from it (its float
-model trains again, and its new result replaces the record); a search or WaveQ run is recorded with
-what its derived arms start from (:func:`run_source`: the assignment, the learned bits), so those arms
-start from the record; ``--fresh`` ignores the record.
+model trains again); a search or WaveQ run is recorded with what its derived arms start from
+(:func:`run_source`: the assignment, the learned bits), so those arms start from the record, and a
+derived arm runs again when its source does. Every run records the float model it started from
+(``init.json``: :func:`float_identity`); a float model trained again does not replace the float row's
+record, which the recorded runs started from, and a run's drop is measured against its own float
+model (:func:`float_acc`); ``--fresh`` ignores the record.
 ``--stop-after SECONDS`` stops the running jobs (they resume next time) and still writes the
 tables and the archive. Data: the CIFAR-10 JPEG copy (``--data-dir``; close to, not identical
 with, the original images).
@@ -1327,7 +1330,7 @@ def render(meta: Mapping[str, Any], budget: Budget, rows: list[dict[str, Any]],
         lines += [f"{n_rec} of {len(runs)} runs are carried from an earlier report (`recorded at` its "
                   "commit): their run directories are not on the machine that wrote this one; the numbers "
                   "are those that commit's report measured from them. A run trained again replaces its "
-                  "record.", ""]
+                  "record (a float model trained again does not replace the float row).", ""]
     again = []
     for (k, s, b), r in sorted(runs.items()):
         init, fl = r.get("init_from"), runs.get((FLOAT.key, s, b), {})
