@@ -325,23 +325,22 @@ def table_row(c: int):
     return row
 
 
-def lut_tile(R: int, OB: int, S: int = 1):
-    """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc)``: the int32 sums ``D`` of R
-    rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
+def lut_tile(R: int, OB: int):
+    """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc, sums)``: the int32 sums ``D``
+    of R rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
 
     ``tab`` int8 tables (1-d), ``trow`` int64 (R,) element offset of each row's table; ``wq`` uint8
     packed weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``; ``npairs`` step
     pairs (8 groups each) of the reduction.
 
-    ``S`` (1 or 2): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, 2 where
+    ``sums`` (1 or 2): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, 2 where
     two table entries still fit int8 (:func:`lut_sums`): the two steps of a pair, so that the widening
-    adds run once per two permutes. (Four, over two pairs, measured no faster: an add either way.)"""
-    if S not in (1, 2):
-        raise ValueError(f"lut_tile: S={S!r}; 1 or 2 lookups per widening add")
+    adds run once per two permutes (both loops are compiled; the branch is taken once per call). Four,
+    over two pairs, measured no faster: an add either way."""
 
     @intrinsic
-    def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc):
-        sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc)
+    def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc, sums):
+        sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc, sums)
 
         def codegen(context, builder, signature, args):
             a = Args(context, builder, signature, args)
@@ -356,26 +355,35 @@ def lut_tile(R: int, OB: int, S: int = 1):
             four = ir.Constant(_V64I8, [4] * 64)
             slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
-            with cgutils.for_range(builder, args[2]) as loop:  # npairs
-                p = loop.index
-                idx = []
-                for b in range(OB):
-                    v = load_as(builder, wbases[b], _V64I8, builder.mul(p, i64(64)))
-                    lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
-                    idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
-                toff = builder.mul(p, i64(128))
-                for r in range(R):
-                    tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
-                            for h in range(2)]
+
+            def loop(S: int) -> None:
+                with cgutils.for_range(builder, args[2]) as pairs:  # npairs
+                    p = pairs.index
+                    idx = []
                     for b in range(OB):
-                        part = None
-                        for h in range(2):
-                            look = _vpermb(builder, tabs[h], idx[b][h])
-                            part = look if part is None else builder.add(part, look)
-                            if S == 1 or h == 1:
-                                acc = accs[r * OB + b]
-                                builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
-                                part = None
+                        v = load_as(builder, wbases[b], _V64I8, builder.mul(p, i64(64)))
+                        lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
+                        idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
+                    toff = builder.mul(p, i64(128))
+                    for r in range(R):
+                        tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
+                                for h in range(2)]
+                        for b in range(OB):
+                            part = None
+                            for h in range(2):
+                                look = _vpermb(builder, tabs[h], idx[b][h])
+                                part = look if part is None else builder.add(part, look)
+                                if S == 1 or h == 1:
+                                    acc = accs[r * OB + b]
+                                    builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
+                                    part = None
+
+            is2 = builder.icmp_signed("==", args[7], ir.Constant(args[7].type, 2))
+            with builder.if_else(is2) as (two, one):
+                with two:
+                    loop(2)
+                with one:
+                    loop(1)
             ap = a.ptr(6, _I32)
             for k in range(R * OB):
                 store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
@@ -386,34 +394,13 @@ def lut_tile(R: int, OB: int, S: int = 1):
     return tile
 
 
-_TILES = tuple(lut_tile(LUT_R, ob, s) for s in (1, 2) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
+_TILES = tuple(lut_tile(LUT_R, ob) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
 _table_row4 = table_row(4) if HAS_LUT else None
 _table_row2 = table_row(2) if HAS_LUT else None
 if HAS_LUT:
-    _tile1, _tile2, _tile3, _tile4, _tile1s, _tile2s, _tile3s, _tile4s = _TILES
+    _tile1, _tile2, _tile3, _tile4 = _TILES
 else:  # never called: the plain path runs instead
-    _tile1 = _tile2 = _tile3 = _tile4 = _tile1s = _tile2s = _tile3s = _tile4s = None
-
-
-@kernel
-def _tile(ob, sums, tflat, trow, npairs, wflat, wbase, wstride, acc):
-    if sums == 2:
-        if ob == 4:
-            _tile4s(tflat, trow, npairs, wflat, wbase, wstride, acc)
-        elif ob == 3:
-            _tile3s(tflat, trow, npairs, wflat, wbase, wstride, acc)
-        elif ob == 2:
-            _tile2s(tflat, trow, npairs, wflat, wbase, wstride, acc)
-        else:
-            _tile1s(tflat, trow, npairs, wflat, wbase, wstride, acc)
-    elif ob == 4:
-        _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc)
-    elif ob == 3:
-        _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc)
-    elif ob == 2:
-        _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
-    else:
-        _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)
+    _tile1 = _tile2 = _tile3 = _tile4 = None
 
 
 @kernel
@@ -459,7 +446,14 @@ def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, sums, lo, hi):
                 nv = min(LUT_R, mb_hi - m0)
                 for r in range(LUT_R):
                     trow[r] = (m0 + min(r, nv - 1)) * ldt
-                _tile(ob, sums, tflat, trow, npairs, wflat, wbase, wstride, acc)
+                if ob == 4:
+                    _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                elif ob == 3:
+                    _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                elif ob == 2:
+                    _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                else:
+                    _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
                 _epilogue(acc, LUT_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
 
 
