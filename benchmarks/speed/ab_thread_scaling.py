@@ -8,7 +8,7 @@ each batch, interleaved rounds time a short loop of calls on 1 thread (``set_ser
 2 threads under each configuration of ``--configs`` (``name:key=value,...``; keys: ``spin`` =
 ``kernels_threads.SPIN_US``, ``rows`` = log2 of ``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` =
 log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``vmacs`` = the same of ``VNNI_MIN_PARALLEL_MACS``,
-``lutw`` = ``kernels_gemm.LUT_UNIT_WORK``, ``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
+``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
 a key left out keeps the module's value). ``before`` is the runtime before this change. Every
 configuration's output is checked equal, bit for bit, to the 1-thread output. Per round also the
 cores the machine's other processes used at nice 0 and, apart, niced ones (``/proc/stat``; the
@@ -36,7 +36,6 @@ from harness import CASES, quantized_model, set_threads
 from lowbit.runtime import _amx
 from lowbit.runtime import compile as rt_compile
 from lowbit.runtime import kernels_amx as KA
-from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_threads as KT
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -44,7 +43,6 @@ KEYS = {"spin": (KT, "SPIN_US", lambda v: int(v)),
         "rows": (KA, "AMX_ROWS_MIN_PARALLEL", lambda v: 1 << int(v)),
         "macs": (KA, "AMX_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
         "vmacs": (KA, "VNNI_MIN_PARALLEL_MACS", lambda v: 1 << int(v)),
-        "lutw": (KG, "LUT_UNIT_WORK", lambda v: int(v)),
         "ppt": (KT, "PARTS_PER_THREAD", lambda v: int(v))}
 BEFORE = "before:spin=0,rows=22,ppt=4"
 

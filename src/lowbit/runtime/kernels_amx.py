@@ -276,9 +276,9 @@ def _probe_ternary_rows(k: int = 2048, n: int = 512, reps: int = 5) -> int:
 #: ran 1.06x its 1-thread speed in rounds with the second core free (0.99x unsplit) but 0.82x while
 #: another process held a core (0.99x unsplit) (benchmarks/speed/ab_thread_scaling.py runs): kept
 AMX_MIN_PARALLEL_MACS = 1 << 28
-#: the same for the VNNI register tiles (no AMX), about 4x slower per product, so that a split pays
-#: off sooner: on the AMD EPYC with the second core free the 4096-wide MLP at 8 rows (2**27 per
-#: layer) split from 2**24 ran 1.5-1.8x its 1-thread speed, 1.0x unsplit
+#: the same for the VNNI register tiles (no AMX), slower per product, so that a split pays off
+#: sooner: on the AMD EPYC with the second core free the 4096-wide MLP at 8 rows (2**27 per layer)
+#: split from 2**24 ran 1.36-1.71x its 1-thread speed, 0.87-1.03x with 2**28
 #: (benchmarks/results/epyc_zen4/thread_split_macs.md)
 VNNI_MIN_PARALLEL_MACS = 1 << 24
 #: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over

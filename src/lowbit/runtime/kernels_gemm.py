@@ -336,7 +336,7 @@ def lut_tile(R: int, OB: int):
     ``sums`` (1 or 2): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, 2 where
     two table entries still fit int8 (:func:`lut_sums`): the two steps of a pair, so that the widening
     adds run once per two permutes (both loops are compiled; the branch is taken once per call). Four,
-    over two pairs, measured no faster: an add either way."""
+    over two pairs, were no faster in a one-off probe: each lookup still costs one add."""
 
     @intrinsic
     def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc, sums):
