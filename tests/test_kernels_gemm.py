@@ -61,6 +61,38 @@ def test_lut_gemm_equals_integer_reference(kind, ka, path, threads):
                 np.testing.assert_array_equal(got, KG.lut_gemm_reference(a, w, s0, s1, relu))
 
 
+@pytest.mark.skipif(not KG.HAS_LUT, reason="the lookup tiles need AVX-512 VBMI + VNNI")
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_lut_tile_segments_read_their_own_tables(kind):
+    """A tile's reduction in segments (a convolution's kernel taps): segment s of row r reads the
+    tables at ``trow[r] + koff[s]`` against the weights' step pairs in segment order."""
+    R, nseg, K = KG.LUT_R, 3, 32
+    lv0 = np.array(LEVELS[kind])
+    w = lv0[RNG.integers(0, lv0.size, (16, nseg * K))]
+    lv, cb = KG.lut_levels(w)
+    a = RNG.integers(0, 16, (R, nseg, K))
+    tsize = KG.lut_groups(K, cb) * 16
+    trow = np.arange(R, dtype=np.int64) * 5 * tsize
+    koff = np.array([2 * tsize, 0, 3 * tsize + 64], np.int64)  # out of order, one not a whole table on
+    tab = RNG.integers(-100, 100, R * 5 * tsize).astype(np.int8)  # anything outside the tables
+    for r in range(R):
+        for s in range(nseg):
+            at = trow[r] + koff[s]
+            tab[at : at + tsize] = KG.lut_tables_reference(a[r, s][None], lv, cb)[0]
+    wq = KG.lut_pack_weights(w, lv, cb)
+    npairs = wq.shape[1] // nseg
+
+    @numba.njit
+    def run(tab, trow, koff, npairs, wq, acc, sums):
+        KG._tile1(tab, trow, koff, koff.shape[0], npairs, wq.reshape(-1), 0, wq.shape[1] * 64, acc, sums)
+
+    want = sum(a[:, s] @ w[:, s * K : (s + 1) * K].T for s in range(nseg))
+    for sums in sorted({1, KG.lut_sums(lv, cb, 4)}):
+        acc = np.zeros(R * 16, np.int32)
+        run(tab, trow, koff, npairs, wq, acc, sums)
+        np.testing.assert_array_equal(acc.reshape(R, 16), want)
+
+
 @pytest.mark.parametrize("kind,ka,sums", [("binary", 1, 2), ("binary", 4, 2), ("binary", 5, 1),
                                           ("ternary", 5, 2), ("ternary", 6, 1), ("asym_ternary", 3, 2),
                                           ("uniform2", 3, 2), ("uniform2", 4, 1)])

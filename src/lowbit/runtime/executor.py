@@ -63,6 +63,7 @@ from . import kernels_threads as _threads
 from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, element_ptr, kernel
 from .kernels_amx import aligned_u8
+from .kernels_lut_conv import LUT_CONV_SCRATCH, _lut_conv_range, _tables_range, lut_conv_offsets
 from .kernels_int8 import (
     AMX_SCRATCH,
     INT8_ROWS_SCRATCH,
@@ -238,6 +239,7 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
     used_amx = False
     scratch = ca[ca.shape[0] - AMX_SCRATCH :]
     rows_scratch = scratch[: 8 * INT8_ROWS_SCRATCH].view(np.int64)
+    lut_scratch = scratch[: 8 * LUT_CONV_SCRATCH].view(np.int64)
     for c0 in range(0, n_img, chunk):
         nv = min(chunk, n_img - c0)
         for i in range(prog.shape[0]):
@@ -271,7 +273,16 @@ def _run(prog, aux, w8, sc, x, out, oinfo, fa, ca, n_img, chunk):
                 r = fa[p[22] :] if flags & EPI_RESIDUAL else fa[:0]
                 cd = ca[p[23] :] if flags & EPI_CODES else ca[:0]
                 cgeo = p[24:28]
-                if p[29] >= 2:  # output pixels in the lanes (kernels_lanes): codes only; 3: pooled
+                if p[29] == 4:  # table lookup (kernels_lut_conv): the tables, then the product
+                    tab = ca[p[30] :]
+                    tpix = p[31]
+                    C = geo[2]
+                    _tables_range(ca[p[1] :], C, aux[p[34] : p[34] + 4], p[35], tpix, tab, 0,
+                                  nv * geo[0] * geo[1])
+                    wq = w8[p[15] : p[15] + p[16]].reshape((p[36], p[16] // (64 * p[36]), 64))
+                    _lut_conv_range(tab, geo, tpix, qoff, wq, p[32], s0, s1, sf, flags, o, r, cd, cgeo,
+                                    sc[p[28]], sc[p[28] + 1], lut_scratch, 0, nv * geo[3])
+                elif p[29] >= 2:  # output pixels in the lanes (kernels_lanes): codes only; 3: pooled
                     pool = p[29] == 3  # (_fused_pool)
                     rows = nv * (geo[3] // 2 if pool else geo[3])
                     _lanes_conv_range(ca[p[1] :], geo, p[31], (p[32] + 3) // 4, w8[p[30] :], s0, s1, sf, cd,
@@ -588,6 +599,18 @@ def _weights(b: _Builder, pm, hwc: tuple = ()) -> tuple[int, int, int, int]:
     return got
 
 
+def _lut_weights(b: _Builder, pm: PackedConv2d) -> tuple[int, int, int]:
+    """(w offset, w length, levels offset) of ``pm``'s table-lookup weights (``pm.lutc``)."""
+    got = b._weights.get(("lut", id(pm)))
+    if got is None:
+        lc = pm.lutc
+        lv = np.zeros(4, np.int64)
+        lv[: lc.lv.size] = lc.lv
+        got = (b.put("w8", lc.wq.view(np.int8).reshape(-1)), lc.wq.size, b.put("aux", lv))
+        b._weights[("lut", id(pm))] = got
+    return got
+
+
 def _int_weights(pm: PackedConv2d) -> np.ndarray:
     """``pm``'s integer weights (O, KH, KW, C): ``w = sw * (l0 + u*q) = sw * unit * w_int``
     (``layers.int8_weights``)."""
@@ -681,18 +704,26 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
         cval = _Val("c", OH, OW, O, co, tuple(ct.pad))
     geo = [Hp, Wp, x.C, OH, OW, stride[0], stride[1], b.N, O]
     amx = [0, 0, 0, 0]
+    lut = []
     if _use_amx(pm, linear, x.H, x.W):
         wo, wl, cfo, kc, nbt, nck, parts = _amx_weights(b, pm)
         po = pn = 0
         qoff = amx_k_offsets(pm.kernel_size[0], nck, kc, pm.dilation[0], Wp, x.C, parts)
         amx = [1, cfo, kc, nbt]
+    elif not linear and pm.lutc is not None:
+        lc = pm.lutc
+        wo, wl, lvo = _lut_weights(b, pm)
+        po = pn = 0
+        qoff = lut_conv_offsets(*pm.kernel_size, *pm.dilation, Wp, lc.tpix)
+        amx = [4, b.calloc(Hp, Wp, lc.tpix), lc.tpix, lc.sums]
+        lut = [lvo, 4 // lc.cb, lc.wq.shape[0]]
     elif not linear and (lo := _lanes_weights(b, pm, flags)) >= 0:
         wo = wl = po = pn = 0
         amx = [2, lo, pm.kernel_size[0], pm.kernel_size[1]]
     else:
         wo, wl, po, pn = _weights(b, pm, x.hwc)
     b.op(OP_CONV, x.off, *geo, b.put("aux", qoff), qoff.size, po, pn, wo, wl, s0o, s1o, sn, flags, fo, ro, co,
-         *cgeo, qs, *amx, sfo)
+         *cgeo, qs, *amx, sfo, *lut)
     fval = _Val("f", OH, OW, O, fo, ndim=2 if linear else 4) if emit_float else None
     if cval is None:
         return fval
@@ -875,6 +906,8 @@ def _regions(p: np.ndarray) -> tuple[list, list]:
         writes = [("f", 21, None)] if flags & EPI_FLOAT else []
         if flags & EPI_CODES:
             writes.append(("c", 23, ("conv", *(int(v) for v in p[24:28]), int(p[10]))))
+        if p[29] == 4:  # the tables: written whole (no padding steps, lut_conv_applies), read by this row
+            writes.append(("c", 30, None))
         return reads, writes
     if op == OP_SUBSAMPLE:
         return [("f", 1)], [("f", 7, None if p[8] == p[4] else False)]

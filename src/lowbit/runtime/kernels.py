@@ -62,7 +62,8 @@ quantization, bit-plane packing, im2col), ``kernels_popcount.py`` (bit-serial GE
 cols layouts), ``kernels_select.py`` (float activations), ``kernels_int8.py`` (VNNI),
 ``kernels_pool.py`` (max pooling on codes, global average pooling); ``kernels_gemv.py``
 (few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
-``kernels_gemm.py`` (table-lookup GEMM), ``kernels_amx.py`` (many-row Linear layers on AMX
+``kernels_gemm.py`` (table-lookup GEMM), ``kernels_lut_conv.py`` (its tiles as convolutions on
+binary / ternary weights), ``kernels_amx.py`` (many-row Linear layers on AMX
 tiles), ``kernels_codes.py`` (signed activation codes) and ``kernels_lanes.py`` (one-channel
 convolutions with output pixels in the lanes) are imported from their own files;
 ``executor.py`` runs a whole packed conv net as one numba call. Tunables (``PARALLEL_MIN_WORK``,

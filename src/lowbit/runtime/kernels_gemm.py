@@ -326,12 +326,15 @@ def table_row(c: int):
 
 
 def lut_tile(R: int, OB: int):
-    """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc, sums)``: the int32 sums ``D``
-    of R rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
+    """An intrinsic ``tile(tab, trow, koff, nseg, npairs, wq, wbase, wstride, acc, sums)``: the int32
+    sums ``D`` of R rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major).
 
-    ``tab`` int8 tables (1-d), ``trow`` int64 (R,) element offset of each row's table; ``wq`` uint8
-    packed weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``; ``npairs`` step
-    pairs (8 groups each) of the reduction.
+    ``tab`` int8 tables (1-d), ``trow`` int64 (R,) element offset of each row's table; the reduction
+    is ``nseg`` segments of ``npairs`` step pairs (8 groups each), segment ``s`` of row ``r`` at
+    ``tab[trow[r] + koff[s]:]`` (a GEMM: one segment at offset 0; a convolution: one per kernel tap,
+    each reading the tables of another input pixel, :mod:`kernels_lut_conv`); ``wq`` uint8 packed
+    weights (1-d), block ``b`` of the tile starting at ``wbase + b*wstride``, its step pairs in
+    segment order.
 
     ``sums`` (1 or 2): lookups added as bytes (``vpaddb``) before one ``vpdpbusd`` widens them, 2 where
     two table entries still fit int8 (:func:`lut_sums`): the two steps of a pair, so that the widening
@@ -339,16 +342,18 @@ def lut_tile(R: int, OB: int):
     over two pairs, were no faster in a one-off probe: each lookup still costs one add."""
 
     @intrinsic
-    def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc, sums):
-        sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc, sums)
+    def tile(typingctx, tab, trow, koff, nseg, npairs, wq, wbase, wstride, acc, sums):
+        sig = types.void(tab, trow, koff, nseg, npairs, wq, wbase, wstride, acc, sums)
 
         def codegen(context, builder, signature, args):
             a = Args(context, builder, signature, args)
             tp = a.ptr(0, _I8)
             rp = a.ptr(1, _I64)
-            wp = a.ptr(3, _I8, args[4])
+            kp = a.ptr(2, _I64)
+            npairs = args[4]
+            wp = a.ptr(5, _I8, args[6])
             bases = offset_pointers(builder, tp, rp, R)
-            wbases = strided(builder, wp, None, args[5], OB)
+            wbases = strided(builder, wp, None, args[7], OB)
             zero = ir.Constant(_V16I32, [0] * 16)
             ones = ir.Constant(_V64I8, [1] * 64)
             lo4 = ir.Constant(_V64I8, [15] * 64)
@@ -356,35 +361,42 @@ def lut_tile(R: int, OB: int):
             slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(R * OB)]
 
-            def loop(S: int) -> None:
-                with cgutils.for_range(builder, args[2]) as pairs:  # npairs
-                    p = pairs.index
-                    idx = []
+            def pair(S: int, q, toff) -> None:
+                """Step pair ``q`` of the weights against the tables at ``trow[r] + toff``."""
+                idx = []
+                for b in range(OB):
+                    v = load_as(builder, wbases[b], _V64I8, builder.mul(q, i64(64)))
+                    lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
+                    idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
+                for r in range(R):
+                    tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
+                            for h in range(2)]
                     for b in range(OB):
-                        v = load_as(builder, wbases[b], _V64I8, builder.mul(p, i64(64)))
-                        lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
-                        idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
-                    toff = builder.mul(p, i64(128))
-                    for r in range(R):
-                        tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(64 * h)))
-                                for h in range(2)]
-                        for b in range(OB):
-                            part = None
-                            for h in range(2):
-                                look = _vpermb(builder, tabs[h], idx[b][h])
-                                part = look if part is None else builder.add(part, look)
-                                if S == 1 or h == 1:
-                                    acc = accs[r * OB + b]
-                                    builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
-                                    part = None
+                        part = None
+                        for h in range(2):
+                            look = _vpermb(builder, tabs[h], idx[b][h])
+                            part = look if part is None else builder.add(part, look)
+                            if S == 1 or h == 1:
+                                acc = accs[r * OB + b]
+                                builder.store(_vpdpbusd(builder, builder.load(acc), ones, part), acc)
+                                part = None
 
-            is2 = builder.icmp_signed("==", args[7], ir.Constant(args[7].type, 2))
+            def loop(S: int) -> None:
+                with cgutils.for_range(builder, args[3]) as segs:  # nseg
+                    s = segs.index
+                    soff = builder.load(builder.gep(kp, [s]))
+                    q0 = builder.mul(s, npairs)
+                    with cgutils.for_range(builder, npairs) as pairs:
+                        p = pairs.index
+                        pair(S, builder.add(q0, p), builder.add(soff, builder.mul(p, i64(128))))
+
+            is2 = builder.icmp_signed("==", args[9], ir.Constant(args[9].type, 2))
             with builder.if_else(is2) as (two, one):
                 with two:
                     loop(2)
                 with one:
                     loop(1)
-            ap = a.ptr(6, _I32)
+            ap = a.ptr(8, _I32)
             for k in range(R * OB):
                 store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
             return context.get_dummy_value()
@@ -394,6 +406,7 @@ def lut_tile(R: int, OB: int):
     return tile
 
 
+_ONE_SEGMENT = np.zeros(1, np.int64)  # a GEMM's reduction: one segment at offset 0
 _TILES = tuple(lut_tile(LUT_R, ob) for ob in range(1, LUT_OB + 1)) if HAS_LUT else ()
 _table_row4 = table_row(4) if HAS_LUT else None
 _table_row2 = table_row(2) if HAS_LUT else None
@@ -447,13 +460,13 @@ def _lut_avx_range(tab, wq, O, s0, s1, relu, out, by_rows, sums, lo, hi):
                 for r in range(LUT_R):
                     trow[r] = (m0 + min(r, nv - 1)) * ldt
                 if ob == 4:
-                    _tile4(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                    _tile4(tflat, trow, _ONE_SEGMENT, 1, npairs, wflat, wbase, wstride, acc, sums)
                 elif ob == 3:
-                    _tile3(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                    _tile3(tflat, trow, _ONE_SEGMENT, 1, npairs, wflat, wbase, wstride, acc, sums)
                 elif ob == 2:
-                    _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                    _tile2(tflat, trow, _ONE_SEGMENT, 1, npairs, wflat, wbase, wstride, acc, sums)
                 else:
-                    _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc, sums)
+                    _tile1(tflat, trow, _ONE_SEGMENT, 1, npairs, wflat, wbase, wstride, acc, sums)
                 _epilogue(acc, LUT_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
 
 

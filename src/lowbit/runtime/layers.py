@@ -51,6 +51,7 @@ from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
 from . import kernels_int8 as KI
+from . import kernels_lut_conv as KL
 from . import kernels_tq1 as KT
 from ._amx import amx_enabled
 
@@ -305,6 +306,39 @@ def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | No
                       KG.lut_sums(lv, cb, ka))
 
 
+@dataclass
+class LutConvWeights:
+    """Weights for the table-lookup convolution (``kernels_lut_conv``): the taps' codes, 4 bits per
+    group of ``4 // cb`` weights, for tables of ``tpix`` bytes per input pixel."""
+
+    wq: np.ndarray  # (Op/16, KH*KW*Gc/8, 64) uint8
+    lv: np.ndarray  # (2**cb,) int64 integer levels
+    cb: int
+    sums: int
+    tpix: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.wq.nbytes)
+
+
+def lut_conv_weights(wp: WeightPlanes, kshape: tuple[int, int, int], ka: int) -> LutConvWeights | None:
+    """The table-lookup form of a convolution's weights for ``ka``-bit input codes, where
+    ``kernels_lut_conv.lut_conv_applies`` says it runs (binary weights on whole step pairs of
+    channels); else None. ``kshape`` = (KH, KW, C)."""
+    if not KL.HAS_LUT:
+        return None
+    folded = fold_integers(wp)
+    levels = None if folded is None else KG.lut_levels(folded[0])
+    KH, KW, C = kshape
+    if levels is None or not KL.lut_conv_applies(*levels, C, ka):
+        return None
+    lv, cb = levels
+    w_int = folded[0].reshape(-1, KH, KW, C)
+    return LutConvWeights(KL.lut_conv_weights(w_int, lv, cb), lv, cb, KG.lut_sums(lv, cb, ka),
+                          16 * KL.pixel_groups(C, cb))
+
+
 def gemv_weights(wp: WeightPlanes, q: np.ndarray | None = None, wide: bool = False) -> KV.GemvWeights | None:
     """The few-row form of the weights (``kernels_gemv``: the plane integers as 1/2/4-bit fields,
     with ``wide`` 5-8 bit codes as 8-bit fields; large ternary ones also at 1.6 bits for one row,
@@ -526,6 +560,7 @@ class _Plan:
     OW: int
     qoff: np.ndarray
     cgeo: np.ndarray | None = None
+    koff: np.ndarray | None = None  # the table-lookup kernel's tap offsets
 
 
 def as_nchw(out: np.ndarray) -> Tensor:
@@ -1064,8 +1099,12 @@ class PackedConv2d(_PackedBase):
         self.ma_code = 0
         if act.mode == 0 and act.ma != 0:
             raise NotPackableError("fused activation quantizer with a zero point")
+        self.lutc = None
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 and self.groups == 1:
-            self.i8 = int8_weights(wp, (*self.kernel_size, self.in_channels), self.dilation, split=True)
+            kshape = (*self.kernel_size, self.in_channels)
+            self.i8 = int8_weights(wp, kshape, self.dilation, split=True)
+            if self.i8 is not None and act.mode == 0:  # unsigned codes from 0: padding tables are 0
+                self.lutc = lut_conv_weights(wp, kshape, self.in_max_code().bit_length())
 
     def i8_abs_sums(self) -> np.ndarray:
         """(O,) float64 ``sum_r |w_int[o, r]|`` of the int8 weights (a bound on the integer sums)."""
@@ -1190,23 +1229,44 @@ class PackedConv2d(_PackedBase):
                 plan.cgeo = ct.geometry(OH, OW)
             codes_out = ct.alloc(N, OH, OW, O)
             sf = self.f32_coefficients(s0, s1) if out is None and resn is None else None
-            K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn, codes_out.buf,
-                        plan.cgeo, ct.hi, ct.mult, sf)
+            self._conv(xq, plan, s0, s1, self.relu, out, resn, codes_out.buf, plan.cgeo, ct.hi, ct.mult, sf)
         else:
             codes_out = None
-            K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, self.relu, out, resn)
+            self._conv(xq, plan, s0, s1, self.relu, out, resn)
         y = None if out is None else as_nchw(out)
         if codes_out is None:
             return y
         return codes_out if y is None else (y, codes_out)
 
+    def _conv(self, xq: np.ndarray, plan: _Plan, s0: np.ndarray, s1: np.ndarray, relu: bool,
+              out: np.ndarray | None, res: np.ndarray | None = None, codes: np.ndarray | None = None,
+              cgeo: np.ndarray | None = None, qhi: float = 0.0, qmult: float = 0.0,
+              sf: np.ndarray | None = None) -> None:
+        """The product and epilogue of ``kernels_int8.int8_conv`` on the padded code image ``xq``:
+        by table lookup where the layer has the weights for it (``lutc``), else on the int8 kernel.
+        The same outputs bit for bit (the same integer sums, the same epilogue)."""
+        lc = self.lutc
+        if lc is None:
+            i8 = self.i8
+            K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, relu, out, res, codes, cgeo, qhi,
+                        qmult, sf)
+            return
+        if plan.koff is None:
+            plan.koff = KL.lut_conv_offsets(*self.kernel_size, *self.dilation, int(plan.geo[1]), lc.tpix)
+        g = plan.geo
+        tab = KL.lut_conv_tables(xq, int(g[7] * g[0] * g[1]), self.in_channels, lc.lv, lc.cb)
+        KL.lut_conv(tab, plan.geo, lc.tpix, plan.koff, lc.wq, lc.sums, s0, s1, relu, out, res, codes, cgeo, qhi, qmult,
+                    sf)
+
+    def kernel_name(self) -> str:
+        return "lut" if self.lutc is not None else super().kernel_name()
+
     def _residual_fallback(self, xq, plan: _Plan, s0, s1, res, N):
         """A residual operand of another shape (broadcasting): add it in PyTorch."""
-        i8 = self.i8
         O = self.out_features
         OH, OW = plan.OH, plan.OW
         out = np.empty((N, OH, OW, O), np.float32)
-        K.int8_conv(xq, plan.geo, plan.qoff, i8.w, i8.passes, s0, s1, False, out)
+        self._conv(xq, plan, s0, s1, False, out)
         y = as_nchw(out) + res
         if self.relu:
             y = torch.relu(y)
