@@ -63,7 +63,6 @@ from . import kernels_threads as _threads
 from ._amx import amx_release
 from ._jit import EPI_CODES, EPI_FLOAT, EPI_RELU, EPI_RESIDUAL, element_ptr, kernel
 from .kernels_amx import aligned_u8
-from .kernels_lut_conv import LUT_CONV_SCRATCH, _lut_conv_range, _tables_range, lut_conv_offsets
 from .kernels_int8 import (
     AMX_SCRATCH,
     INT8_ROWS_SCRATCH,
@@ -80,6 +79,7 @@ from .kernels_int8 import (
     pack_int8_weights,
 )
 from .kernels_lanes import _lanes_conv_range, host_has_lanes, lanes_applies, pack_lanes_weights
+from .kernels_lut_conv import LUT_CONV_SCRATCH, _lut_conv_range, _tables_range, lut_conv_offsets
 from .kernels_pool import _code_maxpool_range, _global_avgpool_range
 from .layers import CodeMaxPool2d, GlobalAvgPool2d, PackedConv2d, PackedLinear, fold_integers, plane_integers
 

@@ -30,12 +30,18 @@ the ternary ceiling near 1.15x the int8 kernel's rate and the binary one near 2.
 tables (16 bytes per group and pixel, one pass over the image, ``kernels_gemm.table_row``).
 
 Rows: an R-row tile takes R consecutive output pixels of one output row (``LUT_CONV_R``); its
-int32 sums go through the int8 epilogue (``_jit.amx_epilogue``).
-Where it pays (``benchmarks/results/epyc_zen4/probe_lut_conv.md``, ResNet-20 shapes, one thread):
-binary weights on 32 or 64 channels ran 1.15-1.71x the int8 kernel's speed at batch 8, tables
-included; binary on 16 channels (half of each step pair is padding) and ternary weights were
-slower or about even (0.59-1.11x). The layers use it for binary weights whose channels fill whole
-step pairs (:func:`lut_conv_applies`).
+int32 sums go through the int8 epilogue (``_jit.amx_epilogue``). Threads: output rows.
+
+Where the layers use it (:func:`lut_conv_applies`), from measurements on an AMD EPYC (Zen 4), one
+thread: ResNet-20 with binary weights and 4-bit activations in the flat executor ran 1.27-1.28x
+as fast with its 32- and 64-channel layers by lookup as on the int8 kernel alone, with ternary
+weights on its 64-channel layers 1.03-1.05x (``benchmarks/results/epyc_zen4/ab_lut_conv.md``).
+Per layer, tables included (``probe_lut_conv.md``, batch 8): binary on 32 / 64 channels
+1.12-1.68x the int8 kernel, ternary on 64 1.08x, both slower on 16 channels (0.62-0.66x: the
+tables of one 16-channel binary pixel half fill a step pair, and the epilogue's share per pixel is
+larger), ternary on 32 about even. A second form with one table offset per step (no padding for
+16 binary channels, an odd last step alone) measured no faster on 16 channels in the flat
+executor (1.00x) and was not kept.
 """
 
 from __future__ import annotations
@@ -206,13 +212,14 @@ _NO_SCRATCH = np.zeros(0, np.int64)  # each thread of a parallel call allocates 
 
 
 def lut_conv(tab: np.ndarray, geo: np.ndarray, tpix: int, koff: np.ndarray, wq: np.ndarray, sums: int,
-             s0: np.ndarray, s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None, res: np.ndarray | None = None,
-             codes: np.ndarray | None = None, cgeo: np.ndarray | None = None, qhi: float = 0.0,
-             qmult: float = 0.0, sf: np.ndarray | None = None) -> None:
+             s0: np.ndarray, s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None,
+             res: np.ndarray | None = None, codes: np.ndarray | None = None, cgeo: np.ndarray | None = None,
+             qhi: float = 0.0, qmult: float = 0.0, sf: np.ndarray | None = None) -> None:
     """The convolution of the tables ``tab`` (:func:`lut_conv_tables` of the padded code image) with
     the weights of :func:`lut_conv_weights`, taps ``koff`` (:func:`lut_conv_offsets`), ``geo`` =
-    (Hp, Wp, C, OH, OW, sh, sw, N, O) int64 (``int8_conv``'s), ``tpix`` table bytes per pixel, ``sums`` = ``kernels_gemm.lut_sums``. Epilogue,
-    outputs and coefficients as ``kernels_int8.int8_conv``."""
+    (Hp, Wp, C, OH, OW, sh, sw, N, O) int64 (``int8_conv``'s), ``tpix`` table bytes per pixel,
+    ``sums`` = ``kernels_gemm.lut_sums``. Epilogue, outputs and coefficients as
+    ``kernels_int8.int8_conv``."""
     if sums not in (1, 2):
         raise ValueError(f"sums={sums!r}: the tiles add 1 or 2 lookups before widening (lut_sums)")
     if not HAS_LUT:

@@ -1255,8 +1255,8 @@ class PackedConv2d(_PackedBase):
             plan.koff = KL.lut_conv_offsets(*self.kernel_size, *self.dilation, int(plan.geo[1]), lc.tpix)
         g = plan.geo
         tab = KL.lut_conv_tables(xq, int(g[7] * g[0] * g[1]), self.in_channels, lc.lv, lc.cb)
-        KL.lut_conv(tab, plan.geo, lc.tpix, plan.koff, lc.wq, lc.sums, s0, s1, relu, out, res, codes, cgeo, qhi, qmult,
-                    sf)
+        KL.lut_conv(tab, plan.geo, lc.tpix, plan.koff, lc.wq, lc.sums, s0, s1, relu, out, res, codes, cgeo,
+                    qhi, qmult, sf)
 
     def kernel_name(self) -> str:
         return "lut" if self.lutc is not None else super().kernel_name()
