@@ -37,11 +37,11 @@ thread: ResNet-20 with binary weights and 4-bit activations in the flat executor
 as fast with its 32- and 64-channel layers by lookup as on the int8 kernel alone, with ternary
 weights on its 64-channel layers 1.03-1.05x (``benchmarks/results/epyc_zen4/ab_lut_conv.md``).
 Per layer, tables included (``probe_lut_conv.md``, batch 8): binary on 32 / 64 channels
-1.12-1.68x the int8 kernel, ternary on 64 1.08x, both slower on 16 channels (0.62-0.66x: the
-tables of one 16-channel binary pixel half fill a step pair, and the epilogue's share per pixel is
-larger), ternary on 32 about even. A second form with one table offset per step (no padding for
-16 binary channels, an odd last step alone) measured no faster on 16 channels in the flat
-executor (1.00x) and was not kept.
+1.12-1.66x the int8 kernel, ternary on 64 1.08x, on 32 0.81-0.94x, both on 16 channels 0.60-0.71x
+(binary: half of each step pair is padding there, and its tables cost as much per pixel as on 32
+channels). A second form with one table offset per step (no padding for 16 binary channels, an
+odd last step alone) measured no faster on 16 channels in the flat executor (1.00x) and was not
+kept.
 """
 
 from __future__ import annotations
