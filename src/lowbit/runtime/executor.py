@@ -712,6 +712,7 @@ def _conv(b: _Builder, pm, x: _Val, res: _Val | None, linear: bool) -> _Val:
         amx = [1, cfo, kc, nbt]
     elif not linear and pm.lutc is not None:
         lc = pm.lutc
+        assert lc.tpix == 64 * -(-x.C * lc.cb // 16), "padding steps: the tables' region is not written whole"
         wo, wl, lvo = _lut_weights(b, pm)
         po = pn = 0
         qoff = lut_conv_offsets(*pm.kernel_size, *pm.dilation, Wp, lc.tpix)

@@ -322,10 +322,10 @@ class LutConvWeights:
         return int(self.wq.nbytes)
 
 
-def lut_conv_weights(wp: WeightPlanes, kshape: tuple[int, int, int], ka: int) -> LutConvWeights | None:
+def conv_lut_weights(wp: WeightPlanes, kshape: tuple[int, int, int], ka: int) -> LutConvWeights | None:
     """The table-lookup form of a convolution's weights for ``ka``-bit input codes, where
-    ``kernels_lut_conv.lut_conv_applies`` says it runs (binary weights on whole step pairs of
-    channels); else None. ``kshape`` = (KH, KW, C)."""
+    ``kernels_lut_conv.lut_conv_applies`` says it runs (binary weights on multiples of 32 channels,
+    ternary on 64 or more); else None. ``kshape`` = (KH, KW, C)."""
     if not KL.HAS_LUT:
         return None
     folded = fold_integers(wp)
@@ -1103,8 +1103,10 @@ class PackedConv2d(_PackedBase):
         if K.HAS_VNNI and act.mode != -1 and act.bits <= 8 and self.groups == 1:
             kshape = (*self.kernel_size, self.in_channels)
             self.i8 = int8_weights(wp, kshape, self.dilation, split=True)
-            if self.i8 is not None and act.mode == 0:  # unsigned codes from 0: padding tables are 0
-                self.lutc = lut_conv_weights(wp, kshape, self.in_max_code().bit_length())
+            # unsigned codes from 0 (padding tables are 0); not where the flat executor has AMX tiles
+            # for the layer instead (the lookup kernel was measured on a CPU without them)
+            if self.i8 is not None and act.mode == 0 and not amx_enabled():
+                self.lutc = conv_lut_weights(wp, kshape, self.in_max_code().bit_length())
 
     def i8_abs_sums(self) -> np.ndarray:
         """(O,) float64 ``sum_r |w_int[o, r]|`` of the int8 weights (a bound on the integer sums)."""
