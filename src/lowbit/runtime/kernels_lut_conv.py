@@ -149,19 +149,10 @@ def _lut_conv_range(tab, geo, tpix, koff, wq, sums, s0, s1, sf, flags, out, res,
                     scratch, u_lo, u_hi):
     """Output rows u_lo..u_hi (u = (n, oh)) of the convolution: ``geo`` = (Hp, Wp, C, OH, OW, sh, sw,
     N, O) as ``kernels_int8.int8_conv``'s, ``tpix`` table bytes per pixel, epilogue arguments as
-    ``int8_conv``'s. ``scratch``: int64, :data:`LUT_CONV_SCRATCH` entries
-    for the sums and row offsets (the flat executor's), or shorter: then allocated here."""
-    Hp = geo[0]
-    Wp = geo[1]
-    OH = geo[3]
-    OW = geo[4]
-    sh = geo[5]
-    sw = geo[6]
-    O = geo[8]
-    Hc = cgeo[0]
-    Wc = cgeo[1]
-    phc = cgeo[2]
-    pwc = cgeo[3]
+    ``int8_conv``'s. ``scratch``: int64, :data:`LUT_CONV_SCRATCH` entries for the sums and row
+    offsets (the flat executor's), or shorter: then allocated here."""
+    Hp, Wp, OH, OW, sh, sw, O = geo[0], geo[1], geo[3], geo[4], geo[5], geo[6], geo[8]
+    Hc, Wc, phc, pwc = cgeo[0], cgeo[1], cgeo[2], cgeo[3]
     nseg = koff.shape[0]
     nblk = wq.shape[0]
     npairs = wq.shape[1] // nseg
