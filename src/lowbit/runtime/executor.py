@@ -32,11 +32,13 @@ alone. The environment variable ``LOWBIT_FLAT_MIN_THREAD_US`` sets the minimum s
 microseconds; ``0`` splits every batch of ``MIN_SPLIT`` images per thread, as before the rule.
 
 Operations (``prog[i, 0]``): quantize a float tensor into a padded code image (the model input
-or an intermediate), int8 convolution (Linear layers as 1x1 convolutions over rows) with its
-epilogue, strided subsampling and channel zero-padding of float tensors (the option-A shortcut
-of CIFAR ResNets), max pooling on codes, global average pooling. A graph with anything else
-(a layer left in PyTorch, a bit-serial layer, a quantizer without a fused formula) is not
-flattened and runs module by module (:func:`plan` raises :class:`UnsupportedGraphError`).
+or an intermediate), convolution (Linear layers as 1x1 convolutions over rows; field 29 picks the
+kernel: 0 int8 VNNI tiles, 1 AMX tiles, 2-3 output pixels in the lanes, 4 table lookup with its
+tables in a region of the code arena) with its int8 epilogue, strided subsampling and channel
+zero-padding of float tensors (the option-A shortcut of CIFAR ResNets), max pooling on codes,
+global average pooling. A graph with anything else (a layer left in PyTorch, a bit-serial layer,
+a quantizer without a fused formula) is not flattened and runs module by module (:func:`plan`
+raises :class:`UnsupportedGraphError`).
 """
 
 from __future__ import annotations
