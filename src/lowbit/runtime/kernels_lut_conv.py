@@ -60,11 +60,11 @@ LUT_CONV_R = (0, 8, 8, 6, 4)
 USE = True
 #: from this many multiply-adds a convolution is split over threads (as the int8 kernel's)
 LUT_CONV_MIN_PARALLEL_MACS = 1 << 24
+#: and its tables from this many table bytes
+LUT_CONV_TABLES_MIN_PARALLEL = 1 << 20
 #: int64 entries of ``_lut_conv_range``'s scratch: a tile's int32 sums (R*OB*16 <= 288, LUT_CONV_R)
 #: and its 8 row offsets
 LUT_CONV_SCRATCH = 152
-#: and its tables from this many table bytes
-LUT_CONV_TABLES_MIN_PARALLEL = 1 << 20
 
 if HAS_LUT:
     _ctile1, _ctile2, _ctile3, _ctile4 = (lut_tile(LUT_CONV_R[ob], ob) for ob in range(1, 5))
@@ -115,8 +115,8 @@ def _tables_range(xq, C, lv, c, tpix, T, p_lo, p_hi):
     lv8 = np.empty(4, np.int8)
     for k in range(lv.shape[0]):
         lv8[k] = np.int8(lv[k])
-    # whole steps: read the codes in place (the image has slack bytes after it); a copy into a
-    # scratch row, stored byte by byte and loaded as a vector, stalled on store forwarding (3x slower)
+    # whole steps: read the codes in place (the image has slack bytes after it); copying each pixel
+    # into a scratch row first (a slice copy) made the pass 3.4x slower on 16 ternary channels
     direct = nsteps * 4 * c == C
     for p in range(p_lo, p_hi):
         if direct:
