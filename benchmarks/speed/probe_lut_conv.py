@@ -1,6 +1,6 @@
 """Probe: ResNet-20's 3x3 convolutions by table lookup (LUT) against the runtime's int8 kernel.
 
-    python benchmarks/speed/probe_lut_conv.py --out benchmarks/results/epyc_zen4   # ~1 min, 1 thread
+    python benchmarks/speed/probe_lut_conv.py --out benchmarks/results/epyc_zen4   # ~3 min, 1 thread
 
 The runtime runs binary, ternary and 4-bit convolutions on one int8 kernel (``kernels_int8``,
 ``vpdpbusd``), which on the AMD EPYC (Zen 4) this was written on reaches about 170 G multiply-adds/s
