@@ -409,7 +409,8 @@ def test_report_only_rebuilds_the_same_table(tmp_path):
     assert rows[("dcq", "DoReFa W2: with minus without DCQ")]["verdict"] == "not run"
     dcq = rows[("dcq", "DoReFa W2: with minus without DCQ")]
     assert "not run (cpu budget: not finished yet" in dcq["why"]
-    assert "GPU budget only" in rows[("sinreq", "DoReFa W3: with minus without SinReQ")]["why"]
+    assert "GPU budget only" in rows[("sinreq", "WRPN W3 (2x wide): with minus without SinReQ")]["why"]
+    assert "not finished yet" in rows[("sinreq", "DoReFa W3: with minus without SinReQ")]["why"]
     assert "not finished yet" in rows[("releq", "average weight bits of the assignment")]["why"]
     assert "JPEG copy" in md and md.count("not run (cpu budget") >= 10
     assert (tmp_path / "o" / "cifar10_claims.png").stat().st_size > 0

@@ -18,7 +18,7 @@ compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds
   recipe's optimizer) under bf16 autocast (faster per epoch on CPUs with AMX or AVX-512 BF16;
   quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
   for every row. The paired claims run first, claim by claim (BCGD with first/last float and with
-  every layer binary, DCQ at W2 and W1, SinReQ at W4 with lambda 100, WPC, multipoint PTQ, WaveQ:
+  every layer binary, DCQ at W2 and W1, SinReQ at W3 / W4 / W5 with lambda 100, WPC, multipoint PTQ, WaveQ:
   one fine-tune that learns per-layer bits, then two, at the learned bits and at their weighted
   mean for every layer); the other rows run seed 0 before seeds 1 and 2. The ReLeQ search runs on
   seed 0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on
@@ -321,7 +321,8 @@ PRIORITY = ("float", "multipoint", "bcgd", "dcq", "sinreq", "wpc", "waveq")
 CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0", "bcgd-all", "bcgd-all-rho0"),
     "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
-    "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100"),
+    "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100", "dorefa-w3", "dorefa-w3-sinreq-l100", "dorefa-w5",
+               "dorefa-w5-sinreq-l100"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
