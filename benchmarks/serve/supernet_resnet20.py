@@ -18,6 +18,15 @@ bit-width supernet {2, 4, 8} (W/A), the campaign's validation split, the whole t
         --setup cifar --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar --subset 30000
 
+``--seed N`` trains the same runs from the campaign's seed-N float model, with seed N's data order
+and sandwich draws (the training images stay the same), in ``<work>-seedN`` (seed 0: ``<work>``);
+``seeds`` gathers them into ``<stem>_seeds.{json,md,png}`` (mean +- std over seeds, differences taken
+seed by seed)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/serve/supernet_resnet20.py train sandwich des alone \\
+        --setup cifar --epochs 3 --subset 30000 --seed N        # N = 0, 1, 2
+    python benchmarks/serve/supernet_resnet20.py seeds --setup cifar --epochs 3 --subset 30000 --seeds 0 1 2
+
 ``--setup cifar-wb`` (results ``supernet_resnet20_cifar_wb``) is the same with widths: every stage at
 0.5 or 1.0 x 2/4/8 bits (six sub-nets, the half-width ones sliced from the float model's first
 channels), the half-width configurations trained alone::
@@ -240,12 +249,12 @@ def train_one(setup: Setup, name: str, a: argparse.Namespace, data: tuple[Any, A
     alone = name.startswith("alone-")
     subs = [next(s for s in setup.subnets if s["name"] == name[len("alone-"):])] if alone else setup.subnets
     sn = build(setup, subs, a.init)
-    cfg = TrainConfig(epochs=a.epochs, schedule="cosine", seed=0, tensorboard=False,
+    cfg = TrainConfig(epochs=a.epochs, schedule="cosine", seed=a.seed, tensorboard=False,
                       batch_size=setup.batch_size, **setup.train)
     loss, callbacks = None, []
     if not alone:
         sched = DelayedShrinking(a.epochs * len(train), warmup=0.25) if name == "des" else None
-        loss = SandwichLoss(n_random=1, seed=0, schedule=sched)
+        loss = SandwichLoss(n_random=1, seed=a.seed, schedule=sched)
         callbacks = [loss]
     if setup.select_on_val:
         callbacks.append(SubnetVal(val))
@@ -257,7 +266,8 @@ def train_one(setup: Setup, name: str, a: argparse.Namespace, data: tuple[Any, A
     if setup.select_on_val:  # the epoch with the best mean validation accuracy, then the test set once
         load_checkpoint(run / "best.safetensors", sn)
     sn.eval()
-    res = {"name": name, "epochs": a.epochs, "train_s_last_session": round(train_s, 1),
+    res = {"name": name, "seed": a.seed, "init": a.init, "epochs": a.epochs,
+           "train_s_last_session": round(train_s, 1),
            "best_epoch": tr.best_epoch if setup.select_on_val else a.epochs,
            "epoch_s": [round(h["epoch_time_s"], 1) for h in tr.history],
            "val": accuracies(sn, val), "test": accuracies(sn, test)}
@@ -442,7 +452,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
     runs = {v: {k: r[k] for k in ("best_epoch", "epoch_s") if k in r}
             for v, r in {**res, **{f"alone-{n}": x for n, x in alone.items()}}.items()}
     fl = float_init(a.init)
-    payload = {**run_meta(__file__, argv, t0, seeds=[0], epochs=a.epochs, subset=a.subset, val=a.val,
+    payload = {**run_meta(__file__, argv, t0, seeds=[a.seed], epochs=a.epochs, subset=a.subset, val=a.val,
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
                           setup=a.setup, init=a.init, float_init=fl, **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
@@ -722,9 +732,191 @@ def plot(p: dict[str, Any], variants: list[str], path: Path) -> None:
         plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ seeds
+def seed_paths(work: str, init: str | None, seed: int) -> tuple[str, str | None]:
+    """(work directory, float checkpoint) of ``seed``: seed 0 keeps ``work``, seed N works in
+    ``<work>-seedN``; the default float model becomes the campaign's seed-N one (an explicit
+    ``--init`` stays what it is); ``"none"``: random weights."""
+    if init == "none":
+        init = None
+    if seed and init == FLOAT_INIT:
+        init = FLOAT_INIT.replace("/seed0/", f"/seed{seed}/")
+    return (f"{work}-seed{seed}" if seed else work), init
+
+
+def _mean_std(xs: list[float]) -> dict[str, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
+def _ms(d: dict[str, float] | None, scale: float = 100.0, signed: bool = False) -> str:
+    if not d:
+        return "-"
+    sign = "+" if signed else ""
+    if d["n"] < 2:
+        return f"{scale * d['mean']:{sign}.2f} (n=1)"
+    return f"{scale * d['mean']:{sign}.2f} ± {scale * d['std']:.2f} (n={d['n']})"
+
+
+def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: float) -> None:
+    """The setup's runs over ``--seeds`` (each trained with ``train ... --seed N``): per sub-net the test
+    accuracy in each supernet variant and alone, mean +- std over seeds, and the seed-by-seed
+    differences (variant minus alone, ``des`` minus ``sandwich``). Writes ``<stem>_seeds.{json,md,png}``."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in a.seeds:
+        work, init = seed_paths(a.work, a.init, seed)
+        got = {}
+        for run in ("sandwich", "des", *(f"alone-{n}" for n in setup.alone)):
+            f = Path(work) / run / "result.json"
+            if f.exists():
+                got[run] = json.loads(f.read_text())
+        if got:
+            per_seed[seed] = {"work": work, "init": init, "float_init": float_init(init), "runs": got}
+    if not per_seed:
+        raise SystemExit(f"no finished runs of --setup {a.setup} for seeds {a.seeds} under {a.work}[-seedN]; "
+                         "train them first (see the docstring)")
+    names = [s["name"] for s in setup.subnets]
+    variants = [v for v in ("sandwich", "des") if any(v in x["runs"] for x in per_seed.values())]
+
+    def test(x: dict[str, Any], run: str, n: str) -> float | None:
+        r = x["runs"].get(run)
+        return None if r is None or n not in r["test"] else r["test"][n]
+
+    rows = []
+    for n in names:
+        row: dict[str, Any] = {"name": n}
+        for v in [*variants, "alone"]:
+            run = f"alone-{n}" if v == "alone" else v
+            xs = [t for x in per_seed.values() if (t := test(x, run, n)) is not None]
+            row[f"{v}_test"] = _mean_std(xs) if xs else None
+        for v in variants:
+            d = [tv - ta for x in per_seed.values()
+                 if (tv := test(x, v, n)) is not None and (ta := test(x, f"alone-{n}", n)) is not None]
+            row[f"{v}_minus_alone"] = _mean_std(d) if d else None
+        if set(variants) == {"sandwich", "des"}:
+            d = [td - ts for x in per_seed.values()
+                 if (td := test(x, "des", n)) is not None and (ts := test(x, "sandwich", n)) is not None]
+            row["des_minus_sandwich"] = _mean_std(d) if d else None
+        rows.append(row)
+    summary = {}  # per seed, the mean over sub-nets, then mean +- std over seeds
+    for v in variants:
+        per = []
+        for x in per_seed.values():
+            d = [tv - ta for n in setup.alone
+                 if (tv := test(x, v, n)) is not None and (ta := test(x, f"alone-{n}", n)) is not None]
+            if len(d) == len(setup.alone):
+                per.append(sum(d) / len(d))
+        summary[f"{v}_minus_alone"] = _mean_std(per) if per else None
+    if set(variants) == {"sandwich", "des"}:
+        per = []
+        for x in per_seed.values():
+            d = [td - ts for n in names
+                 if (td := test(x, "des", n)) is not None and (ts := test(x, "sandwich", n)) is not None]
+            if len(d) == len(names):
+                per.append(sum(d) / len(d))
+        summary["des_minus_sandwich"] = _mean_std(per) if per else None
+    fl = [x["float_init"]["test_acc"] for x in per_seed.values()
+          if x["float_init"].get("test_acc") is not None]
+    keep = ("val", "test", "best_epoch", "epoch_s")
+    payload = {**run_meta(__file__, argv, t0, seeds=sorted(per_seed), setup=a.setup, epochs=a.epochs,
+                          **data_sizes(a), subnets=setup.subnets, alone=setup.alone, variants=variants,
+                          train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
+                          order=setup.order, float_test=_mean_std(fl) if fl else None,
+                          per_seed={s: {k: x[k] for k in ("work", "init", "float_init")} | {
+                              "runs": {r: {k: v[k] for k in keep if k in v} for r, v in x["runs"].items()}}
+                              for s, x in per_seed.items()}),
+               "rows": rows, "summary": summary}
+    stem = f"{setup.stem}_seeds"
+    write_results(a.out, stem, payload, markdown_seeds(payload))
+    plot_seeds(payload, Path(a.out) / f"{stem}.png")
+
+
+def markdown_seeds(p: dict[str, Any]) -> str:
+    variants, rows = p["variants"], p["rows"]
+    seeds = p["seeds"]
+    head = ["sub-net", *(f"{v} test (%)" for v in variants), "alone test (%)",
+            *(f"{v} - alone (pp)" for v in variants)]
+    if "des_minus_sandwich" in p["summary"]:
+        head.append("des - sandwich (pp)")
+    inits = "; ".join(f"seed {s}: `{x['init']}` ({_pct(x['float_init'].get('test_acc'))} test)"
+                      for s, x in p["per_seed"].items())
+    lines = [
+        f"# ResNet-20 CIFAR-10 supernet ({p['setup']}) over seeds {', '.join(map(str, seeds))}", "",
+        f"`{p['command']}`, gathering the runs of `python benchmarks/serve/supernet_resnet20.py train "
+        f"sandwich des alone --setup {p['setup']} --epochs {p['epochs']} --subset {p['train_images']} "
+        "--seed N` "
+        f"(without `des` where the setup has none). {p['epochs']} epoch(s) for every model, "
+        f"{p['train_images']:,} training images (the same for every seed), the campaign's validation split "
+        f"({p['val_images']:,} images) selecting each run's epoch, the whole test set "
+        f"({p['test_images']:,} images) read once per model; the CIFAR-10 JPEG copy. A seed fixes the float "
+        "model the runs start from (the campaign's float ResNet-20 of that seed), the data order and the "
+        f"sandwich rule's draws. Float models: {inits}.", "",
+        "Cells: mean ± std over seeds (n); differences are taken seed by seed, then averaged. Sizes, BOPs "
+        "and packed-runtime latency of the sub-nets: the seed-0 report "
+        f"([`{p['setup'].replace('-', '_')}`'s results file]({SETUPS[p['setup']].stem}.md)).", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], *(_ms(r[f"{v}_test"]) for v in variants), _ms(r["alone_test"]),
+                 *(_ms(r[f"{v}_minus_alone"], signed=True) for v in variants)]
+        if "des_minus_sandwich" in p["summary"]:
+            cells.append(_ms(r.get("des_minus_sandwich"), signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for k, v in p["summary"].items():
+        what = {"sandwich_minus_alone": "`sandwich` minus alone", "des_minus_alone": "`des` minus alone",
+                "des_minus_sandwich": "`des` minus `sandwich` at equal epochs"}[k]
+        over = "the sub-nets trained alone" if k.endswith("alone") else "every sub-net"
+        lines.append(f"- {what}, test accuracy, each seed's mean over {over}: {_ms(v, signed=True)} pp.")
+    if p.get("float_test"):
+        lines.append(f"- The float models: {_ms(p['float_test'])}% test.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_seeds(p: dict[str, Any], path: Path) -> None:
+    """Test accuracy per sub-net: each variant's mean with its std as an error bar, every seed a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from lowbit._io import atomic_path
+
+    rows, cols = p["rows"], [*p["variants"], "alone"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    try:
+        w = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))]
+            ms = [100 * r[f"{c}_test"]["mean"] if r[f"{c}_test"] else math.nan for r in rows]
+            sd = [100 * r[f"{c}_test"]["std"] if r[f"{c}_test"] and r[f"{c}_test"]["n"] > 1 else 0.0
+                  for r in rows]
+            ax.bar(xs, ms, w, yerr=sd, capsize=3, label=c, alpha=0.8)
+            for i, r in enumerate(rows):
+                run = f"alone-{r['name']}" if c == "alone" else c
+                ys = [100 * x["runs"][run]["test"][r["name"]] for x in p["per_seed"].values()
+                      if run in x["runs"] and r["name"] in x["runs"][run]["test"]]
+                ax.plot([xs[i]] * len(ys), ys, "k.", ms=4)
+        seen = [100 * r[f"{c}_test"]["mean"] for r in rows for c in cols if r[f"{c}_test"]]
+        if seen:
+            ax.set_ylim(max(0.0, min(seen) - 8), min(100.0, max(seen) + 3))
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"CIFAR-10 supernet ({p['setup']}), {p['epochs']} epochs from float, "
+                     f"seeds {', '.join(map(str, p['seeds']))}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "report"])
+    p.add_argument("phase", choices=["train", "report", "seeds"],
+                   help="seeds: the table over --seeds' runs (mean +- std), after train and report per seed")
     p.add_argument("which", nargs="*", default=[], help="train: sandwich, des, alone")
     p.add_argument("--setup", choices=sorted(SETUPS), default="tiny",
                    help="tiny: the x0.5 width+bits table (serve_resnet20); cifar: the trained bit-width "
@@ -744,19 +936,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="run directories (default: tiny runs/serve_r20, cifar "
                    "runs/supernet_r20_cifar)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the float model (campaign seed N), the data order and the sandwich draws; the "
+                   "training images are the same for every seed. Seed N > 0 works in <work>-seedN")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds: the seeds to gather")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--load-note", help="report: what ran beside the training runs (goes in the results)")
     p.add_argument("--latency-note", help="report: what ran beside the latency measurement (default: the "
                    "training runs' load)")
     a = p.parse_args(argv)
     setup = SETUPS[a.setup]
+    if a.seed < 0:
+        p.error(f"--seed must be >= 0, got {a.seed}")
     for k, v in {**setup.defaults, "work": setup.work}.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    if a.init == "none":
-        a.init = None
     if a.smoke:
         a.subset, a.val, a.epochs, a.test_n, a.work = 256, 64, 1, 256, a.work + "_smoke"
+    if a.phase == "seeds":
+        seeds_table(setup, a, argv, time.time())
+        return 0
+    a.work, a.init = seed_paths(a.work, a.init, a.seed)
     torch.set_num_threads(1)
     t0 = time.time()
     Path(a.work).mkdir(parents=True, exist_ok=True)
