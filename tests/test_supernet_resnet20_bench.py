@@ -244,3 +244,45 @@ def test_non_uniform_setup_has_per_stage_widths_and_names_them(bench) -> None:
     assert "| w0.75-b4 | 0.75 | 4/4 |" in md
     assert "per-stage widths up-b4 0.5 / 0.75 / 1.0; down-b4 1.0 / 0.75 / 0.5" in md
     assert "the largest sub-net (w1.0-b4), the smallest (w0.5-b4) and one of the other 3" in md
+
+
+def test_seed_paths_move_the_work_directory_and_the_default_float_model(bench) -> None:
+    assert bench.seed_paths("runs/x", bench.FLOAT_INIT, 0) == ("runs/x", bench.FLOAT_INIT)
+    work, init = bench.seed_paths("runs/x", bench.FLOAT_INIT, 2)
+    assert work == "runs/x-seed2" and init == "runs/cifar10-claims/cpu/float/seed2/best.safetensors"
+    assert bench.seed_paths("runs/x", "mine.safetensors", 1) == ("runs/x-seed1", "mine.safetensors")
+    assert bench.seed_paths("runs/x", "none", 1) == ("runs/x-seed1", None)
+
+
+def test_seeds_table_gathers_each_seeds_runs_and_differences_seed_by_seed(bench, tmp_path: Path) -> None:
+    import json
+
+    # seed s: sandwich 0.80 + s/100 on every sub-net, des 1 pp below it, alone 0.78; seed 2 has no des
+    for s in (0, 1, 2):
+        work = tmp_path / ("w" if s == 0 else f"w-seed{s}")
+        runs = {"sandwich": 0.80 + s / 100, "alone-b2": 0.78, "alone-b4": 0.78, "alone-b8": 0.78}
+        if s < 2:
+            runs["des"] = 0.79 + s / 100
+        for run, acc in runs.items():
+            names = ["b2", "b4", "b8"] if not run.startswith("alone-") else [run[len("alone-"):]]
+            (work / run).mkdir(parents=True)
+            (work / run / "result.json").write_text(json.dumps(
+                {"val": dict.fromkeys(names, 0.5), "test": dict.fromkeys(names, acc), "epoch_s": [1.0]}))
+    a = argparse.Namespace(work=str(tmp_path / "w"), init="none", seeds=[0, 1, 2, 3], out=str(tmp_path),
+                           epochs=3, subset=30000, val=5000, test_n=10000, setup="cifar")
+    bench.seeds_table(bench.SETUPS["cifar"], a, ["seeds"], 0.0)
+    p = json.loads((tmp_path / "supernet_resnet20_cifar_seeds.json").read_text())
+    assert p["seeds"] == [0, 1, 2]  # seed 3 has no runs
+    b4 = next(r for r in p["rows"] if r["name"] == "b4")
+    assert b4["sandwich_test"]["n"] == 3 and abs(b4["sandwich_test"]["mean"] - 0.81) < 1e-9
+    assert abs(b4["sandwich_test"]["std"] - 0.01) < 1e-9
+    assert b4["des_test"]["n"] == 2 and abs(b4["des_minus_sandwich"]["mean"] + 0.01) < 1e-9
+    assert abs(p["summary"]["sandwich_minus_alone"]["mean"] - 0.03) < 1e-9
+    assert p["summary"]["des_minus_sandwich"]["n"] == 2
+    md = (tmp_path / "supernet_resnet20_cifar_seeds.md").read_text()
+    assert "| b4 | 81.00 ± 1.00 (n=3) | 79.50 ± 0.71 (n=2) | 78.00 ± 0.00 (n=3) | +3.00 ± 1.00 (n=3) |" in md
+    assert "`des` minus `sandwich` at equal epochs, test accuracy, each seed's mean over every sub-net: " \
+           "-1.00 ± 0.00 (n=2) pp" in md
+    assert (tmp_path / "supernet_resnet20_cifar_seeds.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no finished runs"):
+        bench.seeds_table(bench.SETUPS["cifar"], argparse.Namespace(**{**vars(a), "seeds": [5]}), [], 0.0)
