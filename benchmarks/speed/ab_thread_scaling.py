@@ -1,9 +1,11 @@
-"""A/B of the runtime's 2-thread split on the deep MLP: 1 thread against 2, before and after (issue 13).
+"""A/B of the runtime's 2-thread split (the deep MLP, or ``--case``): 1 thread against 2, before and after
+(issue 13).
 
     python benchmarks/speed/ab_thread_scaling.py                                  # ~2 min
     python benchmarks/speed/ab_thread_scaling.py --note "the training campaign paused"
 
-The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``) of each variant, in one process: at
+The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``; ``--case``: another case of the speed
+harness, e.g. ``bert256`` with ``--variants w1a8s w2a8s --batches 8``) of each variant, in one process: at
 each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``) and on
 2 threads under each configuration of ``--configs`` (``name:key=value,...``; keys: ``spin`` =
 ``kernels_threads.SPIN_US``, ``rows`` = log2 of ``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` =
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta, write_results
-from harness import CASES, quantized_model, set_threads
+from harness import CASES, make_inputs, quantized_model, set_threads
 
 from lowbit.runtime import _amx
 from lowbit.runtime import compile as rt_compile
@@ -122,6 +124,7 @@ def timed_loop(fn, budget_s: float, min_calls: int) -> tuple[float, float, float
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", default="mlp", choices=sorted(CASES), help="the speed harness's case")
     p.add_argument("--variants", nargs="+", default=["w1a4", "w2a4", "w1a1"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--configs", nargs="+", default=[BEFORE, "after:"])
@@ -149,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     configs = [parse_config(c) for c in a.configs]
     set_threads(2)
-    case = CASES["mlp"]
+    case = CASES[a.case]
     torch.manual_seed(0)
     fm = case.build().eval()
-    models = {v: rt_compile(quantized_model(fm, v), torch.rand(8, 4096)) for v in a.variants}
+    models = {v: rt_compile(quantized_model(fm, v), make_inputs(case, 8, 0)) for v in a.variants}
     t_built = time.time()
     probe = None
     if _amx.amx_enabled():
@@ -168,13 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     rows = []
     for b in a.batches:
-        x = torch.rand(b, 4096, generator=torch.Generator().manual_seed(b))
+        x = make_inputs(case, b, b)
         for v, fast in models.items():
-            def one(fast=fast, x=x):
+            def one(fast=fast, x=x):  # 1 thread: the kernels serial, PyTorch's ops (attention ...) too
                 prev = KT.set_serial(True)
+                torch.set_num_threads(1)
                 try:
                     return fast(x)
                 finally:
+                    torch.set_num_threads(2)
                     KT.set_serial(prev)
 
             def two(vals, fast=fast, x=x):
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.done_file).touch()
     # seed 0: the model's weights; each batch's input draws with its batch size as seed
     meta = run_meta(__file__, argv, t0, seeds=sorted({0, *a.batches}), note=a.note, load_start=load0,
+                    case=a.case, case_label=case.label,
                     build_s=round(t_built - t0, 1),
                     load_end=" ".join(f"{v:.2f}" for v in os.getloadavg()),
                     configs={n: vals for n, vals in configs})
@@ -252,7 +258,8 @@ def markdown(meta: dict, rows: list[dict], a: argparse.Namespace) -> str:
     names = list(meta["configs"])
     head = " | ".join(f"2 threads, {n}: ms (ratio; free; steady; paired)" for n in names)
     vs = " | ".join(f"{n} vs {names[0]}" for n in names[1:])
-    md = ["# 2 threads against 1 on the deep MLP, before and after (one process, interleaved)", "",
+    what = meta.get("case_label", "the deep MLP")
+    md = [f"# 2 threads against 1 on {what}, before and after (one process, interleaved)", "",
           f"Command: `{meta['command']}`; commit {meta['git'].get('commit', '?')[:10]}"
           f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; "
           f"{meta.get('note') or 'machine state not noted'}; "

@@ -279,8 +279,10 @@ AMX_MIN_PARALLEL_MACS = 1 << 28
 #: the same for the VNNI register tiles (no AMX), slower per product, so that a split pays off
 #: sooner: on the AMD EPYC with the second core free the 4096-wide MLP at 8 rows (2**27 per layer)
 #: split from 2**24 ran 1.36-1.71x its 1-thread speed, 0.87-1.03x with 2**28
-#: (benchmarks/results/epyc_zen4/thread_split_macs.md)
-VNNI_MIN_PARALLEL_MACS = 1 << 24
+#: (benchmarks/results/epyc_zen4/thread_split_macs.md). Smaller products lose: BERT-256's layers at
+#: 128-2048 rows split on 2 threads ran 0.34-0.94x their 1-thread speed at 2**23-2**25
+#: multiply-adds, 1.12-1.22x at 2**26, 1.33-1.69x above (epyc_zen4/probe_vnni_split.md)
+VNNI_MIN_PARALLEL_MACS = 1 << 26
 #: from this many row values (M*K) the row quantization into tiles (:func:`amx_rows`) is split over
 #: threads too. On the AMX machine at 2**22 (1024 rows of 4096), 256 rows took 0.3 ms of a 4096x4096
 #: layer's ~4.5 serial; on a 2-vCPU machine without AMX the split pass ran 0.57-0.80x at 2**20
