@@ -5,12 +5,12 @@
     python benchmarks/speed/ab_thread_scaling.py --note "the training campaign paused"
 
 The packed 8 x Linear 4096^2 MLP (``harness.CASES["mlp"]``; ``--case``: another case of the speed
-harness, e.g. ``bert256`` with ``--variants w1a8s w2a8s --batches 8``) of each variant, in one process: at
-each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``) and on
-2 threads under each configuration of ``--configs`` (``name:key=value,...``; keys: ``spin`` =
-``kernels_threads.SPIN_US``, ``rows`` = log2 of ``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` =
-log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``, ``vmacs`` = the same of ``VNNI_MIN_PARALLEL_MACS``,
-``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
+harness, e.g. ``bert256`` with ``--variants w1a8s w2a8s --batches 8``) of each variant, in one
+process: at each batch, interleaved rounds time a short loop of calls on 1 thread (``set_serial``,
+PyTorch on one thread) and on 2 threads under each configuration of ``--configs``
+(``name:key=value,...``; keys: ``spin`` = ``kernels_threads.SPIN_US``, ``rows`` = log2 of
+``kernels_amx.AMX_ROWS_MIN_PARALLEL``, ``macs`` = log2 of ``kernels_amx.AMX_MIN_PARALLEL_MACS``,
+``vmacs`` = the same of ``VNNI_MIN_PARALLEL_MACS``, ``ppt`` = ``kernels_threads.PARTS_PER_THREAD``;
 a key left out keeps the module's value). ``before`` is the runtime before this change. Every
 configuration's output is checked equal, bit for bit, to the 1-thread output. Per round also the
 cores the machine's other processes used at nice 0 and, apart, niced ones (``/proc/stat``; the
