@@ -95,6 +95,49 @@ def test_no_decay_1d_groups():
     assert isinstance(build_optimizer(model, small_cfg(optimizer="adamw")), torch.optim.AdamW)
 
 
+def test_pact_alpha_lr_gives_alpha_its_own_group_and_rate():
+    """``alpha_lr`` puts every PACT alpha of that rate in one group without weight decay; under Adam
+    at a small model rate, alpha then moves about ``alpha_lr`` per step (the paper's clip at 10
+    barely moves otherwise), and the schedule scales that group like the others."""
+    import lowbit
+    from lowbit.quant.pact import PACTActivation
+
+    def net(alpha_lr):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                          nn.Linear(16, 10))
+        spec = {"method": "pact", "bits": 2, "alpha_init": 10.0, "alpha_lr": alpha_lr}
+        w4 = {"method": "uniform", "bits": 4}
+        return lowbit.quantize(m, {"default": {"weight": w4, "activation": spec},
+                                   "rules": [{"match": "@first", "activation": None}]})
+
+    moved = {}
+    for alpha_lr in (None, 0.05):
+        model = net(alpha_lr)
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PACTActivation)]
+        assert len(alphas) == 2
+        opt = build_optimizer(model, small_cfg(optimizer="adam", lr=1e-3, weight_decay=5e-4))
+        ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+        if alpha_lr is None:
+            assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+        else:
+            own = next(g for g in opt.param_groups if g["name"] == "param_lr/0.05")
+            assert own["lr"] == 0.05 and own["weight_decay"] == 0.0 and ids(own) == {id(a) for a in alphas}
+            assert all(not (ids(g) & ids(own)) for g in opt.param_groups if g is not own)
+        x = torch.rand(32, 1, 8, 8) * 2
+        y = torch.randint(0, 10, (32,))
+        for _ in range(20):  # inputs below the clip: alpha's gradient is its L2 penalty's (PACT's)
+            opt.zero_grad()
+            penalty = sum(m.l2_penalty() for m in model.modules() if isinstance(m, PACTActivation))
+            (F.cross_entropy(model(x), y) + 2e-4 * penalty).backward()
+            opt.step()
+        moved[alpha_lr] = max(abs(10.0 - float(a.detach())) for a in alphas)
+    assert moved[None] <= 20 * 1.01e-3
+    assert moved[0.05] > 10 * moved[None]
+    with pytest.raises(ValueError, match="alpha_lr must be a number > 0"):
+        PACTActivation(2, alpha_lr=0.0)
+
+
 def _lrs(cfg: TrainConfig, spe: int, steps: int) -> list[float]:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = build_scheduler(opt, cfg, spe)

@@ -137,13 +137,24 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
     Parametrized weights are seen through `named_parameters()`, i.e. as their latent
     `…parametrizations.weight.original` tensor, which keeps its N-D shape and is decayed.
+
+    A module with a `param_lr` attribute (a quantizer's own learning rate for its learned state,
+    e.g. PACT's `alpha_lr`) has its own parameters in a group at that rate, without weight decay
+    (one group per rate, named `param_lr/<rate>`).
     """
+    own: dict[float, list[nn.Parameter]] = {}
+    for m in model.modules():
+        lr = getattr(m, "param_lr", None)
+        if lr is not None:
+            own.setdefault(float(lr), []).extend(p for p in m.parameters(recurse=False) if p.requires_grad)
+    taken = {id(p) for ps in own.values() for p in ps}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in taken:
             continue
         (no_decay if cfg.no_decay_1d and p.ndim <= 1 else decay).append(p)
-    groups = []
+    groups = [{"params": ps, "weight_decay": 0.0, "lr": lr, "name": f"param_lr/{lr:g}"}
+              for lr, ps in own.items() if ps]
     if decay:
         groups.append({"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"})
     if no_decay:
