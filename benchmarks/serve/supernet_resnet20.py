@@ -852,9 +852,10 @@ def markdown_seeds(p: dict[str, Any]) -> str:
         f"({p['test_images']:,} images) read once per model; the CIFAR-10 JPEG copy. A seed fixes the float "
         "model the runs start from (the campaign's float ResNet-20 of that seed), the data order and the "
         f"sandwich rule's draws. Float models: {inits}.", "",
-        "Cells: mean ± std over seeds (n); differences are taken seed by seed, then averaged. Sizes, BOPs "
-        "and packed-runtime latency of the sub-nets: the seed-0 report "
-        f"([`{p['setup'].replace('-', '_')}`'s results file]({SETUPS[p['setup']].stem}.md)).", "",
+        "Cells: mean ± std over seeds (n); differences are taken seed by seed, then averaged. Weight "
+        "bytes, BOPs and packed-runtime latency of the sub-nets (the same for every seed: the same "
+        f"architecture and bits): the setup's single-run report, [`{SETUPS[p['setup']].stem}.md`]"
+        f"({SETUPS[p['setup']].stem}.md).", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], *(_ms(r[f"{v}_test"]) for v in variants), _ms(r["alone_test"]),
