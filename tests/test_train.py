@@ -121,7 +121,8 @@ def test_pact_alpha_lr_gives_alpha_its_own_group_and_rate():
         if alpha_lr is None:
             assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
         else:
-            own = next(g for g in opt.param_groups if g["name"] == "param_lr/0.05")
+            assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay", "param_lr/0.05"]
+            own = opt.param_groups[-1]
             assert own["lr"] == 0.05 and own["weight_decay"] == 0.0 and ids(own) == {id(a) for a in alphas}
             assert all(not (ids(g) & ids(own)) for g in opt.param_groups if g is not own)
         x = torch.rand(32, 1, 8, 8) * 2

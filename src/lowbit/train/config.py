@@ -153,12 +153,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         if not p.requires_grad or id(p) in taken:
             continue
         (no_decay if cfg.no_decay_1d and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": ps, "weight_decay": 0.0, "lr": lr, "name": f"param_lr/{lr:g}"}
-              for lr, ps in own.items() if ps]
+    groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    # after the model's groups: the first group's rate is the one logged as the run's lr
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr, "name": f"param_lr/{lr:g}"}
+               for lr, ps in own.items() if ps]
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     return groups
