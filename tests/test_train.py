@@ -133,7 +133,7 @@ def test_pact_alpha_lr_gives_alpha_its_own_group_and_rate():
             (F.cross_entropy(model(x), y) + 2e-4 * penalty).backward()
             opt.step()
         moved[alpha_lr] = max(abs(10.0 - float(a.detach())) for a in alphas)
-    assert moved[None] <= 20 * 1.01e-3
+    assert 0 < moved[None] <= 20 * 1.01e-3  # the penalty pulls alpha down, the model's rate per step
     assert moved[0.05] > 10 * moved[None]
     with pytest.raises(ValueError, match="alpha_lr must be a number > 0"):
         PACTActivation(2, alpha_lr=0.0)

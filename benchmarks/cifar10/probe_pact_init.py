@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from channel_order_slices import recalibrate
 from common import run_meta, write_results
 
 FLOAT = "runs/cifar10-claims/cpu/float/seed0/best.safetensors"
@@ -45,15 +47,7 @@ def measure(bits: int, alpha: float, images: torch.Tensor, labels: torch.Tensor,
     quantize(model, d)
     # BatchNorm statistics of the quantized model (DoReFa rescales the weights: the float model's
     # statistics no longer fit), as the first steps of a fine-tune would re-estimate them
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(calib), 250):
-            model(calib[i:i + 250])
-    model.eval()
+    recalibrate(model, [(calib[i:i + 250], None) for i in range(0, len(calib), 250)])
     acts = [m for m in model.modules() if isinstance(m, PACTActivation)]
     seen = {"pos": 0, "zero": 0}
     inputs: list[torch.Tensor] = []

@@ -45,14 +45,14 @@ SETTINGS = {  # name: (lambda_w, lambda_beta, beta_lr)
 def layer_terms(model: torch.nn.Module, beta: dict[str, float]) -> dict[str, float]:
     """Per layer, the mean sin^2 term on the final weights at the learned ``beta`` (grid ``max``)."""
     from lowbit.nn.quantize import quantizable_layers
-    from lowbit.train.sinreq import grid_factor
+    from lowbit.train.sinreq import grid_factor, layer_grid, sin_penalty
 
     layers = quantizable_layers(model)
     out = {}
     for name, b in beta.items():
         w = layers[name].weight.detach().float()
-        step = w.abs().max() / grid_factor(torch.tensor(b), "max")
-        out[name] = float(torch.sin(math.pi * w / step).square().mean())
+        step = layer_grid(layers[name], w, "max") / grid_factor(b, "max")
+        out[name] = float(sin_penalty(w, step, 0.0))  # bits 0: the mean sin^2 itself
     return out
 
 

@@ -103,6 +103,7 @@ import argparse
 import hashlib
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -745,9 +746,8 @@ def seed_paths(work: str, init: str | None, seed: int) -> tuple[str, str | None]
 
 
 def _mean_std(xs: list[float]) -> dict[str, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan
-    return {"mean": m, "std": sd, "n": len(xs)}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+            "n": len(xs)}
 
 
 def _ms(d: dict[str, float] | None, scale: float = 100.0, signed: bool = False) -> str:

@@ -174,12 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         x = make_inputs(case, b, b)
         for v, fast in models.items():
             def one(fast=fast, x=x):  # 1 thread: the kernels serial, PyTorch's ops (attention ...) too
-                prev = KT.set_serial(True)
+                prev, nt = KT.set_serial(True), torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
                     return fast(x)
                 finally:
-                    torch.set_num_threads(2)
+                    torch.set_num_threads(nt)
                     KT.set_serial(prev)
 
             def two(vals, fast=fast, x=x):

@@ -19,7 +19,7 @@ The paper adds an L2 penalty ``lambda_alpha * alpha^2`` (see ``l2_penalty``) and
 alpha at 10; ``alpha_init`` sets it. Levels are i * alpha/(2^k-1), i = 0..2^k-1. ``alpha_lr`` gives
 alpha its own learning rate (``param_lr``: the Trainer's optimizer puts it in a group of its own,
 without weight decay): alpha's gradient comes from the inputs above the clip and from the L2
-penalty, and the paper trains it at the weights' SGD rate (0.1 on CIFAR-10), while a short Adam
+penalty, and the paper trains it with the weights, by SGD at their rate, while a short Adam
 fine-tune at the model's 1e-3 moves it by at most about 1e-3 per step, so a clip started at 10,
 above every activation, stays near 10. At 2 bits that clip leaves the float ResNet-20's activations
 (99.9th percentile about 6) one level above zero: 82% of the positive ones round to zero
