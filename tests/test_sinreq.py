@@ -269,3 +269,25 @@ def test_waveq_beta_lr_is_its_param_groups_rate() -> None:
     assert moved[0.05] > 10 * moved[None]
     with pytest.raises(ValueError, match="beta_lr must be a number > 0"):
         WaveQ(_net(), beta_lr=0.0)
+
+
+def test_waveq_ramp_raises_the_sine_weight_with_the_runs_steps() -> None:
+    """``ramp``: the sine term's weight rises linearly from 0 over that fraction of the run's steps
+    (the bit charge alone acts at the first step), then stays at ``weight``; logged per epoch."""
+    model = _net()
+    wq = WaveQ(model, weight=5.0, beta_weight=0.5, init_bits=4.0, ramp=0.5)
+    charge = 0.5 * float(wq.beta.detach().sum())
+    assert wq.sine_scale() == 0.0 and wq(model).item() == pytest.approx(charge)
+    wq.progress = 0.25
+    full = WaveQ(model, weight=5.0, beta_weight=0.5, init_bits=4.0)
+    assert wq(model).item() == pytest.approx(charge + 0.5 * (full(model).item() - charge))
+    train, test = loaders()
+    qmodel = lowbit.quantize(_net(), {"default": {"weight": {"method": "uniform", "bits": 4}}})
+    hooks = build_methods([{"name": "waveq", "weight": 1.0, "grid": "quantizer", "ramp": 0.5}], qmodel)
+    cfg = TrainConfig(epochs=4, lr=1e-3, optimizer="adam", schedule="constant", seed=0, tensorboard=False)
+    tr = Trainer(qmodel, train, test, cfg, regularizers=hooks.regularizers, callbacks=hooks.callbacks)
+    tr.fit()
+    scales = [h["waveq/sine_scale"] for h in tr.history]
+    assert scales == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="ramp must be a fraction"):
+        WaveQ(_net(), ramp=1.5)

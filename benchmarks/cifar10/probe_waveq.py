@@ -36,9 +36,12 @@ from claims import layer_sizes
 from common import run_meta, write_results
 
 FLOAT = "runs/cifar10-claims/cpu/float/seed0/best.safetensors"
-SETTINGS = {  # name: (lambda_w, lambda_beta, beta_lr)
-    "campaign": (1000.0, 100.0, None),
-    "beta_lr": (1000.0, 20.0, 0.02),
+SETTINGS = {  # name: (lambda_w, lambda_beta, beta_lr, ramp)
+    "campaign": (1000.0, 100.0, None, 0.0),
+    "beta_lr": (1000.0, 20.0, 0.02, 0.0),
+    # the sine weight rising over the first half of the run: the bits move before the weights snap
+    "ramp": (1000.0, 20.0, 0.02, 0.5),
+    "ramp_lb40": (1000.0, 40.0, 0.02, 0.5),
 }
 
 
@@ -73,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     middle = list(layer_sizes())[1:-1]
     rows = {}
-    for name, (lw, lb, blr) in SETTINGS.items():
+    for name, (lw, lb, blr, ramp) in SETTINGS.items():
         method = {"name": "waveq", "weight": lw, "beta_weight": lb, "init_bits": 4.0, "min_bits": 2,
                   "max_bits": 8, "grid": "max", "layers": middle, "beta_lr": blr}
+        if ramp:
+            method["ramp"] = ramp
         recipe = {"name": f"waveq-{name}", "default": {"weight": None}, "rules": [], "methods": [method],
                   "train": {"optimizer": "adam", "lr": 1.0e-3, "schedule": "cosine", "weight_decay": 0.0}}
         out = Path(a.work) / name
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         S = layer_terms(model, learned["beta"])
         star = {n: math.log2(max(lw * math.log(2) * s / lb, 1e-12)) for n, s in S.items()}
         hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rows[name] = {"lambda_w": lw, "lambda_beta": lb, "beta_lr": blr, "best_val_acc": r.best_acc,
+        rows[name] = {"lambda_w": lw, "lambda_beta": lb, "beta_lr": blr, "ramp": ramp,
+                      "best_val_acc": r.best_acc,
                       "beta": learned["beta"], "bits": learned["bits"], "S": S, "beta_star": star,
                       "reg_per_epoch": [h.get("reg/waveq") for h in hist if "reg/waveq" in h],
                       "beta_mean_per_epoch": [h["waveq/beta_mean"] for h in hist if "waveq/beta_mean" in h]}
@@ -108,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         s = list(r["S"].values())
         st = list(r["beta_star"].values())
         rate = r["beta_lr"] if r["beta_lr"] else "the model's (1e-3)"
+        ramp = (f"; lambda_w rising from 0 over the first {r['ramp']:.0%} of the steps" if r.get("ramp")
+                else "")
         md += [f"## `{name}`: lambda_w {r['lambda_w']:g}, lambda_beta {r['lambda_beta']:g}, beta's learning "
-               f"rate {rate}", "",
+               f"rate {rate}{ramp}", "",
                f"- learned beta {min(b):.2f}-{max(b):.2f} (rounded bits: {sorted(set(r['bits'].values()))}); "
                f"S {min(s):.4f}-{max(s):.4f}; beta* {min(st):.2f}-{max(st):.2f}; best validation accuracy "
                f"{100 * r['best_val_acc']:.2f}%.",

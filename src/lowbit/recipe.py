@@ -62,7 +62,7 @@ TRAINING_OPTIONS: dict[str, dict[str, Any]] = {
                "reduction": str},
     "waveq": {"weight": float, "beta_weight": float, "init_bits": float | None, "min_bits": int,
               "max_bits": int, "grid": str, "layers": Sequence[str] | None, "reduction": str,
-              "beta_lr": float | None},
+              "beta_lr": float | None, "ramp": float},
     # teacher: a run directory or checkpoint path in a recipe, loaded into a module by lowbit.experiment
     "kd": {"teacher": nn.Module, "alpha": float, "temperature": float},
     "dcq": {"teacher": nn.Module, "cut_after": Sequence[str] | None, "dcq_epochs": int | None,

@@ -46,7 +46,12 @@ about the same amount in a short fine-tune, far from its balance point. The sine
 moves with ``beta``, also has local minima that can hold ``beta`` before it gets there. The papers
 also learn the range; here the range is the quantizer's (or ``max|w|``): a free range lets
 ``R -> 0`` by ``c -> infinity`` (every weight within the first half-period of the sine), so it is
-not learned. At the end the bits are
+not learned. ``ramp`` (a fraction of the run's optimizer steps) raises ``lambda_w`` linearly from 0
+to its value over that part of training: with the full weight from the first step the weights
+reach the grid of the starting bits within an epoch and the grid then holds every ``beta`` where
+it started (benchmarks/results/probe_waveq.md); under the ramp the bit charge moves the bits
+first, while the weights are still off the grid, and each layer's bits stop where its weights
+can follow the grid without costing the data loss more. At the end the bits are
 ``round(beta_l)`` (:meth:`WaveQ.learned_bits`); :meth:`WaveQ.recipe` writes them into a recipe
 for the quantized fine-tune, and a run's directory gets ``waveq_bits.json``.
 """
@@ -222,6 +227,7 @@ class WaveQ(nn.Module, Callback):
         layers: Sequence[str] | None = None,
         reduction: str = "mean",
         beta_lr: float | None = None,
+        ramp: float = 0.0,
     ) -> None:
         nn.Module.__init__(self)
         _check_common(weight, grid, reduction)
@@ -235,7 +241,11 @@ class WaveQ(nn.Module, Callback):
                                     or not beta_lr > 0):
             raise ValueError(f"waveq: beta_lr must be a number > 0 (or null: the model's rate), "
                              f"got {beta_lr!r}")
+        if isinstance(ramp, bool) or not isinstance(ramp, int | float) or not 0 <= ramp <= 1:
+            raise ValueError(f"waveq: ramp must be a fraction of the run's steps in [0, 1], got {ramp!r}")
         self.weight, self.beta_weight = float(weight), float(beta_weight)
+        self.ramp = float(ramp)
+        self.progress = 0.0  # the fraction of the run's optimizer steps done (set by the Trainer's hooks)
         self.param_lr = None if beta_lr is None else float(beta_lr)  # the Trainer's group lr for beta
         self.grid, self.reduction = grid, reduction
         self.min_bits, self.max_bits = min_bits, max_bits
@@ -266,7 +276,17 @@ class WaveQ(nn.Module, Callback):
             step = c / grid_factor(beta, self.grid)
             r = sin_penalty(grid_input(w, self.grid), step, beta, self.reduction)
             total = r if total is None else total + r
-        return self.weight * total + self.beta_weight * self.beta.sum()
+        return self.weight * self.sine_scale() * total + self.beta_weight * self.beta.sum()
+
+    def sine_scale(self) -> float:
+        """The sine term's share of ``weight`` now: ``min(1, progress / ramp)`` (1 without a ramp)."""
+        return 1.0 if self.ramp == 0 else min(1.0, self.progress / self.ramp)
+
+    def _follow(self, trainer: Any) -> None:
+        epochs = getattr(getattr(trainer, "config", None), "epochs", 0)
+        total = getattr(trainer, "steps_per_epoch", 0) * epochs
+        if total > 0:
+            self.progress = min(1.0, getattr(trainer, "global_step", 0) / total)
 
     @property
     def name(self) -> str:  # the Trainer logs the regularizer as reg/waveq
@@ -296,13 +316,18 @@ class WaveQ(nn.Module, Callback):
         return Recipe.from_dict(d)
 
     # the callback ---------------------------------------------------------------------------
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self._follow(trainer)  # (a resumed run starts where it stopped)
+
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
         with torch.no_grad():
             self.beta.clamp_(self.min_bits, self.max_bits)
+        self._follow(trainer)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
         bits = self.learned_bits()
         metrics["waveq/beta_mean"] = float(self.beta.detach().mean())
+        metrics["waveq/sine_scale"] = self.sine_scale()
         metrics["waveq/bits"] = bits
         run_dir = getattr(trainer, "run_dir", None)
         if run_dir is not None:
