@@ -185,7 +185,7 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
 
 def test_ordered_setup_builds_ordered_and_sets_each_subnet_beside_the_unordered_run(bench, tmp_path) -> None:
     setup = bench.SETUPS["cifar-wbo"]
-    assert setup.order == "l1" and setup.unordered == "cifar-wb"
+    assert setup.order == "l1" and setup.base == "cifar-wb"
     assert setup.subnets == bench.SETUPS["cifar-wb"].subnets
     sn = bench.build(setup, setup.subnets[:1], None)
     assert sn.order == "l1" and sn.model.layer2[0].downsample.base.front == 8
@@ -194,12 +194,12 @@ def test_ordered_setup_builds_ordered_and_sets_each_subnet_beside_the_unordered_
     ref = {"git": {"commit": "0123456789ab"}, "float_init": fl,
            "rows": [{"name": "w0.5-b4", "sandwich_test": 0.50, "alone_test": 0.66}, {"name": "w1.0-b4"}]}
     (tmp_path / "supernet_resnet20_cifar_wb.json").write_text(__import__("json").dumps(ref))
-    un = bench.unordered(setup, tmp_path, fl)["unordered"]
+    un = bench.base_runs(setup, tmp_path, fl)["base"]
     assert un["rows"]["w0.5-b4"] == {"sandwich_test": 0.50, "alone_test": 0.66}
-    assert bench.unordered(bench.SETUPS["cifar-wb"], tmp_path, fl) == {}
-    assert bench.unordered(setup, tmp_path, {**fl, "sha256": "cd" * 8}) == {}
+    assert bench.base_runs(bench.SETUPS["cifar-wb"], tmp_path, fl) == {}
+    assert bench.base_runs(setup, tmp_path, {**fl, "sha256": "cd" * 8}) == {}
     rows = [_row("w0.5-b4", sandwich_val=0.6, sandwich_test=0.62, alone_val=0.6, alone_test=0.69)]
-    p = _widths_payload([s for s in setup.subnets if s["bits"] == 4], rows, order="l1", unordered=un)
+    p = _widths_payload([s for s in setup.subnets if s["bits"] == 4], rows, order="l1", base=un)
     md = bench.markdown_cifar(p, ["sandwich"])
     assert "sorted by importance" in md and "not reordered" not in md
     assert "w0.5-b4 sandwich 62.00% vs 50.00% (+12.00 pp), alone 69.00% vs 66.00% (+3.00 pp)" in md
@@ -221,7 +221,7 @@ def test_activation_stats_count_inputs_below_half_a_step(bench) -> None:
 
 def test_non_uniform_setup_has_per_stage_widths_and_names_them(bench) -> None:
     setup = bench.SETUPS["cifar-nu"]
-    assert setup.order == "l1" and setup.unordered is None and setup.select_on_val
+    assert setup.order == "l1" and setup.base is None and setup.select_on_val
     staged = {s["name"]: s["width"] for s in setup.subnets if isinstance(s["width"], dict)}
     assert staged == {"up-b4": {"layer1.*": 0.5, "layer2.*": 0.75, "layer3.*": 1.0},
                       "down-b4": {"layer1.*": 1.0, "layer2.*": 0.75, "layer3.*": 0.5}}
@@ -286,3 +286,24 @@ def test_seeds_table_gathers_each_seeds_runs_and_differences_seed_by_seed(bench,
     assert (tmp_path / "supernet_resnet20_cifar_seeds.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no finished runs"):
         bench.seeds_table(bench.SETUPS["cifar"], argparse.Namespace(**{**vars(a), "seeds": [5]}), [], 0.0)
+
+
+def test_clip_rate_setup_gives_pacts_clip_its_own_rate_and_sets_each_subnet_beside_the_cifar_run(
+        bench, tmp_path: Path) -> None:
+    setup = bench.SETUPS["cifar-alr"]
+    assert setup.base == "cifar" and setup.subnets == bench.SETUPS["cifar"].subnets
+    sn = bench.build(setup, setup.subnets, None)
+    rates = {m.param_lr for m in sn.modules() if hasattr(m, "alpha")}
+    assert rates == {1e-2}  # the Trainer puts every clip in its own optimizer group at this rate
+    fl = {"val_acc": 0.85, "test_acc": 0.84}
+    ref = {"git": {"commit": "0123456789ab"}, "float_init": fl,
+           "rows": [{"name": "b2", "sandwich_test": 0.70, "alone_test": 0.69}]}
+    (tmp_path / "supernet_resnet20_cifar.json").write_text(__import__("json").dumps(ref))
+    base = bench.base_runs(setup, tmp_path, fl)["base"]
+    assert base["what"] == "with the clip at the model's learning rate"
+    rows = [_row("b2", sandwich_val=0.8, sandwich_test=0.79, alone_val=0.8, alone_test=0.785)]
+    p = {**_widths_payload(setup.subnets[:1], rows, base=base), "activation": setup.activation}
+    md = bench.markdown_cifar(p, ["sandwich"])
+    assert "alpha_init 10, the clip at its own learning rate 0.01" in md
+    assert "with the clip at the model's learning rate" in md
+    assert "b2 sandwich 79.00% vs 70.00% (+9.00 pp), alone 78.50% vs 69.00% (+9.50 pp)" in md

@@ -143,7 +143,8 @@ class Setup:
     activation: dict[str, Any] | None = None
     select_on_val: bool = False  # evaluate every sub-net per epoch; best.safetensors on mean val
     order: str | None = None  # Supernet(order=...): "l1" sorts the float model's channels first
-    unordered: str | None = None  # the setup that is this one without the ordering (compared with)
+    base: str | None = None  # the setup this one changes one thing of (each sub-net set beside it)
+    base_what: str = "without the channel ordering"  # how the base setup differs from this one
 
 
 SETUPS = {
@@ -162,6 +163,13 @@ SETUPS = {
         train={"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "precision": "bf16"}, batch_size=128,
         activation={"method": "pact", "alpha_init": 10.0}, select_on_val=True),
 }
+# the cifar setup with PACT's clip at its own learning rate (alpha_lr, as the claims campaign's
+# pact-w2a2-alr arm): at the model's Adam rate the clip stays near its starting 10, where 2-bit codes
+# round most positive activations to zero (benchmarks/results/probe_pact_init.md)
+SETUPS["cifar-alr"] = replace(
+    SETUPS["cifar"], activation={"method": "pact", "alpha_init": 10.0, "alpha_lr": 1e-2},
+    stem="supernet_resnet20_cifar_alr", work="runs/supernet_r20_cifar_alr", base="cifar",
+    base_what="with the clip at the model's learning rate")
 # widths x bits on CIFAR-10: the cifar setup with every stage at width 0.5 or 1.0 (the half-width
 # sub-nets slice the float model's first channels of each group); trained alone: the half-width ones
 # (the full-width ones are the cifar setup's alone runs, the same configurations and recipe)
@@ -173,14 +181,14 @@ SETUPS["cifar-wb"] = replace(
 # the same with the float model's channels sorted by importance first (lowbit.nn.channel_order): the
 # half-width sub-nets start from the channels that matter most, option-A shortcuts' copied channels
 # in the same place at both widths
-SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", unordered="cifar-wb",
+SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", base="cifar-wb",
                               stem="supernet_resnet20_cifar_wbo", work="runs/supernet_r20_cifar_wbo")
 # non-uniform widths: one width per stage (0.5 / 0.75 / 1.0 up the network and the reverse) beside the
 # uniform 0.5, 0.75 and 1.0, all at 4 bits, the channels ordered first; every configuration but the
 # full width also trained alone
 NU_STAGES = {"up": (0.5, 0.75, 1.0), "down": (1.0, 0.75, 0.5)}
 SETUPS["cifar-nu"] = replace(
-    SETUPS["cifar-wbo"], unordered=None, stem="supernet_resnet20_cifar_nu", work="runs/supernet_r20_cifar_nu",
+    SETUPS["cifar-wbo"], base=None, stem="supernet_resnet20_cifar_nu", work="runs/supernet_r20_cifar_nu",
     subnets=[{"name": f"w{w}-b4", "width": w, "bits": 4} for w in (0.5, 0.75, 1.0)]
     + [{"name": f"{k}-b4", "width": {f"layer{i + 1}.*": w for i, w in enumerate(ws)}, "bits": 4}
        for k, ws in NU_STAGES.items()],
@@ -384,11 +392,11 @@ def full_width_alone(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, A
     return {"full_width_alone": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
 
 
-def unordered(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
-    """For a channel-ordered setup: the same setup without the ordering, per sub-net test accuracy in
-    its supernets and alone, as its results file recorded them (same float model ``fl``, recipe and
-    data, another run)."""
-    ref = out / f"{SETUPS[setup.unordered].stem}.json" if setup.unordered else None
+def base_runs(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
+    """For a setup that changes one thing of another (``Setup.base``: the channel ordering, PACT's
+    clip rate): that setup's per sub-net test accuracy in its supernets and alone, as its results
+    file recorded them (same float model ``fl`` and data, another run)."""
+    ref = out / f"{SETUPS[setup.base].stem}.json" if setup.base else None
     if ref is None or not ref.exists():
         return {}
     r = json.loads(ref.read_text())
@@ -396,7 +404,8 @@ def unordered(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
         return {}
     keys = ("sandwich_test", "des_test", "alone_test")
     rows = {x["name"]: {k: x[k] for k in keys if k in x} for x in r["rows"]}
-    return {"unordered": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows}}
+    return {"base": {"file": ref.name, "git": r.get("git", {}).get("commit"), "rows": rows,
+                     "what": setup.base_what}}
 
 
 def fastest_ms(fn: Any, x: torch.Tensor, repeats: int) -> float:
@@ -460,7 +469,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           runs=runs, latency_threads=1, **({"load": a.load_note} if a.load_note else {}),
                           **({"latency_load": a.latency_note} if a.latency_note else {}),
                           order=setup.order, **full_width_alone(setup, Path(a.out), fl),
-                          **unordered(setup, Path(a.out), fl)),
+                          **base_runs(setup, Path(a.out), fl)),
                "file": sizes, "rows": rows}
     if setup.select_on_val:
         write_results(a.out, setup.stem, payload, markdown_cifar(payload, list(res)))
@@ -544,6 +553,13 @@ def _sandwich_rule(rows: list[dict[str, Any]], variants: list[str]) -> str:
     return rule
 
 
+def _act(p: dict[str, Any]) -> str:
+    """The activation quantizer's settings in words."""
+    a = p.get("activation") or {}
+    txt = f"alpha_init {a.get('alpha_init', 10.0):g}"
+    return txt + (f", the clip at its own learning rate {a['alpha_lr']:g}" if a.get("alpha_lr") else "")
+
+
 def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     """The ``cifar`` setup's table: per sub-net accuracy in each supernet and alone, costs, latency."""
     f, rows, fl = p["file"], p["rows"], p.get("float_init") or {}
@@ -569,7 +585,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
                       f"{s['name']} {_wlabel(s['width'])}" for s in staged)
                   + " (stages 1 / 2 / 3, the stem with stage 1; a sub-net at width r keeps the first r of "
                   f"the channels of each residual group and block, {how}), DoReFa weights and PACT "
-                  f"activations (alpha_init 10) at {' / '.join(map(str, bits))} bits; stem and classifier "
+                  f"activations ({_act(p)}) at {' / '.join(map(str, bits))} bits; stem and classifier "
                   "float (their channels sliced with their group), one BatchNorm per sub-net. ")
         rule = _sandwich_rule(rows, variants)
     elif len(widths) > 1:
@@ -581,7 +597,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         shared = ("Sub-nets share one set of latent weights: every stage at width 0.5 or 1.0 (a half-width "
                   f"sub-net keeps the first half of the channels of each residual group and block, {how}), "
                   "and DoReFa weights and "
-                  "PACT activations (alpha_init 10) at 2, 4 or 8 bits; stem and classifier float (their "
+                  f"PACT activations ({_act(p)}) at 2, 4 or 8 bits; stem and classifier float (their "
                   "channels sliced with their group), one BatchNorm per sub-net. ")
         rule = ("`sandwich`: every step the largest sub-net (w1.0-b8), the smallest (w0.5-b2) and one of "
                 "the other four drawn at random, the smaller ones distilled in place from the largest; "
@@ -591,7 +607,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
     else:
         title = "any-precision supernet (2/4/8-bit W/A)"
         shared = ("Sub-nets share one set of latent weights at width 1.0 and differ in bits: DoReFa weights "
-                  "and PACT activations (alpha_init 10) at 2, 4 or 8 bits, stem and classifier float, one "
+                  f"and PACT activations ({_act(p)}) at 2, 4 or 8 bits, stem and classifier float, one "
                   "BatchNorm per sub-net. ")
         rule = ("`sandwich`: every step the 8-bit, the 2-bit and the 4-bit sub-net (the sandwich rule with "
                 "one random middle sub-net, which with three choices is always the 4-bit one), the smaller "
@@ -667,7 +683,7 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
         lines.append(f"- The full-width configurations trained alone (from `{fw['file']}`, git "
                      f"{str(fw['git'])[:10]}: the same initialisation, recipe and data, another run): "
                      + "; ".join(d) + ".")
-    un = p.get("unordered")
+    un = p.get("base") or p.get("unordered")  # (files before the base setups: "unordered")
     if un and un["rows"]:
         cols = [("sandwich", "sandwich_test"), ("des", "des_test"), ("alone", "alone_test")]
         d = []
@@ -677,9 +693,10 @@ def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
                      for lab, k in cols if k in x and k in r]
             if parts:
                 d.append(f"{r['name']} " + ", ".join(parts))
-        lines.append(f"- Against the same setup without the channel ordering (from `{un['file']}`, git "
-                     f"{str(un['git'])[:10]}: the same initialisation, recipe and data, another run), test "
-                     "accuracy ordered vs unordered: " + "; ".join(d) + ".")
+        what = un.get("what", "without the channel ordering")
+        lines.append(f"- Against the same setup {what} (from `{un['file']}`, git {str(un['git'])[:10]}: the "
+                     "same initialisation and data, another run), test accuracy here vs there: "
+                     + "; ".join(d) + ".")
     if set(variants) == {"sandwich", "des"}:
         d = [100 * (r["des_test"] - r["sandwich_test"]) for r in rows]
         lines.append(f"- `des` minus `sandwich` at equal epochs, test accuracy, mean over sub-nets: "
