@@ -300,6 +300,12 @@ def test_quantizing_nothing_warns_and_strict_raises() -> None:
         lowbit.quantize(nn.Sequential(nn.Linear(3, 3)), recipe)
     with pytest.raises(QuantizeError, match="none of the model"):
         lowbit.quantize(nn.Sequential(nn.Linear(3, 3)), recipe, strict=True)
+    # a recipe of training methods alone (WaveQ learning the bits of a float model) asks for no quantizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = lowbit.quantize(nn.Sequential(nn.Linear(3, 3)), {**recipe, "methods": [{"name": "waveq"}]},
+                            strict=True)
+    assert not weight_quantizers(m) and m.lowbit_recipe["methods"] == [{"name": "waveq"}]
 
 
 def test_weight_quantizers_names_every_quantized_parameter() -> None:
