@@ -129,15 +129,16 @@ def test_plan_order_and_seeds():
     search = [j.name for j in cpu if j.claim in ("releq", "width")]
     assert search == ["releq/seed0", "releq-ft/seed0", "width-mixed/seed0", "width-wide/seed0"]
     assert C.deps(next(j for j in cpu if j.name == "width-mixed/seed0")) == ["releq/seed0"]
-    # WaveQ (one fine-tune learning the bits, then the two it derives) runs on 3 seeds, each
-    # derived fine-tune after its own seed's WaveQ run
+    # WaveQ (one fine-tune learning the bits, then the two it derives; again with the sine weight
+    # ramped) runs on 3 seeds, each derived fine-tune after its own seed's WaveQ run
     waveq = [j.name for j in cpu if j.claim == "waveq"]
-    assert sorted(waveq) == sorted(f"{a}/seed{s}" for a in ("waveq", "waveq-learned", "waveq-fixed")
-                                   for s in range(3))
-    for s in range(3):
-        assert pos[f"waveq/seed{s}"] < pos[f"waveq-learned/seed{s}"]
-        assert C.deps(next(j for j in cpu if j.name == f"waveq-fixed/seed{s}")) == [
-            f"float/seed{s}", f"waveq/seed{s}"]
+    assert sorted(waveq) == sorted(f"{v}{a}/seed{s}" for v in ("waveq", "waveq-ramp")
+                                   for a in ("", "-learned", "-fixed") for s in range(3))
+    for v in ("waveq", "waveq-ramp"):
+        for s in range(3):
+            assert pos[f"{v}/seed{s}"] < pos[f"{v}-learned/seed{s}"]
+            assert C.deps(next(j for j in cpu if j.name == f"{v}-fixed/seed{s}")) == [
+                f"float/seed{s}", f"{v}/seed{s}"]
     gpu = C.plan(C.BUDGETS["gpu"])
     assert {j.seed for j in gpu if j.arm.key == "ttq"} == {0, 1, 2}
     assert "float-w2/seed0" in {j.name for j in gpu}  # the WRPN arms' float model
