@@ -6,10 +6,12 @@ In the CIFAR-10 claims campaign (``claims.py``, budget ``cpu``) WaveQ learned th
 layer in all three seeds (continuous bit-widths between 3.14 and 3.48, all rounding to 3), so its
 "learned against fixed bits" check compares one recipe with itself. This probe trains WaveQ from
 the campaign's float ResNet-20 (seed 0) on ``--subset`` training images for ``--epochs`` epochs in
-each of two settings (``lowbit.train.sinreq.WaveQ``, grid ``max``, the middle 18 layers, bits from 4):
-the campaign's (``lambda_w`` 1000, ``lambda_beta`` 100, ``beta`` at the model's learning rate) and
-one where ``beta`` has its own rate (``beta_lr``) and a smaller ``lambda_beta``, whose balance
-point sits near 4 bits for weights off the grid. For each layer it reports the learned ``beta``,
+each of four settings (``lowbit.train.sinreq.WaveQ``, grid ``max``, the middle 18 layers, bits from 4):
+the campaign's (``lambda_w`` 1000, ``lambda_beta`` 100, ``beta`` at the model's learning rate), one
+where ``beta`` has its own rate (``beta_lr``) and a smaller ``lambda_beta``, whose balance point sits
+near 4 bits for weights off the grid, and that one again with ``lambda_w`` rising from 0 over the
+first half of the steps (``ramp``; also with ``lambda_beta`` 40), so that the bits move before the
+weights reach the grid. For each layer it reports the learned ``beta``,
 the mean ``sin^2`` term ``S_l`` at that ``beta`` on the final weights, and the balance point
 ``beta* = log2(lambda_w ln2 S_l / lambda_beta)`` where the amplitude's pull (``1/2^beta``) and the
 bit charge (``lambda_beta``) cancel. ``beta`` far above ``beta*`` while ``S_l`` is near 0 means the
