@@ -61,6 +61,35 @@ def layer_terms(model: torch.nn.Module, beta: dict[str, float]) -> dict[str, flo
     return out
 
 
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """The learned (continuous) bit-width of every layer, one line per setting, the rounding
+    boundaries dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from lowbit._io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.0))
+    try:
+        for name, r in rows.items():
+            names = list(r["beta"])
+            ax.plot(range(len(names)), [r["beta"][n] for n in names], "o-", ms=4, label=name)
+        for edge in (2.5, 3.5, 4.5):
+            ax.axhline(edge, color="grey", ls=":", lw=1)
+        ax.set_xticks(range(len(names)), [n.replace(".conv", ".c") for n in names], rotation=60, fontsize=7)
+        ax.set_ylabel("learned beta (bits before rounding)")
+        ax.set_title("WaveQ on ResNet-20 / CIFAR-10: learned bit-width per layer (dotted: rounding edges)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--subset", type=int, default=12800, help="training images")
@@ -129,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                "| layer | beta | S | beta* |", "|---|---:|---:|---:|"]
         md += [f"| {n} | {r['beta'][n]:.3f} | {r['S'][n]:.4f} | {r['beta_star'][n]:.2f} |" for n in r["beta"]]
         md.append("")
+    md.insert(2, "![learned bit-width per layer and setting](probe_waveq.png)\n")
     write_results(a.out, "probe_waveq", {"meta": meta, "settings": rows}, "\n".join(md))
+    plot(rows, Path(a.out) / "probe_waveq.png")
     print("\n".join(md))
 
 
