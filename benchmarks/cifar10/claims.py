@@ -202,8 +202,6 @@ def _pact_alr(bits: int) -> dict[str, Any]:
     return {"default": {"activation": act}}
 
 
-
-
 CLAIMS: tuple[Claim, ...] = (
     Claim("float", "float baseline", "He et al. 2016 (91.25); TTQ's baseline 91.77 (Zhu et al. 2017)",
           (FLOAT,), (Check("ResNet-20 float test accuracy", "level", ("float",), 91.7, "≈ 91.7%"),)),
