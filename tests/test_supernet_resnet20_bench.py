@@ -171,6 +171,7 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
     fw = bench.full_width_alone(setup, tmp_path, fl)["full_width_alone"]
     assert fw["rows"] == {"w1.0-b2": {"val": 0.6, "test": 0.65}}  # rows without an alone run are left out
     assert bench.full_width_alone(bench.SETUPS["cifar"], tmp_path, fl) == {}
+    assert bench.full_width_alone(bench.SETUPS["cifar-alr"], tmp_path, fl) == {}  # no widths to set beside
     # runs from another float model are not set beside these
     assert bench.full_width_alone(setup, tmp_path, {"val_acc": 0.86, "test_acc": 0.83}) == {}
     rows = [_row(n, sandwich_val=0.5, sandwich_test=t) for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]

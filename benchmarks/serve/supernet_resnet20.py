@@ -382,7 +382,8 @@ def full_width_alone(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, A
     """For a widths x bits setup: the full-width configurations trained alone, as the bit-width setup
     (``cifar``) recorded them in its results file (same initialisation ``fl``, recipe and data)."""
     ref = out / f"{SETUPS['cifar'].stem}.json"
-    if setup is SETUPS["cifar"] or not setup.select_on_val or not ref.exists():
+    widths = any(s.get("width", 1.0) != 1.0 for s in setup.subnets)
+    if not widths or not setup.select_on_val or not ref.exists():
         return {}
     r = json.loads(ref.read_text())
     if not same_init(r, fl):  # another float model: not the same starting point
