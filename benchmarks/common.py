@@ -17,7 +17,7 @@ import torch
 from lowbit.provenance import git_state, machine, versions
 from lowbit.train import atomic_write_text
 
-__all__ = ["ROOT", "git_state", "machine", "run_meta", "versions", "write_results"]
+__all__ = ["ROOT", "git_state", "machine", "run_meta", "save_png", "versions", "write_results"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +47,17 @@ def write_results(out: str | Path, stem: str, payload: dict[str, Any], markdown:
     out = Path(out)
     atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=1, default=float) + "\n")
     atomic_write_text(out / f"{stem}.md", markdown if markdown.endswith("\n") else markdown + "\n")
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """A matplotlib figure laid out and written atomically as ``path`` (PNG), then closed."""
+    import matplotlib.pyplot as plt
+
+    from lowbit._io import atomic_path
+
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)

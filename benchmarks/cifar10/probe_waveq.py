@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from claims import layer_sizes
-from common import run_meta, write_results
+from common import run_meta, save_png, write_results
 
 FLOAT = "runs/cifar10-claims/cpu/float/seed0/best.safetensors"
 SETTINGS = {  # name: (lambda_w, lambda_beta, beta_lr, ramp)
@@ -69,25 +69,18 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from lowbit._io import atomic_path
-
     fig, ax = plt.subplots(figsize=(8.5, 4.0))
-    try:
-        for name, r in rows.items():
-            names = list(r["beta"])
-            ax.plot(range(len(names)), [r["beta"][n] for n in names], "o-", ms=4, label=name)
-        for edge in (2.5, 3.5, 4.5):
-            ax.axhline(edge, color="grey", ls=":", lw=1)
-        ax.set_xticks(range(len(names)), [n.replace(".conv", ".c") for n in names], rotation=60, fontsize=7)
-        ax.set_ylabel("learned beta (bits before rounding)")
-        ax.set_title("WaveQ on ResNet-20 / CIFAR-10: learned bit-width per layer (dotted: rounding edges)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    for name, r in rows.items():
+        names = list(r["beta"])
+        ax.plot(range(len(names)), [r["beta"][n] for n in names], "o-", ms=4, label=name)
+    for edge in (2.5, 3.5, 4.5):
+        ax.axhline(edge, color="grey", ls=":", lw=1)
+    ax.set_xticks(range(len(names)), [n.replace(".conv", ".c") for n in names], rotation=60, fontsize=7)
+    ax.set_ylabel("learned beta (bits before rounding)")
+    ax.set_title("WaveQ on ResNet-20 / CIFAR-10: learned bit-width per layer (dotted: rounding edges)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
