@@ -237,6 +237,12 @@ class Recipe:
     train: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def asks_quantizers(self) -> bool:
+        """Whether it names any quantizer (a default or a rule); a recipe may hold training methods
+        alone (WaveQ learning the bits of a float model)."""
+        return self.default_weight is not None or self.default_activation is not None or bool(self.rules)
+
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "") -> Recipe:
@@ -419,8 +425,7 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
                 f"shipped recipes: {', '.join(shipped) or '(none found)'}"
             )
         recipe = Recipe.from_yaml(shipped[str(name_or_path)])
-    if (recipe.default_weight is None and recipe.default_activation is None and not recipe.rules
-            and not recipe.methods):  # (methods alone are a recipe: WaveQ learning bits of a float model)
+    if not recipe.asks_quantizers and not recipe.methods:  # (methods alone are a recipe)
         raise RecipeError(
             f"recipe {name_or_path} has no rules: a recipe needs a 'default' (weight and/or activation "
             "quantizer for every layer, e.g. default: {weight: {method: binary, bits: 1}}), 'rules' "

@@ -336,9 +336,8 @@ def quantize(model: nn.Module, recipe: Recipe | dict[str, Any], *, strict: bool 
             else:
                 layer.register_forward_pre_hook(_quantize_input)
             log.debug("quantized input of %s: %s", name, plan.activation)
-    if not quantized_layers(model) and not (recipe.methods and recipe.default_weight is None
-                                            and recipe.default_activation is None and not recipe.rules):
-        # (a recipe of training methods alone, e.g. WaveQ learning bits of a float model, quantizes nothing)
+    if not quantized_layers(model) and (recipe.asks_quantizers or not recipe.methods):
+        # (a recipe of training methods alone quantizes nothing: WaveQ learning a float model's bits)
         more = " ..." if len(names) > 12 else ""
         _skip(f"the recipe quantized none of the model's {len(names)} layers (every weight and activation "
               f"spec resolved to null); layers are: {', '.join(names[:12])}{more}", strict)

@@ -283,10 +283,8 @@ class WaveQ(nn.Module, Callback):
         return 1.0 if self.ramp == 0 else min(1.0, self.progress / self.ramp)
 
     def _follow(self, trainer: Any) -> None:
-        epochs = getattr(getattr(trainer, "config", None), "epochs", 0)
-        total = getattr(trainer, "steps_per_epoch", 0) * epochs
-        if total > 0:
-            self.progress = min(1.0, getattr(trainer, "global_step", 0) / total)
+        if self.ramp and trainer is not None:  # (None: the hooks called outside a Trainer)
+            self.progress = min(1.0, trainer.global_step / (trainer.steps_per_epoch * trainer.config.epochs))
 
     @property
     def name(self) -> str:  # the Trainer logs the regularizer as reg/waveq
