@@ -991,7 +991,8 @@ def read_run(path: Path) -> dict[str, Any] | None:
         bits = learned["bits"]
         out["avg_w_bits"] = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
         out["bits_distinct"] = len(set(bits.values()))  # 1: every layer learned the same bits
-        if learned.get("beta"):  # the continuous bit-widths before rounding
+        if learned.get("beta"):  # the continuous bit-widths before rounding (records before them: the range)
+            out["beta"] = learned["beta"]
             out["beta_range"] = [min(learned["beta"].values()), max(learned["beta"].values())]
     metrics = path / "metrics.jsonl"
     if metrics.exists():

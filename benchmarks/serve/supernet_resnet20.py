@@ -144,7 +144,7 @@ class Setup:
     select_on_val: bool = False  # evaluate every sub-net per epoch; best.safetensors on mean val
     order: str | None = None  # Supernet(order=...): "l1" sorts the float model's channels first
     base: str | None = None  # the setup this one changes one thing of (each sub-net set beside it)
-    base_what: str = "without the channel ordering"  # how the base setup differs from this one
+    base_what: str = ""  # how the base setup differs from this one
 
 
 SETUPS = {
@@ -182,13 +182,15 @@ SETUPS["cifar-wb"] = replace(
 # half-width sub-nets start from the channels that matter most, option-A shortcuts' copied channels
 # in the same place at both widths
 SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", base="cifar-wb",
+                              base_what="without the channel ordering",
                               stem="supernet_resnet20_cifar_wbo", work="runs/supernet_r20_cifar_wbo")
 # non-uniform widths: one width per stage (0.5 / 0.75 / 1.0 up the network and the reverse) beside the
 # uniform 0.5, 0.75 and 1.0, all at 4 bits, the channels ordered first; every configuration but the
 # full width also trained alone
 NU_STAGES = {"up": (0.5, 0.75, 1.0), "down": (1.0, 0.75, 0.5)}
 SETUPS["cifar-nu"] = replace(
-    SETUPS["cifar-wbo"], base=None, stem="supernet_resnet20_cifar_nu", work="runs/supernet_r20_cifar_nu",
+    SETUPS["cifar-wbo"], base=None, base_what="", stem="supernet_resnet20_cifar_nu",
+    work="runs/supernet_r20_cifar_nu",
     subnets=[{"name": f"w{w}-b4", "width": w, "bits": 4} for w in (0.5, 0.75, 1.0)]
     + [{"name": f"{k}-b4", "width": {f"layer{i + 1}.*": w for i, w in enumerate(ws)}, "bits": 4}
        for k, ws in NU_STAGES.items()],
