@@ -366,6 +366,18 @@ def test_hyper_parameter_chosen_on_validation_not_test():
     assert C.check_values(check, runs) == [pytest.approx(1.0)]
 
 
+def test_a_sweep_still_running_does_not_choose_on_fewer_seeds():
+    check = next(ch for ch in C.claim_by_name("sinreq").checks if ch.label.startswith("DoReFa W3"))
+    runs = {("dorefa-w3-sinreq-l100", s): {"val_acc": 82.0 + s, "test_acc": 84.0} for s in range(3)}
+    runs[("dorefa-w3-sinreq-l10", 0)] = {"val_acc": 95.0, "test_acc": 85.0}  # 1 of 3 seeds so far
+    assert C.chosen_arm(check, runs) == "dorefa-w3-sinreq-l100"
+    cand = C.candidates_on_val(check, runs)
+    assert cand["dorefa-w3-sinreq-l10"]["n"] == 1 and cand["dorefa-w3-sinreq-l100"]["n"] == 3
+    assert cand["dorefa-w3-sinreq-l100"]["val_acc"] == pytest.approx(83.0)
+    runs.update({("dorefa-w3-sinreq-l10", s): {"val_acc": 95.0, "test_acc": 85.0} for s in (1, 2)})
+    assert C.chosen_arm(check, runs) == "dorefa-w3-sinreq-l10"
+
+
 def test_verdict_rejects_bad_rules():
     with pytest.raises(ValueError, match="unknown rule"):
         C.verdict("bigger", {"mean": 1.0, "std": 0.0, "n": 1}, 1.0)

@@ -229,8 +229,9 @@ CLAIMS: tuple[Claim, ...] = (
           + tuple(a for b in (4, 3, 5) for a in _sinreq_arms("wrpn", b, "quantizer", 2.0)),
           tuple(_sinreq_check("dorefa", b, 2.82, "DoReFa") for b in (4, 3, 5))
           + tuple(_sinreq_check("wrpn", b, 2.11, "WRPN") for b in (4, 3, 5)),
-          paired=True, departs="lambda (mean over a layer's weights) chosen from 10/100/1000 on validation "
-          "accuracy; float activations; WRPN on the 2x ResNet-20 from its own float model"),
+          paired=True, departs="lambda (mean over a layer's weights) chosen on validation accuracy from "
+          "those run (GPU budget: 10/100/1000; CPU budget: 100, and 10 at W3/W4); float activations; WRPN on "
+          "the 2x ResNet-20 from its own float model"),
     Claim("ternary", "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
           "Zhu et al. 2017 (TTQ); Li et al. 2016 (TWN); He, Gong & Fan 2019; He & Fan 2019 (TGA); "
           "Yin et al. 2019 (LBW)",
@@ -351,7 +352,7 @@ CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0", "bcgd-all", "bcgd-all-rho0"),
     "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
     "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100", "dorefa-w3", "dorefa-w3-sinreq-l100", "dorefa-w5",
-               "dorefa-w5-sinreq-l100"),
+               "dorefa-w5-sinreq-l100", "dorefa-w4-sinreq-l10", "dorefa-w3-sinreq-l10"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
@@ -1100,12 +1101,21 @@ def verdict(rule: str, ours: Mapping[str, Any] | None, paper: float | None) -> t
     raise ValueError(f"verdict: unknown rule {rule!r}; allowed: level, drop, gain, loss, measure")
 
 
-def chosen_arm(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> str:
-    """``arms[0]``, or among ``choose`` the finished arm with the best mean validation accuracy."""
+def candidates_on_val(check: Check,
+                      runs: Mapping[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per finished arm of ``choose``: its mean validation accuracy and n (the seeds it ran)."""
     val = {c: [r["val_acc"] for (k, _), r in runs.items() if k == c and r.get("val_acc") is not None]
            for c in check.choose}
-    val = {c: statistics.fmean(v) for c, v in val.items() if v}
-    return max(val, key=val.__getitem__) if val else check.arms[0]
+    return {c: {"val_acc": statistics.fmean(v), "n": len(v)} for c, v in val.items() if v}
+
+
+def chosen_arm(check: Check, runs: Mapping[tuple[str, int], dict[str, Any]]) -> str:
+    """``arms[0]``, or among ``choose`` the finished arm with the best mean validation accuracy (of
+    those with the most seeds: a sweep still running does not choose on fewer)."""
+    val = candidates_on_val(check, runs)
+    most = max((x["n"] for x in val.values()), default=0)
+    full = [c for c, x in val.items() if x["n"] == most]
+    return max(full, key=lambda c: val[c]["val_acc"]) if full else check.arms[0]
 
 
 def float_acc(runs: Mapping[tuple[str, int], dict[str, Any]], seed: int,
@@ -1217,6 +1227,10 @@ def build_rows(runs_root: Path, budget: Budget,
                     g = stats(gap)
                     side = "below" if g["mean"] >= 0 else "above"
                     why += f"; {check.arms[1]} is {abs(g['mean']):.2f} pp {side} our float model (n={g['n']})"
+            cand = candidates_on_val(check, runs)
+            if cand and v != "not run":  # which hyper-parameter validation chose, among those that ran
+                why += ("; chosen on validation accuracy from " + ", ".join(
+                    f"{c} {x['val_acc']:.2f}% (n={x['n']})" for c, x in cand.items()) + f": {chosen}")
             src = {a.after[0] for a in claim.arms
                    if a.key in check.arms and a.derive and a.derive.startswith("waveq")}
             same = [r["avg_w_bits"] for (k, _), r in runs.items() if k in src and r.get("bits_distinct") == 1]
@@ -1250,7 +1264,8 @@ def build_rows(runs_root: Path, budget: Budget,
                 v, why = "not reproduced", f"no {check.needs.replace('_', ' ')}: {check.arms[0]} has none"
             devices = sorted({runs[(k, s)]["device"] for (k, s) in runs if k in check.arms}) if st else []
             rows.append({"claim": claim.name, "row": claim.row, "check": check.label, "rule": check.rule,
-                         "arms": [chosen, *check.arms[1:]], "chosen_on_val": list(check.choose) or None,
+                         "arms": [chosen, *check.arms[1:]],
+                         "chosen_on_val": candidates_on_val(check, runs) if check.choose else None,
                          "metric": check.metric, "paper": check.paper, "paper_text": check.paper_text,
                          "citation": claim.citation, "ours": st,
                          "diff": None if st is None or check.paper is None else st["mean"] - check.paper,

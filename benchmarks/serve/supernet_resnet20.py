@@ -18,6 +18,14 @@ bit-width supernet {2, 4, 8} (W/A), the campaign's validation split, the whole t
         --setup cifar --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar --subset 30000
 
+``--setup cifar-alr`` gives PACT's clip its own learning rate (1e-2) and ``--setup cifar-l2`` adds PACT's L2
+penalty on the clips to that (weight 2e-4, as the claims campaign's PACT recipes); each report sets its
+sub-nets beside the setup it changes one thing of::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone-b2 \
+        alone-b4 alone-b8 --setup cifar-l2 --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-l2 --subset 30000
+
 ``--seed N`` trains the same runs from the campaign's seed-N float model, with seed N's data order
 and sandwich draws (the training images stay the same), in ``<work>-seedN`` (seed 0: ``<work>``);
 ``seeds`` gathers them into ``<stem>_seeds.{json,md,png}`` (mean +- std over seeds, differences taken
@@ -118,6 +126,7 @@ from lowbit.models import build_model
 from lowbit.nn.supernet import Supernet
 from lowbit.progress import RichProgress
 from lowbit.train import TrainConfig, Trainer, evaluate, load_checkpoint, load_weights
+from lowbit.train.methods import PACTL2
 from lowbit.train.sandwich import DelayedShrinking, SandwichLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -145,6 +154,7 @@ class Setup:
     order: str | None = None  # Supernet(order=...): "l1" sorts the float model's channels first
     base: str | None = None  # the setup this one changes one thing of (each sub-net set beside it)
     base_what: str = ""  # how the base setup differs from this one
+    pact_l2: float = 0.0  # PACT's L2 penalty on the clip levels (lowbit.train.methods.PACTL2), 0: none
 
 
 SETUPS = {
@@ -170,6 +180,11 @@ SETUPS["cifar-alr"] = replace(
     SETUPS["cifar"], activation={"method": "pact", "alpha_init": 10.0, "alpha_lr": 1e-2},
     stem="supernet_resnet20_cifar_alr", work="runs/supernet_r20_cifar_alr", base="cifar",
     base_what="with the clip at the model's learning rate")
+# the cifar-alr setup with PACT's L2 penalty on the clips (weight 2e-4, as the claims campaign's PACT
+# recipes): without it the 2-bit clips stay at 8-10 while the campaign's W2A2 ones fall to 3-6
+SETUPS["cifar-l2"] = replace(
+    SETUPS["cifar-alr"], pact_l2=2e-4, stem="supernet_resnet20_cifar_l2", work="runs/supernet_r20_cifar_l2",
+    base="cifar-alr", base_what="without PACT's L2 penalty on the clips")
 # widths x bits on CIFAR-10: the cifar setup with every stage at width 0.5 or 1.0 (the half-width
 # sub-nets slice the float model's first channels of each group); trained alone: the half-width ones
 # (the full-width ones are the cifar setup's alone runs, the same configurations and recipe)
@@ -270,8 +285,9 @@ def train_one(setup: Setup, name: str, a: argparse.Namespace, data: tuple[Any, A
     if setup.select_on_val:
         callbacks.append(SubnetVal(val))
     t0 = time.time()
+    regs = [PACTL2(setup.pact_l2)] if setup.pact_l2 else []
     tr = Trainer(sn, train, None, cfg, run, loss_fn=loss, callbacks=callbacks, eval_split="val",
-                 progress=RichProgress())  # step bars on a terminal, a line per epoch on stderr
+                 regularizers=regs, progress=RichProgress())  # bars on a terminal, a line per epoch on stderr
     tr.fit(resume=True)
     train_s = time.time() - t0
     if setup.select_on_val:  # the epoch with the best mean validation accuracy, then the test set once
@@ -469,6 +485,7 @@ def report(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: floa
                           test_n=a.test_n, model=setup.model, subnets=setup.subnets, chosen_variant=best,
                           setup=a.setup, init=a.init, float_init=fl, **data_sizes(a),
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
+                          pact_l2=setup.pact_l2,
                           runs=runs, latency_threads=1, **({"load": a.load_note} if a.load_note else {}),
                           **({"latency_load": a.latency_note} if a.latency_note else {}),
                           order=setup.order, **full_width_alone(setup, Path(a.out), fl),
@@ -560,7 +577,8 @@ def _act(p: dict[str, Any]) -> str:
     """The activation quantizer's settings in words."""
     a = p.get("activation") or {}
     txt = f"alpha_init {a.get('alpha_init', 10.0):g}"
-    return txt + (f", the clip at its own learning rate {a['alpha_lr']:g}" if a.get("alpha_lr") else "")
+    txt += f", the clip at its own learning rate {a['alpha_lr']:g}" if a.get("alpha_lr") else ""
+    return txt + (f", L2 penalty {p['pact_l2']:g} on the clips" if p.get("pact_l2") else "")
 
 
 def markdown_cifar(p: dict[str, Any], variants: list[str]) -> str:
@@ -842,6 +860,7 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
     payload = {**run_meta(__file__, argv, t0, seeds=sorted(per_seed), setup=a.setup, epochs=a.epochs,
                           **data_sizes(a), subnets=setup.subnets, alone=setup.alone, variants=variants,
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
+                          pact_l2=setup.pact_l2,
                           order=setup.order, float_test=_mean_std(fl) if fl else None,
                           per_seed={s: {k: x[k] for k in ("work", "init", "float_init")} | {
                               "runs": {r: {k: v[k] for k in keep if k in v} for r, v in x["runs"].items()}}
