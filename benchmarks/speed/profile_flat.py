@@ -92,9 +92,37 @@ def describe(row: np.ndarray) -> str:
     if op == executor.OP_CONV:
         C, OH, OW, sh = (int(v) for v in row[4:8])
         O = int(row[10])
-        kind = {1: "amx", 2: "lanes", 3: "lanes+pool"}.get(int(row[29]), "vnni")
+        kind = {1: "amx", 2: "lanes", 3: "lanes+pool", 4: "lut"}.get(int(row[29]), "vnni")
         name += f" {C}->{O} {OH}x{OW} s{sh} {kind} flags={int(row[20])}"
     return name
+
+
+def time_ops(packed, prog, x: torch.Tensor, calls: int) -> tuple[float, np.ndarray, float]:
+    """(wall us of a call, us per program operation, the counter's GHz): medians over the fastest
+    quarter of ``calls`` calls of the timed copy of the interpreter, which must reproduce
+    ``packed(x)`` bit for bit. One thread."""
+    run = timed_interpreter()
+    fa, ca = prog.arenas()
+    batch = x.shape[0]
+    xn = x.numpy()
+    out = np.empty(batch * prog.out_numel, np.float32)
+    cyc = np.zeros(prog.prog.shape[0], np.int64)
+    call = (prog.prog, prog.aux, prog.w8, prog.sc, xn, out, prog.oinfo, fa, ca, batch, prog.chunk)
+    run(*call, cyc)
+    if not np.array_equal(out, packed(x).numpy().reshape(-1)):
+        raise SystemExit("the timed copy of the interpreter does not reproduce the packed model")
+    samples = []
+    for _ in range(calls):
+        cyc[:] = 0
+        t = time.perf_counter_ns()
+        run(*call, cyc)
+        samples.append((time.perf_counter_ns() - t, cyc.copy()))
+    samples.sort(key=lambda s: s[0])
+    keep = samples[: max(1, len(samples) // 4)]
+    wall_ns = float(np.median([s[0] for s in keep]))
+    per_op = np.median(np.stack([s[1] for s in keep]), axis=0)
+    ghz = _counter_ghz()
+    return wall_ns / 1e3, per_op / ghz / 1e3, ghz
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,27 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     if prog is None:
         raise SystemExit(f"{args.model} does not run in the flat executor")
     x = torch.rand(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
-    run = timed_interpreter()
-    fa, ca = prog.arenas()
-    xn = x.numpy()
-    out = np.empty(args.batch * prog.out_numel, np.float32)
-    cyc = np.zeros(prog.prog.shape[0], np.int64)
-    call = (prog.prog, prog.aux, prog.w8, prog.sc, xn, out, prog.oinfo, fa, ca, args.batch, prog.chunk)
-    run(*call, cyc)
-    if not np.array_equal(out, packed(x).numpy().reshape(-1)):
-        raise SystemExit("the timed copy of the interpreter does not reproduce the packed model")
-    samples = []
-    for _ in range(args.calls):
-        cyc[:] = 0
-        t = time.perf_counter_ns()
-        run(*call, cyc)
-        samples.append((time.perf_counter_ns() - t, cyc.copy()))
-    samples.sort(key=lambda s: s[0])
-    keep = samples[: max(1, len(samples) // 4)]
-    wall_ns = float(np.median([s[0] for s in keep]))
-    per_op = np.median(np.stack([s[1] for s in keep]), axis=0)
-    ghz = _counter_ghz()
-    rows = [{"op": i, "what": describe(r), "us": float(per_op[i] / ghz / 1e3)}
+    wall_us, per_op_us, ghz = time_ops(packed, prog, x, args.calls)
+    rows = [{"op": i, "what": describe(r), "us": float(per_op_us[i])}
             for i, r in enumerate(prog.prog)]
     by_kind: dict[str, float] = {}
     for r, row in zip(rows, prog.prog, strict=True):
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{meta['command']}`. One thread; {args.calls} calls, per operation the median over the "
         f"fastest quarter of the calls (time-stamp counter at {ghz:.2f} GHz); program chunk {prog.chunk}.",
-        f"Call (wall, same quarter): {wall_ns / 1e3:.1f} us; operations: "
+        f"Call (wall, same quarter): {wall_us:.1f} us; operations: "
         f"{sum(r['us'] for r in rows):.1f} us.",
         "Flags: 1 ReLU, 2 float output, 4 residual, 8 next layer's codes, 16 float32 epilogue.",
         "",
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         *[f"| {k} | {v:.1f} |" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])],
     ]
     stem = f"profile_flat_{args.model}_b{args.batch}{args.suffix}"
-    write_results(args.out, stem, {"meta": meta, "wall_us": wall_ns / 1e3, "ops": rows, "by_kind": by_kind},
+    write_results(args.out, stem, {"meta": meta, "wall_us": wall_us, "ops": rows, "by_kind": by_kind},
                   "\n".join(lines) + "\n")
     print("\n".join(lines))
 
