@@ -308,3 +308,37 @@ def test_clip_rate_setup_gives_pacts_clip_its_own_rate_and_sets_each_subnet_besi
     assert "alpha_init 10, the clip at its own learning rate 0.01" in md
     assert "with the clip at the model's learning rate" in md
     assert "b2 sandwich 79.00% vs 70.00% (+9.00 pp), alone 78.50% vs 69.00% (+9.50 pp)" in md
+
+
+def test_l2_setup_adds_pacts_penalty_on_every_clip_and_says_so(bench, tmp_path: Path, monkeypatch) -> None:
+    from lowbit.quant.pact import PACTActivation
+
+    setup = bench.SETUPS["cifar-l2"]
+    assert setup.base == "cifar-alr" and setup.pact_l2 == 2e-4
+    assert setup.activation == bench.SETUPS["cifar-alr"].activation
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def trainer(model, *args, regularizers=(), **kw):
+        seen["model"], seen["regs"] = model, list(regularizers)
+        raise Built
+
+    monkeypatch.setattr(bench, "Trainer", trainer)
+    a = argparse.Namespace(work=str(tmp_path), init=None, epochs=1, seed=0)
+    for name, want in (("cifar-l2", 1), ("cifar-alr", 0)):
+        with pytest.raises(Built):
+            bench.train_one(bench.SETUPS[name], "sandwich", a, ([None], None, None))
+        assert len(seen["regs"]) == want
+    with pytest.raises(Built):
+        bench.train_one(setup, "sandwich", a, ([None], None, None))
+    clips = [m.alpha for m in seen["model"].modules() if isinstance(m, PACTActivation)]
+    assert len(clips) == 3 * 18  # a clip per quantized layer and bit-width (2/4/8)
+    with torch.no_grad():
+        for i, c in enumerate(clips):
+            c.fill_(1.0 + i)
+    (reg,) = seen["regs"]
+    assert reg(seen["model"]).item() == pytest.approx(2e-4 * sum((1.0 + i) ** 2 for i in range(len(clips))))
+    assert "L2 penalty 0.0002 on the clips" in bench._act({"activation": setup.activation, "pact_l2": 2e-4})
