@@ -317,22 +317,22 @@ def test_l2_setup_adds_pacts_penalty_on_every_clip_and_says_so(bench, tmp_path: 
     assert setup.base == "cifar-alr" and setup.pact_l2 == 2e-4
     assert setup.activation == bench.SETUPS["cifar-alr"].activation
 
-    class Built(Exception):
+    class BuiltError(Exception):
         pass
 
     seen = {}
 
     def trainer(model, *args, regularizers=(), **kw):
         seen["model"], seen["regs"] = model, list(regularizers)
-        raise Built
+        raise BuiltError
 
     monkeypatch.setattr(bench, "Trainer", trainer)
     a = argparse.Namespace(work=str(tmp_path), init=None, epochs=1, seed=0)
     for name, want in (("cifar-l2", 1), ("cifar-alr", 0)):
-        with pytest.raises(Built):
+        with pytest.raises(BuiltError):
             bench.train_one(bench.SETUPS[name], "sandwich", a, ([None], None, None))
         assert len(seen["regs"]) == want
-    with pytest.raises(Built):
+    with pytest.raises(BuiltError):
         bench.train_one(setup, "sandwich", a, ([None], None, None))
     clips = [m.alpha for m in seen["model"].modules() if isinstance(m, PACTActivation)]
     assert len(clips) == 3 * 18  # a clip per quantized layer and bit-width (2/4/8)
@@ -342,3 +342,41 @@ def test_l2_setup_adds_pacts_penalty_on_every_clip_and_says_so(bench, tmp_path: 
     (reg,) = seen["regs"]
     assert reg(seen["model"]).item() == pytest.approx(2e-4 * sum((1.0 + i) ** 2 for i in range(len(clips))))
     assert "L2 penalty 0.0002 on the clips" in bench._act({"activation": setup.activation, "pact_l2": 2e-4})
+
+
+def test_seeds_table_beside_a_base_setup_subtracts_its_runs_seed_by_seed(bench, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import json
+    from dataclasses import replace
+
+    def write(work: Path, runs: dict[str, float], init: str) -> None:
+        for run, acc in runs.items():
+            names = ["b2", "b4", "b8"] if not run.startswith("alone-") else [run[len("alone-"):]]
+            (work / run).mkdir(parents=True)
+            (work / run / "result.json").write_text(json.dumps(
+                {"init": init, "val": dict.fromkeys(names, 0.5), "test": dict.fromkeys(names, acc)}))
+
+    monkeypatch.setitem(bench.SETUPS, "cifar", replace(bench.SETUPS["cifar"], work=str(tmp_path / "base")))
+    for s in (0, 1):  # this setup 5 + s pp above the base on the supernet, 7 pp on the 2-bit one alone
+        sfx = "" if s == 0 else f"-seed{s}"
+        write(tmp_path / f"l2{sfx}", {"sandwich": 0.80 + s / 100, "alone-b2": 0.77}, f"float{s}")
+        write(tmp_path / f"base{sfx}", {"sandwich": 0.75, "alone-b2": 0.70, "alone-b4": 0.8}, f"float{s}")
+    a = argparse.Namespace(work=str(tmp_path / "l2"), init="none", seeds=[0, 1], out=str(tmp_path), epochs=3,
+                           subset=30000, val=5000, test_n=10000, setup="cifar-l2", beside="cifar")
+    bench.seeds_table(bench.SETUPS["cifar-l2"], a, ["seeds"], 0.0)
+    p = json.loads((tmp_path / "supernet_resnet20_cifar_l2_seeds.json").read_text())
+    assert p["beside"] == "cifar" and p["beside_differs"] == [
+        "without PACT's L2 penalty on the clips", "with the clip at the model's learning rate"]
+    b2, b4 = (next(r for r in p["rows"] if r["name"] == n) for n in ("b2", "b4"))
+    assert b2["sandwich_minus_beside"]["n"] == 2 and abs(b2["sandwich_minus_beside"]["mean"] - 0.055) < 1e-9
+    assert abs(b2["alone_minus_beside"]["mean"] - 0.07) < 1e-9 and b2["alone_minus_beside"]["std"] < 1e-9
+    assert b4["alone_minus_beside"] is None  # no alone-b4 run of this setup to pair
+    md = (tmp_path / "supernet_resnet20_cifar_l2_seeds.md").read_text()
+    assert "sandwich - cifar (pp)" in md and "+5.50 ± 0.71 (n=2)" in md
+    assert "with the clip at the model's learning rate" in md
+    with pytest.raises(ValueError, match="not a base setup"):
+        bench.differences_to("cifar-l2", "cifar-wb")
+    write(tmp_path / "l2-seed2", {"sandwich": 0.8}, "float2")  # paired with a run from another float model
+    write(tmp_path / "base-seed2", {"sandwich": 0.8}, "elsewhere")
+    with pytest.raises(SystemExit, match="different float models"):
+        bench.seeds_table(bench.SETUPS["cifar-l2"], argparse.Namespace(**{**vars(a), "seeds": [2]}), [], 0.0)

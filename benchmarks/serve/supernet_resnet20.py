@@ -797,20 +797,52 @@ def _ms(d: dict[str, float] | None, scale: float = 100.0, signed: bool = False) 
     return f"{scale * d['mean']:{sign}.2f} ± {scale * d['std']:.2f} (n={d['n']})"
 
 
+def seed_runs(setup: Setup, work: str, alone: list[str] | None = None) -> dict[str, Any]:
+    """The finished runs (result.json) of one seed's work directory: the supernet variants and the
+    configurations trained alone."""
+    got = {}
+    for run in ("sandwich", "des", *(f"alone-{n}" for n in (setup.alone if alone is None else alone))):
+        f = Path(work) / run / "result.json"
+        if f.exists():
+            got[run] = json.loads(f.read_text())
+    return got
+
+
+def differences_to(name: str, other: str) -> list[str]:
+    """How setup ``other`` differs from setup ``name``, one entry per step down ``name``'s chain of
+    base setups (each ``base_what``); raises ValueError where ``other`` is not on that chain."""
+    steps, cur = [], name
+    while cur != other:
+        s = SETUPS[cur]
+        if s.base is None:
+            raise ValueError(f"--beside {other}: not a base setup of {name} (its chain of bases ends at "
+                             f"{cur}); set a setup beside one it changes a thing of")
+        steps.append(s.base_what)
+        cur = s.base
+    return steps
+
+
 def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0: float) -> None:
     """The setup's runs over ``--seeds`` (each trained with ``train ... --seed N``): per sub-net the test
     accuracy in each supernet variant and alone, mean +- std over seeds, and the seed-by-seed
     differences (variant minus alone, ``des`` minus ``sandwich``). Writes ``<stem>_seeds.{json,md,png}``."""
+    beside = getattr(a, "beside", None)
+    steps = differences_to(a.setup, beside) if beside else []
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in a.seeds:
         work, init = seed_paths(a.work, a.init, seed)
-        got = {}
-        for run in ("sandwich", "des", *(f"alone-{n}" for n in setup.alone)):
-            f = Path(work) / run / "result.json"
-            if f.exists():
-                got[run] = json.loads(f.read_text())
+        got = seed_runs(setup, work)
         if got:
             per_seed[seed] = {"work": work, "init": init, "float_init": float_init(init), "runs": got}
+            if beside:  # the same seed's runs of the other setup (same float model and data order)
+                bwork = seed_paths(SETUPS[beside].work, a.init, seed)[0]
+                bruns = seed_runs(SETUPS[beside], bwork, setup.alone)
+                starts = {r.get("init") for r in [*got.values(), *bruns.values()]}
+                if len(starts) > 1:
+                    raise SystemExit(f"seed {seed}: the runs in {work} and {bwork} started from different "
+                                     f"float models ({sorted(map(str, starts))}); a paired difference "
+                                     "needs one")
+                per_seed[seed]["beside"] = {"work": bwork, "runs": bruns}
     if not per_seed:
         raise SystemExit(f"no finished runs of --setup {a.setup} for seeds {a.seeds} under {a.work}[-seedN]; "
                          "train them first (see the docstring)")
@@ -836,6 +868,12 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
             d = [td - ts for x in per_seed.values()
                  if (td := test(x, "des", n)) is not None and (ts := test(x, "sandwich", n)) is not None]
             row["des_minus_sandwich"] = _mean_std(d) if d else None
+        if beside:  # this setup minus the other, seed by seed
+            for v in [*variants, "alone"]:
+                run = f"alone-{n}" if v == "alone" else v
+                d = [t - tb for x in per_seed.values()
+                     if (t := test(x, run, n)) is not None and (tb := test(x["beside"], run, n)) is not None]
+                row[f"{v}_minus_beside"] = _mean_std(d) if d else None
         rows.append(row)
     summary = {}  # per seed, the mean over sub-nets, then mean +- std over seeds
     for v in variants:
@@ -862,8 +900,10 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
                           pact_l2=setup.pact_l2,
                           order=setup.order, float_test=_mean_std(fl) if fl else None,
+                          beside=beside, beside_differs=steps,
                           per_seed={s: {k: x[k] for k in ("work", "init", "float_init")} | {
                               "runs": {r: {k: v[k] for k in keep if k in v} for r, v in x["runs"].items()}}
+                              | ({"beside_work": x["beside"]["work"]} if beside else {})
                               for s, x in per_seed.items()}),
                "rows": rows, "summary": summary}
     stem = f"{setup.stem}_seeds"
@@ -878,6 +918,9 @@ def markdown_seeds(p: dict[str, Any]) -> str:
             *(f"{v} - alone (pp)" for v in variants)]
     if "des_minus_sandwich" in p["summary"]:
         head.append("des - sandwich (pp)")
+    beside = p.get("beside")
+    if beside:
+        head += [f"{v} - {beside} (pp)" for v in [*variants, "alone"]]
     inits = "; ".join(f"seed {s}: `{x['init']}` ({_pct(x['float_init'].get('test_acc'))} test)"
                       for s, x in p["per_seed"].items())
     lines = [
@@ -901,8 +944,13 @@ def markdown_seeds(p: dict[str, Any]) -> str:
                  *(_ms(r[f"{v}_minus_alone"], signed=True) for v in variants)]
         if "des_minus_sandwich" in p["summary"]:
             cells.append(_ms(r.get("des_minus_sandwich"), signed=True))
+        if beside:
+            cells += [_ms(r.get(f"{v}_minus_beside"), signed=True) for v in [*variants, "alone"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if beside:
+        lines.append(f"- `{beside}` (its runs of the same seeds: the same float models, data order and "
+                     f"draws) differs from `{p['setup']}` in this: " + "; ".join(p["beside_differs"]) + ".")
     for k, v in p["summary"].items():
         what = {"sandwich_minus_alone": "`sandwich` minus alone", "des_minus_alone": "`des` minus alone",
                 "des_minus_sandwich": "`des` minus `sandwich` at equal epochs"}[k]
@@ -980,6 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the float model (campaign seed N), the data order and the sandwich draws; the "
                    "training images are the same for every seed. Seed N > 0 works in <work>-seedN")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds: the seeds to gather")
+    p.add_argument("--beside", choices=sorted(SETUPS),
+                   help="seeds: also this base setup's runs of the same seeds, subtracted seed by seed")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--load-note", help="report: what ran beside the training runs (goes in the results)")
     p.add_argument("--latency-note", help="report: what ran beside the latency measurement (default: the "
@@ -994,6 +1044,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.subset, a.val, a.epochs, a.test_n, a.work = 256, 64, 1, 256, a.work + "_smoke"
     if a.phase == "seeds":
+        if a.beside:
+            try:
+                differences_to(a.setup, a.beside)
+            except ValueError as e:
+                p.error(str(e))
         seeds_table(setup, a, argv, time.time())
         return 0
     a.work, a.init = seed_paths(a.work, a.init, a.seed)
