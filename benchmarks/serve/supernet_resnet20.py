@@ -26,6 +26,10 @@ sub-nets beside the setup it changes one thing of::
         alone-b4 alone-b8 --setup cifar-l2 --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-l2 --subset 30000
 
+``seeds --beside BASE`` sets a setup's seeds beside a base setup's runs of the same seeds (the same float
+models and data order), subtracted seed by seed, e.g. ``seeds --setup cifar-l2 --beside cifar --epochs 3
+--subset 30000 --seeds 0 1 2`` after ``train ... --setup cifar-l2 --seed N``.
+
 ``--seed N`` trains the same runs from the campaign's seed-N float model, with seed N's data order
 and sandwich draws (the training images stay the same), in ``<work>-seedN`` (seed 0: ``<work>``);
 ``seeds`` gathers them into ``<stem>_seeds.{json,md,png}`` (mean +- std over seeds, differences taken
