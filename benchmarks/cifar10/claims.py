@@ -13,20 +13,20 @@ runs it needs, the checks that give verdicts). Every quantized run starts from t
 ResNet-20 of the same seed (``init="float"``) unless it says ``"scratch"``; paired claims
 compare a *with* arm against a *without* arm seed by seed. :data:`BUDGETS` holds the schedules:
 
-- ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.03 ±
-  0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs (each
-  recipe's optimizer) under bf16 autocast (faster per epoch on CPUs with AMX or AVX-512 BF16;
-  quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
+- ``cpu``: float ResNet-20 20 epochs (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine; 85.03
+  ± 0.32% over 3 seeds in benchmarks/results/cifar10_claims.md), quantized fine-tunes 5 epochs
+  (each recipe's optimizer) under bf16 autocast (faster per epoch on CPUs with AMX or AVX-512
+  BF16; quantizers and their scales stay fp32), one thread per run, two runs side by side; 3 seeds
   for every row. The paired claims run first, claim by claim (BCGD with first/last float and with
-  every layer binary, DCQ at W2 and W1, SinReQ at W3 / W4 / W5 with lambda 100, WPC, multipoint PTQ, WaveQ:
-  one fine-tune that learns per-layer bits, then two, at the learned bits and at their weighted
-  mean for every layer); the other rows run seed 0 before seeds 1 and 2. The ReLeQ search runs on
-  seed 0 at a CPU size: 300 episodes, each measured once at its end (a 1-epoch bf16 fine-tune on
-  1,024 training images, read on 1,000 others; repeated assignments are cached; seed 0's 300 took
-  47 min with another run on the second core), then the assignment's 5-epoch fine-tune and the
-  width-vs-mixed pair, trained from scratch for the float model's 20 epochs. The other arms of the
-  paired claims are GPU budget only. The report's Plan section gives the CPU-hours at about 133 s
-  per epoch on one idle core (:data:`REF_EPOCH_S`).
+  every layer binary, DCQ at W2 and W1, SinReQ at W3 / W4 / W5 with lambda 10 and 100 (chosen on
+  validation), WPC, multipoint PTQ, WaveQ: one fine-tune that learns per-layer bits, then two, at
+  the learned bits and at their weighted mean for every layer); the other rows run seed 0 before
+  seeds 1 and 2. The ReLeQ search runs on seed 0 at a CPU size: 300 episodes, each measured once
+  at its end (a 1-epoch bf16 fine-tune on 1,024 training images, read on 1,000 others; repeated
+  assignments are cached; seed 0's 300 took 47 min with another run on the second core), then the
+  assignment's 5-epoch fine-tune and the width-vs-mixed pair, trained from scratch for the float
+  model's 20 epochs. The other arms of the paired claims are GPU budget only. The report's Plan
+  section gives the CPU-hours at about 133 s per epoch on one idle core (:data:`REF_EPOCH_S`).
 - ``gpu``: the papers' schedules: float 160 epochs (SGD, lr 0.1, weight decay 1e-4, lr / 10 at
   epochs 80 and 120, as He et al. 2016), quantized 160 epochs, 3 seeds for every row, six runs
   per GPU at once, ``--device cuda``.
@@ -230,7 +230,7 @@ CLAIMS: tuple[Claim, ...] = (
           tuple(_sinreq_check("dorefa", b, 2.82, "DoReFa") for b in (4, 3, 5))
           + tuple(_sinreq_check("wrpn", b, 2.11, "WRPN") for b in (4, 3, 5)),
           paired=True, departs="lambda (mean over a layer's weights) chosen on validation accuracy from "
-          "those run (GPU budget: 10/100/1000; CPU budget: 100, and 10 at W3/W4); float activations; WRPN on "
+          "those run (GPU budget: 10/100/1000; CPU budget: 10/100); float activations; WRPN on "
           "the 2x ResNet-20 from its own float model"),
     Claim("ternary", "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
           "Zhu et al. 2017 (TTQ); Li et al. 2016 (TWN); He, Gong & Fan 2019; He & Fan 2019 (TGA); "
@@ -352,7 +352,8 @@ CPU_ARMS: dict[str, tuple[str, ...]] = {
     "bcgd": ("bcgd-fl", "bcgd-fl-rho0", "bcgd-all", "bcgd-all-rho0"),
     "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
     "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100", "dorefa-w3", "dorefa-w3-sinreq-l100", "dorefa-w5",
-               "dorefa-w5-sinreq-l100", "dorefa-w4-sinreq-l10", "dorefa-w3-sinreq-l10"),
+               "dorefa-w5-sinreq-l100", "dorefa-w4-sinreq-l10", "dorefa-w3-sinreq-l10",
+               "dorefa-w5-sinreq-l10"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
