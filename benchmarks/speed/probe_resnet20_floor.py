@@ -134,7 +134,8 @@ def to_markdown(rows: list[dict], rate: float, meta: dict) -> str:
     lines = [
         "# ResNet-20: the packed convolutions against the core's int8 rate, and the ratio it allows",
         "",
-        f"Command: `{meta['command']}`; git {meta['git'].get('commit', '?')[:10]}; CPU: "
+        f"Command: `{meta['command']}`; git {meta['git'].get('commit', '?')[:10]}"
+        f"{' (dirty tree)' if meta['git'].get('dirty') else ''}; CPU: "
         f"{meta['machine'].get('cpu', '?')}; one "
         f"thread; single run (random weights and batch-norm statistics; 4-bit PACT activations).",
         "",
