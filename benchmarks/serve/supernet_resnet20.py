@@ -134,7 +134,7 @@ from lowbit.train.methods import PACTL2
 from lowbit.train.sandwich import DelayedShrinking, SandwichLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import run_meta, write_results
+from common import run_meta, save_png, write_results
 
 STAGES = {"layer1.*": 0.5, "layer2.*": 0.75, "layer3.*": 1.0}
 SHAPE = (3, 32, 32)
@@ -737,42 +737,35 @@ def plot(p: dict[str, Any], variants: list[str], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from lowbit._io import atomic_path
-
     rows = p["rows"]
     names = [r["name"] for r in rows]
     cols = [*variants, "alone"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    try:
-        w = 0.8 / len(cols)
-        for j, c in enumerate(cols):
-            ys = [100 * r.get(f"{c}_test", math.nan) for r in rows]
-            ax.bar([i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))], ys, w, label=c)
-        fl = (p.get("float_init") or {}).get("test_acc")
-        if fl is not None:
-            ax.axhline(100 * fl, color="k", ls="--", lw=1, label="float init")
-        seen = [100 * r[f"{c}_test"] for r in rows for c in cols if f"{c}_test" in r]
-        seen += [100 * fl] if fl is not None else []
-        if seen:
-            ax.set_ylim(max(0.0, min(seen) - 5), min(100.0, max(seen) + 3))
-        ax.set_xticks(range(len(rows)), names)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"CIFAR-10, {p['epochs']} epochs from float, n=1")
-        ax.legend(fontsize=8)
-        for b in (1, 8, 32):
-            bx.plot(names, [r[f"packed_b{b}_ms"] for r in rows], "o-", label=f"batch {b}")
-        bx.set_yscale("log")
-        one = p.get("latency_threads") == 1
-        bx.set_ylabel(f"packed runtime latency (ms, {'one thread' if one else '2 kernel threads'})")
-        bx.set_title("every sub-net from the one supernet file")
-        bx.legend(fontsize=8)
-        for a_ in (ax, bx):
-            a_.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    w = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        ys = [100 * r.get(f"{c}_test", math.nan) for r in rows]
+        ax.bar([i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))], ys, w, label=c)
+    fl = (p.get("float_init") or {}).get("test_acc")
+    if fl is not None:
+        ax.axhline(100 * fl, color="k", ls="--", lw=1, label="float init")
+    seen = [100 * r[f"{c}_test"] for r in rows for c in cols if f"{c}_test" in r]
+    seen += [100 * fl] if fl is not None else []
+    if seen:
+        ax.set_ylim(max(0.0, min(seen) - 5), min(100.0, max(seen) + 3))
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"CIFAR-10, {p['epochs']} epochs from float, n=1")
+    ax.legend(fontsize=8)
+    for b in (1, 8, 32):
+        bx.plot(names, [r[f"packed_b{b}_ms"] for r in rows], "o-", label=f"batch {b}")
+    bx.set_yscale("log")
+    one = p.get("latency_threads") == 1
+    bx.set_ylabel(f"packed runtime latency (ms, {'one thread' if one else '2 kernel threads'})")
+    bx.set_title("every sub-net from the one supernet file")
+    bx.legend(fontsize=8)
+    for a_ in (ax, bx):
+        a_.grid(alpha=0.3)
+    save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -972,37 +965,30 @@ def plot_seeds(p: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from lowbit._io import atomic_path
-
     rows, cols = p["rows"], [*p["variants"], "alone"]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    try:
-        w = 0.8 / len(cols)
-        for j, c in enumerate(cols):
-            xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))]
-            ms = [100 * r[f"{c}_test"]["mean"] if r[f"{c}_test"] else math.nan for r in rows]
-            sd = [100 * r[f"{c}_test"]["std"] if r[f"{c}_test"] and r[f"{c}_test"]["n"] > 1 else 0.0
-                  for r in rows]
-            ax.bar(xs, ms, w, yerr=sd, capsize=3, label=c, alpha=0.8)
-            for i, r in enumerate(rows):
-                run = f"alone-{r['name']}" if c == "alone" else c
-                ys = [100 * x["runs"][run]["test"][r["name"]] for x in p["per_seed"].values()
-                      if run in x["runs"] and r["name"] in x["runs"][run]["test"]]
-                ax.plot([xs[i]] * len(ys), ys, "k.", ms=4)
-        seen = [100 * r[f"{c}_test"]["mean"] for r in rows for c in cols if r[f"{c}_test"]]
-        if seen:
-            ax.set_ylim(max(0.0, min(seen) - 8), min(100.0, max(seen) + 3))
-        ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"CIFAR-10 supernet ({p['setup']}), {p['epochs']} epochs from float, "
-                     f"seeds {', '.join(map(str, p['seeds']))}")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    w = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))]
+        ms = [100 * r[f"{c}_test"]["mean"] if r[f"{c}_test"] else math.nan for r in rows]
+        sd = [100 * r[f"{c}_test"]["std"] if r[f"{c}_test"] and r[f"{c}_test"]["n"] > 1 else 0.0
+              for r in rows]
+        ax.bar(xs, ms, w, yerr=sd, capsize=3, label=c, alpha=0.8)
+        for i, r in enumerate(rows):
+            run = f"alone-{r['name']}" if c == "alone" else c
+            ys = [100 * x["runs"][run]["test"][r["name"]] for x in p["per_seed"].values()
+                  if run in x["runs"] and r["name"] in x["runs"][run]["test"]]
+            ax.plot([xs[i]] * len(ys), ys, "k.", ms=4)
+    seen = [100 * r[f"{c}_test"]["mean"] for r in rows for c in cols if r[f"{c}_test"]]
+    if seen:
+        ax.set_ylim(max(0.0, min(seen) - 8), min(100.0, max(seen) + 3))
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"CIFAR-10 supernet ({p['setup']}), {p['epochs']} epochs from float, "
+                 f"seeds {', '.join(map(str, p['seeds']))}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
