@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -80,10 +81,10 @@ def macs(k: tuple[int, int, int, int], row: np.ndarray, batch: int) -> int:
     return batch * int(row[5]) * int(row[6]) * O * KH * KW * C
 
 
-def probe(weights: str, batches: list[int], rate: float, calls: int, budget_s: float, seed: int,
-          onnx_dir: Path) -> list[dict]:
-    fm = build_model("resnet20").eval()
-    _randomize_bn(fm, seed)
+def probe(fm: torch.nn.Module, ort: Any, weights: str, batches: list[int], rate: float, calls: int,
+          budget_s: float, seed: int) -> list[dict]:
+    """The rows of one weight kind: ``fm`` (the float model) quantized and packed, timed beside ``ort``
+    (its onnxruntime FP32 session) at each batch."""
     q = lowbit.quantize(copy.deepcopy(fm), {"default": {"weight": WEIGHTS[weights],
                                                         "activation": ACTIVATION}}).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -95,8 +96,6 @@ def probe(weights: str, batches: list[int], rate: float, calls: int, budget_s: f
                                        for i, k in zip(convs, sizes, strict=True)):
         raise SystemExit("the flat program's convolutions do not match the model's layers in order")
     ksize = dict(zip(convs, sizes, strict=True))
-    paths, _ = export_onnx(fm, torch.rand(1, *SHAPE), [torch.rand(8, *SHAPE).numpy()], onnx_dir)
-    ort = ort_session(paths["ort-fp32"], threads=1)
     out = []
     for b in batches:
         x = torch.rand(b, *SHAPE, generator=gen)
@@ -192,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     rate = measure("vpdpbusd", 2_000_000, 5)
+    torch.manual_seed(a.seed)  # one float model (weights from the seed) for every weight kind
+    fm = build_model("resnet20").eval()
+    _randomize_bn(fm, a.seed)
     rows = []
     with tempfile.TemporaryDirectory() as d:
+        paths, _ = export_onnx(fm, torch.rand(1, *SHAPE), [torch.rand(8, *SHAPE).numpy()], Path(d))
+        ort = ort_session(paths["ort-fp32"], threads=1)
         for w in a.weights:
-            rows += probe(w, a.batches, rate, a.calls, a.budget_s, a.seed, Path(d))
+            rows += probe(fm, ort, w, a.batches, rate, a.calls, a.budget_s, a.seed)
     meta = run_meta(__file__, argv, t0, seeds=[a.seed], threads=1, vpdpbusd_per_s=rate)
     write_results(a.out, "probe_resnet20_floor", {"meta": meta, "rows": rows}, to_markdown(rows, rate, meta))
     return 0
