@@ -230,7 +230,7 @@ CLAIMS: tuple[Claim, ...] = (
           tuple(_sinreq_check("dorefa", b, 2.82, "DoReFa") for b in (4, 3, 5))
           + tuple(_sinreq_check("wrpn", b, 2.11, "WRPN") for b in (4, 3, 5)),
           paired=True, departs="lambda (mean over a layer's weights) chosen on validation accuracy from "
-          "those run (GPU budget: 10/100/1000; CPU budget: 10/100); float activations; WRPN on "
+          "10/100/1000; float activations; WRPN on "
           "the 2x ResNet-20 from its own float model"),
     Claim("ternary", "TTQ, TWN, statistical ternary (+ residual expansion), TGA, LBW ternary and 4-bit",
           "Zhu et al. 2017 (TTQ); Li et al. 2016 (TWN); He, Gong & Fan 2019; He & Fan 2019 (TGA); "
@@ -353,7 +353,8 @@ CPU_ARMS: dict[str, tuple[str, ...]] = {
     "dcq": ("dorefa-w2", "dorefa-w2-dcq", "dorefa-w1", "dorefa-w1-dcq"),  # W1: the paper's largest gain
     "sinreq": ("dorefa-w4", "dorefa-w4-sinreq-l100", "dorefa-w3", "dorefa-w3-sinreq-l100", "dorefa-w5",
                "dorefa-w5-sinreq-l100", "dorefa-w4-sinreq-l10", "dorefa-w3-sinreq-l10",
-               "dorefa-w5-sinreq-l10"),
+               "dorefa-w5-sinreq-l10", "dorefa-w4-sinreq-l1000", "dorefa-w3-sinreq-l1000",
+               "dorefa-w5-sinreq-l1000"),
 }
 #: one arm per code path (overrides, placeholders, the 2x float, both PTQ methods, RVSM, WPC)
 SMOKE_ARMS: dict[str, tuple[str, ...]] = {
