@@ -22,6 +22,7 @@ from lowbit.runtime import _amx, _jit, kernels_threads
 from lowbit.runtime import kernels as RK
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemv as KV
+from lowbit.runtime import kernels_popcount as KP
 from lowbit.runtime.compiler import reference_fp64
 from lowbit.runtime.kernels_gemv import GemvWeights
 from lowbit.runtime.kernels_pack import quantize_codes_reference
@@ -332,6 +333,7 @@ def test_packed_linear_on_vnni_tiles_without_amx(variant, monkeypatch, threads):
     copy."""
     monkeypatch.setattr(_amx, "HAS_AMX", False)
     monkeypatch.setattr(KA, "_ternary_rows", 48)  # as measured on a Xeon (an EPYC: never)
+    monkeypatch.setattr(KP, "HAS_VPOPCNT", False)  # W1A1 as on a CPU without VPOPCNTDQ (test_kernels_w1a1)
     assert KA.backend() == "vnni"
     lin = _layer(variant)
     pl = build_packed("fc", lin)

@@ -14,6 +14,7 @@ import lowbit
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_gemv as KV
+from lowbit.runtime import kernels_popcount as KP
 from lowbit.runtime import kernels_threads
 from lowbit.runtime.layers import build_packed, fold_integers
 
@@ -210,9 +211,12 @@ def test_packed_linear_many_rows_equals_fake_quant_float64(wm, abits, plain, thr
     fits = lv is not None and KG.lut_fits(*lv, abits)
     # no tables where the expanded-field GEMM runs from the GEMV's last row on (never chosen)
     unused = fits and packed.amx is not None and KA.min_rows(lv[1]) <= KV.GEMV_MAX_ROWS + 1
-    assert (packed.lut is not None) == (fits and not unused)
+    # nor where binary weights x one-bit codes run on vpopcntq (test_kernels_w1a1)
+    w1a1 = packed.w1a1 is not None
+    assert w1a1 == (KP.HAS_VPOPCNT and wm["method"] == "binary" and abits == 1 and packed.amx is None)
+    assert (packed.lut is not None) == (fits and not unused and not w1a1)
     if wm["method"] in ("binary", "twn") and abits <= 4:
-        assert packed.lut is not None or unused
+        assert packed.lut is not None or unused or w1a1
     for M in (8, 9, 64, 300):
         x = torch.randn(M, 131) * 0.7 + 0.3
         with torch.no_grad():

@@ -85,8 +85,9 @@ HAS_VNNI = HOST_VNNI and not _env_plain()
 
 
 # CPU-specific flags that other runtime modules derive from ``HAS_VNNI`` when they are imported
-# (``kernels_gemm.HAS_LUT``): switched off with the plain path, restored after it
-_DERIVED_FLAGS = ("HAS_LUT",)
+# (``kernels_gemm.HAS_LUT``, ``kernels_popcount.HAS_VPOPCNT``): switched off with the plain path,
+# restored after it
+_DERIVED_FLAGS = ("HAS_LUT", "HAS_VPOPCNT")
 _SAVED_FLAGS: dict[tuple[str, str], bool] = {}
 
 

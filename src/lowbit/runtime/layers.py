@@ -52,6 +52,7 @@ from . import kernels_gemm as KG
 from . import kernels_gemv as KV
 from . import kernels_int8 as KI
 from . import kernels_lut_conv as KL
+from . import kernels_popcount as KP
 from . import kernels_tq1 as KT
 from ._amx import amx_enabled
 
@@ -734,6 +735,9 @@ class PackedLinear(_PackedBase):
       up to 5 bits for binary, 6 for ternary, 4 for 2-bit -3/-1/1/3), AVX-512 or its plain path; not
       held where AMX starts right after the GEMV's last row (ternary weights), as they would never
       run;
+    - more rows than the GEMV takes, with one-bit activation codes and one weight plane (binary
+      weights, W1A1), on CPUs with AVX-512 VPOPCNTDQ and no AMX: the ``vpopcntq`` GEMM on the bit
+      plane in block order (``kernels_popcount.gemm_w1a1``), instead of the tables;
     - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
 
@@ -758,11 +762,17 @@ class PackedLinear(_PackedBase):
         # codes as 8-bit fields (the bit-serial kernels they replace read 5-8 planes per row)
         self.gemv = gemv_weights(wp, q, wide=True) if K.HAS_VNNI and q is not None else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
+        # W1A1 beyond the GEMV's rows on vpopcntq, from the plane in the tiles' block order (no
+        # tables, no int8); CPUs with AMX keep their tiles
+        self.w1a1: np.ndarray | None = None
+        if (KP.HAS_VPOPCNT and codes and act.bits == 1 and wp.W.shape[0] == 1 and wp.W.shape[2] == 1
+                and self.out_features >= 8 and self.gemv is not None and KA.backend() != "amx"):
+            self.w1a1 = KP.w1a1_weights(wp.W[0, :, 0])
         # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly;
         # wide fields (no 16-entry table) as int8 parts (>= WIDE_AMX_MIN_ROWS rows)
         self.amx: KA.AmxLinearWeights | None = None
         self.amx8: WideAmxWeights | None = None
-        if folded is not None and self.gemv is not None and KA.backend() is not None:
+        if folded is not None and self.gemv is not None and KA.backend() is not None and self.w1a1 is None:
             if not self.wide:  # AMX tiles, or VNNI registers on CPUs without AMX
                 self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
             elif amx_enabled():
@@ -770,13 +780,14 @@ class PackedLinear(_PackedBase):
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes, built only where they
         # would run: decided from their code bits before packing them
         self.lut: LutWeights | None = None
-        form = lut_form(folded[0], act.bits) if folded is not None else None
+        form = lut_form(folded[0], act.bits) if folded is not None and self.w1a1 is None else None
         if form is not None and not self.tables_idle(form[1]):
             self.lut = lut_weights(wp, act.bits, folded, form)
-        # every row count has a kernel on compact weights (GEMV, then tables or AMX): a large layer
-        # holds no int8 copy (not even built)
+        # every row count has a kernel on compact weights (GEMV, then tables, vpopcntq or AMX): a
+        # large layer holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
-        compact = self.gemv is not None and (self.amx is not None or self.wide or tables)
+        popcnt = self.w1a1 is not None
+        compact = self.gemv is not None and (self.amx is not None or self.wide or tables or popcnt)
         if K.HAS_VNNI and codes and not (compact and large):
             self.i8 = int8_weights(wp, (1, 1, wp.K), split=self.wide)
 
@@ -825,6 +836,17 @@ class PackedLinear(_PackedBase):
         KI.amx_conv(xq, geo, a8.koff, a8.w, a8.cfg, a8.kc, a8.nbt, s0, s1, self.relu, dst)
         if dst is not out:
             out[:] = dst[:M]
+
+    def _w1a1_forward(self, arr: np.ndarray, mode: int, hi: float, mult: float, sx: float, ma: float,
+                      out: np.ndarray) -> None:
+        """Rows (codes of ``arr``: fused formula or given) on the ``vpopcntq`` GEMM: the one-bit codes
+        packed as a bit plane, ``gemm_rows``' coefficients and epilogue."""
+        assert self.w1a1 is not None
+        s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
+        X, A = K.pack_rows(arr, 1, hi, mult, mode)
+        wp = self.wp
+        g = (-1 if wp.neg[0] else 1) << int(wp.shift[0])
+        KP.gemm_w1a1(X[:, 0], A, self.w1a1, self.out_features, g, s0, s1, s2, self.relu, out)
 
     def _amx8_coeffs(self, sx: float, ma: float) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of the wide AMX path, ``y = s1*D + s0`` with ``D = sum_r w_int*a``, zero padded to
@@ -907,6 +929,8 @@ class PackedLinear(_PackedBase):
             n += self.amx.nbytes  # its tiles are expanded from the GEMV's fields per call
         if self.amx8 is not None:
             n += self.amx8.nbytes
+        if self.w1a1 is not None:
+            n += self.w1a1.nbytes
         return n
 
     def _rows(self, M: int) -> bool:
@@ -915,6 +939,8 @@ class PackedLinear(_PackedBase):
 
     def kernel_name(self) -> str:
         lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
+        if self.w1a1 is not None:
+            lut = f" / vpopcntq (>= {KV.GEMV_MAX_ROWS + 1} rows)"
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
             if self.gemv.tq1 is not None:
@@ -993,6 +1019,9 @@ class PackedLinear(_PackedBase):
                 s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
                 KV.gemv(arr, mode, hi, mult, self.gemv, s0, s1, s2, self.relu, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
+            if self.w1a1 is not None:
+                self._w1a1_forward(arr, mode, hi, mult, sx, ma, out)
+                return torch.from_numpy(out).reshape(*lead, self.out_features)
             if self.amx8 is not None:
                 self._amx8_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
@@ -1058,6 +1087,9 @@ class PackedLinear(_PackedBase):
         if self._gemv_rows(M):
             _, qp, coef = self._gemv_static()
             KV.gemv_run(x.buf[: M * kin].reshape(M, kin), 1, qp, self.gemv, coef, self.relu, out)
+        elif self.w1a1 is not None:
+            self._w1a1_forward(x.buf[: M * kin].reshape(M, kin), 1, 0.0, 0.0, self.act.sx,
+                               self.act.ma, out)
         elif self.amx8 is not None:
             codes = x.buf[: M * kin].reshape(M, kin)
             self._amx8_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
