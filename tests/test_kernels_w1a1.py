@@ -1,6 +1,7 @@
 """The W1A1 GEMM on AVX-512 VPOPCNTDQ (``kernels_popcount.gemm_w1a1``): the bit-serial rows GEMM's
 outputs bit for bit, at any shape and thread count; PackedLinear runs binary weights x one-bit
-codes on it beyond the GEMV's rows, without tables or int8 weights, and matches the plain path."""
+codes on it at every row count, without GEMV fields, tables or int8 weights, and matches the plain
+path."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _planes(M: int, O: int, K: int):
 
 
 @needs_vpopcnt
-@pytest.mark.parametrize("M,O,K", [(3, 8, 64), (8, 16, 512), (10, 13, 577), (33, 70, 1000), (64, 40, 4096)])
+@pytest.mark.parametrize("M,O,K", [(1, 8, 64), (2, 21, 700), (3, 8, 64), (8, 16, 512), (10, 13, 577),
+                                   (33, 70, 1000), (64, 40, 4096)])
 @pytest.mark.parametrize("g,relu", [(1, False), (-2, True)])
 def test_gemm_w1a1_equals_rows_gemm(M, O, K, g, relu, threads):
     X, A, W = _planes(M, O, K)
@@ -74,9 +76,9 @@ def _counts(X: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 @needs_vpopcnt
 def test_gemm_w1a1_rejects_what_it_cannot_run():
-    X, A, W = _planes(2, 16, 64)
-    with pytest.raises(ValueError, match="rows"):
-        KP.gemm_w1a1(X, A, KP.w1a1_weights(W), 16, 1, *np.zeros((3, 16)))
+    X, A, W = _planes(4, 6, 64)
+    with pytest.raises(ValueError, match=">= 8"):
+        KP.gemm_w1a1(X, A, KP.w1a1_weights(np.concatenate([W, W])), 6, 1, *np.zeros((3, 6)))
     X, A, W = _planes(8, 16, 600)
     with pytest.raises(ValueError, match="words"):  # weights of another reduction length
         KP.gemm_w1a1(X, A, KP.w1a1_weights(W[:, :5]), 16, 1, *np.zeros((3, 16)))
@@ -99,8 +101,9 @@ def test_packed_linear_runs_w1a1_on_vpopcnt_from_the_planes(monkeypatch, threads
     lin = _w1a1_layer(600, 530)
     pl = build_packed("fc", lin)
     assert pl.w1a1 is not None and "vpopcntq" in pl.kernel_name()
-    assert pl.lut is None and pl.i8 is None and pl.amx is None  # planes, the GEMV's fields, the blocks
-    assert pl.runtime_bytes == pl.weight_bytes + pl.gemv.nbytes + pl.w1a1.nbytes
+    # the planes and their blocks only: no GEMV fields, tables, AMX or int8 copy
+    assert pl.gemv is None and pl.lut is None and pl.i8 is None and pl.amx is None
+    assert pl.runtime_bytes == pl.weight_bytes + pl.w1a1.nbytes
     calls: list[int] = []
     real = KP.gemm_w1a1
     monkeypatch.setattr(KP, "gemm_w1a1", lambda X, *a, **k: calls.append(X.shape[0]) or real(X, *a, **k))
@@ -108,14 +111,14 @@ def test_packed_linear_runs_w1a1_on_vpopcnt_from_the_planes(monkeypatch, threads
     x = torch.randn(41, 600) * 2
     with torch.inference_mode():
         got = {M: pl(x[:M]) for M in rows}
-    assert calls == [KV.GEMV_MAX_ROWS + 1, 41]  # beyond the GEMV's rows, and only there
+    assert calls == list(rows)  # every row count
     _jit.set_plain(True)  # the same layer on the bit-serial kernels: the same bits
     try:
         ref_pl = build_packed("fc", lin)
     finally:
         _jit.set_plain(False)
     assert ref_pl.w1a1 is None
-    for M in rows[2:]:
+    for M in rows:
         with torch.inference_mode():
             np.testing.assert_array_equal(got[M].numpy(), ref_pl(x[:M]).numpy())
         ref = reference_fp64(lin, x[:M])

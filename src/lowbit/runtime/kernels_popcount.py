@@ -186,7 +186,7 @@ def _host_has_vpopcnt() -> bool:
 #: the ``vpopcntq`` tile may be used here (AVX-512 VPOPCNTDQ, the plain path not forced)
 HAS_VPOPCNT = _host_has_vpopcnt()
 #: rows of one tile: 3 rows x 8 outputs keep 24 accumulators, the 3 row vectors and a temporary in
-#: the 32 zmm registers (4 x 8 spills); the rows past M overlap the tile before (M >= 3)
+#: the 32 zmm registers (4 x 8 spills); the rows past M overlap the tile before
 W1A1_R = 3
 #: blocks of 8 outputs whose weights one sweep over the rows reads together (32 KB: L1)
 W1A1_CHUNK = 8
@@ -315,22 +315,30 @@ def _splat8(builder: ir.IRBuilder, x):
     return builder.shuffle_vector(v, ir.Constant(ty, None), ir.Constant(_V8I32, [0] * 8))
 
 
-_w1a1_tile = w1a1_tile(W1A1_R) if HAS_VPOPCNT else None
+# tiles of 3 rows, and of 1 and 2 for one and two rows (a batch-1 call: the weights stream once, at
+# one bit each, so the product runs at the memory's pace)
+_w1a1_tile1, _w1a1_tile2, _w1a1_tile3 = (w1a1_tile(r) for r in (1, 2, 3)) if HAS_VPOPCNT else (None,) * 3
 
 
 @kernel
 def _w1a1_range(X, A, Wb, O, g, s0, s1, s2, relu, out, b_lo, b_hi):
-    """Blocks b_lo..b_hi of 8 outputs, every row in tiles of W1A1_R (the last overlapping), the
-    blocks of a chunk together per tile row."""
+    """Blocks b_lo..b_hi of 8 outputs, every row in tiles of W1A1_R rows (the last overlapping; one
+    and two rows: one tile of theirs), the blocks of a chunk together per tile row."""
     M = X.shape[0]
     Kw = X.shape[1]
-    R = W1A1_R
+    R = min(M, W1A1_R)
     for c_lo in range(b_lo, b_hi, W1A1_CHUNK):
         c_hi = min(b_hi, c_lo + W1A1_CHUNK)
         for m0 in range(0, M, R):
             m = min(m0, M - R)
             for blk in range(c_lo, c_hi):
-                _w1a1_tile(X, m, Wb, blk, min(8 * blk, O - 8), Kw, A, g, s0, s1, s2, relu, out)
+                o0 = min(8 * blk, O - 8)
+                if R == 3:
+                    _w1a1_tile3(X, m, Wb, blk, o0, Kw, A, g, s0, s1, s2, relu, out)
+                elif R == 2:
+                    _w1a1_tile2(X, m, Wb, blk, o0, Kw, A, g, s0, s1, s2, relu, out)
+                else:
+                    _w1a1_tile1(X, m, Wb, blk, o0, Kw, A, g, s0, s1, s2, relu, out)
 
 
 def gemm_w1a1(X: np.ndarray, A: np.ndarray, Wb: np.ndarray, O: int, g: int, s0: np.ndarray, s1: np.ndarray,
@@ -339,12 +347,12 @@ def gemm_w1a1(X: np.ndarray, A: np.ndarray, Wb: np.ndarray, O: int, g: int, s0: 
     popcount(X[m] & W[o])``: one-bit activation codes ``X`` (M, Kw) uint64, one weight plane of
     ``O`` outputs as :func:`w1a1_weights` ``Wb``, coefficient ``g`` (``±2**shift``); ``gemm_rows``
     with J = ka = 1 and the same float64 epilogue, so the same outputs bit for bit. Needs
-    :data:`HAS_VPOPCNT` and ``M >= W1A1_R``."""
+    :data:`HAS_VPOPCNT`."""
     M, Kw = X.shape
-    if _w1a1_tile is None or M < W1A1_R or O < 8 or Wb.shape != (-(-O // 8), -(-Kw // 8), 8, 8):
+    if _w1a1_tile3 is None or M < 1 or O < 8 or Wb.shape != (-(-O // 8), -(-Kw // 8), 8, 8):
         raise ValueError(f"gemm_w1a1: X {X.shape}, weights {Wb.shape} for {O} outputs: needs AVX-512 "
-                         f"VPOPCNTDQ (here: {HAS_VPOPCNT}), >= {W1A1_R} rows and w1a1_weights of a plane "
-                         f"with the rows' {Kw} words")
+                         f"VPOPCNTDQ (here: {HAS_VPOPCNT}), rows and w1a1_weights of a plane of >= 8 "
+                         f"outputs with the rows' {Kw} words")
     if out is None:
         out = np.empty((M, O), np.float32)
     for name, c in (("s0", s0), ("s1", s1), ("s2", s2)):

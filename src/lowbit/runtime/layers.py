@@ -735,11 +735,12 @@ class PackedLinear(_PackedBase):
       up to 5 bits for binary, 6 for ternary, 4 for 2-bit -3/-1/1/3), AVX-512 or its plain path; not
       held where AMX starts right after the GEMV's last row (ternary weights), as they would never
       run;
-    - more rows than the GEMV takes, with one-bit activation codes and one weight plane (binary
-      weights, W1A1), on CPUs with AVX-512 VPOPCNTDQ and no AMX: the ``vpopcntq`` GEMM on the bit
-      plane in block order (``kernels_popcount.gemm_w1a1``), instead of the tables;
     - otherwise the int8 kernel (a 1x1 convolution over the rows) where the CPU has VNNI, else the
       bit-serial rows / cols GEMM. A large layer that has both compact forms holds no int8 copy.
+
+    One-bit activation codes with one weight plane (binary weights, W1A1), on CPUs with AVX-512
+    VPOPCNTDQ and no AMX, run every row count on the ``vpopcntq`` GEMM on the bit plane in block
+    order (``kernels_popcount.gemm_w1a1``) instead: at one row it reads each weight as one bit.
 
     Weights of 5-8 bits (:attr:`wide`: the codes as 8-bit GEMV fields) run the GEMV below
     :data:`WIDE_AMX_MIN_ROWS` rows and, from there, AMX tiles on the folded weights
@@ -758,21 +759,22 @@ class PackedLinear(_PackedBase):
         # the plane integers and their int8 fold, made once for the GEMV, AMX and the tables
         q = plane_integers(wp) if codes and wp.W.shape[0] == 1 else None
         folded = fold_integers(wp, q) if q is not None else None
+        # W1A1 (binary weights, one-bit codes) at every row count on vpopcntq, from the plane in the
+        # tiles' block order: no GEMV fields, tables or int8 copy; CPUs with AMX keep their tiles
+        self.w1a1: np.ndarray | None = None
+        if (KP.HAS_VPOPCNT and act.mode in (0, 1) and act.bits == 1 and wp.W.shape[0] == 1
+                and wp.W.shape[2] == 1 and self.out_features >= 8 and KA.backend() != "amx"):
+            self.w1a1 = KP.w1a1_weights(wp.W[0, :, 0])
+            q = folded = None
         # few rows (<= KV.GEMV_MAX_ROWS): weight fields unpacked in registers (VNNI); 5-8 bit
         # codes as 8-bit fields (the bit-serial kernels they replace read 5-8 planes per row)
         self.gemv = gemv_weights(wp, q, wide=True) if K.HAS_VNNI and q is not None else None
         self._static_lut: tuple[np.ndarray, np.ndarray] | None = None
-        # W1A1 beyond the GEMV's rows on vpopcntq, from the plane in the tiles' block order (no
-        # tables, no int8); CPUs with AMX keep their tiles
-        self.w1a1: np.ndarray | None = None
-        if (KP.HAS_VPOPCNT and codes and act.bits == 1 and wp.W.shape[0] == 1 and wp.W.shape[2] == 1
-                and self.out_features >= 8 and self.gemv is not None and KA.backend() != "amx"):
-            self.w1a1 = KP.w1a1_weights(wp.W[0, :, 0])
         # many rows (>= amx_min_rows) on AMX tiles, expanded from the GEMV's fields on the fly;
         # wide fields (no 16-entry table) as int8 parts (>= WIDE_AMX_MIN_ROWS rows)
         self.amx: KA.AmxLinearWeights | None = None
         self.amx8: WideAmxWeights | None = None
-        if folded is not None and self.gemv is not None and KA.backend() is not None and self.w1a1 is None:
+        if folded is not None and self.gemv is not None and KA.backend() is not None:
             if not self.wide:  # AMX tiles, or VNNI registers on CPUs without AMX
                 self.amx = KA.amx_linear_weights(self.gemv, q, *folded)
             elif amx_enabled():
@@ -780,14 +782,14 @@ class PackedLinear(_PackedBase):
         # many rows (>= KG.LUT_MIN_ROWS): table lookup on the compact codes, built only where they
         # would run: decided from their code bits before packing them
         self.lut: LutWeights | None = None
-        form = lut_form(folded[0], act.bits) if folded is not None and self.w1a1 is None else None
+        form = lut_form(folded[0], act.bits) if folded is not None else None
         if form is not None and not self.tables_idle(form[1]):
             self.lut = lut_weights(wp, act.bits, folded, form)
-        # every row count has a kernel on compact weights (GEMV, then tables, vpopcntq or AMX): a
+        # every row count has a kernel on compact weights (GEMV, then tables or AMX; vpopcntq): a
         # large layer holds no int8 copy (not even built)
         tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
-        popcnt = self.w1a1 is not None
-        compact = self.gemv is not None and (self.amx is not None or self.wide or tables or popcnt)
+        compact = self.gemv is not None and (self.amx is not None or self.wide or tables)
+        compact = compact or self.w1a1 is not None
         if K.HAS_VNNI and codes and not (compact and large):
             self.i8 = int8_weights(wp, (1, 1, wp.K), split=self.wide)
 
@@ -938,9 +940,10 @@ class PackedLinear(_PackedBase):
         return M == 1 or M * self.wp.num_planes * self.act.bits <= ROWS_INT8_BUDGET
 
     def kernel_name(self) -> str:
-        lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.w1a1 is not None:
-            lut = f" / vpopcntq (>= {KV.GEMV_MAX_ROWS + 1} rows)"
+            flat = " / int8 (flat)" if self.i8 is not None else ""
+            return "vpopcntq on the bit plane (every row count)" + flat
+        lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
             if self.gemv.tq1 is not None:
