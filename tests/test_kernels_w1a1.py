@@ -30,6 +30,8 @@ def threads(request, monkeypatch):
     old = numba.get_num_threads()
     numba.set_num_threads(request.param)
     monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
+    monkeypatch.setattr(KP, "W1A1_MIN_PARALLEL", 1)  # the split forced on, in parts of one block
+    monkeypatch.setattr(KP, "W1A1_PART_WORK", 1)
     yield request.param
     numba.set_num_threads(old)
 
