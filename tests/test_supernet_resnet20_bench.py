@@ -328,7 +328,10 @@ def test_l2_setup_adds_pacts_penalty_on_every_clip_and_says_so(bench, tmp_path: 
 
     monkeypatch.setattr(bench, "Trainer", trainer)
     a = argparse.Namespace(work=str(tmp_path), init=None, epochs=1, seed=0)
-    for name, want in (("cifar-l2", 1), ("cifar-alr", 0)):
+    wl2 = bench.SETUPS["cifar-wbo-l2"]  # the width supernet with the same activation recipe
+    assert (wl2.activation, wl2.pact_l2, wl2.base, wl2.order) == (setup.activation, 2e-4, "cifar-wbo", "l1")
+    assert wl2.subnets == bench.SETUPS["cifar-wbo"].subnets and wl2.alone == bench.SETUPS["cifar-wbo"].alone
+    for name, want in (("cifar-l2", 1), ("cifar-alr", 0), ("cifar-wbo-l2", 1), ("cifar-wbo", 0)):
         with pytest.raises(BuiltError):
             bench.train_one(bench.SETUPS[name], "sandwich", a, ([None], None, None))
         assert len(seen["regs"]) == want

@@ -203,6 +203,12 @@ SETUPS["cifar-wb"] = replace(
 SETUPS["cifar-wbo"] = replace(SETUPS["cifar-wb"], order="l1", base="cifar-wb",
                               base_what="without the channel ordering",
                               stem="supernet_resnet20_cifar_wbo", work="runs/supernet_r20_cifar_wbo")
+# cifar-wbo with cifar-l2's activation recipe (the clip at its own learning rate, PACT's L2 penalty
+# on the clips), its half-width configurations trained alone with it too
+SETUPS["cifar-wbo-l2"] = replace(
+    SETUPS["cifar-wbo"], activation=SETUPS["cifar-l2"].activation, pact_l2=SETUPS["cifar-l2"].pact_l2,
+    base="cifar-wbo", base_what="with the clip at the model's learning rate and no L2 penalty on it",
+    stem="supernet_resnet20_cifar_wbo_l2", work="runs/supernet_r20_cifar_wbo_l2")
 # non-uniform widths: one width per stage (0.5 / 0.75 / 1.0 up the network and the reverse) beside the
 # uniform 0.5, 0.75 and 1.0, all at 4 bits, the channels ordered first; every configuration but the
 # full width also trained alone
