@@ -86,6 +86,10 @@ def test_gemm_w1a1_rejects_what_it_cannot_run():
         KP.gemm_w1a1(X, A, KP.w1a1_weights(W[:, :5]), 16, 1, *np.zeros((3, 16)))
     with pytest.raises(ValueError, match="float64"):
         KP.gemm_w1a1(X, A, KP.w1a1_weights(W), 16, 1, *np.zeros((3, 16), np.float32))
+    with pytest.raises(ValueError, match="uint64"):
+        KP.gemm_w1a1(X.view(np.int64), A, KP.w1a1_weights(W), 16, 1, *np.zeros((3, 16)))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        KP.gemm_w1a1(X, A, KP.w1a1_weights(W), 16, 1, *np.zeros((3, 16)), out=np.zeros((16, 8), np.float32).T)
 
 
 def _w1a1_layer(K: int, O: int) -> nn.Linear:

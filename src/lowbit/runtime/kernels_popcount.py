@@ -358,8 +358,13 @@ def gemm_w1a1(X: np.ndarray, A: np.ndarray, Wb: np.ndarray, O: int, g: int, s0: 
         raise ValueError(f"gemm_w1a1: X {X.shape}, weights {Wb.shape} for {O} outputs: needs AVX-512 "
                          f"VPOPCNTDQ (here: {HAS_VPOPCNT}), rows and w1a1_weights of a plane of >= 8 "
                          f"outputs with the rows' {Kw} words")
+    if X.dtype != np.uint64 or Wb.dtype != np.uint64:
+        raise ValueError(f"gemm_w1a1: X and the weights must be uint64 words, got {X.dtype} and {Wb.dtype}")
     if out is None:
         out = np.empty((M, O), np.float32)
+    if out.shape != (M, O) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"gemm_w1a1: out must be C-contiguous float32 ({M}, {O}), got {out.dtype} "
+                         f"{out.shape}")
     for name, c in (("s0", s0), ("s1", s1), ("s2", s2)):
         if c.dtype != np.float64 or c.shape[0] < O:
             raise ValueError(f"gemm_w1a1: {name} must be float64 with >= {O} entries, got {c.dtype} "

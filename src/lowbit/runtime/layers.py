@@ -844,7 +844,8 @@ class PackedLinear(_PackedBase):
         """Rows (codes of ``arr``: fused formula or given) on the ``vpopcntq`` GEMM: the one-bit codes
         packed as a bit plane, ``gemm_rows``' coefficients and epilogue."""
         assert self.w1a1 is not None
-        s0, s1, s2 = self._coeffs_static() if mode == 0 else self.coeffs(sx, ma)
+        static = mode == 0 or (sx == self.act.sx and ma == self.act.ma)
+        s0, s1, s2 = self._coeffs_static() if static else self.coeffs(sx, ma)
         X, A = K.pack_rows(arr, 1, hi, mult, mode)
         wp = self.wp
         g = (-1 if wp.neg[0] else 1) << int(wp.shift[0])
