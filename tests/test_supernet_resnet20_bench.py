@@ -174,6 +174,10 @@ def test_widths_table_names_widths_and_the_full_width_alone_runs(bench, tmp_path
     assert bench.full_width_alone(bench.SETUPS["cifar-alr"], tmp_path, fl) == {}  # no widths to set beside
     # runs from another float model are not set beside these
     assert bench.full_width_alone(setup, tmp_path, {"val_acc": 0.86, "test_acc": 0.83}) == {}
+    # each width setup beside the bit-width runs of its own recipe: cifar-wbo-l2's clip rate and penalty
+    want = {"cifar-wb": "cifar", "cifar-wbo": "cifar", "cifar-nu": "cifar", "cifar-wbo-l2": "cifar-l2"}
+    assert {n: bench.bits_twin(bench.SETUPS[n]) for n in want} == want
+    assert bench.full_width_alone(bench.SETUPS["cifar-wbo-l2"], tmp_path, fl) == {}  # cifar-l2's file absent
     rows = [_row(n, sandwich_val=0.5, sandwich_test=t) for n, t in (("w0.5-b2", 0.40), ("w1.0-b2", 0.70))]
     rows[0].update(alone_val=0.5, alone_test=0.45)
     p = _widths_payload([s for s in setup.subnets if s["bits"] == 2], rows, load="L", full_width_alone=fw)

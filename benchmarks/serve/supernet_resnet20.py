@@ -406,12 +406,25 @@ def load_trained(setup: Setup, name: str, a: argparse.Namespace) -> Supernet:
     return sn.eval()
 
 
+def _has_widths(setup: Setup) -> bool:
+    return any(s.get("width", 1.0) != 1.0 for s in setup.subnets)
+
+
+def bits_twin(setup: Setup) -> str | None:
+    """The bit-width setup (no widths) training with ``setup``'s recipe: its activation quantizer,
+    clip penalty, optimizer and batch (``cifar`` for ``cifar-wb``, ``cifar-l2`` for ``cifar-wbo-l2``)."""
+    return next((name for name, s in SETUPS.items() if s.select_on_val and not _has_widths(s)
+                 and (s.activation, s.pact_l2, s.train, s.batch_size)
+                 == (setup.activation, setup.pact_l2, setup.train, setup.batch_size)), None)
+
+
 def full_width_alone(setup: Setup, out: Path, fl: dict[str, Any]) -> dict[str, Any]:
     """For a widths x bits setup: the full-width configurations trained alone, as the bit-width setup
-    (``cifar``) recorded them in its results file (same initialisation ``fl``, recipe and data)."""
-    ref = out / f"{SETUPS['cifar'].stem}.json"
-    widths = any(s.get("width", 1.0) != 1.0 for s in setup.subnets)
-    if not widths or not setup.select_on_val or not ref.exists():
+    with its recipe (:func:`bits_twin`) recorded them in its results file (same initialisation ``fl``,
+    recipe and data)."""
+    twin = bits_twin(setup)
+    ref = out / f"{SETUPS[twin].stem}.json" if twin else None
+    if not _has_widths(setup) or not setup.select_on_val or ref is None or not ref.exists():
         return {}
     r = json.loads(ref.read_text())
     if not same_init(r, fl):  # another float model: not the same starting point
