@@ -59,6 +59,15 @@ trained alone) start from the channels that matter most; its report sets each su
         --setup cifar-wbo --epochs 3 --subset 30000
     OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wbo --subset 30000
 
+``--setup cifar-wbo-l2`` (results ``supernet_resnet20_cifar_wbo_l2``) is ``cifar-wbo`` with
+``cifar-l2``'s activation recipe (the clip at its own learning rate, PACT's L2 penalty on it), the
+half-width configurations trained alone with it too; its full-width sub-nets are set beside
+``cifar-l2``'s runs alone::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/serve/supernet_resnet20.py train sandwich alone \
+        --setup cifar-wbo-l2 --epochs 3 --subset 30000
+    OMP_NUM_THREADS=1 python benchmarks/serve/supernet_resnet20.py report --setup cifar-wbo-l2 --subset 30000
+
 ``--setup cifar-nu`` (results ``supernet_resnet20_cifar_nu``) has non-uniform widths: ``cifar-wbo``'s
 ordered channels and recipe, all sub-nets at 4 bits, uniform widths 0.5 / 0.75 / 1.0 and one width
 per stage, ``up-b4`` (0.5 / 0.75 / 1.0 for stages 1 / 2 / 3) and ``down-b4`` (1.0 / 0.75 / 0.5); every
