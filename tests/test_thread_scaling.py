@@ -22,6 +22,7 @@ from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_codes as KC
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_pack as KP
+from lowbit.runtime import kernels_popcount as KPC
 from lowbit.runtime import kernels_threads as KT
 
 needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
@@ -229,15 +230,17 @@ def _packed_mlp(width: int, act_bits: int, weight: str) -> rt.PackedModel:
 @pytest.mark.parametrize("weight, act_bits", [("binary", 4), ("twn", 4), ("binary", 1)])
 def test_packed_mlp_same_bits_on_one_and_two_threads(monkeypatch, weight, act_bits):
     """Every many-row path of a packed Linear chain (table lookup at 8 rows where the layer has
-    tables, AMX tiles at 16-96 rows) on 2 threads, split at every size (thresholds at 1), with
-    the rows' quantization split or not and the polling worker on or off: the same bits as on
-    1 thread, and the split observed."""
+    tables, AMX tiles at 16-96 rows, W1A1's vpopcntq GEMM) on 2 threads, split at every size
+    (thresholds at 1), with the rows' quantization split or not and the polling worker on or off:
+    the same bits as on 1 thread, and the split observed."""
     numba.set_num_threads(2)
     fast = _packed_mlp(640, act_bits, weight)
     monkeypatch.setattr(KT, "PARALLEL_MIN_WORK", 1)
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KA, "VNNI_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KG, "LUT_TABLES_MIN_PARALLEL", 1)
+    monkeypatch.setattr(KPC, "W1A1_MIN_PARALLEL", 1)  # W1A1 on vpopcntq, where the CPU has it
+    monkeypatch.setattr(KPC, "W1A1_PART_WORK", 1)
     splits: list[int] = []
     real = KT.run_shared
 
