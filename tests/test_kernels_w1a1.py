@@ -137,3 +137,33 @@ def test_packed_linear_runs_w1a1_on_vpopcnt_from_the_planes(monkeypatch, threads
     assert calls == [20]
     with torch.inference_mode():
         np.testing.assert_array_equal(y.numpy(), ref_pl(Codes(buf, (20, 1, 1, 600), (0, 0))).numpy())
+
+
+@needs_vpopcnt
+def test_w1a1_model_loaded_from_its_file_runs_on_vpopcnt_and_equals_compile(tmp_path):
+    """A W1A1 MLP saved as .lowbit and loaded (the stored codes, no re-quantizing) runs its Linear
+    layers on vpopcntq, bit for bit as the runtime compiled from the model, and the integer
+    arithmetic equals the exactly decoded float64 model."""
+    import lowbit.runtime as rt
+    from lowbit.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model("mlp", in_features=300, hidden=(200, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(model, {"default": {"weight": {"method": "binary", "bits": 1},
+                                            "activation": {"method": "pact", "bits": 1, "alpha_init": 2.0}}})
+    model.eval()
+    path = tmp_path / "m.lowbit"
+    lowbit.save_packed(model, path)
+    loaded = rt.load(path)
+    x = torch.randn(12, 300)
+    compiled = rt.compile(model, x, batch_chunk=0)
+    assert [r.detail for r in loaded.layers if r.kind == "packed"] == [
+        r.detail for r in compiled.layers if r.kind == "packed"]
+    assert sum("vpopcntq" in r.detail for r in loaded.layers) == 3
+    for M in (1, 12):
+        got = loaded(x[:M])
+        assert torch.equal(got, compiled(x[:M]))
+        ref = reference_fp64(model, x[:M])
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6
