@@ -47,7 +47,9 @@ Linear layers keep their weights at their true width where the arithmetic allows
 GEMV on 1/2/4-bit weight fields unpacked in registers into ``vpdpbusd`` operands
 (``kernels_gemv.py``: at batch 1 every weight is read once, so the bytes read are the cost), and
 8 or more rows of binary/ternary/2-bit weights a table-lookup GEMM (``kernels_gemm.py``: per
-group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``).
+group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``). Binary
+weights with one-bit codes (W1A1) run every row count on a ``vpopcntq`` GEMM of the two bit planes
+(``kernels_popcount.gemm_w1a1``) where the CPU has AVX-512 VPOPCNTDQ and no AMX.
 
 Threads: every kernel is a serial numba function over a range (rows, outputs, images or
 tiles) that releases the GIL; :func:`parallel_for` splits the range over the runtime's own
