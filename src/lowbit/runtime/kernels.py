@@ -61,9 +61,9 @@ count is numba's (``numba.set_num_threads``, thread-local); worker threads run w
 Files, one per kernel family (this module re-exports the public functions of the first six):
 ``kernels_threads.py`` (worker pool, ``parallel_for``), ``kernels_pack.py`` (fused activation
 quantization, bit-plane packing, im2col), ``kernels_popcount.py`` (bit-serial GEMMs, rows and
-cols layouts), ``kernels_select.py`` (float activations), ``kernels_int8.py`` (VNNI),
-``kernels_pool.py`` (max pooling on codes, global average pooling); ``kernels_gemv.py``
-(few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
+cols layouts; the W1A1 ``vpopcntq`` GEMM), ``kernels_select.py`` (float activations),
+``kernels_int8.py`` (VNNI), ``kernels_pool.py`` (max pooling on codes, global average pooling);
+``kernels_gemv.py`` (few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
 ``kernels_gemm.py`` (table-lookup GEMM), ``kernels_lut_conv.py`` (its tiles as convolutions on
 binary / ternary weights), ``kernels_amx.py`` (many-row Linear layers on AMX
 tiles), ``kernels_codes.py`` (signed activation codes) and ``kernels_lanes.py`` (one-channel
