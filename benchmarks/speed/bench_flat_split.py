@@ -149,14 +149,19 @@ def main(argv: list[str] | None = None) -> None:
                        "rounds": t["alone"]["rounds"]})
     finally:
         E.MIN_THREAD_WORK_S = keep
-    payload = {"meta": run_meta(__file__, argv, t0, seeds=[a.seed], min_thread_work_s=keep), "handoff": hand,
+    share = max(keep, E.HANDOFF_SHARE * E.handoff_s()) if keep > 0 else 0.0
+    payload = {"meta": run_meta(__file__, argv, t0, seeds=[a.seed], min_thread_work_s=keep,
+                                handoff_share=E.HANDOFF_SHARE, runtime_handoff_s=E.handoff_s(),
+                                share_s=share),
+               "handoff": hand,
                "serial_per_image": per_image, "split": rows, "batch1_after_ort": b1}
     md = ["# Flat executor: the thread rule", "",
           f"Command: `{payload['meta']['command']}`. Single run; timings on a shared, loaded 2-core machine,",
           "ratios within one interleaved block only.", "",
           f"Hand-off of a no-op to the worker pool and back (1 thread): min {hand['min_us']:.1f} us, "
           f"median {hand['median_us']:.1f} us, p90 {hand['p90_us']:.1f} us. "
-          f"Rule: split when each thread's share >= {keep * 1e6:.0f} us.", "",
+          f"Rule: split when each thread's share >= max({keep * 1e6:.0f} us, {E.HANDOFF_SHARE:g} x the "
+          f"runtime's own hand-off measure {E.handoff_s() * 1e6:.1f} us) = {share * 1e6:.0f} us.", "",
           "| model | serial us/image, batch 1 | serial us/image, batch 32 |", "|---|---:|---:|"]
     md += [f"| {k} | {v['b1_us']:.1f} | {v['b32_us']:.1f} |" for k, v in per_image.items()]
     md += ["", "2 threads, rule vs split by image count (before the rule), medians:", "",

@@ -19,7 +19,8 @@ once per input shape (and per calling thread, so that concurrent callers do not 
 
 Threads: a batch is split over threads only where splitting can pay (:func:`split_step`): more than
 one numba thread, at least ``MIN_SPLIT`` images per thread, and each thread's share of the work at
-least ``MIN_THREAD_WORK_S``, the work being the images times the program's time per image
+least ``MIN_THREAD_WORK_S`` and ``HANDOFF_SHARE`` times the hand-off to a worker measured on this
+machine (:func:`handoff_s`), the work being the images times the program's time per image
 (``Program.t_img``, the least per-image time of its serial calls on this machine; unknown until one
 has run, so a shape's first call is serial). The batch is then cut into pieces (up to
 ``PIECES_PER_THREAD`` per thread, more only where a chunk caps a piece, each at least half a
@@ -123,15 +124,44 @@ def _min_thread_work_s(default_us: float = 100.0) -> float:
 # is of the same order). Measured serial times per image: LeNet-5 11-21 us, ResNet-20 100-125 us,
 # so LeNet-5 splits from ~20 images, ResNet-20 from 2-4 (benchmarks/speed/bench_flat_split.py).
 MIN_THREAD_WORK_S = _min_thread_work_s()
+# The hand-off is the machine's, not a constant: on a 2-vCPU EPYC VM it took 70 us (median), where
+# a 100 us share split LeNet-5's 64 images (140 us a thread) and ran them 0.70x as fast as one thread
+# (epyc_zen4/flat_split.md, epyc_zen4/speed.md), while ResNet-20's 4 images (400 us a thread) gained.
+# So the share is also at least HANDOFF_SHARE hand-offs measured here, once per process (unless
+# LOWBIT_FLAT_MIN_THREAD_US sets it).
+HANDOFF_SHARE = 3.0
+_HANDOFF_S: float | None = None
+
+
+def handoff_s() -> float:
+    """Median time (seconds) of handing a no-op to the runtime's worker pool and waiting for it,
+    measured on the first call of the process (8 untimed, then 32 timed round trips: ~3 ms here)."""
+    global _HANDOFF_S
+    if _HANDOFF_S is None:
+        pool = _threads.thread_pool(2)
+        for _ in range(8):
+            pool.submit(int).result()
+        ts = []
+        for _ in range(32):
+            t = time.perf_counter()
+            pool.submit(int).result()
+            ts.append(time.perf_counter() - t)
+        _HANDOFF_S = sorted(ts)[len(ts) // 2]
+    return _HANDOFF_S
 
 
 def split_step(B: int, nt: int, t_img: float, chunk: int, min_thread_s: float | None = None) -> int:
     """Images per piece when a batch of ``B`` images runs on ``nt`` threads, or 0: run it on the
     calling thread alone. ``t_img``: the program's time per image in seconds (``inf``: unknown,
-    treated as unknown work, i.e. not split unless ``min_thread_s`` is 0)."""
+    treated as unknown work, i.e. not split unless ``min_thread_s`` is 0). Without ``min_thread_s``
+    a thread's share is :data:`MIN_THREAD_WORK_S`, and at least :data:`HANDOFF_SHARE` hand-offs
+    (:func:`handoff_s`) unless the environment set it."""
     ms = MIN_THREAD_WORK_S if min_thread_s is None else min_thread_s
     if nt <= 1 or MIN_SPLIT * nt > B:
         return 0
+    env = os.environ.get("LOWBIT_FLAT_MIN_THREAD_US", "").strip()
+    if min_thread_s is None and ms > 0.0 and math.isfinite(t_img) and not env:
+        ms = max(ms, HANDOFF_SHARE * handoff_s())
     if ms > 0.0:
         if not math.isfinite(t_img) or B * t_img < ms * nt:
             return 0
