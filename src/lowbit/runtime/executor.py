@@ -124,7 +124,7 @@ def _min_thread_work_s(default_us: float = 100.0) -> float:
 # is of the same order). Measured serial times per image: LeNet-5 11-21 us, ResNet-20 100-125 us,
 # so LeNet-5 splits from ~20 images, ResNet-20 from 2-4 (benchmarks/speed/bench_flat_split.py).
 MIN_THREAD_WORK_S = _min_thread_work_s()
-# The hand-off is the machine's, not a constant: on a 2-vCPU EPYC VM it took 70 us (median), where
+# The hand-off is the machine's, not a constant: on a 2-vCPU EPYC VM it took 60-70 us (median), where
 # a 100 us share split LeNet-5's 64 images (140 us a thread) and ran them 0.70x as fast as one thread
 # (epyc_zen4/flat_split.md, epyc_zen4/speed.md), while ResNet-20's 4 images (400 us a thread) gained.
 # So the share is also at least HANDOFF_SHARE hand-offs measured here, once per process (unless
