@@ -50,17 +50,18 @@ def test_share_is_at_least_a_few_handoffs_of_this_machine(monkeypatch):
     per process: with a 70 us hand-off LeNet-5's 64 images (4.4 us each) stay on one thread, ResNet-20's
     4 (200 us each) split; the environment's share and an explicit one are taken as they are."""
     us = 1e-6
-    monkeypatch.delenv("LOWBIT_FLAT_MIN_THREAD_US", raising=False)
+    monkeypatch.setattr(E, "SHARE_FROM_ENV", False)
     monkeypatch.setattr(E, "MIN_THREAD_WORK_S", 100 * us)
     monkeypatch.setattr(E, "_HANDOFF_S", 70 * us)
+    assert E.thread_share_s() == pytest.approx(210 * us)
     assert E.split_step(64, 2, 4.4 * us, 64) == 0
     assert E.split_step(4, 2, 200 * us, 64) > 0
     assert E.split_step(64, 2, 4.4 * us, 64, 100 * us) > 0  # an explicit share: no floor
-    monkeypatch.setenv("LOWBIT_FLAT_MIN_THREAD_US", "100")  # the environment's share, as set
-    assert E.split_step(64, 2, 4.4 * us, 64) > 0
-    monkeypatch.delenv("LOWBIT_FLAT_MIN_THREAD_US")
+    monkeypatch.setattr(E, "SHARE_FROM_ENV", True)  # LOWBIT_FLAT_MIN_THREAD_US's share, as set
+    assert E.thread_share_s() == pytest.approx(100 * us) and E.split_step(64, 2, 4.4 * us, 64) > 0
+    monkeypatch.setattr(E, "SHARE_FROM_ENV", False)
     monkeypatch.setattr(E, "MIN_THREAD_WORK_S", 0.0)  # 0: split by image count, as before the rule
-    assert E.split_step(64, 2, 4.4 * us, 64) > 0
+    assert E.thread_share_s() == 0.0 and E.split_step(64, 2, 4.4 * us, 64) > 0
     monkeypatch.setattr(E, "_HANDOFF_S", None)
     h = E.handoff_s()
     assert 0.0 < h < 1.0 and E.handoff_s() == h  # measured once, then kept

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                        "rounds": t["alone"]["rounds"]})
     finally:
         E.MIN_THREAD_WORK_S = keep
-    share = max(keep, E.HANDOFF_SHARE * E.handoff_s()) if keep > 0 else 0.0
+    share = E.thread_share_s()
     payload = {"meta": run_meta(__file__, argv, t0, seeds=[a.seed], min_thread_work_s=keep,
                                 handoff_share=E.HANDOFF_SHARE, runtime_handoff_s=E.handoff_s(),
                                 share_s=share),

@@ -128,8 +128,9 @@ MIN_THREAD_WORK_S = _min_thread_work_s()
 # a 100 us share split LeNet-5's 64 images (140 us a thread) and ran them 0.70x as fast as one thread
 # (epyc_zen4/flat_split.md, epyc_zen4/speed.md), while ResNet-20's 4 images (400 us a thread) gained.
 # So the share is also at least HANDOFF_SHARE hand-offs measured here, once per process (unless
-# LOWBIT_FLAT_MIN_THREAD_US sets it).
+# LOWBIT_FLAT_MIN_THREAD_US sets it: SHARE_FROM_ENV).
 HANDOFF_SHARE = 3.0
+SHARE_FROM_ENV = bool(os.environ.get("LOWBIT_FLAT_MIN_THREAD_US", "").strip())
 _HANDOFF_S: float | None = None
 
 
@@ -150,18 +151,26 @@ def handoff_s() -> float:
     return _HANDOFF_S
 
 
+def thread_share_s() -> float:
+    """A thread's least share (seconds of one core) of a batch split over threads:
+    :data:`MIN_THREAD_WORK_S`, and at least :data:`HANDOFF_SHARE` hand-offs (:func:`handoff_s`)
+    unless the environment set the share (0: split by image count)."""
+    if MIN_THREAD_WORK_S <= 0.0 or SHARE_FROM_ENV:
+        return MIN_THREAD_WORK_S
+    return max(MIN_THREAD_WORK_S, HANDOFF_SHARE * handoff_s())
+
+
 def split_step(B: int, nt: int, t_img: float, chunk: int, min_thread_s: float | None = None) -> int:
     """Images per piece when a batch of ``B`` images runs on ``nt`` threads, or 0: run it on the
     calling thread alone. ``t_img``: the program's time per image in seconds (``inf``: unknown,
-    treated as unknown work, i.e. not split unless ``min_thread_s`` is 0). Without ``min_thread_s``
-    a thread's share is :data:`MIN_THREAD_WORK_S`, and at least :data:`HANDOFF_SHARE` hand-offs
-    (:func:`handoff_s`) unless the environment set it."""
-    ms = MIN_THREAD_WORK_S if min_thread_s is None else min_thread_s
+    treated as unknown work, i.e. not split unless the share is 0). The share: ``min_thread_s``,
+    else :func:`thread_share_s`."""
     if nt <= 1 or MIN_SPLIT * nt > B:
         return 0
-    env = os.environ.get("LOWBIT_FLAT_MIN_THREAD_US", "").strip()
-    if min_thread_s is None and ms > 0.0 and math.isfinite(t_img) and not env:
-        ms = max(ms, HANDOFF_SHARE * handoff_s())
+    if min_thread_s is not None:
+        ms = min_thread_s
+    else:  # (the hand-off is measured only where a split is in question)
+        ms = thread_share_s() if math.isfinite(t_img) else MIN_THREAD_WORK_S
     if ms > 0.0:
         if not math.isfinite(t_img) or B * t_img < ms * nt:
             return 0
