@@ -203,8 +203,8 @@ def w1a1_weights(W: np.ndarray) -> np.ndarray:
     """One weight plane (O, Kw) uint64 (O >= 8) in the tile's order: blocks of 8 outputs, starting
     at ``min(8*b, O-8)`` (the last overlaps the one before where 8 does not divide O), each as
     ``ceil(Kw/8)`` steps of 8 rows x 8 words (zero padded): (nb, nk, 8, 8). A tile then reads its
-    weights as one sequential stream (row by row, 8 streams 512 bytes apart, 8 outputs at 8 rows
-    took 1.2-1.5x the time)."""
+    weights as one sequential stream (row by row, 8 streams 512 bytes apart, was slower at 8 rows in
+    a one-off probe)."""
     O, Kw = W.shape
     nk = -(-Kw // 8)
     starts = np.minimum(8 * np.arange(-(-O // 8)), O - 8)
