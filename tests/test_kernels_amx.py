@@ -414,16 +414,21 @@ def test_ternary_probe_picks_a_probed_row_count_or_never(monkeypatch):
     got = KA._probe_ternary_rows(k=512, n=128, reps=3)
     assert got in (*KA.TERNARY_PROBE_ROWS, KA.NEVER_ROWS)
     from lowbit.runtime import kernels_gemm as KG
+    from lowbit.runtime import kernels_lut3 as KL3
 
-    real_tables = KG.lut_gemm
+    real = {(KG, "lut_gemm"): KG.lut_gemm, (KL3, "lut3_gemm"): KL3.lut3_gemm}  # 4-bit, base-3 tables
 
-    def slow_tables(*a, **k):
-        time.sleep(0.002)
-        return real_tables(*a, **k)
+    def slowed(fn):
+        def slow(*a, **k):
+            time.sleep(0.002)
+            return fn(*a, **k)
+        return slow
 
-    monkeypatch.setattr(KG, "lut_gemm", slow_tables)
+    for (mod, name), fn in real.items():
+        monkeypatch.setattr(mod, name, slowed(fn))
     assert KA._probe_ternary_rows(k=512, n=128, reps=3) == KA.TERNARY_PROBE_ROWS[0]
-    monkeypatch.setattr(KG, "lut_gemm", real_tables)
+    for (mod, name), fn in real.items():
+        monkeypatch.setattr(mod, name, fn)
     real_tiles = KA.amx_linear
 
     def slow_tiles(*a, **k):

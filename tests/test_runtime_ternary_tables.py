@@ -20,6 +20,7 @@ from lowbit.runtime import _amx, _jit
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_gemv as KV
+from lowbit.runtime import kernels_lut3 as KL3
 from lowbit.runtime.compiler import reference_fp64
 from lowbit.runtime.layers import PackedLinear, build_packed, fold_integers, lut_form
 
@@ -77,23 +78,29 @@ def test_idle_tables_are_never_built(monkeypatch):
         raise AssertionError("lookup tables packed")
 
     monkeypatch.setattr(KG, "lut_pack_weights", refuse)
+    monkeypatch.setattr(KL3, "lut3_pack_weights", refuse)
     pl = build_packed("fc", _layer({"method": "twn", "bits": 2}))
     assert pl.amx is not None and pl.lut is None and pl.tables_idle(2)
     with pytest.raises(AssertionError, match="lookup tables packed"):
         build_packed("fc", _layer({"method": "binary", "bits": 1}))
 
 
+@pytest.mark.parametrize("base3", [True, False], ids=["base3", "nibble"])
 @pytest.mark.parametrize("path", ["amx-off", "plain"])
-def test_tables_built_and_exact_without_amx(path, monkeypatch):
+def test_tables_built_and_exact_without_amx(path, base3, monkeypatch):
     """Without AMX (switched off, or the plain path) the ternary layer packs its tables once and runs
-    8-20 rows on them (``lut_gemm`` called), bit for bit the exact integer reference's epilogue."""
+    8-20 rows on them (the base-3 tables of ``kernels_lut3``, or with them switched off the 4-bit
+    ones of ``kernels_gemm``), bit for bit the exact integer reference's epilogue."""
     lin = _layer({"method": "twn", "bits": 2})
     if KA.backend() == "vnni":  # the once-per-process probe packs and runs a layer of its own: first
         KA.ternary_vnni_rows()
     packs, gemms = [], []
-    pack, gemm = KG.lut_pack_weights, KG.lut_gemm
-    monkeypatch.setattr(KG, "lut_pack_weights", lambda *a: packs.append(1) or pack(*a))
-    monkeypatch.setattr(KG, "lut_gemm", lambda *a, **k: gemms.append(1) or gemm(*a, **k))
+    mod, pname, gname = (KL3, "lut3_pack_weights", "lut3_gemm") if base3 else (KG, "lut_pack_weights",
+                                                                                 "lut_gemm")
+    pack, gemm = getattr(mod, pname), getattr(mod, gname)
+    monkeypatch.setattr(mod, pname, lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(mod, gname, lambda *a, **k: gemms.append(1) or gemm(*a, **k))
+    monkeypatch.setattr(KL3, "ENABLED", base3)
     monkeypatch.setattr(_amx, "HAS_AMX", False)
     x = torch.randn(20, 520) * 2
     if path == "plain":
@@ -104,6 +111,7 @@ def test_tables_built_and_exact_without_amx(path, monkeypatch):
         # rows than these
         assert (pl.amx is not None) == (KA.backend() == "vnni") and pl.amx_min_rows > 20
         assert pl.lut is not None and packs == [1] and not pl.tables_idle(pl.lut.cb)
+        assert pl.lut.base3 == base3 and ("base-3 lut" in pl.kernel_name()) == base3
         assert (pl.gemv is None) == (path == "plain" or not _jit.HOST_VNNI)
         with torch.inference_mode():
             got = {M: pl(x[:M]).numpy() for M in (KG.LUT_MIN_ROWS, 11, 20)}

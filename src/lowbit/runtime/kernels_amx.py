@@ -220,20 +220,26 @@ def ternary_pair(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     """A random ternary ``n x k`` layer (ReLU, bias) with both of its many-row products, for
     :func:`_probe_ternary_rows` and the benchmarks: ``(q, s0, s1, run)``, where ``run(x, out, kernel)``
     quantizes ``x`` to 4-bit codes (``clip(x, 0, 3) * 5``, rounded) and writes the layer's output to
-    ``out`` with the lookup tables (``kernel="tables"``, ``kernels_gemm``) or the VNNI tiles
+    ``out`` with the lookup tables (``kernel="tables"``: those a packed ternary layer holds, the
+    base-3 ones of ``kernels_lut3`` unless switched off, else ``kernels_gemm``'s) or the VNNI tiles
     (``"vnni"``); both equal :func:`amx_linear_reference` on those codes."""
     from . import kernels_gemm as KG
+    from . import kernels_lut3 as KL3
 
     rng = np.random.default_rng(seed)
     q = rng.integers(-1, 2, (n, k))
     aw = amx_linear_weights(GemvWeights(q), q, q, 1.0)
     s0, s1 = amx_coeffs(aw, np.ones(n), 0.1, 0.0, np.ones(n), rng.normal(size=n))
     lv, cb = KG.lut_levels(q)
-    wq = KG.lut_pack_weights(q, lv, cb)
-    sums = KG.lut_sums(lv, cb, 4)  # the 4-bit codes of 3.0 * 5.0
+    base3 = KL3.ENABLED
+    bias = KL3.lut3_bias(1, 4)  # the 4-bit codes of 3.0 * 5.0
+    wq, ssum = KL3.lut3_pack_weights(q, 1) if base3 else (KG.lut_pack_weights(q, lv, cb), None)
+    sums = KG.lut_sums(lv, cb, 4)
 
     def run(x: np.ndarray, out: np.ndarray, kernel: str) -> None:
-        if kernel == "tables":
+        if kernel == "tables" and base3:
+            KL3.lut3_gemm(KL3.lut3_tables(x, 1, bias, 3.0, 5.0, 0), wq, ssum, bias, n, s0, s1, True, out)
+        elif kernel == "tables":
             KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, out, sums=sums)
         else:
             amx_linear(x, 0, 3.0, 5.0, aw, s0, s1, True, out, vnni=True)

@@ -51,6 +51,7 @@ from . import kernels_codes as KC
 from . import kernels_gemm as KG
 from . import kernels_gemv as KV
 from . import kernels_int8 as KI
+from . import kernels_lut3 as KL3
 from . import kernels_lut_conv as KL
 from . import kernels_popcount as KP
 from . import kernels_tq1 as KT
@@ -267,16 +268,24 @@ class LutWeights:
     """Weights for the table-lookup GEMM (``kernels_gemm``): ``w = sw[o] * unit * lv[code]``, the
     codes packed 4 bits per group of ``4 // cb`` weights."""
 
-    wq: np.ndarray  # (Op/16, Gp/8, 64) uint8
+    wq: np.ndarray  # (Op/16, Gp/8, 64) uint8; base-3: (Op/16, S, 64) index bytes
     lv: np.ndarray  # (2**cb,) int64 integer levels
     cb: int
     unit: float
     wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
     sums: int = 1  # lookups the tiles add as bytes before widening (kernels_gemm.lut_sums)
+    # ternary weights -l, 0, l: the base-3 tables of kernels_lut3 (three weights a lookup)
+    ssum: np.ndarray | None = None  # (Op,) int64 sign sums (kernels_lut3.lut3_pack_weights)
+    level: int = 0  # l
+    bias: int = 0  # the tables' offset (kernels_lut3.lut3_bias)
 
     @property
     def nbytes(self) -> int:
-        return int(self.wq.nbytes)
+        return int(self.wq.nbytes) + (0 if self.ssum is None else int(self.ssum.nbytes))
+
+    @property
+    def base3(self) -> bool:
+        return self.ssum is not None
 
 
 def lut_form(w_int: np.ndarray, ka: int) -> tuple[np.ndarray, int] | None:
@@ -292,8 +301,9 @@ def lut_form(w_int: np.ndarray, ka: int) -> tuple[np.ndarray, int] | None:
 
 def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | None = None,
                 form: tuple[np.ndarray, int] | None = None) -> LutWeights | None:
-    """The table-lookup form of binary / ternary / 2-bit weights for ``ka``-bit activation codes;
-    None where the weights take more than 4 values or the tables would not fit int8. ``folded``
+    """The table-lookup form of binary / ternary / 2-bit weights for ``ka``-bit activation codes
+    (symmetric ternary weights: the base-3 tables of ``kernels_lut3`` where they fit); None where
+    the weights take more than 4 values or the tables would not fit int8. ``folded``
     (:func:`fold_integers`) and ``form`` (:func:`lut_form`): where the caller has them."""
     folded = fold_integers(wp) if folded is None else folded
     if folded is None:
@@ -303,8 +313,12 @@ def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | No
     if form is None:
         return None
     lv, cb = form
-    return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, w_int.sum(axis=1).astype(np.float64),
-                      KG.lut_sums(lv, cb, ka))
+    wsum = w_int.sum(axis=1).astype(np.float64)
+    level = KL3.lut3_level(w_int) if cb == 2 and KL3.ENABLED else None
+    if level is not None and KL3.lut3_fits(level, ka):
+        wq, ssum = KL3.lut3_pack_weights(w_int, level)
+        return LutWeights(wq, lv, cb, unit, wsum, 1, ssum, level, KL3.lut3_bias(level, ka))
+    return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, wsum, KG.lut_sums(lv, cb, ka))
 
 
 @dataclass
@@ -904,6 +918,10 @@ class PackedLinear(_PackedBase):
         if mode == 0 and self._static_lut is None:
             self._static_lut = self.coeffs_lut(sx, ma)
         s0, s1 = self._static_lut if mode == 0 else self.coeffs_lut(sx, ma)
+        if lut.base3:
+            tab = KL3.lut3_tables(arr, lut.level, lut.bias, hi, mult, mode)
+            KL3.lut3_gemm(tab, lut.wq, lut.ssum, lut.bias, self.out_features, s0, s1, self.relu, out)
+            return
         tab = KG.lut_tables(arr, lut.lv, lut.cb, hi, mult, mode)
         KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out, sums=lut.sums)
 
@@ -944,7 +962,9 @@ class PackedLinear(_PackedBase):
         if self.w1a1 is not None:
             flat = " / int8 (flat)" if self.i8 is not None else ""
             return "vpopcntq on the bit plane (every row count)" + flat
-        lut = f" / lut (>= {KG.LUT_MIN_ROWS} rows)" if self.lut is not None else ""
+        lut = ""
+        if self.lut is not None:
+            lut = f" / {'base-3 ' if self.lut.base3 else ''}lut (>= {KG.LUT_MIN_ROWS} rows)"
         if self.gemv is not None:
             gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
             if self.gemv.tq1 is not None:

@@ -1,0 +1,386 @@
+"""Many-row GEMM on ternary weights by sign-symmetric base-3 table lookup, exact in integer
+arithmetic: three weights per lookup where :mod:`kernels_gemm`'s 4-bit tables take two.
+
+Math (one layer; see ``kernels.py`` for the notation). The weights are ``w_int = l * p`` with
+``p[o, r]`` in {-1, 0, 1} (symmetric ternary levels -l, 0, l). The reduction is cut into groups
+of three consecutive indices; a group's pattern ``(p0, p1, p2)`` and its negation have opposite
+dot products, so a group is stored as a sign ``sg[o, g]`` (+-1) and a *canonical* pattern, the one
+of the pair whose last nonzero entry is +1 (13 of them, and the zero pattern: 14 indices ``c``,
+``n = 13 + c`` in base 3 with digits ``p_i + 1``). For activation row ``m`` the table of group
+``g`` lists each canonical pattern's dot product, offset by ``B`` so that it is a byte >= 0::
+
+    T[m, g, c] = B + l * sum_{i < 3} p_i(13 + c) * a[m, 3g + i]      (uint8, B = 2 l (2**ka - 1))
+
+(a canonical pattern has at most two -1 entries), so that::
+
+    D[m, o] = sum_g sg[o, g] * T[m, g, c[o, g]] - B * sum_g sg[o, g]
+
+the last sum a per-output constant (``ssum``) fixed when the weights are packed: one lookup and
+one signed add replace three multiply-adds. Entries fit a byte while ``5 l (2**ka - 1) <= 255``
+(unit levels: codes of up to 5 bits).
+
+AVX-512 (VBMI + VNNI): a *step* is 4 consecutive groups; ``vpermb`` looks up 64 bytes in its
+64-byte table (byte ``16*s + c``: slot ``s``, canonical index ``c``). The weights store the whole
+index byte ``16*s + c | 128*(sg < 0)`` at byte ``4*o + s`` of a step: ``vpermb`` reads its low 6
+bits, the sign bit gives (``vpmovb2m``, a masked blend) the +-1 bytes that ``vpdpbusd`` multiplies
+the looked-up unsigned bytes by, adding output ``o``'s four signed lookups into its int32 lane.
+Per 64 lookups (192 multiply-adds of 16 outputs) one ``vpermb`` and one ``vpdpbusd`` for each row
+of a tile, the signs made once per tile, against 128 multiply-adds for the same two instructions
+with the 4-bit tables on ternary weights. A table is 64 bytes per 12 activations (the 4-bit
+tables: per 8), so more rows' tables stay in the level-2 cache. The index costs 8 bits per 3
+weights (2.67 bits a weight against the 4-bit tables' 2).
+
+Layouts: tables ``tab`` (M, S*64) uint8, ``S`` steps (padding activations 0); weights ``wq``
+(Op/16, S, 64) uint8 (padding groups: index 0, sign +1, counted in ``ssum``). A tile keeps R rows x
+OB blocks of 16 outputs in registers (:data:`LUT3_R`, :data:`LUT3_OB`), as
+:func:`kernels_gemm.lut_tile`.
+
+The plain path (``_lut3_plain_range``, any CPU) computes the same sums with scalar lookups;
+``lut3_gemm_reference`` is the NumPy form both are tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import kernels_gemm as KG
+from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, _vpdpbusd, kernel
+from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
+from .kernels_gemm import (
+    LUT_TABLES_MIN_PARALLEL,
+    LUT_UNIT_WORK,
+    _epilogue,
+    _row_codes,
+    _vpermb,
+    lut_gemm_reference,
+)
+from .kernels_threads import num_threads, parallel_for, use_parallel
+
+#: packed Linear layers use these tables for symmetric ternary weights (``LOWBIT_RUNTIME_LUT3=0``:
+#: the 4-bit tables of ``kernels_gemm``, for side-by-side measurements); the attribute is read when a
+#: layer is packed
+ENABLED = os.environ.get("LOWBIT_RUNTIME_LUT3", "1").strip().lower() not in ("0", "false", "no", "off")
+
+#: rows x 16-output blocks of a register tile: 8 x 2 (16 accumulators) shares each block's index
+#: and sign vectors among 8 rows; at 64-256 rows of 4096^2 it ran within a few percent of 4 x 4
+#: and 4 x 3 (the sign vectors made for 4 rows), all 1.15-1.2x the 4-bit tables, in a one-off probe
+LUT3_R, LUT3_OB = 8, 2
+#: rows whose tables (S*64 bytes each: 21.8 kB at K = 4096) are read while one group of output
+#: blocks' weights stays hot
+LUT3_ROW_BLOCK = 64
+#: digits per group, groups per step, table bytes per step
+_G, _S, _STEP = 3, 4, 64
+#: the canonical patterns (14, 3): row c is the pattern of base-3 number 13 + c, digits p_i + 1
+_PATTERNS = ((np.arange(13, 27)[:, None] // 3 ** np.arange(_G)[None, :]) % 3) - 1
+
+lut3_gemm_reference = lut_gemm_reference
+
+
+def lut3_level(w_int: np.ndarray) -> int | None:
+    """``l`` where the integer weights take only the values -l, 0, l (l >= 1; all zero: 1), else
+    None (the 4-bit tables of :mod:`kernels_gemm` take any four levels)."""
+    w = np.asarray(w_int)
+    if w.dtype.kind not in "iu":
+        return None
+    hi = int(np.abs(w).max(initial=0))
+    if hi == 0:
+        return 1
+    ok = (w == 0) | (w == hi) | (w == -hi)
+    return hi if bool(ok.all()) else None
+
+
+def lut3_bias(level: int, ka: int) -> int:
+    """``B``: the offset that makes every table entry a byte >= 0, ``2 l (2**ka - 1)``."""
+    return 2 * level * ((1 << ka) - 1)
+
+
+def lut3_fits(level: int, ka: int) -> bool:
+    """Whether every table entry fits a byte: ``5 l (2**ka - 1) <= 255``."""
+    return 5 * level * ((1 << ka) - 1) <= 255
+
+
+def lut3_steps(K: int) -> int:
+    """Steps (4 groups of 3) of a reduction of ``K``."""
+    return -(-K // (_G * _S))
+
+
+def lut3_pack_weights(w_int: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w_int`` (O, K) in {-l, 0, l} -> (``wq`` (Op/16, S, 64) uint8 index bytes, ``ssum`` (Op,)
+    int64: each output's sum of group signs)."""
+    w_int = np.asarray(w_int, np.int64)
+    O, K = w_int.shape
+    if not ((w_int == 0) | (np.abs(w_int) == level)).all():
+        raise ValueError(f"weights outside -{level}, 0, {level}")
+    S = lut3_steps(K)
+    Op = -(-O // 16) * 16
+    d = np.ones((Op, S * _S * _G), np.int64)  # digits p + 1; padding: p = 0
+    d[:O, :K] = np.sign(w_int) + 1
+    n = d[:, 0::3] + 3 * d[:, 1::3] + 9 * d[:, 2::3]  # (Op, groups), 0..26
+    neg = n < 13
+    c = np.where(neg, 13 - n, n - 13)  # the negation of pattern n is pattern 26 - n
+    idx = c.reshape(Op // 16, 16, S, _S) + 16 * np.arange(_S) + 128 * neg.reshape(Op // 16, 16, S, _S)
+    wq = np.ascontiguousarray(idx.transpose(0, 2, 1, 3).reshape(Op // 16, S, 64).astype(np.uint8))
+    ssum = (S * _S - 2 * neg.sum(axis=1)).astype(np.int64)
+    return wq, ssum
+
+
+def lut3_tables_reference(a: np.ndarray, level: int, bias: int) -> np.ndarray:
+    """NumPy reference of the tables: codes ``a`` (M, K) -> ``T`` (M, S*64) uint8."""
+    a = np.asarray(a, np.int64)
+    M, K = a.shape
+    S = lut3_steps(K)
+    ap = np.zeros((M, S * _S * _G), np.int64)
+    ap[:, :K] = a
+    T = np.full((M, S * _S, 16), bias, np.int64)
+    T[:, :, :14] += level * np.einsum("mgi,ci->mgc", ap.reshape(M, S * _S, _G), _PATTERNS)
+    if T.min(initial=0) < 0 or T.max(initial=0) > 255:
+        raise ValueError("table entries do not fit a byte")
+    return T.reshape(M, S * _STEP).astype(np.uint8)
+
+
+def _table_masks() -> list[ir.Constant]:
+    """Shuffle masks of :func:`_table_row`: entry ``16*s + c`` of digit position ``i`` reads byte
+    ``16*(p_i + 1) + 3*s + i`` of the level-scaled codes (48: a zero byte, for c >= 14)."""
+    masks = []
+    for i in range(_G):
+        m = []
+        for j in range(_STEP):
+            s, c = divmod(j, 16)
+            m.append(16 * (int(_PATTERNS[c, i]) + 1) + _G * s + i if c < 14 else 48)
+        masks.append(ir.Constant(ir.VectorType(_I32, _STEP), m))
+    return masks
+
+
+def _splat8(builder: ir.IRBuilder, value, vty: ir.VectorType):
+    """``value`` (i8) in every lane of ``vty``."""
+    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
+    lanes = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, None), lanes)
+
+
+@intrinsic
+def _table_row(typingctx, a, level, bias, nsteps, T, toff):
+    """The tables of one row of codes ``a`` (uint8, 16 readable bytes past the last step's 12):
+    per step, the 12 codes times -l, 0, l into 48 bytes (then 16 zeros), each entry ``B`` plus the
+    sum of three of those bytes (``_table_masks``); one shuffle and one add per digit position."""
+    sig = types.void(a, level, bias, nsteps, T, toff)
+    masks = _table_masks()
+
+    def codegen(context, builder, signature, args):
+        g = Args(context, builder, signature, args)
+        ap, tp = g.ptr(0, _I8), g.ptr(4, _I8, args[5])
+        v16 = ir.VectorType(_I8, 16)
+        lvl = _splat8(builder, builder.trunc(args[1], _I8), v16)
+        bias = _splat8(builder, builder.trunc(args[2], _I8), _V64I8)
+        zero16 = ir.Constant(v16, [0] * 16)
+        cat32 = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))
+        cat64 = ir.Constant(ir.VectorType(_I32, 64), list(range(64)))
+        with cgutils.for_range(builder, args[3]) as loop:
+            t = loop.index
+            ld = load_as(builder, ap, v16, builder.mul(t, i64(_G * _S)))
+            pos = builder.mul(ld, lvl)
+            blk = builder.shuffle_vector(builder.shuffle_vector(builder.sub(zero16, pos), zero16, cat32),
+                                         builder.shuffle_vector(pos, zero16, cat32), cat64)
+            acc = bias
+            for m in masks:
+                acc = builder.add(acc, builder.shuffle_vector(blk, ir.Constant(blk.type, None), m))
+            store_as(builder, acc, tp, builder.mul(t, i64(_STEP)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@kernel
+def _lut3_tables_avx(x, mode, hi, mult, level, bias, T, m_lo, m_hi):
+    S = T.shape[1] // 64
+    a = np.zeros(S * 12 + 16, np.uint8)
+    tflat = T.reshape(-1)
+    for m in range(m_lo, m_hi):
+        _row_codes(x[m], mode, hi, mult, a)
+        _table_row(a, level, bias, S, tflat, m * S * 64)
+
+
+@kernel
+def _lut3_tables_plain(x, mode, hi, mult, level, bias, T, m_lo, m_hi):
+    S = T.shape[1] // 64
+    a = np.zeros(S * 12 + 16, np.uint8)
+    for m in range(m_lo, m_hi):
+        _row_codes(x[m], mode, hi, mult, a)
+        tr = T[m]
+        for g in range(S * 4):
+            for c in range(16):
+                e = bias
+                if c < 14:
+                    n = c + 13
+                    for i in range(3):
+                        e += (n % 3 - 1) * level * np.int64(a[3 * g + i])
+                        n //= 3
+                tr[g * 16 + c] = np.uint8(e)
+
+
+def lut3_tables(x: np.ndarray, level: int, bias: int, hi: float = 0.0, mult: float = 0.0, mode: int = 1,
+                out: np.ndarray | None = None, plain: bool | None = None) -> np.ndarray:
+    """Tables (M, S*64) uint8 of the rows of ``x`` (M, K): quantized with the fused clip formula
+    (mode 0) or taken as codes (mode 1). The caller checks :func:`lut3_fits`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    M, K = x.shape
+    T = np.empty((M, lut3_steps(K) * _STEP), np.uint8) if out is None else out
+    fn = _lut3_tables_plain if (not KG.HAS_LUT if plain is None else plain) else _lut3_tables_avx
+    parallel_for(fn, M, x, np.int64(mode), np.float32(hi), np.float32(mult), np.int64(level),
+                 np.int64(bias), T, parallel=use_parallel(M * K, LUT_TABLES_MIN_PARALLEL), grain=8)
+    return T
+
+
+def lut3_tile(R: int, OB: int):
+    """An intrinsic ``tile(tab, trow, nsteps, wq, wbase, wstride, acc)``: the int32 signed lookup
+    sums of R rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major; the bias not yet taken
+    off); ``trow`` int64 (R,) element offsets of the rows' tables in ``tab``; block ``b``'s index
+    bytes at ``wbase + b*wstride`` of ``wq``."""
+
+    @intrinsic
+    def tile(typingctx, tab, trow, nsteps, wq, wbase, wstride, acc):
+        sig = types.void(tab, trow, nsteps, wq, wbase, wstride, acc)
+
+        def codegen(context, builder, signature, args):
+            g = Args(context, builder, signature, args)
+            bases = offset_pointers(builder, g.ptr(0, _I8), g.ptr(1, _I64), R)
+            wbases = strided(builder, g.ptr(3, _I8, args[4]), None, args[5], OB)
+            ones = ir.Constant(_V64I8, [1] * 64)
+            minus = ir.Constant(_V64I8, [-1] * 64)
+            zero = ir.Constant(_V64I8, [0] * 64)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16I32, [0] * 16)) for _ in range(R * OB)]
+            with cgutils.for_range(builder, args[2]) as steps:
+                off = builder.mul(steps.index, i64(_STEP))
+                idx, sgn = [], []
+                for b in range(OB):
+                    v = load_as(builder, wbases[b], _V64I8, off)
+                    idx.append(v)
+                    sgn.append(builder.select(builder.icmp_signed("<", v, zero), minus, ones))
+                for r in range(R):
+                    tab = load_as(builder, bases[r], _V64I8, off)
+                    for b in range(OB):
+                        look = _vpermb(builder, tab, idx[b])
+                        a = accs[r * OB + b]
+                        builder.store(_vpdpbusd(builder, builder.load(a), look, sgn[b]), a)
+            ap = g.ptr(6, _I32)
+            for k in range(R * OB):
+                store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILES = tuple(lut3_tile(LUT3_R, ob) for ob in range(1, LUT3_OB + 1)) if KG.HAS_LUT else ()
+if _TILES:
+    _tile1, _tile2 = _TILES
+else:  # never called: the plain path runs instead
+    _tile1 = _tile2 = None
+
+
+@kernel
+def _unbias(acc, R, OB, nv, o0, O, corr):
+    """``acc[r, o] -= corr[o0 + o]``: the tables' offset taken off the valid rows and outputs."""
+    W = OB * 16
+    on = min(W, O - o0)
+    for r in range(nv):
+        for o in range(on):
+            acc[r * W + o] -= np.int32(corr[o0 + o])
+
+
+@kernel
+def _lut3_avx_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
+    """Rows lo..hi (``by_rows``) or output blocks lo..hi of every row."""
+    M = out.shape[0]
+    nblk = wq.shape[0]
+    nsteps = wq.shape[1]
+    wstride = nsteps * 64
+    ldt = tab.shape[1]
+    tflat = tab.reshape(-1)
+    wflat = wq.reshape(-1)
+    acc = np.empty(LUT3_R * LUT3_OB * 16, np.int32)
+    trow = np.empty(LUT3_R, np.int64)
+    if by_rows:
+        m_lo, m_hi, b_lo, b_hi = lo, hi, 0, nblk
+    else:
+        m_lo, m_hi, b_lo, b_hi = 0, M, lo, hi
+    for mb in range(m_lo, m_hi, LUT3_ROW_BLOCK):
+        mb_hi = min(m_hi, mb + LUT3_ROW_BLOCK)
+        for b0 in range(b_lo, b_hi, LUT3_OB):
+            ob = min(LUT3_OB, b_hi - b0)
+            wbase = b0 * wstride
+            for m0 in range(mb, mb_hi, LUT3_R):
+                nv = min(LUT3_R, mb_hi - m0)
+                for r in range(LUT3_R):  # rows past the last repeat it (their sums are not stored)
+                    trow[r] = (m0 + min(r, nv - 1)) * ldt
+                if ob == 2:
+                    _tile2(tflat, trow, nsteps, wflat, wbase, wstride, acc)
+                else:
+                    _tile1(tflat, trow, nsteps, wflat, wbase, wstride, acc)
+                _unbias(acc, LUT3_R, ob, nv, b0 * 16, O, corr)
+                _epilogue(acc, LUT3_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
+
+
+@kernel
+def _lut3_plain_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
+    """The same sums with scalar lookups (any CPU)."""
+    M = out.shape[0]
+    nblk = wq.shape[0]
+    nsteps = wq.shape[1]
+    acc = np.empty(16, np.int64)
+    if by_rows:
+        m_lo, m_hi, b_lo, b_hi = lo, hi, 0, nblk
+    else:
+        m_lo, m_hi, b_lo, b_hi = 0, M, lo, hi
+    for m in range(m_lo, m_hi):
+        tr = tab[m]
+        for b in range(b_lo, b_hi):
+            for o in range(16):
+                acc[o] = 0
+            for t in range(nsteps):
+                wb = wq[b, t]
+                for j in range(64):
+                    e = np.int64(tr[t * 64 + np.int64(wb[j] & np.uint8(63))])
+                    acc[j >> 2] += -e if wb[j] >= 128 else e
+            for o in range(min(16, O - 16 * b)):
+                oc = 16 * b + o
+                v = s1[oc] * np.float64(acc[o] - corr[oc]) + s0[oc]
+                if relu and v < 0.0:
+                    v = 0.0
+                out[m, oc] = np.float32(v)
+
+
+def lut3_gemm(tab: np.ndarray, wq: np.ndarray, ssum: np.ndarray, bias: int, O: int, s0: np.ndarray,
+              s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None,
+              plain: bool | None = None) -> np.ndarray:
+    """``out[m, o] = float32(relu(s1[o]*D[m, o] + s0[o]))`` (float64 multiply then add) with the exact
+    ``D`` of the module docstring (tables :func:`lut3_tables` with offset ``bias``, weights and
+    ``ssum`` :func:`lut3_pack_weights`). ``s0``, ``s1`` float64 of at least O entries; ``plain``
+    forces the scalar path."""
+    if wq.ndim != 3 or wq.shape[2] != 64 or tab.shape[1] != wq.shape[1] * _STEP or ssum.shape[0] < O:
+        raise ValueError(f"tables {tab.shape}, weights {wq.shape} and sign sums {ssum.shape} do not match: "
+                         f"expected weights (blocks, steps, 64), tables (rows, steps*64), >= {O} sign sums")
+    M = tab.shape[0]
+    if out is None:
+        out = np.empty((M, O), np.float32)
+    if M == 0:
+        return out
+    if plain is None:  # the 4-bit tables' switch (kernels_gemm.HAS_LUT: VBMI + VNNI, not forced plain)
+        plain = not KG.HAS_LUT
+    corr = np.asarray(ssum, np.int64) * int(bias)
+    fn = _lut3_plain_range if plain else _lut3_avx_range
+    nblk = wq.shape[0]
+    nt = num_threads()
+    by_rows = 64 * nt <= M
+    n = M if by_rows else nblk
+    par = use_parallel(LUT_UNIT_WORK * M * nblk * (wq.shape[1] * 3 // 4))
+    parallel_for(fn, n, tab, wq, np.int64(O), corr, s0, s1, bool(relu), out, by_rows, parallel=par,
+                 grain=LUT3_R * 2 if by_rows else 2 * LUT3_OB)
+    return out
