@@ -67,33 +67,43 @@ def test_lut3_equals_the_4bit_tables(path):
     np.testing.assert_array_equal(new, old)
 
 
+def _unpack(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(canonical index, negative sign, slot) per (output, group) from the packed pairs."""
+    nb, npairs, _ = wq.shape
+    c = np.stack([wq[:, :, :64] & 15, wq[:, :, :64] >> 4], axis=2)  # block, pair, step, byte
+    neg = np.unpackbits(wq[:, :, 64:].reshape(nb, npairs, 2, 8), axis=-1, bitorder="little")
+    slot = np.broadcast_to(np.arange(64) % 4, c.shape)
+
+    def per_output(v):  # byte 4*o + s of step t -> [16*block + o, 4*t + s]
+        return v.reshape(nb, 2 * npairs, 16, 4).transpose(0, 2, 1, 3).reshape(16 * nb, 8 * npairs)
+
+    return tuple(per_output(v).astype(np.int64) for v in (c, neg, slot))
+
+
 def test_packing_signs_and_canonical_patterns():
-    """Index bytes: slot in bits 4-5, a canonical pattern 0..13 in bits 0-3 (zero: 0), the sign in
-    bit 7; a weight matrix and its negation share patterns and differ in every nonzero group's sign;
-    ``ssum`` counts the signs (padding groups +1)."""
-    O, K = 16, 24  # 8 groups, 2 steps
+    """Canonical patterns 0..13 (zero: 0) as nibbles, signs as bit masks: a group's pattern and sign
+    give back its three weights; a weight matrix and its negation share patterns and differ in every
+    nonzero group's sign; ``ssum`` counts the signs (padding groups +1); 5 bits per 3 weights."""
+    O, K = 20, 53  # 18 groups, 5 steps -> 6 (3 pairs), 2 blocks
     w = RNG.integers(-1, 2, (O, K))
     w[1] = 0
     wq, ssum = KL3.lut3_pack_weights(w, 1)
-    assert wq.shape == (1, 2, 64) and wq.dtype == np.uint8
-    c, slot, neg = wq & 15, (wq >> 4) & 3, wq >> 7
-    assert c.max() <= 13 and ((wq >> 6) & 1).max() == 0
-    np.testing.assert_array_equal(slot[0, 0], np.arange(64) % 4)
-    # output 1 (all zero): pattern 0, sign +, sign sum = its 8 groups
-    assert (c[0, :, 4:8] == 0).all() and (neg[0, :, 4:8] == 0).all() and ssum[1] == 8
+    assert wq.shape == (2, 3, 80) and wq.dtype == np.uint8 and ssum.shape == (32,)
+    c, neg, slot = _unpack(wq)
+    assert c.max() <= 13 and (slot == np.arange(24) % 4).all()
+    pat = KL3._PATTERNS[c] * (1 - 2 * neg)[..., None]  # (Op, groups, 3)
+    wp = np.zeros((32, 72), np.int64)
+    wp[:O, :K] = w
+    np.testing.assert_array_equal(pat.reshape(32, 72), wp)
+    assert (c[1] == 0).all() and (neg[1] == 0).all() and ssum[1] == 24
+    np.testing.assert_array_equal(ssum, (1 - 2 * neg).sum(axis=1))
     wn, sn = KL3.lut3_pack_weights(-w, 1)
-    np.testing.assert_array_equal(wn & 63, wq & 63)
-    nonzero = c > 0
-    np.testing.assert_array_equal((wn >> 7)[nonzero], 1 - neg[nonzero])
-    zeros = (c == 0).reshape(2, 16, 4).transpose(1, 0, 2).reshape(16, -1).sum(axis=1)
-    np.testing.assert_array_equal(sn + ssum, 2 * zeros)  # a zero group keeps its + sign
-    # the sum of signs per output from the bytes themselves (byte 4*o + s of each step)
-    signs = 1 - 2 * neg.reshape(2, 16, 4).transpose(1, 0, 2).reshape(16, -1).astype(np.int64)
-    np.testing.assert_array_equal(ssum, signs.sum(axis=1))
-    # K = 13 (2 steps, 3 padding groups +1 each): D still exact
-    w2 = -np.ones((3, 13), np.int64)
-    wq2, ss2 = KL3.lut3_pack_weights(w2, 1)
-    assert wq2.shape == (1, 2, 64) and ss2[0] == -5 + 3
+    cn, negn, _ = _unpack(wn)
+    np.testing.assert_array_equal(cn, c)
+    np.testing.assert_array_equal(negn[c > 0], 1 - neg[c > 0])
+    np.testing.assert_array_equal(sn + ssum, 2 * (c == 0).sum(axis=1))  # a zero group keeps its + sign
+    wq2, _ = KL3.lut3_pack_weights(RNG.integers(-1, 2, (16, 240)), 1)
+    assert wq2.nbytes * 8 == 16 * 240 * 5 // 3
 
 
 def test_tables_reference_closed_form():
@@ -169,7 +179,7 @@ def test_packed_ternary_layer_takes_base3_tables_where_they_fit(abits, monkeypat
     monkeypatch.setattr(KL3, "ENABLED", False)
     old = build_packed("fc", lin)
     assert old.lut is not None and not old.lut.base3
-    assert (pl.lut.nbytes > old.lut.nbytes) == pl.lut.base3  # 8 bits per 3 weights against 4 per 2
+    assert pl.lut.nbytes == pl.lut.wq.nbytes + (pl.lut.ssum.nbytes if pl.lut.base3 else 0)
     w_int = fold_integers(pl.wp)[0]
     s0, s1 = pl.coeffs_lut(pl.act.sx, pl.act.ma)
     for M in (8, 9, 70):

@@ -630,10 +630,11 @@ def ort_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 
 
-def mlp_int8_baselines(fm: nn.Module, width: int, seed: int, onnx_dir: Path
+def mlp_int8_baselines(fm: nn.Module, width: int, seed: int, onnx_dir: Path, threads: int = 1
                        ) -> tuple[Callable[[Tensor], dict[str, Callable[[], Any]]], dict[str, str]]:
-    """The int8 baselines of a float MLP ``fm`` of ``width`` inputs at one thread, as the A/B scripts
-    time them beside lowbit: PyTorch dynamic int8 and onnxruntime dynamic / static QDQ int8
+    """The int8 baselines of a float MLP ``fm`` of ``width`` inputs as the A/B scripts time them
+    beside lowbit (onnxruntime sessions on ``threads`` threads; PyTorch runs on its own thread count,
+    ``set_threads``): PyTorch dynamic int8 and onnxruntime dynamic / static QDQ int8
     (exported into ``onnx_dir``, or the files an earlier run with the same seed left there).
     Returns ``(calls, missing)``: ``calls(x)`` the baselines' calls on the input ``x``, ``missing``
     the exports that failed and why."""
@@ -644,7 +645,7 @@ def mlp_int8_baselines(fm: nn.Module, width: int, seed: int, onnx_dir: Path
         g = torch.Generator().manual_seed(seed + 1)
         calib = [torch.rand(8, width, generator=g).numpy() for _ in range(4)]
         paths, missing = export_onnx(fm, torch.rand(8, width), calib, onnx_dir)
-    sessions = {k: ort_session(paths[k], 1) for k in names if k in paths}
+    sessions = {k: ort_session(paths[k], threads) for k in names if k in paths}
     dyn, _ = torch_dynamic_int8(fm)
 
     def calls(x: Tensor) -> dict[str, Callable[[], Any]]:

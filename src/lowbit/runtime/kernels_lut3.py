@@ -20,20 +20,21 @@ one signed add replace three multiply-adds. Entries fit a byte while ``5 l (2**k
 (unit levels: codes of up to 5 bits).
 
 AVX-512 (VBMI + VNNI): a *step* is 4 consecutive groups; ``vpermb`` looks up 64 bytes in its
-64-byte table (byte ``16*s + c``: slot ``s``, canonical index ``c``). The weights store the whole
-index byte ``16*s + c | 128*(sg < 0)`` at byte ``4*o + s`` of a step: ``vpermb`` reads its low 6
-bits, the sign bit gives (``vpmovb2m``, a masked blend) the +-1 bytes that ``vpdpbusd`` multiplies
-the looked-up unsigned bytes by, adding output ``o``'s four signed lookups into its int32 lane.
-Per 64 lookups (192 multiply-adds of 16 outputs) one ``vpermb`` and one ``vpdpbusd`` for each row
-of a tile, the signs made once per tile, against 128 multiply-adds for the same two instructions
-with the 4-bit tables on ternary weights. A table is 64 bytes per 12 activations (the 4-bit
-tables: per 8), so more rows' tables stay in the level-2 cache. The index costs 8 bits per 3
-weights (2.67 bits a weight against the 4-bit tables' 2).
+64-byte table (byte ``16*s + c``: slot ``s``, canonical index ``c``). The weights hold, per block of
+16 outputs and pair of steps, the two steps' indices as the low and high nibbles of 64 bytes (byte
+``4*o + s``: output ``o``, slot ``s``) and then the two steps' signs as 64-bit masks (bit ``4*o +
+s`` set: -1). The tile splits the nibbles, adds the slot ``16*s`` and turns each mask into +-1 bytes
+(a masked blend), once for the R rows of the tile; per row and step one ``vpermb`` looks up 64 bytes
+and one ``vpdpbusd`` multiplies them (unsigned) by the signs and adds output ``o``'s four into its
+int32 lane: two instructions per 192 multiply-adds of 16 outputs, where the 4-bit tables on ternary
+weights do 128 (plus a ``vpaddb`` per two lookups). Weights: 5 bits per 3 (1.67 bits a weight;
+the 4-bit tables: 2). Tables: 64 bytes per 12 activations (the 4-bit tables: per 8).
 
-Layouts: tables ``tab`` (M, S*64) uint8, ``S`` steps (padding activations 0); weights ``wq``
-(Op/16, S, 64) uint8 (padding groups: index 0, sign +1, counted in ``ssum``). A tile keeps R rows x
-OB blocks of 16 outputs in registers (:data:`LUT3_R`, :data:`LUT3_OB`), as
-:func:`kernels_gemm.lut_tile`.
+Layouts: tables ``tab`` (M, S*64) uint8, ``S`` steps padded to whole pairs (padding activations
+0); weights ``wq`` (Op/16, S/2, 80) uint8: block, pair, 64 nibble bytes (low: step ``2p``, high:
+``2p + 1``), then the two steps' sign masks (8 bytes each, little-endian bit order; padding groups:
+index 0, sign +1, counted in ``ssum``). A tile keeps R rows x OB blocks of 16 outputs in registers
+(:data:`LUT3_R`, :data:`LUT3_OB`), as :func:`kernels_gemm.lut_tile`.
 
 The plain path (``_lut3_plain_range``, any CPU) computes the same sums with scalar lookups;
 ``lut3_gemm_reference`` is the NumPy form both are tested against.
@@ -68,8 +69,8 @@ from .kernels_threads import num_threads, parallel_for, use_parallel
 ENABLED = os.environ.get("LOWBIT_RUNTIME_LUT3", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: rows x 16-output blocks of a register tile: 8 x 2 (16 accumulators) shares each block's index
-#: and sign vectors among 8 rows; at 64-256 rows of 4096^2 it ran within a few percent of 4 x 4
-#: and 4 x 3 (the sign vectors made for 4 rows), all 1.15-1.2x the 4-bit tables, in a one-off probe
+#: and sign vectors among 8 rows; in a one-off probe (one index byte per group then, 64-256 rows of
+#: 4096^2) it ran within a few percent of 4 x 4 and 4 x 3, all 1.15-1.2x the 4-bit tables
 LUT3_R, LUT3_OB = 8, 2
 #: rows whose tables (S*64 bytes each: 21.8 kB at K = 4096) are read while one group of output
 #: blocks' weights stays hot
@@ -106,13 +107,15 @@ def lut3_fits(level: int, ka: int) -> bool:
 
 
 def lut3_steps(K: int) -> int:
-    """Steps (4 groups of 3) of a reduction of ``K``."""
-    return -(-K // (_G * _S))
+    """Steps (4 groups of 3) of a reduction of ``K``, padded to whole pairs."""
+    steps = -(-K // (_G * _S))
+    return steps + (steps & 1)
 
 
 def lut3_pack_weights(w_int: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """``w_int`` (O, K) in {-l, 0, l} -> (``wq`` (Op/16, S, 64) uint8 index bytes, ``ssum`` (Op,)
-    int64: each output's sum of group signs)."""
+    """``w_int`` (O, K) in {-l, 0, l} -> (``wq`` (Op/16, S/2, 80) uint8: per block and step pair
+    the two steps' canonical indices as nibbles, then their sign masks; ``ssum`` (Op,) int64: each
+    output's sum of group signs)."""
     w_int = np.asarray(w_int, np.int64)
     O, K = w_int.shape
     if not ((w_int == 0) | (np.abs(w_int) == level)).all():
@@ -124,9 +127,13 @@ def lut3_pack_weights(w_int: np.ndarray, level: int) -> tuple[np.ndarray, np.nda
     n = d[:, 0::3] + 3 * d[:, 1::3] + 9 * d[:, 2::3]  # (Op, groups), 0..26
     neg = n < 13
     c = np.where(neg, 13 - n, n - 13)  # the negation of pattern n is pattern 26 - n
-    idx = c.reshape(Op // 16, 16, S, _S) + 16 * np.arange(_S) + 128 * neg.reshape(Op // 16, 16, S, _S)
-    wq = np.ascontiguousarray(idx.transpose(0, 2, 1, 3).reshape(Op // 16, S, 64).astype(np.uint8))
-    ssum = (S * _S - 2 * neg.sum(axis=1)).astype(np.int64)
+    # byte 4*o + s of step t: block, step, (o, s)
+    c = c.reshape(Op // 16, 16, S, _S).transpose(0, 2, 1, 3).reshape(Op // 16, S // 2, 2, 64)
+    ng = neg.reshape(Op // 16, 16, S, _S).transpose(0, 2, 1, 3).reshape(Op // 16, S // 2, 2, 64)
+    wq = np.empty((Op // 16, S // 2, 80), np.uint8)
+    wq[:, :, :64] = c[:, :, 0] | (c[:, :, 1] << 4)
+    wq[:, :, 64:] = np.packbits(ng, axis=-1, bitorder="little").reshape(Op // 16, S // 2, 16)
+    ssum = (S * _S - 2 * neg.sum(axis=1)).astype(np.int32)
     return wq, ssum
 
 
@@ -238,14 +245,16 @@ def lut3_tables(x: np.ndarray, level: int, bias: int, hi: float = 0.0, mult: flo
 
 
 def lut3_tile(R: int, OB: int):
-    """An intrinsic ``tile(tab, trow, nsteps, wq, wbase, wstride, acc)``: the int32 signed lookup
+    """An intrinsic ``tile(tab, trow, npairs, wq, wbase, wstride, acc)``: the int32 signed lookup
     sums of R rows x OB*16 outputs into ``acc`` (R*OB*16 int32, row major; the bias not yet taken
-    off); ``trow`` int64 (R,) element offsets of the rows' tables in ``tab``; block ``b``'s index
-    bytes at ``wbase + b*wstride`` of ``wq``."""
+    off); ``trow`` int64 (R,) element offsets of the rows' tables in ``tab``; block ``b``'s packed
+    step pairs at ``wbase + b*wstride`` of ``wq``. Per pair and block: the nibbles split and given
+    their slots, the sign masks made +-1 bytes (once for the R rows); per row: two table loads, and
+    per block two ``vpermb`` and two ``vpdpbusd``."""
 
     @intrinsic
-    def tile(typingctx, tab, trow, nsteps, wq, wbase, wstride, acc):
-        sig = types.void(tab, trow, nsteps, wq, wbase, wstride, acc)
+    def tile(typingctx, tab, trow, npairs, wq, wbase, wstride, acc):
+        sig = types.void(tab, trow, npairs, wq, wbase, wstride, acc)
 
         def codegen(context, builder, signature, args):
             g = Args(context, builder, signature, args)
@@ -253,21 +262,33 @@ def lut3_tile(R: int, OB: int):
             wbases = strided(builder, g.ptr(3, _I8, args[4]), None, args[5], OB)
             ones = ir.Constant(_V64I8, [1] * 64)
             minus = ir.Constant(_V64I8, [-1] * 64)
-            zero = ir.Constant(_V64I8, [0] * 64)
+            lo4 = ir.Constant(_V64I8, [15] * 64)
+            four = ir.Constant(_V64I8, [4] * 64)
+            slot = ir.Constant(_V64I8, [16 * (j % 4) for j in range(64)])
+            m64 = ir.VectorType(ir.IntType(1), 64)
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16I32, [0] * 16)) for _ in range(R * OB)]
-            with cgutils.for_range(builder, args[2]) as steps:
-                off = builder.mul(steps.index, i64(_STEP))
+            with cgutils.for_range(builder, args[2]) as pairs:
+                p = pairs.index
+                off = builder.mul(p, i64(80))
                 idx, sgn = [], []
                 for b in range(OB):
                     v = load_as(builder, wbases[b], _V64I8, off)
-                    idx.append(v)
-                    sgn.append(builder.select(builder.icmp_signed("<", v, zero), minus, ones))
+                    lo, hi = builder.and_(v, lo4), builder.lshr(v, four)  # the two steps' nibbles
+                    idx.append((builder.or_(lo, slot), builder.or_(hi, slot)))
+                    signs = []
+                    for h in range(2):
+                        m = load_as(builder, wbases[b], _I64, builder.add(off, i64(64 + 8 * h)))
+                        signs.append(builder.select(builder.bitcast(m, m64), minus, ones))
+                    sgn.append(signs)
+                toff = builder.mul(p, i64(2 * _STEP))
                 for r in range(R):
-                    tab = load_as(builder, bases[r], _V64I8, off)
+                    tabs = [load_as(builder, bases[r], _V64I8, builder.add(toff, i64(_STEP * h)))
+                            for h in range(2)]
                     for b in range(OB):
-                        look = _vpermb(builder, tab, idx[b])
                         a = accs[r * OB + b]
-                        builder.store(_vpdpbusd(builder, builder.load(a), look, sgn[b]), a)
+                        for h in range(2):
+                            look = _vpermb(builder, tabs[h], idx[b][h])
+                            builder.store(_vpdpbusd(builder, builder.load(a), look, sgn[b][h]), a)
             ap = g.ptr(6, _I32)
             for k in range(R * OB):
                 store_as(builder, builder.load(accs[k]), ap, i64(16 * k), 4)
@@ -300,8 +321,8 @@ def _lut3_avx_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
     """Rows lo..hi (``by_rows``) or output blocks lo..hi of every row."""
     M = out.shape[0]
     nblk = wq.shape[0]
-    nsteps = wq.shape[1]
-    wstride = nsteps * 64
+    npairs = wq.shape[1]
+    wstride = npairs * 80
     ldt = tab.shape[1]
     tflat = tab.reshape(-1)
     wflat = wq.reshape(-1)
@@ -321,9 +342,9 @@ def _lut3_avx_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
                 for r in range(LUT3_R):  # rows past the last repeat it (their sums are not stored)
                     trow[r] = (m0 + min(r, nv - 1)) * ldt
                 if ob == 2:
-                    _tile2(tflat, trow, nsteps, wflat, wbase, wstride, acc)
+                    _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
                 else:
-                    _tile1(tflat, trow, nsteps, wflat, wbase, wstride, acc)
+                    _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)
                 _unbias(acc, LUT3_R, ob, nv, b0 * 16, O, corr)
                 _epilogue(acc, LUT3_R, ob, nv, b0 * 16, O, s0, s1, relu, out, m0)
 
@@ -333,7 +354,7 @@ def _lut3_plain_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
     """The same sums with scalar lookups (any CPU)."""
     M = out.shape[0]
     nblk = wq.shape[0]
-    nsteps = wq.shape[1]
+    npairs = wq.shape[1]
     acc = np.empty(16, np.int64)
     if by_rows:
         m_lo, m_hi, b_lo, b_hi = lo, hi, 0, nblk
@@ -344,11 +365,15 @@ def _lut3_plain_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
         for b in range(b_lo, b_hi):
             for o in range(16):
                 acc[o] = 0
-            for t in range(nsteps):
-                wb = wq[b, t]
-                for j in range(64):
-                    e = np.int64(tr[t * 64 + np.int64(wb[j] & np.uint8(63))])
-                    acc[j >> 2] += -e if wb[j] >= 128 else e
+            for p in range(npairs):
+                wb = wq[b, p]
+                for h in range(2):
+                    t = tr[(2 * p + h) * 64 : (2 * p + h + 1) * 64]
+                    for j in range(64):
+                        c = (wb[j] >> np.uint8(4 * h)) & np.uint8(15)
+                        e = np.int64(t[(j & 3) * 16 + c])
+                        neg = (wb[64 + 8 * h + (j >> 3)] >> np.uint8(j & 7)) & np.uint8(1)
+                        acc[j >> 2] += -e if neg else e
             for o in range(min(16, O - 16 * b)):
                 oc = 16 * b + o
                 v = s1[oc] * np.float64(acc[o] - corr[oc]) + s0[oc]
@@ -364,9 +389,9 @@ def lut3_gemm(tab: np.ndarray, wq: np.ndarray, ssum: np.ndarray, bias: int, O: i
     ``D`` of the module docstring (tables :func:`lut3_tables` with offset ``bias``, weights and
     ``ssum`` :func:`lut3_pack_weights`). ``s0``, ``s1`` float64 of at least O entries; ``plain``
     forces the scalar path."""
-    if wq.ndim != 3 or wq.shape[2] != 64 or tab.shape[1] != wq.shape[1] * _STEP or ssum.shape[0] < O:
+    if wq.ndim != 3 or wq.shape[2] != 80 or tab.shape[1] != wq.shape[1] * 2 * _STEP or ssum.shape[0] < O:
         raise ValueError(f"tables {tab.shape}, weights {wq.shape} and sign sums {ssum.shape} do not match: "
-                         f"expected weights (blocks, steps, 64), tables (rows, steps*64), >= {O} sign sums")
+                         f"expected weights (blocks, pairs, 80), tables (rows, pairs*128), >= {O} sign sums")
     M = tab.shape[0]
     if out is None:
         out = np.empty((M, O), np.float32)
@@ -380,7 +405,7 @@ def lut3_gemm(tab: np.ndarray, wq: np.ndarray, ssum: np.ndarray, bias: int, O: i
     nt = num_threads()
     by_rows = 64 * nt <= M
     n = M if by_rows else nblk
-    par = use_parallel(LUT_UNIT_WORK * M * nblk * (wq.shape[1] * 3 // 4))
+    par = use_parallel(LUT_UNIT_WORK * M * nblk * (wq.shape[1] * 3 // 2))
     parallel_for(fn, n, tab, wq, np.int64(O), corr, s0, s1, bool(relu), out, by_rows, parallel=par,
                  grain=LUT3_R * 2 if by_rows else 2 * LUT3_OB)
     return out

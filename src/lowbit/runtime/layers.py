@@ -268,14 +268,14 @@ class LutWeights:
     """Weights for the table-lookup GEMM (``kernels_gemm``): ``w = sw[o] * unit * lv[code]``, the
     codes packed 4 bits per group of ``4 // cb`` weights."""
 
-    wq: np.ndarray  # (Op/16, Gp/8, 64) uint8; base-3: (Op/16, S, 64) index bytes
+    wq: np.ndarray  # (Op/16, Gp/8, 64) uint8; base-3: (Op/16, S/2, 80) (kernels_lut3)
     lv: np.ndarray  # (2**cb,) int64 integer levels
     cb: int
     unit: float
     wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
     sums: int = 1  # lookups the tiles add as bytes before widening (kernels_gemm.lut_sums)
     # ternary weights -l, 0, l: the base-3 tables of kernels_lut3 (three weights a lookup)
-    ssum: np.ndarray | None = None  # (Op,) int64 sign sums (kernels_lut3.lut3_pack_weights)
+    ssum: np.ndarray | None = None  # (Op,) int32 sign sums (kernels_lut3.lut3_pack_weights)
     level: int = 0  # l
     bias: int = 0  # the tables' offset (kernels_lut3.lut3_bias)
 
