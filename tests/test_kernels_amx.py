@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import warnings
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 import lowbit
 from lowbit._numba import jit
-from lowbit.runtime import _amx, _jit, kernels_threads
+from lowbit.runtime import _amx, _jit
 from lowbit.runtime import kernels as RK
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime import kernels_gemv as KV
@@ -65,16 +64,12 @@ def backend(request) -> bool:
     return request.param == "vnni"
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    """numba threads, with the parallel split forced on for small work."""
-    old = numba.get_num_threads()
-    numba.set_num_threads(request.param)
+@pytest.fixture
+def threads(threads, monkeypatch):
+    """conftest's thread counts, with the AMX / VNNI tiles' split forced on too."""
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KA, "VNNI_MIN_PARALLEL_MACS", 1)
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
-    yield request.param
-    numba.set_num_threads(old)
+    return threads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,16 +24,6 @@ LEVELS = {"binary": [-1, 1], "ternary": [-1, 0, 1], "asym_ternary": [-2, 0, 1], 
 PATHS = ["plain"] + (["avx512"] if KG.HAS_LUT else [])
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    """numba threads, with the parallel split forced on for small work."""
-    old = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
-    yield request.param
-    numba.set_num_threads(old)
-
-
 def _case(kind: str, M: int, K: int, O: int, ka: int):
     lv0 = np.array(LEVELS[kind])
     w = lv0[RNG.integers(0, lv0.size, (O, K))]

@@ -5,7 +5,6 @@ input refused. No timing here."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -14,21 +13,10 @@ from torch import nn
 import lowbit
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_lut3 as KL3
-from lowbit.runtime import kernels_threads
 from lowbit.runtime.layers import build_packed, fold_integers
 
 RNG = np.random.default_rng(11)
 PATHS = ["plain"] + (["avx512"] if KG.HAS_LUT else [])
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    """numba threads, with the parallel split forced on for small work."""
-    old = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
-    yield request.param
-    numba.set_num_threads(old)
 
 
 @pytest.mark.parametrize("level,ka", [(1, 1), (1, 4), (1, 5), (2, 3), (3, 2)])

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import warnings
 
-import numba
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lowbit
-from lowbit.runtime import _jit, kernels_threads
+from lowbit.runtime import _jit
 from lowbit.runtime import kernels_gemv as KV
 from lowbit.runtime import kernels_popcount as KP
 from lowbit.runtime.compiler import reference_fp64
@@ -25,15 +24,12 @@ needs_vpopcnt = pytest.mark.skipif(not KP.HAS_VPOPCNT,
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    old = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
-    monkeypatch.setattr(KP, "W1A1_MIN_PARALLEL", 1)  # the split forced on, in parts of one block
+@pytest.fixture
+def threads(threads, monkeypatch):
+    """conftest's thread counts, with the W1A1 GEMM's split forced on too, in parts of one block."""
+    monkeypatch.setattr(KP, "W1A1_MIN_PARALLEL", 1)
     monkeypatch.setattr(KP, "W1A1_PART_WORK", 1)
-    yield request.param
-    numba.set_num_threads(old)
+    return threads
 
 
 def _planes(M: int, O: int, K: int):

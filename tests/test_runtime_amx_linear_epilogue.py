@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import warnings
 
-import numba
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lowbit
-from lowbit.runtime import _amx, kernels_threads
+from lowbit.runtime import _amx
 from lowbit.runtime import kernels_amx as KA
 from lowbit.runtime.kernels_gemv import GemvWeights
 from lowbit.runtime.kernels_pack import quantize_codes_reference
@@ -51,15 +50,12 @@ def _misaligned(M: int, O: int, shift: int) -> np.ndarray:
     return raw[shift : shift + M * O].reshape(M, O)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    old = numba.get_num_threads()
-    numba.set_num_threads(request.param)
+@pytest.fixture
+def threads(threads, monkeypatch):
+    """conftest's thread counts, with the AMX / VNNI tiles' split forced on too."""
     monkeypatch.setattr(KA, "AMX_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KA, "VNNI_MIN_PARALLEL_MACS", 1)
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
-    yield request.param
-    numba.set_num_threads(old)
+    return threads
 
 
 @needs_amx

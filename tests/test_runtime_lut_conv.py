@@ -12,7 +12,7 @@ import torch
 from test_runtime_conv_speedpath import _check_flat, _model
 
 import lowbit.runtime as rt
-from lowbit.runtime import _amx, executor, kernels_threads
+from lowbit.runtime import _amx, executor
 from lowbit.runtime import kernels_gemm as KG
 from lowbit.runtime import kernels_int8 as k8
 from lowbit.runtime import kernels_lut_conv as KL
@@ -22,16 +22,12 @@ needs_lut = pytest.mark.skipif(not KL.HAS_LUT, reason="the lookup tiles need AVX
 LEVELS = {"binary": [-1, 1], "ternary": [-1, 0, 1]}
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    """numba threads, with the parallel split forced on for small work."""
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(request.param, numba.config.NUMBA_NUM_THREADS))
-    monkeypatch.setattr(kernels_threads, "PARALLEL_MIN_WORK", 1)
+@pytest.fixture
+def threads(threads, monkeypatch):
+    """conftest's thread counts, with the convolution's and its tables' split forced on too."""
     monkeypatch.setattr(KL, "LUT_CONV_MIN_PARALLEL_MACS", 1)
     monkeypatch.setattr(KL, "LUT_CONV_TABLES_MIN_PARALLEL", 1)
-    yield request.param
-    numba.set_num_threads(old)
+    return threads
 
 
 @needs_lut
