@@ -47,7 +47,8 @@ Linear layers keep their weights at their true width where the arithmetic allows
 GEMV on 1/2/4-bit weight fields unpacked in registers into ``vpdpbusd`` operands
 (``kernels_gemv.py``: at batch 1 every weight is read once, so the bytes read are the cost), and
 8 or more rows of binary/ternary/2-bit weights a table-lookup GEMM (``kernels_gemm.py``: per
-group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``). Binary
+group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``; symmetric
+ternary weights on sign-symmetric base-3 tables, three weights a lookup: ``kernels_lut3.py``). Binary
 weights with one-bit codes (W1A1) run every row count on a ``vpopcntq`` GEMM of the two bit planes
 (``kernels_popcount.gemm_w1a1``) where the CPU has AVX-512 VPOPCNTDQ and no AMX.
 
@@ -64,7 +65,8 @@ quantization, bit-plane packing, im2col), ``kernels_popcount.py`` (bit-serial GE
 cols layouts; the W1A1 ``vpopcntq`` GEMM), ``kernels_select.py`` (float activations),
 ``kernels_int8.py`` (VNNI), ``kernels_pool.py`` (max pooling on codes, global average pooling);
 ``kernels_gemv.py`` (few-row GEMV on weight fields), ``kernels_tq1.py`` (ternary GEMV at 1.6 bits),
-``kernels_gemm.py`` (table-lookup GEMM), ``kernels_lut_conv.py`` (its tiles as convolutions on
+``kernels_gemm.py`` (table-lookup GEMM), ``kernels_lut3.py`` (its base-3 form for ternary
+weights), ``kernels_lut_conv.py`` (the 4-bit tables' tiles as convolutions on
 binary / ternary weights), ``kernels_amx.py`` (many-row Linear layers on AMX
 tiles), ``kernels_codes.py`` (signed activation codes) and ``kernels_lanes.py`` (one-channel
 convolutions with output pixels in the lanes) are imported from their own files;
