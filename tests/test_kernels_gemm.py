@@ -236,3 +236,36 @@ def _codes(layer: nn.Module, x: torch.Tensor) -> np.ndarray:
     from lowbit.nn.quantize import input_quantizer
 
     return input_quantizer(layer).encode(x).codes.long().numpy()
+
+
+FEW = [({"method": "binary", "bits": 1}, 1), ({"method": "twn", "bits": 2}, 2),
+       ({"method": "dorefa", "bits": 2}, 2)]
+
+
+@pytest.mark.parametrize("wm,cb", FEW, ids=["binary", "ternary", "dorefa2"])
+def test_few_rows_take_the_tables_from_lut_min_rows(wm, cb, monkeypatch):
+    """1-9 rows: the GEMV below ``kernels_gemm.lut_min_rows`` (3 rows for binary weights, 5 for
+    ternary / 2-bit on the AVX-512 tiles; 8 on the plain path), the tables from it; every row count
+    within 1e-6 of the float64 reference."""
+    from lowbit.runtime.compiler import reference_fp64
+
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 40)
+    act = {"method": "pact", "bits": 4, "alpha_init": 3.0}
+    lowbit.quantize(layer, {"default": {"weight": wm, "activation": act}})
+    layer.eval()
+    packed = build_packed("fc", layer)
+    if packed.lut is None or packed.gemv is None:
+        pytest.skip("no GEMV and lookup tables side by side on this CPU's path")
+    want = {1: 3, 2: 5}[cb] if KG.HAS_LUT else KG.LUT_MIN_ROWS
+    assert KG.lut_min_rows(cb) == packed.lut_min_rows == want
+    assert f"lut (>= {want} rows)" in packed.kernel_name() and f"(<= {want - 1} rows)" in packed.kernel_name()
+    calls, real = [], packed._lut_forward
+    monkeypatch.setattr(packed, "_lut_forward", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for M in range(1, 10):
+        x = torch.randn(M, 96) * 1.5
+        with torch.inference_mode():
+            got = packed(x).double()
+        ref = reference_fp64(layer, x)
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6, M
+    assert calls == list(range(want, 10))

@@ -51,8 +51,21 @@ from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HAS_VNNI, _vpdpbusd, kernel
 from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
 from .kernels_threads import num_threads, parallel_for, use_parallel
 
-# a Linear layer uses the table-lookup GEMM from this many rows on (fewer: the GEMV kernels)
+# a Linear layer uses the table-lookup GEMM from this many rows on (fewer: the GEMV kernels) ...
 LUT_MIN_ROWS = 8
+#: ... or from these, per weight code bits (1: binary; 2: ternary, 2-bit): the GEMV reads the whole
+#: weight matrix again for every few rows (2 binary, 4 ternary / 2-bit, then it starts over), the
+#: tables once per row tile. The 8 x 4096^2 MLP with 4-bit codes, one thread, AMD EPYC (one-off
+#: probe, then benchmarks/results/epyc_zen4/ab_lut_min_rows.md): GEMV / tables time 1.07 at 2 rows
+#: and 1.8-2.3 at 3-7 (binary); 0.56-0.81 at 2 rows, 0.7-1.0 at 3-4 and 1.1-1.3 at 5-7 (ternary on
+#: either table form, 2-bit)
+LUT_MIN_ROWS_CB = {1: 3, 2: 5}
+
+
+def lut_min_rows(cb: int) -> int:
+    """Rows from which a Linear layer with ``cb``-bit weight codes runs on its lookup tables (on the
+    plain path :data:`LUT_MIN_ROWS`: the fewer rows were measured on the AVX-512 tiles only)."""
+    return min(LUT_MIN_ROWS, LUT_MIN_ROWS_CB.get(cb, LUT_MIN_ROWS)) if HAS_LUT else LUT_MIN_ROWS
 # rows x 16-output blocks of a register tile (R*OB accumulators of 32 zmm registers)
 LUT_R, LUT_OB = 4, 4
 # rows whose tables are kept hot (L2) while the weights of all outputs stream past

@@ -299,11 +299,15 @@ def lut3_tile(R: int, OB: int):
     return tile
 
 
-_TILES = tuple(lut3_tile(LUT3_R, ob) for ob in range(1, LUT3_OB + 1)) if KG.HAS_LUT else ()
+#: rows of the tile that takes a row tile of at most this many valid rows (few-row calls, the last
+#: rows of a call): 8-row tiles would compute the missing rows too
+LUT3_R_SMALL = 4
+_TILES = (tuple(lut3_tile(r, ob) for r in (LUT3_R, LUT3_R_SMALL) for ob in range(1, LUT3_OB + 1))
+          if KG.HAS_LUT else ())
 if _TILES:
-    _tile1, _tile2 = _TILES
+    _tile1, _tile2, _small1, _small2 = _TILES
 else:  # never called: the plain path runs instead
-    _tile1 = _tile2 = None
+    _tile1 = _tile2 = _small1 = _small2 = None
 
 
 @kernel
@@ -341,7 +345,12 @@ def _lut3_avx_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
                 nv = min(LUT3_R, mb_hi - m0)
                 for r in range(LUT3_R):  # rows past the last repeat it (their sums are not stored)
                     trow[r] = (m0 + min(r, nv - 1)) * ldt
-                if ob == 2:
+                if nv <= LUT3_R_SMALL:
+                    if ob == 2:
+                        _small2(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                    else:
+                        _small1(tflat, trow, npairs, wflat, wbase, wstride, acc)
+                elif ob == 2:
                     _tile2(tflat, trow, npairs, wflat, wbase, wstride, acc)
                 else:
                     _tile1(tflat, trow, npairs, wflat, wbase, wstride, acc)

@@ -739,12 +739,14 @@ class _PackedBase(nn.Module):
 class PackedLinear(_PackedBase):
     """Dispatch by rows (samples x tokens) M:
 
-    - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI);
+    - ``M <= kernels_gemv.GEMV_MAX_ROWS``: the GEMV on 1/2/4-bit weight fields (VNNI), below
+      :attr:`lut_min_rows` where the layer has lookup tables;
     - ``M >= amx_min_rows``: int8 expanded from the same fields per call, one L1 slice at a time
       (``kernels_amx``), into AMX tiles, or on CPUs with AVX-512 VNNI but no AMX into VNNI register
       tiles; from 8 rows, or where the tables below exist from where they are slower
       (``kernels_amx.min_rows``);
-    - ``M >= kernels_gemm.LUT_MIN_ROWS``: the table-lookup GEMM on 1/2-bit weight codes
+    - ``M >= lut_min_rows`` (``kernels_gemm.lut_min_rows``: 3 binary, 5 ternary / 2-bit on the
+      AVX-512 tiles, else 8): the table-lookup GEMM on 1/2-bit weight codes
       (``kernels_gemm``: binary, ternary, 2-bit weights with activation codes whose tables fit int8:
       up to 5 bits for binary, 6 for ternary, 4 for 2-bit -3/-1/1/3), AVX-512 or its plain path; not
       held where AMX starts right after the GEMV's last row (ternary weights), as they would never
@@ -821,7 +823,7 @@ class PackedLinear(_PackedBase):
         1.0-4.4x; ``benchmarks/results/ab_linear_wide.md``)."""
         if self.wide:
             return self.amx8 is None or self.wide_amx_min_rows > M
-        return self.gemv is not None and M <= KV.GEMV_MAX_ROWS
+        return self.gemv is not None and M <= KV.GEMV_MAX_ROWS and self.lut_min_rows > M
 
     @property
     def wide_amx_min_rows(self) -> int:
@@ -897,6 +899,12 @@ class PackedLinear(_PackedBase):
         return self.amx is not None and KA.min_rows(cb) <= KV.GEMV_MAX_ROWS + 1
 
     @property
+    def lut_min_rows(self) -> int:
+        """Rows from which the layer runs on its lookup tables (``kernels_gemm.lut_min_rows`` of
+        their code bits; no tables: never)."""
+        return KA.NEVER_ROWS if self.lut is None else KG.lut_min_rows(self.lut.cb)
+
+    @property
     def amx_min_rows(self) -> int:
         """Rows from which the expanded-field GEMM runs (AMX tiles, or VNNI registers without AMX):
         ``kernels_amx.min_rows``, later where lookup tables (binary / ternary weights, few-bit codes)
@@ -964,9 +972,9 @@ class PackedLinear(_PackedBase):
             return "vpopcntq on the bit plane (every row count)" + flat
         lut = ""
         if self.lut is not None:
-            lut = f" / {'base-3 ' if self.lut.base3 else ''}lut (>= {KG.LUT_MIN_ROWS} rows)"
+            lut = f" / {'base-3 ' if self.lut.base3 else ''}lut (>= {self.lut_min_rows} rows)"
         if self.gemv is not None:
-            gemv = f"gemv {self.gemv.b}-bit fields (<= {KV.GEMV_MAX_ROWS} rows)"
+            gemv = f"gemv {self.gemv.b}-bit fields (<= {min(KV.GEMV_MAX_ROWS, self.lut_min_rows - 1)} rows)"
             if self.gemv.tq1 is not None:
                 gemv = f"gemv 1.6-bit (<= {self.gemv.tq1.max_rows} rows) / " + gemv[5:]
             amx = ""
@@ -1053,7 +1061,7 @@ class PackedLinear(_PackedBase):
                 y = self._amx_out(KA.amx_rows(arr, mode, hi, mult), M, *self._amx_coeffs(sx, ma), out,
                                   tiles=x.dim() == 2)
                 return y if isinstance(y, CodeTiles) else y.reshape(*lead, self.out_features)
-            if self.lut is not None and M >= KG.LUT_MIN_ROWS:
+            if self.lut is not None and self.lut_min_rows <= M:
                 self._lut_forward(arr, mode, hi, mult, sx, ma, out)
                 return torch.from_numpy(out).reshape(*lead, self.out_features)
             i8 = self.i8
@@ -1120,7 +1128,7 @@ class PackedLinear(_PackedBase):
         elif self.amx is not None and self.amx_min_rows <= M:
             xq = KA.amx_rows(x.buf[: M * kin].reshape(M, kin), 1)
             return self._amx_out(xq, M, *self._amx_coeffs(self.act.sx, self.act.ma), out)
-        elif self.lut is not None and M >= KG.LUT_MIN_ROWS:
+        elif self.lut is not None and self.lut_min_rows <= M:
             codes = x.buf[: M * kin].reshape(M, kin).astype(np.float32)
             self._lut_forward(codes, 1, 0.0, 0.0, self.act.sx, self.act.ma, out)
         elif i8 is not None and not self._rows(M):
