@@ -833,6 +833,21 @@ def seed_runs(setup: Setup, work: str, alone: list[str] | None = None) -> dict[s
     return got
 
 
+def twin_alone(twin: str, init: str | None, seed: int, got: dict[str, Any]) -> dict[str, Any]:
+    """One seed's full-width configurations trained alone, for a widths x bits setup whose runs are
+    ``got``: the runs alone of its bit-width twin (:func:`bits_twin`) of that seed that started from
+    the same float model, renamed ``alone-w1.0-<name>``."""
+    starts = {r.get("init") for r in got.values()}
+    if len(starts) != 1:
+        return {}
+    out = {}
+    for run, r in seed_runs(SETUPS[twin], seed_paths(SETUPS[twin].work, init, seed)[0]).items():
+        if run.startswith("alone-") and r.get("init") in starts:
+            n, w = run[len("alone-"):], f"w1.0-{run[len('alone-'):]}"
+            out[f"alone-{w}"] = {**r, "val": {w: r["val"][n]}, "test": {w: r["test"][n]}}
+    return out
+
+
 def differences_to(name: str, other: str) -> list[str]:
     """How setup ``other`` differs from setup ``name``, one entry per step down ``name``'s chain of
     base setups (each ``base_what``); raises ValueError where ``other`` is not on that chain."""
@@ -853,10 +868,13 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
     differences (variant minus alone, ``des`` minus ``sandwich``). Writes ``<stem>_seeds.{json,md,png}``."""
     beside = getattr(a, "beside", None)
     steps = differences_to(a.setup, beside) if beside else []
+    twin = bits_twin(setup) if _has_widths(setup) else None
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in a.seeds:
         work, init = seed_paths(a.work, a.init, seed)
         got = seed_runs(setup, work)
+        if got and twin:  # full width trained alone: the bit-width setup with this recipe
+            got.update(twin_alone(twin, a.init, seed, got))
         if got:
             per_seed[seed] = {"work": work, "init": init, "float_init": float_init(init), "runs": got}
             if beside:  # the same seed's runs of the other setup (same float model and data order)
@@ -900,13 +918,16 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
                      if (t := test(x, run, n)) is not None and (tb := test(x["beside"], run, n)) is not None]
                 row[f"{v}_minus_beside"] = _mean_std(d) if d else None
         rows.append(row)
+    # the sub-nets trained alone (at full width from the twin, where it has them for every seed)
+    alone_names = [n for n in names
+                   if n in setup.alone or all(f"alone-{n}" in x["runs"] for x in per_seed.values())]
     summary = {}  # per seed, the mean over sub-nets, then mean +- std over seeds
     for v in variants:
         per = []
         for x in per_seed.values():
-            d = [tv - ta for n in setup.alone
+            d = [tv - ta for n in alone_names
                  if (tv := test(x, v, n)) is not None and (ta := test(x, f"alone-{n}", n)) is not None]
-            if len(d) == len(setup.alone):
+            if len(d) == len(alone_names):
                 per.append(sum(d) / len(d))
         summary[f"{v}_minus_alone"] = _mean_std(per) if per else None
     if set(variants) == {"sandwich", "des"}:
@@ -925,7 +946,7 @@ def seeds_table(setup: Setup, a: argparse.Namespace, argv: list[str] | None, t0:
                           train=setup.train, batch_size=setup.batch_size, activation=setup.activation,
                           pact_l2=setup.pact_l2,
                           order=setup.order, float_test=_mean_std(fl) if fl else None,
-                          beside=beside, beside_differs=steps,
+                          beside=beside, beside_differs=steps, full_width_alone_from=twin,
                           per_seed={s: {k: x[k] for k in ("work", "init", "float_init")} | {
                               "runs": {r: {k: v[k] for k in keep if k in v} for r, v in x["runs"].items()}}
                               | ({"beside_work": x["beside"]["work"]} if beside else {})
@@ -973,6 +994,10 @@ def markdown_seeds(p: dict[str, Any]) -> str:
             cells += [_ms(r.get(f"{v}_minus_beside"), signed=True) for v in [*variants, "alone"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    twin = p.get("full_width_alone_from")
+    if twin and any(r.get("alone_test") for r in rows if r["name"].startswith("w1.0-")):
+        lines.append(f"- Full width trained alone: `{twin}`'s runs alone of the same seeds (the bit-width "
+                     "setup with this recipe; the same float models and data).")
     if beside:
         lines.append(f"- `{beside}` (its runs of the same seeds: the same float models, data order and "
                      f"draws) differs from `{p['setup']}` in this: " + "; ".join(p["beside_differs"]) + ".")
