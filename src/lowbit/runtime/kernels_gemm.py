@@ -66,6 +66,8 @@ def lut_min_rows(cb: int) -> int:
     """Rows from which a Linear layer with ``cb``-bit weight codes runs on its lookup tables (on the
     plain path :data:`LUT_MIN_ROWS`: the fewer rows were measured on the AVX-512 tiles only)."""
     return min(LUT_MIN_ROWS, LUT_MIN_ROWS_CB.get(cb, LUT_MIN_ROWS)) if HAS_LUT else LUT_MIN_ROWS
+
+
 # rows x 16-output blocks of a register tile (R*OB accumulators of 32 zmm registers)
 LUT_R, LUT_OB = 4, 4
 # rows whose tables are kept hot (L2) while the weights of all outputs stream past

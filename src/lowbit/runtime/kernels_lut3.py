@@ -114,7 +114,7 @@ def lut3_steps(K: int) -> int:
 
 def lut3_pack_weights(w_int: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
     """``w_int`` (O, K) in {-l, 0, l} -> (``wq`` (Op/16, S/2, 80) uint8: per block and step pair
-    the two steps' canonical indices as nibbles, then their sign masks; ``ssum`` (Op,) int64: each
+    the two steps' canonical indices as nibbles, then their sign masks; ``ssum`` (Op,) int32: each
     output's sum of group signs)."""
     w_int = np.asarray(w_int, np.int64)
     O, K = w_int.shape
