@@ -61,14 +61,20 @@ def popcount64(typingctx, x):
 # ----------------------------------------------------------------------------------------------
 
 
-def _host_has_vnni() -> bool:
+def host_has(*features: str) -> bool:
+    """Whether the host CPU has every one of ``features`` (LLVM's names, e.g. ``avx512vbmi``); False
+    where the query fails."""
     try:
         import llvmlite.binding as llvm
 
         feats = llvm.get_host_cpu_features()
-        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw")) and bool(feats.get("avx512f"))
+        return all(bool(feats.get(f)) for f in features)
     except Exception:  # pragma: no cover - feature query unavailable
         return False
+
+
+def _host_has_vnni() -> bool:
+    return host_has("avx512vnni", "avx512bw", "avx512f")
 
 
 def _env_plain() -> bool:
@@ -163,8 +169,10 @@ def branch_on_flags(builder: ir.IRBuilder, flags, rows, name: str) -> None:
 
 
 def _splat(builder: ir.IRBuilder, value, vty: ir.VectorType):
+    """``value`` in every lane of the vector type ``vty``."""
     v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(_V16I32, [0] * 16))
+    lanes = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, None), lanes)
 
 
 def clip_mult(builder: ir.IRBuilder, y, zero, hi, mult):

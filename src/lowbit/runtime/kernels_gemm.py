@@ -47,7 +47,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HAS_VNNI, _vpdpbusd, kernel
+from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, HAS_VNNI, _vpdpbusd, host_has, kernel
 from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
 from .kernels_threads import num_threads, parallel_for, use_parallel
 
@@ -88,13 +88,7 @@ LUT_TABLES_MIN_PARALLEL = 1 << 20
 def _host_has_lut() -> bool:
     if os.environ.get("LOWBIT_RUNTIME_LUT", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    try:
-        import llvmlite.binding as llvm
-
-        feats = llvm.get_host_cpu_features()
-        return HAS_VNNI and bool(feats.get("avx512vbmi"))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
+    return HAS_VNNI and host_has("avx512vbmi")
 
 
 #: the AVX-512 table-lookup tiles may be used here (VBMI + VNNI); else the plain path

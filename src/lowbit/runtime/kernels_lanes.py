@@ -37,7 +37,6 @@ of ``int8_conv``'s epilogue, which the f32 path equals).
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -64,6 +63,7 @@ from ._jit import (
     _splat,
     _vpdpbusd,
     clip_mult,
+    host_has,
     kernel,
 )
 
@@ -75,17 +75,10 @@ LANES_PX = 16
 LANES_FLAGS = (EPI_CODES | EPI_F32, EPI_RELU | EPI_CODES | EPI_F32)
 
 
-def _host_vbmi() -> bool:
-    try:
-        return bool(llvm.get_host_cpu_features().get("avx512vbmi"))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
-
-
 #: the CPU has AVX-512 VNNI and VBMI: elsewhere the row kernels compile to nothing (the flat
 #: executor's loop calls them, and LLVM cannot select ``vpermi2b`` without VBMI), and no layer
 #: is planned on them (:func:`host_has_lanes`)
-HOST_LANES = HOST_VNNI and _host_vbmi()
+HOST_LANES = HOST_VNNI and host_has("avx512vbmi")
 
 
 def host_has_lanes() -> bool:
@@ -261,19 +254,13 @@ def _lanes_row_intrinsic(pool: bool, NO: int = LANES_O):
                     fn = _declare(builder, name, _V64I8, [_V64I8, _V64I8, _V64I8])
                     nhwc = builder.call(fn, [lo, ix, hi])
                 k = ir.Constant(v64i32, [64 * half + i for i in range(64)])
-                keep = builder.icmp_signed("<", k, _splat64(builder, total))
+                keep = builder.icmp_signed("<", k, _splat(builder, total, v64i32))
                 builder.call(mstore, [nhwc, builder.gep(cp, [i64(64 * half)]), ir.Constant(_I32, 1), keep])
             return context.get_dummy_value()
 
         return sig, codegen
 
     return lanes_row
-
-
-def _splat64(builder: ir.IRBuilder, value):
-    vty = ir.VectorType(_I32, 64)
-    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(vty, [0] * 64))
 
 
 # the row kernel for 4, 6 and 8 channels: a layer runs on the smallest that holds its outputs (LeNet-5's

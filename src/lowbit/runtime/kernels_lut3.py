@@ -51,7 +51,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import kernels_gemm as KG
-from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, _vpdpbusd, kernel
+from ._jit import _I8, _I32, _I64, _V16I32, _V64I8, _splat, _vpdpbusd, kernel
 from ._llvm_args import Args, i64, load_as, offset_pointers, store_as, strided
 from .kernels_gemm import (
     LUT_TABLES_MIN_PARALLEL,
@@ -164,13 +164,6 @@ def _table_masks() -> list[ir.Constant]:
     return masks
 
 
-def _splat8(builder: ir.IRBuilder, value, vty: ir.VectorType):
-    """``value`` (i8) in every lane of ``vty``."""
-    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_I32, 0))
-    lanes = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
-    return builder.shuffle_vector(v, ir.Constant(vty, None), lanes)
-
-
 @intrinsic
 def _table_row(typingctx, a, level, bias, nsteps, T, toff):
     """The tables of one row of codes ``a`` (uint8, 16 readable bytes past the last step's 12):
@@ -183,8 +176,8 @@ def _table_row(typingctx, a, level, bias, nsteps, T, toff):
         g = Args(context, builder, signature, args)
         ap, tp = g.ptr(0, _I8), g.ptr(4, _I8, args[5])
         v16 = ir.VectorType(_I8, 16)
-        lvl = _splat8(builder, builder.trunc(args[1], _I8), v16)
-        bias = _splat8(builder, builder.trunc(args[2], _I8), _V64I8)
+        lvl = _splat(builder, builder.trunc(args[1], _I8), v16)
+        bias = _splat(builder, builder.trunc(args[2], _I8), _V64I8)
         zero16 = ir.Constant(v16, [0] * 16)
         cat32 = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))
         cat64 = ir.Constant(ir.VectorType(_I32, 64), list(range(64)))

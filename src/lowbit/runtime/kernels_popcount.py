@@ -10,7 +10,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import _F32, _F64, _I32, _I64, HAS_VNNI, _declare, kernel, popcount64
+from ._jit import _F32, _F64, _I32, _I64, HAS_VNNI, _declare, _splat, host_has, kernel, popcount64
 from ._llvm_args import Args, i64, load_as, store_as, strided
 from .kernels_threads import num_threads, parallel_for, use_parallel
 
@@ -174,17 +174,8 @@ def gemm_cols(X, A, W, wshift, wneg, s0, s1, s2, out, relu=False):
 # ----------------------------------------------------------------------------------------------
 
 
-def _host_has_vpopcnt() -> bool:
-    try:
-        import llvmlite.binding as llvm
-
-        return HAS_VNNI and bool(llvm.get_host_cpu_features().get("avx512vpopcntdq"))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
-
-
 #: the ``vpopcntq`` tile may be used here (AVX-512 VPOPCNTDQ, the plain path not forced)
-HAS_VPOPCNT = _host_has_vpopcnt()
+HAS_VPOPCNT = HAS_VNNI and host_has("avx512vpopcntdq")
 #: rows of one tile: 3 rows x 8 outputs keep 24 accumulators, the 3 row vectors and a temporary in
 #: the 32 zmm registers (4 x 8 spills); the rows past M overlap the tile before
 W1A1_R = 3
@@ -315,9 +306,7 @@ def w1a1_tile(R: int):
 
 def _splat8(builder: ir.IRBuilder, x):
     """``x`` in the 8 lanes of a vector."""
-    ty = ir.VectorType(x.type, 8)
-    v = builder.insert_element(ir.Constant(ty, None), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(ty, None), ir.Constant(_V8I32, [0] * 8))
+    return _splat(builder, x, ir.VectorType(x.type, 8))
 
 
 # tiles of 3 rows, and of 1 and 2 for one and two rows (a batch-1 call: the weights stream once, at
