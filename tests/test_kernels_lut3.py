@@ -35,7 +35,7 @@ def test_lut3_gemm_equals_integer_reference(level, ka, path, threads):
         s1 = RNG.uniform(0.5, 2.0, O)
         s0 = RNG.normal(size=O)
         for relu in (False, True):
-            got = KL3.lut3_gemm(tab, wq, ssum, bias, O, s0, s1, relu, plain=path == "plain")
+            got = KL3.lut3_gemm(tab, wq, KL3.lut3_offsets(ssum, bias), O, s0, s1, relu, plain=path == "plain")
             np.testing.assert_array_equal(got, KL3.lut3_gemm_reference(a, w, s0, s1, relu))
 
 
@@ -51,7 +51,8 @@ def test_lut3_equals_the_4bit_tables(path):
                       plain=path == "plain")
     wq, ssum = KL3.lut3_pack_weights(w, 1)
     tab = KL3.lut3_tables(a, 1, KL3.lut3_bias(1, 4), plain=path == "plain")
-    new = KL3.lut3_gemm(tab, wq, ssum, KL3.lut3_bias(1, 4), O, s0, s1, True, plain=path == "plain")
+    corr = KL3.lut3_offsets(ssum, KL3.lut3_bias(1, 4))
+    new = KL3.lut3_gemm(tab, wq, corr, O, s0, s1, True, plain=path == "plain")
     np.testing.assert_array_equal(new, old)
 
 
@@ -137,9 +138,11 @@ def test_bad_input_refused():
     tab = KL3.lut3_tables(RNG.integers(0, 4, (3, 30)).astype(np.float32), 1, 6)
     s = np.ones(20)
     with pytest.raises(ValueError, match="do not match"):
-        KL3.lut3_gemm(tab[:, :64], wq, ssum, 6, 20, s, s)
+        KL3.lut3_gemm(tab[:, :64], wq, KL3.lut3_offsets(ssum, 6), 20, s, s)
     with pytest.raises(ValueError, match="do not match"):
-        KL3.lut3_gemm(tab, wq, ssum[:5], 6, 20, s, s)
+        KL3.lut3_gemm(tab, wq, KL3.lut3_offsets(ssum[:5], 6), 20, s, s)
+    with pytest.raises(ValueError, match="int64 offsets"):
+        KL3.lut3_gemm(tab, wq, ssum, 20, s, s)  # the sign sums, not the offsets
 
 
 def _layer(abits: int, K: int = 130, O: int = 40) -> nn.Linear:
@@ -167,7 +170,7 @@ def test_packed_ternary_layer_takes_base3_tables_where_they_fit(abits, monkeypat
     monkeypatch.setattr(KL3, "ENABLED", False)
     old = build_packed("fc", lin)
     assert old.lut is not None and not old.lut.base3
-    assert pl.lut.nbytes == pl.lut.wq.nbytes + (pl.lut.ssum.nbytes if pl.lut.base3 else 0)
+    assert pl.lut.nbytes == pl.lut.wq.nbytes + (pl.lut.corr.nbytes if pl.lut.base3 else 0)
     w_int = fold_integers(pl.wp)[0]
     s0, s1 = pl.coeffs_lut(pl.act.sx, pl.act.ma)
     for M in (8, 9, 70):

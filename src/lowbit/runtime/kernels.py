@@ -46,7 +46,8 @@ runs the same convolutions on AMX tiles (``_amx.py``).
 Linear layers keep their weights at their true width where the arithmetic allows: 1-7 rows run a
 GEMV on 1/2/4-bit weight fields unpacked in registers into ``vpdpbusd`` operands
 (``kernels_gemv.py``: at batch 1 every weight is read once, so the bytes read are the cost), and
-8 or more rows of binary/ternary/2-bit weights a table-lookup GEMM (``kernels_gemm.py``: per
+more rows of binary/ternary/2-bit weights a table-lookup GEMM (from 3 / 5 rows on the AVX-512 tiles,
+8 on the plain path: ``kernels_gemm.lut_min_rows``; ``kernels_gemm.py``: per
 group of weights one ``vpermb`` lookup of precomputed activation sums, then ``vpdpbusd``; symmetric
 ternary weights on sign-symmetric base-3 tables, three weights a lookup: ``kernels_lut3.py``). Binary
 weights with one-bit codes (W1A1) run every row count on a ``vpopcntq`` GEMM of the two bit planes

@@ -234,11 +234,12 @@ def ternary_pair(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     base3 = KL3.ENABLED
     bias = KL3.lut3_bias(1, 4)  # the 4-bit codes of 3.0 * 5.0
     wq, ssum = KL3.lut3_pack_weights(q, 1) if base3 else (KG.lut_pack_weights(q, lv, cb), None)
+    corr = KL3.lut3_offsets(ssum, bias) if base3 else None
     sums = KG.lut_sums(lv, cb, 4)
 
     def run(x: np.ndarray, out: np.ndarray, kernel: str) -> None:
         if kernel == "tables" and base3:
-            KL3.lut3_gemm(KL3.lut3_tables(x, 1, bias, 3.0, 5.0, 0), wq, ssum, bias, n, s0, s1, True, out)
+            KL3.lut3_gemm(KL3.lut3_tables(x, 1, bias, 3.0, 5.0, 0), wq, corr, n, s0, s1, True, out)
         elif kernel == "tables":
             KG.lut_gemm(KG.lut_tables(x, lv, cb, 3.0, 5.0, 0), wq, n, s0, s1, True, out, sums=sums)
         else:

@@ -137,6 +137,12 @@ def lut3_pack_weights(w_int: np.ndarray, level: int) -> tuple[np.ndarray, np.nda
     return wq, ssum
 
 
+def lut3_offsets(ssum: np.ndarray, bias: int) -> np.ndarray:
+    """The per-output constant the tables' offset adds to the sums, ``B * ssum`` (int64): made once
+    per layer, taken off by :func:`lut3_gemm`."""
+    return np.asarray(ssum, np.int64) * int(bias)
+
+
 def lut3_tables_reference(a: np.ndarray, level: int, bias: int) -> np.ndarray:
     """NumPy reference of the tables: codes ``a`` (M, K) -> ``T`` (M, S*64) uint8."""
     a = np.asarray(a, np.int64)
@@ -384,16 +390,18 @@ def _lut3_plain_range(tab, wq, O, corr, s0, s1, relu, out, by_rows, lo, hi):
                 out[m, oc] = np.float32(v)
 
 
-def lut3_gemm(tab: np.ndarray, wq: np.ndarray, ssum: np.ndarray, bias: int, O: int, s0: np.ndarray,
-              s1: np.ndarray, relu: bool = False, out: np.ndarray | None = None,
-              plain: bool | None = None) -> np.ndarray:
+def lut3_gemm(tab: np.ndarray, wq: np.ndarray, corr: np.ndarray, O: int, s0: np.ndarray, s1: np.ndarray,
+              relu: bool = False, out: np.ndarray | None = None, plain: bool | None = None) -> np.ndarray:
     """``out[m, o] = float32(relu(s1[o]*D[m, o] + s0[o]))`` (float64 multiply then add) with the exact
-    ``D`` of the module docstring (tables :func:`lut3_tables` with offset ``bias``, weights and
-    ``ssum`` :func:`lut3_pack_weights`). ``s0``, ``s1`` float64 of at least O entries; ``plain``
+    ``D`` of the module docstring (weights :func:`lut3_pack_weights`, tables :func:`lut3_tables` with
+    offset ``B``, ``corr`` :func:`lut3_offsets` of the weights' sign sums and ``B``). ``s0``, ``s1``
+    float64 of at least O entries; ``plain``
     forces the scalar path."""
-    if wq.ndim != 3 or wq.shape[2] != 80 or tab.shape[1] != wq.shape[1] * 2 * _STEP or ssum.shape[0] < O:
-        raise ValueError(f"tables {tab.shape}, weights {wq.shape} and sign sums {ssum.shape} do not match: "
-                         f"expected weights (blocks, pairs, 80), tables (rows, pairs*128), >= {O} sign sums")
+    if (wq.ndim != 3 or wq.shape[2] != 80 or tab.shape[1] != wq.shape[1] * 2 * _STEP or corr.shape[0] < O
+            or corr.dtype != np.int64):
+        raise ValueError(f"tables {tab.shape}, weights {wq.shape} and offsets {corr.dtype} {corr.shape} "
+                         f"do not match: expected weights (blocks, pairs, 80), tables (rows, pairs*128), "
+                         f">= {O} int64 offsets (lut3_offsets)")
     M = tab.shape[0]
     if out is None:
         out = np.empty((M, O), np.float32)
@@ -401,7 +409,6 @@ def lut3_gemm(tab: np.ndarray, wq: np.ndarray, ssum: np.ndarray, bias: int, O: i
         return out
     if plain is None:  # the 4-bit tables' switch (kernels_gemm.HAS_LUT: VBMI + VNNI, not forced plain)
         plain = not KG.HAS_LUT
-    corr = np.asarray(ssum, np.int64) * int(bias)
     fn = _lut3_plain_range if plain else _lut3_avx_range
     nblk = wq.shape[0]
     nt = num_threads()

@@ -275,17 +275,17 @@ class LutWeights:
     wsum: np.ndarray  # (O,) float64: sum_r w_int[o, r]
     sums: int = 1  # lookups the tiles add as bytes before widening (kernels_gemm.lut_sums)
     # ternary weights -l, 0, l: the base-3 tables of kernels_lut3 (three weights a lookup)
-    ssum: np.ndarray | None = None  # (Op,) int32 sign sums (kernels_lut3.lut3_pack_weights)
+    corr: np.ndarray | None = None  # (Op,) int64 per-output offsets (kernels_lut3.lut3_offsets)
     level: int = 0  # l
     bias: int = 0  # the tables' offset (kernels_lut3.lut3_bias)
 
     @property
     def nbytes(self) -> int:
-        return int(self.wq.nbytes) + (0 if self.ssum is None else int(self.ssum.nbytes))
+        return int(self.wq.nbytes) + (0 if self.corr is None else int(self.corr.nbytes))
 
     @property
     def base3(self) -> bool:
-        return self.ssum is not None
+        return self.corr is not None
 
 
 def lut_form(w_int: np.ndarray, ka: int) -> tuple[np.ndarray, int] | None:
@@ -317,7 +317,8 @@ def lut_weights(wp: WeightPlanes, ka: int, folded: tuple[np.ndarray, float] | No
     level = KL3.lut3_level(w_int) if cb == 2 and KL3.ENABLED else None
     if level is not None and KL3.lut3_fits(level, ka):
         wq, ssum = KL3.lut3_pack_weights(w_int, level)
-        return LutWeights(wq, lv, cb, unit, wsum, 1, ssum, level, KL3.lut3_bias(level, ka))
+        bias = KL3.lut3_bias(level, ka)
+        return LutWeights(wq, lv, cb, unit, wsum, 1, KL3.lut3_offsets(ssum, bias), level, bias)
     return LutWeights(KG.lut_pack_weights(w_int, lv, cb), lv, cb, unit, wsum, KG.lut_sums(lv, cb, ka))
 
 
@@ -803,7 +804,7 @@ class PackedLinear(_PackedBase):
             self.lut = lut_weights(wp, act.bits, folded, form)
         # every row count has a kernel on compact weights (GEMV, then tables or AMX; vpopcntq): a
         # large layer holds no int8 copy (not even built)
-        tables = self.lut is not None and KV.GEMV_MAX_ROWS + 1 >= KG.LUT_MIN_ROWS
+        tables = self.lut is not None and self.lut_min_rows <= KV.GEMV_MAX_ROWS + 1
         compact = self.gemv is not None and (self.amx is not None or self.wide or tables)
         compact = compact or self.w1a1 is not None
         if K.HAS_VNNI and codes and not (compact and large):
@@ -928,7 +929,7 @@ class PackedLinear(_PackedBase):
         s0, s1 = self._static_lut if mode == 0 else self.coeffs_lut(sx, ma)
         if lut.base3:
             tab = KL3.lut3_tables(arr, lut.level, lut.bias, hi, mult, mode)
-            KL3.lut3_gemm(tab, lut.wq, lut.ssum, lut.bias, self.out_features, s0, s1, self.relu, out)
+            KL3.lut3_gemm(tab, lut.wq, lut.corr, self.out_features, s0, s1, self.relu, out)
             return
         tab = KG.lut_tables(arr, lut.lv, lut.cb, hi, mult, mode)
         KG.lut_gemm(tab, lut.wq, self.out_features, s0, s1, self.relu, out, sums=lut.sums)
