@@ -387,3 +387,43 @@ def test_seeds_table_beside_a_base_setup_subtracts_its_runs_seed_by_seed(bench, 
     write(tmp_path / "base-seed2", {"sandwich": 0.8}, "elsewhere")
     with pytest.raises(SystemExit, match="different float models"):
         bench.seeds_table(bench.SETUPS["cifar-l2"], argparse.Namespace(**{**vars(a), "seeds": [2]}), [], 0.0)
+
+
+def test_seeds_table_takes_full_width_alone_from_the_bit_width_twin(bench, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A widths x bits setup's 3-seed table fills its full-width "alone" cells from its bit-width
+    twin's runs alone of the same seed (renamed ``w1.0-<bits>``), and only where they started from the
+    same float model; the mean over sub-nets then counts them."""
+    import json
+    from dataclasses import replace
+
+    def write(work: Path, run: str, names: list[str], acc: float, init: str) -> None:
+        (work / run).mkdir(parents=True)
+        (work / run / "result.json").write_text(json.dumps(
+            {"init": init, "val": dict.fromkeys(names, 0.5), "test": dict.fromkeys(names, acc)}))
+
+    setup = bench.SETUPS["cifar-wbo-l2"]
+    names = [s["name"] for s in setup.subnets]
+    twin = replace(bench.SETUPS["cifar-l2"], work=str(tmp_path / "twin"))
+    monkeypatch.setitem(bench.SETUPS, "cifar-l2", twin)
+    for s in (0, 1):
+        sfx = "" if s == 0 else f"-seed{s}"
+        write(tmp_path / f"wbo{sfx}", "sandwich", names, 0.70, f"float{s}")
+        for n in setup.alone:  # the half-width configurations alone
+            write(tmp_path / f"wbo{sfx}", f"alone-{n}", [n], 0.72, f"float{s}")
+        for b in ("b2", "b4", "b8"):  # seed 1's twin started from another float model: not paired
+            write(tmp_path / f"twin{sfx}", f"alone-{b}", [b], 0.80, "float0" if s == 0 else "elsewhere")
+    got = bench.twin_alone("cifar-l2", None, 0, bench.seed_runs(setup, str(tmp_path / "wbo")))
+    assert set(got) == {"alone-w1.0-b2", "alone-w1.0-b4", "alone-w1.0-b8"}
+    assert got["alone-w1.0-b4"]["test"] == {"w1.0-b4": 0.80}
+    assert bench.twin_alone("cifar-l2", None, 1, bench.seed_runs(setup, str(tmp_path / "wbo-seed1"))) == {}
+    a = argparse.Namespace(work=str(tmp_path / "wbo"), init="none", seeds=[0, 1], out=str(tmp_path), epochs=3,
+                           subset=30000, val=5000, test_n=10000, setup="cifar-wbo-l2", beside=None)
+    bench.seeds_table(setup, a, ["seeds"], 0.0)
+    p = json.loads((tmp_path / f"{setup.stem}_seeds.json").read_text())
+    assert p["full_width_alone_from"] == "cifar-l2"
+    row = next(r for r in p["rows"] if r["name"] == "w1.0-b4")
+    assert row["alone_test"]["n"] == 1 and abs(row["sandwich_minus_alone"]["mean"] + 0.10) < 1e-9
+    # w1.0 has its alone runs in seed 0 only: the per-seed mean over sub-nets keeps the half widths
+    assert abs(p["summary"]["sandwich_minus_alone"]["mean"] + 0.02) < 1e-9
+    assert "`cifar-l2`'s runs alone of the same seeds" in (tmp_path / f"{setup.stem}_seeds.md").read_text()
